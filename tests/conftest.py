@@ -1,0 +1,14 @@
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_FACES = (REPO.parent / "shared" / "data" / "faces").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_faces() -> Path:
+    """The labelled real photos in ../shared/data/faces (never copied into the repo)."""
+    if not (SHARED_FACES / "labels.csv").exists():
+        pytest.skip(f"shared photos not found at {SHARED_FACES}")
+    return SHARED_FACES
