@@ -1,0 +1,188 @@
+"""WebDataset shard writing: deterministic tars, atomic renames, a manifest per dataset version.
+
+webdataset's own ShardWriter stamps the current time into every tar header, so two runs never
+give the same bytes. This writer fixes every header field (mtime, owner, mode) and the member
+order, so the same samples give byte-identical shards, and it writes each shard under a temporary
+name that is renamed only when the shard is complete: a crashed run never leaves a readable
+half-shard. The result reads with plain `webdataset.WebDataset(...)` and with
+`datasets.load_dataset("webdataset", ...)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.storage import write_bytes_atomic
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
+_EXT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+FIXED_MTIME = 0  # every tar header gets this time, for byte-identical shards
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+def _encode(ext: str, value) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if ext.endswith("json") or isinstance(value, (dict, list, int, float, bool)) or value is None:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raise TypeError(f"cannot encode .{ext} of type {type(value).__name__}; give bytes, str or JSON data")
+
+
+def check_key(key: str) -> str:
+    """WebDataset splits a member name at the first dot: a key must not contain one."""
+    if not key or "." in key or not _KEY_RE.match(key) or key.startswith("/") or ".." in key:
+        raise ValueError(f"invalid sample key {key!r}: use letters, digits, '_', '-' and no dots")
+    return key
+
+
+class ShardSink:
+    """Writes samples (dicts with '__key__' and extension -> bytes/str/JSON) into numbered tars."""
+
+    def __init__(self, out_dir: Path, prefix: str, max_count: int = 10_000, max_bytes: int = 1_000_000_000):
+        if max_count < 1 or max_bytes < 1:
+            raise ValueError("max_count and max_bytes must be positive")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.shards: list[ShardInfo] = []
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+        self._count = 0
+        self._size = 0
+        self._keys: set[str] = set()
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._final = self.out_dir / name
+        self._tmp = self.out_dir / f".{name}.partial"
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+        self._size = 0
+
+    def _close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._tar = None
+        digest = hashlib.sha256(self._tmp.read_bytes()).hexdigest()
+        size = self._tmp.stat().st_size
+        os.replace(self._tmp, self._final)
+        self.shards.append(ShardInfo(self._final.name, self._count, size, digest))
+
+    def write(self, sample: Mapping) -> None:
+        key = check_key(str(sample["__key__"]))
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r}: one sample per key")
+        self._keys.add(key)
+        members = []
+        for ext in sorted(k for k in sample if not k.startswith("__")):
+            if not _EXT_RE.match(ext):
+                raise ValueError(f"invalid extension {ext!r} in sample {key!r}")
+            members.append((f"{key}.{ext}", _encode(ext, sample[ext])))
+        sample_bytes = sum(len(d) + 1024 for _, d in members)
+        if self._tar is not None and (self._count >= self.max_count or self._size + sample_bytes > self.max_bytes):
+            self._close()
+        if self._tar is None:
+            self._open()
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = FIXED_MTIME
+            info.mode = 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        self._size += sample_bytes
+
+    def close(self) -> list[ShardInfo]:
+        self._close()
+        return self.shards
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:  # leave no readable half-shard behind
+            if self._tar is not None:
+                self._tar.close()
+                self._tar = None
+            if self._tmp is not None:
+                Path(self._tmp).unlink(missing_ok=True)
+
+
+def write_shards(
+    samples: Iterable[Mapping], out_dir: Path, prefix: str, max_count: int = 10_000, max_bytes: int = 1_000_000_000
+) -> list[ShardInfo]:
+    with ShardSink(out_dir, prefix, max_count=max_count, max_bytes=max_bytes) as sink:
+        for s in samples:
+            sink.write(s)
+    return sink.shards
+
+
+def config_fingerprint(config: Mapping) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_manifest(out_dir: Path, dataset: str, shards: list[ShardInfo], config: Mapping, extra: Mapping | None = None) -> Path:
+    """manifest.json: shard names, sample counts, sha256, and the config and code version that built them."""
+    manifest = {
+        "dataset": dataset,
+        "version": Path(out_dir).name,
+        "code_version": __version__,
+        "config": dict(config),
+        "config_fingerprint": config_fingerprint(config),
+        "num_samples": sum(s.samples for s in shards),
+        "shards": [asdict(s) for s in shards],
+    }
+    if extra:
+        manifest.update(extra)
+    data = json.dumps(manifest, sort_keys=True, indent=2, default=str).encode()
+    return write_bytes_atomic(data, Path(out_dir) / "manifest.json")
+
+
+def read_manifest(dataset_dir: Path) -> dict:
+    return json.loads((Path(dataset_dir) / "manifest.json").read_text())
+
+
+def verify_manifest(dataset_dir: Path) -> list[str]:
+    """Problems found (missing shard, wrong size or sha256, wrong count); empty when all is well."""
+    dataset_dir = Path(dataset_dir)
+    problems = []
+    m = read_manifest(dataset_dir)
+    for s in m["shards"]:
+        p = dataset_dir / s["name"]
+        if not p.exists():
+            problems.append(f"{s['name']}: missing")
+            continue
+        data = p.read_bytes()
+        if hashlib.sha256(data).hexdigest() != s["sha256"]:
+            problems.append(f"{s['name']}: sha256 mismatch")
+            continue
+        with tarfile.open(p) as tf:
+            keys = {n.split(".", 1)[0] for n in tf.getnames()}
+        if len(keys) != s["samples"]:
+            problems.append(f"{s['name']}: {len(keys)} samples, manifest says {s['samples']}")
+    return problems
