@@ -1,0 +1,146 @@
+"""Ingestion of one partition: read, hash, decode-check, deduplicate; rejects with reasons."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeError, decode_image
+from pipeline.ids import content_uid
+from pipeline.rejects import Rejects
+from pipeline.sources import PartitionSpec, iter_partition, load_registry
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("source", pa.string()),
+        ("partition", pa.string()),
+        ("path", pa.string()),
+        ("offset", pa.int64()),
+        ("length", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("original_mode", pa.string()),
+        ("exif_rotated", pa.bool_()),
+        ("caption", pa.string()),
+        ("url", pa.string()),
+    ]
+)
+
+
+@dataclass
+class IngestLimits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    min_side: int = DEFAULT_MIN_SIDE
+
+
+@dataclass
+class IngestResult:
+    images: pa.Table
+    rejects: Rejects
+    inputs: int
+    duplicates: int
+    seconds: float
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> int:
+        return self.images.num_rows
+
+    def reconciles(self) -> bool:
+        return self.inputs == self.accepted + len(self.rejects)
+
+
+def earlier_uids(images_dir: Path, registry_dir: Path, spec: PartitionSpec) -> dict[str, str]:
+    """uid -> partition for images already owned by partitions registered before this one."""
+    owners: dict[str, str] = {}
+    for other in load_registry(registry_dir):
+        if other.seq >= spec.seq or other.key == spec.key:
+            continue
+        f = Path(images_dir) / f"{other.key}.parquet"
+        if f.exists():
+            for uid in pq.read_table(f, columns=["uid"]).column("uid").to_pylist():
+                owners.setdefault(uid, other.key)
+    return owners
+
+
+def ingest_partition(
+    spec: PartitionSpec,
+    limits: IngestLimits | None = None,
+    known_uids: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> IngestResult:
+    limits = limits or IngestLimits()
+    known_uids = known_uids or {}
+    rejects = Rejects(stage="ingest", partition=spec.key)
+    rows: list[dict] = []
+    seen: dict[str, str] = {}
+    inputs = duplicates = 0
+    t0 = time.perf_counter()
+    for rec in iter_partition(spec, max_member_bytes=limits.max_bytes):
+        inputs += 1
+        if progress and inputs % 100 == 0:
+            progress(inputs)
+        if rec.reject_reason:
+            rejects.add(rec.source, rec.reject_reason, rec.reject_detail)
+            continue
+        try:
+            data = rec.read()
+        except OSError as e:
+            rejects.add(rec.source, "unreadable file", str(e))
+            continue
+        uid = content_uid(data)
+        if uid in seen or uid in known_uids:
+            duplicates += 1
+            first = seen.get(uid) or f"partition {known_uids[uid]}"
+            rejects.add(rec.source, "duplicate image", f"same bytes as {first}", uid=uid)
+            continue
+        try:
+            img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side)
+        except DecodeError as e:
+            rejects.add(rec.source, e.reason, e.detail, uid=uid)
+            continue
+        seen[uid] = rec.source
+        rows.append(
+            {
+                "uid": uid,
+                "source": rec.source,
+                "partition": spec.key,
+                "path": rec.path,
+                "offset": rec.offset,
+                "length": rec.length,
+                "width": img.width,
+                "height": img.height,
+                "format": img.format,
+                "original_mode": img.original_mode,
+                "exif_rotated": img.orientation_applied,
+                "caption": rec.meta.get("caption"),
+                "url": rec.meta.get("url"),
+            }
+        )
+    table = pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
+    seconds = time.perf_counter() - t0
+    return IngestResult(
+        images=table,
+        rejects=rejects,
+        inputs=inputs,
+        duplicates=duplicates,
+        seconds=seconds,
+        stats={"images_per_s": (inputs / seconds) if seconds > 0 else 0.0},
+    )
+
+
+def load_image(row: dict, limits: IngestLimits | None = None):
+    """Decode an accepted image again from its (path, offset, length) locator."""
+    from pipeline.sources import read_bytes
+
+    limits = limits or IngestLimits()
+    data = read_bytes(row["path"], int(row["offset"]), int(row["length"]))
+    return decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side)

@@ -1,0 +1,18 @@
+"""Training consumers of lineup's WebDataset shards.
+
+The contract with the rest of the project is the shard format and ``manifest.json`` of a dataset
+version (see ``training/data.py``); nothing here imports ``pipeline/``.
+
+Modules
+- ``data``: manifest reading and WebDataset loaders for the preference and multi-identity families.
+- ``common``: model builders (UNet / VAE / text conditioning), checkpoint and RNG helpers.
+- ``dpo``: Diffusion-DPO with a LoRA on a diffusers ``UNet2DConditionModel``.
+- ``iresnet``: ArcFace-style iresnet face embedder (insightface ``arcface_torch`` layout).
+- ``identity``: identity adapter (decoupled cross-attention) + diffusion, ID and InfoNCE losses.
+- ``reward``: social reward model on an open_clip backbone (triplet loss).
+- ``run_dpo`` / ``run_identity`` / ``run_reward``: CLIs that also run under Dagster Pipes.
+
+Importing ``training`` is cheap: submodules are imported on use, and ``common``/``dpo``/
+``identity``/``iresnet`` need only torch, diffusers, peft, safetensors and numpy (the GPU bench
+depends on that).
+"""
