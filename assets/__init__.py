@@ -1,0 +1,1 @@
+"""Dagster wiring for lineup: assets, resources, partitions, checks, sensors, schedules."""

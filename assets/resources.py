@@ -1,0 +1,68 @@
+"""The one resource every asset takes: where data lives and how each stage is configured.
+
+Defaults come from the environment (LINEUP_HOME, LINEUP_INPUT, ...), so `make run`, `make ui`
+and a schedule all see the same settings; every field can be overridden in the launchpad.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from pipeline.config import Layout, default_home, default_input
+from pipeline.ingest import IngestLimits
+
+
+class LineupSettings(dg.ConfigurableResource):
+    home: str = ""  # empty: $LINEUP_HOME, else ./data
+    input_dir: str = ""  # empty: $LINEUP_INPUT
+    social_dir: str = ""  # empty: $LINEUP_SOCIAL, else <input>/social
+    batch_size: int = 500  # loose image files per partition
+    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = 50_000_000
+    face_backend: str = "dlib"  # dlib (offline default) | insightface
+    face_detector: str = ""  # dlib backend: hog | mtcnn; empty = the backend's default
+    insightface_model_dir: str = ""  # a buffalo_l / antelopev2 folder of ONNX files
+    face_batch_size: int = 8
+    identity_method: str = "chinese_whispers"  # chinese_whispers | leiden | infomap | connected_components
+    identity_threshold: float = 0.0  # 0 = the face backend's documented default
+    knn_backend: str = "auto"  # auto | faiss-flat | faiss-ivf | faiss-hnsw | faiss-gpu | torch
+
+    @property
+    def layout(self) -> Layout:
+        home = Path(self.home).expanduser().resolve() if self.home else default_home()
+        return Layout(home)
+
+    @property
+    def input_path(self) -> Path:
+        if self.input_dir:
+            return Path(self.input_dir).expanduser().resolve()
+        p = default_input()
+        if p is None:
+            raise dg.Failure("No input configured: set LINEUP_INPUT or the input_dir of the lineup resource.")
+        return p
+
+    @property
+    def social_path(self) -> Path:
+        if self.social_dir:
+            return Path(self.social_dir).expanduser().resolve()
+        if os.environ.get("LINEUP_SOCIAL"):
+            return Path(os.environ["LINEUP_SOCIAL"]).expanduser().resolve()
+        return self.input_path / "social"
+
+    @property
+    def limits(self) -> IngestLimits:
+        return IngestLimits(max_pixels=self.max_image_pixels, max_bytes=self.max_image_bytes)
+
+    def face_backend_options(self) -> dict:
+        opts: dict = {}
+        if self.face_backend == "dlib" and self.face_detector:
+            opts["detector"] = self.face_detector
+        if self.face_backend == "insightface":
+            model_dir = self.insightface_model_dir or os.environ.get("LINEUP_INSIGHTFACE_DIR", "")
+            if not model_dir:
+                raise dg.Failure("face_backend=insightface needs insightface_model_dir (or LINEUP_INSIGHTFACE_DIR).")
+            opts["model_dir"] = model_dir
+        return opts
