@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 
 
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # the UI keeps the full event log
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m assets.run", description=__doc__)
     ap.add_argument("--input", help="what to ingest (default: $LINEUP_INPUT)")
@@ -31,11 +34,14 @@ def main(argv: list[str] | None = None) -> int:
 
     home = default_home()
     os.environ.setdefault("DAGSTER_HOME", str(home / "dagster"))
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    dagster_home = Path(os.environ["DAGSTER_HOME"])
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    if not (dagster_home / "dagster.yaml").exists():
+        (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
 
     import dagster as dg
 
-    from assets.definitions import defs
+    from assets.definitions import COLLECTION_JOBS, defs
     from assets.partitions import input_partitions
     from pipeline.config import Layout
     from pipeline.sources import load_registry, register_new_inputs
@@ -57,13 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for i, key in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] partition {key}", flush=True)
-        result = ingest_job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+        result = ingest_job.execute_in_process(
+            partition_key=key, instance=instance, raise_on_error=False, run_config=QUIET
+        )
         if not result.success:
             failed.append(key)
-    jobs = [j for j in ("datasets_job",) if defs.has_job_def(j)] if hasattr(defs, "has_job_def") else []
-    for name in jobs:
+    for name in COLLECTION_JOBS:
         print(f"running {name}", flush=True)
-        if not defs.resolve_job_def(name).execute_in_process(instance=instance, raise_on_error=False).success:
+        job = defs.resolve_job_def(name)
+        if not job.execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET).success:
             failed.append(name)
     from assets.summary import print_summary
 

@@ -99,6 +99,6 @@ def refresh_catalog(layout: Layout) -> list[str]:
 def query(layout: Layout, sql: str, params: list | None = None) -> pa.Table:
     con = connect(layout, read_only=True)
     try:
-        return con.execute(sql, params or []).fetch_arrow_table()
+        return con.sql(sql, params=params or None).to_arrow_table()
     finally:
         con.close()

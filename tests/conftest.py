@@ -1,6 +1,12 @@
+import os
 from pathlib import Path
 
 import pytest
+
+# nothing in the tests may reach a model hub
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("DAGSTER_TELEMETRY_DISABLED", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_FACES = (REPO.parent / "shared" / "data" / "faces").resolve()
