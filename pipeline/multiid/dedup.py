@@ -57,7 +57,7 @@ def image_phash(gray_img: Image.Image) -> np.ndarray:
     return phash_bits(np.asarray(gray_img))
 
 
-def crop_box(landmarks, bbox, scale: float = 5.0) -> tuple[float, float, float, float]:
+def crop_box(landmarks, bbox, scale: float = 4.0) -> tuple[float, float, float, float]:
     """Square crop (x1, y1, x2, y2) centred on the landmarks, side = scale x their RMS radius.
 
     Falls back to the bbox centre and side when landmarks are missing or degenerate.
@@ -80,34 +80,50 @@ class FaceFingerprint:
     phash: np.ndarray  # 64 bools
     phash_mirror: np.ndarray
     patch: np.ndarray  # float32 (NCC_SIZE + 2 * NCC_PAD)^2, grey
+    mask: np.ndarray  # float32, 1 where the patch lies inside the source image
 
 
 def face_fingerprint(gray_img: Image.Image, landmarks, bbox) -> FaceFingerprint:
     bx1, by1, bx2, by2 = crop_box(landmarks, bbox)
     side = bx2 - bx1
-    # crop with a margin so the NCC can search shifts; PIL pads outside the image with black
+    # crop with a margin so the NCC can search shifts; outside the image is masked out
     m = side * NCC_PAD / NCC_SIZE
-    big = gray_img.crop((round(bx1 - m), round(by1 - m), round(bx2 + m), round(by2 + m)))
-    patch = np.asarray(big.resize((NCC_SIZE + 2 * NCC_PAD,) * 2, Image.BILINEAR), dtype=np.float32)
-    core = gray_img.crop((round(bx1), round(by1), round(bx2), round(by2)))
-    arr = np.asarray(core)
-    return FaceFingerprint(phash_bits(arr), phash_bits(arr[:, ::-1]), patch)
-
-
-def _zn(a: np.ndarray) -> np.ndarray:
-    a = a - a.mean()
-    n = float(np.sqrt((a * a).sum()))
-    return a / n if n > 1e-6 else a * 0
+    box = (round(bx1 - m), round(by1 - m), round(bx2 + m), round(by2 + m))
+    size = (NCC_SIZE + 2 * NCC_PAD,) * 2
+    patch = np.asarray(gray_img.crop(box).resize(size, Image.BILINEAR), dtype=np.float32)
+    valid = Image.new("L", gray_img.size, 255).crop(box).resize(size, Image.BILINEAR)
+    mask = (np.asarray(valid, dtype=np.float32) > 254).astype(np.float32)
+    core_box = (round(bx1), round(by1), round(bx2), round(by2))
+    core = np.asarray(gray_img.crop(core_box), dtype=np.float32)
+    cmask = np.asarray(Image.new("L", gray_img.size, 255).crop(core_box)) > 0
+    if cmask.any() and not cmask.all():  # fill outside-the-image pixels with the crop's mean
+        core = np.where(cmask, core, core[cmask].mean())
+    arr = core.round().clip(0, 255).astype(np.uint8)
+    return FaceFingerprint(phash_bits(arr), phash_bits(arr[:, ::-1]), patch, mask)
 
 
 def patch_ncc(a: FaceFingerprint, b: FaceFingerprint) -> float:
-    """Max normalised cross-correlation of a's centre 48x48 against b over shifts of ±NCC_PAD px."""
-    ca = _zn(a.patch[NCC_PAD:NCC_PAD + NCC_SIZE, NCC_PAD:NCC_PAD + NCC_SIZE])
+    """Max normalised cross-correlation of a's centre 48x48 against b over shifts of ±NCC_PAD px.
+
+    Only pixels inside both source images count (a face near an image border is padded differently
+    in a photo and in a composite made from it); fewer than half the pixels valid gives -1.
+    """
+    sl = slice(NCC_PAD, NCC_PAD + NCC_SIZE)
+    pa_, ma = a.patch[sl, sl], a.mask[sl, sl]
     best = -1.0
     for dy in range(2 * NCC_PAD + 1):
         for dx in range(2 * NCC_PAD + 1):
-            cb = _zn(b.patch[dy:dy + NCC_SIZE, dx:dx + NCC_SIZE])
-            best = max(best, float((ca * cb).sum()))
+            pb = b.patch[dy:dy + NCC_SIZE, dx:dx + NCC_SIZE]
+            m = ma * b.mask[dy:dy + NCC_SIZE, dx:dx + NCC_SIZE]
+            k = float(m.sum())
+            if k < 0.5 * NCC_SIZE * NCC_SIZE:
+                continue
+            xa = pa_ - (pa_ * m).sum() / k
+            xb = pb - (pb * m).sum() / k
+            num = float((xa * xb * m).sum())
+            den = float(np.sqrt((xa * xa * m).sum() * (xb * xb * m).sum()))
+            if den > 1e-6:
+                best = max(best, num / den)
     return best
 
 

@@ -67,7 +67,7 @@ def pose_from_5pts(lm: np.ndarray) -> tuple[float, float, float]:
     off = nose - mid
     ox, oy = c * off[0] - s * off[1], s * off[0] + c * off[1]
     yaw = float(np.degrees(np.arcsin(np.clip(ox / (0.6 * iod), -1, 1))))
-    pitch = float(np.degrees(np.arcsin(np.clip((oy / iod - 0.55) / 0.6, -1, 1))))
+    pitch = float(np.degrees(np.arcsin(np.clip((oy / iod - 0.77) / 0.6, -1, 1))))
     return yaw, pitch, roll
 
 

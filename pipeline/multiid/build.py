@@ -1,0 +1,543 @@
+"""Build the multi-identity paired dataset (MultiID-2M style, after WithAnyone).
+
+Inputs are the pipeline's tables (images, faces, identities); output is, per split, WebDataset
+shards + manifest, plus a pairs table (one row per target person x selected reference), a candidates
+table (every reference candidate with the filter that removed it) and statistics.
+
+Recipe, per target image (all images, in uid order):
+1. usable faces = box >= ``min_face_px`` on each side, det_score >= floor, blur >= floor; a target
+   has ``min_faces``..``max_faces`` usable faces (its people); every person must carry an
+   identity_id, and no identity twice in one target; else the target is dropped with a reason.
+2. split = the split of its people's identities (splits.py); straddling targets are dropped.
+3. for each person, candidates = faces of the same identity in *other* images; filters in order,
+   each removal counted under the first filter that fires: ``ref_quality`` (same usability rule,
+   ``ref_min_face_px``), ``sim_below_low``, ``near_duplicate_image_phash`` / ``near_duplicate_face_phash``
+   / ``near_duplicate_face_ncc`` (copy-paste guard, dedup.py), ``sim_above_high``. The
+   duplicate checks are also counted independently of order (``flags``) for every candidate that
+   passed the quality filter.
+4. survivors are ranked by ``w_pose * pose_diff + w_quality * quality + w_sim * mid_band`` and
+   picked greedily, skipping a second reference from the same image or a near-duplicate of an
+   already chosen reference (``redundant``); up to ``refs_per_person`` are kept.
+5. a target is kept when every person has >= 1 reference (``require_all_refs``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.ids import stable_key
+from pipeline.multiid import dedup
+from pipeline.multiid.config import MultiIDConfig
+from pipeline.multiid.splits import check_identity_disjoint, identity_split, target_split
+from pipeline.shards import ShardInfo, config_fingerprint, write_manifest, write_shards
+from pipeline.storage import write_parquet_atomic
+
+SIM_BINS = np.round(np.linspace(-1.0, 1.0, 201), 4)  # 0.01 wide
+PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
+
+
+def _r(x: float, n: int = 6) -> float:
+    return round(float(x), n)
+
+
+def reader_from_images(images: pa.Table) -> Callable[[str], bytes]:
+    """read_bytes(uid) over the images table: bytes at path[offset:offset+length]."""
+    loc = {r["uid"]: (r["path"], r["offset"], r["length"]) for r in images.select(["uid", "path", "offset", "length"]).to_pylist()}
+
+    def read_bytes(uid: str) -> bytes:
+        path, off, n = loc[uid]
+        with open(path, "rb") as f:
+            f.seek(int(off or 0))
+            data = f.read(int(n)) if n is not None and n >= 0 else f.read()
+        if n is not None and n >= 0 and len(data) != n:
+            raise OSError(f"{path}: short read for {uid} ({len(data)} of {n} bytes)")
+        return data
+
+    return read_bytes
+
+
+@dataclass
+class FaceRec:
+    uid: str
+    face_index: int
+    bbox: tuple[float, float, float, float]
+    landmarks: list[float]
+    det_score: float
+    face_width: float
+    face_height: float
+    blur: float
+    yaw: float
+    pitch: float
+    roll: float
+    emb: np.ndarray
+    identity_id: str | None
+    source: str = ""
+
+    @property
+    def ref(self) -> tuple[str, int]:
+        return (self.uid, self.face_index)
+
+
+def _faces_from_table(faces: pa.Table, identities: pa.Table) -> dict[str, list[FaceRec]]:
+    ident = {(r["uid"], int(r["face_index"])): r["identity_id"] for r in identities.select(["uid", "face_index", "identity_id"]).to_pylist()}
+    emb = np.asarray(faces.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    E = emb.reshape(faces.num_rows, -1) if faces.num_rows else np.zeros((0, 1), np.float32)
+    norms = np.linalg.norm(E, axis=1, keepdims=True)
+    E = E / np.maximum(norms, 1e-12)
+    cols = ["uid", "face_index", "x1", "y1", "x2", "y2", "landmarks", "det_score", "face_width", "face_height", "blur", "yaw", "pitch", "roll"]
+    has_source = "source" in faces.column_names
+    rows = faces.select(cols + (["source"] if has_source else [])).to_pylist()
+    out: dict[str, list[FaceRec]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        fi = int(r["face_index"])
+        iid = ident.get((r["uid"], fi))
+        out[r["uid"]].append(
+            FaceRec(r["uid"], fi, (r["x1"], r["y1"], r["x2"], r["y2"]), list(r["landmarks"] or []), float(r["det_score"] or 0.0),
+                    float(r["face_width"] or r["x2"] - r["x1"]), float(r["face_height"] or r["y2"] - r["y1"]), float(r["blur"] or 0.0),
+                    float(r["yaw"] or 0.0), float(r["pitch"] or 0.0), float(r["roll"] or 0.0), E[i], None if iid in (None, "", "-1") else str(iid),
+                    r.get("source") or "")
+        )
+    for v in out.values():
+        v.sort(key=lambda f: f.face_index)
+    return out
+
+
+def unusable_reason(f: FaceRec, min_px: float, det_min: float, blur_min: float) -> str | None:
+    if min(f.face_width, f.face_height) < min_px:
+        return "too_small"
+    if f.det_score < det_min:
+        return "low_det_score"
+    if f.blur < blur_min:
+        return "blurry"
+    return None
+
+
+def face_quality(f: FaceRec, cfg: MultiIDConfig, det_good: float) -> float:
+    size = min(1.0, min(f.face_width, f.face_height) / (2.0 * max(cfg.min_face_px, 1.0)))
+    det = min(1.0, max(0.0, (f.det_score - cfg.det_score_min) / max(det_good - cfg.det_score_min, 1e-6)))
+    blur = f.blur / (f.blur + cfg.blur_half) if f.blur > 0 else 0.0
+    return (size + det + blur) / 3.0
+
+
+def pose_diff(a: FaceRec, b: FaceRec) -> tuple[float, float, float]:
+    dy, dp = abs(a.yaw - b.yaw), abs(a.pitch - b.pitch)
+    return math.hypot(dy, dp), dy, dp
+
+
+def theta(cos: float) -> float:
+    return float(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
+class _Fingerprints:
+    """Lazily decodes each image once and caches its pHash and its faces' crop fingerprints."""
+
+    def __init__(self, read_bytes, faces_by_uid):
+        self.read_bytes = read_bytes
+        self.faces_by_uid = faces_by_uid
+        self.cache: dict[str, tuple[np.ndarray, dict[int, dedup.FaceFingerprint]] | None] = {}
+        self.errors: dict[str, str] = {}
+
+    def get(self, uid: str):
+        if uid not in self.cache:
+            try:
+                g = dedup.open_gray(self.read_bytes(uid))
+                fps = {f.face_index: dedup.face_fingerprint(g, f.landmarks, f.bbox) for f in self.faces_by_uid.get(uid, [])}
+                self.cache[uid] = (dedup.image_phash(g), fps)
+            except Exception as e:  # noqa: BLE001 - unreadable image becomes a counted reason, not a crash
+                self.cache[uid] = None
+                self.errors[uid] = f"{type(e).__name__}: {e}"
+        return self.cache[uid]
+
+
+@dataclass
+class MultiIDResult:
+    pairs: pa.Table
+    candidates: pa.Table
+    samples: list[dict]
+    stats: dict
+    shards: dict[str, list[ShardInfo]]
+    out_dir: Path | None
+    config: MultiIDConfig
+    read_bytes: Callable[[str], bytes] | None = field(default=None, repr=False)
+
+    def contact_sheet(self, n: int = 4, keys: list[str] | None = None) -> bytes:
+        from pipeline.multiid.sheet import contact_sheet
+
+        chosen = [s for s in self.samples if keys is None or s["key"] in keys][:n]
+        return contact_sheet(chosen, self.read_bytes)
+
+
+def _image_ext(data: bytes) -> str:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return PIL_EXT.get(im.format or "", "img")
+
+
+def ref_crop(data: bytes, bbox, margin: float, max_side: int, quality: int) -> tuple[bytes, list[float], list[float]]:
+    """JPEG face crop: bbox grown by ``margin`` on each side, squared, clipped; (bytes, crop_box, bbox_in_crop)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as im0:
+        im = ImageOps.exif_transpose(im0).convert("RGB")
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    side = max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    W, H = im.size
+    box = [max(0, round(cx - side / 2)), max(0, round(cy - side / 2)), min(W, round(cx + side / 2)), min(H, round(cy + side / 2))]
+    crop = im.crop(tuple(box))
+    s = 1.0
+    if max(crop.size) > max_side:
+        s = max_side / max(crop.size)
+        crop = crop.resize((max(1, round(crop.size[0] * s)), max(1, round(crop.size[1] * s))), Image.LANCZOS)
+    buf = io.BytesIO()
+    crop.save(buf, "JPEG", quality=quality, optimize=False)
+    in_crop = [_r((x1 - box[0]) * s, 2), _r((y1 - box[1]) * s, 2), _r((x2 - box[0]) * s, 2), _r((y2 - box[1]) * s, 2)]
+    return buf.getvalue(), [float(v) for v in box], in_crop
+
+
+def _hist(values, bins=SIM_BINS) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    counts, edges = np.histogram(v, bins=bins)
+    nz = np.nonzero(counts)[0]
+    return {"bin_edges": [float(e) for e in edges], "counts": [int(c) for c in counts], "nonzero": {f"{edges[i]:.2f}": int(counts[i]) for i in nz}}
+
+
+def _face_json(f: FaceRec, q: float, with_embedding: bool = True) -> dict:
+    d = {
+        "face_index": f.face_index,
+        "bbox": [_r(v, 2) for v in f.bbox],
+        "landmarks": [_r(v, 2) for v in f.landmarks],
+        "identity_id": f.identity_id,
+        "det_score": _r(f.det_score, 4),
+        "blur": _r(f.blur, 2),
+        "yaw": _r(f.yaw, 2),
+        "pitch": _r(f.pitch, 2),
+        "roll": _r(f.roll, 2),
+        "quality": _r(q, 4),
+    }
+    if with_embedding:
+        d["embedding"] = [_r(v) for v in f.emb]
+    return d
+
+
+CANDIDATE_SCHEMA = pa.schema([
+    ("target_uid", pa.string()), ("target_face_index", pa.int32()), ("identity_id", pa.string()),
+    ("ref_uid", pa.string()), ("ref_face_index", pa.int32()), ("similarity", pa.float32()),
+    ("image_hamming", pa.int32()), ("face_hamming", pa.int32()), ("face_ncc", pa.float32()),
+    ("ref_quality", pa.float32()), ("pose_diff", pa.float32()), ("score", pa.float32()), ("status", pa.string()),
+])
+
+PAIRS_SCHEMA = pa.schema([
+    ("key", pa.string()), ("split", pa.string()), ("target_uid", pa.string()), ("target_face_index", pa.int32()),
+    ("identity_id", pa.string()), ("ref_rank", pa.int32()), ("ref_member", pa.string()), ("ref_uid", pa.string()),
+    ("ref_face_index", pa.int32()), ("similarity", pa.float32()), ("theta_tr", pa.float32()),
+    ("image_hamming", pa.int32()), ("face_hamming", pa.int32()), ("face_ncc", pa.float32()),
+    ("target_quality", pa.float32()), ("ref_quality", pa.float32()), ("pose_diff", pa.float32()),
+    ("yaw_diff", pa.float32()), ("pitch_diff", pa.float32()), ("score", pa.float32()),
+    ("n_candidates", pa.int32()), ("n_survivors", pa.int32()), ("backend", pa.string()), ("model_version", pa.string()),
+])
+
+
+def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig,
+                      read_bytes: Callable[[str], bytes] | None = None) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """Reference selection without writing anything: (samples JSON, pair rows, candidate rows, stats)."""
+    from pipeline.multiid.config import thresholds_for
+
+    config.validate()
+    cfg = config.resolved()
+    det_good = thresholds_for(cfg.backend).det_score_good
+    read_bytes = read_bytes or reader_from_images(images)
+    by_uid = _faces_from_table(faces, identities)
+    backends = sorted(set(faces.column("backend").to_pylist())) if "backend" in faces.column_names and faces.num_rows else [cfg.backend]
+    mversions = sorted(set(faces.column("model_version").to_pylist())) if "model_version" in faces.column_names and faces.num_rows else [""]
+    if any(b != cfg.backend for b in backends):
+        raise ValueError(f"faces table comes from backend(s) {backends}, config says {cfg.backend!r}: thresholds would not apply")
+    img_meta = {r["uid"]: r for r in images.to_pylist()}
+    by_identity: dict[str, list[FaceRec]] = defaultdict(list)
+    for uid in sorted(by_uid):
+        for f in by_uid[uid]:
+            if f.identity_id is not None:
+                by_identity[f.identity_id].append(f)
+    fps = _Fingerprints(read_bytes, by_uid)
+    qual = {f.ref: face_quality(f, cfg, det_good) for fs in by_uid.values() for f in fs}
+
+    target_reasons: Counter = Counter()
+    removed: Counter = Counter()
+    flags: Counter = Counter()
+    samples, pair_rows, cand_rows = [], [], []
+    n_persons = 0
+    for uid in sorted(img_meta):
+        fs = by_uid.get(uid, [])
+        usable = [f for f in fs if unusable_reason(f, cfg.min_face_px, cfg.det_score_min, cfg.blur_min) is None]
+        if not fs:
+            target_reasons["no_face"] += 1
+            continue
+        if len(usable) < cfg.min_faces:
+            target_reasons["too_few_usable_faces"] += 1
+            continue
+        if len(usable) > cfg.max_faces:
+            target_reasons["too_many_usable_faces"] += 1
+            continue
+        if any(f.identity_id is None for f in usable):
+            target_reasons["unlabelled_person"] += 1
+            continue
+        pids = [f.identity_id for f in usable]
+        if len(set(pids)) != len(pids):
+            target_reasons["duplicate_identity_in_target"] += 1
+            continue
+        all_ids = sorted({f.identity_id for f in fs if f.identity_id is not None})
+        split = target_split(all_ids, cfg.eval_fraction, cfg.split_salt)
+        if split is None:
+            target_reasons["split_straddle"] += 1
+            continue
+        if fps.get(uid) is None:
+            target_reasons["unreadable_target"] += 1
+            continue
+        t_phash, t_fps = fps.get(uid)
+        key = stable_key("multiid", uid)
+        persons = []
+        t_pairs, t_cands = [], []
+        ok = True
+        for f in usable:
+            cands = [c for c in by_identity[f.identity_id] if c.uid != uid]
+            removed["candidates_total"] += len(cands)
+            survivors = []
+            for c in cands:
+                row = {"target_uid": uid, "target_face_index": f.face_index, "identity_id": f.identity_id, "ref_uid": c.uid,
+                       "ref_face_index": c.face_index, "similarity": float(f.emb @ c.emb), "image_hamming": None, "face_hamming": None,
+                       "face_ncc": None, "ref_quality": qual[c.ref], "pose_diff": pose_diff(f, c)[0], "score": None, "status": None}
+                t_cands.append(row)
+                if unusable_reason(c, cfg.ref_min_face_px, cfg.det_score_min, cfg.blur_min) is not None:
+                    row["status"] = "ref_quality"
+                    continue
+                got = fps.get(c.uid)
+                if got is None:
+                    row["status"] = "unreadable_reference"
+                    continue
+                chk = dedup.compare(t_phash, got[0], t_fps[f.face_index], got[1][c.face_index],
+                                    cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min)
+                row.update(image_hamming=chk.image_hamming, face_hamming=chk.face_hamming, face_ncc=chk.face_ncc)
+                flags["checked"] += 1
+                flags["image_phash"] += chk.image_hamming <= cfg.image_hamming_max
+                flags["face_phash"] += chk.face_hamming <= cfg.face_hamming_max
+                flags["face_ncc"] += chk.face_ncc >= cfg.face_ncc_min
+                flags["any_hash"] += chk.is_duplicate
+                flags["sim_above_high"] += row["similarity"] > cfg.sim_high
+                flags["hash_only"] += chk.is_duplicate and row["similarity"] <= cfg.sim_high
+                flags["sim_only"] += (not chk.is_duplicate) and row["similarity"] > cfg.sim_high
+                if row["similarity"] < cfg.sim_low:
+                    row["status"] = "sim_below_low"
+                elif chk.is_duplicate:
+                    row["status"] = "near_duplicate_" + chk.reason
+                elif row["similarity"] > cfg.sim_high:
+                    row["status"] = "sim_above_high"
+                else:
+                    mid, half = (cfg.sim_low + cfg.sim_high) / 2, (cfg.sim_high - cfg.sim_low) / 2
+                    band = 1.0 - abs(row["similarity"] - mid) / max(half, 1e-9)
+                    pdiff = min(1.0, row["pose_diff"] / cfg.pose_norm_deg)
+                    row["score"] = cfg.w_pose * pdiff + cfg.w_quality * row["ref_quality"] + cfg.w_sim * band
+                    survivors.append((row, c, chk))
+            survivors.sort(key=lambda t: (-round(t[0]["score"], 9), t[1].uid, t[1].face_index))
+            chosen = []
+            for row, c, chk in survivors:
+                if len(chosen) >= cfg.refs_per_person:
+                    row["status"] = "ranked_out"
+                    continue
+                redundant = any(c.uid == o.uid for _, o, _ in chosen)
+                if not redundant:
+                    got = fps.get(c.uid)
+                    for _, o, _ in chosen:
+                        og = fps.get(o.uid)
+                        d = dedup.compare(got[0], og[0], got[1][c.face_index], og[1][o.face_index],
+                                          cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min)
+                        if d.is_duplicate or float(c.emb @ o.emb) > cfg.sim_high:
+                            redundant = True
+                            break
+                if redundant:
+                    row["status"] = "redundant"
+                    continue
+                row["status"] = "selected"
+                chosen.append((row, c, chk))
+            if not chosen:
+                ok = False
+            persons.append((f, cands, survivors, chosen))
+        for row in t_cands:
+            removed[row["status"]] += 1
+        cand_rows += t_cands
+        if not ok and cfg.require_all_refs:
+            target_reasons["person_without_reference"] += 1
+            continue
+        # assemble the sample
+        face_js, used = [], {uid}
+        ref_i = 0
+        for f, cands, survivors, chosen in persons:
+            n_persons += 1
+            fj = _face_json(f, qual[f.ref])
+            fj["n_candidates"] = len(cands)
+            fj["n_survivors"] = len(survivors)
+            fj["refs"] = []
+            for rank, (row, c, chk) in enumerate(chosen):
+                member = f"ref_{ref_i}.jpg"
+                ref_i += 1
+                pd, dy, dp = pose_diff(f, c)
+                used.add(c.uid)
+                rj = {
+                    "member": member, "uid": c.uid, "face_index": c.face_index, "identity_id": c.identity_id, "rank": rank,
+                    "bbox": [_r(v, 2) for v in c.bbox], "landmarks": [_r(v, 2) for v in c.landmarks],
+                    "embedding": [_r(v) for v in c.emb],
+                    "similarity": _r(row["similarity"]), "theta_tr": _r(theta(row["similarity"])),
+                    "image_hamming": chk.image_hamming, "face_hamming": chk.face_hamming, "face_ncc": _r(chk.face_ncc, 4),
+                    "quality": _r(qual[c.ref], 4), "det_score": _r(c.det_score, 4), "blur": _r(c.blur, 2),
+                    "face_width": _r(c.face_width, 2), "face_height": _r(c.face_height, 2),
+                    "pose_diff": _r(pd, 3), "yaw_diff": _r(dy, 3), "pitch_diff": _r(dp, 3), "score": _r(row["score"]),
+                    "source": img_meta.get(c.uid, {}).get("source", c.source),
+                }
+                fj["refs"].append(rj)
+                pair_rows.append({
+                    "key": key, "split": split, "target_uid": uid, "target_face_index": f.face_index, "identity_id": f.identity_id,
+                    "ref_rank": rank, "ref_member": member, "ref_uid": c.uid, "ref_face_index": c.face_index,
+                    "similarity": row["similarity"], "theta_tr": theta(row["similarity"]), "image_hamming": chk.image_hamming,
+                    "face_hamming": chk.face_hamming, "face_ncc": chk.face_ncc, "target_quality": qual[f.ref], "ref_quality": qual[c.ref],
+                    "pose_diff": pd, "yaw_diff": dy, "pitch_diff": dp, "score": row["score"], "n_candidates": len(cands),
+                    "n_survivors": len(survivors), "backend": cfg.backend, "model_version": ",".join(mversions),
+                })
+            face_js.append(fj)
+        person_idx = {f.face_index for f in usable}
+        others = []
+        for f in fs:
+            if f.face_index in person_idx:
+                continue
+            o = _face_json(f, qual[f.ref], with_embedding=False)
+            o["reason"] = unusable_reason(f, cfg.min_face_px, cfg.det_score_min, cfg.blur_min)
+            others.append(o)
+        meta = img_meta[uid]
+        sims = [r["similarity"] for fj in face_js for r in fj["refs"]]
+        sample = {
+            "key": key, "split": split,
+            "target": {"uid": uid, "source": meta.get("source"), "width": meta.get("width"), "height": meta.get("height")},
+            "caption": meta.get("caption"),
+            "faces": face_js, "other_faces": others,
+            "other_identity_ids": sorted({o["identity_id"] for o in others if o["identity_id"]}),
+            "num_persons": len(face_js), "num_refs": ref_i,
+            "scores": {"ref_similarity_min": _r(min(sims)), "ref_similarity_mean": _r(float(np.mean(sims))),
+                       "target_quality_min": _r(min(fj["quality"] for fj in face_js), 4)},
+            "source_uids": sorted(used),
+            "backend": cfg.backend, "model_version": ",".join(mversions),
+            "thresholds": {"sim_low": cfg.sim_low, "sim_high": cfg.sim_high, "image_hamming_max": cfg.image_hamming_max,
+                           "face_hamming_max": cfg.face_hamming_max, "face_ncc_min": cfg.face_ncc_min},
+        }
+        samples.append(sample)
+        target_reasons["kept"] += 1
+    samples.sort(key=lambda s: s["key"])
+    stats = {
+        "images": len(img_meta),
+        "targets": dict(sorted(target_reasons.items())),
+        "persons": n_persons,
+        "candidates_removed_by": dict(sorted(removed.items())),
+        "duplicate_flags_independent": dict(sorted(flags.items())),
+        "unreadable": dict(sorted(fps.errors.items())),
+        "per_split": dict(sorted(Counter(s["split"] for s in samples).items())),
+        "identities": {"total": len(by_identity),
+                       "eval": sum(identity_split(i, cfg.eval_fraction, cfg.split_salt) == "eval" for i in by_identity)},
+        "refs_per_person_hist": dict(sorted(Counter(len(fj["refs"]) for s in samples for fj in s["faces"]).items())),
+        "persons_per_target_hist": dict(sorted(Counter(s["num_persons"] for s in samples).items())),
+        "similarity_hist_all_candidates": _hist([r["similarity"] for r in cand_rows]),
+        "similarity_hist_selected": _hist([r["similarity"] for r in pair_rows]),
+        "thresholds": {"sim_low": cfg.sim_low, "sim_high": cfg.sim_high},
+    }
+    return samples, pair_rows, cand_rows, stats
+
+
+def _shard_samples(samples: list[dict], cfg: MultiIDConfig, read_bytes) -> list[dict]:
+    out = []
+    for s in samples:
+        data = read_bytes(s["target"]["uid"])
+        ext = _image_ext(data)
+        s["target"]["member"] = f"target.{ext}"
+        rec = {"__key__": s["key"], f"target.{ext}": data}
+        cache: dict[str, bytes] = {}
+        for fj in s["faces"]:
+            for r in fj["refs"]:
+                rb = cache.get(r["uid"]) or cache.setdefault(r["uid"], read_bytes(r["uid"]))
+                if cfg.ref_mode == "crop":
+                    crop, box, in_crop = ref_crop(rb, r["bbox"], cfg.crop_margin, cfg.crop_max_side, cfg.jpeg_quality)
+                    r["crop_box"], r["bbox_in_crop"], r["kind"] = box, in_crop, "face_crop"
+                    rec[r["member"]] = crop
+                else:
+                    rext = _image_ext(rb)
+                    r["member"] = r["member"].rsplit(".", 1)[0] + f".{rext}"
+                    r["kind"] = "image"
+                    rec[r["member"]] = rb
+        rec["json"] = s
+        out.append(rec)
+    return out
+
+
+def hf_features(config: MultiIDConfig, samples: list[dict] | None = None, target_exts=("jpg", "png", "webp")):
+    """datasets.Features for ``load_dataset("webdataset", ..., features=...)``.
+
+    Samples carry a varying number of ``ref_<i>.jpg`` members (1..max_faces x refs_per_person) and a
+    target extension that follows the original bytes, which defeats HF's feature inference from the
+    first 5 samples; declare every possible member instead (missing ones load as None). HF decodes
+    ``.json`` members to dicts: pass the dataset's ``samples`` (``MultiIDResult.samples`` or
+    ``metrics.load_samples(dir)``) to type that column from them; without them it is left untyped.
+    """
+    import datasets
+
+    feats = {f"target.{e}": datasets.Image() for e in target_exts}
+    for i in range(config.max_faces * config.refs_per_person):
+        feats[f"ref_{i}.jpg"] = datasets.Image()
+    if samples:
+        schema = pa.Table.from_pylist([{"json": s} for s in samples]).schema
+        feats["json"] = datasets.Features.from_arrow_schema(schema)["json"]
+    else:
+        feats["json"] = datasets.Value("string")
+    feats["__key__"] = datasets.Value("string")
+    feats["__url__"] = datasets.Value("string")
+    return datasets.Features(feats)
+
+
+def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Table, out_dir: Path | None,
+                          config: MultiIDConfig = MultiIDConfig(), read_bytes: Callable[[str], bytes] | None = None) -> MultiIDResult:
+    """Select references, write ``out_dir/{train,eval}/`` shards + manifests and ``out_dir/pairs.parquet``,
+    ``out_dir/candidates.parquet``; return everything. ``out_dir=None``: select only, write nothing."""
+    from pipeline.multiid.metrics import dataset_quality_stats
+
+    read_bytes = read_bytes or reader_from_images(images)
+    cfg = config.resolved()
+    samples, pair_rows, cand_rows, stats = select_references(images, faces, identities, config, read_bytes)
+    problems = check_identity_disjoint(samples)
+    if problems:
+        raise AssertionError("identity split leak: " + "; ".join(problems[:5]))
+    stats["identity_disjoint_check"] = "ok"
+    pairs = pa.Table.from_pylist(pair_rows, schema=PAIRS_SCHEMA)
+    cands = pa.Table.from_pylist(cand_rows, schema=CANDIDATE_SCHEMA)
+    stats["data_quality"] = dataset_quality_stats(pairs)
+    shards: dict[str, list[ShardInfo]] = {}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        recs = _shard_samples(samples, cfg, read_bytes)
+        conf = cfg.to_dict()
+        for split in ("train", "eval"):
+            split_recs = [r for r in recs if r["json"]["split"] == split]
+            d = out_dir / split
+            d.mkdir(parents=True, exist_ok=True)
+            shards[split] = write_shards(split_recs, d, f"{cfg.dataset_name}-{split}", cfg.shard_max_count, cfg.shard_max_bytes)
+            write_manifest(d, cfg.dataset_name, shards[split], conf, extra={
+                "split": split, "num_persons": sum(r["json"]["num_persons"] for r in split_recs),
+                "num_refs": sum(r["json"]["num_refs"] for r in split_recs), "ref_mode": cfg.ref_mode,
+                "counts": {k: stats[k] for k in ("images", "targets", "candidates_removed_by", "duplicate_flags_independent")},
+            })
+        write_parquet_atomic(pairs, out_dir / "pairs.parquet")
+        write_parquet_atomic(cands, out_dir / "candidates.parquet")
+        stats["config_fingerprint"] = config_fingerprint(conf)
+    return MultiIDResult(pairs, cands, samples, stats, shards, out_dir, cfg, read_bytes)

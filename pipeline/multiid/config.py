@@ -1,0 +1,109 @@
+"""Configuration of the multi-identity (MultiID-2M style) builder, with per-backend thresholds.
+
+Similarity thresholds belong to the face backend: WithAnyone's 0.6 / 0.8 are ArcFace cosines. The
+dlib values below were calibrated with :func:`pipeline.multiid.calibration.calibrate_thresholds`
+on ``shared/data/faces`` (see that module's docstring for the method and the measured numbers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class BackendThresholds:
+    sim_low: float  # same person: keep a reference only if cosine >= sim_low
+    sim_high: float  # not the same shot: keep only if cosine <= sim_high
+    det_score_min: float  # detector confidence floor for a usable face
+    det_score_good: float  # detector confidence that counts as full quality
+    blur_min: float  # variance of Laplacian floor for a usable face
+    source: str  # where the numbers come from
+
+
+BACKEND_THRESHOLDS: dict[str, BackendThresholds] = {
+    # WithAnyone / MultiID-2M values for ArcFace (insightface buffalo_l) cosines, SCRFD scores in [0, 1].
+    "insightface": BackendThresholds(0.6, 0.8, 0.5, 0.8, 10.0, "WithAnyone paper (ArcFace cosine)"),
+    "arcface": BackendThresholds(0.6, 0.8, 0.5, 0.8, 10.0, "WithAnyone paper (ArcFace cosine)"),
+    # dlib_face_recognition_resnet_model_v1 cosines (L2-normalised descriptors), HOG detector scores
+    # (SVM margins, ~0..3). Calibrated on shared/data/faces, see pipeline/multiid/calibration.py.
+    "dlib": BackendThresholds(0.91, 0.987, 0.0, 1.0, 10.0, "calibrated on shared/data/faces (calibration.py)"),
+}
+
+
+def thresholds_for(backend: str) -> BackendThresholds:
+    try:
+        return BACKEND_THRESHOLDS[backend]
+    except KeyError:
+        raise KeyError(f"no calibrated thresholds for face backend {backend!r}; known: {sorted(BACKEND_THRESHOLDS)}") from None
+
+
+@dataclass(frozen=True)
+class MultiIDConfig:
+    backend: str = "dlib"
+    # targets
+    min_faces: int = 1
+    max_faces: int = 5
+    min_face_px: float = 100.0  # usable face: box >= this on each side
+    det_score_min: float | None = None  # None: the backend's value
+    blur_min: float | None = None  # None: the backend's value
+    require_all_refs: bool = True  # drop a target when one of its people gets no reference
+    # references
+    refs_per_person: int = 2
+    ref_min_face_px: float | None = None  # None: same as min_face_px
+    sim_low: float | None = None  # None: the backend's calibrated value
+    sim_high: float | None = None
+    # copy-paste guard (perceptual hashes; see dedup.py)
+    image_hamming_max: int = 6
+    face_hamming_max: int = 6
+    face_ncc_min: float = 0.96
+    # ranking of surviving candidates: w_pose * pose difference + w_quality * quality + w_sim * mid-band
+    w_pose: float = 0.5
+    w_quality: float = 0.3
+    w_sim: float = 0.2
+    pose_norm_deg: float = 45.0
+    blur_half: float = 100.0  # blur value that scores 0.5 in the quality term
+    # splits
+    eval_fraction: float = 0.1
+    split_salt: str = "multiid-v1"
+    straddle_rule: str = "drop"  # a target whose people are in both splits: "drop" (counted)
+    # shards
+    ref_mode: str = "crop"  # "crop": face crop of the reference (JPEG); "image": original reference bytes
+    crop_margin: float = 0.6  # crop = bbox grown by this fraction of its size on each side, squared
+    crop_max_side: int = 512
+    jpeg_quality: int = 95
+    shard_max_count: int = 10_000
+    shard_max_bytes: int = 1_000_000_000
+    dataset_name: str = "multiid"
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> "MultiIDConfig":
+        """A copy with backend defaults filled in (what the manifest records)."""
+        t = thresholds_for(self.backend)
+        from dataclasses import replace
+
+        return replace(
+            self,
+            det_score_min=t.det_score_min if self.det_score_min is None else self.det_score_min,
+            blur_min=t.blur_min if self.blur_min is None else self.blur_min,
+            ref_min_face_px=self.min_face_px if self.ref_min_face_px is None else self.ref_min_face_px,
+            sim_low=t.sim_low if self.sim_low is None else self.sim_low,
+            sim_high=t.sim_high if self.sim_high is None else self.sim_high,
+        )
+
+    def validate(self) -> None:
+        c = self.resolved()
+        if not (1 <= c.min_faces <= c.max_faces):
+            raise ValueError("need 1 <= min_faces <= max_faces")
+        if not (-1.0 <= c.sim_low < c.sim_high <= 1.0):
+            raise ValueError(f"need -1 <= sim_low < sim_high <= 1, got {c.sim_low}, {c.sim_high}")
+        if not (0.0 <= c.eval_fraction <= 1.0):
+            raise ValueError("eval_fraction must be in [0, 1]")
+        if c.straddle_rule != "drop":
+            raise ValueError("straddle_rule: only 'drop' is implemented")
+        if c.ref_mode not in ("crop", "image"):
+            raise ValueError("ref_mode must be 'crop' or 'image'")
+        if c.refs_per_person < 1:
+            raise ValueError("refs_per_person must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,137 @@
+"""Multi-identity builder: metrics, Hungarian matching, calibration, identity-disjoint splits (synthetic data)."""
+
+import io
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline.multiid import (
+    MultiIDConfig,
+    calibrate_thresholds,
+    check_identity_disjoint,
+    copy_paste,
+    hungarian_match,
+    identity_split,
+    match_quantile,
+    sample_metrics,
+    select_references,
+)
+from pipeline.multiid.localfaces import IDENTITIES_SCHEMA, IMAGES_SCHEMA, faces_schema
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+def test_copy_paste_extremes_and_hand_value():
+    t, r = _unit([1, 0, 0]), _unit([0, 1, 0])  # theta_tr = pi/2
+    # generated == ground truth: theta_gt = 0, theta_gr = theta_tr -> -1
+    assert copy_paste(t @ t, t @ r, t @ r) == pytest.approx(-1.0)
+    # generated == reference (copy-paste): theta_gr = 0, theta_gt = theta_tr -> +1
+    assert copy_paste(r @ t, r @ r, t @ r) == pytest.approx(1.0)
+    # generated halfway on the arc: 0
+    g = _unit([1, 1, 0])
+    assert copy_paste(g @ t, g @ r, t @ r) == pytest.approx(0.0, abs=1e-12)
+    # hand computation: theta_gt = 30 deg, theta_gr = 60 deg, theta_tr = 90 deg -> (30 - 60) / 90 = -1/3
+    g = _unit([math.cos(math.radians(30)), math.sin(math.radians(30)), 0])
+    assert copy_paste(g @ t, g @ r, t @ r) == pytest.approx(-1 / 3)
+    # clipped to [-1, 1] even when theta_tr is tiny
+    assert copy_paste(0.0, 1.0, 1.0) == 1.0
+    assert copy_paste(1.0, 0.0, 1.0) == -1.0
+
+
+def test_hungarian_small_case_beats_greedy():
+    # greedy (row 0 takes its best, col 0) would give 0.9 + 0.1 = 1.0; optimum is 0.8 + 0.85 = 1.65
+    S = np.array([[0.9, 0.8], [0.85, 0.1]])
+    m = hungarian_match(S)
+    assert [(i, j) for i, j, _ in m] == [(0, 1), (1, 0)]
+    assert sum(s for *_, s in m) == pytest.approx(1.65)
+    # rectangular: 3 generated faces, 2 persons; min_sim drops weak matches
+    S = np.array([[0.1, 0.2], [0.7, 0.3], [0.2, 0.9]])
+    assert [(i, j) for i, j, _ in hungarian_match(S)] == [(1, 0), (2, 1)]
+    assert hungarian_match(S, min_sim=0.8) == [(2, 1, 0.9)]
+
+
+def test_sample_metrics_matching_order_independent():
+    rng = np.random.default_rng(0)
+    gt = np.stack([_unit(rng.normal(size=16)) for _ in range(3)])
+    ref = np.stack([_unit(g + 0.6 * _unit(rng.normal(size=16))) for g in gt])
+    gen = gt[[2, 0, 1]]  # generated image reproduces the ground truth, faces in another order
+    m = sample_metrics(gen, gt, ref)
+    assert m["sim_gt"] == pytest.approx(1.0)
+    assert m["m_cp"] == pytest.approx(-1.0)
+    m = sample_metrics(ref[::-1], gt, ref)  # pastes the references
+    assert m["sim_ref"] == pytest.approx(1.0)
+    assert m["m_cp"] == pytest.approx(1.0)
+    m = sample_metrics(gen[:2], gt, ref)  # a missing face counts 0 in Sim(GT)
+    assert m["sim_gt"] == pytest.approx(2 / 3)
+    assert m["n_matched"] == 2
+
+
+def test_calibration_on_synthetic_distribution():
+    rng = np.random.default_rng(1)
+    diff = rng.normal(0.1, 0.1, 20000)
+    same = rng.normal(0.65, 0.08, 5000)
+    dup = rng.uniform(0.85, 1.0, 5000)
+    c = calibrate_thresholds(same, diff, dup, far=1e-3, dup_recall=0.99)
+    # low = N(0.1, 0.1) 99.9th percentile = 0.1 + 3.09 * 0.1; high = U(0.85, 1) 1st percentile = 0.8515
+    assert c.sim_low == pytest.approx(0.409, abs=0.02)
+    assert c.sim_high == pytest.approx(0.8515, abs=0.005)
+    assert c.diff_above_low_fraction <= 1.1e-3
+    assert c.dup_below_high_fraction <= 0.011
+    assert 0.95 < c.same_kept_fraction < 1.0
+    with pytest.raises(ValueError):
+        calibrate_thresholds(same, rng.uniform(0.9, 1.0, 100), rng.uniform(0.5, 0.6, 100))
+    # quantile matching maps the median to the median
+    assert match_quantile(np.median(diff), diff, same) == pytest.approx(np.median(same), abs=0.01)
+
+
+def _synthetic_tables(tmp_path, n_ids=24, n_images=70, seed=0):
+    rng = np.random.default_rng(seed)
+    base = {f"id{i:02d}": _unit(rng.normal(size=128)) for i in range(n_ids)}
+    names = sorted(base)
+    imgs, faces, ids = [], [], []
+    for k in range(n_images):
+        uid = f"u{k:04d}"
+        arr = rng.integers(0, 255, (300, 300 * 3, 3), dtype=np.uint8) if k % 2 else np.full((300, 900, 3), k, np.uint8)
+        p = tmp_path / f"{uid}.png"
+        Image.fromarray(arr).save(p)
+        data = p.read_bytes()
+        imgs.append({"uid": uid, "source": "syn", "path": str(p), "offset": 0, "length": len(data), "width": 900, "height": 300})
+        people = rng.choice(names, size=int(rng.integers(1, 4)), replace=False)
+        for fi, name in enumerate(people):
+            e = _unit(base[name] + 0.18 * _unit(rng.normal(size=128)))
+            x = 300 * fi + 50
+            lm = [x + 40, 110, x + 60, 110, x + 100, 110, x + 120, 110, x + 80, 150]
+            faces.append({"uid": uid, "source": "syn", "face_index": fi, "x1": x, "y1": 60, "x2": x + 160, "y2": 240, "landmarks": lm,
+                          "det_score": 2.0, "face_width": 160, "face_height": 180, "blur": 300.0, "yaw": float(rng.normal(0, 15)),
+                          "pitch": float(rng.normal(0, 10)), "roll": 0.0, "embedding": e.astype(np.float32).tolist(),
+                          "backend": "dlib", "model_version": "syn"})
+            ids.append({"uid": uid, "face_index": fi, "identity_id": str(name)})
+    return (pa.Table.from_pylist(imgs, schema=IMAGES_SCHEMA), pa.Table.from_pylist(faces, schema=faces_schema(128)),
+            pa.Table.from_pylist(ids, schema=IDENTITIES_SCHEMA))
+
+
+def test_identity_disjoint_splits(tmp_path):
+    images, faces, identities = _synthetic_tables(tmp_path)
+    cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2)
+    samples, pairs, cands, stats = select_references(images, faces, identities, cfg)
+    assert stats["per_split"].get("eval", 0) > 0 and stats["per_split"].get("train", 0) > 0
+    assert stats["targets"].get("split_straddle", 0) > 0  # the rule is exercised, and counted
+    assert check_identity_disjoint(samples) == []
+    for s in samples:
+        for f in s["faces"]:
+            assert identity_split(f["identity_id"], 0.3, cfg.split_salt) == s["split"]
+            assert f["refs"] and all(r["uid"] != s["target"]["uid"] for r in f["refs"])
+    # counts reconcile: every image is kept or dropped with a reason
+    assert sum(stats["targets"].values()) == stats["images"]
+    # the check catches a leak
+    bad = [dict(samples[0], split="eval" if samples[0]["split"] == "train" else "train")] + samples
+    assert check_identity_disjoint(bad)
+    # deterministic and independent of row order
+    again = select_references(images.take(list(range(images.num_rows))[::-1]), faces, identities, cfg)[0]
+    assert again == samples
