@@ -2,18 +2,33 @@
 
 import dagster as dg
 
-from assets import ingest
+from assets import identity, ingest
 from assets.resources import LineupSettings
 
-_modules = [ingest]
+_modules = [ingest, identity]
+
+collection_job = dg.define_asset_job(
+    "collection_job",
+    selection=dg.AssetSelection.groups("identity", "datasets"),
+    description="Whole-collection assets: identities and the datasets built on them.",
+)
 
 # jobs that `make run` runs, in order, after every input partition went through ingest_job
-COLLECTION_JOBS: list[str] = []
+COLLECTION_JOBS: list[str] = ["collection_job"]
+
+refresh_schedule = dg.ScheduleDefinition(
+    name="daily_dataset_refresh",
+    job=collection_job,
+    cron_schedule="0 3 * * *",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Rebuild identities and datasets every night from whatever partitions exist.",
+)
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(_modules),
     asset_checks=dg.load_asset_checks_from_modules(_modules),
-    jobs=[ingest.ingest_job],
+    jobs=[ingest.ingest_job, collection_job],
     sensors=[ingest.new_inputs_sensor],
+    schedules=[refresh_schedule],
     resources={"lineup": LineupSettings()},
 )

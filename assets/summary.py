@@ -19,5 +19,5 @@ def print_summary(layout: Layout, seconds: float) -> None:
             for r in rows:
                 print(f"    {r['stage']:<8} {r['reason']:<32} {r['n']}")
     if layout.datasets.exists():
-        for m in sorted(layout.datasets.glob("*/*/manifest.json")):
+        for m in sorted(layout.datasets.glob("**/manifest.json")):
             print(f"  dataset {m.parent.relative_to(layout.datasets)}")

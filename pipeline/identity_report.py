@@ -1,0 +1,113 @@
+"""Reading faces for the identity stage, label-based evaluation, and the pictures for the UI."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline.decode import DecodeError
+from pipeline.ingest import IngestLimits, load_image
+from pipeline.viz import contact_sheet, histogram_png
+
+
+def embeddings_of(faces: pa.Table) -> np.ndarray:
+    col = faces.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+
+
+def folder_labels(faces: pa.Table, images: pa.Table) -> dict[tuple[str, int], str]:
+    """Ground truth from folder names (identities/<name>/photo.jpg), for single-face images only."""
+    source = dict(zip(images.column("uid").to_pylist(), images.column("source").to_pylist()))
+    count: dict[str, int] = {}
+    for u in faces.column("uid").to_pylist():
+        count[u] = count.get(u, 0) + 1
+    out = {}
+    for u, fi in zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist()):
+        src = source.get(u, "")
+        parent = PurePosixPath(src).parent.name
+        if count[u] == 1 and parent:
+            out[(u, int(fi))] = parent
+    return out
+
+
+def evaluate_against_labels(assignments: pa.Table, labels: dict[tuple[str, int], str]) -> dict | None:
+    from pipeline.identity.metrics import evaluate
+
+    pred, true = [], []
+    for u, fi, ident in zip(*(assignments.column(c).to_pylist() for c in ("uid", "face_index", "identity_id"))):
+        lab = labels.get((u, int(fi)))
+        if lab is not None:
+            pred.append(ident)
+            true.append(lab)
+    if len(set(true)) < 2:
+        return None
+    codes_p = {v: i for i, v in enumerate(sorted(set(pred)))}
+    codes_t = {v: i for i, v in enumerate(sorted(set(true)))}
+    m = evaluate(np.array([codes_p[p] for p in pred]), np.array([codes_t[t] for t in true]))
+    m["n_labelled_faces"] = len(true)
+    return m
+
+
+def face_crop(rgb: np.ndarray, box, margin: float = 0.25) -> Image.Image:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    w, h = x2 - x1, y2 - y1
+    x1, y1 = max(0, int(x1 - margin * w)), max(0, int(y1 - margin * h))
+    x2, y2 = min(rgb.shape[1], int(x2 + margin * w)), min(rgb.shape[0], int(y2 + margin * h))
+    return Image.fromarray(rgb[y1:y2, x1:x2])
+
+
+class CropReader:
+    """Face crops by (uid, face_index), decoding each image once."""
+
+    def __init__(self, images: pa.Table, faces: pa.Table, limits: IngestLimits | None = None):
+        self.rows = {r["uid"]: r for r in images.to_pylist()}
+        self.boxes = {
+            (r["uid"], int(r["face_index"])): (r["x1"], r["y1"], r["x2"], r["y2"])
+            for r in faces.select(["uid", "face_index", "x1", "y1", "x2", "y2"]).to_pylist()
+        }
+        self.limits = limits
+        self._cache: dict[str, np.ndarray] = {}
+
+    def crop(self, uid: str, face_index: int) -> Image.Image | None:
+        if uid not in self._cache:
+            try:
+                self._cache[uid] = load_image(self.rows[uid], self.limits).rgb
+            except (KeyError, DecodeError, OSError):
+                return None
+        box = self.boxes.get((uid, int(face_index)))
+        return None if box is None else face_crop(self._cache[uid], box)
+
+
+def identity_figures(result, crops: CropReader, n_identities: int = 6, per_identity: int = 6, n_doubtful: int = 8) -> dict[str, bytes]:
+    figs: dict[str, bytes] = {}
+    sizes = result.summary.column("size").to_numpy() if result.summary.num_rows else np.zeros(0)
+    figs["cluster_sizes"] = histogram_png({"identities": sizes}, "Identity sizes (faces per identity)", "faces", bins=min(30, max(5, int(sizes.max(initial=1)))))
+    st = result.stats
+    figs["similarity_within_vs_across"] = histogram_png(
+        {"same identity": st.get("similarity_within", []), "different identities": st.get("similarity_across", [])},
+        "kNN-edge cosine similarity",
+        "cosine",
+    )
+    tiles = []
+    top = sorted(result.summary.to_pylist(), key=lambda r: (-r["size"], r["identity_id"]))[:n_identities]
+    members: dict[str, list[tuple[str, int, float]]] = {}
+    for r in result.assignments.to_pylist():
+        members.setdefault(r["identity_id"], []).append((r["uid"], r["face_index"], r["sim_to_centroid"]))
+    for ident in top:
+        ms = sorted(members[ident["identity_id"]], key=lambda m: -m[2])[:per_identity]
+        for j, (u, fi, s) in enumerate(ms):
+            c = crops.crop(u, fi)
+            if c is not None:
+                tiles.append((c, f"{ident['identity_id']} n={ident['size']}\ncos->centre {s:.2f}"))
+    figs["largest_identities"] = contact_sheet(tiles, cols=per_identity, tile=96)
+    tiles = []
+    for d in st.get("doubtful_merges", [])[:n_doubtful]:
+        a, b = crops.crop(d["uid_a"], d["face_index_a"]), crops.crop(d["uid_b"], d["face_index_b"])
+        if a is not None and b is not None:
+            tiles += [(a, f"{d['identity_id']}\ncos {d['similarity']:.3f}"), (b, "(same id)")]
+    figs["most_doubtful_merges"] = contact_sheet(tiles, cols=4, tile=96)
+    return figs
