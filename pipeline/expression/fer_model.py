@@ -120,10 +120,38 @@ class MiniXception(nn.Module):
 
 # Keras layer names, in the order of the torch modules they fill.
 _BLOCK_KERAS = [  # (shortcut conv, shortcut bn, sep1, bn1, sep2, bn2)
-    ("conv2d_3", "batch_normalization_3", "separable_conv2d_1", "batch_normalization_4", "separable_conv2d_2", "batch_normalization_5"),
-    ("conv2d_4", "batch_normalization_6", "separable_conv2d_3", "batch_normalization_7", "separable_conv2d_4", "batch_normalization_8"),
-    ("conv2d_5", "batch_normalization_9", "separable_conv2d_5", "batch_normalization_10", "separable_conv2d_6", "batch_normalization_11"),
-    ("conv2d_6", "batch_normalization_12", "separable_conv2d_7", "batch_normalization_13", "separable_conv2d_8", "batch_normalization_14"),
+    (
+        "conv2d_3",
+        "batch_normalization_3",
+        "separable_conv2d_1",
+        "batch_normalization_4",
+        "separable_conv2d_2",
+        "batch_normalization_5",
+    ),
+    (
+        "conv2d_4",
+        "batch_normalization_6",
+        "separable_conv2d_3",
+        "batch_normalization_7",
+        "separable_conv2d_4",
+        "batch_normalization_8",
+    ),
+    (
+        "conv2d_5",
+        "batch_normalization_9",
+        "separable_conv2d_5",
+        "batch_normalization_10",
+        "separable_conv2d_6",
+        "batch_normalization_11",
+    ),
+    (
+        "conv2d_6",
+        "batch_normalization_12",
+        "separable_conv2d_7",
+        "batch_normalization_13",
+        "separable_conv2d_8",
+        "batch_normalization_14",
+    ),
 ]
 
 
@@ -137,7 +165,7 @@ def read_keras_weights(path: Path) -> dict[str, dict[str, np.ndarray]]:
         for layer in g:
             weights = {}
 
-            def visit(name, obj):
+            def visit(name, obj, weights=weights):
                 if isinstance(obj, h5py.Dataset):
                     weights[name.rsplit("/", 1)[-1].split(":")[0]] = np.asarray(obj[()], dtype=np.float32)
 

