@@ -2,14 +2,14 @@
 
 import dagster as dg
 
-from assets import identity, ingest
+from assets import expression, identity, ingest
 from assets.resources import LineupSettings
 
-_modules = [ingest, identity]
+_modules = [ingest, identity, expression]
 
 collection_job = dg.define_asset_job(
     "collection_job",
-    selection=dg.AssetSelection.groups("identity", "datasets"),
+    selection=dg.AssetSelection.groups("identity", "datasets", "scoring"),
     description="Whole-collection assets: identities and the datasets built on them.",
 )
 

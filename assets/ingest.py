@@ -131,9 +131,9 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
 
 ingest_job = dg.define_asset_job(
     "ingest_job",
-    selection=dg.AssetSelection.assets(images, faces),
+    selection=dg.AssetSelection.keys("images", "faces", "face_expressions"),
     partitions_def=input_partitions,
-    description="Ingest one input partition and run the face stage on it.",
+    description="Ingest one input partition, then its faces and their expressions.",
 )
 
 

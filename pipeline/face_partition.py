@@ -127,3 +127,15 @@ def face_figures(faces: pa.Table, images: pa.Table, limits: IngestLimits | None 
         tiles.append((im, f"{len(fs)} face(s)\n{rows[uid]['source'][-22:]}"))
     figs["contact_sheet"] = contact_sheet(tiles, cols=4, tile=200)
     return figs
+
+
+def decoded_images(images: pa.Table, limits: IngestLimits | None = None, only: set[str] | None = None):
+    """(uid, rgb) for each accepted image (optionally only some uids); unreadable ones are skipped
+    here because the faces stage has already recorded them as rejects."""
+    for row in images.to_pylist():
+        if only is not None and row["uid"] not in only:
+            continue
+        try:
+            yield row["uid"], load_image(row, limits).rgb
+        except (DecodeError, OSError):
+            continue

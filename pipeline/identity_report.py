@@ -111,3 +111,15 @@ def identity_figures(result, crops: CropReader, n_identities: int = 6, per_ident
             tiles += [(a, f"{d['identity_id']}\ncos {d['similarity']:.3f}"), (b, "(same id)")]
     figs["most_doubtful_merges"] = contact_sheet(tiles, cols=4, tile=96)
     return figs
+
+
+def with_identity_ids(faces: pa.Table, identities: pa.Table) -> pa.Table:
+    """faces plus an identity_id column (null for faces not clustered yet)."""
+    ids = {
+        (u, int(f)): i
+        for u, f, i in zip(*(identities.column(c).to_pylist() for c in ("uid", "face_index", "identity_id")))
+    }
+    col = [ids.get((u, int(f))) for u, f in zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist())]
+    if "identity_id" in faces.column_names:
+        faces = faces.drop_columns(["identity_id"])
+    return faces.append_column("identity_id", pa.array(col, pa.string()))
