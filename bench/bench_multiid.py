@@ -1,8 +1,16 @@
 """Build the multi-identity dataset on ../shared/data/faces and print counts and distributions.
 
     .venv/bin/python bench/bench_multiid.py [--min-face-px 60] [--eval-fraction 0.2] [--out /tmp/multiid] [--calibrate]
+        [--keypoints [--extra-photos DIR]]
 
-Faces: pipeline.faces dlib backend when present, else direct dlib (pipeline/multiid/localfaces.py).
+--calibrate: similarity band (calibration.calibrate_on_folder). --keypoints: inlier-count / inlier-ratio
+distributions of the keypoint same-shot check, genuine same-person pairs vs synthetic copies, the
+operating point of the configured thresholds, and bbt_* crops vs the groups/face-api.js__bbt* stills
+(calibration.keypoint_distributions). --extra-photos: a folder of obama*.jpg / biden.jpg (face_recognition
+1.3.0 tests/test_images) added as identities "obama" / "biden"; their three obama crops are a known
+same-shot set.
+
+Faces: ``pipeline.faces.get_backend("dlib")``.
 Identities: folder names for identities/*; group-photo faces get the nearest labelled identity when
 cosine >= sim_low (Hungarian within each photo), else stay unlabelled (open set).
 """
@@ -15,9 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.multiid import MultiIDConfig, build_multiid_dataset  # noqa: E402
-from pipeline.multiid.calibration import calibrate_on_folder  # noqa: E402
-from pipeline.multiid.localfaces import faces_tables, get_face_backend, label_groups_by_nearest, shared_faces_files  # noqa: E402
+from pipeline.multiid import MultiIDConfig, build_multiid_dataset
+from pipeline.multiid.calibration import calibrate_on_folder, keypoint_distributions
+from pipeline.multiid.localfaces import (
+    faces_tables,
+    get_face_backend,
+    label_groups_by_nearest,
+    shared_faces_files,
+)
 
 ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "faces"
 
@@ -28,10 +41,14 @@ def main() -> None:
     ap.add_argument("--eval-fraction", type=float, default=0.2)
     ap.add_argument("--out", default="/tmp/multiid_bench")
     ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--keypoints", action="store_true")
+    ap.add_argument("--extra-photos", default=None)
     a = ap.parse_args()
     be = get_face_backend("dlib")
     if a.calibrate:
         print(json.dumps(calibrate_on_folder(ROOT, be).to_dict(), indent=1))
+    if a.keypoints:
+        keypoint_report(be, a.extra_photos)
     t = time.time()
     images, faces, ids = faces_tables(shared_faces_files(ROOT), be, source="shared_faces")
     t_faces = time.time() - t
@@ -46,6 +63,56 @@ def main() -> None:
     st["shards"] = {k: [(s.name, s.samples, s.bytes) for s in v] for k, v in res.shards.items()}
     print(json.dumps(st, indent=1, default=str))
     Path(a.out, "contact_sheet.png").write_bytes(res.contact_sheet(n=6))
+
+
+NEAR_DUPLICATES = [  # inspected by eye: the same photo (README: "several pairs are near-duplicates")
+    {"john_salley/000189_02159361.jpg", "john_salley/000192_02159531.jpg"},
+    {"john_simm/000300_00470148.jpg", "john_simm/000304_00470122.jpg"},
+    {"john_shimkus/000375_03227651.jpg", "john_shimkus/000376_02340068.jpg"},
+    {"test_images/obama.jpg", "test_images/obama_partial_face.jpg", "test_images/obama_partial_face2.jpg"},
+]
+
+
+def keypoint_report(be, extra_dir) -> None:
+    import cv2
+    import numpy as np
+
+    from pipeline.multiid import dedup
+    from pipeline.multiid.localfaces import load_rgb_bytes
+
+    cfg = MultiIDConfig()
+    extra = []
+    if extra_dir:
+        extra = [(p, "obama" if "obama" in p.name else "biden") for p in sorted(Path(extra_dir).glob("*.jpg")) if p.name.startswith(("obama", "biden"))]
+    t = time.time()
+    d = keypoint_distributions(ROOT, be, extra, NEAR_DUPLICATES)
+
+    def rule(r):
+        return dedup.keypoint_same_shot(dedup.KeypointMatch(r[0], r[2], r[1], False), cfg.kp_min_inliers, cfg.kp_min_ratio, cfg.kp_strong_inliers)
+
+    g, c = d["rows"]["genuine"], d["rows"]["copies"]
+    out = {k: v for k, v in d.items() if k != "rows"}
+    out["thresholds"] = {"kp_min_inliers": cfg.kp_min_inliers, "kp_min_ratio": cfg.kp_min_ratio, "kp_strong_inliers": cfg.kp_strong_inliers}
+    out["copies_caught"] = round(float(np.mean([rule(r) for r in c])), 4)
+    out["genuine_flagged"] = round(float(np.mean([rule(r) for r in g])), 4)
+    out["genuine_flagged_pairs"] = [r for r in g if rule(r)]
+    out["copies_missed"] = [r for r in c if not rule(r)]
+    # bbt_* identity crops vs every face of the face-api.js bbt stills
+    def kps(path):
+        rgb = load_rgb_bytes(Path(path).read_bytes())
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        return [(i, dedup.face_keypoints(gray, f.bbox)) for i, f in enumerate(be.analyze([rgb])[0])]
+
+    stills = [(p.name, i, k) for p in sorted((ROOT / "groups").glob("face-api.js__bbt*.jpg")) for i, k in kps(p)]
+    bbt = []
+    for p in sorted((ROOT / "identities").glob("bbt_*/*")):
+        for _, k in kps(p)[:1]:
+            m, still, i = max(((dedup.keypoint_match(k, ks), sn, i) for sn, i, ks in stills), key=lambda t: t[0].inliers)
+            bbt.append({"crop": f"{p.parent.name}/{p.name}", "still": still, "face": i, "inliers": m.inliers, "ratio": m.ratio,
+                        "same_shot": dedup.keypoint_same_shot(m, cfg.kp_min_inliers, cfg.kp_min_ratio, cfg.kp_strong_inliers)})
+    out["bbt_crops_vs_stills"] = bbt
+    out["timing_s"] = round(time.time() - t, 1)
+    print(json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":

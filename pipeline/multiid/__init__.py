@@ -4,10 +4,22 @@ copy-paste guard, identity-disjoint splits, WebDataset shards, MultiID-Bench met
 Entry point: :func:`build_multiid_dataset`.
 """
 
-from pipeline.multiid.build import MultiIDResult, build_multiid_dataset, hf_features, reader_from_images, select_references
+from pipeline.multiid.build import (
+    MultiIDResult,
+    build_multiid_dataset,
+    hf_features,
+    reader_from_images,
+    select_references,
+)
 from pipeline.multiid.calibration import calibrate_thresholds, match_quantile
 from pipeline.multiid.config import BACKEND_THRESHOLDS, MultiIDConfig, thresholds_for
-from pipeline.multiid.metrics import copy_paste, dataset_quality_stats, evaluate_folder, hungarian_match, sample_metrics
+from pipeline.multiid.metrics import (
+    copy_paste,
+    dataset_quality_stats,
+    evaluate_folder,
+    hungarian_match,
+    sample_metrics,
+)
 from pipeline.multiid.splits import check_identity_disjoint, identity_split
 
 __all__ = [

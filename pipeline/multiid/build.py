@@ -12,7 +12,8 @@ Recipe, per target image (all images, in uid order):
 3. for each person, candidates = faces of the same identity in *other* images; filters in order,
    each removal counted under the first filter that fires: ``ref_quality`` (same usability rule,
    ``ref_min_face_px``), ``sim_below_low``, ``near_duplicate_image_phash`` / ``near_duplicate_face_phash``
-   / ``near_duplicate_face_ncc`` (copy-paste guard, dedup.py), ``sim_above_high``. The
+   / ``near_duplicate_face_ncc`` / ``near_duplicate_keypoints`` (copy-paste guard, dedup.py; the last
+   is the geometric SIFT + RANSAC check that catches crops, flips and composites), ``sim_above_high``. The
    duplicate checks are also counted independently of order (``flags``) for every candidate that
    passed the quality filter.
 4. survivors are ranked by ``w_pose * pose_diff + w_quality * quality + w_sim * mid_band`` and
@@ -137,12 +138,16 @@ def theta(cos: float) -> float:
 
 
 class _Fingerprints:
-    """Lazily decodes each image once and caches its pHash and its faces' crop fingerprints."""
+    """Lazily decodes each image once and caches its pHash, its faces' crop fingerprints and (for the
+    faces that can ever be compared, ``eligible(face)``) the keypoints of the regions around them."""
 
-    def __init__(self, read_bytes, faces_by_uid):
+    def __init__(self, read_bytes, faces_by_uid, eligible=None, keypoints: bool = True):
         self.read_bytes = read_bytes
         self.faces_by_uid = faces_by_uid
+        self.eligible = eligible or (lambda f: True)
+        self.keypoints = keypoints
         self.cache: dict[str, tuple[np.ndarray, dict[int, dedup.FaceFingerprint]] | None] = {}
+        self.kps: dict[tuple[str, int], dedup.KeypointSet] = {}
         self.errors: dict[str, str] = {}
 
     def get(self, uid: str):
@@ -151,10 +156,25 @@ class _Fingerprints:
                 g = dedup.open_gray(self.read_bytes(uid))
                 fps = {f.face_index: dedup.face_fingerprint(g, f.landmarks, f.bbox) for f in self.faces_by_uid.get(uid, [])}
                 self.cache[uid] = (dedup.image_phash(g), fps)
+                if self.keypoints:
+                    arr = np.asarray(g)
+                    for f in self.faces_by_uid.get(uid, []):
+                        if self.eligible(f):
+                            self.kps[(uid, f.face_index)] = dedup.face_keypoints(arr, f.bbox)
             except Exception as e:  # noqa: BLE001 - unreadable image becomes a counted reason, not a crash
                 self.cache[uid] = None
                 self.errors[uid] = f"{type(e).__name__}: {e}"
         return self.cache[uid]
+
+    def kp(self, uid: str, face_index: int) -> dedup.KeypointSet | None:
+        """Keypoints of one face's region (cached per (uid, face_index); computed on a miss)."""
+        if not self.keypoints or self.get(uid) is None:
+            return None
+        key = (uid, face_index)
+        if key not in self.kps:
+            f = next(f for f in self.faces_by_uid[uid] if f.face_index == face_index)
+            self.kps[key] = dedup.face_keypoints(np.asarray(dedup.open_gray(self.read_bytes(uid))), f.bbox)
+        return self.kps[key]
 
 
 @dataclass
@@ -233,6 +253,7 @@ CANDIDATE_SCHEMA = pa.schema([
     ("target_uid", pa.string()), ("target_face_index", pa.int32()), ("identity_id", pa.string()),
     ("ref_uid", pa.string()), ("ref_face_index", pa.int32()), ("similarity", pa.float32()),
     ("image_hamming", pa.int32()), ("face_hamming", pa.int32()), ("face_ncc", pa.float32()),
+    ("kp_inliers", pa.int32()), ("kp_ratio", pa.float32()),
     ("ref_quality", pa.float32()), ("pose_diff", pa.float32()), ("score", pa.float32()), ("status", pa.string()),
 ])
 
@@ -241,6 +262,7 @@ PAIRS_SCHEMA = pa.schema([
     ("identity_id", pa.string()), ("ref_rank", pa.int32()), ("ref_member", pa.string()), ("ref_uid", pa.string()),
     ("ref_face_index", pa.int32()), ("similarity", pa.float32()), ("theta_tr", pa.float32()),
     ("image_hamming", pa.int32()), ("face_hamming", pa.int32()), ("face_ncc", pa.float32()),
+    ("kp_inliers", pa.int32()), ("kp_ratio", pa.float32()),
     ("target_quality", pa.float32()), ("ref_quality", pa.float32()), ("pose_diff", pa.float32()),
     ("yaw_diff", pa.float32()), ("pitch_diff", pa.float32()), ("score", pa.float32()),
     ("n_candidates", pa.int32()), ("n_survivors", pa.int32()), ("backend", pa.string()), ("model_version", pa.string()),
@@ -267,7 +289,10 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
         for f in by_uid[uid]:
             if f.identity_id is not None:
                 by_identity[f.identity_id].append(f)
-    fps = _Fingerprints(read_bytes, by_uid)
+    px_min = min(cfg.min_face_px, cfg.ref_min_face_px)
+    fps = _Fingerprints(read_bytes, by_uid, lambda f: unusable_reason(f, px_min, cfg.det_score_min, cfg.blur_min) is None,
+                        keypoints=cfg.keypoints)
+    kp_args = {"kp_min_inliers": cfg.kp_min_inliers, "kp_min_ratio": cfg.kp_min_ratio, "kp_strong_inliers": cfg.kp_strong_inliers}
     qual = {f.ref: face_quality(f, cfg, det_good) for fs in by_uid.values() for f in fs}
 
     target_reasons: Counter = Counter()
@@ -305,7 +330,7 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
         t_phash, t_fps = fps.get(uid)
         key = stable_key("multiid", uid)
         persons = []
-        t_pairs, t_cands = [], []
+        t_cands = []
         ok = True
         for f in usable:
             cands = [c for c in by_identity[f.identity_id] if c.uid != uid]
@@ -314,7 +339,7 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
             for c in cands:
                 row = {"target_uid": uid, "target_face_index": f.face_index, "identity_id": f.identity_id, "ref_uid": c.uid,
                        "ref_face_index": c.face_index, "similarity": float(f.emb @ c.emb), "image_hamming": None, "face_hamming": None,
-                       "face_ncc": None, "ref_quality": qual[c.ref], "pose_diff": pose_diff(f, c)[0], "score": None, "status": None}
+                       "face_ncc": None, "kp_inliers": None, "kp_ratio": None, "ref_quality": qual[c.ref], "pose_diff": pose_diff(f, c)[0], "score": None, "status": None}
                 t_cands.append(row)
                 if unusable_reason(c, cfg.ref_min_face_px, cfg.det_score_min, cfg.blur_min) is not None:
                     row["status"] = "ref_quality"
@@ -324,12 +349,16 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
                     row["status"] = "unreadable_reference"
                     continue
                 chk = dedup.compare(t_phash, got[0], t_fps[f.face_index], got[1][c.face_index],
-                                    cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min)
-                row.update(image_hamming=chk.image_hamming, face_hamming=chk.face_hamming, face_ncc=chk.face_ncc)
+                                    cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min,
+                                    fps.kp(uid, f.face_index), fps.kp(c.uid, c.face_index), **kp_args)
+                row.update(image_hamming=chk.image_hamming, face_hamming=chk.face_hamming, face_ncc=chk.face_ncc,
+                           kp_inliers=chk.kp_inliers, kp_ratio=chk.kp_ratio)
                 flags["checked"] += 1
                 flags["image_phash"] += chk.image_hamming <= cfg.image_hamming_max
                 flags["face_phash"] += chk.face_hamming <= cfg.face_hamming_max
                 flags["face_ncc"] += chk.face_ncc >= cfg.face_ncc_min
+                flags["keypoints"] += chk.kp_duplicate
+                flags["keypoints_only"] += chk.reason == "keypoints"
                 flags["any_hash"] += chk.is_duplicate
                 flags["sim_above_high"] += row["similarity"] > cfg.sim_high
                 flags["hash_only"] += chk.is_duplicate and row["similarity"] <= cfg.sim_high
@@ -358,7 +387,8 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
                     for _, o, _ in chosen:
                         og = fps.get(o.uid)
                         d = dedup.compare(got[0], og[0], got[1][c.face_index], og[1][o.face_index],
-                                          cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min)
+                                          cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min,
+                                          fps.kp(c.uid, c.face_index), fps.kp(o.uid, o.face_index), **kp_args)
                         if d.is_duplicate or float(c.emb @ o.emb) > cfg.sim_high:
                             redundant = True
                             break
@@ -396,6 +426,7 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
                     "embedding": [_r(v) for v in c.emb],
                     "similarity": _r(row["similarity"]), "theta_tr": _r(theta(row["similarity"])),
                     "image_hamming": chk.image_hamming, "face_hamming": chk.face_hamming, "face_ncc": _r(chk.face_ncc, 4),
+                    "kp_inliers": chk.kp_inliers, "kp_ratio": chk.kp_ratio,
                     "quality": _r(qual[c.ref], 4), "det_score": _r(c.det_score, 4), "blur": _r(c.blur, 2),
                     "face_width": _r(c.face_width, 2), "face_height": _r(c.face_height, 2),
                     "pose_diff": _r(pd, 3), "yaw_diff": _r(dy, 3), "pitch_diff": _r(dp, 3), "score": _r(row["score"]),
@@ -406,7 +437,8 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
                     "key": key, "split": split, "target_uid": uid, "target_face_index": f.face_index, "identity_id": f.identity_id,
                     "ref_rank": rank, "ref_member": member, "ref_uid": c.uid, "ref_face_index": c.face_index,
                     "similarity": row["similarity"], "theta_tr": theta(row["similarity"]), "image_hamming": chk.image_hamming,
-                    "face_hamming": chk.face_hamming, "face_ncc": chk.face_ncc, "target_quality": qual[f.ref], "ref_quality": qual[c.ref],
+                    "face_hamming": chk.face_hamming, "face_ncc": chk.face_ncc, "kp_inliers": chk.kp_inliers,
+                    "kp_ratio": chk.kp_ratio, "target_quality": qual[f.ref], "ref_quality": qual[c.ref],
                     "pose_diff": pd, "yaw_diff": dy, "pitch_diff": dp, "score": row["score"], "n_candidates": len(cands),
                     "n_survivors": len(survivors), "backend": cfg.backend, "model_version": ",".join(mversions),
                 })
@@ -433,7 +465,9 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
             "source_uids": sorted(used),
             "backend": cfg.backend, "model_version": ",".join(mversions),
             "thresholds": {"sim_low": cfg.sim_low, "sim_high": cfg.sim_high, "image_hamming_max": cfg.image_hamming_max,
-                           "face_hamming_max": cfg.face_hamming_max, "face_ncc_min": cfg.face_ncc_min},
+                           "face_hamming_max": cfg.face_hamming_max, "face_ncc_min": cfg.face_ncc_min,
+                           "keypoints": cfg.keypoints, "kp_min_inliers": cfg.kp_min_inliers, "kp_min_ratio": cfg.kp_min_ratio,
+                           "kp_strong_inliers": cfg.kp_strong_inliers},
         }
         samples.append(sample)
         target_reasons["kept"] += 1

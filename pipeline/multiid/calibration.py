@@ -18,17 +18,21 @@ We did not use quantile matching of the same-person distribution: it needs an Ar
 distribution on the same photos, which we do not have offline (:func:`match_quantile` is provided
 for when one is available).
 
-Measured on shared/data/faces with dlib_face_recognition_resnet_model_v1 (HOG detector, 5-point
-alignment, L2-normalised 128-d; 124 labelled photos of 19 people -> 413 same-person pairs, 7213
-different-person pairs; 496 synthetic same-shot copies: 2/3 downscale, JPEG q=35, pasted on a larger
-canvas, mirrored), far = 1e-3, dup_recall = 0.99 (``calibrate_on_folder``; ~160 s on 2 cores):
+Measured on shared/data/faces with ``pipeline.faces.get_backend("dlib")`` (dlib_face_recognition_resnet_model_v1,
+HOG detector with 2x search below 400 px, 5-point alignment, L2-normalised 128-d; 125 labelled photos of
+19 people -> 417 same-person pairs, 7333 different-person pairs; 497 synthetic same-shot copies: 2/3
+downscale, JPEG q=35, pasted on a larger canvas, mirrored), far = 1e-3, dup_recall = 0.99
+(``calibrate_on_folder``, ``bench/bench_multiid.py --calibrate``; ~190 s on 2 busy cores):
 
-    different-person cosine: p50 0.821, p99 0.894, p99.9 0.909, max 0.920 -> sim_low  = 0.909
-    same-person cosine:      p1 0.926, p50 0.973, p99 0.991, max 0.999 (real near-duplicates)
-    synthetic copies:        min 0.982, p1 0.988, p50 0.998 (mirrored copies are the lowest)
-                                                              -> sim_high = 0.987
-    same-person pairs kept in [0.909, 0.987]: 94.9 %; different-person above low: 0.10 %;
-    copies below high: 0.8 % (those are left to the hash guard)
+    different-person cosine: p50 0.821, p99 0.896, p99.9 0.911, max 0.919 -> sim_low  = 0.911
+    same-person cosine:      p1 0.913, p50 0.972, p99 0.991, max 0.999 (real near-duplicates)
+    synthetic copies:        min 0.981, p1 0.988, p50 0.998 (mirrored copies are the lowest)
+                                                              -> sim_high = 0.987 (0.9866)
+    same-person pairs kept in [0.911, 0.987]: 93.0 %; different-person above low: 0.10 %;
+    copies below high: 0.8 % (those are left to the copy-paste guard)
+
+(The earlier run with the direct-dlib fallback that localfaces.py used to carry gave 0.909 / 0.987 on
+413 / 7213 / 496 pairs; the rounded defaults 0.91 / 0.987 did not change.)
 
 So dlib's band is about [0.91, 0.987] where ArcFace's is [0.6, 0.8]: narrow, because dlib packs all
 faces into a small cone (different people are already at cosine ~0.82). The rounded values
@@ -151,3 +155,114 @@ def calibrate_on_folder(root: Path, backend, far: float = 1e-3, dup_recall: floa
                 dup.append(float(e @ (ge / np.linalg.norm(ge))))
     same, diff = pair_similarities(np.stack(embs), labels)
     return calibrate_thresholds(same, diff, dup, far=far, dup_recall=dup_recall)
+
+
+def same_shot_variants(rgb: np.ndarray, bbox, other: np.ndarray | None = None) -> dict[str, tuple[np.ndarray, np.ndarray, tuple, tuple]]:
+    """Same-shot pairs made from one photo, for calibrating the keypoint check.
+
+    Returns ``{name: (image_a, image_b, bbox_a, bbox_b)}``: two images that come from the same shot and
+    the face box in each (the original box mapped through the known geometry, clipped to the image):
+    ``resize`` (x0.6), ``resize_small`` (x0.35), ``jpeg35``, ``mirror``, ``mirror_jpeg`` (mirrored,
+    x0.8, JPEG q=50), ``composite`` (x0.7 pasted next to ``other`` on a grey canvas), ``crop_edge``
+    (original vs the left crop below), ``crop_pair`` (a crop ending at 75 % of the face width vs a crop
+    starting at 25 % of it, both JPEG q=85: the obama_partial_face / obama_partial_face2 case).
+    """
+    from PIL import Image
+
+    from pipeline.multiid.localfaces import load_rgb_bytes
+
+    h, w = rgb.shape[:2]
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    bw = x2 - x1
+    im = Image.fromarray(rgb)
+    B = (x1, y1, x2, y2)
+
+    def scaled(s):
+        return np.asarray(im.resize((max(8, round(w * s)), max(8, round(h * s))), Image.BICUBIC)), (x1 * s, y1 * s, x2 * s, y2 * s)
+
+    def jpeg(a, q):
+        b = io.BytesIO()
+        Image.fromarray(a).save(b, "JPEG", quality=q)
+        return load_rgb_bytes(b.getvalue())
+
+    def mirror_box(b, width):
+        return (width - b[2], b[1], width - b[0], b[3])
+
+    out = {}
+    a, b = scaled(0.6)
+    out["resize"] = (rgb, a, B, b)
+    a, b = scaled(0.35)
+    out["resize_small"] = (rgb, a, B, b)
+    out["jpeg35"] = (rgb, jpeg(rgb, 35), B, B)
+    out["mirror"] = (rgb, np.ascontiguousarray(rgb[:, ::-1]), B, mirror_box(B, w))
+    a, b = scaled(0.8)
+    out["mirror_jpeg"] = (rgb, jpeg(np.ascontiguousarray(a[:, ::-1]), 50), B, mirror_box(b, a.shape[1]))
+    a, b = scaled(0.7)
+    oth = other if other is not None else np.full_like(a, 90)
+    oh = a.shape[0]
+    ow = max(8, round(oth.shape[1] * oh / oth.shape[0]))
+    oth = np.asarray(Image.fromarray(oth).resize((ow, oh), Image.BICUBIC))
+    canvas = np.full((oh + 60, a.shape[1] + ow + 90, 3), 128, np.uint8)
+    canvas[30:30 + oh, 30:30 + a.shape[1]] = a
+    canvas[30:30 + oh, 60 + a.shape[1]:60 + a.shape[1] + ow] = oth
+    out["composite"] = (rgb, jpeg(canvas, 90), B, (b[0] + 30, b[1] + 30, b[2] + 30, b[3] + 30))
+    # obama_partial_face2 / obama_partial_face cut obama.jpg's face at 78 % / 23 % of its width
+    cut_r = round(x1 + 0.75 * bw)  # left crop: [0, cut_r), face cut on its right edge
+    cut_l = round(x1 + 0.25 * bw)  # right crop: [cut_l, w), face cut on its left edge
+    if cut_r > 8 and w - cut_l > 8:
+        left = np.ascontiguousarray(rgb[:, :cut_r])
+        right = np.ascontiguousarray(rgb[:, cut_l:])
+        bl = (x1, y1, min(x2, cut_r), y2)
+        br = (max(0.0, x1 - cut_l), y1, x2 - cut_l, y2)
+        out["crop_edge"] = (rgb, jpeg(left, 85), B, bl)
+        out["crop_pair"] = (jpeg(left, 85), jpeg(right, 85), bl, br)
+    return out
+
+
+def keypoint_distributions(root: Path, backend, extra: list[tuple[Path, str]] = (), near_duplicates: list[set[str]] = ()) -> dict:
+    """Keypoint-check statistics on ``root/identities/<name>/*`` (+ ``extra`` (path, identity) photos).
+
+    Per labelled photo (largest face): every ordered same-person pair of different photos ("genuine"; pairs
+    whose two ``folder/file`` names are in one set of ``near_duplicates`` are reported apart, as "known")
+    and the :func:`same_shot_variants` pairs ("copies", both directions). Returns the raw
+    (inliers, ratio, good, a, b) rows and their quantiles; thresholds are picked from them by hand (see
+    dedup.py's docstring).
+    """
+    import cv2
+
+    from pipeline.multiid import dedup
+    from pipeline.multiid.localfaces import load_rgb_bytes, shared_faces_files
+
+    files = [(p, i) for p, i in shared_faces_files(Path(root)) if i is not None] + list(extra)
+    rgbs, boxes, kps, labels = {}, {}, {}, {}
+    for path, ident in files:
+        rgb = load_rgb_bytes(Path(path).read_bytes())
+        faces = backend.analyze([rgb])[0]
+        if not faces:
+            continue
+        f = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
+        name = f"{Path(path).parent.name}/{Path(path).name}"
+        rgbs[name], boxes[name], labels[name] = rgb, tuple(float(v) for v in f.bbox), ident
+        kps[name] = dedup.face_keypoints(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), boxes[name])
+    names = sorted(kps)
+    genuine, known, copies = [], [], []
+    for a in names:
+        for b in names:
+            if a != b and labels[a] == labels[b]:
+                m = dedup.keypoint_match(kps[a], kps[b])
+                row = (m.inliers, m.ratio, m.good, a, b)
+                (known if any(a in s and b in s for s in near_duplicates) else genuine).append(row)
+    for i, a in enumerate(names):
+        for vn, (A, B, ba, bb) in same_shot_variants(rgbs[a], boxes[a], rgbs[names[(i + 7) % len(names)]]).items():
+            ka = dedup.face_keypoints(cv2.cvtColor(A, cv2.COLOR_RGB2GRAY), ba)
+            kb = dedup.face_keypoints(cv2.cvtColor(B, cv2.COLOR_RGB2GRAY), bb)
+            for d, (x, y) in (("ab", (ka, kb)), ("ba", (kb, ka))):
+                m = dedup.keypoint_match(x, y)
+                copies.append((m.inliers, m.ratio, m.good, a, f"{vn}_{d}"))
+
+    def qs(rows):
+        return {"inliers": _q(np.array([r[0] for r in rows], float)), "ratio": _q(np.array([r[1] for r in rows], float)), "n": len(rows)}
+
+    per_variant = {vn: qs([c for c in copies if c[4][:-3] == vn]) for vn in sorted({c[4][:-3] for c in copies})}
+    return {"genuine": qs(genuine), "copies": qs(copies), "copies_per_variant": per_variant,
+            "known_near_duplicates": sorted(known, reverse=True), "rows": {"genuine": genuine, "copies": copies}}

@@ -56,6 +56,13 @@ class MultiIDConfig:
     image_hamming_max: int = 6
     face_hamming_max: int = 6
     face_ncc_min: float = 0.96
+    # geometric same-shot check (SIFT + RANSAC similarity on the regions around the faces; dedup.py):
+    # same shot when inliers >= kp_min_inliers and inliers / matches >= kp_min_ratio, or inliers >=
+    # kp_strong_inliers. Calibrated on shared/data/faces (bench/bench_multiid.py --keypoints).
+    keypoints: bool = True
+    kp_min_inliers: int = 10
+    kp_min_ratio: float = 0.8
+    kp_strong_inliers: int = 30
     # ranking of surviving candidates: w_pose * pose difference + w_quality * quality + w_sim * mid-band
     w_pose: float = 0.5
     w_quality: float = 0.3
@@ -76,7 +83,7 @@ class MultiIDConfig:
     dataset_name: str = "multiid"
     extra: dict = field(default_factory=dict)
 
-    def resolved(self) -> "MultiIDConfig":
+    def resolved(self) -> MultiIDConfig:
         """A copy with backend defaults filled in (what the manifest records)."""
         t = thresholds_for(self.backend)
         from dataclasses import replace
@@ -102,6 +109,8 @@ class MultiIDConfig:
             raise ValueError("straddle_rule: only 'drop' is implemented")
         if c.ref_mode not in ("crop", "image"):
             raise ValueError("ref_mode must be 'crop' or 'image'")
+        if c.kp_min_inliers < 3 or c.kp_strong_inliers < c.kp_min_inliers or not (0.0 <= c.kp_min_ratio <= 1.0):
+            raise ValueError("need 3 <= kp_min_inliers <= kp_strong_inliers and 0 <= kp_min_ratio <= 1")
         if c.refs_per_person < 1:
             raise ValueError("refs_per_person must be >= 1")
 

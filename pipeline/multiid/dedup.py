@@ -1,6 +1,7 @@
-"""Copy-paste guard: perceptual hashes of whole images and of landmark-aligned face crops.
+"""Copy-paste guard: perceptual hashes of whole images and of landmark-aligned face crops, and a
+geometric keypoint check.
 
-Two checks, both computed once per image / per face and compared per (target face, candidate
+Three kinds of check, all computed once per image / per face and compared per (target face, candidate
 reference face):
 
 * **Image pHash** (DCT hash, as in ``imagehash.phash``: grey 32x32, 2-D DCT-II, the 8x8 lowest
@@ -12,8 +13,48 @@ reference face):
   (±3 px at 48 px). A mirrored copy is hashed too. Catches composites (a face pasted from one
   photo into another, or cut out of a group still), where the whole-image hashes differ.
 
+* **Keypoints (geometric same-shot check)**. SIFT keypoints (opencv, 600 per region) in the grey region
+  around each face (face box grown by 1.0x its size on each side, clipped to the image, resized so the
+  face box's longer side is 100 px: ~300 px regions, at most 384), computed once per (uid, face_index)
+  for the region and its mirror image. Matches = mutual nearest neighbours passing Lowe's ratio test
+  (0.8); a similarity transform (``cv2.estimateAffinePartial2D``, RANSAC 3 px, scale in [0.5, 2] since
+  both regions are face-normalised) is fitted and the inliers are counted at a tight 1.5 px residual;
+  the better of (reference, mirrored reference) counts. Crops that cut the face at the image edge,
+  resized / re-encoded / mirrored copies and composites share exact pixel geometry (many tight inliers,
+  most matches consistent); a different photo of the same person only roughly agrees (few tight
+  inliers, a low inlier ratio).
+
 A candidate is a near-duplicate when any of: image Hamming <= ``image_hamming_max``, face Hamming
-(min over mirror) <= ``face_hamming_max``, face NCC >= ``face_ncc_min``.
+(min over mirror) <= ``face_hamming_max``, face NCC >= ``face_ncc_min``, keypoints: inliers >=
+``kp_min_inliers`` and inliers / matches >= ``kp_min_ratio``, or inliers >= ``kp_strong_inliers``.
+
+Why the keypoint check: face_recognition 1.3.0's test images ``obama_partial_face.jpg`` (491x1137) and
+``obama_partial_face2.jpg`` (551x1137) are two horizontal crops of ``obama.jpg`` (910x1137), the face
+cut at 23 % / 78 % of its width; the hashes and the NCC saw them as different shots (face Hamming 16,
+NCC 0.69; dlib cosine 0.979 is under the 0.987 ceiling) and the builder picked one as the other's
+reference. Keypoints: 98-100 tight inliers, ratio 0.97-0.99 (vs obama2 / obama3: 2-6 inliers).
+
+Calibration of the keypoint thresholds (``bench/bench_multiid.py --keypoints``, shared/data/faces,
+largest face of each labelled photo + the six face_recognition test images, opencv-python-headless 5.0):
+
+    same-person different-photo pairs (842 ordered pairs, known near-duplicates excluded):
+        tight inliers p50 3, p95 11, p99 17, max 23; ratio p50 0.50, p95 0.77
+    synthetic same-shot pairs (2 x 1048 ordered, ``calibration.same_shot_variants``: x0.6, x0.35,
+    JPEG q=35, mirror, mirror+x0.8+JPEG q=50, composite, original vs edge-cut crop, two edge-cut crops):
+        tight inliers p1 13, p5 21, p50 57; ratio p1 0.87, p5 0.93, p50 1.0
+        hardest: two crops sharing half a face (p1 9 inliers, ratio p1 0.78), x0.35 of 150 px crops
+    -> kp_min_inliers 10, kp_min_ratio 0.8, kp_strong_inliers 30: copies caught 99.57 %, genuine
+       pairs flagged 0.83 % (7 ordered pairs, all among the 150 px john_* crops, 10-13 inliers).
+    The known near-duplicates in john_* (salley 189/192, simm 300/304, shimkus 375/376; the README's
+    distance < 0.2 pairs) get 40-68 inliers, ratio >= 0.97, and are flagged, which is correct.
+
+bbt_* crops vs the face-api.js__bbt1..5 stills (the README suspects some crops were cut from them): the
+best match of each of the 40 crops against any of the 21 still faces has at most 15 tight inliers (median
+~4; a real copy of a 150 px crop gets ~35-60), so none is cut from these stills. One chance hit passes
+the thresholds (sheldon3 vs the region around Bernadette's face in bbt4: 11 inliers, ratio 0.85), a
+different person, which the builder never compares.
+
+Cost: ~50 ms per face for keypoints (region + mirror), ~1-2 ms per compared pair.
 """
 
 from __future__ import annotations
@@ -137,14 +178,25 @@ class DupCheck:
     face_hamming: int
     face_ncc: float
     is_duplicate: bool
-    reason: str  # "", "image_phash", "face_phash", "face_ncc" (first that fired)
+    reason: str  # "", "image_phash", "face_phash", "face_ncc", "keypoints" (first that fired)
+    kp_inliers: int | None = None  # keypoint check (None when it was not run)
+    kp_ratio: float | None = None
+    kp_duplicate: bool = False
 
 
 def compare(img_a: np.ndarray, img_b: np.ndarray, fa: FaceFingerprint, fb: FaceFingerprint,
-            image_hamming_max: int, face_hamming_max: int, face_ncc_min: float) -> DupCheck:
+            image_hamming_max: int, face_hamming_max: int, face_ncc_min: float,
+            ka: KeypointSet | None = None, kb: KeypointSet | None = None,
+            kp_min_inliers: int = 10, kp_min_ratio: float = 0.8, kp_strong_inliers: int = 30) -> DupCheck:
     ih = hamming(img_a, img_b)
     fh = face_hamming(fa, fb)
     ncc = patch_ncc(fa, fb)
+    kp_inl = kp_ratio = None
+    kp_dup = False
+    if ka is not None and kb is not None:
+        m = keypoint_match(ka, kb)
+        kp_inl, kp_ratio = m.inliers, m.ratio
+        kp_dup = keypoint_same_shot(m, kp_min_inliers, kp_min_ratio, kp_strong_inliers)
     reason = ""
     if ih <= image_hamming_max:
         reason = "image_phash"
@@ -152,4 +204,144 @@ def compare(img_a: np.ndarray, img_b: np.ndarray, fa: FaceFingerprint, fb: FaceF
         reason = "face_phash"
     elif ncc >= face_ncc_min:
         reason = "face_ncc"
-    return DupCheck(ih, fh, round(ncc, 4), bool(reason), reason)
+    elif kp_dup:
+        reason = "keypoints"
+    return DupCheck(ih, fh, round(ncc, 4), bool(reason), reason, kp_inl, kp_ratio, kp_dup)
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometric same-shot check: local keypoints + RANSAC (robust to crops, scaling, re-encoding, flips,
+# composites). Method and calibration: see the module docstring ("Keypoints").
+# --------------------------------------------------------------------------------------------------
+
+KP_GROW = 1.0  # region = face box grown by this x its width/height on each side, clipped to the image
+KP_FACE_PX = 100  # regions are resized so that the face box's longer side is this many pixels (region ~300 px),
+KP_MAX_SIDE = 384  # but the region's longest side at most this,
+KP_MAX_UPSCALE = 2.5  # and small faces enlarged at most this much
+KP_NFEATURES = 600
+KP_RATIO = 0.8  # Lowe's ratio test
+KP_RANSAC_PX = 3.0  # RANSAC reprojection threshold, pixels of the reference region (at KP_MAX_SIDE scale)
+KP_TIGHT_PX = 1.5  # inliers are counted at this residual after the fit
+KP_SCALE_RANGE = (0.5, 2.0)  # both regions are face-normalised: a copy maps at scale ~1
+
+
+@dataclass
+class KeypointSet:
+    """SIFT keypoints of the region around one face, and of its mirror image (region pixels)."""
+
+    pts: np.ndarray  # float32 (n, 2)
+    desc: np.ndarray | None  # float32 (n, 128)
+    pts_m: np.ndarray
+    desc_m: np.ndarray | None
+    size: tuple[int, int]  # region (w, h) after resizing
+
+
+def _cv2():
+    import cv2
+
+    return cv2
+
+
+_SIFT = None
+
+
+def _sift():
+    global _SIFT
+    if _SIFT is None:
+        _SIFT = _cv2().SIFT_create(nfeatures=KP_NFEATURES)
+    return _SIFT
+
+
+def keypoint_region(gray: np.ndarray, bbox, grow: float = KP_GROW, max_side: int = KP_MAX_SIDE) -> np.ndarray:
+    """Grey region around a face box (box grown by ``grow`` x its size on each side, clipped), resized so
+    that the face box's longer side is ``KP_FACE_PX`` (the same face is at the same scale in every region,
+    so the inlier tolerance means the same thing relative to the face)."""
+    cv2 = _cv2()
+    g = np.asarray(gray, dtype=np.uint8)
+    H, W = g.shape[:2]
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    bw, bh = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
+    rx1, ry1 = max(0, int(np.floor(x1 - grow * bw))), max(0, int(np.floor(y1 - grow * bh)))
+    rx2, ry2 = min(W, int(np.ceil(x2 + grow * bw))), min(H, int(np.ceil(y2 + grow * bh)))
+    reg = g[ry1:ry2, rx1:rx2]
+    if reg.size == 0:
+        return np.zeros((8, 8), np.uint8)
+    s = min(KP_MAX_UPSCALE, KP_FACE_PX / max(bw, bh), max_side / max(reg.shape))
+    if abs(s - 1.0) > 1e-3:
+        size = (max(8, round(reg.shape[1] * s)), max(8, round(reg.shape[0] * s)))
+        reg = cv2.resize(reg, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    return np.ascontiguousarray(reg)
+
+
+def _detect(reg: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    kps, desc = _sift().detectAndCompute(reg, None)
+    pts = np.array([k.pt for k in kps], dtype=np.float32).reshape(-1, 2)
+    return pts, desc
+
+
+def face_keypoints(gray: np.ndarray, bbox) -> KeypointSet:
+    """Keypoints of the region around a face, and of the mirrored region."""
+    reg = keypoint_region(gray, bbox)
+    pts, desc = _detect(reg)
+    pts_m, desc_m = _detect(np.ascontiguousarray(reg[:, ::-1]))
+    return KeypointSet(pts, desc, pts_m, desc_m, (reg.shape[1], reg.shape[0]))
+
+
+_MATCHER = None
+
+
+def _match_one(pa_: np.ndarray, da, pb: np.ndarray, db, ratio: float = KP_RATIO, ransac_px: float = KP_RANSAC_PX,
+               tight_px: float = KP_TIGHT_PX) -> tuple[int, int]:
+    """(tight inliers, good matches) of a RANSAC similarity fit from a's keypoints to b's.
+
+    good = mutual nearest neighbours passing Lowe's ratio test; the fit is RANSAC with ``ransac_px``;
+    inliers are then counted at ``tight_px`` (copies align to ~1 px, different photos of a face only
+    roughly).
+    """
+    global _MATCHER
+    if da is None or db is None or len(da) < 2 or len(db) < 2:
+        return 0, 0
+    cv2 = _cv2()
+    if _MATCHER is None:
+        _MATCHER = cv2.BFMatcher(cv2.NORM_L2)
+    fwd = _MATCHER.knnMatch(da, db, k=2)
+    back = _MATCHER.match(db, da)
+    back_of = {m.queryIdx: m.trainIdx for m in back}
+    good = [m[0] for m in fwd if len(m) == 2 and m[0].distance < ratio * m[1].distance and back_of.get(m[0].trainIdx) == m[0].queryIdx]
+    if len(good) < 3:
+        return 0, len(good)
+    src = pa_[[m.queryIdx for m in good]].reshape(-1, 2)
+    dst = pb[[m.trainIdx for m in good]].reshape(-1, 2)
+    M, inl = cv2.estimateAffinePartial2D(src.reshape(-1, 1, 2), dst.reshape(-1, 1, 2), method=cv2.RANSAC,
+                                         ransacReprojThreshold=ransac_px, maxIters=2000, confidence=0.995, refineIters=10)
+    if M is None or inl is None:
+        return 0, len(good)
+    scale = float(np.hypot(M[0, 0], M[1, 0]))
+    if not (KP_SCALE_RANGE[0] <= scale <= KP_SCALE_RANGE[1]):
+        return 0, len(good)
+    res = np.linalg.norm(src @ M[:, :2].T + M[:, 2] - dst, axis=1)
+    return int(np.count_nonzero(res <= tight_px)), len(good)
+
+
+@dataclass
+class KeypointMatch:
+    inliers: int  # tight RANSAC inliers of the best of (direct, mirrored)
+    good: int  # mutual ratio-test matches of that orientation
+    ratio: float  # inliers / good (0 when good == 0)
+    mirrored: bool
+
+
+def keypoint_match(a: KeypointSet, b: KeypointSet, **params) -> KeypointMatch:
+    """Best geometric agreement between two face regions, trying b as is and mirrored."""
+    best = None
+    for mirrored, (pb, db) in ((False, (b.pts, b.desc)), (True, (b.pts_m, b.desc_m))):
+        inl, good = _match_one(a.pts, a.desc, pb, db, **params)
+        if best is None or inl > best[0]:
+            best = (inl, good, mirrored)
+    inl, good, mirrored = best
+    return KeypointMatch(inl, good, round(inl / good, 4) if good else 0.0, mirrored)
+
+
+def keypoint_same_shot(m: KeypointMatch, min_inliers: int, min_ratio: float, strong_inliers: int) -> bool:
+    """Same shot: enough tight inliers that are also most of the matches, or very many inliers."""
+    return (m.inliers >= min_inliers and m.ratio >= min_ratio) or m.inliers >= strong_inliers

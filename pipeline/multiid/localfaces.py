@@ -1,12 +1,7 @@
-"""Faces for the multi-identity builder when ``pipeline.faces`` is not available (fallback, tests, bench).
+"""Local photo folders -> the builder's input tables, with the face stage of ``pipeline.faces``.
 
-``get_face_backend(name)`` returns ``pipeline.faces.get_backend(name)`` when that package imports, and
-otherwise (for ``"dlib"``) :class:`DlibDirect`: dlib's HOG detector -> 5-point shape predictor ->
-``dlib_face_recognition_resnet_model_v1`` (128-d, L2-normalised here), with the weights shipped in the
-``face-recognition-models`` wheel, located without importing that package. Pose (yaw/pitch/roll) is
-estimated from the 5 landmarks with a rough geometric heuristic (degrees, signed); blur is the variance
-of the Laplacian of the grey face crop resized to 112x112. Good enough to rank references by pose
-difference; not a head-pose model.
+``get_face_backend(name)`` is ``pipeline.faces.get_backend(name)`` (the direct-dlib fallback that lived
+here is gone: ``pipeline.faces`` is always available now).
 
 ``faces_tables_from_folder`` turns a folder of photos into the three input tables of the builder
 (images, faces, identities), labelling identity_id from ``identities/<name>/`` folder names (ground
@@ -16,8 +11,6 @@ best similarity is below a threshold).
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,122 +21,11 @@ from pipeline.ids import content_uid
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def _models_dir() -> Path:
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("face-recognition-models is not installed (needed for dlib descriptors)")
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
+def get_face_backend(name: str = "dlib", **options):
+    """The face backend used by the builder's helpers: ``pipeline.faces.get_backend(name, **options)``."""
+    from pipeline.faces import get_backend
 
-
-@dataclass
-class Face:
-    bbox: tuple[float, float, float, float]
-    landmarks: np.ndarray  # (5, 2)
-    det_score: float
-    embedding: np.ndarray  # (128,), unit norm
-    face_width: float
-    face_height: float
-    blur: float
-    yaw: float
-    pitch: float
-    roll: float
-    extra: dict = field(default_factory=dict)
-
-
-def pose_from_5pts(lm: np.ndarray) -> tuple[float, float, float]:
-    """Rough (yaw, pitch, roll) in degrees from 5 points: two eyes (2 points each or 1 each) + nose."""
-    lm = np.asarray(lm, dtype=np.float64).reshape(-1, 2)
-    if lm.shape[0] != 5:
-        return 0.0, 0.0, 0.0
-    e1, e2, nose = (lm[0] + lm[1]) / 2, (lm[2] + lm[3]) / 2, lm[4]
-    mid = (e1 + e2) / 2
-    iod = float(np.linalg.norm(e1 - e2)) or 1.0
-    d = e2 - e1
-    roll = float(np.degrees(np.arctan2(d[1], d[0])))
-    if abs(roll) > 90:
-        roll = roll - 180 * np.sign(roll)
-    # rotate nose offset into the eye frame
-    c, s = np.cos(np.radians(-roll)), np.sin(np.radians(-roll))
-    off = nose - mid
-    ox, oy = c * off[0] - s * off[1], s * off[0] + c * off[1]
-    yaw = float(np.degrees(np.arcsin(np.clip(ox / (0.6 * iod), -1, 1))))
-    pitch = float(np.degrees(np.arcsin(np.clip((oy / iod - 0.77) / 0.6, -1, 1))))
-    return yaw, pitch, roll
-
-
-def laplacian_blur(gray: np.ndarray) -> float:
-    from scipy.ndimage import laplace
-
-    return float(laplace(gray.astype(np.float32)).var())
-
-
-class DlibDirect:
-    """Same ``analyze([rgb, ...]) -> [[Face, ...], ...]`` interface as ``pipeline.faces`` backends."""
-
-    name = "dlib"
-    model_version = "dlib_face_recognition_resnet_model_v1+hog"
-
-    def __init__(self, detect_max_side: int = 800) -> None:
-        import dlib
-
-        models = _models_dir()
-        self._dlib = dlib
-        self.detect_max_side = detect_max_side
-        self.detector = dlib.get_frontal_face_detector()
-        self.shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
-        self.encoder = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
-
-    def _detect(self, rgb: np.ndarray):
-        from PIL import Image
-
-        h, w = rgb.shape[:2]
-        scale = min(1.0, self.detect_max_side / max(h, w))
-        small = rgb if scale == 1.0 else np.asarray(Image.fromarray(rgb).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
-        upsample = 2 if max(small.shape[:2]) <= 400 else 1
-        rects, scores, _ = self.detector.run(small, upsample, 0.0)
-        return [((r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale), float(sc)) for r, sc in zip(rects, scores)]
-
-    def analyze(self, images: list[np.ndarray]) -> list[list[Face]]:
-        from PIL import Image
-
-        dlib = self._dlib
-        out = []
-        for rgb in images:
-            rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-            h, w = rgb.shape[:2]
-            faces = []
-            for (x1, y1, x2, y2), score in self._detect(rgb):
-                rect = dlib.rectangle(int(round(x1)), int(round(y1)), int(round(x2)), int(round(y2)))
-                shape = self.shape(rgb, rect)
-                lm = np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], dtype=np.float32)
-                emb = np.asarray(self.encoder.compute_face_descriptor(rgb, shape), dtype=np.float32)
-                emb /= max(float(np.linalg.norm(emb)), 1e-12)
-                cx1, cy1 = max(0, int(x1)), max(0, int(y1))
-                cx2, cy2 = min(w, int(x2) + 1), min(h, int(y2) + 1)
-                crop = rgb[cy1:cy2, cx1:cx2]
-                blur = 0.0
-                if crop.size:
-                    g = np.asarray(Image.fromarray(crop).convert("L").resize((112, 112), Image.BILINEAR))
-                    blur = laplacian_blur(g)
-                yaw, pitch, roll = pose_from_5pts(lm)
-                faces.append(
-                    Face((float(x1), float(y1), float(x2), float(y2)), lm, score, emb, float(x2 - x1), float(y2 - y1), blur, yaw, pitch, roll)
-                )
-            faces.sort(key=lambda f: (f.bbox[0], f.bbox[1]))
-            out.append(faces)
-        return out
-
-
-def get_face_backend(name: str = "dlib"):
-    """``pipeline.faces.get_backend(name)`` if available, else the direct dlib fallback."""
-    try:
-        from pipeline.faces import get_backend  # another helper's package; optional here
-
-        return get_backend(name)
-    except ImportError:
-        if name != "dlib":
-            raise
-        return DlibDirect()
+    return get_backend(name, **options)
 
 
 def load_rgb_bytes(data: bytes) -> np.ndarray:

@@ -20,7 +20,6 @@ generated images (file name = sample key) against a built dataset.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -112,7 +111,7 @@ def dataset_quality_stats(pairs: pa.Table) -> dict:
     """Distributions over the selected (target person, reference) pairs."""
     if pairs.num_rows == 0:
         return {"pairs": 0}
-    col = lambda n: pairs.column(n).to_pylist()  # noqa: E731
+    col = lambda n: pairs.column(n).to_pylist()
     return {
         "pairs": pairs.num_rows,
         "target_ref_similarity": _quantiles(col("similarity")),

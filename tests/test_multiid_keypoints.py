@@ -1,0 +1,129 @@
+"""Geometric same-shot check (SIFT + RANSAC, dedup.keypoint_*) and its place in the builder's filter chain.
+
+The real case it fixes: face_recognition's ``obama_partial_face.jpg`` / ``obama_partial_face2.jpg`` are two
+horizontal crops of ``obama.jpg`` (face cut at the image edge); the hash/NCC checks let one serve as the
+other's reference. Here the same situation is made in tmp_path from a photo of ../shared/data/faces.
+"""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline.ids import content_uid
+from pipeline.multiid import MultiIDConfig, dedup, select_references
+from pipeline.multiid.localfaces import (
+    IDENTITIES_SCHEMA,
+    IMAGES_SCHEMA,
+    faces_schema,
+    get_face_backend,
+    load_rgb_bytes,
+)
+
+PHOTO, OTHER = "angelina_jolie/img1.jpg", "angelina_jolie/img2.jpg"
+
+
+def _jpeg(rgb, q=90):
+    b = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(b, "JPEG", quality=q)
+    return b.getvalue()
+
+
+def _gray(rgb):
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("L"))
+
+
+@pytest.fixture(scope="module")
+def shot(shared_faces, tmp_path_factory):
+    """Original photo, two edge-cut crops, a mirrored copy and a genuinely different photo, with face boxes."""
+    tmp = tmp_path_factory.mktemp("kp")
+    be = get_face_backend("dlib")
+    out = {}
+    for name, rel in (("orig", PHOTO), ("other", OTHER)):
+        rgb = load_rgb_bytes((shared_faces / "identities" / rel).read_bytes())
+        f = max(be.analyze([rgb])[0], key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
+        out[name] = (rgb, np.asarray(f.bbox, np.float64), np.asarray(f.landmarks, np.float64).reshape(5, 2), np.asarray(f.embedding))
+    rgb, (x1, y1, x2, y2), lm, emb = out["orig"]
+    bw, W = x2 - x1, rgb.shape[1]
+    cut_r, cut_l = int(x1 + 0.75 * bw), int(x1 + 0.25 * bw)  # as obama_partial_face2 / obama_partial_face
+    out["crop_left"] = (rgb[:, :cut_r], np.array([x1, y1, cut_r, y2]), lm, emb)
+    out["crop_right"] = (rgb[:, cut_l:], np.array([0.0, y1, x2 - cut_l, y2]), lm - [cut_l, 0], emb)
+    out["mirror"] = (rgb[:, ::-1], np.array([W - x2, y1, W - x1, y2]), np.c_[W - lm[:, 0], lm[:, 1]], emb)
+    files = {}
+    for k, (im, *_rest) in out.items():
+        p = tmp / f"{k}.jpg"
+        p.write_bytes(_jpeg(im))
+        files[k] = p
+    return out, files
+
+
+def _kp(shot, name):
+    _, box, *_ = shot[0][name]
+    return dedup.face_keypoints(_gray(load_rgb_bytes(shot[1][name].read_bytes())), box)
+
+
+def _same(m):
+    c = MultiIDConfig()
+    return dedup.keypoint_same_shot(m, c.kp_min_inliers, c.kp_min_ratio, c.kp_strong_inliers)
+
+
+def test_keypoints_edge_cut_crops_mirror_and_genuine(shot):
+    k = {n: _kp(shot, n) for n in ("orig", "crop_left", "crop_right", "mirror", "other")}
+    for a, b in (("crop_left", "crop_right"), ("crop_right", "crop_left"), ("orig", "crop_left"), ("orig", "crop_right")):
+        m = dedup.keypoint_match(k[a], k[b])
+        assert _same(m) and not m.mirrored, (a, b, m)
+    m = dedup.keypoint_match(k["orig"], k["mirror"])
+    assert _same(m) and m.mirrored, m
+    for a in ("orig", "crop_left", "crop_right", "mirror"):
+        m = dedup.keypoint_match(k[a], k["other"])
+        assert not _same(m), (a, m)
+        assert m.inliers < MultiIDConfig().kp_min_inliers, (a, m)
+
+
+def _tables(shot, names):
+    img_rows, face_rows, id_rows = [], [], []
+    for n in names:
+        rgb, box, lm, emb = shot[0][n]
+        data = shot[1][n].read_bytes()
+        uid = content_uid(data)
+        img_rows.append({"uid": uid, "source": "test", "path": str(shot[1][n]), "offset": 0, "length": len(data),
+                         "width": rgb.shape[1], "height": rgb.shape[0]})
+        b = [float(v) for v in box]
+        face_rows.append({"uid": uid, "source": "test", "face_index": 0, "x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3],
+                          "landmarks": [float(v) for v in np.asarray(lm).ravel()], "det_score": 1.5, "face_width": b[2] - b[0],
+                          "face_height": b[3] - b[1], "blur": 500.0, "yaw": 0.0, "pitch": 0.0, "roll": 0.0,
+                          "embedding": [float(v) for v in emb], "backend": "dlib", "model_version": "test"})
+        id_rows.append({"uid": uid, "face_index": 0, "identity_id": "angelina_jolie"})
+    return (pa.Table.from_pylist(img_rows, schema=IMAGES_SCHEMA), pa.Table.from_pylist(face_rows, schema=faces_schema(len(emb))),
+            pa.Table.from_pylist(id_rows, schema=IDENTITIES_SCHEMA)), {content_uid(shot[1][n].read_bytes()): n for n in names}
+
+
+def test_builder_rejects_edge_cut_crop_and_mirror_keeps_genuine(shot):
+    (images, faces, ids), name = _tables(shot, ["crop_left", "crop_right", "mirror", "other"])
+    # similarity band wide open: only the copy-paste guard can remove a copy (copies share one embedding here)
+    cfg = MultiIDConfig(min_face_px=60, sim_low=-1.0, sim_high=1.0, eval_fraction=0.0, refs_per_person=3)
+    _, pairs, cands, stats = select_references(images, faces, ids, cfg)
+    st = {(name[c["target_uid"]], name[c["ref_uid"]]): c for c in cands}
+    copies = ("crop_left", "crop_right", "mirror")
+    for a in copies:
+        for b in copies:
+            if a != b:
+                c = st[(a, b)]
+                assert c["status"].startswith("near_duplicate_"), c
+                assert c["kp_inliers"] >= cfg.kp_min_inliers, c
+    # the hashes alone miss the edge-cut crops: the keypoint check is what removes them
+    assert st[("crop_left", "crop_right")]["status"] == "near_duplicate_keypoints"
+    assert st[("crop_right", "crop_left")]["status"] == "near_duplicate_keypoints"
+    for a in copies:
+        assert st[(a, "other")]["status"] == "selected", st[(a, "other")]
+        assert st[("other", a)]["kp_inliers"] < cfg.kp_min_inliers
+    assert {name[p["ref_uid"]] for p in pairs if name[p["target_uid"]] in copies} == {"other"}
+    assert all(p["kp_inliers"] is not None for p in pairs)
+    assert stats["candidates_removed_by"]["near_duplicate_keypoints"] >= 2
+    assert stats["duplicate_flags_independent"]["keypoints"] >= 6
+    # without the keypoint check the crops would be each other's references (the obama_partial_face bug)
+    _, _, cands_off, _ = select_references(images, faces, ids, MultiIDConfig(**{**cfg.to_dict(), "keypoints": False}))
+    off = {(name[c["target_uid"]], name[c["ref_uid"]]): c["status"] for c in cands_off}
+    assert off[("crop_left", "crop_right")] in ("selected", "ranked_out", "redundant")
