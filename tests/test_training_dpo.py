@@ -1,0 +1,160 @@
+"""Diffusion-DPO LoRA trainer: loss convention, learning on a learnable toy set, gradient scope,
+exact resume, and the exported LoRA loading into diffusers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from training import common, data, synthetic
+from training.dpo import DPOConfig, DPOTrainer, dpo_loss
+
+UNET = dict(common.TINY_UNET_CONFIG, block_out_channels=[16, 32], cross_attention_dim=16, sample_size=8)
+RES = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the box is small and shared: avoid oversubscription
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pref_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pref")
+    train = synthetic.write_dataset(root / "v1", "preference", synthetic.preference_samples(64, size=RES, ties=2))
+    held = synthetic.write_dataset(root / "heldout", "preference", synthetic.preference_samples(64, size=RES, seed=5))
+    return train, held
+
+
+def make_trainer(manifest=None, **kw) -> DPOTrainer:
+    cfg = DPOConfig(**{"beta": 2500, "learning_rate": 1e-3, "lora_rank": 4, "vae_latent": "mean", **kw})
+    unet = common.build_unet({"config": UNET})
+    vae = common.build_vae({"tiny": True})
+    te = common.build_text_encoder({"type": "hash", "max_length": 8}, UNET["cross_attention_dim"])
+    return DPOTrainer(unet, vae, common.build_scheduler(), te, cfg, device="cpu", manifest=manifest)
+
+
+def stream_for(d, **kw):
+    return data.BatchStream(d, data.LoaderConfig(**{"resolution": RES, "batch_size": 8, "shuffle_buffer": 16, **kw}))
+
+
+def test_dpo_loss_matches_hand_computation():
+    beta = 2500.0
+    model = torch.tensor([0.10, 0.30, 0.20, 0.10])  # [w0, w1, l0, l1]
+    ref = torch.tensor([0.12, 0.25, 0.18, 0.12])
+    loss, m = dpo_loss(model, ref, beta)
+    inside = [-beta / 2 * ((0.10 - 0.20) - (0.12 - 0.18)), -beta / 2 * ((0.30 - 0.10) - (0.25 - 0.12))]
+    expect = sum(-math.log(1 / (1 + math.exp(-x))) for x in inside) / 2
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    assert m["implicit_acc"] == pytest.approx(0.5)  # first pair: model_diff < ref_diff; second: not
+    assert m["reward_margin"] == pytest.approx(sum(inside) / 2, rel=1e-5)
+
+
+def test_dpo_learns_toy_preference_and_only_lora_trains(pref_dirs):
+    train, held = pref_dirs
+    stream = stream_for(train)
+    tr = make_trainer(stream.manifest)
+    evb = [next(stream_for(held, batch_size=64, shuffle_buffer=0))] * 2
+    before = tr.evaluate(evb)
+    assert before["eval_implicit_acc"] == 0.0  # LoRA B=0 at init: model == reference
+
+    base = {n: p.detach().clone() for n, p in tr.unet.named_parameters() if "lora_" not in n}
+    tr.train_step(stream)
+    grads = {n for n, p in tr.unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("lora_" in n for n in grads)
+    assert all(not p.requires_grad for n, p in tr.unet.named_parameters() if "lora_" not in n)
+    assert all(not p.requires_grad for p in tr.vae.parameters())
+
+    for _ in range(29):
+        tr.train_step(stream)
+    after = tr.evaluate(evb)
+    # winners (red) vs losers (blue): the LoRA must prefer winners well above chance
+    assert after["eval_implicit_acc"] > 0.65, after
+    assert after["eval_reward_margin"] > 0
+    for n, p in tr.unet.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), n  # frozen weights untouched
+    assert stream.counter.skipped >= 1  # ties were dropped, counted
+
+
+def test_resume_gives_same_state(pref_dirs, tmp_path):
+    train, _ = pref_dirs
+    # straight: 4 steps
+    s1 = stream_for(train, batch_size=4)
+    a = make_trainer(s1.manifest)
+    for _ in range(4):
+        a.train_step(s1)
+    # 2 steps, checkpoint, fresh process-like objects, resume, 2 steps
+    s2 = stream_for(train, batch_size=4)
+    b = make_trainer(s2.manifest)
+    for _ in range(2):
+        b.train_step(s2)
+    ck = b.save_checkpoint(tmp_path / "ckpt", s2)
+    meta = json.loads((ck / "meta.json").read_text())
+    assert meta["manifest"]["config_fingerprint"] == s2.manifest["config_fingerprint"]
+    assert meta["data_position"] == {"epoch": 0, "batch": 2}
+    torch.manual_seed(999)  # perturb global RNG: the checkpoint must restore it
+    s3 = stream_for(train, batch_size=4)
+    c = make_trainer(s3.manifest)
+    c.resume(ck, s3)
+    assert c.step == 2
+    for _ in range(2):
+        c.train_step(s3)
+    la, lc = a.lora_state_dict(), c.lora_state_dict()
+    assert la.keys() == lc.keys()
+    for k in la:
+        torch.testing.assert_close(la[k], lc[k], rtol=0, atol=1e-6)
+    # a checkpoint from other data is refused
+    other = make_trainer({"config_fingerprint": "different"})
+    with pytest.raises(ValueError, match="fingerprint"):
+        other.resume(ck)
+
+
+def _tiny_pipeline(unet, vae, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "cat</w>": 3}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16))
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDPMScheduler(clip_sample=False),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def test_exported_lora_loads_with_diffusers(pref_dirs, tmp_path):
+    train, _ = pref_dirs
+    stream = stream_for(train, batch_size=4)
+    tr = make_trainer(stream.manifest)
+    for _ in range(2):
+        tr.train_step(stream)
+    path = tr.export_lora(tmp_path / "lora")
+    assert path.name == "pytorch_lora_weights.safetensors" and path.exists()
+    meta = json.loads((tmp_path / "lora" / "training_meta.json").read_text())
+    assert meta["dataset"]["config_fingerprint"] == stream.manifest["config_fingerprint"]
+
+    # reference output with the trained LoRA
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 8, 8)
+    emb = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        want = tr.unet(x, torch.tensor([10]), emb).sample
+
+    fresh_unet = common.build_unet({"config": UNET})
+    pipe = _tiny_pipeline(fresh_unet, common.build_vae({"tiny": True}), tmp_path)
+    with torch.no_grad():
+        plain = pipe.unet(x, torch.tensor([10]), emb).sample
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    with torch.no_grad():
+        got = pipe.unet(x, torch.tensor([10]), emb).sample
+    assert not torch.allclose(plain, want)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,162 @@
+"""Shared plumbing of the run_* scripts: configuration, and reporting either to Dagster Pipes or to
+stdout.
+
+A script runs standalone (``python -m training.run_dpo --config cfg.json --set train.max_steps=10``)
+or as a Dagster Pipes subprocess: when launched by Dagster, it
+opens ``open_dagster_pipes()`` (the check is ``PipesEnvVarParamsLoader().is_dagster_pipes_process()``), reads its configuration from the launcher's extras (``extras
+["config"]``: a dict, merged over ``--config`` if both are given; or ``extras["config_path"]``),
+logs progress with ``context.log`` and ends with ``context.report_asset_materialization(metadata=
+...)``. The loss curve goes into the metadata as a file path and as a markdown image (base64 PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import copy
+import json
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lineup.training")
+
+
+def deep_merge(base: Mapping, over: Mapping) -> dict:
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def apply_overrides(cfg: dict, sets: list[str]) -> dict:
+    """``a.b.c=value`` (value parsed as JSON when it parses, else a string)."""
+    for s in sets or []:
+        key, _, raw = s.partition("=")
+        if not key or not _:
+            raise ValueError(f"--set expects key=value, got {s!r}")
+        try:
+            val = json.loads(raw)
+        except json.JSONDecodeError:
+            val = raw
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = val
+    return cfg
+
+
+class Reporter:
+    """Standalone reporting: logging + a final JSON line on stdout."""
+
+    pipes = False
+
+    def info(self, msg: str) -> None:
+        log.info(msg)
+        print(msg, file=sys.stderr, flush=True)
+
+    def warning(self, msg: str) -> None:
+        log.warning(msg)
+        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+    def materialize(self, metadata: Mapping[str, Any]) -> None:
+        print(json.dumps({"materialization": _plain(metadata)}, default=str), flush=True)
+
+
+class Quiet(Reporter):
+    """Ranks other than 0 of a multi-GPU run: no progress lines, no materialization."""
+
+    def info(self, msg: str) -> None:
+        log.debug(msg)
+
+    def materialize(self, metadata: Mapping[str, Any]) -> None:
+        pass
+
+
+class PipesReporter(Reporter):
+    pipes = True
+
+    def __init__(self, context):
+        self.context = context
+
+    def info(self, msg: str) -> None:
+        self.context.log.info(msg)
+
+    def warning(self, msg: str) -> None:
+        self.context.log.warning(msg)
+
+    def materialize(self, metadata: Mapping[str, Any]) -> None:
+        self.context.report_asset_materialization(metadata=dict(metadata))
+
+
+def _plain(md: Mapping[str, Any]) -> dict:
+    """Metadata for stdout: raw values, inline base64 images shortened (the PNG file is on disk)."""
+    out = {}
+    for k, v in md.items():
+        v = v["raw_value"] if isinstance(v, Mapping) and "raw_value" in v else v
+        if isinstance(v, str) and "base64," in v and len(v) > 200:
+            v = v[:60] + f"...<{len(v)} chars>"
+        out[k] = v
+    return out
+
+
+def is_dagster_pipes_process() -> bool:
+    """True when launched by a Dagster Pipes client (the default env-var params loader)."""
+    from dagster_pipes import PipesEnvVarParamsLoader
+
+    return PipesEnvVarParamsLoader().is_dagster_pipes_process()
+
+
+@contextlib.contextmanager
+def session(argv: list[str] | None, description: str) -> Iterator[tuple[dict, Reporter]]:
+    """Parse the CLI, open Pipes when launched by Dagster, and yield (config, reporter)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", help="JSON config file")
+    ap.add_argument("--set", action="append", default=[], help="override: dotted.key=value (JSON)")
+    args = ap.parse_args(argv)
+    cfg: dict = json.loads(Path(args.config).read_text()) if args.config else {}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from dagster_pipes import open_dagster_pipes
+
+    if is_dagster_pipes_process():
+        with open_dagster_pipes() as context:
+            extras = context.extras or {}
+            if extras.get("config_path"):
+                cfg = deep_merge(cfg, json.loads(Path(extras["config_path"]).read_text()))
+            if isinstance(extras.get("config"), Mapping):
+                cfg = deep_merge(cfg, extras["config"])
+            cfg = apply_overrides(cfg, args.set)
+            yield cfg, PipesReporter(context)
+    else:
+        yield apply_overrides(cfg, args.set), Reporter()
+
+
+def md_value(text: str) -> dict:
+    return {"raw_value": text, "type": "md"}
+
+
+def path_value(p: str | Path) -> dict:
+    return {"raw_value": str(p), "type": "path"}
+
+
+def json_value(v: Any) -> dict:
+    return {"raw_value": v, "type": "json"}
+
+
+def curve_metadata(png: Path | None) -> dict:
+    if png is None or not Path(png).exists():
+        return {}
+    b64 = base64.b64encode(Path(png).read_bytes()).decode()
+    return {"loss_curve_path": path_value(png), "loss_curve": md_value(f"![loss curve](data:image/png;base64,{b64})")}
+
+
+def numeric(d: Mapping[str, Any]) -> dict:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -1,0 +1,278 @@
+"""Social reward model (after Social Reward / Picsart Image-Social): an open_clip backbone whose upper
+blocks are fine-tuned with a triplet loss on preference pairs.
+
+    anchor = prompt (text) embedding, positive = winner image embedding, negative = loser
+    d(x, y) = 1 - cos(x, y);  loss = max(0, d(a, p) - d(a, n) + margin), margin 0.3
+    score(image, prompt) = cos(image embedding, prompt embedding)
+
+Evaluated by pairwise accuracy on held-out pairs: a pair is correct when score(winner) >=
+score(loser) (ties count as correct).
+
+Checkpoint format (``save_reward_model`` / ``load_reward_model``), a folder with
+- ``reward_config.json``: {"format": "lineup-reward-v1", "model_name", "model_cfg" (open_clip
+  config dict, or null for a registered name), "pretrained" (local weights path or null),
+  "pretrained_sha256", "unfreeze_vision_blocks", "unfreeze_text_blocks", "image_size", "mean",
+  "std", "margin", "weights": "trainable"|"full", "dataset" (manifest version/fingerprint),
+  "metrics"};
+- ``reward_model.safetensors``: the state dict (open_clip parameter names) of the unfrozen
+  parameters when the base weights are a local file (the scorer rebuilds the base from
+  ``pretrained`` and overlays them), or of the whole model when there is no base file (e.g. a
+  model built from a config in tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training import common
+
+log = logging.getLogger("lineup.training.reward")
+
+FORMAT = "lineup-reward-v1"
+
+
+@dataclass
+class RewardConfig:
+    model_name: str = "ViT-H-14"
+    model_cfg: dict | None = None  # an open_clip model config (tests: a tiny one)
+    pretrained: str | None = None  # local weights file; never a hub tag
+    unfreeze_vision_blocks: int = 2
+    unfreeze_text_blocks: int = 0
+    margin: float = 0.3
+    learning_rate: float = 1e-5
+    weight_decay: float = 1e-2
+    max_steps: int = 1000
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "bf16"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    checkpoint_every: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> RewardConfig:
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown reward options {sorted(unknown)}")
+        return cls(**d)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_clip(model_name: str, model_cfg: Mapping | None = None, pretrained: str | None = None):
+    """open_clip model + tokenizer. A ``model_cfg`` is registered under ``model_name`` first;
+    ``pretrained`` must be a local file (no hub downloads)."""
+    import open_clip
+
+    if model_cfg is not None:
+        d = Path(tempfile.mkdtemp(prefix="lineup_openclip_cfg_"))
+        (d / f"{model_name}.json").write_text(json.dumps(dict(model_cfg)))
+        open_clip.add_model_config(d)
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"open_clip weights {pretrained!r} not found (local files only)")
+    model = open_clip.create_model(model_name, pretrained=pretrained)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return model, tokenizer
+
+
+class RewardModel(nn.Module):
+    def __init__(self, clip_model, tokenizer, cfg: RewardConfig):
+        super().__init__()
+        self.clip = clip_model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        pcfg = getattr(clip_model.visual, "preprocess_cfg", {}) or {}
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+        size = pcfg.get("size", getattr(clip_model.visual, "image_size", 224))
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.register_buffer("mean", torch.tensor(pcfg.get("mean", OPENAI_DATASET_MEAN)).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(pcfg.get("std", OPENAI_DATASET_STD)).view(1, 3, 1, 1),
+                             persistent=False)
+        self.freeze_lower()
+
+    def freeze_lower(self) -> None:
+        """Freeze everything, then unfreeze the top blocks (+ final norm and projection) per tower."""
+        m = self.clip
+        m.requires_grad_(False)
+        kv, kt = self.cfg.unfreeze_vision_blocks, self.cfg.unfreeze_text_blocks
+        vis = m.visual
+        if kv > 0:
+            blocks = vis.transformer.resblocks
+            for b in list(blocks)[-kv:]:
+                b.requires_grad_(True)
+            for name in ("ln_post",):
+                if hasattr(vis, name):
+                    getattr(vis, name).requires_grad_(True)
+            if isinstance(getattr(vis, "proj", None), nn.Parameter):
+                vis.proj.requires_grad_(True)
+        if kt > 0:
+            for b in list(m.transformer.resblocks)[-kt:]:
+                b.requires_grad_(True)
+            m.ln_final.requires_grad_(True)
+            if isinstance(getattr(m, "text_projection", None), nn.Parameter):
+                m.text_projection.requires_grad_(True)
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Loader tensors in [-1, 1] -> CLIP input (resize to the model size, normalise)."""
+        x = (pixels.float() + 1) / 2
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
+                              align_corners=False)
+        return (x - self.mean) / self.std
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(self.preprocess(pixels)).float(), dim=-1)
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        dev = next(self.clip.parameters()).device
+        tok = self.tokenizer([c or "" for c in captions]).to(dev)
+        return F.normalize(self.clip.encode_text(tok).float(), dim=-1)
+
+    @torch.no_grad()
+    def score(self, pixels: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        return (self.encode_image(pixels) * self.encode_text(captions)).sum(-1)
+
+
+def triplet_loss(anchor, pos, neg, margin: float = 0.3) -> tuple[torch.Tensor, dict]:
+    dp = 1 - (anchor * pos).sum(-1)
+    dn = 1 - (anchor * neg).sum(-1)
+    loss = F.relu(dp - dn + margin).mean()
+    return loss, {"triplet_loss": loss.item(), "batch_pair_acc": (dn >= dp).float().mean().item(),
+                  "d_pos": dp.mean().item(), "d_neg": dn.mean().item()}
+
+
+class RewardTrainer:
+    def __init__(self, model: RewardModel, cfg: RewardConfig, device=None, manifest=None):
+        self.cfg = cfg
+        self.device = common.pick_device(device)
+        self.model = model.to(self.device)
+        self.manifest = common.manifest_info(manifest)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("nothing to train: unfreeze at least one vision or text block")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.history: list[dict] = []
+
+    def train_step(self, batches) -> dict:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        self.model.train()
+        with common.autocast(self.device, self.cfg.mixed_precision):
+            a = self.model.encode_text(batch["caption"])
+            B = batch["pixels_w"].shape[0]
+            img = self.model.encode_image(torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(self.device))
+            loss, m = triplet_loss(a, img[:B], img[B:], self.cfg.margin)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        m.update(step=self.step, loss=m["triplet_loss"], grad_norm=float(gn), step_time_s=time.perf_counter() - t0)
+        self.history.append(m)
+        return m
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Mapping]) -> dict:
+        """Pairwise accuracy (ties count as correct) and mean score margin."""
+        self.model.eval()
+        n = correct = 0
+        margin = 0.0
+        for b in batches:
+            with common.autocast(self.device, self.cfg.mixed_precision):
+                sw = self.model.score(b["pixels_w"].to(self.device), b["caption"])
+                sl = self.model.score(b["pixels_l"].to(self.device), b["caption"])
+            correct += int((sw >= sl).sum())
+            margin += float((sw - sl).sum())
+            n += sw.shape[0]
+        return {"pairwise_acc": correct / max(n, 1), "score_margin": margin / max(n, 1), "eval_pairs": n}
+
+    def train(self, stream, max_steps=None, on_log=None, ckpt_dir=None) -> list[dict]:
+        it = iter(stream)
+        max_steps = max_steps or self.cfg.max_steps
+        while self.step < max_steps:
+            m = self.train_step(it)
+            if on_log and (self.step % self.cfg.log_every == 0 or self.step == max_steps):
+                on_log(m)
+            if ckpt_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint(ckpt_dir, stream)
+        return self.history
+
+    def save_checkpoint(self, ckpt_dir, stream=None) -> Path:
+        state = {"step": self.step, "data_position": dict(getattr(stream, "position", {}) or {}),
+                 "manifest": self.manifest, "history": self.history}
+        return common.save_checkpoint(Path(ckpt_dir), self.model, self.optimizer, state)
+
+    def resume(self, ckpt, stream=None) -> dict:
+        st = common.load_checkpoint(Path(ckpt), self.model, self.optimizer)
+        self.step, self.history = int(st["step"]), list(st.get("history") or [])
+        if stream is not None and st.get("data_position") and hasattr(stream, "restore"):
+            stream.restore(st["data_position"])
+        return st
+
+
+def save_reward_model(model: RewardModel, out_dir: str | Path, manifest: Mapping | None = None,
+                      metrics: Mapping | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    full = cfg.pretrained is None
+    sd = model.clip.state_dict()
+    if not full:
+        keep = {n for n, p in model.clip.named_parameters() if p.requires_grad}
+        sd = {k: v for k, v in sd.items() if k in keep}
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in sd.items()}, str(out / "reward_model.safetensors"))
+    conf = {
+        "format": FORMAT, "model_name": cfg.model_name, "model_cfg": cfg.model_cfg, "pretrained": cfg.pretrained,
+        "pretrained_sha256": _sha256(cfg.pretrained) if cfg.pretrained else None,
+        "unfreeze_vision_blocks": cfg.unfreeze_vision_blocks, "unfreeze_text_blocks": cfg.unfreeze_text_blocks,
+        "image_size": model.image_size, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
+        "margin": cfg.margin, "weights": "full" if full else "trainable", "score": "cosine(image, prompt)",
+        "dataset": common.manifest_info(manifest), "metrics": dict(metrics or {}),
+        "train_config": asdict(cfg),
+    }
+    common.atomic_write_text(out / "reward_config.json", json.dumps(conf, indent=2, default=str))
+    return out
+
+
+def load_reward_model(path: str | Path, pretrained: str | None = None, device="cpu") -> RewardModel:
+    """Rebuild the scorer from ``save_reward_model``'s folder (``pretrained`` overrides the base path)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    conf = json.loads((path / "reward_config.json").read_text())
+    if conf.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} checkpoint")
+    base = pretrained or conf.get("pretrained")
+    cfg = RewardConfig.from_dict(conf["train_config"])
+    cfg.pretrained = base if conf["weights"] == "trainable" else None
+    clip, tok = build_clip(conf["model_name"], conf.get("model_cfg"), cfg.pretrained)
+    sd = load_file(str(path / "reward_model.safetensors"))
+    _missing, unexpected = clip.load_state_dict(sd, strict=conf["weights"] == "full")
+    if unexpected:
+        raise ValueError(f"reward checkpoint has unknown keys {unexpected[:5]}")
+    model = RewardModel(clip, tok, cfg).to(device).eval()
+    return model
