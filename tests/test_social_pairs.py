@@ -1,0 +1,178 @@
+"""The decision rules on a hand-made log: clear winner, tie, low exposure, self-engagement, bots,
+per-user pairs, prompt normalisation; Parquet and CSV inputs give the same pairs."""
+
+import pyarrow.compute as pc
+import pytest
+
+from pipeline.social import SocialConfig, build_social_pairs, draw_user_sets, normalize_prompt
+from pipeline.social.simulate import write_social_input
+
+CFG = SocialConfig(min_exposure=50, level=0.99, export_webdataset=False, export_pickapic=False)
+
+
+def _log():
+    images = [
+        {
+            "image_id": "A",
+            "prompt": "A red fox, at dawn!",
+            "creator_id": "cA",
+            "created_at": "2026-11-01 00:00:00",
+        },
+        {
+            "image_id": "B",
+            "prompt": "a red  fox at dawn",
+            "creator_id": "cB",
+            "created_at": "2026-11-01 00:00:00",
+        },
+        {"image_id": "C", "prompt": "blue owl", "prompt_id": "owl", "creator_id": "cC"},
+        {"image_id": "D", "prompt": "Blue owl.", "prompt_id": "owl", "creator_id": "cD"},
+        {"image_id": "E", "prompt": "green cat", "creator_id": "cE"},
+        {"image_id": "F", "prompt": "green cat", "creator_id": "cF"},
+        {"image_id": "G", "prompt": "tiny robot", "creator_id": "creatorG"},
+        {"image_id": "H", "prompt": "tiny robot", "creator_id": "cH"},
+    ]
+    ev = []
+
+    def add(img, users, event, day="2026-11-02"):
+        for j, u in enumerate(users):
+            ev.append(
+                {
+                    "ts": f"{day} 10:{j // 60 % 60:02d}:{j % 60:02d}",
+                    "user_id": u,
+                    "image_id": img,
+                    "event": event,
+                }
+            )
+
+    add("A", [f"a{i}" for i in range(200)], "impression")
+    add("A", [f"a{i}" for i in range(80)], "like")
+    add("A", [f"a{i}" for i in range(40)], "save")
+    add("B", [f"b{i}" for i in range(200)], "impression")
+    add("B", [f"b{i}" for i in range(8)], "like")
+    add("B", ["a0"], "impression")  # a0 liked A and ignored B: a per-user pair
+    for img in "CD":
+        add(img, [f"{img.lower()}{i}" for i in range(200)], "impression")
+        add(img, [f"{img.lower()}{i}" for i in range(30)], "like")
+    add("E", [f"e{i}" for i in range(10)], "impression")
+    add("E", [f"e{i}" for i in range(8)], "like")
+    add("F", [f"f{i}" for i in range(10)], "impression")
+    for img in "GH":
+        add(img, [f"{img.lower()}{i}" for i in range(100)], "impression")
+        add(img, [f"{img.lower()}{i}" for i in range(10)], "like")
+    for e in ("impression", "like", "save", "share", "remix"):
+        add("G", ["creatorG"] * 3, e)  # self-engagement
+    bot = []
+    for j in range(1500):  # a bot: 1500+ events in one day
+        bot.append(
+            {
+                "ts": f"2026-11-03 {j // 3600:02d}:{j // 60 % 60:02d}:{j % 60:02d}",
+                "user_id": "bot1",
+                "image_id": "ABCDEFGH"[j % 8],
+                "event": "impression",
+            }
+        )
+    bot += [
+        {"ts": "2026-11-03 23:00:00", "user_id": "bot1", "image_id": "H", "event": e}
+        for e in ("like", "remix")
+    ]
+    return images, ev + bot
+
+
+@pytest.fixture(scope="module", params=["parquet", "csv"])
+def result(request, tmp_path_factory):
+    d = write_social_input(tmp_path_factory.mktemp(f"hand_{request.param}"), *_log(), fmt=request.param)
+    return build_social_pairs(d, None, CFG)
+
+
+def _pop(result):
+    return result.pairs.filter(pc.field("kind") == "population").to_pylist()
+
+
+def test_prompts_are_grouped_by_normalised_text_or_prompt_id(result):
+    assert (
+        normalize_prompt("A red fox, at dawn!")
+        == normalize_prompt("a red  fox at dawn")
+        == "a red fox at dawn"
+    )
+    g = dict(
+        zip(result.images.column("image_id").to_pylist(), result.images.column("prompt_group").to_pylist())
+    )
+    assert g["A"] == g["B"] and g["C"] == g["D"] and g["A"] != g["C"]
+
+
+def test_clear_winner_is_emitted_tie_and_low_exposure_dropped(result):
+    pop = _pop(result)
+    assert [(p["winner_image_id"], p["loser_image_id"]) for p in pop] == [("A", "B")]
+    assert pop[0]["prob"] >= 0.99 and pop[0]["winner_uid"] and pop[0]["loser_uid"]
+    assert pop[0]["winner_rate"] > pop[0]["loser_rate"]
+    s = result.stats
+    assert s["pairs_dropped_low_exposure"] == 1  # E vs F: 10 exposures each
+    assert s["pairs_dropped_tie"] >= 1  # C vs D: identical rates
+    assert s["pairs_tested"] == 3 and s["pairs_dropped_tie"] + s["pairs_dropped_weak"] == 2
+
+
+def test_creator_self_engagement_is_ignored(result):
+    img = {r["image_id"]: r for r in result.images.to_pylist()}
+    assert img["G"]["n_like"] == 10 and img["G"]["n_remix"] == 0 and img["G"]["exposed"] == 100
+    assert result.stats["events_self_excluded"] == 15
+    assert not any("G" in (p["winner_image_id"], p["loser_image_id"]) for p in _pop(result))
+
+
+def test_self_engagement_counts_when_asked(tmp_path):
+    d = write_social_input(tmp_path, *_log())
+    r = build_social_pairs(
+        d,
+        None,
+        SocialConfig(min_exposure=50, exclude_self=False, export_webdataset=False, export_pickapic=False),
+    )
+    img = {x["image_id"]: x for x in r.images.to_pylist()}
+    assert img["G"]["n_like"] == 11 and img["G"]["n_remix"] == 1
+
+
+def test_bots_are_flagged_and_excluded(result):
+    s = result.stats
+    assert s["bots_flagged"] == 1 and s["events_bot_excluded"] == 1502
+    img = {r["image_id"]: r for r in result.images.to_pylist()}
+    assert img["H"]["n_like"] == 10 and img["H"]["n_remix"] == 0 and img["H"]["exposed"] == 100
+    assert "bot1" not in result.pairs.column("user_id").to_pylist()
+
+
+def test_per_user_pairs_and_user_sets(result):
+    users = result.pairs.filter(pc.field("kind") == "user").to_pylist()
+    assert [(p["user_id"], p["winner_image_id"], p["loser_image_id"]) for p in users] == [("a0", "A", "B")]
+    assert result.users.to_pylist() == [{"user_id": "a0", "n_pairs": 1, "n_groups": 1, "n_winner_images": 1}]
+    assert draw_user_sets(result.pairs, k=1).column("user_id").to_pylist() == ["a0"]
+    assert draw_user_sets(result.pairs, k=2).num_rows == 0
+
+
+def test_counts_reconcile(result):
+    s = result.stats
+    assert s["events_in"] == s["events_accepted"] + s["events_rejected"] and s["events_rejected"] == 0
+    assert s["image_rows_in"] == s["images_accepted"] + s["images_rejected"]
+
+
+def test_time_window_splits_prompt_groups(tmp_path):
+    images = [
+        {"image_id": "X", "prompt": "old fox", "created_at": "2026-11-01 00:00:00"},
+        {"image_id": "Y", "prompt": "Old fox!", "created_at": "2026-11-20 00:00:00"},
+    ]
+    d = write_social_input(tmp_path, images, [])
+    cfg = {"export_webdataset": False, "export_pickapic": False}
+    same = build_social_pairs(d, None, SocialConfig(**cfg)).images.column("prompt_group").to_pylist()
+    split = (
+        build_social_pairs(d, None, SocialConfig(window_days=7, **cfg))
+        .images.column("prompt_group")
+        .to_pylist()
+    )
+    assert same[0] == same[1] and split[0] != split[1]
+
+
+def test_normal_approximation_gives_the_same_decisions_here(tmp_path):
+    d = write_social_input(tmp_path, *_log())
+    r = build_social_pairs(
+        d,
+        None,
+        SocialConfig(min_exposure=50, prob_method="normal", export_webdataset=False, export_pickapic=False),
+    )
+    pop = r.pairs.filter(pc.field("kind") == "population").to_pylist()
+    assert [(p["winner_image_id"], p["loser_image_id"]) for p in pop] == [("A", "B")]
