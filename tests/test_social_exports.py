@@ -39,8 +39,11 @@ def test_both_kinds_of_pairs_exist(built):
 def test_pickapic_export_reads_with_datasets(built):
     datasets = pytest.importorskip("datasets")
     root, a, _ = built
-    ds = datasets.load_dataset("parquet", data_dir=str(root / "out_a" / "pickapic"), split="train")
-    assert ds.num_rows == a.pairs.num_rows
+    dd = datasets.load_dataset("parquet", data_dir=str(root / "out_a" / "pickapic"))
+    assert set(dd) == {"train", "validation"}
+    assert dd["train"].num_rows + dd["validation"].num_rows == a.pairs.num_rows
+    assert not set(dd["train"]["caption"]) & set(dd["validation"]["caption"])  # held out by prompt
+    ds = dd["train"]
     for col in (
         "jpg_0",
         "jpg_1",
@@ -67,12 +70,18 @@ def test_pickapic_export_reads_with_datasets(built):
 
 def test_webdataset_shards_read_back(built):
     root, a, _ = built
-    wd = root / "out_a" / "webdataset"
-    assert verify_manifest(wd) == []
-    m = read_manifest(wd)
-    assert m["num_samples"] == a.pairs.num_rows and len(m["shards"]) > 1
-    urls = [str(wd / s["name"]) for s in m["shards"]]
-    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    samples, groups = [], {}
+    for split in ("train", "eval"):
+        wd = root / "out_a" / "webdataset" / split
+        assert verify_manifest(wd) == []
+        m = read_manifest(wd)
+        assert m["split"] == split and m["num_samples"] > 0
+        urls = [str(wd / s["name"]) for s in m["shards"]]
+        got = list(wds.WebDataset(urls, shardshuffle=False))
+        assert len(got) == m["num_samples"]
+        groups[split] = {json.loads(x["json"])["prompt_group"] for x in got}
+        samples += got
+    assert not groups["train"] & groups["eval"]  # split by prompt group
     assert len(samples) == a.pairs.num_rows
     s = samples[0]
     meta = json.loads(s["json"])
@@ -86,8 +95,9 @@ def test_webdataset_shards_read_back(built):
 def test_same_input_and_config_give_identical_outputs(built):
     root, a, b = built
     assert a.pairs.equals(b.pairs) and a.users.equals(b.users) and a.rejects.equals(b.rejects)
-    ma, mb = read_manifest(root / "out_a" / "webdataset"), read_manifest(root / "out_b" / "webdataset")
-    assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
+    for split in ("train", "eval"):
+        ma, mb = read_manifest(root / "out_a" / "webdataset" / split), read_manifest(root / "out_b" / "webdataset" / split)
+        assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
     pa_, pb_ = (
         sorted((root / "out_a" / "pickapic").glob("*.parquet")),
         sorted((root / "out_b" / "pickapic").glob("*.parquet")),

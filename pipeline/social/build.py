@@ -322,6 +322,7 @@ def build_social_pairs(
         {
             "image_id": images.column("image_id"),
             "uid": images.column("uid"),
+            "path": images.column("path"),
             "prompt_group": images.column("prompt_group"),
             "prompt_key": images.column("prompt_key"),
             "creator_id": images.column("creator_id"),

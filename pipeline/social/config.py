@@ -51,6 +51,9 @@ class SocialConfig:
     export_pickapic: bool = True
     shard_max_count: int = 10_000
     seed: int = 0  # decides which side the winner goes to in exports (deterministic)
+    # held-out pairs for evaluation (reward-model accuracy, DPO implicit accuracy), split by
+    # prompt group so no prompt is in both splits
+    eval_fraction: float = 0.1
 
     def to_dict(self) -> dict:
         return asdict(self)

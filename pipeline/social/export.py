@@ -6,10 +6,13 @@ preferred image, 0.0 for the other."""
 
 from __future__ import annotations
 
+import hashlib
+
 import io
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from pipeline.ids import stable_key
 from pipeline.shards import write_manifest, write_shards
@@ -71,13 +74,33 @@ def _evidence(row: dict) -> dict:
     return {k: row[k] for k in keys}
 
 
+def split_of(prompt_group: str, eval_fraction: float, salt: str = "social-v1") -> str:
+    """'eval' for a deterministic eval_fraction of prompt groups, else 'train'."""
+    h = int(hashlib.sha256(f"{salt}\x1f{prompt_group}".encode()).hexdigest()[:8], 16) / 2**32
+    return "eval" if h < eval_fraction else "train"
+
+
+def split_pairs(pairs: pa.Table, eval_fraction: float) -> dict[str, pa.Table]:
+    """Pairs by split; a prompt group is wholly in one split."""
+    splits = [split_of(g, eval_fraction) for g in pairs.column("prompt_group").to_pylist()]
+    mask = pa.array([s == "eval" for s in splits])
+    return {"train": pairs.filter(pa.compute.invert(mask)), "eval": pairs.filter(mask)}
+
+
 def write_webdataset(
     pairs: pa.Table, image_info: dict, out_dir: Path, cfg, stats: dict | None = None
 ) -> Path:
-    """<pair_id>.0.jpg, <pair_id>.1.jpg, <pair_id>.json (caption, label_0, label_1, user_id, uids,
-    image ids, kind, evidence) in social-NNNNNN.tar, plus manifest.json."""
+    """Per split (out_dir/train, out_dir/eval, split by prompt group): <pair_id>.0.jpg,
+    <pair_id>.1.jpg, <pair_id>.json (caption, label_0, label_1, user_id, uids, image ids, kind,
+    evidence) in social-<split>-NNNNNN.tar, plus a manifest.json in each split folder."""
     cache = _ImageCache(image_info)
+    out_dir = Path(out_dir)
+    for split, part in split_pairs(pairs, cfg.eval_fraction).items():
+        _write_webdataset_split(part, cache, out_dir / split, split, cfg, stats)
+    return out_dir
 
+
+def _write_webdataset_split(pairs: pa.Table, cache, out_dir: Path, split: str, cfg, stats) -> None:
     def samples():
         for row, side in _sides(pairs, cfg.seed):
             ids = [row["winner_image_id"], row["loser_image_id"]]
@@ -104,14 +127,13 @@ def write_webdataset(
                     "uids": uids,
                     "winner_uid": row["winner_uid"],
                     "evidence": _evidence(row),
+                    "split": split,
                 },
             }
 
-    out_dir = Path(out_dir)
-    shards = write_shards(samples(), out_dir, "social", max_count=cfg.shard_max_count)
-    extra = {"counts": {k: v for k, v in (stats or {}).items() if isinstance(v, (int, float))}}
+    shards = write_shards(samples(), out_dir, f"social-{split}", max_count=cfg.shard_max_count)
+    extra = {"split": split, "counts": {k: v for k, v in (stats or {}).items() if isinstance(v, (int, float))}}
     write_manifest(out_dir, "social_pairs", shards, cfg.to_dict(), extra=extra)
-    return out_dir
 
 
 PICKAPIC_SCHEMA = pa.schema(
@@ -138,14 +160,23 @@ PICKAPIC_SCHEMA = pa.schema(
 
 
 def write_pickapic(pairs: pa.Table, image_info: dict, out_dir: Path, cfg) -> Path:
-    """Pick-a-Pic v2 columns in train-NNNNN-of-NNNNN.parquet files under out_dir, readable with
-    datasets.load_dataset("parquet", data_dir=out_dir) (split "train") and therefore with
-    diffusers' train_diffusion_dpo.py (--dataset_name=<out_dir> --dataset_split_name=train)."""
+    """Pick-a-Pic v2 columns in train-NNNNN-of-NNNNN.parquet and validation-NNNNN-of-NNNNN.parquet
+    files under out_dir (split by prompt group), readable with
+    datasets.load_dataset("parquet", data_dir=out_dir) (splits "train" and "validation") and
+    therefore with diffusers' train_diffusion_dpo.py (--dataset_name=<out_dir> --dataset_split_name=train)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("train-*.parquet"):
+    for old in [*out_dir.glob("train-*.parquet"), *out_dir.glob("validation-*.parquet")]:
         old.unlink()
     cache = _ImageCache(image_info)
+    parts = split_pairs(pairs, cfg.eval_fraction)
+    for split, name in (("train", "train"), ("eval", "validation")):
+        if parts[split].num_rows or split == "train":
+            _write_pickapic_split(parts[split], image_info, cache, out_dir, name, cfg)
+    return out_dir
+
+
+def _write_pickapic_split(pairs: pa.Table, image_info: dict, cache, out_dir: Path, name: str, cfg) -> None:
     per_file = max(1, cfg.shard_max_count)
     n_files = max(1, -(-pairs.num_rows // per_file))
     rows = list(_sides(pairs, cfg.seed))
@@ -176,5 +207,4 @@ def write_pickapic(pairs: pa.Table, image_info: dict, out_dir: Path, cfg) -> Pat
             cols["kind"].append(row["kind"])
             cols["prob"].append(row["prob"])
         table = pa.table(cols, schema=PICKAPIC_SCHEMA)
-        write_parquet_atomic(table, out_dir / f"train-{f:05d}-of-{n_files:05d}.parquet")
-    return out_dir
+        write_parquet_atomic(table, out_dir / f"{name}-{f:05d}-of-{n_files:05d}.parquet")
