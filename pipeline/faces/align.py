@@ -116,11 +116,18 @@ def warp_affine(image: np.ndarray, M: np.ndarray, size: tuple[int, int]) -> np.n
     """
     inv = invert_affine(M)
     A = inv[:, :2]
-    # PIL samples at A (x + 0.5) + c - 0.5 (pixel-centre convention): shift c to match cv2.
-    c = inv[:, 2] + 0.5 * A.sum(axis=1) - 0.5
+    # PIL samples the input at A (x + 0.5) + c - 0.5 (pixel-centre convention, and it floors
+    # the result); shift c so that it samples at A x + c like cv2 (checked in the tests).
+    c = inv[:, 2] - 0.5 * A.sum(axis=1) + 0.5
     data = (A[0, 0], A[0, 1], c[0], A[1, 0], A[1, 1], c[1])
     pil = Image.fromarray(np.ascontiguousarray(image))
-    out = pil.transform((int(size[0]), int(size[1])), Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR, fillcolor=0)
+    out = pil.transform(
+        (int(size[0]), int(size[1])),
+        Image.Transform.AFFINE,
+        data,
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=0,
+    )
     return np.asarray(out)
 
 
