@@ -36,7 +36,7 @@ run: $(STAMP)
 	$(PY) -m assets.run
 
 ui: $(STAMP)
-	mkdir -p $(LINEUP_HOME)/dagster
+	DAGSTER_HOME=$(LINEUP_HOME)/dagster $(PY) -m assets.instance
 	DAGSTER_HOME=$(LINEUP_HOME)/dagster $(VENV)/bin/dagster dev -w workspace.yaml
 
 bench: $(STAMP)

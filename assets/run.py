@@ -55,11 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import default_home
 
     home = default_home()
-    os.environ.setdefault("DAGSTER_HOME", str(home / "dagster"))
-    dagster_home = Path(os.environ["DAGSTER_HOME"])
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    if not (dagster_home / "dagster.yaml").exists():
-        (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    from assets.instance import ensure_dagster_home
+
+    ensure_dagster_home(home)
 
     import dagster as dg
 

@@ -62,7 +62,7 @@ How a pair is decided
 6. Test: posteriors Beta(alpha + score, beta + n_eff - score); P(rate_A > rate_B) by 128-point
    Gauss-Legendre quadrature of pdf_A * CDF_B (prob_method="quadrature", accurate to ~1e-6) or a
    normal approximation ("normal"). A pair needs both sides at n_eff >= min_exposure and
-   P >= level (default 0.99) one way or the other. Dropped pairs are counted: low exposure, group
+   P >= level (default 0.95) one way or the other. Dropped pairs are counted: low exposure, group
    overflow, tie (posterior means within tie_margin * prior mean) or weak evidence (the rest).
 7. Per-user pairs: the user engaged with A (score >= user_min_score) and was shown B of the same
    prompt group without any positive event on B; at most max_user_pairs_per_group per user and
@@ -70,9 +70,9 @@ How a pair is decided
 
 Outputs under out_dir: social_pairs.parquet (PAIR_SCHEMA), social_users.parquet,
 social_images.parquet (per-image evidence), social_rejects.parquet (REJECT_SCHEMA),
-social_stats.json, webdataset/ (social-NNNNNN.tar: <pair_id>.0.jpg, .1.jpg, .json with caption,
+social_stats.json, webdataset/{train,eval}/ (split by prompt group; social-<split>-NNNNNN.tar: <pair_id>.0.jpg, .1.jpg, .json with caption,
 label_0, label_1, user_id, uids and evidence; manifest.json) and pickapic/ (Pick-a-Pic v2
-columns in train-NNNNN-of-NNNNN.parquet, for datasets.load_dataset("parquet", data_dir=...)).
+columns in train-/validation-NNNNN-of-NNNNN.parquet, for datasets.load_dataset("parquet", data_dir=...)).
 """
 
 from pipeline.social.bayes import BetaPrior, fit_beta_prior, prob_greater
