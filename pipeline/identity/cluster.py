@@ -12,9 +12,13 @@ Methods (``method=``):
   into ``n_batches`` batches; a batch is updated at once from the current labels (asynchronous
   between batches, which avoids the two-colour oscillation of fully synchronous updates). Ties go
   to the smallest label. Stops when no label changes or after ``max_iter`` iterations.
-- ``"leiden"``: leidenalg on the same weighted graph, ``ModularityVertexPartition`` (default) or
-  ``CPMVertexPartition`` / ``RBConfigurationVertexPartition`` via ``leiden_partition`` and
-  ``resolution``; seeded.
+- ``"leiden"``: leidenalg on the same weighted graph, seeded. Default quality function:
+  ``RBConfigurationVertexPartition`` with ``resolution=0.2`` (modularity with a resolution
+  parameter). Plain modularity (``partition="modularity"``) splits large identities: on a
+  1,500-face synthetic mixture it cut the largest identity in two (BCubed F 0.82 vs 0.99 at 0.2);
+  CPM needs a resolution below the kNN graph's density k/n, so it either splits big identities
+  (0.01) or chains bridges (0.002). Other choices via ``partition`` ("modularity", "rb", "cpm")
+  and ``resolution``.
 - ``"infomap"``: optional (``pip install lineup[infomap]``; the infomap package is AGPL-3.0).
 - ``"connected_components"``: baseline; chains identities through any single bridge edge.
 
@@ -184,7 +188,7 @@ def _igraph_from_csr(A: sp.csr_matrix):
 
 
 def leiden(
-    A: sp.csr_matrix, partition: str = "modularity", resolution: float = 1.0, seed: int = 0, n_iterations: int = -1
+    A: sp.csr_matrix, partition: str = "rb", resolution: float = 0.2, seed: int = 0, n_iterations: int = -1
 ) -> tuple[np.ndarray, dict]:
     import leidenalg
 
@@ -200,7 +204,10 @@ def leiden(
     if partition != "modularity":
         kw["resolution_parameter"] = resolution
     part = leidenalg.find_partition(g, kinds[partition], **kw)
-    return np.asarray(part.membership, dtype=np.int64), {"quality": float(part.quality()), "partition": partition}
+    info = {"quality": float(part.quality()), "partition": partition}
+    if partition != "modularity":
+        info["resolution"] = resolution
+    return np.asarray(part.membership, dtype=np.int64), info
 
 
 def infomap(A: sp.csr_matrix, seed: int = 0, trials: int = 1) -> tuple[np.ndarray, dict]:

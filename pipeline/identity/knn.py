@@ -9,6 +9,14 @@ Backends (``backend=``):
 
 - ``"faiss-flat"``: exact, ``faiss.IndexFlatIP``. Queries are processed in blocks of
   ``block_size`` rows, so the working set is N x D (the index) + block x (k+1), never N x N.
+- ``"faiss-hnsw"`` (the approximate default): ``faiss.IndexHNSWFlat`` (inner product), M=32,
+  efConstruction=40. ``efSearch`` is calibrated at build time: starting at 32 it doubles (cap 1024)
+  until recall@k against exact search on ``calib_queries`` (500) sampled queries reaches
+  ``target_recall`` (0.95). Measured on the dlib-like synthetic mixture (synth.py), N=100k: M=32
+  efSearch=64 gives recall@10 0.963 (build 6 s, search 4 s on 2 cores) where IVF-Flat
+  (nlist=1265) needed nprobe=38 and 26 s of search for 0.959. With ``deterministic=True``
+  (default) the graph is built single-threaded, because a multi-threaded HNSW build is not
+  reproducible; search stays multi-threaded (it is deterministic per query).
 - ``"faiss-ivf"``: approximate, ``faiss.IndexIVFFlat`` (inner product). Parameters from N:
   ``nlist = round(4 * sqrt(N))`` coarse cells (clamped to [1, N // 39]) trained with k-means on
   a deterministic sample of ``min(N, 64 * nlist)`` vectors (seeded); ``nprobe`` is calibrated
@@ -22,11 +30,21 @@ Backends (``backend=``):
   ``torch.cuda.is_available()`` (else on CPU). Both queries and database are streamed in blocks,
   so a memory-mapped .npy never has to be loaded whole.
 - ``"auto"``: faiss-gpu if faiss sees a GPU; else torch on CUDA if torch sees one; else
-  faiss-flat when N <= ``exact_max`` (default 50,000) and faiss-ivf above.
+  faiss-flat when N <= ``exact_max`` (default 50,000); above it faiss-ivf when
+  ``recall_min_similarity`` is given (build_identities passes the clustering threshold), else
+  faiss-hnsw.
+
+``recall_min_similarity``: when set, the approximate backends calibrate their search effort on
+the recall of the exact neighbours whose similarity is >= this floor (the only edges a
+thresholded clustering keeps) instead of plain recall@k. Measured at N=100k (dlib-like
+synthetic, floor 0.93, 2 shared cores): IVF nprobe=8 of 1265 reached 0.951 recall above the
+floor (plain recall@10 0.864) in 13.6 CPU-s with Chinese-whispers BCubed F 0.989, vs HNSW
+(deterministic build) 17.0 CPU-s, plain recall@10 0.936, BCubed F 0.983.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,7 +54,9 @@ import numpy as np
 
 EXACT_MAX_DEFAULT = 50_000
 DEFAULT_BLOCK = 16_384
-BACKENDS = ("auto", "faiss-flat", "faiss-ivf", "faiss-gpu", "torch")
+BACKENDS = ("auto", "faiss-flat", "faiss-hnsw", "faiss-ivf", "faiss-gpu", "torch")
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 40
 
 
 @dataclass
@@ -138,7 +158,7 @@ def knn_faiss_flat(E: np.ndarray, k: int, block_size: int = DEFAULT_BLOCK, gpu: 
 
 def ivf_params(N: int) -> dict:
     """IVF-Flat parameters chosen from N (see module docstring)."""
-    nlist = int(round(4 * math.sqrt(N)))
+    nlist = round(4 * math.sqrt(N))
     nlist = max(1, min(nlist, N // 39 if N >= 39 else 1))
     return {"nlist": nlist, "nprobe_start": max(8, nlist // 64), "train_size": min(N, 64 * nlist)}
 
@@ -163,9 +183,10 @@ def exact_neighbours_of(E: np.ndarray, queries: np.ndarray, k: int, block_size: 
     for s in range(0, N, block_size):
         e = min(N, s + block_size)
         sims = Q @ _block(E, s, e).T
-        ids = np.broadcast_to(np.arange(s, e, dtype=np.int64), sims.shape)
-        allS = np.concatenate([best_S, sims], 1)
-        allI = np.concatenate([best_I, ids], 1)
+        kk = min(k + 1, sims.shape[1])
+        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        allS = np.concatenate([best_S, np.take_along_axis(sims, part, 1)], 1)
+        allI = np.concatenate([best_I, part.astype(np.int64) + s], 1)
         top = np.argsort(-allS, axis=1, kind="stable")[:, : k + 1]
         best_S = np.take_along_axis(allS, top, 1)
         best_I = np.take_along_axis(allI, top, 1)
@@ -173,7 +194,7 @@ def exact_neighbours_of(E: np.ndarray, queries: np.ndarray, k: int, block_size: 
     for r, q in enumerate(queries):
         row = best_I[r][best_I[r] != q][:k]
         out[r, : len(row)] = row
-        out[r, len(row):] = -1
+        out[r, len(row) :] = -1
     return out
 
 
@@ -185,6 +206,7 @@ def knn_faiss_ivf(
     calib_queries: int = 500,
     nprobe: int | None = None,
     seed: int = 0,
+    min_sim: float | None = None,
 ):
     faiss = _faiss()
     N, D = E.shape
@@ -203,21 +225,91 @@ def knn_faiss_ivf(
     info = dict(p, train_s=train_s, add_s=add_s)
     if nprobe is None:
         t = time.perf_counter()
-        q = np.sort(rng.choice(N, size=min(calib_queries, N), replace=False))
-        exact = exact_neighbours_of(E, q, k)
-        Q = np.ascontiguousarray(E[q], dtype=np.float32)
-        nprobe = min(p["nprobe_start"], p["nlist"])
-        while True:
-            index.nprobe = nprobe
-            _, Ia = index.search(Q, k + 1)
-            Ia, _ = _drop_self_rows(Ia.astype(np.int64), q, k)
-            rec = recall_at_k(Ia, exact)
-            if rec >= target_recall or nprobe >= p["nlist"]:
-                break
-            nprobe = min(p["nlist"], nprobe * 2)
-        info.update(calib_recall=rec, calib_queries=len(q), calib_s=time.perf_counter() - t)
+
+        def _set(v):
+            index.nprobe = v
+
+        start = 1 if min_sim is not None else p["nprobe_start"]
+        nprobe, rec, nq = _calibrate(
+            index, _set, start, p["nlist"], E, k, target_recall, calib_queries, rng, min_sim
+        )
+        info.update(
+            calib_recall=rec, calib_queries=nq, calib_s=time.perf_counter() - t, calib_min_sim=min_sim
+        )
     index.nprobe = nprobe
     info["nprobe"] = nprobe
+    t = time.perf_counter()
+    I, S = _search_blocked(index, E, k, block_size)
+    info["search_s"] = time.perf_counter() - t
+    return I, S, info
+
+
+def _calibrate(index, set_param, start: int, cap: int, E, k, target_recall, calib_queries, rng, min_sim=None):
+    """Double a search-effort parameter until recall on sampled queries reaches ``target_recall``.
+
+    With ``min_sim`` the recall counts only exact neighbours with similarity >= min_sim (the edges
+    a thresholded clustering keeps); otherwise plain recall@k."""
+    q = np.sort(rng.choice(E.shape[0], size=min(calib_queries, E.shape[0]), replace=False))
+    exact = exact_neighbours_of(E, q, k)
+    if min_sim is not None:
+        for r, qq in enumerate(q):
+            ex = exact[r]
+            valid = ex >= 0
+            sims = np.full(len(ex), -np.inf, dtype=np.float32)
+            sims[valid] = np.asarray(E[ex[valid]], dtype=np.float32) @ np.asarray(E[qq], dtype=np.float32)
+            exact[r, sims < min_sim] = -1
+    Q = np.ascontiguousarray(E[q], dtype=np.float32)
+    v = min(start, cap)
+    while True:
+        set_param(v)
+        _, Ia = index.search(Q, k + 1)
+        Ia, _ = _drop_self_rows(Ia.astype(np.int64), q, k)
+        rec = recall_at_k(Ia, exact) if (exact >= 0).any() else 1.0
+        if rec >= target_recall or v >= cap:
+            return v, rec, len(q)
+        v = min(cap, v * 2)
+
+
+def knn_faiss_hnsw(
+    E: np.ndarray,
+    k: int,
+    block_size: int = DEFAULT_BLOCK,
+    target_recall: float = 0.95,
+    calib_queries: int = 500,
+    ef_search: int | None = None,
+    seed: int = 0,
+    deterministic: bool = True,
+    min_sim: float | None = None,
+):
+    faiss = _faiss()
+    _N, D = E.shape
+    index = faiss.IndexHNSWFlat(D, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    info: dict = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "deterministic_build": deterministic}
+    t = time.perf_counter()
+    nthreads = faiss.omp_get_max_threads()
+    if deterministic:
+        faiss.omp_set_num_threads(1)
+    try:
+        _add_blocked(index, E, block_size)
+    finally:
+        faiss.omp_set_num_threads(nthreads)
+    info["add_s"] = time.perf_counter() - t
+    if ef_search is None:
+        t = time.perf_counter()
+        rng = np.random.default_rng(seed)
+
+        def _set(v):
+            index.hnsw.efSearch = v
+
+        ef_search, rec, nq = _calibrate(
+            index, _set, max(32, k + 1), 1024, E, k, target_recall, calib_queries, rng, min_sim
+        )
+        info.update(
+            calib_recall=rec, calib_queries=nq, calib_s=time.perf_counter() - t, calib_min_sim=min_sim
+        )
+    index.hnsw.efSearch = max(ef_search, k + 1)
+    info["efSearch"] = index.hnsw.efSearch
     t = time.perf_counter()
     I, S = _search_blocked(index, E, k, block_size)
     info["search_s"] = time.perf_counter() - t
@@ -232,7 +324,9 @@ def _drop_self_rows(I: np.ndarray, qids: np.ndarray, k: int) -> tuple[np.ndarray
     return out, None
 
 
-def knn_torch(E: np.ndarray, k: int, block_size: int = 8192, db_block_size: int = 65_536, device: str | None = None):
+def knn_torch(
+    E: np.ndarray, k: int, block_size: int = 8192, db_block_size: int = 65_536, device: str | None = None
+):
     """Exact kNN by blocked matrix product + top-k (CUDA if available, else CPU)."""
     import torch
 
@@ -277,20 +371,31 @@ def knn_torch(E: np.ndarray, k: int, block_size: int = 8192, db_block_size: int 
     return I, S, device
 
 
-def choose_backend(N: int, exact_max: int = EXACT_MAX_DEFAULT) -> str:
-    try:
+def _nvidia_present() -> bool:
+    """Cheap check before importing torch (an import costs seconds and ~0.5 GB RSS on CPU boxes)."""
+    import os
+    import shutil
+
+    return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
+
+
+def choose_backend(
+    N: int, exact_max: int = EXACT_MAX_DEFAULT, recall_min_similarity: float | None = None
+) -> str:
+    with contextlib.suppress(Exception):  # a broken GPU stack falls back to CPU
         if _faiss().get_num_gpus() > 0:
             return "faiss-gpu"
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        import torch
+    if _nvidia_present():
+        with contextlib.suppress(Exception):
+            import torch
 
-        if torch.cuda.is_available():
-            return "torch"
-    except Exception:  # noqa: BLE001
-        pass
-    return "faiss-flat" if N <= exact_max else "faiss-ivf"
+            if torch.cuda.is_available():
+                return "torch"
+    if N <= exact_max:
+        return "faiss-flat"
+    # with a similarity floor IVF needs few probes (the kept edges join tight groups that share a
+    # cell) and is deterministic with multi-threaded build; for plain recall@k HNSW is cheaper
+    return "faiss-ivf" if recall_min_similarity is not None else "faiss-hnsw"
 
 
 def knn_graph(
@@ -302,6 +407,8 @@ def knn_graph(
     target_recall: float = 0.95,
     nprobe: int | None = None,
     seed: int = 0,
+    deterministic: bool = True,
+    recall_min_similarity: float | None = None,
 ) -> KnnGraph:
     """kNN graph (self excluded) of L2-normalised float32 embeddings; see the module docstring."""
     E = _check(load_embeddings(embeddings))
@@ -313,15 +420,34 @@ def knn_graph(
     if N == 0:
         return KnnGraph(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), "none", {}, 0.0)
     if backend == "auto":
-        backend = choose_backend(N, exact_max)
+        backend = choose_backend(N, exact_max, recall_min_similarity)
     t = time.perf_counter()
     params: dict = {"k": k, "block_size": block_size}
     if backend == "faiss-flat":
         I, S = knn_faiss_flat(E, k, block_size)
     elif backend == "faiss-gpu":
         I, S = knn_faiss_flat(E, k, block_size, gpu=True)
+    elif backend == "faiss-hnsw":
+        I, S, info = knn_faiss_hnsw(
+            E,
+            k,
+            block_size,
+            target_recall=target_recall,
+            seed=seed,
+            deterministic=deterministic,
+            min_sim=recall_min_similarity,
+        )
+        params.update(info)
     elif backend == "faiss-ivf":
-        I, S, info = knn_faiss_ivf(E, k, block_size, target_recall=target_recall, nprobe=nprobe, seed=seed)
+        I, S, info = knn_faiss_ivf(
+            E,
+            k,
+            block_size,
+            target_recall=target_recall,
+            nprobe=nprobe,
+            seed=seed,
+            min_sim=recall_min_similarity,
+        )
         params.update(info)
     else:
         I, S, device = knn_torch(E, k, block_size=min(block_size, 8192))

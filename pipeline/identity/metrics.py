@@ -21,7 +21,9 @@ def _f(p: float, r: float) -> float:
     return 0.0 if p + r == 0 else 2 * p * r / (p + r)
 
 
-def contingency(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def contingency(
+    pred: np.ndarray, true: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(pred ids, true ids, n_ij) for non-zero cells, plus pred sizes a and true sizes b indexed by cell."""
     pred = np.asarray(pred)
     true = np.asarray(true)
@@ -41,7 +43,7 @@ def contingency(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def pairwise_prf(pred, true) -> dict:
-    ci, cj, nij, a, b = contingency(pred, true)
+    _ci, _cj, nij, a, b = contingency(pred, true)
     tp = float((nij * (nij - 1) / 2).sum())
     pp = float((a * (a - 1) / 2).sum())
     tt = float((b * (b - 1) / 2).sum())
@@ -80,6 +82,6 @@ def evaluate(pred, true) -> dict:
     out.update(pairwise_prf(pred, true))
     out.update(bcubed_prf(pred, true))
     out["nmi"] = nmi(pred, true)
-    out["n_pred_clusters"] = int(len(np.unique(pred)))
-    out["n_true_clusters"] = int(len(np.unique(true)))
+    out["n_pred_clusters"] = len(np.unique(pred))
+    out["n_true_clusters"] = len(np.unique(true))
     return out

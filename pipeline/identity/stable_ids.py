@@ -75,15 +75,15 @@ def churn_stats(keys: np.ndarray, new_ids: np.ndarray, prev_keys: np.ndarray, pr
     new_set = set(new_ids.tolist())
     old_set = set(prev_ids.tolist())
     return {
-        "faces_previous": int(len(prev_keys)),
-        "faces_now": int(len(keys)),
+        "faces_previous": len(prev_keys),
+        "faces_now": len(keys),
         "faces_in_both": int(common),
         "faces_id_changed": int(changed),
         "faces_new": int(len(keys) - common),
         "faces_removed": int(len(prev_keys) - common),
-        "ids_kept": int(len(new_set & old_set)),
-        "ids_created": int(len(new_set - old_set)),
-        "ids_retired": int(len(old_set - new_set)),
+        "ids_kept": len(new_set & old_set),
+        "ids_created": len(new_set - old_set),
+        "ids_retired": len(old_set - new_set),
     }
 
 
@@ -234,5 +234,5 @@ def assign_incremental(
             ids[p] = mapping[lab]
     stats = churn_stats(keys, ids, np.asarray(prev_keys), np.asarray(prev_ids).astype(str))
     stats["new_faces_assigned_existing"] = n_voted
-    stats["new_faces_new_ids"] = int(len(rest))
+    stats["new_faces_new_ids"] = len(rest)
     return ids, stats

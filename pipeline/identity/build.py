@@ -1,0 +1,260 @@
+"""Entry point for the ``identities`` asset: kNN graph -> clustering -> stable ids -> tables.
+
+Determinism: faces are sorted by (uid, face_index) before anything else, so the output does not
+depend on input row order; every random step is seeded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from .cluster import DEFAULT_METHOD, cluster_graph, default_threshold
+from .knn import knn_graph, load_embeddings
+from .stable_ids import assign_incremental, face_keys, format_id, map_to_previous
+
+ASSIGNMENTS_SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("face_index", pa.int32()),
+        ("identity_id", pa.string()),
+        ("cluster_size", pa.int64()),
+        ("sim_to_centroid", pa.float32()),  # cosine to the identity's mean direction
+        ("nn_similarity", pa.float32()),  # similarity to the nearest other face (any identity)
+    ]
+)
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("identity_id", pa.string()),
+        ("size", pa.int64()),
+        ("mean_intra_similarity", pa.float32()),  # mean pairwise cosine among members (null for size 1)
+        ("representative_uid", pa.string()),
+        ("representative_face_index", pa.int32()),
+    ]
+)
+
+
+@dataclass
+class IdentityResult:
+    assignments: pa.Table  # ASSIGNMENTS_SCHEMA, one row per face, sorted by (uid, face_index)
+    summary: pa.Table  # SUMMARY_SCHEMA, one row per identity, sorted by identity_id
+    stats: dict = field(default_factory=dict)
+    graph: object | None = None  # the KnnGraph (rows in (uid, face_index) order) when return_graph=True
+
+
+def _cluster_stats(E: np.ndarray, labels: np.ndarray, C: int, block: int = 65_536):
+    """Per cluster: size, centroid (sum), mean pairwise similarity, per face sim to centroid."""
+    D = E.shape[1]
+    sums = np.zeros((C, D), dtype=np.float64)
+    for s in range(0, E.shape[0], block):
+        e = min(E.shape[0], s + block)
+        np.add.at(sums, labels[s:e], np.asarray(E[s:e], dtype=np.float64))
+    sizes = np.bincount(labels, minlength=C).astype(np.int64)
+    sq = (sums**2).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # sum_{i != j} <e_i, e_j> = |sum|^2 - n for unit vectors
+        mean_intra = np.where(sizes > 1, (sq - sizes) / (sizes * (sizes - 1.0)), np.nan)
+    norms = np.sqrt(np.maximum(sq, 1e-30))
+    sim_c = np.empty(E.shape[0], dtype=np.float32)
+    for s in range(0, E.shape[0], block):
+        e = min(E.shape[0], s + block)
+        lab = labels[s:e]
+        sim_c[s:e] = (np.asarray(E[s:e], dtype=np.float64) * sums[lab]).sum(1) / norms[lab]
+    return sizes, mean_intra, sim_c, sums
+
+
+def _doubtful_pairs(E, labels, sim_c, sizes, n_pairs=20, n_candidates=200, max_scan=20_000):
+    """Pairs in the same identity with the lowest similarity (candidates: faces farthest from centroid)."""
+    multi = sizes[labels] > 1
+    cand = np.flatnonzero(multi)
+    if len(cand) == 0:
+        return []
+    cand = cand[np.argsort(sim_c[cand], kind="stable")[:n_candidates]]
+    order = np.argsort(labels, kind="stable")
+    starts = np.searchsorted(labels[order], np.arange(labels.max() + 2))
+    pairs = {}
+    for i in cand.tolist():
+        c = labels[i]
+        members = order[starts[c] : starts[c + 1]][:max_scan]
+        members = members[members != i]
+        sims = np.asarray(E[members], dtype=np.float32) @ np.asarray(E[i], dtype=np.float32)
+        j = int(members[int(np.argmin(sims))])
+        key = (min(i, j), max(i, j))
+        pairs[key] = float(sims.min())
+    out = sorted(pairs.items(), key=lambda kv: (kv[1], kv[0]))[:n_pairs]
+    return [(a, b, s) for (a, b), s in out]
+
+
+def build_identities(
+    uids,
+    face_indices,
+    embeddings: np.ndarray | str,
+    previous: pa.Table | None = None,
+    method: str = DEFAULT_METHOD,
+    threshold: float | None = None,
+    backend_name: str = "dlib",
+    k: int = 10,
+    knn_backend: str = "auto",
+    mode: str = "recluster",
+    min_overlap: int = 1,
+    seed: int = 0,
+    n_hist_samples: int = 100_000,
+    n_doubtful: int = 20,
+    return_graph: bool = False,
+    **cluster_kwargs,
+) -> IdentityResult:
+    """Cluster faces into identities with ids stable across refreshes.
+
+    uids, face_indices: one per face (row i of ``embeddings``); embeddings: N x D float32,
+    L2-normalised (array or .npy path, memory-mapped). ``previous``: the last assignments table
+    (needs uid, face_index, identity_id) or None. ``mode``: "recluster" (cluster everything, then
+    map clusters onto previous ids by Hungarian overlap) or "incremental" (previous faces keep their
+    ids, new faces join an existing identity by kNN vote or form new ones). ``threshold`` defaults
+    to the per-backend value in :data:`pipeline.identity.cluster.DEFAULT_THRESHOLDS`.
+    """
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    thr = default_threshold(backend_name) if threshold is None else float(threshold)
+    E0 = load_embeddings(embeddings)
+    uids = np.asarray(uids).astype(str)
+    face_indices = np.asarray(face_indices, dtype=np.int64)
+    N = len(uids)
+    if E0.shape[0] != N or len(face_indices) != N:
+        raise ValueError(
+            f"uids ({N}), face_indices ({len(face_indices)}) and embeddings ({E0.shape[0]}) differ"
+        )
+    if mode not in ("recluster", "incremental"):
+        raise ValueError("mode must be 'recluster' or 'incremental'")
+
+    t = time.perf_counter()
+    order = np.lexsort((face_indices, uids))
+    keys_sorted = face_keys(uids[order], face_indices[order])
+    if len(np.unique(keys_sorted)) != N:
+        raise ValueError("duplicate (uid, face_index) rows")
+    identity_order = np.array_equal(order, np.arange(N))
+    E = E0 if identity_order else np.ascontiguousarray(E0[order], dtype=np.float32)
+    uids_s, fidx_s = uids[order], face_indices[order]
+    timings["sort_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    g = knn_graph(E, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr)
+    timings["knn_s"] = time.perf_counter() - t
+
+    stats: dict = {"n_faces": N, "method": method, "threshold": thr, "backend_name": backend_name, "k": k}
+    stats["knn_backend"] = g.backend
+    stats["knn_params"] = g.params
+
+    prev_keys = prev_ids = None
+    if previous is not None and previous.num_rows:
+        prev_keys = face_keys(previous.column("uid").to_pylist(), previous.column("face_index").to_pylist())
+        prev_ids = np.asarray(previous.column("identity_id").to_pylist(), dtype=object).astype(str)
+
+    t = time.perf_counter()
+    if prev_keys is not None and mode == "incremental":
+
+        def _cluster_new(Esub):
+            gs = knn_graph(Esub, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr)
+            return cluster_graph(
+                gs.indices, gs.similarities, method=method, threshold=thr, seed=seed, **cluster_kwargs
+            ).labels
+
+        ids, churn = assign_incremental(
+            E, keys_sorted, prev_keys, prev_ids, thr, k=k, cluster_new=_cluster_new
+        )
+        _, labels = np.unique(ids.astype(str), return_inverse=True)
+        labels = labels.ravel().astype(np.int64)
+        stats["churn"] = churn
+        stats["cluster_info"] = {"mode": "incremental"}
+    else:
+        cl = cluster_graph(
+            g.indices, g.similarities, method=method, threshold=thr, seed=seed, **cluster_kwargs
+        )
+        labels = cl.labels
+        stats["cluster_info"] = dict(cl.info, n_edges=cl.n_edges)
+        if prev_keys is not None:
+            ids, churn = map_to_previous(labels, keys_sorted, prev_keys, prev_ids, min_overlap=min_overlap)
+            stats["churn"] = churn
+        else:
+            ids = np.array([format_id(c) for c in labels.tolist()], dtype=object)
+            stats["churn"] = None
+    timings["cluster_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    C = int(labels.max()) + 1 if N else 0
+    sizes, mean_intra, sim_c, _ = _cluster_stats(E, labels, C)
+    # representative: face closest to its centroid (ties -> first in (uid, face_index) order)
+    rep = np.full(C, -1, dtype=np.int64)
+    best = np.full(C, -np.inf)
+    o = np.lexsort((np.arange(N), -sim_c.astype(np.float64), labels))
+    first = np.ones(N, dtype=bool)
+    first[1:] = labels[o][1:] != labels[o][:-1]
+    rep[labels[o][first]] = o[first]
+    del best
+    id_of_label = np.empty(C, dtype=object)
+    id_of_label[labels] = ids
+
+    nn_sim = g.similarities[:, 0] if g.k and N > 1 else np.full(N, np.nan, np.float32)
+    nn_sim = np.where(np.isfinite(nn_sim), nn_sim, np.nan).astype(np.float32)
+    assignments = pa.table(
+        {
+            "uid": pa.array(uids_s, pa.string()),
+            "face_index": pa.array(fidx_s.astype(np.int32), pa.int32()),
+            "identity_id": pa.array(ids.tolist(), pa.string()),
+            "cluster_size": pa.array(sizes[labels], pa.int64()),
+            "sim_to_centroid": pa.array(sim_c, pa.float32()),
+            "nn_similarity": pa.array(nn_sim, pa.float32()),
+        },
+        schema=ASSIGNMENTS_SCHEMA,
+    )
+    srt = np.argsort(id_of_label.astype(str), kind="stable")
+    summary = pa.table(
+        {
+            "identity_id": pa.array(id_of_label[srt].tolist(), pa.string()),
+            "size": pa.array(sizes[srt], pa.int64()),
+            "mean_intra_similarity": pa.array(
+                mean_intra[srt].astype(np.float32), pa.float32(), mask=~np.isfinite(mean_intra[srt])
+            ),
+            "representative_uid": pa.array(uids_s[rep[srt]], pa.string()),
+            "representative_face_index": pa.array(fidx_s[rep[srt]].astype(np.int32), pa.int32()),
+        },
+        schema=SUMMARY_SCHEMA,
+    )
+
+    # similarity distributions over kNN edges: within vs across identities (for histograms)
+    valid = g.indices >= 0
+    rows = np.broadcast_to(np.arange(N)[:, None], g.indices.shape)[valid]
+    cols = g.indices[valid]
+    sims = g.similarities[valid]
+    same = labels[rows] == labels[cols]
+    rng = np.random.default_rng(seed)
+
+    def _sample(x):
+        if len(x) > n_hist_samples:
+            x = x[np.sort(rng.choice(len(x), n_hist_samples, replace=False))]
+        return x.astype(np.float32)
+
+    stats["similarity_within"] = _sample(sims[same])
+    stats["similarity_across"] = _sample(sims[~same])
+    stats["similarity_note"] = "kNN-edge similarities (each face's k nearest), sampled to n_hist_samples"
+    dp = _doubtful_pairs(E, labels, sim_c, sizes, n_pairs=n_doubtful)
+    stats["doubtful_merges"] = [
+        {
+            "identity_id": str(id_of_label[labels[a]]),
+            "uid_a": str(uids_s[a]),
+            "face_index_a": int(fidx_s[a]),
+            "uid_b": str(uids_s[b]),
+            "face_index_b": int(fidx_s[b]),
+            "similarity": s,
+        }
+        for a, b, s in dp
+    ]
+    stats["n_identities"] = C
+    stats["n_singletons"] = int((sizes == 1).sum())
+    stats["largest_identity"] = int(sizes.max()) if C else 0
+    timings["tables_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_all
+    stats["timings"] = timings
+    return IdentityResult(assignments, summary, stats, g if return_graph else None)

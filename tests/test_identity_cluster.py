@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+
+from pipeline.identity.cluster import (
+    DEFAULT_THRESHOLDS,
+    cluster_graph,
+    default_threshold,
+    infomap,
+    threshold_graph,
+)
+from pipeline.identity.knn import knn_graph
+from pipeline.identity.metrics import evaluate
+from pipeline.identity.synth import make_mixture
+
+
+def _unit(x):
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("method", ["chinese_whispers", "leiden", "connected_components"])
+def test_synthetic_mixture_recovered(method):
+    m = make_mixture(3000, seed=1)
+    g = knn_graph(m.embeddings, k=10, backend="faiss-flat")
+    c = cluster_graph(g.indices, g.similarities, method=method, threshold=DEFAULT_THRESHOLDS["dlib"])
+    e = evaluate(c.labels, m.labels)
+    assert e["bcubed_f"] >= 0.95, e
+
+
+def _bridge_case(seed=0):
+    """Two tight groups (centres at cosine 0.8) plus one face halfway (cosine ~0.95 to both)."""
+    rng = np.random.default_rng(seed)
+    d = 32
+    a = _unit(rng.standard_normal(d))
+    r = rng.standard_normal(d)
+    r = _unit(r - (r @ a) * a)
+    b = _unit(0.8 * a + 0.6 * r)  # cos(a, b) = 0.8
+    mid = _unit(a + b)  # cos(mid, a) = cos(mid, b) ~ 0.949
+    A = _unit(a + 0.05 * rng.standard_normal((25, d)) / np.sqrt(d))
+    B = _unit(b + 0.05 * rng.standard_normal((25, d)) / np.sqrt(d))
+    E = np.vstack([A, B, mid[None]]).astype(np.float32)
+    truth = np.array([0] * 25 + [1] * 25 + [2])
+    return E, truth
+
+
+def test_bridge_chains_components_but_not_cw_or_leiden():
+    E, _truth = _bridge_case()
+    g = knn_graph(E, k=10, backend="faiss-flat")
+    thr = 0.93
+    cc = cluster_graph(g.indices, g.similarities, method="connected_components", threshold=thr).labels
+    assert len(np.unique(cc)) == 1  # the bridge chains both groups
+    for method in ("chinese_whispers", "leiden"):
+        lab = cluster_graph(g.indices, g.similarities, method=method, threshold=thr).labels
+        assert len(np.unique(lab[:25])) == 1 and len(np.unique(lab[25:50])) == 1, method
+        assert lab[0] != lab[25], method  # the two groups stay apart
+
+
+def test_deterministic_and_canonical():
+    m = make_mixture(2000, seed=5)
+    g = knn_graph(m.embeddings, k=10, backend="faiss-flat")
+    for method in ("chinese_whispers", "leiden"):
+        a = cluster_graph(g.indices, g.similarities, method=method, threshold=0.93, seed=7).labels
+        b = cluster_graph(g.indices, g.similarities, method=method, threshold=0.93, seed=7).labels
+        np.testing.assert_array_equal(a, b)
+        assert a[0] == 0 and a.max() + 1 == len(np.unique(a))
+        # canonical: cluster ids appear in increasing order of first member
+        _, first = np.unique(a, return_index=True)
+        assert (np.diff(first) > 0).all()
+
+
+def test_singletons_keep_own_cluster_and_threshold_graph():
+    E = _unit(np.eye(6, 8, dtype=np.float32))  # orthogonal: no edge above threshold
+    g = knn_graph(E, k=3, backend="faiss-flat")
+    c = cluster_graph(g.indices, g.similarities, threshold=0.5)
+    assert c.labels.tolist() == list(range(6)) and c.n_edges == 0
+    A = threshold_graph(np.array([[1], [0], [-1]]), np.array([[0.9], [0.95], [-np.inf]], np.float32), 0.5)
+    assert (A != A.T).nnz == 0 and A[0, 1] == pytest.approx(0.95)
+
+
+def test_default_thresholds_and_errors():
+    assert default_threshold("dlib") == 0.93 and 0.4 <= default_threshold("arcface") <= 0.5
+    with pytest.raises(ValueError):
+        default_threshold("unknown")
+    with pytest.raises(ValueError):
+        cluster_graph(np.zeros((2, 1), np.int64), np.zeros((2, 1), np.float32), method="kmeans")
+
+
+def test_infomap_optional_message(monkeypatch):
+    import builtins
+
+    import scipy.sparse as sp
+
+    real_import = builtins.__import__
+
+    def fake(name, *a, **kw):
+        if name == "infomap":
+            raise ImportError("no infomap")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ImportError, match=r"lineup\[infomap\]"):
+        infomap(sp.csr_matrix((3, 3)))
+
+
+def test_infomap_runs_if_installed():
+    pytest.importorskip("infomap")
+    E, _truth = _bridge_case()
+    g = knn_graph(E, k=10, backend="faiss-flat")
+    lab = cluster_graph(g.indices, g.similarities, method="infomap", threshold=0.93).labels
+    assert lab[0] != lab[25]

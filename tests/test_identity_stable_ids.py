@@ -1,0 +1,103 @@
+import numpy as np
+import pyarrow as pa
+
+from pipeline.identity.build import build_identities
+from pipeline.identity.stable_ids import format_id, map_to_previous, next_id_number
+from pipeline.identity.synth import make_mixture
+
+
+def _faces(n=1500, seed=11):
+    m = make_mixture(n, seed=seed)
+    uids = np.array([f"img{i:05d}" for i in range(n)])
+    return uids, np.zeros(n, np.int64), m.embeddings, m.labels
+
+
+def _ids(result):
+    t = result.assignments
+    return dict(
+        zip(
+            zip(t.column("uid").to_pylist(), t.column("face_index").to_pylist()),
+            t.column("identity_id").to_pylist(),
+        )
+    )
+
+
+def test_id_format():
+    assert format_id(123) == "id-000123"
+    assert next_id_number(["id-000004", "id-000010", "other"]) == 11
+    assert next_id_number([]) == 0
+
+
+def test_incremental_keeps_old_ids_and_assigns_known_people():
+    uids, fidx, E, y = _faces()
+    old = np.arange(len(uids)) < 1000
+    first = build_identities(uids[old], fidx[old], E[old])
+    before = _ids(first)
+    second = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental")
+    after = _ids(second)
+    # old faces keep their ids
+    assert all(after[k] == v for k, v in before.items())
+    churn = second.stats["churn"]
+    assert churn["faces_id_changed"] == 0 and churn["faces_new"] == 500 and churn["ids_retired"] == 0
+    # new faces of identities already seen get an existing id (that of their identity's majority)
+    lab_of = {(u, 0): int(l) for u, l in zip(uids, y)}
+    maj = {}
+    for k, v in before.items():
+        maj.setdefault(lab_of[k], []).append(v)
+    maj = {l: max(set(v), key=v.count) for l, v in maj.items() if len(v) >= 3}
+    new_keys = [(u, 0) for u in uids[~old] if lab_of[(u, 0)] in maj]
+    agree = np.mean([after[k] == maj[lab_of[k]] for k in new_keys])
+    assert len(new_keys) > 100 and agree >= 0.95
+    # unseen people get ids after the largest previous one
+    start = next_id_number(before.values())
+    fresh = {after[(u, 0)] for u in uids[~old]} - set(before.values())
+    assert fresh and all(int(i[3:]) >= start for i in fresh)
+
+
+def test_recluster_with_permuted_order_maps_back():
+    uids, fidx, E, _y = _faces(seed=12)
+    first = build_identities(uids, fidx, E)
+    perm = np.random.default_rng(0).permutation(len(uids))
+    second = build_identities(uids[perm], fidx[perm], E[perm], previous=first.assignments, method="leiden")
+    a, b = _ids(first), _ids(second)
+    churn = second.stats["churn"]
+    changed = sum(a[k] != b[k] for k in a)
+    assert churn["faces_id_changed"] == changed
+    assert changed / len(a) <= 0.02  # leiden vs chinese whispers differ a little; ids do not churn
+    assert churn["ids_kept"] >= 0.95 * len(set(a.values()))
+
+
+def test_map_to_previous_permuted_labels_and_split_merge():
+    keys = np.array([f"f{i}" for i in range(9)], dtype=object)
+    prev_ids = np.array(["id-000000"] * 3 + ["id-000001"] * 3 + ["id-000002"] * 3, dtype=object)
+    # same partition, permuted label numbers
+    ids, st = map_to_previous(np.array([2, 2, 2, 0, 0, 0, 1, 1, 1]), keys, keys, prev_ids)
+    assert ids.tolist() == prev_ids.tolist() and st["faces_id_changed"] == 0 and st["ids_created"] == 0
+    # id-000002 splits into 2+1, id-000000 and id-000001 merge
+    ids, st = map_to_previous(np.array([0, 0, 0, 0, 0, 0, 1, 1, 2]), keys, keys, prev_ids)
+    assert ids[6] == ids[7] == "id-000002" and ids[8] == "id-000003"
+    assert ids[0] == ids[3] and ids[0] in ("id-000000", "id-000001")
+    assert st["ids_created"] == 1 and st["ids_retired"] == 1 and st["faces_id_changed"] == 4
+
+
+def test_build_tables_and_determinism():
+    uids, fidx, E, _y = _faces(600, seed=13)
+    r1 = build_identities(uids, fidx, E)
+    perm = np.random.default_rng(1).permutation(len(uids))
+    r2 = build_identities(uids[perm], fidx[perm], E[perm])
+    assert r1.assignments.equals(r2.assignments) and r1.summary.equals(r2.summary)
+    a, s = r1.assignments, r1.summary
+    assert a.column_names[:4] == ["uid", "face_index", "identity_id", "cluster_size"]
+    assert a.num_rows == 600 and s.num_rows == len(set(a.column("identity_id").to_pylist()))
+    assert sum(s.column("size").to_pylist()) == 600
+    st = r1.stats
+    assert st["knn_backend"] and "knn_s" in st["timings"] and len(st["similarity_within"]) > 0
+    assert (
+        st["doubtful_merges"]
+        and st["doubtful_merges"][0]["similarity"] <= st["doubtful_merges"][-1]["similarity"]
+    )
+    # representative belongs to its identity
+    rep = dict(zip(s.column("identity_id").to_pylist(), s.column("representative_uid").to_pylist()))
+    ids = dict(zip(a.column("uid").to_pylist(), a.column("identity_id").to_pylist()))
+    assert all(ids[u] == i for i, u in rep.items())
+    assert isinstance(a, pa.Table)
