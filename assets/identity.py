@@ -47,6 +47,7 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
         threshold=lineup.identity_threshold or None,
         backend_name=backend_name,
         knn_backend=lineup.knn_backend,
+        mode=lineup.identity_mode if previous is not None else "recluster",
     )
     write_parquet_atomic(res.assignments, prev_path)
     write_parquet_atomic(res.summary, layout.table_file("identity_summary"))
@@ -64,6 +65,7 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "method": st["method"],
             "threshold": float(st["threshold"]),
             "knn_backend": st["knn_backend"],
+            "mode": lineup.identity_mode if previous is not None else "recluster (first build)",
             "churn": dg.MetadataValue.json(churn),
             "timings_s": dg.MetadataValue.json({k: round(float(v), 3) for k, v in st.get("timings", {}).items()}),
             "doubtful_merges": dg.MetadataValue.json(st.get("doubtful_merges", [])[:10]),

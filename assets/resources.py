@@ -28,6 +28,9 @@ class LineupSettings(dg.ConfigurableResource):
     face_batch_size: int = 8
     identity_method: str = "chinese_whispers"  # chinese_whispers | leiden | infomap | connected_components
     identity_threshold: float = 0.0  # 0 = the face backend's documented default
+    # recluster: cluster everything, map clusters onto the previous ids by overlap;
+    # incremental: previous faces keep their ids, new faces join identities through the kNN index
+    identity_mode: str = "recluster"
     knn_backend: str = "auto"  # auto | faiss-flat | faiss-ivf | faiss-hnsw | faiss-gpu | torch
     # scorers: weights come from local files only; a scorer without weights is reported unavailable
     clip_model: str = "ViT-L-14"

@@ -40,8 +40,10 @@ def _ingest(inp, layout, settings, instance):
     return new
 
 
-def test_identities_are_stable_when_a_partition_arrives(env):
+@pytest.mark.parametrize("mode", ["recluster", "incremental"])
+def test_identities_are_stable_when_a_partition_arrives(env, mode):
     inp, layout, settings, instance, shared = env
+    settings = LineupSettings(home=settings.home, input_dir=settings.input_dir, identity_mode=mode)
     for person in PEOPLE:
         files = sorted((shared / "identities" / person).iterdir())
         _copy(shared, person, files[:3], inp / "batch1" / person)

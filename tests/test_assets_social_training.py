@@ -52,3 +52,34 @@ def test_trainers_run_as_pipes_subprocesses(built):
     reward_dir = root / "home" / "models" / "social_reward"
     assert (reward_dir / version / "reward_model" / "reward_config.json").exists()
     assert not (reward_dir / "LATEST").exists()  # a random-weight smoke model never becomes a scorer
+
+
+def test_a_new_dataset_version_that_passes_its_checks_starts_training(tmp_path):
+    """Declarative automation: the trainers are requested after social_dataset materializes with
+    its blocking checks passed, and not when a blocking check failed."""
+    simulate(tmp_path / "input" / "social", truth_dir=tmp_path / "truth", config=SimConfig(n_events=40_000))
+    settings = LineupSettings(home=str(tmp_path / "home"), input_dir=str(tmp_path / "input"))
+    assets = dg.Definitions(
+        assets=[social_dataset, dpo_lora, social_reward_model],
+        resources={"lineup": settings, "pipes_subprocess_client": dg.PipesSubprocessClient()},
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    first = dg.evaluate_automation_conditions(defs=assets, instance=instance)
+    assert first.total_requested == 0  # no dataset yet
+
+    assert dg.materialize([social_dataset], instance=instance, resources={"lineup": settings}).success
+    after = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=first.cursor)
+    requested = {k.to_user_string() for k in after.get_requested_keys()} if hasattr(after, "get_requested_keys") else {
+        r.key.to_user_string() for r in after.results if r.true_subset.size
+    }
+    assert {"dpo_lora", "social_reward_model"} <= requested
+
+    # the same dataset with a failed blocking check does not start training
+    instance2 = dg.DagsterInstance.ephemeral()
+    cur = dg.evaluate_automation_conditions(defs=assets, instance=instance2).cursor
+    assert dg.materialize([social_dataset], instance=instance2, resources={"lineup": settings}).success
+    instance2.report_runless_asset_event(
+        dg.AssetCheckEvaluation(asset_key=dg.AssetKey("social_dataset"), check_name="no_self_pairs", passed=False)
+    )
+    blocked = dg.evaluate_automation_conditions(defs=assets, instance=instance2, cursor=cur)
+    assert blocked.total_requested == 0

@@ -83,7 +83,7 @@ def split_of(prompt_group: str, eval_fraction: float, salt: str = "social-v1") -
 def split_pairs(pairs: pa.Table, eval_fraction: float) -> dict[str, pa.Table]:
     """Pairs by split; a prompt group is wholly in one split."""
     splits = [split_of(g, eval_fraction) for g in pairs.column("prompt_group").to_pylist()]
-    mask = pa.array([s == "eval" for s in splits])
+    mask = pa.array([s == "eval" for s in splits], type=pa.bool_())  # typed even when empty
     return {"train": pairs.filter(pa.compute.invert(mask)), "eval": pairs.filter(mask)}
 
 
