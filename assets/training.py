@@ -44,6 +44,15 @@ def _steps(lineup: LineupSettings, smoke: bool) -> int:
     return lineup.train_steps or (6 if smoke else 2000)
 
 
+def _run_settings(lineup: LineupSettings, model: str, version: str) -> dict:
+    """Output folder per dataset version (so a rerun resumes its own checkpoints), and device."""
+    return {
+        "output_dir": str(lineup.layout.home / "models" / model / version),
+        "resume": "auto",
+        "device": lineup.train_device,
+    }
+
+
 def _embedding_dim(lineup: LineupSettings) -> int:
     import pyarrow.parquet as pq
 
@@ -86,9 +95,7 @@ def dpo_lora(context: dg.AssetExecutionContext, lineup: LineupSettings, pipes_su
         "model": model,
         "loader": {"resolution": SMOKE_RESOLUTION if smoke else 512, "batch_size": 2 if smoke else 4},
         "train": {"max_steps": _steps(lineup, smoke), "checkpoint_every": 5 if smoke else 500},
-        "output_dir": str(lineup.layout.home / "models" / "dpo_lora" / version),
-        "resume": "auto",
-        "device": lineup.train_device,
+        **_run_settings(lineup, "dpo_lora", version),
     }
     return _run(context, pipes_subprocess_client, "training.run_dpo", config, smoke)
 
@@ -116,9 +123,7 @@ def identity_adapter(context: dg.AssetExecutionContext, lineup: LineupSettings, 
         "face_embedder": {"path": embedder} if embedder else None,
         "loader": {"resolution": SMOKE_RESOLUTION if smoke else 512, "batch_size": 2 if smoke else 4},
         "train": train,
-        "output_dir": str(lineup.layout.home / "models" / "identity_adapter" / version),
-        "resume": "auto",
-        "device": lineup.train_device,
+        **_run_settings(lineup, "identity_adapter", version),
     }
     return _run(context, pipes_subprocess_client, "training.run_identity", config, smoke)
 
@@ -145,9 +150,7 @@ def social_reward_model(context: dg.AssetExecutionContext, lineup: LineupSetting
         "data": _dataset(lineup, "social", "webdataset/train"),
         "eval_data": _dataset(lineup, "social", "webdataset/eval"),
         "train": train,
-        "output_dir": str(lineup.layout.home / "models" / "social_reward" / version),
-        "resume": "auto",
-        "device": lineup.train_device,
+        **_run_settings(lineup, "social_reward", version),
     }
     result = _run(context, pipes_subprocess_client, "training.run_reward", config, smoke)
     if not smoke:  # only a model trained from real weights becomes the social_reward scorer

@@ -158,5 +158,14 @@ def curve_metadata(png: Path | None) -> dict:
     return {"loss_curve_path": path_value(png), "loss_curve": md_value(f"![loss curve](data:image/png;base64,{b64})")}
 
 
+def dataset_metadata(manifest: Mapping[str, Any]) -> dict:
+    """Which dataset version a run trained on (every trainer reports it)."""
+    return {
+        "dataset": manifest.get("dataset"),
+        "dataset_version": manifest.get("version"),
+        "dataset_fingerprint": manifest.get("config_fingerprint"),
+    }
+
+
 def numeric(d: Mapping[str, Any]) -> dict:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

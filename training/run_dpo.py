@@ -95,8 +95,7 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
     common.atomic_write_text(out / "metrics.json", json.dumps({"summary": summary, "history": trainer.history},
                                                               default=str))
     md = {
-        "dataset": stream.manifest.get("dataset"), "dataset_version": stream.manifest.get("version"),
-        "dataset_fingerprint": stream.manifest.get("config_fingerprint"),
+        **pipes.dataset_metadata(stream.manifest),
         "beta": tcfg.beta, "lora_rank": tcfg.lora_rank, "device": str(trainer.device),
         **pipes.numeric(summary), "lora_path": pipes.path_value(lora), **pipes.curve_metadata(png),
     }

@@ -82,8 +82,7 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
     common.atomic_write_text(out / "metrics.json", json.dumps({"summary": summary, "history": trainer.history},
                                                               default=str))
     md = {
-        "dataset": stream.manifest.get("dataset"), "dataset_version": stream.manifest.get("version"),
-        "dataset_fingerprint": stream.manifest.get("config_fingerprint"),
+        **pipes.dataset_metadata(stream.manifest),
         "identity_terms": trainer.identity_terms, "face_embedder": pipes.json_value(info),
         **pipes.numeric(summary), "adapter_path": pipes.path_value(path), **pipes.curve_metadata(png),
     }

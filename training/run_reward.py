@@ -71,8 +71,7 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
     path = save_reward_model(model, out / "reward_model", stream.manifest, summary)
     common.atomic_write_text(out / "metrics.json", json.dumps({"summary": summary, "history": trainer.history}))
     md = {
-        "dataset": stream.manifest.get("dataset"), "dataset_version": stream.manifest.get("version"),
-        "dataset_fingerprint": stream.manifest.get("config_fingerprint"),
+        **pipes.dataset_metadata(stream.manifest),
         "backbone": rcfg.model_name, "pretrained": str(rcfg.pretrained), **pipes.numeric(summary),
         "reward_model_path": pipes.path_value(path), **pipes.curve_metadata(png),
     }
