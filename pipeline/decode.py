@@ -1,4 +1,4 @@
-"""Safe image decoding: every failure becomes a DecodeError with a short reason and a readable detail.
+"""Safe image decoding (and the one JPEG encoder): every decoding failure becomes a DecodeError with a short reason and a readable detail.
 
 Rules: only JPEG, PNG and WebP are accepted; the declared size is checked before any pixel is
 decoded (decompression-bomb limit); EXIF orientation is applied; CMYK, grayscale, palette,
@@ -114,3 +114,23 @@ def decode_image(
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise DecodeError("corrupt image", f"unexpected decoded shape {rgb.shape}")
     return DecodedImage(rgb, ACCEPTED_FORMATS[fmt], original_mode, bool(orientation_applied))
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def encode_jpeg(image, quality: int = 95) -> bytes:
+    """JPEG bytes of an RGB uint8 array or a PIL image (converted to RGB), baseline, no optimisation
+    pass, so the same pixels always give the same bytes."""
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=False)
+    return buf.getvalue()
+
+
+def as_jpeg(data: bytes, quality: int = 95) -> bytes:
+    """JPEG bytes as they are; other formats decoded (EXIF orientation applied) and re-encoded."""
+    if data[:3] == JPEG_MAGIC:
+        return data
+    with Image.open(io.BytesIO(data)) as im:
+        return encode_jpeg(ImageOps.exif_transpose(im), quality)

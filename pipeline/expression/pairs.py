@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.decode import encode_jpeg
 from pipeline.expression.descriptor import GEOMETRY_SCALES, expression_similarity
 from pipeline.expression.fer_model import EMOTIONS
 from pipeline.ids import stable_key
@@ -264,16 +265,6 @@ def build_expression_pairs(
 CropFn = Callable[[str, int], np.ndarray]  # (uid, face_index) -> RGB uint8 face crop (or whole image)
 
 
-def _jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(rgb, np.uint8)).convert("RGB").save(
-        buf, format="JPEG", quality=quality, optimize=False
-    )
-    return buf.getvalue()
-
-
 def pair_samples(pairs: pa.Table, crop: CropFn, extra: Mapping | None = None):
     """WebDataset samples: <key>.a.jpg, <key>.b.jpg and <key>.json (labels, scores, uids)."""
     for r in pairs.to_pylist():
@@ -283,8 +274,8 @@ def pair_samples(pairs: pa.Table, crop: CropFn, extra: Mapping | None = None):
             meta.update(extra)
         yield {
             "__key__": r["pair_id"],
-            "a.jpg": _jpeg(crop(r["uid_a"], r["face_index_a"])),
-            "b.jpg": _jpeg(crop(r["uid_b"], r["face_index_b"])),
+            "a.jpg": encode_jpeg(crop(r["uid_a"], r["face_index_a"])),
+            "b.jpg": encode_jpeg(crop(r["uid_b"], r["face_index_b"])),
             "json": meta,
         }
 

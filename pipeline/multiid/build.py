@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.decode import encode_jpeg
 from pipeline.ids import stable_key
 from pipeline.multiid import dedup
 from pipeline.multiid.config import MultiIDConfig
@@ -218,10 +219,8 @@ def ref_crop(data: bytes, bbox, margin: float, max_side: int, quality: int) -> t
     if max(crop.size) > max_side:
         s = max_side / max(crop.size)
         crop = crop.resize((max(1, round(crop.size[0] * s)), max(1, round(crop.size[1] * s))), Image.LANCZOS)
-    buf = io.BytesIO()
-    crop.save(buf, "JPEG", quality=quality, optimize=False)
     in_crop = [_r((x1 - box[0]) * s, 2), _r((y1 - box[1]) * s, 2), _r((x2 - box[0]) * s, 2), _r((y2 - box[1]) * s, 2)]
-    return buf.getvalue(), [float(v) for v in box], in_crop
+    return encode_jpeg(crop, quality), [float(v) for v in box], in_crop
 
 
 def _hist(values, bins=SIM_BINS) -> dict:

@@ -10,14 +10,13 @@ share their person's identity, so they land in the same split by construction;
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
+
+from pipeline.splits import hash_split
 
 
 def identity_split(identity_id: str, eval_fraction: float, salt: str = "multiid-v1") -> str:
-    h = hashlib.sha256(f"{salt}\x1f{identity_id}".encode()).digest()
-    frac = int.from_bytes(h[:8], "big") / 2**64
-    return "eval" if frac < eval_fraction else "train"
+    return hash_split(identity_id, eval_fraction, salt)
 
 
 def target_split(identity_ids: Iterable[str], eval_fraction: float, salt: str) -> str | None:

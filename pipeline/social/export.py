@@ -6,36 +6,21 @@ preferred image, 0.0 for the other."""
 
 from __future__ import annotations
 
-import hashlib
-
-import io
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
+from pipeline.decode import as_jpeg
 from pipeline.ids import stable_key
 from pipeline.shards import write_manifest, write_shards
+from pipeline.splits import hash_split
 from pipeline.storage import write_parquet_atomic
-
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def winner_side(pair_id: str, seed: int = 0) -> int:
     """0 or 1: where the winner goes. Deterministic, about half and half."""
     return int(stable_key("social-side", seed, pair_id)[:8], 16) & 1
-
-
-def as_jpeg(data: bytes) -> bytes:
-    """JPEG bytes as they are; other formats re-encoded (the uid stays that of the source bytes)."""
-    if data[:3] == JPEG_MAGIC:
-        return data
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="JPEG", quality=95)
-        return buf.getvalue()
 
 
 class _ImageCache:
@@ -76,8 +61,7 @@ def _evidence(row: dict) -> dict:
 
 def split_of(prompt_group: str, eval_fraction: float, salt: str = "social-v1") -> str:
     """'eval' for a deterministic eval_fraction of prompt groups, else 'train'."""
-    h = int(hashlib.sha256(f"{salt}\x1f{prompt_group}".encode()).hexdigest()[:8], 16) / 2**32
-    return "eval" if h < eval_fraction else "train"
+    return hash_split(prompt_group, eval_fraction, salt)
 
 
 def split_pairs(pairs: pa.Table, eval_fraction: float) -> dict[str, pa.Table]:

@@ -23,7 +23,6 @@ minute on 2 cores); the same SimConfig gives byte-identical files.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from pipeline.decode import encode_jpeg
 
 DAY_S = 86_400
 _ADJ = [
@@ -107,17 +108,13 @@ def _dict_array(indices: np.ndarray, values: list[str]) -> pa.DictionaryArray:
 
 
 def _jpeg(rng: np.random.Generator, size: int) -> bytes:
-    from PIL import Image
-
     c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     t = np.linspace(0.0, 1.0, size)[None, :, None]
     img = (c0 * (1 - t) + c1 * t).repeat(size, axis=0)
     x0, y0 = rng.integers(0, size // 2, 2)
     w, h = rng.integers(size // 8, size // 2, 2)
     img[y0 : y0 + h, x0 : x0 + w] = rng.integers(0, 256, 3)
-    buf = io.BytesIO()
-    Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
+    return encode_jpeg(img, quality=85)
 
 
 def _vary_prompt(text: str, r: int) -> str:
