@@ -2,10 +2,10 @@
 
 import dagster as dg
 
-from assets import expression, identity, ingest, social, training
+from assets import expression, faces, identity, ingest, multiid, scoring, social, training
 from assets.resources import LineupSettings
 
-_modules = [ingest, identity, expression, social, training]
+_modules = [ingest, faces, expression, identity, multiid, scoring, social, training]
 
 collection_job = dg.define_asset_job(
     "collection_job",

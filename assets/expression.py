@@ -1,15 +1,15 @@
-"""Expression descriptors per face, cross-expression pairs, and candidate scores."""
+"""Expression descriptors per face and the cross-expression pair dataset."""
 
 import dagster as dg
 
+from assets.faces import faces
 from assets.identity import identities
-from assets.ingest import faces, images
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
 from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
-from pipeline.identity_report import with_identity_ids
 from pipeline.datasets import dataset_dir, dataset_version, fingerprint_rows, publish
+from pipeline.identity.build import with_identity_ids
 from pipeline.storage import read_parquet, read_partitioned, write_parquet_atomic
 
 # identity cosine above which two faces may be the same person, per face backend: dlib's
@@ -33,7 +33,7 @@ def face_expressions(context: dg.AssetExecutionContext, lineup: LineupSettings):
         boxes_from_faces,
         describe_images,
     )
-    from pipeline.face_partition import decoded_images
+    from pipeline.ingest import decoded_images
 
     layout = lineup.layout
     key = context.partition_key
@@ -70,8 +70,13 @@ def face_expressions(context: dg.AssetExecutionContext, lineup: LineupSettings):
     description="EmojiDiff-style pairs: same expression, different identity, good quality, similar pose.",
 )
 def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
-    from pipeline.expression.pairs import PairConfig, build_expression_pairs, contact_sheet, write_expression_dataset
-    from pipeline.identity_report import CropReader
+    from pipeline.expression.pairs import (
+        PairConfig,
+        build_expression_pairs,
+        contact_sheet,
+        write_expression_dataset,
+    )
+    from pipeline.faces.crops import CropReader
 
     layout = lineup.layout
     fcs = read_partitioned(layout.table_dir("faces"))
@@ -109,54 +114,4 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
             **pictures({"pairs_contact_sheet": contact_sheet(res.pairs, crop, max_pairs=12)}),
         },
         check_results=[dg.AssetCheckResult(check_name="no_same_identity_pairs", passed=same == 0, metadata={"same_identity_pairs": same})],
-    )
-
-
-@dg.asset(
-    group_name="scoring",
-    kinds={"parquet", "pytorch"},
-    deps=[images, faces, identities],
-    automation_condition=dg.AutomationCondition.eager(),
-    description="Per image and face: CLIP text-image score, aesthetic score, learned social reward, face "
-    "quality, identity similarity. Scorers without local weights are reported unavailable and skipped.",
-)
-def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
-    from pipeline.face_partition import decoded_images
-    from pipeline.scoring.clip import ClipConfig
-    from pipeline.scoring.heads import HeadConfig
-    from pipeline.scoring.stage import ScoringConfig, score_candidates
-
-    layout = lineup.layout
-    imgs = read_partitioned(layout.table_dir("images"))
-    fcs = read_partitioned(layout.table_dir("faces"))
-    ids = read_parquet(layout.table_file("identities"))
-    fcs = with_identity_ids(fcs, ids)
-    reward = lineup.path_setting(lineup.social_reward_weights, "LINEUP_SOCIAL_REWARD")
-    latest_reward = layout.home / "models" / "social_reward" / "LATEST"
-    if reward is None and latest_reward.exists():  # written only by a reward model trained from real weights
-        reward = str(latest_reward.parent / latest_reward.read_text().strip() / "reward_model")
-    cfg = ScoringConfig(
-        clip=ClipConfig(
-            model_name=lineup.clip_model,
-            pretrained=lineup.path_setting(lineup.clip_weights, "LINEUP_CLIP_WEIGHTS"),
-            model_config=lineup.clip_model_config or None,
-        ),
-        aesthetic=HeadConfig(weights=lineup.path_setting(lineup.aesthetic_weights, "LINEUP_AESTHETIC_WEIGHTS")),
-        social_reward=HeadConfig(weights=reward),
-    )
-    captions = dict(zip(imgs.column("uid").to_pylist(), imgs.column("caption").to_pylist()))
-    items = ((uid, rgb, captions.get(uid)) for uid, rgb in decoded_images(imgs, lineup.limits))
-    table, report = score_candidates(items, fcs, cfg)
-    write_parquet_atomic(table, layout.table_file("scores"))
-    refresh_catalog(layout)
-    for name, why in report["unavailable"].items():
-        context.log.warning(f"scorer {name} unavailable: {why}")
-    return dg.MaterializeResult(
-        metadata={
-            "rows": table.num_rows,
-            "available_scorers": dg.MetadataValue.json(report["available"]),
-            "unavailable_scorers": dg.MetadataValue.json(report["unavailable"]),
-            "timings_s": dg.MetadataValue.json(report["timings_s"]),
-            "device": report["device"],
-        }
     )

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # the UI keeps the full event log
 
 

@@ -101,7 +101,7 @@ def main() -> None:
     n_ids = len(ids)
     print(f"{len(ids)} identity photos, {len(groups)} group photos; {os.cpu_count()} CPUs", flush=True)
 
-    from pipeline.faces.base import get_backend
+    from pipeline.faces import get_backend
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     backends = {}

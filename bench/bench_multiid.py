@@ -23,14 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.faces import get_backend
+from pipeline.faces.folders import (
+    faces_tables,
+    label_groups_by_nearest,
+    labelled_files,
+)
 from pipeline.multiid import MultiIDConfig, build_multiid_dataset
 from pipeline.multiid.calibration import calibrate_on_folder, keypoint_distributions
-from pipeline.multiid.localfaces import (
-    faces_tables,
-    get_face_backend,
-    label_groups_by_nearest,
-    shared_faces_files,
-)
 
 ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "faces"
 
@@ -44,13 +44,13 @@ def main() -> None:
     ap.add_argument("--keypoints", action="store_true")
     ap.add_argument("--extra-photos", default=None)
     a = ap.parse_args()
-    be = get_face_backend("dlib")
+    be = get_backend("dlib")
     if a.calibrate:
         print(json.dumps(calibrate_on_folder(ROOT, be).to_dict(), indent=1))
     if a.keypoints:
         keypoint_report(be, a.extra_photos)
     t = time.time()
-    images, faces, ids = faces_tables(shared_faces_files(ROOT), be, source="shared_faces")
+    images, faces, ids = faces_tables(labelled_files(ROOT), be, source="shared_faces")
     t_faces = time.time() - t
     cfg = MultiIDConfig(min_face_px=a.min_face_px, eval_fraction=a.eval_fraction)
     groups = {r["uid"] for r in images.to_pylist() if "/groups/" in r["path"]}
@@ -77,8 +77,8 @@ def keypoint_report(be, extra_dir) -> None:
     import cv2
     import numpy as np
 
+    from pipeline.faces.folders import load_rgb_bytes
     from pipeline.multiid import dedup
-    from pipeline.multiid.localfaces import load_rgb_bytes
 
     cfg = MultiIDConfig()
     extra = []

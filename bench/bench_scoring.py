@@ -15,6 +15,7 @@ Writes bench/results/bench_scoring_<tag>.md and .json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import itertools
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

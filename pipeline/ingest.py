@@ -144,3 +144,15 @@ def load_image(row: dict, limits: IngestLimits | None = None):
     limits = limits or IngestLimits()
     data = read_bytes(row["path"], int(row["offset"]), int(row["length"]))
     return decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side)
+
+
+def decoded_images(images: pa.Table, limits: IngestLimits | None = None, only: set[str] | None = None):
+    """(uid, rgb) for each accepted image (optionally only some uids); unreadable ones are skipped
+    here because the faces stage has already recorded them as rejects."""
+    for row in images.to_pylist():
+        if only is not None and row["uid"] not in only:
+            continue
+        try:
+            yield row["uid"], load_image(row, limits).rgb
+        except (DecodeError, OSError):
+            continue

@@ -5,8 +5,10 @@ import shutil
 import dagster as dg
 import pytest
 
-from assets.identity import identities, multiid_dataset
-from assets.ingest import faces, images
+from assets.faces import faces
+from assets.identity import identities
+from assets.ingest import images
+from assets.multiid import multiid_dataset
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
 from pipeline.catalog import query

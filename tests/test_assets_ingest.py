@@ -5,7 +5,8 @@ import shutil
 import dagster as dg
 import pytest
 
-from assets.ingest import faces, images, new_inputs_sensor
+from assets.faces import faces
+from assets.ingest import images, new_inputs_sensor
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
 from pipeline.catalog import query

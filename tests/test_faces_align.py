@@ -7,12 +7,36 @@ from pipeline.faces.align import (
     apply_affine,
     estimate_norm,
     estimate_pose,
+    invert_affine,
     laplacian_variance,
     norm_crop,
     umeyama,
     warp_affine,
-    warp_affine_numpy,
 )
+
+
+def warp_affine_numpy(image: np.ndarray, M: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An independent bilinear sampler in numpy (zero border): output (x, y) = input at M^-1 (x, y)."""
+    img = np.asarray(image, dtype=np.float64)
+    h, w = img.shape[:2]
+    W, H = int(size[0]), int(size[1])
+    inv = invert_affine(M)
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float64)
+    sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+    sy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    x0 = np.floor(sx).astype(np.int64)
+    y0 = np.floor(sy).astype(np.int64)
+    fx = (sx - x0)[..., None]
+    fy = (sy - y0)[..., None]
+    padded = np.zeros((h + 2, w + 2, img.shape[2]))
+    padded[1:-1, 1:-1] = img
+
+    def at(yy, xx):
+        return padded[np.clip(yy + 1, 0, h + 1), np.clip(xx + 1, 0, w + 1)]
+
+    out = (at(y0, x0) * (1 - fx) * (1 - fy) + at(y0, x0 + 1) * fx * (1 - fy)
+           + at(y0 + 1, x0) * (1 - fx) * fy + at(y0 + 1, x0 + 1) * fx * fy)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _similarity(scale, angle_deg, tx, ty):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.faces.base import get_backend
+from pipeline.faces import get_backend
 
 PEOPLE = {
     "angelina_jolie": ["img1.jpg", "img2.jpg", "img4.jpg"],

@@ -17,8 +17,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.faces import get_backend
 from pipeline.faces.align import norm_crop
-from pipeline.faces.base import get_backend
 from pipeline.faces.insightface_backend import classify_onnx, distance2bbox, distance2kps, nms
 
 BOX_D = np.array([0.5, 0.75, 1.5, 1.25], dtype=np.float32)  # left, top, right, bottom (stride units)

@@ -3,7 +3,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline.faces.base import DetectedFace, FaceBackend, get_backend
+from pipeline.faces import DetectedFace, FaceBackend, get_backend
 from pipeline.faces.stage import FACES_SCHEMA, detect_faces, faces_schema
 
 

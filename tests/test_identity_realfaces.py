@@ -12,9 +12,10 @@ from pipeline.identity.metrics import evaluate
 @pytest.fixture(scope="session")
 def real_faces(shared_faces):
     pytest.importorskip("dlib")
-    from pipeline.identity.realfaces import embed_identity_folder
+    from pipeline.faces import get_backend
+    from pipeline.faces.folders import labelled_embeddings
 
-    lf = embed_identity_folder(shared_faces)
+    lf = labelled_embeddings(shared_faces, get_backend("dlib"))
     assert not lf.no_face, lf.no_face
     return lf
 

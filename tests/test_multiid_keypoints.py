@@ -12,15 +12,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from pipeline.faces import faces_schema, get_backend
+from pipeline.faces.folders import IDENTITIES_SCHEMA, load_rgb_bytes
 from pipeline.ids import content_uid
+from pipeline.ingest import IMAGES_SCHEMA
 from pipeline.multiid import MultiIDConfig, dedup, select_references
-from pipeline.multiid.localfaces import (
-    IDENTITIES_SCHEMA,
-    IMAGES_SCHEMA,
-    faces_schema,
-    get_face_backend,
-    load_rgb_bytes,
-)
 
 PHOTO, OTHER = "angelina_jolie/img1.jpg", "angelina_jolie/img2.jpg"
 
@@ -39,7 +35,7 @@ def _gray(rgb):
 def shot(shared_faces, tmp_path_factory):
     """Original photo, two edge-cut crops, a mirrored copy and a genuinely different photo, with face boxes."""
     tmp = tmp_path_factory.mktemp("kp")
-    be = get_face_backend("dlib")
+    be = get_backend("dlib")
     out = {}
     for name, rel in (("orig", PHOTO), ("other", OTHER)):
         rgb = load_rgb_bytes((shared_faces / "identities" / rel).read_bytes())

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.faces import get_backend
+from pipeline.faces.folders import faces_tables, label_groups_by_nearest, load_rgb_bytes
 from pipeline.multiid import MultiIDConfig, build_multiid_dataset, evaluate_folder, hf_features
-from pipeline.multiid.localfaces import get_face_backend, faces_tables, label_groups_by_nearest, load_rgb_bytes
 
 A = ["angelina_jolie/img1.jpg", "angelina_jolie/img2.jpg", "angelina_jolie/img4.jpg"]
 J = ["jennifer_aniston/img3.jpg", "jennifer_aniston/img54.jpg", "jennifer_aniston/img56.jpg"]
@@ -51,7 +52,7 @@ def world(shared_faces, tmp_path_factory):
     canvas[40:740, 80 + left.shape[1]:80 + left.shape[1] + right.shape[1]] = right
     p = _save(canvas, tmp / "composite_a0_j0.jpg", quality=92)
     files.append((p, None)); family[str(p)] = {A[0], J[0]}
-    be = get_face_backend("dlib")
+    be = get_backend("dlib")
     images, faces, ids = faces_tables(files, be, source="test")
     comp_uid = [r["uid"] for r in images.to_pylist() if r["path"].endswith("composite_a0_j0.jpg")]
     ids = label_groups_by_nearest(faces, ids, set(comp_uid), min_sim=0.9)

@@ -1,6 +1,5 @@
 """Multi-identity builder: metrics, Hungarian matching, calibration, identity-disjoint splits (synthetic data)."""
 
-import io
 import math
 
 import numpy as np
@@ -8,6 +7,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from pipeline.faces import faces_schema
+from pipeline.faces.folders import IDENTITIES_SCHEMA
+from pipeline.ingest import IMAGES_SCHEMA
 from pipeline.multiid import (
     MultiIDConfig,
     calibrate_thresholds,
@@ -19,7 +21,6 @@ from pipeline.multiid import (
     sample_metrics,
     select_references,
 )
-from pipeline.multiid.localfaces import IDENTITIES_SCHEMA, IMAGES_SCHEMA, faces_schema
 
 
 def _unit(v):

@@ -1,4 +1,5 @@
 import hashlib
+
 import pytest
 import webdataset as wds
 

@@ -1,12 +1,22 @@
-"""The face stage: images -> faces table rows (one row per detected face)."""
+"""The face stage: decoded images -> the faces table (one row per detected face), per partition.
+
+``detect_faces`` runs a backend over decoded images; ``run_face_partition`` does it for one ingested
+partition (decoding each accepted image again, rejecting what no longer decodes, recording how many
+faces each image has in ``face_scan``); ``face_checks`` are the faces table's data checks.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+
+from pipeline.decode import DecodeError
+from pipeline.ingest import IngestLimits, load_image
+from pipeline.rejects import Rejects
 
 from .base import FaceBackend
 
@@ -42,6 +52,19 @@ def faces_schema(embedding_dim: int) -> pa.Schema:
 
 # The dlib backend's schema (128-d); use faces_schema(backend.embedding_dim) for others.
 FACES_SCHEMA = faces_schema(128)
+
+FACE_SCAN_SCHEMA = pa.schema(
+    [("uid", pa.string()), ("source", pa.string()), ("partition", pa.string()), ("n_faces", pa.int32()), ("backend", pa.string())]
+)
+
+
+def embeddings_of(faces: pa.Table) -> np.ndarray:
+    """The faces table's embedding column as a float32 (N, D) array."""
+    col = faces.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    if faces.num_rows == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
 
 
 def _fixed_list(values: np.ndarray, size: int) -> pa.FixedSizeListArray:
@@ -155,3 +178,86 @@ def detect_faces(
         if isinstance(v, (int, float)):
             timings[k] = float(v) - float(before.get(k, 0.0))
     return table, without, timings
+
+
+@dataclass
+class FacePartitionResult:
+    faces: pa.Table
+    scan: pa.Table  # one row per image: how many faces it has (0 = no face; counted, not rejected)
+    rejects: Rejects
+    images_in: int
+    seconds: float
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def images_with_faces(self) -> int:
+        return sum(1 for n in self.scan.column("n_faces").to_pylist() if n > 0)
+
+    @property
+    def images_without_faces(self) -> int:
+        return sum(1 for n in self.scan.column("n_faces").to_pylist() if n == 0)
+
+    def reconciles(self) -> bool:
+        return self.images_in == self.scan.num_rows + len(self.rejects)
+
+
+def run_face_partition(
+    images: pa.Table,
+    backend,
+    partition: str,
+    limits: IngestLimits | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> FacePartitionResult:
+    rejects = Rejects(stage="faces", partition=partition)
+    rows = images.to_pylist()
+    t0 = time.perf_counter()
+
+    def decoded() -> Iterator[tuple[str, str, np.ndarray]]:
+        for i, row in enumerate(rows):
+            if progress and i and i % 50 == 0:
+                progress(i, len(rows))
+            try:
+                img = load_image(row, limits)
+            except (DecodeError, OSError) as e:
+                rejects.add(row["source"], getattr(e, "reason", "unreadable file"), str(e), uid=row["uid"])
+                continue
+            yield row["uid"], row["source"], img.rgb
+
+    faces, _without, timings = detect_faces(decoded(), backend, batch_size=batch_size)
+    rejected = {r["uid"] for r in rejects.rows}
+    counts: dict[str, int] = {}
+    for uid in faces.column("uid").to_pylist():
+        counts[uid] = counts.get(uid, 0) + 1
+    scan = pa.Table.from_pylist(
+        [
+            {"uid": r["uid"], "source": r["source"], "partition": partition, "n_faces": counts.get(r["uid"], 0), "backend": backend.name}
+            for r in rows
+            if r["uid"] not in rejected
+        ],
+        schema=FACE_SCAN_SCHEMA,
+    )
+    return FacePartitionResult(faces, scan, rejects, len(rows), time.perf_counter() - t0, dict(timings or {}))
+
+
+def face_checks(faces: pa.Table, images: pa.Table) -> dict[str, tuple[bool, str]]:
+    """Named data checks on a faces table: (passed, explanation)."""
+    out: dict[str, tuple[bool, str]] = {}
+    if faces.num_rows == 0:
+        out["embeddings_unit_norm"] = (True, "no faces")
+        out["bbox_inside_image"] = (True, "no faces")
+        return out
+    emb = embeddings_of(faces)
+    finite = np.isfinite(emb).all(axis=1)
+    norms = np.linalg.norm(emb, axis=1)
+    bad = int((~finite | (np.abs(norms - 1) > 1e-3)).sum())
+    out["embeddings_unit_norm"] = (bad == 0, f"{bad} of {faces.num_rows} embeddings not finite or not unit-norm")
+    size = {r["uid"]: (r["width"], r["height"]) for r in images.select(["uid", "width", "height"]).to_pylist()}
+    tol = 1.0  # detectors may place a box edge a pixel outside the frame
+    outside = 0
+    for uid, x1, y1, x2, y2 in zip(*(faces.column(c).to_pylist() for c in ("uid", "x1", "y1", "x2", "y2"))):
+        w, h = size.get(uid, (0, 0))
+        if not (-tol <= x1 < x2 <= w + tol and -tol <= y1 < y2 <= h + tol):
+            outside += 1
+    out["bbox_inside_image"] = (outside == 0, f"{outside} of {faces.num_rows} boxes outside their image")
+    return out

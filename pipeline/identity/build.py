@@ -258,3 +258,15 @@ def build_identities(
     timings["total_s"] = time.perf_counter() - t_all
     stats["timings"] = timings
     return IdentityResult(assignments, summary, stats, g if return_graph else None)
+
+
+def with_identity_ids(faces: pa.Table, identities: pa.Table) -> pa.Table:
+    """faces plus an identity_id column (null for faces not clustered yet)."""
+    ids = {
+        (u, int(f)): i
+        for u, f, i in zip(*(identities.column(c).to_pylist() for c in ("uid", "face_index", "identity_id")))
+    }
+    col = [ids.get((u, int(f))) for u, f in zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist())]
+    if "identity_id" in faces.column_names:
+        faces = faces.drop_columns(["identity_id"])
+    return faces.append_column("identity_id", pa.array(col, pa.string()))

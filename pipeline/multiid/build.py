@@ -190,7 +190,7 @@ class MultiIDResult:
     read_bytes: Callable[[str], bytes] | None = field(default=None, repr=False)
 
     def contact_sheet(self, n: int = 4, keys: list[str] | None = None) -> bytes:
-        from pipeline.multiid.sheet import contact_sheet
+        from pipeline.multiid.report import contact_sheet
 
         chosen = [s for s in self.samples if keys is None or s["key"] in keys][:n]
         return contact_sheet(chosen, self.read_bytes)

@@ -116,7 +116,7 @@ def synthetic_copies(rgb: np.ndarray) -> dict[str, np.ndarray]:
     """Same-shot variants of a photo: downscaled, JPEG q=35, pasted on a larger canvas, mirrored."""
     from PIL import Image
 
-    from pipeline.multiid.localfaces import load_rgb_bytes
+    from pipeline.faces.folders import load_rgb_bytes
 
     h, w = rgb.shape[:2]
     im = Image.fromarray(rgb)
@@ -133,10 +133,10 @@ def synthetic_copies(rgb: np.ndarray) -> dict[str, np.ndarray]:
 
 def calibrate_on_folder(root: Path, backend, far: float = 1e-3, dup_recall: float = 0.99) -> Calibration:
     """Run the calibration on ``root/identities/<name>/*`` with a face backend (largest face per photo)."""
-    from pipeline.multiid.localfaces import load_rgb_bytes, shared_faces_files
+    from pipeline.faces.folders import labelled_files, load_rgb_bytes
 
     embs, labels, dup = [], [], []
-    for path, ident in shared_faces_files(Path(root)):
+    for path, ident in labelled_files(Path(root)):
         if ident is None:
             continue
         rgb = load_rgb_bytes(Path(path).read_bytes())
@@ -169,7 +169,7 @@ def same_shot_variants(rgb: np.ndarray, bbox, other: np.ndarray | None = None) -
     """
     from PIL import Image
 
-    from pipeline.multiid.localfaces import load_rgb_bytes
+    from pipeline.faces.folders import load_rgb_bytes
 
     h, w = rgb.shape[:2]
     x1, y1, x2, y2 = (float(v) for v in bbox)
@@ -230,10 +230,10 @@ def keypoint_distributions(root: Path, backend, extra: list[tuple[Path, str]] = 
     """
     import cv2
 
+    from pipeline.faces.folders import labelled_files, load_rgb_bytes
     from pipeline.multiid import dedup
-    from pipeline.multiid.localfaces import load_rgb_bytes, shared_faces_files
 
-    files = [(p, i) for p, i in shared_faces_files(Path(root)) if i is not None] + list(extra)
+    files = [(p, i) for p, i in labelled_files(Path(root)) if i is not None] + list(extra)
     rgbs, boxes, kps, labels = {}, {}, {}, {}
     for path, ident in files:
         rgb = load_rgb_bytes(Path(path).read_bytes())

@@ -146,13 +146,14 @@ def evaluate_folder(generated_dir, dataset_dir_or_table, backend) -> dict:
     """Score generated images ``<key>.<jpg|png|...>`` against the dataset's targets and references.
 
     ``backend``: an object with ``analyze([rgb]) -> [[face...]]`` or a backend name (then
-    ``pipeline.faces.get_backend(name)``, falling back to direct dlib). The dataset's embeddings
+    ``pipeline.faces.get_backend(name)``). The dataset's embeddings
     must come from the same backend (checked). Returns per-image metrics and their means; images
     whose key is not in the dataset, and dataset samples with no generated image, are listed.
     """
-    from pipeline.multiid.localfaces import get_face_backend, load_rgb_bytes
+    from pipeline.faces import get_backend
+    from pipeline.faces.folders import load_rgb_bytes
 
-    be = get_face_backend(backend) if isinstance(backend, str) else backend
+    be = get_backend(backend) if isinstance(backend, str) else backend
     samples = {s["key"]: s for s in load_samples(dataset_dir_or_table)}
     be_name = getattr(be, "name", None)
     per_image, unknown, no_face = [], [], []

@@ -1,4 +1,4 @@
-"""Reading faces for the identity stage, label-based evaluation, and the pictures for the UI."""
+"""The identity stage's report: evaluation against folder-name labels, and the pictures for the UI."""
 
 from __future__ import annotations
 
@@ -6,17 +6,9 @@ from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
-from pipeline.decode import DecodeError
-from pipeline.ingest import IngestLimits, load_image
+from pipeline.faces.crops import CropReader
 from pipeline.viz import contact_sheet, histogram_png
-
-
-def embeddings_of(faces: pa.Table) -> np.ndarray:
-    col = faces.column("embedding").combine_chunks()
-    dim = col.type.list_size
-    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
 
 
 def folder_labels(faces: pa.Table, images: pa.Table) -> dict[tuple[str, int], str]:
@@ -52,36 +44,6 @@ def evaluate_against_labels(assignments: pa.Table, labels: dict[tuple[str, int],
     return m
 
 
-def face_crop(rgb: np.ndarray, box, margin: float = 0.25) -> Image.Image:
-    x1, y1, x2, y2 = (float(v) for v in box)
-    w, h = x2 - x1, y2 - y1
-    x1, y1 = max(0, int(x1 - margin * w)), max(0, int(y1 - margin * h))
-    x2, y2 = min(rgb.shape[1], int(x2 + margin * w)), min(rgb.shape[0], int(y2 + margin * h))
-    return Image.fromarray(rgb[y1:y2, x1:x2])
-
-
-class CropReader:
-    """Face crops by (uid, face_index), decoding each image once."""
-
-    def __init__(self, images: pa.Table, faces: pa.Table, limits: IngestLimits | None = None):
-        self.rows = {r["uid"]: r for r in images.to_pylist()}
-        self.boxes = {
-            (r["uid"], int(r["face_index"])): (r["x1"], r["y1"], r["x2"], r["y2"])
-            for r in faces.select(["uid", "face_index", "x1", "y1", "x2", "y2"]).to_pylist()
-        }
-        self.limits = limits
-        self._cache: dict[str, np.ndarray] = {}
-
-    def crop(self, uid: str, face_index: int) -> Image.Image | None:
-        if uid not in self._cache:
-            try:
-                self._cache[uid] = load_image(self.rows[uid], self.limits).rgb
-            except (KeyError, DecodeError, OSError):
-                return None
-        box = self.boxes.get((uid, int(face_index)))
-        return None if box is None else face_crop(self._cache[uid], box)
-
-
 def identity_figures(result, crops: CropReader, n_identities: int = 6, per_identity: int = 6, n_doubtful: int = 8) -> dict[str, bytes]:
     figs: dict[str, bytes] = {}
     sizes = result.summary.column("size").to_numpy() if result.summary.num_rows else np.zeros(0)
@@ -111,15 +73,3 @@ def identity_figures(result, crops: CropReader, n_identities: int = 6, per_ident
             tiles += [(a, f"{d['identity_id']}\ncos {d['similarity']:.3f}"), (b, "(same id)")]
     figs["most_doubtful_merges"] = contact_sheet(tiles, cols=4, tile=96)
     return figs
-
-
-def with_identity_ids(faces: pa.Table, identities: pa.Table) -> pa.Table:
-    """faces plus an identity_id column (null for faces not clustered yet)."""
-    ids = {
-        (u, int(f)): i
-        for u, f, i in zip(*(identities.column(c).to_pylist() for c in ("uid", "face_index", "identity_id")))
-    }
-    col = [ids.get((u, int(f))) for u, f in zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist())]
-    if "identity_id" in faces.column_names:
-        faces = faces.drop_columns(["identity_id"])
-    return faces.append_column("identity_id", pa.array(col, pa.string()))

@@ -1,4 +1,5 @@
-"""Contact sheet of multi-identity samples: target with numbered boxes, references beside it, scores under them."""
+"""Pictures of the multi-identity dataset for the UI: a contact sheet of samples (target with numbered
+boxes, references beside it, scores under them) and similarity histograms."""
 
 from __future__ import annotations
 
@@ -67,3 +68,19 @@ def contact_sheet(samples: list[dict], read_bytes) -> bytes:
     buf = io.BytesIO()
     sheet.save(buf, "PNG")
     return buf.getvalue()
+
+
+def similarity_histograms(pairs, candidates) -> dict[str, bytes]:
+    """Selected target-reference cosines, and every candidate's cosine by the filter outcome."""
+    from pipeline.viz import histogram_png
+
+    sims = pairs.column("similarity").to_pylist() if "similarity" in pairs.column_names else []
+    figs = {}
+    if sims:
+        figs["target_reference_similarity"] = histogram_png({"selected": sims}, "Target-reference cosine", "cosine")
+    if candidates.num_rows:
+        by_status: dict[str, list[float]] = {}
+        for s, st in zip(candidates.column("similarity").to_pylist(), candidates.column("status").to_pylist()):
+            by_status.setdefault(st, []).append(s)
+        figs["candidate_similarity"] = histogram_png(by_status, "Candidate cosine by outcome", "cosine")
+    return figs

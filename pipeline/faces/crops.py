@@ -1,0 +1,40 @@
+"""Face thumbnails by (uid, face_index) for the UI and the expression dataset, decoding each image once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline.decode import DecodeError
+from pipeline.ingest import IngestLimits, load_image
+
+
+def face_crop(rgb: np.ndarray, box, margin: float = 0.25) -> Image.Image:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    w, h = x2 - x1, y2 - y1
+    x1, y1 = max(0, int(x1 - margin * w)), max(0, int(y1 - margin * h))
+    x2, y2 = min(rgb.shape[1], int(x2 + margin * w)), min(rgb.shape[0], int(y2 + margin * h))
+    return Image.fromarray(rgb[y1:y2, x1:x2])
+
+
+class CropReader:
+    """Face crops by (uid, face_index), decoding each image once."""
+
+    def __init__(self, images: pa.Table, faces: pa.Table, limits: IngestLimits | None = None):
+        self.rows = {r["uid"]: r for r in images.to_pylist()}
+        self.boxes = {
+            (r["uid"], int(r["face_index"])): (r["x1"], r["y1"], r["x2"], r["y2"])
+            for r in faces.select(["uid", "face_index", "x1", "y1", "x2", "y2"]).to_pylist()
+        }
+        self.limits = limits
+        self._cache: dict[str, np.ndarray] = {}
+
+    def crop(self, uid: str, face_index: int) -> Image.Image | None:
+        if uid not in self._cache:
+            try:
+                self._cache[uid] = load_image(self.rows[uid], self.limits).rgb
+            except (KeyError, DecodeError, OSError):
+                return None
+        box = self.boxes.get((uid, int(face_index)))
+        return None if box is None else face_crop(self._cache[uid], box)

