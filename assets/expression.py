@@ -9,12 +9,9 @@ from assets.resources import LineupSettings
 from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
 from pipeline.datasets import dataset_dir, dataset_version, fingerprint_rows, publish
+from pipeline.faces.calibration import thresholds_for
 from pipeline.identity.build import with_identity_ids
 from pipeline.storage import read_parquet, read_partitioned, write_parquet_atomic
-
-# identity cosine above which two faces may be the same person, per face backend: dlib's
-# descriptor is compressed (different people reach 0.915 on the shared photos), ArcFace is not
-MAX_IDENTITY_COS = {"dlib": 0.9, "insightface": 0.5}
 
 
 @dg.asset(
@@ -87,7 +84,7 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
         raise dg.Failure("no faces or expression descriptors yet")
     fcs = with_identity_ids(fcs, ids)
     backend = fcs.column("backend")[0].as_py() if fcs.num_rows else lineup.face_backend
-    cfg = PairConfig(max_identity_cos=MAX_IDENTITY_COS.get(backend, 0.5))
+    cfg = PairConfig(max_identity_cos=thresholds_for(backend).different_person_max)
     res = build_expression_pairs(fcs, desc, cfg)
     crops = CropReader(imgs, fcs, lineup.limits)
 

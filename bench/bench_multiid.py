@@ -24,13 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.faces import get_backend
+from pipeline.faces.calibration import calibrate_on_folder, keypoint_distributions
 from pipeline.faces.folders import (
     faces_tables,
     label_groups_by_nearest,
     labelled_files,
 )
 from pipeline.multiid import MultiIDConfig, build_multiid_dataset
-from pipeline.multiid.calibration import calibrate_on_folder, keypoint_distributions
 
 ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "faces"
 

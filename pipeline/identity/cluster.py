@@ -22,18 +22,9 @@ Methods (``method=``):
 - ``"infomap"``: optional (``pip install lineup[infomap]``; the infomap package is AGPL-3.0).
 - ``"connected_components"``: baseline; chains identities through any single bridge edge.
 
-Default thresholds (cosine similarity on L2-normalised embeddings), one per embedding backend:
-
-- ``dlib`` (128-d, dlib_face_recognition_resnet_model_v1): **0.93**. Calibrated on the 125
-  labelled photos in ``shared/data/faces`` (19 people): after L2 normalisation same-person cosine
-  has median 0.973, p5 0.941, min 0.893; different-person median 0.821, p95 0.876, max 0.924.
-  (dlib's raw descriptors have norm ~1.4-1.6 here, so dlib's usual euclidean 0.6 on raw
-  descriptors is cosine ~0.92 after normalisation; 0.82 would merge most people.) Chinese
-  whispers is near-perfect for thresholds 0.90-0.94 on that set; 0.93 is the middle of the
-  plateau, leaning to precision (merges are costlier than splits for identity datasets).
-- ``arcface`` / ``insightface`` (512-d): **0.45**. NOT measured here (no ArcFace weights on this
-  machine); taken from the usual ArcFace verification operating points (same person ~0.4-0.5
-  cosine and above, different people ~0 +- 0.1). Re-calibrate on labelled data before relying on it.
+Default thresholds (cosine similarity on L2-normalised embeddings), one per embedding backend: the
+``cluster_link`` of :data:`pipeline.faces.calibration.BACKEND_THRESHOLDS` (dlib 0.93, measured on
+shared/data/faces; ArcFace 0.45, from the literature), documented there with their calibration.
 """
 
 from __future__ import annotations
@@ -44,7 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-DEFAULT_THRESHOLDS = {"dlib": 0.93, "arcface": 0.45, "insightface": 0.45}
+from pipeline.faces.calibration import BACKEND_THRESHOLDS
+
+DEFAULT_THRESHOLDS = {name: t.cluster_link for name, t in BACKEND_THRESHOLDS.items()}
 METHODS = ("chinese_whispers", "leiden", "infomap", "connected_components")
 DEFAULT_METHOD = "chinese_whispers"
 

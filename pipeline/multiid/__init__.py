@@ -4,6 +4,7 @@ copy-paste guard, identity-disjoint splits, WebDataset shards, MultiID-Bench met
 Entry point: :func:`build_multiid_dataset`.
 """
 
+from pipeline.faces.calibration import calibrate_thresholds, match_quantile
 from pipeline.multiid.build import (
     MultiIDResult,
     build_multiid_dataset,
@@ -11,7 +12,6 @@ from pipeline.multiid.build import (
     reader_from_images,
     select_references,
 )
-from pipeline.multiid.calibration import calibrate_thresholds, match_quantile
 from pipeline.multiid.config import BACKEND_THRESHOLDS, MultiIDConfig, thresholds_for
 from pipeline.multiid.metrics import (
     copy_paste,

@@ -271,7 +271,7 @@ PAIRS_SCHEMA = pa.schema([
 def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig,
                       read_bytes: Callable[[str], bytes] | None = None) -> tuple[list[dict], list[dict], list[dict], dict]:
     """Reference selection without writing anything: (samples JSON, pair rows, candidate rows, stats)."""
-    from pipeline.multiid.config import thresholds_for
+    from pipeline.faces.calibration import thresholds_for
 
     config.validate()
     cfg = config.resolved()

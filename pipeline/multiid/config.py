@@ -1,40 +1,15 @@
-"""Configuration of the multi-identity (MultiID-2M style) builder, with per-backend thresholds.
+"""Configuration of the multi-identity (MultiID-2M style) builder.
 
-Similarity thresholds belong to the face backend: WithAnyone's 0.6 / 0.8 are ArcFace cosines. The
-dlib values below were calibrated with :func:`pipeline.multiid.calibration.calibrate_thresholds`
-on ``shared/data/faces`` (see that module's docstring for the method and the measured numbers).
+Similarity thresholds belong to the face backend (WithAnyone's 0.6 / 0.8 are ArcFace cosines): the
+defaults come from :data:`pipeline.faces.calibration.BACKEND_THRESHOLDS` (``same_person_min`` and
+``same_shot_min``), where they are documented with their calibration.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-
-@dataclass(frozen=True)
-class BackendThresholds:
-    sim_low: float  # same person: keep a reference only if cosine >= sim_low
-    sim_high: float  # not the same shot: keep only if cosine <= sim_high
-    det_score_min: float  # detector confidence floor for a usable face
-    det_score_good: float  # detector confidence that counts as full quality
-    blur_min: float  # variance of Laplacian floor for a usable face
-    source: str  # where the numbers come from
-
-
-BACKEND_THRESHOLDS: dict[str, BackendThresholds] = {
-    # WithAnyone / MultiID-2M values for ArcFace (insightface buffalo_l) cosines, SCRFD scores in [0, 1].
-    "insightface": BackendThresholds(0.6, 0.8, 0.5, 0.8, 10.0, "WithAnyone paper (ArcFace cosine)"),
-    "arcface": BackendThresholds(0.6, 0.8, 0.5, 0.8, 10.0, "WithAnyone paper (ArcFace cosine)"),
-    # dlib_face_recognition_resnet_model_v1 cosines (L2-normalised descriptors), HOG detector scores
-    # (SVM margins, ~0..3). Calibrated on shared/data/faces, see pipeline/multiid/calibration.py.
-    "dlib": BackendThresholds(0.91, 0.987, 0.0, 1.0, 10.0, "calibrated on shared/data/faces (calibration.py)"),
-}
-
-
-def thresholds_for(backend: str) -> BackendThresholds:
-    try:
-        return BACKEND_THRESHOLDS[backend]
-    except KeyError:
-        raise KeyError(f"no calibrated thresholds for face backend {backend!r}; known: {sorted(BACKEND_THRESHOLDS)}") from None
+from pipeline.faces.calibration import BACKEND_THRESHOLDS, thresholds_for  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -93,8 +68,8 @@ class MultiIDConfig:
             det_score_min=t.det_score_min if self.det_score_min is None else self.det_score_min,
             blur_min=t.blur_min if self.blur_min is None else self.blur_min,
             ref_min_face_px=self.min_face_px if self.ref_min_face_px is None else self.ref_min_face_px,
-            sim_low=t.sim_low if self.sim_low is None else self.sim_low,
-            sim_high=t.sim_high if self.sim_high is None else self.sim_high,
+            sim_low=t.same_person_min if self.sim_low is None else self.sim_low,
+            sim_high=t.same_shot_min if self.sim_high is None else self.sim_high,
         )
 
     def validate(self) -> None:

@@ -39,7 +39,7 @@ largest face of each labelled photo + the six face_recognition test images, open
 
     same-person different-photo pairs (842 ordered pairs, known near-duplicates excluded):
         tight inliers p50 3, p95 11, p99 17, max 23; ratio p50 0.50, p95 0.77
-    synthetic same-shot pairs (2 x 1048 ordered, ``calibration.same_shot_variants``: x0.6, x0.35,
+    synthetic same-shot pairs (2 x 1048 ordered, ``pipeline.faces.calibration.same_shot_variants``: x0.6, x0.35,
     JPEG q=35, mirror, mirror+x0.8+JPEG q=50, composite, original vs edge-cut crop, two edge-cut crops):
         tight inliers p1 13, p5 21, p50 57; ratio p1 0.87, p5 0.93, p50 1.0
         hardest: two crops sharing half a face (p1 9 inliers, ratio p1 0.78), x0.35 of 150 px crops

@@ -1,4 +1,33 @@
-"""Calibrating the reference-similarity band (sim_low, sim_high) for a face backend.
+"""Per-backend face-similarity thresholds, in one place, with how each was measured.
+
+Every rule that compares two faces' embeddings reads its threshold from :data:`BACKEND_THRESHOLDS`:
+
+* ``cluster_link``: kNN edges at or above it join identities (``pipeline.identity``).
+* ``same_person_min``: at or above it, two faces are the same person (multi-identity references
+  must reach it; WithAnyone's 0.6 for ArcFace).
+* ``different_person_max``: below it, two faces are different people (cross-expression pairs
+  must stay below it).
+* ``same_shot_min``: at or above it, two faces are probably the same shot (multi-identity
+  references must stay below it; WithAnyone's 0.8 for ArcFace).
+* ``det_score_min`` / ``det_score_good`` / ``blur_min``: when a detected face is usable.
+
+For dlib the numbers are three operating points of one measurement on ``shared/data/faces``
+(below); for ArcFace they come from the literature and are NOT measured here (no ArcFace weights
+on these machines): re-calibrate with :func:`calibrate_on_folder` before relying on them.
+
+dlib, ``cluster_link`` = 0.93: on the 125 labelled photos (19 people), after L2 normalisation,
+same-person cosine has median 0.973, p5 0.941, min 0.893; different-person median 0.821, p95 0.876,
+max 0.924. (dlib's raw descriptors have norm ~1.4-1.6 here, so dlib's usual euclidean 0.6 on raw
+descriptors is cosine ~0.92 after normalisation; 0.82 would merge most people.) Chinese whispers is
+near-perfect for thresholds 0.90-0.94 on that set; 0.93 is the middle of the plateau, leaning to
+precision, because a link chains: one wrong edge merges two whole identities, while a reference
+or a pair is judged one at a time.
+
+dlib, ``different_person_max`` = 0.90: just under the same-person minimum (0.893 rounds to the
+p1 of 0.913 measured below): pairs below it are different people in all but ~1 % of same-person
+cases, and the expression builder also requires different identity ids.
+
+Calibrating the reference-similarity band ``same_person_min``/``same_shot_min`` (sim_low, sim_high) for a face backend.
 
 WithAnyone keeps a reference when ArcFace cosine is in [0.6, 0.8]: 0.6 is "surely the same person"
 (far above ArcFace's different-person tail, inside its same-person distribution) and 0.8 is the
@@ -31,12 +60,9 @@ downscale, JPEG q=35, pasted on a larger canvas, mirrored), far = 1e-3, dup_reca
     same-person pairs kept in [0.911, 0.987]: 93.0 %; different-person above low: 0.10 %;
     copies below high: 0.8 % (those are left to the copy-paste guard)
 
-(The earlier run with the direct-dlib fallback that localfaces.py used to carry gave 0.909 / 0.987 on
-413 / 7213 / 496 pairs; the rounded defaults 0.91 / 0.987 did not change.)
-
 So dlib's band is about [0.91, 0.987] where ArcFace's is [0.6, 0.8]: narrow, because dlib packs all
 faces into a small cone (different people are already at cosine ~0.82). The rounded values
-are the defaults in ``config.BACKEND_THRESHOLDS["dlib"]``.
+are the dlib values of :data:`BACKEND_THRESHOLDS` below.
 """
 
 from __future__ import annotations
@@ -46,6 +72,43 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class BackendThresholds:
+    cluster_link: float
+    same_person_min: float
+    different_person_max: float
+    same_shot_min: float
+    det_score_min: float  # detector confidence floor for a usable face
+    det_score_good: float  # detector confidence that counts as full quality
+    blur_min: float  # variance-of-Laplacian floor for a usable face
+    source: str
+
+
+_ARCFACE = BackendThresholds(
+    cluster_link=0.45, same_person_min=0.6, different_person_max=0.5, same_shot_min=0.8,
+    det_score_min=0.5, det_score_good=0.8, blur_min=10.0,
+    source="literature, not measured here: WithAnyone's [0.6, 0.8] reference band; ArcFace verification "
+    "operating points (same person ~0.4-0.5 and above, different people ~0 +- 0.1)",
+)
+BACKEND_THRESHOLDS: dict[str, BackendThresholds] = {
+    "insightface": _ARCFACE,
+    "arcface": _ARCFACE,
+    # dlib_face_recognition_resnet_model_v1 cosines (L2-normalised), HOG detector scores (SVM margins ~0..3)
+    "dlib": BackendThresholds(
+        cluster_link=0.93, same_person_min=0.91, different_person_max=0.90, same_shot_min=0.987,
+        det_score_min=0.0, det_score_good=1.0, blur_min=10.0,
+        source="calibrated on shared/data/faces (pipeline/faces/calibration.py)",
+    ),
+}
+
+
+def thresholds_for(backend: str) -> BackendThresholds:
+    try:
+        return BACKEND_THRESHOLDS[backend]
+    except KeyError:
+        raise KeyError(f"no calibrated thresholds for face backend {backend!r}; known: {sorted(BACKEND_THRESHOLDS)}") from None
 
 
 @dataclass(frozen=True)
