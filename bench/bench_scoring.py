@@ -154,7 +154,7 @@ def main():
             "Linear over [image, text]",
         )
 
-    from pipeline.scoring.quality import face_quality
+    from pipeline.faces.quality import face_quality
 
     nf = 100_000
     fw = rng.uniform(20, 300, nf)

@@ -30,8 +30,8 @@ import pyarrow as pa
 from pipeline.decode import encode_jpeg
 from pipeline.expression.descriptor import GEOMETRY_SCALES, expression_similarity
 from pipeline.expression.fer_model import EMOTIONS
+from pipeline.faces.quality import QualityConfig
 from pipeline.ids import stable_key
-from pipeline.scoring.quality import QualityConfig
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class PairConfig:
     max_pairs_per_face: int = 3
     classes: tuple[str, ...] | None = None  # restrict to these expressions (None: all seven)
     w_probs: float = 0.7  # weight of the class-probability term in the similarity
-    quality: QualityConfig = field(default_factory=QualityConfig)  # used when faces has no quality column
+    quality: QualityConfig | None = None  # when faces has no quality column; None: the backend's defaults
 
 
 PAIR_SCHEMA = pa.schema(
@@ -88,7 +88,7 @@ def _col(t: pa.Table, name: str, default=None):
 
 
 def _join(faces: pa.Table, descriptors: pa.Table, config: PairConfig):
-    from pipeline.scoring.quality import face_quality_from_table
+    from pipeline.faces.quality import face_quality_from_table
 
     fkeys = list(zip(faces["uid"].to_pylist(), faces["face_index"].to_pylist()))
     if "quality" in faces.column_names:

@@ -122,11 +122,15 @@ def unusable_reason(f: FaceRec, min_px: float, det_min: float, blur_min: float) 
     return None
 
 
-def face_quality(f: FaceRec, cfg: MultiIDConfig, det_good: float) -> float:
-    size = min(1.0, min(f.face_width, f.face_height) / (2.0 * max(cfg.min_face_px, 1.0)))
-    det = min(1.0, max(0.0, (f.det_score - cfg.det_score_min) / max(det_good - cfg.det_score_min, 1e-6)))
-    blur = f.blur / (f.blur + cfg.blur_half) if f.blur > 0 else 0.0
-    return (size + det + blur) / 3.0
+def qualities(faces: list[FaceRec], backend: str) -> dict[tuple[str, int], float]:
+    """The face-quality score (pipeline.faces.quality) of every face, by (uid, face_index)."""
+    from pipeline.faces.quality import QualityConfig, face_quality
+
+    if not faces:
+        return {}
+    cols = np.array([(f.face_width, f.face_height, f.blur, f.yaw, f.pitch, f.det_score) for f in faces], np.float64)
+    q = face_quality(*cols.T, config=QualityConfig.for_backend(backend))
+    return {f.ref: float(v) if np.isfinite(v) else 0.0 for f, v in zip(faces, q)}
 
 
 def pose_diff(a: FaceRec, b: FaceRec) -> tuple[float, float, float]:
@@ -271,11 +275,8 @@ PAIRS_SCHEMA = pa.schema([
 def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig,
                       read_bytes: Callable[[str], bytes] | None = None) -> tuple[list[dict], list[dict], list[dict], dict]:
     """Reference selection without writing anything: (samples JSON, pair rows, candidate rows, stats)."""
-    from pipeline.faces.calibration import thresholds_for
-
     config.validate()
     cfg = config.resolved()
-    det_good = thresholds_for(cfg.backend).det_score_good
     read_bytes = read_bytes or reader_from_images(images)
     by_uid = _faces_from_table(faces, identities)
     backends = sorted(set(faces.column("backend").to_pylist())) if "backend" in faces.column_names and faces.num_rows else [cfg.backend]
@@ -292,7 +293,7 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
     fps = _Fingerprints(read_bytes, by_uid, lambda f: unusable_reason(f, px_min, cfg.det_score_min, cfg.blur_min) is None,
                         keypoints=cfg.keypoints)
     kp_args = {"kp_min_inliers": cfg.kp_min_inliers, "kp_min_ratio": cfg.kp_min_ratio, "kp_strong_inliers": cfg.kp_strong_inliers}
-    qual = {f.ref: face_quality(f, cfg, det_good) for fs in by_uid.values() for f in fs}
+    qual = qualities([f for fs in by_uid.values() for f in fs], cfg.backend)
 
     target_reasons: Counter = Counter()
     removed: Counter = Counter()

@@ -43,7 +43,6 @@ class MultiIDConfig:
     w_quality: float = 0.3
     w_sim: float = 0.2
     pose_norm_deg: float = 45.0
-    blur_half: float = 100.0  # blur value that scores 0.5 in the quality term
     # splits
     eval_fraction: float = 0.1
     split_salt: str = "multiid-v1"

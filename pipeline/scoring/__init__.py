@@ -4,6 +4,7 @@ scores, report = score_candidates([(uid, rgb, caption), ...], faces_table, Scori
 order = rank_candidates(scores, {"clip_score": 1.0, "face_quality": 0.5})
 """
 
+from pipeline.faces.quality import QualityConfig, face_quality, face_quality_from_table, quality_components
 from pipeline.scoring.base import ScorerUnavailable
 from pipeline.scoring.clip import ClipConfig, ClipEncoder, clip_scores
 from pipeline.scoring.heads import (
@@ -11,7 +12,6 @@ from pipeline.scoring.heads import (
     HeadConfig,
     linear_stack_from_state_dict,
 )
-from pipeline.scoring.quality import QualityConfig, face_quality, face_quality_from_table, quality_components
 from pipeline.scoring.social import SocialRewardScorer
 from pipeline.scoring.stage import (
     SCORE_COLUMNS,

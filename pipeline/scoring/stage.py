@@ -13,7 +13,7 @@
 Scorers: clip (open_clip, local weights), aesthetic (LAION head on CLIP image embeddings),
 social_reward (pipeline/scoring/social.py: the folder training/reward.py saves, or a head over
 the stage's CLIP embeddings; unavailable until training has produced a checkpoint),
-face_quality (pipeline.scoring.quality), identity_similarity (cosine of the face embedding with
+face_quality (pipeline.faces.quality), identity_similarity (cosine of the face embedding with
 its ``reference_embedding`` column when present, else with the leave-one-out centroid of its
 identity_id cluster; null for singletons). A scorer whose weights are missing is listed under
 "unavailable" with the reason and skipped; nothing is ever scored with random weights unless a
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from pipeline.faces.quality import QualityConfig, face_quality_from_table
 from pipeline.scoring.base import ScorerUnavailable, pick_device
 from pipeline.scoring.clip import ClipConfig, ClipEncoder, clip_scores
 from pipeline.scoring.heads import AestheticScorer, HeadConfig
-from pipeline.scoring.quality import QualityConfig, face_quality_from_table
 from pipeline.scoring.social import SocialRewardScorer
 
 SCORE_COLUMNS = ("clip_score", "aesthetic", "social_reward", "face_quality", "identity_similarity")
@@ -52,7 +52,7 @@ class ScoringConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     aesthetic: HeadConfig = field(default_factory=HeadConfig)
     social_reward: HeadConfig = field(default_factory=HeadConfig)
-    quality: QualityConfig = field(default_factory=QualityConfig)
+    quality: QualityConfig | None = None  # None: the defaults, with the faces backend's detector range
     enabled: tuple[str, ...] = ("clip", "aesthetic", "social_reward", "face_quality", "identity_similarity")
     chunk: int = 256  # images held in memory at once
 

@@ -9,10 +9,13 @@ score to 0 however good the others are, and a face that is good on every axis sc
     blur   variance of the Laplacian of the aligned grey crop (pipeline.faces' ``blur``, higher is
            sharper): 0 at <= blur_min, 1 at >= blur_good, linear in log(blur) between
     pose   1 - max(|yaw| / max_yaw, |pitch| / max_pitch), clipped to [0, 1] (degrees)
-    det    detector score: 0 at <= det_min, 1 at >= det_good, linear between. Defaults suit dlib's
-           HOG margin (faces found at the default threshold score ~0..3); for SCRFD (a probability)
-           use det_min=0.3, det_good=0.8.
+    det    detector score: 0 at <= det_min, 1 at >= det_good, linear between. The defaults suit dlib's
+           HOG margin (faces found at the default threshold score ~0..3); ``QualityConfig.for_backend``
+           takes the detector range from ``pipeline.faces.calibration`` (SCRFD scores are probabilities).
 A missing (NaN/None) input gives that factor weight 0 instead of failing the face.
+
+This is the one face-quality score: the scoring stage reports it, the multi-identity builder ranks
+references with it and the expression builder filters pairs with it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,16 @@ class QualityConfig:
     w_blur: float = 1.0
     w_pose: float = 1.0
     w_det: float = 0.5
+
+    @classmethod
+    def for_backend(cls, backend: str, **overrides) -> QualityConfig:
+        """The defaults with the detector-score range of ``backend`` (pipeline.faces.calibration)."""
+        from dataclasses import replace
+
+        from pipeline.faces.calibration import thresholds_for
+
+        t = thresholds_for(backend)
+        return replace(cls(det_min=t.det_score_min, det_good=t.det_score_good), **overrides)
 
 
 def _lin(x, lo, hi):
@@ -98,8 +111,14 @@ def face_quality(
     return q.astype(np.float32)
 
 
-def face_quality_from_table(faces: pa.Table, config: QualityConfig = QualityConfig()) -> np.ndarray:
-    """Quality for a faces table with pipeline.faces columns (face_width, face_height, blur, yaw, pitch, det_score)."""
+def face_quality_from_table(faces: pa.Table, config: QualityConfig | None = None) -> np.ndarray:
+    """Quality for a faces table with pipeline.faces columns (face_width, face_height, blur, yaw, pitch,
+    det_score). Without a config, the detector range is the table's backend's (``backend`` column)."""
+    if config is None:
+        backends = set(faces.column("backend").to_pylist()) if "backend" in faces.column_names else set()
+        if len(backends) > 1:
+            raise ValueError(f"faces from several backends {sorted(backends)}: their detector scores differ")
+        config = QualityConfig.for_backend(backends.pop()) if backends else QualityConfig()
 
     def col(name):
         if name not in faces.column_names:
