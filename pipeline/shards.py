@@ -1,17 +1,18 @@
 """WebDataset shard writing: deterministic tars, atomic renames, a manifest per dataset version.
 
-webdataset's own ShardWriter stamps the current time into every tar header, so two runs never
-give the same bytes. This writer fixes every header field (mtime, owner, mode) and the member
-order, so the same samples give byte-identical shards, and it writes each shard under a temporary
-name that is renamed only when the shard is complete: a crashed run never leaves a readable
-half-shard. The result reads with plain `webdataset.WebDataset(...)` and with
-`datasets.load_dataset("webdataset", ...)`.
+The tar members are written by webdataset's own ``TarWriter`` with a fixed ``mtime`` (and fixed owner
+and mode; it orders members by extension), so the same samples give byte-identical shards. What this
+module adds is what webdataset does not do: dot-free key and extension checks (webdataset splits a
+member name at its first dot), one sample per key, rotation by sample count and by bytes, writing
+each shard under a temporary name that is renamed only when the shard is complete (a crashed run
+never leaves a readable half-shard; ``ShardWriter``'s ``opener``/``post`` hooks could rename, but not
+discard a half-written shard on error), and the sha256 manifest. The result reads with plain
+``webdataset.WebDataset(...)`` and with ``datasets.load_dataset("webdataset", ...)``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -20,11 +21,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import webdataset as wds
+
 from pipeline import __version__
 from pipeline.storage import write_bytes_atomic
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
-_EXT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_EXT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # a leading "_" is metadata to webdataset
 FIXED_MTIME = 0  # every tar header gets this time, for byte-identical shards
 
 
@@ -46,6 +49,26 @@ def _encode(ext: str, value) -> bytes:
     raise TypeError(f"cannot encode .{ext} of type {type(value).__name__}; give bytes, str or JSON data")
 
 
+class _HashingFile:
+    """A write-only file that hashes what passes through it (no second read of a 1 GB shard)."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def check_key(key: str) -> str:
     """WebDataset splits a member name at the first dot: a key must not contain one."""
     if not key or "." in key or not _KEY_RE.match(key) or key.startswith("/") or ".." in key:
@@ -65,7 +88,8 @@ class ShardSink:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.shards: list[ShardInfo] = []
-        self._tar: tarfile.TarFile | None = None
+        self._tar: wds.TarWriter | None = None
+        self._file = None
         self._tmp: Path | None = None
         self._count = 0
         self._size = 0
@@ -75,7 +99,8 @@ class ShardSink:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._final = self.out_dir / name
         self._tmp = self.out_dir / f".{name}.partial"
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._file = _HashingFile(self._tmp)
+        self._tar = wds.TarWriter(self._file, user="", group="", mode=0o444, encoder=False, mtime=FIXED_MTIME)
         self._count = 0
         self._size = 0
 
@@ -83,11 +108,11 @@ class ShardSink:
         if self._tar is None:
             return
         self._tar.close()
+        self._file.close()
         self._tar = None
-        digest = hashlib.sha256(self._tmp.read_bytes()).hexdigest()
-        size = self._tmp.stat().st_size
         os.replace(self._tmp, self._final)
-        self.shards.append(ShardInfo(self._final.name, self._count, size, digest))
+        self.shards.append(ShardInfo(self._final.name, self._count, self._file.size, self._file.sha256.hexdigest()))
+        self._file = None
 
     def write(self, sample: Mapping) -> None:
         key = check_key(str(sample["__key__"]))
@@ -98,20 +123,13 @@ class ShardSink:
         for ext in sorted(k for k in sample if not k.startswith("__")):
             if not _EXT_RE.match(ext):
                 raise ValueError(f"invalid extension {ext!r} in sample {key!r}")
-            members.append((f"{key}.{ext}", _encode(ext, sample[ext])))
+            members.append((ext, _encode(ext, sample[ext])))
         sample_bytes = sum(len(d) + 1024 for _, d in members)
         if self._tar is not None and (self._count >= self.max_count or self._size + sample_bytes > self.max_bytes):
             self._close()
         if self._tar is None:
             self._open()
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = FIXED_MTIME
-            info.mode = 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+        self._tar.write({"__key__": key, **{ext: data for ext, data in members}})
         self._count += 1
         self._size += sample_bytes
 
@@ -128,7 +146,8 @@ class ShardSink:
         else:  # leave no readable half-shard behind
             if self._tar is not None:
                 self._tar.close()
-                self._tar = None
+                self._file.close()
+                self._tar = self._file = None
             if self._tmp is not None:
                 Path(self._tmp).unlink(missing_ok=True)
 

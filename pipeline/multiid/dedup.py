@@ -10,7 +10,7 @@ reference face):
 * **Face-crop pHash + NCC**. A square crop centred on the landmarks' centroid, side proportional to
   their RMS radius (so the crop is the same region whatever the image's scale), grey, resized to
   32x32 for the hash and to 48x48 for a normalised cross-correlation searched over small shifts
-  (±3 px at 48 px). A mirrored copy is hashed too. Catches composites (a face pasted from one
+  (±3 px at 48 px, with ``cv2.matchTemplate``). A mirrored copy is hashed too. Catches composites (a face pasted from one
   photo into another, or cut out of a group still), where the whole-image hashes differ.
 
 * **Keypoints (geometric same-shot check)**. SIFT keypoints (opencv, 600 per region) in the grey region
@@ -143,29 +143,44 @@ def face_fingerprint(gray_img: Image.Image, landmarks, bbox) -> FaceFingerprint:
     return FaceFingerprint(phash_bits(arr), phash_bits(arr[:, ::-1]), patch, mask)
 
 
+def _standardised(patch: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(patch - mean) / std over the valid pixels, zero elsewhere. NCC does not change under this, and
+    the correlation sums below stay small enough for float32."""
+    k = float(mask.sum())
+    if k == 0:
+        return np.zeros_like(patch, dtype=np.float32)
+    mu = float((patch * mask).sum()) / k
+    sd = float(np.sqrt((((patch - mu) ** 2) * mask).sum() / k)) or 1.0
+    return ((patch - mu) / sd * mask).astype(np.float32)
+
+
 def patch_ncc(a: FaceFingerprint, b: FaceFingerprint) -> float:
     """Max normalised cross-correlation of a's centre 48x48 against b over shifts of ±NCC_PAD px.
 
     Only pixels inside both source images count (a face near an image border is padded differently
-    in a photo and in a composite made from it); fewer than half the pixels valid gives -1.
+    in a photo and in a composite made from it); fewer than half the pixels valid gives -1. The
+    masked NCC of every shift comes from six ``cv2.matchTemplate`` correlations (the sums of the
+    masks, values and squares over the pixels valid in both), which is exact, not approximate.
     """
+    import cv2
+
     sl = slice(NCC_PAD, NCC_PAD + NCC_SIZE)
-    pa_, ma = a.patch[sl, sl], a.mask[sl, sl]
-    best = -1.0
-    for dy in range(2 * NCC_PAD + 1):
-        for dx in range(2 * NCC_PAD + 1):
-            pb = b.patch[dy:dy + NCC_SIZE, dx:dx + NCC_SIZE]
-            m = ma * b.mask[dy:dy + NCC_SIZE, dx:dx + NCC_SIZE]
-            k = float(m.sum())
-            if k < 0.5 * NCC_SIZE * NCC_SIZE:
-                continue
-            xa = pa_ - (pa_ * m).sum() / k
-            xb = pb - (pb * m).sum() / k
-            num = float((xa * xb * m).sum())
-            den = float(np.sqrt((xa * xa * m).sum() * (xb * xb * m).sum()))
-            if den > 1e-6:
-                best = max(best, num / den)
-    return best
+    ma = np.ascontiguousarray(a.mask[sl, sl], dtype=np.float32)
+    mb = np.ascontiguousarray(b.mask, dtype=np.float32)
+    ta = _standardised(a.patch[sl, sl], ma)
+    ib = _standardised(b.patch, mb)
+
+    def corr(image, template):
+        return cv2.matchTemplate(image, template, cv2.TM_CCORR).astype(np.float64)
+
+    k = corr(mb, ma)
+    sa, sb = corr(mb, ta), corr(ib, ma)
+    saa, sbb, sab = corr(mb, ta * ta), corr(ib * ib, ma), corr(ib, ta)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        num = sab - sa * sb / k
+        den = np.sqrt(np.maximum(saa - sa * sa / k, 0.0) * np.maximum(sbb - sb * sb / k, 0.0))
+        r = np.where((k >= 0.5 * NCC_SIZE * NCC_SIZE) & (den > 1e-6), num / den, -1.0)
+    return float(r.max())
 
 
 def face_hamming(a: FaceFingerprint, b: FaceFingerprint) -> int:
