@@ -2,13 +2,13 @@
 
 import dagster as dg
 
+from assets.common import COLLECTION_UPDATE, release_checks, release_metadata
 from assets.faces import faces
 from assets.identity import identities
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
 from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
-from pipeline.datasets import dataset_dir, dataset_version, fingerprint_rows, publish
 from pipeline.faces.calibration import thresholds_for
 from pipeline.identity.build import with_identity_ids
 from pipeline.storage import read_parquet, read_partitioned, write_parquet_atomic
@@ -58,57 +58,82 @@ def face_expressions(context: dg.AssetExecutionContext, lineup: LineupSettings):
     )
 
 
+EXPRESSION_CHECKS = {
+    "no_same_identity_pairs": "Both faces of every sample in the tars looked up in the catalog's identities table: "
+    "never the same identity.",
+    "shards_match_manifest": "Tars re-read from disk match manifest.json and the pairs table.",
+}
+
+
 @dg.asset(
     group_name="datasets",
     kinds={"webdataset"},
     deps=[face_expressions, identities],
-    automation_condition=dg.AutomationCondition.eager(),
-    check_specs=[dg.AssetCheckSpec("no_same_identity_pairs", asset="expression_dataset", blocking=True)],
-    description="EmojiDiff-style pairs: same expression, different identity, good quality, similar pose.",
+    automation_condition=COLLECTION_UPDATE,
+    check_specs=[dg.AssetCheckSpec(n, asset="expression_dataset", blocking=True, description=d) for n, d in EXPRESSION_CHECKS.items()],
+    description="EmojiDiff-style pairs: same expression, different identity, good quality, similar pose; a "
+    "content-addressed version with shards, manifest and dataset card.",
 )
 def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
+    import numpy as np
+
+    from pipeline.collection import load_collection, load_identities
+    from pipeline.datasets import release
     from pipeline.expression.pairs import (
         PairConfig,
         build_expression_pairs,
         contact_sheet,
         write_expression_dataset,
     )
+    from pipeline.expression.release import expression_card, expression_version
+    from pipeline.expression.release import release_checks as checks_of
     from pipeline.faces.crops import CropReader
 
     layout = lineup.layout
-    fcs = read_partitioned(layout.table_dir("faces"))
-    imgs = read_partitioned(layout.table_dir("images"))
-    desc = read_partitioned(layout.table_dir("face_expressions"))
-    ids = read_parquet(layout.table_file("identities"))
-    if fcs is None or desc is None:
-        raise dg.Failure("no faces or expression descriptors yet")
-    fcs = with_identity_ids(fcs, ids)
+    coll = load_collection(layout)
+    ids = load_identities(layout, coll.faces)
+    desc = read_partitioned(layout.table_dir("face_expressions"), coll.built) if coll.built else None
+    empty_reason = coll.empty_reason or (None if desc is not None and desc.num_rows else "no expression descriptors yet")
+    if desc is None:
+        from pipeline.expression.descriptor import DESCRIPTOR_SCHEMA
+
+        desc = DESCRIPTOR_SCHEMA.empty_table()
+    fcs = with_identity_ids(coll.faces, ids)
     backend = fcs.column("backend")[0].as_py() if fcs.num_rows else lineup.face_backend
     cfg = PairConfig(max_identity_cos=thresholds_for(backend).different_person_max)
-    res = build_expression_pairs(fcs, desc, cfg)
-    crops = CropReader(imgs, fcs, lineup.limits)
+    version, parts = expression_version(coll.faces, desc, ids, cfg)
+    crops = CropReader(coll.images, fcs, lineup.limits)
 
     def crop(uid, face_index):
-        import numpy as np
-
         return np.asarray(crops.crop(uid, face_index))
 
-    pairs_fp = fingerprint_rows(zip(*(res.pairs.column(c).to_pylist() for c in ("pair_id", "uid_a", "uid_b"))))
-    version = dataset_version({"pairs": repr(cfg)}, pairs_fp)
-    out = dataset_dir(layout, "expression", version)
-    write_expression_dataset(res.pairs, crop, out, cfg, res.stats)
-    publish(layout, "expression", version)
-    write_parquet_atomic(res.pairs, layout.table_file("expression_pairs"))
+    def build(folder):
+        res = build_expression_pairs(fcs, desc, cfg)
+        write_expression_dataset(res.pairs, crop, folder, cfg, res.stats, version=version)
+        return res
+
+    def checks(folder, res):
+        pairs = res.pairs if res is not None else read_parquet(folder / "pairs.parquet")
+        return checks_of(folder, ids, pairs)
+
+    def card(folder, res):
+        return expression_card(version, folder, res.stats, cfg, parts, lineup.dataset_contact, empty_reason)
+
+    rel = release(layout, "expression", version, build, checks, card)
+    pairs = read_parquet(rel.folder / "pairs.parquet")
+    write_parquet_atomic(pairs, layout.table_file("expression_pairs"))
     refresh_catalog(layout)
-    same = sum(1 for a, b in zip(res.pairs.column("identity_a").to_pylist(), res.pairs.column("identity_b").to_pylist()) if a == b)
+    stats = rel.result.stats if rel.result is not None else {}
     return dg.MaterializeResult(
         metadata={
-            "version": version,
-            "path": dg.MetadataValue.path(str(out)),
-            "pairs": res.pairs.num_rows,
+            **release_metadata(rel),
+            "empty_because": empty_reason or "",
+            "pairs": pairs.num_rows,
             "max_identity_cos": cfg.max_identity_cos,
-            "stats": dg.MetadataValue.json(res.stats),
-            **pictures({"pairs_contact_sheet": contact_sheet(res.pairs, crop, max_pairs=12)}),
+            "stats": dg.MetadataValue.json(stats),
+            "collection": dg.MetadataValue.json(coll.coverage()),
+            **pictures({"pairs_contact_sheet": contact_sheet(pairs, crop, max_pairs=12)}),
         },
-        check_results=[dg.AssetCheckResult(check_name="no_same_identity_pairs", passed=same == 0, metadata={"same_identity_pairs": same})],
+        data_version=dg.DataVersion(version),
+        check_results=release_checks(rel, EXPRESSION_CHECKS),
     )

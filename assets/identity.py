@@ -3,75 +3,79 @@
 import dagster as dg
 import numpy as np
 
+from assets.common import COLLECTION_UPDATE
 from assets.faces import faces
 from assets.resources import LineupSettings
 from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
-from pipeline.faces import embeddings_of
-from pipeline.faces.crops import CropReader
-from pipeline.identity import build_identities
-from pipeline.identity.report import evaluate_against_labels, folder_labels, identity_figures
-from pipeline.storage import read_parquet, read_partitioned, write_parquet_atomic
-
-
-def _collection(lineup: LineupSettings):
-    layout = lineup.layout
-    imgs = read_partitioned(layout.table_dir("images"))
-    fcs = read_partitioned(layout.table_dir("faces"))
-    if imgs is None or fcs is None:
-        raise dg.Failure("no faces yet: materialize the images and faces partitions first")
-    return layout, imgs, fcs
+from pipeline.storage import read_parquet, write_parquet_atomic
 
 
 @dg.asset(
     group_name="identity",
     kinds={"parquet", "faiss"},
     deps=[faces],
-    automation_condition=dg.AutomationCondition.eager(),
-    check_specs=[dg.AssetCheckSpec("clustering_vs_folder_labels", asset="identities")],
+    automation_condition=COLLECTION_UPDATE,
+    check_specs=[dg.AssetCheckSpec(
+        "clustering_vs_folder_labels", asset="identities",
+        description="Pairwise/BCubed F and NMI of the clusters against folder-name labels of single-face photos, "
+        "when the input has such folders (a warning below BCubed F 0.9).")],
     description="Every face gets an identity_id: a FAISS kNN graph over all embeddings, training-free "
     "graph clustering, ids kept stable across refreshes by overlap with the previous assignment.",
 )
 def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
-    layout, imgs, fcs = _collection(lineup)
+    from pipeline.collection import load_collection
+    from pipeline.datasets import fingerprint_table
+    from pipeline.faces import embeddings_of
+    from pipeline.faces.crops import CropReader
+    from pipeline.identity import build_identities
+    from pipeline.identity.report import evaluate_against_labels, folder_labels, identity_figures
+
+    layout = lineup.layout
+    coll = load_collection(layout)
+    fcs = coll.faces
     prev_path = layout.table_file("identities")
     previous = read_parquet(prev_path) if prev_path.exists() else None
-    emb = embeddings_of(fcs)
     backend_name = fcs.column("backend")[0].as_py() if fcs.num_rows else lineup.face_backend
-    context.log.info(f"clustering {len(emb)} faces ({backend_name}) with {lineup.identity_method}")
+    mode = lineup.identity_mode if previous is not None else "recluster"
+    context.log.info(f"clustering {fcs.num_rows} faces ({backend_name}) with {lineup.identity_method}, mode {mode}")
     res = build_identities(
         fcs.column("uid").to_pylist(),
-        np.asarray(fcs.column("face_index").to_pylist()),
-        emb,
+        np.asarray(fcs.column("face_index").to_pylist(), dtype=np.int64),
+        embeddings_of(fcs),
         previous=previous,
         method=lineup.identity_method,
         threshold=lineup.identity_threshold or None,
         backend_name=backend_name,
         knn_backend=lineup.knn_backend,
-        mode=lineup.identity_mode if previous is not None else "recluster",
+        mode=mode,
     )
     write_parquet_atomic(res.assignments, prev_path)
     write_parquet_atomic(res.summary, layout.table_file("identity_summary"))
     refresh_catalog(layout)
     st = res.stats
-    quality = evaluate_against_labels(res.assignments, folder_labels(fcs, imgs))
-    figs = identity_figures(res, CropReader(imgs, fcs, lineup.limits))
+    quality = evaluate_against_labels(res.assignments, folder_labels(fcs, coll.images)) if fcs.num_rows else None
+    figs = identity_figures(res, CropReader(coll.images, fcs, lineup.limits)) if fcs.num_rows else {}
     churn = st.get("churn") or {}
-    yield dg.MaterializeResult(
+    fingerprint = fingerprint_table(res.assignments, ["uid", "face_index", "identity_id"], ["uid", "face_index"])
+    return dg.MaterializeResult(
         metadata={
             "faces": st["n_faces"],
             "identities": st["n_identities"],
+            "empty_because": coll.empty_reason or "",
             "singletons": st["n_singletons"],
             "largest_identity": st["largest_identity"],
             "method": st["method"],
             "threshold": float(st["threshold"]),
-            "knn_backend": st["knn_backend"],
-            "mode": lineup.identity_mode if previous is not None else "recluster (first build)",
+            "knn_backend": str(st["knn_backend"]),
+            "mode": mode if previous is not None else "recluster (first build)",
             "churn": dg.MetadataValue.json(churn),
+            "collection": dg.MetadataValue.json(coll.coverage()),
             "timings_s": dg.MetadataValue.json({k: round(float(v), 3) for k, v in st.get("timings", {}).items()}),
             "doubtful_merges": dg.MetadataValue.json(st.get("doubtful_merges", [])[:10]),
             **pictures(figs),
         },
+        data_version=dg.DataVersion(fingerprint),
         check_results=[
             dg.AssetCheckResult(
                 check_name="clustering_vs_folder_labels",

@@ -7,7 +7,7 @@ from assets.partitions import input_partitions
 from assets.resources import LineupSettings
 from assets.ui import table_preview
 from pipeline.catalog import refresh_catalog
-from pipeline.ingest import earlier_uids, ingest_partition
+from pipeline.ingest import earlier_uids, ingest_partition, reconcile_ingest
 from pipeline.sources import load_partition, plan_new_partitions, register_partitions
 from pipeline.storage import write_parquet_atomic
 
@@ -16,7 +16,10 @@ from pipeline.storage import write_parquet_atomic
     partitions_def=input_partitions,
     group_name="ingest",
     kinds={"parquet"},
-    check_specs=[dg.AssetCheckSpec("counts_reconcile", asset="images", blocking=True)],
+    check_specs=[dg.AssetCheckSpec(
+        "counts_reconcile", asset="images", blocking=True,
+        description="The partition's source listed again (files, manifest rows, tar members) = image rows + "
+        "reject rows read back from the files written.")],
     description="Accepted images of one input partition: stable content uid, source, locator, size. "
     "Everything not accepted goes to rejects (stage=ingest) with a reason.",
 )
@@ -29,6 +32,7 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
     write_parquet_atomic(res.images, layout.partition_file("images", key))
     write_parquet_atomic(res.rejects.to_table(), layout.partition_file("rejects_ingest", key))
     refresh_catalog(layout)
+    reconcile = reconcile_ingest(spec, layout.partition_file("images", key), layout.partition_file("rejects_ingest", key))
     reasons = res.rejects.counts_by_reason()
     yield dg.MaterializeResult(
         metadata={
@@ -46,9 +50,9 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
         check_results=[
             dg.AssetCheckResult(
                 check_name="counts_reconcile",
-                passed=res.reconciles(),
-                metadata={"inputs": res.inputs, "accepted": res.accepted, "rejected": len(res.rejects)},
-                description="inputs = accepted + rejected",
+                passed=reconcile.pop("passed"),
+                metadata=reconcile,
+                description="inputs listed from the source = image rows + reject rows (read back)",
             )
         ],
     )

@@ -2,73 +2,88 @@
 
 import dagster as dg
 
-from assets.identity import _collection, identities
+from assets.common import COLLECTION_UPDATE, release_checks, release_metadata
+from assets.identity import identities
 from assets.ingest import images
 from assets.resources import LineupSettings
 from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
-from pipeline.datasets import dataset_dir, dataset_version, fingerprint_rows, is_complete, publish
-from pipeline.multiid.report import similarity_histograms
 from pipeline.storage import read_parquet, write_parquet_atomic
+
+CHECKS = {
+    "identity_disjoint_splits": "No photo and no person in both train and eval: samples re-read from the shards, "
+    "faces and identities from the catalog (target photos and what each reference crop shows).",
+    "shards_match_manifest": "Tars re-read from disk match manifest.json (sha256, sizes, sample counts), and their "
+    "keys match the pairs table.",
+}
 
 
 @dg.asset(
     group_name="datasets",
     kinds={"webdataset"},
     deps=[identities, images],
-    automation_condition=dg.AutomationCondition.eager(),
-    check_specs=[
-        dg.AssetCheckSpec("identity_disjoint_splits", asset="multiid_dataset", blocking=True),
-        dg.AssetCheckSpec("shards_match_manifest", asset="multiid_dataset", blocking=True),
-    ],
+    automation_condition=COLLECTION_UPDATE,
+    check_specs=[dg.AssetCheckSpec(name, asset="multiid_dataset", blocking=True, description=d) for name, d in CHECKS.items()],
     description="MultiID-2M-style pairs: every person in a target photo gets references of the same identity "
-    "from other shots (0.6 <= cos <= 0.8 in ArcFace terms, calibrated per backend; copy-paste guard by "
-    "perceptual hashes), identity-disjoint train/eval splits, WebDataset shards + manifest.",
+    "from other photos (similarity band calibrated per face backend; copy-paste guard), train/eval disjoint by "
+    "identity and by photo, WebDataset shards, manifests and a dataset card per content-addressed version.",
 )
 def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
+    from pipeline.collection import load_collection, load_identities
+    from pipeline.datasets import release
     from pipeline.multiid import MultiIDConfig, build_multiid_dataset
-    from pipeline.multiid.splits import check_identity_disjoint
-    from pipeline.shards import verify_manifest
+    from pipeline.multiid.metrics import load_samples
+    from pipeline.multiid.release import multiid_card, multiid_version, split_counts
+    from pipeline.multiid.release import release_checks as checks_of
+    from pipeline.multiid.report import contact_sheet, similarity_histograms
 
-    layout, imgs, fcs = _collection(lineup)
-    ids = read_parquet(layout.table_file("identities"))
-    backend_name = fcs.column("backend")[0].as_py() if fcs.num_rows else lineup.face_backend
-    cfg = MultiIDConfig(backend=backend_name)
-    version = dataset_version(
-        cfg.resolved().to_dict(),
-        fingerprint_rows(zip(*(ids.column(c).to_pylist() for c in ("uid", "face_index", "identity_id")))),
-        fingerprint_rows(zip(imgs.column("uid").to_pylist())),
-    )
-    out = dataset_dir(layout, "multiid", version)
-    res = build_multiid_dataset(imgs, fcs, ids, out, cfg)
-    write_parquet_atomic(res.pairs, layout.table_file("multiid_pairs"))
-    write_parquet_atomic(res.candidates, layout.table_file("multiid_candidates"))
+    layout = lineup.layout
+    coll = load_collection(layout)
+    ids = load_identities(layout, coll.faces)
+    backends = sorted(set(coll.faces.column("backend").to_pylist()))
+    cfg = MultiIDConfig(backend=backends[0] if backends else lineup.face_backend)
+    version, parts = multiid_version(coll.images, coll.faces, ids, cfg)
+    empty_reason = coll.empty_reason or (None if ids.num_rows else "no identities assigned yet")
+    sources = sorted(set(coll.images.column("partition").to_pylist()))
+    context.log.info(f"multiid version {version} from {coll.images.num_rows} images, {coll.faces.num_rows} faces")
+
+    def build(folder):
+        return build_multiid_dataset(coll.images, coll.faces, ids, folder, cfg, version=version)
+
+    def checks(folder, res):
+        pairs = res.pairs if res is not None else read_parquet(folder / "pairs.parquet")
+        return checks_of(folder, coll.faces, ids, pairs)
+
+    def card(folder, res):
+        return multiid_card(version, folder, res.stats, cfg, parts, [f"input partition {s}" for s in sources],
+                            lineup.identity_method, lineup.dataset_contact, empty_reason)
+
+    rel = release(layout, "multiid", version, build, checks, card)
+    pairs = read_parquet(rel.folder / "pairs.parquet")
+    candidates = read_parquet(rel.folder / "candidates.parquet")
+    write_parquet_atomic(pairs, layout.table_file("multiid_pairs"))
+    write_parquet_atomic(candidates, layout.table_file("multiid_candidates"))
     refresh_catalog(layout)
-    problems = {split: verify_manifest(out / split) for split in res.shards}
-    leaks = check_identity_disjoint(res.samples)
-    if is_complete(out) and not leaks and not any(problems.values()):
-        publish(layout, "multiid", version)
-    st = res.stats
-    dq = st.get("data_quality", {})
-    yield dg.MaterializeResult(
+    stats = rel.result.stats if rel.result is not None else {}
+    samples = rel.result.samples if rel.result is not None else load_samples(rel.folder)
+    from pipeline.multiid.build import reader_from_images
+
+    sheet = contact_sheet(samples[:4], reader_from_images(coll.images)) if samples else None
+    return dg.MaterializeResult(
         metadata={
-            "version": version,
-            "path": dg.MetadataValue.path(str(out)),
-            "targets": len(res.samples),
-            "pairs": res.pairs.num_rows,
-            "samples_per_split": dg.MetadataValue.json({k: sum(s.samples for s in v) for k, v in res.shards.items()}),
-            "candidates_removed_by": dg.MetadataValue.json(st.get("candidates_removed_by", {})),
-            "target_drops": dg.MetadataValue.json(st.get("targets", {})),
-            "data_quality": dg.MetadataValue.json(dq),
-            **pictures({"pairs_contact_sheet": res.contact_sheet(4)}),
-            **pictures(similarity_histograms(res.pairs, res.candidates)),
+            **release_metadata(rel),
+            "empty_because": empty_reason or "",
+            "samples_per_split": dg.MetadataValue.json(split_counts(rel.folder)),
+            "pairs": pairs.num_rows,
+            "candidates_removed_by": dg.MetadataValue.json(stats.get("candidates_removed_by", {})),
+            "target_drops": dg.MetadataValue.json(stats.get("targets", {})),
+            "eval_fallback": dg.MetadataValue.json(stats.get("eval_fallback", [])),
+            "data_quality": dg.MetadataValue.json(stats.get("data_quality", {})),
+            "collection": dg.MetadataValue.json(coll.coverage()),
+            "lineage": dg.MetadataValue.json({k: v for k, v in parts.items() if k != "config"}),
+            **pictures({"pairs_contact_sheet": sheet} if sheet else {}),
+            **pictures(similarity_histograms(pairs, candidates)),
         },
-        check_results=[
-            dg.AssetCheckResult(check_name="identity_disjoint_splits", passed=not leaks, metadata={"problems": dg.MetadataValue.json(leaks[:20])}),
-            dg.AssetCheckResult(
-                check_name="shards_match_manifest",
-                passed=not any(problems.values()),
-                metadata={"problems": dg.MetadataValue.json(problems)},
-            ),
-        ],
+        data_version=dg.DataVersion(version),
+        check_results=release_checks(rel, CHECKS),
     )

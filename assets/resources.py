@@ -46,6 +46,13 @@ class LineupSettings(dg.ConfigurableResource):
     train_steps: int = 0  # 0: 2000 with real weights, 10 in a smoke run
     train_device: str = "auto"
 
+    # who to ask for a person's removal; written into every dataset card
+    contact: str = ""  # empty: $LINEUP_CONTACT, else "the maintainers of this lineup instance"
+
+    @property
+    def dataset_contact(self) -> str:
+        return self.contact or os.environ.get("LINEUP_CONTACT") or "the maintainers of this lineup instance"
+
     @property
     def layout(self) -> Layout:
         home = Path(self.home).expanduser().resolve() if self.home else default_home()

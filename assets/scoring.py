@@ -2,34 +2,35 @@
 
 import dagster as dg
 
+from assets.common import COLLECTION_UPDATE
 from assets.faces import faces
 from assets.identity import identities
 from assets.ingest import images
 from assets.resources import LineupSettings
 from pipeline.catalog import refresh_catalog
 from pipeline.identity.build import with_identity_ids
-from pipeline.storage import read_parquet, read_partitioned, write_parquet_atomic
+from pipeline.storage import write_parquet_atomic
 
 
 @dg.asset(
     group_name="scoring",
     kinds={"parquet", "pytorch"},
     deps=[images, faces, identities],
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=COLLECTION_UPDATE,
     description="Per image and face: CLIP text-image score, aesthetic score, learned social reward, face "
     "quality, identity similarity. Scorers without local weights are reported unavailable and skipped.",
 )
 def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
+    from pipeline.collection import load_collection, load_identities
     from pipeline.ingest import decoded_images
     from pipeline.scoring.clip import ClipConfig
     from pipeline.scoring.heads import HeadConfig
     from pipeline.scoring.stage import ScoringConfig, score_candidates
 
     layout = lineup.layout
-    imgs = read_partitioned(layout.table_dir("images"))
-    fcs = read_partitioned(layout.table_dir("faces"))
-    ids = read_parquet(layout.table_file("identities"))
-    fcs = with_identity_ids(fcs, ids)
+    coll = load_collection(layout)
+    imgs = coll.images
+    fcs = with_identity_ids(coll.faces, load_identities(layout, coll.faces))
     reward = lineup.path_setting(lineup.social_reward_weights, "LINEUP_SOCIAL_REWARD")
     latest_reward = layout.home / "models" / "social_reward" / "LATEST"
     if reward is None and latest_reward.exists():  # written only by a reward model trained from real weights
@@ -57,5 +58,7 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "unavailable_scorers": dg.MetadataValue.json(report["unavailable"]),
             "timings_s": dg.MetadataValue.json(report["timings_s"]),
             "device": report["device"],
+            "empty_because": coll.empty_reason or "",
+            "collection": dg.MetadataValue.json(coll.coverage()),
         }
     )

@@ -1,48 +1,327 @@
-"""Dataset versions: immutable folders datasets/<name>/<version>/, and a LATEST pointer.
+"""Dataset versions: content-addressed, published by one rename, never rewritten, each with a card.
 
-A version id is a hash of the builder's config and of its inputs, so rebuilding from the same
-inputs and config lands in the same folder (and can be skipped), while any change makes a new
-version and leaves the old shards untouched. Training reads LATEST (or a pinned version).
+A version id is a hash over everything that decides a dataset's content (``version_id``): the input
+uids, the face model and a fingerprint of every face row the builder reads (boxes, landmarks,
+embeddings), the identity assignment, the builder's config and the builder's own version. The same
+inputs give the same id on any machine; one changed embedding gives another id.
+
+Publishing (``staged_version``): the builder writes into ``datasets/<name>/.staging-<id>-<pid>/``;
+when the blocking checks pass, that folder is renamed to ``datasets/<name>/<id>/`` in one step and
+``LATEST`` is pointed at it. A run killed before the rename leaves only a dot-folder, which no reader
+lists and the next build removes. A version folder that exists is complete and is never written
+again: rebuilding the same content reuses it. Trainers read ``LATEST`` (or a pinned version).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+
 from pipeline.config import Layout
-from pipeline.storage import write_bytes_atomic
+from pipeline.storage import make_world_readable, write_bytes_atomic
+
+STAGING_PREFIX = ".staging-"
+UNPUBLISHED_PREFIX = ".unpublished-"
+
+
+# ------------------------------------------------------------------------------------ fingerprints
 
 
 def fingerprint_rows(rows: Iterable[Iterable]) -> str:
+    """sha256 of rows of plain values (in the given order)."""
     h = hashlib.sha256()
     for row in rows:
         h.update("\x1f".join(str(v) for v in row).encode())
         h.update(b"\x1e")
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:32]
+
+
+def fingerprint_table(table: pa.Table, columns: list[str], sort_by: list[str]) -> str:
+    """sha256 of ``columns`` of ``table`` sorted by ``sort_by``: numbers and fixed-size lists by their
+    little-endian bytes (an embedding that changes in its last bit changes the fingerprint), strings
+    by their UTF-8 text. Columns missing from the table count as absent, not as an error."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"rows": table.num_rows, "columns": columns}).encode())
+    if table.num_rows:
+        table = table.sort_by([(c, "ascending") for c in sort_by])
+    for name in columns:
+        h.update(f"\x1d{name}\x1d".encode())
+        if name not in table.column_names:
+            h.update(b"<absent>")
+            continue
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type):
+            values = col.flatten()
+            h.update(np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64).astype("<f8").tobytes())
+            if pa.types.is_list(col.type):
+                h.update(np.asarray(col.offsets.to_numpy(), dtype="<i8").tobytes())
+        elif pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
+            h.update(np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64).astype("<f8").tobytes())
+        else:
+            for v in col.to_pylist():
+                h.update(b"\x00" if v is None else str(v).encode() + b"\x1f")
+    return h.hexdigest()[:32]
+
+
+def version_id(parts: Mapping[str, object]) -> str:
+    """The id of a dataset version from its named parts (fingerprints, config dicts, versions)."""
+    payload = json.dumps(dict(parts), sort_keys=True, default=str)
+    return "v-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def dataset_version(config: dict, *input_fingerprints: str) -> str:
-    payload = json.dumps({"config": config, "inputs": list(input_fingerprints)}, sort_keys=True, default=str)
-    return "v-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
+    """Shorthand: a version id from a config and input fingerprints."""
+    return version_id({"config": config, "inputs": list(input_fingerprints)})
+
+
+# ------------------------------------------------------------------------------------ the folders
 
 
 def dataset_dir(layout: Layout, name: str, version: str) -> Path:
     return layout.datasets / name / version
 
 
-def publish(layout: Layout, name: str, version: str) -> None:
+def latest_version(layout: Layout, name: str) -> str | None:
+    p = layout.datasets / name / "LATEST"
+    if not p.exists():
+        return None
+    v = p.read_text().strip()
+    return v if v and (layout.datasets / name / v).is_dir() else None
+
+
+def published_versions(layout: Layout, name: str) -> list[str]:
+    root = layout.datasets / name
+    if not root.exists():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def is_published(layout: Layout, name: str, version: str) -> bool:
+    return dataset_dir(layout, name, version).is_dir()
+
+
+def set_latest(layout: Layout, name: str, version: str) -> None:
+    if not is_published(layout, name, version):
+        raise FileNotFoundError(f"dataset {name} has no published version {version}")
     write_bytes_atomic(version.encode(), layout.datasets / name / "LATEST")
 
 
-def latest_version(layout: Layout, name: str) -> str | None:
-    p = layout.datasets / name / "LATEST"
-    return p.read_text().strip() if p.exists() else None
+def clean_stale_staging(layout: Layout, name: str) -> list[str]:
+    """Remove staging folders that no live process owns (left by a killed run)."""
+    root = layout.datasets / name
+    removed = []
+    if not root.exists():
+        return removed
+    for p in root.iterdir():
+        if not (p.is_dir() and p.name.startswith(STAGING_PREFIX)):
+            continue
+        try:
+            pid = int(p.name.rsplit("-", 1)[-1])
+        except ValueError:
+            pid = -1
+        if pid > 0 and pid != os.getpid() and _alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
 
 
-def is_complete(path: Path) -> bool:
-    """A version is complete when every split folder has its manifest (written last)."""
-    manifests = list(Path(path).glob("**/manifest.json"))
-    return bool(manifests)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class StagedVersion:
+    """A version being written: ``path`` is the staging folder until ``publish()`` renames it."""
+
+    layout: Layout
+    name: str
+    version: str
+    path: Path
+    published: bool = False
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def final(self) -> Path:
+        return dataset_dir(self.layout, self.name, self.version)
+
+    def publish(self, make_latest: bool = True) -> Path:
+        """One rename makes the version visible; then LATEST points at it."""
+        make_world_readable(self.path)
+        try:
+            os.rename(self.path, self.final)
+        except OSError:
+            if not self.final.is_dir():  # a concurrent build of the same content may have won the race
+                raise
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.path = self.final
+        self.published = True
+        if make_latest:
+            set_latest(self.layout, self.name, self.version)
+        return self.final
+
+    def keep_unpublished(self) -> Path:
+        """Failed checks: keep the files for inspection under a dot-name no reader lists."""
+        target = self.layout.datasets / self.name / f"{UNPUBLISHED_PREFIX}{self.version}"
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(self.path, target)
+        self.path = target
+        return target
+
+
+@contextlib.contextmanager
+def staged_version(layout: Layout, name: str, version: str) -> Iterator[StagedVersion]:
+    """Write a version into a staging folder; on an exception the folder is removed. Call
+    ``publish()`` (or ``keep_unpublished()``) inside the block; leaving it without either removes
+    the staging folder too."""
+    root = layout.datasets / name
+    root.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(layout, name)
+    path = root / f"{STAGING_PREFIX}{version}-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    staged = StagedVersion(layout, name, version, path)
+    try:
+        yield staged
+    finally:
+        if not staged.published and staged.path == path and path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ cards
+
+
+@dataclass
+class DatasetCard:
+    """What a dataset card says. Rendered as a Hugging Face dataset card (README.md, YAML header)."""
+
+    name: str
+    version: str
+    summary: str
+    splits: dict[str, int]  # split folder -> samples
+    sample_format: str
+    sources: list[str]
+    licenses: list[str]
+    filters: list[dict]  # {"filter", "threshold", "removed"}
+    models: list[str]
+    limitations: list[str]
+    removal: str
+    lineage: dict
+    tags: list[str] = field(default_factory=list)
+    extra_sections: dict[str, str] = field(default_factory=dict)
+
+    def yaml_header(self) -> str:
+        total = sum(self.splits.values())
+        size = ("n<1K" if total < 1_000 else "1K<n<10K" if total < 10_000 else "10K<n<100K" if total < 100_000
+                else "100K<n<1M" if total < 1_000_000 else "1M<n<10M" if total < 10_000_000 else "n>10M")
+        lines = ["---", f"pretty_name: {json.dumps(self.name + ' ' + self.version)}", "license: other",
+                 "license_name: mixed-see-card", "task_categories:", "- text-to-image", "size_categories:",
+                 f"- {size}", "tags:"] + [f"- {t}" for t in ["lineup", *self.tags]]
+        lines += ["configs:", "- config_name: default", "  data_files:"]
+        for split, n in sorted(self.splits.items()):
+            if n:
+                hf_split = "validation" if split.endswith("eval") else "train" if split in (".", "") or split.endswith("train") else split
+                path = "*.tar" if split in (".", "") else f"{split}/*.tar"
+                lines += [f"  - split: {hf_split}", f"    path: {path}"]
+        lines += ["---", ""]
+        return "\n".join(lines)
+
+    def render(self) -> str:
+        out = [self.yaml_header(), f"# {self.name} ({self.version})", "", self.summary, ""]
+        out += ["## Splits", "", "| split | samples |", "|---|---:|"]
+        out += [f"| {k} | {v} |" for k, v in sorted(self.splits.items())]
+        out += ["", "## Sample format", "", self.sample_format, "", "## Sources and licences", ""]
+        out += [f"- {s}" for s in self.sources] + [""] + [f"- {lic}" for lic in self.licenses]
+        out += ["", "## Filters", "", "| filter | threshold | removed |", "|---|---|---:|"]
+        out += [f"| {f['filter']} | {f.get('threshold', '')} | {f.get('removed', '')} |" for f in self.filters]
+        out += ["", "## Models used", ""] + [f"- {m}" for m in self.models]
+        out += ["", "## Known limitations", ""] + [f"- {x}" for x in self.limitations]
+        for title, body in self.extra_sections.items():
+            out += ["", f"## {title}", "", body]
+        out += ["", "## Removal requests", "", self.removal, "", "## Lineage", "", "```json",
+                json.dumps(self.lineage, indent=2, sort_keys=True, default=str), "```", ""]
+        return "\n".join(out)
+
+    def write(self, folder: Path) -> Path:
+        return write_bytes_atomic(self.render().encode(), Path(folder) / "README.md")
+
+
+def removal_text(contact: str) -> str:
+    return (
+        f"This dataset holds photos of real people. To have a person removed, contact {contact} with a photo "
+        "of the person (it need not be in the dataset), an image path or uid, or a social user id. Each request "
+        "is recorded and applied to every later version; on request the versions that contained the person are "
+        "deleted too, and this section lists the removals applied (hashed ids and dates)."
+    )
+
+
+def read_card(folder: Path) -> str | None:
+    p = Path(folder) / "README.md"
+    return p.read_text() if p.exists() else None
+
+
+# ------------------------------------------------------------------------------------ one release
+
+
+@dataclass
+class Release:
+    """What happened to one version: built now or reused, published or held back, and why."""
+
+    name: str
+    version: str
+    folder: Path  # the published folder, or the kept unpublished one
+    reused: bool  # the same content was published before: nothing was rebuilt
+    published: bool
+    problems: dict[str, list[str]]  # blocking check -> problems (empty = passed)
+    result: object = None  # what ``build`` returned (None when reused)
+
+    @property
+    def passed(self) -> bool:
+        return not any(self.problems.values())
+
+
+def release(layout: Layout, name: str, version: str, build, checks, card=None) -> Release:
+    """Build version ``version`` of dataset ``name`` unless it is published already, check it, publish it.
+
+    ``build(folder) -> result`` writes the version into ``folder`` (a staging folder);
+    ``checks(folder, result) -> {check: [problems]}`` reads back what was written (``result`` is None
+    when the version is reused); ``card(folder, result)`` returns a :class:`DatasetCard` to write before
+    publishing. The version is published (one rename, then LATEST) only when every check passed;
+    otherwise it is kept as ``.unpublished-<id>`` for inspection and LATEST does not move.
+    """
+    final = dataset_dir(layout, name, version)
+    if final.is_dir():
+        problems = checks(final, None)
+        if not any(problems.values()):
+            set_latest(layout, name, version)
+        return Release(name, version, final, True, True, problems)
+    with staged_version(layout, name, version) as staged:
+        result = build(staged.path)
+        if card is not None:
+            card(staged.path, result).write(staged.path)
+        problems = checks(staged.path, result)
+        if any(problems.values()):
+            folder = staged.keep_unpublished()
+            return Release(name, version, folder, False, False, problems, result)
+        folder = staged.publish()
+        return Release(name, version, folder, False, True, problems, result)
+
+
+def publish(layout: Layout, name: str, version: str) -> None:
+    """TEMPORARY: the social asset's in-place publish, until it moves to :func:`release`."""
+    set_latest(layout, name, version)

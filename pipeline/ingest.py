@@ -156,3 +156,14 @@ def decoded_images(images: pa.Table, limits: IngestLimits | None = None, only: s
             yield row["uid"], load_image(row, limits).rgb
         except (DecodeError, OSError):
             continue
+
+
+def reconcile_ingest(spec, images_path: Path, rejects_path: Path) -> dict:
+    """The partition's inputs listed again from the source (sources.count_partition_inputs) against the
+    image rows and reject rows read back from the files written."""
+    from pipeline.sources import count_partition_inputs
+
+    listed = count_partition_inputs(spec)
+    rows = pq.read_metadata(images_path).num_rows if Path(images_path).exists() else 0
+    rejected = pq.read_metadata(rejects_path).num_rows if Path(rejects_path).exists() else 0
+    return {"inputs_listed": listed, "image_rows": rows, "reject_rows": rejected, "passed": listed == rows + rejected}

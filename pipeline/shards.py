@@ -165,11 +165,14 @@ def config_fingerprint(config: Mapping) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_manifest(out_dir: Path, dataset: str, shards: list[ShardInfo], config: Mapping, extra: Mapping | None = None) -> Path:
-    """manifest.json: shard names, sample counts, sha256, and the config and code version that built them."""
+def write_manifest(out_dir: Path, dataset: str, shards: list[ShardInfo], config: Mapping, extra: Mapping | None = None,
+                   version: str | None = None, split: str | None = None) -> Path:
+    """manifest.json: shard names, sample counts, sha256, the dataset version id (``version``, null when
+    the caller has none) and split, and the config and code version that built them."""
     manifest = {
         "dataset": dataset,
-        "version": Path(out_dir).name,
+        "version": version,
+        "split": split,
         "code_version": __version__,
         "config": dict(config),
         "config_fingerprint": config_fingerprint(config),
@@ -186,22 +189,66 @@ def read_manifest(dataset_dir: Path) -> dict:
     return json.loads((Path(dataset_dir) / "manifest.json").read_text())
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_keys(path: Path) -> list[str]:
+    """The sample keys of one tar, read from disk (in member order, each once)."""
+    keys: dict[str, None] = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            if m.isfile():
+                keys.setdefault(m.name.split(".", 1)[0], None)
+    return list(keys)
+
+
 def verify_manifest(dataset_dir: Path) -> list[str]:
-    """Problems found (missing shard, wrong size or sha256, wrong count); empty when all is well."""
+    """Problems found by re-reading the shards from disk (missing shard, wrong size or sha256, a sample
+    count that differs from the manifest's, tars in the folder the manifest does not list); empty when
+    all is well."""
     dataset_dir = Path(dataset_dir)
     problems = []
     m = read_manifest(dataset_dir)
+    listed = set()
     for s in m["shards"]:
         p = dataset_dir / s["name"]
+        listed.add(s["name"])
         if not p.exists():
             problems.append(f"{s['name']}: missing")
             continue
-        data = p.read_bytes()
-        if hashlib.sha256(data).hexdigest() != s["sha256"]:
-            problems.append(f"{s['name']}: sha256 mismatch")
+        if p.stat().st_size != s["bytes"] or _file_sha256(p) != s["sha256"]:
+            problems.append(f"{s['name']}: size or sha256 mismatch")
             continue
-        with tarfile.open(p) as tf:
-            keys = {n.split(".", 1)[0] for n in tf.getnames()}
-        if len(keys) != s["samples"]:
-            problems.append(f"{s['name']}: {len(keys)} samples, manifest says {s['samples']}")
+        n = len(shard_keys(p))
+        if n != s["samples"]:
+            problems.append(f"{s['name']}: {n} samples, manifest says {s['samples']}")
+    if sum(s["samples"] for s in m["shards"]) != m.get("num_samples"):
+        problems.append(f"num_samples {m.get('num_samples')} != the sum over shards")
+    for extra in sorted(p.name for p in dataset_dir.glob("*.tar") if p.name not in listed):
+        problems.append(f"{extra}: in the folder but not in the manifest")
     return problems
+
+
+def iter_samples(dataset_dir: Path, exts: tuple[str, ...] = ("json",)):
+    """Samples of a split folder read back from its tars (every *.tar, in name order), with only the
+    members whose extension is in ``exts``: dicts {"__key__", "__shard__", ext: bytes}."""
+    for path in sorted(Path(dataset_dir).glob("*.tar")):
+        current: dict | None = None
+        with tarfile.open(path) as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__shard__": path.name}
+                if ext in exts:
+                    current[ext] = tf.extractfile(m).read()
+        if current is not None:
+            yield current

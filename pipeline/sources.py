@@ -356,3 +356,43 @@ def iter_partition(spec: PartitionSpec, max_member_bytes: int = 50_000_000) -> I
         yield from _iter_parquet(spec)
     else:
         raise ValueError(f"unknown partition kind {spec.kind!r}")
+
+
+def count_partition_inputs(spec: PartitionSpec) -> int:
+    """How many input units a partition holds, by listing its source again, independently of
+    :func:`iter_partition`: loose files; manifest rows; tar members (a sample's .json/.txt sidecars
+    count only when the sample has nothing else). Every unit ends as an image row or a reject row, so
+    this is what the ``images`` table and the rejects must add up to."""
+    if spec.kind == "files":
+        return len(spec.members)
+    if spec.kind == "parquet":
+        try:
+            meta = pq.ParquetFile(spec.path)
+        except Exception:  # noqa: BLE001 - an unreadable manifest is one reject
+            return 1
+        return meta.metadata.num_rows if "path" in meta.schema_arrow.names else 1
+    if spec.kind == "tar":
+        try:
+            tf = tarfile.open(spec.path, mode="r:")
+        except (tarfile.TarError, OSError):
+            return 1
+        units, groups = 0, {}
+        try:
+            with tf:
+                for m in tf:
+                    if m.isdir() and not _member_problem(m):
+                        continue
+                    pure = PurePosixPath(m.name)
+                    if _member_problem(m) or "." not in pure.name:
+                        units += 1
+                        continue
+                    stem, ext = pure.name.split(".", 1)
+                    key = str(pure.parent / stem)
+                    if ext.lower() in ("json", "txt"):
+                        groups.setdefault(key, 0)
+                    else:
+                        groups[key] = groups.get(key, 0) + 1
+        except tarfile.TarError:
+            units += 1  # the "corrupt tar" reject
+        return units + sum(n if n else 1 for n in groups.values())
+    raise ValueError(f"unknown partition kind {spec.kind!r}")

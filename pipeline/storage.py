@@ -10,6 +10,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_current_umask()  # what open() would give: mkstemp's 0600 is for secrets, not datasets
+DIR_MODE = 0o777 & ~_current_umask()
+
+
+def make_world_readable(path: Path) -> None:
+    """Give a file, or a folder and everything in it, the modes an ordinary write would have."""
+    path = Path(path)
+    if path.is_dir():
+        os.chmod(path, DIR_MODE)
+        for p in path.rglob("*"):
+            os.chmod(p, DIR_MODE if p.is_dir() else FILE_MODE)
+    elif path.exists():
+        os.chmod(path, FILE_MODE)
+
+
 def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
@@ -18,6 +39,7 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -32,6 +54,7 @@ def write_bytes_atomic(data: bytes, path: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

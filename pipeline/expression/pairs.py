@@ -287,13 +287,17 @@ def write_expression_dataset(
     config: PairConfig | Mapping,
     stats: Mapping | None = None,
     max_count: int = 10_000,
+    version: str | None = None,
 ) -> Path:
-    """Shards ``expression-pairs-NNNNNN.tar`` + manifest.json in out_dir (one dataset version)."""
+    """Shards ``expression-pairs-NNNNNN.tar`` + manifest.json (recording the dataset ``version`` id) and
+    pairs.parquet in out_dir (one dataset version)."""
     from pipeline.shards import write_manifest, write_shards
+    from pipeline.storage import write_parquet_atomic
 
     cfg = asdict(config) if isinstance(config, PairConfig) else dict(config)
     shards = write_shards(pair_samples(pairs, crop), out_dir, "expression-pairs", max_count=max_count)
-    return write_manifest(out_dir, "expression_pairs", shards, cfg, extra={"stats": dict(stats or {})})
+    write_parquet_atomic(pairs, Path(out_dir) / "pairs.parquet")
+    return write_manifest(out_dir, "expression_pairs", shards, cfg, extra={"stats": dict(stats or {})}, version=version)
 
 
 def contact_sheet(

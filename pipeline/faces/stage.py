@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -261,3 +262,31 @@ def face_checks(faces: pa.Table, images: pa.Table) -> dict[str, tuple[bool, str]
             outside += 1
     out["bbox_inside_image"] = (outside == 0, f"{outside} of {faces.num_rows} boxes outside their image")
     return out
+
+
+def reconcile_faces(images_path, faces_path, scan_path, rejects_path) -> dict:
+    """Read back what the face stage wrote: every image row is scanned or rejected, and the faces table
+    holds, per image, as many rows as the scan says it has faces."""
+    import pyarrow.parquet as pq
+
+    def read(path, columns):
+        return pq.read_table(path, columns=columns) if path is not None and Path(path).exists() else None
+
+    images = read(images_path, ["uid"])
+    scan = read(scan_path, ["uid", "n_faces"])
+    rejects = read(rejects_path, ["uid"])
+    faces = read(faces_path, ["uid"])
+    image_uids = set(images.column("uid").to_pylist()) if images is not None else set()
+    scanned = dict(zip(scan.column("uid").to_pylist(), scan.column("n_faces").to_pylist())) if scan is not None else {}
+    rejected = set(rejects.column("uid").to_pylist()) if rejects is not None else set()
+    per_uid: dict[str, int] = {}
+    for u in (faces.column("uid").to_pylist() if faces is not None else []):
+        per_uid[u] = per_uid.get(u, 0) + 1
+    unaccounted = sorted(image_uids - set(scanned) - rejected)
+    count_mismatch = sorted(u for u in set(scanned) | set(per_uid) if scanned.get(u, 0) != per_uid.get(u, 0))
+    return {
+        "images": len(image_uids), "scanned": len(scanned), "rejected": len(rejected),
+        "faces": sum(per_uid.values()), "images_unaccounted": unaccounted[:20],
+        "face_count_mismatches": count_mismatch[:20],
+        "passed": not unaccounted and not count_mismatch and len(image_uids) == len(scanned) + len(rejected),
+    }

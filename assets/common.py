@@ -1,0 +1,41 @@
+"""What several asset domains share: the collection assets' automation condition, and how a dataset
+release (pipeline.datasets.Release) becomes metadata and check results."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from pipeline.datasets import Release, read_card
+
+# Update after new data lands, even when some input partition failed: a failed partition is left out
+# and named in the metadata (partitions_missing), it does not block the collection forever.
+COLLECTION_UPDATE = (
+    dg.AutomationCondition.eager()
+    .without(~dg.AutomationCondition.any_deps_missing())
+    .with_label("eager, also when an input partition failed")
+)
+
+
+def release_metadata(rel: Release) -> dict:
+    card = read_card(rel.folder)
+    return {
+        "version": rel.version,
+        "path": dg.MetadataValue.path(str(rel.folder)),
+        "published": rel.published,
+        "reused_published_version": rel.reused,
+        **({"dataset_card": dg.MetadataValue.md(card)} if card else {}),
+    }
+
+
+def release_checks(rel: Release, descriptions: dict[str, str]) -> list[dg.AssetCheckResult]:
+    """One result per blocking check of the release, with its problems as metadata."""
+    return [
+        dg.AssetCheckResult(
+            check_name=name,
+            passed=not rel.problems.get(name),
+            description=descriptions.get(name, ""),
+            metadata={"problems": dg.MetadataValue.json(rel.problems.get(name, [])[:50]),
+                      "n_problems": len(rel.problems.get(name, []))},
+        )
+        for name in descriptions
+    ]

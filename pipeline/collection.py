@@ -1,0 +1,70 @@
+"""What the whole-collection assets read: the per-partition tables of every partition that was built.
+
+A partition whose faces did not get built (its run failed, or it has not run yet) does not block the
+collection: it is left out and named in ``missing``, so the collection assets build from what exists
+and say what they lack. An empty collection is a valid input: the tables are empty, with their schemas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from pipeline.config import Layout
+from pipeline.faces.stage import faces_schema
+from pipeline.ingest import IMAGES_SCHEMA
+from pipeline.sources import load_registry
+from pipeline.storage import read_parquet, read_partitioned
+
+DEFAULT_EMBEDDING_DIM = 128
+IDENTITY_COLUMNS = pa.schema([("uid", pa.string()), ("face_index", pa.int32()), ("identity_id", pa.string())])
+
+
+@dataclass
+class Collection:
+    images: pa.Table
+    faces: pa.Table
+    registered: list[str]  # every registered input partition
+    built: list[str]  # partitions whose images and faces tables exist
+    missing: list[str] = field(default_factory=list)  # registered, not built: left out
+
+    @property
+    def empty_reason(self) -> str | None:
+        if not self.registered:
+            return "no input partitions are registered (nothing ingested yet)"
+        if not self.built:
+            return f"none of the {len(self.registered)} registered partitions has its faces built yet"
+        if self.faces.num_rows == 0:
+            return f"no face was found in the {self.images.num_rows} accepted images"
+        return None
+
+    def coverage(self) -> dict:
+        return {"partitions_registered": len(self.registered), "partitions_built": len(self.built),
+                "partitions_missing": self.missing[:50], "n_missing": len(self.missing)}
+
+
+def load_collection(layout: Layout) -> Collection:
+    registered = [s.key for s in load_registry(layout.partitions)]
+    built = [k for k in registered
+             if layout.partition_file("images", k).exists() and layout.partition_file("faces", k).exists()]
+    images = read_partitioned(layout.table_dir("images"), built) if built else None
+    faces = read_partitioned(layout.table_dir("faces"), built) if built else None
+    if images is None:
+        images = IMAGES_SCHEMA.empty_table()
+    if faces is None:
+        faces = faces_schema(DEFAULT_EMBEDDING_DIM).empty_table()
+    return Collection(images, faces, registered, built, [k for k in registered if k not in built])
+
+
+def load_identities(layout: Layout, faces: pa.Table) -> pa.Table:
+    """The identities table restricted to the collection's faces (an empty table when there is none)."""
+    path = layout.table_file("identities")
+    if not path.exists():
+        return IDENTITY_COLUMNS.empty_table()
+    ids = read_parquet(path)
+    if faces.num_rows == 0 or ids.num_rows == 0:
+        return ids.slice(0, 0)
+    keys = set(zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist()))
+    mask = [(u, f) in keys for u, f in zip(ids.column("uid").to_pylist(), ids.column("face_index").to_pylist())]
+    return ids.filter(pa.array(mask, pa.bool_()))
