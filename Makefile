@@ -5,6 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lineup-installed
+# `make ui` opens the home of the last `make run` / `make demo` unless LINEUP_HOME is given
+ifeq ($(origin LINEUP_HOME),undefined)
+UI_HOME = $(shell cat $(CURDIR)/data/.last_home 2>/dev/null || echo $(CURDIR)/data)
+else
+UI_HOME = $(LINEUP_HOME)
+endif
 export LINEUP_HOME ?= $(CURDIR)/data
 DEMO_HOME := $(CURDIR)/data/demo
 # packages whose declared requirements are stale or heavy: their code works with our pins, so
@@ -29,15 +35,16 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/fetch_demo_data.py --out $(DEMO_HOME)/input --cache $(DEMO_HOME)/cache
-	LINEUP_HOME=$(DEMO_HOME) LINEUP_INPUT=$(DEMO_HOME)/input $(PY) -m assets.run
+	LINEUP_HOME=$(DEMO_HOME) LINEUP_INPUT=$(DEMO_HOME)/input LINEUP_SMOKE_TRAINING=1 $(PY) -m assets.run
 
 run: $(STAMP)
-	@test -n "$(LINEUP_INPUT)" || (echo "set LINEUP_INPUT=<folder of images, tar shards or parquet manifests>"; exit 2)
+	@test -n "$(LINEUP_INPUT)$(LINEUP_SOCIAL)" || (echo "set LINEUP_INPUT=<folder of images, tar shards or parquet manifests> and/or LINEUP_SOCIAL=<interaction log folder>"; exit 2)
 	$(PY) -m assets.run
 
 ui: $(STAMP)
-	DAGSTER_HOME=$(LINEUP_HOME)/dagster $(PY) -m assets.instance
-	DAGSTER_HOME=$(LINEUP_HOME)/dagster $(VENV)/bin/dagster dev -w workspace.yaml
+	@echo "Dagster UI on the instance in $(UI_HOME)/dagster"
+	LINEUP_HOME=$(UI_HOME) DAGSTER_HOME=$(UI_HOME)/dagster $(PY) -m assets.instance
+	LINEUP_HOME=$(UI_HOME) DAGSTER_HOME=$(UI_HOME)/dagster $(VENV)/bin/dagster dev -w workspace.yaml
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -36,11 +36,22 @@ refresh_schedule = dg.ScheduleDefinition(
     description="Rebuild identities and datasets every night from whatever partitions exist.",
 )
 
+# Declarative automation (eager collection assets, the social refresh at 04:00, trainers on new data
+# versions) is evaluated by this sensor; it runs by default whenever the Dagster daemon runs (`make ui`).
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "automation_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Evaluates every asset's automation condition: collection assets after new partitions, "
+    "social_dataset daily at 04:00, trainers when a dataset gets a new data version that passed its blocking checks.",
+)
+
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(_modules),
     asset_checks=dg.load_asset_checks_from_modules(_modules),
     jobs=[ingest.ingest_job, collection_job, social_job, training_job],
-    sensors=[ingest.new_inputs_sensor],
+    sensors=[ingest.new_inputs_sensor, automation_sensor],
     schedules=[refresh_schedule],
     resources={
         "lineup": LineupSettings(),

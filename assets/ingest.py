@@ -66,7 +66,13 @@ ingest_job = dg.define_asset_job(
 )
 
 
-@dg.sensor(job=ingest_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
+@dg.sensor(
+    job=ingest_job,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Registers new shards / files under the input location (LINEUP_INPUT) as input partitions and "
+    "requests an ingest_job run for each. Off by default: turn it on in Automation.",
+)
 def new_inputs_sensor(context: dg.SensorEvaluationContext, lineup: LineupSettings):
     """Registers new shards / files under the input location as partitions and requests their runs."""
     layout = lineup.layout

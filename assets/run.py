@@ -1,8 +1,14 @@
 """Materialize the whole asset graph from the command line (what `make run` and `make demo` call).
 
-It registers new input partitions exactly as the sensor does, runs the per-partition job for
-each partition not built yet, then the whole-collection assets, all on a persistent Dagster
-instance under $LINEUP_HOME/dagster, so the runs show up in `make ui` afterwards.
+It registers new input partitions exactly as the sensor does, runs the per-partition job for each
+partition not built yet, then the whole-collection assets, the social preference pairs and the
+trainers, all on the persistent Dagster instance under $LINEUP_HOME/dagster, so the runs show up in
+`make ui` afterwards, on their job pages.
+
+Nothing to build is not a failure: a collection without faces builds empty dataset versions, a log
+without photos builds only the social pairs, a trainer without data skips. The exit status is 1 only
+when something that should have been built failed; the closing summary lists what was built,
+skipped (and why) and failed.
 """
 
 from __future__ import annotations
@@ -11,34 +17,55 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # the UI keeps the full event log
+# runs launched in-process carry no code-location origin; this tag is what the UI's job pages filter on
+REPOSITORY_TAG = {".dagster/repository": "__repository__@lineup"}
+SKIP_KEY = "skipped_because"  # assets that decide not to build say why in an observation with this key
 
 
-def _social_input(settings) -> bool:
-    try:
-        return settings is not None and settings.social_path.exists()
-    except Exception:  # no input configured at all
-        return False
+@dataclass
+class Outcome:
+    built: dict[str, str] = field(default_factory=dict)  # asset -> short note
+    skipped: dict[str, str] = field(default_factory=dict)  # asset or job -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # step or job -> error
+
+    def record(self, result, job_name: str) -> None:
+        """What one in-process run built, skipped and failed, from its events."""
+        for ev in result.get_asset_materialization_events():
+            mat = ev.event_specific_data.materialization
+            key = mat.asset_key.to_user_string()
+            part = f"[{mat.partition}]" if mat.partition else ""
+            self.built[key + part] = str(mat.metadata.get("version").value) if "version" in mat.metadata else ""
+        for ev in result.get_asset_observation_events():
+            obs = ev.event_specific_data.asset_observation
+            if SKIP_KEY in obs.metadata:
+                self.skipped[obs.asset_key.to_user_string()] = str(obs.metadata[SKIP_KEY].value)
+        for ev in result.get_step_failure_events():
+            err = ev.event_specific_data.error
+            while err is not None and err.cause is not None and "DagsterExecutionStepExecutionError" in (err.cls_name or ""):
+                err = err.cause  # the user code's own error, not dagster's wrapper
+            msg = (err.message or "").strip().splitlines()[0][:300] if err else "failed"
+            self.failed[f"{job_name}:{ev.step_key}"] = msg
+        if not result.success and not result.get_step_failure_events():
+            self.failed[job_name] = "run failed (see `make ui`)"
+        for ev in result.get_step_skipped_events():  # a step skipped because an upstream step failed
+            self.skipped.setdefault(ev.step_key, "an upstream step failed or a blocking check did not pass")
 
 
-def _trainable(layout):
-    """The training assets whose dataset has a published version."""
-    import dagster as dg
-
-    from pipeline.datasets import latest_version
-
-    keys = []
-    if latest_version(layout, "social"):
-        keys += [dg.AssetKey("dpo_lora"), dg.AssetKey("social_reward_model")]
-    if latest_version(layout, "multiid"):
-        keys.append(dg.AssetKey("identity_adapter"))
-    return keys
+def _social_path() -> Path | None:
+    if os.environ.get("LINEUP_SOCIAL"):
+        return Path(os.environ["LINEUP_SOCIAL"]).expanduser().resolve()
+    if os.environ.get("LINEUP_INPUT"):
+        return Path(os.environ["LINEUP_INPUT"]).expanduser().resolve() / "social"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m assets.run", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m assets.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", help="what to ingest (default: $LINEUP_INPUT)")
     ap.add_argument("--home", help="data root (default: $LINEUP_HOME or ./data)")
     ap.add_argument("--rebuild", action="store_true", help="re-run every partition, not only new ones")
@@ -48,71 +75,83 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["LINEUP_INPUT"] = str(Path(args.input).resolve())
     if args.home:
         os.environ["LINEUP_HOME"] = str(Path(args.home).resolve())
-    if not os.environ.get("LINEUP_INPUT"):
-        print("error: nothing to ingest: set LINEUP_INPUT or pass --input DIR", file=sys.stderr)
+    social = _social_path()
+    if not os.environ.get("LINEUP_INPUT") and not os.environ.get("LINEUP_SOCIAL"):
+        print("error: nothing to do: set LINEUP_INPUT (photos, tar shards, Parquet manifests, optional social/) "
+              "and/or LINEUP_SOCIAL (an interaction log), or pass --input DIR", file=sys.stderr)
         return 2
-    from pipeline.config import default_home
+    input_root = Path(os.environ["LINEUP_INPUT"]).expanduser().resolve() if os.environ.get("LINEUP_INPUT") else None
+    if input_root is not None and not input_root.is_dir():
+        print(f"error: LINEUP_INPUT={input_root} is not a folder", file=sys.stderr)
+        return 2
+
+    from pipeline.config import REPO_ROOT, default_home
 
     home = default_home()
     from assets.instance import ensure_dagster_home
 
     ensure_dagster_home(home)
+    if (REPO_ROOT / "data").is_dir() or home.is_relative_to(REPO_ROOT):
+        (REPO_ROOT / "data").mkdir(exist_ok=True)
+        (REPO_ROOT / "data" / ".last_home").write_text(str(home))  # `make ui` opens this home by default
 
     import dagster as dg
 
-    from assets.definitions import COLLECTION_JOBS, defs
+    from assets.definitions import defs
     from assets.partitions import input_partitions
     from pipeline.config import Layout
     from pipeline.sources import load_registry, register_new_inputs
 
     layout = Layout(home)
-    input_root = Path(os.environ["LINEUP_INPUT"])
     t0 = time.perf_counter()
-    new = register_new_inputs(input_root, layout.partitions)
-    specs = [s for s in load_registry(layout.partitions) if Path(s.root) == input_root.resolve()]
+    out = Outcome()
     instance = dg.DagsterInstance.get()
-    known = set(instance.get_dynamic_partitions(input_partitions.name))
-    missing = [s.key for s in load_registry(layout.partitions) if s.key not in known]
-    if missing:
-        instance.add_dynamic_partitions(input_partitions.name, missing)
-    print(f"lineup: {len(specs)} input partitions under {input_root} ({len(new)} new); data in {home}")
+    specs = []
+    if input_root is not None:
+        new = register_new_inputs(input_root, layout.partitions)
+        specs = [s for s in load_registry(layout.partitions) if Path(s.root) == input_root]
+        known = set(instance.get_dynamic_partitions(input_partitions.name))
+        missing = [s.key for s in load_registry(layout.partitions) if s.key not in known]
+        if missing:
+            instance.add_dynamic_partitions(input_partitions.name, missing)
+        print(f"lineup: {len(specs)} input partitions under {input_root} ({len(new)} new); data in {home}")
+    else:
+        print(f"lineup: no LINEUP_INPUT, social log only; data in {home}")
 
     ingest_job = defs.resolve_job_def("ingest_job")
     todo = [s.key for s in specs if args.rebuild or not layout.partition_file("faces", s.key).exists()]
-    failed = []
     for i, key in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] partition {key}", flush=True)
         result = ingest_job.execute_in_process(
-            partition_key=key, instance=instance, raise_on_error=False, run_config=QUIET
+            partition_key=key, instance=instance, raise_on_error=False, run_config=QUIET, tags=REPOSITORY_TAG
         )
-        if not result.success:
-            failed.append(key)
-    settings = defs.resources["lineup"] if hasattr(defs, "resources") else None
-    for name in COLLECTION_JOBS:
-        if name == "social_job" and not _social_input(settings):
-            print("no social input (LINEUP_SOCIAL or <input>/social): social_job skipped")
-            continue
-        if name == "training_job" and args.no_training:
-            print("training_job skipped (--no-training)")
-            continue
+        out.record(result, f"ingest_job[{key}]")
+
+    def run_job(name: str, selection=None):
         job = defs.resolve_job_def(name)
-        selection = None
-        if name == "training_job":
-            selection = _trainable(layout)
-            if not selection:
-                print("no published dataset to train on: training_job skipped")
-                continue
-        print(f"running {name}" + (f" ({', '.join(k.to_user_string() for k in selection)})" if selection else ""), flush=True)
-        result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET, asset_selection=selection)
-        if not result.success:
-            failed.append(name)
+        label = f" ({', '.join(k.to_user_string() for k in selection)})" if selection else ""
+        print(f"running {name}{label}", flush=True)
+        result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET,
+                                        asset_selection=selection, tags=REPOSITORY_TAG)
+        out.record(result, name)
+
+    if load_registry(layout.partitions):
+        run_job("collection_job")
+    else:
+        out.skipped["collection_job"] = "no photos: LINEUP_INPUT holds no images, tar shards or manifests"
+    if social is not None and social.is_dir():
+        run_job("social_job")
+    else:
+        out.skipped["social_job"] = f"no interaction log at {social} (set LINEUP_SOCIAL)"
+    if args.no_training:
+        out.skipped["training_job"] = "--no-training"
+    else:
+        run_job("training_job")
+
     from assets.summary import print_summary
 
-    print_summary(layout, time.perf_counter() - t0)
-    if failed:
-        print(f"FAILED: {failed} (see `make ui` for the run logs)", file=sys.stderr)
-        return 1
-    return 0
+    print_summary(layout, time.perf_counter() - t0, out)
+    return 1 if out.failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""Every blocking check compares two independent measurements, so each can fail: here each one does."""
+
+import shutil
+
+import dagster as dg
+import pyarrow as pa
+import pytest
+
+import assets.faces as faces_assets
+import assets.ingest as ingest_assets
+from assets.faces import faces
+from assets.ingest import images
+from assets.partitions import input_partitions
+from assets.resources import LineupSettings
+from pipeline.config import Layout
+from pipeline.expression.release import release_checks as expression_checks
+from pipeline.shards import write_manifest, write_shards
+from pipeline.sources import register_new_inputs
+
+
+@pytest.fixture()
+def partition(tmp_path, shared_faces):
+    inp = tmp_path / "input"
+    inp.mkdir()
+    for person in ("angelina_jolie", "elon_musk"):
+        p = sorted((shared_faces / "identities" / person).iterdir())[0]
+        shutil.copy(p, inp / f"{person}_{p.name}")
+    (inp / "broken.jpg").write_bytes(b"not a jpeg")
+    home = tmp_path / "home"
+    (spec,) = register_new_inputs(inp, Layout(home).partitions, batch_size=100)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(input_partitions.name, [spec.key])
+    return spec, instance, LineupSettings(home=str(home), input_dir=str(inp))
+
+
+def _checks(result):
+    return {(e.asset_key.path[-1], e.check_name): e.passed for e in result.get_asset_check_evaluations()}
+
+
+def test_ingest_and_face_checks_pass_on_honest_runs(partition):
+    spec, instance, settings = partition
+    r = dg.materialize([images, faces], partition_key=spec.key, instance=instance, resources={"lineup": settings})
+    checks = _checks(r)
+    assert checks[("images", "counts_reconcile")] and checks[("faces", "counts_reconcile")]
+
+
+def test_images_check_fails_when_an_input_vanishes(partition, monkeypatch):
+    spec, instance, settings = partition
+    real = ingest_assets.ingest_partition
+
+    def lossy(*a, **k):
+        res = real(*a, **k)
+        res.images = res.images.slice(1)  # one accepted image silently lost
+        return res
+
+    monkeypatch.setattr(ingest_assets, "ingest_partition", lossy)
+    r = dg.materialize([images], partition_key=spec.key, instance=instance, resources={"lineup": settings}, raise_on_error=False)
+    assert _checks(r)[("images", "counts_reconcile")] is False
+
+
+def test_faces_check_fails_when_a_face_row_vanishes(partition, monkeypatch):
+    spec, instance, settings = partition
+    assert dg.materialize([images], partition_key=spec.key, instance=instance, resources={"lineup": settings}).success
+    real = faces_assets.run_face_partition
+
+    def lossy(*a, **k):
+        res = real(*a, **k)
+        assert res.faces.num_rows >= 2
+        res.faces = res.faces.slice(1)  # the scan still says the image has that face
+        return res
+
+    monkeypatch.setattr(faces_assets, "run_face_partition", lossy)
+    r = dg.materialize([faces], partition_key=spec.key, instance=instance, resources={"lineup": settings}, raise_on_error=False)
+    assert _checks(r)[("faces", "counts_reconcile")] is False
+
+
+def _expression_folder(tmp_path, pairs):
+    samples = [{"__key__": r["pair_id"], "json": r} for r in pairs]
+    shards = write_shards(samples, tmp_path, "expression-pairs")
+    write_manifest(tmp_path, "expression_pairs", shards, {}, version="v-x")
+    return pa.Table.from_pylist(pairs)
+
+
+def test_expression_checks_read_identities_from_the_catalog(tmp_path):
+    pairs = [{"pair_id": "p0", "uid_a": "a", "face_index_a": 0, "uid_b": "b", "face_index_b": 0, "identity_a": "x", "identity_b": "y"}]
+    table = _expression_folder(tmp_path, pairs)
+    ids = pa.table({"uid": ["a", "b"], "face_index": [0, 0], "identity_id": ["id1", "id2"]})
+    assert expression_checks(tmp_path, ids, table) == {"no_same_identity_pairs": [], "shards_match_manifest": []}
+    # the sample's json says x / y, but the catalog now puts both faces in one identity: the check fails
+    merged = pa.table({"uid": ["a", "b"], "face_index": [0, 0], "identity_id": ["id1", "id1"]})
+    assert expression_checks(tmp_path, merged, table)["no_same_identity_pairs"]
+    # a pair row without its sample in the tars
+    more = pa.Table.from_pylist([*pairs, dict(pairs[0], pair_id="p1")])
+    assert expression_checks(tmp_path, ids, more)["shards_match_manifest"]
+    # a tar in the folder that the manifest does not list
+    write_shards([{"__key__": "zz", "json": pairs[0]}], tmp_path, "stray")
+    assert any("not in the manifest" in p for p in expression_checks(tmp_path, ids, table)["shards_match_manifest"])
