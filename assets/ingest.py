@@ -61,7 +61,6 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
 ingest_job = dg.define_asset_job(
     "ingest_job",
     selection=dg.AssetSelection.assets("images", "faces", "face_expressions"),
-    partitions_def=input_partitions,
     description="Ingest one input partition, then its faces and their expressions.",
 )
 
