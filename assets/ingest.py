@@ -7,8 +7,8 @@ from assets.partitions import input_partitions
 from assets.resources import LineupSettings
 from assets.ui import table_preview
 from pipeline.catalog import refresh_catalog
-from pipeline.ingest import earlier_uids, ingest_partition, reconcile_ingest
-from pipeline.sources import load_partition, plan_new_partitions, register_partitions
+from pipeline.ingest import ingest_partition, reconcile_ingest
+from pipeline.sources import load_partition, load_registry, plan_new_partitions, register_partitions
 from pipeline.storage import write_parquet_atomic
 
 
@@ -27,8 +27,7 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
     layout = lineup.layout
     key = context.partition_key
     spec = load_partition(layout.partitions, key)
-    known = earlier_uids(layout.table_dir("images"), layout.partitions, spec)
-    res = ingest_partition(spec, lineup.limits, known, progress=lambda n: context.log.info(f"{key}: {n} inputs read"))
+    res = ingest_partition(spec, lineup.limits, progress=lambda n: context.log.info(f"{key}: {n} inputs read"))
     write_parquet_atomic(res.images, layout.partition_file("images", key))
     write_parquet_atomic(res.rejects.to_table(), layout.partition_file("rejects_ingest", key))
     refresh_catalog(layout)
@@ -73,16 +72,21 @@ ingest_job = dg.define_asset_job(
     "requests an ingest_job run for each. Off by default: turn it on in Automation.",
 )
 def new_inputs_sensor(context: dg.SensorEvaluationContext, lineup: LineupSettings):
-    """Registers new shards / files under the input location as partitions and requests their runs."""
+    """Registers new shards / files under the input location as partitions and requests their runs.
+
+    Idempotent: the registry is written first, then every registered partition that the instance does
+    not know yet (new now, or left over by a tick that failed after writing the registry) is added
+    and requested; run keys make each request happen once."""
     layout = lineup.layout
     try:
         new = plan_new_partitions(lineup.input_path, layout.partitions, lineup.batch_size)
     except FileNotFoundError as e:
         return dg.SkipReason(str(e))
-    if not new:
-        return dg.SkipReason("no new inputs")
     register_partitions(layout.partitions, new)
-    keys = [s.key for s in new]
+    known = set(context.instance.get_dynamic_partitions(input_partitions.name))
+    keys = [s.key for s in load_registry(layout.partitions) if s.key not in known]
+    if not keys:
+        return dg.SkipReason("no new inputs")
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=k, run_key=f"ingest-{k}") for k in keys],
         dynamic_partitions_requests=[input_partitions.build_add_request(keys)],

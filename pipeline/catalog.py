@@ -1,22 +1,30 @@
-"""The DuckDB catalog: one view per table, over the Parquet files under LINEUP_HOME/tables.
+"""The DuckDB catalog: views over the Parquet files under LINEUP_HOME/tables.
 
-A table stored as tables/<name>/<partition>.parquet or tables/<name>.parquet becomes the view
-<name>; every tables/rejects_<stage>[...] becomes part of the single `rejects` view. A view
-whose shape needs more than `SELECT *` has its query in sql/<name>.sql, with {files} standing
-for the list of its Parquet files and {tables} for the tables folder.
+A table stored as tables/<name>/<partition>.parquet or tables/<name>.parquet becomes the view <name>,
+defined over a file glob, so a new partition needs no change to the catalog: the views are created
+once and only rewritten when their definition changes (a new table, a new reject stage). Every
+tables/rejects_<stage>[...] is part of the single `rejects` view, together with the duplicate images
+found at the collection level (sql/duplicate_images.sql). Views whose shape needs more than
+`SELECT *` have their query in sql/<name>.sql, with {source} standing for the table's files.
+
+Writers never wait on readers: when another process holds the catalog (a notebook, the UI), a view
+that needs creating is left for the next refresh, and the caller gets the names it could not write.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from pathlib import Path
-
 import duckdb
 import pyarrow as pa
 
 from pipeline.config import SQL_DIR, Layout
 
 REJECTS_PREFIX = "rejects_"
+# per-partition tables whose rows belong to the partition that owns each image (sql/owned_by_partition.sql)
+OWNED_TABLES = ("faces", "face_scan", "face_expressions")
+# views that read other views come after them
+ORDER = ("image_copies", "images", "duplicate_images", *OWNED_TABLES)
 
 
 def load_sql(name: str, **params: str) -> str:
@@ -31,33 +39,62 @@ def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def _file_list(files: list[Path]) -> str:
-    return "[" + ", ".join(_sql_str(str(f)) for f in files) + "]"
-
-
-def table_files(layout: Layout) -> dict[str, list[Path]]:
-    """view name -> Parquet files, for every table on disk."""
-    out: dict[str, list[Path]] = {}
+def table_sources(layout: Layout) -> dict[str, list[str]]:
+    """view name -> file globs, for every table on disk (rejects tables grouped under 'rejects')."""
+    out: dict[str, list[str]] = {}
     if not layout.tables.exists():
         return out
     for entry in sorted(layout.tables.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            files = sorted(entry.glob("*.parquet"))
-            name = entry.name
+            if not any(entry.glob("*.parquet")):
+                continue
+            name, glob = entry.name, str(entry / "*.parquet")
         elif entry.suffix == ".parquet":
-            files = [entry]
-            name = entry.stem
+            name, glob = entry.stem, str(entry)
         else:
             continue
-        if not files:
-            continue
-        if name.startswith(REJECTS_PREFIX):
-            out.setdefault("rejects", []).extend(files)
-        else:
-            out.setdefault(name, []).extend(files)
+        out.setdefault("rejects" if name.startswith(REJECTS_PREFIX) else name, []).append(glob)
     return out
+
+
+def _reader(globs: list[str]) -> str:
+    return f"read_parquet([{', '.join(_sql_str(g) for g in globs)}], union_by_name = true, filename = true)"
+
+
+def _registry(layout: Layout) -> str:
+    """(key, seq) of every registered partition, read from the registry's JSON files."""
+    if layout.partitions.exists() and any(layout.partitions.glob("*.json")):
+        glob = _sql_str(str(layout.partitions / "*.json"))
+        return f"read_json({glob}, columns = {{'key': 'VARCHAR', 'seq': 'BIGINT'}})"
+    return "(SELECT NULL::VARCHAR AS key, NULL::BIGINT AS seq WHERE false)"
+
+
+def view_definitions(layout: Layout) -> dict[str, str]:
+    """view name -> its SELECT, in creation order."""
+    sources = table_sources(layout)
+    views: dict[str, str] = {}
+    if "images" in sources:
+        views["image_copies"] = load_sql("image_copies", source=_reader(sources["images"]), registry=_registry(layout))
+        views["images"] = load_sql("images")
+        views["duplicate_images"] = load_sql("duplicate_images")
+    for name, globs in sources.items():
+        if name == "images":
+            continue
+        if name in OWNED_TABLES and "images" in sources:
+            views[name] = load_sql("owned_by_partition", source=_reader(globs))
+        elif name == "rejects":
+            parts = [f"SELECT source, stage, reason, detail, \"partition\", uid FROM {_reader(globs)}"]
+            views[name] = " UNION ALL ".join([*parts, *(["SELECT * FROM duplicate_images"] if "images" in sources else [])])
+        elif (SQL_DIR / f"{name}.sql").exists():
+            views[name] = load_sql(name, source=_reader(globs))
+        else:
+            views[name] = f"SELECT * EXCLUDE (filename) FROM {_reader(globs)}"
+    if "images" in sources and "rejects" not in views:
+        views["rejects"] = "SELECT * FROM duplicate_images"
+    first = [v for v in ORDER if v in views]
+    return {**{v: views[v] for v in first}, **{k: v for k, v in views.items() if k not in first}}
 
 
 def connect(layout: Layout, read_only: bool = False, retries: int = 50) -> duckdb.DuckDBPyConnection:
@@ -75,25 +112,49 @@ def connect(layout: Layout, read_only: bool = False, retries: int = 50) -> duckd
     raise RuntimeError("unreachable")
 
 
-def refresh_catalog(layout: Layout) -> list[str]:
-    """(Re)create a view for every table on disk; returns the view names."""
-    files = table_files(layout)
-    if not files:
+def _tag(body: str) -> str:
+    """What a view's comment records: the hash of the definition it was created from (DuckDB re-renders
+    the SQL it stores, so the text itself cannot be compared)."""
+    return "lineup:" + hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def refresh_catalog(layout: Layout, wait_s: float = 2.0) -> list[str]:
+    """Make the catalog's views match the tables on disk; returns the view names.
+
+    Nothing is written when the views already match (the steady state: a new partition is picked up
+    by the globs). When a view must change and another process holds the catalog, the change is left
+    for the next refresh after ``wait_s`` of retries, instead of failing the caller."""
+    wanted = view_definitions(layout)
+    if not wanted:
         return []
-    con = connect(layout)
+    tags = {n: _tag(b) for n, b in wanted.items()}
+    current: dict[str, str] | None = None
+    if layout.catalog.exists():
+        try:
+            con = duckdb.connect(str(layout.catalog), read_only=True)
+            try:
+                current = dict(con.execute("SELECT view_name, comment FROM duckdb_views() WHERE NOT internal").fetchall())
+            finally:
+                con.close()
+        except (duckdb.IOException, duckdb.ConnectionException):
+            current = None  # a writer holds it; find out below
+    if current == tags:
+        return list(wanted)
     try:
-        existing = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
-        for name, fs in files.items():
-            if (SQL_DIR / f"{name}.sql").exists():
-                body = load_sql(name, files=_file_list(fs), tables=_sql_str(str(layout.tables)))
-            else:
-                body = f"SELECT * FROM read_parquet({_file_list(fs)}, union_by_name = true)"
-            con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {body}')
-        for stale in existing - set(files):
+        con = connect(layout, retries=max(1, int(wait_s / 0.2)))
+    except (duckdb.IOException, duckdb.ConnectionException):
+        return list(wanted)  # held by another process: the next refresh writes the views
+    try:
+        existing = dict(con.execute("SELECT view_name, comment FROM duckdb_views() WHERE NOT internal").fetchall())
+        for stale in set(existing) - set(wanted):
             con.execute(f'DROP VIEW IF EXISTS "{stale}"')
+        for name, body in wanted.items():
+            if existing.get(name) != tags[name]:
+                con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {body}')
+                con.execute(f"COMMENT ON VIEW \"{name}\" IS '{tags[name]}'")
     finally:
         con.close()
-    return sorted(files)
+    return list(wanted)
 
 
 def query(layout: Layout, sql: str, params: list | None = None) -> pa.Table:
@@ -102,3 +163,12 @@ def query(layout: Layout, sql: str, params: list | None = None) -> pa.Table:
         return con.sql(sql, params=params or None).to_arrow_table()
     finally:
         con.close()
+
+
+def in_memory_views(layout: Layout) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the catalog's views over the same files: for readers inside the pipeline,
+    which must not depend on (or wait for) the catalog file."""
+    con = duckdb.connect()
+    for name, body in view_definitions(layout).items():
+        con.execute(f'CREATE VIEW "{name}" AS {body}')
+    return con

@@ -15,7 +15,7 @@ from pipeline.config import Layout
 from pipeline.faces.stage import faces_schema
 from pipeline.ingest import IMAGES_SCHEMA
 from pipeline.sources import load_registry
-from pipeline.storage import read_parquet, read_partitioned
+from pipeline.storage import read_parquet
 
 DEFAULT_EMBEDDING_DIM = 128
 IDENTITY_COLUMNS = pa.schema([("uid", pa.string()), ("face_index", pa.int32()), ("identity_id", pa.string())])
@@ -44,17 +44,36 @@ class Collection:
                 "partitions_missing": self.missing[:50], "n_missing": len(self.missing)}
 
 
+def image_owners(layout: Layout) -> dict[str, str]:
+    """uid -> the partition that owns the image (sql/image_copies.sql, the catalog's own rule)."""
+    from pipeline.catalog import in_memory_views
+
+    con = in_memory_views(layout)
+    try:
+        if not con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'image_copies'").fetchone()[0]:
+            return {}
+        return dict(con.execute('SELECT uid, "partition" FROM image_copies WHERE copy = 1').fetchall())
+    finally:
+        con.close()
+
+
+def _owned(table: pa.Table, key: str, owners: dict[str, str]) -> pa.Table:
+    mask = pa.array([owners.get(u) == key for u in table.column("uid").to_pylist()], pa.bool_())
+    return table.filter(mask)
+
+
 def load_collection(layout: Layout) -> Collection:
+    """Images and faces of every built partition; an image held by several partitions (the same bytes)
+    comes once, from the partition that owns it, whatever order the partitions were built in."""
     registered = [s.key for s in load_registry(layout.partitions)]
     built = [k for k in registered
              if layout.partition_file("images", k).exists() and layout.partition_file("faces", k).exists()]
-    images = read_partitioned(layout.table_dir("images"), built) if built else None
-    faces = read_partitioned(layout.table_dir("faces"), built) if built else None
-    if images is None:
-        images = IMAGES_SCHEMA.empty_table()
-    if faces is None:
-        faces = faces_schema(DEFAULT_EMBEDDING_DIM).empty_table()
-    return Collection(images, faces, registered, built, [k for k in registered if k not in built])
+    owners = image_owners(layout) if built else {}
+    images = [_owned(read_parquet(layout.partition_file("images", k)), k, owners) for k in sorted(built)]
+    faces = [_owned(read_parquet(layout.partition_file("faces", k)), k, owners) for k in sorted(built)]
+    images_t = pa.concat_tables(images, promote_options="default") if images else IMAGES_SCHEMA.empty_table()
+    faces_t = pa.concat_tables(faces, promote_options="default") if faces else faces_schema(DEFAULT_EMBEDDING_DIM).empty_table()
+    return Collection(images_t, faces_t, registered, built, [k for k in registered if k not in built])
 
 
 def load_identities(layout: Layout, faces: pa.Table) -> pa.Table:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from pipeline.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeError, decode_image
 from pipeline.ids import content_uid
 from pipeline.rejects import Rejects
-from pipeline.sources import PartitionSpec, iter_partition, load_registry
+from pipeline.sources import PartitionSpec, iter_partition
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -58,27 +58,16 @@ class IngestResult:
         return self.inputs == self.accepted + len(self.rejects)
 
 
-def earlier_uids(images_dir: Path, registry_dir: Path, spec: PartitionSpec) -> dict[str, str]:
-    """uid -> partition for images already owned by partitions registered before this one."""
-    owners: dict[str, str] = {}
-    for other in load_registry(registry_dir):
-        if other.seq >= spec.seq or other.key == spec.key:
-            continue
-        f = Path(images_dir) / f"{other.key}.parquet"
-        if f.exists():
-            for uid in pq.read_table(f, columns=["uid"]).column("uid").to_pylist():
-                owners.setdefault(uid, other.key)
-    return owners
-
-
 def ingest_partition(
     spec: PartitionSpec,
     limits: IngestLimits | None = None,
-    known_uids: dict[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> IngestResult:
+    """Read, hash and decode-check one partition on its own. The same bytes twice in this partition:
+    the second is a "duplicate image" reject. The same bytes in another partition are not looked up
+    here (that would depend on which partition finished first): the collection decides who owns an
+    image (sql/image_copies.sql) and reports the other copies as duplicates."""
     limits = limits or IngestLimits()
-    known_uids = known_uids or {}
     rejects = Rejects(stage="ingest", partition=spec.key)
     rows: list[dict] = []
     seen: dict[str, str] = {}
@@ -97,10 +86,9 @@ def ingest_partition(
             rejects.add(rec.source, "unreadable file", str(e))
             continue
         uid = content_uid(data)
-        if uid in seen or uid in known_uids:
+        if uid in seen:
             duplicates += 1
-            first = seen.get(uid) or f"partition {known_uids[uid]}"
-            rejects.add(rec.source, "duplicate image", f"same bytes as {first}", uid=uid)
+            rejects.add(rec.source, "duplicate image", f"same bytes as {seen[uid]}", uid=uid)
             continue
         try:
             img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side)

@@ -64,5 +64,20 @@ def test_sensor_registers_new_inputs_once(tmp_path, small_input):
     result = new_inputs_sensor(ctx)
     assert len(result.run_requests) == 3  # 7 files in batches of 3
     assert result.dynamic_partitions_requests[0].partition_keys == ["files-000000", "files-000001", "files-000002"]
+    instance.add_dynamic_partitions(input_partitions.name, result.dynamic_partitions_requests[0].partition_keys)  # the daemon's part
+    again = new_inputs_sensor(dg.build_sensor_context(instance=instance, resources={"lineup": settings}))
+    assert isinstance(again, dg.SkipReason)
+
+
+def test_a_failed_sensor_tick_loses_nothing(tmp_path, small_input):
+    """The registry is written, then the tick dies before Dagster adds the partitions: the next tick
+    adds and requests them."""
+    home = tmp_path / "home"
+    instance = dg.DagsterInstance.ephemeral()
+    settings = LineupSettings(home=str(home), input_dir=str(small_input), batch_size=3)
+    register_new_inputs(small_input, Layout(home).partitions, batch_size=3)  # what the dead tick got done
+    result = new_inputs_sensor(dg.build_sensor_context(instance=instance, resources={"lineup": settings}))
+    assert [r.partition_key for r in result.run_requests] == ["files-000000", "files-000001", "files-000002"]
+    instance.add_dynamic_partitions(input_partitions.name, result.dynamic_partitions_requests[0].partition_keys)
     again = new_inputs_sensor(dg.build_sensor_context(instance=instance, resources={"lineup": settings}))
     assert isinstance(again, dg.SkipReason)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.ids import content_uid
-from pipeline.ingest import earlier_uids, ingest_partition
+from pipeline.ingest import ingest_partition
 from pipeline.sources import iter_partition, load_registry, register_new_inputs
 
 
@@ -111,18 +111,34 @@ def test_bad_files_are_rejected_with_reasons_and_duplicates_counted(tmp_path):
 
 
 def test_cross_partition_duplicates_belong_to_the_earliest_partition(tmp_path):
-    inp, reg = tmp_path / "in", tmp_path / "reg"
+    """Each partition is ingested on its own; whichever finishes first, the collection keeps one copy of
+    the same bytes, from the partition registered first, and reports the other as a duplicate."""
+    from pipeline.catalog import query, refresh_catalog
+    from pipeline.collection import load_collection
+    from pipeline.config import Layout
+    from pipeline.faces.stage import faces_schema
+    from pipeline.storage import write_parquet_atomic
+
+    layout = Layout(tmp_path / "home")
+    inp = tmp_path / "in"
     inp.mkdir()
     (inp / "a.jpg").write_bytes(_jpeg_bytes(6))
-    (first,) = register_new_inputs(inp, reg)
+    (first,) = register_new_inputs(inp, layout.partitions)
     (inp / "z_same_bytes.jpg").write_bytes(_jpeg_bytes(6))
-    (second,) = register_new_inputs(inp, reg)
-    images_dir = tmp_path / "images"
-    images_dir.mkdir()
+    (second,) = register_new_inputs(inp, layout.partitions)
+    r2 = ingest_partition(second)  # the later partition finishes first
     r1 = ingest_partition(first)
-    pq.write_table(r1.images, images_dir / f"{first.key}.parquet")
-    r2 = ingest_partition(second, known_uids=earlier_uids(images_dir, reg, second))
-    assert r2.accepted == 0 and r2.duplicates == 1
+    assert r1.accepted == r2.accepted == 1 and r1.reconciles() and r2.reconciles()
+    for spec, res in ((second, r2), (first, r1)):
+        write_parquet_atomic(res.images, layout.partition_file("images", spec.key))
+        write_parquet_atomic(faces_schema(128).empty_table(), layout.partition_file("faces", spec.key))
+    coll = load_collection(layout)
+    assert coll.images.column("uid").to_pylist() == [content_uid(_jpeg_bytes(6))]
+    assert coll.images.column("partition").to_pylist() == [first.key]
+    refresh_catalog(layout)
+    assert query(layout, "SELECT count(*) AS n FROM images").column("n")[0].as_py() == 1
+    dup = query(layout, "SELECT source, reason, partition FROM rejects").to_pylist()
+    assert dup == [{"source": "z_same_bytes.jpg", "reason": "duplicate image", "partition": second.key}]
     # re-running the first partition is unaffected by the later one
-    again = ingest_partition(first, known_uids=earlier_uids(images_dir, reg, first))
+    again = ingest_partition(first)
     assert again.images.equals(r1.images)
