@@ -63,6 +63,22 @@ def _social_path() -> Path | None:
     return None
 
 
+def _other_model_partitions(layout, keys: list[str], defs) -> list[str]:
+    """Built partitions whose faces come from another model than the configured face backend's."""
+    from assets.faces import face_backend
+    from pipeline.collection import partition_face_model
+
+    if not keys:
+        return []
+    current = face_backend(defs.resources["lineup"])
+    out = []
+    for k in keys:
+        m = partition_face_model(layout.partition_file("faces", k))
+        if m is not None and (m[0], m[1]) != (current.name, current.model_version):
+            out.append(k)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m assets.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ingest_job = defs.resolve_job_def("ingest_job")
     todo = [s.key for s in specs if args.rebuild or not layout.partition_file("faces", s.key).exists()]
+    stale = _other_model_partitions(layout, [s.key for s in specs if s.key not in todo], defs)
+    if stale:
+        print(f"{len(stale)} partitions were embedded by another face model than the configured one: re-embedding them")
+        todo += stale
     for i, key in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] partition {key}", flush=True)
         result = ingest_job.execute_in_process(

@@ -21,6 +21,24 @@ DEFAULT_EMBEDDING_DIM = 128
 IDENTITY_COLUMNS = pa.schema([("uid", pa.string()), ("face_index", pa.int32()), ("identity_id", pa.string())])
 
 
+class MixedFaceModels(ValueError):
+    """The collection's partitions were embedded by different face models: their embeddings do not compare."""
+
+
+def partition_face_model(path) -> tuple[str, str, int] | None:
+    """(backend, model_version, embedding dim) of one faces file, or None when it has no face."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path, columns=["backend", "model_version", "embedding"])
+    if t.num_rows == 0:
+        return None
+    models = set(zip(t.column("backend").to_pylist(), t.column("model_version").to_pylist()))
+    if len(models) > 1:
+        raise MixedFaceModels(f"{path} holds faces of several models: {sorted(models)}")
+    backend, version = models.pop()
+    return backend, version, t.schema.field("embedding").type.list_size
+
+
 @dataclass
 class Collection:
     images: pa.Table
@@ -68,6 +86,18 @@ def load_collection(layout: Layout) -> Collection:
     registered = [s.key for s in load_registry(layout.partitions)]
     built = [k for k in registered
              if layout.partition_file("images", k).exists() and layout.partition_file("faces", k).exists()]
+    models: dict[tuple, list[str]] = {}
+    for k in built:
+        m = partition_face_model(layout.partition_file("faces", k))
+        if m is not None:
+            models.setdefault(m, []).append(k)
+    if len(models) > 1:
+        detail = "; ".join(f"{b} {v} ({d}-d): {', '.join(sorted(ks)[:5])}{' ...' if len(ks) > 5 else ''}"
+                           for (b, v, d), ks in sorted(models.items()))
+        raise MixedFaceModels(
+            "one collection, one face model: the partitions were embedded by different models, whose embeddings "
+            f"cannot be compared ({detail}). Re-embed them with one model: `python -m assets.run --rebuild` "
+            "with the face_backend you want (make run re-embeds partitions whose model differs from the configured one).")
     owners = image_owners(layout) if built else {}
     images = [_owned(read_parquet(layout.partition_file("images", k)), k, owners) for k in sorted(built)]
     faces = [_owned(read_parquet(layout.partition_file("faces", k)), k, owners) for k in sorted(built)]

@@ -142,3 +142,31 @@ def test_cross_partition_duplicates_belong_to_the_earliest_partition(tmp_path):
     # re-running the first partition is unaffected by the later one
     again = ingest_partition(first)
     assert again.images.equals(r1.images)
+
+
+def test_one_collection_one_face_model(tmp_path):
+    """Partitions embedded by two face models are refused with a message that names them."""
+    import pytest
+
+    from pipeline.collection import MixedFaceModels, load_collection
+    from pipeline.config import Layout
+    from pipeline.faces.stage import faces_schema
+    from pipeline.storage import write_parquet_atomic
+
+    layout = Layout(tmp_path / "home")
+    inp = tmp_path / "in"
+    inp.mkdir()
+    keys = []
+    for i, (backend, dim) in enumerate((("dlib", 128), ("insightface", 512))):
+        (inp / f"p{i}.jpg").write_bytes(_jpeg_bytes(20 + i))
+        (spec,) = register_new_inputs(inp, layout.partitions)
+        keys.append(spec.key)
+        write_parquet_atomic(ingest_partition(spec).images, layout.partition_file("images", spec.key))
+        row = {"uid": "u", "source": "s", "face_index": 0, "x1": 0.0, "y1": 0.0, "x2": 1.0, "y2": 1.0, "landmarks": [0.0] * 10,
+               "det_score": 1.0, "face_width": 1.0, "face_height": 1.0, "blur": 1.0, "yaw": 0.0, "pitch": 0.0, "roll": 0.0,
+               "embedding": [1.0] + [0.0] * (dim - 1), "backend": backend, "model_version": f"{backend}-m",
+               "image_width": 1, "image_height": 1}
+        write_parquet_atomic(pa.Table.from_pylist([row], schema=faces_schema(dim)), layout.partition_file("faces", spec.key))
+    with pytest.raises(MixedFaceModels, match="one collection, one face model") as e:
+        load_collection(layout)
+    assert keys[0] in str(e.value) and keys[1] in str(e.value) and "512-d" in str(e.value)
