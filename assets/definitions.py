@@ -2,15 +2,15 @@
 
 import dagster as dg
 
-from assets import expression, faces, identity, ingest, multiid, scoring, social, training
+from assets import expression, faces, identity, ingest, multiid, privacy, scoring, social, training
 from assets.resources import LineupSettings
 
-_modules = [ingest, faces, expression, identity, multiid, scoring, social, training]
+_modules = [ingest, faces, expression, privacy, identity, multiid, scoring, social, training]
 
 collection_job = dg.define_asset_job(
     "collection_job",
-    selection=dg.AssetSelection.groups("identity", "datasets", "scoring"),
-    description="Whole-collection assets: identities and the datasets built on them.",
+    selection=dg.AssetSelection.groups("privacy", "identity", "datasets", "scoring"),
+    description="Whole-collection assets: removal requests applied, identities, and the datasets built on them.",
 )
 
 social_job = dg.define_asset_job(

@@ -88,6 +88,7 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
     from pipeline.expression.release import expression_card, expression_version
     from pipeline.expression.release import release_checks as checks_of
     from pipeline.faces.crops import CropReader
+    from pipeline.removals import card_entries
 
     layout = lineup.layout
     coll = load_collection(layout)
@@ -101,7 +102,7 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
     fcs = with_identity_ids(coll.faces, ids)
     backend = fcs.column("backend")[0].as_py() if fcs.num_rows else lineup.face_backend
     cfg = PairConfig(max_identity_cos=thresholds_for(backend).different_person_max)
-    version, parts = expression_version(coll.faces, desc, ids, cfg)
+    version, parts = expression_version(coll.faces, desc, ids, cfg, card_entries(layout))
     crops = CropReader(coll.images, fcs, lineup.limits)
 
     def crop(uid, face_index):
@@ -117,7 +118,8 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
         return checks_of(folder, ids, pairs)
 
     def card(folder, res):
-        return expression_card(version, folder, res.stats, cfg, parts, lineup.dataset_contact, empty_reason)
+        return expression_card(version, folder, res.stats, cfg, parts, lineup.dataset_contact, empty_reason,
+                               card_entries(layout))
 
     rel = release(layout, "expression", version, build, checks, card)
     pairs = read_parquet(rel.folder / "pairs.parquet")

@@ -14,7 +14,7 @@ from pipeline.storage import read_parquet, write_parquet_atomic
 @dg.asset(
     group_name="identity",
     kinds={"parquet", "faiss"},
-    deps=[faces],
+    deps=[faces, "removals"],
     automation_condition=COLLECTION_UPDATE,
     check_specs=[dg.AssetCheckSpec(
         "clustering_vs_folder_labels", asset="identities",

@@ -8,6 +8,7 @@ from assets.resources import LineupSettings
 from assets.ui import table_preview
 from pipeline.catalog import refresh_catalog
 from pipeline.ingest import ingest_partition, reconcile_ingest
+from pipeline.removals import removed_uids
 from pipeline.sources import load_partition, load_registry, plan_new_partitions, register_partitions
 from pipeline.storage import write_parquet_atomic
 
@@ -27,7 +28,7 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
     layout = lineup.layout
     key = context.partition_key
     spec = load_partition(layout.partitions, key)
-    res = ingest_partition(spec, lineup.limits, progress=lambda n: context.log.info(f"{key}: {n} inputs read"))
+    res = ingest_partition(spec, lineup.limits, removed=removed_uids(layout), progress=lambda n: context.log.info(f"{key}: {n} inputs read"))
     write_parquet_atomic(res.images, layout.partition_file("images", key))
     write_parquet_atomic(res.rejects.to_table(), layout.partition_file("rejects_ingest", key))
     refresh_catalog(layout)

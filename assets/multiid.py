@@ -36,13 +36,14 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     from pipeline.multiid.release import multiid_card, multiid_version, split_counts
     from pipeline.multiid.release import release_checks as checks_of
     from pipeline.multiid.report import contact_sheet, similarity_histograms
+    from pipeline.removals import card_entries
 
     layout = lineup.layout
     coll = load_collection(layout)
     ids = load_identities(layout, coll.faces)
     backends = sorted(set(coll.faces.column("backend").to_pylist()))
     cfg = MultiIDConfig(backend=backends[0] if backends else lineup.face_backend)
-    version, parts = multiid_version(coll.images, coll.faces, ids, cfg)
+    version, parts = multiid_version(coll.images, coll.faces, ids, cfg, card_entries(layout))
     empty_reason = coll.empty_reason or (None if ids.num_rows else "no identities assigned yet")
     sources = sorted(set(coll.images.column("partition").to_pylist()))
     context.log.info(f"multiid version {version} from {coll.images.num_rows} images, {coll.faces.num_rows} faces")
@@ -56,7 +57,7 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
 
     def card(folder, res):
         return multiid_card(version, folder, res.stats, cfg, parts, [f"input partition {s}" for s in sources],
-                            lineup.identity_method, lineup.dataset_contact, empty_reason)
+                            lineup.identity_method, lineup.dataset_contact, empty_reason, card_entries(layout))
 
     rel = release(layout, "multiid", version, build, checks, card)
     pairs = read_parquet(rel.folder / "pairs.parquet")

@@ -46,6 +46,8 @@ class LineupSettings(dg.ConfigurableResource):
     train_steps: int = 0  # 0: 2000 with real weights, 10 in a smoke run
     train_device: str = "auto"
 
+    # removal requests: also delete the published dataset versions that held a removed photo
+    purge_removed_versions: bool = os.environ.get("LINEUP_PURGE") == "1"  # make run PURGE=1
     # who to ask for a person's removal; written into every dataset card
     contact: str = ""  # empty: $LINEUP_CONTACT, else "the maintainers of this lineup instance"
 

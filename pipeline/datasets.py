@@ -261,6 +261,14 @@ class DatasetCard:
         return write_bytes_atomic(self.render().encode(), Path(folder) / "README.md")
 
 
+def removals_section(entries: list[dict] | None) -> str:
+    """The card's list of removal requests in force: hashed subject, kind and date, never the subject."""
+    if not entries:
+        return "None so far."
+    return "\n".join(["| request (hashed) | kind | filed |", "|---|---|---|"]
+                     + [f"| {e['request']} | {e['kind']} | {e['filed']} |" for e in entries])
+
+
 def removal_text(contact: str) -> str:
     return (
         f"This dataset holds photos of real people. To have a person removed, contact {contact} with a photo "

@@ -62,11 +62,13 @@ def ingest_partition(
     spec: PartitionSpec,
     limits: IngestLimits | None = None,
     progress: Callable[[int], None] | None = None,
+    removed: set[str] | None = None,
 ) -> IngestResult:
     """Read, hash and decode-check one partition on its own. The same bytes twice in this partition:
     the second is a "duplicate image" reject. The same bytes in another partition are not looked up
     here (that would depend on which partition finished first): the collection decides who owns an
-    image (sql/image_copies.sql) and reports the other copies as duplicates."""
+    image (sql/image_copies.sql) and reports the other copies as duplicates. Bytes in ``removed``
+    (pipeline.removals) are rejected as "removed on request"."""
     limits = limits or IngestLimits()
     rejects = Rejects(stage="ingest", partition=spec.key)
     rows: list[dict] = []
@@ -86,6 +88,9 @@ def ingest_partition(
             rejects.add(rec.source, "unreadable file", str(e))
             continue
         uid = content_uid(data)
+        if removed and uid in removed:
+            rejects.add(rec.source, "removed on request", "these bytes were removed by a removal request")
+            continue
         if uid in seen:
             duplicates += 1
             rejects.add(rec.source, "duplicate image", f"same bytes as {seen[uid]}", uid=uid)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.datasets import DatasetCard, fingerprint_table, removal_text, version_id
+from pipeline.datasets import DatasetCard, fingerprint_table, removal_text, removals_section, version_id
 from pipeline.shards import iter_samples, read_manifest, verify_manifest
 
 BUILDER_VERSION = "expression-builder-2"
@@ -22,7 +22,8 @@ FACE_COLUMNS = ["uid", "face_index", "x1", "y1", "x2", "y2", "landmarks", "det_s
                 "blur", "yaw", "pitch", "roll", "embedding", "backend", "model_version"]
 
 
-def expression_version(faces: pa.Table, descriptors: pa.Table, identities: pa.Table, config) -> tuple[str, dict]:
+def expression_version(faces: pa.Table, descriptors: pa.Table, identities: pa.Table, config,
+                       removals: list[dict] | None = None) -> tuple[str, dict]:
     parts = {
         "builder": BUILDER_VERSION,
         "library": __version__,
@@ -32,6 +33,7 @@ def expression_version(faces: pa.Table, descriptors: pa.Table, identities: pa.Ta
         if faces.num_rows else [],
         "descriptors": fingerprint_table(descriptors, list(descriptors.column_names), ["uid", "face_index"]),
         "identities": fingerprint_table(identities, ["uid", "face_index", "identity_id"], ["uid", "face_index"]),
+        "removals": sorted(e["request"] for e in removals or []),
     }
     return version_id(parts), parts
 
@@ -57,7 +59,7 @@ def release_checks(folder: Path, identities: pa.Table, pairs: pa.Table) -> dict[
 
 
 def expression_card(version: str, folder: Path, stats: dict, config, parts: dict, contact: str,
-                    empty_reason: str | None = None) -> DatasetCard:
+                    empty_reason: str | None = None, removals: list[dict] | None = None) -> DatasetCard:
     n = read_manifest(folder)["num_samples"]
     limits = [
         "Expression labels come from FER's 7-class mini-Xception and landmark geometry: subtle or mixed "
@@ -86,4 +88,5 @@ def expression_card(version: str, folder: Path, stats: dict, config, parts: dict
         removal=removal_text(contact),
         lineage={"version": version, **parts},
         tags=["faces", "expression", "webdataset"],
+        extra_sections={"Removals applied": removals_section(removals)},
     )

@@ -9,6 +9,8 @@ Every rule that compares two faces' embeddings reads its threshold from :data:`B
   must stay below it).
 * ``same_shot_min``: at or above it, two faces are probably the same shot (multi-identity
   references must stay below it; WithAnyone's 0.8 for ArcFace).
+* ``removal_auto_min``: at or above it, a face is the person of a removal request's photo and is
+  removed without review (between ``same_person_min`` and it: listed for review).
 * ``det_score_min`` / ``det_score_good`` / ``blur_min``: when a detected face is usable.
 
 For dlib the numbers are three operating points of one measurement on ``shared/data/faces``
@@ -22,6 +24,10 @@ descriptors is cosine ~0.92 after normalisation; 0.82 would merge most people.) 
 near-perfect for thresholds 0.90-0.94 on that set; 0.93 is the middle of the plateau, leaning to
 precision, because a link chains: one wrong edge merges two whole identities, while a reference
 or a pair is judged one at a time.
+
+dlib, ``removal_auto_min`` = 0.95: above every different-person cosine measured (max 0.924) by a margin,
+while most same-person pairs reach it (median 0.973, p5 0.941); the rest of the person's photos are
+found through their identity (the clustering links them at 0.93).
 
 dlib, ``different_person_max`` = 0.90: just under the same-person minimum (0.893 rounds to the
 p1 of 0.913 measured below): pairs below it are different people in all but ~1 % of same-person
@@ -80,6 +86,7 @@ class BackendThresholds:
     same_person_min: float
     different_person_max: float
     same_shot_min: float
+    removal_auto_min: float
     det_score_min: float  # detector confidence floor for a usable face
     det_score_good: float  # detector confidence that counts as full quality
     blur_min: float  # variance-of-Laplacian floor for a usable face
@@ -87,7 +94,7 @@ class BackendThresholds:
 
 
 _ARCFACE = BackendThresholds(
-    cluster_link=0.45, same_person_min=0.6, different_person_max=0.5, same_shot_min=0.8,
+    cluster_link=0.45, same_person_min=0.6, different_person_max=0.5, same_shot_min=0.8, removal_auto_min=0.7,
     det_score_min=0.5, det_score_good=0.8, blur_min=10.0,
     source="literature, not measured here: WithAnyone's [0.6, 0.8] reference band; ArcFace verification "
     "operating points (same person ~0.4-0.5 and above, different people ~0 +- 0.1)",
@@ -97,7 +104,7 @@ BACKEND_THRESHOLDS: dict[str, BackendThresholds] = {
     "arcface": _ARCFACE,
     # dlib_face_recognition_resnet_model_v1 cosines (L2-normalised), HOG detector scores (SVM margins ~0..3)
     "dlib": BackendThresholds(
-        cluster_link=0.93, same_person_min=0.91, different_person_max=0.90, same_shot_min=0.987,
+        cluster_link=0.93, same_person_min=0.91, different_person_max=0.90, same_shot_min=0.987, removal_auto_min=0.95,
         det_score_min=0.0, det_score_good=1.0, blur_min=10.0,
         source="calibrated on shared/data/faces (pipeline/faces/calibration.py)",
     ),

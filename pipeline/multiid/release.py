@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline import __version__
-from pipeline.datasets import DatasetCard, fingerprint_table, removal_text, version_id
+from pipeline.datasets import DatasetCard, fingerprint_table, removal_text, removals_section, version_id
 from pipeline.multiid.config import MultiIDConfig
 from pipeline.multiid.splits import split_leaks
 from pipeline.shards import read_manifest, shard_keys, verify_manifest
@@ -42,8 +42,11 @@ def version_parts(images: pa.Table, faces: pa.Table, identities: pa.Table, confi
     }
 
 
-def multiid_version(images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig) -> tuple[str, dict]:
+def multiid_version(images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig,
+                    removals: list[dict] | None = None) -> tuple[str, dict]:
+    """The version id and its parts; the removal requests in force are a part (the card lists them)."""
     parts = version_parts(images, faces, identities, config)
+    parts["removals"] = sorted(e["request"] for e in removals or [])
     return version_id(parts), parts
 
 
@@ -81,7 +84,8 @@ def split_counts(folder: Path) -> dict[str, int]:
 
 
 def multiid_card(version: str, folder: Path, stats: dict, config: MultiIDConfig, parts: dict, sources: list[str],
-                 identity_method: str, contact: str, empty_reason: str | None = None) -> DatasetCard:
+                 identity_method: str, contact: str, empty_reason: str | None = None,
+                 removals: list[dict] | None = None) -> DatasetCard:
     cfg = config.resolved()
     removed = stats.get("candidates_removed_by", {})
     targets = stats.get("targets", {})
@@ -138,4 +142,5 @@ def multiid_card(version: str, folder: Path, stats: dict, config: MultiIDConfig,
         removal=removal_text(contact),
         lineage={"version": version, **{k: v for k, v in parts.items() if k != "config"}, "config": cfg.to_dict()},
         tags=["faces", "identity", "webdataset"],
+        extra_sections={"Removals applied": removals_section(removals)},
     )
