@@ -455,10 +455,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """``auto`` / empty: CUDA when torch sees a GPU, else CPU; anything else as given."""
-    from pipeline.scoring.base import pick_device
-
-    return pick_device(None if device in (None, "", "auto") else device)
+    """``auto`` / empty: CUDA when torch sees a GPU, else CPU; anything else as given.
+    (pipeline.scoring.base.pick_device does the same, but importing it loads the CLIP scorers.)"""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
