@@ -5,6 +5,7 @@ Usage:
   .venv/bin/python bench/bench_dlib_torch.py parity [--device cpu|cuda]
   .venv/bin/python bench/bench_dlib_torch.py speed [--repeats 5] [--faces 64]
   .venv/bin/python bench/bench_dlib_torch.py stage [--device cuda] [--repeat-photos 20] [--batch 256]
+  .venv/bin/python bench/bench_dlib_torch.py stage-parity [--device cuda] [--dtype bfloat16]
   .venv/bin/python bench/bench_dlib_torch.py fit-mtcnn-template
 
 parity: faces found as the default dlib backend finds them (HOG, 5-point shape); reference =
@@ -32,7 +33,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DATA = (REPO.parent / "shared" / "data" / "faces").resolve()
+# the shared photos; LINEUP_SHARED_FACES points elsewhere (the GPU machine gets a copy, see gpu_check.sh)
+DATA = Path(os.environ.get("LINEUP_SHARED_FACES") or (REPO.parent / "shared" / "data" / "faces")).resolve()
 
 
 def _machine() -> dict:
@@ -90,7 +92,10 @@ def parity(args) -> dict:
     ):
         got = desc(chips)
         c = cosine(ref, got)
-        agree = identity_agreement(files, ref, got)
+        try:
+            agree = identity_agreement(files, ref, got)
+        except ImportError as e:  # the GPU machine's image may lack the clustering packages
+            agree = {"identical_partition": f"unavailable ({e})", "adjusted_rand": float("nan"), "identities_a": 0, "identities_b": 0}
         out[name] = {"cos_vs_dlib": _stats(c), "identity": agree}
         rows.append(
             f"| {name} | {c.min():.9f} | {np.median(c):.9f} | {int((c < 0.999).sum())} | "
@@ -191,6 +196,44 @@ def stage(args) -> dict:
     return out
 
 
+def stage_parity(args) -> dict:
+    """The batched stage (MTCNN points place the chip) against dlib end to end (HOG, shape
+    predictor, dlib's descriptor): faces matched by landmark centre, within a third of the
+    distance between dlib's outer eye corners (the two detectors' points differ in kind)."""
+    from pipeline.faces.dlib_parity import collect_faces, cosine, identity_agreement
+    from pipeline.faces.torch_stage import TorchFaceStage
+
+    images = collect_faces(DATA)
+    st = TorchFaceStage(device=args.device, dtype=args.dtype)
+    got = []
+    for i in range(0, len(images), args.batch):
+        got += st.analyze([im.image for im in images[i : i + args.batch]])
+    refs, ours, files, unmatched = [], [], [], 0
+    for im, faces in zip(images, got):
+        for f in im.faces:
+            c = f.landmarks.mean(0)
+            eyes = np.linalg.norm(f.landmarks[0] - f.landmarks[2].astype(float))
+            d = [np.linalg.norm(g.landmarks.mean(0) - c) for g in faces]
+            if not d or min(d) > eyes / 3:
+                unmatched += 1
+                continue
+            refs.append(f.reference)
+            ours.append(faces[int(np.argmin(d))].embedding)
+            files.append(f.file)
+    c = cosine(np.stack(refs), np.stack(ours))
+    try:
+        agree = identity_agreement(files, np.stack(refs), np.stack(ours))
+    except ImportError as e:
+        agree = {"identical_partition": f"unavailable ({e})"}
+    out = {"machine": _machine(), "device": str(st.device), "model_version": st.model_version,
+           "dlib_faces": sum(len(im.faces) for im in images), "stage_faces": sum(len(f) for f in got),
+           "matched": len(c), "unmatched_dlib_faces": unmatched, "cos_vs_dlib": _stats(c),
+           "p5": float(np.percentile(c, 5)), "identity": agree}
+    print(json.dumps(out, indent=1, default=float))
+    _write("stage-parity", out)
+    return out
+
+
 def fit_mtcnn_template(args) -> dict:
     """Where MTCNN's 5 points sit in dlib's chip (placed by dlib's shape predictor on MTCNN's boxes)."""
     from pipeline.faces.dlib_backend import DlibBackend
@@ -213,7 +256,8 @@ def fit_mtcnn_template(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["parity", "speed", "stage", "fit-mtcnn-template"])
+    ap.add_argument("what", choices=["parity", "speed", "stage", "stage-parity", "fit-mtcnn-template"])
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--faces", type=int, default=64)
@@ -221,7 +265,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--decode-workers", type=int, default=4)
     args = ap.parse_args()
-    {"parity": parity, "speed": speed, "stage": stage, "fit-mtcnn-template": fit_mtcnn_template}[args.what](args)
+    {"parity": parity, "speed": speed, "stage": stage, "stage-parity": stage_parity, "fit-mtcnn-template": fit_mtcnn_template}[
+        args.what
+    ](args)
 
 
 if __name__ == "__main__":
