@@ -26,6 +26,9 @@ class LineupSettings(dg.ConfigurableResource):
     face_detector: str = ""  # dlib backend: hog | mtcnn; empty = the backend's default
     insightface_model_dir: str = ""  # a buffalo_l / antelopev2 folder of ONNX files
     face_batch_size: int = 8
+    # where the face models run: auto = CUDA when torch sees a GPU (dlib: the ported descriptor
+    # there; insightface: onnxruntime-gpu, else the same ONNX files through PyTorch), else CPU
+    face_device: str = "auto"
     identity_method: str = "chinese_whispers"  # chinese_whispers | leiden | infomap | connected_components
     identity_threshold: float = 0.0  # 0 = the face backend's documented default
     # recluster: cluster everything, map clusters onto the previous ids by overlap;
@@ -85,7 +88,7 @@ class LineupSettings(dg.ConfigurableResource):
         return value or os.environ.get(env) or None
 
     def face_backend_options(self) -> dict:
-        opts: dict = {}
+        opts: dict = {"device": self.face_device or "auto"}
         if self.face_backend == "dlib" and self.face_detector:
             opts["detector"] = self.face_detector
         if self.face_backend == "insightface":

@@ -107,8 +107,10 @@ def main() -> None:
     backends = {}
     if "hog" in variants:
         backends["hog"] = get_backend("dlib", detector="hog")
+    if "hog_dlib_descriptor" in variants:  # dlib's own C++ descriptor instead of the PyTorch port
+        backends["hog_dlib_descriptor"] = get_backend("dlib", detector="hog", descriptor="dlib")
     if "hog_nobatch" in variants:
-        backends["hog_nobatch"] = get_backend("dlib", detector="hog", batch_descriptors=False)
+        backends["hog_nobatch"] = get_backend("dlib", detector="hog", descriptor="dlib", batch_descriptors=False)
     if "hog_2048" in variants:
         backends["hog_2048"] = get_backend("dlib", detector="hog", detect_max_side=2048)
     if "hog_up1" in variants:

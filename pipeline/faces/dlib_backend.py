@@ -121,6 +121,13 @@ class DlibBackend(FaceBackend):
     threads, and thread-local copies gave no speed-up on 2 cores (measured); parallelise
     across partitions/processes instead.
     - ``batch_descriptors``: compute descriptors for a whole batch in one dlib call (True).
+    - ``descriptor``: ``"auto"`` (default) = ``"torch"``: dlib's network ported to PyTorch
+      (pipeline/faces/dlib_torch.py) on dlib's own chips, cosine >= 0.99999 to dlib and ~10x
+      faster per face on CPU (bench/bench_dlib_torch.py); ``"dlib"`` = dlib's C++ network.
+      ``num_jitters`` > 1 needs dlib's random jitter, so "auto" picks "dlib" then.
+    - ``device`` (``"auto"``: CUDA when torch sees one), ``descriptor_dtype`` (``"auto"``:
+      float32 on CPU, bfloat16 on CUDA), ``descriptor_threads`` (1; CPU intra-op threads): where
+      and how the ported descriptor runs.
     """
 
     name = "dlib"
@@ -138,6 +145,10 @@ class DlibBackend(FaceBackend):
         torch_threads: int | None = 1,
         batch_descriptors: bool = True,
         models_dir: str | Path | None = None,
+        descriptor: str = "auto",
+        device: str = "auto",
+        descriptor_dtype: str = "auto",
+        descriptor_threads: int | None = 1,
     ) -> None:
         import dlib
 
@@ -162,8 +173,27 @@ class DlibBackend(FaceBackend):
         self._mtcnn = None
         if detector == "mtcnn":
             self._mtcnn = self._load_mtcnn()
+        if descriptor not in ("auto", "torch", "dlib"):
+            raise ValueError(f"descriptor must be 'auto', 'torch' or 'dlib', got {descriptor!r}")
+        if descriptor == "auto":
+            descriptor = "dlib" if self.num_jitters > 1 else "torch"
+        if descriptor == "torch" and self.num_jitters > 1:
+            raise ValueError("num_jitters > 1 needs dlib's own descriptor (descriptor='dlib')")
+        self.descriptor = descriptor
+        self._torch_descriptor = None
+        if descriptor == "torch":
+            from .dlib_torch import FaceDescriptor
+
+            self._torch_descriptor = FaceDescriptor(
+                device=device,
+                dtype=descriptor_dtype,
+                threads=descriptor_threads,
+                path=folder / "dlib_face_recognition_resnet_model_v1.dat",
+            )
         det = "hog" if detector == "hog" else "mtcnn-facenet_pytorch"
         self.model_version = f"dlib-{dlib.__version__}/{det}/sp5/resnet_v1/j{self.num_jitters}"
+        if self._torch_descriptor is not None:
+            self.model_version += f"/{self._torch_descriptor.tag}"
         self.timings: dict[str, float] = {
             "detect_s": 0.0,
             "landmarks_s": 0.0,
@@ -249,6 +279,20 @@ class DlibBackend(FaceBackend):
         eyes = np.stack([eye_a, eye_b]) if eye_a[0] <= eye_b[0] else np.stack([eye_b, eye_a])
         return np.vstack([eyes, nose_mouth_from_eyes_nose(eyes, p[4])]).astype(np.float32)
 
+    def _torch_descriptors(self, images, per_image) -> list[list[np.ndarray]]:
+        """The ported network on dlib's own chips (the chips dlib's descriptor would see)."""
+        chips, counts = [], []
+        for im, (kept, shapes, _) in zip(images, per_image):
+            counts.append(len(kept))
+            if kept:
+                chips += [np.asarray(c) for c in self._dlib.get_face_chips(im, shapes, 150, 0.25)]
+        flat = self._torch_descriptor(np.stack(chips)) if chips else np.zeros((0, 128), np.float32)
+        out, k = [], 0
+        for n in counts:
+            out.append(list(flat[k : k + n]))
+            k += n
+        return out
+
     def analyze(self, images: list[np.ndarray]) -> list[list[DetectedFace]]:
         images = [check_rgb(im) for im in images]
         per_image = [self._analyze_image(im) for im in images]
@@ -259,7 +303,9 @@ class DlibBackend(FaceBackend):
         t0 = time.perf_counter()
         descriptors: list[list[np.ndarray]] = []
         jit = self.num_jitters
-        if self.batch_descriptors:
+        if self._torch_descriptor is not None:
+            descriptors = self._torch_descriptors(images, per_image)
+        elif self.batch_descriptors:
             idx = [i for i, (kept, _, _) in enumerate(per_image) if kept]
             got = [[] for _ in images]
             if idx:

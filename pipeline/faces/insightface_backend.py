@@ -316,6 +316,10 @@ class InsightFaceBackend(FaceBackend):
     0.5; ``nms_thresh`` 0.4; ``max_faces`` 0 (= all); ``prefer_gpu`` True
     (CUDAExecutionProvider when onnxruntime offers it); ``threads`` (intra-op threads);
     ``rec_batch_size`` 32; ``detector_file`` / ``recognizer_file`` to force a choice.
+    ``runtime`` ("auto", "onnxruntime" or "torch": the same ONNX files converted by onnx2torch,
+    see pipeline/faces/onnx_torch.py) and ``device`` ("auto", "cpu", "cuda"): auto runs
+    onnxruntime on CUDA when its CUDA provider exists, else torch on CUDA when torch sees a GPU,
+    else onnxruntime on CPU. ``prefer_gpu=False`` is ``device="cpu"``.
     """
 
     name = "insightface"
@@ -332,7 +336,11 @@ class InsightFaceBackend(FaceBackend):
         rec_batch_size: int = 32,
         detector_file: str | None = None,
         recognizer_file: str | None = None,
+        runtime: str = "auto",
+        device: str = "auto",
     ) -> None:
+        from .onnx_torch import choose_runtime
+
         model_dir = Path(model_dir).expanduser()
         if not model_dir.is_dir():
             raise FileNotFoundError(
@@ -342,7 +350,10 @@ class InsightFaceBackend(FaceBackend):
         files = sorted(model_dir.glob("*.onnx"))
         if not files:
             raise FileNotFoundError(f"no .onnx files in {model_dir}; " + _expected_files_message(model_dir))
-        self.providers = _providers(prefer_gpu)
+        self.runtime, self.device = choose_runtime(runtime, device if prefer_gpu else "cpu")
+        self.providers = (
+            _providers(self.device != "cpu") if self.runtime == "onnxruntime" else [f"torch:{self.device}"]
+        )
         det_path = rec_path = None
         det_sess = rec_sess = None
         load_errors: list[str] = []
@@ -353,7 +364,7 @@ class InsightFaceBackend(FaceBackend):
             elif recognizer_file and f.name == recognizer_file:
                 forced = "recognizer"
             try:
-                sess = _session(f, self.providers, threads)
+                sess = self._open(f, threads)
             except Exception as exc:
                 if forced:
                     raise ValueError(f"cannot load {f}: {exc}") from exc
@@ -396,6 +407,13 @@ class InsightFaceBackend(FaceBackend):
                 self.recognizer.embed_crops([np.zeros((112, 112, 3), np.uint8)]).shape[1]
             )
         self.timings: dict[str, float] = {"detect_s": 0.0, "align_s": 0.0, "embed_s": 0.0, "quality_s": 0.0}
+
+    def _open(self, path: Path, threads: int | None):
+        if self.runtime == "torch":
+            from .onnx_torch import TorchOnnxSession
+
+            return TorchOnnxSession(path, self.device, threads)
+        return _session(path, self.providers, threads)
 
     def analyze(self, images: list[np.ndarray]) -> list[list[DetectedFace]]:
         images = [check_rgb(im) for im in images]
