@@ -7,6 +7,21 @@ import dagster as dg
 
 from pipeline.datasets import Release, read_card
 
+
+def _gpu_pool() -> str | None:
+    """The "gpu" concurrency pool (one slot, see assets/instance.py) for assets that run models, on a
+    machine with CUDA; on CPU machines they run in parallel like any asset."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else None
+
+
+GPU_POOL = _gpu_pool()
+
 # Update after new data lands, even when some input partition failed: a failed partition is left out
 # and named in the metadata (partitions_missing), it does not block the collection forever.
 COLLECTION_UPDATE = (

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets.common import COLLECTION_UPDATE, release_checks, release_metadata
+from assets.common import COLLECTION_UPDATE, GPU_POOL, release_checks, release_metadata
 from assets.faces import faces
 from assets.identity import identities
 from assets.partitions import input_partitions
@@ -17,6 +17,7 @@ from pipeline.storage import read_parquet, read_partitioned, write_parquet_atomi
 @dg.asset(
     partitions_def=input_partitions,
     group_name="expression",
+    pool=GPU_POOL,
     kinds={"parquet", "pytorch"},
     deps=[faces],
     description="Per face: 7-class expression probabilities (FER mini-Xception weights, run in PyTorch) "

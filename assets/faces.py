@@ -3,6 +3,7 @@
 import dagster as dg
 import numpy as np
 
+from assets.common import GPU_POOL
 from assets.ingest import images
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
@@ -27,6 +28,7 @@ def face_backend(settings: LineupSettings):
 @dg.asset(
     partitions_def=input_partitions,
     group_name="ingest",
+    pool=GPU_POOL,
     kinds={"parquet"},
     deps=[images],
     check_specs=[

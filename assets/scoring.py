@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets.common import COLLECTION_UPDATE
+from assets.common import COLLECTION_UPDATE, GPU_POOL
 from assets.faces import faces
 from assets.identity import identities
 from assets.ingest import images
@@ -14,6 +14,7 @@ from pipeline.storage import write_parquet_atomic
 
 @dg.asset(
     group_name="scoring",
+    pool=GPU_POOL,
     kinds={"parquet", "pytorch"},
     deps=[images, faces, identities],
     automation_condition=COLLECTION_UPDATE,

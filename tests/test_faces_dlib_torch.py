@@ -192,7 +192,7 @@ def test_descriptor_input_checks(fp32):
 
 
 def test_backend_uses_the_port_by_default(shared_faces):
-    from pipeline.faces.base import get_backend
+    from pipeline.faces import get_backend
     from pipeline.faces.dlib_parity import load_rgb
 
     ported = get_backend("dlib", device="cpu")

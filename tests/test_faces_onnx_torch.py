@@ -15,7 +15,7 @@ from test_faces_insightface import (
     scene,
 )
 
-from pipeline.faces.base import get_backend
+from pipeline.faces import get_backend
 from pipeline.faces.onnx_torch import TorchOnnxSession, choose_runtime
 
 

