@@ -4,6 +4,7 @@ import io
 import json
 import os
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -221,3 +222,41 @@ def test_real_photos_pairs_and_hard_case(real, tmp_path):
     png = contact_sheet(res.pairs, crop)
     im = Image.open(io.BytesIO(png))
     assert im.format == "PNG" and im.size[0] > 200
+
+
+def _synthetic_expression_tables(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.full(7, 0.3), size=n).astype(np.float32)
+    probs[:, 3] += 1.0  # most faces "happy", the rest spread over the classes
+    probs /= probs.sum(1, keepdims=True)
+    geo = rng.normal(0.3, 0.05, size=(n, 5)).astype(np.float32)
+    emb = rng.normal(size=(n, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    faces = pa.table({
+        "uid": [f"u{i:04d}" for i in range(n)], "face_index": [0] * n,
+        "identity_id": [f"id{i % 97}" for i in range(n)],
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 16),
+        "quality": np.full(n, 0.9, np.float32), "yaw": rng.normal(0, 5, n).astype(np.float32),
+        "pitch": rng.normal(0, 5, n).astype(np.float32),
+    })
+    desc = pa.table({
+        "uid": faces.column("uid"), "face_index": faces.column("face_index"),
+        "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), 7),
+        "geometry": pa.FixedSizeListArray.from_arrays(pa.array(geo.reshape(-1)), 5),
+    })
+    return faces, desc
+
+
+def test_neighbour_search_matches_all_pairs_on_the_pairs_it_keeps():
+    faces, desc = _synthetic_expression_tables()
+    cfg = PairConfig(max_identity_cos=0.9, min_class_prob=0.0)
+    full = build_expression_pairs(faces, desc, replace(cfg, neighbours=10_000))
+    near = build_expression_pairs(faces, desc, replace(cfg, neighbours=24))
+    assert full.stats["not_examined_beyond_neighbours"] == 0
+    assert near.stats["not_examined_beyond_neighbours"] > 0  # bounded: not every pair was looked at
+    s = near.stats
+    rejected = sum(v for k, v in s.items() if k.startswith("rejected_"))
+    assert s["candidate_pairs"] == rejected + s["accepted_before_cap"] + s["not_examined_beyond_neighbours"]
+    # with 3 pairs per face taken by descending similarity, the nearest neighbours give the same pairs
+    same = set(near.pairs.column("pair_id").to_pylist()) & set(full.pairs.column("pair_id").to_pylist())
+    assert len(same) >= 0.95 * full.pairs.num_rows > 0

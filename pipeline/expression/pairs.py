@@ -12,6 +12,14 @@ quality) with the expression descriptors on (uid, face_index) and keeps a pair (
     * not the same image unless allow_same_image.
 Each face takes part in at most ``max_pairs_per_face`` pairs, chosen greedily by descending
 expression similarity (ties broken by the pair key), so the output is deterministic.
+
+Candidates come from a nearest-neighbour search, not from all pairs: within each expression class,
+every face's ``neighbours`` nearest faces in expression space (sqrt class probabilities and scaled
+landmark geometry, exact search with FAISS) are the pairs examined; memory and time grow with
+faces x neighbours. A class smaller than ``neighbours`` + 1 is examined in full, so small collections
+get exactly the all-pairs result. Pairs beyond both faces' neighbour lists are counted
+(``not_examined_beyond_neighbours``): with at most ``max_pairs_per_face`` pairs per face, taken by
+descending similarity, they only matter when the rules reject nearly all of a face's neighbours.
 Every pair records both scores (expression_similarity, identity_cosine). Faces that cannot take
 part are returned in ``face_rejects`` with a reason; ``stats`` counts candidate pairs rejected per rule.
 """
@@ -50,6 +58,7 @@ class PairConfig:
     max_pairs_per_face: int = 3
     classes: tuple[str, ...] | None = None  # restrict to these expressions (None: all seven)
     w_probs: float = 0.7  # weight of the class-probability term in the similarity
+    neighbours: int = 64  # nearest faces in expression space examined per face (within its class)
     quality: QualityConfig | None = None  # when faces has no quality column; None: the backend's defaults
 
 
@@ -139,6 +148,37 @@ def _join(faces: pa.Table, descriptors: pa.Table, config: PairConfig):
     return rows, rejects
 
 
+def _neighbour_pairs(P: np.ndarray, G: np.ndarray, top: np.ndarray, config: PairConfig, stats: dict):
+    """Unordered pairs (i < j) of the same class where one is among the other's ``neighbours`` nearest
+    in expression space; the pairs of a class left out are counted in ``stats``."""
+    import faiss
+
+    geo = np.nan_to_num(G / GEOMETRY_SCALES, nan=0.0)
+    X = np.hstack([np.sqrt(np.clip(P, 0, None)) * np.sqrt(config.w_probs),
+                   geo * np.sqrt((1 - config.w_probs) / (2 * geo.shape[1]))]).astype(np.float32)
+    ia_all, ib_all = [], []
+    for c in np.unique(top):
+        idx = np.nonzero(top == c)[0]
+        m = len(idx)
+        if m < 2:
+            continue
+        k = min(m - 1, max(1, config.neighbours))
+        index = faiss.IndexFlatL2(X.shape[1])
+        index.add(np.ascontiguousarray(X[idx]))
+        _, nn = index.search(np.ascontiguousarray(X[idx]), k + 1)
+        a = np.repeat(np.arange(m), k + 1)
+        b = nn.reshape(-1)
+        ok = (b >= 0) & (b != a)
+        lo, hi = np.minimum(a[ok], b[ok]), np.maximum(a[ok], b[ok])
+        pairs = np.unique(lo.astype(np.int64) * m + hi)
+        stats["not_examined_beyond_neighbours"] += m * (m - 1) // 2 - len(pairs)
+        ia_all.append(idx[pairs // m])
+        ib_all.append(idx[pairs % m])
+    if not ia_all:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(ia_all), np.concatenate(ib_all)
+
+
 def build_expression_pairs(
     faces: pa.Table, descriptors: pa.Table, config: PairConfig = PairConfig()
 ) -> ExpressionResult:
@@ -161,51 +201,56 @@ def build_expression_pairs(
     }
     cands = []
     n = len(rows)
+    stats["not_examined_beyond_neighbours"] = 0
     if n >= 2:
         P = np.stack([r["probs"] for r in rows])
         G = np.stack([r["geo"] for r in rows])
         E = np.stack([r["emb"] for r in rows])
         top = np.array([r["top"] for r in rows])
-        ia, ib = np.triu_indices(n, 1)
-        stats["candidate_pairs"] = len(ia)
-        same_class = top[ia] == top[ib]
-        stats["rejected_different_expression_class"] = int((~same_class).sum())
-        ia, ib = ia[same_class], ib[same_class]
+        yaw = np.array([r["yaw"] for r in rows])
+        pitch = np.array([r["pitch"] for r in rows])
+        stats["candidate_pairs"] = n * (n - 1) // 2
+        class_sizes = np.bincount(top, minlength=len(EMOTIONS))
+        stats["rejected_different_expression_class"] = int(stats["candidate_pairs"] - (class_sizes * (class_sizes - 1) // 2).sum())
+        ia, ib = _neighbour_pairs(P, G, top, config, stats)
         sim = expression_similarity(
             P[ia], G[ia], P[ib], G[ib], w_probs=config.w_probs, scales=GEOMETRY_SCALES
         )
         idcos = (E[ia] * E[ib]).sum(1)
-        yaw = np.array([r["yaw"] for r in rows])
-        pitch = np.array([r["pitch"] for r in rows])
         dyaw, dpitch = np.abs(yaw[ia] - yaw[ib]), np.abs(pitch[ia] - pitch[ib])
-        for t, (a, b) in enumerate(zip(ia.tolist(), ib.tolist())):
+        ident = [r["ident"] for r in rows]
+        img = [r["key"][0] for r in rows]
+        # the rules in the order of the module docstring; each pair is counted under the first that fails
+        alive = np.ones(len(ia), bool)
+
+        def reject(mask, name):
+            nonlocal alive
+            hit = alive & mask
+            stats[name] += int(hit.sum())
+            alive &= ~hit
+
+        reject(sim < config.min_expression_sim, "rejected_low_expression_similarity")
+        reject(np.array([ident[a] is not None and ident[a] == ident[b] for a, b in zip(ia.tolist(), ib.tolist())], bool),
+               "rejected_same_identity_id")
+        reject(idcos > config.max_identity_cos, "rejected_identity_too_similar")
+        pose_bad = np.zeros(len(ia), bool)
+        no_pose = np.zeros(len(ia), bool)
+        if config.max_yaw_diff is not None:
+            pose_bad |= dyaw > config.max_yaw_diff
+            no_pose |= ~np.isfinite(dyaw)
+        if config.max_pitch_diff is not None:
+            pose_bad |= dpitch > config.max_pitch_diff
+            no_pose |= ~np.isfinite(dpitch)
+        reject(pose_bad, "rejected_pose")
+        stats["pose_rule_skipped_no_pose"] += int((alive & no_pose).sum())  # counted, not rejected
+        if not config.allow_same_image:
+            reject(np.array([img[a] == img[b] for a, b in zip(ia.tolist(), ib.tolist())], bool), "rejected_same_image")
+        for t in np.nonzero(alive)[0].tolist():
+            a, b = int(ia[t]), int(ib[t])
             ra, rb = rows[a], rows[b]
-            # the rules in the order of the module docstring; the first failing one is counted
-            if sim[t] < config.min_expression_sim:
-                stats["rejected_low_expression_similarity"] += 1
-                continue
-            if ra["ident"] is not None and rb["ident"] is not None and ra["ident"] == rb["ident"]:
-                stats["rejected_same_identity_id"] += 1
-                continue
-            if idcos[t] > config.max_identity_cos:
-                stats["rejected_identity_too_similar"] += 1
-                continue
-            if (config.max_yaw_diff is not None and dyaw[t] > config.max_yaw_diff) or (
-                config.max_pitch_diff is not None and dpitch[t] > config.max_pitch_diff
-            ):
-                stats["rejected_pose"] += 1
-                continue
-            if (config.max_yaw_diff is not None and not np.isfinite(dyaw[t])) or (
-                config.max_pitch_diff is not None and not np.isfinite(dpitch[t])
-            ):
-                stats["pose_rule_skipped_no_pose"] += 1  # counted, not rejected: the faces table has no pose
-            if not config.allow_same_image and ra["key"][0] == rb["key"][0]:
-                stats["rejected_same_image"] += 1
-                continue
             ka, kb = sorted([ra["key"], rb["key"]], key=lambda k: (k[0], k[1]))
             if ka != ra["key"]:
                 a, b = b, a
-                ra, rb = rb, ra
             pid = stable_key("expr-pair", ka[0], ka[1], kb[0], kb[1])
             cands.append((float(sim[t]), pid, a, b, float(idcos[t]), float(dyaw[t]), float(dpitch[t])))
     stats["accepted_before_cap"] = len(cands)
