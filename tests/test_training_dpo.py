@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from training import common, data, synthetic
+from training import data, models, synthetic, text
 from training.dpo import DPOConfig, DPOTrainer, dpo_loss
 
-UNET = dict(common.TINY_UNET_CONFIG, block_out_channels=[16, 32], cross_attention_dim=16, sample_size=8)
+UNET = dict(models.TINY_UNET_CONFIG, block_out_channels=[16, 32], cross_attention_dim=16, sample_size=8)
 RES = 16
 
 
@@ -34,10 +34,10 @@ def pref_dirs(tmp_path_factory):
 
 def make_trainer(manifest=None, **kw) -> DPOTrainer:
     cfg = DPOConfig(**{"beta": 2500, "learning_rate": 1e-3, "lora_rank": 4, "vae_latent": "mean", **kw})
-    unet = common.build_unet({"config": UNET})
-    vae = common.build_vae({"tiny": True})
-    te = common.build_text_encoder({"type": "hash", "max_length": 8}, UNET["cross_attention_dim"])
-    return DPOTrainer(unet, vae, common.build_scheduler(), te, cfg, device="cpu", manifest=manifest)
+    unet = models.build_unet({"config": UNET})
+    vae = models.build_vae({"tiny": True})
+    te = text.build_text_encoder({"type": "hash", "max_length": 8}, UNET["cross_attention_dim"])
+    return DPOTrainer(unet, vae, models.build_scheduler(), te, cfg, device="cpu", manifest=manifest)
 
 
 def stream_for(d, **kw):
@@ -149,8 +149,8 @@ def test_exported_lora_loads_with_diffusers(pref_dirs, tmp_path):
     with torch.no_grad():
         want = tr.unet(x, torch.tensor([10]), emb).sample
 
-    fresh_unet = common.build_unet({"config": UNET})
-    pipe = _tiny_pipeline(fresh_unet, common.build_vae({"tiny": True}), tmp_path)
+    fresh_unet = models.build_unet({"config": UNET})
+    pipe = _tiny_pipeline(fresh_unet, models.build_vae({"tiny": True}), tmp_path)
     with torch.no_grad():
         plain = pipe.unet(x, torch.tensor([10]), emb).sample
     pipe.load_lora_weights(str(tmp_path / "lora"))

@@ -61,6 +61,7 @@ def read_manifest(dataset_dir: str | Path) -> dict:
     return m
 
 
+
 def shard_paths(dataset_dir: str | Path, manifest: Mapping | None = None, verify: bool = False) -> list[str]:
     """Paths of the manifest's shards (in manifest order); ``verify`` checks size and sha256."""
     dataset_dir = Path(dataset_dir)

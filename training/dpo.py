@@ -35,8 +35,6 @@ fingerprint, config, metrics).
 from __future__ import annotations
 
 import json
-import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -47,9 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import common
-
-log = logging.getLogger("lineup.training.dpo")
+from training import checkpoints, distributed, precision, rng
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -109,16 +105,16 @@ class DiffusionTrainerBase:
 
     def __init__(self, unet, vae, scheduler, text_encoder: nn.Module, cfg, device=None, manifest=None):
         self.cfg = cfg
-        self.device = common.pick_device(device)
-        self.manifest = common.manifest_info(manifest)
-        self.wdtype = common.weight_dtype(self.device, cfg.mixed_precision)
+        self.device = precision.pick_device(device)
+        self.manifest = checkpoints.manifest_info(manifest)
+        self.wdtype = precision.weight_dtype(self.device, cfg.mixed_precision)
         self.unet, self.vae, self.scheduler, self.text_encoder = unet, vae, scheduler, text_encoder
         self.unet.requires_grad_(False)
         self.vae.requires_grad_(False).eval()
         self.unet.to(self.device, dtype=self.wdtype)
         self.vae.to(self.device, dtype=self.wdtype)
         self.text_encoder.to(self.device)
-        self.rank, self.world = common.dist_info()
+        self.rank, self.world = distributed.dist_info()
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step = 0
         self.history: list[dict] = []
@@ -188,13 +184,13 @@ class DiffusionTrainerBase:
         """One optimizer step over ``gradient_accumulation_steps`` batches."""
         t0 = time.perf_counter()
         # noise/timesteps of this step depend only on (seed, rank, step): exact resume, distinct ranks
-        self.generator.manual_seed(common.step_seed(self.cfg.seed, self.rank, self.step))
+        self.generator.manual_seed(rng.step_seed(self.cfg.seed, self.rank, self.step))
         self.optimizer.zero_grad(set_to_none=True)
         acc = self.cfg.gradient_accumulation_steps
         sums: dict[str, float] = {}
         for _ in range(acc):
             batch = next(batches)
-            with common.autocast(self.device, self.cfg.mixed_precision):
+            with precision.autocast(self.device, self.cfg.mixed_precision):
                 loss, metrics = self.compute_loss(batch)
             (loss / acc).backward()
             for k, v in metrics.items():
@@ -203,7 +199,7 @@ class DiffusionTrainerBase:
                 else:
                     sums[k] = v
         params = self.trainable_parameters()
-        common.allreduce_grads(params)
+        distributed.allreduce_grads(params)
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm) if self.cfg.max_grad_norm \
             else torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         self.optimizer.step()
@@ -232,9 +228,9 @@ class DiffusionTrainerBase:
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self, ckpt_dir: str | Path, stream=None) -> Path | None:
         """Rank 0 writes; every rank's data position is recorded (``data_positions[rank]``)."""
-        positions = common.gather_objects(dict(getattr(stream, "position", {}) or {}))
+        positions = distributed.gather_objects(dict(getattr(stream, "position", {}) or {}))
         if self.rank != 0:
-            common.barrier()
+            distributed.barrier()
             return None
         state = {
             "step": self.step,
@@ -245,15 +241,15 @@ class DiffusionTrainerBase:
             "lr_sched": self.lr_sched.state_dict(),
             "history": self.history,
         }
-        path = common.save_checkpoint(Path(ckpt_dir), self.ckpt_module, self.optimizer, state, self.generator)
-        common.barrier()
+        path = checkpoints.save_checkpoint(Path(ckpt_dir), self.ckpt_module, self.optimizer, state, self.generator)
+        distributed.barrier()
         return path
 
     def resume(self, ckpt: str | Path, stream=None, strict_data: bool = True) -> dict:
         """Load a checkpoint (adapter weights, optimizer, step, RNG, LR schedule) and put ``stream``
         back at the recorded data position. With ``strict_data`` a checkpoint trained on a different
         dataset version (manifest fingerprint) is refused."""
-        state = common.load_checkpoint(Path(ckpt), self.ckpt_module, self.optimizer, self.generator)
+        state = checkpoints.load_checkpoint(Path(ckpt), self.ckpt_module, self.optimizer, self.generator)
         fp_ck, fp_now = state["manifest"].get("config_fingerprint"), self.manifest.get("config_fingerprint")
         if strict_data and fp_ck != fp_now:
             raise ValueError(f"checkpoint was trained on dataset fingerprint {fp_ck}, this data is {fp_now}")
@@ -311,7 +307,7 @@ class DPOTrainer(DiffusionTrainerBase):
         g = torch.Generator(device=self.device).manual_seed(seed)
         n, acc, margin, loss = 0, 0.0, 0.0, 0.0
         for batch in batches:
-            with common.autocast(self.device, self.cfg.mixed_precision):
+            with precision.autocast(self.device, self.cfg.mixed_precision):
                 ml, rl = self.per_sample_losses(batch, g)
             _, m = dpo_loss(ml, rl, self.cfg.beta)
             b = batch["pixels_w"].shape[0]
@@ -348,13 +344,6 @@ class DPOTrainer(DiffusionTrainerBase):
                      "target_modules": LORA_TARGETS},
             **dict(extra_meta or {}),
         }
-        common.atomic_write_text(out_dir / "training_meta.json", json.dumps(meta, indent=2, default=str))
+        checkpoints.atomic_write_text(out_dir / "training_meta.json", json.dumps(meta, indent=2, default=str))
         return out_dir / "pytorch_lora_weights.safetensors"
 
-
-def lora_parameter_names(unet) -> list[str]:
-    return [n for n, p in unet.named_parameters() if "lora_" in n]
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import common
+from training import checkpoints
 from training.dpo import DiffusionTrainerBase
 
 log = logging.getLogger("lineup.training.identity")
@@ -485,10 +485,10 @@ class IdentityTrainer(DiffusionTrainerBase):
         face-embedder status, dataset manifest, training config)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        common.save_trainable(self.adapter, out / "id_adapter.safetensors",
+        checkpoints.save_trainable(self.adapter, out / "id_adapter.safetensors",
                               {"dataset_fingerprint": self.manifest.get("config_fingerprint")})
         meta = {"kind": "identity-adapter", "step": self.step, "adapter": self.adapter.config(),
                 "face_embedder": self.embedder_info, "dataset": self.manifest,
                 "config": json.loads(json.dumps(asdict(self.cfg), default=str)), **dict(extra_meta or {})}
-        common.atomic_write_text(out / "id_adapter.json", json.dumps(meta, indent=2, default=str))
+        checkpoints.atomic_write_text(out / "id_adapter.json", json.dumps(meta, indent=2, default=str))
         return out / "id_adapter.safetensors"

@@ -151,6 +151,30 @@ def json_value(v: Any) -> dict:
     return {"raw_value": v, "type": "json"}
 
 
+
+def loss_curve_png(history: list[dict], path: Path, keys=("loss",)) -> Path | None:
+    """A PNG of the training curves (matplotlib, Agg); None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for k in keys:
+        xs = [h["step"] for h in history if k in h]
+        ys = [h[k] for h in history if k in h]
+        if xs:
+            ax.plot(xs, ys, label=k)
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
 def curve_metadata(png: Path | None) -> dict:
     if png is None or not Path(png).exists():
         return {}

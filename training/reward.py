@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -36,9 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import common
-
-log = logging.getLogger("lineup.training.reward")
+from training import checkpoints, precision
 
 FORMAT = "lineup-reward-v1"
 
@@ -165,9 +162,9 @@ def triplet_loss(anchor, pos, neg, margin: float = 0.3) -> tuple[torch.Tensor, d
 class RewardTrainer:
     def __init__(self, model: RewardModel, cfg: RewardConfig, device=None, manifest=None):
         self.cfg = cfg
-        self.device = common.pick_device(device)
+        self.device = precision.pick_device(device)
         self.model = model.to(self.device)
-        self.manifest = common.manifest_info(manifest)
+        self.manifest = checkpoints.manifest_info(manifest)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("nothing to train: unfreeze at least one vision or text block")
@@ -179,7 +176,7 @@ class RewardTrainer:
         t0 = time.perf_counter()
         batch = next(batches)
         self.model.train()
-        with common.autocast(self.device, self.cfg.mixed_precision):
+        with precision.autocast(self.device, self.cfg.mixed_precision):
             a = self.model.encode_text(batch["caption"])
             B = batch["pixels_w"].shape[0]
             img = self.model.encode_image(torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(self.device))
@@ -200,7 +197,7 @@ class RewardTrainer:
         n = correct = 0
         margin = 0.0
         for b in batches:
-            with common.autocast(self.device, self.cfg.mixed_precision):
+            with precision.autocast(self.device, self.cfg.mixed_precision):
                 sw = self.model.score(b["pixels_w"].to(self.device), b["caption"])
                 sl = self.model.score(b["pixels_l"].to(self.device), b["caption"])
             correct += int((sw >= sl).sum())
@@ -222,10 +219,10 @@ class RewardTrainer:
     def save_checkpoint(self, ckpt_dir, stream=None) -> Path:
         state = {"step": self.step, "data_position": dict(getattr(stream, "position", {}) or {}),
                  "manifest": self.manifest, "history": self.history}
-        return common.save_checkpoint(Path(ckpt_dir), self.model, self.optimizer, state)
+        return checkpoints.save_checkpoint(Path(ckpt_dir), self.model, self.optimizer, state)
 
     def resume(self, ckpt, stream=None) -> dict:
-        st = common.load_checkpoint(Path(ckpt), self.model, self.optimizer)
+        st = checkpoints.load_checkpoint(Path(ckpt), self.model, self.optimizer)
         self.step, self.history = int(st["step"]), list(st.get("history") or [])
         if stream is not None and st.get("data_position") and hasattr(stream, "restore"):
             stream.restore(st["data_position"])
@@ -251,10 +248,10 @@ def save_reward_model(model: RewardModel, out_dir: str | Path, manifest: Mapping
         "unfreeze_vision_blocks": cfg.unfreeze_vision_blocks, "unfreeze_text_blocks": cfg.unfreeze_text_blocks,
         "image_size": model.image_size, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
         "margin": cfg.margin, "weights": "full" if full else "trainable", "score": "cosine(image, prompt)",
-        "dataset": common.manifest_info(manifest), "metrics": dict(metrics or {}),
+        "dataset": checkpoints.manifest_info(manifest), "metrics": dict(metrics or {}),
         "train_config": asdict(cfg),
     }
-    common.atomic_write_text(out / "reward_config.json", json.dumps(conf, indent=2, default=str))
+    checkpoints.atomic_write_text(out / "reward_config.json", json.dumps(conf, indent=2, default=str))
     return out
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (e.g. by a Pipes subprocess client)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import common, data, pipes
+from training import checkpoints, data, distributed, models, pipes, rng
 
 
 def eval_batches(cfg: dict, loader_cfg: data.LoaderConfig) -> list[dict]:
@@ -46,25 +46,25 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
     from training.dpo import DPOConfig, DPOTrainer
 
     t0 = time.time()
-    dev = common.init_distributed_from_env()  # torchrun: one process per GPU
+    dev = distributed.init_distributed_from_env()  # torchrun: one process per GPU
     if dev:
         cfg = {**cfg, "device": dev}
-    rank, _ = common.dist_info()
+    rank, _ = distributed.dist_info()
     if rank != 0:
         rep = pipes.Quiet()
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     lcfg = data.LoaderConfig.from_dict({**cfg.get("loader", {}), "family": "preference"})
     tcfg = DPOConfig.from_dict(cfg.get("train"))
-    common.seed_everything(tcfg.seed)
+    rng.seed_everything(tcfg.seed)
     stream = data.BatchStream(cfg["data"], lcfg)
     rep.info(f"dataset {stream.manifest.get('dataset')} version {stream.manifest.get('version')} "
              f"fingerprint {stream.manifest.get('config_fingerprint')}: {stream.manifest['num_samples']} samples")
-    unet, vae, sched, te = common.build_diffusion(cfg.get("model") or {})
+    unet, vae, sched, te = models.build_diffusion(cfg.get("model") or {})
     trainer = DPOTrainer(unet, vae, sched, te, tcfg, device=cfg.get("device"), manifest=stream.manifest)
     ckpts = out / "checkpoints"
     resume = cfg.get("resume", "auto")
-    ck = common.latest_checkpoint(ckpts) if resume == "auto" else (Path(resume) if resume else None)
+    ck = checkpoints.latest_checkpoint(ckpts) if resume == "auto" else (Path(resume) if resume else None)
     if ck is not None:
         trainer.resume(ck, stream)
         rep.info(f"resumed from {ck} at step {trainer.step}")
@@ -80,7 +80,7 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
     if rank != 0:
         return {}
     after = trainer.evaluate(evb) if evb else {}
-    png = common.loss_curve_png(trainer.history, out / "loss_curve.png", keys=("dpo_loss", "implicit_acc"))
+    png = pipes.loss_curve_png(trainer.history, out / "loss_curve.png", keys=("dpo_loss", "implicit_acc"))
     last = trainer.history[-10:]
     summary = {
         "steps": trainer.step,
@@ -92,7 +92,7 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
         "duration_s": time.time() - t0,
     }
     lora = trainer.export_lora(out / "lora", {"metrics": summary})
-    common.atomic_write_text(out / "metrics.json", json.dumps({"summary": summary, "history": trainer.history},
+    checkpoints.atomic_write_text(out / "metrics.json", json.dumps({"summary": summary, "history": trainer.history},
                                                               default=str))
     md = {
         **pipes.dataset_metadata(stream.manifest),

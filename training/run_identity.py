@@ -25,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import common, data, pipes
+from training import checkpoints, data, distributed, models, pipes, rng
 
 
 def run(cfg: dict, rep: pipes.Reporter) -> dict:
@@ -33,17 +33,17 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
     from training.iresnet import load_face_embedder
 
     t0 = time.time()
-    dev = common.init_distributed_from_env()  # torchrun: one process per GPU
+    dev = distributed.init_distributed_from_env()  # torchrun: one process per GPU
     if dev:
         cfg = {**cfg, "device": dev}
-    rank, _ = common.dist_info()
+    rank, _ = distributed.dist_info()
     if rank != 0:
         rep = pipes.Quiet()
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     lcfg = data.LoaderConfig.from_dict({**cfg.get("loader", {}), "family": "identity"})
     tcfg = IdentityConfig.from_dict(cfg.get("train"))
-    common.seed_everything(tcfg.seed)
+    rng.seed_everything(tcfg.seed)
     stream = data.BatchStream(cfg["data"], lcfg)
     rep.info(f"dataset {stream.manifest.get('dataset')} version {stream.manifest.get('version')} "
              f"fingerprint {stream.manifest.get('config_fingerprint')}")
@@ -52,12 +52,12 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
                                         int(fe.get("num_features", tcfg.emb_dim)), fe.get("widths"), fe.get("layers"))
     if embedder is None:
         rep.warning(info["reason"])
-    unet, vae, sched, te = common.build_diffusion(cfg.get("model") or {})
+    unet, vae, sched, te = models.build_diffusion(cfg.get("model") or {})
     trainer = IdentityTrainer(unet, vae, sched, te, tcfg, embedder, info, device=cfg.get("device"),
                               manifest=stream.manifest)
     ckpts = out / "checkpoints"
     resume = cfg.get("resume", "auto")
-    ck = common.latest_checkpoint(ckpts) if resume == "auto" else (Path(resume) if resume else None)
+    ck = checkpoints.latest_checkpoint(ckpts) if resume == "auto" else (Path(resume) if resume else None)
     if ck is not None:
         trainer.resume(ck, stream)
         rep.info(f"resumed from {ck} at step {trainer.step}")
@@ -70,7 +70,7 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
     trainer.save_checkpoint(ckpts, stream)
     if rank != 0:
         return {}
-    png = common.loss_curve_png(trainer.history, out / "loss_curve.png",
+    png = pipes.loss_curve_png(trainer.history, out / "loss_curve.png",
                                 keys=("loss", "diffusion_loss", "id_loss", "infonce"))
     last = trainer.history[-10:]
     keys = ("loss", "diffusion_loss", "id_loss", "infonce", "id_cos")
@@ -79,7 +79,7 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
     summary.update(steps=trainer.step, identity_terms=trainer.identity_terms, bank_size=len(trainer.bank),
                    bad_samples=stream.counter.errors, duration_s=time.time() - t0)
     path = trainer.export_adapter(out / "adapter", {"metrics": summary})
-    common.atomic_write_text(out / "metrics.json", json.dumps({"summary": summary, "history": trainer.history},
+    checkpoints.atomic_write_text(out / "metrics.json", json.dumps({"summary": summary, "history": trainer.history},
                                                               default=str))
     md = {
         **pipes.dataset_metadata(stream.manifest),

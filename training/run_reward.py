@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import common, data, pipes
+from training import checkpoints, data, pipes, rng
 
 
 def run(cfg: dict, rep: pipes.Reporter) -> dict:
@@ -34,7 +34,7 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     rcfg = RewardConfig.from_dict(cfg.get("train"))
-    common.seed_everything(rcfg.seed)
+    rng.seed_everything(rcfg.seed)
     clip, tok = build_clip(rcfg.model_name, rcfg.model_cfg, rcfg.pretrained)
     if rcfg.pretrained is None:
         rep.warning("reward model backbone has random weights (no 'pretrained' file): scores are not meaningful")
@@ -45,7 +45,7 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
     trainer = RewardTrainer(model, rcfg, device=cfg.get("device"), manifest=stream.manifest)
     ckpts = out / "checkpoints"
     resume = cfg.get("resume", "auto")
-    ck = common.latest_checkpoint(ckpts) if resume == "auto" else (Path(resume) if resume else None)
+    ck = checkpoints.latest_checkpoint(ckpts) if resume == "auto" else (Path(resume) if resume else None)
     if ck is not None:
         trainer.resume(ck, stream)
         rep.info(f"resumed from {ck} at step {trainer.step}")
@@ -65,11 +65,11 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
 
     trainer.train(stream, rcfg.max_steps, on_log, ckpts)
     after = trainer.evaluate(evb) if evb else {}
-    png = common.loss_curve_png(trainer.history, out / "loss_curve.png", keys=("triplet_loss", "batch_pair_acc"))
+    png = pipes.loss_curve_png(trainer.history, out / "loss_curve.png", keys=("triplet_loss", "batch_pair_acc"))
     summary = {"steps": trainer.step, "final_triplet_loss": trainer.history[-1]["triplet_loss"],
                **{f"{k}_before": v for k, v in before.items()}, **after, "duration_s": time.time() - t0}
     path = save_reward_model(model, out / "reward_model", stream.manifest, summary)
-    common.atomic_write_text(out / "metrics.json", json.dumps({"summary": summary, "history": trainer.history}))
+    checkpoints.atomic_write_text(out / "metrics.json", json.dumps({"summary": summary, "history": trainer.history}))
     md = {
         **pipes.dataset_metadata(stream.manifest),
         "backbone": rcfg.model_name, "pretrained": str(rcfg.pretrained), **pipes.numeric(summary),
