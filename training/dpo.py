@@ -37,15 +37,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from training import checkpoints, distributed, precision, rng
+from training.config import Options
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -72,7 +73,9 @@ def dpo_loss(model_losses: torch.Tensor, ref_losses: torch.Tensor, beta: float) 
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(Options):
+    options_name: ClassVar[str] = "DPO"
+
     beta: float = 2500.0  # = beta_dpo of the reference scripts (the 1/2 is applied inside)
     learning_rate: float = 1e-4
     adam_weight_decay: float = 1e-2
@@ -89,14 +92,6 @@ class DPOConfig:
     lr_warmup_steps: int = 0
     vae_latent: str = "sample"  # "sample" (as the reference scripts) | "mean" (posterior mode)
     extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> DPOConfig:
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown DPO options {sorted(unknown)}")
-        return cls(**d)
 
 
 class DiffusionTrainerBase:
@@ -237,7 +232,7 @@ class DiffusionTrainerBase:
             "data_position": positions[0],
             "data_positions": positions,
             "manifest": self.manifest,
-            "config": json.loads(json.dumps(asdict(self.cfg), default=str)),
+            "config": self.cfg.to_dict(),
             "lr_sched": self.lr_sched.state_dict(),
             "history": self.history,
         }
@@ -339,7 +334,7 @@ class DPOTrainer(DiffusionTrainerBase):
             "kind": "diffusion-dpo-lora",
             "step": self.step,
             "dataset": self.manifest,
-            "config": json.loads(json.dumps(asdict(self.cfg), default=str)),
+            "config": self.cfg.to_dict(),
             "lora": {"rank": self.cfg.lora_rank, "alpha": self.cfg.lora_alpha or self.cfg.lora_rank,
                      "target_modules": LORA_TARGETS},
             **dict(extra_meta or {}),

@@ -26,9 +26,9 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import checkpoints
+from training.config import Options
 from training.dpo import DiffusionTrainerBase
 
 log = logging.getLogger("lineup.training.identity")
@@ -301,7 +302,9 @@ class IDAdapter(nn.Module):
 
 
 @dataclass
-class IdentityConfig:
+class IdentityConfig(Options):
+    options_name: ClassVar[str] = "identity"
+
     learning_rate: float = 1e-4
     adam_weight_decay: float = 1e-2
     max_steps: int = 1000
@@ -331,14 +334,6 @@ class IdentityConfig:
     ref_source: str = "auto"
     gt_source: str = "embedder"  # "embedder" (same space as g, recommended) | "json"
     extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> IdentityConfig:
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown identity options {sorted(unknown)}")
-        return cls(**d)
 
 
 class IdentityTrainer(DiffusionTrainerBase):
@@ -489,6 +484,6 @@ class IdentityTrainer(DiffusionTrainerBase):
                               {"dataset_fingerprint": self.manifest.get("config_fingerprint")})
         meta = {"kind": "identity-adapter", "step": self.step, "adapter": self.adapter.config(),
                 "face_embedder": self.embedder_info, "dataset": self.manifest,
-                "config": json.loads(json.dumps(asdict(self.cfg), default=str)), **dict(extra_meta or {})}
+                "config": self.cfg.to_dict(), **dict(extra_meta or {})}
         checkpoints.atomic_write_text(out / "id_adapter.json", json.dumps(meta, indent=2, default=str))
         return out / "id_adapter.safetensors"

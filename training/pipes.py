@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import copy
 import json
 import logging
 import sys
@@ -22,35 +21,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from training.config import apply_overrides, deep_merge
+
 log = logging.getLogger("lineup.training")
-
-
-def deep_merge(base: Mapping, over: Mapping) -> dict:
-    out = copy.deepcopy(dict(base))
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def apply_overrides(cfg: dict, sets: list[str]) -> dict:
-    """``a.b.c=value`` (value parsed as JSON when it parses, else a string)."""
-    for s in sets or []:
-        key, _, raw = s.partition("=")
-        if not key or not _:
-            raise ValueError(f"--set expects key=value, got {s!r}")
-        try:
-            val = json.loads(raw)
-        except json.JSONDecodeError:
-            val = raw
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = val
-    return cfg
 
 
 class Reporter:

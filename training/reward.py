@@ -27,21 +27,24 @@ import json
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from training import checkpoints, precision
+from training.config import Options
 
 FORMAT = "lineup-reward-v1"
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(Options):
+    options_name: ClassVar[str] = "reward"
+
     model_name: str = "ViT-H-14"
     model_cfg: dict | None = None  # an open_clip model config (tests: a tiny one)
     pretrained: str | None = None  # local weights file; never a hub tag
@@ -57,14 +60,6 @@ class RewardConfig:
     log_every: int = 10
     eval_every: int = 0
     checkpoint_every: int = 0
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> RewardConfig:
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown reward options {sorted(unknown)}")
-        return cls(**d)
 
 
 def _sha256(path: str) -> str:
@@ -249,7 +244,7 @@ def save_reward_model(model: RewardModel, out_dir: str | Path, manifest: Mapping
         "image_size": model.image_size, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
         "margin": cfg.margin, "weights": "full" if full else "trainable", "score": "cosine(image, prompt)",
         "dataset": checkpoints.manifest_info(manifest), "metrics": dict(metrics or {}),
-        "train_config": asdict(cfg),
+        "train_config": cfg.to_dict(),
     }
     checkpoints.atomic_write_text(out / "reward_config.json", json.dumps(conf, indent=2, default=str))
     return out

@@ -31,7 +31,7 @@ from training import checkpoints, data, distributed, models, pipes, rng
 def eval_batches(cfg: dict, loader_cfg: data.LoaderConfig) -> list[dict]:
     if not cfg.get("eval_data"):
         return []
-    ecfg = data.LoaderConfig.from_dict({**data.loader_config_dict(loader_cfg), "resampled": False,
+    ecfg = data.LoaderConfig.from_dict({**loader_cfg.to_dict(), "resampled": False,
                                         "num_workers": 0, "shuffle_buffer": 0, "epoch_batches": None})
     stream = data.build_pipeline(data.shard_paths(cfg["eval_data"]), ecfg)
     out = []

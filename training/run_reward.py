@@ -51,7 +51,7 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
         rep.info(f"resumed from {ck} at step {trainer.step}")
     evb = []
     if cfg.get("eval_data"):
-        ecfg = data.LoaderConfig.from_dict({**data.loader_config_dict(lcfg), "shuffle_buffer": 0,
+        ecfg = data.LoaderConfig.from_dict({**lcfg.to_dict(), "shuffle_buffer": 0,
                                             "resampled": False, "num_workers": 0, "epoch_batches": None})
         for b in data.build_pipeline(data.shard_paths(cfg["eval_data"]), ecfg):
             evb.append(b)
