@@ -37,7 +37,7 @@ from torch import nn
 
 from training import checkpoints
 from training.config import Options
-from training.dpo import DiffusionTrainerBase
+from training.diffusion import DiffusionTrainerBase
 
 log = logging.getLogger("lineup.training.identity")
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 
 from training import checkpoints, precision
 from training.config import Options
+from training.loop import TrainerBase
 
 FORMAT = "lineup-reward-v1"
 
@@ -55,10 +55,11 @@ class RewardConfig(Options):
     weight_decay: float = 1e-2
     max_steps: int = 1000
     max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    lr_warmup_steps: int = 0
     mixed_precision: str = "bf16"
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 0
     checkpoint_every: int = 0
 
 
@@ -154,36 +155,22 @@ def triplet_loss(anchor, pos, neg, margin: float = 0.3) -> tuple[torch.Tensor, d
                   "d_pos": dp.mean().item(), "d_neg": dn.mean().item()}
 
 
-class RewardTrainer:
+class RewardTrainer(TrainerBase):
     def __init__(self, model: RewardModel, cfg: RewardConfig, device=None, manifest=None):
-        self.cfg = cfg
-        self.device = precision.pick_device(device)
-        self.model = model.to(self.device)
-        self.manifest = checkpoints.manifest_info(manifest)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if not self.params:
+        self._setup_loop(cfg, device, manifest)
+        self.model = model.to(self.device).train()
+        if not self.trainable_parameters():
             raise ValueError("nothing to train: unfreeze at least one vision or text block")
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.step = 0
-        self.history: list[dict] = []
+        self._setup_optimizer(cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps)
 
-    def train_step(self, batches) -> dict:
-        t0 = time.perf_counter()
-        batch = next(batches)
-        self.model.train()
-        with precision.autocast(self.device, self.cfg.mixed_precision):
-            a = self.model.encode_text(batch["caption"])
-            B = batch["pixels_w"].shape[0]
-            img = self.model.encode_image(torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(self.device))
-            loss, m = triplet_loss(a, img[:B], img[B:], self.cfg.margin)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.step += 1
-        m.update(step=self.step, loss=m["triplet_loss"], grad_norm=float(gn), step_time_s=time.perf_counter() - t0)
-        self.history.append(m)
-        return m
+    def trainable_module(self) -> nn.Module:
+        return self.model
+
+    def compute_loss(self, batch: Mapping, generator=None) -> tuple[torch.Tensor, dict]:
+        a = self.model.encode_text(batch["caption"])
+        B = batch["pixels_w"].shape[0]
+        img = self.model.encode_image(torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(self.device))
+        return triplet_loss(a, img[:B], img[B:], self.cfg.margin)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Mapping]) -> dict:
@@ -191,37 +178,17 @@ class RewardTrainer:
         self.model.eval()
         n = correct = 0
         margin = 0.0
-        for b in batches:
-            with precision.autocast(self.device, self.cfg.mixed_precision):
-                sw = self.model.score(b["pixels_w"].to(self.device), b["caption"])
-                sl = self.model.score(b["pixels_l"].to(self.device), b["caption"])
-            correct += int((sw >= sl).sum())
-            margin += float((sw - sl).sum())
-            n += sw.shape[0]
+        try:
+            for b in batches:
+                with precision.autocast(self.device, self.cfg.mixed_precision):
+                    sw = self.model.score(b["pixels_w"].to(self.device), b["caption"])
+                    sl = self.model.score(b["pixels_l"].to(self.device), b["caption"])
+                correct += int((sw >= sl).sum())
+                margin += float((sw - sl).sum())
+                n += sw.shape[0]
+        finally:
+            self.model.train()
         return {"pairwise_acc": correct / max(n, 1), "score_margin": margin / max(n, 1), "eval_pairs": n}
-
-    def train(self, stream, max_steps=None, on_log=None, ckpt_dir=None) -> list[dict]:
-        it = iter(stream)
-        max_steps = max_steps or self.cfg.max_steps
-        while self.step < max_steps:
-            m = self.train_step(it)
-            if on_log and (self.step % self.cfg.log_every == 0 or self.step == max_steps):
-                on_log(m)
-            if ckpt_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                self.save_checkpoint(ckpt_dir, stream)
-        return self.history
-
-    def save_checkpoint(self, ckpt_dir, stream=None) -> Path:
-        state = {"step": self.step, "data_position": dict(getattr(stream, "position", {}) or {}),
-                 "manifest": self.manifest, "history": self.history}
-        return checkpoints.save_checkpoint(Path(ckpt_dir), self.model, self.optimizer, state)
-
-    def resume(self, ckpt, stream=None) -> dict:
-        st = checkpoints.load_checkpoint(Path(ckpt), self.model, self.optimizer)
-        self.step, self.history = int(st["step"]), list(st.get("history") or [])
-        if stream is not None and st.get("data_position") and hasattr(stream, "restore"):
-            stream.restore(st["data_position"])
-        return st
 
 
 def save_reward_model(model: RewardModel, out_dir: str | Path, manifest: Mapping | None = None,

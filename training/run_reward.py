@@ -63,7 +63,7 @@ def run(cfg: dict, rep: pipes.Reporter) -> dict:
         rep.info(f"step {m['step']}/{rcfg.max_steps} triplet {m['triplet_loss']:.4f} "
                  f"batch acc {m['batch_pair_acc']:.3f}")
 
-    trainer.train(stream, rcfg.max_steps, on_log, ckpts)
+    trainer.train(stream, rcfg.max_steps, ckpts, on_log)
     after = trainer.evaluate(evb) if evb else {}
     png = pipes.loss_curve_png(trainer.history, out / "loss_curve.png", keys=("triplet_loss", "batch_pair_acc"))
     summary = {"steps": trainer.step, "final_triplet_loss": trainer.history[-1]["triplet_loss"],
