@@ -3,6 +3,7 @@ output file of a run goes through."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -92,3 +93,12 @@ def manifest_info(manifest: Mapping | None) -> dict:
         "config_fingerprint": m.get("config_fingerprint"),
         "num_samples": m.get("num_samples"),
     }
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a weights file, read in 1 MiB chunks (records which base weights a run used)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

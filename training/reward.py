@@ -22,7 +22,6 @@ Checkpoint format (``save_reward_model`` / ``load_reward_model``), a folder with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -62,13 +61,6 @@ class RewardConfig(Options):
     log_every: int = 10
     checkpoint_every: int = 0
 
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_clip(model_name: str, model_cfg: Mapping | None = None, pretrained: str | None = None):
@@ -206,7 +198,7 @@ def save_reward_model(model: RewardModel, out_dir: str | Path, manifest: Mapping
     save_file({k: v.detach().float().cpu().contiguous() for k, v in sd.items()}, str(out / "reward_model.safetensors"))
     conf = {
         "format": FORMAT, "model_name": cfg.model_name, "model_cfg": cfg.model_cfg, "pretrained": cfg.pretrained,
-        "pretrained_sha256": _sha256(cfg.pretrained) if cfg.pretrained else None,
+        "pretrained_sha256": checkpoints.file_sha256(cfg.pretrained) if cfg.pretrained else None,
         "unfreeze_vision_blocks": cfg.unfreeze_vision_blocks, "unfreeze_text_blocks": cfg.unfreeze_text_blocks,
         "image_size": model.image_size, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
         "margin": cfg.margin, "weights": "full" if full else "trainable", "score": "cosine(image, prompt)",
