@@ -33,7 +33,7 @@ def pref_dirs(tmp_path_factory):
 
 
 def make_trainer(manifest=None, **kw) -> DPOTrainer:
-    cfg = DPOConfig(**{"beta": 2500, "learning_rate": 1e-3, "lora_rank": 4, "vae_latent": "mean", **kw})
+    cfg = DPOConfig(**{"beta_dpo": 2500, "learning_rate": 1e-3, "lora_rank": 4, "vae_latent": "mean", **kw})
     unet = models.build_unet({"config": UNET})
     vae = models.build_vae({"tiny": True})
     te = text.build_text_encoder({"type": "hash", "max_length": 8}, UNET["cross_attention_dim"])
@@ -44,16 +44,25 @@ def stream_for(d, **kw):
     return data.BatchStream(d, data.LoaderConfig(**{"resolution": RES, "batch_size": 8, "shuffle_buffer": 16, **kw}))
 
 
-def test_dpo_loss_matches_hand_computation():
-    beta = 2500.0
-    model = torch.tensor([0.10, 0.30, 0.20, 0.10])  # [w0, w1, l0, l1]
-    ref = torch.tensor([0.12, 0.25, 0.18, 0.12])
-    loss, m = dpo_loss(model, ref, beta)
-    inside = [-beta / 2 * ((0.10 - 0.20) - (0.12 - 0.18)), -beta / 2 * ((0.30 - 0.10) - (0.25 - 0.12))]
-    expect = sum(-math.log(1 / (1 + math.exp(-x))) for x in inside) / 2
-    assert loss.item() == pytest.approx(expect, rel=1e-5)
-    assert m["implicit_acc"] == pytest.approx(0.5)  # first pair: model_diff < ref_diff; second: not
-    assert m["reward_margin"] == pytest.approx(sum(inside) / 2, rel=1e-5)
+def test_dpo_loss_is_the_diffusers_formula_on_a_hand_computed_case():
+    """-logsigmoid(beta_dpo * (ref_diff - model_diff)) with beta_dpo 2500, as the current diffusers
+    example computes it; a tie (ref_diff == model_diff) counts half in the implicit accuracy."""
+    beta_dpo = 2500.0
+    # pairs: winner losses then loser losses; model_diff = (0, 0, -0.25), ref_diff = (0.0004, -0.0002, -0.25)
+    model = torch.tensor([0.5, 0.25, 0.125, 0.5, 0.25, 0.375])
+    ref = torch.tensor([0.5004, 0.25, 0.125, 0.5, 0.2502, 0.375])
+    loss, m = dpo_loss(model, ref, beta_dpo)
+    logits = [2500 * 0.0004, 2500 * -0.0002, 0.0]  # beta_dpo * (ref_diff - model_diff) = (1, -0.5, 0)
+    expect = sum(math.log1p(math.exp(-x)) for x in logits) / 3  # -log sigmoid(x) = log(1 + e^-x)
+    assert loss.item() == pytest.approx(expect, rel=1e-4)
+    assert loss.item() == pytest.approx((0.31326169 + 0.97407698 + 0.69314718) / 3, rel=1e-4)
+    assert m["implicit_acc"] == pytest.approx((1 + 0 + 0.5) / 3)  # win, loss, tie (half)
+    assert m["reward_margin"] == pytest.approx(sum(logits) / 3, rel=1e-3)
+
+
+def test_old_beta_option_is_refused_by_name():
+    with pytest.raises(ValueError, match="beta_dpo"):
+        DPOConfig.from_dict({"beta": 5000})
 
 
 def test_dpo_learns_toy_preference_and_only_lora_trains(pref_dirs):
@@ -62,7 +71,8 @@ def test_dpo_learns_toy_preference_and_only_lora_trains(pref_dirs):
     tr = make_trainer(stream.manifest)
     evb = [next(stream_for(held, batch_size=64, shuffle_buffer=0))] * 2
     before = tr.evaluate(evb)
-    assert before["eval_implicit_acc"] == 0.0  # LoRA B=0 at init: model == reference
+    # LoRA B=0 at init: model == reference, every pair a tie, which counts half
+    assert before["eval_implicit_acc"] == 0.5 and before["eval_pairs"] == 128
 
     base = {n: p.detach().clone() for n, p in tr.unet.named_parameters() if "lora_" not in n}
     tr.train_step(stream)

@@ -1,25 +1,30 @@
 """Diffusion-DPO with a LoRA on a diffusers UNet2DConditionModel.
 
-Loss (Wallace et al. 2023, as implemented in SalesforceAIResearch/DiffusionDPO ``train.py`` and
-diffusers' ``examples/research_projects/diffusion_dpo``)::
+Loss (Wallace et al. 2023), exactly as the current diffusers example computes it
+(``examples/research_projects/diffusion_dpo/train_diffusion_dpo.py``, huggingface/diffusers at
+commit 071190da: ``logits = ref_diff - model_diff``, ``loss = -F.logsigmoid(args.beta_dpo *
+logits).mean()``, ``--beta_dpo`` default 2500)::
 
     L_w, L_l         = per-sample MSE(eps_theta(x_t, t, c), target) of winner / loser (mean over C,H,W)
     L_w_ref, L_l_ref = the same with the reference model (here: the same UNet, LoRA disabled)
-    inside           = -beta/2 * ((L_w - L_l) - (L_w_ref - L_l_ref))
-    loss             = -log sigmoid(inside), averaged over the batch
+    model_diff       = L_w - L_l;   ref_diff = L_w_ref - L_l_ref
+    loss             = -log sigmoid(beta_dpo * (ref_diff - model_diff)), averaged over the batch
 
-**Beta convention.** ``DPOConfig.beta`` is exactly ``--beta_dpo`` of both reference scripts: they
-write ``scale_term = -0.5 * args.beta_dpo``, i.e. the 1/2 is applied inside, as here. Published
-values: 5000 (Diffusion-DPO, SD1.5 and SDXL full fine-tunes), 2500 (diffusers' LoRA script
-default). The paper's beta*T*omega(lambda_t) is folded into this one constant.
+**Beta convention.** ``DPOConfig.beta_dpo`` is the *effective* scale inside the sigmoid, as in
+that example. The paper writes the loss with beta/2 (its beta*T*omega(lambda_t) folded into one
+constant), so beta_dpo 2500 (our default) is the paper's beta 5000 (SD1.5 / SDXL). Older
+versions of both reference scripts multiplied by 0.5 * beta_dpo; this code did too, and trained
+with half the intended strength. The option was renamed from ``beta`` so that an old config
+cannot silently double its strength.
 
 The step loop, multi-GPU all-reduce, checkpoints and resume are ``training/loop.py``'s; latents,
 noise and targets ``training/diffusion.py``'s.
 
 Winner and loser share the noise and the timestep (the batch is [winners; losers] with the noise
-and t repeated). Logged: ``implicit_acc`` = fraction of pairs with model_diff < ref_diff (inside >
-0), ``reward_margin`` = mean of ``inside`` (implicit reward of winner minus loser), the raw model /
-reference MSE.
+and t repeated). Logged: ``implicit_acc`` = fraction of pairs with model_diff < ref_diff, ties
+(model_diff == ref_diff) counting half as in the diffusers example, so a fresh LoRA (B = 0: the
+model is the reference) reads 0.5; ``reward_margin`` = mean of beta_dpo * (ref_diff - model_diff)
+(implicit reward of winner minus loser); the raw model / reference MSE.
 
 The LoRA is a peft adapter added with ``unet.add_adapter`` on ``to_q/to_k/to_v/to_out.0``; the
 reference pass runs under ``unet.disable_adapters()``. Output: ``pytorch_lora_weights.safetensors``
@@ -35,7 +40,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,23 +48,24 @@ import torch.nn.functional as F
 from training import checkpoints, precision
 from training.config import Options
 from training.diffusion import DiffusionTrainerBase
+from training.metrics import pairwise_accuracy
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
-def dpo_loss(model_losses: torch.Tensor, ref_losses: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+def dpo_loss(model_losses: torch.Tensor, ref_losses: torch.Tensor, beta_dpo: float) -> tuple[torch.Tensor, dict]:
     """``model_losses``/``ref_losses``: per-sample MSE of [winners; losers] (shape [2B]).
-    Returns the mean DPO loss and detached metrics."""
+    Returns the mean DPO loss and detached metrics (see the module docstring)."""
     lw, ll = model_losses.float().chunk(2)
     rw, rl = ref_losses.float().chunk(2)
     model_diff = lw - ll
     ref_diff = rw - rl
-    inside = -0.5 * beta * (model_diff - ref_diff)
-    loss = -F.logsigmoid(inside).mean()
+    logits = beta_dpo * (ref_diff - model_diff)
+    loss = -F.logsigmoid(logits).mean()
     metrics = {
         "dpo_loss": loss.item(),
-        "implicit_acc": (inside > 0).float().mean().item(),
-        "reward_margin": inside.mean().item(),
+        "implicit_acc": pairwise_accuracy(logits),
+        "reward_margin": logits.mean().item(),
         "model_mse": model_losses.mean().item(),
         "ref_mse": ref_losses.mean().item(),
         "model_diff": model_diff.mean().item(),
@@ -72,7 +78,7 @@ def dpo_loss(model_losses: torch.Tensor, ref_losses: torch.Tensor, beta: float) 
 class DPOConfig(Options):
     options_name: ClassVar[str] = "DPO"
 
-    beta: float = 2500.0  # = beta_dpo of the reference scripts (the 1/2 is applied inside)
+    beta_dpo: float = 2500.0  # effective scale inside the sigmoid (diffusers' --beta_dpo; paper beta 5000)
     learning_rate: float = 1e-4
     adam_weight_decay: float = 1e-2
     lora_rank: int = 8
@@ -88,6 +94,13 @@ class DPOConfig(Options):
     lr_warmup_steps: int = 0
     vae_latent: str = "sample"  # "sample" (as the reference scripts) | "mean" (posterior mode)
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> DPOConfig:
+        if d and "beta" in d:
+            raise ValueError("DPO option 'beta' is now 'beta_dpo', the effective scale inside the sigmoid (diffusers' "
+                             "convention): an old 'beta: B' trained like 'beta_dpo: B/2'; the paper's 5000 is 2500")
+        return super().from_dict(d)
 
 
 class DPOTrainer(DiffusionTrainerBase):
@@ -125,25 +138,27 @@ class DPOTrainer(DiffusionTrainerBase):
 
     def compute_loss(self, batch: Mapping, generator=None) -> tuple[torch.Tensor, dict]:
         model_losses, ref_losses = self.per_sample_losses(batch, generator or self.generator)
-        return dpo_loss(model_losses, ref_losses, self.cfg.beta)
+        return dpo_loss(model_losses, ref_losses, self.cfg.beta_dpo)
 
     @torch.no_grad()
     def evaluate(self, batches, seed: int = 1234) -> dict:
-        """Implicit accuracy / reward margin on held-out batches, with its own fixed noise (does not
-        touch the training RNG)."""
+        """Implicit accuracy (ties half) / reward margin on held-out batches, with its own fixed noise
+        (does not touch the training RNG)."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         n, acc, margin, loss = 0, 0.0, 0.0, 0.0
         for batch in batches:
             with precision.autocast(self.device, self.cfg.mixed_precision):
                 ml, rl = self.per_sample_losses(batch, g)
-            _, m = dpo_loss(ml, rl, self.cfg.beta)
+            _, m = dpo_loss(ml, rl, self.cfg.beta_dpo)
             b = batch["pixels_w"].shape[0]
             n += b
             acc += m["implicit_acc"] * b
             margin += m["reward_margin"] * b
             loss += m["dpo_loss"] * b
-        return {"eval_implicit_acc": acc / max(n, 1), "eval_reward_margin": margin / max(n, 1),
-                "eval_dpo_loss": loss / max(n, 1), "eval_pairs": n}
+        if n == 0:  # an empty held-out split has no accuracy, not 0 or 1
+            return {"eval_pairs": 0}
+        return {"eval_implicit_acc": acc / n, "eval_reward_margin": margin / n, "eval_dpo_loss": loss / n,
+                "eval_pairs": n}
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         from diffusers.utils import convert_state_dict_to_diffusers

@@ -5,8 +5,8 @@ blocks are fine-tuned with a triplet loss on preference pairs.
     d(x, y) = 1 - cos(x, y);  loss = max(0, d(a, p) - d(a, n) + margin), margin 0.3
     score(image, prompt) = cos(image embedding, prompt embedding)
 
-Evaluated by pairwise accuracy on held-out pairs: a pair is correct when score(winner) >=
-score(loser) (ties count as correct).
+Evaluated by pairwise accuracy on held-out pairs: a pair counts 1 when score(winner) > score(loser)
+and half when the scores tie, so a collapsed scorer (one score for every image) reads 0.5.
 
 Checkpoint format (``save_reward_model`` / ``load_reward_model``), a folder with
 - ``reward_config.json``: {"format": "lineup-reward-v1", "model_name", "model_cfg" (open_clip
@@ -36,6 +36,7 @@ from torch import nn
 from training import checkpoints, precision
 from training.config import Options
 from training.loop import TrainerBase
+from training.metrics import pairwise_accuracy, pairwise_wins
 
 FORMAT = "lineup-reward-v1"
 
@@ -143,7 +144,7 @@ def triplet_loss(anchor, pos, neg, margin: float = 0.3) -> tuple[torch.Tensor, d
     dp = 1 - (anchor * pos).sum(-1)
     dn = 1 - (anchor * neg).sum(-1)
     loss = F.relu(dp - dn + margin).mean()
-    return loss, {"triplet_loss": loss.item(), "batch_pair_acc": (dn >= dp).float().mean().item(),
+    return loss, {"triplet_loss": loss.item(), "batch_pair_acc": pairwise_accuracy(dn - dp),
                   "d_pos": dp.mean().item(), "d_neg": dn.mean().item()}
 
 
@@ -166,21 +167,24 @@ class RewardTrainer(TrainerBase):
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Mapping]) -> dict:
-        """Pairwise accuracy (ties count as correct) and mean score margin."""
+        """Pairwise accuracy (ties count half) and mean score margin; an empty input reports only
+        ``eval_pairs: 0``."""
         self.model.eval()
-        n = correct = 0
-        margin = 0.0
+        n = 0
+        wins = margin = 0.0
         try:
             for b in batches:
                 with precision.autocast(self.device, self.cfg.mixed_precision):
                     sw = self.model.score(b["pixels_w"].to(self.device), b["caption"])
                     sl = self.model.score(b["pixels_l"].to(self.device), b["caption"])
-                correct += int((sw >= sl).sum())
+                wins += pairwise_wins(sw - sl)
                 margin += float((sw - sl).sum())
                 n += sw.shape[0]
         finally:
             self.model.train()
-        return {"pairwise_acc": correct / max(n, 1), "score_margin": margin / max(n, 1), "eval_pairs": n}
+        if n == 0:
+            return {"eval_pairs": 0}
+        return {"pairwise_acc": wins / n, "score_margin": margin / n, "eval_pairs": n}
 
 
 def save_reward_model(model: RewardModel, out_dir: str | Path, manifest: Mapping | None = None,

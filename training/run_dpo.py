@@ -6,7 +6,7 @@ Config (JSON): the runner's keys (see training/runner.py) plus::
 
     "model": {"pretrained": "<local diffusers SD folder>"} | {"unet": {...}, "vae": {...},
               "text_encoder": {"type": "hash"|"clip", ...}} | {"tiny": true},
-    "train": {DPOConfig fields: beta, learning_rate, lora_rank, max_steps, ...}
+    "train": {DPOConfig fields: beta_dpo, learning_rate, lora_rank, max_steps, ...}
 
 Writes ``output_dir/lora/pytorch_lora_weights.safetensors`` (+ training_meta.json),
 ``output_dir/checkpoints/checkpoint-*``, ``output_dir/loss_curve.png`` and ``output_dir/metrics.json``.
@@ -46,7 +46,7 @@ class DPORun(runner.TrainerRun):
         return trainer.export_lora(out / "lora", {"metrics": summary})
 
     def metadata(self, trainer: DPOTrainer) -> dict:
-        return {"beta": self.tcfg.beta, "lora_rank": self.tcfg.lora_rank, "device": str(trainer.device)}
+        return {"beta_dpo": self.tcfg.beta_dpo, "lora_rank": self.tcfg.lora_rank, "device": str(trainer.device)}
 
 
 def main(argv=None) -> int:
