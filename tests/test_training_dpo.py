@@ -168,3 +168,41 @@ def test_exported_lora_loads_with_diffusers(pref_dirs, tmp_path):
         got = pipe.unet(x, torch.tensor([10]), emb).sample
     assert not torch.allclose(plain, want)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_with_alpha_unlike_rank_loads_at_its_scale(tmp_path):
+    """The exported file carries its adapter config: a rank-4 LoRA with lora_alpha 16 (scale 4) loads
+    into a fresh diffusers pipeline and reproduces the trainer's UNet; the same weights without the
+    metadata load at scale 1 and do not."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from safetensors import safe_open
+
+    tr = make_trainer(lora_rank=4, lora_alpha=16)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a LoRA far from zero, so that its scale shows in the output
+        for n, p in tr.unet.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    path = tr.export_lora(tmp_path / "lora")
+    with safe_open(str(path), "pt") as f:
+        header = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert header["unet.r"] == 4 and header["unet.lora_alpha"] == 16
+
+    torch.manual_seed(0)
+    x, t, emb = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 8, 16)
+    with torch.no_grad():
+        want = tr.unet(x, t, emb).sample
+        plain = models.build_unet({"config": UNET})(x, t, emb).sample
+    pipe = _tiny_pipeline(models.build_unet({"config": UNET}), models.build_vae({"tiny": True}), tmp_path)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    with torch.no_grad():
+        got = pipe.unet(x, t, emb).sample
+    assert (want - plain).abs().max() > 1e-2  # the LoRA changes the output
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    # control: the same tensors saved without the adapter metadata load at lora_alpha = rank
+    StableDiffusionLoraLoaderMixin.save_lora_weights(str(tmp_path / "bare"), unet_lora_layers=tr.lora_state_dict())
+    bare = _tiny_pipeline(models.build_unet({"config": UNET}), models.build_vae({"tiny": True}), tmp_path)
+    bare.load_lora_weights(str(tmp_path / "bare"))
+    with torch.no_grad():
+        assert not torch.allclose(bare.unet(x, t, emb).sample, want, atol=1e-3)

@@ -30,7 +30,9 @@ The LoRA is a peft adapter added with ``unet.add_adapter`` on ``to_q/to_k/to_v/t
 reference pass runs under ``unet.disable_adapters()``. Output: ``pytorch_lora_weights.safetensors``
 in diffusers' format (``convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))`` saved
 by ``StableDiffusionLoraLoaderMixin.save_lora_weights``), loadable with
-``pipe.load_lora_weights(dir)``, plus ``training_meta.json`` (dataset manifest version and
+``pipe.load_lora_weights(dir)``, with the adapter config (rank, lora_alpha, target modules) in the
+file's ``lora_adapter_metadata`` header so that a LoRA with lora_alpha != rank loads at the right
+scale, plus ``training_meta.json`` (dataset manifest version and
 fingerprint, config, metrics).
 """
 
@@ -174,8 +176,11 @@ class DPOTrainer(DiffusionTrainerBase):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        # the adapter config (rank, lora_alpha, target modules) goes into the file's safetensors
+        # header, so that load_lora_weights applies lora_alpha / rank, not the rank it infers alone
         StableDiffusionLoraLoaderMixin.save_lora_weights(
-            save_directory=str(out_dir), unet_lora_layers=self.lora_state_dict(), safe_serialization=True
+            save_directory=str(out_dir), unet_lora_layers=self.lora_state_dict(), safe_serialization=True,
+            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
         )
         meta = {
             "kind": "diffusion-dpo-lora",
