@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from training import data, models, synthetic, text
+from training import data, models, precision, synthetic, text
 from training.dpo import DPOConfig, DPOTrainer, dpo_loss
 
 UNET = dict(models.TINY_UNET_CONFIG, block_out_channels=[16, 32], cross_attention_dim=16, sample_size=8)
@@ -206,3 +206,50 @@ def test_lora_with_alpha_unlike_rank_loads_at_its_scale(tmp_path):
     bare.load_lora_weights(str(tmp_path / "bare"))
     with torch.no_grad():
         assert not torch.allclose(bare.unet(x, t, emb).sample, want, atol=1e-3)
+
+
+def test_fp16_goes_through_a_grad_scaler():
+    """The rule: fp16 on CUDA is loss-scaled; bf16 (the default) and CPU runs are not; anything else
+    is refused."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert precision.needs_loss_scaling(cuda, "fp16")
+    assert not precision.needs_loss_scaling(cuda, "bf16") and not precision.needs_loss_scaling(cpu, "fp16")
+    assert DPOConfig().mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        make_trainer(mixed_precision="fp8")
+
+
+def test_loss_scaling_clips_true_gradients_and_skips_overflowing_steps(pref_dirs):
+    """What an fp16 run on CUDA goes through, exercised on CPU with an enabled scaler: the update and
+    the reported gradient norm equal the unscaled run's, and an overflowing step is skipped."""
+    train, _ = pref_dirs
+    plain, scaled = make_trainer(), make_trainer()
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    mp = plain.train_step(stream_for(train, batch_size=4))
+    ms = scaled.train_step(stream_for(train, batch_size=4))
+    assert ms["loss_scale"] == 2.0**12 and "loss_scale" not in mp
+    assert ms["grad_norm"] == pytest.approx(mp["grad_norm"], rel=1e-5)
+    for k, v in plain.lora_state_dict().items():
+        torch.testing.assert_close(scaled.lora_state_dict()[k], v, rtol=0, atol=1e-6)
+
+    over = make_trainer()
+    over.scaler = torch.amp.GradScaler("cpu", init_scale=3e38)  # scaled gradients overflow float32
+    before = over.lora_state_dict()
+    m = over.train_step(stream_for(train, batch_size=4))
+    assert over.scaler.get_scale() == pytest.approx(1.5e38)  # backed off
+    for k, v in over.lora_state_dict().items():
+        assert torch.equal(v, before[k]), k  # the step was skipped
+    assert not math.isfinite(m["grad_norm"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast needs CUDA")
+def test_fp16_on_cuda_trains_with_an_active_scaler(pref_dirs):
+    train, _ = pref_dirs
+    cfg = DPOConfig(beta_dpo=2500, learning_rate=1e-3, lora_rank=4, vae_latent="mean", mixed_precision="fp16")
+    tr = DPOTrainer(models.build_unet({"config": UNET}), models.build_vae({"tiny": True}), models.build_scheduler(),
+                    text.build_text_encoder({"type": "hash", "max_length": 8}, UNET["cross_attention_dim"]), cfg,
+                    device="cuda")
+    s = stream_for(train, batch_size=4)
+    ms = [tr.train_step(s) for _ in range(3)]
+    assert tr.scaler.is_enabled() and all(math.isfinite(m["dpo_loss"]) for m in ms)
+    assert all(p.dtype == torch.float32 for p in tr.trainable_parameters())

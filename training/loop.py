@@ -1,5 +1,5 @@
 """The training loop every trainer shares: the optimizer step (gradient accumulation, autocast,
-all-reduce over ranks, clipping), the step loop with logging and periodic checkpoints, and
+fp16 loss scaling, all-reduce over ranks, clipping), the step loop with logging and periodic checkpoints, and
 checkpoints with an exact resume.
 
 A trainer subclasses ``TrainerBase``, calls ``_setup_loop`` first, builds its trainable modules,
@@ -29,6 +29,7 @@ class TrainerBase:
     def _setup_loop(self, cfg, device=None, manifest=None) -> None:
         self.cfg = cfg
         self.device = precision.pick_device(device)
+        self.scaler = precision.grad_scaler(self.device, precision.check_mixed_precision(cfg.mixed_precision))
         self.manifest = checkpoints.manifest_info(manifest)
         self.rank, self.world = distributed.dist_info()
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
@@ -73,7 +74,7 @@ class TrainerBase:
             batch = next(batches)
             with precision.autocast(self.device, self.cfg.mixed_precision):
                 loss, metrics = self.compute_loss(batch)
-            (loss / acc).backward()
+            self.scaler.scale(loss / acc).backward()
             total += loss.item() / acc
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
@@ -81,14 +82,19 @@ class TrainerBase:
                 else:
                     sums[k] = v
         params = self.trainable_parameters()
+        # all-reduce first: an overflow on one rank then reaches every rank and all skip the step
         distributed.allreduce_grads(params)
+        self.scaler.unscale_(self.optimizer)  # clip and report the true gradients, not the scaled ones
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm) if self.cfg.max_grad_norm \
             else torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when the fp16 gradients overflowed
+        self.scaler.update()
         self.lr_sched.step()
         self.step += 1
         sums.update(step=self.step, loss=total, grad_norm=float(gnorm), lr=self.lr_sched.get_last_lr()[0],
                     step_time_s=time.perf_counter() - t0)
+        if self.scaler.is_enabled():
+            sums["loss_scale"] = self.scaler.get_scale()
         self.history.append(sums)
         return sums
 
@@ -120,6 +126,7 @@ class TrainerBase:
             "manifest": self.manifest,
             "config": self.cfg.to_dict(),
             "lr_sched": self.lr_sched.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),
             "history": self.history,
         }
         path = checkpoints.save_checkpoint(Path(ckpt_dir), self.ckpt_module, self.optimizer, state, self.generator)
@@ -136,6 +143,8 @@ class TrainerBase:
             raise ValueError(f"checkpoint was trained on dataset fingerprint {fp_ck}, this data is {fp_now}")
         self.step = int(state["step"])
         self.lr_sched.load_state_dict(state["lr_sched"])
+        if state.get("grad_scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.history = list(state.get("history") or [])
         positions = state.get("data_positions") or [state.get("data_position")]
         pos = positions[self.rank] if self.rank < len(positions) else None
