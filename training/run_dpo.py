@@ -31,6 +31,7 @@ class DPORun(runner.TrainerRun):
     curve_keys = ("dpo_loss", "implicit_acc")
     final_keys = ("dpo_loss", "implicit_acc", "reward_margin")
     output_key = "lora_path"
+    heldout_check = ("heldout_implicit_accuracy", "eval_implicit_acc")
 
     def build_models(self) -> None:
         self.parts = models.build_diffusion(self.cfg.get("model") or {})

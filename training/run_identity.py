@@ -10,8 +10,10 @@ Config (JSON): the runner's keys (see training/runner.py) plus::
                       "num_features": 512, "widths": null, "layers": null},
     "train": {IdentityConfig fields}
 
-Without face-embedder weights the run trains the adapter with the diffusion loss only and says so
-(log + ``identity_terms: false`` and the reason in the metadata).
+Without face-embedder weights a run on tiny or explicitly given test models trains the adapter with
+the diffusion loss only and says so (log + ``identity_terms: false`` and the reason in the
+metadata); a run on real diffusion weights (``model.pretrained``) is refused: its adapter would
+learn no identity.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class IdentityRun(runner.TrainerRun):
             fe.get("path"), fe.get("arch", "iresnet50"), int(fe.get("num_features", self.tcfg.emb_dim)),
             fe.get("widths"), fe.get("layers"))
         if self.embedder is None:
+            if (self.cfg.get("model") or {}).get("pretrained"):
+                # real diffusion weights without the identity loss would train an adapter that learns no
+                # identity, yet look like a real run
+                raise RuntimeError(f"refusing a real identity-adapter run without face-embedder weights: "
+                                   f"{self.embedder_info['reason']}")
             self.rep.warning(self.embedder_info["reason"])
         self.parts = models.build_diffusion(self.cfg.get("model") or {})
 

@@ -31,7 +31,7 @@ class RewardRun(runner.TrainerRun):
     curve_keys = ("triplet_loss", "batch_pair_acc")
     final_keys = ("triplet_loss", "batch_pair_acc")
     output_key = "reward_model_path"
-    default_eval_batches = 8
+    heldout_check = ("heldout_pairwise_accuracy", "pairwise_acc")
 
     def build_models(self) -> None:
         clip, tok = build_clip(self.tcfg.model_name, self.tcfg.model_cfg, self.tcfg.pretrained)
