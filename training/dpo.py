@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -95,7 +95,6 @@ class DPOConfig(Options):
     seed: int = 0
     lr_warmup_steps: int = 0
     vae_latent: str = "sample"  # "sample" (as the reference scripts) | "mean" (posterior mode)
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> DPOConfig:

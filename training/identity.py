@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -333,7 +333,6 @@ class IdentityConfig(Options):
     # where embeddings come from: "auto" = ref json embedding, else embedder(ref image), else GT json
     ref_source: str = "auto"
     gt_source: str = "embedder"  # "embedder" (same space as g, recommended) | "json"
-    extra: dict = field(default_factory=dict)
 
 
 class IdentityTrainer(DiffusionTrainerBase):
