@@ -123,6 +123,9 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
     )
     def _train(context: dg.AssetExecutionContext, lineup: LineupSettings,
                pipes_subprocess_client: dg.PipesSubprocessClient):
+        if dg.AssetKey(spec.name) not in context.selected_asset_keys:
+            context.log.warning(f"{spec.name}: only its checks were selected; they are reported by a training run")
+            return
         reason = skip_reason(spec, lineup)
         if reason:
             context.log.warning(f"{spec.name} skipped: {reason}")
