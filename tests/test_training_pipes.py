@@ -121,3 +121,61 @@ def test_run_dpo_under_dagster_pipes(dsets, tmp_path):
         "config_fingerprint"]
     assert Path(md["lora_path"].value).exists()
     assert "data:image/png;base64," in md["loss_curve"].value
+
+
+def _reports(out: str, kind: str) -> list[dict]:
+    return [json.loads(ln)[kind] for ln in out.splitlines() if ln.startswith(f'{{"{kind}"')]
+
+
+TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8,
+                                              "head_width": 16},
+             "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def test_dpo_run_ends_with_a_heldout_evaluation_and_its_check(dsets, tmp_path, capsys):
+    from training import run_dpo
+
+    cfg = dpo_config(dsets, tmp_path / "out")
+    cfg["eval_batches"] = None  # the whole held-out split
+    cfg["train"]["max_steps"] = 2
+    (tmp_path / "dpo.json").write_text(json.dumps(cfg))
+    assert run_dpo.main(["--config", str(tmp_path / "dpo.json")]) == 0
+    out = capsys.readouterr().out
+    md = _reports(out, "materialization")[-1]
+    # 8 held-out pairs: every one evaluated, before (a fresh LoRA: all ties, 0.5) and after training
+    assert md["eval_pairs"] == 8 and md["eval_implicit_acc_before"] == 0.5 and md["smoke_run"] is False
+    assert md["dataset_version"] == "pref" and "dataset_split" in md
+    (check,) = _reports(out, "check")
+    assert check["check_name"] == "heldout_implicit_accuracy" and check["severity"] == "ERROR"
+    assert check["passed"] == (md["eval_implicit_acc"] > 0.5)
+    assert check["metadata"]["heldout_pairs"] == 8
+
+
+def test_empty_heldout_split_is_reported_as_empty(dsets, tmp_path, capsys):
+    from training import run_reward
+
+    empty = synthetic.write_dataset(tmp_path / "empty_eval", "preference", [])
+    cfg = {"data": str(dsets["pref"]), "eval_data": str(empty), "smoke_run": True,
+           "train": {"model_name": "lineup-pipes-clip2", "model_cfg": TINY_CLIP, "unfreeze_vision_blocks": 1,
+                     "max_steps": 1}, "loader": {"batch_size": 4, "shuffle_buffer": 4},
+           "output_dir": str(tmp_path / "rw"), "device": "cpu"}
+    (tmp_path / "rw.json").write_text(json.dumps(cfg))
+    assert run_reward.main(["--config", str(tmp_path / "rw.json")]) == 0
+    out = capsys.readouterr().out
+    md = _reports(out, "materialization")[-1]
+    assert md["eval_pairs"] == 0 and md["heldout"].startswith("empty")
+    assert "pairwise_acc" not in md and "pairwise_acc_before" not in md  # not 0, not 1: absent
+    (check,) = _reports(out, "check")
+    assert check == {"check_name": "heldout_pairwise_accuracy", "passed": False, "severity": "WARN",
+                     "metadata": {"heldout_pairs": 0, "status": "empty held-out split: nothing was measured"}}
+
+
+def test_real_identity_run_without_face_embedder_is_refused(dsets, tmp_path):
+    from training import run_identity
+
+    cfg = {"data": str(dsets["id"]), "model": {"pretrained": str(tmp_path / "sd15")},
+           "face_embedder": None, "train": {"max_steps": 1}, "output_dir": str(tmp_path / "id"), "device": "cpu"}
+    (tmp_path / "id.json").write_text(json.dumps(cfg))
+    with pytest.raises(RuntimeError, match="refusing a real identity-adapter run without face-embedder weights"):
+        run_identity.main(["--config", str(tmp_path / "id.json")])
+    assert not (tmp_path / "id" / "adapter").exists()

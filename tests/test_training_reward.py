@@ -106,3 +106,29 @@ def test_trainable_only_checkpoint_over_local_base(dirs, tmp_path):
     again = load_reward_model(out)
     b = _held(held)[0]
     torch.testing.assert_close(again.score(b["pixels_l"], b["caption"]), model.score(b["pixels_l"], b["caption"]))
+
+
+def test_collapsed_scorer_reads_chance_not_perfect(dirs):
+    """Ties count half: a scorer that gives every image the same score cannot look accurate."""
+    _, held = dirs
+    cfg = RewardConfig(model_name="lineup-tiny-clip3", model_cfg=TINY, unfreeze_vision_blocks=1)
+    model = _model(cfg)
+    with torch.no_grad():
+        model.clip.visual.proj.zero_()  # every image embeds to the zero vector: score 0 for all
+    tr = RewardTrainer(model, cfg, device="cpu")
+    evb = _held(held)
+    sw = model.score(evb[0]["pixels_w"], evb[0]["caption"])
+    sl = model.score(evb[0]["pixels_l"], evb[0]["caption"])
+    assert torch.equal(sw, sl)  # the collapse is real: every pair is a tie
+    res = tr.evaluate(evb)
+    assert res["eval_pairs"] == 48 and res["pairwise_acc"] <= 0.5
+    # the triplet loss's batch accuracy counts a tie (winner and loser equally far) half too
+    a = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[0.6, 0.8]])
+    assert triplet_loss(a, p, p)[1]["batch_pair_acc"] == 0.5
+
+
+def test_empty_heldout_split_has_no_accuracy(dirs):
+    cfg = RewardConfig(model_name="lineup-tiny-clip4", model_cfg=TINY, unfreeze_vision_blocks=1)
+    tr = RewardTrainer(_model(cfg), cfg, device="cpu")
+    assert tr.evaluate([]) == {"eval_pairs": 0}  # reported as empty, not as 0 or 1

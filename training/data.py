@@ -30,14 +30,16 @@ import logging
 import math
 import random
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+
+from training.config import Options
 
 log = logging.getLogger("lineup.training.data")
 
@@ -59,6 +61,7 @@ def read_manifest(dataset_dir: str | Path) -> dict:
         if k not in m:
             raise ValueError(f"{p}: manifest lacks {k!r}")
     return m
+
 
 
 def shard_paths(dataset_dir: str | Path, manifest: Mapping | None = None, verify: bool = False) -> list[str]:
@@ -334,7 +337,9 @@ FAMILIES = {
 
 
 @dataclass
-class LoaderConfig:
+class LoaderConfig(Options):
+    options_name: ClassVar[str] = "loader"
+
     family: str = "preference"  # "preference" | "identity"
     resolution: int = 512
     ref_resolution: int = 112  # identity refs (ArcFace input size)
@@ -346,14 +351,6 @@ class LoaderConfig:
     resampled: bool = False  # True for multi-worker / multi-node training: endless, use epoch_batches
     epoch_batches: int | None = None  # batches per (pseudo-)epoch per rank; required when resampled
     verify_shards: bool = False
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> LoaderConfig:
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown loader options {sorted(unknown)}")
-        return cls(**d)
 
 
 class _Counter:
@@ -484,7 +481,3 @@ class BatchStream:
                 if not empty:
                     continue
         raise RuntimeError(f"{self.dataset_dir}: the loader yields no batches (all samples skipped?)")
-
-
-def loader_config_dict(cfg: LoaderConfig) -> dict:
-    return asdict(cfg)

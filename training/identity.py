@@ -26,17 +26,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import common
-from training.dpo import DiffusionTrainerBase
+from training import checkpoints
+from training.config import Options
+from training.diffusion import DiffusionTrainerBase
 
 log = logging.getLogger("lineup.training.identity")
 
@@ -301,7 +302,9 @@ class IDAdapter(nn.Module):
 
 
 @dataclass
-class IdentityConfig:
+class IdentityConfig(Options):
+    options_name: ClassVar[str] = "identity"
+
     learning_rate: float = 1e-4
     adam_weight_decay: float = 1e-2
     max_steps: int = 1000
@@ -330,15 +333,6 @@ class IdentityConfig:
     # where embeddings come from: "auto" = ref json embedding, else embedder(ref image), else GT json
     ref_source: str = "auto"
     gt_source: str = "embedder"  # "embedder" (same space as g, recommended) | "json"
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> IdentityConfig:
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown identity options {sorted(unknown)}")
-        return cls(**d)
 
 
 class IdentityTrainer(DiffusionTrainerBase):
@@ -485,10 +479,10 @@ class IdentityTrainer(DiffusionTrainerBase):
         face-embedder status, dataset manifest, training config)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        common.save_trainable(self.adapter, out / "id_adapter.safetensors",
+        checkpoints.save_trainable(self.adapter, out / "id_adapter.safetensors",
                               {"dataset_fingerprint": self.manifest.get("config_fingerprint")})
         meta = {"kind": "identity-adapter", "step": self.step, "adapter": self.adapter.config(),
                 "face_embedder": self.embedder_info, "dataset": self.manifest,
-                "config": json.loads(json.dumps(asdict(self.cfg), default=str)), **dict(extra_meta or {})}
-        common.atomic_write_text(out / "id_adapter.json", json.dumps(meta, indent=2, default=str))
+                "config": self.cfg.to_dict(), **dict(extra_meta or {})}
+        checkpoints.atomic_write_text(out / "id_adapter.json", json.dumps(meta, indent=2, default=str))
         return out / "id_adapter.safetensors"

@@ -11,11 +11,12 @@ against a random network.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from training import checkpoints
 
 ARCHS = {
     "iresnet18": [2, 2, 2, 2],
@@ -112,13 +113,6 @@ def build_iresnet(arch: str = "iresnet50", num_features: int = 512, widths=None,
     return IResNet(layers, num_features=num_features, widths=tuple(widths or (64, 128, 256, 512)))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def load_face_embedder(path: str | Path | None, arch: str = "iresnet50", num_features: int = 512,
                        widths=None, layers=None) -> tuple[IResNet | None, dict]:
@@ -143,5 +137,5 @@ def load_face_embedder(path: str | Path | None, arch: str = "iresnet50", num_fea
     model = build_iresnet(arch, num_features=num_features, widths=widths, layers=layers)
     model.load_state_dict(sd, strict=True)
     model.requires_grad_(False).eval()
-    info.update(status="loaded", sha256=_sha256(path))
+    info.update(status="loaded", sha256=checkpoints.file_sha256(path))
     return model, info

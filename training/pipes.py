@@ -1,12 +1,14 @@
-"""Shared plumbing of the run_* scripts: configuration, and reporting either to Dagster Pipes or to
-stdout.
+"""How a run talks to its launcher: the command line and config, and reporting either to Dagster
+Pipes or to stdout.
 
-A script runs standalone (``python -m training.run_dpo --config cfg.json --set train.max_steps=10``)
-or as a Dagster Pipes subprocess: when launched by Dagster, it
-opens ``open_dagster_pipes()`` (the check is ``PipesEnvVarParamsLoader().is_dagster_pipes_process()``), reads its configuration from the launcher's extras (``extras
-["config"]``: a dict, merged over ``--config`` if both are given; or ``extras["config_path"]``),
-logs progress with ``context.log`` and ends with ``context.report_asset_materialization(metadata=
-...)``. The loss curve goes into the metadata as a file path and as a markdown image (base64 PNG).
+A run works standalone (``python -m training.run_dpo --config cfg.json --set train.max_steps=10``)
+or as a Dagster Pipes subprocess. Launched by Dagster (``PipesEnvVarParamsLoader()
+.is_dagster_pipes_process()``), it opens ``open_dagster_pipes()``, reads its configuration from the
+launcher's extras (``extras["config"]``: a dict, merged over ``--config`` if both are given; or
+``extras["config_path"]``), logs progress with ``context.log``, reports one
+``report_asset_materialization(metadata=...)`` and its asset checks with ``report_asset_check``.
+Standalone, the same reports are JSON lines on stdout. The loss curve goes into the metadata as a
+file path and as a markdown image (base64 PNG).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import copy
 import json
 import logging
 import sys
@@ -22,35 +23,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from training.config import apply_overrides, deep_merge
+
 log = logging.getLogger("lineup.training")
-
-
-def deep_merge(base: Mapping, over: Mapping) -> dict:
-    out = copy.deepcopy(dict(base))
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def apply_overrides(cfg: dict, sets: list[str]) -> dict:
-    """``a.b.c=value`` (value parsed as JSON when it parses, else a string)."""
-    for s in sets or []:
-        key, _, raw = s.partition("=")
-        if not key or not _:
-            raise ValueError(f"--set expects key=value, got {s!r}")
-        try:
-            val = json.loads(raw)
-        except json.JSONDecodeError:
-            val = raw
-        node = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = val
-    return cfg
 
 
 class Reporter:
@@ -69,6 +44,10 @@ class Reporter:
     def materialize(self, metadata: Mapping[str, Any]) -> None:
         print(json.dumps({"materialization": _plain(metadata)}, default=str), flush=True)
 
+    def check(self, check_name: str, passed: bool, severity: str, metadata: Mapping[str, Any]) -> None:
+        print(json.dumps({"check": {"check_name": check_name, "passed": passed, "severity": severity,
+                                    "metadata": _plain(metadata)}}, default=str), flush=True)
+
 
 class Quiet(Reporter):
     """Ranks other than 0 of a multi-GPU run: no progress lines, no materialization."""
@@ -77,6 +56,9 @@ class Quiet(Reporter):
         log.debug(msg)
 
     def materialize(self, metadata: Mapping[str, Any]) -> None:
+        pass
+
+    def check(self, check_name: str, passed: bool, severity: str, metadata: Mapping[str, Any]) -> None:
         pass
 
 
@@ -94,6 +76,10 @@ class PipesReporter(Reporter):
 
     def materialize(self, metadata: Mapping[str, Any]) -> None:
         self.context.report_asset_materialization(metadata=dict(metadata))
+
+    def check(self, check_name: str, passed: bool, severity: str, metadata: Mapping[str, Any]) -> None:
+        self.context.report_asset_check(check_name=check_name, passed=passed, severity=severity,
+                                        metadata=dict(metadata))
 
 
 def _plain(md: Mapping[str, Any]) -> dict:
@@ -151,6 +137,30 @@ def json_value(v: Any) -> dict:
     return {"raw_value": v, "type": "json"}
 
 
+
+def loss_curve_png(history: list[dict], path: Path, keys=("loss",)) -> Path | None:
+    """A PNG of the training curves (matplotlib, Agg); None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for k in keys:
+        xs = [h["step"] for h in history if k in h]
+        ys = [h[k] for h in history if k in h]
+        if xs:
+            ax.plot(xs, ys, label=k)
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
 def curve_metadata(png: Path | None) -> dict:
     if png is None or not Path(png).exists():
         return {}
@@ -159,10 +169,11 @@ def curve_metadata(png: Path | None) -> dict:
 
 
 def dataset_metadata(manifest: Mapping[str, Any]) -> dict:
-    """Which dataset version a run trained on (every trainer reports it)."""
+    """Which dataset version (the manifest's content-hash id) and split a run trained on."""
     return {
         "dataset": manifest.get("dataset"),
         "dataset_version": manifest.get("version"),
+        "dataset_split": manifest.get("split"),
         "dataset_fingerprint": manifest.get("config_fingerprint"),
     }
 

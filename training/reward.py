@@ -5,8 +5,8 @@ blocks are fine-tuned with a triplet loss on preference pairs.
     d(x, y) = 1 - cos(x, y);  loss = max(0, d(a, p) - d(a, n) + margin), margin 0.3
     score(image, prompt) = cos(image embedding, prompt embedding)
 
-Evaluated by pairwise accuracy on held-out pairs: a pair is correct when score(winner) >=
-score(loser) (ties count as correct).
+Evaluated by pairwise accuracy on held-out pairs: a pair counts 1 when score(winner) > score(loser)
+and half when the scores tie, so a collapsed scorer (one score for every image) reads 0.5.
 
 Checkpoint format (``save_reward_model`` / ``load_reward_model``), a folder with
 - ``reward_config.json``: {"format": "lineup-reward-v1", "model_name", "model_cfg" (open_clip
@@ -22,29 +22,29 @@ Checkpoint format (``save_reward_model`` / ``load_reward_model``), a folder with
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import tempfile
-import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import common
-
-log = logging.getLogger("lineup.training.reward")
+from training import checkpoints, precision
+from training.config import Options
+from training.loop import TrainerBase
+from training.metrics import pairwise_accuracy, pairwise_wins
 
 FORMAT = "lineup-reward-v1"
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(Options):
+    options_name: ClassVar[str] = "reward"
+
     model_name: str = "ViT-H-14"
     model_cfg: dict | None = None  # an open_clip model config (tests: a tiny one)
     pretrained: str | None = None  # local weights file; never a hub tag
@@ -55,27 +55,13 @@ class RewardConfig:
     weight_decay: float = 1e-2
     max_steps: int = 1000
     max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    lr_warmup_steps: int = 0
     mixed_precision: str = "bf16"
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 0
     checkpoint_every: int = 0
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> RewardConfig:
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown reward options {sorted(unknown)}")
-        return cls(**d)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_clip(model_name: str, model_cfg: Mapping | None = None, pretrained: str | None = None):
@@ -158,78 +144,47 @@ def triplet_loss(anchor, pos, neg, margin: float = 0.3) -> tuple[torch.Tensor, d
     dp = 1 - (anchor * pos).sum(-1)
     dn = 1 - (anchor * neg).sum(-1)
     loss = F.relu(dp - dn + margin).mean()
-    return loss, {"triplet_loss": loss.item(), "batch_pair_acc": (dn >= dp).float().mean().item(),
+    return loss, {"triplet_loss": loss.item(), "batch_pair_acc": pairwise_accuracy(dn - dp),
                   "d_pos": dp.mean().item(), "d_neg": dn.mean().item()}
 
 
-class RewardTrainer:
+class RewardTrainer(TrainerBase):
     def __init__(self, model: RewardModel, cfg: RewardConfig, device=None, manifest=None):
-        self.cfg = cfg
-        self.device = common.pick_device(device)
-        self.model = model.to(self.device)
-        self.manifest = common.manifest_info(manifest)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if not self.params:
+        self._setup_loop(cfg, device, manifest)
+        self.model = model.to(self.device).train()
+        if not self.trainable_parameters():
             raise ValueError("nothing to train: unfreeze at least one vision or text block")
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.step = 0
-        self.history: list[dict] = []
+        self._setup_optimizer(cfg.learning_rate, cfg.weight_decay, cfg.lr_warmup_steps)
 
-    def train_step(self, batches) -> dict:
-        t0 = time.perf_counter()
-        batch = next(batches)
-        self.model.train()
-        with common.autocast(self.device, self.cfg.mixed_precision):
-            a = self.model.encode_text(batch["caption"])
-            B = batch["pixels_w"].shape[0]
-            img = self.model.encode_image(torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(self.device))
-            loss, m = triplet_loss(a, img[:B], img[B:], self.cfg.margin)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.step += 1
-        m.update(step=self.step, loss=m["triplet_loss"], grad_norm=float(gn), step_time_s=time.perf_counter() - t0)
-        self.history.append(m)
-        return m
+    def trainable_module(self) -> nn.Module:
+        return self.model
+
+    def compute_loss(self, batch: Mapping, generator=None) -> tuple[torch.Tensor, dict]:
+        a = self.model.encode_text(batch["caption"])
+        B = batch["pixels_w"].shape[0]
+        img = self.model.encode_image(torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(self.device))
+        return triplet_loss(a, img[:B], img[B:], self.cfg.margin)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Mapping]) -> dict:
-        """Pairwise accuracy (ties count as correct) and mean score margin."""
+        """Pairwise accuracy (ties count half) and mean score margin; an empty input reports only
+        ``eval_pairs: 0``."""
         self.model.eval()
-        n = correct = 0
-        margin = 0.0
-        for b in batches:
-            with common.autocast(self.device, self.cfg.mixed_precision):
-                sw = self.model.score(b["pixels_w"].to(self.device), b["caption"])
-                sl = self.model.score(b["pixels_l"].to(self.device), b["caption"])
-            correct += int((sw >= sl).sum())
-            margin += float((sw - sl).sum())
-            n += sw.shape[0]
-        return {"pairwise_acc": correct / max(n, 1), "score_margin": margin / max(n, 1), "eval_pairs": n}
-
-    def train(self, stream, max_steps=None, on_log=None, ckpt_dir=None) -> list[dict]:
-        it = iter(stream)
-        max_steps = max_steps or self.cfg.max_steps
-        while self.step < max_steps:
-            m = self.train_step(it)
-            if on_log and (self.step % self.cfg.log_every == 0 or self.step == max_steps):
-                on_log(m)
-            if ckpt_dir and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                self.save_checkpoint(ckpt_dir, stream)
-        return self.history
-
-    def save_checkpoint(self, ckpt_dir, stream=None) -> Path:
-        state = {"step": self.step, "data_position": dict(getattr(stream, "position", {}) or {}),
-                 "manifest": self.manifest, "history": self.history}
-        return common.save_checkpoint(Path(ckpt_dir), self.model, self.optimizer, state)
-
-    def resume(self, ckpt, stream=None) -> dict:
-        st = common.load_checkpoint(Path(ckpt), self.model, self.optimizer)
-        self.step, self.history = int(st["step"]), list(st.get("history") or [])
-        if stream is not None and st.get("data_position") and hasattr(stream, "restore"):
-            stream.restore(st["data_position"])
-        return st
+        n = 0
+        wins = margin = 0.0
+        try:
+            for b in batches:
+                with precision.autocast(self.device, self.cfg.mixed_precision):
+                    sw = self.model.score(b["pixels_w"].to(self.device), b["caption"])
+                    sl = self.model.score(b["pixels_l"].to(self.device), b["caption"])
+                wins += pairwise_wins(sw - sl)
+                margin += float((sw - sl).sum())
+                n += sw.shape[0]
+        finally:
+            self.model.train()
+        if n == 0:
+            return {"eval_pairs": 0}
+        return {"pairwise_acc": wins / n, "score_margin": margin / n, "eval_pairs": n}
 
 
 def save_reward_model(model: RewardModel, out_dir: str | Path, manifest: Mapping | None = None,
@@ -247,14 +202,14 @@ def save_reward_model(model: RewardModel, out_dir: str | Path, manifest: Mapping
     save_file({k: v.detach().float().cpu().contiguous() for k, v in sd.items()}, str(out / "reward_model.safetensors"))
     conf = {
         "format": FORMAT, "model_name": cfg.model_name, "model_cfg": cfg.model_cfg, "pretrained": cfg.pretrained,
-        "pretrained_sha256": _sha256(cfg.pretrained) if cfg.pretrained else None,
+        "pretrained_sha256": checkpoints.file_sha256(cfg.pretrained) if cfg.pretrained else None,
         "unfreeze_vision_blocks": cfg.unfreeze_vision_blocks, "unfreeze_text_blocks": cfg.unfreeze_text_blocks,
         "image_size": model.image_size, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
         "margin": cfg.margin, "weights": "full" if full else "trainable", "score": "cosine(image, prompt)",
-        "dataset": common.manifest_info(manifest), "metrics": dict(metrics or {}),
-        "train_config": asdict(cfg),
+        "dataset": checkpoints.manifest_info(manifest), "metrics": dict(metrics or {}),
+        "train_config": cfg.to_dict(),
     }
-    common.atomic_write_text(out / "reward_config.json", json.dumps(conf, indent=2, default=str))
+    checkpoints.atomic_write_text(out / "reward_config.json", json.dumps(conf, indent=2, default=str))
     return out
 
 

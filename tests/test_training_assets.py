@@ -1,0 +1,79 @@
+"""The trainer assets' decisions before any training starts: nothing to train is a skip (not a
+failure), a real identity run without ArcFace weights is refused, and the wiring (automation
+label, descriptions, checks) is complete. No trainer subprocess runs here."""
+
+import dagster as dg
+import pytest
+
+from assets.resources import LineupSettings
+from assets.training import ON_NEW_DATASET, dpo_lora, identity_adapter, social_reward_model
+from pipeline.config import Layout
+from pipeline.datasets import publish
+from training import synthetic
+
+TRAINERS = [dpo_lora, identity_adapter, social_reward_model]
+
+
+@pytest.fixture(autouse=True)
+def _no_weights_from_the_environment(monkeypatch):
+    for var in ("LINEUP_DIFFUSION_MODEL", "LINEUP_ARCFACE_WEIGHTS", "LINEUP_CLIP_WEIGHTS", "LINEUP_SMOKE_TRAINING"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _multiid_version(home, samples: int, version: str = "v-test") -> None:
+    root = home / "datasets" / "multiid" / version
+    for split, n in (("train", samples), ("eval", 0)):
+        synthetic.write_dataset(root / split, "multiid", synthetic.identity_samples(n, size=32, emb_dim=16))
+    publish(Layout(home), "multiid", version)
+
+
+def _materialize(settings: LineupSettings, asset=identity_adapter):
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([asset], instance=instance, raise_on_error=False,
+                            resources={"lineup": settings, "pipes_subprocess_client": dg.PipesSubprocessClient()})
+    logs = [e.user_message for e in instance.all_logs(result.run_id)]
+    return result, logs
+
+
+@pytest.mark.parametrize("case", ["no published version", "empty train split", "no base weights"])
+def test_nothing_to_train_is_a_skip_with_its_reason(tmp_path, case):
+    home = tmp_path / "home"
+    if case == "empty train split":  # e.g. a folder of single-person photos: nobody has a second photo
+        _multiid_version(home, samples=0)
+    if case == "no base weights":
+        _multiid_version(home, samples=4)
+    # smoke runs asked for except in the last case, so that only the case's own reason can skip
+    settings = LineupSettings(home=str(home), smoke_training=case != "no base weights")
+    result, logs = _materialize(settings)
+    assert result.success  # `make run` must not fail on this
+    assert result.get_asset_materialization_events() == []
+    expected = {"no published version": "no published version of dataset 'multiid' yet",
+                "empty train split": "the train split of dataset 'multiid' version v-test has no samples",
+                "no base weights": "no local base weights (LINEUP_DIFFUSION_MODEL"}[case]
+    assert any(m.startswith("identity_adapter skipped: ") and expected in m for m in logs), logs
+
+
+def test_real_identity_run_without_arcface_weights_is_refused(tmp_path):
+    home = tmp_path / "home"
+    _multiid_version(home, samples=4)
+    sd = tmp_path / "sd15"
+    sd.mkdir()  # "real diffusion weights": the refusal comes before anything is loaded
+    for arcface, said in (("", "none configured"), (str(tmp_path / "missing.pth"), "not found")):
+        result, _ = _materialize(LineupSettings(home=str(home), diffusion_model=str(sd), arcface_weights=arcface))
+        assert not result.success
+        (failure,) = [e for e in result.all_events if e.is_step_failure]
+        msg = failure.step_failure_data.error.message
+        assert "refuses to train on real diffusion weights without ArcFace weights" in msg and said in msg
+        assert result.get_asset_materialization_events() == []
+
+
+def test_trainer_wiring_is_labelled_and_described():
+    assert ON_NEW_DATASET.get_label() == "new dataset version whose blocking checks passed"
+    checks = {}
+    for a in TRAINERS:
+        (spec,) = a.specs
+        assert spec.automation_condition is ON_NEW_DATASET  # one name, one condition
+        assert spec.description and spec.skippable and spec.group_name == "training"
+        checks.update({c.key.name: c for c in a.check_specs})
+    assert set(checks) == {"heldout_implicit_accuracy", "heldout_pairwise_accuracy"}
+    assert all(c.description and not c.blocking for c in checks.values())
