@@ -26,10 +26,16 @@ from pipeline.config import REPO_ROOT
 from pipeline.datasets import latest_version
 from pipeline.shards import read_manifest
 
-# The trainers' automation condition, in one place: start when an upstream dataset has a new version
-# whose blocking checks passed.
+# The trainers' automation condition, in one place: start when an upstream dataset's data version (its
+# content id) changed and its blocking checks passed. A refresh that rebuilds the same content keeps
+# the data version, so it does not retrain.
 ON_NEW_DATASET = (
-    dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+    dg.AutomationCondition.any_deps_match(dg.AutomationCondition.data_version_changed())
+    .since_last_handled()
+    .with_label("dataset data version changed")
+    & dg.AutomationCondition.all_deps_blocking_checks_passed()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
 ).with_label("new dataset version whose blocking checks passed")
 
 SMOKE_RESOLUTION = 32
@@ -129,6 +135,7 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
         reason = skip_reason(spec, lineup)
         if reason:
             context.log.warning(f"{spec.name} skipped: {reason}")
+            yield dg.AssetObservation(asset_key=spec.name, metadata={"skipped_because": reason})
             return
         smoke = lineup.smoke_training
         if spec.preflight:
