@@ -11,7 +11,7 @@ quality) with the expression descriptors on (uid, face_index) and keeps a pair (
       whose faces carry no yaw/pitch passes and is counted in stats["pose_rule_skipped_no_pose"]);
     * not the same image unless allow_same_image.
 Each face takes part in at most ``max_pairs_per_face`` pairs, chosen greedily by descending
-expression similarity (ties broken by the pair key), so the output is deterministic.
+expression similarity (ties broken by the faces' keys), so the output is deterministic.
 
 Candidates come from a nearest-neighbour search, not from all pairs: within each expression class,
 every face's ``neighbours`` nearest faces in expression space (sqrt class probabilities and scaled
@@ -251,13 +251,12 @@ def build_expression_pairs(
             ka, kb = sorted([ra["key"], rb["key"]], key=lambda k: (k[0], k[1]))
             if ka != ra["key"]:
                 a, b = b, a
-            pid = stable_key("expr-pair", ka[0], ka[1], kb[0], kb[1])
-            cands.append((float(sim[t]), pid, a, b, float(idcos[t]), float(dyaw[t]), float(dpitch[t])))
+            cands.append((float(sim[t]), (ka, kb), a, b, float(idcos[t]), float(dyaw[t]), float(dpitch[t])))
     stats["accepted_before_cap"] = len(cands)
-    cands.sort(key=lambda c: (-c[0], c[1]))
+    cands.sort(key=lambda c: (-c[0], c[1]))  # ties broken by the faces' keys: deterministic
     used = np.zeros(n, int)
     out = []
-    for s, pid, a, b, ic, dy, dp in cands:
+    for s, (ka, kb), a, b, ic, dy, dp in cands:
         if used[a] >= config.max_pairs_per_face or used[b] >= config.max_pairs_per_face:
             continue
         used[a] += 1
@@ -265,7 +264,7 @@ def build_expression_pairs(
         ra, rb = rows[a], rows[b]
         out.append(
             {
-                "pair_id": pid,
+                "pair_id": stable_key("expr-pair", ka[0], ka[1], kb[0], kb[1]),
                 "expression": EMOTIONS[ra["top"]],
                 "uid_a": ra["key"][0],
                 "face_index_a": ra["key"][1],
