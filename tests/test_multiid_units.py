@@ -136,3 +136,30 @@ def test_identity_disjoint_splits(tmp_path):
     # deterministic and independent of row order
     again = select_references(images.take(list(range(images.num_rows))[::-1]), faces, identities, cfg)[0]
     assert again == samples
+
+
+def test_bounded_caches_and_candidate_cap_give_the_same_dataset(tmp_path):
+    """LRU caches a fraction of the collection's size recompute what they evict: same samples; the
+    per-person cap bounds the work and counts what it leaves out."""
+    from dataclasses import replace
+
+    from pipeline.multiid.build import LRU
+
+    images, faces, identities = _synthetic_tables(tmp_path)
+    cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2)
+    wide = select_references(images, faces, identities, cfg)
+    tight = select_references(images, faces, identities, replace(cfg, cache_images=3, cache_keypoints=4))
+    assert [s["key"] for s in tight[0]] == [s["key"] for s in wide[0]]
+    assert [r["ref_uid"] for r in tight[1]] == [r["ref_uid"] for r in wide[1]]
+    assert tight[3]["cache_evictions"]["keypoints"] > 0 and wide[3]["cache_evictions"]["keypoints"] == 0
+    capped = select_references(images, faces, identities, replace(cfg, max_candidates_per_person=2))
+    per_target_person = {}
+    for r in capped[2]:
+        per_target_person.setdefault((r["target_uid"], r["target_face_index"]), []).append(r)
+    assert max(len(v) for v in per_target_person.values()) <= 2
+    assert capped[3]["candidates_removed_by"]["not_examined_over_cap"] > 0
+    lru = LRU(2)
+    lru["a"], lru["b"] = 1, 2
+    _ = lru["a"]
+    lru["c"] = 3
+    assert list(lru) == ["a", "c"] and lru.evictions == 1

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,20 +143,47 @@ def theta(cos: float) -> float:
     return float(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
-class _Fingerprints:
-    """Lazily decodes each image once and caches its pHash, its faces' crop fingerprints and (for the
-    faces that can ever be compared, ``eligible(face)``) the keypoints of the regions around them."""
+class LRU(OrderedDict):
+    """A dict that keeps only its ``capacity`` most recently used entries (counts its evictions)."""
 
-    def __init__(self, read_bytes, faces_by_uid, eligible=None, keypoints: bool = True):
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = max(1, int(capacity))
+        self.evictions = 0
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.move_to_end(key)
+        return value
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+            self.evictions += 1
+
+
+class _Fingerprints:
+    """Decodes images on demand and caches, per image, its pHash and its faces' crop fingerprints
+    (~25 KB a face) and, per face that can ever be compared (``eligible(face)``), the keypoints of the
+    region around it (~0.6 MB a face). Both caches are LRU-bounded (``max_images``, ``max_keypoints``):
+    targets are visited in uid order and a person's candidates recur across their targets, so recent
+    entries are the useful ones; an evicted entry is recomputed (decode + SIFT, ~50 ms) when needed."""
+
+    def __init__(self, read_bytes, faces_by_uid, eligible=None, keypoints: bool = True,
+                 max_images: int = 20_000, max_keypoints: int = 2_000):
         self.read_bytes = read_bytes
         self.faces_by_uid = faces_by_uid
         self.eligible = eligible or (lambda f: True)
         self.keypoints = keypoints
-        self.cache: dict[str, tuple[np.ndarray, dict[int, dedup.FaceFingerprint]] | None] = {}
-        self.kps: dict[tuple[str, int], dedup.KeypointSet] = {}
+        self.cache: LRU = LRU(max_images)
+        self.kps: LRU = LRU(max_keypoints)
         self.errors: dict[str, str] = {}
 
     def get(self, uid: str):
+        if uid in self.errors:
+            return None
         if uid not in self.cache:
             try:
                 g = dedup.open_gray(self.read_bytes(uid))
@@ -168,8 +195,8 @@ class _Fingerprints:
                         if self.eligible(f):
                             self.kps[(uid, f.face_index)] = dedup.face_keypoints(arr, f.bbox)
             except Exception as e:  # noqa: BLE001 - unreadable image becomes a counted reason, not a crash
-                self.cache[uid] = None
                 self.errors[uid] = f"{type(e).__name__}: {e}"
+                return None
         return self.cache[uid]
 
     def kp(self, uid: str, face_index: int) -> dedup.KeypointSet | None:
@@ -331,7 +358,8 @@ def _select(images, by_uid, faces, cfg, read_bytes, eval_override: set, fps_cach
     px_min = min(cfg.min_face_px, cfg.ref_min_face_px)
     if "fps" not in fps_cache:  # decoding and keypoints are split-independent: computed once across retries
         fps_cache["fps"] = _Fingerprints(read_bytes, by_uid, lambda f: unusable_reason(f, px_min, cfg.det_score_min, cfg.blur_min) is None,
-                                         keypoints=cfg.keypoints)
+                                         keypoints=cfg.keypoints, max_images=cfg.cache_images,
+                                         max_keypoints=cfg.cache_keypoints)
     fps = fps_cache["fps"]
     # the split a photo feeds: that of its labelled faces when they agree, else the split most of them
     # are in (ties: train); such a mixed photo is never a target, and a reference from it must not show
@@ -386,6 +414,10 @@ def _select(images, by_uid, faces, cfg, read_bytes, eval_override: set, fps_cach
         ok = True
         for f in usable:
             cands = [c for c in by_identity[f.identity_id] if c.uid != uid]
+            if len(cands) > cfg.max_candidates_per_person:
+                cands = sorted(cands, key=lambda c: stable_key("multiid-cand", uid, c.uid, c.face_index))
+                removed["not_examined_over_cap"] += len(cands) - cfg.max_candidates_per_person
+                cands = sorted(cands[: cfg.max_candidates_per_person], key=lambda c: (c.uid, c.face_index))
             removed["candidates_total"] += len(cands)
             survivors = []
             for c in cands:
@@ -543,6 +575,7 @@ def _select(images, by_uid, faces, cfg, read_bytes, eval_override: set, fps_cach
         "candidates_removed_by": dict(sorted(removed.items())),
         "duplicate_flags_independent": dict(sorted(flags.items())),
         "unreadable": dict(sorted(fps.errors.items())),
+        "cache_evictions": {"images": fps.cache.evictions, "keypoints": fps.kps.evictions},
         "per_split": dict(sorted(Counter(s["split"] for s in samples).items())),
         "identities": {"total": len(by_identity), "eval": sum(split_of(i) == "eval" for i in by_identity)},
         "photos_in_both_splits_by_faces": sum(1 for _, mixed in photo_split.values() if mixed),

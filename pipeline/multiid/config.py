@@ -24,6 +24,13 @@ class MultiIDConfig:
     require_all_refs: bool = True  # drop a target when one of its people gets no reference
     # references
     refs_per_person: int = 2
+    # per person of a target, at most this many of the identity's other faces are examined (chosen by a
+    # hash of (target, candidate), so each target sees a different, reproducible subset): the work per
+    # target stays bounded however many photos a person has; the rest is counted as not examined
+    max_candidates_per_person: int = 200
+    # LRU bounds of the copy-paste guard's caches (images' hashes and fingerprints; faces' keypoints)
+    cache_images: int = 20_000
+    cache_keypoints: int = 2_000
     ref_min_face_px: float | None = None  # None: same as min_face_px
     sim_low: float | None = None  # None: the backend's calibrated value
     sim_high: float | None = None

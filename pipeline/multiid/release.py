@@ -107,6 +107,8 @@ def multiid_card(version: str, folder: Path, stats: dict, config: MultiIDConfig,
         {"filter": "copy-paste guard: SIFT + RANSAC same shot", "threshold": f"inliers >= {cfg.kp_min_inliers} and ratio >= {cfg.kp_min_ratio}, or >= {cfg.kp_strong_inliers}",
          "removed": removed.get("near_duplicate_keypoints", 0)},
         {"filter": "reference: probably the same shot", "threshold": f"cosine > {cfg.sim_high}", "removed": removed.get("sim_above_high", 0)},
+        {"filter": "reference: not examined (over the per-person cap)", "threshold": f"{cfg.max_candidates_per_person} per person",
+         "removed": removed.get("not_examined_over_cap", 0)},
         {"filter": "reference: ranked out / redundant", "threshold": f"{cfg.refs_per_person} per person",
          "removed": removed.get("ranked_out", 0) + removed.get("redundant", 0)},
     ]
