@@ -1,6 +1,7 @@
 """Candidate scores: CLIP, aesthetics, learned social reward, face quality, identity similarity."""
 
 import dagster as dg
+import pyarrow as pa
 
 from assets.common import COLLECTION_UPDATE, GPU_POOL
 from assets.faces import faces
@@ -9,7 +10,7 @@ from assets.ingest import images
 from assets.resources import LineupSettings
 from pipeline.catalog import refresh_catalog
 from pipeline.identity.build import with_identity_ids
-from pipeline.storage import write_parquet_atomic
+from pipeline.storage import read_parquet, write_parquet_atomic
 
 
 @dg.asset(
@@ -19,14 +20,22 @@ from pipeline.storage import write_parquet_atomic
     deps=[images, faces, identities],
     automation_condition=COLLECTION_UPDATE,
     description="Per image and face: CLIP text-image score, aesthetic score, learned social reward, face "
-    "quality, identity similarity. Scorers without local weights are reported unavailable and skipped.",
+    "quality, identity similarity. Image-level scores are computed once per input partition and scorer "
+    "configuration (tables/image_scores), so a new partition costs only its own images. Scorers without "
+    "local weights are reported unavailable and skipped.",
 )
 def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
     from pipeline.collection import load_collection, load_identities
     from pipeline.ingest import decoded_images
     from pipeline.scoring.clip import ClipConfig
     from pipeline.scoring.heads import HeadConfig
-    from pipeline.scoring.stage import ScoringConfig, score_candidates
+    from pipeline.scoring.stage import (
+        IMAGE_SCORES_SCHEMA,
+        ScoringConfig,
+        score_candidates,
+        score_images,
+        scorer_fingerprint,
+    )
 
     layout = lineup.layout
     coll = load_collection(layout)
@@ -45,9 +54,29 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
         aesthetic=HeadConfig(weights=lineup.path_setting(lineup.aesthetic_weights, "LINEUP_AESTHETIC_WEIGHTS")),
         social_reward=HeadConfig(weights=reward),
     )
-    captions = dict(zip(imgs.column("uid").to_pylist(), imgs.column("caption").to_pylist()))
-    items = ((uid, rgb, captions.get(uid)) for uid, rgb in decoded_images(imgs, lineup.limits))
-    table, report = score_candidates(items, fcs, cfg)
+    # image-level scores once per partition and scorer configuration; face-level scores for the collection
+    fp = scorer_fingerprint(cfg)
+    parts, computed, reused, image_report = [], [], [], {}
+    for key in coll.built:
+        path = layout.partition_file("image_scores", key)
+        if path.exists() and set(read_parquet(path).column("scorer_fingerprint").to_pylist()) <= {fp}:
+            parts.append(read_parquet(path))
+            reused.append(key)
+            continue
+        mine = imgs.filter(pa.array([p == key for p in imgs.column("partition").to_pylist()], pa.bool_()))
+        captions = dict(zip(mine.column("uid").to_pylist(), mine.column("caption").to_pylist()))
+        items = ((uid, rgb, captions.get(uid)) for uid, rgb in decoded_images(mine, lineup.limits))
+        table_k, image_report = score_images(items, cfg)
+        write_parquet_atomic(table_k, path)
+        parts.append(table_k)
+        computed.append(key)
+    image_scores = pa.concat_tables(parts) if parts else IMAGE_SCORES_SCHEMA.empty_table()
+    table, report = score_candidates([], fcs, cfg, image_scores=image_scores)
+    for name, why in image_report.get("unavailable", {}).items():
+        report["unavailable"].setdefault(name, why)
+    for name in ("clip", "aesthetic", "social_reward"):
+        if name not in report["available"] and name not in report["unavailable"]:
+            report["unavailable"][name] = f"{name}: no score in the image scores (it was unavailable when they were computed)"
     write_parquet_atomic(table, layout.table_file("scores"))
     refresh_catalog(layout)
     for name, why in report["unavailable"].items():
@@ -59,6 +88,8 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "unavailable_scorers": dg.MetadataValue.json(report["unavailable"]),
             "timings_s": dg.MetadataValue.json(report["timings_s"]),
             "device": report["device"],
+            "image_scores_computed_for": dg.MetadataValue.json(computed),
+            "image_scores_reused_for": len(reused),
             "empty_because": coll.empty_reason or "",
             "collection": dg.MetadataValue.json(coll.coverage()),
         }

@@ -22,7 +22,7 @@ from pipeline.config import SQL_DIR, Layout
 
 REJECTS_PREFIX = "rejects_"
 # per-partition tables whose rows belong to the partition that owns each image (sql/owned_by_partition.sql)
-OWNED_TABLES = ("faces", "face_scan", "face_expressions")
+OWNED_TABLES = ("faces", "face_scan", "face_expressions", "image_scores")
 # views that read other views come after them
 ORDER = ("image_copies", "images", "duplicate_images", *OWNED_TABLES)
 

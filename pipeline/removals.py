@@ -40,7 +40,7 @@ from pipeline.config import Layout
 from pipeline.storage import write_bytes_atomic, write_parquet_atomic
 
 KINDS = ("photo", "identity", "image", "user")
-PER_PARTITION_TABLES = ("images", "faces", "face_scan", "face_expressions")
+PER_PARTITION_TABLES = ("images", "faces", "face_scan", "face_expressions", "image_scores")
 REMOVED_REASON = "removed on request"
 
 

@@ -273,3 +273,27 @@ def test_social_reward_from_a_reward_model_folder(tiny, tmp_path):
     (folder / "reward_config.json").write_text(json.dumps(c))
     _, report3 = score_candidates(imgs, None, no_clip)
     assert "base weights" in report3["unavailable"]["social_reward"]
+
+
+def test_image_scores_computed_once_then_reused(tiny):
+    """Image-level scores from score_images, passed back as image_scores, give the same table as one
+    pass, without loading any image scorer; the fingerprint follows the scorers' configuration."""
+    from pipeline.scoring.stage import score_images, scorer_fingerprint
+
+    d, cfg = tiny
+    config = _config(d, cfg)
+    whole, _ = score_candidates(_images(), _faces(), config)
+    first, _ = score_images(_images()[:3], config)
+    second, _ = score_images(_images()[3:], config)
+    cached = pa.concat_tables([first, second])
+    again, report = score_candidates([], _faces(), config, image_scores=cached)
+    rows = lambda t: {(r["uid"], r["face_index"]): r for r in t.to_pylist()}  # noqa: E731
+    a, b = rows(again), rows(whole)
+    assert a.keys() == b.keys()
+    for k in a:  # the same numbers, up to the float noise of other CLIP batch compositions
+        assert a[k]["scorers"] == b[k]["scorers"]
+        for c in ("clip_score", "aesthetic", "social_reward", "face_quality", "identity_similarity"):
+            assert (a[k][c] is None) == (b[k][c] is None) and (a[k][c] is None or abs(a[k][c] - b[k][c]) < 1e-4), (k, c)
+    assert "clip_load" not in report["timings_s"] and {"clip", "aesthetic", "face_quality"} <= set(report["available"])
+    other = _config(d, cfg, social=None)
+    assert scorer_fingerprint(other) != scorer_fingerprint(config) == first.column("scorer_fingerprint")[0].as_py()

@@ -19,6 +19,11 @@ identity_id cluster; null for singletons). A scorer whose weights are missing is
 "unavailable" with the reason and skipped; nothing is ever scored with random weights unless a
 test builds its own tiny model and saves it first.
 
+Incremental use: the image-level scores (clip, aesthetic, social_reward: the expensive part) depend
+only on an image's bytes and caption and on the scorers, so they are computed once per input
+partition (``score_images``, keyed by ``scorer_fingerprint``) and passed back as ``image_scores``;
+then only the cheap face-level scores are computed over the whole collection.
+
 ``combine_scores(table, weights)`` gives the weighted mean of the non-null score columns per row
 (weights may be negative; a row with no available weighted column gets NaN), which builders use
 to filter or rank (``rank_candidates``).
@@ -85,6 +90,43 @@ def _identity_similarity(faces: pa.Table) -> np.ndarray:
     return out
 
 
+IMAGE_SCORE_COLUMNS = ("clip_score", "aesthetic", "social_reward")
+IMAGE_SCORES_SCHEMA = pa.schema([("uid", pa.string())] + [(c, pa.float32()) for c in IMAGE_SCORE_COLUMNS]
+                                + [("scorer_fingerprint", pa.string())])
+
+
+def scorer_fingerprint(config: ScoringConfig) -> str:
+    """What the image-level scores depend on besides the image: the scorers' configs and their weight
+    files (path, size, mtime)."""
+    import hashlib
+    import json
+    import os
+    from dataclasses import asdict
+
+    def weights(path):
+        if not path or not os.path.exists(path):
+            return None
+        st = os.stat(path)
+        return [str(path), st.st_size, st.st_mtime_ns]
+
+    parts = {"clip": asdict(config.clip), "aesthetic": asdict(config.aesthetic), "social_reward": asdict(config.social_reward),
+             "enabled": [e for e in config.enabled if e in ("clip", "aesthetic", "social_reward")],
+             "files": [weights(config.clip.pretrained), weights(config.aesthetic.weights), weights(config.social_reward.weights)]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def score_images(images: Iterable[tuple[str, np.ndarray, str | None]], config: ScoringConfig):
+    """Image-level scores only (one row per uid, IMAGE_SCORES_SCHEMA) and the report."""
+    cfg = ScoringConfig(clip=config.clip, aesthetic=config.aesthetic, social_reward=config.social_reward,
+                        enabled=tuple(e for e in config.enabled if e in ("clip", "aesthetic", "social_reward")),
+                        chunk=config.chunk)
+    table, report = score_candidates(images, None, cfg)
+    fp = scorer_fingerprint(config)
+    out = pa.table({"uid": table.column("uid"), **{c: table.column(c) for c in IMAGE_SCORE_COLUMNS},
+                    "scorer_fingerprint": pa.array([fp] * table.num_rows, pa.string())}, schema=IMAGE_SCORES_SCHEMA)
+    return out, report
+
+
 def _load(name, fn, available, unavailable, timings):
     t0 = time.perf_counter()
     try:
@@ -101,11 +143,17 @@ def score_candidates(
     images: Iterable[tuple[str, np.ndarray, str | None]],
     faces: pa.Table | None = None,
     config: ScoringConfig = ScoringConfig(),
+    image_scores: pa.Table | None = None,
 ):
     available: list[str] = []
     unavailable: dict[str, str] = {}
     timings: dict[str, float] = {}
     en = set(config.enabled)
+    if image_scores is not None:  # image-level scores computed before (score_images): no image scorer loads
+        en -= {"clip", "aesthetic", "social_reward"}
+        for c in IMAGE_SCORE_COLUMNS:
+            if image_scores.num_rows and image_scores.column(c).null_count < image_scores.num_rows:
+                available.append("clip" if c == "clip_score" else c)
     clip = (
         _load("clip", lambda: ClipEncoder(config.clip), available, unavailable, timings)
         if "clip" in en
@@ -196,6 +244,11 @@ def score_candidates(
             flush(batch)
             batch = []
     flush(batch)
+    if image_scores is not None:
+        for r in image_scores.select(["uid", *IMAGE_SCORE_COLUMNS]).to_pylist():
+            if r["uid"] not in img_rows:
+                order.append(r["uid"])
+            img_rows[r["uid"]] = {c: r[c] for c in IMAGE_SCORE_COLUMNS if r[c] is not None}
     for k, v in t.items():
         if k in available:
             timings[k] = round(v, 4)
