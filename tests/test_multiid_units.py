@@ -119,7 +119,7 @@ def _synthetic_tables(tmp_path, n_ids=24, n_images=70, seed=0):
 
 def test_identity_disjoint_splits(tmp_path):
     images, faces, identities = _synthetic_tables(tmp_path)
-    cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2)
+    cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, require_all_refs=True)
     samples, pairs, cands, stats = select_references(images, faces, identities, cfg)
     assert stats["per_split"].get("eval", 0) > 0 and stats["per_split"].get("train", 0) > 0
     assert stats["targets"].get("split_straddle", 0) > 0  # the rule is exercised, and counted
@@ -163,3 +163,15 @@ def test_bounded_caches_and_candidate_cap_give_the_same_dataset(tmp_path):
     _ = lru["a"]
     lru["c"] = 3
     assert list(lru) == ["a", "c"] and lru.evictions == 1
+
+
+def test_targets_with_some_people_unreferenced(tmp_path):
+    """By default a target needs one referenced person; the others stay with no reference."""
+    images, faces, identities = _synthetic_tables(tmp_path)
+    strict = select_references(images, faces, identities, MultiIDConfig(eval_fraction=0.3, require_all_refs=True))
+    loose = select_references(images, faces, identities, MultiIDConfig(eval_fraction=0.3))
+    assert len(loose[0]) >= len(strict[0])
+    for s in loose[0]:
+        assert s["num_persons_with_reference"] >= 1
+        assert s["num_persons_with_reference"] == sum(1 for f in s["faces"] if f["refs"])
+    assert sum(loose[3]["targets"].values()) == loose[3]["images"]

@@ -19,7 +19,8 @@ Recipe, per target image (all images, in uid order):
 4. survivors are ranked by ``w_pose * pose_diff + w_quality * quality + w_sim * mid_band`` and
    picked greedily, skipping a second reference from the same image or a near-duplicate of an
    already chosen reference (``redundant``); up to ``refs_per_person`` are kept.
-5. a target is kept when every person has >= 1 reference (``require_all_refs``).
+5. a target is kept when at least ``min_referenced_persons`` of its people have a reference (with
+   ``require_all_refs``: every person); a person without one stays in the sample with ``refs: []``.
 """
 
 from __future__ import annotations
@@ -317,9 +318,10 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
     """Reference selection without writing anything: (samples JSON, pair rows, candidate rows, stats).
 
     Splits are by identity (hash of the identity id) and by photo: a photo feeds one split only.
-    When the hash leaves eval without a sample but the collection has at least two, the people of
-    the target with the lowest identity hash are moved to eval (small collections; recorded in the
-    stats as ``eval_fallback``)."""
+    When the hash leaves eval without a sample but the collection has at least two, a group of people
+    who appear together moves to eval: the co-occurrence component (people linked by sharing a photo)
+    of a sample, lowest identity hash first, so that its photos and references move with it (small
+    collections; recorded in the stats as ``eval_fallback``)."""
     config.validate()
     cfg = config.resolved()
     read_bytes = read_bytes or reader_from_images(images)
@@ -331,14 +333,44 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
         def lowest_hash(s):
             return min(hash_fraction(fj["identity_id"], cfg.split_salt) for fj in s["faces"]), s["key"]
 
-        for s in sorted(samples, key=lowest_hash)[:10]:
-            override = {fj["identity_id"] for fj in s["faces"]}
+        component = _cooccurrence_components(by_uid)
+        tried: set[frozenset] = set()
+        for s in sorted(samples, key=lowest_hash):
+            override = frozenset(component[s["faces"][0]["identity_id"]])
+            if override in tried:
+                continue
+            tried.add(override)
+            if len(tried) > 10:
+                break
             retry = _select(images, by_uid, faces, cfg, read_bytes, override, fps_cache)
             per_split = Counter(x["split"] for x in retry[0])
             if per_split["eval"] and per_split["train"]:
                 retry[3]["eval_fallback"] = sorted(override)
                 return retry
     return result
+
+
+def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[str]]:
+    """identity -> the set of identities linked to it by sharing photos (transitively)."""
+    parent: dict[str, str] = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for fs in by_uid.values():
+        ids = [f.identity_id for f in fs if f.identity_id is not None]
+        for i in ids:
+            find(i)
+        for a, b in zip(ids, ids[1:]):
+            parent[find(a)] = find(b)
+    groups: dict[str, set[str]] = {}
+    for i in parent:
+        groups.setdefault(find(i), set()).add(i)
+    return {i: groups[find(i)] for i in parent}
 
 
 def _select(images, by_uid, faces, cfg, read_bytes, eval_override: set, fps_cache: dict):
@@ -502,6 +534,9 @@ def _select(images, by_uid, faces, cfg, read_bytes, eval_override: set, fps_cach
         if not ok and cfg.require_all_refs:
             target_reasons["person_without_reference"] += 1
             continue
+        if sum(1 for p in persons if p[3]) < cfg.min_referenced_persons:
+            target_reasons["too_few_persons_with_reference"] += 1
+            continue
         # assemble the sample
         face_js, used = [], {uid}
         ref_i = 0
@@ -556,6 +591,7 @@ def _select(images, by_uid, faces, cfg, read_bytes, eval_override: set, fps_cach
             "faces": face_js, "other_faces": others,
             "other_identity_ids": sorted({o["identity_id"] for o in others if o["identity_id"]}),
             "num_persons": len(face_js), "num_refs": ref_i,
+            "num_persons_with_reference": sum(1 for fj in face_js if fj["refs"]),
             "scores": {"ref_similarity_min": _r(min(sims)), "ref_similarity_mean": _r(float(np.mean(sims))),
                        "target_quality_min": _r(min(fj["quality"] for fj in face_js), 4)},
             "source_uids": sorted(used),

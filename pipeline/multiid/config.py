@@ -21,7 +21,10 @@ class MultiIDConfig:
     min_face_px: float = 100.0  # usable face: box >= this on each side
     det_score_min: float | None = None  # None: the backend's value
     blur_min: float | None = None  # None: the backend's value
-    require_all_refs: bool = True  # drop a target when one of its people gets no reference
+    # a target is kept when at least min_referenced_persons of its people got a reference; the others stay
+    # in the sample with no reference (the identity loader masks them); require_all_refs drops such targets
+    require_all_refs: bool = False
+    min_referenced_persons: int = 1
     # references
     refs_per_person: int = 2
     # per person of a target, at most this many of the identity's other faces are examined (chosen by a

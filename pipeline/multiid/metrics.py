@@ -169,8 +169,9 @@ def evaluate_folder(generated_dir, dataset_dir_or_table, backend) -> dict:
             raise ValueError(f"dataset embeddings are from {s['backend']!r}, evaluation backend is {be_name!r}")
         seen.add(key)
         faces = be.analyze([load_rgb_bytes(p.read_bytes())])[0]
-        gt = np.array([f["embedding"] for f in s["faces"]])
-        ref = np.array([f["refs"][0]["embedding"] for f in s["faces"]])
+        persons = [f for f in s["faces"] if f.get("refs")]  # people without a reference have nothing to compare
+        gt = np.array([f["embedding"] for f in persons]).reshape(len(persons), -1)
+        ref = np.array([f["refs"][0]["embedding"] for f in persons]).reshape(len(persons), -1)
         gen = np.array([np.asarray(f.embedding, dtype=np.float64) for f in faces]) if faces else np.zeros((0, gt.shape[1]))
         if not faces:
             no_face.append(key)

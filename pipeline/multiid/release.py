@@ -95,7 +95,10 @@ def multiid_card(version: str, folder: Path, stats: dict, config: MultiIDConfig,
         {"filter": "target: person without identity / twice in a photo", "threshold": "",
          "removed": targets.get("unlabelled_person", 0) + targets.get("duplicate_identity_in_target", 0)},
         {"filter": "target: people in both splits", "threshold": f"eval fraction {cfg.eval_fraction}", "removed": targets.get("split_straddle", 0)},
-        {"filter": "target: a person without a reference", "threshold": "", "removed": targets.get("person_without_reference", 0)},
+        {"filter": "target: a person without a reference (require_all_refs)", "threshold": str(cfg.require_all_refs),
+         "removed": targets.get("person_without_reference", 0)},
+        {"filter": "target: too few people with a reference", "threshold": f">= {cfg.min_referenced_persons}",
+         "removed": targets.get("too_few_persons_with_reference", 0)},
         {"filter": "reference: face quality", "threshold": f">= {cfg.ref_min_face_px:g} px, det >= {cfg.det_score_min}, blur >= {cfg.blur_min}",
          "removed": removed.get("ref_quality", 0)},
         {"filter": "reference: photo feeds the other split", "threshold": "", "removed": removed.get("photo_in_other_split", 0)},
@@ -118,6 +121,8 @@ def multiid_card(version: str, folder: Path, stats: dict, config: MultiIDConfig,
         "The train/eval split is by identity and by photo; with few identities the eval split is small (the "
         "lowest-hash target's people are moved to eval when the hash leaves it empty).",
         "Captions are whatever the source collection provided.",
+        "A target may hold people without a reference (`refs: []`, `num_persons_with_reference` says how many "
+        "have one): a loader conditions only on the referenced ones.",
         "Face boxes, landmarks and poses are estimates of the face model named below.",
     ]
     if empty_reason:
