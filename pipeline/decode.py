@@ -1,19 +1,22 @@
 """Safe image decoding (and the one JPEG encoder): every decoding failure becomes a DecodeError with a short reason and a readable detail.
 
-Rules: only JPEG, PNG and WebP are accepted; the declared size is checked before any pixel is
-decoded (decompression-bomb limit); EXIF orientation is applied; CMYK, grayscale, palette,
-16-bit and alpha images become 8-bit RGB (alpha composited on white); the first frame of an
-animation is used. Nothing here ever unpickles or executes input.
+Rules: only JPEG, PNG and WebP are accepted; the byte size is checked before anything is parsed
+and the declared pixel count before any pixel is decoded (decompression-bomb limit); EXIF
+orientation is applied from the orientation tag alone, so a corrupt EXIF block never costs the
+image (an unreadable or invalid tag leaves the pixels unrotated, with a note saying so); CMYK,
+grayscale, palette, 16-bit and alpha images become 8-bit RGB (alpha composited on white); the
+first frame of an animation is used. Nothing here ever unpickles or executes input.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey band
 
@@ -37,6 +40,8 @@ class DecodedImage:
     format: str  # jpeg / png / webp
     original_mode: str
     orientation_applied: bool
+    # what went wrong reading the EXIF orientation and what was done instead; "" when nothing did
+    orientation_note: str = ""
 
     @property
     def width(self) -> int:
@@ -45,6 +50,83 @@ class DecodedImage:
     @property
     def height(self) -> int:
         return int(self.rgb.shape[0])
+
+
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that displays the image upright (the table ImageOps.exif_transpose uses)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation_from_raw_exif(raw: bytes) -> tuple[int | None, bool]:
+    """(the orientation tag read straight from IFD0 of a raw EXIF block, whether IFD0 could be walked
+    to its end), ignoring everything else in the block. The value is None when there is no
+    well-formed tag (SHORT, count 1)."""
+    if raw.startswith(b"Exif\0\0"):
+        raw = raw[6:]
+    if raw[:4] == b"II*\0":
+        endian = "<"
+    elif raw[:4] == b"MM\0*":
+        endian = ">"
+    else:
+        return None, False
+    value = None
+    try:
+        (ifd,) = struct.unpack_from(endian + "I", raw, 4)
+        (count,) = struct.unpack_from(endian + "H", raw, ifd)
+        for i in range(count):
+            tag, kind, n = struct.unpack_from(endian + "HHI", raw, ifd + 2 + 12 * i)
+            if tag == ORIENTATION_TAG and kind == 3 and n == 1 and value is None:
+                value = struct.unpack_from(endian + "H", raw, ifd + 2 + 12 * i + 8)[0]
+    except struct.error:
+        return value, False
+    return value, True
+
+
+def read_orientation(im: Image.Image) -> tuple[int, str]:
+    """The EXIF orientation (1-8, 1 = as stored) and a note when the EXIF block or the tag was broken.
+
+    Pillow's reader comes first (it also knows XMP and PNG text profiles). When it raises, or drops
+    the whole block over one bad entry (it returns nothing for an IFD0 with a truncated SHORT array),
+    the orientation tag is read alone from the raw block, so a malformed entry elsewhere never costs
+    the rotation. Never raises."""
+    raw = im.info.get("exif")
+    raw_value, raw_ok = _orientation_from_raw_exif(raw) if isinstance(raw, bytes) else (None, True)
+    problem = ""
+    try:
+        value = im.getexif().get(ORIENTATION_TAG)
+    except Exception as e:  # noqa: BLE001 - Pillow's EXIF parser raises many types on bad blocks
+        value, problem = None, f"EXIF unreadable ({type(e).__name__}: {e})"
+    if value is None and raw_value is not None:
+        value = raw_value
+        problem = problem or "EXIF partly unreadable"
+        if 1 <= value <= 8:
+            return value, f"{problem}; orientation {value} read from the tag alone"
+    if value is None:
+        if problem or not raw_ok:
+            return 1, f"{problem or 'EXIF partly unreadable'}; orientation unknown, kept unrotated"
+        return 1, ""
+    if isinstance(value, tuple) and len(value) >= 1:  # a count > 1: the first value is the tag's
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+        return 1, f"EXIF orientation {value!r} is not 1-8; kept unrotated"
+    return value, ""
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says: a drop-in for ImageOps.exif_transpose that
+    never raises on a corrupt EXIF block (it does not rewrite the block, it only reads the tag)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd metadata: only the tag is used
+        orientation, _ = read_orientation(im)
+    return im.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else im
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -80,6 +162,7 @@ def decode_image(
         raise DecodeError("file too large", f"{len(data)} bytes > limit {max_bytes}")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd metadata: only the tag is used
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             fmt = im.format
@@ -96,8 +179,8 @@ def decode_image(
                 im.seek(0)
             im.load()
             original_mode = im.mode
-            orientation_applied = im.getexif().get(0x0112, 1) not in (1, None)
-            transposed = ImageOps.exif_transpose(im)
+            orientation, orientation_note = read_orientation(im)
+            transposed = im.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else im
             rgb = np.asarray(_to_rgb(transposed), dtype=np.uint8)
     except DecodeError:
         raise
@@ -109,11 +192,13 @@ def decode_image(
         msg = str(e)
         reason = "truncated image" if "truncated" in msg.lower() else "corrupt image"
         raise DecodeError(reason, msg) from None
-    except (SyntaxError, ValueError, EOFError, MemoryError, Image.DecompressionBombError) as e:
+    except MemoryError as e:
+        raise DecodeError("corrupt image", f"MemoryError: {e}") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's parsers raise struct.error, IndexError, TypeError, ... on bad bytes
         raise DecodeError("corrupt image", f"{type(e).__name__}: {e}") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise DecodeError("corrupt image", f"unexpected decoded shape {rgb.shape}")
-    return DecodedImage(rgb, ACCEPTED_FORMATS[fmt], original_mode, bool(orientation_applied))
+    return DecodedImage(rgb, ACCEPTED_FORMATS[fmt], original_mode, orientation in _UPRIGHT, orientation_note)
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -133,4 +218,4 @@ def as_jpeg(data: bytes, quality: int = 95) -> bytes:
     if data[:3] == JPEG_MAGIC:
         return data
     with Image.open(io.BytesIO(data)) as im:
-        return encode_jpeg(ImageOps.exif_transpose(im), quality)
+        return encode_jpeg(upright(im), quality)

@@ -114,3 +114,142 @@ def test_too_small():
     with pytest.raises(DecodeError) as e:
         decode_image(_jpeg(_gradient(8, 8)))
     assert e.value.reason == "image too small"
+
+
+# ---------------------------------------------------------------- malformed EXIF: hand-built blocks
+
+ORIENTATION = 0x0112
+SHORT, ASCII, RATIONAL = 3, 2, 5
+
+
+def _tiff(entries, endian="<") -> bytes:
+    """A little TIFF/EXIF block: IFD0 at offset 8 with (tag, type, count, 4 value bytes) entries."""
+    out = (b"II" if endian == "<" else b"MM") + struct.pack(endian + "HI", 42, 8)
+    out += struct.pack(endian + "H", len(entries))
+    for tag, kind, count, value in entries:
+        out += struct.pack(endian + "HHI", tag, kind, count) + value.ljust(4, b"\0")
+    return out + struct.pack(endian + "I", 0)
+
+
+def _with_exif(jpeg: bytes, tiff: bytes) -> bytes:
+    """The JPEG with an APP1 EXIF segment holding exactly these bytes, right after SOI."""
+    payload = b"Exif\0\0" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def _short(v: int) -> bytes:
+    return struct.pack("<H", v)
+
+
+@pytest.fixture(scope="module")
+def landscape():
+    """A 40x80 JPEG, left half white, and its clean decode."""
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, :40] = 255
+    data = _jpeg(arr, quality=95)
+    return data, decode_image(data).rgb
+
+
+def _turned(rgb, transpose):
+    return np.asarray(Image.fromarray(rgb).transpose(transpose))
+
+
+def test_short_tag_stored_as_ascii_keeps_image_and_rotation(landscape):
+    # the bug: ResolutionUnit (a SHORT) stored as ASCII made ImageOps.exif_transpose raise struct.error
+    # while rewriting the block, which aborted the whole partition
+    data, clean = landscape
+    bad = _with_exif(data, _tiff([(ORIENTATION, SHORT, 1, _short(6)), (0x0128, ASCII, 4, b"abc\0")]))
+    img = decode_image(bad)
+    assert img.orientation_applied and img.orientation_note == ""
+    assert np.array_equal(img.rgb, _turned(clean, Image.Transpose.ROTATE_270))
+
+
+def test_rational_tag_stored_as_bytes_keeps_image_and_rotation(landscape):
+    data, clean = landscape  # XResolution (RATIONAL) as UNDEFINED bytes: TypeError in exif_transpose before
+    bad = _with_exif(data, _tiff([(ORIENTATION, SHORT, 1, _short(3)), (0x011A, 7, 3, b"xyz")]))
+    assert np.array_equal(decode_image(bad).rgb, _turned(clean, Image.Transpose.ROTATE_180))
+
+
+def test_orientation_read_alone_when_pillow_drops_the_block(landscape):
+    # a SHORT array whose data would lie 16 MB past the block: Pillow returns an empty EXIF, silently
+    # losing the orientation that is there, well-formed, in the same IFD (found by the fuzzer)
+    data, clean = landscape
+    bad = _with_exif(data, _tiff([(0x0100, SHORT, 3, struct.pack("<I", 1 << 24)), (ORIENTATION, SHORT, 1, _short(8))]))
+    img = decode_image(bad)
+    assert np.array_equal(img.rgb, _turned(clean, Image.Transpose.ROTATE_90))
+    assert "read from the tag alone" in img.orientation_note
+
+
+def test_orientation_as_ascii_keeps_pixels_unrotated_with_a_note(landscape):
+    data, clean = landscape
+    img = decode_image(_with_exif(data, _tiff([(ORIENTATION, ASCII, 2, b"6\0")])))
+    assert not img.orientation_applied and np.array_equal(img.rgb, clean)
+    assert "kept unrotated" in img.orientation_note
+
+
+def test_out_of_range_orientation_is_noted(landscape):
+    data, clean = landscape
+    img = decode_image(_with_exif(data, _tiff([(ORIENTATION, SHORT, 1, _short(9))])))
+    assert np.array_equal(img.rgb, clean) and "9" in img.orientation_note
+
+
+@pytest.mark.parametrize("cut", [4, 9, 12, 17])  # 17: the orientation entry stops inside its count
+def test_truncated_ifd_keeps_pixels(landscape, cut):
+    data, clean = landscape
+    block = _tiff([(ORIENTATION, SHORT, 1, _short(6)), (0x010F, ASCII, 100, struct.pack("<I", 5000))])[:cut]
+    img = decode_image(_with_exif(data, block))  # no exception, no reject
+    assert np.array_equal(img.rgb, clean) and img.orientation_note  # the tag is cut off: unrotated, said so
+
+
+def test_png_with_an_exif_chunk_that_is_not_tiff_still_decodes():
+    # a 1-byte eXIf chunk made Pillow raise SyntaxError("not a TIFF file"): the image was rejected
+    png = io.BytesIO()
+    Image.fromarray(_gradient()).save(png, "PNG")
+    raw = png.getvalue()
+    data = raw[:33] + _png_chunk(b"eXIf", b"I") + raw[33:]
+    img = decode_image(data)
+    assert img.rgb.shape == (64, 96, 3) and img.orientation_note
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_well_formed_orientations_match_pillow(orientation, endian):
+    from PIL import ImageOps
+
+    from pipeline.decode import upright
+
+    data = _with_exif(_jpeg(_gradient(40, 56)), _tiff([(ORIENTATION, SHORT, 1, struct.pack(endian + "H", orientation))], endian))
+    with Image.open(io.BytesIO(data)) as im:
+        reference = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    with Image.open(io.BytesIO(data)) as im:
+        assert np.array_equal(np.asarray(upright(im).convert("RGB")), reference)
+    img = decode_image(data)
+    assert np.array_equal(img.rgb, reference) and img.orientation_applied == (orientation != 1)
+
+
+def test_as_jpeg_survives_a_png_with_a_malformed_exif_block():
+    from pipeline.decode import as_jpeg
+
+    png = io.BytesIO()
+    Image.fromarray(_gradient()).save(png, "PNG", exif=_tiff([(ORIENTATION, SHORT, 1, _short(6)), (0x0128, ASCII, 4, b"abc\0")]))
+    out = as_jpeg(png.getvalue())
+    assert Image.open(io.BytesIO(out)).size == (64, 96)  # turned upright: 96 wide x 64 high becomes 64 x 96
+
+
+def test_a_bad_exif_photo_does_not_stop_its_partition(tmp_path, landscape):
+    from pipeline.ingest import ingest_partition
+    from pipeline.sources import register_new_inputs
+
+    data, _ = landscape
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "a_good.jpg").write_bytes(_jpeg(_gradient()))
+    (inp / "b_bad_exif.jpg").write_bytes(_with_exif(data, _tiff([(ORIENTATION, SHORT, 1, _short(6)), (0x0128, ASCII, 4, b"abc\0")])))
+    (inp / "c_ascii_orientation.jpg").write_bytes(_with_exif(data, _tiff([(ORIENTATION, ASCII, 4, b"abc\0")])))
+    (spec,) = register_new_inputs(inp, tmp_path / "reg")
+    res = ingest_partition(spec)
+    assert res.accepted == 3 and len(res.rejects) == 0
+    rows = {r["source"]: r for r in res.images.to_pylist()}
+    assert rows["b_bad_exif.jpg"]["exif_rotated"] and (rows["b_bad_exif.jpg"]["width"], rows["b_bad_exif.jpg"]["height"]) == (40, 80)
+    assert not rows["c_ascii_orientation.jpg"]["exif_rotated"]
+    assert res.stats["orientation_fallbacks"] == 1 and "c_ascii_orientation.jpg" in res.stats["orientation_notes"]
