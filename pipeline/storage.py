@@ -31,35 +31,66 @@ def make_world_readable(path: Path) -> None:
         os.chmod(path, FILE_MODE)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+class WriteFailed(OSError):
+    """A write that did not happen: the destination is in the message, the errno is kept (ENOSPC,
+    EACCES, ...), no temporary file is left behind and an earlier file at the destination is intact."""
+
+
+def _write_failed(path: Path, error: BaseException) -> WriteFailed:
+    errno = getattr(error, "errno", None)
+    why = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    where = getattr(error, "filename", None)
+    detail = f"{why} ({where})" if where and str(where) != str(path) else why
+    message = f"cannot write {path}: {detail}; nothing was written there"
+    return WriteFailed(errno, message) if errno is not None else WriteFailed(message)
+
+
+def _remove_quietly(tmp: str) -> None:
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        Path(tmp).unlink(missing_ok=True)
+    except OSError:  # the write error matters more than a temp file the same fault left behind
+        pass
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Write through write(tmp) to a temporary file in the destination's folder, then rename: readers
+    never see half a file. An OSError (full disk, no permission, read-only file system) becomes a
+    WriteFailed naming the destination, after the temporary file is removed."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        write(fd, tmp)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            _remove_quietly(tmp)
+        raise _write_failed(path, e) from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            _remove_quietly(tmp)
         raise
     return path
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+
+    def write(fd: int, tmp: str) -> None:
+        os.close(fd)
+        pq.write_table(table, tmp, compression="zstd")
+
+    return _atomic_write(path, write)
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    def write(fd: int, tmp: str) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return _atomic_write(path, write)
 
 
 def read_parquet(path: Path) -> pa.Table:
