@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from pipeline.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeError, decode_image
 from pipeline.ids import content_uid
 from pipeline.rejects import Rejects
-from pipeline.sources import PartitionSpec, iter_partition
+from pipeline.sources import PartitionSpec, iter_partition, manifest_roots_from_env
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -37,8 +37,10 @@ IMAGES_SCHEMA = pa.schema(
 @dataclass
 class IngestLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bytes: int = DEFAULT_MAX_BYTES
+    max_bytes: int = DEFAULT_MAX_BYTES  # loose files, tar members and manifest rows: checked before reading
     min_side: int = DEFAULT_MIN_SIDE
+    # folders manifest rows may point into besides the manifest's own and the input root
+    manifest_roots: tuple[str, ...] = field(default_factory=manifest_roots_from_env)
 
 
 @dataclass
@@ -74,8 +76,9 @@ def ingest_partition(
     rows: list[dict] = []
     seen: dict[str, str] = {}
     inputs = duplicates = 0
+    orientation_notes: dict[str, str] = {}  # accepted images whose EXIF orientation had to be guessed
     t0 = time.perf_counter()
-    for rec in iter_partition(spec, max_member_bytes=limits.max_bytes):
+    for rec in iter_partition(spec, max_member_bytes=limits.max_bytes, manifest_roots=limits.manifest_roots):
         inputs += 1
         if progress and inputs % 100 == 0:
             progress(inputs)
@@ -84,7 +87,7 @@ def ingest_partition(
             continue
         try:
             data = rec.read()
-        except OSError as e:
+        except (OSError, ValueError) as e:
             rejects.add(rec.source, "unreadable file", str(e))
             continue
         uid = content_uid(data)
@@ -101,6 +104,8 @@ def ingest_partition(
             rejects.add(rec.source, e.reason, e.detail, uid=uid)
             continue
         seen[uid] = rec.source
+        if img.orientation_note:
+            orientation_notes[rec.source] = img.orientation_note
         rows.append(
             {
                 "uid": uid,
@@ -126,7 +131,11 @@ def ingest_partition(
         inputs=inputs,
         duplicates=duplicates,
         seconds=seconds,
-        stats={"images_per_s": (inputs / seconds) if seconds > 0 else 0.0},
+        stats={
+            "images_per_s": (inputs / seconds) if seconds > 0 else 0.0,
+            "orientation_fallbacks": len(orientation_notes),
+            "orientation_notes": dict(list(orientation_notes.items())[:50]),  # the first ones, to look at
+        },
     )
 
 

@@ -5,13 +5,20 @@ partition. Partitions are *registered* once (partitions/<key>.json records exact
 one holds), so a partition's content never shifts when new files arrive: new files form new
 partitions. Every image is located by (path, offset, length) so that later stages re-read the
 bytes directly, also from inside a tar, without unpacking it.
+
+Reading never trusts the input: sizes are checked from stat / the tar header before a byte is read,
+only regular files are opened (never a FIFO or a device), manifest rows must resolve (symlinks
+included) inside the manifest's folder, the input root or LINEUP_MANIFEST_ROOTS, and every input
+unit that cannot be read ends as one reject Record with a reason, never as an exception.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -23,6 +30,8 @@ from pipeline.decode import IMAGE_EXTENSIONS
 from pipeline.storage import write_bytes_atomic
 
 SIDECAR_EXTENSIONS = {".json", ".txt"}
+MAX_SIDECAR_BYTES = 1_000_000  # a caption / metadata file beside an image; larger ones are not read
+MANIFEST_ROOTS_ENV = "LINEUP_MANIFEST_ROOTS"
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_EXCLUDE_DIRS = ("social",)  # the social logs live under the input root but are not images
 _SLUG_RE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -195,16 +204,84 @@ def register_new_inputs(
 # ---------------------------------------------------------------- reading one partition
 
 
+def manifest_roots_from_env() -> tuple[str, ...]:
+    """Folders besides the manifest's own and the input root that manifest rows may point into:
+    LINEUP_MANIFEST_ROOTS, os.pathsep-separated, symlinks resolved."""
+    raw = os.environ.get(MANIFEST_ROOTS_ENV, "")
+    return tuple(os.path.realpath(os.path.expanduser(p.strip())) for p in raw.split(os.pathsep) if p.strip())
+
+
+def _label(text: str) -> str:
+    """Text as a UTF-8 table can hold it: characters that are not valid UTF-8 (the undecodable bytes
+    of a file name, a lone surrogate from JSON) are written as backslash escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _meta_text(value) -> str | None:
+    """A caption / url / key as text, whatever type the sidecar or manifest gave it."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    elif not isinstance(value, str):
+        value = json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
+    return _label(value)
+
+
+def _reject(source: str, reason: str, detail: str = "") -> Record:
+    return Record(source=_label(source), reject_reason=reason, reject_detail=_label(detail))
+
+
+def _readable_size(p: Path | str, max_bytes: int) -> tuple[int, str, str]:
+    """(size, reject reason, detail) for a file about to be read, from stat alone: nothing is opened.
+    Only regular files pass (a FIFO would block the read forever, a device never ends)."""
+    try:
+        st = os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0, "file not found", f"{p} does not exist (any more)"
+    except (OSError, ValueError) as e:
+        return 0, "unreadable file", f"{p}: {e}"
+    if not stat.S_ISREG(st.st_mode):
+        return 0, "not a regular file", f"{p} is a folder, FIFO, socket or device; not opened"
+    if st.st_size > max_bytes:
+        return st.st_size, "file too large", f"{st.st_size} bytes > limit {max_bytes}; not read"
+    return st.st_size, "", ""
+
+
+def _image_record(source: str, path: str, offset: int, length: int, meta: dict) -> Record:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # the images table could not hold a path to read it back from
+        return _reject(source, "file name not UTF-8", f"{_label(path)}: rename it to read it")
+    clean = {k: _meta_text(v) for k, v in meta.items() if k in ("caption", "url", "key") and v is not None}
+    return Record(source=_label(source), path=path, offset=offset, length=length, meta=clean)
+
+
+def _read_small(p: Path) -> bytes | None:
+    """A sidecar's bytes, or None when it is missing, not a regular file, too large or unreadable."""
+    size, problem, _ = _readable_size(p, MAX_SIDECAR_BYTES)
+    if problem:
+        return None
+    try:
+        return read_bytes(str(p), 0, size)
+    except (OSError, ValueError):
+        return None
+
+
 def _sidecar_meta(image_path: Path) -> dict:
     meta = {}
-    txt = image_path.with_suffix(".txt")
-    if txt.exists():
-        meta["caption"] = txt.read_text(errors="replace").strip()
-    js = image_path.with_suffix(".json")
-    if js.exists():
+    txt = _read_small(image_path.with_suffix(".txt"))
+    if txt is not None:
+        meta["caption"] = txt.decode("utf-8", errors="replace").strip()
+    js = _read_small(image_path.with_suffix(".json"))
+    if js is not None:
         try:
-            meta.update(_json_meta(js.read_bytes()))
-        except ValueError:
+            meta.update(_json_meta(js))
+        except (ValueError, RecursionError):  # a broken sidecar costs the caption, not the image
             pass
     return meta
 
@@ -212,29 +289,28 @@ def _sidecar_meta(image_path: Path) -> dict:
 def _json_meta(data: bytes) -> dict:
     obj = json.loads(data.decode("utf-8", errors="replace"))
     if not isinstance(obj, dict):
-        raise ValueError("sidecar json is not an object")
+        raise ValueError("sidecar json is not an object")  # noqa: TRY004 - callers catch ValueError
     out = {}
     for k in ("caption", "url", "key", "width", "height"):
         if k in obj and obj[k] is not None:
             out[k] = obj[k]
-    if "TEXT" in obj and "caption" not in out:  # LAION-style metadata
+    if obj.get("TEXT") is not None and "caption" not in out:  # LAION-style metadata
         out["caption"] = obj["TEXT"]
     return out
 
 
-def _iter_files(spec: PartitionSpec) -> Iterator[Record]:
+def _iter_files(spec: PartitionSpec, max_bytes: int) -> Iterator[Record]:
     root = Path(spec.root)
     for rel in spec.members:
         p = root / rel
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
-            yield Record(source=rel, reject_reason="unsupported file type", reject_detail=f"extension {p.suffix or '(none)'!r} is not jpg/jpeg/png/webp")
+            yield _reject(rel, "unsupported file type", f"extension {p.suffix or '(none)'!r} is not jpg/jpeg/png/webp")
             continue
-        try:
-            size = p.stat().st_size
-        except FileNotFoundError:
-            yield Record(source=rel, reject_reason="file not found", reject_detail=f"{p} disappeared after registration")
+        size, problem, detail = _readable_size(p, max_bytes)
+        if problem:
+            yield _reject(rel, problem, detail)
             continue
-        yield Record(source=rel, path=str(p), offset=0, length=size, meta=_sidecar_meta(p))
+        yield _image_record(rel, str(p), 0, size, _sidecar_meta(p))
 
 
 def _member_problem(m: tarfile.TarInfo) -> str:
@@ -246,114 +322,206 @@ def _member_problem(m: tarfile.TarInfo) -> str:
         return "path with '..'"
     if m.issym() or m.islnk():
         return "link member"
+    if m.issparse():  # its data is stored in pieces: (offset, size) would not locate the image
+        return "sparse member"
     if not m.isfile():
         return "" if m.isdir() else "special file member"
     return ""
+
+
+def _tar_tail_problem(shard: Path, offset: int) -> str:
+    """Where tar iteration ended quietly (tarfile stops at a header it cannot parse, without an
+    error), everything after it must be zero padding; otherwise members after it were lost."""
+    try:
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            pos = offset
+            while chunk := f.read(1 << 20):
+                stripped = chunk.lstrip(b"\0")
+                if stripped:
+                    at = pos + len(chunk) - len(stripped)
+                    return f"unreadable header or data at byte {at}; members after it are not listed"
+                pos += len(chunk)
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def _tar_members(shard: Path) -> tuple[list[tarfile.TarInfo], str]:
+    """The members tarfile can list, and why listing stopped early ("" when it reached the end)."""
+    members: list[tarfile.TarInfo] = []
+    try:
+        with tarfile.open(shard, mode="r:") as tf:  # plain tar only: offsets must point into the file itself
+            for m in tf:  # one at a time, so the members before a bad header are kept
+                members.append(m)  # noqa: PERF402
+            end = tf.offset
+    except Exception as e:  # noqa: BLE001 - tarfile raises TarError, but also ValueError, EOFError on bad headers
+        return members, f"{type(e).__name__}: {e}"
+    return members, _tar_tail_problem(shard, end)
 
 
 def _iter_tar(spec: PartitionSpec, max_member_bytes: int) -> Iterator[Record]:
     shard = Path(spec.path)
     shard_name = shard.name
     try:
-        tf = tarfile.open(shard, mode="r:")  # plain tar only: offsets must point into the file itself
-    except (tarfile.TarError, OSError) as e:
-        yield Record(source=shard_name, reject_reason="unreadable tar", reject_detail=str(e))
+        tarfile.open(shard, mode="r:").close()
+    except Exception as e:  # noqa: BLE001 - see _tar_members
+        yield _reject(shard_name, "unreadable tar", f"{type(e).__name__}: {e}")
         return
-    groups: dict[str, dict] = {}
-    order: list[str] = []
-    try:
-        with tf:
-            for m in tf:
-                problem = _member_problem(m)
-                if problem:
-                    yield Record(source=f"{shard_name}/{m.name}", reject_reason="unsafe tar member", reject_detail=f"{problem}: refused {m.name!r}")
-                    continue
-                if m.isdir():
-                    continue
-                pure = PurePosixPath(m.name)
-                base = pure.name
-                if "." not in base:
-                    yield Record(source=f"{shard_name}/{m.name}", reject_reason="member without extension", reject_detail="WebDataset members are key.ext")
-                    continue
-                stem, ext = base.split(".", 1)
-                key = str(pure.parent / stem) if str(pure.parent) != "." else stem
-                ext = ext.lower()
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key][ext] = m
-                if ext == "json" or ext == "txt":
-                    if m.size > 1_000_000:
-                        continue
-                    groups[key][f"{ext}:data"] = tf.extractfile(m).read()
-    except tarfile.TarError as e:
-        yield Record(source=shard_name, reject_reason="corrupt tar", reject_detail=f"stopped reading after {len(order)} samples: {e}")
-    for key in order:
-        g = groups[key]
-        images = [e for e in g if not e.endswith(":data") and "." + e.split(".")[-1] in IMAGE_EXTENSIONS]
-        others = [e for e in g if not e.endswith(":data") and e not in images and e not in ("json", "txt")]
+    listed, stopped = _tar_members(shard)
+    groups: dict[str, list[tuple[str, tarfile.TarInfo]]] = {}
+    for m in listed:
+        problem = _member_problem(m)
+        if problem:
+            yield _reject(f"{shard_name}/{m.name}", "unsafe tar member", f"{problem}: refused {m.name!r}")
+            continue
+        if m.isdir():
+            continue
+        pure = PurePosixPath(m.name)
+        base = pure.name
+        if "." not in base:
+            yield _reject(f"{shard_name}/{m.name}", "member without extension", "WebDataset members are key.ext")
+            continue
+        stem, ext = base.split(".", 1)
+        key = str(pure.parent / stem) if str(pure.parent) != "." else stem
+        groups.setdefault(key, []).append((ext.lower(), m))
+    if stopped:
+        yield _reject(shard_name, "corrupt tar", f"stopped reading after {len(listed)} members: {stopped}")
+    for key, members in groups.items():
         source = f"{shard_name}/{key}"
-        for e in others:
-            yield Record(source=f"{source}.{e}", reject_reason="member not ingested", reject_detail=f".{e} members are not read (no pickle or binary decoding)")
+        sidecars: dict[str, tarfile.TarInfo] = {}
+        images: dict[str, tarfile.TarInfo] = {}
+        others = 0
+        for ext, m in members:
+            if ext in ("json", "txt"):
+                sidecars.setdefault(ext, m)  # a second caption file changes nothing; it is no input of its own
+            elif "." + ext.split(".")[-1] in IMAGE_EXTENSIONS and ext not in images:
+                images[ext] = m
+            elif "." + ext.split(".")[-1] in IMAGE_EXTENSIONS:
+                first = images[ext]
+                yield _reject(f"{source}.{ext}", "duplicate tar member", f"{m.name!r} again at byte {m.offset}; the first one, at byte {first.offset}, is read")
+            else:
+                others += 1
+                yield _reject(f"{source}.{ext}", "member not ingested", f".{ext} members are not read (no pickle or binary decoding)")
         if not images:
-            yield Record(source=source, reject_reason="sample has no image", reject_detail=f"members: {sorted(e for e in g if not e.endswith(':data'))}")
+            if not others:  # nothing but captions: the sample itself is the one unit
+                yield _reject(source, "sample has no image", f"members: {sorted(sidecars)}")
             continue
         meta = {"key": key}
-        if "json:data" in g:
+        if "json" in sidecars:
+            data = _tar_sidecar(shard, sidecars["json"])
             try:
-                meta.update(_json_meta(g["json:data"]))
-            except ValueError as e:
-                meta["json_error"] = str(e)
-        if "txt:data" in g and "caption" not in meta:
-            meta["caption"] = g["txt:data"].decode("utf-8", errors="replace").strip()
-        for e in sorted(images):
-            m = g[e]
-            src = f"{source}.{e}" if len(images) > 1 else source
+                meta.update(_json_meta(data) if data is not None else {})
+            except (ValueError, RecursionError):
+                pass
+        if "txt" in sidecars and "caption" not in meta:
+            data = _tar_sidecar(shard, sidecars["txt"])
+            if data is not None:
+                meta["caption"] = data.decode("utf-8", errors="replace").strip()
+        for ext in sorted(images):
+            m = images[ext]
+            src = f"{source}.{ext}" if len(images) > 1 else source
             if m.size > max_member_bytes:
-                yield Record(source=src, reject_reason="file too large", reject_detail=f"{m.size} bytes > limit {max_member_bytes}")
+                yield _reject(src, "file too large", f"{m.size} bytes > limit {max_member_bytes}; not read")
                 continue
-            yield Record(source=src, path=str(shard), offset=m.offset_data, length=m.size, meta=dict(meta))
+            yield _image_record(src, str(shard), m.offset_data, m.size, meta)
 
 
-def _iter_parquet(spec: PartitionSpec) -> Iterator[Record]:
-    manifest = Path(spec.path)
+def _tar_sidecar(shard: Path, m: tarfile.TarInfo) -> bytes | None:
+    if m.size > MAX_SIDECAR_BYTES:
+        return None
     try:
-        table = pq.read_table(manifest)
-    except Exception as e:  # pyarrow raises several types for bad files
-        yield Record(source=manifest.name, reject_reason="unreadable manifest", reject_detail=str(e))
-        return
-    if "path" not in table.column_names:
-        yield Record(source=manifest.name, reject_reason="manifest has no 'path' column", reject_detail=f"columns: {table.column_names}")
-        return
-    rows = table.to_pylist()
-    for i, row in enumerate(rows):
-        raw = row.get("path")
-        source = f"{manifest.name}#{i}"
-        if not raw:
-            yield Record(source=source, reject_reason="empty path", reject_detail="row has no path")
-            continue
-        p = Path(raw)
-        if not p.is_absolute():
-            p = manifest.parent / p
-        if p.suffix.lower() not in IMAGE_EXTENSIONS:
-            yield Record(source=source, reject_reason="unsupported file type", reject_detail=f"{raw}")
-            continue
+        return read_bytes(str(shard), m.offset_data, m.size)
+    except (OSError, ValueError):
+        return None
+
+
+def _manifest_problem(manifest: Path) -> tuple[pq.ParquetFile | None, str, str]:
+    """The opened manifest, or (None, reject reason, detail) when it cannot be read row by row."""
+    try:
+        pf = pq.ParquetFile(manifest)
+        names = pf.schema_arrow.names
+        md = pf.metadata
+        group_rows = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for bad files
+        return None, "unreadable manifest", f"{type(e).__name__}: {e}"
+    if "path" not in names:
+        return None, "manifest has no 'path' column", f"columns: {names}"
+    if md.num_rows < 0 or any(n < 0 for n in group_rows) or sum(group_rows) != md.num_rows:
+        return None, "unreadable manifest", f"footer says {md.num_rows} rows, its row groups {group_rows}"
+    return pf, "", ""
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def _manifest_row(raw, source: str, manifest: Path, roots: list[str], max_bytes: int, row: dict) -> Record:
+    if raw is None or raw == "" or raw == b"":
+        return _reject(source, "empty path", "row has no path")
+    if isinstance(raw, bytes):
         try:
-            size = p.stat().st_size
-        except OSError:
-            yield Record(source=source, reject_reason="file not found", reject_detail=str(p))
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return _reject(source, "bad path value", f"bytes that are not UTF-8: {raw[:80]!r}")
+    if not isinstance(raw, str):
+        return _reject(source, "bad path value", f"{type(raw).__name__} {raw!r:.80}, not a string")
+    if "\0" in raw:
+        return _reject(source, "bad path value", f"{raw!r:.120} holds a NUL byte")
+    p = Path(raw)
+    if not p.is_absolute():
+        p = manifest.parent / p
+    if p.suffix.lower() not in IMAGE_EXTENSIONS:
+        return _reject(source, "unsupported file type", raw)
+    real = os.path.realpath(p)  # symlinks resolved: a link that leads out is outside
+    if not _inside(real, roots):
+        return _reject(source, "path outside allowed roots", f"{raw} resolves to {real}, outside {roots} (set {MANIFEST_ROOTS_ENV} to allow more)")
+    size, problem, detail = _readable_size(real, max_bytes)
+    if problem:
+        return _reject(source, problem, detail)
+    return _image_record(f"{source}:{raw}", real, 0, size, row)
+
+
+def _iter_parquet(spec: PartitionSpec, max_bytes: int, manifest_roots: tuple[str, ...]) -> Iterator[Record]:
+    manifest = Path(spec.path)
+    name = manifest.name
+    pf, problem, detail = _manifest_problem(manifest)
+    if pf is None:
+        yield _reject(name, problem, detail)
+        return
+    roots = [os.path.realpath(manifest.parent), os.path.realpath(spec.root), *manifest_roots]
+    columns = [c for c in ("path", "caption", "url", "key") if c in pf.schema_arrow.names]
+    i = 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        try:
+            rows = pf.read_row_group(g, columns=columns).to_pylist()
+            if len(rows) != n:
+                raise ValueError(f"read {len(rows)} rows, the footer says {n}")
+        except Exception as e:  # noqa: BLE001 - a corrupt page costs its rows, not the manifest
+            for j in range(n):
+                yield _reject(f"{name}#{i + j}", "unreadable manifest row", f"row group {g}: {type(e).__name__}: {e}")
+            i += n
             continue
-        meta = {k: row[k] for k in ("caption", "url", "key") if row.get(k) is not None}
-        yield Record(source=f"{manifest.name}#{i}:{raw}", path=str(p), offset=0, length=size, meta=meta)
+        for row in rows:
+            yield _manifest_row(row.get("path"), f"{name}#{i}", manifest, roots, max_bytes, row)
+            i += 1
 
 
-def iter_partition(spec: PartitionSpec, max_member_bytes: int = 50_000_000) -> Iterator[Record]:
+def iter_partition(
+    spec: PartitionSpec, max_member_bytes: int = 50_000_000, manifest_roots: tuple[str, ...] | None = None
+) -> Iterator[Record]:
+    """Every input unit of a partition as a Record: an image to read (never larger than
+    max_member_bytes: loose files, tar members and manifest rows are sized before they are read)
+    or a reject. manifest_roots: folders manifest rows may point into besides the manifest's own
+    and the input root (default: LINEUP_MANIFEST_ROOTS)."""
     if spec.kind == "files":
-        yield from _iter_files(spec)
+        yield from _iter_files(spec, max_member_bytes)
     elif spec.kind == "tar":
         yield from _iter_tar(spec, max_member_bytes)
     elif spec.kind == "parquet":
-        yield from _iter_parquet(spec)
+        roots = manifest_roots_from_env() if manifest_roots is None else tuple(os.path.realpath(r) for r in manifest_roots)
+        yield from _iter_parquet(spec, max_member_bytes, roots)
     else:
         raise ValueError(f"unknown partition kind {spec.kind!r}")
 
@@ -362,37 +530,41 @@ def count_partition_inputs(spec: PartitionSpec) -> int:
     """How many input units a partition holds, by listing its source again, independently of
     :func:`iter_partition`: loose files; manifest rows; tar members (a sample's .json/.txt sidecars
     count only when the sample has nothing else). Every unit ends as an image row or a reject row, so
-    this is what the ``images`` table and the rejects must add up to."""
+    this is what the ``images`` table and the rejects must add up to. An unreadable manifest or tar
+    is one unit; a tar that stops early (a header that does not parse) adds one."""
     if spec.kind == "files":
         return len(spec.members)
     if spec.kind == "parquet":
         try:
             meta = pq.ParquetFile(spec.path)
+            if "path" not in meta.schema_arrow.names:
+                return 1
+            md = meta.metadata
+            per_group = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
         except Exception:  # noqa: BLE001 - an unreadable manifest is one reject
             return 1
-        return meta.metadata.num_rows if "path" in meta.schema_arrow.names else 1
+        # a footer whose total disagrees with its row groups cannot be read row by row: one reject
+        return md.num_rows if md.num_rows >= 0 and min(per_group, default=0) >= 0 and sum(per_group) == md.num_rows else 1
     if spec.kind == "tar":
         try:
-            tf = tarfile.open(spec.path, mode="r:")
-        except (tarfile.TarError, OSError):
+            tarfile.open(spec.path, mode="r:").close()
+        except Exception:  # noqa: BLE001 - the "unreadable tar" reject
             return 1
         units, groups = 0, {}
-        try:
-            with tf:
-                for m in tf:
-                    if m.isdir() and not _member_problem(m):
-                        continue
-                    pure = PurePosixPath(m.name)
-                    if _member_problem(m) or "." not in pure.name:
-                        units += 1
-                        continue
-                    stem, ext = pure.name.split(".", 1)
-                    key = str(pure.parent / stem)
-                    if ext.lower() in ("json", "txt"):
-                        groups.setdefault(key, 0)
-                    else:
-                        groups[key] = groups.get(key, 0) + 1
-        except tarfile.TarError:
-            units += 1  # the "corrupt tar" reject
+        members, stopped = _tar_members(Path(spec.path))
+        for m in members:
+            if m.isdir() and not _member_problem(m):
+                continue
+            pure = PurePosixPath(m.name)
+            if _member_problem(m) or "." not in pure.name:
+                units += 1
+                continue
+            stem, ext = pure.name.split(".", 1)
+            key = str(pure.parent / stem)
+            if ext.lower() in ("json", "txt"):
+                groups.setdefault(key, 0)
+            else:
+                groups[key] = groups.get(key, 0) + 1
+        units += 1 if stopped else 0  # the "corrupt tar" reject
         return units + sum(n if n else 1 for n in groups.values())
     raise ValueError(f"unknown partition kind {spec.kind!r}")

@@ -1,14 +1,17 @@
 import io
+import os
 import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from pipeline.ids import content_uid
-from pipeline.ingest import ingest_partition
-from pipeline.sources import iter_partition, load_registry, register_new_inputs
+from pipeline.ingest import IngestLimits, ingest_partition
+from pipeline.sources import count_partition_inputs, iter_partition, load_registry, register_new_inputs
+from pipeline.storage import write_parquet_atomic
 
 
 def _jpeg_bytes(seed: int, size=(48, 64)) -> bytes:
@@ -71,9 +74,10 @@ def test_tar_safety_and_offsets(tmp_path):
     assert (inp / "shard-0001.tar").read_bytes()[row["offset"] : row["offset"] + row["length"]] == good
     reasons = res.rejects.counts_by_reason()
     assert reasons["unsafe tar member"] == 3
-    assert reasons["member not ingested"] == 1  # the pickle is never decoded
-    assert reasons["sample has no image"] == 2  # 000002 (only a pickle) and 000003 (only json)
+    assert reasons["member not ingested"] == 1  # 000002's pickle is never decoded; it is that sample's one reject
+    assert reasons["sample has no image"] == 1  # 000003 (only json)
     assert res.reconciles()
+    assert count_partition_inputs(spec) == res.accepted + len(res.rejects) == 6
 
 
 def test_parquet_manifest_and_missing_files(tmp_path):
@@ -170,3 +174,209 @@ def test_one_collection_one_face_model(tmp_path):
     with pytest.raises(MixedFaceModels, match="one collection, one face model") as e:
         load_collection(layout)
     assert keys[0] in str(e.value) and keys[1] in str(e.value) and "512-d" in str(e.value)
+
+
+# ---------------------------------------------------------------- limits checked before reading
+
+LIMIT = 1_000_000
+
+
+def _sparse(path, size):
+    """A file that claims `size` bytes and takes no disk space: reading it would take minutes and
+    `size` bytes of memory, so a reader that reads before checking would be caught."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every (path, offset, length) read through pipeline.sources.read_bytes; reading a file of more
+    than LIMIT bytes fails the test instead of filling memory."""
+    from pipeline import sources
+
+    seen, real = [], sources.read_bytes
+
+    def spy(path, offset, length):
+        seen.append((path, offset, length))
+        assert length <= LIMIT, f"read {length} bytes of {path} past the {LIMIT}-byte limit"
+        return real(path, offset, length)
+
+    monkeypatch.setattr(sources, "read_bytes", spy)
+    return seen
+
+
+def test_oversized_loose_file_is_rejected_unread(tmp_path, reads):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _sparse(inp / "huge.jpg", 64 * 2**30)  # 64 GiB
+    (inp / "small.jpg").write_bytes(_jpeg_bytes(11))
+    (spec,) = register_new_inputs(inp, tmp_path / "reg")
+    res = ingest_partition(spec, IngestLimits(max_bytes=LIMIT))
+    assert res.accepted == 1
+    (reject,) = res.rejects.rows
+    assert reject["source"] == "huge.jpg" and reject["reason"] == "file too large" and str(64 * 2**30) in reject["detail"]
+    assert [r[0] for r in reads] == [str(inp / "small.jpg")]
+
+
+def test_oversized_manifest_row_is_rejected_unread(tmp_path, reads):
+    inp = tmp_path / "in"
+    (inp / "imgs").mkdir(parents=True)
+    _sparse(inp / "imgs" / "huge.png", 64 * 2**30)
+    (inp / "imgs" / "ok.jpg").write_bytes(_jpeg_bytes(12))
+    pq.write_table(pa.table({"path": ["imgs/huge.png", "imgs/ok.jpg"]}), inp / "m.parquet")
+    spec = next(s for s in register_new_inputs(inp, tmp_path / "reg") if s.kind == "parquet")
+    res = ingest_partition(spec, IngestLimits(max_bytes=LIMIT))
+    assert res.accepted == 1 and res.rejects.counts_by_reason() == {"file too large": 1}
+    assert [r[0] for r in reads] == [str((inp / "imgs" / "ok.jpg").resolve())]
+
+
+def test_oversized_tar_member_is_rejected_unread(tmp_path, reads):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    with tarfile.open(inp / "s.tar", "w") as tf:
+        _add(tf, "a.jpg", _jpeg_bytes(13))
+        _add(tf, "b.jpg", _jpeg_bytes(14))
+    raw = bytearray((inp / "s.tar").read_bytes())
+    # b.jpg's header (after a.jpg's header and data) claims 8 GiB - 1: the data is not there at all
+    b_header = 512 + (len(_jpeg_bytes(13)) + 511) // 512 * 512
+    raw[b_header + 124 : b_header + 136] = b"77777777777\0"
+    raw[b_header + 148 : b_header + 156] = b" " * 8
+    raw[b_header + 148 : b_header + 156] = b"%06o\0 " % sum(raw[b_header : b_header + 512])
+    (inp / "s.tar").write_bytes(bytes(raw))
+    (spec,) = register_new_inputs(inp, tmp_path / "reg")
+    res = ingest_partition(spec, IngestLimits(max_bytes=LIMIT))
+    assert res.accepted == 1
+    assert res.rejects.counts_by_reason()["file too large"] == 1
+    assert count_partition_inputs(spec) == res.accepted + len(res.rejects)
+
+
+@pytest.mark.timeout(60)  # a reader that opens the FIFO blocks forever
+def test_fifo_and_folder_are_never_opened(tmp_path):
+    inp = tmp_path / "in"
+    (inp / "imgs").mkdir(parents=True)
+    os.mkfifo(inp / "imgs" / "pipe.jpg")
+    (inp / "imgs" / "folder.jpg").mkdir()
+    pq.write_table(pa.table({"path": ["imgs/pipe.jpg", "imgs/folder.jpg", "/dev/zero.jpg"]}), inp / "m.parquet")
+    spec = next(s for s in register_new_inputs(inp, tmp_path / "reg") if s.kind == "parquet")
+    res = ingest_partition(spec, IngestLimits(manifest_roots=("/dev",)))
+    assert res.accepted == 0
+    assert res.rejects.counts_by_reason() == {"not a regular file": 2, "file not found": 1}
+
+
+# ---------------------------------------------------------------- manifest paths stay inside their roots
+
+
+def _manifest_world(tmp_path):
+    """in/m.parquet with imgs/ beside it; elsewhere/ outside the input; a link inside pointing out."""
+    inp, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    (inp / "imgs" / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (inp / "imgs" / "in.jpg").write_bytes(_jpeg_bytes(21))
+    (elsewhere / "out.jpg").write_bytes(_jpeg_bytes(22))
+    os.symlink(elsewhere / "out.jpg", inp / "imgs" / "link-out.jpg")
+    os.symlink(inp / "imgs" / "in.jpg", inp / "imgs" / "link-in.jpg")
+    return inp, elsewhere
+
+
+def _ingest_manifest(tmp_path, inp, paths, limits=None):
+    pq.write_table(pa.table({"path": paths}), inp / "m.parquet")
+    spec = next(s for s in register_new_inputs(inp, tmp_path / "reg") if s.kind == "parquet")
+    res = ingest_partition(spec, limits or IngestLimits(manifest_roots=()))
+    assert count_partition_inputs(spec) == res.accepted + len(res.rejects)
+    return res
+
+
+def test_manifest_paths_outside_are_refused(tmp_path):
+    inp, elsewhere = _manifest_world(tmp_path)
+    res = _ingest_manifest(tmp_path, inp, [
+        str(elsewhere / "out.jpg"),  # absolute, elsewhere
+        "../elsewhere/out.jpg",  # '..' escape
+        "imgs/../../elsewhere/out.jpg",  # '..' escape through a real folder
+        "imgs/link-out.jpg",  # a symlink inside that leads out
+        "/etc/passwd.jpg",
+    ])
+    assert res.accepted == 0
+    assert res.rejects.counts_by_reason() == {"path outside allowed roots": 5}
+    assert all(str(elsewhere) not in (r.get("path") or "") for r in res.images.to_pylist())
+
+
+def test_manifest_paths_inside_are_read(tmp_path):
+    inp, _ = _manifest_world(tmp_path)
+    res = _ingest_manifest(tmp_path, inp, [
+        "imgs/in.jpg",
+        str(inp / "imgs" / "in.jpg"),  # absolute but inside: a duplicate of the first
+        "imgs/sub/../in.jpg",  # a '..' that stays inside
+        "imgs/link-in.jpg",  # a link that stays inside: read at its real path
+    ])
+    assert res.accepted == 1 and res.duplicates == 3
+    assert res.images.column("path").to_pylist() == [str((inp / "imgs" / "in.jpg").resolve())]
+
+
+def test_configured_roots_allow_more(tmp_path, monkeypatch):
+    inp, elsewhere = _manifest_world(tmp_path)
+    paths = [str(elsewhere / "out.jpg"), "imgs/link-out.jpg"]
+    monkeypatch.setenv("LINEUP_MANIFEST_ROOTS", os.pathsep.join(["/nonexistent", str(elsewhere)]))
+    res = _ingest_manifest(tmp_path, inp, paths, IngestLimits())  # the default reads the environment
+    assert res.accepted == 1 and res.duplicates == 1  # both lead to the same file
+    monkeypatch.delenv("LINEUP_MANIFEST_ROOTS")
+    res = _ingest_manifest(tmp_path / "again", inp, paths, IngestLimits(manifest_roots=(str(elsewhere),)))
+    assert res.accepted == 1
+
+
+def test_manifest_rows_of_the_wrong_type_are_rejected(tmp_path):
+    inp, _ = _manifest_world(tmp_path)
+    pq.write_table(pa.table({"path": pa.array([1, 2], pa.int64()), "caption": ["a", "b"]}), inp / "ints.parquet")
+    pq.write_table(pa.table({"path": pa.array([b"imgs/in.jpg", b"\xff.jpg"], pa.binary()),
+                             "caption": pa.array([{"k": 1}, None])}), inp / "bytes.parquet")
+    specs = {s.key: s for s in register_new_inputs(inp, tmp_path / "reg") if s.kind == "parquet"}
+    ints = ingest_partition(specs["parquet-ints"])
+    assert ints.accepted == 0 and ints.rejects.counts_by_reason() == {"bad path value": 2}
+    got = ingest_partition(specs["parquet-bytes"])
+    assert got.accepted == 1 and got.rejects.counts_by_reason() == {"bad path value": 1}
+    assert got.images.column("caption").to_pylist() == ['{"k": 1}']  # a struct caption, kept as JSON text
+
+
+# ---------------------------------------------------------------- odd tar shards and file names
+
+
+def test_tar_duplicates_odd_sidecars_and_a_bad_header(tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    with tarfile.open(inp / "s.tar", "w") as tf:
+        _add(tf, "k1.jpg", _jpeg_bytes(31))
+        _add(tf, "k1.json", b'{"caption": 5, "url": ["x"]}')  # not text: kept as text
+        _add(tf, "k1.jpg", _jpeg_bytes(32))  # the same name twice
+        _add(tf, "k2.jpg", _jpeg_bytes(33))
+        _add(tf, "k2.json", b"[" * 100_000 + b"]" * 100_000)  # deeper than the JSON parser recurses
+        _add(tf, "k3.jpg", _jpeg_bytes(34))
+        _add(tf, "k4.jpg", _jpeg_bytes(35))
+    raw = bytearray((inp / "s.tar").read_bytes())
+    # break k4.jpg's header: tarfile stops listing there without an error
+    k4 = raw.index(b"k4.jpg")
+    raw[k4 + 148 : k4 + 156] = b"0000000\0"
+    (inp / "s.tar").write_bytes(bytes(raw))
+    (spec,) = register_new_inputs(inp, tmp_path / "reg")
+    res = ingest_partition(spec)
+    captions = {r["source"]: r["caption"] for r in res.images.to_pylist()}
+    assert captions == {"s.tar/k1": "5", "s.tar/k2": None, "s.tar/k3": None}
+    reasons = res.rejects.counts_by_reason()
+    assert reasons == {"duplicate tar member": 1, "corrupt tar": 1}  # k4 is not silently lost
+    assert count_partition_inputs(spec) == res.accepted + len(res.rejects) == 5
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / os.fsdecode(b"caf\xe9.jpg")).write_bytes(_jpeg_bytes(41))  # Latin-1 name
+    (inp / "ok.jpg").write_bytes(_jpeg_bytes(42))
+    with tarfile.open(inp / "s.tar", "w", format=tarfile.GNU_FORMAT) as tf:
+        _add(tf, os.fsdecode(b"\xff.jpg"), _jpeg_bytes(43))
+    specs = register_new_inputs(inp, tmp_path / "reg")
+    files = ingest_partition(next(s for s in specs if s.kind == "files"))
+    assert files.accepted == 1 and files.rejects.counts_by_reason() == {"file name not UTF-8": 1}
+    assert files.rejects.rows[0]["source"] == "caf\\udce9.jpg"
+    shard = ingest_partition(next(s for s in specs if s.kind == "tar"))
+    assert shard.accepted == 1 and shard.images.column("source").to_pylist() == ["s.tar/\\udcff"]
+    for res in (files, shard):  # both tables can be written
+        write_parquet_atomic(res.images, tmp_path / "t" / "images.parquet")
+        write_parquet_atomic(res.rejects.to_table(), tmp_path / "t" / "rejects.parquet")
