@@ -53,7 +53,7 @@ ui: $(STAMP)
 forget: $(STAMP)
 	$(PY) -m assets.forget $(if $(filter command line,$(origin PHOTO)),--photo "$(PHOTO)") $(if $(filter command line,$(origin IMAGE)),--image "$(IMAGE)") $(if $(filter command line,$(origin USER)),--user "$(USER)") $(if $(filter command line,$(origin IDENTITY)),--identity "$(IDENTITY)")
 
-# a longer, randomised soak of the input fuzzers (CI runs a fixed ~45 s set in `make test`)
+# a longer, randomised soak of the input fuzzers (CI runs a fixed ~40 s set in `make test`)
 FUZZ_EXAMPLES ?= 3000
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=0 --hypothesis-show-statistics tests/test_fuzz_inputs.py

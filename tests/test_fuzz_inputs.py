@@ -7,7 +7,7 @@ The property: nothing raises, every input ends as an image row or a reject row w
 count agrees with pipeline.sources.count_partition_inputs (which lists the source again on its own).
 CSV files are not an image-manifest kind: in the input folder they are loose files to reject.
 
-Budget: the @_budget numbers, about 45 s for the file on 2 shared cores, with derandomize=True so CI
+Budget: the @_budget numbers, about 40 s for the file on 2 shared cores, with derandomize=True so CI
 runs the same inputs every time. FUZZ_EXAMPLES=<n> sets every test to n examples and FUZZ_RANDOM=1
 draws new inputs each run: `make fuzz` is that soak; a failure prints its @reproduce_failure blob.
 """
@@ -335,7 +335,7 @@ def tar_shard(draw) -> bytes:
     return Blob(data)
 
 
-@_budget(250)
+@_budget(200)
 @given(st.lists(tar_shard(), min_size=1, max_size=2), st.data())
 def test_fuzzed_tar_shards_end_processed_or_rejected(shards, data):
     limits = _limits(data.draw)
@@ -398,7 +398,7 @@ def _populate_manifest_folder(root: Path) -> Path:
     return inp
 
 
-@_budget(200)
+@_budget(160)
 @given(st.data())
 def test_fuzzed_parquet_manifests_end_processed_or_rejected(data):
     limits = _limits(data.draw)
@@ -443,7 +443,7 @@ def loose_file(draw) -> tuple[str, bytes]:
     return stem + draw(st.sampled_from([".gif", "", ".tar.gz", ".md"])), draw(st.binary(max_size=64))
 
 
-@_budget(150)
+@_budget(120)
 @given(st.lists(loose_file(), min_size=1, max_size=8), st.integers(1, 4), st.data())
 def test_fuzzed_loose_files_end_processed_or_rejected(files, batch_size, data):
     limits = _limits(data.draw)
