@@ -46,7 +46,7 @@ run: $(STAMP)
 ui: $(STAMP)
 	@echo "Dagster UI on the instance in $(UI_HOME)/dagster"
 	LINEUP_HOME=$(UI_HOME) DAGSTER_HOME=$(UI_HOME)/dagster $(PY) -m assets.instance
-	LINEUP_HOME=$(UI_HOME) DAGSTER_HOME=$(UI_HOME)/dagster $(VENV)/bin/dagster dev -w workspace.yaml
+	LINEUP_HOME=$(UI_HOME) DAGSTER_HOME=$(UI_HOME)/dagster LINEUP_MANIFEST_ROOTS=$${LINEUP_MANIFEST_ROOTS:-$(DEMO_HOME)/cache} $(VENV)/bin/dagster dev -w workspace.yaml
 
 # make forget PHOTO=<photo of the person> | IMAGE=<source path or uid> | USER=<social user id> | IDENTITY=<id>
 # (only what is given on the command line counts: $$USER of the shell is not a removal request)

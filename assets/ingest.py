@@ -43,6 +43,8 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "reject_reasons": dg.MetadataValue.json(reasons),
             "seconds": round(res.seconds, 3),
             "inputs_per_s": round(res.stats["images_per_s"], 1),
+            "orientation_fallbacks": res.stats.get("orientation_fallbacks", 0),
+            "orientation_notes": dg.MetadataValue.json(dict(list(res.stats.get("orientation_notes", {}).items())[:20])),
             "kind": spec.kind,
             "rejects_preview": table_preview([{k: r[k] for k in ("source", "reason", "detail")} for r in res.rejects.rows]),
             "path": dg.MetadataValue.path(str(layout.partition_file("images", key))),

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from pipeline.decode import upright
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -40,7 +42,7 @@ def photo_files(folder: Path) -> list[Path]:
 
 def load_rgb(path: Path) -> np.ndarray:
     with Image.open(path) as im:
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        return np.asarray(upright(im).convert("RGB"))
 
 
 def collect_faces(folder: Path, files: list[Path] | None = None, backend=None) -> list[ParityImage]:

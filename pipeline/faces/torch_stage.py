@@ -188,7 +188,9 @@ def _nvjpeg_ok(data: bytes, max_pixels: int, max_bytes: int) -> bool:
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.width * im.height > max_pixels:
                 return False
-            return im.getexif().get(0x0112, 1) == 1
+            from pipeline.decode import read_orientation
+
+            return read_orientation(im) == (1, "")  # the CPU decoder's reading of the same header
     except Exception:  # noqa: BLE001 - anything odd goes to the CPU decoder, which names the reason
         return False
 

@@ -253,10 +253,12 @@ def boxes_overlap(a, b) -> bool:
 
 def ref_crop(data: bytes, bbox, margin: float, max_side: int, quality: int) -> tuple[bytes, list[float], list[float]]:
     """JPEG face crop: bbox grown by ``margin`` on each side, squared, clipped; (bytes, crop_box, bbox_in_crop)."""
-    from PIL import Image, ImageOps
+    from PIL import Image
+
+    from pipeline.decode import upright
 
     with Image.open(io.BytesIO(data)) as im0:
-        im = ImageOps.exif_transpose(im0).convert("RGB")
+        im = upright(im0).convert("RGB")
     x1, y1, x2, y2 = (float(v) for v in bbox)
     box = crop_box(bbox, margin, *im.size)
     crop = im.crop(tuple(box))

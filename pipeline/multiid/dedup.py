@@ -63,8 +63,10 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from scipy.fft import dctn
+
+from pipeline.decode import upright
 
 HASH_SIZE = 8
 HASH_IMG = 32
@@ -90,7 +92,7 @@ def hamming(a: np.ndarray, b: np.ndarray) -> int:
 
 def open_gray(data: bytes) -> Image.Image:
     im = Image.open(io.BytesIO(data))
-    im = ImageOps.exif_transpose(im)
+    im = upright(im)
     return im.convert("L")
 
 

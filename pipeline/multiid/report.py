@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.decode import upright
 
 ROW_H = 256
 REF_W = 160
@@ -14,7 +16,7 @@ COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30,
 
 def _open(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
+        return upright(im).convert("RGB")
 
 
 def contact_sheet(samples: list[dict], read_bytes) -> bytes:
