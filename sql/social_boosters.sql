@@ -6,7 +6,9 @@
 -- returned; build.py then asks how unlikely that many engaged images are if the user's
 -- propensity and the creator's appeal acted independently (a binomial tail), and flags users who
 -- are very unlikely alone, or unlikely together with others who give the same creator a large
--- share of all its engagement (creator_engaged_total). Inputs: user_image (social_user_image.sql), images_ok(image_id, creator_id).
+-- share of all its engagement (creator_engaged_total). Accounts already flagged by the other
+-- rules (flagged(user_id)) are left out of every rate: a farm's likes are not a creator's appeal.
+-- Inputs: user_image (social_user_image.sql), images_ok(image_id, creator_id), flagged(user_id).
 WITH per_image AS (
     SELECT
         u.user_id,
@@ -16,6 +18,7 @@ WITH per_image AS (
     FROM user_image u
     JOIN images_ok i ON i.image_id = u.image_id
     WHERE NOT u.is_self AND i.creator_id IS NOT NULL
+      AND u.user_id NOT IN (SELECT user_id FROM flagged)
     GROUP BY u.user_id, i.creator_id, u.image_id
 ),
 per_pair AS (

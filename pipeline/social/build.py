@@ -178,6 +178,11 @@ def build_social_pairs(
         load_sql("social_remix_rings"),
         {"min_remixes": cfg.ring_min_remixes, "min_partners": cfg.ring_min_partners},
     )
+    flagged = sorted(
+        set(activity.filter(pc.field("is_bot")).column("user_id").to_pylist())
+        | set(rings.column("user_id").to_pylist())
+    )
+    con.register("flagged", pa.table({"user_id": pa.array(flagged, pa.string())}))
     boosters = _q(
         con,
         load_sql("social_boosters"),
