@@ -1,13 +1,25 @@
-"""Benchmark of the social preference-pair builder against the naive rule, on a simulated log.
+"""Benchmark of the social preference-pair builder on simulated logs: this code against the naive
+rule and against an earlier commit of itself, in the same run.
 
-    .venv/bin/python bench/bench_social.py                      # 10 M events, 3 repeats
-    .venv/bin/python bench/bench_social.py --events 1000000 --repeats 1 --exports
+    .venv/bin/python bench/bench_social.py --events 2000000 --repeats 1 --exports --held-out
+    .venv/bin/python bench/bench_social.py                      # 10 M events, 3 repeats, exports
 
-Simulates a community (pipeline/social/simulate.py), then runs build_social_pairs `repeats`
-times on it (baseline=True computes the naive rule on the same accepted events in the same run)
-and reports medians: wall time, precision against the known latent quality (per-user pairs:
-the user's utility), yield (pairs per 1000 input events), and the naive rule's precision and
-yield. Prints a markdown table and writes JSON to bench/results/.
+A log is simulated (pipeline/social/simulate.py, with bots of four kinds), then built `repeats`
+times by this code and, with --before-commit (default b7335c2, the code before issue 11), by that
+commit's code (git archive into a temp folder, run in a subprocess on the same log; the two
+alternate within each repeat). Reported, as medians over repeats:
+- the default Pick-a-Pic export's train split, read back from disk: rows, distinct image pairs,
+  pairs that appear with both winners (and their rows), and precision against the simulator's
+  latent quality (the share of rows whose preferred image is truly better: what a trainer that
+  reads every row learns);
+- population pairs: precision and yield (pairs / the naive rule's pairs), the naive rule's own;
+- per-user pairs: precision against the user's own utility;
+- bot accounts caught and slipped, per kind (this code; the old code only reports a count);
+- wall and CPU seconds of each build (CPU counts all DuckDB threads; both sides use the same
+  thread count).
+--held-out also builds logs with other seeds and parameters that no test or default was chosen
+on (one run each, both codes). --weights compares engagement weightings by precision at 0.6x
+the naive yield. Prints markdown and writes JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,11 +39,40 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.social import SocialConfig, build_social_pairs
-from pipeline.social.evaluate import precision
+from pipeline.social.evaluate import bot_detection, export_report, load_truth, precision
 from pipeline.social.simulate import SimConfig, simulate
+
+# logs with other seeds and parameters than the tests and the defaults were chosen on
+HELD_OUT = {
+    "seed 202, groups of 3-12 images, half the prompt pages": {
+        "seed": 202,
+        "gallery_frac": 0.15,
+        "images_per_prompt": (3, 12),
+    },
+    "seed 303, 5,000 users, 80% self-engagement": {"seed": 303, "n_users": 5000, "self_engage_frac": 0.8},
+    "seed 404, featured boost 25, 10 days": {"seed": 404, "featured_boost": 25.0, "n_days": 10},
+    "seed 101, stronger taste (sd 0.8): stress": {"seed": 101, "taste_sd": 0.8, "featured_boost": 25.0},
+}
+
+OLD_BUILD = r"""
+import json, sys, time
+from pathlib import Path
+from pipeline.social import SocialConfig, build_social_pairs
+social, out, exports = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+cfg = SocialConfig(export_webdataset=exports, export_pickapic=exports)
+t, c = time.perf_counter(), time.process_time()
+r = build_social_pairs(social, out, cfg, baseline=True)
+import pyarrow.parquet as pq
+pq.write_table(r.baseline, out / "baseline_pairs.parquet")
+print(json.dumps({"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c,
+                  "bots_flagged": r.stats["bots_flagged"], "events_in": r.stats["events_in"]}))
+"""
 
 
 def _cpu() -> str:
@@ -43,169 +85,271 @@ def _cpu() -> str:
     return platform.processor() or "unknown"
 
 
+def _with_user(t: pa.Table) -> pa.Table:
+    return t if "user_id" in t.column_names else t.append_column("user_id", pa.nulls(t.num_rows, pa.string()))
+
+
+def _pairs_report(pairs: pa.Table, naive: pa.Table, truth: Path) -> dict:
+    ours = precision(pairs, truth)
+    base = precision(_with_user(naive), truth)
+    return {
+        "population_pairs": ours["population_pairs"],
+        "population_precision": ours["population_precision"],
+        "naive_pairs": base["population_pairs"],
+        "naive_precision": base["population_precision"],
+        "yield_vs_naive": ours["population_pairs"] / max(base["population_pairs"], 1),
+        "user_pairs": ours["user_pairs"],
+        "user_precision": float(ours["user_precision"]),
+    }
+
+
+def run_after(social: Path, truth: Path, out: Path | None, exports: bool) -> dict:
+    cfg = SocialConfig(export_webdataset=exports, export_pickapic=exports)
+    t, c = time.perf_counter(), time.process_time()
+    r = build_social_pairs(social, out, cfg, baseline=True)
+    res = {"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c}
+    res |= _pairs_report(r.pairs, r.baseline, truth)
+    res["bots"] = bot_detection(r.bots, truth)
+    res["bots_flagged"] = r.stats["bots_flagged"]
+    res["expected_fdr"] = r.stats["expected_fdr"]
+    res["prior"] = r.stats["prior"]
+    if exports and out is not None:
+        res["export"] = export_report(out / "pickapic", out, truth)
+        res["per_user_export"] = export_report(out / "per_user" / "pickapic", out, truth)
+    return res
+
+
+def run_before(code: Path, social: Path, truth: Path, out: Path, exports: bool) -> dict:
+    """The old commit's builder in a subprocess (its own package first on sys.path), then the same
+    measurements on what it wrote."""
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", OLD_BUILD, str(social), str(out), "1" if exports else "0"],
+        cwd=code,
+        env={**os.environ, "PYTHONPATH": str(code)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    pairs = pq.read_table(out / "social_pairs.parquet")
+    res |= _pairs_report(pairs, pq.read_table(out / "baseline_pairs.parquet"), truth)
+    if exports:
+        res["export"] = export_report(out / "pickapic", out, truth)
+    return res
+
+
+def checkout(commit: str, into: Path) -> Path:
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def precision_at_yield(social: Path, truth: Path, weights: dict | None, target: float = 0.6) -> dict:
+    """Every candidate pair ranked by the posterior (all kept: fdr_level 0.49, min_prob 0.5), the
+    top target x naive pairs taken: their precision. Compares weightings at an equal yield."""
+    kw = {} if weights is None else {"weights": weights}
+    cfg = SocialConfig(export_webdataset=False, export_pickapic=False, fdr_level=0.49, min_prob=0.5, **kw)
+    r = build_social_pairs(social, None, cfg, baseline=True)
+    pop = r.pairs.filter(pc.equal(r.pairs.column("kind"), "population")).to_pydict()
+    quality = {i: q for i, (q, _) in load_truth(truth)[0].items()}
+    ok = np.array([quality[w] > quality[l_] for w, l_ in zip(pop["winner_image_id"], pop["loser_image_id"])])
+    order = np.argsort(-np.array(pop["prob_margin"]), kind="stable")
+    k = int(target * r.baseline.num_rows)
+    return {"pairs": k, "precision": float(ok[order[:k]].mean()) if 0 < k <= ok.size else None}
+
+
+def _median_runs(runs: list[dict]) -> dict:
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {k: statistics.median(r[k] for r in runs) for k in keys}
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return f"{v:,}"
+
+
+def _export_rows(label: str, e: dict | None) -> str:
+    if not e:
+        return f"| {label} | - | - | - | - |"
+    return (
+        f"| {label} | {e['rows']:,} | {e['distinct_pairs']:,} | {e['contradicting_pairs']:,} pairs, "
+        f"{e['rows_in_contradicting_pairs']:,} rows | {_fmt(e['precision'])} |"
+    )
+
+
+def _bots_line(b: dict) -> str:
+    kinds = ", ".join(f"{k} {v['caught']}/{v['total']}" for k, v in b["by_kind"].items())
+    false = sum(b["false_flags_by_rule"].values())
+    return f"caught {kinds}; {false} of {b['people']:,} people flagged ({b['false_flags_by_rule'] or 'none'})"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--exports", action="store_true", help="also write WebDataset + Pick-a-Pic exports (timed)"
-    )
-    ap.add_argument(
-        "--workdir", type=Path, default=None, help="where the simulated log goes (default: a temp dir)"
-    )
-    ap.add_argument("--keep", action="store_true", help="keep the simulated log and outputs")
+    ap.add_argument("--exports", action="store_true", help="write and measure the exports (timed)")
+    ap.add_argument("--before-commit", default="b7335c2", help="earlier code to compare with ('' to skip)")
+    ap.add_argument("--held-out", action="store_true", help="also the held-out logs (one run each)")
+    ap.add_argument("--held-out-events", type=int, default=1_000_000)
+    ap.add_argument("--weights", action="store_true", help="compare engagement weightings")
+    ap.add_argument("--workdir", type=Path, default=None, help="where logs and outputs go (default: temp)")
+    ap.add_argument("--keep", action="store_true", help="keep the simulated logs and outputs")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    ap.add_argument(
-        "--ablations",
-        action="store_true",
-        help="one extra run each without audience strata, without bot exclusion, without self exclusion",
-    )
     args = ap.parse_args(argv)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_social_"))
-    social, truth = work / "social", work / "social_truth"
-    sim_cfg = SimConfig(n_events=args.events, seed=args.seed)
-    t0 = time.perf_counter()
-    summary = simulate(social, truth, sim_cfg)
-    sim_s = time.perf_counter() - t0
+    work.mkdir(parents=True, exist_ok=True)
+    old_code = checkout(args.before_commit, work / "before_code") if args.before_commit else None
+
+    def simulated(name: str, cfg: SimConfig) -> tuple[Path, Path, dict, float]:
+        social, truth = work / name / "social", work / name / "truth"
+        if social.exists():
+            shutil.rmtree(work / name)
+        t = time.perf_counter()
+        s = simulate(social, truth, cfg)
+        return social, truth, s, time.perf_counter() - t
+
+    social, truth, summary, sim_s = simulated("main", SimConfig(n_events=args.events, seed=args.seed))
     print(
         f"simulated {summary['events']:,} events, {summary['images']:,} images, {summary['users']:,} users, "
-        f"{summary['bots']} bots in {sim_s:.1f}s",
+        f"{summary['bots']} bots {summary['bots_by_kind']} in {sim_s:.1f}s",
         flush=True,
     )
-
-    cfg = SocialConfig(export_webdataset=args.exports, export_pickapic=args.exports)
-    runs = []
+    after_runs, before_runs = [], []
     for rep in range(args.repeats):
-        out = work / f"out_{rep}" if args.exports else None
-        t = time.perf_counter()
-        r = build_social_pairs(social, out, cfg, baseline=True)
-        wall = time.perf_counter() - t
-        ours = precision(r.pairs, truth)
-        naive = precision(
-            r.baseline.append_column("user_id", pa.nulls(r.baseline.num_rows, pa.string())), truth
-        )
-        n_ev = r.stats["events_in"]
-        run = {
-            "wall_s": wall,
-            "pairs_s": wall
-            - sum(v for k, v in r.stats["timings_s"].items() if k.startswith(("export", "write"))),
-            "timings_s": r.stats["timings_s"],
-            "events_in": n_ev,
-            "population_pairs": ours["population_pairs"],
-            "population_precision": ours["population_precision"],
-            "population_yield_per_1k": 1000 * ours["population_pairs"] / n_ev,
-            "user_pairs": ours["user_pairs"],
-            "user_precision": float(ours["user_precision"]),
-            "user_yield_per_1k": 1000 * ours["user_pairs"] / n_ev,
-            "naive_pairs": naive["population_pairs"],
-            "naive_precision": naive["population_precision"],
-            "naive_yield_per_1k": 1000 * naive["population_pairs"] / n_ev,
-            "bots_flagged": r.stats["bots_flagged"],
-            "ties_dropped": r.stats["pairs_dropped_tie"],
-            "weak_dropped": r.stats["pairs_dropped_weak"],
-            "low_exposure_dropped": r.stats["pairs_dropped_low_exposure"],
-        }
-        runs.append(run)
-        print(
-            f"run {rep + 1}/{args.repeats}: {wall:.1f}s, population precision {run['population_precision']:.4f} "
-            f"({run['population_pairs']:,} pairs), naive {run['naive_precision']:.4f} ({run['naive_pairs']:,})",
-            flush=True,
-        )
-        if out is not None and not args.keep:
+        out = work / "main" / f"after_{rep}"
+        a = run_after(social, truth, out if args.exports else None, args.exports)
+        after_runs.append(a)
+        msg = f"run {rep + 1}/{args.repeats}: after {a['wall_s']:.1f}s wall {a['cpu_s']:.1f}s CPU"
+        if old_code is not None:
+            b = run_before(old_code, social, truth, work / "main" / f"before_{rep}", args.exports)
+            before_runs.append(b)
+            msg += f"; before {b['wall_s']:.1f}s wall {b['cpu_s']:.1f}s CPU"
+        print(msg, flush=True)
+        if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(work / "main" / f"before_{rep}", ignore_errors=True)
 
-    ablations = {}
-    if args.ablations:
-        import dataclasses
-
-        variants = {
-            "no_strata": {"stratum_column": None},
-            "no_bot_exclusion": {"bot_max_events_per_day": 1e12, "bot_max_positive_ratio": 1e12},
-            "no_self_exclusion": {"exclude_self": False},
-            "level_0.99": {"level": 0.99},
-        }
-        for name, change in variants.items():
-            c = dataclasses.replace(cfg, export_webdataset=False, export_pickapic=False, **change)
-            r = build_social_pairs(social, None, c)
-            p = precision(r.pairs, truth)
-            ablations[name] = {
-                "change": change,
-                "population_pairs": p["population_pairs"],
-                "population_precision": p["population_precision"],
-                "user_pairs": p["user_pairs"],
-                "user_precision": float(p["user_precision"]),
-            }
-            print(
-                f"ablation {name}: {p['population_pairs']:,} pairs, precision {p['population_precision']:.4f}; "
-                f"user {p['user_pairs']:,} at {float(p['user_precision']):.4f}",
-                flush=True,
+    held_out = {}
+    if args.held_out:
+        for name, params in HELD_OUT.items():
+            s_dir, t_dir, s_sum, _ = simulated(
+                f"held_{params['seed']}", SimConfig(n_events=args.held_out_events, **params)
             )
+            entry = {"params": params, "events": s_sum["events"]}
+            entry["after"] = run_after(s_dir, t_dir, work / f"held_{params['seed']}" / "after", True)
+            if old_code is not None:
+                entry["before"] = run_before(
+                    old_code, s_dir, t_dir, work / f"held_{params['seed']}" / "before", True
+                )
+            held_out[name] = entry
+            print(f"held-out {name}: done", flush=True)
+            if not args.keep:
+                shutil.rmtree(work / f"held_{params['seed']}", ignore_errors=True)
 
-    def med(key):
-        return statistics.median(r[key] for r in runs)
+    weights = {}
+    if args.weights:
+        for name, w in (
+            ("breadth first (default)", None),
+            ("remix first (before)", {"click": 0.25, "like": 0.5, "save": 0.6, "share": 0.7, "remix": 1.0}),
+            ("equal", {"click": 1.0, "like": 1.0, "save": 1.0, "share": 1.0, "remix": 1.0}),
+        ):
+            weights[name] = precision_at_yield(social, truth, w)
 
+    after_m = _median_runs(after_runs)
+    before_m = _median_runs(before_runs) if before_runs else None
     result = {
         "benchmark": "social_pairs",
         "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "duckdb_threads": "default (= cores) on both sides",
         "events": summary["events"],
         "images": summary["images"],
         "users": summary["users"],
-        "bots": summary["bots"],
+        "bots": summary["bots_by_kind"],
         "simulate_s": sim_s,
         "repeats": args.repeats,
         "exports": args.exports,
-        "config": cfg.to_dict(),
-        "median": {k: med(k) for k in runs[0] if k != "timings_s"},
-        "median_timings_s": {
-            k: statistics.median(r["timings_s"][k] for r in runs) for k in runs[0]["timings_s"]
-        },
-        "runs": runs,
-        "ablations": ablations,
+        "before_commit": args.before_commit or None,
+        "config": SocialConfig().to_dict(),
+        "after": {"median": after_m, "runs": after_runs},
+        "before": {"median": before_m, "runs": before_runs} if before_runs else None,
+        "held_out": held_out,
+        "weights_at_0.6x_naive": weights,
     }
-    m = result["median"]
-    m["yield_vs_naive"] = m["population_pairs"] / max(m["naive_pairs"], 1)
-    m["meets_target"] = bool(
-        m["population_precision"] >= 0.95 and m["yield_vs_naive"] >= 0.5 and m["wall_s"] < 120
-    )
 
+    a0, b0 = after_runs[0], before_runs[0] if before_runs else None
     lines = [
         (
             f"Social pairs on {summary['events']:,} simulated events ({summary['images']:,} images, "
-            f"{summary['users']:,} users, {summary['bots']} bots); {result['machine']['cores']}-core "
-            f"{result['machine']['cpu']}; median of {args.repeats}; exports {'on' if args.exports else 'off'}"
+            f"{summary['users']:,} users, bots {summary['bots_by_kind']}); {os.cpu_count()}-core {_cpu()}; "
+            f"median of {args.repeats}; exports {'on' if args.exports else 'off'}"
         ),
         "",
-        "| rule | pairs | precision | pairs / 1k events | wall s |",
-        "|---|---:|---:|---:|---:|",
+        "| code | population pairs | precision | yield vs naive | per-user pairs | per-user precision | wall s | CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         (
-            f"| Bayesian, population | {m['population_pairs']:,.0f} | {m['population_precision']:.4f} | "
-            f"{m['population_yield_per_1k']:.2f} | {m['wall_s']:.1f} |"
+            f"| this code | {after_m['population_pairs']:,.0f} | {after_m['population_precision']:.3f} | "
+            f"{after_m['yield_vs_naive']:.3f} | {after_m['user_pairs']:,.0f} | {after_m['user_precision']:.3f} | "
+            f"{after_m['wall_s']:.1f} | {after_m['cpu_s']:.1f} |"
         ),
-        f"| Bayesian, per-user | {m['user_pairs']:,.0f} | {m['user_precision']:.4f} | {m['user_yield_per_1k']:.2f} | (same run) |",
-        (
-            f"| naive (raw remix, then likes) | {m['naive_pairs']:,.0f} | {m['naive_precision']:.4f} | "
-            f"{m['naive_yield_per_1k']:.2f} | (same run) |"
-        ),
-        "",
-        (
-            f"yield vs naive: {m['yield_vs_naive']:.3f}; target (precision >= 0.95, yield >= 0.5 x naive, < 120 s): "
-            f"{'met' if m['meets_target'] else 'NOT met'}"
-        ),
-        "stage medians (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["median_timings_s"].items()),
     ]
-    if ablations:
+    if before_m:
+        lines.append(
+            f"| {args.before_commit} | {before_m['population_pairs']:,.0f} | {before_m['population_precision']:.3f} | "
+            f"{before_m['yield_vs_naive']:.3f} | {before_m['user_pairs']:,.0f} | {before_m['user_precision']:.3f} | "
+            f"{before_m['wall_s']:.1f} | {before_m['cpu_s']:.1f} |"
+        )
+    lines.append(
+        f"| naive (raw remix, then likes) | {after_m['naive_pairs']:,.0f} | {after_m['naive_precision']:.3f} | 1.000 | - | - | - | - |"
+    )
+    if args.exports:
         lines += [
             "",
-            "| ablation (one run) | population pairs | precision | user pairs | user precision |",
+            "| default Pick-a-Pic export, train split | rows | distinct image pairs | with both winners | precision |",
             "|---|---:|---:|---:|---:|",
+            _export_rows("this code", a0.get("export")),
         ]
+        if b0:
+            lines.append(_export_rows(args.before_commit, b0.get("export")))
+        lines.append(_export_rows("this code, per_user/ export (users pooled)", a0.get("per_user_export")))
+    lines += ["", "bots, this code: " + _bots_line(a0["bots"])]
+    if b0:
+        lines.append(f"bots, {args.before_commit}: {b0['bots_flagged']} accounts flagged")
+    if held_out:
         lines += [
-            f"| {k} | {v['population_pairs']:,} | {v['population_precision']:.4f} | {v['user_pairs']:,} | "
-            f"{v['user_precision']:.4f} |"
-            for k, v in ablations.items()
+            "",
+            (
+                "| held-out log | code | export rows | distinct pairs | with both winners | export precision | "
+                "population precision | yield vs naive | per-user precision | bots caught |"
+            ),
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
+        for name, e in held_out.items():
+            for code, r in (("this code", e["after"]), (args.before_commit, e.get("before"))):
+                if r is None:
+                    continue
+                ex = r.get("export") or {}
+                bots = (
+                    ", ".join(f"{k} {v['caught']}/{v['total']}" for k, v in r["bots"]["by_kind"].items())
+                    if "bots" in r
+                    else f"{r['bots_flagged']} flagged"
+                )
+                lines.append(
+                    f"| {name} ({e['events']:,} events) | {code} | {_fmt(ex.get('rows'))} | {_fmt(ex.get('distinct_pairs'))} | "
+                    f"{_fmt(ex.get('contradicting_pairs'))} | {_fmt(ex.get('precision'))} | "
+                    f"{r['population_precision']:.3f} | {r['yield_vs_naive']:.3f} | {r['user_precision']:.3f} | {bots} |"
+                )
+    if weights:
+        lines += ["", "| engagement weights | precision at 0.6x the naive yield |", "|---|---:|"]
+        lines += [f"| {k} | {_fmt(v['precision'])} |" for k, v in weights.items()]
     table = "\n".join(lines)
     print(table)
     result["markdown"] = table

@@ -1,4 +1,6 @@
-"""Exports read back (Pick-a-Pic Parquet with datasets, WebDataset shards), and determinism."""
+"""Exports read back (Pick-a-Pic Parquet with datasets, WebDataset shards): the default export is
+population pairs only, one row per image pair, never contradicting, precise against the
+simulator's truth; per-user pairs have their own export with user_id on every row; determinism."""
 
 import hashlib
 import io
@@ -11,39 +13,95 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.shards import read_manifest, verify_manifest
-from pipeline.social import SocialConfig, build_social_pairs, draw_user_sets
+from pipeline.social import SocialConfig, build_social_pairs, draw_user_sets, normalize_prompt
+from pipeline.social.checks import contradicting_pairs
+from pipeline.social.evaluate import load_truth
+from pipeline.social.export import _chunks
 from pipeline.social.simulate import SimConfig, simulate
 
-CFG = SocialConfig(min_exposure=10, shard_max_count=300, max_user_pairs_per_group=2)
+CFG = SocialConfig(shard_max_count=300, pickapic_row_group_rows=50, max_user_pairs_per_group=2)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("exp")
-    simulate(root / "social", config=SimConfig(n_events=30_000, n_users=300, n_bots=0, seed=5))
+    simulate(root / "social", root / "truth", config=SimConfig(n_events=200_000, seed=5))
     a = build_social_pairs(root / "social", root / "out_a", CFG)
     b = build_social_pairs(root / "social", root / "out_b", CFG)
     return root, a, b
 
 
-def test_both_kinds_of_pairs_exist(built):
-    _, a, _ = built
-    kinds = set(a.pairs.column("kind").to_pylist())
-    assert kinds == {"population", "user"}
-    assert (
-        a.pairs.filter(pc.field("kind") == "population").column("user_id").null_count
-        == a.stats["population_pairs"]
-    )
+def _kind(result, kind):
+    return result.pairs.filter(pc.field("kind") == kind)
 
 
-def test_pickapic_export_reads_with_datasets(built):
+def _rows(ds):
+    """(winner uid, loser uid, user_id) of each row of a Pick-a-Pic split."""
+    out = []
+    for r in ds.select_columns(["image_0_uid", "image_1_uid", "label_0", "label_1", "user_id"]):
+        assert {r["label_0"], r["label_1"]} == {0.0, 1.0}
+        w, l_ = (
+            (r["image_0_uid"], r["image_1_uid"])
+            if r["label_0"] == 1.0
+            else (r["image_1_uid"], r["image_0_uid"])
+        )
+        out.append((w, l_, r["user_id"]))
+    return out
+
+
+def test_default_pickapic_export_has_population_pairs_that_never_contradict(built):
     datasets = pytest.importorskip("datasets")
     root, a, _ = built
     dd = datasets.load_dataset("parquet", data_dir=str(root / "out_a" / "pickapic"))
     assert set(dd) == {"train", "validation"}
-    assert dd["train"].num_rows + dd["validation"].num_rows == a.pairs.num_rows
-    assert not set(dd["train"]["caption"]) & set(dd["validation"]["caption"])  # held out by prompt
-    ds = dd["train"]
+    pop = _kind(a, "population")
+    assert dd["train"].num_rows + dd["validation"].num_rows == pop.num_rows > 100
+    train = dd["train"]
+    assert set(train["kind"]) == {"population"} and set(train["user_id"]) == {None}
+    rows = _rows(train)
+    c = contradicting_pairs([w for w, _, _ in rows], [l_ for _, l_, _ in rows])
+    assert c["contradicting_pairs"] == 0 and c["distinct_pairs"] == c["rows"]  # one row per image pair
+    # the same count does find contradictions where they exist: per-user rows pooled across users
+    per_user = datasets.load_dataset("parquet", data_dir=str(root / "out_a" / "per_user" / "pickapic"))[
+        "train"
+    ]
+    pooled = _rows(per_user)
+    assert (
+        contradicting_pairs([w for w, _, _ in pooled], [l_ for _, l_, _ in pooled])["contradicting_pairs"] > 0
+    )
+
+
+def test_default_export_is_precise_against_the_simulators_truth(built):
+    root, a, _ = built
+    quality = {i: q for i, (q, _) in load_truth(root / "truth")[0].items()}
+    image_of = dict(zip(a.images.column("uid").to_pylist(), a.images.column("image_id").to_pylist()))
+    right = total = 0
+    for f in sorted((root / "out_a" / "pickapic").glob("train-*.parquet")):
+        t = pq.read_table(f, columns=["image_0_uid", "image_1_uid", "label_0"]).to_pydict()
+        for u0, u1, lab in zip(t["image_0_uid"], t["image_1_uid"], t["label_0"]):
+            w, l_ = (u0, u1) if lab == 1.0 else (u1, u0)
+            right += quality[image_of[w]] > quality[image_of[l_]]
+            total += 1
+    assert total > 100 and right / total >= 0.95
+
+
+def test_per_user_pairs_have_their_own_export_with_user_ids(built):
+    datasets = pytest.importorskip("datasets")
+    root, a, _ = built
+    dd = datasets.load_dataset("parquet", data_dir=str(root / "out_a" / "per_user" / "pickapic"))
+    users = _kind(a, "user")
+    assert dd["train"].num_rows + dd["validation"].num_rows == users.num_rows > 100
+    rows = _rows(dd["train"])
+    assert all(u is not None for _, _, u in rows)
+    assert set(dd["train"]["kind"]) == {"user"}
+    c = contradicting_pairs([w for w, _, _ in rows], [l_ for _, l_, _ in rows], [u for _, _, u in rows])
+    assert c["contradicting_pairs"] == 0 and c["distinct_pairs"] == c["rows"]  # per user: once, consistent
+
+
+def test_pickapic_rows_decode_and_name_their_winner(built):
+    datasets = pytest.importorskip("datasets")
+    root, a, _ = built
+    ds = datasets.load_dataset("parquet", data_dir=str(root / "out_a" / "pickapic"))["train"]
     for col in (
         "jpg_0",
         "jpg_1",
@@ -57,8 +115,8 @@ def test_pickapic_export_reads_with_datasets(built):
         "best_image_uid",
     ):
         assert col in ds.column_names
-    labels = list(zip(ds["label_0"], ds["label_1"]))
-    assert set(labels) == {(1.0, 0.0), (0.0, 1.0)}  # winner side randomised, both sides occur
+    labels = set(zip(ds["label_0"], ds["label_1"]))
+    assert labels == {(1.0, 0.0), (0.0, 1.0)}  # winner side randomised, both sides occur
     winners = dict(zip(a.pairs.column("pair_id").to_pylist(), a.pairs.column("winner_uid").to_pylist()))
     row = ds[0]
     assert Image.open(io.BytesIO(row["jpg_0"])).size == (64, 64)
@@ -68,41 +126,68 @@ def test_pickapic_export_reads_with_datasets(built):
     assert hashlib.sha256(w_bytes).hexdigest()[:32] == best  # uid = content hash of the winner bytes
 
 
+def test_caption_is_the_prompt_both_images_answer(built):
+    _, a, _ = built
+    prompt = dict(zip(a.images.column("image_id").to_pylist(), a.images.column("prompt_key").to_pylist()))
+    raw = pq.read_table(built[0] / "social" / "images.parquet").to_pydict()
+    text = {i: " ".join(p.split()) for i, p in zip(raw["image_id"], raw["prompt"]) if p}
+    for r in a.pairs.to_pylist():
+        w, l_ = r["winner_image_id"], r["loser_image_id"]
+        assert prompt[w] == prompt[l_]
+        assert normalize_prompt(r["prompt"]) == normalize_prompt(text[w]) == normalize_prompt(text[l_])
+        if text[w] == text[l_]:
+            assert r["prompt"] == text[w]
+
+
+def test_pickapic_row_groups_are_sized_for_image_rows(built):
+    root, _, _ = built
+    files = sorted((root / "out_a" / "pickapic").glob("train-*.parquet"))
+    metas = [pq.ParquetFile(f).metadata for f in files]
+    assert len(files) > 1 and max(m.num_rows for m in metas) <= CFG.shard_max_count  # files of 300 rows
+    sizes = [m.row_group(i).num_rows for m in metas for i in range(m.num_row_groups)]
+    assert len(sizes) > len(files) and max(sizes) <= CFG.pickapic_row_group_rows
+    rows = [{"jpg_0": b"x" * 40, "jpg_1": b"y" * 40}] * 10  # 80 bytes a row
+    assert [len(c) for c in _chunks(rows, max_rows=100, max_bytes=200)] == [2, 2, 2, 2, 2]
+    assert [len(c) for c in _chunks(rows, max_rows=3, max_bytes=10_000)] == [3, 3, 3, 1]
+    assert [len(c) for c in _chunks(rows[:2], max_rows=5, max_bytes=10)] == [1, 1]  # a large row alone
+
+
 def test_webdataset_shards_read_back(built):
     root, a, _ = built
-    samples, groups = [], {}
-    for split in ("train", "eval"):
-        wd = root / "out_a" / "webdataset" / split
-        assert verify_manifest(wd) == []
-        m = read_manifest(wd)
-        assert m["split"] == split and m["num_samples"] > 0
-        urls = [str(wd / s["name"]) for s in m["shards"]]
-        got = list(wds.WebDataset(urls, shardshuffle=False))
-        assert len(got) == m["num_samples"]
-        groups[split] = {json.loads(x["json"])["prompt_group"] for x in got}
-        samples += got
-    assert not groups["train"] & groups["eval"]  # split by prompt group
-    assert len(samples) == a.pairs.num_rows
-    s = samples[0]
-    meta = json.loads(s["json"])
-    assert {"caption", "label_0", "label_1", "user_id", "uid_0", "uid_1", "evidence"} <= set(meta)
-    assert meta["label_0"] + meta["label_1"] == 1
-    assert hashlib.sha256(s["0.jpg"]).hexdigest()[:32] == meta["uid_0"]
-    users = [json.loads(x["json"])["user_id"] for x in samples]
-    assert any(u is not None for u in users) and any(u is None for u in users)
+    for kind, folder in (("population", "webdataset"), ("user", "per_user/webdataset")):
+        samples, groups = [], {}
+        for split in ("train", "eval"):
+            wd = root / "out_a" / folder / split
+            assert verify_manifest(wd) == []
+            m = read_manifest(wd)
+            assert m["split"] == split and m["kind"] == kind and m["num_samples"] > 0
+            got = list(wds.WebDataset([str(wd / s["name"]) for s in m["shards"]], shardshuffle=False))
+            assert len(got) == m["num_samples"]
+            groups[split] = {json.loads(x["json"])["prompt_group"] for x in got}
+            samples += got
+        assert not groups["train"] & groups["eval"]  # split by prompt group
+        assert len(samples) == _kind(a, kind).num_rows
+        meta = [json.loads(x["json"]) for x in samples]
+        assert {m["kind"] for m in meta} == {kind}
+        assert all((m["user_id"] is None) == (kind == "population") for m in meta)
+        s, m0 = samples[0], meta[0]
+        assert {"caption", "label_0", "label_1", "user_id", "uid_0", "uid_1", "evidence"} <= set(m0)
+        assert m0["label_0"] + m0["label_1"] == 1
+        assert hashlib.sha256(s["0.jpg"]).hexdigest()[:32] == m0["uid_0"]
 
 
 def test_same_input_and_config_give_identical_outputs(built):
     root, a, b = built
     assert a.pairs.equals(b.pairs) and a.users.equals(b.users) and a.rejects.equals(b.rejects)
-    for split in ("train", "eval"):
-        ma, mb = read_manifest(root / "out_a" / "webdataset" / split), read_manifest(root / "out_b" / "webdataset" / split)
+    for folder in ("webdataset/train", "webdataset/eval", "per_user/webdataset/train"):
+        ma, mb = read_manifest(root / "out_a" / folder), read_manifest(root / "out_b" / folder)
         assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
-    pa_, pb_ = (
-        sorted((root / "out_a" / "pickapic").glob("*.parquet")),
-        sorted((root / "out_b" / "pickapic").glob("*.parquet")),
-    )
-    assert [p.read_bytes() for p in pa_] == [p.read_bytes() for p in pb_]
+    for folder in ("pickapic", "per_user/pickapic"):
+        fa, fb = (
+            sorted((root / "out_a" / folder).glob("*.parquet")),
+            sorted((root / "out_b" / folder).glob("*.parquet")),
+        )
+        assert fa and [p.read_bytes() for p in fa] == [p.read_bytes() for p in fb]
     assert pq.read_table(root / "out_a" / "social_pairs.parquet").equals(a.pairs)
 
 

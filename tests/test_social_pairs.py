@@ -1,13 +1,15 @@
 """The decision rules on a hand-made log: clear winner, tie, low exposure, self-engagement, bots,
 per-user pairs, prompt normalisation; Parquet and CSV inputs give the same pairs."""
 
+import numpy as np
 import pyarrow.compute as pc
 import pytest
 
 from pipeline.social import SocialConfig, build_social_pairs, draw_user_sets, normalize_prompt
+from pipeline.social.build import fdr_select
 from pipeline.social.simulate import write_social_input
 
-CFG = SocialConfig(min_exposure=50, level=0.99, export_webdataset=False, export_pickapic=False)
+CFG = SocialConfig(min_exposure=50, min_prob=0.99, export_webdataset=False, export_pickapic=False)
 
 
 def _log():
@@ -167,12 +169,127 @@ def test_time_window_splits_prompt_groups(tmp_path):
     assert same[0] == same[1] and split[0] != split[1]
 
 
-def test_normal_approximation_gives_the_same_decisions_here(tmp_path):
-    d = write_social_input(tmp_path, *_log())
-    r = build_social_pairs(
-        d,
-        None,
-        SocialConfig(min_exposure=50, prob_method="normal", export_webdataset=False, export_pickapic=False),
+def test_fdr_rule_keeps_the_longest_prefix_within_the_level():
+    # group g1: errors 0.001, 0.01, 0.04, 0.2 -> running means 0.001, 0.0055, 0.017, 0.063
+    # group g2: 0.3 alone -> nothing; order of the input does not matter
+    groups = np.array(["g1", "g2", "g1", "g1", "g1"])
+    err = np.array([0.04, 0.3, 0.001, 0.2, 0.01])
+    assert fdr_select(groups, err, 0.02).tolist() == [True, False, True, False, True]
+    assert fdr_select(groups, err, 0.005).tolist() == [False, False, True, False, False]
+    assert fdr_select(groups, err, 0.49).tolist() == [True, True, True, True, True]
+
+
+def _surface_log():
+    """A and C shown only on a generous surface (featured), B and D only on explore; in both
+    prompts the featured image engages 4x more, exactly as much as that surface does."""
+    images = [
+        {"image_id": "A", "prompt": "red fox", "creator_id": "cA"},
+        {"image_id": "B", "prompt": "red fox", "creator_id": "cB"},
+        {"image_id": "C", "prompt": "blue owl", "creator_id": "cC"},
+        {"image_id": "D", "prompt": "blue owl", "creator_id": "cD"},
+    ]
+    ev = []
+    for img, surface, likes in (
+        ("A", "featured", 160),
+        ("B", "explore", 40),
+        ("C", "featured", 160),
+        ("D", "explore", 40),
+    ):
+        for j in range(400):
+            u = f"{img.lower()}{j}"
+            ts = f"2026-11-02 {j // 3600:02d}:{j // 60 % 60:02d}:{j % 60:02d}"
+            ev.append({"ts": ts, "user_id": u, "image_id": img, "event": "impression", "surface": surface})
+            if j < likes:
+                ev.append({"ts": ts, "user_id": u, "image_id": img, "event": "like", "surface": surface})
+    return images, ev
+
+
+def test_a_generous_surface_is_an_offset_not_extra_exposure(tmp_path):
+    d = write_social_input(tmp_path, *_surface_log())
+    r = build_social_pairs(d, None, SocialConfig(export_webdataset=False, export_pickapic=False))
+    img = {x["image_id"]: x for x in r.images.to_pylist()}
+    assert {k: img[k]["exposed"] for k in "ABCD"} == {
+        "A": 400,
+        "B": 400,
+        "C": 400,
+        "D": 400,
+    }  # real, never scaled
+    assert img["A"]["expected"] > 3.9 * img["B"]["expected"]  # the featured audience predicts 4x
+    assert abs(img["A"]["post_mean"] - img["B"]["post_mean"]) < 0.01  # equally engaging for their audiences
+    assert r.stats["population_pairs"] == 0
+    # without strata the same log reads as A (and C) clearly better
+    flat = build_social_pairs(
+        d, None, SocialConfig(stratum_column=None, export_webdataset=False, export_pickapic=False)
     )
-    pop = r.pairs.filter(pc.field("kind") == "population").to_pylist()
-    assert [(p["winner_image_id"], p["loser_image_id"]) for p in pop] == [("A", "B")]
+    assert {(p["winner_image_id"], p["loser_image_id"]) for p in _pop(flat)} == {("A", "B"), ("C", "D")}
+
+
+def test_user_pairs_need_the_images_shown_together(tmp_path):
+    images = [
+        {"image_id": "P", "prompt": "tiny robot", "creator_id": "c1"},
+        {"image_id": "Q", "prompt": "tiny robot", "creator_id": "c2"},
+        {"image_id": "R", "prompt": "tiny robot", "creator_id": "c3"},
+    ]
+    ev = []
+
+    def add(ts, user, image, *events):
+        ev.extend({"ts": ts, "user_id": user, "image_id": image, "event": e} for e in events)
+
+    # together: P and Q within minutes; the user likes and saves P, ignores Q
+    add("2026-11-02 10:00:00", "together", "P", "impression", "like", "save")
+    add("2026-11-02 10:03:00", "together", "Q", "impression")
+    # apart: the same choices two days apart: not one session
+    add("2026-11-02 10:00:00", "apart", "P", "impression", "like", "save")
+    add("2026-11-04 10:00:00", "apart", "Q", "impression")
+    # weak: a click alone is below the minimum evidence
+    add("2026-11-02 10:00:00", "weak", "P", "impression", "click")
+    add("2026-11-02 10:01:00", "weak", "Q", "impression")
+    # never a loser: R was ignored together with P, but liked in another session
+    add("2026-11-02 10:00:00", "fan", "P", "impression", "like", "save")
+    add("2026-11-02 10:01:00", "fan", "R", "impression")
+    add("2026-11-05 10:00:00", "fan", "R", "impression", "like")
+    d = write_social_input(tmp_path, images, ev)
+    r = build_social_pairs(d, None, SocialConfig(export_webdataset=False, export_pickapic=False))
+    users = r.pairs.filter(pc.field("kind") == "user").to_pylist()
+    assert [(p["user_id"], p["winner_image_id"], p["loser_image_id"], p["sessions"]) for p in users] == [
+        ("together", "P", "Q", 1)
+    ]
+    gap = build_social_pairs(
+        d, None, SocialConfig(session_gap_s=3 * 86_400, export_webdataset=False, export_pickapic=False)
+    )
+    got = {(p["user_id"], p["winner_image_id"], p["loser_image_id"]) for p in gap.pairs.to_pylist()}
+    assert got == {("together", "P", "Q"), ("apart", "P", "Q")}  # a 3-day session joins them
+
+
+def test_remix_rings_are_flagged_and_one_way_remixes_are_not(tmp_path):
+    members = ["r1", "r2", "r3"]
+    images = [
+        {"image_id": f"{m}-{k}", "prompt": f"ring image {m} {k}", "creator_id": m}
+        for m in members
+        for k in range(2)
+    ]
+    images += [{"image_id": f"y-{k}", "prompt": f"fan image {k}", "creator_id": "y"} for k in range(3)]
+    ev = []
+    for m in members:
+        for other in members:
+            if other != m:
+                for k in range(2):
+                    for e in ("impression", "click", "remix"):
+                        ev.append(
+                            {
+                                "ts": "2026-11-02 10:00:00",
+                                "user_id": m,
+                                "image_id": f"{other}-{k}",
+                                "event": e,
+                            }
+                        )
+    for k in range(3):  # x remixes y's images; y never returns the favour
+        for e in ("impression", "click", "remix"):
+            ev.append({"ts": "2026-11-02 11:00:00", "user_id": "x", "image_id": f"y-{k}", "event": e})
+    r = build_social_pairs(write_social_input(tmp_path, images, ev), None, CFG)
+    assert dict(zip(r.bots.column("user_id").to_pylist(), r.bots.column("rule").to_pylist())) == {
+        "r1": "ring",
+        "r2": "ring",
+        "r3": "ring",
+    }
+    assert r.stats["bots_by_rule"]["ring"] == 3

@@ -1,9 +1,10 @@
 """Implicit social-feedback preference pairs (after Social Reward / Picsart Image-Social).
 
 What users do with images (open, like, save, share, remix) becomes preference pairs for
-Diffusion-DPO: within a prompt, image A is preferred over image B only when its exposure-adjusted
-engagement rate is higher with strong Bayesian evidence. Per-user pairs keep user_id so that
-personalised (few-shot) subsets can be drawn.
+Diffusion-DPO: within a prompt, image A is preferred over image B only when it engages its
+audience clearly more than B engages its own, with strong Bayesian evidence, after bots and
+self-engagement are removed. Per-user pairs keep user_id so that personalised (few-shot) subsets
+can be drawn; they have their own exports.
 
 Entry point (what the Dagster asset calls)::
 
@@ -46,36 +47,61 @@ How a pair is decided
 1. Groups: images with the same prompt_id, else the same normalised prompt (NFKC, lowercase,
    punctuation removed, whitespace collapsed); optionally also the same creation window
    (window_days). Groups larger than max_images_per_group keep their most exposed images.
-2. Bots: a user with at least bot_min_events accepted events is a bot when they average more than
-   bot_max_events_per_day events per active day or leave more than bot_max_positive_ratio positive
-   events per impression. Their events are excluded everywhere.
+2. Bots (sql/social_user_activity.sql, social_remix_rings.sql, social_boosters.sql; their events
+   are excluded everywhere, the accounts listed in social_bots.parquet with the rule that fired):
+   rate rules (more than bot_max_events_per_day events per active day, or more than
+   bot_max_positive_ratio positive events per impression, once a user has bot_min_events events);
+   remix rings (mutual remixes of >= ring_min_remixes images each way with >= ring_min_partners
+   accounts); boosters (a user engaged with >= booster_min_images images of one creator, at least
+   booster_min_coverage of those shown, far more than the user's rate elsewhere times the
+   creator's appeal to others predicts: a binomial tail below booster_max_tail, or below
+   booster_suspect_tail for a group of such users who give the creator >= booster_min_group_share
+   of its engagement).
 3. Engagement per image: with dedupe_per_user each user counts once per image, stratum and event
-   kind. score = sum over positive events of weight * count (remix weighs most; weights <= 1).
-4. Exposure control (indirect standardisation over audience strata): the base rate of each
-   stratum s is b_s = sum score / sum exposed users over all images. An image's effective exposure
-   is n_eff = sum_s n_s * b_s / b, b the overall rate: an impression on a surface where everything
-   engages more (followers, the featured slot) counts for more than one, so an image shown mostly
-   to the creator's followers or in the featured slot is not credited for that audience's
-   generosity. rate = score / n_eff.
-5. Prior: Beta(alpha, beta) fitted by the method of moments to the per-image rates of images with
-   n_eff >= min_exposure, after subtracting binomial sampling noise from their variance.
-6. Test: posteriors Beta(alpha + score, beta + n_eff - score); P(rate_A > rate_B) by 128-point
-   Gauss-Legendre quadrature of pdf_A * CDF_B (prob_method="quadrature", accurate to ~1e-6) or a
-   normal approximation ("normal"). A pair needs both sides at n_eff >= min_exposure and
-   P >= level (default 0.95) one way or the other. Dropped pairs are counted: low exposure, group
-   overflow, tie (posterior means within tie_margin * prior mean) or weak evidence (the rest).
-7. Per-user pairs: the user engaged with A (score >= user_min_score) and was shown B of the same
-   prompt group without any positive event on B; at most max_user_pairs_per_group per user and
-   group. draw_user_sets() draws k pairs per user deterministically.
+   kind; K = sum over positive events of weight * count, divided by the sum of the weights (so a
+   user contributes a value in [0, 1]). The weights are breadth first (a click weighs most).
+4. Audience offsets: the base rate of each stratum s is b_s = sum K / sum exposures over all
+   images. An image's expected engagement is E = sum_s n_s * b_s with n_s its REAL exposures
+   (distinct counted users) in s: an image shown to a generous audience (followers, the featured
+   slot) is expected to engage more; its exposures are never scaled.
+5. Model: K ~ Poisson(theta * E) (conservative: one user's contribution has variance at most its
+   mean), theta ~ Gamma(alpha, beta) fitted to the images with >= min_exposure exposures (method
+   of moments, then negative-binomial maximum likelihood; valid for alpha below 1). Posterior
+   Gamma(alpha + K, beta + E).
+6. Test: for each pair of a group with both sides at >= min_exposure exposures, the posterior
+   probability that the better-looking image engages at least min_ratio times as much as the
+   other, P(theta_w > min_ratio * theta_l), in closed form (pipeline/social/bayes.py). Per prompt
+   group, pairs are ranked by 1 - that probability and the longest prefix whose mean is
+   <= fdr_level (posterior expected false discovery rate, default 5%) is kept, each kept pair also
+   needing the probability >= min_prob. Dropped pairs are counted: low exposure, group overflow,
+   tie (posterior means within tie_margin * prior mean) or weak evidence (the rest).
+7. Per-user pairs (sql/social_user_pairs.sql): only images the user was shown together, in one
+   session of a prompt group (the user's events on the group's images, split by gaps longer than
+   session_gap_s, default 30 minutes). The winner scores >= user_min_score with user_weights in
+   that session (a like and more); the loser was shown in the same session and never engaged by
+   that user. One row per (user, winner, loser), with the number of sessions; at most
+   max_user_pairs_per_group per user and group. draw_user_sets() draws k pairs per user
+   deterministically (PPD-style few-shot sets).
 
 Outputs under out_dir: social_pairs.parquet (PAIR_SCHEMA), social_users.parquet,
-social_images.parquet (per-image evidence), social_rejects.parquet (REJECT_SCHEMA),
-social_stats.json, webdataset/{train,eval}/ (split by prompt group; social-<split>-NNNNNN.tar: <pair_id>.0.jpg, .1.jpg, .json with caption,
-label_0, label_1, user_id, uids and evidence; manifest.json) and pickapic/ (Pick-a-Pic v2
-columns in train-/validation-NNNNN-of-NNNNN.parquet, for datasets.load_dataset("parquet", data_dir=...)).
+social_images.parquet (per-image evidence and accepted events), social_bots.parquet,
+social_rejects.parquet (REJECT_SCHEMA), social_stats.json; exports (pipeline/social/export.py):
+webdataset/{train,eval}/ and pickapic/ with the population pairs only (one row per image pair,
+never contradicting), per_user/webdataset/{train,eval}/ and per_user/pickapic/ with the per-user
+pairs (user_id on every row). WebDataset: social-<split>-NNNNNN.tar with <pair_id>.0.jpg, .1.jpg,
+.json (caption, label_0, label_1, user_id, uids, evidence), manifest.json per split, split by
+prompt group. Pick-a-Pic v2 columns in train-/validation-NNNNN-of-NNNNN.parquet, for
+datasets.load_dataset("parquet", data_dir=...). pipeline/social/checks.py re-reads all of it.
 """
 
-from pipeline.social.bayes import BetaPrior, fit_beta_prior, prob_greater
+from pipeline.social.bayes import (
+    BetaPrior,
+    GammaPrior,
+    fit_beta_prior,
+    fit_gamma_prior,
+    prob_greater,
+    prob_greater_gamma,
+)
 from pipeline.social.build import PAIR_SCHEMA, SocialResult, build_social_pairs
 from pipeline.social.config import EVENTS, POSITIVE_EVENTS, SocialConfig
 from pipeline.social.ingest import normalize_prompt
@@ -86,11 +112,14 @@ __all__ = [
     "PAIR_SCHEMA",
     "POSITIVE_EVENTS",
     "BetaPrior",
+    "GammaPrior",
     "SocialConfig",
     "SocialResult",
     "build_social_pairs",
     "draw_user_sets",
     "fit_beta_prior",
+    "fit_gamma_prior",
     "normalize_prompt",
     "prob_greater",
+    "prob_greater_gamma",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import pyarrow.compute as pc
 
 from pipeline.ids import stable_key
 from pipeline.rejects import REJECT_SCHEMA, Rejects
-from pipeline.social.bayes import BetaPrior, fit_beta_prior, posterior, prob_greater
+from pipeline.social.bayes import GammaPrior, fit_gamma_prior, gamma_posterior, prob_greater_gamma
 from pipeline.social.config import POSITIVE_EVENTS, SocialConfig
 from pipeline.social.ingest import find_inputs, load_images, load_sql, register_events
 from pipeline.storage import write_bytes_atomic, write_parquet_atomic
@@ -26,21 +27,28 @@ PAIR_SCHEMA = pa.schema(
         ("pair_id", pa.string()),
         ("kind", pa.string()),  # "population" | "user"
         ("user_id", pa.string()),  # null for population pairs
-        ("prompt", pa.string()),
+        ("prompt", pa.string()),  # the prompt both images answer (the export's caption)
         ("prompt_group", pa.string()),
         ("winner_image_id", pa.string()),
         ("loser_image_id", pa.string()),
         ("winner_uid", pa.string()),
         ("loser_uid", pa.string()),
-        ("prob", pa.float64()),  # posterior P(rate_winner > rate_loser); null for user pairs
-        ("winner_exposure", pa.float64()),  # effective (stratum-standardised) exposures; user: impressions
+        ("prob", pa.float64()),  # posterior P(theta_winner > theta_loser); null for user pairs
+        # posterior P(theta_winner > min_ratio * theta_loser): what the FDR rule ranks; null for user pairs
+        ("prob_margin", pa.float64()),
+        # population: real exposures (distinct counted users shown the image);
+        # user: the user's impressions of the image in the sessions that showed both
+        ("winner_exposure", pa.float64()),
         ("loser_exposure", pa.float64()),
-        ("winner_impressions", pa.int64()),  # exposed users (population) / impressions by the user
+        ("winner_impressions", pa.int64()),  # impression events (population) / the user's impressions
         ("loser_impressions", pa.int64()),
+        ("winner_expected", pa.float64()),  # engagement the image's audiences predict (population)
+        ("loser_expected", pa.float64()),
         ("winner_score", pa.float64()),  # weighted engagement (population) / the user's score
         ("loser_score", pa.float64()),
-        ("winner_rate", pa.float64()),  # posterior mean engagement per exposure (population)
+        ("winner_rate", pa.float64()),  # posterior mean of theta: engagement / expected (population)
         ("loser_rate", pa.float64()),
+        ("sessions", pa.int64()),  # user pairs: sessions that showed both images; null for population
     ]
 )
 
@@ -49,11 +57,12 @@ PAIR_SCHEMA = pa.schema(
 class SocialResult:
     pairs: pa.Table  # PAIR_SCHEMA, population pairs then user pairs
     users: pa.Table  # user_id, n_pairs, n_groups, n_winner_images
-    images: pa.Table  # per accepted image: exposures, score, posterior
+    images: pa.Table  # per accepted image: exposures, score, expected, posterior
     rejects: pa.Table  # REJECT_SCHEMA, stage "social"
     stats: dict
-    prior: BetaPrior | None = None
+    prior: GammaPrior | None = None
     baseline: pa.Table | None = None  # naive-rule pairs when asked for
+    bots: pa.Table | None = None  # user_id, rule (rate / ring / booster), detail
     paths: dict = field(default_factory=dict)
 
 
@@ -66,6 +75,27 @@ def _pair_ids(kind: str, users, winners, losers) -> list[str]:
     return [stable_key("social", kind, u or "", w, l) for u, w, l in zip(users, winners, losers)]
 
 
+def fdr_select(groups: np.ndarray, error_prob: np.ndarray, level: float) -> np.ndarray:
+    """Posterior expected-FDR rule, per group: in each group, rank the candidates by their
+    posterior probability of being wrong and keep the longest prefix whose mean is <= level (the
+    expected share of wrong pairs among those kept). Returns a boolean mask."""
+    groups = np.asarray(groups)
+    err = np.asarray(error_prob, dtype=np.float64)
+    keep = np.zeros(err.size, dtype=bool)
+    if err.size == 0:
+        return keep
+    order = np.lexsort((np.arange(err.size), err, groups))  # by group, then error, then position
+    g, e = groups[order], err[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    bounds = np.r_[starts, g.size]
+    for a, b in itertools.pairwise(bounds):
+        running = np.cumsum(e[a:b]) / np.arange(1, b - a + 1)
+        ok = np.flatnonzero(running <= level)
+        if ok.size:
+            keep[order[a : a + ok[-1] + 1]] = True
+    return keep
+
+
 def build_social_pairs(
     social_dir: Path,
     out_dir: Path | None = None,
@@ -76,8 +106,10 @@ def build_social_pairs(
     threads: int | None = None,
 ) -> SocialResult:
     """Read the social input folder, write social_pairs / social_users / social_images /
-    social_rejects Parquet tables, WebDataset shards and a Pick-a-Pic Parquet export under out_dir
-    (nothing is written when out_dir is None), and return the tables and stats.
+    social_bots / social_rejects Parquet tables and the exports (population pairs:
+    webdataset/{train,eval}, pickapic/; per-user pairs: per_user/webdataset/{train,eval},
+    per_user/pickapic/) under out_dir (nothing is written when out_dir is None), and return the
+    tables and stats.
 
     baseline=True also computes the naive rule's pairs (raw remix, then like counts; no exposure
     normalisation, no test, bots and creators included) over the same accepted events."""
@@ -112,8 +144,6 @@ def build_social_pairs(
     lap("classify_events")
 
     ev_rejects = _q(con, load_sql("social_event_rejects"))
-    n_in = con.sql("SELECT count(*) FROM events_src").fetchall()[0][0]
-    n_rej = ev_rejects.num_rows
     n = ev_rejects.num_rows
     ev_rej_table = pa.table(
         {
@@ -127,8 +157,12 @@ def build_social_pairs(
         schema=REJECT_SCHEMA,
     )
     all_rejects = pa.concat_tables([rejects.to_table(), ev_rej_table])
+    raw = _q(con, load_sql("social_image_raw_counts"))  # also the accepted events per image
+    n_accepted = int(pc.sum(raw.column("events_accepted")).as_py() or 0)
+    n_read = con.sql("SELECT count(*) FROM events_src").fetchall()[0][0]
     lap("rejects")
 
+    # --- bots: rate rules, remix rings, boosters ----------------------------------------------
     activity = _q(
         con,
         load_sql("social_user_activity"),
@@ -138,19 +172,43 @@ def build_social_pairs(
             "max_positive_ratio": cfg.bot_max_positive_ratio,
         },
     )
-    bots = activity.filter(pc.field("is_bot")).select(["user_id"])
-    con.register("bots", bots)
-    n_bot_events = int(pc.sum(activity.filter(pc.field("is_bot")).column("n_events")).as_py() or 0)
+    con.execute("CREATE TEMP TABLE user_image AS " + load_sql("social_user_image"))
+    rings = _q(
+        con,
+        load_sql("social_remix_rings"),
+        {"min_remixes": cfg.ring_min_remixes, "min_partners": cfg.ring_min_partners},
+    )
+    flagged = sorted(
+        set(activity.filter(pc.field("is_bot")).column("user_id").to_pylist())
+        | set(rings.column("user_id").to_pylist())
+    )
+    con.register("flagged", pa.table({"user_id": pa.array(flagged, pa.string())}))
+    boosters = _q(
+        con,
+        load_sql("social_boosters"),
+        {
+            "min_images": cfg.booster_min_images,
+            "min_coverage": cfg.booster_min_coverage,
+        },
+    )
+    boosters = _booster_test(boosters, cfg)
+    bots = _bot_table(activity, rings, boosters)
+    con.register("bots", bots.select(["user_id"]))
+    n_events_by_user = dict(
+        zip(activity.column("user_id").to_pylist(), activity.column("n_events").to_pylist())
+    )
+    n_bot_events = int(sum(n_events_by_user.get(u, 0) for u in bots.column("user_id").to_pylist()))
     n_self = int(pc.sum(activity.column("n_self_events")).as_py() or 0)
     lap("bots")
 
-    con.execute(
-        "CREATE TEMP TABLE user_image AS " + load_sql("social_user_image"), {"exclude_self": cfg.exclude_self}
+    counts = _q(
+        con,
+        load_sql("social_image_stratum_counts"),
+        {"dedupe": cfg.dedupe_per_user, "exclude_self": cfg.exclude_self},
     )
-    counts = _q(con, load_sql("social_image_stratum_counts"), {"dedupe": cfg.dedupe_per_user})
     lap("aggregate")
 
-    # --- per-image exposure-standardised engagement (numpy, deterministic order) ----------------
+    # --- per-image engagement and the engagement its audience predicts (numpy, fixed order) ----
     image_ids = images.column("image_id").to_pylist()
     index = {iid: i for i, iid in enumerate(image_ids)}
     strata = sorted(set(counts.column("stratum").to_pylist()))
@@ -161,6 +219,8 @@ def build_social_pairs(
     N = np.zeros((n_img, n_str))
     K = np.zeros((n_img, n_str))
     np.add.at(N, (rows, cols), counts.column("n_exposed").to_numpy().astype(np.float64))
+    impressions = np.zeros(n_img)
+    np.add.at(impressions, rows, counts.column("n_impressions").to_numpy().astype(np.float64))
     raw_events = {}
     for e in POSITIVE_EVENTS:
         c = np.zeros((n_img, n_str))
@@ -169,25 +229,25 @@ def build_social_pairs(
         K += cfg.weights.get(e, 0.0) * c
     if cfg.dedupe_per_user:
         # a user's contribution per image and stratum is sum_e w_e x_e <= sum_e w_e; scaled to [0, 1]
-        # the score of one exposure is a [0, 1] variable, whose variance is at most p(1-p): the
-        # binomial model below is then conservative, not overconfident
+        # the score of one exposure has a variance at most its mean: the Poisson model is conservative
         K /= max(sum(cfg.weights.get(e, 0.0) for e in POSITIVE_EVENTS), 1e-12)
     tot_n, tot_k = N.sum(), K.sum()
     base_all = tot_k / tot_n if tot_n > 0 else 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
         base_s = np.where(N.sum(axis=0) > 0, K.sum(axis=0) / N.sum(axis=0), base_all)
-    if base_all > 0:
-        n_eff = (N * base_s[None, :]).sum(axis=1) / base_all
-    else:
-        n_eff = N.sum(axis=1)
-    k_img = np.minimum(K.sum(axis=1), n_eff)
-    prior = fit_beta_prior(k_img, n_eff, min_trials=cfg.min_exposure)
-    a_post, b_post = posterior(prior, k_img, n_eff)
-    post_mean = a_post / (a_post + b_post)
+    exposed = N.sum(axis=1)  # real exposures, never scaled
+    expected = (N * base_s[None, :]).sum(axis=1)  # the offset: what the audience predicts
+    score = K.sum(axis=1)
+    prior = fit_gamma_prior(score, expected, min_offset=0.0)
+    if cfg.min_exposure > 0 and (exposed >= cfg.min_exposure).sum() >= 2:
+        sel = exposed >= cfg.min_exposure
+        prior = fit_gamma_prior(score[sel], expected[sel])
+    a_post, b_post = gamma_posterior(prior, score, expected)
+    post_mean = a_post / b_post
     lap("prior")
 
     groups = images.column("prompt_group").to_pylist()
-    order = sorted(range(n_img), key=lambda i: (groups[i], -n_eff[i], image_ids[i]))
+    order = sorted(range(n_img), key=lambda i: (groups[i], -exposed[i], image_ids[i]))
     group_rank = np.zeros(n_img, dtype=np.int64)
     prev, r = None, 0
     for i in order:
@@ -199,7 +259,7 @@ def build_social_pairs(
             "idx": np.arange(n_img, dtype=np.int64),
             "image_id": images.column("image_id"),
             "prompt_group": images.column("prompt_group"),
-            "n_eff": n_eff,
+            "exposed": exposed,
             "group_rank": group_rank,
         }
     )
@@ -211,71 +271,93 @@ def build_social_pairs(
     )
     ia = cand.column("ia").to_numpy().astype(np.int64)
     ib = cand.column("ib").to_numpy().astype(np.int64)
-    p = prob_greater(a_post[ia], b_post[ia], a_post[ib], b_post[ib], cfg.prob_method)
-    a_wins = p >= cfg.level
-    b_wins = p <= 1 - cfg.level
-    emit = a_wins | b_wins
+    r_min = cfg.min_ratio
+    p = prob_greater_gamma(a_post[ia], b_post[ia], a_post[ib], b_post[ib]) if ia.size else np.zeros(0)
+    p_a = (
+        prob_greater_gamma(a_post[ia], b_post[ia], a_post[ib], b_post[ib] / r_min) if ia.size else np.zeros(0)
+    )
+    p_b = (
+        prob_greater_gamma(a_post[ib], b_post[ib], a_post[ia], b_post[ia] / r_min) if ia.size else np.zeros(0)
+    )
+    a_wins = p_a >= p_b
+    p_margin = np.where(a_wins, p_a, p_b)  # P(winner >= min_ratio x loser), the decision's evidence
+    g_codes = {g: j for j, g in enumerate(sorted(set(groups)))}
+    gi = np.array([g_codes[g] for g in groups], dtype=np.int64)
+    emit = fdr_select(gi[ia], 1.0 - p_margin, cfg.fdr_level) & (p_margin >= cfg.min_prob)
     dropped = ~emit
     tie = dropped & (np.abs(post_mean[ia] - post_mean[ib]) < cfg.tie_margin * prior.mean)
     weak = dropped & ~tie
     win = np.where(a_wins, ia, ib)[emit]
     lose = np.where(a_wins, ib, ia)[emit]
     pwin = np.where(a_wins, p, 1 - p)[emit]
+    pmargin = p_margin[emit]
 
     # pair accounting per group: all pairs = low exposure + overflow + candidates
-    g_codes = {g: j for j, g in enumerate(sorted(set(groups)))}
-    gi = np.array([g_codes[g] for g in groups], dtype=np.int64)
     m_g = np.bincount(gi, minlength=len(g_codes))
-    x_g = np.bincount(gi, weights=(n_eff >= cfg.min_exposure), minlength=len(g_codes)).astype(np.int64)
+    x_g = np.bincount(gi, weights=(exposed >= cfg.min_exposure), minlength=len(g_codes)).astype(np.int64)
     y_g = np.minimum(x_g, cfg.max_images_per_group)
     lap("test")
 
     uids = images.column("uid").to_pylist()
-    prompts_by_group: dict[str, str] = {}
-    for g, pr in zip(groups, images.column("prompt").to_pylist()):
-        prompts_by_group.setdefault(g, " ".join(pr.split()))  # the first image's prompt, whitespace tidied
+    caption = _captions(groups, images.column("prompt").to_pylist())
     win_ids = [image_ids[i] for i in win]
     lose_ids = [image_ids[i] for i in lose]
     n_pop = len(win_ids)
-    raw_exposed = N.sum(axis=1)
     pop = pa.table(
         {
             "pair_id": _pair_ids("population", [None] * n_pop, win_ids, lose_ids),
             "kind": ["population"] * n_pop,
             "user_id": pa.nulls(n_pop, pa.string()),
-            "prompt": [prompts_by_group[groups[i]] for i in win],
+            "prompt": [caption(int(w), int(l)) for w, l in zip(win, lose)],
             "prompt_group": [groups[i] for i in win],
             "winner_image_id": win_ids,
             "loser_image_id": lose_ids,
             "winner_uid": [uids[i] for i in win],
             "loser_uid": [uids[i] for i in lose],
             "prob": pwin,
-            "winner_exposure": n_eff[win],
-            "loser_exposure": n_eff[lose],
-            "winner_impressions": raw_exposed[win].astype(np.int64),
-            "loser_impressions": raw_exposed[lose].astype(np.int64),
-            "winner_score": K.sum(axis=1)[win],
-            "loser_score": K.sum(axis=1)[lose],
+            "prob_margin": pmargin,
+            "winner_exposure": exposed[win],
+            "loser_exposure": exposed[lose],
+            "winner_impressions": impressions[win].astype(np.int64),
+            "loser_impressions": impressions[lose].astype(np.int64),
+            "winner_expected": expected[win],
+            "loser_expected": expected[lose],
+            "winner_score": score[win],
+            "loser_score": score[lose],
             "winner_rate": post_mean[win],
             "loser_rate": post_mean[lose],
+            "sessions": pa.nulls(n_pop, pa.int64()),
         },
         schema=PAIR_SCHEMA,
     )
 
     # --- per-user pairs ----------------------------------------------------------------------------
     user_pairs = PAIR_SCHEMA.empty_table()
+    n_user_sessions_pairs = 0
     if cfg.user_pairs:
-        w = cfg.weights
+        con.execute(
+            "CREATE TEMP TABLE engaged_groups AS SELECT DISTINCT user_id, prompt_group FROM user_image "
+            "WHERE c_click + c_like + c_save + c_share + c_remix > 0 AND NOT (is_self AND $exclude_self) "
+            "AND user_id NOT IN (SELECT user_id FROM bots)",
+            {"exclude_self": cfg.exclude_self},
+        )
+        w = cfg.user_weights
         up = _q(
             con,
             load_sql("social_user_pairs"),
             {f"w_{e}": float(w.get(e, 0.0)) for e in POSITIVE_EVENTS}
-            | {"min_score": cfg.user_min_score, "max_per_group": cfg.max_user_pairs_per_group},
+            | {
+                "min_score": cfg.user_min_score,
+                "max_per_group": cfg.max_user_pairs_per_group,
+                "session_gap_s": cfg.session_gap_s,
+                "exclude_self": cfg.exclude_self,
+            },
         )
         m = up.num_rows
         wi = [index[x] for x in up.column("winner_image_id").to_pylist()]
         li = [index[x] for x in up.column("loser_image_id").to_pylist()]
         users_col = up.column("user_id").to_pylist()
+        n_user_sessions_pairs = int(pc.sum(up.column("sessions")).as_py() or 0)
         user_pairs = pa.table(
             {
                 "pair_id": _pair_ids(
@@ -286,21 +368,25 @@ def build_social_pairs(
                 ),
                 "kind": ["user"] * m,
                 "user_id": users_col,
-                "prompt": [prompts_by_group[groups[i]] for i in wi],
+                "prompt": [caption(a, b) for a, b in zip(wi, li)],
                 "prompt_group": up.column("prompt_group"),
                 "winner_image_id": up.column("winner_image_id"),
                 "loser_image_id": up.column("loser_image_id"),
                 "winner_uid": [uids[i] for i in wi],
                 "loser_uid": [uids[i] for i in li],
                 "prob": pa.nulls(m, pa.float64()),
+                "prob_margin": pa.nulls(m, pa.float64()),
                 "winner_exposure": pc.cast(up.column("winner_impressions"), pa.float64()),
                 "loser_exposure": pc.cast(up.column("loser_impressions"), pa.float64()),
                 "winner_impressions": pc.cast(up.column("winner_impressions"), pa.int64()),
                 "loser_impressions": pc.cast(up.column("loser_impressions"), pa.int64()),
+                "winner_expected": pa.nulls(m, pa.float64()),
+                "loser_expected": pa.nulls(m, pa.float64()),
                 "winner_score": pc.cast(up.column("winner_score"), pa.float64()),
                 "loser_score": pa.array(np.zeros(m)),
                 "winner_rate": pa.nulls(m, pa.float64()),
                 "loser_rate": pa.nulls(m, pa.float64()),
+                "sessions": pc.cast(up.column("sessions"), pa.int64()),
             },
             schema=PAIR_SCHEMA,
         )
@@ -315,9 +401,10 @@ def build_social_pairs(
 
     base_table = None
     if baseline:
-        base_table = _naive_pairs(con, images, cand_all=True)
+        base_table = _naive_pairs(con, raw)
         lap("baseline")
 
+    raw_by_image = dict(zip(raw.column("image_id").to_pylist(), raw.column("events_accepted").to_pylist()))
     image_table = pa.table(
         {
             "image_id": images.column("image_id"),
@@ -326,12 +413,14 @@ def build_social_pairs(
             "prompt_group": images.column("prompt_group"),
             "prompt_key": images.column("prompt_key"),
             "creator_id": images.column("creator_id"),
-            "exposed": raw_exposed.astype(np.int64),
-            "n_eff": n_eff,
-            "score": K.sum(axis=1),
+            "events_accepted": pa.array([raw_by_image.get(i, 0) for i in image_ids], pa.int64()),
+            "exposed": exposed.astype(np.int64),
+            "impressions": impressions.astype(np.int64),
+            "expected": expected,
+            "score": score,
             **{f"n_{e}": raw_events[e].astype(np.int64) for e in POSITIVE_EVENTS},
-            "post_alpha": a_post,
-            "post_beta": b_post,
+            "post_shape": a_post,
+            "post_rate": b_post,
             "post_mean": post_mean,
             "group_rank": group_rank,
         }
@@ -342,21 +431,37 @@ def build_social_pairs(
     for r_ in all_rejects.column("reason").to_pylist():
         reasons[r_] = reasons.get(r_, 0) + 1
     n_cand = len(ia)
+    rules = bots.column("rule").to_pylist()
     stats = {
         "image_rows_in": imgs.rows_in,
         "images_accepted": n_img,
         "images_rejected": imgs.rows_in - n_img,
-        "events_in": int(n_in),
-        "events_accepted": int(n_in - n_rej),
-        "events_rejected": int(n_rej),
+        "events_in": int(n_accepted + ev_rejects.num_rows),
+        "events_accepted": n_accepted,
+        "events_rejected": int(ev_rejects.num_rows),
         "events_self_excluded": int(n_self or 0) if cfg.exclude_self else 0,
         "events_bot_excluded": n_bot_events,
         "rejects_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "bots_flagged": bots.num_rows,
+        "bots_by_rule": {
+            k: sum(1 for r_ in rules if k in r_.split("+")) for k in ("rate", "ring", "booster")
+        },
         "users_active": activity.num_rows,
         "strata": strata,
         "stratum_base_rates": {s: float(b) for s, b in zip(strata, base_s)},
-        "prior": {"alpha": prior.alpha, "beta": prior.beta, "mean": prior.mean, "images": prior.n_images},
+        "exposure_model": "gamma-poisson, offsets = exposures per stratum x stratum base rate",
+        "prior": {
+            "alpha": prior.alpha,
+            "beta": prior.beta,
+            "mean": prior.mean,
+            "images": prior.n_images,
+        },
+        "fdr_level": cfg.fdr_level,
+        "min_ratio": cfg.min_ratio,
+        "min_prob": cfg.min_prob,
+        # the posterior's own estimates over the emitted pairs: wrong way round / below min_ratio
+        "expected_wrong_pairs": float(np.sum(1.0 - pwin)),
+        "expected_fdr": float(np.mean(1.0 - pmargin)) if n_pop else None,
         "prompt_groups": len(g_codes),
         "image_pairs_total": int(_comb2(m_g).sum()),
         "pairs_dropped_low_exposure": int((_comb2(m_g) - _comb2(x_g)).sum()),
@@ -366,11 +471,16 @@ def build_social_pairs(
         "pairs_dropped_weak": int(weak.sum()),
         "population_pairs": n_pop,
         "user_pairs": user_pairs.num_rows,
+        "user_pair_sessions": n_user_sessions_pairs,
         "users_with_pairs": users.num_rows,
         "baseline_pairs": None if base_table is None else base_table.num_rows,
     }
-    assert stats["events_in"] == stats["events_accepted"] + stats["events_rejected"]
-    result = SocialResult(pairs, users, image_table, all_rejects, stats, prior, base_table)
+    if stats["events_in"] != n_read:
+        raise RuntimeError(
+            f"events lost inside the builder: {n_read} rows read, {n_accepted} accepted + "
+            f"{ev_rejects.num_rows} rejected"
+        )
+    result = SocialResult(pairs, users, image_table, all_rejects, stats, prior, base_table, bots)
     if out_dir is not None:
         _write_outputs(result, images, Path(out_dir), cfg, lap)
     stats["timings_s"] = timings | {"total": round(time.perf_counter() - t_all, 4)}
@@ -380,6 +490,97 @@ def build_social_pairs(
             Path(out_dir) / "social_stats.json",
         )
     return result
+
+
+def _booster_test(cand: pa.Table, cfg: SocialConfig) -> pa.Table:
+    """The candidates of sql/social_boosters.sql that are flagged, with their evidence:
+    tail = P(X >= engaged), X ~ Binomial(seen, p), p = user's rate elsewhere x creator's rate
+    elsewhere / overall rate (propensity and appeal independent); group_share = the share of the
+    creator's engagement that comes from users with a tail below booster_suspect_tail. Flagged:
+    tail < booster_max_tail, or tail < booster_suspect_tail in a group of >= booster_min_group
+    such users whose group_share >= booster_min_group_share."""
+    from scipy import stats
+
+    if cand.num_rows == 0:
+        return cand.append_column("tail", pa.array([], pa.float64())).append_column(
+            "group_share", pa.array([], pa.float64())
+        )
+    num = {
+        k: cand.column(k).to_numpy().astype(np.float64)
+        for k in cand.column_names
+        if k not in ("user_id", "boosted_creator")
+    }
+    p = num["user_rate_elsewhere"] * num["creator_rate_elsewhere"] / np.maximum(num["overall_rate"], 1e-12)
+    tail = stats.binom.sf(num["engaged_images"] - 1, num["seen_images"], np.clip(p, 1e-9, 1 - 1e-9))
+    creators = cand.column("boosted_creator").to_pylist()
+    suspect = tail < cfg.booster_suspect_tail
+    members: dict[str, int] = {}
+    engaged: dict[str, float] = {}
+    for c, s_, e in zip(creators, suspect, num["engaged_images"]):
+        if s_:
+            members[c] = members.get(c, 0) + 1
+            engaged[c] = engaged.get(c, 0.0) + e
+    share = np.array(
+        [engaged.get(c, 0.0) / max(t, 1.0) for c, t in zip(creators, num["creator_engaged_total"])]
+    )
+    group = np.array([members.get(c, 0) >= cfg.booster_min_group for c in creators])
+    flag = (tail < cfg.booster_max_tail) | (suspect & group & (share >= cfg.booster_min_group_share))
+    out = cand.append_column("tail", pa.array(tail, pa.float64()))
+    out = out.append_column("group_share", pa.array(share, pa.float64()))
+    return out.filter(pa.array(flag, pa.bool_()))
+
+
+def _bot_table(activity: pa.Table, rings: pa.Table, boosters: pa.Table) -> pa.Table:
+    """One row per flagged account: user_id, rule ('rate', 'ring', 'booster', or several joined
+    by '+'), detail (what fired)."""
+    found: dict[str, dict[str, str]] = {}
+    act = activity.filter(pc.field("is_bot")).to_pylist()
+    for r in act:
+        found.setdefault(r["user_id"], {})["rate"] = (
+            f"{r['events_per_day']:.0f} events/day, {r['positive_ratio']:.2f} positive/impression"
+        )
+    for r in rings.to_pylist():
+        found.setdefault(r["user_id"], {})["ring"] = (
+            f"mutual remixes with {r['ring_partners']}: {r['partners']}"
+        )
+    for r in boosters.to_pylist():
+        d = found.setdefault(r["user_id"], {})
+        txt = (
+            f"engaged with {r['engaged_images']}/{r['seen_images']} images of {r['boosted_creator']} "
+            f"(chance {r['tail']:.1e}; suspects give the creator {r['group_share']:.0%} of its engagement)"
+        )
+        d["booster"] = d["booster"] + "; " + txt if "booster" in d else txt
+    users = sorted(found)
+    order = ("rate", "ring", "booster")
+    return pa.table(
+        {
+            "user_id": pa.array(users, pa.string()),
+            "rule": pa.array(["+".join(k for k in order if k in found[u]) for u in users], pa.string()),
+            "detail": pa.array(
+                ["; ".join(found[u][k] for k in order if k in found[u]) for u in users], pa.string()
+            ),
+        }
+    )
+
+
+def _captions(groups: list[str], prompts: list[str]):
+    """caption(i, j): the prompt images i and j both answer. Their own text when it is the same
+    (whitespace tidied); otherwise (same prompt_id or same normalised text, different spelling)
+    the group's most common spelling, ties to the one not in capitals, then the first by text."""
+    tidy = [" ".join(p.split()) for p in prompts]
+    counts: dict[str, dict[str, int]] = {}
+    for g, t in zip(groups, tidy):
+        counts.setdefault(g, {}).setdefault(t, 0)
+        counts[g][t] += 1
+    canonical = {
+        g: min(c.items(), key=lambda kv: (-kv[1], kv[0] == kv[0].upper(), kv[0]))[0]
+        for g, c in counts.items()
+    }
+
+    def caption(i: int, j: int) -> str:
+        return tidy[i] if tidy[i] == tidy[j] else canonical[groups[i]]
+
+    return caption
 
 
 def _q(con, query: str, params: dict | None = None) -> pa.Table:
@@ -393,10 +594,10 @@ def _q(con, query: str, params: dict | None = None) -> pa.Table:
     raise AttributeError("this DuckDB relation has no Arrow export")
 
 
-def _naive_pairs(con, images: pa.Table, cand_all: bool = True) -> pa.Table:
+def _naive_pairs(con, raw: pa.Table) -> pa.Table:
     """Naive rule: within a prompt group, the image with more raw remixes wins; equal remixes: more
-    raw likes wins; equal both: dropped. Raw counts over all accepted events."""
-    raw = _q(con, load_sql("social_image_raw_counts"))
+    raw likes wins; equal both: dropped. Raw counts over all accepted events (raw: the
+    social_image_raw_counts table)."""
     con.register("raw_counts", raw)
     return _q(
         con,
@@ -425,6 +626,8 @@ def _write_outputs(result: SocialResult, images: pa.Table, out_dir: Path, cfg: S
         "social_images": write_parquet_atomic(result.images, out_dir / "social_images.parquet"),
         "social_rejects": write_parquet_atomic(result.rejects, out_dir / "social_rejects.parquet"),
     }
+    if result.bots is not None:
+        paths["social_bots"] = write_parquet_atomic(result.bots, out_dir / "social_bots.parquet")
     lap("write_tables")
     path_of = dict(
         zip(
@@ -432,12 +635,17 @@ def _write_outputs(result: SocialResult, images: pa.Table, out_dir: Path, cfg: S
             zip(images.column("path").to_pylist(), images.column("model").to_pylist()),
         )
     )
+    kind = result.pairs.column("kind")
+    population = result.pairs.filter(pc.equal(kind, "population"))
+    per_user = result.pairs.filter(pc.equal(kind, "user"))
     if cfg.export_webdataset:
-        paths["webdataset"] = write_webdataset(
-            result.pairs, path_of, out_dir / "webdataset", cfg, result.stats
+        paths["webdataset"] = write_webdataset(population, path_of, out_dir / "webdataset", cfg, result.stats)
+        paths["per_user_webdataset"] = write_webdataset(
+            per_user, path_of, out_dir / "per_user" / "webdataset", cfg, result.stats
         )
         lap("export_webdataset")
     if cfg.export_pickapic:
-        paths["pickapic"] = write_pickapic(result.pairs, path_of, out_dir / "pickapic", cfg)
+        paths["pickapic"] = write_pickapic(population, path_of, out_dir / "pickapic", cfg)
+        paths["per_user_pickapic"] = write_pickapic(per_user, path_of, out_dir / "per_user" / "pickapic", cfg)
         lap("export_pickapic")
     result.paths = {k: str(v) for k, v in paths.items()}

@@ -43,3 +43,61 @@ def precision(pairs: pa.Table, truth_dir: Path) -> dict:
         "user_pairs": usr_n,
         "user_precision": usr_ok / usr_n if usr_n else float("nan"),
     }
+
+
+def bot_detection(bots: pa.Table, truth_dir: Path) -> dict:
+    """Flagged accounts (build result .bots: user_id, rule) against the simulator's truth:
+    caught / total per bot kind, people flagged by mistake, and precision / recall of the flags
+    (precision None when nothing is flagged)."""
+    t = pq.read_table(Path(truth_dir) / "users_truth.parquet", columns=["user_id", "bot_kind"]).to_pydict()
+    kind = dict(zip(t["user_id"], t["bot_kind"]))
+    rules = dict(zip(bots.column("user_id").to_pylist(), bots.column("rule").to_pylist()))
+    by_kind: dict[str, dict] = {}
+    for u, k in kind.items():
+        if k is None:
+            continue
+        d = by_kind.setdefault(k, {"total": 0, "caught": 0, "by_rule": {}})
+        d["total"] += 1
+        if u in rules:
+            d["caught"] += 1
+            d["by_rule"][rules[u]] = d["by_rule"].get(rules[u], 0) + 1
+    false_flags: dict[str, int] = {}
+    for u, r in rules.items():
+        if kind.get(u) is None:
+            false_flags[r] = false_flags.get(r, 0) + 1
+    n_bots = sum(d["total"] for d in by_kind.values())
+    caught = sum(d["caught"] for d in by_kind.values())
+    n_false = sum(false_flags.values())
+    return {
+        "by_kind": dict(sorted(by_kind.items())),
+        "false_flags_by_rule": false_flags,
+        "people": sum(1 for k in kind.values() if k is None),
+        "flagged": len(rules),
+        "precision": caught / (caught + n_false) if caught + n_false else None,
+        "recall": caught / n_bots if n_bots else None,
+    }
+
+
+def export_report(pickapic_dir: Path, build_dir: Path, truth_dir: Path, split: str = "train") -> dict:
+    """One split of a Pick-a-Pic export read back from disk, against the simulator's truth: rows,
+    distinct image pairs, pairs (and their rows) that appear with both winners, the most rows one
+    pair has, and precision: the share of rows whose preferred image has the higher latent
+    quality, which is what a trainer that reads every row learns (a tie in quality counts half).
+    Image uids map back to image ids through build_dir/social_images.parquet."""
+    from pipeline.social.checks import contradicting_pairs, read_pickapic_winners
+
+    rows = read_pickapic_winners(pickapic_dir, split)
+    imgs = pq.read_table(Path(build_dir) / "social_images.parquet", columns=["image_id", "uid"]).to_pydict()
+    image_of = dict(zip(imgs["uid"], imgs["image_id"]))
+    quality = {i: q for i, (q, _) in load_truth(truth_dir)[0].items()}
+    out = contradicting_pairs(rows["winner_uid"], rows["loser_uid"])
+    right = 0.0
+    for w, l_ in zip(rows["winner_uid"], rows["loser_uid"]):
+        qw, ql = quality[image_of[w]], quality[image_of[l_]]
+        right += 1.0 if qw > ql else 0.5 if qw == ql else 0.0
+    out["precision"] = right / len(rows["winner_uid"]) if rows["winner_uid"] else None
+    out["rows_with_user_id"] = sum(1 for u in rows["user_id"] if u is not None)
+    if out["rows_with_user_id"]:  # per-user rows: contradictions within one user's pairs
+        per_user = contradicting_pairs(rows["winner_uid"], rows["loser_uid"], rows["user_id"])
+        out["contradicting_pairs_within_a_user"] = per_user["contradicting_pairs"]
+    return out

@@ -1,21 +1,30 @@
 """Exports of social pairs: WebDataset shards (pipeline/shards.py) and a Pick-a-Pic v2 Parquet.
 
+What goes where (build.py calls these once per kind):
+- webdataset/ and pickapic/ hold the population pairs only: one row per unordered image pair,
+  never two rows with opposite labels, so a trainer that reads every row (diffusers'
+  train_diffusion_dpo.py does not look at `kind`) learns one consistent preference;
+- per_user/webdataset/ and per_user/pickapic/ hold the per-user pairs, with user_id on every row
+  (one row per user and image pair; different users may disagree, that is what they are for).
+
 Which side the winner lands on is decided by a hash of (seed, pair_id), so labels are balanced and
 the same pairs always give the same bytes. Pick-a-Pic convention: label_0/label_1 = 1.0 for the
 preferred image, 0.0 for the other."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.decode import as_jpeg
 from pipeline.ids import stable_key
 from pipeline.shards import write_manifest, write_shards
 from pipeline.splits import hash_split
-from pipeline.storage import write_parquet_atomic
 
 
 def winner_side(pair_id: str, seed: int = 0) -> int:
@@ -36,6 +45,28 @@ class _ImageCache:
         return b
 
 
+def check_export_pairs(pairs: pa.Table) -> str:
+    """The kind of an export's pairs ('population' or 'user'), after checking the export rules:
+    one kind only; population pairs: each unordered image pair at most once; user pairs: user_id
+    on every row and each (user, unordered pair) at most once. Raises ValueError otherwise."""
+    kinds = set(pairs.column("kind").to_pylist())
+    if len(kinds) > 1:
+        raise ValueError(f"one kind of pairs per export, got {sorted(kinds)}")
+    kind = kinds.pop() if kinds else "population"
+    users = pairs.column("user_id").to_pylist()
+    if kind == "user" and any(u is None for u in users):
+        raise ValueError("per-user pairs need a user_id on every row")
+    seen = set()
+    for u, w, l in zip(users, pairs.column("winner_uid").to_pylist(), pairs.column("loser_uid").to_pylist()):
+        key = (u if kind == "user" else None, min(w, l), max(w, l))
+        if key in seen:
+            raise ValueError(
+                f"image pair {key[1:]} appears twice in a {kind} export" + (f" (user {u})" if u else "")
+            )
+        seen.add(key)
+    return kind
+
+
 def _sides(pairs: pa.Table, seed: int):
     d = pairs.to_pydict()
     for j in range(pairs.num_rows):
@@ -44,19 +75,21 @@ def _sides(pairs: pa.Table, seed: int):
         yield row, side
 
 
-def _evidence(row: dict) -> dict:
-    keys = (
-        "prob",
-        "winner_exposure",
-        "loser_exposure",
-        "winner_impressions",
-        "loser_impressions",
-        "winner_score",
-        "loser_score",
-        "winner_rate",
-        "loser_rate",
-    )
-    return {k: row[k] for k in keys}
+_EVIDENCE = (
+    "prob",
+    "prob_margin",
+    "winner_exposure",
+    "loser_exposure",
+    "winner_impressions",
+    "loser_impressions",
+    "winner_expected",
+    "loser_expected",
+    "winner_score",
+    "loser_score",
+    "winner_rate",
+    "loser_rate",
+    "sessions",
+)
 
 
 def split_of(prompt_group: str, eval_fraction: float, salt: str = "social-v1") -> str:
@@ -68,7 +101,7 @@ def split_pairs(pairs: pa.Table, eval_fraction: float) -> dict[str, pa.Table]:
     """Pairs by split; a prompt group is wholly in one split."""
     splits = [split_of(g, eval_fraction) for g in pairs.column("prompt_group").to_pylist()]
     mask = pa.array([s == "eval" for s in splits], type=pa.bool_())  # typed even when empty
-    return {"train": pairs.filter(pa.compute.invert(mask)), "eval": pairs.filter(mask)}
+    return {"train": pairs.filter(pc.invert(mask)), "eval": pairs.filter(mask)}
 
 
 def write_webdataset(
@@ -76,15 +109,17 @@ def write_webdataset(
 ) -> Path:
     """Per split (out_dir/train, out_dir/eval, split by prompt group): <pair_id>.0.jpg,
     <pair_id>.1.jpg, <pair_id>.json (caption, label_0, label_1, user_id, uids, image ids, kind,
-    evidence) in social-<split>-NNNNNN.tar, plus a manifest.json in each split folder."""
+    evidence) in social-<split>-NNNNNN.tar, plus a manifest.json in each split folder. One kind
+    of pairs per call (check_export_pairs)."""
+    kind = check_export_pairs(pairs)
     cache = _ImageCache(image_info)
     out_dir = Path(out_dir)
     for split, part in split_pairs(pairs, cfg.eval_fraction).items():
-        _write_webdataset_split(part, cache, out_dir / split, split, cfg, stats)
+        _write_webdataset_split(part, cache, out_dir / split, split, kind, cfg, stats)
     return out_dir
 
 
-def _write_webdataset_split(pairs: pa.Table, cache, out_dir: Path, split: str, cfg, stats) -> None:
+def _write_webdataset_split(pairs: pa.Table, cache, out_dir: Path, split: str, kind: str, cfg, stats) -> None:
     def samples():
         for row, side in _sides(pairs, cfg.seed):
             ids = [row["winner_image_id"], row["loser_image_id"]]
@@ -110,14 +145,27 @@ def _write_webdataset_split(pairs: pa.Table, cache, out_dir: Path, split: str, c
                     "uid_1": uids[1],
                     "uids": uids,
                     "winner_uid": row["winner_uid"],
-                    "evidence": _evidence(row),
+                    "evidence": {k: row[k] for k in _EVIDENCE},
                     "split": split,
                 },
             }
 
-    shards = write_shards(samples(), out_dir, f"social-{split}", max_count=cfg.shard_max_count)
-    extra = {"split": split, "counts": {k: v for k, v in (stats or {}).items() if isinstance(v, (int, float))}}
-    write_manifest(out_dir, "social_pairs", shards, cfg.to_dict(), extra=extra)
+    prefix = "social-user" if kind == "user" else "social"
+    shards = write_shards(
+        samples(), out_dir, f"{prefix}-{split}", max_count=cfg.shard_max_count, max_bytes=cfg.shard_max_bytes
+    )
+    extra = {
+        "split": split,
+        "kind": kind,
+        "counts": {k: v for k, v in (stats or {}).items() if isinstance(v, (int, float))},
+    }
+    write_manifest(
+        out_dir,
+        "social_pairs" if kind == "population" else "social_user_pairs",
+        shards,
+        cfg.to_dict(),
+        extra=extra,
+    )
 
 
 PICKAPIC_SCHEMA = pa.schema(
@@ -147,7 +195,10 @@ def write_pickapic(pairs: pa.Table, image_info: dict, out_dir: Path, cfg) -> Pat
     """Pick-a-Pic v2 columns in train-NNNNN-of-NNNNN.parquet and validation-NNNNN-of-NNNNN.parquet
     files under out_dir (split by prompt group), readable with
     datasets.load_dataset("parquet", data_dir=out_dir) (splits "train" and "validation") and
-    therefore with diffusers' train_diffusion_dpo.py (--dataset_name=<out_dir> --dataset_split_name=train)."""
+    therefore with diffusers' train_diffusion_dpo.py (--dataset_name=<out_dir>
+    --dataset_split_name=train). A file holds at most shard_max_count rows or shard_max_bytes of
+    images; a row group at most pickapic_row_group_rows rows or pickapic_row_group_bytes."""
+    check_export_pairs(pairs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in [*out_dir.glob("train-*.parquet"), *out_dir.glob("validation-*.parquet")]:
@@ -160,35 +211,71 @@ def write_pickapic(pairs: pa.Table, image_info: dict, out_dir: Path, cfg) -> Pat
     return out_dir
 
 
+def _pickapic_rows(pairs: pa.Table, image_info: dict, cache, seed: int):
+    for row, side in _sides(pairs, seed):
+        ids = [row["winner_image_id"], row["loser_image_id"]]
+        uids = [row["winner_uid"], row["loser_uid"]]
+        if side == 1:
+            ids.reverse()
+            uids.reverse()
+        yield {
+            "are_different": uids[0] != uids[1],
+            "best_image_uid": row["winner_uid"],
+            "caption": row["prompt"],
+            "has_label": True,
+            "image_0_uid": uids[0],
+            "image_1_uid": uids[1],
+            "jpg_0": cache.get(ids[0]),
+            "jpg_1": cache.get(ids[1]),
+            "label_0": 1.0 if side == 0 else 0.0,
+            "label_1": 1.0 if side == 1 else 0.0,
+            "model_0": image_info[ids[0]][1],
+            "model_1": image_info[ids[1]][1],
+            "ranking_id": int(row["pair_id"][:15], 16),
+            "user_id": row["user_id"],
+            "pair_id": row["pair_id"],
+            "kind": row["kind"],
+            "prob": row["prob"],
+        }
+
+
+def _chunks(rows: list[dict], max_rows: int, max_bytes: int) -> list[list[dict]]:
+    """Consecutive runs of rows with at most max_rows rows and, unless one row alone is larger,
+    at most max_bytes of jpg_0 + jpg_1."""
+    out, cur, size = [], [], 0
+    for r in rows:
+        b = len(r["jpg_0"]) + len(r["jpg_1"])
+        if cur and (len(cur) >= max_rows or size + b > max_bytes):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(r)
+        size += b
+    if cur:
+        out.append(cur)
+    return out
+
+
 def _write_pickapic_split(pairs: pa.Table, image_info: dict, cache, out_dir: Path, name: str, cfg) -> None:
-    per_file = max(1, cfg.shard_max_count)
-    n_files = max(1, -(-pairs.num_rows // per_file))
-    rows = list(_sides(pairs, cfg.seed))
-    for f in range(n_files):
-        chunk = rows[f * per_file : (f + 1) * per_file]
-        cols = {name: [] for name in PICKAPIC_SCHEMA.names}
-        for row, side in chunk:
-            ids = [row["winner_image_id"], row["loser_image_id"]]
-            uids = [row["winner_uid"], row["loser_uid"]]
-            if side == 1:
-                ids.reverse()
-                uids.reverse()
-            cols["are_different"].append(uids[0] != uids[1])
-            cols["best_image_uid"].append(row["winner_uid"])
-            cols["caption"].append(row["prompt"])
-            cols["has_label"].append(True)
-            cols["image_0_uid"].append(uids[0])
-            cols["image_1_uid"].append(uids[1])
-            cols["jpg_0"].append(cache.get(ids[0]))
-            cols["jpg_1"].append(cache.get(ids[1]))
-            cols["label_0"].append(1.0 if side == 0 else 0.0)
-            cols["label_1"].append(1.0 if side == 1 else 0.0)
-            cols["model_0"].append(image_info[ids[0]][1])
-            cols["model_1"].append(image_info[ids[1]][1])
-            cols["ranking_id"].append(int(row["pair_id"][:15], 16))
-            cols["user_id"].append(row["user_id"])
-            cols["pair_id"].append(row["pair_id"])
-            cols["kind"].append(row["kind"])
-            cols["prob"].append(row["prob"])
-        table = pa.table(cols, schema=PICKAPIC_SCHEMA)
-        write_parquet_atomic(table, out_dir / f"{name}-{f:05d}-of-{n_files:05d}.parquet")
+    rows = list(_pickapic_rows(pairs, image_info, cache, cfg.seed))
+    files = _chunks(rows, max(1, cfg.shard_max_count), cfg.shard_max_bytes) or [[]]
+    for f, file_rows in enumerate(files):
+        groups = _chunks(file_rows, cfg.pickapic_row_group_rows, cfg.pickapic_row_group_bytes)
+        _write_row_groups(out_dir / f"{name}-{f:05d}-of-{len(files):05d}.parquet", groups)
+
+
+def _write_row_groups(path: Path, groups: list[list[dict]]) -> None:
+    """One Parquet row group per list of rows, written to a temporary name and renamed (readers
+    never see half a file, like pipeline/storage.write_parquet_atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, PICKAPIC_SCHEMA, compression="zstd") as w:
+            if not groups:
+                w.write_table(PICKAPIC_SCHEMA.empty_table())
+            for g in groups:
+                w.write_table(pa.Table.from_pylist(g, schema=PICKAPIC_SCHEMA), row_group_size=len(g))
+        os.chmod(tmp, 0o644)  # a dataset file: readable by the team, like the shards
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -12,13 +12,27 @@ from pipeline.viz import contact_sheet, histogram_png
 def pair_figures(result, n_pairs: int = 8) -> dict[str, bytes]:
     pairs = result.pairs
     figs: dict[str, bytes] = {}
-    pop = [p for p, k in zip(pairs.column("prob").to_pylist(), pairs.column("kind").to_pylist()) if k == "population" and p is not None]
-    figs["posterior_probability"] = histogram_png({"population pairs": pop}, "P(rate winner > rate loser)", "posterior probability")
+    pop = [
+        p
+        for p, k in zip(pairs.column("prob").to_pylist(), pairs.column("kind").to_pylist())
+        if k == "population" and p is not None
+    ]
+    figs["posterior_probability"] = histogram_png(
+        {"population pairs": pop},
+        "P(engagement of winner > loser, relative to audience)",
+        "posterior probability",
+    )
     exp = pairs.column("winner_exposure").to_pylist() + pairs.column("loser_exposure").to_pylist()
-    figs["exposure"] = histogram_png({"paired images": [e for e in exp if e is not None]}, "Effective exposure of paired images", "exposures")
+    figs["exposure"] = histogram_png(
+        {"paired images": [e for e in exp if e is not None]},
+        "Exposures of paired images (distinct users shown)",
+        "exposures",
+    )
     paths = {}
     if "path" in result.images.column_names:
-        paths = dict(zip(result.images.column("image_id").to_pylist(), result.images.column("path").to_pylist()))
+        paths = dict(
+            zip(result.images.column("image_id").to_pylist(), result.images.column("path").to_pylist())
+        )
     tiles = []
     for r in pairs.to_pylist()[:n_pairs]:
         for side, label in (("winner", "preferred"), ("loser", "other")):
