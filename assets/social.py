@@ -2,109 +2,103 @@
 
 import dagster as dg
 
+from assets.common import release_checks, release_metadata
 from assets.resources import LineupSettings
 from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
-from pipeline.datasets import dataset_dir, dataset_version, fingerprint_rows, publish
-from pipeline.storage import write_parquet_atomic
+from pipeline.storage import read_parquet, write_parquet_atomic
+
+CHECKS = {
+    "events_reconcile": "Rows of the input files (Parquet footers, csv module) = accepted + rejected, read back "
+    "from the written tables; for events and for image rows.",
+    "shards_match_manifest": "Every shard re-read and hashed against its manifest; WebDataset samples, Pick-a-Pic rows "
+    "and the pairs table agree for each kind of pairs.",
+    "no_self_pairs": "No pair in the pairs table or any export shows the same image twice (uids and JPEG bytes "
+    "re-read from disk).",
+}
+TABLES = ("social_pairs", "social_users", "social_images", "social_bots")
 
 
-@dg.asset(
-    group_name="social",
-    kinds={"duckdb", "webdataset"},
-    automation_condition=dg.AutomationCondition.on_cron("0 4 * * *"),
-    check_specs=[
-        dg.AssetCheckSpec(
-            "events_reconcile",
-            asset="social_dataset",
-            blocking=True,
-            description="Rows of the input files (Parquet footers, csv module) = accepted + rejected, read back "
-            "from the written tables; for events and for image rows.",
-        ),
-        dg.AssetCheckSpec(
-            "shards_match_manifest",
-            asset="social_dataset",
-            blocking=True,
-            description="Every shard re-read and hashed against its manifest; WebDataset samples, Pick-a-Pic rows "
-            "and the pairs table agree for each kind of pairs.",
-        ),
-        dg.AssetCheckSpec(
-            "no_self_pairs",
-            asset="social_dataset",
-            blocking=True,
-            description="No pair in the pairs table or any export shows the same image twice (uids and JPEG bytes "
-            "re-read from disk).",
-        ),
-    ],
-    description="Preference pairs mined from what users did: engagement per image against what its audience "
-    "predicts (Gamma-Poisson with stratum offsets, fitted prior), a posterior expected-FDR rule per prompt group, "
-    "ties and weak evidence dropped, bots (rate rules, remix rings, boosters) and self-engagement excluded. "
-    "Default exports (WebDataset train/eval by prompt, Pick-a-Pic Parquet) hold population pairs only; "
-    "per-user pairs from images shown together go to per_user/.",
+@dg.multi_asset(
+    name="social_dataset",
+    specs=[dg.AssetSpec(
+        "social_dataset", group_name="social", kinds={"duckdb", "webdataset"},
+        automation_condition=dg.AutomationCondition.on_cron("0 4 * * *"),
+        skippable=True,  # no interaction log: nothing to build, not a failure
+        description="Preference pairs mined from what users did: engagement per image against what its audience "
+        "predicts (Gamma-Poisson with stratum offsets, fitted prior), a posterior expected-FDR rule per prompt group, "
+        "ties and weak evidence dropped, bots (rate rules, remix rings, boosters) and self-engagement excluded. "
+        "Default exports (WebDataset train/eval by prompt, Pick-a-Pic Parquet) hold population pairs only; "
+        "per-user pairs from images shown together go to per_user/. A content-addressed version with a card.",
+    )],
+    check_specs=[dg.AssetCheckSpec(n, asset="social_dataset", blocking=True, description=d) for n, d in CHECKS.items()],
+    can_subset=True,  # a skipped run leaves its checks unreported
 )
 def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
+    from pipeline.datasets import release
+    from pipeline.removals import card_entries, load_requests, mark_superseded, social_versions_with_users
     from pipeline.social import SocialConfig, build_social_pairs
     from pipeline.social.checks import events_reconcile, no_self_pairs, shards_match_manifest
-    from pipeline.social.ingest import find_inputs
+    from pipeline.social.release import social_card, social_version
     from pipeline.social.report import pair_figures
 
     layout = lineup.layout
     social_dir = lineup.social_path
-    if not social_dir.exists():
-        raise dg.Failure(f"no social input at {social_dir}: set LINEUP_SOCIAL or social_dir (see README, Social input)")
-    image_files, event_files = find_inputs(social_dir)
+    if not social_dir.is_dir():
+        reason = f"no interaction log at {social_dir} (set LINEUP_SOCIAL or social_dir; see README, Social input contract)"
+        context.log.warning(f"social_dataset skipped: {reason}")
+        yield dg.AssetObservation(asset_key="social_dataset", metadata={"skipped_because": reason})
+        return
     cfg = SocialConfig()
-    version = dataset_version(
-        cfg.to_dict(),
-        fingerprint_rows((str(p.relative_to(social_dir)), p.stat().st_size, p.stat().st_mtime_ns) for p in [*image_files, *event_files]),
-    )
-    out = dataset_dir(layout, "social", version)
-    res = build_social_pairs(social_dir, out, cfg)
-    write_parquet_atomic(res.pairs, layout.table_file("social_pairs"))
-    write_parquet_atomic(res.users, layout.table_file("social_users"))
-    write_parquet_atomic(res.images, layout.table_file("social_images"))
-    write_parquet_atomic(res.bots, layout.table_file("social_bots"))
-    write_parquet_atomic(res.rejects, layout.table_file("rejects_social"))
+    removed = {r.user_hash for r in load_requests(layout) if r.kind == "user" and r.user_hash}
+    removals = [e for e in card_entries(layout) if e["kind"] == "user"]
+    try:
+        version, parts = social_version(social_dir, cfg, removals)
+    except FileNotFoundError as e:
+        reason = f"no interaction log: {e}"
+        context.log.warning(f"social_dataset skipped: {reason}")
+        yield dg.AssetObservation(asset_key="social_dataset", metadata={"skipped_because": reason})
+        return
+    context.log.info(f"social version {version} from {social_dir}")
+
+    def build(folder):
+        return build_social_pairs(social_dir, folder, cfg, version=version, removed_users=removed)
+
+    outcomes = {}
+
+    def checks(folder, res):
+        outcomes.update(events_reconcile=events_reconcile(social_dir, folder), shards_match_manifest=shards_match_manifest(folder),
+                        no_self_pairs=no_self_pairs(folder))
+        return {name: [] if o.passed else [str(o.metadata)[:2000]] for name, o in outcomes.items()}
+
+    def card(folder, res):
+        return social_card(version, folder, res.stats, cfg, parts, lineup.dataset_contact, removals)
+
+    rel = release(layout, "social", version, build, checks, card)
+    if removed and rel.published:  # older versions in which a removed user acts or creates
+        mark_superseded(layout, social_versions_with_users(layout, removed, keep=version), purge=lineup.purge_removed_versions)
+    for name in TABLES:
+        if (rel.folder / f"{name}.parquet").exists():
+            write_parquet_atomic(read_parquet(rel.folder / f"{name}.parquet"), layout.table_file(name))
+    write_parquet_atomic(read_parquet(rel.folder / "social_rejects.parquet"), layout.table_file("rejects_social"))
     refresh_catalog(layout)
-    st = res.stats
-    reconcile = events_reconcile(social_dir, out)
-    shards = shards_match_manifest(out)
-    no_self = no_self_pairs(out)
-    if reconcile.passed and shards.passed and no_self.passed:
-        publish(layout, "social", version)
-    return dg.MaterializeResult(
+    st = rel.result.stats if rel.result is not None else {}
+    keys = ("population_pairs", "user_pairs", "users_with_pairs", "events_in", "events_rejected", "events_self_excluded",
+            "events_bot_excluded", "bots_flagged", "fdr_level", "expected_fdr")
+    yield dg.MaterializeResult(
+        asset_key="social_dataset",
         metadata={
-            "version": version,
-            "path": dg.MetadataValue.path(str(out)),
-            "population_pairs": st["population_pairs"],
-            "user_pairs": st["user_pairs"],
-            "users_with_pairs": st["users_with_pairs"],
-            "events_in": st["events_in"],
-            "events_rejected": st["events_rejected"],
-            "events_self_excluded": st["events_self_excluded"],
-            "events_bot_excluded": st["events_bot_excluded"],
-            "bots_flagged": st["bots_flagged"],
-            "bots_by_rule": dg.MetadataValue.json(st["bots_by_rule"]),
-            "fdr_level": st["fdr_level"],
-            "expected_fdr": st["expected_fdr"],
+            **release_metadata(rel),
+            **{k: st[k] for k in keys if k in st},
+            "bots_by_rule": dg.MetadataValue.json(st.get("bots_by_rule", {})),
             "pairs_dropped": dg.MetadataValue.json({k: v for k, v in st.items() if k.startswith("pairs_dropped")}),
-            "rejects_by_reason": dg.MetadataValue.json(st["rejects_by_reason"]),
-            "prior": dg.MetadataValue.json(st["prior"]),
-            "exports": dg.MetadataValue.json(shards.metadata["counts"]),
+            "rejects_by_reason": dg.MetadataValue.json(st.get("rejects_by_reason", {})),
+            "prior": dg.MetadataValue.json(st.get("prior", {})),
+            "exports": dg.MetadataValue.json(outcomes["shards_match_manifest"].metadata.get("counts", {})),
             "timings_s": dg.MetadataValue.json(st.get("timings_s", {})),
-            **pictures(pair_figures(res)),
+            "lineage": dg.MetadataValue.json({k: v for k, v in parts.items() if k != "config"}),
+            **(pictures(pair_figures(rel.result)) if rel.result is not None else {}),
         },
-        check_results=[
-            dg.AssetCheckResult(check_name="events_reconcile", passed=reconcile.passed, metadata=reconcile.metadata),
-            dg.AssetCheckResult(
-                check_name="shards_match_manifest",
-                passed=shards.passed,
-                metadata={k: dg.MetadataValue.json(v) for k, v in shards.metadata.items()},
-            ),
-            dg.AssetCheckResult(
-                check_name="no_self_pairs",
-                passed=no_self.passed,
-                metadata={"self_pairs": dg.MetadataValue.json(no_self.metadata["self_pairs"])},
-            ),
-        ],
+        data_version=dg.DataVersion(version),
     )
+    yield from release_checks(rel, CHECKS)

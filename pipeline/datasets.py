@@ -330,6 +330,3 @@ def release(layout: Layout, name: str, version: str, build, checks, card=None) -
         return Release(name, version, folder, False, True, problems, result)
 
 
-def publish(layout: Layout, name: str, version: str) -> None:
-    """TEMPORARY: the social asset's in-place publish, until it moves to :func:`release`."""
-    set_latest(layout, name, version)

@@ -246,6 +246,23 @@ def versions_containing(layout: Layout, uids: set[str]) -> dict[str, list[str]]:
     return out
 
 
+def social_versions_with_users(layout: Layout, user_hashes: set[str], keep: str | None = None) -> dict[str, list[str]]:
+    """Published social versions (other than ``keep``) in which a removed user acts or creates."""
+    found: list[str] = []
+    root = layout.datasets / "social"
+    if not user_hashes or not root.exists():
+        return {}
+    for v in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != keep):
+        ids: set[str] = set()
+        for table, col in (("social_users.parquet", "user_id"), ("social_images.parquet", "creator_id"),
+                           ("social_pairs.parquet", "user_id")):
+            if (v / table).exists():
+                ids |= {x for x in pq.read_table(v / table, columns=[col]).column(col).to_pylist() if x is not None}
+        if {user_hash(i) for i in ids} & user_hashes:
+            found.append(v.name)
+    return {"social": found} if found else {}
+
+
 def mark_superseded(layout: Layout, found: dict[str, list[str]], purge: bool) -> dict[str, list[str]]:
     """Record (or with ``purge`` delete) the old versions that contain removed photos."""
     for name, versions in found.items():

@@ -11,6 +11,7 @@ SELECT
         WHEN 'unknown image' THEN 'image_id=' || coalesce(image_id, 'NULL')
         WHEN 'event before image created' THEN 'image_id=' || image_id || ' ts=' || CAST(ts AS VARCHAR)
         WHEN 'duplicate event id' THEN 'event_id=' || event_id
+        WHEN 'removed on request' THEN 'a removal request applies to this user'
     END AS detail
 FROM ev_classified
 WHERE reason IS NOT NULL

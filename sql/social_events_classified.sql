@@ -4,6 +4,7 @@
 --   images_ok(image_id, prompt_group, creator_id, created_at)   accepted images
 --   images_rejected(image_id)                                    image ids whose row was rejected
 --   dup_rows(_file, _row, event_id)                              social_duplicate_events
+--   removed_users(user_hash)                                     sha256 of user ids removed on request
 -- The first failing check names the reason. Used as a view: each consumer scans the Parquet
 -- once (cheaper than materialising 10 M rows); only the duplicate check is precomputed.
 SELECT
@@ -21,6 +22,7 @@ SELECT
         WHEN e.event IS NULL OR e.event NOT IN ('impression', 'click', 'like', 'save', 'share', 'remix')
             THEN 'unknown event'
         WHEN e.user_id IS NULL OR e.user_id = '' THEN 'missing user id'
+        WHEN sha256(e.user_id) IN (SELECT user_hash FROM removed_users) THEN 'removed on request'
         WHEN i.image_id IS NULL AND r.image_id IS NOT NULL THEN 'image rejected'
         WHEN i.image_id IS NULL THEN 'unknown image'
         WHEN i.created_at IS NOT NULL AND e.ts < i.created_at THEN 'event before image created'

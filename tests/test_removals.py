@@ -132,3 +132,38 @@ def test_matches_below_the_automatic_threshold_wait_for_review():
     with pytest.raises(ValueError, match="file the request again"):
         bad = RemovalRequest("rm-2", "photo", "2026-12-01T00:00:00Z", "h", embeddings=[[1.0, 0.0]])
         plan_removals([bad], images, faces, None, auto_min=0.95, review_min=0.91)
+
+
+def test_removing_a_social_user(tmp_path, monkeypatch):
+    """A user removed on request: none of their events count and none of their images is released."""
+    from assets.social import social_dataset
+    from pipeline.social.simulate import SimConfig, simulate
+
+    simulate(tmp_path / "input" / "social", truth_dir=tmp_path / "truth", config=SimConfig(n_events=40_000, n_bots=0))
+    home = tmp_path / "home"
+    settings = LineupSettings(home=str(home), input_dir=str(tmp_path / "input"))
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([social_dataset], instance=instance, resources={"lineup": settings}).success
+    layout = Layout(home)
+    before = latest_version(layout, "social")
+    pairs = pq.read_table(layout.datasets / "social" / before / "social_pairs.parquet")
+    creators = pq.read_table(layout.datasets / "social" / before / "social_images.parquet", columns=["image_id", "creator_id"])
+    # the creator of the most winning images
+    winners = pairs.column("winner_image_id").to_pylist()
+    creator_of = dict(zip(creators.column("image_id").to_pylist(), creators.column("creator_id").to_pylist()))
+    user = max({creator_of[w] for w in winners}, key=lambda c: sum(creator_of[w] == c for w in winners))
+    monkeypatch.setenv("LINEUP_HOME", str(home))
+    assert forget(["--user", user]) == 0
+    assert dg.materialize([social_dataset], instance=instance, resources={"lineup": settings}).success
+    after = latest_version(layout, "social")
+    assert after != before
+    folder = layout.datasets / "social" / after
+    images = pq.read_table(folder / "social_images.parquet")
+    assert user not in set(images.column("creator_id").to_pylist())
+    users = set(pq.read_table(folder / "social_pairs.parquet").column("user_id").to_pylist())
+    assert user not in users
+    rejects = pq.read_table(folder / "social_rejects.parquet")
+    assert "removed on request" in set(rejects.column("reason").to_pylist())
+    assert before in json.loads((layout.datasets / "social" / "SUPERSEDED.json").read_text())
+    card = (folder / "README.md").read_text()
+    assert "| user |" in card and user not in card

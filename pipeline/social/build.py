@@ -104,6 +104,8 @@ def build_social_pairs(
     partition: str = "",
     baseline: bool = False,
     threads: int | None = None,
+    version: str | None = None,
+    removed_users: set[str] | None = None,
 ) -> SocialResult:
     """Read the social input folder, write social_pairs / social_users / social_images /
     social_bots / social_rejects Parquet tables and the exports (population pairs:
@@ -112,7 +114,11 @@ def build_social_pairs(
     tables and stats.
 
     baseline=True also computes the naive rule's pairs (raw remix, then like counts; no exposure
-    normalisation, no test, bots and creators included) over the same accepted events."""
+    normalisation, no test, bots and creators included) over the same accepted events.
+
+    ``version``: the dataset version id the manifests record. ``removed_users``: sha256 hex digests of
+    user ids removed on request (pipeline.removals): their images (as creator) and their events (as
+    actor) become "removed on request" rejects."""
     cfg = config or SocialConfig()
     cfg.validate()
     timings: dict[str, float] = {}
@@ -127,7 +133,8 @@ def build_social_pairs(
     social_dir = Path(social_dir)
     rejects = Rejects(STAGE, partition)
     image_files, event_files = find_inputs(social_dir)
-    imgs = load_images(social_dir, image_files, rejects, cfg.window_days)
+    removed_users = set(removed_users or ())
+    imgs = load_images(social_dir, image_files, rejects, cfg.window_days, removed_creators=removed_users)
     images = imgs.table.sort_by("image_id")
     lap("images")
 
@@ -138,6 +145,7 @@ def build_social_pairs(
         con.execute(f"SET threads = {int(threads)}")
     con.register("images_ok", images.select(["image_id", "prompt_group", "creator_id", "created_at"]))
     con.register("images_rejected", pa.table({"image_id": pa.array(imgs.rejected_ids, pa.string())}))
+    con.register("removed_users", pa.table({"user_hash": pa.array(sorted(removed_users), pa.string())}))
     register_events(con, social_dir, event_files, cfg.stratum_column)
     con.execute("CREATE TEMP TABLE dup_rows AS " + load_sql("social_duplicate_events"))
     con.execute("CREATE TEMP VIEW ev_classified AS " + load_sql("social_events_classified"))
@@ -482,6 +490,7 @@ def build_social_pairs(
         )
     result = SocialResult(pairs, users, image_table, all_rejects, stats, prior, base_table, bots)
     if out_dir is not None:
+        stats["dataset_version"] = version
         _write_outputs(result, images, Path(out_dir), cfg, lap)
     stats["timings_s"] = timings | {"total": round(time.perf_counter() - t_all, 4)}
     if out_dir is not None:

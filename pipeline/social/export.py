@@ -165,6 +165,8 @@ def _write_webdataset_split(pairs: pa.Table, cache, out_dir: Path, split: str, k
         shards,
         cfg.to_dict(),
         extra=extra,
+        version=(stats or {}).get("dataset_version"),
+        split=split,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -127,7 +128,8 @@ class ImagesResult:
 
 
 def load_images(
-    social_dir: Path, image_files: list[Path], rejects: Rejects, window_days: int | None = None
+    social_dir: Path, image_files: list[Path], rejects: Rejects, window_days: int | None = None,
+    removed_creators: set[str] | None = None,
 ) -> ImagesResult:
     """Validate images.*: ids unique, prompt present, file readable; hash the bytes into uid and
     compute prompt_group. Bad rows go to rejects; the first row of a duplicated image_id wins."""
@@ -166,6 +168,11 @@ def load_images(
                 rejects.add(src, "duplicate image id", f"image_id={iid} (first row kept)")
                 continue
             seen.add(iid)
+            creator = cols["creator_id"][r]
+            if removed_creators and creator is not None and hashlib.sha256(str(creator).encode()).hexdigest() in removed_creators:
+                rejects.add(src, "removed on request", f"image_id={iid}: its creator asked to be removed")
+                rejected.append(iid)
+                continue
             if prompt is None or not str(prompt).strip():
                 rejects.add(src, "missing prompt", f"image_id={iid}")
                 rejected.append(iid)

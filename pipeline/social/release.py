@@ -1,0 +1,94 @@
+"""A released social preference dataset version: its content id and its card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.datasets import DatasetCard, removal_text, removals_section, version_id
+from pipeline.social.config import SocialConfig
+from pipeline.social.ingest import _read_table, find_inputs
+
+BUILDER_VERSION = "social-builder-2"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def social_version(social_dir: Path, config: SocialConfig, removals: list[dict] | None = None) -> tuple[str, dict]:
+    """The id hashes the log tables' bytes (images.* and events*.*), the image files they name (path,
+    size, mtime: their bytes are hashed into uids while building), the config, the user removals in
+    force and the builder's version."""
+    social_dir = Path(social_dir)
+    image_files, event_files = find_inputs(social_dir)
+    referenced = []
+    for f in image_files:
+        t = _read_table(f)
+        if "path" in t.column_names:
+            for p in t.column("path").to_pylist():
+                q = Path(p) if p else None
+                if q is not None and not q.is_absolute():
+                    q = social_dir / q
+                st = q.stat() if q is not None and q.is_file() else None
+                referenced.append((str(p), st.st_size if st else None, st.st_mtime_ns if st else None))
+    parts = {
+        "builder": BUILDER_VERSION,
+        "library": __version__,
+        "config": config.to_dict(),
+        "log_files": [(f.name, _file_sha256(f)) for f in [*image_files, *event_files]],
+        "image_files": hashlib.sha256(json.dumps(sorted(referenced, key=str)).encode()).hexdigest()[:32],
+        "removals": sorted(e["request"] for e in removals or []),
+    }
+    return version_id(parts), parts
+
+
+def social_card(version: str, folder: Path, stats: dict, config: SocialConfig, parts: dict, contact: str,
+                removals: list[dict] | None = None) -> DatasetCard:
+    def n(sub):
+        p = Path(folder) / sub / "manifest.json"
+        return json.loads(p.read_text())["num_samples"] if p.exists() else 0
+
+    splits = {"webdataset/train": n("webdataset/train"), "webdataset/eval": n("webdataset/eval"),
+              "per_user/webdataset/train": n("per_user/webdataset/train"), "per_user/webdataset/eval": n("per_user/webdataset/eval")}
+    filters = [{"filter": f"pairs dropped: {k.removeprefix('pairs_dropped_').replace('_', ' ')}", "threshold": "",
+                "removed": v} for k, v in sorted(stats.items()) if k.startswith("pairs_dropped")]
+    filters += [
+        {"filter": "events rejected (malformed rows)", "threshold": "", "removed": stats.get("events_rejected", "")},
+        {"filter": "events by flagged bots", "threshold": "rate rules, remix rings, boosters", "removed": stats.get("events_bot_excluded", "")},
+        {"filter": "self-engagement of creators", "threshold": "", "removed": stats.get("events_self_excluded", "")},
+        {"filter": "population pairs: posterior expected FDR per prompt group", "threshold": f"<= {stats.get('fdr_level', '')}",
+         "removed": ""},
+    ]
+    return DatasetCard(
+        name="social",
+        version=version,
+        summary=("Implicit social-feedback preference pairs (after Social Reward): within a prompt, image A is preferred "
+                 "over image B when its engagement, measured against what its audience predicts, is reliably higher. "
+                 "Population pairs (the default exports, Pick-a-Pic compatible) and per-user pairs (per_user/)."),
+        splits=splits,
+        sample_format=("`<pair_id>.0.jpg`, `<pair_id>.1.jpg`, `<pair_id>.json` (caption = the prompt both images answer, "
+                       "label_0/label_1 with 1 = preferred, user_id, uids, evidence); Pick-a-Pic v2 Parquet under "
+                       "pickapic/ and per_user/pickapic/ (train-*, validation-*)."),
+        sources=[f"interaction log files: {', '.join(name for name, _ in parts['log_files'])}"],
+        licenses=["Images and prompts: the licence of the platform's content (unknown to lineup). The log describes "
+                  "real users' behaviour: see 'Removal requests'.", "Code: Apache-2.0 (lineup)."],
+        filters=filters,
+        models=["none (counts and a Gamma-Poisson posterior; no learned model)"],
+        limitations=[
+            "Engagement is a proxy for preference; images that polarise their audience can win pairs their average "
+            "appeal would not (measured on the simulator in the README).",
+            "The engagement weights are tuned on the simulator: re-tune them on your platform's logs.",
+            "Per-user pairs rest on one session of one user each and carry no statistical test.",
+        ],
+        removal=removal_text(contact),
+        lineage={"version": version, **parts},
+        tags=["preference", "dpo", "pick-a-pic", "webdataset"],
+        extra_sections={"Removals applied": removals_section(removals)},
+    )
