@@ -8,7 +8,7 @@ import pytest
 from assets.resources import LineupSettings
 from assets.training import ON_NEW_DATASET, dpo_lora, identity_adapter, social_reward_model
 from pipeline.config import Layout
-from pipeline.datasets import publish
+from pipeline.datasets import set_latest
 from training import synthetic
 
 TRAINERS = [dpo_lora, identity_adapter, social_reward_model]
@@ -24,7 +24,7 @@ def _multiid_version(home, samples: int, version: str = "v-test") -> None:
     root = home / "datasets" / "multiid" / version
     for split, n in (("train", samples), ("eval", 0)):
         synthetic.write_dataset(root / split, "multiid", synthetic.identity_samples(n, size=32, emb_dim=16))
-    publish(Layout(home), "multiid", version)
+    set_latest(Layout(home), "multiid", version)
 
 
 def _materialize(settings: LineupSettings, asset=identity_adapter):
