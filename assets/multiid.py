@@ -33,7 +33,7 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     from pipeline.datasets import release
     from pipeline.multiid import MultiIDConfig, build_multiid_dataset
     from pipeline.multiid.metrics import load_samples
-    from pipeline.multiid.release import multiid_card, multiid_version, split_counts
+    from pipeline.multiid.release import empty_explanation, multiid_card, multiid_version, split_counts
     from pipeline.multiid.release import release_checks as checks_of
     from pipeline.multiid.report import contact_sheet, similarity_histograms
     from pipeline.removals import card_entries
@@ -66,6 +66,7 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     write_parquet_atomic(candidates, layout.table_file("multiid_candidates"))
     refresh_catalog(layout)
     stats = rel.result.stats if rel.result is not None else {}
+    empty_reason = empty_reason or (empty_explanation(stats) if stats else None)
     samples = rel.result.samples if rel.result is not None else load_samples(rel.folder)
     from pipeline.multiid.build import reader_from_images
 

