@@ -189,7 +189,8 @@ def read_manifest(dataset_dir: Path) -> dict:
     return json.loads((Path(dataset_dir) / "manifest.json").read_text())
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 hex of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -221,7 +222,7 @@ def verify_manifest(dataset_dir: Path) -> list[str]:
         if not p.exists():
             problems.append(f"{s['name']}: missing")
             continue
-        if p.stat().st_size != s["bytes"] or _file_sha256(p) != s["sha256"]:
+        if p.stat().st_size != s["bytes"] or file_sha256(p) != s["sha256"]:
             problems.append(f"{s['name']}: size or sha256 mismatch")
             continue
         n = len(shard_keys(p))

@@ -18,3 +18,14 @@ def shared_faces() -> Path:
     if not (SHARED_FACES / "labels.csv").exists():
         pytest.skip(f"shared photos not found at {SHARED_FACES}")
     return SHARED_FACES
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny-model training tests run one torch thread: 2 threads on 2 shared cores were slower and noisier."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,12 +16,7 @@ UNET = dict(models.TINY_UNET_CONFIG, block_out_channels=[16, 32], cross_attentio
 RES = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the box is small and shared: avoid oversubscription
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

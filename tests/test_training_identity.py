@@ -21,16 +21,10 @@ from training.identity import (
 )
 from training.iresnet import build_iresnet, load_face_embedder
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 UNET = dict(models.TINY_UNET_CONFIG, block_out_channels=[16, 32], cross_attention_dim=16, sample_size=8)
 ARC = {"layers": [1, 1, 1, 1], "widths": (8, 8, 16, 16), "num_features": 16}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

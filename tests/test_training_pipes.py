@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from training import synthetic
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = {
@@ -20,14 +21,6 @@ TINY_MODEL = {
     "vae": {"tiny": True},
     "text_encoder": {"type": "hash", "max_length": 8},
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -18,17 +18,11 @@ from training.reward import (
     triplet_loss,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY = {"embed_dim": 16,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -119,14 +119,17 @@ def write_webdataset(
     return out_dir
 
 
+def _placed(row: dict, side: int) -> tuple[list[str], list[str]]:
+    """(image ids, uids) in sample order: the winner first unless it goes to side 1."""
+    ids = [row["winner_image_id"], row["loser_image_id"]]
+    uids = [row["winner_uid"], row["loser_uid"]]
+    return (ids[::-1], uids[::-1]) if side == 1 else (ids, uids)
+
+
 def _write_webdataset_split(pairs: pa.Table, cache, out_dir: Path, split: str, kind: str, cfg, stats) -> None:
     def samples():
         for row, side in _sides(pairs, cfg.seed):
-            ids = [row["winner_image_id"], row["loser_image_id"]]
-            uids = [row["winner_uid"], row["loser_uid"]]
-            if side == 1:
-                ids.reverse()
-                uids.reverse()
+            ids, uids = _placed(row, side)
             yield {
                 "__key__": row["pair_id"],
                 "0.jpg": cache.get(ids[0]),
@@ -215,11 +218,7 @@ def write_pickapic(pairs: pa.Table, image_info: dict, out_dir: Path, cfg) -> Pat
 
 def _pickapic_rows(pairs: pa.Table, image_info: dict, cache, seed: int):
     for row, side in _sides(pairs, seed):
-        ids = [row["winner_image_id"], row["loser_image_id"]]
-        uids = [row["winner_uid"], row["loser_uid"]]
-        if side == 1:
-            ids.reverse()
-            uids.reverse()
+        ids, uids = _placed(row, side)
         yield {
             "are_different": uids[0] != uids[1],
             "best_image_uid": row["winner_uid"],

@@ -8,18 +8,11 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.datasets import DatasetCard, removal_text, removals_section, version_id
+from pipeline.shards import file_sha256
 from pipeline.social.config import SocialConfig
 from pipeline.social.ingest import _read_table, find_inputs
 
 BUILDER_VERSION = "social-builder-2"
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def social_version(social_dir: Path, config: SocialConfig, removals: list[dict] | None = None) -> tuple[str, dict]:
@@ -42,7 +35,7 @@ def social_version(social_dir: Path, config: SocialConfig, removals: list[dict] 
         "builder": BUILDER_VERSION,
         "library": __version__,
         "config": config.to_dict(),
-        "log_files": [(f.name, _file_sha256(f)) for f in [*image_files, *event_files]],
+        "log_files": [(f.name, file_sha256(f)) for f in [*image_files, *event_files]],
         "image_files": hashlib.sha256(json.dumps(sorted(referenced, key=str)).encode()).hexdigest()[:32],
         "removals": sorted(e["request"] for e in removals or []),
     }
