@@ -143,7 +143,7 @@ def test_bounded_caches_and_candidate_cap_give_the_same_dataset(tmp_path):
     per-person cap bounds the work and counts what it leaves out."""
     from dataclasses import replace
 
-    from pipeline.multiid.build import LRU
+    from pipeline.cache import LRU
 
     images, faces, identities = _synthetic_tables(tmp_path)
     cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections import Counter, OrderedDict, defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.cache import LRU
 from pipeline.decode import encode_jpeg
 from pipeline.ids import stable_key
 from pipeline.multiid import dedup
@@ -142,27 +143,6 @@ def pose_diff(a: FaceRec, b: FaceRec) -> tuple[float, float, float]:
 
 def theta(cos: float) -> float:
     return float(np.arccos(np.clip(cos, -1.0, 1.0)))
-
-
-class LRU(OrderedDict):
-    """A dict that keeps only its ``capacity`` most recently used entries (counts its evictions)."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = max(1, int(capacity))
-        self.evictions = 0
-
-    def __getitem__(self, key):
-        value = super().__getitem__(key)
-        self.move_to_end(key)
-        return value
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        while len(self) > self.capacity:
-            self.popitem(last=False)
-            self.evictions += 1
 
 
 class _Fingerprints:

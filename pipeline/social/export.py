@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.cache import LRU
 from pipeline.decode import as_jpeg
 from pipeline.ids import stable_key
 from pipeline.shards import write_manifest, write_shards
@@ -33,9 +34,12 @@ def winner_side(pair_id: str, seed: int = 0) -> int:
 
 
 class _ImageCache:
-    def __init__(self, info: dict):
+    """JPEG bytes by image id, for the few thousand images recently paired (LRU): pairs of one prompt
+    come together, so the bytes in memory stay bounded however large the export."""
+
+    def __init__(self, info: dict, capacity: int = 2_000):
         self.info = info  # image_id -> (path, model)
-        self.cache: dict[str, bytes] = {}
+        self.cache: LRU = LRU(capacity)
 
     def get(self, image_id: str) -> bytes:
         b = self.cache.get(image_id)
@@ -68,11 +72,10 @@ def check_export_pairs(pairs: pa.Table) -> str:
 
 
 def _sides(pairs: pa.Table, seed: int):
-    d = pairs.to_pydict()
-    for j in range(pairs.num_rows):
-        row = {k: d[k][j] for k in d}
-        side = winner_side(row["pair_id"], seed)
-        yield row, side
+    """(row, side the winner goes to), a batch of rows at a time (never all pairs as Python objects)."""
+    for batch in pairs.to_batches(max_chunksize=4_096):
+        for row in batch.to_pylist():
+            yield row, winner_side(row["pair_id"], seed)
 
 
 _EVIDENCE = (
