@@ -195,3 +195,26 @@ def test_recall_floor_calibration_and_auto_choice():
     if choose_backend(10) == "faiss-flat":  # CPU-only machine
         assert choose_backend(10**6, recall_min_similarity=0.9) == "ivf-blas"
         assert choose_backend(10**6) == "ivf-blas"
+
+
+def test_recall_by_similarity_counts_ties_and_matches_recall_at_k_otherwise():
+    from pipeline.identity.knn import exact_neighbours_of, recall_by_similarity
+
+    E = _unit(3000, 16, seed=11)
+    q = np.arange(0, 3000, 7)
+    exact = exact_neighbours_of(E, q, 10)
+    approx = knn_graph(E, k=10, backend="ivf-blas", target_recall=None, nprobe=1)
+    by_id = recall_at_k(approx.indices[q], exact)
+    by_sim = recall_by_similarity(E, q, exact, approx.similarities[q])
+    assert by_id < 0.999 and abs(by_id - by_sim) < 1e-9  # no ties: the same number
+    # 2,000 copies of one face: any 10 copies are a perfect answer, whatever their ids
+    D = E.copy()
+    D[:2000] = D[0]
+    qd = np.arange(0, 2000, 50)
+    exact_d = exact_neighbours_of(D, qd, 10)
+    other = np.stack([np.setdiff1d(np.arange(2000), np.r_[qq, exact_d[i]])[:10] for i, qq in enumerate(qd)])
+    sims = np.einsum("qd,qkd->qk", D[qd], D[other])
+    assert recall_at_k(other, exact_d) == 0.0
+    assert recall_by_similarity(D, qd, exact_d, sims) == 1.0
+    g = knn_graph(D, k=10, backend="ivf-blas", recall_min_similarity=0.9)
+    assert g.params["check_recall"] >= 0.95 and (g.similarities[:2000, :10] > 0.9999).all()
