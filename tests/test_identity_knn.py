@@ -45,6 +45,106 @@ def test_torch_cpu_equals_faiss_exact():
     np.testing.assert_allclose(a.similarities, b.similarities, atol=1e-5)
 
 
+def _brute64(E, k):
+    """Top k+1 per row (self included) in float64, ties by index."""
+    S = E.astype(np.float64) @ E.T.astype(np.float64)
+    I = np.lexsort((np.broadcast_to(np.arange(len(E)), S.shape), -S), axis=-1)[:, : k + 1]
+    return I, np.take_along_axis(S, I, 1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("resident", [True, False])
+def test_torch_two_level_exact_on_cpu(dtype, resident):
+    """The GPU code path run on CPU: half-precision products, two-level top-k over column groups,
+    float32 re-rank; resident database or streamed in parts. Exact against float64 brute force."""
+    pytest.importorskip("torch")
+    from pipeline.identity.knn_torch import knn_torch_exact
+
+    E = _unit(1500, 48, seed=7)
+    E[700] = E[100]  # an exact duplicate: a tie the result must still hold
+    I_ref, S_ref = _brute64(E, 9)
+    I, S, info = knn_torch_exact(
+        E,
+        9,
+        device="cpu",
+        dtype=dtype,
+        query_block=256,
+        db_chunk=640,
+        group=8,
+        max_resident_bytes=None if resident else 40_000,
+    )
+    assert (info["resident_parts"] == 1) == resident
+    assert I.shape == (1500, 10) and I.dtype == np.int64 and S.dtype == np.float32
+    # same neighbour sets (a tie at the k-th place may swap members of equal similarity)
+    same = (I[:, :, None] == I_ref[:, None, :]).any(2)
+    kth_tie = np.isclose(S_ref[:, -1:], np.take_along_axis(E @ E.T, I, 1), atol=1e-6)
+    assert (same | kth_tie).all()
+    np.testing.assert_allclose(S, np.take_along_axis(E.astype(np.float64) @ E.T, I, 1), atol=1e-6)
+    assert (np.diff(S, axis=1) <= 1e-7).all()  # sorted
+
+
+def test_topk_two_level_equals_full_topk():
+    torch = pytest.importorskip("torch")
+    from pipeline.identity.knn_torch import topk_two_level
+
+    g = torch.Generator().manual_seed(0)
+    for C, t, group in [(1000, 5, 16), (1003, 17, 32), (64, 10, 32), (5000, 65, 32)]:
+        S = torch.randn(37, C, generator=g)
+        v, i = topk_two_level(S, t, group)
+        rv, _ = torch.topk(S, t, dim=1)
+        assert torch.equal(v, rv)
+        assert torch.equal(torch.gather(S, 1, i), v)
+
+
+def test_top_columns_exact():
+    from pipeline.identity.knn import _top_columns
+
+    rng = np.random.default_rng(1)
+    for m, t in [(5, 11), (300, 11), (4000, 11), (2501, 7)]:
+        S = rng.standard_normal((50, m)).astype(np.float32)
+        cols = _top_columns(S, t)
+        got = np.sort(np.take_along_axis(S, cols, 1), 1)
+        want = np.sort(S, 1)[:, -min(t, m) :]
+        np.testing.assert_array_equal(got, want)
+
+
+def test_ivf_blas_one_cell_is_exact_and_threads_do_not_change_the_result():
+    from pipeline.identity.knn import knn_ivf_blas
+
+    E = _unit(800, 24, seed=8)
+    I, S, info = knn_ivf_blas(E, 6, nlist=1, target_recall=None)
+    I_ref, S_ref = _brute64(E, 6)
+    assert info["nlist"] == 1
+    np.testing.assert_allclose(S, S_ref, atol=1e-5)
+    assert (I == I_ref).mean() > 0.999
+    m = make_mixture(8000, seed=9)
+    a = knn_ivf_blas(m.embeddings, 10, min_sim=0.93, n_threads=1)
+    b = knn_ivf_blas(m.embeddings, 10, min_sim=0.93, n_threads=2)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[2]["nlist"] > 50 and a[2]["scanned_fraction"] < 0.5
+
+
+def test_ivf_blas_recall_of_edges_above_threshold():
+    """Measured against the full exact graph (independent of the backend's own sampled check)."""
+    m = make_mixture(20_000, seed=10)
+    E = m.embeddings
+    exact = knn_graph(E, k=10, backend="faiss-flat")
+    g = knn_graph(E, k=10, backend="ivf-blas", recall_min_similarity=0.93)
+    assert g.backend == "ivf-blas" and g.indices.shape == (20_000, 10)
+    assert (g.indices != np.arange(20_000)[:, None]).all()
+    strong = exact.similarities >= 0.93
+    found = (exact.indices[:, :, None] == g.indices[:, None, :]).any(2)
+    recall = (found & strong).sum() / strong.sum()
+    assert recall >= 0.93, recall
+    assert g.params["check_recall"] >= 0.95 or g.params["nprobe"] == 4 * 6
+    # similarities are exact inner products of the listed pairs, rows sorted
+    valid = g.indices >= 0
+    dots = np.einsum("nd,nkd->nk", E, E[np.maximum(g.indices, 0)])
+    np.testing.assert_allclose(g.similarities[valid], dots[valid], atol=1e-5)
+    assert (np.diff(g.similarities, axis=1) <= 0).all()
+
+
 @pytest.mark.parametrize("backend", ["faiss-hnsw", "faiss-ivf"])
 def test_approximate_recall(backend):
     m = make_mixture(6000, seed=3)
@@ -93,5 +193,28 @@ def test_recall_floor_calibration_and_auto_choice():
         hits += len(np.intersect1d(keep, g.indices[qq]))
     assert hits / total >= 0.93
     if choose_backend(10) == "faiss-flat":  # CPU-only machine
-        assert choose_backend(10**6, recall_min_similarity=0.9) == "faiss-ivf"
-        assert choose_backend(10**6) == "faiss-hnsw"
+        assert choose_backend(10**6, recall_min_similarity=0.9) == "ivf-blas"
+        assert choose_backend(10**6) == "ivf-blas"
+
+
+def test_recall_by_similarity_counts_ties_and_matches_recall_at_k_otherwise():
+    from pipeline.identity.knn import exact_neighbours_of, recall_by_similarity
+
+    E = _unit(3000, 16, seed=11)
+    q = np.arange(0, 3000, 7)
+    exact = exact_neighbours_of(E, q, 10)
+    approx = knn_graph(E, k=10, backend="ivf-blas", target_recall=None, nprobe=1)
+    by_id = recall_at_k(approx.indices[q], exact)
+    by_sim = recall_by_similarity(E, q, exact, approx.similarities[q])
+    assert by_id < 0.999 and abs(by_id - by_sim) < 1e-9  # no ties: the same number
+    # 2,000 copies of one face: any 10 copies are a perfect answer, whatever their ids
+    D = E.copy()
+    D[:2000] = D[0]
+    qd = np.arange(0, 2000, 50)
+    exact_d = exact_neighbours_of(D, qd, 10)
+    other = np.stack([np.setdiff1d(np.arange(2000), np.r_[qq, exact_d[i]])[:10] for i, qq in enumerate(qd)])
+    sims = np.einsum("qd,qkd->qk", D[qd], D[other])
+    assert recall_at_k(other, exact_d) == 0.0
+    assert recall_by_similarity(D, qd, exact_d, sims) == 1.0
+    g = knn_graph(D, k=10, backend="ivf-blas", recall_min_similarity=0.9)
+    assert g.params["check_recall"] >= 0.95 and (g.similarities[:2000, :10] > 0.9999).all()

@@ -101,3 +101,105 @@ def test_build_tables_and_determinism():
     ids = dict(zip(a.column("uid").to_pylist(), a.column("identity_id").to_pylist()))
     assert all(ids[u] == i for i, u in rep.items())
     assert isinstance(a, pa.Table)
+
+
+def test_retired_ids_are_never_reused_across_a_parquet_round_trip(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.identity.stable_ids import HIGH_WATER_KEY, high_water
+
+    uids, fidx, E, _y = _faces(900, seed=14)
+    first = build_identities(uids, fidx, E)
+    path = tmp_path / "identities.parquet"
+    pq.write_table(first.assignments, path)
+    t1 = pq.read_table(path)
+    top = max(t1.column("identity_id").to_pylist())
+    assert high_water(t1) == int(top[3:]) + 1 == int(t1.schema.metadata[HIGH_WATER_KEY])
+    # every face of the identity holding the highest id leaves (a removal request)
+    gone = np.array([i == top for i in t1.column("identity_id").to_pylist()])
+    kept = np.isin(uids, np.asarray(t1.column("uid").to_pylist())[~gone])
+    second = build_identities(uids[kept], fidx[kept], E[kept], previous=t1)
+    pq.write_table(second.assignments, path)
+    t2 = pq.read_table(path)
+    assert top not in set(t2.column("identity_id").to_pylist())
+    # a new person arrives: a tight group of faces far from everybody else
+    rng = np.random.default_rng(0)
+    c = rng.standard_normal(E.shape[1]).astype(np.float32)
+    newE = c + 0.02 * rng.standard_normal((5, E.shape[1])).astype(np.float32)
+    newE /= np.linalg.norm(newE, axis=1, keepdims=True)
+    new_uids = np.array([f"new{i}" for i in range(5)])
+    for mode in ("recluster", "incremental"):
+        third = build_identities(
+            np.concatenate([uids[kept], new_uids]),
+            np.zeros(kept.sum() + 5, np.int64),
+            np.vstack([E[kept], newE]),
+            previous=t2,
+            mode=mode,
+        )
+        ids = dict(
+            zip(
+                third.assignments.column("uid").to_pylist(),
+                third.assignments.column("identity_id").to_pylist(),
+            )
+        )
+        assert len({ids[u] for u in new_uids}) == 1, mode
+        # the newcomer's number is past the retired one, not the retired id itself
+        assert int(ids["new0"][3:]) > int(top[3:]), (mode, ids["new0"], top)
+        assert high_water(third.assignments) == int(ids["new0"][3:]) + 1
+
+
+def test_map_to_previous_100k_clusters_is_sparse_and_bounded():
+    """100k clusters (dense overlap matrix: 100k x 100k int64 = 80 GB) within 400 MB."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    C = 100_000
+    sizes = rng.integers(1, 5, size=C)
+    prev_label = np.repeat(np.arange(C), sizes)
+    n = len(prev_label)
+    keys = np.array([f"u{i:07d}\x1f0" for i in range(n)], dtype=object)
+    prev_ids = np.array([format_id(c) for c in prev_label], dtype=object)
+    # new clustering: same partition under shuffled label numbers, then 1,000 clusters split
+    # (their last face goes to a new cluster) and 1,000 pairs of neighbouring clusters merged
+    perm = rng.permutation(C)
+    labels = perm[prev_label].astype(np.int64)
+    multi = np.flatnonzero(sizes > 1)
+    split = rng.choice(multi, 1000, replace=False)
+    last_face = np.cumsum(sizes)[split] - 1
+    labels[last_face] = C + np.arange(1000)
+    candidates = np.setdiff1d(np.arange(0, C - 1, 2), np.concatenate([split, split - 1]))
+    merged = np.sort(rng.choice(candidates, 1000, replace=False))  # cluster m absorbs cluster m + 1
+    into = np.isin(prev_label, merged + 1)
+    labels[into] = perm[prev_label[into] - 1]
+    labels = np.unique(labels, return_inverse=True)[1].ravel()
+    tracemalloc.start()
+    ids, st = map_to_previous(labels, keys, keys, prev_ids, next_number=C + 7)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 400 * 2**20, f"peak {peak / 2**20:.0f} MB"
+    # every split-off face gets a fresh id past the high-water mark; each merge keeps one of its two
+    # ids and retires the other; every other face keeps its id
+    fresh = sorted({ids[i] for i in last_face})
+    assert len(fresh) == 1000 and all(int(f[3:]) >= C + 7 for f in fresh)
+    assert st["ids_created"] == 1000 and st["ids_retired"] == 1000
+    untouched = ~np.isin(prev_label, np.concatenate([merged, merged + 1])) & ~np.isin(np.arange(n), last_face)
+    assert (ids[untouched] == prev_ids[untouched]).all()
+
+
+def test_sparse_block_solver_matches_dense(monkeypatch):
+    import pipeline.identity.stable_ids as S
+
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        R, K = rng.integers(2, 9, size=2)
+        W = rng.integers(0, 6, size=(R, K)) * (rng.random((R, K)) < 0.5)
+        W[0, 0] = max(W[0, 0], 1)
+        r, c = np.nonzero(W)
+        dense = S._match_block(r, c, W[r, c])
+        monkeypatch.setattr(S, "DENSE_BLOCK_CELLS", 0)
+        sparse = S._match_block(r, c, W[r, c])
+        monkeypatch.setattr(S, "DENSE_BLOCK_CELLS", 1_000_000)
+        assert dense[2].sum() == sparse[2].sum(), (trial, W)
+        for rows, cols, w in (dense, sparse):
+            assert len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)
+            assert (W[rows, cols] == w).all()

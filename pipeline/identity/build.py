@@ -14,7 +14,15 @@ import pyarrow as pa
 
 from .cluster import DEFAULT_METHOD, cluster_graph, default_threshold
 from .knn import knn_graph, load_embeddings
-from .stable_ids import assign_incremental, face_keys, format_id, map_to_previous
+from .stable_ids import (
+    assign_incremental,
+    face_keys,
+    format_id,
+    high_water,
+    map_to_previous,
+    next_id_number,
+    with_high_water,
+)
 
 ASSIGNMENTS_SCHEMA = pa.schema(
     [
@@ -139,20 +147,21 @@ def build_identities(
     uids_s, fidx_s = uids[order], face_indices[order]
     timings["sort_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     g = knn_graph(E, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr)
-    timings["knn_s"] = time.perf_counter() - t
+    timings["knn_s"], timings["knn_cpu_s"] = time.perf_counter() - t, time.process_time() - c
 
     stats: dict = {"n_faces": N, "method": method, "threshold": thr, "backend_name": backend_name, "k": k}
     stats["knn_backend"] = g.backend
     stats["knn_params"] = g.params
 
     prev_keys = prev_ids = None
+    next_number = high_water(previous)  # retired ids stay retired (see stable_ids)
     if previous is not None and previous.num_rows:
         prev_keys = face_keys(previous.column("uid").to_pylist(), previous.column("face_index").to_pylist())
         prev_ids = np.asarray(previous.column("identity_id").to_pylist(), dtype=object).astype(str)
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     if prev_keys is not None and mode == "incremental":
 
         def _cluster_new(Esub):
@@ -162,7 +171,7 @@ def build_identities(
             ).labels
 
         ids, churn = assign_incremental(
-            E, keys_sorted, prev_keys, prev_ids, thr, k=k, cluster_new=_cluster_new
+            E, keys_sorted, prev_keys, prev_ids, thr, k=k, cluster_new=_cluster_new, next_number=next_number
         )
         _, labels = np.unique(ids.astype(str), return_inverse=True)
         labels = labels.ravel().astype(np.int64)
@@ -175,12 +184,15 @@ def build_identities(
         labels = cl.labels
         stats["cluster_info"] = dict(cl.info, n_edges=cl.n_edges)
         if prev_keys is not None:
-            ids, churn = map_to_previous(labels, keys_sorted, prev_keys, prev_ids, min_overlap=min_overlap)
+            ids, churn = map_to_previous(
+                labels, keys_sorted, prev_keys, prev_ids, min_overlap=min_overlap, next_number=next_number
+            )
             stats["churn"] = churn
         else:
-            ids = np.array([format_id(c) for c in labels.tolist()], dtype=object)
+            # no previous assignments (or an empty table): number clusters after its mark
+            ids = np.array([format_id(next_number + c) for c in labels.tolist()], dtype=object)
             stats["churn"] = None
-    timings["cluster_s"] = time.perf_counter() - t
+    timings["cluster_s"], timings["cluster_cpu_s"] = time.perf_counter() - t, time.process_time() - c
 
     t = time.perf_counter()
     C = int(labels.max()) + 1 if N else 0
@@ -209,6 +221,8 @@ def build_identities(
         },
         schema=ASSIGNMENTS_SCHEMA,
     )
+    stats["id_high_water"] = max(next_number, next_id_number(id_of_label.tolist()) if C else 0)
+    assignments = with_high_water(assignments, stats["id_high_water"])
     srt = np.argsort(id_of_label.astype(str), kind="stable")
     summary = pa.table(
         {

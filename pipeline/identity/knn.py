@@ -9,43 +9,45 @@ Backends (``backend=``):
 
 - ``"faiss-flat"``: exact, ``faiss.IndexFlatIP``. Queries are processed in blocks of
   ``block_size`` rows, so the working set is N x D (the index) + block x (k+1), never N x N.
-- ``"faiss-hnsw"`` (the approximate default): ``faiss.IndexHNSWFlat`` (inner product), M=32,
-  efConstruction=40. ``efSearch`` is calibrated at build time: starting at 32 it doubles (cap 1024)
-  until recall@k against exact search on ``calib_queries`` (500) sampled queries reaches
-  ``target_recall`` (0.95). Measured on the dlib-like synthetic mixture (synth.py), N=100k: M=32
-  efSearch=64 gives recall@10 0.963 (build 6 s, search 4 s on 2 cores) where IVF-Flat
-  (nlist=1265) needed nprobe=38 and 26 s of search for 0.959. With ``deterministic=True``
-  (default) the graph is built single-threaded, because a multi-threaded HNSW build is not
-  reproducible; search stays multi-threaded (it is deterministic per query).
-- ``"faiss-ivf"``: approximate, ``faiss.IndexIVFFlat`` (inner product). Parameters from N:
-  ``nlist = round(4 * sqrt(N))`` coarse cells (clamped to [1, N // 39]) trained with k-means on
-  a deterministic sample of ``min(N, 64 * nlist)`` vectors (seeded); ``nprobe`` is calibrated
-  at build time: starting at ``max(8, nlist // 64)`` it doubles until the recall@k measured
-  against exact search on ``calib_queries`` (default 500) sampled queries reaches
-  ``target_recall`` (default 0.95), capped at nlist. The measured recall and chosen nprobe are
-  returned in ``KnnGraph.params``.
+- ``"ivf-blas"`` (the CPU default above ``exact_max``): an IVF self-join done as matrix
+  products, see :func:`knn_ivf_blas`. Cells from a two-level spherical k-means (4 sqrt(N) cells);
+  each cell's members are multiplied with every face that probes the cell in one BLAS call, in a
+  thread pool over cells; a face first meets its own cell, which sets its bound, and afterwards
+  a row is examined only if its maximum beats the bound; edges above the clustering threshold
+  then pull in the cells of the faces they reach (identities cut by a cell border are joined up
+  again). The probe count grows (6, 8, ... up to 24 cells) until the recall of the exact
+  neighbours above ``recall_min_similarity`` on 1,000 sampled faces reaches ``target_recall``
+  (0.95). Similarities are exact float32 inner products. Deterministic for a seed, whatever the
+  thread count. Figures: README, "Identity clustering at scale".
+- ``"faiss-ivf"``: ``faiss.IndexIVFScalarQuantizer`` (8-bit) + exact re-rank (the default
+  before ivf-blas; kept for comparison): ``nlist = round(4 * sqrt(N))``, ``nprobe`` doubled from
+  ``max(8, nlist // 64)`` (from 1 with a similarity floor) until the sampled recall reaches
+  ``target_recall``.
+- ``"faiss-hnsw"``: ``faiss.IndexHNSWFlat``, M=32, efConstruction=40, efSearch calibrated the same
+  way. With ``deterministic=True`` (default) the graph is built single-threaded (a multi-threaded
+  HNSW build is not reproducible): far too slow at 1M faces.
 - ``"faiss-gpu"``: exact ``IndexFlatIP`` cloned to GPU 0 (needs faiss-gpu and
   ``faiss.get_num_gpus() > 0``).
-- ``"torch"``: exact blocked matrix product + running top-k. Runs on CUDA when
-  ``torch.cuda.is_available()`` (else on CPU). Both queries and database are streamed in blocks,
-  so a memory-mapped .npy never has to be loaded whole.
-- ``"auto"``: faiss-gpu if faiss sees a GPU; else torch on CUDA if torch sees one; else
-  faiss-flat when N <= ``exact_max`` (default 50,000); above it faiss-ivf when
-  ``recall_min_similarity`` is given (build_identities passes the clustering threshold), else
-  faiss-hnsw.
+- ``"torch"``: exact; pipeline/identity/knn_torch.py: the database stays on the GPU in half
+  precision, products in fp16, a two-level top-k (group maxima, then the chosen groups) instead
+  of a full-width top-k, and a float32 re-rank of k + 17 candidates. Runs on CUDA when torch
+  sees one, else on CPU (the same code; used by the tests).
+- ``"auto"``: faiss-gpu if faiss sees a GPU; else torch on CUDA; else faiss-flat when
+  N <= ``exact_max`` (default 50,000); else ivf-blas.
 
-``recall_min_similarity``: when set, the approximate backends calibrate their search effort on
-the recall of the exact neighbours whose similarity is >= this floor (the only edges a
-thresholded clustering keeps) instead of plain recall@k. Measured at N=100k (dlib-like
-synthetic, floor 0.93, 2 shared cores): IVF nprobe=8 of 1265 reached 0.951 recall above the
-floor (plain recall@10 0.864) in 13.6 CPU-s with Chinese-whispers BCubed F 0.989, vs HNSW
-(deterministic build) 17.0 CPU-s, plain recall@10 0.936, BCubed F 0.983.
+``recall_min_similarity``: the approximate backends calibrate their search effort on the recall
+of the exact neighbours whose similarity is >= this floor (the only edges a thresholded
+clustering keeps) instead of plain recall@k; ivf-blas also expands only through those edges.
+build_identities passes the clustering threshold. The neighbours below the floor are therefore
+approximate (recall@10 ~0.7 at 100k synthetic faces for ivf-blas): they feed only the
+nearest-neighbour similarity column and the histograms.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +56,7 @@ import numpy as np
 
 EXACT_MAX_DEFAULT = 50_000
 DEFAULT_BLOCK = 16_384
-BACKENDS = ("auto", "faiss-flat", "faiss-hnsw", "faiss-ivf", "faiss-gpu", "torch")
+BACKENDS = ("auto", "faiss-flat", "ivf-blas", "faiss-hnsw", "faiss-ivf", "faiss-gpu", "torch")
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
 
@@ -95,10 +97,13 @@ def _block(E: np.ndarray, s: int, e: int) -> np.ndarray:
     return np.ascontiguousarray(E[s:e], dtype=np.float32)
 
 
-def _drop_self(I: np.ndarray, S: np.ndarray, first: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """From k+1 results per query remove the query itself (or the last column if it is absent)."""
+def _drop_self(
+    I: np.ndarray, S: np.ndarray, first: int, k: int, qids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """From k+1 results per query remove the query itself (or the last column if it is absent).
+    Query ids: ``first`` + row, or ``qids``."""
     n = I.shape[0]
-    qid = np.arange(first, first + n, dtype=np.int64)[:, None]
+    qid = (np.arange(first, first + n, dtype=np.int64) if qids is None else np.asarray(qids))[:, None]
     is_self = I == qid
     # keep the first k entries that are not the query itself
     keep = ~is_self
@@ -157,44 +162,97 @@ def knn_faiss_flat(E: np.ndarray, k: int, block_size: int = DEFAULT_BLOCK, gpu: 
 
 
 def ivf_params(N: int) -> dict:
-    """IVF-Flat parameters chosen from N (see module docstring)."""
+    """Parameters of the faiss IVF backend chosen from N (see module docstring)."""
     nlist = round(4 * math.sqrt(N))
     nlist = max(1, min(nlist, N // 39 if N >= 39 else 1))
     return {"nlist": nlist, "nprobe_start": max(8, nlist // 64), "train_size": min(N, 64 * nlist)}
 
 
-def recall_at_k(approx_I: np.ndarray, exact_I: np.ndarray) -> float:
-    """Mean fraction of the exact k neighbours (ignoring -1) found among the approximate ones."""
-    hits = 0
-    total = 0
-    for a, b in zip(approx_I, exact_I):
-        b = b[b >= 0]
-        total += len(b)
-        hits += len(np.intersect1d(a, b, assume_unique=False))
+def recall_at_k(approx_I: np.ndarray, exact_I: np.ndarray, block: int = 65_536) -> float:
+    """Mean fraction of the exact neighbours (ignoring -1) found among the approximate ones."""
+    hits = total = 0
+    for s in range(0, len(exact_I), block):
+        a, b = approx_I[s : s + block], exact_I[s : s + block]
+        valid = b >= 0
+        hits += int(((b[:, :, None] == a[:, None, :]).any(2) & valid).sum())
+        total += int(valid.sum())
     return hits / max(total, 1)
+
+
+def recall_by_similarity(
+    E: np.ndarray, queries: np.ndarray, exact_I: np.ndarray, approx_S: np.ndarray, tol: float = 1e-6
+) -> float:
+    """Recall that counts ties as found: for a query with m exact neighbours (ids >= 0 in
+    ``exact_I``), the hits are min(m, approximate neighbours whose similarity reaches the m-th
+    exact similarity). Equals :func:`recall_at_k` without ties; with duplicate embeddings any of
+    the equal neighbours counts (by id, 30k copies of one face read as recall 0.5)."""
+    valid = exact_I >= 0
+    m = valid.sum(1)
+    if m.sum() == 0:
+        return 1.0
+    Q = np.asarray(E[queries], dtype=np.float32)
+    X = np.asarray(E[np.maximum(exact_I, 0).ravel()], np.float32).reshape(*exact_I.shape, -1)
+    sims = np.where(valid, np.einsum("qd,qkd->qk", Q, X), np.inf)
+    tau = sims.min(1)  # the m-th exact similarity
+    hits = np.minimum(m, (approx_S >= tau[:, None] - tol).sum(1))
+    return float(hits[m > 0].sum() / m.sum())
+
+
+def _top_columns(S: np.ndarray, t: int, group: int = 16) -> np.ndarray:
+    """Column indices of the t largest values of every row of S (unordered).
+
+    Exact: the t largest values of a row lie in the t column groups with the largest maxima, so
+    after one cheap max over groups only t x group values per row are partitioned (argpartition
+    over a whole row costs ~9 ns a value here, twice the matrix product that made it)."""
+    r, m = S.shape
+    if m <= t:
+        return np.broadcast_to(np.arange(m), S.shape)
+    if m < 4 * group * t:
+        return np.argpartition(S, m - t, axis=1)[:, m - t :]
+    w = m // group
+    G = S[:, : w * group].reshape(r, group, w).max(1)  # group j = columns j, j + w, ..., j + (group-1) w
+    top = np.argpartition(G, w - t, axis=1)[:, w - t :]
+    cols = (top[:, :, None] + w * np.arange(group)[None, None, :]).reshape(r, t * group)
+    if w * group < m:
+        cols = np.concatenate([cols, np.broadcast_to(np.arange(w * group, m), (r, m - w * group))], 1)
+    p = np.argpartition(np.take_along_axis(S, cols, 1), cols.shape[1] - t, axis=1)[:, -t:]
+    return np.take_along_axis(cols, p, 1)
+
+
+def _unique_sorted(x: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy 2's hash-based np.unique is several times slower on int64)."""
+    x = np.sort(x)
+    if len(x) == 0:
+        return x
+    keep = np.empty(len(x), bool)
+    keep[0] = True
+    np.not_equal(x[1:], x[:-1], out=keep[1:])
+    return x[keep]
+
+
+def _sort_rows(I: np.ndarray, S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows by decreasing similarity, ties by increasing index (-1 padding last)."""
+    o = np.lexsort((np.where(I < 0, np.iinfo(np.int64).max, I), -S), axis=-1)
+    return np.take_along_axis(I, o, 1), np.take_along_axis(S, o, 1)
 
 
 def exact_neighbours_of(E: np.ndarray, queries: np.ndarray, k: int, block_size: int = 65_536) -> np.ndarray:
     """Exact top-k indices (self excluded) for the given query row ids, streaming the database."""
+    queries = np.asarray(queries, dtype=np.int64)
     Q = np.ascontiguousarray(E[queries], dtype=np.float32)
     N = E.shape[0]
-    best_S = np.full((len(queries), k + 1), -np.inf, dtype=np.float32)
-    best_I = np.full((len(queries), k + 1), -1, dtype=np.int64)
+    kk = min(k + 1, N)
+    best_S = np.full((len(queries), kk), -np.inf, dtype=np.float32)
+    best_I = np.full((len(queries), kk), -1, dtype=np.int64)
     for s in range(0, N, block_size):
         e = min(N, s + block_size)
         sims = Q @ _block(E, s, e).T
-        kk = min(k + 1, sims.shape[1])
-        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        part = _top_columns(sims, kk)
         allS = np.concatenate([best_S, np.take_along_axis(sims, part, 1)], 1)
         allI = np.concatenate([best_I, part.astype(np.int64) + s], 1)
-        top = np.argsort(-allS, axis=1, kind="stable")[:, : k + 1]
-        best_S = np.take_along_axis(allS, top, 1)
-        best_I = np.take_along_axis(allI, top, 1)
-    out = np.empty((len(queries), k), dtype=np.int64)
-    for r, q in enumerate(queries):
-        row = best_I[r][best_I[r] != q][:k]
-        out[r, : len(row)] = row
-        out[r, len(row) :] = -1
+        allI, allS = _sort_rows(allI, allS)
+        best_I, best_S = allI[:, :kk], allS[:, :kk]
+    out, _ = _drop_self_rows(best_I, queries, k)
     return out
 
 
@@ -264,14 +322,7 @@ def _calibrate(index, set_param, start: int, cap: int, E, k, target_recall, cali
     With ``min_sim`` the recall counts only exact neighbours with similarity >= min_sim (the edges
     a thresholded clustering keeps); otherwise plain recall@k."""
     q = np.sort(rng.choice(E.shape[0], size=min(calib_queries, E.shape[0]), replace=False))
-    exact = exact_neighbours_of(E, q, k)
-    if min_sim is not None:
-        for r, qq in enumerate(q):
-            ex = exact[r]
-            valid = ex >= 0
-            sims = np.full(len(ex), -np.inf, dtype=np.float32)
-            sims[valid] = np.asarray(E[ex[valid]], dtype=np.float32) @ np.asarray(E[qq], dtype=np.float32)
-            exact[r, sims < min_sim] = -1
+    exact = _floor_exact(E, q, exact_neighbours_of(E, q, k), min_sim)
     Q = np.ascontiguousarray(E[q], dtype=np.float32)
     v = min(start, cap)
     while True:
@@ -282,6 +333,19 @@ def _calibrate(index, set_param, start: int, cap: int, E, k, target_recall, cali
         if rec >= target_recall or v >= cap:
             return v, rec, len(q)
         v = min(cap, v * 2)
+
+
+def _floor_exact(E, queries: np.ndarray, exact: np.ndarray, min_sim: float | None) -> np.ndarray:
+    """Exact neighbour ids with those below ``min_sim`` (and padding) set to -1."""
+    if min_sim is None:
+        return exact
+    Q = np.asarray(E[queries], dtype=np.float32)
+    sims = np.einsum(
+        "qd,qkd->qk", Q, np.asarray(E[np.maximum(exact, 0).ravel()], np.float32).reshape(*exact.shape, -1)
+    )
+    out = exact.copy()
+    out[(exact < 0) | (sims < min_sim)] = -1
+    return out
 
 
 def knn_faiss_hnsw(
@@ -331,58 +395,415 @@ def knn_faiss_hnsw(
 
 
 def _drop_self_rows(I: np.ndarray, qids: np.ndarray, k: int) -> tuple[np.ndarray, None]:
-    out = np.full((I.shape[0], k), -1, dtype=np.int64)
-    for r, q in enumerate(qids):
-        row = I[r][(I[r] != q) & (I[r] >= 0)][:k]
-        out[r, : len(row)] = row
+    """Per row the first k entries that are neither the query itself nor -1 (order kept)."""
+    drop = (I == np.asarray(qids)[:, None]) | (I < 0)
+    order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+    out = np.take_along_axis(I, order, 1)
+    out[np.take_along_axis(drop, order, 1)] = -1
+    if out.shape[1] < k:
+        out = np.concatenate([out, np.full((len(out), k - out.shape[1]), -1, np.int64)], 1)
     return out, None
 
 
-def knn_torch(
-    E: np.ndarray, k: int, block_size: int = 8192, db_block_size: int = 65_536, device: str | None = None
-):
-    """Exact kNN by blocked matrix product + top-k (CUDA if available, else CPU)."""
-    import torch
+def _self_excluded(
+    I: np.ndarray, S: np.ndarray, k: int, block: int = 262_144
+) -> tuple[np.ndarray, np.ndarray]:
+    """From rows of k+1 (query itself included, sorted) keep k, padded with -1 / -inf."""
+    N = I.shape[0]
+    if I.shape[1] < k + 1:
+        pad = k + 1 - I.shape[1]
+        I = np.concatenate([I, np.full((N, pad), -1, np.int64)], 1)
+        S = np.concatenate([S, np.full((N, pad), -np.inf, np.float32)], 1)
+    outI = np.empty((N, k), np.int64)
+    outS = np.empty((N, k), np.float32)
+    for s in range(0, N, block):
+        e = min(N, s + block)
+        outI[s:e], outS[s:e] = _drop_self(I[s:e], S[s:e], s, k)
+    return _finalise(outI, outS)
+
+
+def knn_torch(E, k: int, device: str | None = None, **kwargs):
+    """Exact kNN with torch (see pipeline/identity/knn_torch.py): CUDA if available, else CPU."""
+    from .knn_torch import knn_torch_exact
 
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if _torch_cuda() else "cpu"
+    if device == "cpu":
+        kwargs.setdefault("dtype", "float32")  # CPU half-precision products are slow, not cheaper
+    I, S, info = knn_torch_exact(E, k, device=device, **kwargs)
+    I, S = _self_excluded(I, S, k)
+    return I, S, info
+
+
+def _torch_cuda() -> bool:
+    if not _nvidia_present():
+        return False
+    with contextlib.suppress(Exception):
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# ivf-blas: IVF self-join by cell-blocked matrix products (the CPU default above exact_max)
+
+IVF_BLAS_CELLS_PER_SQRT_N = 4.0  # nlist = 4 sqrt(N): 1M faces -> 4,000 cells of ~250
+IVF_BLAS_NPROBE = 6
+IVF_BLAS_PROBE_STEP = 2  # probes added per face when the sampled recall is short of the target
+IVF_BLAS_MAX_ROUNDS = 8
+IVF_BLAS_TRAIN_PER_CELL = 32
+IVF_BLAS_COARSE_PROBES = 8  # coarse cells searched for a face's best cells (4 lost ~1% recall at 1M)
+_SCAN_CHUNK = 1 << 22  # similarities per matrix product and thread (16 MiB of float32)
+
+
+def ivf_blas_nlist(N: int, cells_per_sqrt_n: float = IVF_BLAS_CELLS_PER_SQRT_N) -> int:
+    return max(1, min(round(cells_per_sqrt_n * math.sqrt(N)), N // 39 if N >= 39 else 1))
+
+
+def _kmeans(X: np.ndarray, n: int, seed: int, niter: int = 10) -> np.ndarray:
+    faiss = _faiss()
+    km = faiss.Kmeans(
+        X.shape[1],
+        n,
+        niter=niter,
+        seed=seed,
+        spherical=True,
+        max_points_per_centroid=1 << 30,
+        min_points_per_centroid=1,
+    )
+    km.train(X)
+    return km.centroids
+
+
+def _train_cells(E: np.ndarray, nlist: int, seed: int, pool) -> tuple[np.ndarray, np.ndarray]:
+    """(cell centroids, coarse centroids): two-level spherical k-means on a sample of
+    IVF_BLAS_TRAIN_PER_CELL x nlist faces. ~sqrt(nlist) coarse cells, each split into cells in
+    proportion to its share of the sample: cheap to train and to search, and the cells are more
+    even than one flat k-means (whose centroids near the mean face collect thousands of faces)."""
     N = E.shape[0]
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(N, size=min(N, IVF_BLAS_TRAIN_PER_CELL * nlist), replace=False))
+    X = np.ascontiguousarray(E[ids], dtype=np.float32)
+    nc = max(1, min(len(X), round(math.sqrt(nlist))))
+    coarse = _kmeans(X, nc, seed)
+    a = _faiss().knn(X, coarse, 1, metric=_faiss().METRIC_INNER_PRODUCT)[1][:, 0]
+    counts = np.bincount(a, minlength=nc)
+    share = np.clip(np.round(nlist * counts / counts.sum()).astype(np.int64), 1, np.maximum(counts, 1))
+
+    def split(c):
+        pts = X[a == c]
+        return pts if len(pts) <= share[c] else _kmeans(pts, int(share[c]), seed + 1 + c)
+
+    cells = [c for c in pool.map(split, range(nc)) if len(c)]
+    return np.ascontiguousarray(np.concatenate(cells), dtype=np.float32), coarse
+
+
+def _probe_cells(
+    E, cells: np.ndarray, coarse: np.ndarray, depth: int, pool, block: int = 16_384
+) -> np.ndarray:
+    """The ``depth`` most similar cells of every face (int32 N x depth, best first), searched
+    through the coarse level (an IVF index over the cell centroids)."""
+    faiss = _faiss()
+    D = cells.shape[1]
+    quantizer = faiss.IndexFlatIP(D)
+    quantizer.add(coarse)
+    index = faiss.IndexIVFFlat(quantizer, D, coarse.shape[0], faiss.METRIC_INNER_PRODUCT)
+    index.add(cells)
+    index.nprobe = min(IVF_BLAS_COARSE_PROBES, coarse.shape[0])
+    N = E.shape[0]
+    out = np.empty((N, depth), np.int32)
+
+    def search(s):
+        e = min(N, s + block)
+        out[s:e] = index.search(_block(E, s, e), depth)[1]
+
+    list(pool.map(search, range(0, N, block)))
+    # a face whose coarse probes hold fewer than depth cells gets -1: repeat its best cell instead
+    bad = out < 0
+    if bad.any():
+        out[bad] = np.broadcast_to(out[:, :1], out.shape)[bad]
+    return out
+
+
+def _scan_cell(E, x_ids: np.ndarray, q_ids: np.ndarray, kk: int, bound: np.ndarray):
+    """(query, neighbour, similarity) candidates of q_ids among the members x_ids of one cell:
+    per query its best kk in the cell, only those above the query's current kk-th best."""
+    m = len(x_ids)
+    if m == 0:  # a cell no face calls its best one
+        return None
+    X = np.take(E, x_ids, axis=0)
+    t = min(kk, m)
+    rows_per = max(1, _SCAN_CHUNK // max(m, 1))
+    oq, oj, osim = [], [], []
+    for s in range(0, len(q_ids), rows_per):
+        qb = q_ids[s : s + rows_per]
+        S = np.take(E, qb, axis=0) @ X.T
+        b = bound[qb]
+        rows = np.flatnonzero(S.max(1) > b)  # most rows end here once the own cell set the bound
+        if len(rows) == 0:
+            continue
+        sub = S[rows] if len(rows) < len(qb) else S
+        part = _top_columns(sub, t)
+        vals = np.take_along_axis(sub, part, 1)
+        keep = vals > b[rows, None]
+        oq.append(qb[np.broadcast_to(rows[:, None], part.shape)[keep]].astype(np.int32))
+        oj.append(x_ids[part[keep]].astype(np.int32))
+        osim.append(vals[keep])
+    if not oq:
+        return None
+    return np.concatenate(oq), np.concatenate(oj), np.concatenate(osim)
+
+
+def _merge(best_I: np.ndarray, best_S: np.ndarray, cq, cj, cs, rows_per_block: int = 65_536) -> np.ndarray:
+    """Merge candidate triplets (no (query, neighbour) pair twice) into the sorted top-kk rows.
+    Returns the rows that received candidates."""
+    kk = best_I.shape[1]
+    order = np.argsort(cq, kind="stable")
+    cq, cj, cs = cq[order], cj[order], cs[order]
+    first = np.flatnonzero(np.concatenate([[True], cq[1:] != cq[:-1]]))
+    rows = cq[first].astype(np.int64)
+    start, counts = first, np.diff(np.append(first, len(cq)))
+    for b in range(0, len(rows), rows_per_block):
+        r = rows[b : b + rows_per_block]
+        st, cn = start[b : b + rows_per_block], counts[b : b + rows_per_block]
+        width = kk + int(cn.max())
+        Ip = np.full((len(r), width), -1, np.int64)
+        Sp = np.full((len(r), width), -np.inf, np.float32)
+        Ip[:, :kk], Sp[:, :kk] = best_I[r], best_S[r]
+        grp = np.repeat(np.arange(len(r)), cn)
+        src = np.arange(st[0], st[-1] + cn[-1])
+        pos = src - np.repeat(st, cn) + kk
+        Ip[grp, pos], Sp[grp, pos] = cj[src], cs[src]  # int32 ids widen to int64 here
+        # stable: equal similarities keep their (deterministic) candidate order
+        o = np.argsort(-Sp, axis=1, kind="stable")[:, :kk]
+        best_I[r], best_S[r] = np.take_along_axis(Ip, o, 1), np.take_along_axis(Sp, o, 1)
+    return rows
+
+
+class _Probed:
+    """Set of scanned (face, cell) pairs as int64 keys face * nlist + cell (sorted chunks)."""
+
+    def __init__(self):
+        self.chunks: list[np.ndarray] = []
+
+    def new(self, keys: np.ndarray) -> np.ndarray:
+        keys = _unique_sorted(keys)
+        for c in self.chunks:
+            pos = np.minimum(np.searchsorted(c, keys), len(c) - 1)
+            keys = keys[c[pos] != keys]
+        if len(keys):
+            self.chunks.append(keys)
+            if len(self.chunks) > 8:
+                self.chunks = [np.sort(np.concatenate(self.chunks))]  # chunks are disjoint
+        return keys
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+
+_JOIN_BATCH = 2_000_000  # (face, cell) pairs per join batch: bounds the candidate arrays
+
+
+def _join(E, cell_order, cell_start, keys, nlist, kk, best_I, best_S, pool):
+    """Scan every (face, cell) pair of ``keys`` and merge the results; returns (candidates, rows).
+    Pairs go in batches of whole cells (in cell order), each merged before the next starts: the
+    candidate arrays stay bounded, later batches profit from a tighter bound, and the result does
+    not depend on the number of threads."""
+    c = keys % nlist
+    o = np.argsort(c, kind="stable")
+    q, c = keys[o] // nlist, c[o]
+    total, rows = 0, []
+    s = 0
+    while s < len(q):
+        e = min(len(q), s + _JOIN_BATCH)
+        if e < len(q):  # end the batch with its last cell complete
+            e = int(np.searchsorted(c, c[e - 1], side="right"))
+        n, r = _join_batch(E, cell_order, cell_start, q[s:e], c[s:e], kk, best_I, best_S, pool)
+        total += n
+        rows.append(r)
+        s = e
+    return total, (_unique_sorted(np.concatenate(rows)) if rows else np.zeros(0, np.int64))
+
+
+def _join_batch(E, cell_order, cell_start, q, c, kk, best_I, best_S, pool):
+    bound = best_S[:, -1].copy()  # kk-th best so far; fixed during the batch, so threads agree
+    st = np.flatnonzero(np.concatenate([[True], c[1:] != c[:-1]]))
+    uc, cnt = c[st], np.diff(np.append(st, len(c)))
+    size = cell_start[uc + 1] - cell_start[uc]
+    tasks = sorted(zip((cnt * size).tolist(), uc.tolist(), st.tolist(), cnt.tolist()), reverse=True)
+
+    def run(task):
+        _, cell, s, n = task
+        return _scan_cell(E, cell_order[cell_start[cell] : cell_start[cell + 1]], q[s : s + n], kk, bound)
+
+    res = [r for r in pool.map(run, tasks) if r is not None]
+    if not res:
+        return 0, np.zeros(0, np.int64)
+    cq, cj, cs = (np.concatenate([r[i] for r in res]) for i in range(3))
+    if len(cq) == 0:
+        return 0, np.zeros(0, np.int64)
+    return len(cq), _merge(best_I, best_S, cq, cj, cs)
+
+
+def _expansion_keys(best_I, best_S, rows, cell, nlist, min_sim) -> np.ndarray:
+    """(face, cell) keys to scan next: for every kept edge (q, j) of the given rows, q scans j's
+    cell and j scans q's cell."""
+    I, S = best_I[rows], best_S[rows]
+    keep = (I >= 0) & (I != rows[:, None])
+    if min_sim is not None:
+        keep &= S >= min_sim
+    q = np.broadcast_to(rows[:, None], I.shape)[keep]
+    j = I[keep]
+    return np.concatenate([q * nlist + cell[j], j * nlist + cell[q]])
+
+
+def knn_ivf_blas(
+    E: np.ndarray,
+    k: int,
+    nlist: int | None = None,
+    nprobe: int = IVF_BLAS_NPROBE,
+    max_rounds: int = IVF_BLAS_MAX_ROUNDS,
+    min_sim: float | None = None,
+    target_recall: float | None = 0.95,
+    check_queries: int = 1000,
+    seed: int = 0,
+    n_threads: int | None = None,
+):
+    """Approximate kNN self-join (query itself included in the kk = k + 1 columns).
+
+    1. Cells: two-level spherical k-means (:func:`_train_cells`); every face is listed in its
+       best cell and probes its ``nprobe`` best cells.
+    2. Joins: for each cell, the faces that probe it are multiplied with the cell's members in
+       one matrix product (BLAS), and each row keeps its best kk (:func:`_top_columns`). The
+       own cell goes first and sets every face's bound (its kk-th best); in the other cells a
+       row is looked at only if its maximum beats the bound. Cells run in a thread pool (BLAS
+       single-threaded per thread), so all cores are busy.
+    3. Expansion rounds: every kept edge (similarity >= ``min_sim``; all edges when None) found
+       in the last round makes each end scan the other end's cell, until no new pair appears or
+       ``max_rounds``. An identity cut by a cell border is joined up this way, at the cost of
+       the cells its faces actually fall into.
+    4. Check: recall on ``check_queries`` sampled faces against exact search (edges >= min_sim
+       when given). Below ``target_recall`` the next IVF_BLAS_PROBE_STEP cells per face are
+       scanned (and expanded again), up to 4 x nprobe cells.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    N, _D = E.shape
     kk = min(k + 1, N)
-    I = np.full((N, k), -1, dtype=np.int64)
-    S = np.full((N, k), -np.inf, dtype=np.float32)
-    # on the GPU keep the whole database resident when it fits comfortably; on CPU stream it
-    db_blocks = [(s, min(N, s + db_block_size)) for s in range(0, N, db_block_size)]
-    cache = {}
-    with torch.no_grad():
-        for qs in range(0, N, block_size):
-            qe = min(N, qs + block_size)
-            Q = torch.from_numpy(_block(E, qs, qe)).to(device)
-            best_S = torch.full((qe - qs, kk), float("-inf"), device=device)
-            best_I = torch.full((qe - qs, kk), -1, dtype=torch.int64, device=device)
-            for ds, de in db_blocks:
-                if device != "cpu" and len(db_blocks) * db_block_size * E.shape[1] * 4 < 4 * 2**30:
-                    if ds not in cache:
-                        cache[ds] = torch.from_numpy(_block(E, ds, de)).to(device)
-                    X = cache[ds]
-                else:
-                    X = torch.from_numpy(_block(E, ds, de)).to(device)
-                sims = Q @ X.T
-                ids = torch.arange(ds, de, device=device).expand(qe - qs, -1)
-                allS = torch.cat([best_S, sims], 1)
-                allI = torch.cat([best_I, ids], 1)
-                vals, pos = torch.topk(allS, kk, dim=1, largest=True, sorted=True)
-                best_S = vals
-                best_I = torch.gather(allI, 1, pos)
-            Ib = best_I.cpu().numpy()
-            Sb = best_S.cpu().numpy().astype(np.float32)
-            if kk < k + 1:
-                pad = k + 1 - kk
-                Ib = np.concatenate([Ib, np.full((qe - qs, pad), -1, np.int64)], 1)
-                Sb = np.concatenate([Sb, np.full((qe - qs, pad), -np.inf, np.float32)], 1)
-            Ib, Sb = _drop_self(Ib, Sb, qs, k)
-            I[qs:qe], S[qs:qe] = Ib, Sb
-    I, S = _finalise(I, S)
-    return I, S, device
+    rng = np.random.default_rng(seed)
+    info: dict = {}
+    n_threads = n_threads or len(os.sched_getaffinity(0))
+    faiss = _faiss()
+    omp_threads = faiss.omp_get_max_threads()
+    # Parallel work goes through one thread pool with single-threaded BLAS and faiss inside: on a
+    # shared machine OpenMP barriers wait for descheduled threads (k-means of small cells took
+    # 30 s wall for 1 CPU-s that way).
+    faiss.omp_set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(n_threads) as pool:
+            out = _ivf_blas_run(
+                E,
+                k,
+                kk,
+                nlist,
+                nprobe,
+                max_rounds,
+                min_sim,
+                target_recall,
+                check_queries,
+                seed,
+                rng,
+                pool,
+                info,
+            )
+    finally:
+        faiss.omp_set_num_threads(omp_threads)
+    info["threads"] = n_threads
+    return out[0], out[1], info
+
+
+def _ivf_blas_run(
+    E, k, kk, nlist, nprobe, max_rounds, min_sim, target_recall, check_queries, seed, rng, pool, info
+):
+    N = E.shape[0]
+    t, c0 = time.perf_counter(), time.process_time()
+    nlist = nlist or ivf_blas_nlist(N)
+    if nlist > 1:
+        cells, coarse = _train_cells(E, nlist, seed, pool)
+        nlist = len(cells)
+        info["train_s"], info["train_cpu_s"] = time.perf_counter() - t, time.process_time() - c0
+        t, c0 = time.perf_counter(), time.process_time()
+        depth = min(nlist, 4 * nprobe)
+        probes = _probe_cells(E, cells, coarse, depth, pool)
+        info["assign_s"], info["assign_cpu_s"] = time.perf_counter() - t, time.process_time() - c0
+    else:
+        depth = 1
+        probes = np.zeros((N, 1), np.int32)
+    cell = probes[:, 0].astype(np.int64)
+    cell_order = np.argsort(cell, kind="stable")
+    cell_start = np.searchsorted(cell[cell_order], np.arange(nlist + 1))
+    best_I = np.full((N, kk), -1, np.int64)
+    best_S = np.full((N, kk), -np.inf, np.float32)
+    face = np.arange(N, dtype=np.int64)
+    probed = _Probed()
+    check = None
+    if target_recall is not None and check_queries and N > kk:
+        t = time.perf_counter()
+        cq = np.sort(rng.choice(N, size=min(check_queries, N), replace=False))
+        check = (cq, _floor_exact(E, cq, exact_neighbours_of(E, cq, k), min_sim))
+        info["check_s"] = time.perf_counter() - t
+    rounds = []
+
+    def join(name, keys):
+        t, c = time.perf_counter(), time.process_time()
+        keys = probed.new(keys)
+        if len(keys) == 0:
+            return np.zeros(0, np.int64)
+        n_cand, rows = _join(E, cell_order, cell_start, keys, nlist, kk, best_I, best_S, pool)
+        rounds.append(
+            {
+                "step": name,
+                "pairs": len(keys),
+                "candidates": n_cand,
+                "rows": len(rows),
+                "s": round(time.perf_counter() - t, 3),
+                "cpu_s": round(time.process_time() - c, 3),
+            }
+        )
+        return rows
+
+    join("own cell", face * nlist + cell)
+    p0, p1 = 1, min(nprobe, depth)
+    while True:
+        rows = join(
+            f"probes {p0}-{p1 - 1}", (face[:, None] * nlist + probes[:, p0:p1].astype(np.int64)).ravel()
+        )
+        for r in range(max_rounds):
+            if len(rows) == 0:
+                break
+            rows = join(f"expand {r + 1}", _expansion_keys(best_I, best_S, rows, cell, nlist, min_sim))
+        info["nprobe"] = p1
+        if check is None:
+            break
+        cq, exact = check
+        _, approx_S = _drop_self(best_I[cq], best_S[cq], 0, k, qids=cq)
+        info["check_recall"] = recall_by_similarity(E, cq, exact, approx_S)
+        if info["check_recall"] >= target_recall or p1 >= depth:
+            break
+        p0, p1 = p1, min(depth, p1 + IVF_BLAS_PROBE_STEP)
+    scanned = sum(int((cell_start[c % nlist + 1] - cell_start[c % nlist]).sum()) for c in probed.chunks)
+    info.update(
+        nlist=nlist,
+        rounds=rounds,
+        probed_pairs=len(probed),
+        check_min_sim=min_sim,
+        check_queries=0 if check is None else len(check[0]),
+        scanned_fraction=scanned / N / N,
+    )
+    return best_I, best_S
 
 
 def _nvidia_present() -> bool:
@@ -396,20 +817,15 @@ def _nvidia_present() -> bool:
 def choose_backend(
     N: int, exact_max: int = EXACT_MAX_DEFAULT, recall_min_similarity: float | None = None
 ) -> str:
+    """faiss-gpu if faiss sees a GPU; else torch on CUDA; else exact faiss-flat up to
+    ``exact_max`` faces and ivf-blas above. (``recall_min_similarity`` no longer changes the
+    choice; it is kept for callers.)"""
     with contextlib.suppress(Exception):  # a broken GPU stack falls back to CPU
         if _faiss().get_num_gpus() > 0:
             return "faiss-gpu"
-    if _nvidia_present():
-        with contextlib.suppress(Exception):
-            import torch
-
-            if torch.cuda.is_available():
-                return "torch"
-    if N <= exact_max:
-        return "faiss-flat"
-    # with a similarity floor IVF needs few probes (the kept edges join tight groups that share a
-    # cell) and is deterministic with multi-threaded build; for plain recall@k HNSW is cheaper
-    return "faiss-ivf" if recall_min_similarity is not None else "faiss-hnsw"
+    if _torch_cuda():
+        return "torch"
+    return "faiss-flat" if N <= exact_max else "ivf-blas"
 
 
 def knn_graph(
@@ -463,9 +879,20 @@ def knn_graph(
             min_sim=recall_min_similarity,
         )
         params.update(info)
+    elif backend == "ivf-blas":
+        I, S, info = knn_ivf_blas(
+            E,
+            k,
+            nprobe=nprobe or IVF_BLAS_NPROBE,
+            min_sim=recall_min_similarity,
+            target_recall=target_recall,
+            seed=seed,
+        )
+        I, S = _self_excluded(I, S, k)
+        params.update(info)
     else:
-        I, S, device = knn_torch(E, k, block_size=min(block_size, 8192))
-        params["device"] = device
+        I, S, info = knn_torch(E, k)
+        params.update(info)
     return KnnGraph(I, S, backend, params, time.perf_counter() - t)
 
 

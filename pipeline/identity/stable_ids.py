@@ -1,9 +1,15 @@
 """Stable identity ids across dataset refreshes.
 
 Ids are strings ``"id-000123"``: a sequential number, zero-padded to 6 digits (more digits past
-999,999). New ids continue after the largest number found in the previous table, and are handed out
-in a deterministic order (clusters ordered by their smallest (uid, face_index) key), so the same
-inputs + the same previous table always give the same ids.
+999,999). New ids continue after a high-water mark and are handed out in a deterministic order
+(clusters ordered by their smallest (uid, face_index) key), so the same inputs + the same previous
+table always give the same ids.
+
+Retired ids are never reused: the high-water mark (the next number to hand out) is stored in the
+assignments table's schema metadata under :data:`HIGH_WATER_KEY` (it survives the Parquet round
+trip) and read back by :func:`high_water`, which also never goes below the largest id present + 1.
+An id whose faces all left the collection (a removal request, a merge) therefore stays unused.
+Tables written before the mark existed fall back to the largest id present + 1.
 
 Two ways to carry ids over:
 
@@ -13,11 +19,15 @@ Two ways to carry ids over:
     the best identity wins if it has at least ``min_votes`` such neighbours (ties -> smallest id).
     New faces that match nothing are clustered among themselves with the same method/threshold
     and get new ids.
-(b) :func:`map_to_previous`: after a full re-cluster, the overlap matrix (new cluster x old id,
-    counted over faces present in both) is solved with the Hungarian algorithm
-    (``scipy.optimize.linear_sum_assignment``, maximising total overlap); a pair is accepted only
-    if its overlap >= ``min_overlap`` faces. Unmatched new clusters get new ids; old ids left
-    without a cluster are retired.
+(b) :func:`map_to_previous`: after a full re-cluster, the overlap counts (new cluster x old id,
+    over faces present in both) are kept sparse; the bipartite overlap graph is cut into its
+    connected blocks and each block is matched on its own, maximising total overlap (a 1 x 1
+    block directly; small blocks with ``scipy.optimize.linear_sum_assignment`` on the dense
+    block; blocks over DENSE_BLOCK_CELLS cells with the sparse LAPJVsp solver). A pair is
+    accepted only if its overlap >= ``min_overlap`` faces. Unmatched new clusters get new ids;
+    old ids left without a cluster are retired. Memory is O(faces + non-zero overlaps + largest
+    dense block): 100k clusters map in tens of MB (tests/test_identity_stable_ids.py), where
+    the dense C x C matrix would need ~80 GB.
 
 Both return churn statistics (:func:`churn_stats`).
 """
@@ -27,10 +37,13 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 
 ID_PREFIX = "id-"
 _ID_RE = re.compile(r"^id-(\d+)$")
+HIGH_WATER_KEY = b"lineup.identity_next_number"
+DENSE_BLOCK_CELLS = 1_000_000  # larger overlap blocks use the sparse assignment solver
 
 
 def format_id(n: int) -> str:
@@ -38,12 +51,33 @@ def format_id(n: int) -> str:
 
 
 def next_id_number(existing_ids) -> int:
+    """Largest id number among ``existing_ids`` + 1 (0 when there is none)."""
     m = -1
-    for s in existing_ids:
-        r = _ID_RE.match(str(s))
+    for s in np.unique(np.asarray(list(existing_ids), dtype=object).astype(str)).tolist():
+        r = _ID_RE.match(s)
         if r:
             m = max(m, int(r.group(1)))
     return m + 1
+
+
+def high_water(table: pa.Table | None) -> int:
+    """Next id number that may be handed out after ``table`` (an assignments table): the stored
+    mark, and never less than its largest id + 1. 0 for no table."""
+    if table is None:
+        return 0
+    meta = table.schema.metadata or {}
+    stored = int(meta[HIGH_WATER_KEY]) if HIGH_WATER_KEY in meta else 0
+    present = (
+        next_id_number(table.column("identity_id").to_pylist()) if "identity_id" in table.column_names else 0
+    )
+    return max(stored, present)
+
+
+def with_high_water(table: pa.Table, next_number: int) -> pa.Table:
+    """``table`` with the high-water mark stored in its schema metadata (other keys kept)."""
+    meta = dict(table.schema.metadata or {})
+    meta[HIGH_WATER_KEY] = str(int(next_number)).encode()
+    return table.replace_schema_metadata(meta)
 
 
 def face_keys(uids, face_indices) -> np.ndarray:
@@ -55,35 +89,32 @@ def _new_ids_for_clusters(labels: np.ndarray, clusters_needing_ids: np.ndarray, 
     """Give new ids to the listed clusters in order of their smallest member position."""
     if len(clusters_needing_ids) == 0:
         return {}
-    first_pos = {}
-    for pos, lab in enumerate(labels.tolist()):
-        if lab not in first_pos:
-            first_pos[lab] = pos
-    ordered = sorted(clusters_needing_ids.tolist(), key=lambda c: first_pos[c])
-    return {c: format_id(start + i) for i, c in enumerate(ordered)}
+    uniq, first = np.unique(np.asarray(labels), return_index=True)
+    first_pos = first[np.searchsorted(uniq, clusters_needing_ids)]
+    ordered = np.asarray(clusters_needing_ids)[np.argsort(first_pos, kind="stable")]
+    return {int(c): format_id(start + i) for i, c in enumerate(ordered.tolist())}
 
 
-def churn_stats(keys: np.ndarray, new_ids: np.ndarray, prev_keys: np.ndarray, prev_ids: np.ndarray) -> dict:
-    """Faces whose id changed (among faces in both), ids created, ids retired, ids kept."""
-    prev = dict(zip(prev_keys.tolist(), prev_ids.tolist()))
-    changed = 0
-    common = 0
-    for k, i in zip(keys.tolist(), new_ids.tolist()):
-        if k in prev:
-            common += 1
-            changed += prev[k] != i
-    new_set = set(new_ids.tolist())
-    old_set = set(prev_ids.tolist())
+def churn_stats(
+    keys: np.ndarray, new_ids: np.ndarray, prev_keys: np.ndarray, prev_ids: np.ndarray, shared=None
+) -> dict:
+    """Faces whose id changed (among faces in both), ids created, ids retired, ids kept.
+    ``shared``: the (positions in keys, positions in prev_keys) of :func:`_shared_faces`, if known."""
+    new_ids = np.asarray(new_ids, dtype=object).astype(str)
+    prev_ids = np.asarray(prev_ids, dtype=object).astype(str)
+    pos_new, pos_old = shared or _shared_faces(np.asarray(keys), np.asarray(prev_keys))
+    new_set, old_set = np.unique(new_ids), np.unique(prev_ids)
+    kept = len(np.intersect1d(new_set, old_set, assume_unique=True))
     return {
         "faces_previous": len(prev_keys),
         "faces_now": len(keys),
-        "faces_in_both": int(common),
-        "faces_id_changed": int(changed),
-        "faces_new": int(len(keys) - common),
-        "faces_removed": int(len(prev_keys) - common),
-        "ids_kept": len(new_set & old_set),
-        "ids_created": len(new_set - old_set),
-        "ids_retired": len(old_set - new_set),
+        "faces_in_both": len(pos_new),
+        "faces_id_changed": int((new_ids[pos_new] != prev_ids[pos_old]).sum()),
+        "faces_new": int(len(keys) - len(pos_new)),
+        "faces_removed": int(len(prev_keys) - len(pos_new)),
+        "ids_kept": kept,
+        "ids_created": len(new_set) - kept,
+        "ids_retired": len(old_set) - kept,
     }
 
 
@@ -93,78 +124,115 @@ def map_to_previous(
     prev_keys: np.ndarray,
     prev_ids: np.ndarray,
     min_overlap: int = 1,
+    next_number: int | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Map cluster labels (0..C-1) onto previous ids by maximum overlap; returns (ids per face, churn)."""
-    from scipy.optimize import linear_sum_assignment
+    """Map cluster labels (0..C-1) onto previous ids by maximum overlap; returns (ids per face, churn).
 
+    ``next_number``: the first number new ids may take (the previous table's :func:`high_water`);
+    default: the largest previous id + 1."""
     labels = np.asarray(labels, dtype=np.int64)
     C = int(labels.max()) + 1 if len(labels) else 0
     old_names, old_inv = np.unique(np.asarray(prev_ids, dtype=object).astype(str), return_inverse=True)
-    prev_map = dict(zip(np.asarray(prev_keys).tolist(), old_inv.tolist()))
-    rows, cols = [], []
-    for pos, k in enumerate(np.asarray(keys).tolist()):
-        j = prev_map.get(k)
-        if j is not None:
-            rows.append(labels[pos])
-            cols.append(j)
+    old_inv = old_inv.ravel()
+    pos_new, pos_old = _shared_faces(np.asarray(keys), np.asarray(prev_keys))
     assign: dict[int, str] = {}
     n_matched = 0
-    if rows and C:
+    if len(pos_new) and C:
         M = sp.coo_matrix(
-            (np.ones(len(rows), np.int64), (np.asarray(rows), np.asarray(cols))), shape=(C, len(old_names))
+            (np.ones(len(pos_new), np.int64), (labels[pos_new], old_inv[pos_old])), shape=(C, len(old_names))
         ).tocsr()
         M.sum_duplicates()
-        # Hungarian only over the clusters/ids that overlap at all (keeps the dense matrix small)
-        r_used = np.unique(M.nonzero()[0])
-        c_used = np.unique(M.nonzero()[1])
-        sub = M[r_used][:, c_used].toarray()
-        rr, cc = _hungarian_blocks(sub, linear_sum_assignment)
-        for a, b in zip(rr, cc):
-            if sub[a, b] >= max(1, min_overlap):
-                assign[int(r_used[a])] = str(old_names[c_used[b]])
-                n_matched += 1
-    unmatched = np.array(sorted(set(range(C)) - set(assign)), dtype=np.int64)
-    start = next_id_number(old_names.tolist())
+        rr, cc, w = _match_blocks(M)
+        ok = w >= max(1, min_overlap)
+        for a, b in zip(rr[ok].tolist(), cc[ok].tolist()):
+            assign[a] = str(old_names[b])
+        n_matched = int(ok.sum())
+    unmatched = np.setdiff1d(np.arange(C, dtype=np.int64), np.fromiter(assign, np.int64, len(assign)))
+    start = next_id_number(old_names.tolist()) if next_number is None else int(next_number)
     assign.update(_new_ids_for_clusters(labels, unmatched, start))
-    ids = np.array([assign[int(c)] for c in labels.tolist()], dtype=object)
-    stats = churn_stats(np.asarray(keys), ids, np.asarray(prev_keys), np.asarray(prev_ids).astype(str))
+    id_of = np.empty(C, dtype=object)
+    for c, i in assign.items():
+        id_of[c] = i
+    ids = id_of[labels]
+    stats = churn_stats(
+        np.asarray(keys), ids, np.asarray(prev_keys), np.asarray(prev_ids), shared=(pos_new, pos_old)
+    )
     stats["clusters_matched"] = n_matched
     return ids, stats
 
 
-def _hungarian_blocks(overlap: np.ndarray, lsa) -> tuple[np.ndarray, np.ndarray]:
-    """Hungarian per connected block of the bipartite overlap graph (equivalent, much cheaper)."""
+def _shared_faces(keys: np.ndarray, prev_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (in keys, in prev_keys) of the faces present in both (keys unique on each side)."""
+    if len(keys) == 0 or len(prev_keys) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    allk = np.concatenate([keys.astype(str), prev_keys.astype(str)])
+    _, inv = np.unique(allk, return_inverse=True)
+    inv = inv.ravel()
+    old_pos = np.full(inv.max() + 1, -1, np.int64)
+    old_pos[inv[len(keys) :]] = np.arange(len(prev_keys))
+    j = old_pos[inv[: len(keys)]]
+    both = np.flatnonzero(j >= 0)
+    return both, j[both]
+
+
+def _match_blocks(M: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maximum-overlap one-to-one matching of the rows and columns of a sparse overlap matrix,
+    solved per connected block of its bipartite graph. Returns (rows, cols, overlaps)."""
     from scipy.sparse.csgraph import connected_components
 
-    R, Cc = overlap.shape
-    if R == 0 or Cc == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    nz = np.nonzero(overlap)
-    B = sp.coo_matrix((np.ones(len(nz[0])), (nz[0], nz[1] + R)), shape=(R + Cc, R + Cc))
+    R, K = M.shape
+    Mc = M.tocoo()
+    r, c, w = Mc.row.astype(np.int64), Mc.col.astype(np.int64), Mc.data.astype(np.int64)
+    if len(w) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    B = sp.coo_matrix((np.ones(len(r), np.int8), (r, c + R)), shape=(R + K, R + K))
     _, comp = connected_components(B, directed=False)
-    rows_out, cols_out = [], []
-    rc, cc_ = comp[:R], comp[R:]
-    order_r = np.argsort(rc, kind="stable")
-    order_c = np.argsort(cc_, kind="stable")
-    ur, sr = np.unique(rc[order_r], return_index=True)
-    uc, sc = np.unique(cc_[order_c], return_index=True)
-    er = np.append(sr[1:], R)
-    ec = np.append(sc[1:], Cc)
-    cstart = dict(zip(uc.tolist(), zip(sc.tolist(), ec.tolist())))
-    for comp_id, a, b in zip(ur.tolist(), sr.tolist(), er.tolist()):
-        if comp_id not in cstart:
-            continue
-        ri = order_r[a:b]
-        c0, c1 = cstart[comp_id]
-        ci = order_c[c0:c1]
-        blk = overlap[np.ix_(ri, ci)]
-        if blk.size == 1:
-            r_, c_ = np.array([0]), np.array([0])
-        else:
-            r_, c_ = lsa(blk, maximize=True)
-        rows_out.append(ri[r_])
-        cols_out.append(ci[c_])
-    return np.concatenate(rows_out), np.concatenate(cols_out)
+    comp_of_edge = comp[r]
+    # blocks with a single edge (one cluster, one old id, nothing else): matched directly
+    edges_per_comp = np.bincount(comp_of_edge, minlength=comp.max() + 1)
+    single = edges_per_comp[comp_of_edge] == 1
+    out_r, out_c, out_w = [r[single]], [c[single]], [w[single]]
+    multi = np.flatnonzero(~single)
+    if len(multi):
+        order = multi[np.argsort(comp_of_edge[multi], kind="stable")]
+        bounds = np.flatnonzero(np.diff(comp_of_edge[order])) + 1
+        for e in np.split(order, bounds):
+            br, bc, bw = _match_block(r[e], c[e], w[e])
+            out_r.append(br)
+            out_c.append(bc)
+            out_w.append(bw)
+    return np.concatenate(out_r), np.concatenate(out_c), np.concatenate(out_w)
+
+
+def _match_block(r: np.ndarray, c: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One connected block given by its edges; rows/cols in increasing id order (deterministic)."""
+    ur, ri = np.unique(r, return_inverse=True)
+    uc, ci = np.unique(c, return_inverse=True)
+    nr, nc = len(ur), len(uc)
+    if nr * nc <= DENSE_BLOCK_CELLS:
+        from scipy.optimize import linear_sum_assignment
+
+        W = np.zeros((nr, nc), np.int64)
+        W[ri, ci] = w
+        a, b = linear_sum_assignment(W, maximize=True)
+        keep = W[a, b] > 0
+        return ur[a[keep]], uc[b[keep]], W[a, b][keep]
+    # Sparse: pad to a square problem that always has a perfect matching. Real edges weigh
+    # w * (n + 1), every padding edge 1, so the solver maximises total overlap first.
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    n = nr + nc
+    big = np.float64(n + 1)
+    rows = np.concatenate([ri, np.arange(nr), nr + np.arange(nc), nr + ci])
+    cols = np.concatenate([ci, nc + np.arange(nr), np.arange(nc), nc + ri])
+    vals = np.concatenate([w * big, np.ones(nr), np.ones(nc), np.ones(len(w))])
+    P = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
+    a, b = min_weight_full_bipartite_matching(P, maximize=True)
+    real = (a < nr) & (b < nc)
+    a, b = a[real], b[real]
+    W = sp.csr_matrix((w, (ri, ci)), shape=(nr, nc))
+    wab = np.asarray(W[a, b]).ravel()
+    return ur[a], uc[b], wab
 
 
 def vote_identities(
@@ -198,10 +266,12 @@ def assign_incremental(
     k: int = 10,
     min_votes: int = 1,
     cluster_new=None,
+    next_number: int | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Faces in ``prev_keys`` keep their id; the others vote through the index or get new ids.
 
-    ``cluster_new(E_sub) -> labels`` clusters the unmatched new faces (same method/threshold)."""
+    ``cluster_new(E_sub) -> labels`` clusters the unmatched new faces (same method/threshold).
+    ``next_number``: first number for new ids (see :func:`high_water`); default largest + 1."""
     from .knn import search_index
 
     keys = np.asarray(keys)
@@ -228,7 +298,7 @@ def assign_incremental(
             sub_labels = np.arange(len(rest))
         else:
             sub_labels = np.asarray(cluster_new(np.ascontiguousarray(embeddings[rest])))
-        start = next_id_number(list(prev.values()))
+        start = next_id_number(list(prev.values())) if next_number is None else int(next_number)
         mapping = _new_ids_for_clusters(sub_labels, np.unique(sub_labels), start)
         for p, lab in zip(rest.tolist(), sub_labels.tolist()):
             ids[p] = mapping[lab]
