@@ -35,7 +35,7 @@ class LineupSettings(dg.ConfigurableResource):
     # recluster: cluster everything, map clusters onto the previous ids by overlap;
     # incremental: previous faces keep their ids, new faces join identities through the kNN index
     identity_mode: str = "recluster"
-    knn_backend: str = "auto"  # auto | faiss-flat | faiss-ivf | faiss-hnsw | faiss-gpu | torch
+    knn_backend: str = "auto"  # auto | faiss-flat | ivf-blas | faiss-ivf | faiss-hnsw | faiss-gpu | torch
     # scorers: weights come from local files only; a scorer without weights is reported unavailable
     clip_model: str = "ViT-L-14"
     clip_weights: str = ""  # empty: $LINEUP_CLIP_WEIGHTS

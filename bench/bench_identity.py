@@ -56,10 +56,11 @@ def md_table(rows: list[dict], cols: list[str]) -> str:
 def quality(threshold: float, k: int) -> list[dict]:
     from sklearn.cluster import DBSCAN, AgglomerativeClustering
 
-    from pipeline.identity.realfaces import embed_identity_folder
+    from pipeline.faces import get_backend
+    from pipeline.faces.folders import labelled_embeddings
 
     t = time.perf_counter()
-    lf = embed_identity_folder(SHARED_FACES)
+    lf = labelled_embeddings(SHARED_FACES, get_backend("dlib"))
     embed_s = time.perf_counter() - t
     E, y = lf.embeddings, lf.labels
     print(f"\nembedded {len(y)} photos of {len(lf.names)} people in {embed_s:.1f}s (no face: {lf.no_face})")

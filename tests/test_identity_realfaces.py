@@ -41,3 +41,12 @@ def test_real_photos_build_entry_point(real_faces):
     assert e["bcubed_f"] >= 0.97 and e["pairwise_f"] >= 0.97, e
     within, across = r.stats["similarity_within"], r.stats["similarity_across"]
     assert np.median(within) > np.median(across)
+
+
+def test_synthetic_mixtures_are_fitted_to_these_photos(real_faces):
+    """The quantiles the synthetic identities are fitted to are those of these photos."""
+    from pipeline.identity.synth import DLIB_PHOTO_QUANTILES, pair_quantiles
+
+    q = pair_quantiles(real_faces.embeddings, real_faces.labels)
+    for key, value in DLIB_PHOTO_QUANTILES.items():
+        assert q[key] == pytest.approx(value, abs=0.01), key

@@ -4,9 +4,9 @@ Entry point for the ``identities`` asset: :func:`build_identities` (pipeline/ide
 
 Modules: ``knn`` (FAISS / torch kNN graph), ``cluster`` (Chinese whispers, Leiden, Infomap,
 connected components; default thresholds per embedding backend), ``metrics`` (pairwise/BCubed
-P/R/F, NMI), ``stable_ids`` (incremental assignment, Hungarian id mapping, churn), ``synth``
-(synthetic mixtures fitted to dlib statistics), ``realfaces`` (labelled-photo embeddings for
-calibration and tests).
+P/R/F, NMI), ``stable_ids`` (incremental assignment, sparse id mapping, churn), ``synth``
+(synthetic mixtures fitted to dlib statistics), ``knn_torch`` (GPU kNN), ``report`` (label-based
+evaluation and the UI's pictures).
 """
 
 from .build import IdentityResult, build_identities

@@ -51,7 +51,7 @@ import numpy as np
 
 # Cosine quantiles over all pairs of the 125 labelled photos (19 people, 417 same-person and 7,333
 # different-person pairs), dlib descriptors L2-normalised. Measured with
-# pipeline.identity.realfaces.embed_identity_folder + pair_quantiles.
+# pipeline.faces.folders.labelled_embeddings + pair_quantiles (tests/test_identity_realfaces.py checks them).
 DLIB_PHOTO_QUANTILES = {
     "same_median": 0.9724,
     "same_p5": 0.9407,
