@@ -33,7 +33,11 @@ refresh_schedule = dg.ScheduleDefinition(
     job=collection_job,
     cron_schedule="0 3 * * *",
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Rebuild identities and datasets every night from whatever partitions exist.",
+    # refreshes between nights are incremental (new faces join identities); the night reclusters everything,
+    # which also merges identities that new photos link
+    run_config={"resources": {"lineup": {"config": {"identity_mode": "recluster"}}}},
+    description="Every night: recluster all faces (ids kept stable by overlap) and rebuild the datasets from "
+    "whatever partitions exist. Off by default.",
 )
 
 # Declarative automation (eager collection assets, the social refresh at 04:00, trainers on new data

@@ -32,9 +32,10 @@ class LineupSettings(dg.ConfigurableResource):
     face_device: str = "auto"
     identity_method: str = "chinese_whispers"  # chinese_whispers | leiden | infomap | connected_components
     identity_threshold: float = 0.0  # 0 = the face backend's documented default
-    # recluster: cluster everything, map clusters onto the previous ids by overlap;
-    # incremental: previous faces keep their ids, new faces join identities through the kNN index
-    identity_mode: str = "recluster"
+    # incremental (default): previous faces keep their ids, new faces join identities through the index
+    # (only they are searched); recluster: cluster everything, map clusters onto the previous ids by
+    # overlap. The nightly daily_dataset_refresh reclusters; a first build always does.
+    identity_mode: str = "incremental"
     knn_backend: str = "auto"  # auto | faiss-flat | ivf-blas | faiss-ivf | faiss-hnsw | faiss-gpu | torch
     # scorers: weights come from local files only; a scorer without weights is reported unavailable
     clip_model: str = "ViT-L-14"

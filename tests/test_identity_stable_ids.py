@@ -203,3 +203,30 @@ def test_sparse_block_solver_matches_dense(monkeypatch):
         for rows, cols, w in (dense, sparse):
             assert len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)
             assert (W[rows, cols] == w).all()
+
+
+def test_incremental_refresh_equals_a_full_recluster_on_an_easy_case():
+    """1 % new faces of well separated people: the incremental refresh, which searches only the new
+    faces, gives the same partition as clustering everything again, and keeps every old id."""
+    from pipeline.identity.metrics import evaluate
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(60, 64))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = rng.integers(0, 60, 3000)
+    E = centres[labels] + 0.03 * rng.normal(size=(3000, 64))
+    E = (E / np.linalg.norm(E, axis=1, keepdims=True)).astype(np.float32)
+    uids = np.array([f"img{i:05d}" for i in range(3000)])
+    fidx = np.zeros(3000, np.int64)
+    old = np.arange(3000) < 2970
+    first = build_identities(uids[old], fidx[old], E[old], threshold=0.8)
+    inc = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental", threshold=0.8)
+    full = build_identities(uids, fidx, E, previous=first.assignments, mode="recluster", threshold=0.8)
+    assert inc.stats["knn_params"] == {"new_faces": 30}  # only the new faces were searched
+    a, b = _ids(inc), _ids(full)
+    keys = sorted(a)
+    codes = lambda d: np.unique([d[k] for k in keys], return_inverse=True)[1]  # noqa: E731
+    assert evaluate(codes(a), codes(b))["pairwise_f"] == 1.0
+    assert a == b  # and the same ids: the full recluster maps its clusters onto the old ids
+    before = _ids(first)
+    assert all(a[k] == v for k, v in before.items())

@@ -54,24 +54,38 @@ class IdentityResult:
 
 
 def _cluster_stats(E: np.ndarray, labels: np.ndarray, C: int, block: int = 65_536):
-    """Per cluster: size, centroid (sum), mean pairwise similarity, per face sim to centroid."""
+    """Per cluster: size, mean pairwise similarity; per face: similarity to its cluster's centroid.
+
+    Centroid sums are kept for clusters of two faces or more only (a singleton's face is its own
+    centroid: similarity 1), in float32: at 10M faces with many singletons a clusters x D float64
+    array would be the largest thing in memory."""
     D = E.shape[1]
-    sums = np.zeros((C, D), dtype=np.float64)
+    sizes = np.bincount(labels, minlength=C).astype(np.int64)
+    multi = np.flatnonzero(sizes > 1)
+    row_of = np.full(C, -1, dtype=np.int64)
+    row_of[multi] = np.arange(len(multi))
+    sums = np.zeros((len(multi), D), dtype=np.float32)
     for s in range(0, E.shape[0], block):
         e = min(E.shape[0], s + block)
-        np.add.at(sums, labels[s:e], np.asarray(E[s:e], dtype=np.float64))
-    sizes = np.bincount(labels, minlength=C).astype(np.int64)
-    sq = (sums**2).sum(1)
+        r = row_of[labels[s:e]]
+        keep = r >= 0
+        np.add.at(sums, r[keep], np.asarray(E[s:e], dtype=np.float32)[keep])
+    sq = np.full(C, 1.0)
+    sq[multi] = (sums.astype(np.float64) ** 2).sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         # sum_{i != j} <e_i, e_j> = |sum|^2 - n for unit vectors
         mean_intra = np.where(sizes > 1, (sq - sizes) / (sizes * (sizes - 1.0)), np.nan)
     norms = np.sqrt(np.maximum(sq, 1e-30))
-    sim_c = np.empty(E.shape[0], dtype=np.float32)
+    sim_c = np.ones(E.shape[0], dtype=np.float32)
     for s in range(0, E.shape[0], block):
         e = min(E.shape[0], s + block)
         lab = labels[s:e]
-        sim_c[s:e] = (np.asarray(E[s:e], dtype=np.float64) * sums[lab]).sum(1) / norms[lab]
-    return sizes, mean_intra, sim_c, sums
+        r = row_of[lab]
+        keep = np.flatnonzero(r >= 0)
+        if len(keep):
+            x = np.asarray(E[s:e], dtype=np.float32)[keep]
+            sim_c[s + keep] = (x * sums[r[keep]]).sum(1) / norms[lab[keep]]
+    return sizes, mean_intra, sim_c, None
 
 
 def _doubtful_pairs(E, labels, sim_c, sizes, n_pairs=20, n_candidates=200, max_scan=20_000):
@@ -147,22 +161,31 @@ def build_identities(
     uids_s, fidx_s = uids[order], face_indices[order]
     timings["sort_s"] = time.perf_counter() - t
 
-    t, c = time.perf_counter(), time.process_time()
-    g = knn_graph(E, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr)
-    timings["knn_s"], timings["knn_cpu_s"] = time.perf_counter() - t, time.process_time() - c
-
-    stats: dict = {"n_faces": N, "method": method, "threshold": thr, "backend_name": backend_name, "k": k}
-    stats["knn_backend"] = g.backend
-    stats["knn_params"] = g.params
-
     prev_keys = prev_ids = None
     next_number = high_water(previous)  # retired ids stay retired (see stable_ids)
     if previous is not None and previous.num_rows:
         prev_keys = face_keys(previous.column("uid").to_pylist(), previous.column("face_index").to_pylist())
         prev_ids = np.asarray(previous.column("identity_id").to_pylist(), dtype=object).astype(str)
+    incremental = prev_keys is not None and mode == "incremental"
+
+    stats: dict = {"n_faces": N, "method": method, "threshold": thr, "backend_name": backend_name, "k": k}
+    t, c = time.perf_counter(), time.process_time()
+    if incremental:
+        # no graph over the whole collection: only the new faces are searched (their k nearest among
+        # all faces), which is what a refresh costs in proportion to what it brings
+        known = np.isin(keys_sorted, prev_keys)
+        new_pos = np.flatnonzero(~known)
+        g = _new_faces_graph(E, new_pos, k)
+        stats["knn_backend"] = "incremental: new faces searched against the collection (exact)"
+        stats["knn_params"] = {"new_faces": int(len(new_pos))}
+    else:
+        g = knn_graph(E, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr)
+        stats["knn_backend"] = g.backend
+        stats["knn_params"] = g.params
+    timings["knn_s"], timings["knn_cpu_s"] = time.perf_counter() - t, time.process_time() - c
 
     t, c = time.perf_counter(), time.process_time()
-    if prev_keys is not None and mode == "incremental":
+    if incremental:
 
         def _cluster_new(Esub):
             gs = knn_graph(Esub, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr)
@@ -208,7 +231,13 @@ def build_identities(
     id_of_label = np.empty(C, dtype=object)
     id_of_label[labels] = ids
 
-    nn_sim = g.similarities[:, 0] if g.k and N > 1 else np.full(N, np.nan, np.float32)
+    if incremental:  # kept from the last build for known faces; searched now for new ones
+        prev_nn = dict(zip(prev_keys.tolist(), previous.column("nn_similarity").to_pylist())) \
+            if "nn_similarity" in previous.column_names else {}
+        nn_sim = np.array([prev_nn.get(k_, np.nan) if k_ is not None else np.nan for k_ in keys_sorted.tolist()], np.float32)
+        nn_sim[g.rows] = g.similarities[:, 0] if g.rows.size and g.k else np.nan
+    else:
+        nn_sim = g.similarities[:, 0] if g.k and N > 1 else np.full(N, np.nan, np.float32)
     nn_sim = np.where(np.isfinite(nn_sim), nn_sim, np.nan).astype(np.float32)
     assignments = pa.table(
         {
@@ -239,7 +268,8 @@ def build_identities(
 
     # similarity distributions over kNN edges: within vs across identities (for histograms)
     valid = g.indices >= 0
-    rows = np.broadcast_to(np.arange(N)[:, None], g.indices.shape)[valid]
+    row_ids = g.rows if incremental else np.arange(N)
+    rows = np.broadcast_to(row_ids[:, None], g.indices.shape)[valid]
     cols = g.indices[valid]
     sims = g.similarities[valid]
     same = labels[rows] == labels[cols]
@@ -252,7 +282,8 @@ def build_identities(
 
     stats["similarity_within"] = _sample(sims[same])
     stats["similarity_across"] = _sample(sims[~same])
-    stats["similarity_note"] = "kNN-edge similarities (each face's k nearest), sampled to n_hist_samples"
+    stats["similarity_note"] = ("kNN-edge similarities (each face's k nearest), sampled to n_hist_samples"
+                                + (" - of the new faces only (incremental refresh)" if incremental else ""))
     dp = _doubtful_pairs(E, labels, sim_c, sizes, n_pairs=n_doubtful)
     stats["doubtful_merges"] = [
         {
@@ -272,6 +303,32 @@ def build_identities(
     timings["total_s"] = time.perf_counter() - t_all
     stats["timings"] = timings
     return IdentityResult(assignments, summary, stats, g if return_graph else None)
+
+
+@dataclass
+class _PartialGraph:
+    """The k nearest neighbours (self excluded) of some faces (``rows``) among all faces."""
+
+    rows: np.ndarray
+    indices: np.ndarray
+    similarities: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+
+def _new_faces_graph(E: np.ndarray, rows: np.ndarray, k: int) -> _PartialGraph:
+    from .knn import search_index
+
+    if len(rows) == 0:
+        return _PartialGraph(rows, np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
+    I, S = search_index(E, np.ascontiguousarray(E[rows]), k + 1)
+    self_hit = I == rows[:, None]
+    I = np.where(self_hit, -1, I)
+    S = np.where(self_hit, -np.inf, S)
+    order = np.argsort(-S, axis=1, kind="stable")[:, :k]  # drop the self match, keep the k best others
+    return _PartialGraph(rows, np.take_along_axis(I, order, 1), np.take_along_axis(S, order, 1).astype(np.float32))
 
 
 def with_identity_ids(faces: pa.Table, identities: pa.Table) -> pa.Table:
