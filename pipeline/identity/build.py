@@ -173,7 +173,8 @@ def build_identities(
     if incremental:
         # no graph over the whole collection: only the new faces are searched (their k nearest among
         # all faces), which is what a refresh costs in proportion to what it brings
-        known = np.isin(keys_sorted, prev_keys)
+        prev_set = set(prev_keys.tolist())  # np.isin on these object keys compares all pairs
+        known = np.fromiter((k_ in prev_set for k_ in keys_sorted.tolist()), dtype=bool, count=N)
         new_pos = np.flatnonzero(~known)
         g = _new_faces_graph(E, new_pos, k)
         stats["knn_backend"] = "incremental: new faces searched against the collection (exact)"
@@ -194,7 +195,8 @@ def build_identities(
             ).labels
 
         ids, churn = assign_incremental(
-            E, keys_sorted, prev_keys, prev_ids, thr, k=k, cluster_new=_cluster_new, next_number=next_number
+            E, keys_sorted, prev_keys, prev_ids, thr, k=k, cluster_new=_cluster_new, next_number=next_number,
+            neighbours=(g.indices, g.similarities),
         )
         _, labels = np.unique(ids.astype(str), return_inverse=True)
         labels = labels.ravel().astype(np.int64)

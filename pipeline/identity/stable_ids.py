@@ -249,8 +249,12 @@ def vote_identities(
         count: dict[str, int] = {}
         for j, s in zip(nbr_idx[q][ok].tolist(), nbr_sim[q][ok].tolist()):
             i = db_ids[j]
+            if i is None:  # a neighbour without an id yet (another new face) does not vote
+                continue
             score[i] = score.get(i, 0.0) + s
             count[i] = count.get(i, 0) + 1
+        if not score:
+            continue
         best = min(score, key=lambda i: (-score[i], i))
         if count[best] >= min_votes:
             out[q] = best
@@ -267,11 +271,14 @@ def assign_incremental(
     min_votes: int = 1,
     cluster_new=None,
     next_number: int | None = None,
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Faces in ``prev_keys`` keep their id; the others vote through the index or get new ids.
 
     ``cluster_new(E_sub) -> labels`` clusters the unmatched new faces (same method/threshold).
-    ``next_number``: first number for new ids (see :func:`high_water`); default largest + 1."""
+    ``next_number``: first number for new ids (see :func:`high_water`); default largest + 1.
+    ``neighbours``: the new faces' k nearest among all faces (indices into ``embeddings``, rows in
+    the order of the new faces) when the caller searched already; only faces with an id vote."""
     from .knn import search_index
 
     keys = np.asarray(keys)
@@ -282,7 +289,13 @@ def assign_incremental(
         ids[pos] = prev[keys[pos]]
     new_pos = np.flatnonzero(~known)
     n_voted = 0
-    if len(new_pos) and known.any():
+    if len(new_pos) and known.any() and neighbours is not None:
+        votes = vote_identities(neighbours[0], neighbours[1], ids, threshold, min_votes)
+        for p, v in zip(new_pos.tolist(), votes.tolist()):
+            if v is not None:
+                ids[p] = v
+                n_voted += 1
+    elif len(new_pos) and known.any():
         db_pos = np.flatnonzero(known)
         I, S = search_index(
             np.ascontiguousarray(embeddings[db_pos]), np.ascontiguousarray(embeddings[new_pos]), k
