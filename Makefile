@@ -56,7 +56,7 @@ forget: $(STAMP)
 # a longer, randomised soak of the input fuzzers (CI runs a fixed ~40 s set in `make test`)
 FUZZ_EXAMPLES ?= 3000
 fuzz: $(STAMP)
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=0 --hypothesis-show-statistics tests/test_fuzz_inputs.py
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RANDOM=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=0 --hypothesis-show-statistics tests/test_fuzz_inputs.py tests/test_fuzz_social.py
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -55,12 +55,13 @@ def test_events_reconcile_fails_when_an_event_silently_disappears(log, tmp_path,
     original = build_mod.register_events
 
     def lose_one_row(con, *args, **kwargs):
-        original(con, *args, **kwargs)
+        n = original(con, *args, **kwargs)
         con.execute("ALTER VIEW events_src RENAME TO events_src_all")
         con.execute(
             "CREATE TEMP VIEW events_src AS SELECT * FROM events_src_all "
             "WHERE NOT (_row = 7 AND _file = (SELECT min(_file) FROM events_src_all))"
         )
+        return n
 
     monkeypatch.setattr(build_mod, "register_events", lose_one_row)
     r = build_social_pairs(log / "social", tmp_path / "lossy", CFG)  # the builder's own sums agree...

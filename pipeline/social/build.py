@@ -146,7 +146,8 @@ def build_social_pairs(
     con.register("images_ok", images.select(["image_id", "prompt_group", "creator_id", "created_at"]))
     con.register("images_rejected", pa.table({"image_id": pa.array(imgs.rejected_ids, pa.string())}))
     con.register("removed_users", pa.table({"user_hash": pa.array(sorted(removed_users), pa.string())}))
-    register_events(con, social_dir, event_files, cfg.stratum_column)
+    file_rejects = Rejects(STAGE, partition)  # unreadable event files and rows that do not parse
+    n_file_rejects = register_events(con, social_dir, event_files, cfg.stratum_column, file_rejects)
     con.execute("CREATE TEMP TABLE dup_rows AS " + load_sql("social_duplicate_events"))
     con.execute("CREATE TEMP VIEW ev_classified AS " + load_sql("social_events_classified"))
     lap("classify_events")
@@ -164,7 +165,7 @@ def build_social_pairs(
         },
         schema=REJECT_SCHEMA,
     )
-    all_rejects = pa.concat_tables([rejects.to_table(), ev_rej_table])
+    all_rejects = pa.concat_tables([rejects.to_table(), file_rejects.to_table(), ev_rej_table])
     raw = _q(con, load_sql("social_image_raw_counts"))  # also the accepted events per image
     n_accepted = int(pc.sum(raw.column("events_accepted")).as_py() or 0)
     n_read = con.sql("SELECT count(*) FROM events_src").fetchall()[0][0]
@@ -444,9 +445,9 @@ def build_social_pairs(
         "image_rows_in": imgs.rows_in,
         "images_accepted": n_img,
         "images_rejected": imgs.rows_in - n_img,
-        "events_in": int(n_accepted + ev_rejects.num_rows),
+        "events_in": int(n_accepted + ev_rejects.num_rows + n_file_rejects),
         "events_accepted": n_accepted,
-        "events_rejected": int(ev_rejects.num_rows),
+        "events_rejected": int(ev_rejects.num_rows + n_file_rejects),
         "events_self_excluded": int(n_self or 0) if cfg.exclude_self else 0,
         "events_bot_excluded": n_bot_events,
         "rejects_by_reason": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
@@ -483,7 +484,7 @@ def build_social_pairs(
         "users_with_pairs": users.num_rows,
         "baseline_pairs": None if base_table is None else base_table.num_rows,
     }
-    if stats["events_in"] != n_read:
+    if stats["events_in"] != n_read + n_file_rejects:
         raise RuntimeError(
             f"events lost inside the builder: {n_read} rows read, {n_accepted} accepted + "
             f"{ev_rejects.num_rows} rejected"

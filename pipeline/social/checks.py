@@ -41,13 +41,20 @@ class CheckOutcome:
 
 
 def count_rows(path: Path) -> int:
-    """Data rows of one input file, read without DuckDB: a Parquet file's footer, a CSV file's
-    records by the csv module (header and blank lines not counted)."""
+    """Input rows of one file, read without DuckDB and without pyarrow's CSV reader: a Parquet file's
+    rows (all its pages read), a CSV file's records by the csv module (header and blank lines not
+    counted). A file that cannot be read at all counts as one input (the builder rejects it whole)."""
     path = Path(path)
     if path.suffix == ".parquet":
-        return pq.ParquetFile(path).metadata.num_rows
-    with open(path, newline="", encoding="utf-8") as f:
-        records = sum(1 for row in csv.reader(f) if row)
+        try:
+            return pq.read_table(path).num_rows
+        except Exception:  # noqa: BLE001 - unreadable: one reject for the whole file
+            return 1
+    try:
+        with open(path, newline="", encoding="utf-8", errors="strict") as f:
+            records = sum(1 for row in csv.reader(f) if row)
+    except (UnicodeDecodeError, csv.Error):
+        return 1
     return max(records - 1, 0)
 
 

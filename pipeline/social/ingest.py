@@ -60,16 +60,55 @@ def normalize_prompt(text: str | None) -> str:
     return _WS.sub(" ", _PUNCT.sub("", unicodedata.normalize("NFKC", str(text))).lower()).strip()
 
 
+@dataclass
+class LogTable:
+    """One log file read tolerantly: its rows, the rows that could not be parsed, or why the whole
+    file could not be read (then it counts as one input row, rejected)."""
+
+    table: pa.Table | None
+    bad_rows: list[tuple[int, str]]  # (row number, why) of rows skipped while parsing
+    error: str | None = None
+
+
+def read_log_table(path: Path, string_columns: tuple[str, ...] = ()) -> LogTable:
+    """A Parquet or CSV log file. CSV rows that do not parse (a wrong number of fields) are skipped
+    and listed; a file that cannot be read at all (not Parquet, invalid UTF-8, a bad footer or page)
+    is reported whole. Never raises for bad content."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            return LogTable(pq.read_table(path), [])
+        import codecs
+
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        with open(path, "rb") as f:  # invalid UTF-8 would reach the row handler undecodable
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+        bad: list[tuple[int, str]] = []
+
+        def skip(row) -> str:
+            bad.append((int(row.number or 0), f"{row.actual_columns} fields, the header has {row.expected_columns}"))
+            return "skip"
+
+        t = pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(
+                strings_can_be_null=True, auto_dict_encode=False,
+                column_types={n: pa.string() for n in string_columns},
+            ),
+            read_options=pacsv.ReadOptions(autogenerate_column_names=False),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip),
+        )
+        return LogTable(t, bad)
+    except (pa.ArrowException, OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        return LogTable(None, [], f"{type(e).__name__}: {str(e)[:200]}")
+
+
 def _read_table(path: Path) -> pa.Table:
-    if path.suffix == ".parquet":
-        return pq.read_table(path)
-    return pacsv.read_csv(
-        path,
-        convert_options=pacsv.ConvertOptions(
-            strings_can_be_null=True, column_types=None, auto_dict_encode=False
-        ),
-        read_options=pacsv.ReadOptions(autogenerate_column_names=False),
-    )
+    """A log file's table, or an empty one when it cannot be read (see read_log_table)."""
+    got = read_log_table(path, IMAGE_COLUMNS)
+    return got.table if got.table is not None else pa.table({})
 
 
 def _col(t: pa.Table, name: str, n: int) -> list:
@@ -154,7 +193,15 @@ def load_images(
     rejected: list[str] = []
     rows_in = 0
     for f in image_files:
-        t = _read_table(f)
+        got = read_log_table(f, IMAGE_COLUMNS)
+        if got.table is None:
+            rows_in += 1
+            rejects.add(f.name, "unreadable log file", got.error or "")
+            continue
+        for number, why in got.bad_rows:
+            rows_in += 1
+            rejects.add(f"{f.name}:line{number}", "malformed row", why)
+        t = got.table
         n = t.num_rows
         rows_in += n
         cols = {c: _col(t, c, n) for c in IMAGE_COLUMNS}
@@ -239,15 +286,38 @@ def load_images(
 
 
 def register_events(
-    con: duckdb.DuckDBPyConnection, social_dir: Path, event_files: list[Path], stratum_column: str | None
-) -> None:
+    con: duckdb.DuckDBPyConnection, social_dir: Path, event_files: list[Path], stratum_column: str | None,
+    rejects: Rejects | None = None,
+) -> int:
     """Create the view events_src(_file, _row, ts, ts_raw, user_id, image_id, event, event_id, stratum)
     over all event files. Parquet is scanned lazily by DuckDB (file name + file_row_number give the
     row's source); CSV files are read with pyarrow as text (for exact row numbers) and registered.
-    Paths enter the SQL as quoted literals (see _sql_str), nothing else is templated."""
+    Paths enter the SQL as quoted literals (see _sql_str), nothing else is templated.
+
+    A file that cannot be read at all, and CSV rows that do not parse, go to ``rejects`` ("unreadable
+    log file", one row per file; "malformed row") and stay out of the view; returns how many rejects
+    that made."""
     parts = []
-    pq_files = [f for f in event_files if f.suffix == ".parquet"]
-    csv_files = [f for f in event_files if f.suffix == ".csv"]
+    n_rejected = 0
+    readable = []
+    csv_tables = {}
+    for f in event_files:
+        string_cols = tuple(n for n in (*EVENT_COLUMNS, stratum_column or "") if n)
+        got = read_log_table(f, string_cols)
+        if got.table is None:
+            n_rejected += 1
+            if rejects is not None:
+                rejects.add(f.name, "unreadable log file", got.error or "")
+            continue
+        for number, why in got.bad_rows:
+            n_rejected += 1
+            if rejects is not None:
+                rejects.add(f"{f.name}:line{number}", "malformed row", why)
+        readable.append(f)
+        if f.suffix == ".csv":
+            csv_tables[f] = got.table
+    pq_files = [f for f in readable if f.suffix == ".parquet"]
+    csv_files = [f for f in readable if f.suffix == ".csv"]
 
     def select(src: str, cols: set[str], file_expr: str, row_expr: str, ts_is_text: bool) -> str:
         def c(name):
@@ -282,13 +352,7 @@ def register_events(
         src = f"read_parquet([{files}], filename = true, file_row_number = true, union_by_name = true)"
         parts.append(select(src, cols, "parse_filename(filename)", "file_row_number", ts_is_text))
     for j, f in enumerate(csv_files):
-        t = pacsv.read_csv(
-            f,
-            convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in (*EVENT_COLUMNS, stratum_column or "") if n},
-                strings_can_be_null=True,
-            ),
-        )
+        t = csv_tables[f]
         t = t.append_column("_csv_row", pa.array(np.arange(t.num_rows, dtype=np.int64)))
         name = f"_events_csv_{j}"
         con.register(name, t)
@@ -300,5 +364,6 @@ def register_events(
             "CAST(NULL AS VARCHAR) image_id, CAST(NULL AS VARCHAR) event, CAST(NULL AS VARCHAR) event_id, "
             "'' AS stratum WHERE false"
         )
-        return
+        return n_rejected
     con.execute("CREATE OR REPLACE TEMP VIEW events_src AS " + " UNION ALL ".join(f"({p})" for p in parts))
+    return n_rejected
