@@ -51,7 +51,7 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
     context.log.info(f"{key}: {imgs.num_rows} images, backend {backend!r}")
     res = run_face_partition(
         imgs, backend, key, lineup.limits, lineup.face_batch_size,
-        progress=lambda i, n: context.log.info(f"{key}: faces {i}/{n} images"),
+        progress=lambda i, n: context.log.info(f"{key}: faces {i}/{n} images"), workers=lineup.workers,
     )
     write_parquet_atomic(res.faces, layout.partition_file("faces", key))
     write_parquet_atomic(res.scan, layout.partition_file("face_scan", key))
@@ -73,6 +73,7 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "backend": backend.name,
             "model_version": backend.model_version,
             "seconds": round(res.seconds, 2),
+            "engine_workers": lineup.workers,
             "images_per_s": round(res.images_in / res.seconds, 2) if res.seconds else 0.0,
             "faces_per_s": round(n / res.seconds, 2) if res.seconds else 0.0,
             "median_det_score": float(np.median(det)) if n else 0.0,

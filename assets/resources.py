@@ -27,6 +27,12 @@ class LineupSettings(dg.ConfigurableResource):
     face_detector: str = ""  # dlib backend: hog | mtcnn; empty = the backend's default
     insightface_model_dir: str = ""  # a buffalo_l / antelopev2 folder of ONNX files
     face_batch_size: int = 8
+    # per-image stages: "inprocess" (default) or "ray" (Ray Data jobs; RAY_ADDRESS = an existing cluster);
+    # empty = $LINEUP_ENGINE, else inprocess
+    engine: str = ""
+    # in-process engine: worker processes for the face stage (0 = every core this process may use,
+    # or $LINEUP_ENGINE_WORKERS); 1 = no worker processes
+    engine_workers: int = 0
     # where the face models run: auto = CUDA when torch sees a GPU (dlib: the ported descriptor
     # there; insightface: onnxruntime-gpu, else the same ONNX files through PyTorch), else CPU
     face_device: str = "auto"
@@ -83,6 +89,18 @@ class LineupSettings(dg.ConfigurableResource):
         if os.environ.get("LINEUP_SOCIAL"):
             return Path(os.environ["LINEUP_SOCIAL"]).expanduser().resolve()
         return self.input_path / "social"
+
+    @property
+    def workers(self) -> int:
+        from pipeline.engine import resolve_workers
+
+        return resolve_workers(self.engine_workers)
+
+    @property
+    def engine_name(self) -> str:
+        from pipeline.engine import engine_name
+
+        return engine_name(self.engine)
 
     @property
     def limits(self) -> IngestLimits:

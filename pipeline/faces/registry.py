@@ -22,6 +22,13 @@ def get_backend(name: str, **options) -> FaceBackend:
     - ``"insightface"``: SCRFD + ArcFace ONNX from a local model pack; requires
       ``model_dir=`` (see :class:`pipeline.faces.insightface_backend.InsightFaceBackend`).
     """
+    backend = _build(name, **options)
+    # how to build the same backend again in a worker process (pipeline.engine)
+    backend.build_spec = ((name or "").strip().lower(), dict(options))
+    return backend
+
+
+def _build(name: str, **options) -> FaceBackend:
     key = (name or "").strip().lower()
     if key == "dlib":
         from .torch_stage import dlib_face_backend

@@ -8,7 +8,7 @@ faces each image has in ``face_scan``); ``face_checks`` are the faces table's da
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,44 +88,18 @@ def detect_faces(
     ``progress(images_done, faces_done)`` is called after each batch. An image the backend
     cannot read raises (decode errors belong to the ingest stage's rejects).
     """
-    dim = int(backend.embedding_dim)
-    cols: dict[str, list] = {k: [] for k in ("uid", "source", "face_index", "image_width", "image_height")}
-    boxes, lmks, embs, feats, scores = [], [], [], [], []
-    without: list[str] = []
-    n_images = 0
+    records: list[tuple] = []
+    n_faces = 0
     start = time.perf_counter()
     before = dict(getattr(backend, "timings", {}) or {})
 
     def flush(batch):
-        nonlocal n_images
-        results = backend.analyze([b[2] for b in batch])
-        for (uid, source, img), faces in zip(batch, results):
-            n_images += 1
-            if not faces:
-                without.append(uid)
-                continue
-            order = sorted(
-                range(len(faces)), key=lambda k: (float(faces[k].bbox[0]), float(faces[k].bbox[1]))
-            )
-            h, w = img.shape[:2]
-            for idx, k in enumerate(order):
-                f = faces[k]
-                cols["uid"].append(uid)
-                cols["source"].append(source)
-                cols["face_index"].append(idx)
-                cols["image_width"].append(w)
-                cols["image_height"].append(h)
-                boxes.append(f.bbox)
-                lmks.append(f.landmarks.reshape(10))
-                if f.embedding.shape[0] != dim:
-                    raise ValueError(
-                        f"backend {backend.name} returned a {f.embedding.shape[0]}-d embedding, expected {dim}"
-                    )
-                embs.append(f.embedding)
-                scores.append(f.det_score)
-                feats.append((f.face_width, f.face_height, f.blur, f.yaw, f.pitch, f.roll))
+        nonlocal n_faces
+        for (uid, source, img), faces in zip(batch, backend.analyze([b[2] for b in batch])):
+            records.append((uid, source, img.shape[0], img.shape[1], faces))
+            n_faces += len(faces)
         if progress is not None:
-            progress(n_images, len(boxes))
+            progress(len(records), n_faces)
 
     batch: list = []
     for item in items:
@@ -136,9 +110,51 @@ def detect_faces(
     if batch:
         flush(batch)
     total = time.perf_counter() - start
+    table = faces_table(records, backend)
+    timings = _stage_timings(records, table.num_rows, total)
+    timings.update(_timing_delta(before, getattr(backend, "timings", {})))
+    return table, [r[0] for r in records if not r[4]], timings
 
+
+def _timing_delta(before: dict, after: dict | None) -> dict[str, float]:
+    return {k: float(v) - float(before.get(k, 0.0)) for k, v in (after or {}).items() if isinstance(v, (int, float))}
+
+
+def _stage_timings(records: list, n_faces: int, total: float) -> dict:
+    n_images = len(records)
+    return {
+        "images": n_images,
+        "faces": n_faces,
+        "images_without_face": sum(1 for r in records if not r[4]),
+        "total_s": total,
+        "images_per_s": n_images / total if total > 0 else 0.0,
+        "faces_per_s": n_faces / total if total > 0 else 0.0,
+    }
+
+
+def faces_table(records: list[tuple], backend: FaceBackend) -> pa.Table:
+    """The faces table from ``(uid, source, height, width, [DetectedFace])`` records: faces numbered left
+    to right within each image, rows ordered by (uid, face_index)."""
+    dim = int(backend.embedding_dim)
+    cols: dict[str, list] = {k: [] for k in ("uid", "source", "face_index", "image_width", "image_height")}
+    boxes, lmks, embs, feats, scores = [], [], [], [], []
+    for uid, source, h, w, faces in records:
+        order = sorted(range(len(faces)), key=lambda k: (float(faces[k].bbox[0]), float(faces[k].bbox[1])))
+        for idx, k in enumerate(order):
+            f = faces[k]
+            if f.embedding.shape[0] != dim:
+                raise ValueError(f"backend {backend.name} returned a {f.embedding.shape[0]}-d embedding, expected {dim}")
+            cols["uid"].append(uid)
+            cols["source"].append(source)
+            cols["face_index"].append(idx)
+            cols["image_width"].append(w)
+            cols["image_height"].append(h)
+            boxes.append(f.bbox)
+            lmks.append(f.landmarks.reshape(10))
+            embs.append(f.embedding)
+            scores.append(f.det_score)
+            feats.append((f.face_width, f.face_height, f.blur, f.yaw, f.pitch, f.roll))
     n = len(boxes)
-    schema = faces_schema(dim)
     b = np.asarray(boxes, dtype=np.float32).reshape(n, 4)
     q = np.asarray(feats, dtype=np.float32).reshape(n, 6)
     arrays = [
@@ -163,22 +179,45 @@ def detect_faces(
         pa.array(cols["image_width"], pa.int32()),
         pa.array(cols["image_height"], pa.int32()),
     ]
-    table = pa.Table.from_arrays(arrays, schema=schema)
+    table = pa.Table.from_arrays(arrays, schema=faces_schema(dim))
     if n:
         table = table.sort_by([("uid", "ascending"), ("face_index", "ascending")])
-    after = dict(getattr(backend, "timings", {}) or {})
-    timings = {
-        "images": n_images,
-        "faces": n,
-        "images_without_face": len(without),
-        "total_s": total,
-        "images_per_s": n_images / total if total > 0 else 0.0,
-        "faces_per_s": n / total if total > 0 else 0.0,
-    }
-    for k, v in after.items():
-        if isinstance(v, (int, float)):
-            timings[k] = float(v) - float(before.get(k, 0.0))
-    return table, without, timings
+    return table
+
+
+def analyze_rows(backend: FaceBackend, chunk: tuple[list[dict], IngestLimits | None]):
+    """One chunk of image rows, decoded from their locators and analysed as one batch: the unit of work
+    of every engine (here, in a worker process, or in a Ray actor). Returns ``(records, rejects,
+    timings)``: records ``(uid, source, height, width, faces)`` in row order, rejects
+    ``(source, reason, detail, uid)`` of rows that no longer decode, and the backend's timings spent."""
+    rows, limits = chunk
+    before = dict(getattr(backend, "timings", {}) or {})
+    decoded, rejects = [], []
+    t0 = time.perf_counter()
+    for row in rows:
+        try:
+            decoded.append((row, load_image(row, limits).rgb))
+        except (DecodeError, OSError) as e:
+            rejects.append((row["source"], getattr(e, "reason", "unreadable file"), str(e), row["uid"]))
+    t1 = time.perf_counter()
+    results = backend.analyze([im for _, im in decoded]) if decoded else []
+    records = [(row["uid"], row["source"], im.shape[0], im.shape[1], faces) for (row, im), faces in zip(decoded, results)]
+    timings = _timing_delta(before, getattr(backend, "timings", {}))
+    timings["decode_s"] = timings.get("decode_s", 0.0) + (t1 - t0)
+    return records, rejects, timings
+
+
+def gpu_backend(backend) -> bool:
+    """Whether the backend runs its models on a GPU (then one process feeds it; no worker processes)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    for obj in (backend, getattr(backend, "_torch_descriptor", None), getattr(backend, "descriptor", None)):
+        dev = getattr(obj, "device", None)
+        if dev is not None and str(getattr(dev, "type", dev)).startswith("cuda"):
+            return True
+    return False
 
 
 @dataclass
@@ -209,23 +248,43 @@ def run_face_partition(
     limits: IngestLimits | None = None,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
+    chunk_runner: Callable | None = None,
 ) -> FacePartitionResult:
+    """The face stage over one partition's accepted images, in chunks of ``batch_size`` rows
+    (:func:`analyze_rows`). ``workers`` > 1 spreads the chunks over that many worker processes
+    (pipeline.engine; needs a backend built by ``get_backend``, which records how to rebuild it in a
+    worker, and not on a GPU); ``chunk_runner(chunks) -> results in order`` hands them to another
+    engine (Ray). Every way gives the same table: chunks are the same and come back in order."""
+    from pipeline.engine import map_chunks
+
     rejects = Rejects(stage="faces", partition=partition)
     rows = images.to_pylist()
     t0 = time.perf_counter()
-
-    def decoded() -> Iterator[tuple[str, str, np.ndarray]]:
-        for i, row in enumerate(rows):
-            if progress and i and i % 50 == 0:
-                progress(i, len(rows))
-            try:
-                img = load_image(row, limits)
-            except (DecodeError, OSError) as e:
-                rejects.add(row["source"], getattr(e, "reason", "unreadable file"), str(e), uid=row["uid"])
-                continue
-            yield row["uid"], row["source"], img.rgb
-
-    faces, _without, timings = detect_faces(decoded(), backend, batch_size=batch_size)
+    chunks = [(rows[i : i + batch_size], limits) for i in range(0, len(rows), max(1, batch_size))]
+    spec = getattr(backend, "build_spec", None)
+    if chunk_runner is not None:
+        results = chunk_runner(chunks)
+    else:
+        use_pool = workers > 1 and spec is not None and not gpu_backend(backend)
+        results = map_chunks(analyze_rows, chunks, local_model=backend, workers=workers if use_pool else 1,
+                             factory=_build_backend, factory_args=(spec[0],) if spec else (),
+                             factory_kwargs=spec[1] if spec else None)
+    records: list[tuple] = []
+    timings: dict[str, float] = {}
+    done = 0
+    for recs, rejected, t in results:
+        records += recs
+        for source, reason, detail, uid in rejected:
+            rejects.add(source, reason, detail, uid=uid)
+        for k, v in t.items():
+            timings[k] = timings.get(k, 0.0) + v
+        done += len(recs) + len(rejected)
+        if progress:
+            progress(done, len(rows))
+    faces = faces_table(records, backend)
+    total = time.perf_counter() - t0
+    timings = {**_stage_timings(records, faces.num_rows, total), **timings}
     rejected = {r["uid"] for r in rejects.rows}
     counts: dict[str, int] = {}
     for uid in faces.column("uid").to_pylist():
@@ -238,7 +297,13 @@ def run_face_partition(
         ],
         schema=FACE_SCAN_SCHEMA,
     )
-    return FacePartitionResult(faces, scan, rejects, len(rows), time.perf_counter() - t0, dict(timings or {}))
+    return FacePartitionResult(faces, scan, rejects, len(rows), total, timings)
+
+
+def _build_backend(name: str, **options):
+    from .registry import get_backend
+
+    return get_backend(name, **options)
 
 
 def face_checks(faces: pa.Table, images: pa.Table) -> dict[str, tuple[bool, str]]:

@@ -1,0 +1,125 @@
+"""How the per-image stages are scheduled: the in-process engine's worker processes, and the engine choice.
+
+The stages themselves (pipeline/faces/stage.py, ingest.py, ...) are plain functions over chunks of
+rows; this module only decides where a chunk runs. Two engines run the same functions:
+
+- ``inprocess`` (default): the asset's own process, plus ``workers`` spawned worker processes that
+  each build the stage's model once and then take chunks (decode + inference in the worker, so every
+  core decodes and infers). Results come back in input order, so the output equals the serial
+  path's (tests/test_engine.py).
+- ``ray`` (``LINEUP_ENGINE=ray``): Ray Data jobs, see :mod:`pipeline.ray_engine`.
+
+Worker pools are kept for the life of the process (one per model configuration), so a run over many
+partitions pays the start-up (interpreter, torch, model weights: a few seconds) once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+ENGINES = ("inprocess", "ray")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_workers(requested: int | None) -> int:
+    """0 or None = every available core; otherwise the number asked for (at least 1)."""
+    if not requested:
+        env = os.environ.get("LINEUP_ENGINE_WORKERS", "").strip()
+        requested = int(env) if env else 0
+    return available_cores() if requested <= 0 else int(requested)
+
+
+def engine_name(value: str | None = None) -> str:
+    """The engine to run per-image stages on: ``value``, else $LINEUP_ENGINE, else ``inprocess``."""
+    name = (value or os.environ.get("LINEUP_ENGINE") or "inprocess").strip().lower()
+    if name in ("", "local", "in-process", "inprocess"):
+        return "inprocess"
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)} (LINEUP_ENGINE)")
+    return name
+
+
+# --------------------------------------------------------------------------------- worker processes
+
+_WORKER_MODEL = None
+_POOLS: dict[tuple, ProcessPoolExecutor] = {}
+
+
+def _init_worker(factory: Callable, args: tuple, kwargs: dict) -> None:
+    """Build the stage's model once per worker. One intra-op thread each: the workers are the parallelism
+    (two torch threads per process on two cores were slower than one, see README)."""
+    global _WORKER_MODEL
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    _WORKER_MODEL = factory(*args, **kwargs)
+
+
+def _run_chunk(fn: Callable, chunk):
+    return fn(_WORKER_MODEL, chunk)
+
+
+def _pool(factory: Callable, args: tuple, kwargs: dict, workers: int) -> ProcessPoolExecutor:
+    key = (factory.__module__, factory.__qualname__, args, tuple(sorted(kwargs.items())), workers)
+    pool = _POOLS.get(key)
+    if pool is None:
+        # spawn, not fork: the parent may hold torch/OpenMP threads and open DuckDB handles
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(factory, args, kwargs))
+        _POOLS[key] = pool
+    return pool
+
+
+def shutdown_pools() -> None:
+    for pool in _POOLS.values():
+        pool.shutdown(wait=False, cancel_futures=True)
+    _POOLS.clear()
+
+
+atexit.register(shutdown_pools)
+
+
+def map_chunks(
+    fn: Callable,
+    chunks: Iterable,
+    *,
+    local_model=None,
+    workers: int = 1,
+    factory: Callable | None = None,
+    factory_args: tuple = (),
+    factory_kwargs: dict | None = None,
+) -> Iterator:
+    """``fn(model, chunk)`` for every chunk, results in chunk order.
+
+    With ``workers`` <= 1 (or no ``factory`` to build the model in a worker, or a single chunk) every
+    chunk runs here on ``local_model``. Otherwise the chunks go to ``workers`` spawned processes, each
+    holding ``factory(*factory_args, **factory_kwargs)``; ``fn`` and the chunks must pickle."""
+    chunks = list(chunks)
+    if workers <= 1 or factory is None or len(chunks) < 2:
+        for c in chunks:
+            yield fn(local_model, c)
+        return
+    pool = _pool(factory, tuple(factory_args), dict(factory_kwargs or {}), workers)
+    try:
+        futures = [pool.submit(_run_chunk, fn, c) for c in chunks]
+        for f in futures:
+            yield f.result()
+    except BrokenProcessPool as e:
+        shutdown_pools()  # a dead worker (killed, out of memory) breaks the pool: the next call starts afresh
+        raise RuntimeError(f"an engine worker process died ({e}); rerun, or set engine_workers=1") from e
