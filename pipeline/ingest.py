@@ -60,17 +60,53 @@ class IngestResult:
         return self.inputs == self.accepted + len(self.rejects)
 
 
+INGEST_CHUNK = 32  # records per unit of work handed to a worker process or a Ray task
+
+
+def inspect_records(_model, chunk: tuple[list, IngestLimits]) -> list[dict]:
+    """Read, hash and decode-check each record of a chunk on its own (no state shared between records):
+    the part of ingestion every engine spreads over cores. :func:`ingest_partition` decides, in input
+    order, what each outcome means (removed, duplicate, reject, accepted)."""
+    records, limits = chunk
+    out = []
+    for rec in records:
+        if rec.reject_reason:
+            out.append({})
+            continue
+        try:
+            data = rec.read()
+        except (OSError, ValueError) as e:
+            out.append({"read_error": str(e)})
+            continue
+        res: dict = {"uid": content_uid(data)}
+        try:
+            img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side)
+            res["image"] = (img.width, img.height, img.format, img.original_mode, img.orientation_applied,
+                            img.orientation_note)
+        except DecodeError as e:
+            res["decode_error"] = (e.reason, e.detail)
+        out.append(res)
+    return out
+
+
 def ingest_partition(
     spec: PartitionSpec,
     limits: IngestLimits | None = None,
     progress: Callable[[int], None] | None = None,
     removed: set[str] | None = None,
+    workers: int = 1,
+    chunk_runner: Callable | None = None,
 ) -> IngestResult:
     """Read, hash and decode-check one partition on its own. The same bytes twice in this partition:
     the second is a "duplicate image" reject. The same bytes in another partition are not looked up
     here (that would depend on which partition finished first): the collection decides who owns an
     image (sql/image_copies.sql) and reports the other copies as duplicates. Bytes in ``removed``
-    (pipeline.removals) are rejected as "removed on request"."""
+    (pipeline.removals) are rejected as "removed on request".
+
+    The per-record work (:func:`inspect_records`) runs in chunks: here, on ``workers`` worker processes,
+    or through ``chunk_runner(chunks) -> results in order`` (Ray); the outcome is the same either way."""
+    from pipeline.engine import map_chunks
+
     limits = limits or IngestLimits()
     rejects = Rejects(stage="ingest", partition=spec.key)
     rows: list[dict] = []
@@ -78,19 +114,24 @@ def ingest_partition(
     inputs = duplicates = 0
     orientation_notes: dict[str, str] = {}  # accepted images whose EXIF orientation had to be guessed
     t0 = time.perf_counter()
-    for rec in iter_partition(spec, max_member_bytes=limits.max_bytes, manifest_roots=limits.manifest_roots):
+    records = list(iter_partition(spec, max_member_bytes=limits.max_bytes, manifest_roots=limits.manifest_roots))
+    chunks = [(records[i : i + INGEST_CHUNK], limits) for i in range(0, len(records), INGEST_CHUNK)]
+    if chunk_runner is not None:
+        results = chunk_runner(chunks)
+    else:
+        results = map_chunks(inspect_records, chunks, workers=workers, factory=_no_model)
+    inspected = (res for chunk_results in results for res in chunk_results)
+    for rec, res in zip(records, inspected):
         inputs += 1
         if progress and inputs % 100 == 0:
             progress(inputs)
         if rec.reject_reason:
             rejects.add(rec.source, rec.reject_reason, rec.reject_detail)
             continue
-        try:
-            data = rec.read()
-        except (OSError, ValueError) as e:
-            rejects.add(rec.source, "unreadable file", str(e))
+        if "read_error" in res:
+            rejects.add(rec.source, "unreadable file", res["read_error"])
             continue
-        uid = content_uid(data)
+        uid = res["uid"]
         if removed and uid in removed:
             rejects.add(rec.source, "removed on request", "these bytes were removed by a removal request")
             continue
@@ -98,14 +139,13 @@ def ingest_partition(
             duplicates += 1
             rejects.add(rec.source, "duplicate image", f"same bytes as {seen[uid]}", uid=uid)
             continue
-        try:
-            img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side)
-        except DecodeError as e:
-            rejects.add(rec.source, e.reason, e.detail, uid=uid)
+        if "decode_error" in res:
+            rejects.add(rec.source, *res["decode_error"], uid=uid)
             continue
+        width, height, fmt, mode, rotated, orientation_note = res["image"]
         seen[uid] = rec.source
-        if img.orientation_note:
-            orientation_notes[rec.source] = img.orientation_note
+        if orientation_note:
+            orientation_notes[rec.source] = orientation_note
         rows.append(
             {
                 "uid": uid,
@@ -114,15 +154,17 @@ def ingest_partition(
                 "path": rec.path,
                 "offset": rec.offset,
                 "length": rec.length,
-                "width": img.width,
-                "height": img.height,
-                "format": img.format,
-                "original_mode": img.original_mode,
-                "exif_rotated": img.orientation_applied,
+                "width": width,
+                "height": height,
+                "format": fmt,
+                "original_mode": mode,
+                "exif_rotated": rotated,
                 "caption": rec.meta.get("caption"),
                 "url": rec.meta.get("url"),
             }
         )
+    if inputs != len(records):
+        raise RuntimeError(f"{spec.key}: {inputs} inspection results for {len(records)} inputs")
     table = pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
     seconds = time.perf_counter() - t0
     return IngestResult(
@@ -137,6 +179,24 @@ def ingest_partition(
             "orientation_notes": dict(list(orientation_notes.items())[:50]),  # the first ones, to look at
         },
     )
+
+
+def _no_model():
+    return None
+
+
+def ray_ingest_runner(tasks: int):
+    """A ``chunk_runner`` for :func:`ingest_partition` on Ray: every chunk read, hashed and decode-checked
+    in a Ray task (no model, so no actors). The job's stats land in ``runner.stats``."""
+    from pipeline.ray_engine import run_chunks
+
+    def runner(chunks):
+        results, runner.stats = run_chunks("ingest", chunks, decode=None, analyze=inspect_records, factory=None,
+                                           actors=tasks, items_of=lambda c: len(c[0]))
+        return results
+
+    runner.stats = None
+    return runner
 
 
 def load_image(row: dict, limits: IngestLimits | None = None):

@@ -275,3 +275,78 @@ def describe_images(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return DescribeResult(table, rej, stats)
+
+
+# ------------------------------------------------------------------------------ one partition, any engine
+
+EXPRESSION_CHUNK = 16  # images per unit of work (a worker's or a Ray actor's batch)
+
+
+class ExpressionStage:
+    """What describing needs, built once per process or actor: the FER model and the 68-point landmarker."""
+
+    def __init__(self, config: ExpressionConfig):
+        from pipeline.expression.landmarks import DlibLandmarks
+
+        self.config = config
+        self.model = FerExpressionModel(config)
+        self.landmarker = DlibLandmarks(upsample=config.upsample)
+
+
+def decode_expression_chunk(chunk):
+    """The decoding half of a chunk: ``(uid, rgb)`` of each row that still decodes, plus the boxes."""
+    from pipeline.ingest import decoded_images
+
+    rows, limits, boxes = chunk
+    return list(decoded_images(pa.Table.from_pylist(rows), limits)), boxes
+
+
+def describe_decoded(stage: ExpressionStage, decoded_chunk) -> DescribeResult:
+    images, boxes = decoded_chunk
+    return describe_images(images, stage.model, stage.config, boxes=boxes, landmarker=stage.landmarker)
+
+
+def describe_chunk(stage: ExpressionStage, chunk) -> DescribeResult:
+    return describe_decoded(stage, decode_expression_chunk(chunk))
+
+
+def describe_partition(
+    images: pa.Table,
+    faces: pa.Table,
+    stage: ExpressionStage,
+    limits=None,
+    chunk_size: int = EXPRESSION_CHUNK,
+    chunk_runner=None,
+) -> DescribeResult:
+    """Every face of one partition described, in chunks of ``chunk_size`` images (the images that have
+    faces, with the face stage's boxes, so face_index matches the faces table). ``chunk_runner(chunks)
+    -> [DescribeResult] in order`` hands the chunks to another engine (Ray); the tables are the same."""
+    t0 = time.perf_counter()
+    boxes = boxes_from_faces(faces)
+    rows = [r for r in images.to_pylist() if r["uid"] in boxes]
+    chunks = [
+        (part, limits, {r["uid"]: boxes[r["uid"]] for r in part})
+        for part in (rows[i : i + chunk_size] for i in range(0, len(rows), max(1, chunk_size)))
+    ]
+    results = chunk_runner(chunks) if chunk_runner is not None else [describe_chunk(stage, c) for c in chunks]
+    if not results:
+        return describe_images([], stage.model, stage.config, boxes={}, landmarker=stage.landmarker)
+    stats = {k: sum(r.stats.get(k, 0) for r in results) for k in ("images", "faces", "rejects")}
+    stats["seconds"] = round(time.perf_counter() - t0, 3)
+    return DescribeResult(pa.concat_tables([r.descriptors for r in results]),
+                          pa.concat_tables([r.rejects for r in results]), stats)
+
+
+def ray_expression_runner(config: ExpressionConfig, actors: int, gpus_per_actor: float | None = None):
+    """A ``chunk_runner`` for :func:`describe_partition` on Ray: decoding in tasks, the FER model and the
+    landmarker once per actor. The job's stats land in ``runner.stats``."""
+    from pipeline.ray_engine import run_chunks
+
+    def runner(chunks):
+        results, runner.stats = run_chunks(
+            "expressions", chunks, decode=decode_expression_chunk, analyze=describe_decoded, factory=ExpressionStage,
+            factory_args=(config,), actors=actors, gpus_per_actor=gpus_per_actor, items_of=lambda c: len(c[0]))
+        return results
+
+    runner.stats = None
+    return runner

@@ -187,11 +187,16 @@ def faces_table(records: list[tuple], backend: FaceBackend) -> pa.Table:
 
 def analyze_rows(backend: FaceBackend, chunk: tuple[list[dict], IngestLimits | None]):
     """One chunk of image rows, decoded from their locators and analysed as one batch: the unit of work
-    of every engine (here, in a worker process, or in a Ray actor). Returns ``(records, rejects,
-    timings)``: records ``(uid, source, height, width, faces)`` in row order, rejects
-    ``(source, reason, detail, uid)`` of rows that no longer decode, and the backend's timings spent."""
+    of every engine (here, in a worker process, or split in two on Ray: :func:`decode_rows` in a task,
+    :func:`analyze_decoded` in a model actor). Returns ``(records, rejects, timings)``: records
+    ``(uid, source, height, width, faces)`` in row order, rejects ``(source, reason, detail, uid)`` of
+    rows that no longer decode, and the seconds spent (decoding and the backend's own timings)."""
+    return analyze_decoded(backend, decode_rows(chunk))
+
+
+def decode_rows(chunk: tuple[list[dict], IngestLimits | None]):
+    """The decoding half of :func:`analyze_rows`: ``(decoded [(row, rgb)], rejects, decode seconds)``."""
     rows, limits = chunk
-    before = dict(getattr(backend, "timings", {}) or {})
     decoded, rejects = [], []
     t0 = time.perf_counter()
     for row in rows:
@@ -199,12 +204,38 @@ def analyze_rows(backend: FaceBackend, chunk: tuple[list[dict], IngestLimits | N
             decoded.append((row, load_image(row, limits).rgb))
         except (DecodeError, OSError) as e:
             rejects.append((row["source"], getattr(e, "reason", "unreadable file"), str(e), row["uid"]))
-    t1 = time.perf_counter()
+    return decoded, rejects, time.perf_counter() - t0
+
+
+def analyze_decoded(backend: FaceBackend, decoded_chunk):
+    """The model half of :func:`analyze_rows`: one backend batch over a decoded chunk."""
+    decoded, rejects, decode_s = decoded_chunk
+    before = dict(getattr(backend, "timings", {}) or {})
     results = backend.analyze([im for _, im in decoded]) if decoded else []
     records = [(row["uid"], row["source"], im.shape[0], im.shape[1], faces) for (row, im), faces in zip(decoded, results)]
     timings = _timing_delta(before, getattr(backend, "timings", {}))
-    timings["decode_s"] = timings.get("decode_s", 0.0) + (t1 - t0)
+    timings["decode_s"] = timings.get("decode_s", 0.0) + decode_s
     return records, rejects, timings
+
+
+def ray_chunk_runner(backend, actors: int, gpus_per_actor: float | None = None):
+    """A ``chunk_runner`` for :func:`run_face_partition` that runs the chunks as a Ray Data job: decoding
+    in tasks, ``backend``'s configuration rebuilt once per actor. The job's stats land in ``runner.stats``."""
+    from pipeline.ray_engine import run_chunks
+
+    spec = getattr(backend, "build_spec", None)
+    if spec is None:
+        raise ValueError("the Ray engine rebuilds the face backend in its actors: build it with get_backend()")
+
+    def runner(chunks):
+        results, runner.stats = run_chunks(
+            "faces", chunks, decode=decode_rows, analyze=analyze_decoded, factory=_build_backend,
+            factory_args=(spec[0],), factory_kwargs=spec[1], actors=actors, gpus_per_actor=gpus_per_actor,
+            items_of=lambda c: len(c[0]))
+        return results
+
+    runner.stats = None
+    return runner
 
 
 def gpu_backend(backend) -> bool:

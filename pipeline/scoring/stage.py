@@ -115,12 +115,17 @@ def scorer_fingerprint(config: ScoringConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def score_images(images: Iterable[tuple[str, np.ndarray, str | None]], config: ScoringConfig):
-    """Image-level scores only (one row per uid, IMAGE_SCORES_SCHEMA) and the report."""
-    cfg = ScoringConfig(clip=config.clip, aesthetic=config.aesthetic, social_reward=config.social_reward,
-                        enabled=tuple(e for e in config.enabled if e in ("clip", "aesthetic", "social_reward")),
-                        chunk=config.chunk)
-    table, report = score_candidates(images, None, cfg)
+def _image_config(config: ScoringConfig) -> ScoringConfig:
+    return ScoringConfig(clip=config.clip, aesthetic=config.aesthetic, social_reward=config.social_reward,
+                         enabled=tuple(e for e in config.enabled if e in ("clip", "aesthetic", "social_reward")),
+                         chunk=config.chunk)
+
+
+def score_images(images: Iterable[tuple[str, np.ndarray, str | None]], config: ScoringConfig, scorers: dict | None = None):
+    """Image-level scores only (one row per uid, IMAGE_SCORES_SCHEMA) and the report. ``scorers``: loaded
+    once by :func:`load_scorers` (on ``_image_config(config)``) for callers that score many chunks."""
+    cfg = _image_config(config)
+    table, report = score_candidates(images, None, cfg, scorers=scorers)
     fp = scorer_fingerprint(config)
     out = pa.table({"uid": table.column("uid"), **{c: table.column(c) for c in IMAGE_SCORE_COLUMNS},
                     "scorer_fingerprint": pa.array([fp] * table.num_rows, pa.string())}, schema=IMAGE_SCORES_SCHEMA)
@@ -139,21 +144,15 @@ def _load(name, fn, available, unavailable, timings):
     return obj
 
 
-def score_candidates(
-    images: Iterable[tuple[str, np.ndarray, str | None]],
-    faces: pa.Table | None = None,
-    config: ScoringConfig = ScoringConfig(),
-    image_scores: pa.Table | None = None,
-):
+def load_scorers(config: ScoringConfig, image_scores_given: bool = False) -> dict:
+    """The configured scorers, loaded once: {"clip", "aesthetic", "social", "available", "unavailable",
+    "timings"}. With ``image_scores_given`` no image-level scorer loads (their scores exist already)."""
     available: list[str] = []
     unavailable: dict[str, str] = {}
     timings: dict[str, float] = {}
     en = set(config.enabled)
-    if image_scores is not None:  # image-level scores computed before (score_images): no image scorer loads
+    if image_scores_given:
         en -= {"clip", "aesthetic", "social_reward"}
-        for c in IMAGE_SCORE_COLUMNS:
-            if image_scores.num_rows and image_scores.column(c).null_count < image_scores.num_rows:
-                available.append("clip" if c == "clip_score" else c)
     clip = (
         _load("clip", lambda: ClipEncoder(config.clip), available, unavailable, timings)
         if "clip" in en
@@ -180,6 +179,28 @@ def score_candidates(
         aesthetic = None
         if social is not None and social.needs_clip:
             social = None
+    return {"clip": clip, "aesthetic": aesthetic, "social": social, "available": available,
+            "unavailable": unavailable, "timings": timings}
+
+
+def score_candidates(
+    images: Iterable[tuple[str, np.ndarray, str | None]],
+    faces: pa.Table | None = None,
+    config: ScoringConfig = ScoringConfig(),
+    image_scores: pa.Table | None = None,
+    scorers: dict | None = None,
+):
+    """``scorers``: what :func:`load_scorers` returned, to score many chunks without reloading."""
+    loaded = scorers if scorers is not None else load_scorers(config, image_scores is not None)
+    clip, aesthetic, social = loaded["clip"], loaded["aesthetic"], loaded["social"]
+    available = list(loaded["available"])
+    unavailable = dict(loaded["unavailable"])
+    timings = dict(loaded["timings"])
+    en = set(config.enabled)
+    if image_scores is not None:  # image-level scores computed before (score_images): no image scorer loads
+        for c in IMAGE_SCORE_COLUMNS:
+            if image_scores.num_rows and image_scores.column(c).null_count < image_scores.num_rows:
+                available.append("clip" if c == "clip_score" else c)
 
     img_rows: dict[str, dict] = {}
     order: list[str] = []
@@ -330,3 +351,60 @@ def rank_candidates(
     t = t.filter(pa.array(keep))
     t = t.sort_by([("combined_score", "descending"), ("uid", "ascending"), ("face_index", "ascending")])
     return t.slice(0, top_k) if top_k is not None else t
+
+
+# ------------------------------------------------------------------------------ one partition, any engine
+
+
+class ImageScorerStage:
+    """The image-level scorers, loaded once per process or Ray actor."""
+
+    def __init__(self, config: ScoringConfig):
+        self.config = config
+        self.scorers = load_scorers(_image_config(config))
+
+
+def decode_score_chunk(chunk):
+    """The decoding half of a chunk: ``(uid, rgb, caption)`` of each row that still decodes."""
+    from pipeline.ingest import decoded_images
+
+    rows, limits = chunk
+    captions = {r["uid"]: r.get("caption") for r in rows}
+    return [(uid, rgb, captions.get(uid)) for uid, rgb in decoded_images(pa.Table.from_pylist(rows), limits)]
+
+
+def score_decoded(stage: ImageScorerStage, items):
+    return score_images(items, stage.config, scorers=stage.scorers)
+
+
+def score_partition(images: pa.Table, stage: ImageScorerStage, limits=None, chunk_runner=None):
+    """Image-level scores of one partition's images in chunks of ``config.chunk`` (the same chunks the
+    in-process scorer batches); ``chunk_runner(chunks) -> [(table, report)] in order`` hands them to
+    another engine (Ray). Returns ``(table, report)`` as :func:`score_images`."""
+    rows = images.to_pylist()
+    size = max(1, stage.config.chunk)
+    chunks = [(rows[i : i + size], limits) for i in range(0, len(rows), size)]
+    if chunk_runner is None:
+        results = [score_decoded(stage, decode_score_chunk(c)) for c in chunks]
+    else:
+        results = chunk_runner(chunks)
+    if not results:
+        return score_decoded(stage, [])
+    tables = [t for t, _ in results]
+    report = dict(results[-1][1])
+    report["images"] = sum(r.get("images", 0) for _, r in results)
+    return pa.concat_tables(tables), report
+
+
+def ray_score_runner(config: ScoringConfig, actors: int, gpus_per_actor: float | None = None):
+    """A ``chunk_runner`` for :func:`score_partition` on Ray: decoding in tasks, the scorers once per actor."""
+    from pipeline.ray_engine import run_chunks
+
+    def runner(chunks):
+        results, runner.stats = run_chunks(
+            "scores", chunks, decode=decode_score_chunk, analyze=score_decoded, factory=ImageScorerStage,
+            factory_args=(config,), actors=actors, gpus_per_actor=gpus_per_actor, items_of=lambda c: len(c[0]))
+        return results
+
+    runner.stats = None
+    return runner

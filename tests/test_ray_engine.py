@@ -1,0 +1,174 @@
+"""The Ray engine writes what the in-process engine writes: each per-image stage on the same input, both
+ways, tables compared for equality. Skipped without Ray (pip install -e '.[ray]')."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+pytest.importorskip("ray")
+
+from pipeline.ingest import ingest_partition, ray_ingest_runner  # noqa: E402
+from pipeline.ray_engine import RayStageError, run_chunks  # noqa: E402
+from pipeline.sources import PartitionSpec  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from pipeline.ray_engine import ensure_ray
+
+    yield ensure_ray()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def faces_images(shared_faces):
+    ids = sorted((shared_faces / "identities").rglob("*.jpg"))[:7]
+    groups = sorted((shared_faces / "groups").glob("*.jpg"))[:3]
+    members = tuple(str(p.relative_to(shared_faces)) for p in [*ids, *groups])
+    res = ingest_partition(PartitionSpec(key="t", kind="files", root=str(shared_faces), members=members))
+    assert res.accepted == len(members)
+    return res.images
+
+
+def _jpeg(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_ingest_same_on_ray(tmp_path: Path, ray_local):
+    names = []
+    for i in range(70):  # three chunks of 32
+        (tmp_path / f"img{i:03d}.jpg").write_bytes(_jpeg(i % 60))  # ten byte-identical copies
+        names.append(f"img{i:03d}.jpg")
+    (tmp_path / "broken.jpg").write_bytes(_jpeg(1)[:300])
+    (tmp_path / "notes.bin").write_bytes(b"x")
+    spec = PartitionSpec(key="p", kind="files", root=str(tmp_path), members=(*names, "broken.jpg", "notes.bin"))
+    local = ingest_partition(spec)
+    runner = ray_ingest_runner(tasks=2)
+    on_ray = ingest_partition(spec, chunk_runner=runner)
+    assert local.images.num_rows == 60 and local.duplicates == 10
+    assert on_ray.images.equals(local.images)
+    assert on_ray.rejects.rows == local.rejects.rows
+    assert runner.stats.decode_tasks == 3 and runner.stats.failures == []
+
+
+def test_faces_same_on_ray(faces_images, ray_local):
+    from pipeline.faces import get_backend
+    from pipeline.faces.stage import ray_chunk_runner, run_face_partition
+
+    backend = get_backend("dlib", device="cpu")
+    local = run_face_partition(faces_images, backend, "t", batch_size=4)
+    runner = ray_chunk_runner(backend, actors=2)
+    on_ray = run_face_partition(faces_images, backend, "t", batch_size=4, chunk_runner=runner)
+    assert local.faces.num_rows >= 10
+    assert on_ray.faces.equals(local.faces)
+    assert on_ray.scan.equals(local.scan)
+    meta = runner.stats.metadata()
+    assert meta["ray_actors"] == 2 and meta["ray_decode_tasks"] == 3 and meta["ray_failures"] == 0
+
+
+def test_expressions_same_on_ray(faces_images, ray_local):
+    from pipeline.expression.descriptor import ExpressionConfig, ExpressionStage, describe_partition, ray_expression_runner
+    from pipeline.faces import get_backend
+    from pipeline.faces.stage import run_face_partition
+
+    faces = run_face_partition(faces_images, get_backend("dlib", device="cpu"), "t").faces
+    cfg = ExpressionConfig(device="cpu")
+    stage = ExpressionStage(cfg)
+    local = describe_partition(faces_images, faces, stage, chunk_size=4)
+    on_ray = describe_partition(faces_images, faces, stage, chunk_size=4, chunk_runner=ray_expression_runner(cfg, 2))
+    assert local.descriptors.num_rows == faces.num_rows
+    assert on_ray.descriptors.equals(local.descriptors)
+    assert on_ray.rejects.equals(local.rejects)
+
+
+def test_scores_same_on_ray(faces_images, ray_local, tmp_path):
+    import json
+
+    import open_clip
+    import torch
+
+    from pipeline.scoring.clip import ClipConfig
+    from pipeline.scoring.stage import ImageScorerStage, ScoringConfig, ray_score_runner, score_partition
+
+    cfg_file = tmp_path / "lineup-tiny-clip-ray.json"
+    cfg_file.write_text(json.dumps({
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }))
+    open_clip.add_model_config(cfg_file)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("lineup-tiny-clip-ray", pretrained=None).state_dict(), tmp_path / "clip.pt")
+    rows = faces_images.to_pylist()
+    for i, r in enumerate(rows):
+        r["caption"] = f"a photo number {i}" if i % 3 else None
+    images = pa.Table.from_pylist(rows, schema=faces_images.schema)
+    cfg = ScoringConfig(clip=ClipConfig(model_name="lineup-tiny-clip-ray", pretrained=str(tmp_path / "clip.pt"),
+                                        model_config=str(cfg_file), device="cpu", batch_size=2), chunk=4)
+    stage = ImageScorerStage(cfg)
+    local, report = score_partition(images, stage)
+    on_ray, _ = score_partition(images, stage, chunk_runner=ray_score_runner(cfg, 2))
+    assert "clip" in report["available"] and local.column("clip_score").null_count == images.num_rows // 3 + 1
+    assert on_ray.equals(local)
+
+
+def test_failed_chunks_are_named(ray_local):
+    with pytest.raises(RayStageError) as err:
+        run_chunks("demo", [1, 2, 3], decode=None, analyze=lambda model, c: 1 // (c - 2), factory=lambda: None,
+                   actors=2, items_of=lambda c: 1)
+    assert [f.split(":")[0] for f in err.value.stats.failures] == ["chunk 1"]
+    assert "ZeroDivisionError" in err.value.stats.failures[0]
+
+
+def test_assets_on_ray_write_the_same_tables(tmp_path, shared_faces, ray_local):
+    """images, faces and face_expressions materialized with engine=ray and in-process: the same Parquet rows,
+    and the Ray runs' metadata says what Ray did."""
+    import shutil
+
+    import dagster as dg
+    import pyarrow.parquet as pq
+
+    from assets.expression import face_expressions
+    from assets.faces import faces
+    from assets.ingest import images
+    from assets.partitions import input_partitions
+    from assets.resources import LineupSettings
+    from pipeline.config import Layout
+    from pipeline.sources import register_new_inputs
+
+    inp = tmp_path / "input"
+    inp.mkdir()
+    for p in sorted((shared_faces / "identities" / "angelina_jolie").iterdir())[:3]:
+        shutil.copy(p, inp / p.name)  # a temporary copy outside the repo
+    shutil.copy(shared_faces / "groups" / "face-api.js__bbt1.jpg", inp / "group.jpg")
+    (inp / "broken.jpg").write_bytes(b"not a jpeg")
+    tables = {}
+    for engine in ("inprocess", "ray"):
+        home = tmp_path / engine
+        (spec,) = register_new_inputs(inp, Layout(home).partitions, batch_size=100)
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions(input_partitions.name, [spec.key])
+        settings = LineupSettings(home=str(home), input_dir=str(inp), engine=engine, face_batch_size=2)
+        result = dg.materialize([images, faces, face_expressions], partition_key=spec.key, instance=instance,
+                                resources={"lineup": settings})
+        assert result.success
+        mats = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
+        meta = {m.asset_key.path[-1]: m.metadata for m in mats}
+        assert meta["faces"]["engine"].value == engine
+        if engine == "ray":
+            assert meta["faces"]["ray_actors"].value >= 1 and meta["faces"]["ray_failures"].value == 0
+            assert meta["faces"]["ray_decode_tasks"].value == 2  # 4 accepted images in chunks of 2
+        tables[engine] = {t: pq.read_table(Layout(home).partition_file(t, spec.key))
+                          for t in ("images", "faces", "face_scan", "face_expressions", "rejects_ingest")}
+    for name, table in tables["inprocess"].items():
+        assert table.num_rows > 0, name
+        assert tables["ray"][name].equals(table), name
