@@ -12,13 +12,14 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from pipeline.config import Layout, default_home, default_input
+from pipeline.config import Layout, as_path, default_home, default_input, default_store
 from pipeline.ingest import IngestLimits
 
 
 class LineupSettings(dg.ConfigurableResource):
     home: str = ""  # empty: $LINEUP_HOME, else ./data
-    input_dir: str = ""  # empty: $LINEUP_INPUT
+    input_dir: str = ""  # empty: $LINEUP_INPUT (a folder, or s3://bucket/prefix)
+    store: str = ""  # tables and datasets: empty = $LINEUP_STORE, else the home folder; or s3://bucket/prefix
     social_dir: str = ""  # empty: $LINEUP_SOCIAL, else <input>/social
     batch_size: int = 500  # loose image files per partition
     max_image_pixels: int = 40_000_000
@@ -71,12 +72,13 @@ class LineupSettings(dg.ConfigurableResource):
     @property
     def layout(self) -> Layout:
         home = Path(self.home).expanduser().resolve() if self.home else default_home()
-        return Layout(home)
+        store = as_path(self.store) if self.store else default_store(home)
+        return Layout(home, None if store == home else store)
 
     @property
-    def input_path(self) -> Path:
+    def input_path(self):
         if self.input_dir:
-            return Path(self.input_dir).expanduser().resolve()
+            return as_path(self.input_dir)
         p = default_input()
         if p is None:
             raise dg.Failure("No input configured: set LINEUP_INPUT or the input_dir of the lineup resource.")

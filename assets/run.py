@@ -56,10 +56,12 @@ class Outcome:
 
 
 def _social_path() -> Path | None:
+    from pipeline.config import as_path
+
     if os.environ.get("LINEUP_SOCIAL"):
-        return Path(os.environ["LINEUP_SOCIAL"]).expanduser().resolve()
+        return as_path(os.environ["LINEUP_SOCIAL"])
     if os.environ.get("LINEUP_INPUT"):
-        return Path(os.environ["LINEUP_INPUT"]).expanduser().resolve() / "social"
+        return as_path(os.environ["LINEUP_INPUT"]) / "social"
     return None
 
 
@@ -87,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rebuild", action="store_true", help="re-run every partition, not only new ones")
     ap.add_argument("--no-training", action="store_true", help="build the datasets but do not train")
     args = ap.parse_args(argv)
+    from pipeline.config import as_path, is_url
+
     if args.input:
-        os.environ["LINEUP_INPUT"] = str(Path(args.input).resolve())
+        os.environ["LINEUP_INPUT"] = args.input if is_url(args.input) else str(Path(args.input).resolve())
     if args.home:
         os.environ["LINEUP_HOME"] = str(Path(args.home).resolve())
     social = _social_path()
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: nothing to do: set LINEUP_INPUT (photos, tar shards, Parquet manifests, optional social/) "
               "and/or LINEUP_SOCIAL (an interaction log), or pass --input DIR", file=sys.stderr)
         return 2
-    input_root = Path(os.environ["LINEUP_INPUT"]).expanduser().resolve() if os.environ.get("LINEUP_INPUT") else None
+    input_root = as_path(os.environ["LINEUP_INPUT"]) if os.environ.get("LINEUP_INPUT") else None
     if input_root is not None and not input_root.is_dir():
         print(f"error: LINEUP_INPUT={input_root} is not a folder", file=sys.stderr)
         return 2
@@ -115,22 +119,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from assets.definitions import defs
     from assets.partitions import input_partitions
-    from pipeline.config import Layout
+    from pipeline.config import Layout, default_store
     from pipeline.sources import load_registry, register_new_inputs
 
-    layout = Layout(home)
+    store = default_store(home)
+    layout = Layout(home, None if store == home else store)
     t0 = time.perf_counter()
     out = Outcome()
     instance = dg.DagsterInstance.get()
     specs = []
     if input_root is not None:
         new = register_new_inputs(input_root, layout.partitions)
-        specs = [s for s in load_registry(layout.partitions) if Path(s.root) == input_root]
+        specs = [s for s in load_registry(layout.partitions) if str(as_path(s.root)) == str(input_root)]
         known = set(instance.get_dynamic_partitions(input_partitions.name))
         missing = [s.key for s in load_registry(layout.partitions) if s.key not in known]
         if missing:
             instance.add_dynamic_partitions(input_partitions.name, missing)
-        print(f"lineup: {len(specs)} input partitions under {input_root} ({len(new)} new); data in {home}")
+        print(f"lineup: {len(specs)} input partitions under {input_root} ({len(new)} new); data in {layout.root}")
     else:
         print(f"lineup: no LINEUP_INPUT, social log only; data in {home}")
 

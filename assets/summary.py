@@ -42,4 +42,4 @@ def print_summary(layout: Layout, seconds: float, outcome=None) -> None:
                 continue
             for m in sorted((folder / version).glob("**/manifest.json")):
                 info = json.loads(m.read_text())
-                print(f"    {m.parent.relative_to(layout.home)}: {info.get('num_samples', '?')} samples")
+                print(f"    {m.parent.relative_to(layout.root)}: {info.get('num_samples', '?')} samples")

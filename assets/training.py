@@ -183,10 +183,10 @@ def _arcface_weights(lineup: LineupSettings) -> str | None:
 
 
 def _embedding_dim(lineup: LineupSettings) -> int:
-    import pyarrow.parquet as pq
+    from pipeline.storage import read_parquet
 
     files = sorted(lineup.layout.table_dir("faces").glob("*.parquet"))
-    return pq.read_schema(files[0]).field("embedding").type.list_size if files else 512
+    return read_parquet(files[0], columns=["embedding"]).schema.field("embedding").type.list_size if files else 512
 
 
 def _dpo_config(lineup: LineupSettings, smoke: bool) -> dict:

@@ -7,6 +7,11 @@ tables/rejects_<stage>[...] is part of the single `rejects` view, together with 
 found at the collection level (sql/duplicate_images.sql). Views whose shape needs more than
 `SELECT *` have their query in sql/<name>.sql, with {source} standing for the table's files.
 
+With the tables in an object store (LINEUP_STORE=s3://...), the catalog file stays local and its views
+read s3:// globs through fsspec (s3fs) registered in DuckDB; no DuckDB extension is downloaded. A reader
+makes that one extra call before querying (:func:`attach_store` does it):
+``con.register_filesystem(fsspec.filesystem("s3"))``, with the standard AWS variables set.
+
 Writers never wait on readers: when another process holds the catalog (a notebook, the UI), a view
 that needs creating is left for the next refresh, and the caller gets the names it could not write.
 """
@@ -97,13 +102,21 @@ def view_definitions(layout: Layout) -> dict[str, str]:
     return {**{v: views[v] for v in first}, **{k: v for k, v in views.items() if k not in first}}
 
 
+def attach_store(con: duckdb.DuckDBPyConnection, layout: Layout) -> duckdb.DuckDBPyConnection:
+    """Let ``con`` read the store's files: for an object store, register its fsspec filesystem (s3fs reads
+    the endpoint and credentials from the standard AWS variables); nothing to do for a local store."""
+    if layout.remote:
+        con.register_filesystem(layout.store.fs)
+    return con
+
+
 def connect(layout: Layout, read_only: bool = False, retries: int = 50) -> duckdb.DuckDBPyConnection:
     """Open the catalog; another process may hold the write lock for a moment, so retry."""
     layout.home.mkdir(parents=True, exist_ok=True)
     delay = 0.05
     for attempt in range(retries):
         try:
-            return duckdb.connect(str(layout.catalog), read_only=read_only)
+            return attach_store(duckdb.connect(str(layout.catalog), read_only=read_only), layout)
         except duckdb.IOException as e:
             if "lock" not in str(e).lower() or attempt == retries - 1:
                 raise
@@ -168,7 +181,7 @@ def query(layout: Layout, sql: str, params: list | None = None) -> pa.Table:
 def in_memory_views(layout: Layout) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the catalog's views over the same files: for readers inside the pipeline,
     which must not depend on (or wait for) the catalog file."""
-    con = duckdb.connect()
+    con = attach_store(duckdb.connect(), layout)
     for name, body in view_definitions(layout).items():
         con.execute(f'CREATE VIEW "{name}" AS {body}')
     return con

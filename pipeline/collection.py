@@ -27,9 +27,10 @@ class MixedFaceModels(ValueError):
 
 def partition_face_model(path) -> tuple[str, str, int] | None:
     """(backend, model_version, embedding dim) of one faces file, or None when it has no face."""
-    import pyarrow.parquet as pq
 
-    t = pq.read_table(path, columns=["backend", "model_version", "embedding"])
+    from pipeline.storage import read_parquet
+
+    t = read_parquet(path, columns=["backend", "model_version", "embedding"])
     if t.num_rows == 0:
         return None
     models = set(zip(t.column("backend").to_pylist(), t.column("model_version").to_pylist()))

@@ -14,45 +14,92 @@ def default_home() -> Path:
     return Path(os.environ.get("LINEUP_HOME", "./data")).expanduser().resolve()
 
 
-def default_input() -> Path | None:
+def is_url(value) -> bool:
+    """An object-store location (s3://bucket/prefix, gs://..., memory://...), not a local path."""
+    text = str(value)
+    return "://" in text and not text.startswith("file://")
+
+
+def as_path(value):
+    """A local path as a resolved ``Path``; a URL as a ``upath.UPath`` (pathlib's API over fsspec: s3 through
+    s3fs, with the endpoint and credentials from the standard AWS variables)."""
+    if is_url(value):
+        from upath import UPath
+
+        return UPath(str(value))
+    text = str(value)
+    return Path(text.removeprefix("file://")).expanduser().resolve()
+
+
+def default_input():
     value = os.environ.get("LINEUP_INPUT")
-    return Path(value).expanduser().resolve() if value else None
+    return as_path(value) if value else None
+
+
+def default_store(home: Path | None = None):
+    """Where tables and datasets live: $LINEUP_STORE (a folder or s3://bucket/prefix), else LINEUP_HOME."""
+    value = os.environ.get("LINEUP_STORE")
+    return as_path(value) if value else (home or default_home())
+
+
+def default_layout() -> Layout:
+    home = default_home()
+    return Layout(home, default_store(home))
 
 
 @dataclass(frozen=True)
 class Layout:
-    """The on-disk layout under LINEUP_HOME.
+    """Where lineup's data lives.
 
+    Under the store (LINEUP_STORE; default LINEUP_HOME; a local folder or an s3:// prefix):
     tables/<name>/<partition>.parquet   partitioned tables (one file per input partition)
     tables/<name>.parquet               whole-collection tables
     partitions/<key>.json               registered input partitions (what each one holds)
     datasets/<name>/<version>/          WebDataset shards and their manifest
-    lineup.duckdb                       the catalog: views over the Parquet files
+    Always local, under LINEUP_HOME:
+    lineup.duckdb                       the catalog: views over the store's Parquet files
+    dagster/, models/, removals/        the Dagster instance, trained models, removal requests
     """
 
     home: Path
+    store: object = None  # None: the home folder; else a Path or a upath.UPath (see default_store)
 
     @property
-    def tables(self) -> Path:
-        return self.home / "tables"
+    def root(self):
+        return self.home if self.store is None else self.store
 
     @property
-    def partitions(self) -> Path:
-        return self.home / "partitions"
+    def remote(self) -> bool:
+        """Tables and datasets live in an object store (no rename, no local file paths)."""
+        return self.store is not None and is_url(self.store)
 
     @property
-    def datasets(self) -> Path:
-        return self.home / "datasets"
+    def tables(self):
+        return self.root / "tables"
+
+    @property
+    def partitions(self):
+        return self.root / "partitions"
+
+    @property
+    def datasets(self):
+        return self.root / "datasets"
+
+    @property
+    def staging(self) -> Path:
+        """Local scratch space where a dataset version for a remote store is built and checked before
+        it is uploaded (pipeline/datasets.py)."""
+        return self.home / "staging"
 
     @property
     def catalog(self) -> Path:
         return self.home / "lineup.duckdb"
 
-    def table_dir(self, name: str) -> Path:
+    def table_dir(self, name: str):
         return self.tables / name
 
-    def partition_file(self, table: str, partition_key: str) -> Path:
+    def partition_file(self, table: str, partition_key: str):
         return self.tables / table / f"{partition_key}.parquet"
 
-    def table_file(self, table: str) -> Path:
+    def table_file(self, table: str):
         return self.tables / f"{table}.parquet"

@@ -10,6 +10,14 @@ when the blocking checks pass, that folder is renamed to ``datasets/<name>/<id>/
 ``LATEST`` is pointed at it. A run killed before the rename leaves only a dot-folder, which no reader
 lists and the next build removes. A version folder that exists is complete and is never written
 again: rebuilding the same content reuses it. Trainers read ``LATEST`` (or a pinned version).
+
+In an object store (LINEUP_STORE=s3://...) there is no rename, so publishing is: build and check the
+version in a local staging folder (``$LINEUP_HOME/staging/<name>/``), upload every file under
+``datasets/<name>/<id>/``, then write ``_PUBLISHED.json`` there (every file with its size and sha256)
+and only then ``LATEST``. A version is published when, and only when, its ``_PUBLISHED.json`` exists:
+readers (``latest_version``, ``published_versions``, the trainers through ``LATEST``) trust nothing
+else, so an upload cut short leaves an unlisted prefix that the next build of that version overwrites.
+Reusing a published version re-reads its listing against ``_PUBLISHED.json``.
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Layout
-from pipeline.storage import make_world_readable, write_bytes_atomic
+from pipeline.storage import is_remote, make_world_readable, write_bytes_atomic
 
 STAGING_PREFIX = ".staging-"
 UNPUBLISHED_PREFIX = ".unpublished-"
+PUBLISHED_MARKER = "_PUBLISHED.json"  # object stores: written after every file of the version
+PUBLISHED_CHECK = "published_files_match_marker"  # a reused object-store version: its listing vs the marker
 
 
 # ------------------------------------------------------------------------------------ fingerprints
@@ -95,18 +105,62 @@ def latest_version(layout: Layout, name: str) -> str | None:
     if not p.exists():
         return None
     v = p.read_text().strip()
-    return v if v and (layout.datasets / name / v).is_dir() else None
+    return v if v and is_published(layout, name, v) else None
 
 
 def published_versions(layout: Layout, name: str) -> list[str]:
     root = layout.datasets / name
     if not root.exists():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and is_published(layout, name, p.name))
 
 
 def is_published(layout: Layout, name: str, version: str) -> bool:
-    return dataset_dir(layout, name, version).is_dir()
+    folder = dataset_dir(layout, name, version)
+    if layout.remote:
+        return (folder / PUBLISHED_MARKER).exists()
+    return folder.is_dir()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def upload_version(layout: Layout, name: str, version: str, folder: Path) -> Path:
+    """Publish a locally built and checked version to an object store: every file, then the marker
+    listing them (size, sha256), written last. Returns the version's store path."""
+    final = dataset_dir(layout, name, version)
+    fs = final.fs
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    listing = {}
+    for p in files:
+        rel = p.relative_to(folder).as_posix()
+        fs.put_file(str(p), f"{final.path}/{rel}")
+        listing[rel] = {"bytes": p.stat().st_size, "sha256": _file_digest(p)}
+    uploaded = {k[len(final.path) + 1:]: int(v.get("size", -1)) for k, v in fs.find(final.path, detail=True).items()}
+    short = sorted(rel for rel, meta in listing.items() if uploaded.get(rel) != meta["bytes"])
+    if short:
+        raise OSError(f"dataset {name} {version}: upload incomplete, {len(short)} files differ ({short[:5]})")
+    marker = {"dataset": name, "version": version, "files": listing}
+    write_bytes_atomic(json.dumps(marker, indent=1, sort_keys=True).encode(), final / PUBLISHED_MARKER)
+    return final
+
+
+def verify_published(layout: Layout, name: str, version: str) -> list[str]:
+    """A published version in an object store re-listed against its marker (names and sizes)."""
+    final = dataset_dir(layout, name, version)
+    marker = json.loads((final / PUBLISHED_MARKER).read_text())
+    found = {k[len(final.path) + 1:]: int(v.get("size", -1)) for k, v in final.fs.find(final.path, detail=True).items()}
+    problems = [f"{rel}: missing or resized" for rel, meta in sorted(marker["files"].items())
+                if found.get(rel) != meta["bytes"]]
+    problems += [f"{rel}: not listed in {PUBLISHED_MARKER}" for rel in sorted(found)
+                 if rel not in marker["files"] and rel != PUBLISHED_MARKER]
+    return problems
 
 
 def set_latest(layout: Layout, name: str, version: str) -> None:
@@ -115,9 +169,14 @@ def set_latest(layout: Layout, name: str, version: str) -> None:
     write_bytes_atomic(version.encode(), layout.datasets / name / "LATEST")
 
 
+def staging_root(layout: Layout, name: str) -> Path:
+    """Where versions of ``name`` are staged: beside the published ones, or locally for an object store."""
+    return (layout.staging if layout.remote else layout.datasets) / name
+
+
 def clean_stale_staging(layout: Layout, name: str) -> list[str]:
     """Remove staging folders that no live process owns (left by a killed run)."""
-    root = layout.datasets / name
+    root = staging_root(layout, name)
     removed = []
     if not root.exists():
         return removed
@@ -161,7 +220,16 @@ class StagedVersion:
         return dataset_dir(self.layout, self.name, self.version)
 
     def publish(self, make_latest: bool = True) -> Path:
-        """One rename makes the version visible; then LATEST points at it."""
+        """One rename makes the version visible; then LATEST points at it. (Object store: the upload,
+        then the marker, then LATEST; the local staging folder is removed.)"""
+        if self.layout.remote:
+            upload_version(self.layout, self.name, self.version, self.path)
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = self.final
+            self.published = True
+            if make_latest:
+                set_latest(self.layout, self.name, self.version)
+            return self.final
         make_world_readable(self.path)
         try:
             os.rename(self.path, self.final)
@@ -177,7 +245,7 @@ class StagedVersion:
 
     def keep_unpublished(self) -> Path:
         """Failed checks: keep the files for inspection under a dot-name no reader lists."""
-        target = self.layout.datasets / self.name / f"{UNPUBLISHED_PREFIX}{self.version}"
+        target = staging_root(self.layout, self.name) / f"{UNPUBLISHED_PREFIX}{self.version}"
         shutil.rmtree(target, ignore_errors=True)
         os.rename(self.path, target)
         self.path = target
@@ -189,7 +257,7 @@ def staged_version(layout: Layout, name: str, version: str) -> Iterator[StagedVe
     """Write a version into a staging folder; on an exception the folder is removed. Call
     ``publish()`` (or ``keep_unpublished()``) inside the block; leaving it without either removes
     the staging folder too."""
-    root = layout.datasets / name
+    root = staging_root(layout, name)
     root.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(layout, name)
     path = root / f"{STAGING_PREFIX}{version}-{os.getpid()}"
@@ -258,7 +326,7 @@ class DatasetCard:
         return "\n".join(out)
 
     def write(self, folder: Path) -> Path:
-        return write_bytes_atomic(self.render().encode(), Path(folder) / "README.md")
+        return write_bytes_atomic(self.render().encode(), (folder if is_remote(folder) else Path(folder)) / "README.md")
 
 
 def removals_section(entries: list[dict] | None) -> str:
@@ -279,7 +347,7 @@ def removal_text(contact: str) -> str:
 
 
 def read_card(folder: Path) -> str | None:
-    p = Path(folder) / "README.md"
+    p = (folder if is_remote(folder) else Path(folder)) / "README.md"
     return p.read_text() if p.exists() else None
 
 
@@ -313,6 +381,13 @@ def release(layout: Layout, name: str, version: str, build, checks, card=None) -
     otherwise it is kept as ``.unpublished-<id>`` for inspection and LATEST does not move.
     """
     final = dataset_dir(layout, name, version)
+    if layout.remote and is_published(layout, name, version):
+        # its blocking checks passed before upload; re-read the store's listing against the marker
+        listing = verify_published(layout, name, version)
+        problems = {PUBLISHED_CHECK: listing}
+        if not listing:
+            set_latest(layout, name, version)
+        return Release(name, version, final, True, True, problems)
     if final.is_dir():
         problems = checks(final, None)
         if not any(problems.values()):

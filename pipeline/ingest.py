@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeError, decode_image
 from pipeline.ids import content_uid
 from pipeline.rejects import Rejects
 from pipeline.sources import PartitionSpec, iter_partition, manifest_roots_from_env
+from pipeline.storage import parquet_rows
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -226,6 +226,6 @@ def reconcile_ingest(spec, images_path: Path, rejects_path: Path) -> dict:
     from pipeline.sources import count_partition_inputs
 
     listed = count_partition_inputs(spec)
-    rows = pq.read_metadata(images_path).num_rows if Path(images_path).exists() else 0
-    rejected = pq.read_metadata(rejects_path).num_rows if Path(rejects_path).exists() else 0
+    rows = parquet_rows(images_path) if images_path.exists() else 0
+    rejected = parquet_rows(rejects_path) if rejects_path.exists() else 0
     return {"inputs_listed": listed, "image_rows": rows, "reject_rows": rejected, "passed": listed == rows + rejected}

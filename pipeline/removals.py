@@ -27,17 +27,15 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.config import Layout
-from pipeline.storage import write_bytes_atomic, write_parquet_atomic
+from pipeline.storage import read_parquet, remove_tree, write_bytes_atomic, write_parquet_atomic
 
 KINDS = ("photo", "identity", "image", "user")
 PER_PARTITION_TABLES = ("images", "faces", "face_scan", "face_expressions", "image_scores")
@@ -190,7 +188,7 @@ def apply_removals(layout: Layout, plan: RemovalPlan, partitions: list[str]) -> 
             path = layout.partition_file(table, key)
             if not path.exists():
                 continue
-            t = pq.read_table(path)
+            t = read_parquet(path)
             keep = pc.invert(pc.is_in(t.column("uid"), value_set=drop))
             n = t.num_rows - pc.sum(keep.cast(pa.int64())).as_py() if t.num_rows else 0
             if not n:
@@ -201,12 +199,12 @@ def apply_removals(layout: Layout, plan: RemovalPlan, partitions: list[str]) -> 
                     {"source": s, "stage": "ingest", "reason": REMOVED_REASON, "detail": "a removal request applied to this image",
                      "partition": key, "uid": None} for s in gone.column("source").to_pylist()], schema=REJECT_SCHEMA)
                 rpath = layout.partition_file("rejects_ingest", key)
-                old = pq.read_table(rpath) if rpath.exists() else REJECT_SCHEMA.empty_table()
+                old = read_parquet(rpath) if rpath.exists() else REJECT_SCHEMA.empty_table()
                 write_parquet_atomic(pa.concat_tables([old.cast(REJECT_SCHEMA), rej]), rpath)
             if table == "faces":  # the face stage's rejects may name the uid too
                 fr = layout.partition_file("rejects_faces", key)
                 if fr.exists():
-                    rt = pq.read_table(fr)
+                    rt = read_parquet(fr)
                     write_parquet_atomic(rt.filter(pc.invert(pc.is_in(rt.column("uid"), value_set=drop))), fr)
             write_parquet_atomic(t.filter(keep), path)
             rows_removed[table] = rows_removed.get(table, 0) + n
@@ -238,7 +236,7 @@ def versions_containing(layout: Layout, uids: set[str]) -> dict[str, list[str]]:
     for ds in sorted(p for p in layout.datasets.iterdir() if p.is_dir()):
         for v in sorted(p for p in ds.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for table_path in v.glob("**/*pairs.parquet"):
-                t = pq.read_table(table_path)
+                t = read_parquet(table_path)
                 cols = [c for c in UID_COLUMNS if c in t.column_names]
                 if any(pc.any(pc.is_in(t.column(c), value_set=value_set)).as_py() for c in cols):
                     out.setdefault(ds.name, []).append(v.name)
@@ -257,7 +255,7 @@ def social_versions_with_users(layout: Layout, user_hashes: set[str], keep: str 
         for table, col in (("social_users.parquet", "user_id"), ("social_images.parquet", "creator_id"),
                            ("social_pairs.parquet", "user_id")):
             if (v / table).exists():
-                ids |= {x for x in pq.read_table(v / table, columns=[col]).column(col).to_pylist() if x is not None}
+                ids |= {x for x in read_parquet(v / table, columns=[col]).column(col).to_pylist() if x is not None}
         if {user_hash(i) for i in ids} & user_hashes:
             found.append(v.name)
     return {"social": found} if found else {}
@@ -273,7 +271,7 @@ def mark_superseded(layout: Layout, found: dict[str, list[str]], purge: bool) ->
             known[v] = {"reason": "contains photos removed on request",
                         "at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"), "deleted": purge}
             if purge:
-                shutil.rmtree(layout.datasets / name / v, ignore_errors=True)
+                remove_tree(layout.datasets / name / v)
                 if v == latest:
                     (layout.datasets / name / "LATEST").unlink(missing_ok=True)
         write_bytes_atomic(json.dumps(known, indent=1, sort_keys=True).encode(), path)

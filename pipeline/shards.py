@@ -186,7 +186,9 @@ def write_manifest(out_dir: Path, dataset: str, shards: list[ShardInfo], config:
 
 
 def read_manifest(dataset_dir: Path) -> dict:
-    return json.loads((Path(dataset_dir) / "manifest.json").read_text())
+    from pipeline.storage import as_dir
+
+    return json.loads((as_dir(dataset_dir) / "manifest.json").read_text())
 
 
 def file_sha256(path: Path) -> str:

@@ -26,8 +26,9 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 
+from pipeline.config import as_path, is_url
 from pipeline.decode import IMAGE_EXTENSIONS
-from pipeline.storage import write_bytes_atomic
+from pipeline.storage import as_dir, write_bytes_atomic
 
 SIDECAR_EXTENSIONS = {".json", ".txt"}
 MAX_SIDECAR_BYTES = 1_000_000  # a caption / metadata file beside an image; larger ones are not read
@@ -74,7 +75,86 @@ class Record:
         return read_bytes(self.path, self.offset, self.length)
 
 
+# ------------------------------------------------------------------ object-store inputs (s3://, fsspec)
+# Inputs under an s3:// LINEUP_INPUT are read through these few functions; local paths take the code
+# paths below unchanged.
+
+
+def _fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def open_input(path: str):
+    """A binary file object for a local path or an object-store URL."""
+    if is_url(path):
+        fs, key = _fs(path)
+        return fs.open(key, "rb")
+    return open(path, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def _open_tar(shard) -> tarfile.TarFile:
+    """A plain (uncompressed) tar: member offsets must point into the file itself."""
+    if is_url(shard):
+        fobj = open_input(str(shard))
+        try:
+            tf = tarfile.open(fileobj=fobj, mode="r:")
+        except BaseException:
+            fobj.close()
+            raise
+        tf._lineup_fobj = fobj  # closed with the tar below (tarfile leaves a given fileobj open)
+        return _ClosingTar(tf)
+    return tarfile.open(shard, mode="r:")
+
+
+class _ClosingTar:
+    """A TarFile over an object-store file that closes that file too."""
+
+    def __init__(self, tf: tarfile.TarFile):
+        self._tf = tf
+
+    def __getattr__(self, name):
+        return getattr(self._tf, name)
+
+    def __iter__(self):
+        return iter(self._tf)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._tf.close()
+        self._tf._lineup_fobj.close()
+
+
+def _url_size(url: str, max_bytes: int) -> tuple[int, str, str]:
+    """_readable_size for an object: one HEAD request."""
+    fs, key = _fs(url)
+    try:
+        info = fs.info(key)
+    except FileNotFoundError:
+        return 0, "file not found", f"{url} does not exist (any more)"
+    except OSError as e:
+        return 0, "unreadable file", f"{url}: {e}"
+    if info.get("type") != "file":
+        return 0, "not a regular file", f"{url} is a prefix, not an object; not opened"
+    size = int(info.get("size") or 0)
+    if size > max_bytes:
+        return size, "file too large", f"{size} bytes > limit {max_bytes}; not read"
+    return size, "", ""
+
+
 def read_bytes(path: str, offset: int, length: int) -> bytes:
+    if is_url(path):  # one ranged GET
+        fs, key = _fs(path)
+        data = fs.cat_file(key, start=offset, end=offset + length) if length else b""
+        if len(data) != length:
+            raise OSError(f"{path}: expected {length} bytes at offset {offset}, read {len(data)}")
+        return data
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read(length)
@@ -89,7 +169,7 @@ def _slug(text: str, limit: int = 48) -> str:
 
 
 def load_registry(registry_dir: Path) -> list[PartitionSpec]:
-    registry_dir = Path(registry_dir)
+    registry_dir = as_dir(registry_dir)
     if not registry_dir.exists():
         return []
     specs = [PartitionSpec.from_json(p.read_text()) for p in registry_dir.glob("*.json")]
@@ -97,7 +177,7 @@ def load_registry(registry_dir: Path) -> list[PartitionSpec]:
 
 
 def load_partition(registry_dir: Path, key: str) -> PartitionSpec:
-    p = Path(registry_dir) / f"{key}.json"
+    p = as_dir(registry_dir) / f"{key}.json"
     if not p.exists():
         raise KeyError(f"partition {key!r} is not registered (no {p})")
     return PartitionSpec.from_json(p.read_text())
@@ -111,14 +191,17 @@ def _is_excluded(rel: PurePosixPath, exclude_dirs: tuple[str, ...]) -> bool:
 
 def scan_input(input_root: Path, exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDE_DIRS):
     """(loose files, tar files, parquet manifests) under input_root, as sorted relative paths."""
-    input_root = Path(input_root)
+    input_root = as_path(input_root)
     if not input_root.exists():
         raise FileNotFoundError(f"input folder {input_root} does not exist (set LINEUP_INPUT)")
     loose, tars, manifests = [], [], []
-    for p in sorted(input_root.rglob("*")):
-        if not p.is_file():
-            continue
-        rel = PurePosixPath(p.relative_to(input_root).as_posix())
+    if is_url(input_root):  # one listing of the prefix, not a request per object
+        base = input_root.path.rstrip("/")
+        found = [PurePosixPath(k[len(base) + 1:]) for k in input_root.fs.find(base) if k.startswith(base + "/")]
+    else:
+        found = [PurePosixPath(p.relative_to(input_root).as_posix()) for p in input_root.rglob("*") if p.is_file()]
+    for rel in sorted(found):
+        p = PurePosixPath(rel)
         if _is_excluded(rel, exclude_dirs):
             continue
         suffix = p.suffix.lower()
@@ -140,7 +223,7 @@ def plan_new_partitions(
     """The partitions that new inputs would form, given what is registered already (writes nothing)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    input_root = Path(input_root).resolve()
+    input_root = as_path(input_root)
     existing = load_registry(registry_dir)
     taken_keys = {s.key for s in existing}
     seen_files = {(s.root, m) for s in existing for m in s.members}
@@ -186,7 +269,7 @@ def plan_new_partitions(
 
 def register_partitions(registry_dir: Path, specs: list[PartitionSpec]) -> None:
     for s in specs:
-        write_bytes_atomic(s.to_json().encode(), Path(registry_dir) / f"{s.key}.json")
+        write_bytes_atomic(s.to_json().encode(), as_dir(registry_dir) / f"{s.key}.json")
 
 
 def register_new_inputs(
@@ -208,7 +291,9 @@ def manifest_roots_from_env() -> tuple[str, ...]:
     """Folders besides the manifest's own and the input root that manifest rows may point into:
     LINEUP_MANIFEST_ROOTS, os.pathsep-separated, symlinks resolved."""
     raw = os.environ.get(MANIFEST_ROOTS_ENV, "")
-    return tuple(os.path.realpath(os.path.expanduser(p.strip())) for p in raw.split(os.pathsep) if p.strip())
+    parts = re.split(r":(?!//)", raw) if os.pathsep == ":" else raw.split(os.pathsep)  # s3://... stays whole
+    return tuple(p.strip() if is_url(p.strip()) else os.path.realpath(os.path.expanduser(p.strip()))
+                 for p in parts if p.strip())
 
 
 def _label(text: str) -> str:
@@ -239,6 +324,8 @@ def _reject(source: str, reason: str, detail: str = "") -> Record:
 def _readable_size(p: Path | str, max_bytes: int) -> tuple[int, str, str]:
     """(size, reject reason, detail) for a file about to be read, from stat alone: nothing is opened.
     Only regular files pass (a FIFO would block the read forever, a device never ends)."""
+    if is_url(p):
+        return _url_size(str(p), max_bytes)
     try:
         st = os.stat(p)
     except (FileNotFoundError, NotADirectoryError):
@@ -300,7 +387,7 @@ def _json_meta(data: bytes) -> dict:
 
 
 def _iter_files(spec: PartitionSpec, max_bytes: int) -> Iterator[Record]:
-    root = Path(spec.root)
+    root = as_path(spec.root)
     for rel in spec.members:
         p = root / rel
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -333,7 +420,7 @@ def _tar_tail_problem(shard: Path, offset: int) -> str:
     """Where tar iteration ended quietly (tarfile stops at a header it cannot parse, without an
     error), everything after it must be zero padding; otherwise members after it were lost."""
     try:
-        with open(shard, "rb") as f:
+        with open_input(str(shard)) as f:
             f.seek(offset)
             pos = offset
             while chunk := f.read(1 << 20):
@@ -351,7 +438,7 @@ def _tar_members(shard: Path) -> tuple[list[tarfile.TarInfo], str]:
     """The members tarfile can list, and why listing stopped early ("" when it reached the end)."""
     members: list[tarfile.TarInfo] = []
     try:
-        with tarfile.open(shard, mode="r:") as tf:  # plain tar only: offsets must point into the file itself
+        with _open_tar(shard) as tf:  # plain tar only: offsets must point into the file itself
             for m in tf:  # one at a time, so the members before a bad header are kept
                 members.append(m)  # noqa: PERF402
             end = tf.offset
@@ -361,10 +448,10 @@ def _tar_members(shard: Path) -> tuple[list[tarfile.TarInfo], str]:
 
 
 def _iter_tar(spec: PartitionSpec, max_member_bytes: int) -> Iterator[Record]:
-    shard = Path(spec.path)
+    shard = as_path(spec.path)
     shard_name = shard.name
     try:
-        tarfile.open(shard, mode="r:").close()
+        _open_tar(shard).close()
     except Exception as e:  # noqa: BLE001 - see _tar_members
         yield _reject(shard_name, "unreadable tar", f"{type(e).__name__}: {e}")
         return
@@ -439,7 +526,7 @@ def _tar_sidecar(shard: Path, m: tarfile.TarInfo) -> bytes | None:
 def _manifest_problem(manifest: Path) -> tuple[pq.ParquetFile | None, str, str]:
     """The opened manifest, or (None, reject reason, detail) when it cannot be read row by row."""
     try:
-        pf = pq.ParquetFile(manifest)
+        pf = pq.ParquetFile(open_input(str(manifest)) if is_url(manifest) else manifest)
         names = pf.schema_arrow.names
         md = pf.metadata
         group_rows = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
@@ -468,6 +555,20 @@ def _manifest_row(raw, source: str, manifest: Path, roots: list[str], max_bytes:
         return _reject(source, "bad path value", f"{type(raw).__name__} {raw!r:.80}, not a string")
     if "\0" in raw:
         return _reject(source, "bad path value", f"{raw!r:.120} holds a NUL byte")
+    if is_url(raw) or is_url(manifest):  # object keys: no links to resolve, '..' folded like a path
+        import posixpath
+
+        url = raw if is_url(raw) else f"{manifest.parent}/{raw}"
+        scheme, key = url.split("://", 1)
+        real = f"{scheme}://{posixpath.normpath(key)}"
+        if PurePosixPath(real).suffix.lower() not in IMAGE_EXTENSIONS:
+            return _reject(source, "unsupported file type", raw)
+        if not any(real.startswith(r.rstrip("/") + "/") for r in roots):
+            return _reject(source, "path outside allowed roots", f"{raw} is {real}, outside {roots} (set {MANIFEST_ROOTS_ENV} to allow more)")
+        size, problem, detail = _readable_size(real, max_bytes)
+        if problem:
+            return _reject(source, problem, detail)
+        return _image_record(f"{source}:{raw}", real, 0, size, row)
     p = Path(raw)
     if not p.is_absolute():
         p = manifest.parent / p
@@ -483,13 +584,16 @@ def _manifest_row(raw, source: str, manifest: Path, roots: list[str], max_bytes:
 
 
 def _iter_parquet(spec: PartitionSpec, max_bytes: int, manifest_roots: tuple[str, ...]) -> Iterator[Record]:
-    manifest = Path(spec.path)
+    manifest = as_path(spec.path)
     name = manifest.name
     pf, problem, detail = _manifest_problem(manifest)
     if pf is None:
         yield _reject(name, problem, detail)
         return
-    roots = [os.path.realpath(manifest.parent), os.path.realpath(spec.root), *manifest_roots]
+    if is_url(manifest):
+        roots = [str(manifest.parent), spec.root, *manifest_roots]
+    else:
+        roots = [os.path.realpath(manifest.parent), os.path.realpath(spec.root), *manifest_roots]
     columns = [c for c in ("path", "caption", "url", "key") if c in pf.schema_arrow.names]
     i = 0
     for g in range(pf.metadata.num_row_groups):
@@ -520,7 +624,8 @@ def iter_partition(
     elif spec.kind == "tar":
         yield from _iter_tar(spec, max_member_bytes)
     elif spec.kind == "parquet":
-        roots = manifest_roots_from_env() if manifest_roots is None else tuple(os.path.realpath(r) for r in manifest_roots)
+        roots = manifest_roots_from_env() if manifest_roots is None else tuple(
+            r if is_url(r) else os.path.realpath(r) for r in manifest_roots)
         yield from _iter_parquet(spec, max_member_bytes, roots)
     else:
         raise ValueError(f"unknown partition kind {spec.kind!r}")
@@ -536,7 +641,7 @@ def count_partition_inputs(spec: PartitionSpec) -> int:
         return len(spec.members)
     if spec.kind == "parquet":
         try:
-            meta = pq.ParquetFile(spec.path)
+            meta = pq.ParquetFile(open_input(spec.path) if is_url(spec.path) else spec.path)
             if "path" not in meta.schema_arrow.names:
                 return 1
             md = meta.metadata
@@ -547,11 +652,11 @@ def count_partition_inputs(spec: PartitionSpec) -> int:
         return md.num_rows if md.num_rows >= 0 and min(per_group, default=0) >= 0 and sum(per_group) == md.num_rows else 1
     if spec.kind == "tar":
         try:
-            tarfile.open(spec.path, mode="r:").close()
+            _open_tar(spec.path).close()
         except Exception:  # noqa: BLE001 - the "unreadable tar" reject
             return 1
         units, groups = 0, {}
-        members, stopped = _tar_members(Path(spec.path))
+        members, stopped = _tar_members(as_path(spec.path))
         for m in members:
             if m.isdir() and not _member_problem(m):
                 continue

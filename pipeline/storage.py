@@ -1,4 +1,9 @@
-"""Atomic Parquet writes and reads of lineup's tables."""
+"""Atomic Parquet writes and reads of lineup's tables, on a local disk or in an object store.
+
+Local files are written to a temporary name and renamed. An object store has no rename, but a PUT is
+atomic: the object appears whole or not at all, so a reader never sees half a file there either. Paths
+under an ``s3://`` store are ``upath.UPath`` objects (pipeline.config.as_path).
+"""
 
 from __future__ import annotations
 
@@ -20,8 +25,20 @@ FILE_MODE = 0o666 & ~_current_umask()  # what open() would give: mkstemp's 0600 
 DIR_MODE = 0o777 & ~_current_umask()
 
 
+def is_remote(path) -> bool:
+    """A path in an object store (a upath.UPath of a non-local protocol)."""
+    return getattr(path, "protocol", "") not in ("", "file", "local")
+
+
+def as_dir(path):
+    """``path`` as a path object: a store path stays what it is, anything else becomes a local ``Path``."""
+    return path if is_remote(path) else Path(path)
+
+
 def make_world_readable(path: Path) -> None:
     """Give a file, or a folder and everything in it, the modes an ordinary write would have."""
+    if is_remote(path):
+        return  # object permissions are the bucket's policy
     path = Path(path)
     if path.is_dir():
         os.chmod(path, DIR_MODE)
@@ -77,6 +94,11 @@ def _atomic_write(path: Path, write) -> Path:
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    if is_remote(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:  # one PUT (or a multipart upload completed at close): atomic
+            pq.write_table(table, f, compression="zstd")
+        return path
 
     def write(fd: int, tmp: str) -> None:
         os.close(fd)
@@ -86,6 +108,10 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> Path:
+    if is_remote(path):  # one PUT: atomic
+        path.fs.pipe_file(path.path, data)
+        return path
+
     def write(fd: int, tmp: str) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -93,13 +119,34 @@ def write_bytes_atomic(data: bytes, path: Path) -> Path:
     return _atomic_write(path, write)
 
 
-def read_parquet(path: Path) -> pa.Table:
-    return pq.read_table(path)
+def remove_tree(path) -> None:
+    """Delete a folder (or prefix) and everything in it; nothing if it is not there."""
+    if is_remote(path):
+        if path.fs.exists(path.path):
+            path.fs.rm(path.path, recursive=True)
+        return
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    if is_remote(path):
+        return pq.read_table(path.path, columns=columns, filesystem=path.fs)
+    return pq.read_table(path, columns=columns)
+
+
+def parquet_rows(path) -> int:
+    """Rows of a Parquet file, from its footer."""
+    if is_remote(path):
+        with path.open("rb") as f:
+            return pq.read_metadata(f).num_rows
+    return pq.read_metadata(path).num_rows
 
 
 def read_partitioned(table_dir: Path, keys: list[str] | None = None) -> pa.Table | None:
     """Concatenate the per-partition files of a table (all of them, or the given keys), in key order."""
-    table_dir = Path(table_dir)
+    table_dir = as_dir(table_dir)
     if keys is None:
         files = sorted(table_dir.glob("*.parquet"))
     else:
@@ -107,5 +154,5 @@ def read_partitioned(table_dir: Path, keys: list[str] | None = None) -> pa.Table
         files = [f for f in files if f.exists()]
     if not files:
         return None
-    tables = [pq.read_table(f) for f in files]
+    tables = [read_parquet(f) for f in files]
     return pa.concat_tables(tables, promote_options="default")

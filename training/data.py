@@ -52,8 +52,34 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # ----------------------------------------------------------------------------------------------
 
 
+def dataset_path(location: str | Path):
+    """A dataset folder: a local ``Path``, or for an object-store URL (``s3://bucket/.../train``) a
+    ``upath.UPath`` read through fsspec (s3fs: endpoint and credentials from the standard AWS variables)."""
+    text = str(location)
+    if "://" in text and not text.startswith("file://"):
+        from upath import UPath
+
+        _register_fsspec_gopen(text.split("://", 1)[0])
+        return UPath(text)
+    return Path(text.removeprefix("file://"))
+
+
+def _fsspec_gopen(url, mode="rb", bufsize=8192, **kw):
+    import fsspec
+
+    return fsspec.open(url, mode).open()
+
+
+def _register_fsspec_gopen(scheme: str) -> None:
+    """Let webdataset open shard URLs of ``scheme`` through fsspec (it knows http, gs, pipe:, ... only)."""
+    import importlib
+
+    # the module, not webdataset.gopen (the package re-exports the function under the same name)
+    importlib.import_module("webdataset.gopen").gopen_schemes.setdefault(scheme, _fsspec_gopen)
+
+
 def read_manifest(dataset_dir: str | Path) -> dict:
-    p = Path(dataset_dir) / "manifest.json"
+    p = dataset_path(dataset_dir) / "manifest.json"
     if not p.exists():
         raise FileNotFoundError(f"no manifest.json in {dataset_dir}: not a dataset version folder")
     m = json.loads(p.read_text())
@@ -66,7 +92,7 @@ def read_manifest(dataset_dir: str | Path) -> dict:
 
 def shard_paths(dataset_dir: str | Path, manifest: Mapping | None = None, verify: bool = False) -> list[str]:
     """Paths of the manifest's shards (in manifest order); ``verify`` checks size and sha256."""
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = dataset_path(dataset_dir)
     manifest = manifest or read_manifest(dataset_dir)
     out = []
     for s in manifest["shards"]:
@@ -439,7 +465,7 @@ class BatchStream:
     epoch and skips the consumed batches (before image decoding)."""
 
     def __init__(self, dataset_dir: str | Path, cfg: LoaderConfig):
-        self.dataset_dir = Path(dataset_dir)
+        self.dataset_dir = dataset_path(dataset_dir)
         self.cfg = cfg
         self.manifest = read_manifest(dataset_dir)
         self.urls = shard_paths(dataset_dir, self.manifest, verify=cfg.verify_shards)

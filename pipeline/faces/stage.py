@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -363,10 +362,10 @@ def face_checks(faces: pa.Table, images: pa.Table) -> dict[str, tuple[bool, str]
 def reconcile_faces(images_path, faces_path, scan_path, rejects_path) -> dict:
     """Read back what the face stage wrote: every image row is scanned or rejected, and the faces table
     holds, per image, as many rows as the scan says it has faces."""
-    import pyarrow.parquet as pq
+    from pipeline.storage import read_parquet
 
     def read(path, columns):
-        return pq.read_table(path, columns=columns) if path is not None and Path(path).exists() else None
+        return read_parquet(path, columns=columns) if path is not None and path.exists() else None
 
     images = read(images_path, ["uid"])
     scan = read(scan_path, ["uid", "n_faces"])

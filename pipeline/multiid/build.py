@@ -57,14 +57,16 @@ def reader_from_images(images: pa.Table) -> Callable[[str], bytes]:
     """read_bytes(uid) over the images table: bytes at path[offset:offset+length]."""
     loc = {r["uid"]: (r["path"], r["offset"], r["length"]) for r in images.select(["uid", "path", "offset", "length"]).to_pylist()}
 
+    from pipeline.sources import open_input
+    from pipeline.sources import read_bytes as read_at  # local files and object-store URLs alike
+
     def read_bytes(uid: str) -> bytes:
         path, off, n = loc[uid]
-        with open(path, "rb") as f:
+        if n is not None and n >= 0:
+            return read_at(path, int(off or 0), int(n))
+        with open_input(path) as f:
             f.seek(int(off or 0))
-            data = f.read(int(n)) if n is not None and n >= 0 else f.read()
-        if n is not None and n >= 0 and len(data) != n:
-            raise OSError(f"{path}: short read for {uid} ({len(data)} of {n} bytes)")
-        return data
+            return f.read()
 
     return read_bytes
 

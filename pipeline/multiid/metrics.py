@@ -134,8 +134,10 @@ def load_samples(dataset) -> list[dict]:
     if isinstance(dataset, pa.Table):
         return [json.loads(j) if isinstance(j, (str, bytes)) else j for j in dataset.column("json").to_pylist()]
     out = []
-    for tar in sorted(Path(dataset).rglob("*.tar")):
-        with tarfile.open(tar) as tf:
+    from pipeline.storage import as_dir
+
+    for tar in sorted(as_dir(dataset).rglob("*.tar")):
+        with tar.open("rb") as f, tarfile.open(fileobj=f) as tf:
             for m in tf.getmembers():
                 if m.isfile() and m.name.endswith(".json"):
                     out.append(json.loads(tf.extractfile(m).read()))

@@ -18,6 +18,7 @@ from pipeline.datasets import DatasetCard, fingerprint_table, removal_text, remo
 from pipeline.multiid.config import MultiIDConfig
 from pipeline.multiid.splits import split_leaks
 from pipeline.shards import read_manifest, shard_keys, verify_manifest
+from pipeline.storage import as_dir
 
 # bump when the builder's output changes for the same inputs and config
 BUILDER_VERSION = "multiid-builder-3"
@@ -103,7 +104,8 @@ def empty_explanation(stats: dict) -> str | None:
 
 
 def split_counts(folder: Path) -> dict[str, int]:
-    return {s: read_manifest(Path(folder) / s)["num_samples"] for s in SPLITS if (Path(folder) / s / "manifest.json").exists()}
+    folder = as_dir(folder)
+    return {s: read_manifest(folder / s)["num_samples"] for s in SPLITS if (folder / s / "manifest.json").exists()}
 
 
 def multiid_card(version: str, folder: Path, stats: dict, config: MultiIDConfig, parts: dict, sources: list[str],
