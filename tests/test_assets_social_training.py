@@ -42,7 +42,7 @@ def test_trainers_run_as_pipes_subprocesses(built):
     root, settings, instance, _ = built
     # no base weights here: smoke runs, asked for
     settings = LineupSettings(home=settings.home, input_dir=settings.input_dir, train_steps=2, smoke_training=True)
-    resources = {"lineup": settings, "pipes_subprocess_client": dg.PipesSubprocessClient()}
+    resources = {"lineup": settings, "trainer_client": dg.PipesSubprocessClient()}
     result = dg.materialize([dpo_lora, social_reward_model], instance=instance, resources=resources)
     assert result.success
     metas = {m.asset_key.path[-1]: m.metadata for m in result.get_asset_materialization_events() and [
@@ -72,7 +72,7 @@ def test_a_new_dataset_version_that_passes_its_checks_starts_training(tmp_path):
     settings = LineupSettings(home=str(tmp_path / "home"), input_dir=str(tmp_path / "input"))
     assets = dg.Definitions(
         assets=[social_dataset, dpo_lora, social_reward_model],
-        resources={"lineup": settings, "pipes_subprocess_client": dg.PipesSubprocessClient()},
+        resources={"lineup": settings, "trainer_client": dg.PipesSubprocessClient()},
     )
     instance = dg.DagsterInstance.ephemeral()
     first = dg.evaluate_automation_conditions(defs=assets, instance=instance)

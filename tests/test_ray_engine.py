@@ -11,9 +11,9 @@ from PIL import Image
 
 pytest.importorskip("ray")
 
-from pipeline.ingest import ingest_partition, ray_ingest_runner  # noqa: E402
-from pipeline.ray_engine import RayStageError, run_chunks  # noqa: E402
-from pipeline.sources import PartitionSpec  # noqa: E402
+from pipeline.ingest import ingest_partition, ray_ingest_runner
+from pipeline.ray_engine import RayStageError, run_chunks
+from pipeline.sources import PartitionSpec
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,12 @@ def test_faces_same_on_ray(faces_images, ray_local):
 
 
 def test_expressions_same_on_ray(faces_images, ray_local):
-    from pipeline.expression.descriptor import ExpressionConfig, ExpressionStage, describe_partition, ray_expression_runner
+    from pipeline.expression.descriptor import (
+        ExpressionConfig,
+        ExpressionStage,
+        describe_partition,
+        ray_expression_runner,
+    )
     from pipeline.faces import get_backend
     from pipeline.faces.stage import run_face_partition
 

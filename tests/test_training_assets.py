@@ -30,7 +30,7 @@ def _multiid_version(home, samples: int, version: str = "v-test") -> None:
 def _materialize(settings: LineupSettings, asset=identity_adapter):
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize([asset], instance=instance, raise_on_error=False,
-                            resources={"lineup": settings, "pipes_subprocess_client": dg.PipesSubprocessClient()})
+                            resources={"lineup": settings, "trainer_client": dg.PipesSubprocessClient()})
     logs = [e.user_message for e in instance.all_logs(result.run_id)]
     return result, logs
 

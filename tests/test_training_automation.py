@@ -21,7 +21,7 @@ def test_trainers_follow_data_versions_not_materializations(tmp_path):
         )
 
     settings = LineupSettings(home=str(tmp_path / "home"), input_dir=str(tmp_path))
-    resources = {"lineup": settings, "pipes_subprocess_client": dg.PipesSubprocessClient()}
+    resources = {"lineup": settings, "trainer_client": dg.PipesSubprocessClient()}
     defs = dg.Definitions(assets=[stand_in, identity_adapter], resources=resources)
     instance = dg.DagsterInstance.ephemeral()
 
