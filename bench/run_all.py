@@ -1,4 +1,4 @@
-"""Run every benchmark with the settings whose numbers the README reports (CPU; about 20 minutes
+"""Run every benchmark with the settings whose numbers the README reports (CPU; about 30 minutes
 on a 2-core machine). Each script prints a markdown table and writes JSON to bench/results/.
 Pass names to run a subset: `python bench/run_all.py faces social`.
 """
@@ -13,6 +13,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RUNS = {
     "faces": ["bench_faces.py", "--repeats", "3"],
+    "scale": ["bench_scale.py", "--repeats", "3"],
+    "stage_costs": ["bench_stage_costs.py", "--repeats", "3"],
     "identity": ["bench_identity.py", "--sizes", "10000,100000"],
     "multiid": ["bench_multiid.py"],
     "social": ["bench_social.py", "--events", "10000000", "--repeats", "3", "--exports"],
