@@ -61,8 +61,25 @@ def release_checks(rel: Release, descriptions: dict[str, str]) -> list[dg.AssetC
 
 def engine_runner(lineup, make_ray_runner):
     """The chunk runner of the engine the settings choose: None in-process (the stage's own loop or
-    worker processes), else ``make_ray_runner()`` (a Ray Data job, see pipeline/ray_engine.py)."""
-    return make_ray_runner() if lineup.engine_name == "ray" else None
+    worker processes), else ``make_ray_runner()`` (a Ray Data job, see pipeline/ray_engine.py). A Ray job
+    whose chunks failed fails the step with what Ray did and every failed chunk as metadata."""
+    if lineup.engine_name != "ray":
+        return None
+    from pipeline.ray_engine import RayStageError
+
+    runner = make_ray_runner()
+
+    def run(chunks):
+        try:
+            return runner(chunks)
+        except RayStageError as e:
+            raise dg.Failure(str(e), metadata={**e.stats.metadata(),
+                                               "ray_failed_chunks": dg.MetadataValue.json(e.stats.failures[:100])}) from e
+        finally:
+            run.stats = runner.stats
+
+    run.stats = None
+    return run
 
 
 def engine_metadata(lineup, runner=None) -> dict:
