@@ -225,18 +225,14 @@ class StagedVersion:
         if self.layout.remote:
             upload_version(self.layout, self.name, self.version, self.path)
             shutil.rmtree(self.path, ignore_errors=True)
-            self.path = self.final
-            self.published = True
-            if make_latest:
-                set_latest(self.layout, self.name, self.version)
-            return self.final
-        make_world_readable(self.path)
-        try:
-            os.rename(self.path, self.final)
-        except OSError:
-            if not self.final.is_dir():  # a concurrent build of the same content may have won the race
-                raise
-            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            make_world_readable(self.path)
+            try:
+                os.rename(self.path, self.final)
+            except OSError:
+                if not self.final.is_dir():  # a concurrent build of the same content may have won the race
+                    raise
+                shutil.rmtree(self.path, ignore_errors=True)
         self.path = self.final
         self.published = True
         if make_latest:

@@ -188,15 +188,9 @@ def _no_model():
 def ray_ingest_runner(tasks: int):
     """A ``chunk_runner`` for :func:`ingest_partition` on Ray: every chunk read, hashed and decode-checked
     in a Ray task (no model, so no actors). The job's stats land in ``runner.stats``."""
-    from pipeline.ray_engine import run_chunks
+    from pipeline.ray_engine import chunk_runner
 
-    def runner(chunks):
-        results, runner.stats = run_chunks("ingest", chunks, decode=None, analyze=inspect_records, factory=None,
-                                           actors=tasks, items_of=lambda c: len(c[0]))
-        return results
-
-    runner.stats = None
-    return runner
+    return chunk_runner("ingest", None, inspect_records, actors=tasks)
 
 
 def load_image(row: dict, limits: IngestLimits | None = None):

@@ -134,6 +134,22 @@ class _ModelActor:
         return {"i": batch["i"], "payload": np.array(out, dtype=object), "error": np.array(errors, dtype=object)}
 
 
+def chunk_runner(stage: str, decode: Callable | None, analyze: Callable, factory: Callable | None = None,
+                 factory_args: tuple = (), factory_kwargs: dict | None = None, actors: int = 2,
+                 gpus_per_actor: float | None = None) -> Callable:
+    """A ``chunk_runner`` for a stage's partition function: ``runner(chunks)`` runs :func:`run_chunks` on
+    chunks of (rows, ...) and keeps the job's stats in ``runner.stats``."""
+
+    def runner(chunks):
+        results, runner.stats = run_chunks(stage, chunks, decode=decode, analyze=analyze, factory=factory,
+                                           factory_args=factory_args, factory_kwargs=factory_kwargs, actors=actors,
+                                           gpus_per_actor=gpus_per_actor, items_of=lambda c: len(c[0]))
+        return results
+
+    runner.stats = None
+    return runner
+
+
 def run_chunks(
     stage: str,
     chunks: list,

@@ -340,13 +340,7 @@ def describe_partition(
 def ray_expression_runner(config: ExpressionConfig, actors: int, gpus_per_actor: float | None = None):
     """A ``chunk_runner`` for :func:`describe_partition` on Ray: decoding in tasks, the FER model and the
     landmarker once per actor. The job's stats land in ``runner.stats``."""
-    from pipeline.ray_engine import run_chunks
+    from pipeline.ray_engine import chunk_runner
 
-    def runner(chunks):
-        results, runner.stats = run_chunks(
-            "expressions", chunks, decode=decode_expression_chunk, analyze=describe_decoded, factory=ExpressionStage,
-            factory_args=(config,), actors=actors, gpus_per_actor=gpus_per_actor, items_of=lambda c: len(c[0]))
-        return results
-
-    runner.stats = None
-    return runner
+    return chunk_runner("expressions", decode_expression_chunk, describe_decoded, ExpressionStage, (config,),
+                        actors=actors, gpus_per_actor=gpus_per_actor)

@@ -220,21 +220,12 @@ def analyze_decoded(backend: FaceBackend, decoded_chunk):
 def ray_chunk_runner(backend, actors: int, gpus_per_actor: float | None = None):
     """A ``chunk_runner`` for :func:`run_face_partition` that runs the chunks as a Ray Data job: decoding
     in tasks, ``backend``'s configuration rebuilt once per actor. The job's stats land in ``runner.stats``."""
-    from pipeline.ray_engine import run_chunks
+    from pipeline.ray_engine import chunk_runner
 
     spec = getattr(backend, "build_spec", None)
     if spec is None:
         raise ValueError("the Ray engine rebuilds the face backend in its actors: build it with get_backend()")
-
-    def runner(chunks):
-        results, runner.stats = run_chunks(
-            "faces", chunks, decode=decode_rows, analyze=analyze_decoded, factory=_build_backend,
-            factory_args=(spec[0],), factory_kwargs=spec[1], actors=actors, gpus_per_actor=gpus_per_actor,
-            items_of=lambda c: len(c[0]))
-        return results
-
-    runner.stats = None
-    return runner
+    return chunk_runner("faces", decode_rows, analyze_decoded, _build_backend, (spec[0],), spec[1], actors, gpus_per_actor)
 
 
 def gpu_backend(backend) -> bool:

@@ -398,13 +398,7 @@ def score_partition(images: pa.Table, stage: ImageScorerStage, limits=None, chun
 
 def ray_score_runner(config: ScoringConfig, actors: int, gpus_per_actor: float | None = None):
     """A ``chunk_runner`` for :func:`score_partition` on Ray: decoding in tasks, the scorers once per actor."""
-    from pipeline.ray_engine import run_chunks
+    from pipeline.ray_engine import chunk_runner
 
-    def runner(chunks):
-        results, runner.stats = run_chunks(
-            "scores", chunks, decode=decode_score_chunk, analyze=score_decoded, factory=ImageScorerStage,
-            factory_args=(config,), actors=actors, gpus_per_actor=gpus_per_actor, items_of=lambda c: len(c[0]))
-        return results
-
-    runner.stats = None
-    return runner
+    return chunk_runner("scores", decode_score_chunk, score_decoded, ImageScorerStage, (config,),
+                        actors=actors, gpus_per_actor=gpus_per_actor)
