@@ -8,6 +8,7 @@ from assets.faces import faces
 from assets.resources import LineupSettings
 from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
+from pipeline.identity.store import read_ivf_index, write_ivf_index
 from pipeline.storage import read_parquet, write_parquet_atomic
 
 
@@ -36,6 +37,7 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
     fcs = coll.faces
     prev_path = layout.table_file("identities")
     previous = read_parquet(prev_path) if prev_path.exists() else None
+    index = read_ivf_index(layout) if previous is not None else None
     backend_name = fcs.column("backend")[0].as_py() if fcs.num_rows else lineup.face_backend
     mode = lineup.identity_mode if previous is not None else "recluster"
     context.log.info(f"clustering {fcs.num_rows} faces ({backend_name}) with {lineup.identity_method}, mode {mode}")
@@ -49,7 +51,9 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
         backend_name=backend_name,
         knn_backend=lineup.knn_backend,
         mode=mode,
+        index=index,
     )
+    write_ivf_index(layout, res.index)  # before the table: a table never names cells that are not on disk
     write_parquet_atomic(res.assignments, prev_path)
     write_parquet_atomic(res.summary, layout.table_file("identity_summary"))
     refresh_catalog(layout)
@@ -68,6 +72,7 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "method": st["method"],
             "threshold": float(st["threshold"]),
             "knn_backend": str(st["knn_backend"]),
+            "knn_params": dg.MetadataValue.json(_jsonable(st.get("knn_params", {}))),
             "mode": mode if previous is not None else "recluster (first build)",
             "churn": dg.MetadataValue.json(churn),
             "collection": dg.MetadataValue.json(coll.coverage()),
@@ -87,3 +92,14 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
             )
         ],
     )
+
+
+def _jsonable(d: dict) -> dict:
+    """knn parameters for the UI: numbers and strings only (round timings)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (bool, int, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, float) or hasattr(v, "item"):
+            out[k] = round(float(v), 4)
+    return out

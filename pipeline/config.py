@@ -54,6 +54,7 @@ class Layout:
     Under the store (LINEUP_STORE; default LINEUP_HOME; a local folder or an s3:// prefix):
     tables/<name>/<partition>.parquet   partitioned tables (one file per input partition)
     tables/<name>.parquet               whole-collection tables
+    tables/identities.ivf.npz           the IVF cells an incremental identity refresh searches through
     partitions/<key>.json               registered input partitions (what each one holds)
     datasets/<name>/<version>/          WebDataset shards and their manifest
     Always local, under LINEUP_HOME:

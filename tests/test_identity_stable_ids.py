@@ -230,3 +230,76 @@ def test_incremental_refresh_equals_a_full_recluster_on_an_easy_case():
     assert a == b  # and the same ids: the full recluster maps its clusters onto the old ids
     before = _ids(first)
     assert all(a[k] == v for k, v in before.items())
+
+
+def _two_builds(n=20_000, new=0.01, exact_max=5_000, seed=3):
+    """A first build of (1 - new) of a synthetic mixture above ``exact_max`` (so ivf-blas runs and
+    its cells are kept), and the inputs of a refresh with the rest."""
+    m = make_mixture(n, seed=seed)
+    uids = np.array([f"img{i:06d}" for i in range(n)])
+    fidx = np.zeros(n, np.int64)
+    old = np.arange(n) < int(n * (1 - new))
+    first = build_identities(uids[old], fidx[old], m.embeddings[old], exact_max=exact_max)
+    return uids, fidx, m.embeddings, old, first
+
+
+def test_refresh_searches_new_faces_through_the_kept_cells_and_matches_an_exact_search():
+    from pipeline.identity.metrics import evaluate
+
+    uids, fidx, E, old, first = _two_builds()
+    assert first.index is not None and first.stats["knn_backend"] == "ivf-blas"
+    cells = first.assignments.column("ivf_cell").to_numpy()
+    assert (cells >= 0).all() and (cells < first.index.nlist).all()
+    inc = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental", index=first.index,
+                           exact_max=5_000)
+    assert inc.stats["knn_backend"] == "incremental: new faces searched through the kept IVF cells"
+    p = inc.stats["knn_params"]
+    assert p["new_faces"] == int((~old).sum()) and "cells_trained" not in p and p["check_recall"] >= 0.95
+    # only the new faces' (face, cell) pairs were scanned: a few cells each, not the collection
+    assert p["probed_pairs"] <= p["new_faces"] * 4 * max(first.index.nprobe, 6)
+    # old faces keep their id and their cell; new faces got a cell
+    before, after = _ids(first), _ids(inc)
+    assert all(after[k] == v for k, v in before.items())
+    new_cells = inc.assignments.column("ivf_cell").to_numpy()
+    assert (new_cells >= 0).all()
+    assert (new_cells[old] == cells).all()
+    # the same partition as searching every new face exactly (the refresh before the cells)
+    exact = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental", exact_max=10**9)
+    assert exact.stats["knn_backend"] == "incremental: new faces searched exactly"
+    keys = sorted(after)
+    codes = lambda d: np.unique([d[k] for k in keys], return_inverse=True)[1]  # noqa: E731
+    assert evaluate(codes(after), codes(_ids(exact)))["bcubed_f"] >= 0.995
+
+
+def test_refresh_trains_cells_when_none_were_kept_or_they_do_not_fit():
+    from pipeline.identity.knn import IvfIndex
+
+    uids, fidx, E, old, first = _two_builds(n=12_000)
+    for index, why in ((None, "no cells were kept"),
+                       (IvfIndex(first.index.cells[:, :8].copy(), first.index.coarse[:, :8].copy(), 6, 11_880), "dimension"),
+                       (IvfIndex(first.index.cells, first.index.coarse, 6, 1_000), "grew")):
+        inc = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental", index=index,
+                               exact_max=5_000)
+        assert why in inc.stats["knn_params"]["cells_trained"]
+        assert inc.index is not None and inc.index.dim == E.shape[1] and inc.index.trained_on == len(uids)
+        assert _ids(inc).items() >= _ids(first).items()  # old faces keep their ids
+    # a previous table written before the cells existed (no ivf_cell column) is handled the same way
+    legacy = first.assignments.drop_columns(["ivf_cell"])
+    inc = build_identities(uids, fidx, E, previous=legacy, mode="incremental", index=first.index, exact_max=5_000)
+    assert "no ivf_cell column" in inc.stats["knn_params"]["cells_trained"]
+
+
+def test_kept_cells_round_trip_and_a_damaged_file_reads_as_none(tmp_path):
+    from pipeline.config import Layout
+    from pipeline.identity.store import ivf_index_path, read_ivf_index, write_ivf_index
+
+    *_, first = _two_builds(n=8_000, exact_max=2_000)
+    layout = Layout(tmp_path)
+    assert read_ivf_index(layout) is None
+    write_ivf_index(layout, first.index)
+    back = read_ivf_index(layout)
+    assert np.array_equal(back.cells, first.index.cells) and back.nprobe == first.index.nprobe
+    ivf_index_path(layout).write_bytes(ivf_index_path(layout).read_bytes()[:100])  # truncated
+    assert read_ivf_index(layout) is None
+    write_ivf_index(layout, None)  # a small collection: stale cells are removed
+    assert not ivf_index_path(layout).exists()

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from .cluster import DEFAULT_METHOD, cluster_graph, default_threshold
-from .knn import knn_graph, load_embeddings
+from .knn import EXACT_MAX_DEFAULT, IvfIndex, knn_graph, load_embeddings
 from .stable_ids import (
     assign_incremental,
     face_keys,
@@ -21,6 +22,7 @@ from .stable_ids import (
     high_water,
     map_to_previous,
     next_id_number,
+    previous_positions,
     with_high_water,
 )
 
@@ -32,6 +34,7 @@ ASSIGNMENTS_SCHEMA = pa.schema(
         ("cluster_size", pa.int64()),
         ("sim_to_centroid", pa.float32()),  # cosine to the identity's mean direction
         ("nn_similarity", pa.float32()),  # similarity to the nearest other face (any identity)
+        ("ivf_cell", pa.int32()),  # the face's cell in the persisted IVF index (null without one)
     ]
 )
 SUMMARY_SCHEMA = pa.schema(
@@ -51,6 +54,7 @@ class IdentityResult:
     summary: pa.Table  # SUMMARY_SCHEMA, one row per identity, sorted by identity_id
     stats: dict = field(default_factory=dict)
     graph: object | None = None  # the KnnGraph (rows in (uid, face_index) order) when return_graph=True
+    index: IvfIndex | None = None  # the IVF cells to keep for the next refresh (None below exact_max)
 
 
 def _cluster_stats(E: np.ndarray, labels: np.ndarray, C: int, block: int = 65_536):
@@ -126,6 +130,8 @@ def build_identities(
     n_hist_samples: int = 100_000,
     n_doubtful: int = 20,
     return_graph: bool = False,
+    index: IvfIndex | None = None,
+    exact_max: int = EXACT_MAX_DEFAULT,
     **cluster_kwargs,
 ) -> IdentityResult:
     """Cluster faces into identities with ids stable across refreshes.
@@ -136,6 +142,9 @@ def build_identities(
     map clusters onto previous ids by Hungarian overlap) or "incremental" (previous faces keep their
     ids, new faces join an existing identity by kNN vote or form new ones). ``threshold`` defaults
     to the per-backend value in :data:`pipeline.identity.cluster.DEFAULT_THRESHOLDS`.
+    ``index``: the IVF cells kept from the last build (``IdentityResult.index``); an incremental
+    refresh above ``exact_max`` faces searches its new faces through them (and trains them first
+    when there are none, or when the collection has outgrown them: :meth:`IvfIndex.stale_for`).
     """
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -153,36 +162,33 @@ def build_identities(
 
     t = time.perf_counter()
     order = np.lexsort((face_indices, uids))
-    keys_sorted = face_keys(uids[order], face_indices[order])
-    if len(np.unique(keys_sorted)) != N:
+    uids_s, fidx_s = uids[order], face_indices[order]
+    if N > 1 and ((uids_s[1:] == uids_s[:-1]) & (fidx_s[1:] == fidx_s[:-1])).any():  # sorted: duplicates adjacent
         raise ValueError("duplicate (uid, face_index) rows")
     identity_order = np.array_equal(order, np.arange(N))
     E = E0 if identity_order else np.ascontiguousarray(E0[order], dtype=np.float32)
-    uids_s, fidx_s = uids[order], face_indices[order]
     timings["sort_s"] = time.perf_counter() - t
 
-    prev_keys = prev_ids = None
     next_number = high_water(previous)  # retired ids stay retired (see stable_ids)
-    if previous is not None and previous.num_rows:
-        prev_keys = face_keys(previous.column("uid").to_pylist(), previous.column("face_index").to_pylist())
-        prev_ids = np.asarray(previous.column("identity_id").to_pylist(), dtype=object).astype(str)
-    incremental = prev_keys is not None and mode == "incremental"
+    has_previous = previous is not None and previous.num_rows > 0
+    incremental = has_previous and mode == "incremental"
+    prev_pos = previous_positions(uids_s, fidx_s, previous) if incremental else None
 
     stats: dict = {"n_faces": N, "method": method, "threshold": thr, "backend_name": backend_name, "k": k}
+    cell_of = None  # each face's IVF cell, when the index exists (persisted for the next refresh)
     t, c = time.perf_counter(), time.process_time()
     if incremental:
         # no graph over the whole collection: only the new faces are searched (their k nearest among
-        # all faces), which is what a refresh costs in proportion to what it brings
-        prev_set = set(prev_keys.tolist())  # np.isin on these object keys compares all pairs
-        known = np.fromiter((k_ in prev_set for k_ in keys_sorted.tolist()), dtype=bool, count=N)
-        new_pos = np.flatnonzero(~known)
-        g = _new_faces_graph(E, new_pos, k)
-        stats["knn_backend"] = "incremental: new faces searched against the collection (exact)"
-        stats["knn_params"] = {"new_faces": int(len(new_pos))}
+        # all faces), so a refresh costs in proportion to what it brings
+        new_pos = np.flatnonzero(prev_pos < 0)
+        g, cell_of, index, how = _new_faces_graph(E, new_pos, k, thr, prev_pos, previous, index, seed, exact_max)
+        stats["knn_backend"] = f"incremental: new faces searched {how}"
+        stats["knn_params"] = {"new_faces": int(len(new_pos)), **g.params}
     else:
-        g = knn_graph(E, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr)
+        g = knn_graph(E, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr, exact_max=exact_max)
         stats["knn_backend"] = g.backend
         stats["knn_params"] = g.params
+        index, cell_of = g.index if g.index is not None else (None, None)
     timings["knn_s"], timings["knn_cpu_s"] = time.perf_counter() - t, time.process_time() - c
 
     t, c = time.perf_counter(), time.process_time()
@@ -194,12 +200,13 @@ def build_identities(
                 gs.indices, gs.similarities, method=method, threshold=thr, seed=seed, **cluster_kwargs
             ).labels
 
+        prev_ids = previous.column("identity_id").to_numpy(zero_copy_only=False)
         ids, churn = assign_incremental(
-            E, keys_sorted, prev_keys, prev_ids, thr, k=k, cluster_new=_cluster_new, next_number=next_number,
-            neighbours=(g.indices, g.similarities),
+            prev_pos, prev_ids, thr, neighbours=(g.indices, g.similarities), cluster_new=_cluster_new,
+            embeddings=E, next_number=next_number,
         )
-        _, labels = np.unique(ids.astype(str), return_inverse=True)
-        labels = labels.ravel().astype(np.int64)
+        # labels in order of first appearance (Arrow's dictionary encoding: no sort of a million strings)
+        labels = pa.compute.dictionary_encode(pa.array(ids.tolist(), pa.string())).indices.to_numpy().astype(np.int64)
         stats["churn"] = churn
         stats["cluster_info"] = {"mode": "incremental"}
     else:
@@ -208,7 +215,10 @@ def build_identities(
         )
         labels = cl.labels
         stats["cluster_info"] = dict(cl.info, n_edges=cl.n_edges)
-        if prev_keys is not None:
+        if has_previous:
+            keys_sorted = face_keys(uids_s, fidx_s)
+            prev_keys = face_keys(previous.column("uid").to_pylist(), previous.column("face_index").to_pylist())
+            prev_ids = np.asarray(previous.column("identity_id").to_pylist(), dtype=object).astype(str)
             ids, churn = map_to_previous(
                 labels, keys_sorted, prev_keys, prev_ids, min_overlap=min_overlap, next_number=next_number
             )
@@ -234,9 +244,10 @@ def build_identities(
     id_of_label[labels] = ids
 
     if incremental:  # kept from the last build for known faces; searched now for new ones
-        prev_nn = dict(zip(prev_keys.tolist(), previous.column("nn_similarity").to_pylist())) \
-            if "nn_similarity" in previous.column_names else {}
-        nn_sim = np.array([prev_nn.get(k_, np.nan) if k_ is not None else np.nan for k_ in keys_sorted.tolist()], np.float32)
+        nn_sim = np.full(N, np.nan, np.float32)
+        if "nn_similarity" in previous.column_names:
+            prev_nn = previous.column("nn_similarity").to_numpy(zero_copy_only=False).astype(np.float32)
+            nn_sim[prev_pos >= 0] = prev_nn[prev_pos[prev_pos >= 0]]
         nn_sim[g.rows] = g.similarities[:, 0] if g.rows.size and g.k else np.nan
     else:
         nn_sim = g.similarities[:, 0] if g.k and N > 1 else np.full(N, np.nan, np.float32)
@@ -249,10 +260,11 @@ def build_identities(
             "cluster_size": pa.array(sizes[labels], pa.int64()),
             "sim_to_centroid": pa.array(sim_c, pa.float32()),
             "nn_similarity": pa.array(nn_sim, pa.float32()),
+            "ivf_cell": pa.array(cell_of, pa.int32()) if cell_of is not None else pa.nulls(N, pa.int32()),
         },
         schema=ASSIGNMENTS_SCHEMA,
     )
-    stats["id_high_water"] = max(next_number, next_id_number(id_of_label.tolist()) if C else 0)
+    stats["id_high_water"] = max(next_number, next_id_number(id_of_label) if C else 0)
     assignments = with_high_water(assignments, stats["id_high_water"])
     srt = np.argsort(id_of_label.astype(str), kind="stable")
     summary = pa.table(
@@ -304,7 +316,7 @@ def build_identities(
     timings["tables_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
     stats["timings"] = timings
-    return IdentityResult(assignments, summary, stats, g if return_graph else None)
+    return IdentityResult(assignments, summary, stats, g if return_graph else None, index)
 
 
 @dataclass
@@ -314,23 +326,59 @@ class _PartialGraph:
     rows: np.ndarray
     indices: np.ndarray
     similarities: np.ndarray
+    params: dict = field(default_factory=dict)
 
     @property
     def k(self) -> int:
         return self.indices.shape[1]
 
 
-def _new_faces_graph(E: np.ndarray, rows: np.ndarray, k: int) -> _PartialGraph:
-    from .knn import search_index
+def _new_faces_graph(E, rows, k, thr, prev_pos, previous, index, seed, exact_max):
+    """The new faces' k nearest among all faces: (graph, every face's IVF cell or None, index, how).
 
-    if len(rows) == 0:
-        return _PartialGraph(rows, np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
-    I, S = search_index(E, np.ascontiguousarray(E[rows]), k + 1)
-    self_hit = I == rows[:, None]
-    I = np.where(self_hit, -1, I)
-    S = np.where(self_hit, -np.inf, S)
-    order = np.argsort(-S, axis=1, kind="stable")[:, :k]  # drop the self match, keep the k best others
-    return _PartialGraph(rows, np.take_along_axis(I, order, 1), np.take_along_axis(S, order, 1).astype(np.float32))
+    Up to ``exact_max`` faces: exact search (cheap at that size). Above: through the IVF cells of
+    the last build, every known face in the cell recorded for it; the cells are trained here first
+    when there are none, when a face of the previous table has no cell, or when the collection has
+    outgrown them. A refresh with no new face keeps the cells as they are."""
+    from .knn import knn_ivf_search, search_index, train_ivf_index
+
+    N, D = E.shape
+    params: dict = {}
+    if N <= exact_max:
+        if len(rows) == 0:
+            return _PartialGraph(rows, np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)), None, None, "exactly"
+        I, S = search_index(E, np.ascontiguousarray(E[rows]), k + 1)
+        self_hit = I == rows[:, None]
+        I = np.where(self_hit, -1, I)
+        S = np.where(self_hit, -np.inf, S)
+        order = np.argsort(-S, axis=1, kind="stable")[:, :k]  # drop the self match, keep the k best others
+        g = _PartialGraph(rows, np.take_along_axis(I, order, 1), np.take_along_axis(S, order, 1).astype(np.float32))
+        return g, None, None, "exactly"
+    known = prev_pos >= 0
+    cell_of = np.full(N, -1, np.int64)
+    why = None if index is not None else "no cells were kept from the last build"
+    if why is None and "ivf_cell" in previous.column_names:
+        prev_cells = previous.column("ivf_cell").to_numpy(zero_copy_only=False)
+        prev_cells = np.where(np.isfinite(prev_cells.astype(np.float64)), prev_cells, -1).astype(np.int64) \
+            if prev_cells.dtype.kind == "f" else prev_cells.astype(np.int64)
+        cell_of[known] = prev_cells[prev_pos[known]]
+        if (cell_of[known] < 0).any() or (cell_of[known] >= index.nlist).any():
+            why = "faces of the last build without a cell"
+    elif why is None:
+        why = "the previous table has no ivf_cell column"
+    why = why or index.stale_for(N, D)
+    how = "through the kept IVF cells"
+    if why is not None:
+        t = time.perf_counter()
+        index, trained = train_ivf_index(E, seed=seed)
+        cell_of = trained.astype(np.int64)
+        cell_of[rows] = -1  # assigned (and searched) below like every new face
+        params["cells_trained"] = why
+        params["train_s"] = round(time.perf_counter() - t, 3)
+        how = f"through IVF cells trained now ({why})"
+    I, S, cells, info = knn_ivf_search(E, rows, index, cell_of, k, min_sim=thr, seed=seed)
+    params.update({kk: v for kk, v in info.items() if kk != "rounds"})
+    return _PartialGraph(rows, I, S, params), cells, index, how
 
 
 def with_identity_ids(faces: pa.Table, identities: pa.Table) -> pa.Table:

@@ -68,6 +68,8 @@ class KnnGraph:
     backend: str
     params: dict = field(default_factory=dict)
     seconds: float = 0.0
+    # ivf-blas only: (IvfIndex, each face's cell), kept with the identities for incremental refreshes
+    index: tuple | None = None
 
     def __iter__(self):  # allows ``I, S = knn_graph(...)``
         yield self.indices
@@ -803,7 +805,171 @@ def _ivf_blas_run(
         check_queries=0 if check is None else len(check[0]),
         scanned_fraction=scanned / N / N,
     )
+    if nlist > 1:
+        info["_index"] = (IvfIndex(cells, coarse, int(p1), N), cell.astype(np.int32))
     return best_I, best_S
+
+
+@dataclass
+class IvfIndex:
+    """The cells of an ivf-blas build, kept next to the identities table so that a refresh searches
+    only the cells its new faces probe instead of the whole collection (README "Incremental
+    refresh"). Each face's cell is stored in the identities table (column ``ivf_cell``)."""
+
+    cells: np.ndarray  # nlist x D float32 cell centroids
+    coarse: np.ndarray  # ~sqrt(nlist) x D float32: the index over the cells
+    nprobe: int  # cells per face the last build needed for its recall target
+    trained_on: int  # faces the cells were trained on
+
+    # a refresh retrains the cells once the collection has grown this much since training: the
+    # cells then hold ~RETRAIN_GROWTH x the faces they were sized for
+    RETRAIN_GROWTH = 2.0
+
+    @property
+    def nlist(self) -> int:
+        return int(self.cells.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.cells.shape[1])
+
+    def stale_for(self, N: int, D: int) -> str | None:
+        """Why this index should not serve a collection of N faces of dimension D (None: it may)."""
+        if D != self.dim:
+            return f"embedding dimension {D} != the index's {self.dim}"
+        if N > self.RETRAIN_GROWTH * self.trained_on:
+            return f"the collection grew from {self.trained_on} to {N} faces since the cells were trained"
+        return None
+
+    def to_bytes(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, cells=self.cells, coarse=self.coarse, nprobe=self.nprobe, trained_on=self.trained_on)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "IvfIndex":
+        import io
+
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(np.ascontiguousarray(z["cells"], np.float32), np.ascontiguousarray(z["coarse"], np.float32),
+                       int(z["nprobe"]), int(z["trained_on"]))
+
+
+@contextlib.contextmanager
+def _single_threaded_pool(n_threads: int | None = None):
+    """A thread pool with single-threaded BLAS and faiss inside (see knn_ivf_blas)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    faiss = _faiss()
+    omp_threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(n_threads or len(os.sched_getaffinity(0))) as pool:
+            yield pool
+    finally:
+        faiss.omp_set_num_threads(omp_threads)
+
+
+def train_ivf_index(E: np.ndarray, seed: int = 0, n_threads: int | None = None) -> tuple[IvfIndex, np.ndarray]:
+    """Cells for the faces of E (as ivf-blas trains them) and each face's best cell (int32)."""
+    N = E.shape[0]
+    with _single_threaded_pool(n_threads) as pool:
+        cells, coarse = _train_cells(E, ivf_blas_nlist(N), seed, pool)
+        cell = _probe_cells(E, cells, coarse, 1, pool)[:, 0]
+    return IvfIndex(cells, coarse, IVF_BLAS_NPROBE, N), cell
+
+
+def knn_ivf_search(
+    E: np.ndarray,
+    rows: np.ndarray,
+    index: IvfIndex,
+    cell_of: np.ndarray,
+    k: int,
+    min_sim: float | None = None,
+    target_recall: float | None = 0.95,
+    check_queries: int = 200,
+    max_rounds: int = IVF_BLAS_MAX_ROUNDS,
+    seed: int = 0,
+    n_threads: int | None = None,
+):
+    """The k nearest faces (self excluded) of the faces ``rows`` among all faces of E, through the
+    cells of ``index``: the cost of a refresh grows with the new faces, not with the collection.
+
+    ``cell_of``: every face's cell (int, N); faces without one (-1, the new faces) get their best
+    cell here. The same joins as :func:`knn_ivf_blas`, restricted to the query rows: own cell, the
+    index's ``nprobe`` best cells, expansion through edges >= ``min_sim``, then more cells until the
+    recall on ``check_queries`` sampled rows against exact search reaches ``target_recall``.
+    Returns (I, S, cell_of with the new cells, info)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    N = E.shape[0]
+    nlist = index.nlist
+    kk = min(k + 1, N)
+    cell = np.asarray(cell_of, dtype=np.int64).copy()
+    info: dict = {"nlist": nlist}
+    if len(rows) == 0:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), cell.astype(np.int32), info
+    rng = np.random.default_rng(seed)
+    with _single_threaded_pool(n_threads) as pool:
+        t = time.perf_counter()
+        depth = min(nlist, 4 * max(index.nprobe, IVF_BLAS_NPROBE))
+        probes = _probe_cells(np.ascontiguousarray(E[rows], dtype=np.float32), index.cells, index.coarse, depth, pool)
+        missing = cell < 0
+        unassigned = np.flatnonzero(missing)
+        if not np.isin(unassigned, rows).all():
+            raise ValueError("faces without a cell that are not being searched: the index does not cover them")
+        cell[rows] = probes[:, 0]
+        info["probe_s"] = time.perf_counter() - t
+        cell_order = np.argsort(cell, kind="stable")
+        cell_start = np.searchsorted(cell[cell_order], np.arange(nlist + 1))
+        best_I = np.full((N, kk), -1, np.int64)
+        best_S = np.full((N, kk), -np.inf, np.float32)
+        is_query = np.zeros(N, bool)
+        is_query[rows] = True
+        probed = _Probed()
+        check = None
+        if target_recall is not None and check_queries and N > kk:
+            cq = np.sort(rng.choice(rows, size=min(check_queries, len(rows)), replace=False))
+            check = (cq, _floor_exact(E, cq, exact_neighbours_of(E, cq, k), min_sim))
+        rounds = []
+
+        def join(name, keys):
+            keys = probed.new(keys[is_query[keys // nlist]])
+            if len(keys) == 0:
+                return np.zeros(0, np.int64)
+            n_cand, got = _join(E, cell_order, cell_start, keys, nlist, kk, best_I, best_S, pool)
+            rounds.append({"step": name, "pairs": len(keys), "candidates": n_cand})
+            return got
+
+        join("own cell", rows * nlist + cell[rows])
+        pos = np.empty(N, np.int64)
+        pos[rows] = np.arange(len(rows))
+        p0, p1 = 1, min(index.nprobe, depth)
+        while True:
+            got = join(f"probes {p0}-{p1 - 1}", (rows[:, None] * nlist + probes[:, p0:p1].astype(np.int64)).ravel())
+            for r in range(max_rounds):
+                if len(got) == 0:
+                    break
+                got = join(f"expand {r + 1}", _expansion_keys(best_I, best_S, got, cell, nlist, min_sim))
+            info["nprobe"] = p1
+            if check is None:
+                break
+            cq, exact = check
+            _, approx_S = _drop_self(best_I[cq], best_S[cq], 0, k, qids=cq)
+            info["check_recall"] = recall_by_similarity(E, cq, exact, approx_S)
+            if info["check_recall"] >= target_recall or p1 >= depth:
+                break
+            p0, p1 = p1, min(depth, p1 + IVF_BLAS_PROBE_STEP)
+    info.update(rounds=rounds, probed_pairs=len(probed), check_queries=0 if check is None else len(check[0]))
+    I, S = _drop_self(best_I[rows], best_S[rows], 0, max(1, min(k, kk - 1)), qids=rows)
+    if I.shape[1] < k:
+        I = np.concatenate([I, np.full((len(rows), k - I.shape[1]), -1, np.int64)], 1)
+        S = np.concatenate([S, np.full((len(rows), k - S.shape[1]), -np.inf, np.float32)], 1)
+    I, S = _finalise(I, S)
+    return I, S, cell.astype(np.int32), info
 
 
 def _nvidia_present() -> bool:
@@ -889,7 +1055,9 @@ def knn_graph(
             seed=seed,
         )
         I, S = _self_excluded(I, S, k)
+        index = info.pop("_index", None)
         params.update(info)
+        return KnnGraph(I, S, backend, params, time.perf_counter() - t, index=index)
     else:
         I, S, info = knn_torch(E, k)
         params.update(info)

@@ -13,8 +13,9 @@ Tables written before the mark existed fall back to the largest id present + 1.
 
 Two ways to carry ids over:
 
-(a) :func:`assign_incremental`: faces already in the previous table keep their id; each new face
-    searches the previous faces' embeddings (exact inner product, top ``k``) and votes: among the
+(a) :func:`assign_incremental`: faces already in the previous table keep their id; each new face's
+    ``k`` nearest faces (found by the caller: through the persisted IVF cells, or exactly in small
+    collections, see identity/build.py) vote: among the
     neighbours with similarity >= threshold, every identity scores the sum of their similarities;
     the best identity wins if it has at least ``min_votes`` such neighbours (ties -> smallest id).
     New faces that match nothing are clustered among themselves with the same method/threshold
@@ -29,7 +30,7 @@ Two ways to carry ids over:
     dense block): 100k clusters map in tens of MB (tests/test_identity_stable_ids.py), where
     the dense C x C matrix would need ~80 GB.
 
-Both return churn statistics (:func:`churn_stats`).
+Both return churn statistics (the same keys; :func:`churn_stats` after a recluster).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import scipy.sparse as sp
 
 ID_PREFIX = "id-"
@@ -51,13 +53,22 @@ def format_id(n: int) -> str:
 
 
 def next_id_number(existing_ids) -> int:
-    """Largest id number among ``existing_ids`` + 1 (0 when there is none)."""
-    m = -1
-    for s in np.unique(np.asarray(list(existing_ids), dtype=object).astype(str)).tolist():
-        r = _ID_RE.match(s)
-        if r:
-            m = max(m, int(r.group(1)))
-    return m + 1
+    """Largest id number among ``existing_ids`` + 1 (0 when there is none). Vectorised in Arrow
+    (a million ids: ~0.1 s instead of ~1 s in a Python loop)."""
+    if isinstance(existing_ids, (pa.Array, pa.ChunkedArray)):
+        arr = existing_ids.cast(pa.string())
+    else:
+        vals = existing_ids if isinstance(existing_ids, np.ndarray) else list(existing_ids)
+        if len(vals) == 0:
+            return 0
+        arr = pa.array([None if v is None else str(v) for v in vals] if not isinstance(vals, np.ndarray)
+                       else np.asarray(vals, dtype=object), pa.string(), from_pandas=True)
+    if len(arr) == 0:
+        return 0
+    uniq = pa.compute.unique(arr)
+    nums = pa.compute.struct_field(pa.compute.extract_regex(uniq, _ID_RE.pattern.replace("(", "(?P<n>", 1)), [0])
+    m = pa.compute.max(pa.compute.cast(nums, pa.int64())).as_py()
+    return 0 if m is None else int(m) + 1
 
 
 def high_water(table: pa.Table | None) -> int:
@@ -68,7 +79,7 @@ def high_water(table: pa.Table | None) -> int:
     meta = table.schema.metadata or {}
     stored = int(meta[HIGH_WATER_KEY]) if HIGH_WATER_KEY in meta else 0
     present = (
-        next_id_number(table.column("identity_id").to_pylist()) if "identity_id" in table.column_names else 0
+        next_id_number(table.column("identity_id")) if "identity_id" in table.column_names else 0
     )
     return max(stored, present)
 
@@ -261,61 +272,83 @@ def vote_identities(
     return out
 
 
+def previous_positions(uids, face_indices, previous: pa.Table) -> np.ndarray:
+    """Row of each face (uid, face_index) in ``previous`` (an assignments table), -1 for faces not
+    in it. A hash join in Arrow: string keys of a million faces cost seconds in Python."""
+    N = len(uids)
+    out = np.full(N, -1, dtype=np.int64)
+    if previous is None or previous.num_rows == 0 or N == 0:
+        return out
+    cur = pa.table({"uid": pa.array(np.asarray(uids).astype(str), pa.string()),
+                    "face_index": pa.array(np.asarray(face_indices, dtype=np.int64)),
+                    "pos": pa.array(np.arange(N, dtype=np.int64))})
+    prv = pa.table({"uid": previous.column("uid").cast(pa.string()),
+                    "face_index": previous.column("face_index").cast(pa.int64()),
+                    "ppos": pa.array(np.arange(previous.num_rows, dtype=np.int64))})
+    j = cur.join(prv, keys=["uid", "face_index"], join_type="inner")
+    pos = j.column("pos").to_numpy()
+    if len(np.unique(pos)) != len(pos):
+        raise ValueError("duplicate (uid, face_index) rows in the previous identities table")
+    out[pos] = j.column("ppos").to_numpy()
+    return out
+
+
 def assign_incremental(
-    embeddings: np.ndarray,
-    keys: np.ndarray,
-    prev_keys: np.ndarray,
+    prev_pos: np.ndarray,
     prev_ids: np.ndarray,
     threshold: float,
-    k: int = 10,
-    min_votes: int = 1,
+    neighbours: tuple[np.ndarray, np.ndarray],
     cluster_new=None,
+    embeddings: np.ndarray | None = None,
     next_number: int | None = None,
-    neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+    min_votes: int = 1,
 ) -> tuple[np.ndarray, dict]:
-    """Faces in ``prev_keys`` keep their id; the others vote through the index or get new ids.
+    """Faces found in the previous table keep their id; the others vote through their neighbours
+    or get new ids.
 
-    ``cluster_new(E_sub) -> labels`` clusters the unmatched new faces (same method/threshold).
-    ``next_number``: first number for new ids (see :func:`high_water`); default largest + 1.
-    ``neighbours``: the new faces' k nearest among all faces (indices into ``embeddings``, rows in
-    the order of the new faces) when the caller searched already; only faces with an id vote."""
-    from .knn import search_index
-
-    keys = np.asarray(keys)
-    prev = dict(zip(np.asarray(prev_keys).tolist(), np.asarray(prev_ids).astype(str).tolist()))
-    ids = np.empty(len(keys), dtype=object)
-    known = np.array([k_ in prev for k_ in keys.tolist()], dtype=bool)
-    for pos in np.flatnonzero(known):
-        ids[pos] = prev[keys[pos]]
+    ``prev_pos``: per face its row in the previous table, -1 for new faces (:func:`previous_positions`).
+    ``prev_ids``: the previous table's identity ids. ``neighbours``: (indices, similarities) of the
+    new faces' k nearest among all faces, rows in the order of the new faces; only faces with an id
+    vote. ``cluster_new(E_sub) -> labels`` clusters the new faces no identity took (same method and
+    threshold; each becomes its own identity without it); ``embeddings`` are needed for it.
+    ``next_number``: first number for new ids (see :func:`high_water`); default largest + 1."""
+    prev_pos = np.asarray(prev_pos, dtype=np.int64)
+    prev_ids = np.asarray(prev_ids, dtype=object)
+    N = len(prev_pos)
+    ids = np.empty(N, dtype=object)
+    known = prev_pos >= 0
+    ids[known] = prev_ids[prev_pos[known]]
     new_pos = np.flatnonzero(~known)
     n_voted = 0
-    if len(new_pos) and known.any() and neighbours is not None:
+    if len(new_pos) and known.any():
         votes = vote_identities(neighbours[0], neighbours[1], ids, threshold, min_votes)
-        for p, v in zip(new_pos.tolist(), votes.tolist()):
-            if v is not None:
-                ids[p] = v
-                n_voted += 1
-    elif len(new_pos) and known.any():
-        db_pos = np.flatnonzero(known)
-        I, S = search_index(
-            np.ascontiguousarray(embeddings[db_pos]), np.ascontiguousarray(embeddings[new_pos]), k
-        )
-        votes = vote_identities(I, S, ids[db_pos], threshold, min_votes)
-        for p, v in zip(new_pos.tolist(), votes.tolist()):
-            if v is not None:
-                ids[p] = v
-                n_voted += 1
-    rest = np.array([p for p in new_pos.tolist() if ids[p] is None], dtype=np.int64)
+        got = np.array([v is not None for v in votes.tolist()], dtype=bool)
+        ids[new_pos[got]] = votes[got]
+        n_voted = int(got.sum())
+    rest = new_pos[np.array([ids[p] is None for p in new_pos.tolist()], dtype=bool)] if len(new_pos) else new_pos
+    mapping: dict = {}
     if len(rest):
         if cluster_new is None:
             sub_labels = np.arange(len(rest))
         else:
             sub_labels = np.asarray(cluster_new(np.ascontiguousarray(embeddings[rest])))
-        start = next_id_number(list(prev.values())) if next_number is None else int(next_number)
+        start = next_id_number(prev_ids.tolist()) if next_number is None else int(next_number)
         mapping = _new_ids_for_clusters(sub_labels, np.unique(sub_labels), start)
-        for p, lab in zip(rest.tolist(), sub_labels.tolist()):
-            ids[p] = mapping[lab]
-    stats = churn_stats(keys, ids, np.asarray(prev_keys), np.asarray(prev_ids).astype(str))
-    stats["new_faces_assigned_existing"] = n_voted
-    stats["new_faces_new_ids"] = len(rest)
+        ids[rest] = np.array([mapping[lab] for lab in sub_labels.tolist()], dtype=object)
+    in_both = int(known.sum())
+    n_old_ids = pa.compute.count_distinct(pa.array(prev_ids.tolist(), pa.string())).as_py() if len(prev_ids) else 0
+    kept = pa.compute.count_distinct(pa.array(prev_ids[prev_pos[known]].tolist(), pa.string())).as_py() if in_both else 0
+    stats = {
+        "faces_previous": len(prev_ids),
+        "faces_now": N,
+        "faces_in_both": in_both,
+        "faces_id_changed": 0,  # faces of the previous table keep their id in an incremental refresh
+        "faces_new": N - in_both,
+        "faces_removed": len(prev_ids) - in_both,
+        "ids_kept": kept,
+        "ids_created": len(mapping),
+        "ids_retired": n_old_ids - kept,
+        "new_faces_assigned_existing": n_voted,
+        "new_faces_new_ids": len(rest),
+    }
     return ids, stats
