@@ -274,7 +274,7 @@ def test_refresh_searches_new_faces_through_the_kept_cells_and_matches_an_exact_
 def test_refresh_trains_cells_when_none_were_kept_or_they_do_not_fit():
     from pipeline.identity.knn import IvfIndex
 
-    uids, fidx, E, old, first = _two_builds(n=12_000)
+    uids, fidx, E, _old, first = _two_builds(n=12_000)
     for index, why in ((None, "no cells were kept"),
                        (IvfIndex(first.index.cells[:, :8].copy(), first.index.coarse[:, :8].copy(), 6, 11_880), "dimension"),
                        (IvfIndex(first.index.cells, first.index.coarse, 6, 1_000), "grew")):

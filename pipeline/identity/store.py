@@ -25,7 +25,7 @@ def read_ivf_index(layout) -> IvfIndex | None:
             return None
         with path.open("rb") as f:
             return IvfIndex.from_bytes(f.read())
-    except Exception:  # unreadable, truncated (zipfile.BadZipFile) or foreign: retrained, which is only slower
+    except Exception:  # noqa: BLE001  unreadable, truncated (zipfile.BadZipFile) or foreign: retrained, which is only slower
         return None
 
 
