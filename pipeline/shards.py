@@ -241,17 +241,23 @@ def iter_samples(dataset_dir: Path, exts: tuple[str, ...] = ("json",)):
     """Samples of a split folder read back from its tars (every *.tar, in name order), with only the
     members whose extension is in ``exts``: dicts {"__key__", "__shard__", ext: bytes}."""
     for path in sorted(Path(dataset_dir).glob("*.tar")):
-        current: dict | None = None
-        with tarfile.open(path) as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__shard__": path.name}
-                if ext in exts:
-                    current[ext] = tf.extractfile(m).read()
-        if current is not None:
-            yield current
+        yield from iter_shard(path, exts)
+
+
+def iter_shard(path: Path, exts: tuple[str, ...] = ("json",)):
+    """The samples of one tar, as :func:`iter_samples` gives them."""
+    path = Path(path)
+    current: dict | None = None
+    with tarfile.open(path) as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key, _, ext = m.name.partition(".")
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__shard__": path.name}
+            if ext in exts:
+                current[ext] = tf.extractfile(m).read()
+    if current is not None:
+        yield current

@@ -1,0 +1,211 @@
+"""Shard reuse across versions: a new version re-selects only the buckets a change touches, hard-links
+the other buckets' shards from the previous version, and writes the same bytes as a build from scratch."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline.config import Layout
+from pipeline.datasets import release, reusable_version
+from pipeline.faces import faces_schema
+from pipeline.faces.folders import IDENTITIES_SCHEMA
+from pipeline.ingest import IMAGES_SCHEMA
+from pipeline.multiid import MultiIDConfig, build_multiid_dataset
+from pipeline.multiid.build import bucket_of
+from pipeline.multiid.release import multiid_version
+from pipeline.multiid.release import release_checks as multiid_checks
+
+CFG = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False)
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+def _groups(n: int) -> list[str]:
+    """Group names whose components (smallest identity id "<group>-a") land in distinct buckets."""
+    out, used, k = [], set(), 0
+    while len(out) < n:
+        b = bucket_of(f"g{k}-a", CFG.reuse_buckets)
+        if b not in used:
+            used.add(b)
+            out.append(f"g{k}")
+        k += 1
+    return out
+
+
+def _photo(tmp: Path, uid: str, rng) -> dict:
+    small = rng.integers(0, 255, (24, 48, 3), dtype=np.uint8)  # distinct blocks: distinct pHashes, small PNGs
+    p = tmp / f"{uid}.png"
+    Image.fromarray(small).resize((480, 240), Image.NEAREST).save(p)
+    return {"uid": uid, "source": "syn", "path": str(p), "offset": 0, "length": p.stat().st_size, "width": 480, "height": 240}
+
+
+def _face(uid, fi, name, base, rng) -> tuple[dict, dict]:
+    e = _unit(base[name] + 0.18 * _unit(rng.normal(size=128)))
+    x = 240 * fi + 40
+    lm = [x + 40, 100, x + 60, 100, x + 100, 100, x + 120, 100, x + 80, 140]
+    face = {"uid": uid, "source": "syn", "face_index": fi, "x1": x, "y1": 50, "x2": x + 160, "y2": 230, "landmarks": lm,
+            "det_score": 2.0, "face_width": 160, "face_height": 180, "blur": 300.0, "yaw": float(rng.normal(0, 15)),
+            "pitch": float(rng.normal(0, 10)), "roll": 0.0, "embedding": e.astype(np.float32).tolist(),
+            "backend": "dlib", "model_version": "syn"}
+    return face, {"uid": uid, "face_index": fi, "identity_id": name}
+
+
+def _collection(tmp: Path, groups: list[str], photos_per_group: int = 6, extra: list[tuple[str, list[str]]] = ()):
+    """Disjoint groups of three people (each group one co-occurrence component); ``extra``: more photos
+    as (uid, [identity ids])."""
+    rng = np.random.default_rng(0)
+    names = [f"{g}-{c}" for g in groups for c in "abc"]
+    base = {n: _unit(rng.normal(size=128)) for n in names}
+    imgs, faces, ids = [], [], []
+    for g in groups:
+        people = [f"{g}-{c}" for c in "abc"]
+        for k in range(photos_per_group):
+            uid = f"{g}-p{k:02d}"
+            imgs.append(_photo(tmp, uid, rng))
+            who = [people[k % 3]] if k < 3 else [people[k % 3], people[(k + 1) % 3]]
+            for fi, name in enumerate(who):
+                f, i = _face(uid, fi, name, base, rng)
+                faces.append(f)
+                ids.append(i)
+    for uid, who in extra:
+        imgs.append(_photo(tmp, uid, np.random.default_rng(len(uid) + 7)))
+        for fi, name in enumerate(who):
+            f, i = _face(uid, fi, name, base, np.random.default_rng(fi + 11))
+            faces.append(f)
+            ids.append(i)
+    return (pa.Table.from_pylist(imgs, schema=IMAGES_SCHEMA), pa.Table.from_pylist(faces, schema=faces_schema(128)),
+            pa.Table.from_pylist(ids, schema=IDENTITIES_SCHEMA))
+
+
+def _release_multiid(layout: Layout, images, faces, ids, cfg=CFG):
+    """What the multiid asset does: the content id, a build that reuses the latest version, the checks."""
+    version, _ = multiid_version(images, faces, ids, cfg)
+    previous = reusable_version(layout, "multiid")
+
+    def build(folder):
+        return build_multiid_dataset(images, faces, ids, folder, cfg, version=version, reuse_from=previous)
+
+    def checks(folder, res):
+        return multiid_checks(folder, faces, ids, res.pairs)
+
+    rel = release(layout, "multiid", version, build, checks)
+    assert rel.published and rel.passed, rel.problems
+    return rel
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file of a version."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _bucket_shards(folder: Path) -> dict[str, list[str]]:
+    rec = json.loads((folder / "buckets.json").read_text())["buckets"]
+    return {b: [f"{s}/{sh['name']}" for s, shards in sorted(r["shards"].items()) for sh in shards] for b, r in rec.items()}
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reuse")
+    groups = _groups(5)
+    a_tables = _collection(tmp, groups)
+    layout = Layout(tmp / "home")
+    a = _release_multiid(layout, *a_tables)
+    touched = groups[2]
+    b_tables = _collection(tmp, groups, extra=[("zz-new", [f"{touched}-b"])])
+    b = _release_multiid(layout, *b_tables)
+    return tmp, groups, touched, a_tables, b_tables, a, b
+
+
+def test_a_new_photo_rebuilds_only_its_bucket(two_versions):
+    tmp, groups, touched, _, _, a, b = two_versions
+    assert a.result.stats["buckets_rebuilt"] == len(groups) and a.result.stats["buckets_reused"] == 0
+    assert "eval_fallback" not in b.result.stats  # the fallback would select one bucket twice
+    assert a.result.stats["per_split"].get("eval") and a.result.stats["per_split"].get("train")
+    # only the touched bucket ran the selection; the others were taken from version A
+    assert b.result.stats["selections_run"] == 1
+    assert b.result.stats["buckets_rebuilt"] == 1 and b.result.stats["buckets_reused"] == len(groups) - 1
+    assert b.result.stats["bytes_reused"] > 0 and b.result.stats["buckets_not_reused_corrupt"] == []
+    hot = f"b{bucket_of(f'{touched}-a', CFG.reuse_buckets):04d}"
+    in_a, in_b = _bucket_shards(a.folder), _bucket_shards(b.folder)
+    assert set(in_a) == set(in_b) == {f"b{bucket_of(f'{g}-a', CFG.reuse_buckets):04d}" for g in groups}
+    for name, files in in_b.items():
+        assert files, name
+        for rel in files:
+            same = (a.folder / rel).exists() and os.stat(a.folder / rel).st_ino == os.stat(b.folder / rel).st_ino
+            assert same == (name != hot), (name, rel)
+            if name != hot:
+                assert os.stat(b.folder / rel).st_nlink == 2
+    # the touched bucket changed: it holds the new photo's sample or reference
+    changed = {rel for rel in in_b[hot] if not (a.folder / rel).exists()
+               or _files(a.folder).get(rel) != _files(b.folder).get(rel)}
+    assert changed
+    pairs = b.result.pairs.to_pylist()
+    assert any("zz-new" in (r["target_uid"], r["ref_uid"]) for r in pairs)
+    # the stats of the card sum reused and rebuilt buckets
+    assert sum(b.result.stats["targets"].values()) == b.result.stats["images"] == a.result.stats["images"] + 1
+
+
+def _compare(folder_a: Path, folder_b: Path) -> list[str]:
+    fa, fb = _files(folder_a), _files(folder_b)
+    return [f"{k}: {fa.get(k)} != {fb.get(k)}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def test_reused_version_is_byte_identical_to_a_fresh_build(two_versions):
+    tmp, _, _, _, b_tables, _, b = two_versions
+    fresh = _release_multiid(Layout(tmp / "fresh-home"), *b_tables)
+    assert fresh.version == b.version and fresh.result.stats["buckets_reused"] == 0
+    assert _compare(b.folder, fresh.folder) == []
+    assert b.result.stats == {**fresh.result.stats, **{k: b.result.stats[k] for k in
+                                                         ("buckets_reused", "buckets_rebuilt", "bytes_reused", "selections_run")}}
+
+
+def test_the_comparison_fails_when_a_fingerprint_misses_an_input(two_versions, monkeypatch):
+    """The byte comparison can fail: a fingerprint blind to embeddings reuses a bucket whose faces changed."""
+    import pipeline.multiid.build as build
+
+    tmp, groups, touched, a_tables, b_tables, _, _ = two_versions
+    images, faces, ids = b_tables
+    real = build.fingerprint_table
+    monkeypatch.setattr(build, "fingerprint_table", lambda t, cols, by: real(t, [c for c in cols if c != "embedding"], by))
+    layout = Layout(tmp / "blind-home")
+    _release_multiid(layout, *b_tables)
+    # another group's faces get new embeddings (its people now look like one person)
+    other = groups[0]
+    emb = faces.column("embedding").to_pylist()
+    mine = [i for i, u in enumerate(faces.column("uid").to_pylist()) if u.startswith(f"{other}-")]
+    for i in mine:
+        emb[i] = emb[mine[0]]
+    changed = faces.set_column(faces.column_names.index("embedding"), "embedding", pa.array(emb, faces.schema.field("embedding").type))
+    blind = _release_multiid(layout, images, changed, ids)
+    monkeypatch.setattr(build, "fingerprint_table", real)
+    fresh = _release_multiid(Layout(tmp / "fresh-home-2"), images, changed, ids)
+    assert blind.version == fresh.version and blind.result.stats["buckets_reused"] == len(groups)
+    assert _compare(blind.folder, fresh.folder)  # the wrongly reused bucket shows
+
+
+def test_a_corrupted_previous_shard_is_rebuilt_not_linked(tmp_path):
+    groups = _groups(3)
+    layout = Layout(tmp_path / "home")
+    a = _release_multiid(layout, *_collection(tmp_path, groups))
+    victim_bucket, files = sorted(_bucket_shards(a.folder).items())[0]
+    victim = a.folder / files[0]
+    data = bytearray(victim.read_bytes())
+    data[-2000] ^= 0xFF  # one flipped byte inside the last member, same size
+    os.chmod(victim, 0o644)
+    victim.write_bytes(bytes(data))
+    b_tables = _collection(tmp_path, groups, extra=[("zz-new", [f"{groups[1]}-a"])])
+    b = _release_multiid(layout, *b_tables)
+    assert any(x.startswith(victim_bucket) for x in b.result.stats["buckets_not_reused_corrupt"])
+    assert os.stat(b.folder / files[0]).st_ino != os.stat(victim).st_ino
+    fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables)
+    assert _compare(b.folder, fresh.folder) == []
