@@ -127,7 +127,7 @@ def two_versions(tmp_path_factory):
 
 
 def test_a_new_photo_rebuilds_only_its_bucket(two_versions):
-    tmp, groups, touched, _, _, a, b = two_versions
+    _, groups, touched, _, _, a, b = two_versions
     assert a.result.stats["buckets_rebuilt"] == len(groups) and a.result.stats["buckets_reused"] == 0
     assert "eval_fallback" not in b.result.stats  # the fallback would select one bucket twice
     assert a.result.stats["per_split"].get("eval") and a.result.stats["per_split"].get("train")
@@ -171,9 +171,9 @@ def test_reused_version_is_byte_identical_to_a_fresh_build(two_versions):
 
 def test_the_comparison_fails_when_a_fingerprint_misses_an_input(two_versions, monkeypatch):
     """The byte comparison can fail: a fingerprint blind to embeddings reuses a bucket whose faces changed."""
-    import pipeline.multiid.build as build
+    from pipeline.multiid import build
 
-    tmp, groups, touched, a_tables, b_tables, _, _ = two_versions
+    tmp, groups, _, _, b_tables, _, _ = two_versions
     images, faces, ids = b_tables
     real = build.fingerprint_table
     monkeypatch.setattr(build, "fingerprint_table", lambda t, cols, by: real(t, [c for c in cols if c != "embedding"], by))
@@ -197,7 +197,7 @@ def test_a_corrupted_previous_shard_is_rebuilt_not_linked(tmp_path):
     groups = _groups(3)
     layout = Layout(tmp_path / "home")
     a = _release_multiid(layout, *_collection(tmp_path, groups))
-    victim_bucket, files = sorted(_bucket_shards(a.folder).items())[0]
+    victim_bucket, files = min(_bucket_shards(a.folder).items())
     victim = a.folder / files[0]
     data = bytearray(victim.read_bytes())
     data[-2000] ^= 0xFF  # one flipped byte inside the last member, same size

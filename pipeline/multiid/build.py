@@ -29,7 +29,6 @@ import hashlib
 import io
 import json
 import math
-import os
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +44,18 @@ from pipeline.ids import stable_key
 from pipeline.multiid import dedup
 from pipeline.multiid.config import MultiIDConfig
 from pipeline.multiid.splits import identity_split
-from pipeline.shards import ShardInfo, config_fingerprint, iter_shard, write_manifest, write_shards
+from pipeline.shards import (
+    BUCKETS_FILE,
+    ShardInfo,
+    config_fingerprint,
+    iter_shard,
+    link_or_copy,
+    previous_buckets,
+    shard_record,
+    shards_intact,
+    write_manifest,
+    write_shards,
+)
 from pipeline.splits import hash_fraction
 from pipeline.storage import write_parquet_atomic
 
@@ -340,7 +350,6 @@ def bucket_of(group: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(f"multiid-bucket\x1f{group}".encode()).digest()[:8], "big") % n
 
 
-BUCKETS_FILE = "buckets.json"
 IMAGE_COLUMNS = ["uid", "source", "caption", "width", "height"]  # what a sample takes from the images table
 
 
@@ -419,7 +428,7 @@ class _Plan:
                 h.update(fingerprint_table(t.take(per.get(b.index, [])), cols, sort_by).encode())
             b.base_fingerprint = h.hexdigest()[:32]
         self.previous = Path(previous) if previous is not None else None
-        self.previous_records = _previous_records(self.previous)
+        self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet"))
         self._prev_tables: dict[str, pa.Table] = {}
         self.selections = 0
         self.corrupt: list[str] = []
@@ -440,7 +449,8 @@ class _Plan:
         b.previous = None
         rec = self.previous_records.get(b.name)
         if rec is not None and rec.get("fingerprint") == b.fingerprint:
-            problems = _verify_record(self.previous, rec)
+            problems = [f"{split}/{p}" for split, shards in sorted(rec.get("shards", {}).items())
+                        for p in shards_intact(self.previous / split, shards)]
             if not problems:
                 b.previous = rec
                 b.counts = rec["counts"]
@@ -552,51 +562,6 @@ def _merge_counts(parts: list[dict]) -> dict:
                                  "keypoints": merged["cache_evictions"].get("keypoints", 0)}
     merged.update(persons=persons, unreadable=dict(sorted(unreadable.items())), **sims)
     return merged
-
-
-def _previous_records(folder: Path | None) -> dict[str, dict]:
-    """bucket name -> its record in a previous version's buckets.json (empty when there is none: a version
-    of an older builder, an object-store path, a missing or unreadable file)."""
-    if folder is None:
-        return {}
-    try:
-        from pipeline.storage import is_remote
-
-        if is_remote(folder):
-            return {}
-        data = json.loads((Path(folder) / BUCKETS_FILE).read_text())
-        if not ((Path(folder) / "pairs.parquet").exists() and (Path(folder) / "candidates.parquet").exists()):
-            return {}
-        return dict(data.get("buckets", {}))
-    except (OSError, ValueError):
-        return {}
-
-
-def _verify_record(folder: Path, rec: dict) -> list[str]:
-    """A previous bucket's shard files re-read against its record (size and sha256): empty when intact."""
-    from pipeline.shards import file_sha256
-
-    problems = []
-    for split, shards in sorted(rec.get("shards", {}).items()):
-        for sh in shards:
-            p = Path(folder) / split / sh["name"]
-            if not p.is_file():
-                problems.append(f"{split}/{sh['name']} missing")
-            elif p.stat().st_size != sh["bytes"] or file_sha256(p) != sh["sha256"]:
-                problems.append(f"{split}/{sh['name']} size or sha256 differs from its record")
-    return problems
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link a published shard into the staging folder (published files are never rewritten, so the
-    two versions may share the inode); copy when a link is impossible (another file system)."""
-    import shutil
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[str]]:
@@ -959,7 +924,7 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
                 if b.previous is not None:
                     infos = [ShardInfo(**sh) for sh in b.previous["shards"].get(split, [])]
                     for sh in infos:
-                        _link_or_copy(plan.previous / split / sh.name, d / sh.name)
+                        link_or_copy(plan.previous / split / sh.name, d / sh.name)
                         reused_bytes += sh.bytes
                 else:
                     split_samples = [s for s in b.samples if s["split"] == split]
@@ -967,7 +932,7 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
                                          f"{cfg.dataset_name}-{split}-{b.name}", cfg.shard_max_count, cfg.shard_max_bytes)
                 shards[split] += infos
                 if infos:
-                    rec["shards"][split] = [{"name": i.name, "samples": i.samples, "bytes": i.bytes, "sha256": i.sha256} for i in infos]
+                    rec["shards"][split] = [shard_record(i) for i in infos]
             records[b.name] = rec
         samples = plan.samples()  # the reused ones as read back; the rebuilt ones now carry their members
         for split in ("train", "eval"):
