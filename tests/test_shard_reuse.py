@@ -209,3 +209,115 @@ def test_a_corrupted_previous_shard_is_rebuilt_not_linked(tmp_path):
     assert os.stat(b.folder / files[0]).st_ino != os.stat(victim).st_ino
     fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables)
     assert _compare(b.folder, fresh.folder) == []
+
+
+# ---- expression pairs ---------------------------------------------------------------------------
+
+
+def _expression_tables(extra: int = 0, moved: str | None = None):
+    """Faces of distinct people with two expressions (and ``extra`` surprised faces), descriptors, boxes."""
+    from pipeline.expression import EMOTIONS
+
+    rng = np.random.default_rng(3)
+    rows = [(f"p{i:02d}", ("happy", "neutral")[i % 2]) for i in range(40)] + [(f"s{i:02d}", "surprise") for i in range(extra)]
+    geo = {"happy": [0.2, 1.1, 0.09, 0.3, 0.18], "neutral": [0.02, 0.85, 0.15, 0.3, 0.02], "surprise": [0.5, 0.9, 0.3, 0.4, 0.0]}
+    probs, embs, geos, yaws = [], [], [], []
+    for _uid, expr in rows:
+        v = np.full(7, 0.1 / 6, np.float32)
+        v[EMOTIONS.index(expr)] = 0.9
+        probs.append(v.tolist())
+        embs.append(_unit(rng.normal(size=32)).astype(np.float32).tolist())
+        geos.append((np.asarray(geo[expr]) + rng.normal(0, 0.01, 5)).tolist())
+        yaws.append(float(rng.normal(0, 5)))
+    uids = [r[0] for r in rows]
+    faces = pa.table({
+        "uid": uids, "face_index": pa.array([0] * len(rows), pa.int32()), "identity_id": [f"id-{u}" for u in uids],
+        "embedding": embs, "face_width": [150.0] * len(rows), "face_height": [160.0] * len(rows), "blur": [300.0] * len(rows),
+        "det_score": [1.5] * len(rows), "yaw": yaws, "pitch": [0.0] * len(rows),
+        "backend": ["dlib"] * len(rows), "model_version": ["syn"] * len(rows),
+    })
+    desc = pa.table({"uid": uids, "face_index": pa.array([0] * len(rows), pa.int32()), "probs": probs, "geometry": geos})
+    boxes = {(u, 0): [10.0, 10.0, 60.0, 70.0] for u in uids}
+    if moved:
+        boxes[(moved, 0)] = [12.0, 10.0, 62.0, 70.0]
+    for i, c in enumerate(("x1", "y1", "x2", "y2")):  # in the faces table too: the version id covers them
+        faces = faces.append_column(c, pa.array([boxes[(u, 0)][i] for u in uids], pa.float32()))
+    return faces, desc, boxes
+
+
+def _release_expression(layout: Layout, faces, desc, boxes):
+    from pipeline.expression import PairConfig, build_expression_pairs, write_expression_dataset
+    from pipeline.expression.release import expression_version
+    from pipeline.expression.release import release_checks as expression_checks
+
+    cfg = PairConfig(max_identity_cos=0.5)
+    ids = faces.select(["uid", "face_index", "identity_id"])
+    version, _ = expression_version(faces, desc, ids, cfg)
+    previous = reusable_version(layout, "expression")
+    report: dict = {}
+
+    def crop(uid, fi):
+        x1, y1, x2, y2 = (int(v) for v in boxes[(uid, fi)])
+        seed = int.from_bytes(hashlib.sha256(uid.encode()).digest()[:4], "big")
+        img = np.random.default_rng(seed).integers(0, 255, (80, 80, 3), dtype=np.uint8)
+        return img[y1:y2, x1:x2]
+
+    def build(folder):
+        res = build_expression_pairs(faces, desc, cfg)
+        write_expression_dataset(res.pairs, crop, folder, cfg, res.stats, version=version,
+                                 crop_inputs=lambda u, f: [u, boxes[(u, f)]], reuse_from=previous, report=report)
+        return res
+
+    rel = release(layout, "expression", version, build, lambda folder, res: expression_checks(folder, ids, res.pairs))
+    assert rel.published and rel.passed, rel.problems
+    return rel, report
+
+
+def _expression_buckets(folder: Path) -> dict[str, list[str]]:
+    rec = json.loads((folder / "buckets.json").read_text())["buckets"]
+    return {b: [sh["name"] for sh in r["shards"]] for b, r in rec.items()}
+
+
+def test_expression_shards_of_unchanged_buckets_are_reused(tmp_path):
+    from pipeline.expression.pairs import pair_bucket
+
+    layout = Layout(tmp_path / "home")
+    a, ra = _release_expression(layout, *_expression_tables())
+    assert ra["buckets_reused"] == 0 and ra["buckets_rebuilt"] == len(_expression_buckets(a.folder)) > 5
+    # two surprised faces: one new pair, in one bucket; every other pair and its crops are as before
+    b_tables = _expression_tables(extra=2)
+    b, rb = _release_expression(layout, *b_tables)
+    new = set(b.result.pairs.column("pair_id").to_pylist()) - set(a.result.pairs.column("pair_id").to_pylist())
+    assert len(new) == 1
+    hot = f"b{pair_bucket(new.pop(), 64):04d}"
+    assert rb["buckets_rebuilt"] == 1 and rb["buckets_reused"] == len(_expression_buckets(b.folder)) - 1
+    assert rb["bytes_reused"] > 0 and rb["buckets_not_reused_corrupt"] == []
+    for bucket, names in _expression_buckets(b.folder).items():
+        for n in names:
+            same = (a.folder / n).exists() and os.stat(a.folder / n).st_ino == os.stat(b.folder / n).st_ino
+            assert same == (bucket != hot), (bucket, n)
+    fresh, rf = _release_expression(Layout(tmp_path / "fresh"), *b_tables)
+    assert rf["buckets_reused"] == 0 and fresh.version == b.version
+    assert _compare(b.folder, fresh.folder) == []
+    # a crop input changes (one face's box): the buckets of that face's pairs are cropped again, only them
+    c_tables = _expression_tables(extra=2, moved="p04")
+    c, rc = _release_expression(layout, *c_tables)
+    rows = c.result.pairs.to_pylist()
+    touched = {f"b{pair_bucket(r['pair_id'], 64):04d}" for r in rows if "p04" in (r["uid_a"], r["uid_b"])}
+    assert touched and rc["buckets_rebuilt"] == len(touched)
+    assert _compare(c.folder, _release_expression(Layout(tmp_path / "fresh-c"), *c_tables)[0].folder) == []
+
+
+def test_expression_corrupted_previous_shard_is_rebuilt(tmp_path):
+    layout = Layout(tmp_path / "home")
+    a, _ = _release_expression(layout, *_expression_tables())
+    bucket, names = min(_expression_buckets(a.folder).items())
+    victim = a.folder / names[0]
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    b_tables = _expression_tables(extra=2)
+    b, rb = _release_expression(layout, *b_tables)
+    assert any(x.startswith(bucket) for x in rb["buckets_not_reused_corrupt"])
+    assert os.stat(b.folder / names[0]).st_ino != os.stat(victim).st_ino
+    assert _compare(b.folder, _release_expression(Layout(tmp_path / "fresh"), *b_tables)[0].folder) == []
