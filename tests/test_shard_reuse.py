@@ -321,3 +321,28 @@ def test_expression_corrupted_previous_shard_is_rebuilt(tmp_path):
     assert any(x.startswith(bucket) for x in rb["buckets_not_reused_corrupt"])
     assert os.stat(b.folder / names[0]).st_ino != os.stat(victim).st_ino
     assert _compare(b.folder, _release_expression(Layout(tmp_path / "fresh"), *b_tables)[0].folder) == []
+
+
+def test_eval_fallback_with_reuse_matches_a_fresh_build(tmp_path):
+    """When the hash leaves eval empty, one component moves to eval (global decision): with reuse the
+    version is still byte-identical to a fresh build, and the moved component's bucket is re-selected."""
+    from dataclasses import replace
+
+    from pipeline.multiid.splits import identity_split
+
+    cfg = replace(CFG, eval_fraction=0.02)
+    groups = _groups(4)
+    assert all(identity_split(f"{g}-{c}", 0.02, cfg.split_salt) == "train" for g in groups for c in "abc")
+    layout = Layout(tmp_path / "home")
+    a = _release_multiid(layout, *_collection(tmp_path, groups), cfg=cfg)
+    moved = a.result.stats["eval_fallback"]
+    assert moved and a.result.stats["per_split"].get("eval")
+    untouched = next(g for g in groups if f"{g}-a" not in moved)
+    b_tables = _collection(tmp_path, groups, extra=[("zz-new", [f"{untouched}-b"])])
+    b = _release_multiid(layout, *b_tables, cfg=cfg)
+    assert b.result.stats["eval_fallback"] == moved
+    # the touched bucket, the moved bucket without its override (to decide that the fallback applies)
+    # and with it (taken from version A: same fingerprint, override included)
+    assert b.result.stats["selections_run"] == 2 and b.result.stats["buckets_reused"] == len(groups) - 1
+    fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables, cfg=cfg)
+    assert fresh.version == b.version and _compare(b.folder, fresh.folder) == []
