@@ -86,7 +86,7 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
     import numpy as np
 
     from pipeline.collection import load_collection, load_identities
-    from pipeline.datasets import release
+    from pipeline.datasets import release, reusable_version
     from pipeline.expression.pairs import (
         PairConfig,
         build_expression_pairs,
@@ -116,9 +116,16 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
     def crop(uid, face_index):
         return np.asarray(crops.crop(uid, face_index))
 
+    def crop_inputs(uid, face_index):  # what decides a crop: the photo (its uid is its content), the box, decoding limits
+        return [uid, crops.boxes.get((uid, int(face_index))), repr(lineup.limits)]
+
+    previous = reusable_version(layout, "expression")
+    reuse: dict = {}
+
     def build(folder):
         res = build_expression_pairs(fcs, desc, cfg)
-        write_expression_dataset(res.pairs, crop, folder, cfg, res.stats, version=version)
+        write_expression_dataset(res.pairs, crop, folder, cfg, res.stats, version=version, crop_inputs=crop_inputs,
+                                 reuse_from=previous, report=reuse)
         return res
 
     def checks(folder, res):
@@ -141,6 +148,10 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
             "pairs": pairs.num_rows,
             "max_identity_cos": cfg.max_identity_cos,
             "stats": dg.MetadataValue.json(stats),
+            # shard reuse: buckets hard-linked from the previous version vs cropped again (0/0 when reused whole)
+            "buckets_reused": reuse.get("buckets_reused", 0),
+            "buckets_rebuilt": reuse.get("buckets_rebuilt", 0),
+            "bytes_reused": reuse.get("bytes_reused", 0),
             "collection": dg.MetadataValue.json(coll.coverage()),
             **pictures({"pairs_contact_sheet": contact_sheet(pairs, crop, max_pairs=12)}),
         },

@@ -30,7 +30,7 @@ CHECKS = {
 )
 def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     from pipeline.collection import load_collection, load_identities
-    from pipeline.datasets import release
+    from pipeline.datasets import release, reusable_version
     from pipeline.multiid import MultiIDConfig, build_multiid_dataset
     from pipeline.multiid.metrics import load_samples
     from pipeline.multiid.release import empty_explanation, multiid_card, multiid_version, split_counts
@@ -48,8 +48,10 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     sources = sorted(set(coll.images.column("partition").to_pylist()))
     context.log.info(f"multiid version {version} from {coll.images.num_rows} images, {coll.faces.num_rows} faces")
 
+    previous = reusable_version(layout, "multiid")  # unchanged buckets' shards are hard-linked from it
+
     def build(folder):
-        return build_multiid_dataset(coll.images, coll.faces, ids, folder, cfg, version=version)
+        return build_multiid_dataset(coll.images, coll.faces, ids, folder, cfg, version=version, reuse_from=previous)
 
     def checks(folder, res):
         pairs = res.pairs if res is not None else read_parquet(folder / "pairs.parquet")
@@ -80,6 +82,10 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "candidates_removed_by": dg.MetadataValue.json(stats.get("candidates_removed_by", {})),
             "target_drops": dg.MetadataValue.json(stats.get("targets", {})),
             "eval_fallback": dg.MetadataValue.json(stats.get("eval_fallback", [])),
+            # shard reuse: buckets taken from the previous version vs selected and written again
+            "buckets_reused": stats.get("buckets_reused", 0),
+            "buckets_rebuilt": stats.get("buckets_rebuilt", 0),
+            "bytes_reused": stats.get("bytes_reused", 0),
             "data_quality": dg.MetadataValue.json(stats.get("data_quality", {})),
             "collection": dg.MetadataValue.json(coll.coverage()),
             "lineage": dg.MetadataValue.json({k: v for k, v in parts.items() if k != "config"}),

@@ -108,6 +108,16 @@ def latest_version(layout: Layout, name: str) -> str | None:
     return v if v and is_published(layout, name, v) else None
 
 
+def reusable_version(layout: Layout, name: str) -> Path | None:
+    """The folder of the latest published version, for a builder to take unchanged shards from (hard
+    links); None when there is none, or in an object store: there a new version is built whole (no hard
+    links; a server-side copy of the unchanged shards would do, and is not implemented)."""
+    v = latest_version(layout, name)
+    if v is None or layout.remote:
+        return None
+    return Path(dataset_dir(layout, name, v))
+
+
 def published_versions(layout: Layout, name: str) -> list[str]:
     root = layout.datasets / name
     if not root.exists():

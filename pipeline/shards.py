@@ -241,17 +241,73 @@ def iter_samples(dataset_dir: Path, exts: tuple[str, ...] = ("json",)):
     """Samples of a split folder read back from its tars (every *.tar, in name order), with only the
     members whose extension is in ``exts``: dicts {"__key__", "__shard__", ext: bytes}."""
     for path in sorted(Path(dataset_dir).glob("*.tar")):
-        current: dict | None = None
-        with tarfile.open(path) as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__shard__": path.name}
-                if ext in exts:
-                    current[ext] = tf.extractfile(m).read()
-        if current is not None:
-            yield current
+        yield from iter_shard(path, exts)
+
+
+def iter_shard(path: Path, exts: tuple[str, ...] = ("json",)):
+    """The samples of one tar, as :func:`iter_samples` gives them."""
+    path = Path(path)
+    current: dict | None = None
+    with tarfile.open(path) as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key, _, ext = m.name.partition(".")
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__shard__": path.name}
+            if ext in exts:
+                current[ext] = tf.extractfile(m).read()
+    if current is not None:
+        yield current
+
+
+# ------------------------------------------------------------------------------------ reuse across versions
+
+BUCKETS_FILE = "buckets.json"  # per bucket of a version: its fingerprint and shard files (names, sizes, sha256)
+
+
+def previous_buckets(folder: Path | None, required: tuple[str, ...] = ()) -> dict[str, dict]:
+    """bucket name -> its record in a previous version's buckets.json; empty when there is none (no
+    folder, an object-store path, a version of an older builder, a missing ``required`` file, an
+    unreadable record): nothing is reused then."""
+    from pipeline.storage import is_remote
+
+    if folder is None or is_remote(folder):
+        return {}
+    try:
+        if not all((Path(folder) / r).is_file() for r in required):
+            return {}
+        return dict(json.loads((Path(folder) / BUCKETS_FILE).read_text()).get("buckets", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def shards_intact(folder: Path, entries: list[Mapping]) -> list[str]:
+    """Shard files of a previous version re-read against their records (size, then sha256): the
+    problems, empty when every file is intact and may be reused."""
+    problems = []
+    for sh in entries:
+        p = Path(folder) / sh["name"]
+        if not p.is_file():
+            problems.append(f"{sh['name']} missing")
+        elif p.stat().st_size != sh["bytes"] or file_sha256(p) != sh["sha256"]:
+            problems.append(f"{sh['name']} size or sha256 differs from its record")
+    return problems
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a published shard into a staging folder (published files are never rewritten, so two
+    versions may share the inode); copy when a link is impossible (another file system)."""
+    import shutil
+
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def shard_record(info: ShardInfo) -> dict:
+    return asdict(info)

@@ -60,6 +60,11 @@ class PairConfig:
     w_probs: float = 0.7  # weight of the class-probability term in the similarity
     neighbours: int = 64  # nearest faces in expression space examined per face (within its class)
     quality: QualityConfig | None = None  # when faces has no quality column; None: the backend's defaults
+    # shard reuse across versions: pair p goes to bucket hash(pair_id) % reuse_buckets, each bucket has its
+    # own shards, and a new version hard-links the shards of every bucket whose pairs and crop inputs did
+    # not change (only cropping and JPEG encoding are saved: the pairs are searched afresh). Fixed, so that
+    # a pair keeps its bucket as the collection grows; changing it rebuilds every bucket.
+    reuse_buckets: int = 64
 
 
 PAIR_SCHEMA = pa.schema(
@@ -324,6 +329,16 @@ def pair_samples(pairs: pa.Table, crop: CropFn, extra: Mapping | None = None):
         }
 
 
+SHARD_PREFIX = "expression-pairs"
+
+
+def pair_bucket(pair_id: str, n: int) -> int:
+    """The bucket of a pair: a hash of its id modulo the fixed ``reuse_buckets``."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"expr-bucket\x1f{pair_id}".encode()).digest()[:8], "big") % n
+
+
 def write_expression_dataset(
     pairs: pa.Table,
     crop: CropFn,
@@ -332,15 +347,80 @@ def write_expression_dataset(
     stats: Mapping | None = None,
     max_count: int = 10_000,
     version: str | None = None,
+    crop_inputs: Callable[[str, int], object] | None = None,
+    reuse_from: Path | None = None,
+    report: dict | None = None,
 ) -> Path:
-    """Shards ``expression-pairs-NNNNNN.tar`` + manifest.json (recording the dataset ``version`` id) and
-    pairs.parquet in out_dir (one dataset version)."""
-    from pipeline.shards import write_manifest, write_shards
-    from pipeline.storage import write_parquet_atomic
+    """Shards ``expression-pairs-b<bucket>-NNNNNN.tar`` (one set per bucket of pairs) + manifest.json
+    (recording the dataset ``version`` id), pairs.parquet and buckets.json in out_dir (one version).
+
+    ``crop_inputs(uid, face_index)``: a JSON-able value that decides the crop ``crop`` returns (the image
+    uid, the face box, decoding limits); with it every bucket gets a fingerprint (its pair rows, both
+    faces' crop inputs, the config, the builder), and with ``reuse_from`` (a previous version's local
+    folder) a bucket whose fingerprint is recorded there, and whose shard files still match their recorded
+    sha256, is hard-linked instead of cropped again. Returns the manifest path; ``report`` (a dict) is
+    filled with what was reused (``buckets_reused``, ``buckets_rebuilt``, ``bytes_reused``,
+    ``buckets_not_reused_corrupt``), which is not written into the version."""
+    import hashlib
+
+    from pipeline import __version__
+    from pipeline.expression.release import BUILDER_VERSION
+    from pipeline.shards import (
+        BUCKETS_FILE,
+        ShardInfo,
+        link_or_copy,
+        previous_buckets,
+        shard_record,
+        shards_intact,
+        write_manifest,
+        write_shards,
+    )
+    from pipeline.storage import write_bytes_atomic, write_parquet_atomic
 
     cfg = asdict(config) if isinstance(config, PairConfig) else dict(config)
-    shards = write_shards(pair_samples(pairs, crop), out_dir, "expression-pairs", max_count=max_count)
-    write_parquet_atomic(pairs, Path(out_dir) / "pairs.parquet")
+    n_buckets = int(cfg.get("reuse_buckets", 1) or 1)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = pairs.to_pylist()
+    by_bucket: dict[int, list[dict]] = {}
+    for r in rows:
+        by_bucket.setdefault(pair_bucket(r["pair_id"], n_buckets), []).append(r)
+    common = json.dumps({"builder": BUILDER_VERSION, "library": __version__, "config": cfg, "max_count": max_count},
+                        sort_keys=True, default=str)
+    previous = previous_buckets(reuse_from, ("pairs.parquet",)) if crop_inputs is not None else {}
+    shards: list = []
+    records = {}
+    reuse = {"buckets_reused": 0, "buckets_rebuilt": 0, "bytes_reused": 0, "buckets_not_reused_corrupt": []}
+    for b, brows in sorted(by_bucket.items()):
+        name = f"b{b:04d}"
+        fp = None
+        if crop_inputs is not None:
+            h = hashlib.sha256(common.encode())
+            for r in sorted(brows, key=lambda r: r["pair_id"]):
+                h.update(json.dumps([r, crop_inputs(r["uid_a"], r["face_index_a"]), crop_inputs(r["uid_b"], r["face_index_b"])],
+                                    sort_keys=True, default=str).encode())
+            fp = h.hexdigest()[:32]
+        rec = previous.get(name)
+        problems = shards_intact(reuse_from, rec["shards"]) if rec is not None and fp is not None and rec.get("fingerprint") == fp else None
+        if problems == []:
+            infos = [ShardInfo(**sh) for sh in rec["shards"]]
+            for sh in infos:
+                link_or_copy(Path(reuse_from) / sh.name, out_dir / sh.name)
+                reuse["bytes_reused"] += sh.bytes
+            reuse["buckets_reused"] += 1
+        else:
+            reuse["buckets_not_reused_corrupt"] += [f"{name}: {p}" for p in problems or []]
+            infos = write_shards(pair_samples(pa.Table.from_pylist(brows, schema=pairs.schema), crop), out_dir,
+                                 f"{SHARD_PREFIX}-{name}", max_count=max_count)
+            reuse["buckets_rebuilt"] += 1
+        shards += infos
+        records[name] = {"fingerprint": fp, "pairs": len(brows),
+                         "shards": [shard_record(i) for i in infos]}
+    write_parquet_atomic(pairs, out_dir / "pairs.parquet")
+    write_bytes_atomic(json.dumps({"bucket_count": n_buckets, "buckets": records}, sort_keys=True, indent=1).encode(),
+                       out_dir / BUCKETS_FILE)
+    if report is not None:
+        report.update(reuse)
     return write_manifest(out_dir, "expression_pairs", shards, cfg, extra={"stats": dict(stats or {})}, version=version)
 
 

@@ -17,7 +17,7 @@ from pipeline import __version__
 from pipeline.datasets import DatasetCard, fingerprint_table, removal_text, removals_section, version_id
 from pipeline.shards import iter_samples, read_manifest, verify_manifest
 
-BUILDER_VERSION = "expression-builder-2"
+BUILDER_VERSION = "expression-builder-3"  # 3: shards per bucket of pairs (reuse)
 FACE_COLUMNS = ["uid", "face_index", "x1", "y1", "x2", "y2", "landmarks", "det_score", "face_width", "face_height",
                 "blur", "yaw", "pitch", "roll", "embedding", "backend", "model_version"]
 

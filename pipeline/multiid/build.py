@@ -25,7 +25,9 @@ Recipe, per target image (all images, in uid order):
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -36,12 +38,24 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.cache import LRU
+from pipeline.datasets import fingerprint_table
 from pipeline.decode import encode_jpeg
 from pipeline.ids import stable_key
 from pipeline.multiid import dedup
 from pipeline.multiid.config import MultiIDConfig
 from pipeline.multiid.splits import identity_split
-from pipeline.shards import ShardInfo, config_fingerprint, write_manifest, write_shards
+from pipeline.shards import (
+    BUCKETS_FILE,
+    ShardInfo,
+    config_fingerprint,
+    iter_shard,
+    link_or_copy,
+    previous_buckets,
+    shard_record,
+    shards_intact,
+    write_manifest,
+    write_shards,
+)
 from pipeline.splits import hash_fraction
 from pipeline.storage import write_parquet_atomic
 
@@ -253,8 +267,18 @@ def ref_crop(data: bytes, bbox, margin: float, max_side: int, quality: int) -> t
 
 
 def _hist(values, bins=SIM_BINS) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    counts, edges = np.histogram(v, bins=bins)
+    return _hist_from_counts(np.histogram(np.asarray(values, dtype=np.float64), bins=bins)[0], bins)
+
+
+def _hist_counts(values, bins=SIM_BINS) -> dict[str, int]:
+    """The non-zero bins of a histogram, by bin index (JSON-friendly, additive over buckets)."""
+    counts = np.histogram(np.asarray(values, dtype=np.float64), bins=bins)[0]
+    return {str(int(i)): int(counts[i]) for i in np.nonzero(counts)[0]}
+
+
+def _hist_from_counts(counts, bins=SIM_BINS) -> dict:
+    edges = np.asarray(bins, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.int64)
     nz = np.nonzero(counts)[0]
     return {"bin_edges": [float(e) for e in edges], "counts": [int(c) for c in counts], "nonzero": {f"{edges[i]:.2f}": int(counts[i]) for i in nz}}
 
@@ -305,33 +329,239 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
     When the hash leaves eval without a sample but the collection has at least two, a group of people
     who appear together moves to eval: the co-occurrence component (people linked by sharing a photo)
     of a sample, lowest identity hash first, so that its photos and references move with it (small
-    collections; recorded in the stats as ``eval_fallback``)."""
-    config.validate()
-    cfg = config.resolved()
-    read_bytes = read_bytes or reader_from_images(images)
-    by_uid = _faces_from_table(faces, identities)
-    fps_cache: dict = {}
-    result = _select(images, by_uid, faces, cfg, read_bytes, set(), fps_cache)
-    samples = result[0]
-    if cfg.eval_fraction > 0 and len(samples) >= 2 and not any(s["split"] == "eval" for s in samples):
+    collections; recorded in the stats as ``eval_fallback``). Selection runs per bucket of components
+    (:class:`_Plan`), which gives the same samples as one run over the whole collection."""
+    plan = _Plan(images, faces, identities, config, read_bytes or reader_from_images(images))
+    plan.select()
+    pair_rows = _in_target_order(b.pair_rows for b in plan.active())
+    cand_rows = _in_target_order(b.cand_rows for b in plan.active())
+    return plan.samples(), pair_rows, cand_rows, plan.stats()
+
+
+def _in_target_order(parts) -> list[dict]:
+    """Rows of several buckets in the order of one run over the collection: by target uid (stable)."""
+    rows = [r for part in parts for r in part]
+    return sorted(rows, key=lambda r: r["target_uid"])
+
+
+def bucket_of(group: str, n: int) -> int:
+    """The bucket of a co-occurrence component (named by its smallest identity id, or ``photo:<uid>`` for
+    a photo without a labelled face): a hash modulo the fixed ``reuse_buckets``."""
+    return int.from_bytes(hashlib.sha256(f"multiid-bucket\x1f{group}".encode()).digest()[:8], "big") % n
+
+
+IMAGE_COLUMNS = ["uid", "source", "caption", "width", "height"]  # what a sample takes from the images table
+
+
+@dataclass
+class _Bucket:
+    """The photos of some co-occurrence components, selected and sharded together."""
+
+    index: int
+    uids: list[str]
+    identities: set[str]
+    base_fingerprint: str = ""
+    override: list[str] = field(default_factory=list)  # identities of this bucket moved to eval by the fallback
+    samples: list[dict] = field(default_factory=list)
+    pair_rows: list[dict] = field(default_factory=list)
+    cand_rows: list[dict] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+    previous: dict | None = None  # the record of an identical bucket in the previous version (reused)
+
+    @property
+    def name(self) -> str:
+        return f"b{self.index:04d}"
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([self.base_fingerprint, self.override]).encode()).hexdigest()[:32]
+
+    def per_split(self) -> Counter:
+        return Counter(s["split"] for s in self.samples)
+
+
+class _Plan:
+    """Reference selection bucket by bucket, reusing the buckets of a previous version that have the same
+    fingerprint. A sample depends only on the photos of its co-occurrence component (a target's
+    references are faces of its people in other photos, so in photos of the same component), on the
+    config, the builder and the face models: a bucket's fingerprint covers exactly these, plus which of
+    its identities the eval fallback moved."""
+
+    def __init__(self, images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig, read_bytes,
+                 previous: Path | None = None):
+        from pipeline import __version__
+        from pipeline.multiid.release import BUILDER_VERSION, FACE_COLUMNS
+
+        config.validate()
+        self.cfg = cfg = config.resolved()
+        self.read_bytes = read_bytes
+        self.by_uid = _faces_from_table(faces, identities)
+        backends = sorted(set(faces.column("backend").to_pylist())) if "backend" in faces.column_names and faces.num_rows else [cfg.backend]
+        self.mversions = sorted(set(faces.column("model_version").to_pylist())) if "model_version" in faces.column_names and faces.num_rows else [""]
+        if any(b != cfg.backend for b in backends):
+            raise ValueError(f"faces table comes from backend(s) {backends}, config says {cfg.backend!r}: thresholds would not apply")
+        self.img_meta = {r["uid"]: r for r in images.to_pylist()}
+        self.component = _cooccurrence_components(self.by_uid)
+        groups: dict[int, list[str]] = defaultdict(list)
+        for uid in sorted(set(self.img_meta) | set(self.by_uid)):
+            ids = [f.identity_id for f in self.by_uid.get(uid, []) if f.identity_id is not None]
+            group = min(self.component[ids[0]]) if ids else f"photo:{uid}"
+            groups[bucket_of(group, cfg.reuse_buckets)].append(uid)
+        self.buckets = {b: _Bucket(b, uids, {f.identity_id for u in uids for f in self.by_uid.get(u, []) if f.identity_id is not None})
+                        for b, uids in sorted(groups.items())}
+        # fingerprints: what decides a bucket's samples, its shards and its rows
+        common = json.dumps({"builder": BUILDER_VERSION, "library": __version__, "config": cfg.to_dict(),
+                             "backends": backends, "model_versions": self.mversions}, sort_keys=True, default=str)
+        face_cols = FACE_COLUMNS + ["source"]
+        tables = [(images, IMAGE_COLUMNS, ["uid"]), (faces, face_cols, ["uid", "face_index"]),
+                  (identities, ["uid", "face_index", "identity_id"], ["uid", "face_index"])]
+        bucket_of_uid = {u: b.index for b in self.buckets.values() for u in b.uids}
+        rows_of = []
+        for t, _, _ in tables:
+            per: dict[int, list[int]] = defaultdict(list)
+            for i, u in enumerate(t.column("uid").to_pylist()):
+                per[bucket_of_uid.get(u, -1)].append(i)
+            rows_of.append(per)
+        for b in self.buckets.values():
+            h = hashlib.sha256(common.encode())
+            for (t, cols, sort_by), per in zip(tables, rows_of):
+                h.update(fingerprint_table(t.take(per.get(b.index, [])), cols, sort_by).encode())
+            b.base_fingerprint = h.hexdigest()[:32]
+        self.previous = Path(previous) if previous is not None else None
+        self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet"))
+        self._prev_tables: dict[str, pa.Table] = {}
+        self.selections = 0
+        self.corrupt: list[str] = []
+        self.eval_fallback: list[str] = []
+
+    def split_of(self, identity_id: str) -> str:
+        if identity_id in self.eval_fallback:
+            return "eval"
+        return identity_split(identity_id, self.cfg.eval_fraction, self.cfg.split_salt)
+
+    def active(self) -> list[_Bucket]:
+        return list(self.buckets.values())
+
+    def _run(self, b: _Bucket, override: set) -> None:
+        """Fill bucket ``b`` with the eval override ``override``: from the previous version when it holds
+        an intact bucket with the same fingerprint, else by selecting references over its photos."""
+        b.override = sorted(override & b.identities)
+        b.previous = None
+        rec = self.previous_records.get(b.name)
+        if rec is not None and rec.get("fingerprint") == b.fingerprint:
+            problems = [f"{split}/{p}" for split, shards in sorted(rec.get("shards", {}).items())
+                        for p in shards_intact(self.previous / split, shards)]
+            if not problems:
+                b.previous = rec
+                b.counts = rec["counts"]
+                b.samples = [json.loads(r["json"]) for split, shards in sorted(rec["shards"].items())
+                             for sh in shards for r in iter_shard(self.previous / split / sh["name"], ("json",))]
+                b.samples.sort(key=lambda s: s["key"])
+                b.pair_rows = b.cand_rows = []  # taken from the previous version's tables when written
+                return
+            self.corrupt += [f"{b.name}: {p}" for p in problems]
+        img_meta = {u: self.img_meta[u] for u in b.uids if u in self.img_meta}
+        by_uid = {u: self.by_uid[u] for u in b.uids if u in self.by_uid}
+        b.samples, b.pair_rows, b.cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
+                                                                 self.mversions)
+        self.selections += 1
+
+    def select(self) -> None:
+        cfg = self.cfg
+        for b in self.buckets.values():
+            self._run(b, set())
+        n = sum(len(b.samples) for b in self.buckets.values())
+        if not (cfg.eval_fraction > 0 and n >= 2 and not any(b.per_split()["eval"] for b in self.buckets.values())):
+            return
+        # the eval fallback: other buckets do not change when one component moves to eval, so only the
+        # bucket of the component tried is selected again (with its identities overridden)
+
         def lowest_hash(s):
             return min(hash_fraction(fj["identity_id"], cfg.split_salt) for fj in s["faces"]), s["key"]
 
-        component = _cooccurrence_components(by_uid)
+        bucket_of_id = {i: b for b in self.buckets.values() for i in b.identities}
         tried: set[frozenset] = set()
-        for s in sorted(samples, key=lowest_hash):
-            override = frozenset(component[s["faces"][0]["identity_id"]])
+        for s in sorted(self.samples(), key=lowest_hash):
+            override = frozenset(self.component[s["faces"][0]["identity_id"]])
             if override in tried:
                 continue
             tried.add(override)
             if len(tried) > 10:
                 break
-            retry = _select(images, by_uid, faces, cfg, read_bytes, override, fps_cache)
-            per_split = Counter(x["split"] for x in retry[0])
+            b = bucket_of_id[s["faces"][0]["identity_id"]]
+            kept = (b.override, b.samples, b.pair_rows, b.cand_rows, b.counts, b.previous)
+            self._run(b, set(override))
+            per_split = Counter()
+            for x in self.buckets.values():
+                per_split.update(x.per_split())
             if per_split["eval"] and per_split["train"]:
-                retry[3]["eval_fallback"] = sorted(override)
-                return retry
-    return result
+                self.eval_fallback = sorted(override)
+                return
+            b.override, b.samples, b.pair_rows, b.cand_rows, b.counts, b.previous = kept
+
+    def samples(self) -> list[dict]:
+        return sorted((s for b in self.buckets.values() for s in b.samples), key=lambda s: s["key"])
+
+    def previous_table(self, name: str, schema: pa.Schema, b: _Bucket) -> pa.Table:
+        """The rows of reused bucket ``b`` in the previous version's ``name`` table, in their order there."""
+        import pyarrow.compute as pc
+
+        from pipeline.storage import read_parquet
+
+        if name not in self._prev_tables:
+            self._prev_tables[name] = read_parquet(self.previous / name).select(schema.names).cast(schema)
+        t = self._prev_tables[name]
+        return t.filter(pc.is_in(t.column("target_uid"), pa.array(b.uids, pa.string())))
+
+    def stats(self) -> dict:
+        cfg = self.cfg
+        samples = self.samples()
+        merged = _merge_counts([b.counts for b in self.buckets.values()])
+        by_identity = sorted({f.identity_id for fs in self.by_uid.values() for f in fs if f.identity_id is not None})
+        mixed = 0
+        for fs in self.by_uid.values():
+            mixed += len({self.split_of(f.identity_id) for f in fs if f.identity_id is not None}) > 1
+        stats = {
+            "images": len(self.img_meta),
+            "targets": merged["targets"],
+            "persons": merged["persons"],
+            "candidates_removed_by": merged["candidates_removed_by"],
+            "duplicate_flags_independent": merged["duplicate_flags_independent"],
+            "unreadable": merged["unreadable"],
+            "cache_evictions": merged["cache_evictions"],
+            "per_split": dict(sorted(Counter(s["split"] for s in samples).items())),
+            "identities": {"total": len(by_identity), "eval": sum(self.split_of(i) == "eval" for i in by_identity)},
+            "photos_in_both_splits_by_faces": mixed,
+            "refs_per_person_hist": dict(sorted(Counter(len(fj["refs"]) for s in samples for fj in s["faces"]).items())),
+            "persons_per_target_hist": dict(sorted(Counter(s["num_persons"] for s in samples).items())),
+            "similarity_hist_all_candidates": _hist_from_counts(merged["similarity_all_candidates"]),
+            "similarity_hist_selected": _hist_from_counts(merged["similarity_selected"]),
+            "thresholds": {"sim_low": cfg.sim_low, "sim_high": cfg.sim_high},
+        }
+        if self.eval_fallback:
+            stats["eval_fallback"] = self.eval_fallback
+        return stats
+
+
+def _merge_counts(parts: list[dict]) -> dict:
+    """Sum the additive statistics of several buckets (a key met in any bucket is kept, even at 0)."""
+    out = {k: Counter() for k in ("targets", "candidates_removed_by", "duplicate_flags_independent", "cache_evictions")}
+    persons = 0
+    unreadable: dict[str, str] = {}
+    sims = {k: np.zeros(len(SIM_BINS) - 1, np.int64) for k in ("similarity_all_candidates", "similarity_selected")}
+    for c in parts:
+        for k in out:
+            out[k].update(c.get(k, {}))
+        persons += int(c.get("persons", 0))
+        unreadable.update(c.get("unreadable", {}))
+        for k, arr in sims.items():
+            for i, n in c.get(k, {}).items():
+                arr[int(i)] += int(n)
+    merged = {k: dict(sorted(v.items())) for k, v in out.items()}
+    merged["cache_evictions"] = {"images": merged["cache_evictions"].get("images", 0),
+                                 "keypoints": merged["cache_evictions"].get("keypoints", 0)}
+    merged.update(persons=persons, unreadable=dict(sorted(unreadable.items())), **sims)
+    return merged
 
 
 def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[str]]:
@@ -357,26 +587,24 @@ def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[
     return {i: groups[find(i)] for i in parent}
 
 
-def _select(images, by_uid, faces, cfg, read_bytes, eval_override: set, fps_cache: dict):
+def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
+            mversions: list[str]):
+    """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
+    bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
+    component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
+    of the statistics (:func:`_merge_counts` sums them over buckets)."""
     def split_of(identity_id: str) -> str:
         return "eval" if identity_id in eval_override else identity_split(identity_id, cfg.eval_fraction, cfg.split_salt)
 
-    backends = sorted(set(faces.column("backend").to_pylist())) if "backend" in faces.column_names and faces.num_rows else [cfg.backend]
-    mversions = sorted(set(faces.column("model_version").to_pylist())) if "model_version" in faces.column_names and faces.num_rows else [""]
-    if any(b != cfg.backend for b in backends):
-        raise ValueError(f"faces table comes from backend(s) {backends}, config says {cfg.backend!r}: thresholds would not apply")
-    img_meta = {r["uid"]: r for r in images.to_pylist()}
     by_identity: dict[str, list[FaceRec]] = defaultdict(list)
     for uid in sorted(by_uid):
         for f in by_uid[uid]:
             if f.identity_id is not None:
                 by_identity[f.identity_id].append(f)
     px_min = min(cfg.min_face_px, cfg.ref_min_face_px)
-    if "fps" not in fps_cache:  # decoding and keypoints are split-independent: computed once across retries
-        fps_cache["fps"] = _Fingerprints(read_bytes, by_uid, lambda f: unusable_reason(f, px_min, cfg.det_score_min, cfg.blur_min) is None,
-                                         keypoints=cfg.keypoints, max_images=cfg.cache_images,
-                                         max_keypoints=cfg.cache_keypoints)
-    fps = fps_cache["fps"]
+    # a fresh cache per run: its eviction counts then depend only on the photos of this run
+    fps = _Fingerprints(read_bytes, by_uid, lambda f: unusable_reason(f, px_min, cfg.det_score_min, cfg.blur_min) is None,
+                        keypoints=cfg.keypoints, max_images=cfg.cache_images, max_keypoints=cfg.cache_keypoints)
     # the split a photo feeds: that of its labelled faces when they agree, else the split most of them
     # are in (ties: train); such a mixed photo is never a target, and a reference from it must not show
     # a face of the other split inside its crop
@@ -388,7 +616,7 @@ def _select(images, by_uid, faces, cfg, read_bytes, eval_override: set, fps_cach
         else:
             photo_split[uid] = ("eval" if votes["eval"] > votes["train"] else "train", len(votes) > 1)
     kp_args = {"kp_min_inliers": cfg.kp_min_inliers, "kp_min_ratio": cfg.kp_min_ratio, "kp_strong_inliers": cfg.kp_strong_inliers}
-    qual = qualities([f for fs in by_uid.values() for f in fs], cfg.backend)
+    qual = qualities([f for u in sorted(by_uid) for f in by_uid[u]], cfg.backend)  # same batch for the same photos
 
     target_reasons: Counter = Counter()
     removed: Counter = Counter()
@@ -588,24 +816,17 @@ def _select(images, by_uid, faces, cfg, read_bytes, eval_override: set, fps_cach
         samples.append(sample)
         target_reasons["kept"] += 1
     samples.sort(key=lambda s: s["key"])
-    stats = {
-        "images": len(img_meta),
+    counts = {
         "targets": dict(sorted(target_reasons.items())),
         "persons": n_persons,
         "candidates_removed_by": dict(sorted(removed.items())),
         "duplicate_flags_independent": dict(sorted(flags.items())),
         "unreadable": dict(sorted(fps.errors.items())),
         "cache_evictions": {"images": fps.cache.evictions, "keypoints": fps.kps.evictions},
-        "per_split": dict(sorted(Counter(s["split"] for s in samples).items())),
-        "identities": {"total": len(by_identity), "eval": sum(split_of(i) == "eval" for i in by_identity)},
-        "photos_in_both_splits_by_faces": sum(1 for _, mixed in photo_split.values() if mixed),
-        "refs_per_person_hist": dict(sorted(Counter(len(fj["refs"]) for s in samples for fj in s["faces"]).items())),
-        "persons_per_target_hist": dict(sorted(Counter(s["num_persons"] for s in samples).items())),
-        "similarity_hist_all_candidates": _hist([r["similarity"] for r in cand_rows]),
-        "similarity_hist_selected": _hist([r["similarity"] for r in pair_rows]),
-        "thresholds": {"sim_low": cfg.sim_low, "sim_high": cfg.sim_high},
+        "similarity_all_candidates": _hist_counts([r["similarity"] for r in cand_rows]),
+        "similarity_selected": _hist_counts([r["similarity"] for r in pair_rows]),
     }
-    return samples, pair_rows, cand_rows, stats
+    return samples, pair_rows, cand_rows, counts
 
 
 def _shard_samples(samples: list[dict], cfg: MultiIDConfig, read_bytes):
@@ -658,35 +879,88 @@ def hf_features(config: MultiIDConfig, samples: list[dict] | None = None, target
 
 def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Table, out_dir: Path | None,
                           config: MultiIDConfig = MultiIDConfig(), read_bytes: Callable[[str], bytes] | None = None,
-                          version: str | None = None) -> MultiIDResult:
+                          version: str | None = None, reuse_from: Path | None = None) -> MultiIDResult:
     """Select references, write ``out_dir/{train,eval}/`` shards + manifests (``version`` is the dataset
-    version id they record) and ``out_dir/pairs.parquet``, ``out_dir/candidates.parquet``; return
-    everything. ``out_dir=None``: select only, write nothing. Whether the splits leak is decided by
-    :func:`pipeline.multiid.splits.split_leaks` on what was written, not here."""
+    version id they record), ``out_dir/pairs.parquet``, ``out_dir/candidates.parquet`` and
+    ``out_dir/buckets.json``; return everything. ``out_dir=None``: select only, write nothing. Whether the
+    splits leak is decided by :func:`pipeline.multiid.splits.split_leaks` on what was written, not here.
+
+    Shards are written per bucket of co-occurrence components (``<name>-<split>-b<bucket>-<n>.tar``).
+    ``reuse_from``: a previous version's local folder; each bucket whose fingerprint equals one recorded
+    there, and whose shard files still match their recorded sha256, is not selected again: its shards are
+    hard-linked, its rows and counts taken from that version (``stats["buckets_reused"]``). The files
+    written are the same, byte for byte, as without ``reuse_from``."""
     from pipeline.multiid.metrics import dataset_quality_stats
 
     read_bytes = read_bytes or reader_from_images(images)
-    cfg = config.resolved()
-    samples, pair_rows, cand_rows, stats = select_references(images, faces, identities, config, read_bytes)
-    pairs = pa.Table.from_pylist(pair_rows, schema=PAIRS_SCHEMA)
-    cands = pa.Table.from_pylist(cand_rows, schema=CANDIDATE_SCHEMA)
+    plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None)
+    cfg = plan.cfg
+    plan.select()
+    stats = plan.stats()
+    buckets = plan.active()
+    shards: dict[str, list[ShardInfo]] = {"train": [], "eval": []}
+    reused_bytes = 0
+    pair_parts, cand_parts = [], []
+    for b in buckets:
+        if b.previous is not None:
+            pair_parts.append(plan.previous_table("pairs.parquet", PAIRS_SCHEMA, b))
+            cand_parts.append(plan.previous_table("candidates.parquet", CANDIDATE_SCHEMA, b))
+        else:
+            pair_parts.append(pa.Table.from_pylist(b.pair_rows, schema=PAIRS_SCHEMA))
+            cand_parts.append(pa.Table.from_pylist(b.cand_rows, schema=CANDIDATE_SCHEMA))
+    pairs = _concat_in_target_order(pair_parts, PAIRS_SCHEMA)
+    cands = _concat_in_target_order(cand_parts, CANDIDATE_SCHEMA)
     stats["data_quality"] = dataset_quality_stats(pairs)
-    shards: dict[str, list[ShardInfo]] = {}
+    samples = plan.samples()
     if out_dir is not None:
         out_dir = Path(out_dir)
         conf = cfg.to_dict()
+        records = {}
+        for b in buckets:
+            rec = {"fingerprint": b.fingerprint, "photos": len(b.uids), "eval_override": b.override, "shards": {}, "counts": b.counts}
+            for split in ("train", "eval"):
+                d = out_dir / split
+                d.mkdir(parents=True, exist_ok=True)
+                if b.previous is not None:
+                    infos = [ShardInfo(**sh) for sh in b.previous["shards"].get(split, [])]
+                    for sh in infos:
+                        link_or_copy(plan.previous / split / sh.name, d / sh.name)
+                        reused_bytes += sh.bytes
+                else:
+                    split_samples = [s for s in b.samples if s["split"] == split]
+                    infos = write_shards(_shard_samples(split_samples, cfg, read_bytes), d,
+                                         f"{cfg.dataset_name}-{split}-{b.name}", cfg.shard_max_count, cfg.shard_max_bytes)
+                shards[split] += infos
+                if infos:
+                    rec["shards"][split] = [shard_record(i) for i in infos]
+            records[b.name] = rec
+        samples = plan.samples()  # the reused ones as read back; the rebuilt ones now carry their members
         for split in ("train", "eval"):
             split_samples = [s for s in samples if s["split"] == split]
-            d = out_dir / split
-            d.mkdir(parents=True, exist_ok=True)
-            shards[split] = write_shards(_shard_samples(split_samples, cfg, read_bytes), d, f"{cfg.dataset_name}-{split}",
-                                         cfg.shard_max_count, cfg.shard_max_bytes)
-            write_manifest(d, cfg.dataset_name, shards[split], conf, version=version, split=split, extra={
+            write_manifest(out_dir / split, cfg.dataset_name, shards[split], conf, version=version, split=split, extra={
                 "num_persons": sum(s["num_persons"] for s in split_samples),
                 "num_refs": sum(s["num_refs"] for s in split_samples), "ref_mode": cfg.ref_mode,
                 "counts": {k: stats[k] for k in ("images", "targets", "candidates_removed_by", "duplicate_flags_independent")},
             })
         write_parquet_atomic(pairs, out_dir / "pairs.parquet")
         write_parquet_atomic(cands, out_dir / "candidates.parquet")
+        from pipeline.storage import write_bytes_atomic
+
+        write_bytes_atomic(json.dumps({"bucket_count": cfg.reuse_buckets, "buckets": records}, sort_keys=True, indent=1).encode(),
+                           out_dir / BUCKETS_FILE)
         stats["config_fingerprint"] = config_fingerprint(conf)
+    # how the build went (not written into the version: a reused build writes the same files as a fresh one)
+    stats["buckets_reused"] = sum(b.previous is not None for b in buckets)
+    stats["buckets_rebuilt"] = sum(b.previous is None for b in buckets)
+    stats["bytes_reused"] = reused_bytes
+    stats["selections_run"] = plan.selections
+    stats["buckets_not_reused_corrupt"] = plan.corrupt
     return MultiIDResult(pairs, cands, samples, stats, shards, out_dir, cfg, read_bytes)
+
+
+def _concat_in_target_order(parts: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    """Tables of several buckets as one, in the order of one run over the collection (by target uid,
+    stable: each target's rows keep their order)."""
+    t = pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
+    uids = t.column("target_uid").to_pylist()
+    return t.take(sorted(range(len(uids)), key=uids.__getitem__)).combine_chunks() if len(uids) else t

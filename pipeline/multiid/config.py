@@ -65,6 +65,12 @@ class MultiIDConfig:
     shard_max_count: int = 10_000
     shard_max_bytes: int = 1_000_000_000
     dataset_name: str = "multiid"
+    # shard reuse across versions: every co-occurrence component (people linked by sharing photos) goes to
+    # bucket hash(its smallest identity id) % reuse_buckets, and each bucket has its own shards. A new
+    # version re-selects only the buckets whose inputs changed and hard-links the others' shards. Fixed
+    # (not derived from the collection's size) so that a bucket keeps its components as the collection
+    # grows; changing it changes every bucket, hence a full rebuild. More buckets: finer reuse, more files.
+    reuse_buckets: int = 64
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> MultiIDConfig:
@@ -95,6 +101,8 @@ class MultiIDConfig:
             raise ValueError("ref_mode must be 'crop' or 'image'")
         if c.kp_min_inliers < 3 or c.kp_strong_inliers < c.kp_min_inliers or not (0.0 <= c.kp_min_ratio <= 1.0):
             raise ValueError("need 3 <= kp_min_inliers <= kp_strong_inliers and 0 <= kp_min_ratio <= 1")
+        if c.reuse_buckets < 1:
+            raise ValueError("reuse_buckets must be >= 1")
         if c.refs_per_person < 1:
             raise ValueError("refs_per_person must be >= 1")
 

@@ -1,0 +1,348 @@
+"""Shard reuse across versions: a new version re-selects only the buckets a change touches, hard-links
+the other buckets' shards from the previous version, and writes the same bytes as a build from scratch."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline.config import Layout
+from pipeline.datasets import release, reusable_version
+from pipeline.faces import faces_schema
+from pipeline.faces.folders import IDENTITIES_SCHEMA
+from pipeline.ingest import IMAGES_SCHEMA
+from pipeline.multiid import MultiIDConfig, build_multiid_dataset
+from pipeline.multiid.build import bucket_of
+from pipeline.multiid.release import multiid_version
+from pipeline.multiid.release import release_checks as multiid_checks
+
+CFG = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False)
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+def _groups(n: int) -> list[str]:
+    """Group names whose components (smallest identity id "<group>-a") land in distinct buckets."""
+    out, used, k = [], set(), 0
+    while len(out) < n:
+        b = bucket_of(f"g{k}-a", CFG.reuse_buckets)
+        if b not in used:
+            used.add(b)
+            out.append(f"g{k}")
+        k += 1
+    return out
+
+
+def _photo(tmp: Path, uid: str, rng) -> dict:
+    small = rng.integers(0, 255, (24, 48, 3), dtype=np.uint8)  # distinct blocks: distinct pHashes, small PNGs
+    p = tmp / f"{uid}.png"
+    Image.fromarray(small).resize((480, 240), Image.NEAREST).save(p)
+    return {"uid": uid, "source": "syn", "path": str(p), "offset": 0, "length": p.stat().st_size, "width": 480, "height": 240}
+
+
+def _face(uid, fi, name, base, rng) -> tuple[dict, dict]:
+    e = _unit(base[name] + 0.18 * _unit(rng.normal(size=128)))
+    x = 240 * fi + 40
+    lm = [x + 40, 100, x + 60, 100, x + 100, 100, x + 120, 100, x + 80, 140]
+    face = {"uid": uid, "source": "syn", "face_index": fi, "x1": x, "y1": 50, "x2": x + 160, "y2": 230, "landmarks": lm,
+            "det_score": 2.0, "face_width": 160, "face_height": 180, "blur": 300.0, "yaw": float(rng.normal(0, 15)),
+            "pitch": float(rng.normal(0, 10)), "roll": 0.0, "embedding": e.astype(np.float32).tolist(),
+            "backend": "dlib", "model_version": "syn"}
+    return face, {"uid": uid, "face_index": fi, "identity_id": name}
+
+
+def _collection(tmp: Path, groups: list[str], photos_per_group: int = 6, extra: list[tuple[str, list[str]]] = ()):
+    """Disjoint groups of three people (each group one co-occurrence component); ``extra``: more photos
+    as (uid, [identity ids])."""
+    rng = np.random.default_rng(0)
+    names = [f"{g}-{c}" for g in groups for c in "abc"]
+    base = {n: _unit(rng.normal(size=128)) for n in names}
+    imgs, faces, ids = [], [], []
+    for g in groups:
+        people = [f"{g}-{c}" for c in "abc"]
+        for k in range(photos_per_group):
+            uid = f"{g}-p{k:02d}"
+            imgs.append(_photo(tmp, uid, rng))
+            who = [people[k % 3]] if k < 3 else [people[k % 3], people[(k + 1) % 3]]
+            for fi, name in enumerate(who):
+                f, i = _face(uid, fi, name, base, rng)
+                faces.append(f)
+                ids.append(i)
+    for uid, who in extra:
+        imgs.append(_photo(tmp, uid, np.random.default_rng(len(uid) + 7)))
+        for fi, name in enumerate(who):
+            f, i = _face(uid, fi, name, base, np.random.default_rng(fi + 11))
+            faces.append(f)
+            ids.append(i)
+    return (pa.Table.from_pylist(imgs, schema=IMAGES_SCHEMA), pa.Table.from_pylist(faces, schema=faces_schema(128)),
+            pa.Table.from_pylist(ids, schema=IDENTITIES_SCHEMA))
+
+
+def _release_multiid(layout: Layout, images, faces, ids, cfg=CFG):
+    """What the multiid asset does: the content id, a build that reuses the latest version, the checks."""
+    version, _ = multiid_version(images, faces, ids, cfg)
+    previous = reusable_version(layout, "multiid")
+
+    def build(folder):
+        return build_multiid_dataset(images, faces, ids, folder, cfg, version=version, reuse_from=previous)
+
+    def checks(folder, res):
+        return multiid_checks(folder, faces, ids, res.pairs)
+
+    rel = release(layout, "multiid", version, build, checks)
+    assert rel.published and rel.passed, rel.problems
+    return rel
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file of a version."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _bucket_shards(folder: Path) -> dict[str, list[str]]:
+    rec = json.loads((folder / "buckets.json").read_text())["buckets"]
+    return {b: [f"{s}/{sh['name']}" for s, shards in sorted(r["shards"].items()) for sh in shards] for b, r in rec.items()}
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reuse")
+    groups = _groups(5)
+    a_tables = _collection(tmp, groups)
+    layout = Layout(tmp / "home")
+    a = _release_multiid(layout, *a_tables)
+    touched = groups[2]
+    b_tables = _collection(tmp, groups, extra=[("zz-new", [f"{touched}-b"])])
+    b = _release_multiid(layout, *b_tables)
+    return tmp, groups, touched, a_tables, b_tables, a, b
+
+
+def test_a_new_photo_rebuilds_only_its_bucket(two_versions):
+    _, groups, touched, _, _, a, b = two_versions
+    assert a.result.stats["buckets_rebuilt"] == len(groups) and a.result.stats["buckets_reused"] == 0
+    assert "eval_fallback" not in b.result.stats  # the fallback would select one bucket twice
+    assert a.result.stats["per_split"].get("eval") and a.result.stats["per_split"].get("train")
+    # only the touched bucket ran the selection; the others were taken from version A
+    assert b.result.stats["selections_run"] == 1
+    assert b.result.stats["buckets_rebuilt"] == 1 and b.result.stats["buckets_reused"] == len(groups) - 1
+    assert b.result.stats["bytes_reused"] > 0 and b.result.stats["buckets_not_reused_corrupt"] == []
+    hot = f"b{bucket_of(f'{touched}-a', CFG.reuse_buckets):04d}"
+    in_a, in_b = _bucket_shards(a.folder), _bucket_shards(b.folder)
+    assert set(in_a) == set(in_b) == {f"b{bucket_of(f'{g}-a', CFG.reuse_buckets):04d}" for g in groups}
+    for name, files in in_b.items():
+        assert files, name
+        for rel in files:
+            same = (a.folder / rel).exists() and os.stat(a.folder / rel).st_ino == os.stat(b.folder / rel).st_ino
+            assert same == (name != hot), (name, rel)
+            if name != hot:
+                assert os.stat(b.folder / rel).st_nlink == 2
+    # the touched bucket changed: it holds the new photo's sample or reference
+    changed = {rel for rel in in_b[hot] if not (a.folder / rel).exists()
+               or _files(a.folder).get(rel) != _files(b.folder).get(rel)}
+    assert changed
+    pairs = b.result.pairs.to_pylist()
+    assert any("zz-new" in (r["target_uid"], r["ref_uid"]) for r in pairs)
+    # the stats of the card sum reused and rebuilt buckets
+    assert sum(b.result.stats["targets"].values()) == b.result.stats["images"] == a.result.stats["images"] + 1
+
+
+def _compare(folder_a: Path, folder_b: Path) -> list[str]:
+    fa, fb = _files(folder_a), _files(folder_b)
+    return [f"{k}: {fa.get(k)} != {fb.get(k)}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def test_reused_version_is_byte_identical_to_a_fresh_build(two_versions):
+    tmp, _, _, _, b_tables, _, b = two_versions
+    fresh = _release_multiid(Layout(tmp / "fresh-home"), *b_tables)
+    assert fresh.version == b.version and fresh.result.stats["buckets_reused"] == 0
+    assert _compare(b.folder, fresh.folder) == []
+    assert b.result.stats == {**fresh.result.stats, **{k: b.result.stats[k] for k in
+                                                         ("buckets_reused", "buckets_rebuilt", "bytes_reused", "selections_run")}}
+
+
+def test_the_comparison_fails_when_a_fingerprint_misses_an_input(two_versions, monkeypatch):
+    """The byte comparison can fail: a fingerprint blind to embeddings reuses a bucket whose faces changed."""
+    from pipeline.multiid import build
+
+    tmp, groups, _, _, b_tables, _, _ = two_versions
+    images, faces, ids = b_tables
+    real = build.fingerprint_table
+    monkeypatch.setattr(build, "fingerprint_table", lambda t, cols, by: real(t, [c for c in cols if c != "embedding"], by))
+    layout = Layout(tmp / "blind-home")
+    _release_multiid(layout, *b_tables)
+    # another group's faces get new embeddings (its people now look like one person)
+    other = groups[0]
+    emb = faces.column("embedding").to_pylist()
+    mine = [i for i, u in enumerate(faces.column("uid").to_pylist()) if u.startswith(f"{other}-")]
+    for i in mine:
+        emb[i] = emb[mine[0]]
+    changed = faces.set_column(faces.column_names.index("embedding"), "embedding", pa.array(emb, faces.schema.field("embedding").type))
+    blind = _release_multiid(layout, images, changed, ids)
+    monkeypatch.setattr(build, "fingerprint_table", real)
+    fresh = _release_multiid(Layout(tmp / "fresh-home-2"), images, changed, ids)
+    assert blind.version == fresh.version and blind.result.stats["buckets_reused"] == len(groups)
+    assert _compare(blind.folder, fresh.folder)  # the wrongly reused bucket shows
+
+
+def test_a_corrupted_previous_shard_is_rebuilt_not_linked(tmp_path):
+    groups = _groups(3)
+    layout = Layout(tmp_path / "home")
+    a = _release_multiid(layout, *_collection(tmp_path, groups))
+    victim_bucket, files = min(_bucket_shards(a.folder).items())
+    victim = a.folder / files[0]
+    data = bytearray(victim.read_bytes())
+    data[-2000] ^= 0xFF  # one flipped byte inside the last member, same size
+    os.chmod(victim, 0o644)
+    victim.write_bytes(bytes(data))
+    b_tables = _collection(tmp_path, groups, extra=[("zz-new", [f"{groups[1]}-a"])])
+    b = _release_multiid(layout, *b_tables)
+    assert any(x.startswith(victim_bucket) for x in b.result.stats["buckets_not_reused_corrupt"])
+    assert os.stat(b.folder / files[0]).st_ino != os.stat(victim).st_ino
+    fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables)
+    assert _compare(b.folder, fresh.folder) == []
+
+
+# ---- expression pairs ---------------------------------------------------------------------------
+
+
+def _expression_tables(extra: int = 0, moved: str | None = None):
+    """Faces of distinct people with two expressions (and ``extra`` surprised faces), descriptors, boxes."""
+    from pipeline.expression import EMOTIONS
+
+    rng = np.random.default_rng(3)
+    rows = [(f"p{i:02d}", ("happy", "neutral")[i % 2]) for i in range(40)] + [(f"s{i:02d}", "surprise") for i in range(extra)]
+    geo = {"happy": [0.2, 1.1, 0.09, 0.3, 0.18], "neutral": [0.02, 0.85, 0.15, 0.3, 0.02], "surprise": [0.5, 0.9, 0.3, 0.4, 0.0]}
+    probs, embs, geos, yaws = [], [], [], []
+    for _uid, expr in rows:
+        v = np.full(7, 0.1 / 6, np.float32)
+        v[EMOTIONS.index(expr)] = 0.9
+        probs.append(v.tolist())
+        embs.append(_unit(rng.normal(size=32)).astype(np.float32).tolist())
+        geos.append((np.asarray(geo[expr]) + rng.normal(0, 0.01, 5)).tolist())
+        yaws.append(float(rng.normal(0, 5)))
+    uids = [r[0] for r in rows]
+    faces = pa.table({
+        "uid": uids, "face_index": pa.array([0] * len(rows), pa.int32()), "identity_id": [f"id-{u}" for u in uids],
+        "embedding": embs, "face_width": [150.0] * len(rows), "face_height": [160.0] * len(rows), "blur": [300.0] * len(rows),
+        "det_score": [1.5] * len(rows), "yaw": yaws, "pitch": [0.0] * len(rows),
+        "backend": ["dlib"] * len(rows), "model_version": ["syn"] * len(rows),
+    })
+    desc = pa.table({"uid": uids, "face_index": pa.array([0] * len(rows), pa.int32()), "probs": probs, "geometry": geos})
+    boxes = {(u, 0): [10.0, 10.0, 60.0, 70.0] for u in uids}
+    if moved:
+        boxes[(moved, 0)] = [12.0, 10.0, 62.0, 70.0]
+    for i, c in enumerate(("x1", "y1", "x2", "y2")):  # in the faces table too: the version id covers them
+        faces = faces.append_column(c, pa.array([boxes[(u, 0)][i] for u in uids], pa.float32()))
+    return faces, desc, boxes
+
+
+def _release_expression(layout: Layout, faces, desc, boxes):
+    from pipeline.expression import PairConfig, build_expression_pairs, write_expression_dataset
+    from pipeline.expression.release import expression_version
+    from pipeline.expression.release import release_checks as expression_checks
+
+    cfg = PairConfig(max_identity_cos=0.5)
+    ids = faces.select(["uid", "face_index", "identity_id"])
+    version, _ = expression_version(faces, desc, ids, cfg)
+    previous = reusable_version(layout, "expression")
+    report: dict = {}
+
+    def crop(uid, fi):
+        x1, y1, x2, y2 = (int(v) for v in boxes[(uid, fi)])
+        seed = int.from_bytes(hashlib.sha256(uid.encode()).digest()[:4], "big")
+        img = np.random.default_rng(seed).integers(0, 255, (80, 80, 3), dtype=np.uint8)
+        return img[y1:y2, x1:x2]
+
+    def build(folder):
+        res = build_expression_pairs(faces, desc, cfg)
+        write_expression_dataset(res.pairs, crop, folder, cfg, res.stats, version=version,
+                                 crop_inputs=lambda u, f: [u, boxes[(u, f)]], reuse_from=previous, report=report)
+        return res
+
+    rel = release(layout, "expression", version, build, lambda folder, res: expression_checks(folder, ids, res.pairs))
+    assert rel.published and rel.passed, rel.problems
+    return rel, report
+
+
+def _expression_buckets(folder: Path) -> dict[str, list[str]]:
+    rec = json.loads((folder / "buckets.json").read_text())["buckets"]
+    return {b: [sh["name"] for sh in r["shards"]] for b, r in rec.items()}
+
+
+def test_expression_shards_of_unchanged_buckets_are_reused(tmp_path):
+    from pipeline.expression.pairs import pair_bucket
+
+    layout = Layout(tmp_path / "home")
+    a, ra = _release_expression(layout, *_expression_tables())
+    assert ra["buckets_reused"] == 0 and ra["buckets_rebuilt"] == len(_expression_buckets(a.folder)) > 5
+    # two surprised faces: one new pair, in one bucket; every other pair and its crops are as before
+    b_tables = _expression_tables(extra=2)
+    b, rb = _release_expression(layout, *b_tables)
+    new = set(b.result.pairs.column("pair_id").to_pylist()) - set(a.result.pairs.column("pair_id").to_pylist())
+    assert len(new) == 1
+    hot = f"b{pair_bucket(new.pop(), 64):04d}"
+    assert rb["buckets_rebuilt"] == 1 and rb["buckets_reused"] == len(_expression_buckets(b.folder)) - 1
+    assert rb["bytes_reused"] > 0 and rb["buckets_not_reused_corrupt"] == []
+    for bucket, names in _expression_buckets(b.folder).items():
+        for n in names:
+            same = (a.folder / n).exists() and os.stat(a.folder / n).st_ino == os.stat(b.folder / n).st_ino
+            assert same == (bucket != hot), (bucket, n)
+    fresh, rf = _release_expression(Layout(tmp_path / "fresh"), *b_tables)
+    assert rf["buckets_reused"] == 0 and fresh.version == b.version
+    assert _compare(b.folder, fresh.folder) == []
+    # a crop input changes (one face's box): the buckets of that face's pairs are cropped again, only them
+    c_tables = _expression_tables(extra=2, moved="p04")
+    c, rc = _release_expression(layout, *c_tables)
+    rows = c.result.pairs.to_pylist()
+    touched = {f"b{pair_bucket(r['pair_id'], 64):04d}" for r in rows if "p04" in (r["uid_a"], r["uid_b"])}
+    assert touched and rc["buckets_rebuilt"] == len(touched)
+    assert _compare(c.folder, _release_expression(Layout(tmp_path / "fresh-c"), *c_tables)[0].folder) == []
+
+
+def test_expression_corrupted_previous_shard_is_rebuilt(tmp_path):
+    layout = Layout(tmp_path / "home")
+    a, _ = _release_expression(layout, *_expression_tables())
+    bucket, names = min(_expression_buckets(a.folder).items())
+    victim = a.folder / names[0]
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    b_tables = _expression_tables(extra=2)
+    b, rb = _release_expression(layout, *b_tables)
+    assert any(x.startswith(bucket) for x in rb["buckets_not_reused_corrupt"])
+    assert os.stat(b.folder / names[0]).st_ino != os.stat(victim).st_ino
+    assert _compare(b.folder, _release_expression(Layout(tmp_path / "fresh"), *b_tables)[0].folder) == []
+
+
+def test_eval_fallback_with_reuse_matches_a_fresh_build(tmp_path):
+    """When the hash leaves eval empty, one component moves to eval (global decision): with reuse the
+    version is still byte-identical to a fresh build, and the moved component's bucket is re-selected."""
+    from dataclasses import replace
+
+    from pipeline.multiid.splits import identity_split
+
+    cfg = replace(CFG, eval_fraction=0.02)
+    groups = _groups(4)
+    assert all(identity_split(f"{g}-{c}", 0.02, cfg.split_salt) == "train" for g in groups for c in "abc")
+    layout = Layout(tmp_path / "home")
+    a = _release_multiid(layout, *_collection(tmp_path, groups), cfg=cfg)
+    moved = a.result.stats["eval_fallback"]
+    assert moved and a.result.stats["per_split"].get("eval")
+    untouched = next(g for g in groups if f"{g}-a" not in moved)
+    b_tables = _collection(tmp_path, groups, extra=[("zz-new", [f"{untouched}-b"])])
+    b = _release_multiid(layout, *b_tables, cfg=cfg)
+    assert b.result.stats["eval_fallback"] == moved
+    # the touched bucket, the moved bucket without its override (to decide that the fallback applies)
+    # and with it (taken from version A: same fingerprint, override included)
+    assert b.result.stats["selections_run"] == 2 and b.result.stats["buckets_reused"] == len(groups) - 1
+    fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables, cfg=cfg)
+    assert fresh.version == b.version and _compare(b.folder, fresh.folder) == []
