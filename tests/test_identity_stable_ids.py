@@ -39,6 +39,7 @@ def test_incremental_keeps_old_ids_and_assigns_known_people():
     assert all(after[k] == v for k, v in before.items())
     churn = second.stats["churn"]
     assert churn["faces_id_changed"] == 0 and churn["faces_new"] == 500 and churn["ids_retired"] == 0
+    assert churn["new_faces_bridging_identities"] <= churn["new_faces_assigned_existing"]
     # new faces of identities already seen get an existing id (that of their identity's majority)
     lab_of = {(u, 0): int(l) for u, l in zip(uids, y)}
     maj = {}
@@ -303,3 +304,24 @@ def test_kept_cells_round_trip_and_a_damaged_file_reads_as_none(tmp_path):
     assert read_ivf_index(layout) is None
     write_ivf_index(layout, None)  # a small collection: stale cells are removed
     assert not ivf_index_path(layout).exists()
+
+
+def test_a_new_face_between_two_identities_is_counted_as_a_bridge():
+    """Two tight identities; a new face close to both joins one of them (ids never merge in an
+    incremental refresh) and is reported as bridging them."""
+    rng = np.random.default_rng(0)
+    a = np.zeros(32)
+    a[0] = 1.0
+    b = np.zeros(32)
+    b[0], b[1] = np.cos(0.5), np.sin(0.5)  # cosine 0.878 between the two people
+    E = np.concatenate([a + 0.01 * rng.normal(size=(20, 32)), b + 0.01 * rng.normal(size=(20, 32)),
+                        [(a + b) / 2]])
+    E = (E / np.linalg.norm(E, axis=1, keepdims=True)).astype(np.float32)
+    uids = np.array([f"img{i:03d}" for i in range(41)])
+    fidx = np.zeros(41, np.int64)
+    first = build_identities(uids[:40], fidx[:40], E[:40], threshold=0.9)
+    assert first.stats["n_identities"] == 2
+    inc = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental", threshold=0.9)
+    churn = inc.stats["churn"]
+    assert churn["new_faces_bridging_identities"] == 1 and churn["identity_pairs_bridged"] == 1
+    assert inc.stats["n_identities"] == 2

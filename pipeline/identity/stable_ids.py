@@ -320,7 +320,15 @@ def assign_incremental(
     ids[known] = prev_ids[prev_pos[known]]
     new_pos = np.flatnonzero(~known)
     n_voted = 0
+    bridging, bridged = 0, set()
     if len(new_pos) and known.any():
+        # a new face with neighbours >= threshold in two identities would link them in a recluster:
+        # counted, so that the UI says how many merges wait for the nightly recluster
+        for row_i, row_s in zip(neighbours[0].tolist(), neighbours[1].tolist()):
+            near = sorted({ids[j] for j, sim in zip(row_i, row_s) if j >= 0 and sim >= threshold and ids[j] is not None})
+            if len(near) > 1:
+                bridging += 1
+                bridged.update((a, b) for i, a in enumerate(near) for b in near[i + 1:])
         votes = vote_identities(neighbours[0], neighbours[1], ids, threshold, min_votes)
         got = np.array([v is not None for v in votes.tolist()], dtype=bool)
         ids[new_pos[got]] = votes[got]
@@ -350,5 +358,7 @@ def assign_incremental(
         "ids_retired": n_old_ids - kept,
         "new_faces_assigned_existing": n_voted,
         "new_faces_new_ids": len(rest),
+        "new_faces_bridging_identities": bridging,  # neighbours >= threshold in 2+ identities
+        "identity_pairs_bridged": len(bridged),  # merge candidates left to the nightly recluster
     }
     return ids, stats
