@@ -54,6 +54,21 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024  # KiB on Linux
 
 
+def deep_size(obj) -> int:
+    """Bytes of ``obj`` and everything it references (each object once), like pympler's asizeof."""
+    import gc
+
+    seen, todo, total = set(), [obj], 0
+    while todo:
+        o = todo.pop()
+        if id(o) in seen or isinstance(o, type):
+            continue
+        seen.add(id(o))
+        total += sys.getsizeof(o)
+        todo.extend(gc.get_referents(o))
+    return total
+
+
 def rss_now_gb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -248,13 +263,17 @@ def w_multiid(data: Path, work: Path, args) -> dict:
     shards = [s for v in res.shards.values() for s in v]
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     st = res.stats
+    # what the builder keeps per target until it returns: its sample dicts, pair rows and candidate rows (the
+    # lists select_references builds; rebuilt here from the tables, the same dict shapes)
+    retained = deep_size(res.samples) + deep_size(res.pairs.to_pylist()) + deep_size(res.candidates.to_pylist())
     return {"outputs": {"targets_examined": images.num_rows, "photos": n_photos, "samples": len(res.samples),
                         "pairs": res.pairs.num_rows, "candidates": res.candidates.num_rows, "shards": len(shards),
                         "bytes": nbytes},
             "detail": {"targets": st["targets"], "candidates_removed_by": st["candidates_removed_by"],
                        "cache_evictions": st["cache_evictions"], "per_split": st["per_split"],
                        "images_synthesised": read_bytes.calls["n"], "synthesis_s": round(read_bytes.calls["s"], 1),
-                       "load_inputs_s": round(t_load, 1), "max_candidates_per_person": args.max_candidates}}
+                       "load_inputs_s": round(t_load, 1), "max_candidates_per_person": args.max_candidates,
+                       "retained_bytes_per_target": round(retained / max(1, images.num_rows))}}
 
 
 def w_expression(data: Path, work: Path, args) -> dict:
@@ -494,10 +513,15 @@ def main() -> int:
                     t0_, t1_ = r0["outputs"]["targets_examined"], r1["outputs"]["targets_examined"]
                     P = r1["outputs"]["photos"]
                     fit = {}
-                    for key in ("wall_s", "cpu_s", "peak_rss_gb"):
+                    for key in ("wall_s", "cpu_s"):
                         slope = (r1[key] - r0[key]) / max(1, t1_ - t0_)
                         fixed = r0[key] - slope * t0_
                         fit[key] = {"fixed": round(fixed, 2), "per_target": slope, "all_photos": round(fixed + slope * P, 1)}
+                    # memory: the peak of the smaller run (inputs + bounded caches) plus what the builder keeps per
+                    # target (measured object sizes; an RSS slope between two small runs is mostly caches filling)
+                    per_t = r1["detail"]["retained_bytes_per_target"] / 2**30
+                    fit["peak_rss_gb"] = {"fixed": r0["peak_rss_gb"], "per_target": per_t,
+                                          "all_photos": round(r0["peak_rss_gb"] + per_t * P, 1)}
                     for key in ("samples", "pairs", "shards", "bytes"):
                         fit[key] = round(r1["outputs"][key] / t1_ * P)
                     run["assets"][name]["extrapolated_to_all_photos"] = fit
