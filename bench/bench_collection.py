@@ -250,6 +250,7 @@ def w_multiid(data: Path, work: Path, args) -> dict:
 
     images, faces, ids = _read(data, "images"), _read(data, "faces"), _read(data, "identities")
     t_load = time.perf_counter() - args.t0
+    rss_inputs = rss_now_gb()
     read_bytes = reader(images)
     n_photos = images.num_rows
     uids = sorted(images.column("uid").to_pylist())  # uids are random hex: the first T are a random sample
@@ -273,7 +274,8 @@ def w_multiid(data: Path, work: Path, args) -> dict:
                        "cache_evictions": st["cache_evictions"], "per_split": st["per_split"],
                        "images_synthesised": read_bytes.calls["n"], "synthesis_s": round(read_bytes.calls["s"], 1),
                        "load_inputs_s": round(t_load, 1), "max_candidates_per_person": args.max_candidates,
-                       "retained_bytes_per_target": round(retained / max(1, images.num_rows))}}
+                       "retained_bytes_per_target": round(retained / max(1, images.num_rows)),
+                       "rss_after_inputs_gb": round(rss_inputs, 2)}}
 
 
 def w_expression(data: Path, work: Path, args) -> dict:
@@ -283,6 +285,7 @@ def w_expression(data: Path, work: Path, args) -> dict:
     from pipeline.identity.build import with_identity_ids
 
     faces, desc, ids, images = _read(data, "faces"), _read(data, "descriptors"), _read(data, "identities"), _read(data, "images")
+    rss_inputs = rss_now_gb()
     t = time.perf_counter()
     fcs = with_identity_ids(faces, ids)
     t_ids = time.perf_counter() - t
@@ -311,7 +314,7 @@ def w_expression(data: Path, work: Path, args) -> dict:
     nshards = len(list(out.glob("*.tar")))
     return {"outputs": {"faces": faces.num_rows, "eligible": res.stats["faces_eligible"], "pairs": pairs.num_rows,
                         "pairs_written": n_write, "shards": nshards, "bytes": nbytes},
-            "detail": {"with_identity_ids_s": round(t_ids, 1), "build_s": round(t_build, 1), "build_cpu_s": round(c_build, 1),
+            "detail": {"rss_after_inputs_gb": round(rss_inputs, 2), "with_identity_ids_s": round(t_ids, 1), "build_s": round(t_build, 1), "build_cpu_s": round(c_build, 1),
                        "peak_rss_after_build_gb": round(rss_build, 2), "write_s": round(t_write, 1),
                        "write_cpu_s": round(c_write, 1), "write_s_per_pair": t_write / max(1, n_write),
                        "synthesis_s": round(read_bytes.calls["s"], 1),
@@ -367,6 +370,7 @@ def w_scoring(data: Path, work: Path, args) -> dict:
 
     torch.set_num_threads(2)
     images, faces, ids = _read(data, "images"), _read(data, "faces"), _read(data, "identities")
+    rss_inputs = rss_now_gb()
     d = work / "scoring"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -409,7 +413,7 @@ def w_scoring(data: Path, work: Path, args) -> dict:
                         "images_scored_in_partition_sample": table_k.num_rows},
             "detail": {"model": "tiny random-init open_clip (tests' lineup-tiny-clip, 32 px, 1 layer) + tiny heads: "
                                 "the pipeline's cost with a tiny model, NOT a real CLIP's",
-                       "scorer_load_s": round(t_load, 2), "partition_sample_images": S,
+                       "rss_after_inputs_gb": round(rss_inputs, 2), "scorer_load_s": round(t_load, 2), "partition_sample_images": S,
                        "partition_s": round(t_part, 1), "partition_cpu_s": round(c_part, 1),
                        "partition_ms_per_image": round(1000 * t_part / max(1, S), 2),
                        "partition_cpu_ms_per_image": round(1000 * c_part / max(1, S), 2),
