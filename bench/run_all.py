@@ -20,6 +20,8 @@ RUNS = {
     "social": ["bench_social.py", "--events", "10000000", "--repeats", "3", "--exports"],
     "scoring": ["bench_scoring.py"],
     "training": ["bench_training.py", "--tiny"],
+    # every collection asset on a synthetic 100k-face collection (~15 min; multi-identity on sampled targets)
+    "collection": ["bench_collection.py", "--sizes", "100000", "--targets", "30,120"],
 }
 
 
