@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.faces.quality import QualityConfig, face_quality_from_table
 from pipeline.scoring.base import ScorerUnavailable, pick_device
@@ -62,37 +63,111 @@ class ScoringConfig:
     chunk: int = 256  # images held in memory at once
 
 
-def _identity_similarity(faces: pa.Table) -> np.ndarray:
-    emb = np.asarray(faces["embedding"].to_pylist(), np.float32)
+def _row_matrix(col) -> tuple[np.ndarray, np.ndarray]:
+    """``(valid, rows)``: which rows of a list-of-float column are non-null, and those rows as a float32
+    (n_valid, D) array, read through Arrow buffers (no Python lists)."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), bool)
+    vals = col.filter(pa.array(valid)) if col.null_count else col
+    if len(vals) == 0:
+        return valid, np.zeros((0, 0), np.float32)
+    if pa.types.is_fixed_size_list(vals.type):
+        dim = vals.type.list_size
+    else:
+        lengths = np.asarray(pa.compute.list_value_length(vals).to_numpy(zero_copy_only=False))
+        dim = int(lengths[0])
+        if (lengths != dim).any():
+            raise ValueError("embedding rows of different lengths")
+    flat = vals.flatten().to_numpy(zero_copy_only=False)
+    return valid, np.asarray(flat, np.float32).reshape(-1, dim)
+
+
+def _rowwise_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a[i] @ b[i]`` for every row, as float32: a batched vector-vector matmul, the same BLAS dot the
+    scalar ``a[i] @ b[i]`` and ``np.linalg.norm`` use, so the results are bit-identical to a per-row loop."""
+    return np.matmul(a[:, None, :], b[:, :, None]).reshape(len(a))
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length in place (a zero row is divided by 1e-12, as the scalar rule did)."""
+    norm = np.sqrt(_rowwise_dot(x, x))
+    x /= np.maximum(norm, np.float32(1e-12))[:, None]
+    return x
+
+
+def _identity_similarity(faces: pa.Table, block: int = 65536) -> np.ndarray:
+    """float32 (N,): cosine of each face's embedding with its reference_embedding, or with the
+    leave-one-out centroid of its identity_id cluster (NaN for singletons and faces without one).
+    Vectorised: per-identity embedding sums (``np.add.at``, rows added in face order, so each sum is the
+    one a per-identity ``emb[idx].sum(0)`` gives), then the per-face part in blocks of ``block`` faces."""
+    _, emb = _row_matrix(faces.column("embedding"))
+    emb = emb.copy() if not emb.flags.writeable else emb
     emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    out = np.full(len(emb), np.nan, np.float32)
+    n = len(emb)
+    out = np.full(n, np.nan, np.float32)
     if "reference_embedding" in faces.column_names:
-        refs = faces["reference_embedding"].to_pylist()
-        for i, r in enumerate(refs):
-            if r is not None:
-                r = np.asarray(r, np.float32)
-                out[i] = float(emb[i] @ (r / max(np.linalg.norm(r), 1e-12)))
+        has_ref, refs = _row_matrix(faces.column("reference_embedding"))
+        if len(refs):
+            refs = _normalise(refs.copy() if not refs.flags.writeable else refs)
+            out[has_ref] = _rowwise_dot(emb[has_ref], refs)
         return out
     if "identity_id" not in faces.column_names:
         return out
-    ids = faces["identity_id"].to_pylist()
-    groups: dict = {}
-    for i, g in enumerate(ids):
-        if g is not None:
-            groups.setdefault(g, []).append(i)
-    for idx in groups.values():
-        if len(idx) < 2:
-            continue
-        total = emb[idx].sum(0)
-        for i in idx:
-            c = total - emb[i]
-            out[i] = float(emb[i] @ (c / max(np.linalg.norm(c), 1e-12)))
+    ids = faces.column("identity_id").combine_chunks().dictionary_encode()
+    codes = ids.indices.to_numpy(zero_copy_only=False)  # float with NaN where null
+    has_id = np.asarray(ids.is_valid().to_numpy(zero_copy_only=False), bool)
+    codes = np.where(has_id, np.nan_to_num(codes, nan=0), 0).astype(np.int64)
+    k = len(ids.dictionary)
+    size = np.bincount(codes[has_id], minlength=k)
+    total = np.zeros((k, emb.shape[1]), np.float32)
+    rows = np.flatnonzero(has_id)
+    np.add.at(total, codes[rows], emb[rows] if len(rows) < n else emb)
+    scored = np.flatnonzero(has_id & (size[codes] >= 2))
+    for s in range(0, len(scored), block):
+        i = scored[s : s + block]
+        c = _normalise(total[codes[i]] - emb[i])
+        out[i] = _rowwise_dot(emb[i], c)
     return out
 
 
 IMAGE_SCORE_COLUMNS = ("clip_score", "aesthetic", "social_reward")
 IMAGE_SCORES_SCHEMA = pa.schema([("uid", pa.string())] + [(c, pa.float32()) for c in IMAGE_SCORE_COLUMNS]
                                 + [("scorer_fingerprint", pa.string())])
+
+
+_IMAGE_ROWS_SCHEMA = pa.schema([("uid", pa.string())] + [(c, pa.float32()) for c in IMAGE_SCORE_COLUMNS])
+_SCORER_NAMES = pa.array(["clip" if c == "clip_score" else c for c in SCORE_COLUMNS], pa.string())
+
+
+def _last_row_per_uid(img: pa.Table) -> pa.Table:
+    """One row per uid, in order of first appearance, with the scores of the uid's last row."""
+    enc = img.column("uid").combine_chunks().dictionary_encode()
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    last = np.zeros(len(enc.dictionary), np.int64)
+    np.maximum.at(last, codes, np.arange(img.num_rows, dtype=np.int64))
+    out = img.take(pa.array(last))
+    return out.set_column(0, "uid", enc.dictionary)
+
+
+def _concat(arrays, type_) -> pa.ChunkedArray:
+    chunks = [ch for a in arrays for ch in (a.chunks if isinstance(a, pa.ChunkedArray) else [a])]
+    return pa.chunked_array(chunks, type_)
+
+
+def _finite_or_null(values: np.ndarray | None, n: int) -> pa.Array:
+    if values is None:
+        return pa.nulls(n, pa.float32())
+    values = np.asarray(values, np.float32)
+    return pa.array(values, pa.float32(), mask=~np.isfinite(values))
+
+
+def _scorers_column(score_cols: list[pa.ChunkedArray]) -> pa.Array:
+    """Per row, the names of the scorers whose column is non-null there (in SCORE_COLUMNS order)."""
+    valid = np.stack([np.asarray(c.is_valid().to_numpy(zero_copy_only=False), bool) for c in score_cols], axis=1)
+    offsets = np.zeros(len(valid) + 1, np.int32)
+    np.cumsum(valid.sum(1), out=offsets[1:])
+    names = _SCORER_NAMES.take(pa.array(np.nonzero(valid)[1].astype(np.int32)))
+    return pa.ListArray.from_arrays(pa.array(offsets), names)
 
 
 def scorer_fingerprint(config: ScoringConfig) -> str:
@@ -265,18 +340,18 @@ def score_candidates(
             flush(batch)
             batch = []
     flush(batch)
-    if image_scores is not None:
-        for r in image_scores.select(["uid", *IMAGE_SCORE_COLUMNS]).to_pylist():
-            if r["uid"] not in img_rows:
-                order.append(r["uid"])
-            img_rows[r["uid"]] = {c: r[c] for c in IMAGE_SCORE_COLUMNS if r[c] is not None}
+    img = pa.Table.from_pylist([{"uid": u, **img_rows[u]} for u in order], schema=_IMAGE_ROWS_SCHEMA)
+    if image_scores is not None:  # a uid keeps its first position and takes its last row's scores
+        given = image_scores.select(["uid", *IMAGE_SCORE_COLUMNS]).cast(_IMAGE_ROWS_SCHEMA, safe=False)
+        img = _last_row_per_uid(pa.concat_tables([img, given]))
+    unique_images = img.num_rows
     for k, v in t.items():
         if k in available:
             timings[k] = round(v, 4)
-            timings[f"{k}_images_per_s"] = round(len(order) / v, 2) if v > 0 else None
+            timings[f"{k}_images_per_s"] = round(unique_images / v, 2) if v > 0 else None
 
-    # face-level scores
-    face_rows: list[dict] = []
+    # face-level scores, and the table, from columns
+    parts = []
     if faces is not None and faces.num_rows:
         fq = idsim = None
         if "face_quality" in en:
@@ -297,29 +372,30 @@ def score_candidates(
                 unavailable["identity_similarity"] = (
                     "identity_similarity: the faces table has no embedding column"
                 )
-        for i, (u, fi) in enumerate(zip(faces["uid"].to_pylist(), faces["face_index"].to_pylist())):
-            r = {"uid": u, "face_index": fi, **img_rows.get(u, {})}
-            if fq is not None and np.isfinite(fq[i]):
-                r["face_quality"] = float(fq[i])
-            if idsim is not None and np.isfinite(idsim[i]):
-                r["identity_similarity"] = float(idsim[i])
-            face_rows.append(r)
-        face_uids = set(faces["uid"].to_pylist())
+        face_uids = faces.column("uid").combine_chunks().cast(pa.string())
+        img_uids = img.column("uid").combine_chunks()
+        of_image = img.take(pc.index_in(face_uids, value_set=img_uids))  # null where no image row
+        parts.append({"uid": face_uids, "face_index": faces.column("face_index").cast(pa.int32()),
+                      **{c: of_image.column(c) for c in IMAGE_SCORE_COLUMNS},
+                      "face_quality": _finite_or_null(fq, faces.num_rows),
+                      "identity_similarity": _finite_or_null(idsim, faces.num_rows)})
+        img = img.filter(pc.invert(pc.is_in(img_uids, value_set=face_uids)))
     else:
-        face_uids = set()
         for name in ("face_quality", "identity_similarity"):
             if name in en:
                 unavailable[name] = f"{name}: no faces table given"
-    rows = face_rows + [{"uid": u, "face_index": None, **img_rows[u]} for u in order if u not in face_uids]
-    for r in rows:
-        r["scorers"] = [c if c != "clip_score" else "clip" for c in SCORE_COLUMNS if r.get(c) is not None]
-    table = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
+    parts.append({"uid": img.column("uid"), "face_index": pa.nulls(img.num_rows, pa.int32()),
+                  **{c: img.column(c) for c in IMAGE_SCORE_COLUMNS},
+                  "face_quality": pa.nulls(img.num_rows, pa.float32()),
+                  "identity_similarity": pa.nulls(img.num_rows, pa.float32())})
+    cols = {c: _concat([p[c] for p in parts], SCORES_SCHEMA.field(c).type) for c in SCORES_SCHEMA.names[:-1]}
+    table = pa.table({**cols, "scorers": _scorers_column([cols[c] for c in SCORE_COLUMNS])}, schema=SCORES_SCHEMA)
     report = {
         "available": available,
         "unavailable": unavailable,
         "timings_s": timings,
         "images": n_img,
-        "unique_images": len(order),
+        "unique_images": unique_images,
         "faces": 0 if faces is None else faces.num_rows,
         "device": str(pick_device(config.clip.device)),
     }
