@@ -95,38 +95,79 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _add_rows_in_order(total: np.ndarray, codes: np.ndarray, x: np.ndarray, min_batch: int = 512) -> None:
+    """``total[codes[j]] += x[j]`` for j = 0, 1, ... in that order (each group's sum is the sequential
+    one, as ``np.add.at`` gives), but faster: the j-th row of every group is added in one fancy
+    ``+=`` (its codes are distinct) while at least ``min_batch`` groups have a j-th row; the rows of
+    the few larger groups beyond that go through ``np.add.at`` in order."""
+    n = len(codes)
+    if n == 0:
+        return
+    o = np.argsort(codes, kind="stable")
+    sc = codes[o]
+    starts = np.r_[True, sc[1:] != sc[:-1]]
+    rank = np.empty(n, np.int64)
+    rank[o] = np.arange(n) - np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    by_rank = np.argsort(rank, kind="stable")  # rank 0 rows, then rank 1 rows, ... each in face order
+    bounds = np.r_[0, np.cumsum(np.bincount(rank))]
+    r = 0
+    while r + 1 < len(bounds) and bounds[r + 1] - bounds[r] >= min_batch:
+        j = by_rank[bounds[r] : bounds[r + 1]]
+        total[codes[j]] += x[j]
+        r += 1
+    if bounds[r] < n:
+        j = np.sort(by_rank[bounds[r] :])
+        np.add.at(total, codes[j], x[j])
+
+
 def _identity_similarity(faces: pa.Table, block: int = 65536) -> np.ndarray:
     """float32 (N,): cosine of each face's embedding with its reference_embedding, or with the
     leave-one-out centroid of its identity_id cluster (NaN for singletons and faces without one).
-    Vectorised: per-identity embedding sums (``np.add.at``, rows added in face order, so each sum is the
-    one a per-identity ``emb[idx].sum(0)`` gives), then the per-face part in blocks of ``block`` faces."""
-    _, emb = _row_matrix(faces.column("embedding"))
-    emb = emb.copy() if not emb.flags.writeable else emb
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    n = len(emb)
+
+    Vectorised over blocks of ``block`` faces, so besides the Arrow column only O(identities + block)
+    floats are held: the unit embeddings are recomputed per block (the same per-row arithmetic each
+    time), each identity's sum is accumulated with ``np.add.at`` in face order (the sum a per-identity
+    ``emb[idx].sum(0)`` gives), and the per-face dots use the same BLAS dot as the scalar code, so the
+    values are bit-identical to a per-face loop."""
+    valid, raw = _row_matrix(faces.column("embedding"))
+    if not valid.all():
+        raise ValueError("identity_similarity: the embedding column has nulls")
+    n = len(raw)
+
+    def unit(lo, hi):
+        x = np.array(raw[lo:hi], np.float32)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x
+
     out = np.full(n, np.nan, np.float32)
     if "reference_embedding" in faces.column_names:
         has_ref, refs = _row_matrix(faces.column("reference_embedding"))
-        if len(refs):
-            refs = _normalise(refs.copy() if not refs.flags.writeable else refs)
-            out[has_ref] = _rowwise_dot(emb[has_ref], refs)
+        at = np.cumsum(has_ref) - 1  # row of refs for each face that has one
+        for lo in range(0, n, block):
+            hi = min(lo + block, n)
+            m = has_ref[lo:hi]
+            if m.any():
+                r = _normalise(np.array(refs[at[lo:hi][m]], np.float32))
+                out[lo:hi][m] = _rowwise_dot(unit(lo, hi)[m], r)
         return out
     if "identity_id" not in faces.column_names:
         return out
     ids = faces.column("identity_id").combine_chunks().dictionary_encode()
-    codes = ids.indices.to_numpy(zero_copy_only=False)  # float with NaN where null
     has_id = np.asarray(ids.is_valid().to_numpy(zero_copy_only=False), bool)
-    codes = np.where(has_id, np.nan_to_num(codes, nan=0), 0).astype(np.int64)
+    codes = np.asarray(ids.indices.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
     k = len(ids.dictionary)
     size = np.bincount(codes[has_id], minlength=k)
-    total = np.zeros((k, emb.shape[1]), np.float32)
-    rows = np.flatnonzero(has_id)
-    np.add.at(total, codes[rows], emb[rows] if len(rows) < n else emb)
-    scored = np.flatnonzero(has_id & (size[codes] >= 2))
-    for s in range(0, len(scored), block):
-        i = scored[s : s + block]
-        c = _normalise(total[codes[i]] - emb[i])
-        out[i] = _rowwise_dot(emb[i], c)
+    total = np.zeros((k, raw.shape[1]), np.float32)
+    for lo in range(0, n, block):
+        m = has_id[lo : lo + block]
+        _add_rows_in_order(total, codes[lo : lo + block][m], unit(lo, lo + block)[m])
+    scored = has_id & (size[codes] >= 2)
+    for lo in range(0, n, block):
+        m = scored[lo : lo + block]
+        if m.any():
+            e = unit(lo, lo + block)[m]
+            c = _normalise(total[codes[lo : lo + block][m]] - e)
+            out[lo : lo + block][m] = _rowwise_dot(e, c)
     return out
 
 
