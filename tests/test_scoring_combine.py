@@ -52,7 +52,8 @@ def test_combine_by_hand():
     assert (a0["clip_score"], a0["aesthetic"], a0["social_reward"]) == (0.5, None, -1.0) == (
         a1["clip_score"], a1["aesthetic"], a1["social_reward"])
     assert (b0["clip_score"], b0["aesthetic"], b0["social_reward"]) == (None, 2.0, None)
-    assert (c0["clip_score"], c0["aesthetic"], c0["social_reward"]) == (None, None, None)
+    assert (c0["clip_score"], c0["aesthetic"], c0["social_reward"]) == (None, None, None) == (
+        d0["clip_score"], d0["aesthetic"], d0["social_reward"])
     assert (e["clip_score"], e["aesthetic"], e["social_reward"]) == (0.25, None, None)
     # quality: weighted geometric mean of size, blur, pose (weight 1) and detector score (weight 0.5)
     q = [r["face_quality"] for r in rows]
