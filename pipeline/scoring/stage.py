@@ -124,31 +124,31 @@ def _identity_similarity(faces: pa.Table, block: int = 65536) -> np.ndarray:
     """float32 (N,): cosine of each face's embedding with its reference_embedding, or with the
     leave-one-out centroid of its identity_id cluster (NaN for singletons and faces without one).
 
-    Vectorised over blocks of ``block`` faces, so besides the Arrow column only O(identities + block)
-    floats are held: the unit embeddings are recomputed per block (the same per-row arithmetic each
-    time), each identity's sum is accumulated with ``np.add.at`` in face order (the sum a per-identity
-    ``emb[idx].sum(0)`` gives), and the per-face dots use the same BLAS dot as the scalar code, so the
-    values are bit-identical to a per-face loop."""
-    valid, raw = _row_matrix(faces.column("embedding"))
-    if not valid.all():
+    Vectorised over blocks of ``block`` faces, read from the Arrow columns a block at a time, so besides
+    the table only O(identities + block) floats are held: the unit embeddings are recomputed per block
+    (the same per-row arithmetic each time), each identity's sum is accumulated in face order
+    (``_add_rows_in_order``: the sum a per-identity ``emb[idx].sum(0)`` gives), and the per-face dots
+    use the same BLAS dot as the scalar code, so the values are bit-identical to a per-face loop."""
+    emb_col = faces.column("embedding")
+    if emb_col.null_count:
         raise ValueError("identity_similarity: the embedding column has nulls")
-    n = len(raw)
+    n = faces.num_rows
+    out = np.full(n, np.nan, np.float32)
+    if n == 0:
+        return out
 
     def unit(lo, hi):
-        x = np.array(raw[lo:hi], np.float32)
+        x = np.array(_row_matrix(emb_col.slice(lo, hi - lo))[1], np.float32)
         x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         return x
 
-    out = np.full(n, np.nan, np.float32)
     if "reference_embedding" in faces.column_names:
-        has_ref, refs = _row_matrix(faces.column("reference_embedding"))
-        at = np.cumsum(has_ref) - 1  # row of refs for each face that has one
+        ref_col = faces.column("reference_embedding")
         for lo in range(0, n, block):
             hi = min(lo + block, n)
-            m = has_ref[lo:hi]
+            m, refs = _row_matrix(ref_col.slice(lo, hi - lo))
             if m.any():
-                r = _normalise(np.array(refs[at[lo:hi][m]], np.float32))
-                out[lo:hi][m] = _rowwise_dot(unit(lo, hi)[m], r)
+                out[lo:hi][m] = _rowwise_dot(unit(lo, hi)[m], _normalise(np.array(refs, np.float32)))
         return out
     if "identity_id" not in faces.column_names:
         return out
@@ -157,10 +157,11 @@ def _identity_similarity(faces: pa.Table, block: int = 65536) -> np.ndarray:
     codes = np.asarray(ids.indices.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
     k = len(ids.dictionary)
     size = np.bincount(codes[has_id], minlength=k)
-    total = np.zeros((k, raw.shape[1]), np.float32)
+    total = np.zeros((k, unit(0, 1).shape[1]), np.float32)
     for lo in range(0, n, block):
         m = has_id[lo : lo + block]
-        _add_rows_in_order(total, codes[lo : lo + block][m], unit(lo, lo + block)[m])
+        if m.any():
+            _add_rows_in_order(total, codes[lo : lo + block][m], unit(lo, lo + block)[m])
     scored = has_id & (size[codes] >= 2)
     for lo in range(0, n, block):
         m = scored[lo : lo + block]
