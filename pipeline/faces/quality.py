@@ -115,7 +115,7 @@ def face_quality_from_table(faces: pa.Table, config: QualityConfig | None = None
     """Quality for a faces table with pipeline.faces columns (face_width, face_height, blur, yaw, pitch,
     det_score). Without a config, the detector range is the table's backend's (``backend`` column)."""
     if config is None:
-        backends = set(faces.column("backend").to_pylist()) if "backend" in faces.column_names else set()
+        backends = set(faces.column("backend").unique().to_pylist()) if "backend" in faces.column_names else set()
         if len(backends) > 1:
             raise ValueError(f"faces from several backends {sorted(backends)}: their detector scores differ")
         config = QualityConfig.for_backend(backends.pop()) if backends else QualityConfig()

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.faces.quality import QualityConfig, face_quality_from_table
 from pipeline.scoring.base import ScorerUnavailable, pick_device
@@ -62,37 +63,153 @@ class ScoringConfig:
     chunk: int = 256  # images held in memory at once
 
 
-def _identity_similarity(faces: pa.Table) -> np.ndarray:
-    emb = np.asarray(faces["embedding"].to_pylist(), np.float32)
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    out = np.full(len(emb), np.nan, np.float32)
+def _row_matrix(col) -> tuple[np.ndarray, np.ndarray]:
+    """``(valid, rows)``: which rows of a list-of-float column are non-null, and those rows as a float32
+    (n_valid, D) array, read through Arrow buffers (no Python lists)."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), bool)
+    vals = col.filter(pa.array(valid)) if col.null_count else col
+    if len(vals) == 0:
+        return valid, np.zeros((0, 0), np.float32)
+    if pa.types.is_fixed_size_list(vals.type):
+        dim = vals.type.list_size
+    else:
+        lengths = np.asarray(pa.compute.list_value_length(vals).to_numpy(zero_copy_only=False))
+        dim = int(lengths[0])
+        if (lengths != dim).any():
+            raise ValueError("embedding rows of different lengths")
+    flat = vals.flatten().to_numpy(zero_copy_only=False)
+    return valid, np.asarray(flat, np.float32).reshape(-1, dim)
+
+
+def _rowwise_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a[i] @ b[i]`` for every row, as float32: a batched vector-vector matmul, the same BLAS dot the
+    scalar ``a[i] @ b[i]`` and ``np.linalg.norm`` use, so the results are bit-identical to a per-row loop."""
+    return np.matmul(a[:, None, :], b[:, :, None]).reshape(len(a))
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length in place (a zero row is divided by 1e-12, as the scalar rule did)."""
+    norm = np.sqrt(_rowwise_dot(x, x))
+    x /= np.maximum(norm, np.float32(1e-12))[:, None]
+    return x
+
+
+def _add_rows_in_order(total: np.ndarray, codes: np.ndarray, x: np.ndarray, min_batch: int = 512) -> None:
+    """``total[codes[j]] += x[j]`` for j = 0, 1, ... in that order (each group's sum is the sequential
+    one, as ``np.add.at`` gives), but faster: the j-th row of every group is added in one fancy
+    ``+=`` (its codes are distinct) while at least ``min_batch`` groups have a j-th row; the rows of
+    the few larger groups beyond that go through ``np.add.at`` in order."""
+    n = len(codes)
+    if n == 0:
+        return
+    o = np.argsort(codes, kind="stable")
+    sc = codes[o]
+    starts = np.r_[True, sc[1:] != sc[:-1]]
+    rank = np.empty(n, np.int64)
+    rank[o] = np.arange(n) - np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    by_rank = np.argsort(rank, kind="stable")  # rank 0 rows, then rank 1 rows, ... each in face order
+    bounds = np.r_[0, np.cumsum(np.bincount(rank))]
+    r = 0
+    while r + 1 < len(bounds) and bounds[r + 1] - bounds[r] >= min_batch:
+        j = by_rank[bounds[r] : bounds[r + 1]]
+        total[codes[j]] += x[j]
+        r += 1
+    if bounds[r] < n:
+        j = np.sort(by_rank[bounds[r] :])
+        np.add.at(total, codes[j], x[j])
+
+
+def _identity_similarity(faces: pa.Table, block: int = 65536) -> np.ndarray:
+    """float32 (N,): cosine of each face's embedding with its reference_embedding, or with the
+    leave-one-out centroid of its identity_id cluster (NaN for singletons and faces without one).
+
+    Vectorised over blocks of ``block`` faces, read from the Arrow columns a block at a time, so besides
+    the table only O(identities + block) floats are held: the unit embeddings are recomputed per block
+    (the same per-row arithmetic each time), each identity's sum is accumulated in face order
+    (``_add_rows_in_order``: the sum a per-identity ``emb[idx].sum(0)`` gives), and the per-face dots
+    use the same BLAS dot as the scalar code, so the values are bit-identical to a per-face loop."""
+    emb_col = faces.column("embedding")
+    if emb_col.null_count:
+        raise ValueError("identity_similarity: the embedding column has nulls")
+    n = faces.num_rows
+    out = np.full(n, np.nan, np.float32)
+    if n == 0:
+        return out
+
+    def unit(lo, hi):
+        x = np.array(_row_matrix(emb_col.slice(lo, hi - lo))[1], np.float32)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x
+
     if "reference_embedding" in faces.column_names:
-        refs = faces["reference_embedding"].to_pylist()
-        for i, r in enumerate(refs):
-            if r is not None:
-                r = np.asarray(r, np.float32)
-                out[i] = float(emb[i] @ (r / max(np.linalg.norm(r), 1e-12)))
+        ref_col = faces.column("reference_embedding")
+        for lo in range(0, n, block):
+            hi = min(lo + block, n)
+            m, refs = _row_matrix(ref_col.slice(lo, hi - lo))
+            if m.any():
+                out[lo:hi][m] = _rowwise_dot(unit(lo, hi)[m], _normalise(np.array(refs, np.float32)))
         return out
     if "identity_id" not in faces.column_names:
         return out
-    ids = faces["identity_id"].to_pylist()
-    groups: dict = {}
-    for i, g in enumerate(ids):
-        if g is not None:
-            groups.setdefault(g, []).append(i)
-    for idx in groups.values():
-        if len(idx) < 2:
-            continue
-        total = emb[idx].sum(0)
-        for i in idx:
-            c = total - emb[i]
-            out[i] = float(emb[i] @ (c / max(np.linalg.norm(c), 1e-12)))
+    ids = faces.column("identity_id").combine_chunks().dictionary_encode()
+    has_id = np.asarray(ids.is_valid().to_numpy(zero_copy_only=False), bool)
+    codes = np.asarray(ids.indices.fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+    k = len(ids.dictionary)
+    size = np.bincount(codes[has_id], minlength=k)
+    total = np.zeros((k, unit(0, 1).shape[1]), np.float32)
+    for lo in range(0, n, block):
+        m = has_id[lo : lo + block]
+        if m.any():
+            _add_rows_in_order(total, codes[lo : lo + block][m], unit(lo, lo + block)[m])
+    scored = has_id & (size[codes] >= 2)
+    for lo in range(0, n, block):
+        m = scored[lo : lo + block]
+        if m.any():
+            e = unit(lo, lo + block)[m]
+            c = _normalise(total[codes[lo : lo + block][m]] - e)
+            out[lo : lo + block][m] = _rowwise_dot(e, c)
     return out
 
 
 IMAGE_SCORE_COLUMNS = ("clip_score", "aesthetic", "social_reward")
 IMAGE_SCORES_SCHEMA = pa.schema([("uid", pa.string())] + [(c, pa.float32()) for c in IMAGE_SCORE_COLUMNS]
                                 + [("scorer_fingerprint", pa.string())])
+
+
+_IMAGE_ROWS_SCHEMA = pa.schema([("uid", pa.string())] + [(c, pa.float32()) for c in IMAGE_SCORE_COLUMNS])
+_SCORER_NAMES = pa.array(["clip" if c == "clip_score" else c for c in SCORE_COLUMNS], pa.string())
+
+
+def _last_row_per_uid(img: pa.Table) -> pa.Table:
+    """One row per uid, in order of first appearance, with the scores of the uid's last row."""
+    enc = img.column("uid").combine_chunks().dictionary_encode()
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    last = np.zeros(len(enc.dictionary), np.int64)
+    np.maximum.at(last, codes, np.arange(img.num_rows, dtype=np.int64))
+    out = img.take(pa.array(last))
+    return out.set_column(0, "uid", enc.dictionary)
+
+
+def _concat(arrays, type_) -> pa.ChunkedArray:
+    chunks = [ch for a in arrays for ch in (a.chunks if isinstance(a, pa.ChunkedArray) else [a])]
+    return pa.chunked_array(chunks, type_)
+
+
+def _finite_or_null(values: np.ndarray | None, n: int) -> pa.Array:
+    if values is None:
+        return pa.nulls(n, pa.float32())
+    values = np.asarray(values, np.float32)
+    return pa.array(values, pa.float32(), mask=~np.isfinite(values))
+
+
+def _scorers_column(score_cols: list[pa.ChunkedArray]) -> pa.Array:
+    """Per row, the names of the scorers whose column is non-null there (in SCORE_COLUMNS order)."""
+    valid = np.stack([np.asarray(c.is_valid().to_numpy(zero_copy_only=False), bool) for c in score_cols], axis=1)
+    offsets = np.zeros(len(valid) + 1, np.int32)
+    np.cumsum(valid.sum(1), out=offsets[1:])
+    names = _SCORER_NAMES.take(pa.array(np.nonzero(valid)[1].astype(np.int32)))
+    return pa.ListArray.from_arrays(pa.array(offsets), names)
 
 
 def scorer_fingerprint(config: ScoringConfig) -> str:
@@ -265,18 +382,18 @@ def score_candidates(
             flush(batch)
             batch = []
     flush(batch)
-    if image_scores is not None:
-        for r in image_scores.select(["uid", *IMAGE_SCORE_COLUMNS]).to_pylist():
-            if r["uid"] not in img_rows:
-                order.append(r["uid"])
-            img_rows[r["uid"]] = {c: r[c] for c in IMAGE_SCORE_COLUMNS if r[c] is not None}
+    img = pa.Table.from_pylist([{"uid": u, **img_rows[u]} for u in order], schema=_IMAGE_ROWS_SCHEMA)
+    if image_scores is not None:  # a uid keeps its first position and takes its last row's scores
+        given = image_scores.select(["uid", *IMAGE_SCORE_COLUMNS]).cast(_IMAGE_ROWS_SCHEMA, safe=False)
+        img = _last_row_per_uid(pa.concat_tables([img, given]))
+    unique_images = img.num_rows
     for k, v in t.items():
         if k in available:
             timings[k] = round(v, 4)
-            timings[f"{k}_images_per_s"] = round(len(order) / v, 2) if v > 0 else None
+            timings[f"{k}_images_per_s"] = round(unique_images / v, 2) if v > 0 else None
 
-    # face-level scores
-    face_rows: list[dict] = []
+    # face-level scores, and the table, from columns
+    parts = []
     if faces is not None and faces.num_rows:
         fq = idsim = None
         if "face_quality" in en:
@@ -297,29 +414,30 @@ def score_candidates(
                 unavailable["identity_similarity"] = (
                     "identity_similarity: the faces table has no embedding column"
                 )
-        for i, (u, fi) in enumerate(zip(faces["uid"].to_pylist(), faces["face_index"].to_pylist())):
-            r = {"uid": u, "face_index": fi, **img_rows.get(u, {})}
-            if fq is not None and np.isfinite(fq[i]):
-                r["face_quality"] = float(fq[i])
-            if idsim is not None and np.isfinite(idsim[i]):
-                r["identity_similarity"] = float(idsim[i])
-            face_rows.append(r)
-        face_uids = set(faces["uid"].to_pylist())
+        face_uids = faces.column("uid").combine_chunks().cast(pa.string())
+        img_uids = img.column("uid").combine_chunks()
+        of_image = img.take(pc.index_in(face_uids, value_set=img_uids))  # null where no image row
+        parts.append({"uid": face_uids, "face_index": faces.column("face_index").cast(pa.int32()),
+                      **{c: of_image.column(c) for c in IMAGE_SCORE_COLUMNS},
+                      "face_quality": _finite_or_null(fq, faces.num_rows),
+                      "identity_similarity": _finite_or_null(idsim, faces.num_rows)})
+        img = img.filter(pc.invert(pc.is_in(img_uids, value_set=face_uids)))
     else:
-        face_uids = set()
         for name in ("face_quality", "identity_similarity"):
             if name in en:
                 unavailable[name] = f"{name}: no faces table given"
-    rows = face_rows + [{"uid": u, "face_index": None, **img_rows[u]} for u in order if u not in face_uids]
-    for r in rows:
-        r["scorers"] = [c if c != "clip_score" else "clip" for c in SCORE_COLUMNS if r.get(c) is not None]
-    table = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
+    parts.append({"uid": img.column("uid"), "face_index": pa.nulls(img.num_rows, pa.int32()),
+                  **{c: img.column(c) for c in IMAGE_SCORE_COLUMNS},
+                  "face_quality": pa.nulls(img.num_rows, pa.float32()),
+                  "identity_similarity": pa.nulls(img.num_rows, pa.float32())})
+    cols = {c: _concat([p[c] for p in parts], SCORES_SCHEMA.field(c).type) for c in SCORES_SCHEMA.names[:-1]}
+    table = pa.table({**cols, "scorers": _scorers_column([cols[c] for c in SCORE_COLUMNS])}, schema=SCORES_SCHEMA)
     report = {
         "available": available,
         "unavailable": unavailable,
         "timings_s": timings,
         "images": n_img,
-        "unique_images": len(order),
+        "unique_images": unique_images,
         "faces": 0 if faces is None else faces.num_rows,
         "device": str(pick_device(config.clip.device)),
     }
