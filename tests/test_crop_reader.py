@@ -36,3 +36,10 @@ def test_bounded_crop_cache_same_crops(tmp_path):
     assert small._cache.evictions > 0 and small.decoded > full.decoded == 6
     assert small.crop("missing", 0) is None and small.crop("u0", 7) is None
     assert len(small._cache) <= 2
+
+
+def test_boxes_as_a_mapping(tmp_path):
+    images, faces = _collection(tmp_path, 2)
+    boxes = CropReader(images, faces).boxes
+    assert len(boxes) == 4 and ("u1", 1) in boxes and ("u1", 2) not in boxes
+    assert boxes.get(("u1", 1)) == (70.0, 25.0, 110.0, 73.0) and boxes.get(("u9", 0)) is None
