@@ -97,103 +97,193 @@ class ExpressionResult:
     stats: dict = field(default_factory=dict)
 
 
-def _col(t: pa.Table, name: str, default=None):
-    return t[name].to_pylist() if name in t.column_names else default
+def _codes(*arrays) -> list[np.ndarray]:
+    """Shared integer codes (equal values, equal codes; null: -1) of the values of several arrays."""
+    import pyarrow.compute as pc
+
+    chunks = []
+    for a in arrays:
+        chunks += a.chunks if isinstance(a, pa.ChunkedArray) else [a]
+    if not chunks or pa.types.is_null(chunks[0].type):
+        return [np.full(len(a), -1, np.int64) for a in arrays]
+    enc = pa.concat_arrays([c.cast(chunks[0].type) for c in chunks]).dictionary_encode()
+    codes = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    out, s = [], 0
+    for a in arrays:
+        out.append(codes[s : s + len(a)])
+        s += len(a)
+    return out
+
+
+def _fixed(col, width: int | None = None) -> np.ndarray:
+    """A list column as a float32 (N, width) array (null values: NaN)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    flat = np.asarray(arr.flatten().to_numpy(zero_copy_only=False), np.float32)
+    return flat.reshape(n, -1 if n else (width or 0))
+
+
+@dataclass
+class _Eligible:
+    """The faces that can take part, as arrays (row r of each is eligible face r, in faces' order)."""
+    face_row: np.ndarray  # row in the faces table
+    P: np.ndarray  # class probabilities (r, 7) float32
+    G: np.ndarray  # geometry (r, g) float32, NaN where missing
+    top: np.ndarray
+    q: np.ndarray  # float64
+    yaw: np.ndarray  # float64, NaN where missing
+    pitch: np.ndarray
+    ident: np.ndarray  # identity code, -1: unknown
+    image: np.ndarray  # uid code
+    key_rank: np.ndarray  # rank of (uid, face_index) among the eligible faces
+    emb: np.ndarray  # the faces' raw embeddings (all faces: index with face_row)
+    emb_norm: np.ndarray  # per eligible face
+
+
+REJECT_REASONS = ("no_expression_descriptor", "low_quality", "uncertain_expression", "expression_not_selected")
 
 
 def _join(faces: pa.Table, descriptors: pa.Table, config: PairConfig):
+    """Eligible faces as arrays, and per face of ``faces`` a reject reason code (-1: eligible)."""
+    import pyarrow.compute as pc
+
     from pipeline.faces.quality import face_quality_from_table
 
-    fkeys = list(zip(faces["uid"].to_pylist(), faces["face_index"].to_pylist()))
+    n = faces.num_rows
     if "quality" in faces.column_names:
         quality = np.asarray(faces["quality"].to_numpy(zero_copy_only=False), np.float64)
     else:
         quality = face_quality_from_table(faces, config.quality).astype(np.float64)
-    emb = np.asarray(faces["embedding"].to_pylist(), np.float32)
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    ident = _col(faces, "identity_id", [None] * len(fkeys))
-    yaw = np.asarray(_col(faces, "yaw", [np.nan] * len(fkeys)), np.float64)
-    pitch = np.asarray(_col(faces, "pitch", [np.nan] * len(fkeys)), np.float64)
-    dindex = {
-        k: i for i, k in enumerate(zip(descriptors["uid"].to_pylist(), descriptors["face_index"].to_pylist()))
-    }
-    probs = descriptors["probs"].to_pylist()
-    geo = descriptors["geometry"].to_pylist()
-    rows, rejects = [], []
-    for i, k in enumerate(fkeys):
-        j = dindex.get(k)
-        if j is None:
-            rejects.append((k[0], k[1], "no_expression_descriptor"))
-            continue
-        p = np.asarray(probs[j], np.float32)
-        top = int(p.argmax())
-        if not np.isfinite(quality[i]) or quality[i] < config.min_quality:
-            rejects.append((k[0], k[1], "low_quality"))
-            continue
-        if p[top] < config.min_class_prob:
-            rejects.append((k[0], k[1], "uncertain_expression"))
-            continue
-        if config.classes is not None and EMOTIONS[top] not in config.classes:
-            rejects.append((k[0], k[1], "expression_not_selected"))
-            continue
-        g = np.asarray([np.nan if v is None else v for v in geo[j]], np.float32)
-        rows.append(
-            {
-                "key": k,
-                "probs": p,
-                "geo": g,
-                "top": top,
-                "emb": emb[i],
-                "ident": ident[i],
-                "q": quality[i],
-                "yaw": yaw[i],
-                "pitch": pitch[i],
-            }
-        )
-    return rows, rejects
+    fu, du = _codes(faces["uid"], descriptors["uid"])
+    fkey = (fu << 32) | (faces["face_index"].to_numpy(zero_copy_only=False).astype(np.int64) & 0xFFFFFFFF)
+    dkey = (du << 32) | (descriptors["face_index"].to_numpy(zero_copy_only=False).astype(np.int64) & 0xFFFFFFFF)
+    # the descriptor of a face: the last row with its key (as a dict built over the rows)
+    order = np.argsort(dkey, kind="stable")
+    sk = dkey[order]
+    last = np.ones(len(sk), bool)
+    last[:-1] = sk[1:] != sk[:-1]
+    uk, uj = sk[last], order[last]
+    pos = np.minimum(np.searchsorted(uk, fkey), max(0, len(uk) - 1))
+    found = (uk[pos] == fkey) if len(uk) else np.zeros(n, bool)
+    j = np.where(found, uj[pos] if len(uk) else 0, -1)
+    P_all = _fixed(descriptors["probs"], len(EMOTIONS))
+    jj = np.maximum(j, 0)
+    Pf = P_all[jj] if len(P_all) else np.zeros((n, len(EMOTIONS)), np.float32)
+    top = Pf.argmax(1) if n else np.zeros(0, np.int64)
+    ptop = Pf[np.arange(n), top] if n else np.zeros(0, np.float32)
+    reason = np.full(n, -1, np.int8)
+    reason[~found] = 0
+    low_q = ~np.isfinite(quality) | (quality < config.min_quality)
+    reason[(reason < 0) & low_q] = 1
+    reason[(reason < 0) & (ptop < config.min_class_prob)] = 2
+    if config.classes is not None:
+        selected = np.array([e in config.classes for e in EMOTIONS])
+        reason[(reason < 0) & ~selected[top]] = 3
+    el = np.nonzero(reason < 0)[0]
+    G_all = _fixed(descriptors["geometry"])
+    emb = _fixed(faces["embedding"])  # as embeddings_of, for fixed-size and plain lists
+    emb_norm = np.zeros(len(el), np.float32)
+    for s in range(0, len(el), 65536):  # per row, as np.linalg.norm over all rows would give
+        emb_norm[s : s + 65536] = np.linalg.norm(emb[el[s : s + 65536]], axis=1)
+
+    def num(name):
+        if name not in faces.column_names:
+            return np.full(len(el), np.nan)
+        return np.asarray(faces[name].to_numpy(zero_copy_only=False), np.float64)[el]
+
+    ident = (_codes(faces["identity_id"])[0][el] if "identity_id" in faces.column_names
+             else np.full(len(el), -1, np.int64))
+    keys = pa.table({"u": faces["uid"].take(pa.array(el)), "f": faces["face_index"].take(pa.array(el))})
+    key_rank = np.empty(len(el), np.int32)
+    key_rank[pc.sort_indices(keys, [("u", "ascending"), ("f", "ascending")]).to_numpy()] = np.arange(len(el), dtype=np.int32)
+    G = G_all[j[el]] if len(el) else np.zeros((0, G_all.shape[1] if G_all.ndim == 2 else 0), np.float32)
+    elig = _Eligible(face_row=el, P=Pf[el], G=G, top=top[el], q=quality[el], yaw=num("yaw"), pitch=num("pitch"),
+                     ident=ident, image=fu[el], key_rank=key_rank, emb=emb, emb_norm=emb_norm)
+    return elig, reason
 
 
-def _neighbour_pairs(P: np.ndarray, G: np.ndarray, top: np.ndarray, config: PairConfig, stats: dict):
-    """Unordered pairs (i < j) of the same class where one is among the other's ``neighbours`` nearest
-    in expression space; the pairs of a class left out are counted in ``stats``."""
+PAIR_BLOCK = 8192  # faces whose candidate pairs (about PAIR_BLOCK x neighbours) are scored at once
+SCORE_CHUNK = 65536  # candidate pairs whose identity cosines are computed at once (2 x SCORE_CHUNK embeddings)
+
+
+def _class_neighbours(X: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k + 1 nearest rows of X (exact L2, FAISS), as int32.
+
+    One search over all the class's rows: searching in blocks of queries changes a few neighbour lists
+    (distances computed by BLAS over a different matrix shape; ties at the k-th neighbour), so the transient
+    distances and ids (12 bytes x (k + 1) per face of the class) are the price of identical results."""
     import faiss
 
+    index = faiss.IndexFlatL2(X.shape[1])
+    index.add(X)
+    _, ids = index.search(X, k + 1)
+    return ids.astype(np.int32)
+
+
+def _neighbour_pair_blocks(P: np.ndarray, G: np.ndarray, top: np.ndarray, config: PairConfig, stats: dict):
+    """Unordered pairs (i < j) of the same class where one is among the other's ``neighbours`` nearest
+    in expression space, yielded in blocks (ascending by class, then i, then j) of about PAIR_BLOCK x
+    neighbours pairs; the pairs of a class left out are counted in ``stats``."""
     geo = np.nan_to_num(G / GEOMETRY_SCALES, nan=0.0)
     X = np.hstack([np.sqrt(np.clip(P, 0, None)) * np.sqrt(config.w_probs),
                    geo * np.sqrt((1 - config.w_probs) / (2 * geo.shape[1]))]).astype(np.float32)
-    ia_all, ib_all = [], []
+    del geo
     for c in np.unique(top):
         idx = np.nonzero(top == c)[0]
         m = len(idx)
         if m < 2:
             continue
         k = min(m - 1, max(1, config.neighbours))
-        index = faiss.IndexFlatL2(X.shape[1])
-        index.add(np.ascontiguousarray(X[idx]))
-        _, nn = index.search(np.ascontiguousarray(X[idx]), k + 1)
-        a = np.repeat(np.arange(m), k + 1)
-        b = nn.reshape(-1)
-        ok = (b >= 0) & (b != a)
-        lo, hi = np.minimum(a[ok], b[ok]), np.maximum(a[ok], b[ok])
-        pairs = np.unique(lo.astype(np.int64) * m + hi)
-        stats["not_examined_beyond_neighbours"] += m * (m - 1) // 2 - len(pairs)
-        ia_all.append(idx[pairs // m])
-        ib_all.append(idx[pairs % m])
-    if not ia_all:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(ia_all), np.concatenate(ib_all)
+        nn = _class_neighbours(np.ascontiguousarray(X[idx]), k)
+        examined = 0
+        for s in range(0, m, PAIR_BLOCK):
+            e = min(m, s + PAIR_BLOCK)
+            # pairs whose smaller member is in [s, e): found from it (nn[a] > a) or from the larger (nn[r] == a < r)
+            a = np.repeat(np.arange(s, e, dtype=np.int64), k + 1)
+            b = nn[s:e].reshape(-1).astype(np.int64)
+            f = b > a
+            lo1, hi1 = a[f], b[f]
+            rest = nn[s + 1 :]
+            r, col = np.nonzero((rest >= s) & (rest < e))
+            v = rest[r, col].astype(np.int64)
+            r = r.astype(np.int64) + s + 1
+            f = v < r
+            keys = np.unique(np.concatenate([lo1 * m + hi1, v[f] * m + r[f]]))
+            examined += len(keys)
+            if len(keys):
+                yield idx[keys // m], idx[keys % m]
+        stats["not_examined_beyond_neighbours"] += m * (m - 1) // 2 - examined
+
+
+def _identity_cos(el: _Eligible, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
+    """Cosine of the identity embeddings of eligible faces ia[t], ib[t] (float32), SCORE_CHUNK pairs at a time."""
+    out = np.empty(len(ia), np.float32)
+    for s in range(0, len(ia), SCORE_CHUNK):
+        a, b = ia[s : s + SCORE_CHUNK], ib[s : s + SCORE_CHUNK]
+        Ea = el.emb[el.face_row[a]] / np.maximum(el.emb_norm[a], 1e-12)[:, None]
+        Eb = el.emb[el.face_row[b]] / np.maximum(el.emb_norm[b], 1e-12)[:, None]
+        out[s : s + SCORE_CHUNK] = (Ea * Eb).sum(1)
+    return out
 
 
 def build_expression_pairs(
     faces: pa.Table, descriptors: pa.Table, config: PairConfig = PairConfig()
 ) -> ExpressionResult:
     """faces: uid, face_index, identity_id, embedding, and quality (or face_width/height, blur,
-    yaw, pitch, det_score); descriptors: uid, face_index, probs, geometry (describe_images' table)."""
-    rows, rejects = _join(faces, descriptors, config)
+    yaw, pitch, det_score); descriptors: uid, face_index, probs, geometry (describe_images' table).
+
+    Memory: the eligible faces' descriptors, the neighbour lists of one class ((neighbours + 1) int32 per
+    face), one block of candidate pairs, and (sim, a, b) for every pair that passes the rules (before the
+    per-face cap); no Python object per pair until the output rows."""
+    import pyarrow.compute as pc
+
+    el, reason = _join(faces, descriptors, config)
+    n = len(el.face_row)
+    n_rej = int((reason >= 0).sum())
     stats = {
         "faces": faces.num_rows,
-        "faces_eligible": len(rows),
-        "faces_rejected": len(rejects),
+        "faces_eligible": n,
+        "faces_rejected": n_rej,
         "candidate_pairs": 0,
         "rejected_different_expression_class": 0,
         "rejected_low_expression_similarity": 0,
@@ -204,109 +294,124 @@ def build_expression_pairs(
         "rejected_same_image": 0,
         "accepted_before_cap": 0,
     }
-    cands = []
-    n = len(rows)
     stats["not_examined_beyond_neighbours"] = 0
+    acc_sim, acc_a, acc_b = [], [], []
     if n >= 2:
-        P = np.stack([r["probs"] for r in rows])
-        G = np.stack([r["geo"] for r in rows])
-        E = np.stack([r["emb"] for r in rows])
-        top = np.array([r["top"] for r in rows])
-        yaw = np.array([r["yaw"] for r in rows])
-        pitch = np.array([r["pitch"] for r in rows])
         stats["candidate_pairs"] = n * (n - 1) // 2
-        class_sizes = np.bincount(top, minlength=len(EMOTIONS))
+        class_sizes = np.bincount(el.top, minlength=len(EMOTIONS))
         stats["rejected_different_expression_class"] = int(stats["candidate_pairs"] - (class_sizes * (class_sizes - 1) // 2).sum())
-        ia, ib = _neighbour_pairs(P, G, top, config, stats)
-        sim = expression_similarity(
-            P[ia], G[ia], P[ib], G[ib], w_probs=config.w_probs, scales=GEOMETRY_SCALES
-        )
-        idcos = (E[ia] * E[ib]).sum(1)
-        dyaw, dpitch = np.abs(yaw[ia] - yaw[ib]), np.abs(pitch[ia] - pitch[ib])
-        ident = [r["ident"] for r in rows]
-        img = [r["key"][0] for r in rows]
-        # the rules in the order of the module docstring; each pair is counted under the first that fails
-        alive = np.ones(len(ia), bool)
+        for ia, ib in _neighbour_pair_blocks(el.P, el.G, el.top, config, stats):
+            sim = expression_similarity(el.P[ia], el.G[ia], el.P[ib], el.G[ib], w_probs=config.w_probs,
+                                        scales=GEOMETRY_SCALES)
+            # the rules in the order of the module docstring; each pair is counted under the first that fails
+            alive = np.ones(len(ia), bool)
 
-        def reject(mask, name):
-            nonlocal alive
-            hit = alive & mask
-            stats[name] += int(hit.sum())
-            alive &= ~hit
+            def reject(mask, name):
+                nonlocal alive
+                hit = alive & mask
+                stats[name] += int(hit.sum())
+                alive &= ~hit
 
-        reject(sim < config.min_expression_sim, "rejected_low_expression_similarity")
-        reject(np.array([ident[a] is not None and ident[a] == ident[b] for a, b in zip(ia.tolist(), ib.tolist())], bool),
-               "rejected_same_identity_id")
-        reject(idcos > config.max_identity_cos, "rejected_identity_too_similar")
-        pose_bad = np.zeros(len(ia), bool)
-        no_pose = np.zeros(len(ia), bool)
-        if config.max_yaw_diff is not None:
-            pose_bad |= dyaw > config.max_yaw_diff
-            no_pose |= ~np.isfinite(dyaw)
-        if config.max_pitch_diff is not None:
-            pose_bad |= dpitch > config.max_pitch_diff
-            no_pose |= ~np.isfinite(dpitch)
-        reject(pose_bad, "rejected_pose")
-        stats["pose_rule_skipped_no_pose"] += int((alive & no_pose).sum())  # counted, not rejected
-        if not config.allow_same_image:
-            reject(np.array([img[a] == img[b] for a, b in zip(ia.tolist(), ib.tolist())], bool), "rejected_same_image")
-        for t in np.nonzero(alive)[0].tolist():
-            a, b = int(ia[t]), int(ib[t])
-            ra, rb = rows[a], rows[b]
-            ka, kb = sorted([ra["key"], rb["key"]], key=lambda k: (k[0], k[1]))
-            if ka != ra["key"]:
-                a, b = b, a
-            cands.append((float(sim[t]), (ka, kb), a, b, float(idcos[t]), float(dyaw[t]), float(dpitch[t])))
-    stats["accepted_before_cap"] = len(cands)
-    cands.sort(key=lambda c: (-c[0], c[1]))  # ties broken by the faces' keys: deterministic
-    used = np.zeros(n, int)
-    out = []
-    for s, (ka, kb), a, b, ic, dy, dp in cands:
-        if used[a] >= config.max_pairs_per_face or used[b] >= config.max_pairs_per_face:
-            continue
-        used[a] += 1
-        used[b] += 1
-        ra, rb = rows[a], rows[b]
-        out.append(
-            {
-                "pair_id": stable_key("expr-pair", ka[0], ka[1], kb[0], kb[1]),
-                "expression": EMOTIONS[ra["top"]],
-                "uid_a": ra["key"][0],
-                "face_index_a": ra["key"][1],
-                "identity_a": None if ra["ident"] is None else str(ra["ident"]),
-                "uid_b": rb["key"][0],
-                "face_index_b": rb["key"][1],
-                "identity_b": None if rb["ident"] is None else str(rb["ident"]),
-                "expression_similarity": s,
-                "identity_cosine": ic,
-                "class_prob_a": float(ra["probs"][ra["top"]]),
-                "class_prob_b": float(rb["probs"][rb["top"]]),
-                "quality_a": float(ra["q"]),
-                "quality_b": float(rb["q"]),
-                "yaw_diff": None if not np.isfinite(dy) else dy,
-                "pitch_diff": None if not np.isfinite(dp) else dp,
-            }
-        )
-    out.sort(key=lambda r: r["pair_id"])
-    stats["pairs"] = len(out)
-    stats["dropped_by_per_face_cap"] = len(cands) - len(out)
-    stats["pairs_per_expression"] = {
-        e: sum(1 for r in out if r["expression"] == e)
-        for e in EMOTIONS
-        if any(r["expression"] == e for r in out)
+            reject(sim < config.min_expression_sim, "rejected_low_expression_similarity")
+            reject((el.ident[ia] >= 0) & (el.ident[ia] == el.ident[ib]), "rejected_same_identity_id")
+            live = np.nonzero(alive)[0]
+            idcos = np.zeros(len(ia), np.float32)
+            idcos[live] = _identity_cos(el, ia[live], ib[live])
+            reject(idcos > config.max_identity_cos, "rejected_identity_too_similar")
+            dyaw, dpitch = np.abs(el.yaw[ia] - el.yaw[ib]), np.abs(el.pitch[ia] - el.pitch[ib])
+            pose_bad = np.zeros(len(ia), bool)
+            no_pose = np.zeros(len(ia), bool)
+            if config.max_yaw_diff is not None:
+                pose_bad |= dyaw > config.max_yaw_diff
+                no_pose |= ~np.isfinite(dyaw)
+            if config.max_pitch_diff is not None:
+                pose_bad |= dpitch > config.max_pitch_diff
+                no_pose |= ~np.isfinite(dpitch)
+            reject(pose_bad, "rejected_pose")
+            stats["pose_rule_skipped_no_pose"] += int((alive & no_pose).sum())  # counted, not rejected
+            if not config.allow_same_image:
+                reject(el.image[ia] == el.image[ib], "rejected_same_image")
+            keep = np.nonzero(alive)[0]
+            acc_sim.append(sim[keep])
+            acc_a.append(ia[keep].astype(np.int32))
+            acc_b.append(ib[keep].astype(np.int32))
+    sim = np.concatenate(acc_sim) if acc_sim else np.zeros(0, np.float32)
+    ia = np.concatenate(acc_a) if acc_a else np.zeros(0, np.int32)
+    ib = np.concatenate(acc_b) if acc_b else np.zeros(0, np.int32)
+    del acc_sim, acc_a, acc_b
+    stats["accepted_before_cap"] = len(sim)
+    # greedily by descending similarity, ties broken by the faces' keys (deterministic); each face in at most
+    # max_pairs_per_face pairs: a pair is taken when both faces still have room
+    ra, rb = el.key_rank[ia], el.key_rank[ib]
+    order = np.lexsort((np.maximum(ra, rb), np.minimum(ra, rb), -sim))
+    del ra, rb
+    cap = config.max_pairs_per_face
+    used = [0] * n
+    taken = []
+    for s in range(0, len(order), 1 << 20):
+        o = order[s : s + (1 << 20)]
+        for t, x, y in zip(o.tolist(), ia[o].tolist(), ib[o].tolist()):
+            if used[x] < cap and used[y] < cap:
+                used[x] += 1
+                used[y] += 1
+                taken.append(t)
+    del used, order
+    t = np.asarray(taken, np.int64)
+    a, b, s_out = ia[t].astype(np.int64), ib[t].astype(np.int64), sim[t]
+    del ia, ib, sim
+    swap = el.key_rank[a] > el.key_rank[b]  # a: the face with the smaller key
+    a, b = np.where(swap, b, a), np.where(swap, a, b)
+    idcos = _identity_cos(el, a, b)
+    dyaw, dpitch = np.abs(el.yaw[a] - el.yaw[b]), np.abs(el.pitch[a] - el.pitch[b])
+    fa, fb = pa.array(el.face_row[a]), pa.array(el.face_row[b])
+    uid_a, uid_b = faces["uid"].take(fa), faces["uid"].take(fb)
+    fi_a, fi_b = faces["face_index"].take(fa), faces["face_index"].take(fb)
+    pair_id = [stable_key("expr-pair", ua, xa, ub, xb)
+               for ua, xa, ub, xb in zip(uid_a.to_pylist(), fi_a.to_pylist(), uid_b.to_pylist(), fi_b.to_pylist())]
+
+    def ident_of(rows):
+        if "identity_id" not in faces.column_names:
+            return pa.nulls(len(rows), pa.string())
+        return pa.array([None if v is None else str(v) for v in faces["identity_id"].take(rows).to_pylist()], pa.string())
+
+    def f32_or_null(x):
+        return pa.array(x.astype(np.float32), pa.float32(), mask=~np.isfinite(x))
+
+    emo = np.array(EMOTIONS, dtype=object)
+    cols = {
+        "pair_id": pa.array(pair_id, pa.string()),
+        "expression": pa.array(emo[el.top[a]].tolist() if len(a) else [], pa.string()),
+        "uid_a": uid_a, "face_index_a": fi_a, "identity_a": ident_of(fa),
+        "uid_b": uid_b, "face_index_b": fi_b, "identity_b": ident_of(fb),
+        "expression_similarity": pa.array(s_out, pa.float32()),
+        "identity_cosine": pa.array(idcos, pa.float32()),
+        "class_prob_a": pa.array(el.P[a, el.top[a]], pa.float32()),
+        "class_prob_b": pa.array(el.P[b, el.top[b]], pa.float32()),
+        "quality_a": pa.array(el.q[a].astype(np.float32), pa.float32()),
+        "quality_b": pa.array(el.q[b].astype(np.float32), pa.float32()),
+        "yaw_diff": f32_or_null(dyaw),
+        "pitch_diff": f32_or_null(dpitch),
     }
+    table = pa.table({f.name: cols[f.name].cast(f.type) for f in PAIR_SCHEMA}, schema=PAIR_SCHEMA)
+    table = table.take(pc.sort_indices(table, [("pair_id", "ascending")])).combine_chunks()
+    stats["pairs"] = table.num_rows
+    stats["dropped_by_per_face_cap"] = stats["accepted_before_cap"] - table.num_rows
+    per = np.bincount(el.top[a], minlength=len(EMOTIONS))
+    stats["pairs_per_expression"] = {e: int(per[i]) for i, e in enumerate(EMOTIONS) if per[i]}
+    rrows = np.nonzero(reason >= 0)[0]
+    rr = pa.array(rrows)
+    rcodes = reason[rrows]
     rej = pa.table(
         {
-            "uid": [r[0] for r in rejects],
-            "face_index": [r[1] for r in rejects],
-            "reason": [r[2] for r in rejects],
+            "uid": faces["uid"].take(rr).combine_chunks().cast(pa.string()) if len(rrows) else pa.array([], pa.string()),
+            "face_index": faces["face_index"].take(rr).combine_chunks().cast(pa.int32()) if len(rrows) else pa.array([], pa.int32()),
+            "reason": pa.array(np.array(REJECT_REASONS, dtype=object)[rcodes].tolist() if len(rrows) else [], pa.string()),
         },
         schema=REJECT_SCHEMA,
     )
-    stats["face_reject_reasons"] = {
-        k: sum(1 for r in rejects if r[2] == k) for k in sorted({r[2] for r in rejects})
-    }
-    return ExpressionResult(pa.Table.from_pylist(out, schema=PAIR_SCHEMA), rej, stats)
+    counts = np.bincount(rcodes, minlength=len(REJECT_REASONS))
+    stats["face_reject_reasons"] = {r: int(counts[i]) for r, i in sorted((r, i) for i, r in enumerate(REJECT_REASONS)) if counts[i]}
+    return ExpressionResult(table, rej, stats)
 
 
 # ---- outputs -------------------------------------------------------------------------------------
@@ -381,18 +486,22 @@ def write_expression_dataset(
     n_buckets = int(cfg.get("reuse_buckets", 1) or 1)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = pairs.to_pylist()
-    by_bucket: dict[int, list[dict]] = {}
-    for r in rows:
-        by_bucket.setdefault(pair_bucket(r["pair_id"], n_buckets), []).append(r)
+    # rows of each bucket (indices into pairs, in table order): one bucket's rows become Python objects at a time
+    bucket_of = np.fromiter((pair_bucket(p, n_buckets) for p in pairs.column("pair_id").to_pylist()), np.int64,
+                            count=pairs.num_rows)
+    order = np.argsort(bucket_of, kind="stable")
+    bounds = np.flatnonzero(np.diff(bucket_of[order])) + 1
+    by_bucket = {int(bucket_of[g[0]]): g for g in np.split(order, bounds) if len(g)}
     common = json.dumps({"builder": BUILDER_VERSION, "library": __version__, "config": cfg, "max_count": max_count},
                         sort_keys=True, default=str)
     previous = previous_buckets(reuse_from, ("pairs.parquet",)) if crop_inputs is not None else {}
     shards: list = []
     records = {}
     reuse = {"buckets_reused": 0, "buckets_rebuilt": 0, "bytes_reused": 0, "buckets_not_reused_corrupt": []}
-    for b, brows in sorted(by_bucket.items()):
+    for b, bidx in sorted(by_bucket.items()):
         name = f"b{b:04d}"
+        btable = pairs.take(pa.array(bidx))
+        brows = btable.to_pylist()
         fp = None
         if crop_inputs is not None:
             h = hashlib.sha256(common.encode())
@@ -410,7 +519,7 @@ def write_expression_dataset(
             reuse["buckets_reused"] += 1
         else:
             reuse["buckets_not_reused_corrupt"] += [f"{name}: {p}" for p in problems or []]
-            infos = write_shards(pair_samples(pa.Table.from_pylist(brows, schema=pairs.schema), crop), out_dir,
+            infos = write_shards(pair_samples(btable, crop), out_dir,
                                  f"{SHARD_PREFIX}-{name}", max_count=max_count)
             reuse["buckets_rebuilt"] += 1
         shards += infos

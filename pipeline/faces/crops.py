@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from pipeline.cache import LRU
 from pipeline.decode import DecodeError
 from pipeline.ingest import IngestLimits, load_image
 
@@ -18,23 +21,53 @@ def face_crop(rgb: np.ndarray, box, margin: float = 0.25) -> Image.Image:
     return Image.fromarray(rgb[y1:y2, x1:x2])
 
 
-class CropReader:
-    """Face crops by (uid, face_index), decoding each image once."""
+class FaceBoxes(Mapping):
+    """(uid, face_index) -> (x1, y1, x2, y2) of a faces table: one index entry per face, the boxes in an array."""
 
-    def __init__(self, images: pa.Table, faces: pa.Table, limits: IngestLimits | None = None):
-        self.rows = {r["uid"]: r for r in images.to_pylist()}
-        self.boxes = {
-            (r["uid"], int(r["face_index"])): (r["x1"], r["y1"], r["x2"], r["y2"])
-            for r in faces.select(["uid", "face_index", "x1", "y1", "x2", "y2"]).to_pylist()
-        }
+    def __init__(self, faces: pa.Table):
+        self._row = {(u, int(f)): i for i, (u, f) in
+                     enumerate(zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist()))}
+        self._xy = np.stack([faces.column(c).to_numpy(zero_copy_only=False) for c in ("x1", "y1", "x2", "y2")], 1) \
+            if faces.num_rows else np.zeros((0, 4))
+
+    def __getitem__(self, key):
+        return tuple(self._xy[self._row[key]].tolist())
+
+    def __iter__(self):
+        return iter(self._row)
+
+    def __len__(self):
+        return len(self._row)
+
+
+# decoded photos a CropReader keeps (least recently used dropped first): at most CROP_CACHE_IMAGES x the largest
+# decoded photo (IngestLimits.max_pixels x 3 bytes); a reader that walks pairs in pair_id order mostly misses anyway,
+# one that walks the faces of a photo together (identity report, privacy) decodes each photo once
+CROP_CACHE_IMAGES = 64
+
+
+class CropReader:
+    """Face crops by (uid, face_index), keeping the ``cache_images`` most recently decoded photos."""
+
+    def __init__(self, images: pa.Table, faces: pa.Table, limits: IngestLimits | None = None,
+                 cache_images: int = CROP_CACHE_IMAGES):
+        # a photo's row is read from the table when it is decoded (no dict per photo kept)
+        self._images = images
+        self._image_row = {u: i for i, u in enumerate(images.column("uid").to_pylist())}
+        self.boxes = FaceBoxes(faces)
         self.limits = limits
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache: LRU = LRU(cache_images)
+        self.decoded = 0  # photos decoded (a miss each)
 
     def crop(self, uid: str, face_index: int) -> Image.Image | None:
-        if uid not in self._cache:
+        if uid in self._cache:
+            rgb = self._cache[uid]
+        else:
             try:
-                self._cache[uid] = load_image(self.rows[uid], self.limits).rgb
+                rgb = load_image(self._images.slice(self._image_row[uid], 1).to_pylist()[0], self.limits).rgb
             except (KeyError, DecodeError, OSError):
                 return None
+            self.decoded += 1
+            self._cache[uid] = rgb
         box = self.boxes.get((uid, int(face_index)))
-        return None if box is None else face_crop(self._cache[uid], box)
+        return None if box is None else face_crop(rgb, box)
