@@ -114,7 +114,11 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
     crops = CropReader(coll.images, fcs, lineup.limits)
 
     def crop(uid, face_index):
-        return np.asarray(crops.crop(uid, face_index))
+        c = crops.crop(uid, face_index)
+        if c is None:  # the photo was readable at ingestion: it changed or went away since
+            raise FileNotFoundError(f"photo {uid} (face {face_index}) can no longer be read for its expression crop; "
+                                    "re-run its input partition so that the tables match the files")
+        return np.asarray(c)
 
     def crop_inputs(uid, face_index):  # what decides a crop: the photo (its uid is its content), the box, decoding limits
         return [uid, crops.boxes.get((uid, int(face_index))), repr(lineup.limits)]
