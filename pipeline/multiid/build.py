@@ -425,7 +425,7 @@ class _Plan:
         for b in self.buckets.values():
             h = hashlib.sha256(common.encode())
             for (t, cols, sort_by), per in zip(tables, rows_of):
-                h.update(fingerprint_table(t.take(per.get(b.index, [])), cols, sort_by).encode())
+                h.update(fingerprint_table(t.take(pa.array(per.get(b.index, []), pa.int64())), cols, sort_by).encode())
             b.base_fingerprint = h.hexdigest()[:32]
         self.previous = Path(previous) if previous is not None else None
         self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet"))
