@@ -209,14 +209,32 @@ class _Fingerprints:
 
 @dataclass
 class MultiIDResult:
+    """``samples``: the sample JSONs by key. A build that writes keeps none in memory (a bucket's samples are
+    dropped once its shards are written): they are read back from the shards of ``out_dir`` on first use
+    (pass the folder to :meth:`samples_in` when the version has moved since, e.g. once published)."""
+
     pairs: pa.Table
     candidates: pa.Table
-    samples: list[dict]
+    _samples: list[dict] | None
     stats: dict
     shards: dict[str, list[ShardInfo]]
     out_dir: Path | None
     config: MultiIDConfig
     read_bytes: Callable[[str], bytes] | None = field(default=None, repr=False)
+
+    @property
+    def samples(self) -> list[dict]:
+        if self._samples is None:
+            self._samples = self.samples_in(self.out_dir)
+        return self._samples
+
+    def samples_in(self, folder: Path) -> list[dict]:
+        """The samples of this build, read from its shards in ``folder`` (sorted by key)."""
+        if self._samples is not None:
+            return self._samples
+        out = [json.loads(r["json"]) for split in ("train", "eval") for sh in self.shards.get(split, [])
+               for r in iter_shard(Path(folder) / split / sh.name, ("json",))]
+        return sorted(out, key=lambda s: s["key"])
 
     def contact_sheet(self, n: int = 4, keys: list[str] | None = None) -> bytes:
         from pipeline.multiid.report import contact_sheet
@@ -331,7 +349,7 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
     of a sample, lowest identity hash first, so that its photos and references move with it (small
     collections; recorded in the stats as ``eval_fallback``). Selection runs per bucket of components
     (:class:`_Plan`), which gives the same samples as one run over the whole collection."""
-    plan = _Plan(images, faces, identities, config, read_bytes or reader_from_images(images))
+    plan = _Plan(images, faces, identities, config, read_bytes or reader_from_images(images), keep_rows=True)
     plan.select()
     pair_rows = _in_target_order(b.pair_rows for b in plan.active())
     cand_rows = _in_target_order(b.cand_rows for b in plan.active())
@@ -365,6 +383,10 @@ class _Bucket:
     samples: list[dict] = field(default_factory=list)
     pair_rows: list[dict] = field(default_factory=list)
     cand_rows: list[dict] = field(default_factory=list)
+    pairs: pa.Table | None = None  # the rows as tables (a build that writes keeps no row dicts)
+    cands: pa.Table | None = None
+    summary: list[tuple] = field(default_factory=list)  # per sample: (key, split, faces' identity ids, refs per face)
+    infos: dict = field(default_factory=dict)  # split -> the ShardInfos written for this bucket
     counts: dict = field(default_factory=dict)
     previous: dict | None = None  # the record of an identical bucket in the previous version (reused)
 
@@ -377,7 +399,20 @@ class _Bucket:
         return hashlib.sha256(json.dumps([self.base_fingerprint, self.override]).encode()).hexdigest()[:32]
 
     def per_split(self) -> Counter:
-        return Counter(s["split"] for s in self.samples)
+        return Counter(t[1] for t in self.summary)
+
+    def state(self) -> tuple:
+        return (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
+                self.previous)
+
+    def restore(self, state: tuple) -> None:
+        (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
+         self.previous) = state
+
+
+def _summary(samples: list[dict]) -> list[tuple]:
+    return [(s["key"], s["split"], tuple(fj["identity_id"] for fj in s["faces"]), tuple(len(fj["refs"]) for fj in s["faces"]))
+            for s in samples]
 
 
 class _Plan:
@@ -388,7 +423,7 @@ class _Plan:
     its identities the eval fallback moved."""
 
     def __init__(self, images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig, read_bytes,
-                 previous: Path | None = None):
+                 previous: Path | None = None, out_dir: Path | None = None, keep_rows: bool = False):
         from pipeline import __version__
         from pipeline.multiid.release import BUILDER_VERSION, FACE_COLUMNS
 
@@ -428,6 +463,10 @@ class _Plan:
                 h.update(fingerprint_table(t.take(pa.array(per.get(b.index, []), pa.int64())), cols, sort_by).encode())
             b.base_fingerprint = h.hexdigest()[:32]
         self.previous = Path(previous) if previous is not None else None
+        # out_dir: each bucket's shards are written as soon as it is selected, and its samples dropped;
+        # keep_rows: keep the row dicts (select_references), else the rows are kept as Arrow tables
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.keep_rows = keep_rows
         self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet"))
         self._prev_tables: dict[str, pa.Table] = {}
         self.selections = 0
@@ -457,49 +496,82 @@ class _Plan:
                 b.samples = [json.loads(r["json"]) for split, shards in sorted(rec["shards"].items())
                              for sh in shards for r in iter_shard(self.previous / split / sh["name"], ("json",))]
                 b.samples.sort(key=lambda s: s["key"])
+                b.summary = _summary(b.samples)
                 b.pair_rows = b.cand_rows = []  # taken from the previous version's tables when written
+                b.pairs = b.cands = None
                 return
             self.corrupt += [f"{b.name}: {p}" for p in problems]
         img_meta = {u: self.img_meta[u] for u in b.uids if u in self.img_meta}
         by_uid = {u: self.by_uid[u] for u in b.uids if u in self.by_uid}
         b.samples, b.pair_rows, b.cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
                                                                  self.mversions)
+        b.summary = _summary(b.samples)
+        b.pairs = b.cands = None
+        if not self.keep_rows:
+            b.pairs = pa.Table.from_pylist(b.pair_rows, schema=PAIRS_SCHEMA)
+            b.cands = pa.Table.from_pylist(b.cand_rows, schema=CANDIDATE_SCHEMA)
+            b.pair_rows = b.cand_rows = []
         self.selections += 1
+
+    def _emit(self, b: _Bucket) -> None:
+        """Write bucket ``b``'s shards (hard links for a reused bucket; replacing what an earlier run of the
+        same bucket wrote) and drop its samples. Nothing without ``out_dir``."""
+        if self.out_dir is None:
+            return
+        cfg = self.cfg
+        for split in ("train", "eval"):
+            d = self.out_dir / split
+            d.mkdir(parents=True, exist_ok=True)
+            for old in b.infos.get(split, []):
+                (d / old.name).unlink(missing_ok=True)
+            if b.previous is not None:
+                infos = [ShardInfo(**sh) for sh in b.previous["shards"].get(split, [])]
+                for sh in infos:
+                    link_or_copy(self.previous / split / sh.name, d / sh.name)
+            else:
+                split_samples = [s for s in b.samples if s["split"] == split]
+                infos = write_shards(_shard_samples(split_samples, cfg, self.read_bytes), d,
+                                     f"{cfg.dataset_name}-{split}-{b.name}", cfg.shard_max_count, cfg.shard_max_bytes)
+            b.infos[split] = infos
+        b.samples = []
 
     def select(self) -> None:
         cfg = self.cfg
         for b in self.buckets.values():
             self._run(b, set())
-        n = sum(len(b.samples) for b in self.buckets.values())
+            self._emit(b)
+        n = sum(len(b.summary) for b in self.buckets.values())
         if not (cfg.eval_fraction > 0 and n >= 2 and not any(b.per_split()["eval"] for b in self.buckets.values())):
             return
         # the eval fallback: other buckets do not change when one component moves to eval, so only the
         # bucket of the component tried is selected again (with its identities overridden)
 
-        def lowest_hash(s):
-            return min(hash_fraction(fj["identity_id"], cfg.split_salt) for fj in s["faces"]), s["key"]
+        def lowest_hash(t):  # t: a sample's summary (key, split, identity ids, refs)
+            return min(hash_fraction(i, cfg.split_salt) for i in t[2]), t[0]
 
         bucket_of_id = {i: b for b in self.buckets.values() for i in b.identities}
         tried: set[frozenset] = set()
-        for s in sorted(self.samples(), key=lowest_hash):
-            override = frozenset(self.component[s["faces"][0]["identity_id"]])
+        for t in sorted((t for b in self.buckets.values() for t in b.summary), key=lowest_hash):
+            override = frozenset(self.component[t[2][0]])
             if override in tried:
                 continue
             tried.add(override)
             if len(tried) > 10:
                 break
-            b = bucket_of_id[s["faces"][0]["identity_id"]]
-            kept = (b.override, b.samples, b.pair_rows, b.cand_rows, b.counts, b.previous)
+            b = bucket_of_id[t[2][0]]
+            kept = b.state()
             self._run(b, set(override))
             per_split = Counter()
             for x in self.buckets.values():
                 per_split.update(x.per_split())
             if per_split["eval"] and per_split["train"]:
                 self.eval_fallback = sorted(override)
+                self._emit(b)
                 return
-            b.override, b.samples, b.pair_rows, b.cand_rows, b.counts, b.previous = kept
+            b.restore(kept)
 
     def samples(self) -> list[dict]:
+        """The samples in memory (all of them without ``out_dir``; none once written)."""
         return sorted((s for b in self.buckets.values() for s in b.samples), key=lambda s: s["key"])
 
     def previous_table(self, name: str, schema: pa.Schema, b: _Bucket) -> pa.Table:
@@ -515,7 +587,7 @@ class _Plan:
 
     def stats(self) -> dict:
         cfg = self.cfg
-        samples = self.samples()
+        summ = [t for b in self.buckets.values() for t in b.summary]
         merged = _merge_counts([b.counts for b in self.buckets.values()])
         by_identity = sorted({f.identity_id for fs in self.by_uid.values() for f in fs if f.identity_id is not None})
         mixed = 0
@@ -529,11 +601,11 @@ class _Plan:
             "duplicate_flags_independent": merged["duplicate_flags_independent"],
             "unreadable": merged["unreadable"],
             "cache_evictions": merged["cache_evictions"],
-            "per_split": dict(sorted(Counter(s["split"] for s in samples).items())),
+            "per_split": dict(sorted(Counter(t[1] for t in summ).items())),
             "identities": {"total": len(by_identity), "eval": sum(self.split_of(i) == "eval" for i in by_identity)},
             "photos_in_both_splits_by_faces": mixed,
-            "refs_per_person_hist": dict(sorted(Counter(len(fj["refs"]) for s in samples for fj in s["faces"]).items())),
-            "persons_per_target_hist": dict(sorted(Counter(s["num_persons"] for s in samples).items())),
+            "refs_per_person_hist": dict(sorted(Counter(r for t in summ for r in t[3]).items())),
+            "persons_per_target_hist": dict(sorted(Counter(len(t[2]) for t in summ).items())),
             "similarity_hist_all_candidates": _hist_from_counts(merged["similarity_all_candidates"]),
             "similarity_hist_selected": _hist_from_counts(merged["similarity_selected"]),
             "thresholds": {"sim_low": cfg.sim_low, "sim_high": cfg.sim_high},
@@ -893,53 +965,46 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     from pipeline.multiid.metrics import dataset_quality_stats
 
     read_bytes = read_bytes or reader_from_images(images)
-    plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    # with out_dir, each bucket is written as soon as it is selected (its samples then dropped, its rows kept
+    # as Arrow tables): what stays in memory per target is a few hundred bytes of rows, not its sample dicts
+    plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir)
     cfg = plan.cfg
     plan.select()
     stats = plan.stats()
     buckets = plan.active()
     shards: dict[str, list[ShardInfo]] = {"train": [], "eval": []}
-    reused_bytes = 0
     pair_parts, cand_parts = [], []
     for b in buckets:
         if b.previous is not None:
             pair_parts.append(plan.previous_table("pairs.parquet", PAIRS_SCHEMA, b))
             cand_parts.append(plan.previous_table("candidates.parquet", CANDIDATE_SCHEMA, b))
         else:
-            pair_parts.append(pa.Table.from_pylist(b.pair_rows, schema=PAIRS_SCHEMA))
-            cand_parts.append(pa.Table.from_pylist(b.cand_rows, schema=CANDIDATE_SCHEMA))
+            pair_parts.append(b.pairs)
+            cand_parts.append(b.cands)
+        b.pairs = b.cands = None
     pairs = _concat_in_target_order(pair_parts, PAIRS_SCHEMA)
     cands = _concat_in_target_order(cand_parts, CANDIDATE_SCHEMA)
+    del pair_parts, cand_parts
     stats["data_quality"] = dataset_quality_stats(pairs)
-    samples = plan.samples()
+    samples = None if out_dir is not None else plan.samples()
+    reused_bytes = sum(sh.bytes for b in buckets if b.previous is not None for v in b.infos.values() for sh in v)
     if out_dir is not None:
-        out_dir = Path(out_dir)
         conf = cfg.to_dict()
         records = {}
         for b in buckets:
             rec = {"fingerprint": b.fingerprint, "photos": len(b.uids), "eval_override": b.override, "shards": {}, "counts": b.counts}
             for split in ("train", "eval"):
-                d = out_dir / split
-                d.mkdir(parents=True, exist_ok=True)
-                if b.previous is not None:
-                    infos = [ShardInfo(**sh) for sh in b.previous["shards"].get(split, [])]
-                    for sh in infos:
-                        link_or_copy(plan.previous / split / sh.name, d / sh.name)
-                        reused_bytes += sh.bytes
-                else:
-                    split_samples = [s for s in b.samples if s["split"] == split]
-                    infos = write_shards(_shard_samples(split_samples, cfg, read_bytes), d,
-                                         f"{cfg.dataset_name}-{split}-{b.name}", cfg.shard_max_count, cfg.shard_max_bytes)
+                infos = b.infos.get(split, [])
                 shards[split] += infos
                 if infos:
                     rec["shards"][split] = [shard_record(i) for i in infos]
             records[b.name] = rec
-        samples = plan.samples()  # the reused ones as read back; the rebuilt ones now carry their members
         for split in ("train", "eval"):
-            split_samples = [s for s in samples if s["split"] == split]
+            summ = [t for b in buckets for t in b.summary if t[1] == split]
             write_manifest(out_dir / split, cfg.dataset_name, shards[split], conf, version=version, split=split, extra={
-                "num_persons": sum(s["num_persons"] for s in split_samples),
-                "num_refs": sum(s["num_refs"] for s in split_samples), "ref_mode": cfg.ref_mode,
+                "num_persons": sum(len(t[2]) for t in summ),
+                "num_refs": sum(sum(t[3]) for t in summ), "ref_mode": cfg.ref_mode,
                 "counts": {k: stats[k] for k in ("images", "targets", "candidates_removed_by", "duplicate_flags_independent")},
             })
         write_parquet_atomic(pairs, out_dir / "pairs.parquet")
