@@ -85,7 +85,7 @@ def reader_from_images(images: pa.Table) -> Callable[[str], bytes]:
     return read_bytes
 
 
-@dataclass
+@dataclass(slots=True)
 class FaceRec:
     uid: str
     face_index: int
@@ -108,23 +108,36 @@ class FaceRec:
 
 
 def _faces_from_table(faces: pa.Table, identities: pa.Table) -> dict[str, list[FaceRec]]:
-    ident = {(r["uid"], int(r["face_index"])): r["identity_id"] for r in identities.select(["uid", "face_index", "identity_id"]).to_pylist()}
+    """FaceRecs by uid (``__slots__``; a photo's faces share its uid string; ``emb`` a row of one float32
+    matrix of the normalised embeddings), built column by column: no dict per row of the faces table."""
+    ident: dict[str, dict[int, str]] = defaultdict(dict)
+    for u, fi, iid in zip(*(identities.column(c).to_pylist() for c in ("uid", "face_index", "identity_id"))):
+        ident[u][int(fi)] = iid
     emb = np.asarray(faces.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
     E = emb.reshape(faces.num_rows, -1) if faces.num_rows else np.zeros((0, 1), np.float32)
+    del emb
     norms = np.linalg.norm(E, axis=1, keepdims=True)
     E = E / np.maximum(norms, 1e-12)
-    cols = ["uid", "face_index", "x1", "y1", "x2", "y2", "landmarks", "det_score", "face_width", "face_height", "blur", "yaw", "pitch", "roll"]
-    has_source = "source" in faces.column_names
-    rows = faces.select(cols + (["source"] if has_source else [])).to_pylist()
+    del norms
+    n = faces.num_rows
+
+    def col(name):
+        return faces.column(name).to_pylist() if name in faces.column_names else [None] * n
+
+    uids, fidx, x1, y1, x2, y2 = (col(c) for c in ("uid", "face_index", "x1", "y1", "x2", "y2"))
+    lms, det, fw, fh, blur, yaw, pitch, roll, src = (col(c) for c in ("landmarks", "det_score", "face_width", "face_height", "blur",
+                                                                     "yaw", "pitch", "roll", "source"))
     out: dict[str, list[FaceRec]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        fi = int(r["face_index"])
-        iid = ident.get((r["uid"], fi))
-        out[r["uid"]].append(
-            FaceRec(r["uid"], fi, (r["x1"], r["y1"], r["x2"], r["y2"]), list(r["landmarks"] or []), float(r["det_score"] or 0.0),
-                    float(r["face_width"] or r["x2"] - r["x1"]), float(r["face_height"] or r["y2"] - r["y1"]), float(r["blur"] or 0.0),
-                    float(r["yaw"] or 0.0), float(r["pitch"] or 0.0), float(r["roll"] or 0.0), E[i], None if iid in (None, "", "-1") else str(iid),
-                    r.get("source") or "")
+    for i in range(n):
+        fi = int(fidx[i])
+        lst = out[uids[i]]
+        u = lst[0].uid if lst else uids[i]  # one string per photo
+        iid = ident.get(u, {}).get(fi)
+        lst.append(
+            FaceRec(u, fi, (x1[i], y1[i], x2[i], y2[i]), list(lms[i] or []), float(det[i] or 0.0),
+                    float(fw[i] or x2[i] - x1[i]), float(fh[i] or y2[i] - y1[i]), float(blur[i] or 0.0),
+                    float(yaw[i] or 0.0), float(pitch[i] or 0.0), float(roll[i] or 0.0), E[i], None if iid in (None, "", "-1") else str(iid),
+                    src[i] or "")
         )
     for v in out.values():
         v.sort(key=lambda f: f.face_index)
@@ -435,7 +448,8 @@ class _Plan:
         self.mversions = sorted(set(faces.column("model_version").to_pylist())) if "model_version" in faces.column_names and faces.num_rows else [""]
         if any(b != cfg.backend for b in backends):
             raise ValueError(f"faces table comes from backend(s) {backends}, config says {cfg.backend!r}: thresholds would not apply")
-        self.img_meta = {r["uid"]: r for r in images.to_pylist()}
+        # the few image columns a sample uses, not every column of every row
+        self.img_meta = {r["uid"]: r for r in images.select([c for c in IMAGE_COLUMNS if c in images.column_names]).to_pylist()}
         self.component = _cooccurrence_components(self.by_uid)
         groups: dict[int, list[str]] = defaultdict(list)
         for uid in sorted(set(self.img_meta) | set(self.by_uid)):
