@@ -174,6 +174,9 @@ def theta(cos: float) -> float:
     return float(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
+_NOT_YET = object()  # a keypoint-cache entry whose keypoints are not computed yet
+
+
 class _Fingerprints:
     """Decodes images on demand and caches, per image, its pHash and its faces' crop fingerprints
     (~25 KB a face) and, per face that can ever be compared (``eligible(face)``), the keypoints of the
@@ -189,6 +192,7 @@ class _Fingerprints:
         self.keypoints = keypoints
         self.cache: LRU = LRU(max_images)
         self.kps: LRU = LRU(max_keypoints)
+        self.decoded: LRU = LRU(8)  # the last photos decoded, for their faces' keypoints (not counted in the stats)
         self.errors: dict[str, str] = {}
 
     def get(self, uid: str):
@@ -200,10 +204,13 @@ class _Fingerprints:
                 fps = {f.face_index: dedup.face_fingerprint(g, f.landmarks, f.bbox) for f in self.faces_by_uid.get(uid, [])}
                 self.cache[uid] = (dedup.image_phash(g), fps)
                 if self.keypoints:
-                    arr = np.asarray(g)
+                    # keypoints are computed when a face is compared (kp), not for every eligible face of the
+                    # photo; the cache still takes an entry per eligible face here (a placeholder), so that its
+                    # contents and its eviction count are those of computing them all now
+                    self.decoded[uid] = g
                     for f in self.faces_by_uid.get(uid, []):
                         if self.eligible(f):
-                            self.kps[(uid, f.face_index)] = dedup.face_keypoints(arr, f.bbox)
+                            self.kps[(uid, f.face_index)] = _NOT_YET
             except Exception as e:  # noqa: BLE001 - unreadable image becomes a counted reason, not a crash
                 self.errors[uid] = f"{type(e).__name__}: {e}"
                 return None
@@ -214,10 +221,13 @@ class _Fingerprints:
         if not self.keypoints or self.get(uid) is None:
             return None
         key = (uid, face_index)
-        if key not in self.kps:
+        got = self.kps[key] if key in self.kps else _NOT_YET
+        if got is _NOT_YET:
             f = next(f for f in self.faces_by_uid[uid] if f.face_index == face_index)
-            self.kps[key] = dedup.face_keypoints(np.asarray(dedup.open_gray(self.read_bytes(uid))), f.bbox)
-        return self.kps[key]
+            g = self.decoded[uid] if uid in self.decoded else dedup.open_gray(self.read_bytes(uid))
+            self.decoded[uid] = g
+            got = self.kps[key] = dedup.face_keypoints(np.asarray(g), f.bbox)
+        return got
 
 
 @dataclass
