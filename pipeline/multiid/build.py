@@ -391,6 +391,7 @@ def bucket_of(group: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(f"multiid-bucket\x1f{group}".encode()).digest()[:8], "big") % n
 
 
+CANDIDATE_BATCH = 20_000  # candidate rows turned into an Arrow table at a time
 IMAGE_COLUMNS = ["uid", "source", "caption", "width", "height"]  # what a sample takes from the images table
 
 
@@ -527,14 +528,13 @@ class _Plan:
             self.corrupt += [f"{b.name}: {p}" for p in problems]
         img_meta = {u: self.img_meta[u] for u in b.uids if u in self.img_meta}
         by_uid = {u: self.by_uid[u] for u in b.uids if u in self.by_uid}
-        b.samples, b.pair_rows, b.cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
-                                                                 self.mversions)
+        b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
+                                                             self.mversions, rows_as_tables=not self.keep_rows)
         b.summary = _summary(b.samples)
-        b.pairs = b.cands = None
-        if not self.keep_rows:
-            b.pairs = pa.Table.from_pylist(b.pair_rows, schema=PAIRS_SCHEMA)
-            b.cands = pa.Table.from_pylist(b.cand_rows, schema=CANDIDATE_SCHEMA)
-            b.pair_rows = b.cand_rows = []
+        if self.keep_rows:
+            b.pair_rows, b.cand_rows, b.pairs, b.cands = pair_rows, cand_rows, None, None
+        else:
+            b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], pair_rows, cand_rows
         self.selections += 1
 
     def _emit(self, b: _Bucket) -> None:
@@ -684,7 +684,7 @@ def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[
 
 
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
-            mversions: list[str]):
+            mversions: list[str], rows_as_tables: bool = False):
     """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
     bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
     component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
@@ -718,6 +718,16 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     removed: Counter = Counter()
     flags: Counter = Counter()
     samples, pair_rows, cand_rows = [], [], []
+    # rows_as_tables: candidate rows go to Arrow in batches as they come (a dict each only for a batch)
+    cand_parts: list[pa.Table] = []
+    cand_sims = np.zeros(len(SIM_BINS) - 1, np.int64)
+
+    def flush_candidates():
+        nonlocal cand_sims
+        if cand_rows:
+            cand_sims = cand_sims + np.histogram(np.asarray([r["similarity"] for r in cand_rows], dtype=np.float64), bins=SIM_BINS)[0]
+            cand_parts.append(pa.Table.from_pylist(cand_rows, schema=CANDIDATE_SCHEMA))
+            cand_rows.clear()
     n_persons = 0
     for uid in sorted(img_meta):
         fs = by_uid.get(uid, [])
@@ -839,6 +849,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         for row in t_cands:
             removed[row["status"]] += 1
         cand_rows += t_cands
+        if rows_as_tables and len(cand_rows) >= CANDIDATE_BATCH:
+            flush_candidates()
         if not ok and cfg.require_all_refs:
             target_reasons["person_without_reference"] += 1
             continue
@@ -922,6 +934,11 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         "similarity_all_candidates": _hist_counts([r["similarity"] for r in cand_rows]),
         "similarity_selected": _hist_counts([r["similarity"] for r in pair_rows]),
     }
+    if rows_as_tables:
+        flush_candidates()
+        counts["similarity_all_candidates"] = {str(int(i)): int(cand_sims[i]) for i in np.nonzero(cand_sims)[0]}
+        cands = pa.concat_tables(cand_parts) if cand_parts else CANDIDATE_SCHEMA.empty_table()
+        return samples, pa.Table.from_pylist(pair_rows, schema=PAIRS_SCHEMA), cands, counts
     return samples, pair_rows, cand_rows, counts
 
 
