@@ -221,7 +221,7 @@ class _Fingerprints:
         if not self.keypoints or self.get(uid) is None:
             return None
         key = (uid, face_index)
-        got = self.kps[key] if key in self.kps else _NOT_YET
+        got = self.kps[key] if key in self.kps else _NOT_YET  # noqa: SIM401 - get() would not mark it recently used
         if got is _NOT_YET:
             f = next(f for f in self.faces_by_uid[uid] if f.face_index == face_index)
             g = self.decoded[uid] if uid in self.decoded else dedup.open_gray(self.read_bytes(uid))
