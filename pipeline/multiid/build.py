@@ -255,8 +255,15 @@ class MultiIDResult:
         """The samples of this build, read from its shards in ``folder`` (sorted by key)."""
         if self._samples is not None:
             return self._samples
-        out = [json.loads(r["json"]) for split in ("train", "eval") for sh in self.shards.get(split, [])
-               for r in iter_shard(Path(folder) / split / sh.name, ("json",))]
+        import tarfile
+
+        from pipeline.storage import as_dir  # a local folder or an object-store one
+
+        out = []
+        for split in ("train", "eval"):
+            for sh in self.shards.get(split, []):
+                with (as_dir(folder) / split / sh.name).open("rb") as f, tarfile.open(fileobj=f) as tf:
+                    out += [json.loads(tf.extractfile(m).read()) for m in tf if m.isfile() and m.name.endswith(".json")]
         return sorted(out, key=lambda s: s["key"])
 
     def contact_sheet(self, n: int = 4, keys: list[str] | None = None) -> bytes:
