@@ -69,7 +69,7 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     refresh_catalog(layout)
     stats = rel.result.stats if rel.result is not None else {}
     empty_reason = empty_reason or (empty_explanation(stats) if stats else None)
-    samples = rel.result.samples if rel.result is not None else load_samples(rel.folder)
+    samples = rel.result.samples_in(rel.folder) if rel.result is not None else load_samples(rel.folder)
     from pipeline.multiid.build import reader_from_images
 
     sheet = contact_sheet(samples[:4], reader_from_images(coll.images)) if samples else None

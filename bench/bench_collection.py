@@ -264,10 +264,12 @@ def w_multiid(data: Path, work: Path, args) -> dict:
     shards = [s for v in res.shards.values() for s in v]
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     st = res.stats
-    # what the builder keeps per target until it returns: its sample dicts, pair rows and candidate rows (the
-    # lists select_references builds; rebuilt here from the tables, the same dict shapes)
-    retained = deep_size(res.samples) + deep_size(res.pairs.to_pylist()) + deep_size(res.candidates.to_pylist())
-    return {"outputs": {"targets_examined": images.num_rows, "photos": n_photos, "samples": len(res.samples),
+    # what the builder keeps per target until it returns: the pairs and candidates tables (Arrow buffers; a
+    # bucket's sample dicts are dropped once its shards are written, its row dicts once they are a table)
+    # plus a summary tuple per sample (~0.5 KB)
+    n_samples = sum(st["per_split"].values())
+    retained = res.pairs.nbytes + res.candidates.nbytes + 512 * n_samples
+    return {"outputs": {"targets_examined": images.num_rows, "photos": n_photos, "samples": n_samples,
                         "pairs": res.pairs.num_rows, "candidates": res.candidates.num_rows, "shards": len(shards),
                         "bytes": nbytes},
             "detail": {"targets": st["targets"], "candidates_removed_by": st["candidates_removed_by"],

@@ -85,7 +85,7 @@ def reader_from_images(images: pa.Table) -> Callable[[str], bytes]:
     return read_bytes
 
 
-@dataclass
+@dataclass(slots=True)
 class FaceRec:
     uid: str
     face_index: int
@@ -108,23 +108,36 @@ class FaceRec:
 
 
 def _faces_from_table(faces: pa.Table, identities: pa.Table) -> dict[str, list[FaceRec]]:
-    ident = {(r["uid"], int(r["face_index"])): r["identity_id"] for r in identities.select(["uid", "face_index", "identity_id"]).to_pylist()}
+    """FaceRecs by uid (``__slots__``; a photo's faces share its uid string; ``emb`` a row of one float32
+    matrix of the normalised embeddings), built column by column: no dict per row of the faces table."""
+    ident: dict[str, dict[int, str]] = defaultdict(dict)
+    for u, fi, iid in zip(*(identities.column(c).to_pylist() for c in ("uid", "face_index", "identity_id"))):
+        ident[u][int(fi)] = iid
     emb = np.asarray(faces.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
     E = emb.reshape(faces.num_rows, -1) if faces.num_rows else np.zeros((0, 1), np.float32)
+    del emb
     norms = np.linalg.norm(E, axis=1, keepdims=True)
     E = E / np.maximum(norms, 1e-12)
-    cols = ["uid", "face_index", "x1", "y1", "x2", "y2", "landmarks", "det_score", "face_width", "face_height", "blur", "yaw", "pitch", "roll"]
-    has_source = "source" in faces.column_names
-    rows = faces.select(cols + (["source"] if has_source else [])).to_pylist()
+    del norms
+    n = faces.num_rows
+
+    def col(name):
+        return faces.column(name).to_pylist() if name in faces.column_names else [None] * n
+
+    uids, fidx, x1, y1, x2, y2 = (col(c) for c in ("uid", "face_index", "x1", "y1", "x2", "y2"))
+    lms, det, fw, fh, blur, yaw, pitch, roll, src = (col(c) for c in ("landmarks", "det_score", "face_width", "face_height", "blur",
+                                                                     "yaw", "pitch", "roll", "source"))
     out: dict[str, list[FaceRec]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        fi = int(r["face_index"])
-        iid = ident.get((r["uid"], fi))
-        out[r["uid"]].append(
-            FaceRec(r["uid"], fi, (r["x1"], r["y1"], r["x2"], r["y2"]), list(r["landmarks"] or []), float(r["det_score"] or 0.0),
-                    float(r["face_width"] or r["x2"] - r["x1"]), float(r["face_height"] or r["y2"] - r["y1"]), float(r["blur"] or 0.0),
-                    float(r["yaw"] or 0.0), float(r["pitch"] or 0.0), float(r["roll"] or 0.0), E[i], None if iid in (None, "", "-1") else str(iid),
-                    r.get("source") or "")
+    for i in range(n):
+        fi = int(fidx[i])
+        lst = out[uids[i]]
+        u = lst[0].uid if lst else uids[i]  # one string per photo
+        iid = ident.get(u, {}).get(fi)
+        lst.append(
+            FaceRec(u, fi, (x1[i], y1[i], x2[i], y2[i]), list(lms[i] or []), float(det[i] or 0.0),
+                    float(fw[i] or x2[i] - x1[i]), float(fh[i] or y2[i] - y1[i]), float(blur[i] or 0.0),
+                    float(yaw[i] or 0.0), float(pitch[i] or 0.0), float(roll[i] or 0.0), E[i], None if iid in (None, "", "-1") else str(iid),
+                    src[i] or "")
         )
     for v in out.values():
         v.sort(key=lambda f: f.face_index)
@@ -161,6 +174,9 @@ def theta(cos: float) -> float:
     return float(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
+_NOT_YET = object()  # a keypoint-cache entry whose keypoints are not computed yet
+
+
 class _Fingerprints:
     """Decodes images on demand and caches, per image, its pHash and its faces' crop fingerprints
     (~25 KB a face) and, per face that can ever be compared (``eligible(face)``), the keypoints of the
@@ -176,6 +192,7 @@ class _Fingerprints:
         self.keypoints = keypoints
         self.cache: LRU = LRU(max_images)
         self.kps: LRU = LRU(max_keypoints)
+        self.decoded: LRU = LRU(8)  # the last photos decoded, for their faces' keypoints (not counted in the stats)
         self.errors: dict[str, str] = {}
 
     def get(self, uid: str):
@@ -187,10 +204,13 @@ class _Fingerprints:
                 fps = {f.face_index: dedup.face_fingerprint(g, f.landmarks, f.bbox) for f in self.faces_by_uid.get(uid, [])}
                 self.cache[uid] = (dedup.image_phash(g), fps)
                 if self.keypoints:
-                    arr = np.asarray(g)
+                    # keypoints are computed when a face is compared (kp), not for every eligible face of the
+                    # photo; the cache still takes an entry per eligible face here (a placeholder), so that its
+                    # contents and its eviction count are those of computing them all now
+                    self.decoded[uid] = g
                     for f in self.faces_by_uid.get(uid, []):
                         if self.eligible(f):
-                            self.kps[(uid, f.face_index)] = dedup.face_keypoints(arr, f.bbox)
+                            self.kps[(uid, f.face_index)] = _NOT_YET
             except Exception as e:  # noqa: BLE001 - unreadable image becomes a counted reason, not a crash
                 self.errors[uid] = f"{type(e).__name__}: {e}"
                 return None
@@ -201,22 +221,50 @@ class _Fingerprints:
         if not self.keypoints or self.get(uid) is None:
             return None
         key = (uid, face_index)
-        if key not in self.kps:
+        got = self.kps[key] if key in self.kps else _NOT_YET  # noqa: SIM401 - get() would not mark it recently used
+        if got is _NOT_YET:
             f = next(f for f in self.faces_by_uid[uid] if f.face_index == face_index)
-            self.kps[key] = dedup.face_keypoints(np.asarray(dedup.open_gray(self.read_bytes(uid))), f.bbox)
-        return self.kps[key]
+            g = self.decoded[uid] if uid in self.decoded else dedup.open_gray(self.read_bytes(uid))
+            self.decoded[uid] = g
+            got = self.kps[key] = dedup.face_keypoints(np.asarray(g), f.bbox)
+        return got
 
 
 @dataclass
 class MultiIDResult:
+    """``samples``: the sample JSONs by key. A build that writes keeps none in memory (a bucket's samples are
+    dropped once its shards are written): they are read back from the shards of ``out_dir`` on first use
+    (pass the folder to :meth:`samples_in` when the version has moved since, e.g. once published)."""
+
     pairs: pa.Table
     candidates: pa.Table
-    samples: list[dict]
+    _samples: list[dict] | None
     stats: dict
     shards: dict[str, list[ShardInfo]]
     out_dir: Path | None
     config: MultiIDConfig
     read_bytes: Callable[[str], bytes] | None = field(default=None, repr=False)
+
+    @property
+    def samples(self) -> list[dict]:
+        if self._samples is None:
+            self._samples = self.samples_in(self.out_dir)
+        return self._samples
+
+    def samples_in(self, folder: Path) -> list[dict]:
+        """The samples of this build, read from its shards in ``folder`` (sorted by key)."""
+        if self._samples is not None:
+            return self._samples
+        import tarfile
+
+        from pipeline.storage import as_dir  # a local folder or an object-store one
+
+        out = []
+        for split in ("train", "eval"):
+            for sh in self.shards.get(split, []):
+                with (as_dir(folder) / split / sh.name).open("rb") as f, tarfile.open(fileobj=f) as tf:
+                    out += [json.loads(tf.extractfile(m).read()) for m in tf if m.isfile() and m.name.endswith(".json")]
+        return sorted(out, key=lambda s: s["key"])
 
     def contact_sheet(self, n: int = 4, keys: list[str] | None = None) -> bytes:
         from pipeline.multiid.report import contact_sheet
@@ -331,7 +379,7 @@ def select_references(images: pa.Table, faces: pa.Table, identities: pa.Table, c
     of a sample, lowest identity hash first, so that its photos and references move with it (small
     collections; recorded in the stats as ``eval_fallback``). Selection runs per bucket of components
     (:class:`_Plan`), which gives the same samples as one run over the whole collection."""
-    plan = _Plan(images, faces, identities, config, read_bytes or reader_from_images(images))
+    plan = _Plan(images, faces, identities, config, read_bytes or reader_from_images(images), keep_rows=True)
     plan.select()
     pair_rows = _in_target_order(b.pair_rows for b in plan.active())
     cand_rows = _in_target_order(b.cand_rows for b in plan.active())
@@ -350,6 +398,7 @@ def bucket_of(group: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(f"multiid-bucket\x1f{group}".encode()).digest()[:8], "big") % n
 
 
+CANDIDATE_BATCH = 20_000  # candidate rows turned into an Arrow table at a time
 IMAGE_COLUMNS = ["uid", "source", "caption", "width", "height"]  # what a sample takes from the images table
 
 
@@ -365,6 +414,10 @@ class _Bucket:
     samples: list[dict] = field(default_factory=list)
     pair_rows: list[dict] = field(default_factory=list)
     cand_rows: list[dict] = field(default_factory=list)
+    pairs: pa.Table | None = None  # the rows as tables (a build that writes keeps no row dicts)
+    cands: pa.Table | None = None
+    summary: list[tuple] = field(default_factory=list)  # per sample: (key, split, faces' identity ids, refs per face)
+    infos: dict = field(default_factory=dict)  # split -> the ShardInfos written for this bucket
     counts: dict = field(default_factory=dict)
     previous: dict | None = None  # the record of an identical bucket in the previous version (reused)
 
@@ -377,7 +430,20 @@ class _Bucket:
         return hashlib.sha256(json.dumps([self.base_fingerprint, self.override]).encode()).hexdigest()[:32]
 
     def per_split(self) -> Counter:
-        return Counter(s["split"] for s in self.samples)
+        return Counter(t[1] for t in self.summary)
+
+    def state(self) -> tuple:
+        return (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
+                self.previous)
+
+    def restore(self, state: tuple) -> None:
+        (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
+         self.previous) = state
+
+
+def _summary(samples: list[dict]) -> list[tuple]:
+    return [(s["key"], s["split"], tuple(fj["identity_id"] for fj in s["faces"]), tuple(len(fj["refs"]) for fj in s["faces"]))
+            for s in samples]
 
 
 class _Plan:
@@ -388,7 +454,7 @@ class _Plan:
     its identities the eval fallback moved."""
 
     def __init__(self, images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig, read_bytes,
-                 previous: Path | None = None):
+                 previous: Path | None = None, out_dir: Path | None = None, keep_rows: bool = False):
         from pipeline import __version__
         from pipeline.multiid.release import BUILDER_VERSION, FACE_COLUMNS
 
@@ -400,7 +466,8 @@ class _Plan:
         self.mversions = sorted(set(faces.column("model_version").to_pylist())) if "model_version" in faces.column_names and faces.num_rows else [""]
         if any(b != cfg.backend for b in backends):
             raise ValueError(f"faces table comes from backend(s) {backends}, config says {cfg.backend!r}: thresholds would not apply")
-        self.img_meta = {r["uid"]: r for r in images.to_pylist()}
+        # the few image columns a sample uses, not every column of every row
+        self.img_meta = {r["uid"]: r for r in images.select([c for c in IMAGE_COLUMNS if c in images.column_names]).to_pylist()}
         self.component = _cooccurrence_components(self.by_uid)
         groups: dict[int, list[str]] = defaultdict(list)
         for uid in sorted(set(self.img_meta) | set(self.by_uid)):
@@ -425,9 +492,13 @@ class _Plan:
         for b in self.buckets.values():
             h = hashlib.sha256(common.encode())
             for (t, cols, sort_by), per in zip(tables, rows_of):
-                h.update(fingerprint_table(t.take(per.get(b.index, [])), cols, sort_by).encode())
+                h.update(fingerprint_table(t.take(pa.array(per.get(b.index, []), pa.int64())), cols, sort_by).encode())
             b.base_fingerprint = h.hexdigest()[:32]
         self.previous = Path(previous) if previous is not None else None
+        # out_dir: each bucket's shards are written as soon as it is selected, and its samples dropped;
+        # keep_rows: keep the row dicts (select_references), else the rows are kept as Arrow tables
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.keep_rows = keep_rows
         self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet"))
         self._prev_tables: dict[str, pa.Table] = {}
         self.selections = 0
@@ -457,49 +528,81 @@ class _Plan:
                 b.samples = [json.loads(r["json"]) for split, shards in sorted(rec["shards"].items())
                              for sh in shards for r in iter_shard(self.previous / split / sh["name"], ("json",))]
                 b.samples.sort(key=lambda s: s["key"])
+                b.summary = _summary(b.samples)
                 b.pair_rows = b.cand_rows = []  # taken from the previous version's tables when written
+                b.pairs = b.cands = None
                 return
             self.corrupt += [f"{b.name}: {p}" for p in problems]
         img_meta = {u: self.img_meta[u] for u in b.uids if u in self.img_meta}
         by_uid = {u: self.by_uid[u] for u in b.uids if u in self.by_uid}
-        b.samples, b.pair_rows, b.cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
-                                                                 self.mversions)
+        b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
+                                                             self.mversions, rows_as_tables=not self.keep_rows)
+        b.summary = _summary(b.samples)
+        if self.keep_rows:
+            b.pair_rows, b.cand_rows, b.pairs, b.cands = pair_rows, cand_rows, None, None
+        else:
+            b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], pair_rows, cand_rows
         self.selections += 1
+
+    def _emit(self, b: _Bucket) -> None:
+        """Write bucket ``b``'s shards (hard links for a reused bucket; replacing what an earlier run of the
+        same bucket wrote) and drop its samples. Nothing without ``out_dir``."""
+        if self.out_dir is None:
+            return
+        cfg = self.cfg
+        for split in ("train", "eval"):
+            d = self.out_dir / split
+            d.mkdir(parents=True, exist_ok=True)
+            for old in b.infos.get(split, []):
+                (d / old.name).unlink(missing_ok=True)
+            if b.previous is not None:
+                infos = [ShardInfo(**sh) for sh in b.previous["shards"].get(split, [])]
+                for sh in infos:
+                    link_or_copy(self.previous / split / sh.name, d / sh.name)
+            else:
+                split_samples = [s for s in b.samples if s["split"] == split]
+                infos = write_shards(_shard_samples(split_samples, cfg, self.read_bytes), d,
+                                     f"{cfg.dataset_name}-{split}-{b.name}", cfg.shard_max_count, cfg.shard_max_bytes)
+            b.infos[split] = infos
+        b.samples = []
 
     def select(self) -> None:
         cfg = self.cfg
         for b in self.buckets.values():
             self._run(b, set())
-        n = sum(len(b.samples) for b in self.buckets.values())
+            self._emit(b)
+        n = sum(len(b.summary) for b in self.buckets.values())
         if not (cfg.eval_fraction > 0 and n >= 2 and not any(b.per_split()["eval"] for b in self.buckets.values())):
             return
         # the eval fallback: other buckets do not change when one component moves to eval, so only the
         # bucket of the component tried is selected again (with its identities overridden)
 
-        def lowest_hash(s):
-            return min(hash_fraction(fj["identity_id"], cfg.split_salt) for fj in s["faces"]), s["key"]
+        def lowest_hash(t):  # t: a sample's summary (key, split, identity ids, refs)
+            return min(hash_fraction(i, cfg.split_salt) for i in t[2]), t[0]
 
         bucket_of_id = {i: b for b in self.buckets.values() for i in b.identities}
         tried: set[frozenset] = set()
-        for s in sorted(self.samples(), key=lowest_hash):
-            override = frozenset(self.component[s["faces"][0]["identity_id"]])
+        for t in sorted((t for b in self.buckets.values() for t in b.summary), key=lowest_hash):
+            override = frozenset(self.component[t[2][0]])
             if override in tried:
                 continue
             tried.add(override)
             if len(tried) > 10:
                 break
-            b = bucket_of_id[s["faces"][0]["identity_id"]]
-            kept = (b.override, b.samples, b.pair_rows, b.cand_rows, b.counts, b.previous)
+            b = bucket_of_id[t[2][0]]
+            kept = b.state()
             self._run(b, set(override))
             per_split = Counter()
             for x in self.buckets.values():
                 per_split.update(x.per_split())
             if per_split["eval"] and per_split["train"]:
                 self.eval_fallback = sorted(override)
+                self._emit(b)
                 return
-            b.override, b.samples, b.pair_rows, b.cand_rows, b.counts, b.previous = kept
+            b.restore(kept)
 
     def samples(self) -> list[dict]:
+        """The samples in memory (all of them without ``out_dir``; none once written)."""
         return sorted((s for b in self.buckets.values() for s in b.samples), key=lambda s: s["key"])
 
     def previous_table(self, name: str, schema: pa.Schema, b: _Bucket) -> pa.Table:
@@ -515,7 +618,7 @@ class _Plan:
 
     def stats(self) -> dict:
         cfg = self.cfg
-        samples = self.samples()
+        summ = [t for b in self.buckets.values() for t in b.summary]
         merged = _merge_counts([b.counts for b in self.buckets.values()])
         by_identity = sorted({f.identity_id for fs in self.by_uid.values() for f in fs if f.identity_id is not None})
         mixed = 0
@@ -529,11 +632,11 @@ class _Plan:
             "duplicate_flags_independent": merged["duplicate_flags_independent"],
             "unreadable": merged["unreadable"],
             "cache_evictions": merged["cache_evictions"],
-            "per_split": dict(sorted(Counter(s["split"] for s in samples).items())),
+            "per_split": dict(sorted(Counter(t[1] for t in summ).items())),
             "identities": {"total": len(by_identity), "eval": sum(self.split_of(i) == "eval" for i in by_identity)},
             "photos_in_both_splits_by_faces": mixed,
-            "refs_per_person_hist": dict(sorted(Counter(len(fj["refs"]) for s in samples for fj in s["faces"]).items())),
-            "persons_per_target_hist": dict(sorted(Counter(s["num_persons"] for s in samples).items())),
+            "refs_per_person_hist": dict(sorted(Counter(r for t in summ for r in t[3]).items())),
+            "persons_per_target_hist": dict(sorted(Counter(len(t[2]) for t in summ).items())),
             "similarity_hist_all_candidates": _hist_from_counts(merged["similarity_all_candidates"]),
             "similarity_hist_selected": _hist_from_counts(merged["similarity_selected"]),
             "thresholds": {"sim_low": cfg.sim_low, "sim_high": cfg.sim_high},
@@ -588,7 +691,7 @@ def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[
 
 
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
-            mversions: list[str]):
+            mversions: list[str], rows_as_tables: bool = False):
     """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
     bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
     component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
@@ -622,6 +725,16 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     removed: Counter = Counter()
     flags: Counter = Counter()
     samples, pair_rows, cand_rows = [], [], []
+    # rows_as_tables: candidate rows go to Arrow in batches as they come (a dict each only for a batch)
+    cand_parts: list[pa.Table] = []
+    cand_sims = np.zeros(len(SIM_BINS) - 1, np.int64)
+
+    def flush_candidates():
+        nonlocal cand_sims
+        if cand_rows:
+            cand_sims = cand_sims + np.histogram(np.asarray([r["similarity"] for r in cand_rows], dtype=np.float64), bins=SIM_BINS)[0]
+            cand_parts.append(pa.Table.from_pylist(cand_rows, schema=CANDIDATE_SCHEMA))
+            cand_rows.clear()
     n_persons = 0
     for uid in sorted(img_meta):
         fs = by_uid.get(uid, [])
@@ -743,6 +856,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         for row in t_cands:
             removed[row["status"]] += 1
         cand_rows += t_cands
+        if rows_as_tables and len(cand_rows) >= CANDIDATE_BATCH:
+            flush_candidates()
         if not ok and cfg.require_all_refs:
             target_reasons["person_without_reference"] += 1
             continue
@@ -826,6 +941,11 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         "similarity_all_candidates": _hist_counts([r["similarity"] for r in cand_rows]),
         "similarity_selected": _hist_counts([r["similarity"] for r in pair_rows]),
     }
+    if rows_as_tables:
+        flush_candidates()
+        counts["similarity_all_candidates"] = {str(int(i)): int(cand_sims[i]) for i in np.nonzero(cand_sims)[0]}
+        cands = pa.concat_tables(cand_parts) if cand_parts else CANDIDATE_SCHEMA.empty_table()
+        return samples, pa.Table.from_pylist(pair_rows, schema=PAIRS_SCHEMA), cands, counts
     return samples, pair_rows, cand_rows, counts
 
 
@@ -893,53 +1013,46 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     from pipeline.multiid.metrics import dataset_quality_stats
 
     read_bytes = read_bytes or reader_from_images(images)
-    plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    # with out_dir, each bucket is written as soon as it is selected (its samples then dropped, its rows kept
+    # as Arrow tables): what stays in memory per target is a few hundred bytes of rows, not its sample dicts
+    plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir)
     cfg = plan.cfg
     plan.select()
     stats = plan.stats()
     buckets = plan.active()
     shards: dict[str, list[ShardInfo]] = {"train": [], "eval": []}
-    reused_bytes = 0
     pair_parts, cand_parts = [], []
     for b in buckets:
         if b.previous is not None:
             pair_parts.append(plan.previous_table("pairs.parquet", PAIRS_SCHEMA, b))
             cand_parts.append(plan.previous_table("candidates.parquet", CANDIDATE_SCHEMA, b))
         else:
-            pair_parts.append(pa.Table.from_pylist(b.pair_rows, schema=PAIRS_SCHEMA))
-            cand_parts.append(pa.Table.from_pylist(b.cand_rows, schema=CANDIDATE_SCHEMA))
+            pair_parts.append(b.pairs)
+            cand_parts.append(b.cands)
+        b.pairs = b.cands = None
     pairs = _concat_in_target_order(pair_parts, PAIRS_SCHEMA)
     cands = _concat_in_target_order(cand_parts, CANDIDATE_SCHEMA)
+    del pair_parts, cand_parts
     stats["data_quality"] = dataset_quality_stats(pairs)
-    samples = plan.samples()
+    samples = None if out_dir is not None else plan.samples()
+    reused_bytes = sum(sh.bytes for b in buckets if b.previous is not None for v in b.infos.values() for sh in v)
     if out_dir is not None:
-        out_dir = Path(out_dir)
         conf = cfg.to_dict()
         records = {}
         for b in buckets:
             rec = {"fingerprint": b.fingerprint, "photos": len(b.uids), "eval_override": b.override, "shards": {}, "counts": b.counts}
             for split in ("train", "eval"):
-                d = out_dir / split
-                d.mkdir(parents=True, exist_ok=True)
-                if b.previous is not None:
-                    infos = [ShardInfo(**sh) for sh in b.previous["shards"].get(split, [])]
-                    for sh in infos:
-                        link_or_copy(plan.previous / split / sh.name, d / sh.name)
-                        reused_bytes += sh.bytes
-                else:
-                    split_samples = [s for s in b.samples if s["split"] == split]
-                    infos = write_shards(_shard_samples(split_samples, cfg, read_bytes), d,
-                                         f"{cfg.dataset_name}-{split}-{b.name}", cfg.shard_max_count, cfg.shard_max_bytes)
+                infos = b.infos.get(split, [])
                 shards[split] += infos
                 if infos:
                     rec["shards"][split] = [shard_record(i) for i in infos]
             records[b.name] = rec
-        samples = plan.samples()  # the reused ones as read back; the rebuilt ones now carry their members
         for split in ("train", "eval"):
-            split_samples = [s for s in samples if s["split"] == split]
+            summ = [t for b in buckets for t in b.summary if t[1] == split]
             write_manifest(out_dir / split, cfg.dataset_name, shards[split], conf, version=version, split=split, extra={
-                "num_persons": sum(s["num_persons"] for s in split_samples),
-                "num_refs": sum(s["num_refs"] for s in split_samples), "ref_mode": cfg.ref_mode,
+                "num_persons": sum(len(t[2]) for t in summ),
+                "num_refs": sum(sum(t[3]) for t in summ), "ref_mode": cfg.ref_mode,
                 "counts": {k: stats[k] for k in ("images", "targets", "candidates_removed_by", "duplicate_flags_independent")},
             })
         write_parquet_atomic(pairs, out_dir / "pairs.parquet")
