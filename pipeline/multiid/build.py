@@ -470,9 +470,18 @@ class _Plan:
         self.img_meta = {r["uid"]: r for r in images.select([c for c in IMAGE_COLUMNS if c in images.column_names]).to_pylist()}
         self.component = _cooccurrence_components(self.by_uid)
         groups: dict[int, list[str]] = defaultdict(list)
+        # a component's smallest identity, once per component: min() per photo over a component that holds
+        # most identities (co-occurrence chains people together at scale) was quadratic, ~20 min at 1M faces
+        smallest: dict[int, str] = {}  # id() of the component's set (shared by its identities) -> its min
         for uid in sorted(set(self.img_meta) | set(self.by_uid)):
             ids = [f.identity_id for f in self.by_uid.get(uid, []) if f.identity_id is not None]
-            group = min(self.component[ids[0]]) if ids else f"photo:{uid}"
+            if ids:
+                comp = self.component[ids[0]]
+                group = smallest.get(id(comp))
+                if group is None:
+                    group = smallest[id(comp)] = min(comp)
+            else:
+                group = f"photo:{uid}"
             groups[bucket_of(group, cfg.reuse_buckets)].append(uid)
         self.buckets = {b: _Bucket(b, uids, {f.identity_id for u in uids for f in self.by_uid.get(u, []) if f.identity_id is not None})
                         for b, uids in sorted(groups.items())}
