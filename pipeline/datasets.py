@@ -133,17 +133,11 @@ def is_published(layout: Layout, name: str, version: str) -> bool:
     return folder.is_dir()
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def upload_version(layout: Layout, name: str, version: str, folder: Path) -> Path:
     """Publish a locally built and checked version to an object store: every file, then the marker
     listing them (size, sha256), written last. Returns the version's store path."""
+    from pipeline.shards import file_sha256  # webdataset (and torch) only when a version is uploaded
+
     final = dataset_dir(layout, name, version)
     fs = final.fs
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
@@ -151,7 +145,7 @@ def upload_version(layout: Layout, name: str, version: str, folder: Path) -> Pat
     for p in files:
         rel = p.relative_to(folder).as_posix()
         fs.put_file(str(p), f"{final.path}/{rel}")
-        listing[rel] = {"bytes": p.stat().st_size, "sha256": _file_digest(p)}
+        listing[rel] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
     uploaded = {k[len(final.path) + 1:]: int(v.get("size", -1)) for k, v in fs.find(final.path, detail=True).items()}
     short = sorted(rel for rel, meta in listing.items() if uploaded.get(rel) != meta["bytes"])
     if short:

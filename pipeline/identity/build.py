@@ -18,6 +18,7 @@ from .cluster import DEFAULT_METHOD, cluster_graph, default_threshold
 from .knn import EXACT_MAX_DEFAULT, IvfIndex, knn_graph, load_embeddings
 from .stable_ids import (
     assign_incremental,
+    face_key_array,
     face_keys,
     format_id,
     high_water,
@@ -389,21 +390,14 @@ def _new_faces_graph(E, rows, k, thr, prev_pos, previous, index, seed, exact_max
     return _PartialGraph(rows, I, S, params), cells, index, how
 
 
-def _face_keys(table: pa.Table) -> pa.Array:
-    """One string per row naming its face, ``uid`` NUL ``face_index`` (for hash look-ups in Arrow)."""
-    uid = table.column("uid").combine_chunks().cast(pa.string())
-    fi = table.column("face_index").combine_chunks().cast(pa.int64()).cast(pa.string())
-    return pa.compute.binary_join_element_wise(uid, fi, "\x00")
-
-
 def with_identity_ids(faces: pa.Table, identities: pa.Table) -> pa.Table:
     """faces plus an identity_id column (null for faces not clustered yet). A face listed more than once
     in ``identities`` takes its last row's id. Joined on Arrow hash look-ups, without Python objects."""
-    enc = _face_keys(identities).dictionary_encode()
+    enc = face_key_array(identities).dictionary_encode()
     last = np.zeros(len(enc.dictionary), np.int64)  # each distinct face's last row in identities
     np.maximum.at(last, np.asarray(enc.indices.to_numpy(zero_copy_only=False), np.int64),
                   np.arange(identities.num_rows, dtype=np.int64))
-    pos = pa.compute.index_in(_face_keys(faces), value_set=enc.dictionary)  # null: not clustered yet
+    pos = pa.compute.index_in(face_key_array(faces), value_set=enc.dictionary)  # null: not clustered yet
     rows = pa.compute.take(pa.array(last), pos)
     col = identities.column("identity_id").combine_chunks().cast(pa.string()).take(rows)
     if "identity_id" in faces.column_names:

@@ -727,6 +727,31 @@ def knn_ivf_blas(
     return out[0], out[1], info
 
 
+def _grow_probes(join, probe_keys, expansion_keys, nprobe, depth, max_rounds, check, E, k, best_I, best_S,
+                 target_recall, info) -> int:
+    """Scan probes 1..nprobe-1 (``probe_keys(p0, p1)``), expand through the edges found
+    (``expansion_keys(rows)``) for up to ``max_rounds``, then check the sampled recall and scan
+    IVF_BLAS_PROBE_STEP more probes per face until it reaches ``target_recall`` or ``depth``.
+    Returns the probe count reached (also ``info["nprobe"]``)."""
+    p0, p1 = 1, min(nprobe, depth)
+    while True:
+        rows = join(f"probes {p0}-{p1 - 1}", probe_keys(p0, p1))
+        for r in range(max_rounds):
+            if len(rows) == 0:
+                break
+            rows = join(f"expand {r + 1}", expansion_keys(rows))
+        info["nprobe"] = p1
+        if check is None:
+            break
+        cq, exact = check
+        _, approx_S = _drop_self(best_I[cq], best_S[cq], 0, k, qids=cq)
+        info["check_recall"] = recall_by_similarity(E, cq, exact, approx_S)
+        if info["check_recall"] >= target_recall or p1 >= depth:
+            break
+        p0, p1 = p1, min(depth, p1 + IVF_BLAS_PROBE_STEP)
+    return p1
+
+
 def _ivf_blas_run(
     E, k, kk, nlist, nprobe, max_rounds, min_sim, target_recall, check_queries, seed, rng, pool, info
 ):
@@ -778,24 +803,12 @@ def _ivf_blas_run(
         return rows
 
     join("own cell", face * nlist + cell)
-    p0, p1 = 1, min(nprobe, depth)
-    while True:
-        rows = join(
-            f"probes {p0}-{p1 - 1}", (face[:, None] * nlist + probes[:, p0:p1].astype(np.int64)).ravel()
-        )
-        for r in range(max_rounds):
-            if len(rows) == 0:
-                break
-            rows = join(f"expand {r + 1}", _expansion_keys(best_I, best_S, rows, cell, nlist, min_sim))
-        info["nprobe"] = p1
-        if check is None:
-            break
-        cq, exact = check
-        _, approx_S = _drop_self(best_I[cq], best_S[cq], 0, k, qids=cq)
-        info["check_recall"] = recall_by_similarity(E, cq, exact, approx_S)
-        if info["check_recall"] >= target_recall or p1 >= depth:
-            break
-        p0, p1 = p1, min(depth, p1 + IVF_BLAS_PROBE_STEP)
+    p1 = _grow_probes(
+        join,
+        lambda p0, p1: (face[:, None] * nlist + probes[:, p0:p1].astype(np.int64)).ravel(),
+        lambda rows: _expansion_keys(best_I, best_S, rows, cell, nlist, min_sim),
+        nprobe, depth, max_rounds, check, E, k, best_I, best_S, target_recall, info,
+    )
     scanned = sum(int((cell_start[c % nlist + 1] - cell_start[c % nlist]).sum()) for c in probed.chunks)
     info.update(
         nlist=nlist,
@@ -959,22 +972,11 @@ def knn_ivf_search(
             return keys
 
         join("own cell", rows * nlist + cell[rows])
-        p0, p1 = 1, min(index.nprobe, depth)
-        while True:
-            got = join(f"probes {p0}-{p1 - 1}", (rows[:, None] * nlist + probes[:, p0:p1].astype(np.int64)).ravel())
-            for r in range(max_rounds):
-                if len(got) == 0:
-                    break
-                got = join(f"expand {r + 1}", expansion(got))
-            info["nprobe"] = p1
-            if check is None:
-                break
-            cq, exact = check
-            _, approx_S = _drop_self(best_I[cq], best_S[cq], 0, k, qids=cq)
-            info["check_recall"] = recall_by_similarity(E, cq, exact, approx_S)
-            if info["check_recall"] >= target_recall or p1 >= depth:
-                break
-            p0, p1 = p1, min(depth, p1 + IVF_BLAS_PROBE_STEP)
+        _grow_probes(
+            join,
+            lambda p0, p1: (rows[:, None] * nlist + probes[:, p0:p1].astype(np.int64)).ravel(),
+            expansion, index.nprobe, depth, max_rounds, check, E, k, best_I, best_S, target_recall, info,
+        )
     info.update(rounds=rounds, probed_pairs=len(probed), check_queries=0 if check is None else len(check[0]))
     I, S = _drop_self(best_I[rows], best_S[rows], 0, max(1, min(k, kk - 1)), qids=rows)
     if I.shape[1] < k:
