@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,8 @@ def _fetch(cache: Path) -> dict[str, Path]:
 
 
 def build(out: Path, cache: Path) -> None:
-    # images that the Parquet manifest points at live outside the input folder (absolute paths)
+    # images that the Parquet manifest points at live outside the input folder; the manifest names them
+    # relative to itself, so the rows (and the dataset version ids) do not depend on where the demo lives
     pkgs = _fetch(cache)
     if out.exists():
         shutil.rmtree(out)
@@ -97,7 +99,7 @@ def build(out: Path, cache: Path) -> None:
             for name, caption in (("t1.jpg", "six friends around a poker table"), ("Tom_Hanks_54745.png", "a portrait")):
                 data = zf.read(f"insightface/data/images/{name}")
                 (image_dir / name).write_bytes(data)
-                rows.append({"path": str(image_dir / name), "caption": caption, "url": f"pypi:insightface==2.1/insightface/data/images/{name}"})
+                rows.append({"path": os.path.relpath(image_dir / name, out / "manifests"), "caption": caption, "url": f"pypi:insightface==2.1/insightface/data/images/{name}"})
         pq.write_table(pa.Table.from_pylist(rows), out / "manifests" / "insightface.parquet")
     if "face-api" in pkgs:
         (out / "shards").mkdir()
