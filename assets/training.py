@@ -86,8 +86,10 @@ def skip_reason(spec: TrainerSpec, lineup: LineupSettings) -> str | None:
                          f"({train_dir}): the version is incomplete")
     manifest = read_manifest(train_dir)
     if not manifest.get("shards") or not manifest.get("num_samples"):
-        return (f"the {spec.train_split} split of dataset {spec.dataset!r} version {version} has no samples "
-                f"(dataset version id {manifest.get('version')!r})")
+        recorded = manifest.get("version")
+        # the manifest's own id is named only when it disagrees with its folder (a hand-copied version)
+        return (f"the {spec.train_split} split of dataset {spec.dataset!r} version {version} has no samples"
+                + (f" (its manifest says version {recorded!r})" if recorded != version else ""))
     if spec.base_weights(lineup) is None and not lineup.smoke_training:
         return (f"no local base weights ({spec.weights_hint}) and no smoke run asked for "
                 f"(smoke_training, or LINEUP_SMOKE_TRAINING=1)")
