@@ -110,7 +110,7 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
     fcs = with_identity_ids(coll.faces, ids)
     backend = fcs.column("backend")[0].as_py() if fcs.num_rows else lineup.face_backend
     cfg = PairConfig(max_identity_cos=thresholds_for(backend).different_person_max)
-    version, parts = expression_version(coll.faces, desc, ids, cfg, card_entries(layout))
+    version, parts = expression_version(coll.faces, desc, ids, cfg, card_entries(layout), decoding=lineup.limits)
     crops = CropReader(coll.images, fcs, lineup.limits)
 
     def crop(uid, face_index):

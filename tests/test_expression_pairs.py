@@ -260,3 +260,23 @@ def test_neighbour_search_matches_all_pairs_on_the_pairs_it_keeps():
     # with 3 pairs per face taken by descending similarity, the nearest neighbours give the same pairs
     same = set(near.pairs.column("pair_id").to_pylist()) & set(full.pairs.column("pair_id").to_pylist())
     assert len(same) >= 0.95 * full.pairs.num_rows > 0
+
+
+def test_expression_version_follows_the_decoding_limits_not_the_manifest_roots():
+    """Crops are cut under the ingest decoding limits, so a limits-only change is a new version; where manifests
+    may point (manifest_roots) says nothing about the pixels and must not move the id."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from pipeline.expression.pairs import PairConfig
+    from pipeline.expression.release import FACE_COLUMNS, expression_version
+    from pipeline.ingest import IngestLimits
+
+    faces = pa.table({c: pa.array([], pa.string()) for c in FACE_COLUMNS})
+    desc = pa.table({"uid": pa.array([], pa.string()), "face_index": pa.array([], pa.int32())})
+    ids = pa.table({c: pa.array([], pa.string()) for c in ("uid", "face_index", "identity_id")})
+    base = IngestLimits(manifest_roots=("/a",))
+    v = expression_version(faces, desc, ids, PairConfig(), decoding=base)[0]
+    assert expression_version(faces, desc, ids, PairConfig(), decoding=dataclasses.replace(base, manifest_roots=("/b",)))[0] == v
+    assert expression_version(faces, desc, ids, PairConfig(), decoding=dataclasses.replace(base, max_pixels=base.max_pixels // 2))[0] != v

@@ -23,7 +23,9 @@ FACE_COLUMNS = ["uid", "face_index", "x1", "y1", "x2", "y2", "landmarks", "det_s
 
 
 def expression_version(faces: pa.Table, descriptors: pa.Table, identities: pa.Table, config,
-                       removals: list[dict] | None = None) -> tuple[str, dict]:
+                       removals: list[dict] | None = None, decoding=None) -> tuple[str, dict]:
+    """The version id and its parts. ``decoding``: the ingest decoding limits the crops are cut under (they
+    decide the crop pixels, so a limits-only change is a new version, not a reuse of the old one)."""
     parts = {
         "builder": BUILDER_VERSION,
         "library": __version__,
@@ -34,6 +36,8 @@ def expression_version(faces: pa.Table, descriptors: pa.Table, identities: pa.Ta
         "descriptors": fingerprint_table(descriptors, list(descriptors.column_names), ["uid", "face_index"]),
         "identities": fingerprint_table(identities, ["uid", "face_index", "identity_id"], ["uid", "face_index"]),
         "removals": sorted(e["request"] for e in removals or []),
+        # the limits that decide pixels; not manifest_roots (where inputs may live, not what they hold)
+        "decoding": None if decoding is None else {k: getattr(decoding, k) for k in ("max_pixels", "max_bytes", "min_side")},
     }
     return version_id(parts), parts
 
