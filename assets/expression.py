@@ -121,7 +121,7 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
         return np.asarray(c)
 
     def crop_inputs(uid, face_index):  # what decides a crop: the photo (its uid is its content), the box, decoding limits
-        return [uid, crops.boxes.get((uid, int(face_index))), repr(lineup.limits)]
+        return [uid, crops.boxes.get((uid, int(face_index))), parts["decoding"]]
 
     previous = reusable_version(layout, "expression")
     reuse: dict = {}
@@ -156,6 +156,9 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
             "buckets_reused": reuse.get("buckets_reused", 0),
             "buckets_rebuilt": reuse.get("buckets_rebuilt", 0),
             "bytes_reused": reuse.get("bytes_reused", 0),
+            # inside rebuilt buckets: pairs whose crops were copied from the previous tars vs cut again
+            "pairs_copied": reuse.get("pairs_copied", 0),
+            "pairs_cropped": reuse.get("pairs_cropped", 0),
             "collection": dg.MetadataValue.json(coll.coverage()),
             **pictures({"pairs_contact_sheet": contact_sheet(pairs, crop, max_pairs=12)}),
         },

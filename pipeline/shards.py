@@ -297,6 +297,51 @@ def shards_intact(folder: Path, entries: list[Mapping]) -> list[str]:
     return problems
 
 
+class PreviousMembers:
+    """Tar members of a previous version's shards, read one at a time for samples that did not change
+    (per-sample reuse inside a bucket that did). Each shard is checked against its record (size, sha256)
+    before any of its members is trusted; a damaged shard lends nothing (its samples are built again).
+    The member index is built from the tar headers alone (no data read), lazily per shard."""
+
+    def __init__(self, folder: Path, entries: list[Mapping]):
+        self.folder = Path(folder)
+        self.entries = list(entries)
+        self.damaged: list[str] = []
+        self._index: dict[str, tuple[Path, int, int]] | None = None
+        self.bytes_read = 0
+
+    def _build(self) -> dict[str, tuple[Path, int, int]]:
+        index: dict[str, tuple[Path, int, int]] = {}
+        for sh in self.entries:
+            problems = shards_intact(self.folder, [sh])
+            if problems:
+                self.damaged += problems
+                continue
+            path = self.folder / sh["name"]
+            with tarfile.open(path) as tf:
+                for m in tf:
+                    if m.isfile():
+                        index[m.name] = (path, m.offset_data, m.size)
+        return index
+
+    def __contains__(self, name: str) -> bool:
+        if self._index is None:
+            self._index = self._build()
+        return name in self._index
+
+    def read(self, name: str) -> bytes:
+        if name not in self:
+            raise KeyError(name)
+        path, offset, size = self._index[name]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{path}: member {name} is cut short")
+        self.bytes_read += size
+        return data
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link a published shard into a staging folder (published files are never rewritten, so two
     versions may share the inode); copy when a link is impossible (another file system)."""

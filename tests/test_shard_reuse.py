@@ -245,7 +245,7 @@ def _expression_tables(extra: int = 0, moved: str | None = None):
     return faces, desc, boxes
 
 
-def _release_expression(layout: Layout, faces, desc, boxes):
+def _release_expression(layout: Layout, faces, desc, boxes, crop_log: list | None = None):
     from pipeline.expression import PairConfig, build_expression_pairs, write_expression_dataset
     from pipeline.expression.release import expression_version
     from pipeline.expression.release import release_checks as expression_checks
@@ -257,6 +257,8 @@ def _release_expression(layout: Layout, faces, desc, boxes):
     report: dict = {}
 
     def crop(uid, fi):
+        if crop_log is not None:
+            crop_log.append((uid, fi))
         x1, y1, x2, y2 = (int(v) for v in boxes[(uid, fi)])
         seed = int.from_bytes(hashlib.sha256(uid.encode()).digest()[:4], "big")
         img = np.random.default_rng(seed).integers(0, 255, (80, 80, 3), dtype=np.uint8)
@@ -321,6 +323,45 @@ def test_expression_corrupted_previous_shard_is_rebuilt(tmp_path):
     assert any(x.startswith(bucket) for x in rb["buckets_not_reused_corrupt"])
     assert os.stat(b.folder / names[0]).st_ino != os.stat(victim).st_ino
     assert _compare(b.folder, _release_expression(Layout(tmp_path / "fresh"), *b_tables)[0].folder) == []
+
+
+def test_expression_changed_bucket_copies_the_crops_of_its_unchanged_pairs(tmp_path):
+    """A bucket that changed is written again, but only its changed pairs are cropped: the others' crops are
+    copied from the previous tars (counted by the crop function itself, not by the writer's report), and the
+    version is still byte-identical to a fresh build. A damaged previous shard lends nothing."""
+    from pipeline.expression.pairs import pair_bucket
+
+    layout = Layout(tmp_path / "home")
+    a, _ = _release_expression(layout, *_expression_tables(extra=2))
+    c_tables = _expression_tables(extra=2, moved="p04")  # one face's box moves: its pairs change
+    log: list = []
+    c, rc = _release_expression(layout, *c_tables, crop_log=log)
+    rows = c.result.pairs.to_pylist()
+    moved = [r for r in rows if "p04" in (r["uid_a"], r["uid_b"])]
+    touched = {pair_bucket(r["pair_id"], 64) for r in moved}
+    in_touched = [r for r in rows if pair_bucket(r["pair_id"], 64) in touched]
+    assert len(in_touched) > len(moved) > 0  # the touched buckets hold unchanged pairs too
+    assert len(log) == 2 * len(moved)  # two crops per changed pair, none for the copied ones
+    assert rc["pairs_cropped"] == len(moved) and rc["pairs_copied"] == len(in_touched) - len(moved)
+    assert _compare(c.folder, _release_expression(Layout(tmp_path / "fresh"), *c_tables)[0].folder) == []
+    # the same refresh over a previous version whose touched bucket's tar is damaged: everything in it is cropped
+    layout2 = Layout(tmp_path / "home2")
+    a2, _ = _release_expression(layout2, *_expression_tables(extra=2))
+    rec = json.loads((a2.folder / "buckets.json").read_text())["buckets"]
+    # the touched bucket with the most unchanged pairs (they would be copied from an intact tar)
+    hot = max(sorted(touched), key=lambda b: sum(1 for r in in_touched if pair_bucket(r["pair_id"], 64) == b and r not in moved))
+    victim = a2.folder / rec[f"b{hot:04d}"]["shards"][0]["name"]
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    log2: list = []
+    c2, rc2 = _release_expression(layout2, *c_tables, crop_log=log2)
+    n_victim = sum(1 for r in rows if pair_bucket(r["pair_id"], 64) == hot)
+    n_moved_victim = sum(1 for r in moved if pair_bucket(r["pair_id"], 64) == hot)
+    assert n_victim > n_moved_victim
+    assert len(log2) == 2 * (len(moved) + n_victim - n_moved_victim)
+    assert any(x.startswith(f"b{hot:04d}") for x in rc2["buckets_not_reused_corrupt"]), rc2
+    assert _compare(c2.folder, c.folder) == []
 
 
 def test_eval_fallback_with_reuse_matches_a_fresh_build(tmp_path):

@@ -419,22 +419,36 @@ def build_expression_pairs(
 CropFn = Callable[[str, int], np.ndarray]  # (uid, face_index) -> RGB uint8 face crop (or whole image)
 
 
-def pair_samples(pairs: pa.Table, crop: CropFn, extra: Mapping | None = None):
-    """WebDataset samples: <key>.a.jpg, <key>.b.jpg and <key>.json (labels, scores, uids)."""
+def pair_samples(pairs: pa.Table, crop: CropFn, extra: Mapping | None = None, previous=None,
+                 unchanged: set | None = None, counts: dict | None = None):
+    """WebDataset samples: <key>.a.jpg, <key>.b.jpg and <key>.json (labels, scores, uids).
+
+    ``previous`` (a :class:`pipeline.shards.PreviousMembers`) and ``unchanged`` (pair ids whose row and
+    crop inputs equal the previous version's): those pairs' crops are copied from the previous tars
+    instead of decoded and cut again (the same bytes: crops are encoded deterministically).
+    ``counts`` gets ``pairs_copied`` / ``pairs_cropped``."""
+    unchanged = unchanged or set()
     for r in pairs.to_pylist():
         meta = dict(r)
         meta["task"] = "cross_expression"
         if extra:
             meta.update(extra)
-        yield {
-            "__key__": r["pair_id"],
-            "a.jpg": encode_jpeg(crop(r["uid_a"], r["face_index_a"])),
-            "b.jpg": encode_jpeg(crop(r["uid_b"], r["face_index_b"])),
-            "json": meta,
-        }
+        key = r["pair_id"]
+        names = (f"{key}.a.jpg", f"{key}.b.jpg")
+        if key in unchanged and previous is not None and all(n in previous for n in names):
+            a, b = (previous.read(n) for n in names)
+            how = "pairs_copied"
+        else:
+            a = encode_jpeg(crop(r["uid_a"], r["face_index_a"]))
+            b = encode_jpeg(crop(r["uid_b"], r["face_index_b"]))
+            how = "pairs_cropped"
+        if counts is not None:
+            counts[how] = counts.get(how, 0) + 1
+        yield {"__key__": key, "a.jpg": a, "b.jpg": b, "json": meta}
 
 
 SHARD_PREFIX = "expression-pairs"
+PAIR_FINGERPRINTS = "pair_fingerprints.parquet"  # per pair of a version: what decided its sample (reuse, not data)
 
 
 def pair_bucket(pair_id: str, n: int) -> int:
@@ -472,6 +486,7 @@ def write_expression_dataset(
     from pipeline.expression.release import BUILDER_VERSION
     from pipeline.shards import (
         BUCKETS_FILE,
+        PreviousMembers,
         ShardInfo,
         link_or_copy,
         previous_buckets,
@@ -495,19 +510,40 @@ def write_expression_dataset(
     common = json.dumps({"builder": BUILDER_VERSION, "library": __version__, "config": cfg, "max_count": max_count},
                         sort_keys=True, default=str)
     previous = previous_buckets(reuse_from, ("pairs.parquet",)) if crop_inputs is not None else {}
+    # per pair: the fingerprint of what decides its sample (row, both crops' inputs, config, builder), so that
+    # a bucket that changed copies the crops of its unchanged pairs instead of cutting them again
+    prev_pair_fp: dict[str, str] = {}
+    if previous and (Path(reuse_from) / PAIR_FINGERPRINTS).is_file():
+        from pipeline.storage import read_parquet
+
+        try:
+            t = read_parquet(Path(reuse_from) / PAIR_FINGERPRINTS)
+            prev_pair_fp = dict(zip(t.column("pair_id").to_pylist(), t.column("fingerprint").to_pylist()))
+        except (OSError, KeyError, ValueError, pa.ArrowException):
+            prev_pair_fp = {}  # unreadable: nothing reused per pair, every changed bucket is cropped again
     shards: list = []
     records = {}
-    reuse = {"buckets_reused": 0, "buckets_rebuilt": 0, "bytes_reused": 0, "buckets_not_reused_corrupt": []}
+    fp_ids: list[str] = []
+    fp_values: list[str] = []
+    reuse = {"buckets_reused": 0, "buckets_rebuilt": 0, "bytes_reused": 0, "buckets_not_reused_corrupt": [],
+             "pairs_copied": 0, "pairs_cropped": 0}
     for b, bidx in sorted(by_bucket.items()):
         name = f"b{b:04d}"
         btable = pairs.take(pa.array(bidx))
         brows = btable.to_pylist()
         fp = None
+        unchanged: set[str] = set()
         if crop_inputs is not None:
             h = hashlib.sha256(common.encode())
             for r in sorted(brows, key=lambda r: r["pair_id"]):
-                h.update(json.dumps([r, crop_inputs(r["uid_a"], r["face_index_a"]), crop_inputs(r["uid_b"], r["face_index_b"])],
-                                    sort_keys=True, default=str).encode())
+                row_fp = hashlib.sha256(common.encode() + json.dumps(
+                    [r, crop_inputs(r["uid_a"], r["face_index_a"]), crop_inputs(r["uid_b"], r["face_index_b"])],
+                    sort_keys=True, default=str).encode()).hexdigest()[:32]
+                h.update(row_fp.encode())
+                fp_ids.append(r["pair_id"])
+                fp_values.append(row_fp)
+                if prev_pair_fp.get(r["pair_id"]) == row_fp:
+                    unchanged.add(r["pair_id"])
             fp = h.hexdigest()[:32]
         rec = previous.get(name)
         problems = shards_intact(reuse_from, rec["shards"]) if rec is not None and fp is not None and rec.get("fingerprint") == fp else None
@@ -519,13 +555,23 @@ def write_expression_dataset(
             reuse["buckets_reused"] += 1
         else:
             reuse["buckets_not_reused_corrupt"] += [f"{name}: {p}" for p in problems or []]
-            infos = write_shards(pair_samples(btable, crop), out_dir,
+            members = PreviousMembers(reuse_from, rec["shards"]) if rec is not None and unchanged else None
+            infos = write_shards(pair_samples(btable, crop, previous=members, unchanged=unchanged, counts=reuse), out_dir,
                                  f"{SHARD_PREFIX}-{name}", max_count=max_count)
+            if members is not None:
+                reuse["bytes_reused"] += members.bytes_read
+                reuse["buckets_not_reused_corrupt"] += [f"{name}: {p}" for p in members.damaged if f"{name}: {p}" not in
+                                                        reuse["buckets_not_reused_corrupt"]]
             reuse["buckets_rebuilt"] += 1
         shards += infos
         records[name] = {"fingerprint": fp, "pairs": len(brows),
                          "shards": [shard_record(i) for i in infos]}
     write_parquet_atomic(pairs, out_dir / "pairs.parquet")
+    if crop_inputs is not None:
+        o = np.argsort(np.array(fp_ids, dtype=object), kind="stable") if fp_ids else np.zeros(0, np.int64)
+        write_parquet_atomic(pa.table({"pair_id": pa.array([fp_ids[i] for i in o], pa.string()),
+                                       "fingerprint": pa.array([fp_values[i] for i in o], pa.string())}),
+                             out_dir / PAIR_FINGERPRINTS)
     write_bytes_atomic(json.dumps({"bucket_count": n_buckets, "buckets": records}, sort_keys=True, indent=1).encode(),
                        out_dir / BUCKETS_FILE)
     if report is not None:
