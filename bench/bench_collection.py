@@ -247,7 +247,18 @@ def w_multiid(data: Path, work: Path, args) -> dict:
     import pyarrow as pa
 
     from pipeline.multiid import MultiIDConfig, build_multiid_dataset
+    from pipeline.multiid import build as mb
+    from pipeline.storage import parquet_rows
 
+    # the plan of the build, to measure what it keeps per target (bench-only instrumentation)
+    plans = []
+    select = mb._Plan.select
+
+    def select_and_keep(self):
+        plans.append(self)
+        return select(self)
+
+    mb._Plan.select = select_and_keep
     images, faces, ids = _read(data, "images"), _read(data, "faces"), _read(data, "identities")
     t_load = time.perf_counter() - args.t0
     rss_inputs = rss_now_gb()
@@ -264,18 +275,20 @@ def w_multiid(data: Path, work: Path, args) -> dict:
     shards = [s for v in res.shards.values() for s in v]
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     st = res.stats
-    # what the builder keeps per target until it returns: the pairs and candidates tables (Arrow buffers; a
-    # bucket's sample dicts are dropped once its shards are written, its row dicts once they are a table)
-    # plus a summary tuple per sample (~0.5 KB)
+    # what the builder keeps until it returns, measured (object sizes): per bucket its summary tuples (one per
+    # sample), its additive counts and its shard infos; its rows are streamed to part files, its sample dicts
+    # dropped once its shards are written. Per target = the slope of this between the two runs.
     n_samples = sum(st["per_split"].values())
-    retained = res.pairs.nbytes + res.candidates.nbytes + 512 * n_samples
+    retained = deep_size([(b.summary, b.counts, b.infos) for b in plans[0].buckets.values()])
     return {"outputs": {"targets_examined": images.num_rows, "photos": n_photos, "samples": n_samples,
-                        "pairs": res.pairs.num_rows, "candidates": res.candidates.num_rows, "shards": len(shards),
+                        "pairs": parquet_rows(out / "pairs.parquet"), "candidates": parquet_rows(out / "candidates.parquet"),
+                        "shards": len(shards),
                         "bytes": nbytes},
             "detail": {"targets": st["targets"], "candidates_removed_by": st["candidates_removed_by"],
                        "cache_evictions": st["cache_evictions"], "per_split": st["per_split"],
                        "images_synthesised": read_bytes.calls["n"], "synthesis_s": round(read_bytes.calls["s"], 1),
                        "load_inputs_s": round(t_load, 1), "max_candidates_per_person": args.max_candidates,
+                       "retained_bytes": retained,
                        "retained_bytes_per_target": round(retained / max(1, images.num_rows)),
                        "rss_after_inputs_gb": round(rss_inputs, 2)}}
 
@@ -524,8 +537,11 @@ def main() -> int:
                         fixed = r0[key] - slope * t0_
                         fit[key] = {"fixed": round(fixed, 2), "per_target": slope, "all_photos": round(fixed + slope * P, 1)}
                     # memory: the peak of the smaller run (inputs + bounded caches) plus what the builder keeps per
-                    # target (measured object sizes; an RSS slope between two small runs is mostly caches filling)
-                    per_t = r1["detail"]["retained_bytes_per_target"] / 2**30
+                    # target: the slope of its measured object sizes between the two runs (an RSS slope between two
+                    # small runs is mostly caches filling); the ratio at the larger run when a run lacks the figure
+                    d0, d1 = r0["detail"], r1["detail"]
+                    per_t = ((d1["retained_bytes"] - d0["retained_bytes"]) / max(1, t1_ - t0_) if "retained_bytes" in d0
+                             else d1["retained_bytes_per_target"]) / 2**30
                     fit["peak_rss_gb"] = {"fixed": r0["peak_rss_gb"], "per_target": per_t,
                                           "all_photos": round(r0["peak_rss_gb"] + per_t * P, 1)}
                     for key in ("samples", "pairs", "shards", "bytes"):

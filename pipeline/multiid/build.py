@@ -57,7 +57,7 @@ from pipeline.shards import (
     write_shards,
 )
 from pipeline.splits import hash_fraction
-from pipeline.storage import write_parquet_atomic
+from pipeline.storage import read_parquet, write_parquet_stream_atomic
 
 SIM_BINS = np.round(np.linspace(-1.0, 1.0, 201), 4)  # 0.01 wide
 PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
@@ -234,16 +234,34 @@ class _Fingerprints:
 class MultiIDResult:
     """``samples``: the sample JSONs by key. A build that writes keeps none in memory (a bucket's samples are
     dropped once its shards are written): they are read back from the shards of ``out_dir`` on first use
-    (pass the folder to :meth:`samples_in` when the version has moved since, e.g. once published)."""
+    (pass the folder to :meth:`samples_in` when the version has moved since, e.g. once published). The
+    same for ``pairs`` and ``candidates``: a build that writes streams them to ``out_dir`` and reads them
+    back from there on first use."""
 
-    pairs: pa.Table
-    candidates: pa.Table
+    _pairs: pa.Table | None
+    _candidates: pa.Table | None
     _samples: list[dict] | None
     stats: dict
     shards: dict[str, list[ShardInfo]]
     out_dir: Path | None
     config: MultiIDConfig
     read_bytes: Callable[[str], bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pairs(self) -> pa.Table:
+        if self._pairs is None:
+            from pipeline.storage import read_parquet
+
+            self._pairs = read_parquet(self.out_dir / "pairs.parquet")
+        return self._pairs
+
+    @property
+    def candidates(self) -> pa.Table:
+        if self._candidates is None:
+            from pipeline.storage import read_parquet
+
+            self._candidates = read_parquet(self.out_dir / "candidates.parquet")
+        return self._candidates
 
     @property
     def samples(self) -> list[dict]:
@@ -398,7 +416,96 @@ def bucket_of(group: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(f"multiid-bucket\x1f{group}".encode()).digest()[:8], "big") % n
 
 
-CANDIDATE_BATCH = 20_000  # candidate rows turned into an Arrow table at a time
+CANDIDATE_BATCH = 20_000  # candidate (and pair) rows turned into an Arrow table and written at a time
+MERGE_BATCH = 65_536  # rows read at a time from each part file when the parts are merged in target order
+
+
+class _RowParts:
+    """One selection run's candidate and pair rows, appended to two Parquet part files as they are
+    produced (in the order :func:`_select` visits targets: by target uid). ``paths[name]`` is None while
+    no row of that table was written."""
+
+    def __init__(self, folder: Path, stem: str):
+        self.folder, self.stem = folder, stem
+        self.paths: dict[str, Path | None] = {"pairs": None, "candidates": None}
+        self._writers: dict = {}
+
+    def write(self, name: str, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        if name not in self._writers:
+            self.paths[name] = self.folder / f"{self.stem}-{name}.parquet"
+            self._writers[name] = pq.ParquetWriter(self.paths[name], table.schema, compression="zstd")
+        self._writers[name].write_table(table)
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}
+
+
+def _part_batches(path: Path | None, schema: pa.Schema, uids: pa.Array | None = None):
+    """The rows of a part file (or of a previous version's table), a batch at a time, cast to
+    ``schema``; with ``uids``, only the rows of those targets."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if path is None:
+        return
+    f = pq.ParquetFile(path)
+    for batch in f.iter_batches(batch_size=MERGE_BATCH, columns=schema.names):
+        t = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
+        if uids is not None:
+            t = t.filter(pc.is_in(t.column("target_uid"), uids))
+        if t.num_rows:
+            yield t
+
+
+def _merge_in_target_order(sources: list, schema: pa.Schema):
+    """Tables in the order of one run over the collection (by target uid, stable: each target's rows
+    keep their order), from ``sources``, iterators of tables each sorted by target uid, where all rows of
+    a target come from one source (a bucket, or a previous version). Yields pieces; holds about one
+    batch per source, not the whole table."""
+    import pyarrow.compute as pc
+
+    its = [iter(s) for s in sources]
+    bufs: list[pa.Table | None] = [None] * len(its)
+    done = [False] * len(its)
+
+    def pull(i: int) -> None:
+        nxt = next(its[i], None)
+        if nxt is None:
+            done[i] = True
+        else:
+            bufs[i] = nxt if bufs[i] is None or not bufs[i].num_rows else pa.concat_tables([bufs[i], nxt])
+
+    for i in range(len(its)):
+        pull(i)
+    while True:
+        for i in range(len(its)):
+            while not done[i] and (bufs[i] is None or not bufs[i].num_rows):
+                pull(i)
+        live = [i for i in range(len(its)) if bufs[i] is not None and bufs[i].num_rows]
+        if not live:
+            return
+        # rows below the smallest "last uid read so far" of the sources not exhausted are final: no
+        # source can still produce a smaller uid (a target's rows may continue in the next batch)
+        lasts = [(bufs[i].column("target_uid")[-1].as_py(), i) for i in live if not done[i]]
+        bound = min(lasts)[0] if lasts else None
+        pieces = []
+        for i in live:
+            b = bufs[i]
+            k = b.num_rows if bound is None else int(pc.sum(pc.less(b.column("target_uid"), bound)).as_py() or 0)
+            if k:
+                pieces.append(b.slice(0, k))
+                bufs[i] = b.slice(k)
+        if pieces:
+            t = pa.concat_tables(pieces)
+            yield t.take(pc.sort_indices(t, sort_keys=[("target_uid", "ascending")])) if len(pieces) > 1 else t
+        for last, i in lasts:
+            if last == bound:
+                pull(i)
+QUALITY_COLUMNS = ["similarity", "theta_tr", "pose_diff", "face_hamming", "image_hamming", "face_ncc", "ref_quality"]  # data_quality
 IMAGE_COLUMNS = ["uid", "source", "caption", "width", "height"]  # what a sample takes from the images table
 
 
@@ -414,8 +521,8 @@ class _Bucket:
     samples: list[dict] = field(default_factory=list)
     pair_rows: list[dict] = field(default_factory=list)
     cand_rows: list[dict] = field(default_factory=list)
-    pairs: pa.Table | None = None  # the rows as tables (a build that writes keeps no row dicts)
-    cands: pa.Table | None = None
+    pairs: Path | None = None  # the rows as Parquet part files (a build that writes keeps no row in memory)
+    cands: Path | None = None
     summary: list[tuple] = field(default_factory=list)  # per sample: (key, split, faces' identity ids, refs per face)
     infos: dict = field(default_factory=dict)  # split -> the ShardInfos written for this bucket
     counts: dict = field(default_factory=dict)
@@ -505,11 +612,18 @@ class _Plan:
             b.base_fingerprint = h.hexdigest()[:32]
         self.previous = Path(previous) if previous is not None else None
         # out_dir: each bucket's shards are written as soon as it is selected, and its samples dropped;
-        # keep_rows: keep the row dicts (select_references), else the rows are kept as Arrow tables
+        # keep_rows: keep the row dicts (select_references), else the rows are streamed to Parquet part
+        # files in ``parts_dir`` (in out_dir, else a temporary folder; the caller removes it)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.keep_rows = keep_rows
+        self.parts_dir: Path | None = None
+        if not keep_rows:
+            import tempfile
+
+            if self.out_dir is not None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.parts_dir = Path(tempfile.mkdtemp(prefix=".rows-", dir=self.out_dir))
         self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet"))
-        self._prev_tables: dict[str, pa.Table] = {}
         self.selections = 0
         self.corrupt: list[str] = []
         self.eval_fallback: list[str] = []
@@ -544,13 +658,19 @@ class _Plan:
             self.corrupt += [f"{b.name}: {p}" for p in problems]
         img_meta = {u: self.img_meta[u] for u in b.uids if u in self.img_meta}
         by_uid = {u: self.by_uid[u] for u in b.uids if u in self.by_uid}
-        b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
-                                                             self.mversions, rows_as_tables=not self.keep_rows)
+        # each run its own part files: a trial of the eval fallback that is undone keeps the earlier run's
+        sink = None if self.keep_rows else _RowParts(self.parts_dir, f"{b.name}-{self.selections}")
+        try:
+            b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
+                                                                 self.mversions, sink=sink)
+        finally:
+            if sink is not None:
+                sink.close()
         b.summary = _summary(b.samples)
         if self.keep_rows:
             b.pair_rows, b.cand_rows, b.pairs, b.cands = pair_rows, cand_rows, None, None
         else:
-            b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], pair_rows, cand_rows
+            b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], sink.paths["pairs"], sink.paths["candidates"]
         self.selections += 1
 
     def _emit(self, b: _Bucket) -> None:
@@ -614,16 +734,16 @@ class _Plan:
         """The samples in memory (all of them without ``out_dir``; none once written)."""
         return sorted((s for b in self.buckets.values() for s in b.samples), key=lambda s: s["key"])
 
-    def previous_table(self, name: str, schema: pa.Schema, b: _Bucket) -> pa.Table:
-        """The rows of reused bucket ``b`` in the previous version's ``name`` table, in their order there."""
-        import pyarrow.compute as pc
-
-        from pipeline.storage import read_parquet
-
-        if name not in self._prev_tables:
-            self._prev_tables[name] = read_parquet(self.previous / name).select(schema.names).cast(schema)
-        t = self._prev_tables[name]
-        return t.filter(pc.is_in(t.column("target_uid"), pa.array(b.uids, pa.string())))
+    def rows_in_target_order(self, name: str, schema: pa.Schema):
+        """The ``name`` table ("pairs" or "candidates") of this build, in pieces, in the order of one run over
+        the collection: the part files of the buckets selected, and the rows of the reused buckets from
+        the previous version's table (in their order there), merged by target uid."""
+        attr = {"pairs": "pairs", "candidates": "cands"}[name]
+        sources = [_part_batches(getattr(b, attr), schema) for b in self.active() if b.previous is None]
+        reused = sorted(u for b in self.active() if b.previous is not None for u in b.uids)
+        if reused:
+            sources.append(_part_batches(self.previous / f"{name}.parquet", schema, pa.array(reused, pa.string())))
+        return _merge_in_target_order(sources, schema)
 
     def stats(self) -> dict:
         cfg = self.cfg
@@ -700,11 +820,13 @@ def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[
 
 
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
-            mversions: list[str], rows_as_tables: bool = False):
+            mversions: list[str], sink: _RowParts | None = None):
     """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
     bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
     component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
-    of the statistics (:func:`_merge_counts` sums them over buckets)."""
+    of the statistics (:func:`_merge_counts` sums them over buckets). With ``sink``, the rows go to it in
+    batches as they are produced (what stays in memory is one batch, whatever the number of targets)
+    and both row lists come back ``None``."""
     def split_of(identity_id: str) -> str:
         return "eval" if identity_id in eval_override else identity_split(identity_id, cfg.eval_fraction, cfg.split_salt)
 
@@ -734,16 +856,15 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     removed: Counter = Counter()
     flags: Counter = Counter()
     samples, pair_rows, cand_rows = [], [], []
-    # rows_as_tables: candidate rows go to Arrow in batches as they come (a dict each only for a batch)
-    cand_parts: list[pa.Table] = []
-    cand_sims = np.zeros(len(SIM_BINS) - 1, np.int64)
+    # sink: rows go to Parquet part files in batches as they come (a dict each only for a batch); the
+    # histograms are summed batch by batch
+    sim_counts = {"candidates": np.zeros(len(SIM_BINS) - 1, np.int64), "pairs": np.zeros(len(SIM_BINS) - 1, np.int64)}
 
-    def flush_candidates():
-        nonlocal cand_sims
-        if cand_rows:
-            cand_sims = cand_sims + np.histogram(np.asarray([r["similarity"] for r in cand_rows], dtype=np.float64), bins=SIM_BINS)[0]
-            cand_parts.append(pa.Table.from_pylist(cand_rows, schema=CANDIDATE_SCHEMA))
-            cand_rows.clear()
+    def flush(name: str, rows: list[dict], schema: pa.Schema) -> None:
+        if rows:
+            sim_counts[name] += np.histogram(np.asarray([r["similarity"] for r in rows], dtype=np.float64), bins=SIM_BINS)[0]
+            sink.write(name, pa.Table.from_pylist(rows, schema=schema))
+            rows.clear()
     n_persons = 0
     for uid in sorted(img_meta):
         fs = by_uid.get(uid, [])
@@ -865,8 +986,10 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         for row in t_cands:
             removed[row["status"]] += 1
         cand_rows += t_cands
-        if rows_as_tables and len(cand_rows) >= CANDIDATE_BATCH:
-            flush_candidates()
+        if sink is not None and len(cand_rows) >= CANDIDATE_BATCH:
+            flush("candidates", cand_rows, CANDIDATE_SCHEMA)
+        if sink is not None and len(pair_rows) >= CANDIDATE_BATCH:
+            flush("pairs", pair_rows, PAIRS_SCHEMA)
         if not ok and cfg.require_all_refs:
             target_reasons["person_without_reference"] += 1
             continue
@@ -950,11 +1073,12 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         "similarity_all_candidates": _hist_counts([r["similarity"] for r in cand_rows]),
         "similarity_selected": _hist_counts([r["similarity"] for r in pair_rows]),
     }
-    if rows_as_tables:
-        flush_candidates()
-        counts["similarity_all_candidates"] = {str(int(i)): int(cand_sims[i]) for i in np.nonzero(cand_sims)[0]}
-        cands = pa.concat_tables(cand_parts) if cand_parts else CANDIDATE_SCHEMA.empty_table()
-        return samples, pa.Table.from_pylist(pair_rows, schema=PAIRS_SCHEMA), cands, counts
+    if sink is not None:
+        flush("candidates", cand_rows, CANDIDATE_SCHEMA)
+        flush("pairs", pair_rows, PAIRS_SCHEMA)
+        counts["similarity_all_candidates"] = {str(int(i)): int(sim_counts["candidates"][i]) for i in np.nonzero(sim_counts["candidates"])[0]}
+        counts["similarity_selected"] = {str(int(i)): int(sim_counts["pairs"][i]) for i in np.nonzero(sim_counts["pairs"])[0]}
+        return samples, None, None, counts
     return samples, pair_rows, cand_rows, counts
 
 
@@ -1019,31 +1143,40 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     there, and whose shard files still match their recorded sha256, is not selected again: its shards are
     hard-linked, its rows and counts taken from that version (``stats["buckets_reused"]``). The files
     written are the same, byte for byte, as without ``reuse_from``."""
-    from pipeline.multiid.metrics import dataset_quality_stats
+    import shutil
 
     read_bytes = read_bytes or reader_from_images(images)
     out_dir = Path(out_dir) if out_dir is not None else None
-    # with out_dir, each bucket is written as soon as it is selected (its samples then dropped, its rows kept
-    # as Arrow tables): what stays in memory per target is a few hundred bytes of rows, not its sample dicts
+    # with out_dir, each bucket is written as soon as it is selected (its samples then dropped); its rows are
+    # streamed to part files as they are produced, merged into pairs.parquet / candidates.parquet at the end:
+    # what stays in memory per target is a summary tuple, not its rows nor its sample dicts
     plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir)
+    try:
+        return _build(plan, out_dir, version, read_bytes)
+    finally:
+        shutil.rmtree(plan.parts_dir, ignore_errors=True)
+
+
+def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -> MultiIDResult:
+    """build_multiid_dataset once its plan is made (the caller removes the plan's part files)."""
+    from pipeline.multiid.metrics import dataset_quality_stats
+
     cfg = plan.cfg
     plan.select()
     stats = plan.stats()
     buckets = plan.active()
     shards: dict[str, list[ShardInfo]] = {"train": [], "eval": []}
-    pair_parts, cand_parts = [], []
+    # the two tables, streamed in target order (to out_dir, else to the temporary folder and read back)
+    dest = out_dir if out_dir is not None else plan.parts_dir
+    write_parquet_stream_atomic(plan.rows_in_target_order("pairs", PAIRS_SCHEMA), PAIRS_SCHEMA, dest / "pairs.parquet")
+    write_parquet_stream_atomic(plan.rows_in_target_order("candidates", CANDIDATE_SCHEMA), CANDIDATE_SCHEMA,
+                                dest / "candidates.parquet")
     for b in buckets:
-        if b.previous is not None:
-            pair_parts.append(plan.previous_table("pairs.parquet", PAIRS_SCHEMA, b))
-            cand_parts.append(plan.previous_table("candidates.parquet", CANDIDATE_SCHEMA, b))
-        else:
-            pair_parts.append(b.pairs)
-            cand_parts.append(b.cands)
         b.pairs = b.cands = None
-    pairs = _concat_in_target_order(pair_parts, PAIRS_SCHEMA)
-    cands = _concat_in_target_order(cand_parts, CANDIDATE_SCHEMA)
-    del pair_parts, cand_parts
-    stats["data_quality"] = dataset_quality_stats(pairs)
+    stats["data_quality"] = dataset_quality_stats(read_parquet(dest / "pairs.parquet", columns=QUALITY_COLUMNS))
+    pairs = cands = None
+    if out_dir is None:
+        pairs, cands = read_parquet(dest / "pairs.parquet"), read_parquet(dest / "candidates.parquet")
     samples = None if out_dir is not None else plan.samples()
     reused_bytes = sum(sh.bytes for b in buckets if b.previous is not None for v in b.infos.values() for sh in v)
     if out_dir is not None:
@@ -1064,8 +1197,6 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
                 "num_refs": sum(sum(t[3]) for t in summ), "ref_mode": cfg.ref_mode,
                 "counts": {k: stats[k] for k in ("images", "targets", "candidates_removed_by", "duplicate_flags_independent")},
             })
-        write_parquet_atomic(pairs, out_dir / "pairs.parquet")
-        write_parquet_atomic(cands, out_dir / "candidates.parquet")
         from pipeline.storage import write_bytes_atomic
 
         write_bytes_atomic(json.dumps({"bucket_count": cfg.reuse_buckets, "buckets": records}, sort_keys=True, indent=1).encode(),
@@ -1079,10 +1210,3 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     stats["buckets_not_reused_corrupt"] = plan.corrupt
     return MultiIDResult(pairs, cands, samples, stats, shards, out_dir, cfg, read_bytes)
 
-
-def _concat_in_target_order(parts: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    """Tables of several buckets as one, in the order of one run over the collection (by target uid,
-    stable: each target's rows keep their order)."""
-    t = pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
-    uids = t.column("target_uid").to_pylist()
-    return t.take(sorted(range(len(uids)), key=uids.__getitem__)).combine_chunks() if len(uids) else t
