@@ -64,3 +64,17 @@ def test_merge_in_target_order_matches_a_stable_sort():
     got = pa.concat_tables(list(B._merge_in_target_order([batches(s, 4) for s in sources], schema))).to_pylist()
     want = sorted((r for s in sources for r in s), key=lambda r: r["target_uid"])
     assert got == want
+
+
+def test_card_counts_candidates_not_examined(tmp_path):
+    from pipeline.multiid.release import multiid_card
+
+    images, faces, ids = _synthetic_tables(tmp_path)
+    out = tmp_path / "out"
+    res = build_multiid_dataset(images, faces, ids, out, CFG)
+    statuses = pq.read_table(out / "candidates.parquet", columns=["status"]).column("status").to_pylist()
+    n = statuses.count("not_examined_enough_chosen")
+    assert n > 0 and "ranked_out" not in statuses
+    card = multiid_card("v-x", out, res.stats, CFG, {}, [], "test", "nobody@example.org")
+    rows = [f for f in card.filters if f["filter"].startswith("reference: not examined by face NCC")]
+    assert len(rows) == 1 and rows[0]["removed"] == n

@@ -13,12 +13,18 @@ Recipe, per target image (all images, in uid order):
    each removal counted under the first filter that fires: ``ref_quality`` (same usability rule,
    ``ref_min_face_px``), ``sim_below_low``, ``near_duplicate_image_phash`` / ``near_duplicate_face_phash``
    / ``near_duplicate_face_ncc`` / ``near_duplicate_keypoints`` (copy-paste guard, dedup.py; the last
-   is the geometric SIFT + RANSAC check that catches crops, flips and composites), ``sim_above_high``. The
-   duplicate checks are also counted independently of order (``flags``) for every candidate that
-   passed the quality filter.
+   is the geometric SIFT + RANSAC check that catches crops, flips and composites), ``sim_above_high``.
+   The two costly checks (face NCC, keypoints) run in step 4, in rank order (unless
+   ``examine_all_candidates``); the duplicate checks are also counted independently of order
+   (``duplicate_flags_independent``) over the candidates the whole guard examined.
 4. survivors are ranked by ``w_pose * pose_diff + w_quality * quality + w_sim * mid_band`` and
    picked greedily, skipping a second reference from the same image or a near-duplicate of an
-   already chosen reference (``redundant``); up to ``refs_per_person`` are kept.
+   already chosen reference (``redundant``); up to ``refs_per_person`` are kept. Walking the ranking,
+   a candidate not yet through face NCC and keypoints goes through them first (removed as
+   ``near_duplicate_face_ncc`` / ``near_duplicate_keypoints``); once enough are chosen, the rest are
+   ``not_examined_enough_chosen`` (``ranked_out`` when the whole guard ran on every candidate). The
+   references chosen are those of running the whole guard on every candidate; ``n_survivors`` counts
+   the ranked candidates less those the walk removed (the unexamined ones count as survivors).
 5. a target is kept when at least ``min_referenced_persons`` of its people have a reference (with
    ``require_all_refs``: every person); a person without one stays in the sample with ``refs: []``.
 """
@@ -850,11 +856,31 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         else:
             photo_split[uid] = ("eval" if votes["eval"] > votes["train"] else "train", len(votes) > 1)
     kp_args = {"kp_min_inliers": cfg.kp_min_inliers, "kp_min_ratio": cfg.kp_min_ratio, "kp_strong_inliers": cfg.kp_strong_inliers}
+    flags: Counter = Counter()
+
+    def guard(uid: str, f: FaceRec, c: FaceRec, row: dict, t_phash, t_fps, got) -> dedup.DupCheck:
+        """The whole copy-paste guard, target face ``f`` against candidate ``c``: recorded in ``row`` and
+        in the order-independent flags (which therefore count the candidates examined)."""
+        chk = dedup.compare(t_phash, got[0], t_fps[f.face_index], got[1][c.face_index],
+                            cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min,
+                            fps.kp(uid, f.face_index), fps.kp(c.uid, c.face_index), **kp_args)
+        row.update(image_hamming=chk.image_hamming, face_hamming=chk.face_hamming, face_ncc=chk.face_ncc,
+                   kp_inliers=chk.kp_inliers, kp_ratio=chk.kp_ratio)
+        flags["checked"] += 1
+        flags["image_phash"] += chk.image_hamming <= cfg.image_hamming_max
+        flags["face_phash"] += chk.face_hamming <= cfg.face_hamming_max
+        flags["face_ncc"] += chk.face_ncc >= cfg.face_ncc_min
+        flags["keypoints"] += chk.kp_duplicate
+        flags["keypoints_only"] += chk.reason == "keypoints"
+        flags["any_hash"] += chk.is_duplicate
+        flags["sim_above_high"] += row["similarity"] > cfg.sim_high
+        flags["hash_only"] += chk.is_duplicate and row["similarity"] <= cfg.sim_high
+        flags["sim_only"] += (not chk.is_duplicate) and row["similarity"] > cfg.sim_high
+        return chk
     qual = qualities([f for u in sorted(by_uid) for f in by_uid[u]], cfg.backend)  # same batch for the same photos
 
     target_reasons: Counter = Counter()
     removed: Counter = Counter()
-    flags: Counter = Counter()
     samples, pair_rows, cand_rows = [], [], []
     # sink: rows go to Parquet part files in batches as they come (a dict each only for a batch); the
     # histograms are summed batch by batch
@@ -931,25 +957,22 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                 if got is None:
                     row["status"] = "unreadable_reference"
                     continue
-                chk = dedup.compare(t_phash, got[0], t_fps[f.face_index], got[1][c.face_index],
-                                    cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min,
-                                    fps.kp(uid, f.face_index), fps.kp(c.uid, c.face_index), **kp_args)
-                row.update(image_hamming=chk.image_hamming, face_hamming=chk.face_hamming, face_ncc=chk.face_ncc,
-                           kp_inliers=chk.kp_inliers, kp_ratio=chk.kp_ratio)
-                flags["checked"] += 1
-                flags["image_phash"] += chk.image_hamming <= cfg.image_hamming_max
-                flags["face_phash"] += chk.face_hamming <= cfg.face_hamming_max
-                flags["face_ncc"] += chk.face_ncc >= cfg.face_ncc_min
-                flags["keypoints"] += chk.kp_duplicate
-                flags["keypoints_only"] += chk.reason == "keypoints"
-                flags["any_hash"] += chk.is_duplicate
-                flags["sim_above_high"] += row["similarity"] > cfg.sim_high
-                flags["hash_only"] += chk.is_duplicate and row["similarity"] <= cfg.sim_high
-                flags["sim_only"] += (not chk.is_duplicate) and row["similarity"] > cfg.sim_high
+                chk = None
+                if cfg.examine_all_candidates:
+                    chk = guard(uid, f, c, row, t_phash, t_fps, got)
+                    dup = chk.is_duplicate
+                    reason = chk.reason
+                else:
+                    # the cheap part of the guard (the two pHashes) for every candidate; NCC and keypoints
+                    # only in rank order below, until enough references are chosen
+                    ih, fh = dedup.hamming(t_phash, got[0]), dedup.face_hamming(t_fps[f.face_index], got[1][c.face_index])
+                    row.update(image_hamming=ih, face_hamming=fh)
+                    dup = ih <= cfg.image_hamming_max or fh <= cfg.face_hamming_max
+                    reason = "image_phash" if ih <= cfg.image_hamming_max else "face_phash"
                 if row["similarity"] < cfg.sim_low:
                     row["status"] = "sim_below_low"
-                elif chk.is_duplicate:
-                    row["status"] = "near_duplicate_" + chk.reason
+                elif dup:
+                    row["status"] = "near_duplicate_" + reason
                 elif row["similarity"] > cfg.sim_high:
                     row["status"] = "sim_above_high"
                 else:
@@ -960,10 +983,18 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                     survivors.append((row, c, chk))
             survivors.sort(key=lambda t: (-round(t[0]["score"], 9), t[1].uid, t[1].face_index))
             chosen = []
-            for row, c, chk in survivors:
+            n_guarded_out = 0  # ranked candidates the rest of the guard (NCC, keypoints) removed on the walk
+            for i, (row, c, chk) in enumerate(survivors):
                 if len(chosen) >= cfg.refs_per_person:
-                    row["status"] = "ranked_out"
+                    row["status"] = "ranked_out" if chk is not None else "not_examined_enough_chosen"
                     continue
+                if chk is None:
+                    chk = guard(uid, f, c, row, t_phash, t_fps, fps.get(c.uid))
+                    survivors[i] = (row, c, chk)
+                    if chk.is_duplicate:
+                        row["status"] = "near_duplicate_" + chk.reason
+                        n_guarded_out += 1
+                        continue
                 redundant = any(c.uid == o.uid for _, o, _ in chosen)
                 if not redundant:
                     got = fps.get(c.uid)
@@ -982,7 +1013,9 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                 chosen.append((row, c, chk))
             if not chosen:
                 ok = False
-            persons.append((f, cands, survivors, chosen))
+            # survivors: the candidates that passed every filter run on them (without examine_all_candidates,
+            # those ranked below the last reference chosen did not go through NCC and keypoints)
+            persons.append((f, cands, len(survivors) - n_guarded_out, chosen))
         for row in t_cands:
             removed[row["status"]] += 1
         cand_rows += t_cands
@@ -999,11 +1032,11 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         # assemble the sample
         face_js, used = [], {uid}
         ref_i = 0
-        for f, cands, survivors, chosen in persons:
+        for f, cands, n_survivors, chosen in persons:
             n_persons += 1
             fj = _face_json(f, qual[f.ref])
             fj["n_candidates"] = len(cands)
-            fj["n_survivors"] = len(survivors)
+            fj["n_survivors"] = n_survivors
             fj["refs"] = []
             for rank, (row, c, chk) in enumerate(chosen):
                 member = f"ref_{ref_i}.jpg"
@@ -1030,7 +1063,7 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                     "face_hamming": chk.face_hamming, "face_ncc": chk.face_ncc, "kp_inliers": chk.kp_inliers,
                     "kp_ratio": chk.kp_ratio, "target_quality": qual[f.ref], "ref_quality": qual[c.ref],
                     "pose_diff": pd, "yaw_diff": dy, "pitch_diff": dp, "score": row["score"], "n_candidates": len(cands),
-                    "n_survivors": len(survivors), "backend": cfg.backend, "model_version": ",".join(mversions),
+                    "n_survivors": n_survivors, "backend": cfg.backend, "model_version": ",".join(mversions),
                 })
             face_js.append(fj)
         person_idx = {f.face_index for f in usable}
