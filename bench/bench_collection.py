@@ -259,6 +259,30 @@ def w_multiid(data: Path, work: Path, args) -> dict:
         return select(self)
 
     mb._Plan.select = select_and_keep
+    # the copy-paste guard's caches (one per bucket's selection, LRU-bounded): how full the fullest got and
+    # what an entry weighs, so that the extrapolation can add what a run over every photo would fill
+    caches = {"images": [0, 0, 0], "keypoints": [0, 0, 0]}  # entries at most, bytes of the entries sampled, entries sampled
+    fp_init = mb._Fingerprints.__init__
+    current = []
+
+    def measure(fp):
+        import itertools
+
+        for name, lru in (("images", fp.cache), ("keypoints", fp.kps)):
+            real = [v for v in itertools.islice(lru.values(), 200) if v is not mb._NOT_YET]
+            n_real = sum(v is not mb._NOT_YET for v in lru.values())
+            c = caches[name]
+            c[0] = max(c[0], n_real)
+            c[1] += sum(deep_size(v) for v in real[:50])
+            c[2] += len(real[:50])
+
+    def init_and_watch(self, *a, **k):
+        fp_init(self, *a, **k)
+        if current:
+            measure(current.pop())
+        current.append(self)
+
+    mb._Fingerprints.__init__ = init_and_watch
     images, faces, ids = _read(data, "images"), _read(data, "faces"), _read(data, "identities")
     t_load = time.perf_counter() - args.t0
     rss_inputs = rss_now_gb()
@@ -280,6 +304,18 @@ def w_multiid(data: Path, work: Path, args) -> dict:
     # dropped once its shards are written. Per target = the slope of this between the two runs.
     n_samples = sum(st["per_split"].values())
     retained = deep_size([(b.summary, b.counts, b.infos) for b in plans[0].buckets.values()])
+    if current:
+        measure(current.pop())
+    # bytes the caches could still grow by: (capacity - the most entries seen) x bytes an entry, the capacity
+    # being at most the photos (faces) of the largest bucket, a cache living for one bucket's selection
+    cache_room = {}
+    big = max(plans[0].buckets.values(), key=lambda b: len(b.uids))
+    bound = {"images": len(big.uids), "keypoints": sum(len(plans[0].by_uid.get(u, [])) for u in big.uids)}
+    for name, cap in (("images", cfg.cache_images), ("keypoints", cfg.cache_keypoints)):
+        most, nbytes, sampled = caches[name]
+        cap = min(cap, bound[name])
+        cache_room[name] = {"most_entries": most, "capacity": cap, "bytes_per_entry": round(nbytes / max(1, sampled)),
+                            "room_bytes": round(max(0, cap - most) * nbytes / max(1, sampled))}
     return {"outputs": {"targets_examined": images.num_rows, "photos": n_photos, "samples": n_samples,
                         "pairs": parquet_rows(out / "pairs.parquet"), "candidates": parquet_rows(out / "candidates.parquet"),
                         "shards": len(shards),
@@ -288,7 +324,7 @@ def w_multiid(data: Path, work: Path, args) -> dict:
                        "cache_evictions": st["cache_evictions"], "per_split": st["per_split"],
                        "images_synthesised": read_bytes.calls["n"], "synthesis_s": round(read_bytes.calls["s"], 1),
                        "load_inputs_s": round(t_load, 1), "max_candidates_per_person": args.max_candidates,
-                       "retained_bytes": retained,
+                       "retained_bytes": retained, "cache_room": cache_room,
                        "retained_bytes_per_target": round(retained / max(1, images.num_rows)),
                        "rss_after_inputs_gb": round(rss_inputs, 2)}}
 
@@ -542,8 +578,10 @@ def main() -> int:
                     d0, d1 = r0["detail"], r1["detail"]
                     per_t = ((d1["retained_bytes"] - d0["retained_bytes"]) / max(1, t1_ - t0_) if "retained_bytes" in d0
                              else d1["retained_bytes_per_target"]) / 2**30
-                    fit["peak_rss_gb"] = {"fixed": r0["peak_rss_gb"], "per_target": per_t,
-                                          "all_photos": round(r0["peak_rss_gb"] + per_t * P, 1)}
+                    # plus what the guard's bounded caches would still fill in a longer run (at their capacity)
+                    room = sum(c["room_bytes"] for c in d1.get("cache_room", {}).values()) / 2**30
+                    fit["peak_rss_gb"] = {"fixed": r0["peak_rss_gb"], "per_target": per_t, "cache_room": round(room, 2),
+                                          "all_photos": round(max(r0["peak_rss_gb"], r1["peak_rss_gb"]) + room + per_t * P, 1)}
                     for key in ("samples", "pairs", "shards", "bytes"):
                         fit[key] = round(r1["outputs"][key] / t1_ * P)
                     run["assets"][name]["extrapolated_to_all_photos"] = fit

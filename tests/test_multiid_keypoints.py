@@ -131,7 +131,7 @@ def test_guard_in_rank_order_chooses_what_examining_every_candidate_chooses(shot
     from collections import Counter
     from dataclasses import replace
 
-    (images, faces, ids), name = _tables(shot, ["crop_left", "crop_right", "mirror", "other"])
+    (images, faces, ids), _ = _tables(shot, ["crop_left", "crop_right", "mirror", "other"])
     # w_sim < 0 ranks the copies (similarity 1, the band's edge) above the genuine photo: the walk meets them first
     for refs in (1, 2):
         cfg = MultiIDConfig(min_face_px=60, sim_low=-1.0, sim_high=1.0, eval_fraction=0.0, refs_per_person=refs, w_sim=-1.0)

@@ -14,7 +14,7 @@ CFG = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False)
 def test_rows_streamed_in_small_batches_equal_the_in_memory_selection(tmp_path, monkeypatch):
     images, faces, ids = _synthetic_tables(tmp_path)
     # the reference: select_references keeps every row dict and orders them with a plain stable sort
-    samples, pair_rows, cand_rows, stats = select_references(images, faces, ids, CFG)
+    _, pair_rows, cand_rows, stats = select_references(images, faces, ids, CFG)
     # the build, with tiny batches: rows must leave for the part files a few at a time, and the merge read
     # them back a few at a time
     monkeypatch.setattr(B, "CANDIDATE_BATCH", 7)
@@ -78,3 +78,29 @@ def test_card_counts_candidates_not_examined(tmp_path):
     card = multiid_card("v-x", out, res.stats, CFG, {}, [], "test", "nobody@example.org")
     rows = [f for f in card.filters if f["filter"].startswith("reference: not examined by face NCC")]
     assert len(rows) == 1 and rows[0]["removed"] == n
+
+
+def test_face_records_from_columns_equal_the_rows(tmp_path):
+    """_faces_from_table builds FaceRecs column by column (landmarks as matrix rows when the column allows it):
+    the same values as the table's rows, read one by one; a list column with a null falls back to lists."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    images, faces, ids = _synthetic_tables(tmp_path, n_images=12)
+    assert pa.types.is_fixed_size_list(faces.schema.field("landmarks").type)
+    loose = faces.set_column(faces.schema.get_field_index("landmarks"), "landmarks",
+                             pa.array([None, *faces.column("landmarks").to_pylist()[1:]], pa.list_(pa.float32())))
+    for table in (faces, loose):
+        by_uid = B._faces_from_table(table, ids)
+        rows = table.to_pylist()
+        assert sum(len(v) for v in by_uid.values()) == len(rows)
+        recs = {(f.uid, f.face_index): f for v in by_uid.values() for f in v}
+        for r in rows:
+            f = recs[(r["uid"], r["face_index"])]
+            assert [float(v) for v in f.landmarks] == (r["landmarks"] or [])
+            assert (f.bbox, f.det_score, f.yaw, f.source) == ((r["x1"], r["y1"], r["x2"], r["y2"]), r["det_score"], r["yaw"], r["source"])
+            e = np.asarray(r["embedding"], np.float32)
+            assert np.array_equal(f.emb, e / np.maximum(np.linalg.norm(e[None], axis=1, keepdims=True)[0], 1e-12))
+    ident = dict(zip(zip(ids.column("uid").to_pylist(), ids.column("face_index").to_pylist()), ids.column("identity_id").to_pylist()))
+    assert all(f.identity_id == ident[(f.uid, f.face_index)] for v in by_uid.values() for f in v)
+    assert pc.count(faces.column("uid")).as_py() == len(recs)
