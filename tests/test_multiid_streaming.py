@@ -86,7 +86,7 @@ def test_face_records_from_columns_equal_the_rows(tmp_path):
     import numpy as np
     import pyarrow.compute as pc
 
-    images, faces, ids = _synthetic_tables(tmp_path, n_images=12)
+    _, faces, ids = _synthetic_tables(tmp_path, n_images=12)
     assert pa.types.is_fixed_size_list(faces.schema.field("landmarks").type)
     loose = faces.set_column(faces.schema.get_field_index("landmarks"), "landmarks",
                              pa.array([None, *faces.column("landmarks").to_pylist()[1:]], pa.list_(pa.float32())))
