@@ -632,17 +632,22 @@ class _Plan:
         face_cols = FACE_COLUMNS + ["source"]
         tables = [(images, IMAGE_COLUMNS, ["uid"]), (faces, face_cols, ["uid", "face_index"]),
                   (identities, ["uid", "face_index", "identity_id"], ["uid", "face_index"])]
-        bucket_of_uid = {u: b.index for b in self.buckets.values() for u in b.uids}
+        # each table's rows by bucket (ascending), as index arrays: no Python object per row of the tables
+        import pyarrow.compute as pc
+
+        all_uids = pa.array([u for b in self.buckets.values() for u in b.uids], pa.string())
+        bucket_no = np.array([b.index for b in self.buckets.values() for _ in b.uids], np.int64)
         rows_of = []
         for t, _, _ in tables:
-            per: dict[int, list[int]] = defaultdict(list)
-            for i, u in enumerate(t.column("uid").to_pylist()):
-                per[bucket_of_uid.get(u, -1)].append(i)
-            rows_of.append(per)
+            pos = pc.fill_null(pc.index_in(t.column("uid"), value_set=all_uids), -1).to_numpy()
+            of_row = np.where(pos >= 0, bucket_no[np.maximum(pos, 0)], -1) if len(pos) else np.zeros(0, np.int64)
+            order = np.argsort(of_row, kind="stable")
+            rows_of.append((order, of_row[order]))
         for b in self.buckets.values():
             h = hashlib.sha256(common.encode())
-            for (t, cols, sort_by), per in zip(tables, rows_of):
-                h.update(fingerprint_table(t.take(pa.array(per.get(b.index, []), pa.int64())), cols, sort_by).encode())
+            for (t, cols, sort_by), (order, sorted_b) in zip(tables, rows_of):
+                rows = order[np.searchsorted(sorted_b, b.index, "left"):np.searchsorted(sorted_b, b.index, "right")]
+                h.update(fingerprint_table(t.take(pa.array(rows, pa.int64())), cols, sort_by).encode())
             b.base_fingerprint = h.hexdigest()[:32]
         self.previous = Path(previous) if previous is not None else None
         # out_dir: each bucket's shards are written as soon as it is selected, and its samples dropped;
