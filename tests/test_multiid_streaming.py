@@ -104,3 +104,17 @@ def test_face_records_from_columns_equal_the_rows(tmp_path):
     ident = dict(zip(zip(ids.column("uid").to_pylist(), ids.column("face_index").to_pylist()), ids.column("identity_id").to_pylist()))
     assert all(f.identity_id == ident[(f.uid, f.face_index)] for v in by_uid.values() for f in v)
     assert pc.count(faces.column("uid")).as_py() == len(recs)
+
+
+def test_first_samples_read_without_the_others(tmp_path):
+    """The asset's contact sheet reads 4 samples: the first by key from the shards (samples_in), the first in
+    tar order from a folder (load_samples); both equal the head of the full read."""
+    from pipeline.multiid.metrics import load_samples
+
+    images, faces, ids = _synthetic_tables(tmp_path)
+    out = tmp_path / "out"
+    res = build_multiid_dataset(images, faces, ids, out, CFG)
+    everything = res.samples_in(out)
+    assert len(everything) > 4
+    assert res.samples_in(out, first=4) == everything[:4]
+    assert load_samples(out, first=3) == load_samples(out)[:3]

@@ -303,19 +303,32 @@ class MultiIDResult:
             self._samples = self.samples_in(self.out_dir)
         return self._samples
 
-    def samples_in(self, folder: Path) -> list[dict]:
-        """The samples of this build, read from its shards in ``folder`` (sorted by key)."""
+    def samples_in(self, folder: Path, first: int | None = None) -> list[dict]:
+        """The samples of this build, read from its shards in ``folder`` (sorted by key); ``first``: only the
+        first that many by key (their members found from the tar headers: the others are not read)."""
         if self._samples is not None:
-            return self._samples
+            return self._samples[:first] if first is not None else self._samples
+        import heapq
         import tarfile
 
         from pipeline.storage import as_dir  # a local folder or an object-store one
 
+        shards = [as_dir(folder) / split / sh.name for split in ("train", "eval") for sh in self.shards.get(split, [])]
+        if first is not None:
+            names = []
+            for i, path in enumerate(shards):
+                with path.open("rb") as f, tarfile.open(fileobj=f) as tf:
+                    names += [(m.name[:-5], i) for m in tf if m.isfile() and m.name.endswith(".json")]  # (key, shard)
+            wanted: dict[int, set[str]] = defaultdict(set)
+            for key, i in heapq.nsmallest(first, names):
+                wanted[i].add(key + ".json")
         out = []
-        for split in ("train", "eval"):
-            for sh in self.shards.get(split, []):
-                with (as_dir(folder) / split / sh.name).open("rb") as f, tarfile.open(fileobj=f) as tf:
-                    out += [json.loads(tf.extractfile(m).read()) for m in tf if m.isfile() and m.name.endswith(".json")]
+        for i, path in enumerate(shards):
+            if first is not None and i not in wanted:
+                continue
+            with path.open("rb") as f, tarfile.open(fileobj=f) as tf:
+                out += [json.loads(tf.extractfile(m).read()) for m in tf if m.isfile() and m.name.endswith(".json")
+                        and (first is None or m.name in wanted[i])]
         return sorted(out, key=lambda s: s["key"])
 
     def contact_sheet(self, n: int = 4, keys: list[str] | None = None) -> bytes:
