@@ -316,6 +316,14 @@ def w_multiid(data: Path, work: Path, args) -> dict:
         cap = min(cap, bound[name])
         cache_room[name] = {"most_entries": most, "capacity": cap, "bytes_per_entry": round(nbytes / max(1, sampled)),
                             "room_bytes": round(max(0, cap - most) * nbytes / max(1, sampled))}
+    # the run keeps the image rows of its targets only; a run over every photo keeps a dict per photo
+    import random
+
+    metas = list(plans[0].img_meta.values())
+    some = random.Random(0).sample(metas, min(len(metas), 2000))
+    per_photo = deep_size(some) / max(1, len(some)) if some else 0
+    cache_room["img_meta"] = {"photos_kept": len(metas), "bytes_per_photo": round(per_photo),
+                              "room_bytes": round(per_photo * max(0, n_photos - len(metas)))}
     return {"outputs": {"targets_examined": images.num_rows, "photos": n_photos, "samples": n_samples,
                         "pairs": parquet_rows(out / "pairs.parquet"), "candidates": parquet_rows(out / "candidates.parquet"),
                         "shards": len(shards),
