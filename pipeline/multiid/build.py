@@ -31,6 +31,7 @@ Recipe, per target image (all images, in uid order):
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -464,7 +465,7 @@ def bucket_of(group: str, n: int) -> int:
 
 
 CANDIDATE_BATCH = 20_000  # candidate (and pair) rows turned into an Arrow table and written at a time
-MERGE_BATCH = 65_536  # rows read at a time from each part file when the parts are merged in target order
+MERGE_BATCH = 16_384  # rows read at a time from each part file when the parts are merged in target order
 
 
 class _RowParts:
@@ -508,6 +509,19 @@ def _part_batches(path: Path | None, schema: pa.Schema, uids: pa.Array | None = 
             yield t
 
 
+class _Uids:
+    """A sorted uid column as a sequence for :mod:`bisect` (a few scalars read, not the column compared)."""
+
+    def __init__(self, col):
+        self.col = col
+
+    def __len__(self) -> int:
+        return len(self.col)
+
+    def __getitem__(self, i: int) -> str:
+        return self.col[i].as_py()
+
+
 def _merge_in_target_order(sources: list, schema: pa.Schema):
     """Tables in the order of one run over the collection (by target uid, stable: each target's rows
     keep their order), from ``sources``, iterators of tables each sorted by target uid, where all rows of
@@ -542,7 +556,7 @@ def _merge_in_target_order(sources: list, schema: pa.Schema):
         pieces = []
         for i in live:
             b = bufs[i]
-            k = b.num_rows if bound is None else int(pc.sum(pc.less(b.column("target_uid"), bound)).as_py() or 0)
+            k = b.num_rows if bound is None else bisect.bisect_left(_Uids(b.column("target_uid")), bound)
             if k:
                 pieces.append(b.slice(0, k))
                 bufs[i] = b.slice(k)
