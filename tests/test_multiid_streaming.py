@@ -118,3 +118,23 @@ def test_first_samples_read_without_the_others(tmp_path):
     assert len(everything) > 4
     assert res.samples_in(out, first=4) == everything[:4]
     assert load_samples(out, first=3) == load_samples(out)[:3]
+
+
+def test_fingerprint_in_blocks_and_of_rows_equal_the_whole(tmp_path, monkeypatch):
+    """fingerprint_table hashes a column at a time in blocks of rows, and of ``rows`` without a copy of the
+    table: the same fingerprint as one block over ``table.take(rows)`` (lists with nulls included)."""
+    import numpy as np
+
+    from pipeline import datasets
+    from pipeline.multiid.release import FACE_COLUMNS
+
+    _, faces, _ = _synthetic_tables(tmp_path, n_images=20)
+    loose = faces.set_column(faces.schema.get_field_index("landmarks"), "landmarks",
+                             pa.array([None, [], *faces.column("landmarks").to_pylist()[2:]], pa.list_(pa.float32())))
+    rows = np.random.default_rng(0).permutation(faces.num_rows)[: faces.num_rows // 2]
+    for t in (faces, loose):
+        whole = datasets.fingerprint_table(t.take(pa.array(rows)), FACE_COLUMNS, ["uid", "face_index"])
+        monkeypatch.setattr(datasets, "FINGERPRINT_BLOCK", 3)
+        assert datasets.fingerprint_table(t, FACE_COLUMNS, ["uid", "face_index"], rows=rows) == whole
+        assert datasets.fingerprint_table(t, FACE_COLUMNS, ["uid", "face_index"]) != whole
+        monkeypatch.undo()

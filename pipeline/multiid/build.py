@@ -674,7 +674,7 @@ class _Plan:
             h = hashlib.sha256(common.encode())
             for (t, cols, sort_by), (order, sorted_b) in zip(tables, rows_of):
                 rows = order[np.searchsorted(sorted_b, b.index, "left"):np.searchsorted(sorted_b, b.index, "right")]
-                h.update(fingerprint_table(t.take(pa.array(rows, pa.int64())), cols, sort_by).encode())
+                h.update(fingerprint_table(t, cols, sort_by, rows=rows).encode())
             b.base_fingerprint = h.hexdigest()[:32]
         self.previous = Path(previous) if previous is not None else None
         # out_dir: each bucket's shards are written as soon as it is selected, and its samples dropped;
