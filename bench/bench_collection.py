@@ -312,10 +312,10 @@ def w_multiid(data: Path, work: Path, args) -> dict:
     big = max(plans[0].buckets.values(), key=lambda b: len(b.uids))
     bound = {"images": len(big.uids), "keypoints": sum(len(plans[0].by_uid.get(u, [])) for u in big.uids)}
     for name, cap in (("images", cfg.cache_images), ("keypoints", cfg.cache_keypoints)):
-        most, nbytes, sampled = caches[name]
+        most, entry_bytes, sampled = caches[name]
         cap = min(cap, bound[name])
-        cache_room[name] = {"most_entries": most, "capacity": cap, "bytes_per_entry": round(nbytes / max(1, sampled)),
-                            "room_bytes": round(max(0, cap - most) * nbytes / max(1, sampled))}
+        cache_room[name] = {"most_entries": most, "capacity": cap, "bytes_per_entry": round(entry_bytes / max(1, sampled)),
+                            "room_bytes": round(max(0, cap - most) * entry_bytes / max(1, sampled))}
     # the run keeps the image rows of its targets only; a run over every photo keeps a dict per photo
     import random
 
