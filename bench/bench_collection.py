@@ -266,11 +266,9 @@ def w_multiid(data: Path, work: Path, args) -> dict:
     current = []
 
     def measure(fp):
-        import itertools
-
         for name, lru in (("images", fp.cache), ("keypoints", fp.kps)):
-            real = [v for v in itertools.islice(lru.values(), 200) if v is not mb._NOT_YET]
-            n_real = sum(v is not mb._NOT_YET for v in lru.values())
+            real = [v for v in lru.values() if v is not mb._NOT_YET]  # the keypoint cache holds placeholders too
+            n_real = len(real)
             c = caches[name]
             c[0] = max(c[0], n_real)
             c[1] += sum(deep_size(v) for v in real[:50])
