@@ -8,7 +8,7 @@ from assets.ingest import images
 from assets.resources import LineupSettings
 from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
-from pipeline.storage import read_parquet, write_parquet_atomic
+from pipeline.storage import read_parquet, write_parquet_atomic, write_parquet_stream_atomic
 
 CHECKS = {
     "identity_disjoint_splits": "No photo and no person in both train and eval: samples re-read from the shards, "
@@ -63,13 +63,21 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
 
     rel = release(layout, "multiid", version, build, checks, card)
     pairs = read_parquet(rel.folder / "pairs.parquet")
-    candidates = read_parquet(rel.folder / "candidates.parquet")
     write_parquet_atomic(pairs, layout.table_file("multiid_pairs"))
-    write_parquet_atomic(candidates, layout.table_file("multiid_candidates"))
+    # candidates (~58 rows a target photo): copied a row group at a time, and only two columns read for the
+    # histograms, not the whole table held
+    import pyarrow.parquet as pq
+
+    with (rel.folder / "candidates.parquet").open("rb") as f:
+        cand_file = pq.ParquetFile(f)
+        write_parquet_stream_atomic((cand_file.read_row_group(i) for i in range(cand_file.num_row_groups)), cand_file.schema_arrow,
+                                    layout.table_file("multiid_candidates"))
+    candidates = read_parquet(rel.folder / "candidates.parquet", columns=["similarity", "status"])
     refresh_catalog(layout)
     stats = rel.result.stats if rel.result is not None else {}
     empty_reason = empty_reason or (empty_explanation(stats) if stats else None)
-    samples = rel.result.samples_in(rel.folder) if rel.result is not None else load_samples(rel.folder)
+    # the contact sheet's 4 samples only: reading every sample back would hold the whole dataset's JSON
+    samples = rel.result.samples_in(rel.folder, first=4) if rel.result is not None else load_samples(rel.folder, first=4)
     from pipeline.multiid.build import reader_from_images
 
     sheet = contact_sheet(samples[:4], reader_from_images(coll.images)) if samples else None

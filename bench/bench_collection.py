@@ -247,7 +247,40 @@ def w_multiid(data: Path, work: Path, args) -> dict:
     import pyarrow as pa
 
     from pipeline.multiid import MultiIDConfig, build_multiid_dataset
+    from pipeline.multiid import build as mb
+    from pipeline.storage import parquet_rows
 
+    # the plan of the build, to measure what it keeps per target (bench-only instrumentation)
+    plans = []
+    select = mb._Plan.select
+
+    def select_and_keep(self):
+        plans.append(self)
+        return select(self)
+
+    mb._Plan.select = select_and_keep
+    # the copy-paste guard's caches (one per bucket's selection, LRU-bounded): how full the fullest got and
+    # what an entry weighs, so that the extrapolation can add what a run over every photo would fill
+    caches = {"images": [0, 0, 0], "keypoints": [0, 0, 0]}  # entries at most, bytes of the entries sampled, entries sampled
+    fp_init = mb._Fingerprints.__init__
+    current = []
+
+    def measure(fp):
+        for name, lru in (("images", fp.cache), ("keypoints", fp.kps)):
+            real = [v for v in lru.values() if v is not mb._NOT_YET]  # the keypoint cache holds placeholders too
+            n_real = len(real)
+            c = caches[name]
+            c[0] = max(c[0], n_real)
+            c[1] += sum(deep_size(v) for v in real[:50])
+            c[2] += len(real[:50])
+
+    def init_and_watch(self, *a, **k):
+        fp_init(self, *a, **k)
+        if current:
+            measure(current.pop())
+        current.append(self)
+
+    mb._Fingerprints.__init__ = init_and_watch
     images, faces, ids = _read(data, "images"), _read(data, "faces"), _read(data, "identities")
     t_load = time.perf_counter() - args.t0
     rss_inputs = rss_now_gb()
@@ -264,18 +297,40 @@ def w_multiid(data: Path, work: Path, args) -> dict:
     shards = [s for v in res.shards.values() for s in v]
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     st = res.stats
-    # what the builder keeps per target until it returns: the pairs and candidates tables (Arrow buffers; a
-    # bucket's sample dicts are dropped once its shards are written, its row dicts once they are a table)
-    # plus a summary tuple per sample (~0.5 KB)
+    # what the builder keeps until it returns, measured (object sizes): per bucket its summary tuples (one per
+    # sample), its additive counts and its shard infos; its rows are streamed to part files, its sample dicts
+    # dropped once its shards are written. Per target = the slope of this between the two runs.
     n_samples = sum(st["per_split"].values())
-    retained = res.pairs.nbytes + res.candidates.nbytes + 512 * n_samples
+    retained = deep_size([(b.summary, b.counts, b.infos) for b in plans[0].buckets.values()])
+    if current:
+        measure(current.pop())
+    # bytes the caches could still grow by: (capacity - the most entries seen) x bytes an entry, the capacity
+    # being at most the photos (faces) of the largest bucket, a cache living for one bucket's selection
+    cache_room = {}
+    big = max(plans[0].buckets.values(), key=lambda b: len(b.uids))
+    bound = {"images": len(big.uids), "keypoints": sum(len(plans[0].by_uid.get(u, [])) for u in big.uids)}
+    for name, cap in (("images", cfg.cache_images), ("keypoints", cfg.cache_keypoints)):
+        most, entry_bytes, sampled = caches[name]
+        cap = min(cap, bound[name])
+        cache_room[name] = {"most_entries": most, "capacity": cap, "bytes_per_entry": round(entry_bytes / max(1, sampled)),
+                            "room_bytes": round(max(0, cap - most) * entry_bytes / max(1, sampled))}
+    # the run keeps the image rows of its targets only; a run over every photo keeps a dict per photo
+    import random
+
+    metas = list(plans[0].img_meta.values())
+    some = random.Random(0).sample(metas, min(len(metas), 2000))
+    per_photo = deep_size(some) / max(1, len(some)) if some else 0
+    cache_room["img_meta"] = {"photos_kept": len(metas), "bytes_per_photo": round(per_photo),
+                              "room_bytes": round(per_photo * max(0, n_photos - len(metas)))}
     return {"outputs": {"targets_examined": images.num_rows, "photos": n_photos, "samples": n_samples,
-                        "pairs": res.pairs.num_rows, "candidates": res.candidates.num_rows, "shards": len(shards),
+                        "pairs": parquet_rows(out / "pairs.parquet"), "candidates": parquet_rows(out / "candidates.parquet"),
+                        "shards": len(shards),
                         "bytes": nbytes},
             "detail": {"targets": st["targets"], "candidates_removed_by": st["candidates_removed_by"],
                        "cache_evictions": st["cache_evictions"], "per_split": st["per_split"],
                        "images_synthesised": read_bytes.calls["n"], "synthesis_s": round(read_bytes.calls["s"], 1),
                        "load_inputs_s": round(t_load, 1), "max_candidates_per_person": args.max_candidates,
+                       "retained_bytes": retained, "cache_room": cache_room,
                        "retained_bytes_per_target": round(retained / max(1, images.num_rows)),
                        "rss_after_inputs_gb": round(rss_inputs, 2)}}
 
@@ -524,10 +579,15 @@ def main() -> int:
                         fixed = r0[key] - slope * t0_
                         fit[key] = {"fixed": round(fixed, 2), "per_target": slope, "all_photos": round(fixed + slope * P, 1)}
                     # memory: the peak of the smaller run (inputs + bounded caches) plus what the builder keeps per
-                    # target (measured object sizes; an RSS slope between two small runs is mostly caches filling)
-                    per_t = r1["detail"]["retained_bytes_per_target"] / 2**30
-                    fit["peak_rss_gb"] = {"fixed": r0["peak_rss_gb"], "per_target": per_t,
-                                          "all_photos": round(r0["peak_rss_gb"] + per_t * P, 1)}
+                    # target: the slope of its measured object sizes between the two runs (an RSS slope between two
+                    # small runs is mostly caches filling); the ratio at the larger run when a run lacks the figure
+                    d0, d1 = r0["detail"], r1["detail"]
+                    per_t = ((d1["retained_bytes"] - d0["retained_bytes"]) / max(1, t1_ - t0_) if "retained_bytes" in d0
+                             else d1["retained_bytes_per_target"]) / 2**30
+                    # plus what the guard's bounded caches would still fill in a longer run (at their capacity)
+                    room = sum(c["room_bytes"] for c in d1.get("cache_room", {}).values()) / 2**30
+                    fit["peak_rss_gb"] = {"fixed": r0["peak_rss_gb"], "per_target": per_t, "cache_room": round(room, 2),
+                                          "all_photos": round(max(r0["peak_rss_gb"], r1["peak_rss_gb"]) + room + per_t * P, 1)}
                     for key in ("samples", "pairs", "shards", "bytes"):
                         fit[key] = round(r1["outputs"][key] / t1_ * P)
                     run["assets"][name]["extrapolated_to_all_photos"] = fit

@@ -107,6 +107,43 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
     return _atomic_write(path, write)
 
 
+PARQUET_ROW_GROUP = 1 << 20  # rows per row group of a streamed file (pyarrow's default for write_table)
+
+
+def write_parquet_stream_atomic(tables, schema: pa.Schema, path: Path, row_group: int = PARQUET_ROW_GROUP) -> Path:
+    """``write_parquet_atomic`` of the concatenation of ``tables`` (an iterable of tables or record
+    batches of ``schema``), holding one row group at a time, not the whole table. Row groups are cut
+    every ``row_group`` rows whatever the pieces' sizes, so the file depends only on the rows."""
+    def pump(sink) -> None:
+        buf, n = [], 0
+        with pq.ParquetWriter(sink, schema, compression="zstd") as w:
+            for t in tables:
+                t = pa.Table.from_batches([t]) if isinstance(t, pa.RecordBatch) else t
+                if not t.num_rows:
+                    continue
+                buf.append(t.cast(schema))
+                n += t.num_rows
+                while n >= row_group:
+                    whole = pa.concat_tables(buf)
+                    w.write_table(whole.slice(0, row_group), row_group_size=row_group)
+                    rest = whole.slice(row_group)
+                    buf, n = [rest], rest.num_rows
+            if n:
+                w.write_table(pa.concat_tables(buf), row_group_size=row_group)
+
+    if is_remote(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:  # one PUT (or a multipart upload completed at close): atomic
+            pump(f)
+        return path
+
+    def write(fd: int, tmp: str) -> None:
+        os.close(fd)
+        pump(tmp)
+
+    return _atomic_write(path, write)
+
+
 def write_bytes_atomic(data: bytes, path: Path) -> Path:
     if is_remote(path):  # one PUT: atomic
         path.fs.pipe_file(path.path, data)

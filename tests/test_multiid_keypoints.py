@@ -123,3 +123,33 @@ def test_builder_rejects_edge_cut_crop_and_mirror_keeps_genuine(shot):
     _, _, cands_off, _ = select_references(images, faces, ids, MultiIDConfig(**{**cfg.to_dict(), "keypoints": False}))
     off = {(name[c["target_uid"]], name[c["ref_uid"]]): c["status"] for c in cands_off}
     assert off[("crop_left", "crop_right")] in ("selected", "ranked_out", "redundant")
+
+
+def test_guard_in_rank_order_chooses_what_examining_every_candidate_chooses(shot):
+    """NCC and keypoints run in rank order until enough references are chosen: the same samples and pairs as
+    running them on every candidate, fewer candidates examined, the others recorded as not examined."""
+    from collections import Counter
+    from dataclasses import replace
+
+    (images, faces, ids), _ = _tables(shot, ["crop_left", "crop_right", "mirror", "other"])
+    # w_sim < 0 ranks the copies (similarity 1, the band's edge) above the genuine photo: the walk meets them first
+    for refs in (1, 2):
+        cfg = MultiIDConfig(min_face_px=60, sim_low=-1.0, sim_high=1.0, eval_fraction=0.0, refs_per_person=refs, w_sim=-1.0)
+        lazy = select_references(images, faces, ids, cfg)
+        full = select_references(images, faces, ids, replace(cfg, examine_all_candidates=True))
+        assert lazy[1] and lazy[0] == full[0] and lazy[1] == full[1]
+        st_lazy = {(c["target_uid"], c["ref_uid"]): c["status"] for c in lazy[2]}
+        st_full = {(c["target_uid"], c["ref_uid"]): c["status"] for c in full[2]}
+        assert st_lazy.keys() == st_full.keys()
+        for k, s in st_lazy.items():
+            if s == "not_examined_enough_chosen":  # what the whole guard would have said of it
+                assert st_full[k] in ("ranked_out", "near_duplicate_face_ncc", "near_duplicate_keypoints"), (k, st_full[k])
+            else:
+                assert s == st_full[k], (k, s, st_full[k])
+        counts = Counter(st_lazy.values())
+        assert counts["near_duplicate_keypoints"] > 0  # found by the walk (the pHashes miss the edge-cut crops)
+        assert counts["not_examined_enough_chosen"] > 0 or refs == 2  # 2: the second pick walks all (redundant)
+        assert lazy[3]["candidates_removed_by"].get("not_examined_enough_chosen", 0) == counts["not_examined_enough_chosen"]
+        examined, everything = lazy[3]["duplicate_flags_independent"]["checked"], full[3]["duplicate_flags_independent"]["checked"]
+        assert examined + counts["not_examined_enough_chosen"] == everything == len(st_full)
+        assert "not_examined_enough_chosen" not in Counter(st_full.values())

@@ -176,7 +176,7 @@ def test_the_comparison_fails_when_a_fingerprint_misses_an_input(two_versions, m
     tmp, groups, _, _, b_tables, _, _ = two_versions
     images, faces, ids = b_tables
     real = build.fingerprint_table
-    monkeypatch.setattr(build, "fingerprint_table", lambda t, cols, by: real(t, [c for c in cols if c != "embedding"], by))
+    monkeypatch.setattr(build, "fingerprint_table", lambda t, cols, by, **kw: real(t, [c for c in cols if c != "embedding"], by, **kw))
     layout = Layout(tmp / "blind-home")
     _release_multiid(layout, *b_tables)
     # another group's faces get new embeddings (its people now look like one person)

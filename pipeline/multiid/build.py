@@ -13,18 +13,25 @@ Recipe, per target image (all images, in uid order):
    each removal counted under the first filter that fires: ``ref_quality`` (same usability rule,
    ``ref_min_face_px``), ``sim_below_low``, ``near_duplicate_image_phash`` / ``near_duplicate_face_phash``
    / ``near_duplicate_face_ncc`` / ``near_duplicate_keypoints`` (copy-paste guard, dedup.py; the last
-   is the geometric SIFT + RANSAC check that catches crops, flips and composites), ``sim_above_high``. The
-   duplicate checks are also counted independently of order (``flags``) for every candidate that
-   passed the quality filter.
+   is the geometric SIFT + RANSAC check that catches crops, flips and composites), ``sim_above_high``.
+   The two costly checks (face NCC, keypoints) run in step 4, in rank order (unless
+   ``examine_all_candidates``); the duplicate checks are also counted independently of order
+   (``duplicate_flags_independent``) over the candidates the whole guard examined.
 4. survivors are ranked by ``w_pose * pose_diff + w_quality * quality + w_sim * mid_band`` and
    picked greedily, skipping a second reference from the same image or a near-duplicate of an
-   already chosen reference (``redundant``); up to ``refs_per_person`` are kept.
+   already chosen reference (``redundant``); up to ``refs_per_person`` are kept. Walking the ranking,
+   a candidate not yet through face NCC and keypoints goes through them first (removed as
+   ``near_duplicate_face_ncc`` / ``near_duplicate_keypoints``); once enough are chosen, the rest are
+   ``not_examined_enough_chosen`` (``ranked_out`` when the whole guard ran on every candidate). The
+   references chosen are those of running the whole guard on every candidate; ``n_survivors`` counts
+   the ranked candidates less those the walk removed (the unexamined ones count as survivors).
 5. a target is kept when at least ``min_referenced_persons`` of its people have a reference (with
    ``require_all_refs``: every person); a person without one stays in the sample with ``refs: []``.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -57,7 +64,7 @@ from pipeline.shards import (
     write_shards,
 )
 from pipeline.splits import hash_fraction
-from pipeline.storage import write_parquet_atomic
+from pipeline.storage import read_parquet, write_parquet_stream_atomic
 
 SIM_BINS = np.round(np.linspace(-1.0, 1.0, 201), 4)  # 0.01 wide
 PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
@@ -90,7 +97,7 @@ class FaceRec:
     uid: str
     face_index: int
     bbox: tuple[float, float, float, float]
-    landmarks: list[float]
+    landmarks: list[float] | np.ndarray  # a row of one matrix when the table's landmarks allow it
     det_score: float
     face_width: float
     face_height: float
@@ -108,25 +115,53 @@ class FaceRec:
 
 
 def _faces_from_table(faces: pa.Table, identities: pa.Table) -> dict[str, list[FaceRec]]:
-    """FaceRecs by uid (``__slots__``; a photo's faces share its uid string; ``emb`` a row of one float32
-    matrix of the normalised embeddings), built column by column: no dict per row of the faces table."""
+    """FaceRecs by uid (``__slots__``; a photo's faces share its uid string, an identity's faces its id string,
+    all faces their few source strings; ``emb`` a row of one float32 matrix of the normalised embeddings,
+    ``landmarks`` a row of one matrix when they are a fixed-size list without nulls), built column by
+    column: no dict per row of the faces table (~1 KB a face instead of ~1.3 KB at 1M faces)."""
+    import sys
+
     ident: dict[str, dict[int, str]] = defaultdict(dict)
     for u, fi, iid in zip(*(identities.column(c).to_pylist() for c in ("uid", "face_index", "identity_id"))):
-        ident[u][int(fi)] = iid
-    emb = np.asarray(faces.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-    E = emb.reshape(faces.num_rows, -1) if faces.num_rows else np.zeros((0, 1), np.float32)
-    del emb
-    norms = np.linalg.norm(E, axis=1, keepdims=True)
-    E = E / np.maximum(norms, 1e-12)
-    del norms
+        ident[u][int(fi)] = sys.intern(iid) if isinstance(iid, str) else iid
     n = faces.num_rows
+    # normalised into one preallocated matrix a slice at a time (no combined copy of the column, no
+    # temporary the size of the matrix); the same numbers as normalising the whole matrix at once
+    E, row = None, 0
+    for ch in faces.column("embedding").chunks:
+        if not len(ch):
+            continue
+        x = np.asarray(ch.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(ch), -1)
+        if E is None:
+            E = np.empty((n, x.shape[1]), np.float32)
+        for s in range(0, len(x), 65_536):
+            part = x[s:s + 65_536]
+            E[row + s:row + s + len(part)] = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+        row += len(x)
+        del x
+    if E is None:
+        E = np.zeros((0, 1), np.float32)
 
     def col(name):
-        return faces.column(name).to_pylist() if name in faces.column_names else [None] * n
+        if name not in faces.column_names:
+            return [None] * n
+        c = faces.column(name)
+        if c.null_count == 0 and (pa.types.is_floating(c.type) or pa.types.is_integer(c.type)):
+            return c.to_numpy().tolist()  # the same Python numbers as to_pylist, without a scalar per row
+        return c.to_pylist()
 
+    lms = None
+    if "landmarks" in faces.column_names and n:
+        lc = faces.column("landmarks").combine_chunks()
+        if pa.types.is_fixed_size_list(lc.type) and lc.null_count == 0 and lc.flatten().null_count == 0:
+            lms = np.asarray(lc.flatten().to_numpy(zero_copy_only=False)).reshape(n, lc.type.list_size)
+        del lc
+    if lms is None:
+        lms = [list(v or []) for v in col("landmarks")]
     uids, fidx, x1, y1, x2, y2 = (col(c) for c in ("uid", "face_index", "x1", "y1", "x2", "y2"))
-    lms, det, fw, fh, blur, yaw, pitch, roll, src = (col(c) for c in ("landmarks", "det_score", "face_width", "face_height", "blur",
-                                                                     "yaw", "pitch", "roll", "source"))
+    det, fw, fh, blur, yaw, pitch, roll, src = (col(c) for c in ("det_score", "face_width", "face_height", "blur",
+                                                                "yaw", "pitch", "roll", "source"))
+    sources: dict[str, str] = {}
     out: dict[str, list[FaceRec]] = defaultdict(list)
     for i in range(n):
         fi = int(fidx[i])
@@ -134,10 +169,10 @@ def _faces_from_table(faces: pa.Table, identities: pa.Table) -> dict[str, list[F
         u = lst[0].uid if lst else uids[i]  # one string per photo
         iid = ident.get(u, {}).get(fi)
         lst.append(
-            FaceRec(u, fi, (x1[i], y1[i], x2[i], y2[i]), list(lms[i] or []), float(det[i] or 0.0),
+            FaceRec(u, fi, (x1[i], y1[i], x2[i], y2[i]), lms[i], float(det[i] or 0.0),
                     float(fw[i] or x2[i] - x1[i]), float(fh[i] or y2[i] - y1[i]), float(blur[i] or 0.0),
                     float(yaw[i] or 0.0), float(pitch[i] or 0.0), float(roll[i] or 0.0), E[i], None if iid in (None, "", "-1") else str(iid),
-                    src[i] or "")
+                    sources.setdefault(src[i] or "", src[i] or ""))
         )
     for v in out.values():
         v.sort(key=lambda f: f.face_index)
@@ -234,10 +269,12 @@ class _Fingerprints:
 class MultiIDResult:
     """``samples``: the sample JSONs by key. A build that writes keeps none in memory (a bucket's samples are
     dropped once its shards are written): they are read back from the shards of ``out_dir`` on first use
-    (pass the folder to :meth:`samples_in` when the version has moved since, e.g. once published)."""
+    (pass the folder to :meth:`samples_in` when the version has moved since, e.g. once published). The
+    same for ``pairs`` and ``candidates``: a build that writes streams them to ``out_dir`` and reads them
+    back from there on first use."""
 
-    pairs: pa.Table
-    candidates: pa.Table
+    _pairs: pa.Table | None
+    _candidates: pa.Table | None
     _samples: list[dict] | None
     stats: dict
     shards: dict[str, list[ShardInfo]]
@@ -246,24 +283,53 @@ class MultiIDResult:
     read_bytes: Callable[[str], bytes] | None = field(default=None, repr=False)
 
     @property
+    def pairs(self) -> pa.Table:
+        if self._pairs is None:
+            from pipeline.storage import read_parquet
+
+            self._pairs = read_parquet(self.out_dir / "pairs.parquet")
+        return self._pairs
+
+    @property
+    def candidates(self) -> pa.Table:
+        if self._candidates is None:
+            from pipeline.storage import read_parquet
+
+            self._candidates = read_parquet(self.out_dir / "candidates.parquet")
+        return self._candidates
+
+    @property
     def samples(self) -> list[dict]:
         if self._samples is None:
             self._samples = self.samples_in(self.out_dir)
         return self._samples
 
-    def samples_in(self, folder: Path) -> list[dict]:
-        """The samples of this build, read from its shards in ``folder`` (sorted by key)."""
+    def samples_in(self, folder: Path, first: int | None = None) -> list[dict]:
+        """The samples of this build, read from its shards in ``folder`` (sorted by key); ``first``: only the
+        first that many by key (their members found from the tar headers: the others are not read)."""
         if self._samples is not None:
-            return self._samples
+            return self._samples[:first] if first is not None else self._samples
+        import heapq
         import tarfile
 
         from pipeline.storage import as_dir  # a local folder or an object-store one
 
+        shards = [as_dir(folder) / split / sh.name for split in ("train", "eval") for sh in self.shards.get(split, [])]
+        if first is not None:
+            names = []
+            for i, path in enumerate(shards):
+                with path.open("rb") as f, tarfile.open(fileobj=f) as tf:
+                    names += [(m.name[:-5], i) for m in tf if m.isfile() and m.name.endswith(".json")]  # (key, shard)
+            wanted: dict[int, set[str]] = defaultdict(set)
+            for key, i in heapq.nsmallest(first, names):
+                wanted[i].add(key + ".json")
         out = []
-        for split in ("train", "eval"):
-            for sh in self.shards.get(split, []):
-                with (as_dir(folder) / split / sh.name).open("rb") as f, tarfile.open(fileobj=f) as tf:
-                    out += [json.loads(tf.extractfile(m).read()) for m in tf if m.isfile() and m.name.endswith(".json")]
+        for i, path in enumerate(shards):
+            if first is not None and i not in wanted:
+                continue
+            with path.open("rb") as f, tarfile.open(fileobj=f) as tf:
+                out += [json.loads(tf.extractfile(m).read()) for m in tf if m.isfile() and m.name.endswith(".json")
+                        and (first is None or m.name in wanted[i])]
         return sorted(out, key=lambda s: s["key"])
 
     def contact_sheet(self, n: int = 4, keys: list[str] | None = None) -> bytes:
@@ -398,7 +464,109 @@ def bucket_of(group: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(f"multiid-bucket\x1f{group}".encode()).digest()[:8], "big") % n
 
 
-CANDIDATE_BATCH = 20_000  # candidate rows turned into an Arrow table at a time
+CANDIDATE_BATCH = 20_000  # candidate (and pair) rows turned into an Arrow table and written at a time
+MERGE_BATCH = 16_384  # rows read at a time from each part file when the parts are merged in target order
+
+
+class _RowParts:
+    """One selection run's candidate and pair rows, appended to two Parquet part files as they are
+    produced (in the order :func:`_select` visits targets: by target uid). ``paths[name]`` is None while
+    no row of that table was written."""
+
+    def __init__(self, folder: Path, stem: str):
+        self.folder, self.stem = folder, stem
+        self.paths: dict[str, Path | None] = {"pairs": None, "candidates": None}
+        self._writers: dict = {}
+
+    def write(self, name: str, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        if name not in self._writers:
+            self.paths[name] = self.folder / f"{self.stem}-{name}.parquet"
+            self._writers[name] = pq.ParquetWriter(self.paths[name], table.schema, compression="zstd")
+        self._writers[name].write_table(table)
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}
+
+
+def _part_batches(path: Path | None, schema: pa.Schema, uids: pa.Array | None = None):
+    """The rows of a part file (or of a previous version's table), a batch at a time, cast to
+    ``schema``; with ``uids``, only the rows of those targets."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if path is None:
+        return
+    f = pq.ParquetFile(path)
+    for batch in f.iter_batches(batch_size=MERGE_BATCH, columns=schema.names):
+        t = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
+        if uids is not None:
+            t = t.filter(pc.is_in(t.column("target_uid"), uids))
+        if t.num_rows:
+            yield t
+
+
+class _Uids:
+    """A sorted uid column as a sequence for :mod:`bisect` (a few scalars read, not the column compared)."""
+
+    def __init__(self, col):
+        self.col = col
+
+    def __len__(self) -> int:
+        return len(self.col)
+
+    def __getitem__(self, i: int) -> str:
+        return self.col[i].as_py()
+
+
+def _merge_in_target_order(sources: list, schema: pa.Schema):
+    """Tables in the order of one run over the collection (by target uid, stable: each target's rows
+    keep their order), from ``sources``, iterators of tables each sorted by target uid, where all rows of
+    a target come from one source (a bucket, or a previous version). Yields pieces; holds about one
+    batch per source, not the whole table."""
+    import pyarrow.compute as pc
+
+    its = [iter(s) for s in sources]
+    bufs: list[pa.Table | None] = [None] * len(its)
+    done = [False] * len(its)
+
+    def pull(i: int) -> None:
+        nxt = next(its[i], None)
+        if nxt is None:
+            done[i] = True
+        else:
+            bufs[i] = nxt if bufs[i] is None or not bufs[i].num_rows else pa.concat_tables([bufs[i], nxt])
+
+    for i in range(len(its)):
+        pull(i)
+    while True:
+        for i in range(len(its)):
+            while not done[i] and (bufs[i] is None or not bufs[i].num_rows):
+                pull(i)
+        live = [i for i in range(len(its)) if bufs[i] is not None and bufs[i].num_rows]
+        if not live:
+            return
+        # rows below the smallest "last uid read so far" of the sources not exhausted are final: no
+        # source can still produce a smaller uid (a target's rows may continue in the next batch)
+        lasts = [(bufs[i].column("target_uid")[-1].as_py(), i) for i in live if not done[i]]
+        bound = min(lasts)[0] if lasts else None
+        pieces = []
+        for i in live:
+            b = bufs[i]
+            k = b.num_rows if bound is None else bisect.bisect_left(_Uids(b.column("target_uid")), bound)
+            if k:
+                pieces.append(b.slice(0, k))
+                bufs[i] = b.slice(k)
+        if pieces:
+            t = pa.concat_tables(pieces)
+            yield t.take(pc.sort_indices(t, sort_keys=[("target_uid", "ascending")])) if len(pieces) > 1 else t
+        for last, i in lasts:
+            if last == bound:
+                pull(i)
+QUALITY_COLUMNS = ["similarity", "theta_tr", "pose_diff", "face_hamming", "image_hamming", "face_ncc", "ref_quality"]  # data_quality
 IMAGE_COLUMNS = ["uid", "source", "caption", "width", "height"]  # what a sample takes from the images table
 
 
@@ -414,8 +582,8 @@ class _Bucket:
     samples: list[dict] = field(default_factory=list)
     pair_rows: list[dict] = field(default_factory=list)
     cand_rows: list[dict] = field(default_factory=list)
-    pairs: pa.Table | None = None  # the rows as tables (a build that writes keeps no row dicts)
-    cands: pa.Table | None = None
+    pairs: Path | None = None  # the rows as Parquet part files (a build that writes keeps no row in memory)
+    cands: Path | None = None
     summary: list[tuple] = field(default_factory=list)  # per sample: (key, split, faces' identity ids, refs per face)
     infos: dict = field(default_factory=dict)  # split -> the ShardInfos written for this bucket
     counts: dict = field(default_factory=dict)
@@ -491,25 +659,37 @@ class _Plan:
         face_cols = FACE_COLUMNS + ["source"]
         tables = [(images, IMAGE_COLUMNS, ["uid"]), (faces, face_cols, ["uid", "face_index"]),
                   (identities, ["uid", "face_index", "identity_id"], ["uid", "face_index"])]
-        bucket_of_uid = {u: b.index for b in self.buckets.values() for u in b.uids}
+        # each table's rows by bucket (ascending), as index arrays: no Python object per row of the tables
+        import pyarrow.compute as pc
+
+        all_uids = pa.array([u for b in self.buckets.values() for u in b.uids], pa.string())
+        bucket_no = np.array([b.index for b in self.buckets.values() for _ in b.uids], np.int64)
         rows_of = []
         for t, _, _ in tables:
-            per: dict[int, list[int]] = defaultdict(list)
-            for i, u in enumerate(t.column("uid").to_pylist()):
-                per[bucket_of_uid.get(u, -1)].append(i)
-            rows_of.append(per)
+            pos = pc.fill_null(pc.index_in(t.column("uid"), value_set=all_uids), -1).to_numpy()
+            of_row = np.where(pos >= 0, bucket_no[np.maximum(pos, 0)], -1) if len(pos) else np.zeros(0, np.int64)
+            order = np.argsort(of_row, kind="stable")
+            rows_of.append((order, of_row[order]))
         for b in self.buckets.values():
             h = hashlib.sha256(common.encode())
-            for (t, cols, sort_by), per in zip(tables, rows_of):
-                h.update(fingerprint_table(t.take(pa.array(per.get(b.index, []), pa.int64())), cols, sort_by).encode())
+            for (t, cols, sort_by), (order, sorted_b) in zip(tables, rows_of):
+                rows = order[np.searchsorted(sorted_b, b.index, "left"):np.searchsorted(sorted_b, b.index, "right")]
+                h.update(fingerprint_table(t, cols, sort_by, rows=rows).encode())
             b.base_fingerprint = h.hexdigest()[:32]
         self.previous = Path(previous) if previous is not None else None
         # out_dir: each bucket's shards are written as soon as it is selected, and its samples dropped;
-        # keep_rows: keep the row dicts (select_references), else the rows are kept as Arrow tables
+        # keep_rows: keep the row dicts (select_references), else the rows are streamed to Parquet part
+        # files in ``parts_dir`` (in out_dir, else a temporary folder; the caller removes it)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.keep_rows = keep_rows
+        self.parts_dir: Path | None = None
+        if not keep_rows:
+            import tempfile
+
+            if self.out_dir is not None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.parts_dir = Path(tempfile.mkdtemp(prefix=".rows-", dir=self.out_dir))
         self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet"))
-        self._prev_tables: dict[str, pa.Table] = {}
         self.selections = 0
         self.corrupt: list[str] = []
         self.eval_fallback: list[str] = []
@@ -544,13 +724,19 @@ class _Plan:
             self.corrupt += [f"{b.name}: {p}" for p in problems]
         img_meta = {u: self.img_meta[u] for u in b.uids if u in self.img_meta}
         by_uid = {u: self.by_uid[u] for u in b.uids if u in self.by_uid}
-        b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
-                                                             self.mversions, rows_as_tables=not self.keep_rows)
+        # each run its own part files: a trial of the eval fallback that is undone keeps the earlier run's
+        sink = None if self.keep_rows else _RowParts(self.parts_dir, f"{b.name}-{self.selections}")
+        try:
+            b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
+                                                                 self.mversions, sink=sink)
+        finally:
+            if sink is not None:
+                sink.close()
         b.summary = _summary(b.samples)
         if self.keep_rows:
             b.pair_rows, b.cand_rows, b.pairs, b.cands = pair_rows, cand_rows, None, None
         else:
-            b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], pair_rows, cand_rows
+            b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], sink.paths["pairs"], sink.paths["candidates"]
         self.selections += 1
 
     def _emit(self, b: _Bucket) -> None:
@@ -614,16 +800,16 @@ class _Plan:
         """The samples in memory (all of them without ``out_dir``; none once written)."""
         return sorted((s for b in self.buckets.values() for s in b.samples), key=lambda s: s["key"])
 
-    def previous_table(self, name: str, schema: pa.Schema, b: _Bucket) -> pa.Table:
-        """The rows of reused bucket ``b`` in the previous version's ``name`` table, in their order there."""
-        import pyarrow.compute as pc
-
-        from pipeline.storage import read_parquet
-
-        if name not in self._prev_tables:
-            self._prev_tables[name] = read_parquet(self.previous / name).select(schema.names).cast(schema)
-        t = self._prev_tables[name]
-        return t.filter(pc.is_in(t.column("target_uid"), pa.array(b.uids, pa.string())))
+    def rows_in_target_order(self, name: str, schema: pa.Schema):
+        """The ``name`` table ("pairs" or "candidates") of this build, in pieces, in the order of one run over
+        the collection: the part files of the buckets selected, and the rows of the reused buckets from
+        the previous version's table (in their order there), merged by target uid."""
+        attr = {"pairs": "pairs", "candidates": "cands"}[name]
+        sources = [_part_batches(getattr(b, attr), schema) for b in self.active() if b.previous is None]
+        reused = sorted(u for b in self.active() if b.previous is not None for u in b.uids)
+        if reused:
+            sources.append(_part_batches(self.previous / f"{name}.parquet", schema, pa.array(reused, pa.string())))
+        return _merge_in_target_order(sources, schema)
 
     def stats(self) -> dict:
         cfg = self.cfg
@@ -700,11 +886,13 @@ def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[
 
 
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
-            mversions: list[str], rows_as_tables: bool = False):
+            mversions: list[str], sink: _RowParts | None = None):
     """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
     bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
     component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
-    of the statistics (:func:`_merge_counts` sums them over buckets)."""
+    of the statistics (:func:`_merge_counts` sums them over buckets). With ``sink``, the rows go to it in
+    batches as they are produced (what stays in memory is one batch, whatever the number of targets)
+    and both row lists come back ``None``."""
     def split_of(identity_id: str) -> str:
         return "eval" if identity_id in eval_override else identity_split(identity_id, cfg.eval_fraction, cfg.split_salt)
 
@@ -728,22 +916,41 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         else:
             photo_split[uid] = ("eval" if votes["eval"] > votes["train"] else "train", len(votes) > 1)
     kp_args = {"kp_min_inliers": cfg.kp_min_inliers, "kp_min_ratio": cfg.kp_min_ratio, "kp_strong_inliers": cfg.kp_strong_inliers}
+    flags: Counter = Counter()
+
+    def guard(uid: str, f: FaceRec, c: FaceRec, row: dict, t_phash, t_fps, got) -> dedup.DupCheck:
+        """The whole copy-paste guard, target face ``f`` against candidate ``c``: recorded in ``row`` and
+        in the order-independent flags (which therefore count the candidates examined)."""
+        chk = dedup.compare(t_phash, got[0], t_fps[f.face_index], got[1][c.face_index],
+                            cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min,
+                            fps.kp(uid, f.face_index), fps.kp(c.uid, c.face_index), **kp_args)
+        row.update(image_hamming=chk.image_hamming, face_hamming=chk.face_hamming, face_ncc=chk.face_ncc,
+                   kp_inliers=chk.kp_inliers, kp_ratio=chk.kp_ratio)
+        flags["checked"] += 1
+        flags["image_phash"] += chk.image_hamming <= cfg.image_hamming_max
+        flags["face_phash"] += chk.face_hamming <= cfg.face_hamming_max
+        flags["face_ncc"] += chk.face_ncc >= cfg.face_ncc_min
+        flags["keypoints"] += chk.kp_duplicate
+        flags["keypoints_only"] += chk.reason == "keypoints"
+        flags["any_hash"] += chk.is_duplicate
+        flags["sim_above_high"] += row["similarity"] > cfg.sim_high
+        flags["hash_only"] += chk.is_duplicate and row["similarity"] <= cfg.sim_high
+        flags["sim_only"] += (not chk.is_duplicate) and row["similarity"] > cfg.sim_high
+        return chk
     qual = qualities([f for u in sorted(by_uid) for f in by_uid[u]], cfg.backend)  # same batch for the same photos
 
     target_reasons: Counter = Counter()
     removed: Counter = Counter()
-    flags: Counter = Counter()
     samples, pair_rows, cand_rows = [], [], []
-    # rows_as_tables: candidate rows go to Arrow in batches as they come (a dict each only for a batch)
-    cand_parts: list[pa.Table] = []
-    cand_sims = np.zeros(len(SIM_BINS) - 1, np.int64)
+    # sink: rows go to Parquet part files in batches as they come (a dict each only for a batch); the
+    # histograms are summed batch by batch
+    sim_counts = {"candidates": np.zeros(len(SIM_BINS) - 1, np.int64), "pairs": np.zeros(len(SIM_BINS) - 1, np.int64)}
 
-    def flush_candidates():
-        nonlocal cand_sims
-        if cand_rows:
-            cand_sims = cand_sims + np.histogram(np.asarray([r["similarity"] for r in cand_rows], dtype=np.float64), bins=SIM_BINS)[0]
-            cand_parts.append(pa.Table.from_pylist(cand_rows, schema=CANDIDATE_SCHEMA))
-            cand_rows.clear()
+    def flush(name: str, rows: list[dict], schema: pa.Schema) -> None:
+        if rows:
+            sim_counts[name] += np.histogram(np.asarray([r["similarity"] for r in rows], dtype=np.float64), bins=SIM_BINS)[0]
+            sink.write(name, pa.Table.from_pylist(rows, schema=schema))
+            rows.clear()
     n_persons = 0
     for uid in sorted(img_meta):
         fs = by_uid.get(uid, [])
@@ -810,25 +1017,22 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                 if got is None:
                     row["status"] = "unreadable_reference"
                     continue
-                chk = dedup.compare(t_phash, got[0], t_fps[f.face_index], got[1][c.face_index],
-                                    cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min,
-                                    fps.kp(uid, f.face_index), fps.kp(c.uid, c.face_index), **kp_args)
-                row.update(image_hamming=chk.image_hamming, face_hamming=chk.face_hamming, face_ncc=chk.face_ncc,
-                           kp_inliers=chk.kp_inliers, kp_ratio=chk.kp_ratio)
-                flags["checked"] += 1
-                flags["image_phash"] += chk.image_hamming <= cfg.image_hamming_max
-                flags["face_phash"] += chk.face_hamming <= cfg.face_hamming_max
-                flags["face_ncc"] += chk.face_ncc >= cfg.face_ncc_min
-                flags["keypoints"] += chk.kp_duplicate
-                flags["keypoints_only"] += chk.reason == "keypoints"
-                flags["any_hash"] += chk.is_duplicate
-                flags["sim_above_high"] += row["similarity"] > cfg.sim_high
-                flags["hash_only"] += chk.is_duplicate and row["similarity"] <= cfg.sim_high
-                flags["sim_only"] += (not chk.is_duplicate) and row["similarity"] > cfg.sim_high
+                chk = None
+                if cfg.examine_all_candidates:
+                    chk = guard(uid, f, c, row, t_phash, t_fps, got)
+                    dup = chk.is_duplicate
+                    reason = chk.reason
+                else:
+                    # the cheap part of the guard (the two pHashes) for every candidate; NCC and keypoints
+                    # only in rank order below, until enough references are chosen
+                    ih, fh = dedup.hamming(t_phash, got[0]), dedup.face_hamming(t_fps[f.face_index], got[1][c.face_index])
+                    row.update(image_hamming=ih, face_hamming=fh)
+                    dup = ih <= cfg.image_hamming_max or fh <= cfg.face_hamming_max
+                    reason = "image_phash" if ih <= cfg.image_hamming_max else "face_phash"
                 if row["similarity"] < cfg.sim_low:
                     row["status"] = "sim_below_low"
-                elif chk.is_duplicate:
-                    row["status"] = "near_duplicate_" + chk.reason
+                elif dup:
+                    row["status"] = "near_duplicate_" + reason
                 elif row["similarity"] > cfg.sim_high:
                     row["status"] = "sim_above_high"
                 else:
@@ -839,10 +1043,18 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                     survivors.append((row, c, chk))
             survivors.sort(key=lambda t: (-round(t[0]["score"], 9), t[1].uid, t[1].face_index))
             chosen = []
-            for row, c, chk in survivors:
+            n_guarded_out = 0  # ranked candidates the rest of the guard (NCC, keypoints) removed on the walk
+            for i, (row, c, chk) in enumerate(survivors):
                 if len(chosen) >= cfg.refs_per_person:
-                    row["status"] = "ranked_out"
+                    row["status"] = "ranked_out" if chk is not None else "not_examined_enough_chosen"
                     continue
+                if chk is None:
+                    chk = guard(uid, f, c, row, t_phash, t_fps, fps.get(c.uid))
+                    survivors[i] = (row, c, chk)
+                    if chk.is_duplicate:
+                        row["status"] = "near_duplicate_" + chk.reason
+                        n_guarded_out += 1
+                        continue
                 redundant = any(c.uid == o.uid for _, o, _ in chosen)
                 if not redundant:
                     got = fps.get(c.uid)
@@ -861,12 +1073,16 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                 chosen.append((row, c, chk))
             if not chosen:
                 ok = False
-            persons.append((f, cands, survivors, chosen))
+            # survivors: the candidates that passed every filter run on them (without examine_all_candidates,
+            # those ranked below the last reference chosen did not go through NCC and keypoints)
+            persons.append((f, cands, len(survivors) - n_guarded_out, chosen))
         for row in t_cands:
             removed[row["status"]] += 1
         cand_rows += t_cands
-        if rows_as_tables and len(cand_rows) >= CANDIDATE_BATCH:
-            flush_candidates()
+        if sink is not None and len(cand_rows) >= CANDIDATE_BATCH:
+            flush("candidates", cand_rows, CANDIDATE_SCHEMA)
+        if sink is not None and len(pair_rows) >= CANDIDATE_BATCH:
+            flush("pairs", pair_rows, PAIRS_SCHEMA)
         if not ok and cfg.require_all_refs:
             target_reasons["person_without_reference"] += 1
             continue
@@ -876,11 +1092,11 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         # assemble the sample
         face_js, used = [], {uid}
         ref_i = 0
-        for f, cands, survivors, chosen in persons:
+        for f, cands, n_survivors, chosen in persons:
             n_persons += 1
             fj = _face_json(f, qual[f.ref])
             fj["n_candidates"] = len(cands)
-            fj["n_survivors"] = len(survivors)
+            fj["n_survivors"] = n_survivors
             fj["refs"] = []
             for rank, (row, c, chk) in enumerate(chosen):
                 member = f"ref_{ref_i}.jpg"
@@ -907,7 +1123,7 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                     "face_hamming": chk.face_hamming, "face_ncc": chk.face_ncc, "kp_inliers": chk.kp_inliers,
                     "kp_ratio": chk.kp_ratio, "target_quality": qual[f.ref], "ref_quality": qual[c.ref],
                     "pose_diff": pd, "yaw_diff": dy, "pitch_diff": dp, "score": row["score"], "n_candidates": len(cands),
-                    "n_survivors": len(survivors), "backend": cfg.backend, "model_version": ",".join(mversions),
+                    "n_survivors": n_survivors, "backend": cfg.backend, "model_version": ",".join(mversions),
                 })
             face_js.append(fj)
         person_idx = {f.face_index for f in usable}
@@ -950,11 +1166,12 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         "similarity_all_candidates": _hist_counts([r["similarity"] for r in cand_rows]),
         "similarity_selected": _hist_counts([r["similarity"] for r in pair_rows]),
     }
-    if rows_as_tables:
-        flush_candidates()
-        counts["similarity_all_candidates"] = {str(int(i)): int(cand_sims[i]) for i in np.nonzero(cand_sims)[0]}
-        cands = pa.concat_tables(cand_parts) if cand_parts else CANDIDATE_SCHEMA.empty_table()
-        return samples, pa.Table.from_pylist(pair_rows, schema=PAIRS_SCHEMA), cands, counts
+    if sink is not None:
+        flush("candidates", cand_rows, CANDIDATE_SCHEMA)
+        flush("pairs", pair_rows, PAIRS_SCHEMA)
+        counts["similarity_all_candidates"] = {str(int(i)): int(sim_counts["candidates"][i]) for i in np.nonzero(sim_counts["candidates"])[0]}
+        counts["similarity_selected"] = {str(int(i)): int(sim_counts["pairs"][i]) for i in np.nonzero(sim_counts["pairs"])[0]}
+        return samples, None, None, counts
     return samples, pair_rows, cand_rows, counts
 
 
@@ -1019,31 +1236,40 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     there, and whose shard files still match their recorded sha256, is not selected again: its shards are
     hard-linked, its rows and counts taken from that version (``stats["buckets_reused"]``). The files
     written are the same, byte for byte, as without ``reuse_from``."""
-    from pipeline.multiid.metrics import dataset_quality_stats
+    import shutil
 
     read_bytes = read_bytes or reader_from_images(images)
     out_dir = Path(out_dir) if out_dir is not None else None
-    # with out_dir, each bucket is written as soon as it is selected (its samples then dropped, its rows kept
-    # as Arrow tables): what stays in memory per target is a few hundred bytes of rows, not its sample dicts
+    # with out_dir, each bucket is written as soon as it is selected (its samples then dropped); its rows are
+    # streamed to part files as they are produced, merged into pairs.parquet / candidates.parquet at the end:
+    # what stays in memory per target is a summary tuple, not its rows nor its sample dicts
     plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir)
+    try:
+        return _build(plan, out_dir, version, read_bytes)
+    finally:
+        shutil.rmtree(plan.parts_dir, ignore_errors=True)
+
+
+def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -> MultiIDResult:
+    """build_multiid_dataset once its plan is made (the caller removes the plan's part files)."""
+    from pipeline.multiid.metrics import dataset_quality_stats
+
     cfg = plan.cfg
     plan.select()
     stats = plan.stats()
     buckets = plan.active()
     shards: dict[str, list[ShardInfo]] = {"train": [], "eval": []}
-    pair_parts, cand_parts = [], []
+    # the two tables, streamed in target order (to out_dir, else to the temporary folder and read back)
+    dest = out_dir if out_dir is not None else plan.parts_dir
+    write_parquet_stream_atomic(plan.rows_in_target_order("pairs", PAIRS_SCHEMA), PAIRS_SCHEMA, dest / "pairs.parquet")
+    write_parquet_stream_atomic(plan.rows_in_target_order("candidates", CANDIDATE_SCHEMA), CANDIDATE_SCHEMA,
+                                dest / "candidates.parquet")
     for b in buckets:
-        if b.previous is not None:
-            pair_parts.append(plan.previous_table("pairs.parquet", PAIRS_SCHEMA, b))
-            cand_parts.append(plan.previous_table("candidates.parquet", CANDIDATE_SCHEMA, b))
-        else:
-            pair_parts.append(b.pairs)
-            cand_parts.append(b.cands)
         b.pairs = b.cands = None
-    pairs = _concat_in_target_order(pair_parts, PAIRS_SCHEMA)
-    cands = _concat_in_target_order(cand_parts, CANDIDATE_SCHEMA)
-    del pair_parts, cand_parts
-    stats["data_quality"] = dataset_quality_stats(pairs)
+    stats["data_quality"] = dataset_quality_stats(read_parquet(dest / "pairs.parquet", columns=QUALITY_COLUMNS))
+    pairs = cands = None
+    if out_dir is None:
+        pairs, cands = read_parquet(dest / "pairs.parquet"), read_parquet(dest / "candidates.parquet")
     samples = None if out_dir is not None else plan.samples()
     reused_bytes = sum(sh.bytes for b in buckets if b.previous is not None for v in b.infos.values() for sh in v)
     if out_dir is not None:
@@ -1064,8 +1290,6 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
                 "num_refs": sum(sum(t[3]) for t in summ), "ref_mode": cfg.ref_mode,
                 "counts": {k: stats[k] for k in ("images", "targets", "candidates_removed_by", "duplicate_flags_independent")},
             })
-        write_parquet_atomic(pairs, out_dir / "pairs.parquet")
-        write_parquet_atomic(cands, out_dir / "candidates.parquet")
         from pipeline.storage import write_bytes_atomic
 
         write_bytes_atomic(json.dumps({"bucket_count": cfg.reuse_buckets, "buckets": records}, sort_keys=True, indent=1).encode(),
@@ -1079,10 +1303,3 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     stats["buckets_not_reused_corrupt"] = plan.corrupt
     return MultiIDResult(pairs, cands, samples, stats, shards, out_dir, cfg, read_bytes)
 
-
-def _concat_in_target_order(parts: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    """Tables of several buckets as one, in the order of one run over the collection (by target uid,
-    stable: each target's rows keep their order)."""
-    t = pa.concat_tables([p.cast(schema) for p in parts]) if parts else schema.empty_table()
-    uids = t.column("target_uid").to_pylist()
-    return t.take(sorted(range(len(uids)), key=uids.__getitem__)).combine_chunks() if len(uids) else t

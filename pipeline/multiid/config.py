@@ -48,6 +48,11 @@ class MultiIDConfig:
     kp_min_inliers: int = 10
     kp_min_ratio: float = 0.8
     kp_strong_inliers: int = 30
+    # the guard's costly checks (face NCC, keypoints) run on the ranked candidates in rank order until
+    # refs_per_person are chosen (~1 s of CPU a target less at 1M faces; the same references either way);
+    # the candidates ranked below are recorded "not_examined_enough_chosen". True: run the whole guard on
+    # every candidate (the candidates table then records every candidate's measurements and final filter)
+    examine_all_candidates: bool = False
     # ranking of surviving candidates: w_pose * pose difference + w_quality * quality + w_sim * mid-band
     w_pose: float = 0.5
     w_quality: float = 0.3

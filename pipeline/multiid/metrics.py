@@ -127,8 +127,11 @@ def dataset_quality_stats(pairs: pa.Table) -> dict:
     }
 
 
-def load_samples(dataset) -> list[dict]:
-    """Sample JSONs from a dataset folder (its tars, recursively), a list of dicts, or a table with a 'json' column."""
+def load_samples(dataset, first: int | None = None) -> list[dict]:
+    """Sample JSONs from a dataset folder (its tars, recursively), a list of dicts, or a table with a 'json' column;
+    ``first``: only the first that many (in tar order; a folder's other samples are not read)."""
+    if first is not None:
+        return load_samples(dataset)[:first] if isinstance(dataset, (list, pa.Table)) else _first_samples(dataset, first)
     if isinstance(dataset, list):
         return dataset
     if isinstance(dataset, pa.Table):
@@ -139,6 +142,20 @@ def load_samples(dataset) -> list[dict]:
     for tar in sorted(as_dir(dataset).rglob("*.tar")):
         with tar.open("rb") as f, tarfile.open(fileobj=f) as tf:
             for m in tf.getmembers():
+                if m.isfile() and m.name.endswith(".json"):
+                    out.append(json.loads(tf.extractfile(m).read()))
+    return out
+
+
+def _first_samples(folder, n: int) -> list[dict]:
+    from pipeline.storage import as_dir
+
+    out = []
+    for tar in sorted(as_dir(folder).rglob("*.tar")):
+        with tar.open("rb") as f, tarfile.open(fileobj=f) as tf:
+            for m in tf:
+                if len(out) >= n:
+                    return out
                 if m.isfile() and m.name.endswith(".json"):
                     out.append(json.loads(tf.extractfile(m).read()))
     return out

@@ -21,7 +21,7 @@ from pipeline.shards import read_manifest, shard_keys, verify_manifest
 from pipeline.storage import as_dir
 
 # bump when the builder's output changes for the same inputs and config
-BUILDER_VERSION = "multiid-builder-4"  # 4: shards per bucket of co-occurrence components (reuse)
+BUILDER_VERSION = "multiid-builder-5"  # 4: shards per bucket of co-occurrence components (reuse); 5: NCC/keypoints in rank order
 SPLITS = ("train", "eval")
 FACE_COLUMNS = ["uid", "face_index", "x1", "y1", "x2", "y2", "landmarks", "det_score", "face_width", "face_height",
                 "blur", "yaw", "pitch", "roll", "embedding", "backend", "model_version"]
@@ -139,6 +139,8 @@ def multiid_card(version: str, folder: Path, stats: dict, config: MultiIDConfig,
          "removed": removed.get("not_examined_over_cap", 0)},
         {"filter": "reference: ranked out / redundant", "threshold": f"{cfg.refs_per_person} per person",
          "removed": removed.get("ranked_out", 0) + removed.get("redundant", 0)},
+        {"filter": "reference: not examined by face NCC / keypoints (ranked below enough references)",
+         "threshold": f"{cfg.refs_per_person} per person", "removed": removed.get("not_examined_enough_chosen", 0)},
     ]
     limits = [
         "Identities come from training-free clustering of face embeddings: look-alikes can be merged and one "
