@@ -338,7 +338,7 @@ def _class_matrix(n=5000, seed=3):
     """The search space of the clustered faces' largest class, as build_expression_pairs makes it."""
     from pipeline.expression.descriptor import GEOMETRY_SCALES
 
-    faces, desc = _clustered_expression_tables(n, seed)
+    _, desc = _clustered_expression_tables(n, seed)
     P = desc["probs"].combine_chunks().flatten().to_numpy().reshape(-1, 7)
     G = desc["geometry"].combine_chunks().flatten().to_numpy().reshape(-1, 5)
     w = PairConfig().w_probs
