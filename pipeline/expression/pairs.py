@@ -66,7 +66,7 @@ class PairConfig:
     classes: tuple[str, ...] | None = None  # restrict to these expressions (None: all seven)
     w_probs: float = 0.7  # weight of the class-probability term in the similarity
     neighbours: int = 64  # nearest faces in expression space examined per face (within its class)
-    # classes of at most this many eligible faces get an exact neighbour search (quadratic in the class: ~700
+    # classes of at most this many eligible faces get an exact neighbour search (quadratic in the class: 600-700
     # CPU-s for the 1M collection's classes of ~300k); larger ones an IVF search whose probe count grows until
     # the sampled recall of the exact neighbours reaches ivf_target_recall (so the pairs differ slightly from
     # the exact search's). None: always exact.
