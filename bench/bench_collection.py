@@ -375,7 +375,8 @@ def w_expression(data: Path, work: Path, args) -> dict:
                        "peak_rss_after_build_gb": round(rss_build, 2), "write_s": round(t_write, 1),
                        "write_cpu_s": round(c_write, 1), "write_s_per_pair": t_write / max(1, n_write),
                        "synthesis_s": round(read_bytes.calls["s"], 1),
-                       "stats": {k: v for k, v in res.stats.items() if isinstance(v, int)}}}
+                       "stats": {k: v for k, v in res.stats.items() if isinstance(v, int)},
+                       "neighbour_search": res.stats.get("neighbour_search", {}), "search_seconds": res.search_seconds}}
 
 
 TINY_CLIP = {  # tests/test_scoring_stage.py's tiny architecture

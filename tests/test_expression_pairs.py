@@ -280,3 +280,141 @@ def test_expression_version_follows_the_decoding_limits_not_the_manifest_roots()
     v = expression_version(faces, desc, ids, PairConfig(), decoding=base)[0]
     assert expression_version(faces, desc, ids, PairConfig(), decoding=dataclasses.replace(base, manifest_roots=("/b",)))[0] == v
     assert expression_version(faces, desc, ids, PairConfig(), decoding=dataclasses.replace(base, max_pixels=base.max_pixels // 2))[0] != v
+
+
+# ---- approximate (IVF) neighbour search for large classes ------------------------------------------
+
+
+def _clustered_expression_tables(n=6000, seed=3, clusters=40):
+    """Faces in two classes (happy, neutral) whose descriptors sit in ``clusters`` tight groups per class
+    (geometry around a group centre, class probability around a group level): IVF cells cut the groups,
+    so a search probing one cell misses many neighbours."""
+    rng = np.random.default_rng(seed)
+    cls = np.where(rng.random(n) < 0.7, 3, 6)
+    group = rng.integers(0, clusters, n)
+    centre = rng.normal(0.3, 0.12, size=(7, clusters, 5))
+    level = rng.uniform(0.55, 0.95, size=(7, clusters))
+    ptop = np.clip(level[cls, group] + rng.normal(0, 0.02, n), 0.5, 0.99)
+    probs = rng.dirichlet(np.full(7, 0.5), size=n) * (1 - ptop)[:, None]
+    probs[np.arange(n), cls] = 0
+    probs *= ((1 - ptop) / probs.sum(1))[:, None]
+    probs[np.arange(n), cls] = ptop
+    geo = (centre[cls, group] + rng.normal(0, 0.02, size=(n, 5))).astype(np.float32)
+    emb = rng.normal(size=(n, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    faces = pa.table({
+        "uid": [f"c{i:05d}" for i in range(n)], "face_index": pa.array([0] * n, pa.int32()),
+        "identity_id": [f"id{i % 211}" for i in range(n)],
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 16),
+        "quality": np.full(n, 0.9, np.float32), "yaw": rng.normal(0, 5, n).astype(np.float32),
+        "pitch": rng.normal(0, 5, n).astype(np.float32),
+    })
+    desc = pa.table({
+        "uid": faces.column("uid"), "face_index": faces.column("face_index"),
+        "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.astype(np.float32).reshape(-1)), 7),
+        "geometry": pa.FixedSizeListArray.from_arrays(pa.array(geo.reshape(-1)), 5),
+    })
+    return faces, desc
+
+
+def _pair_ids(res):
+    return set(res.pairs.column("pair_id").to_pylist())
+
+
+def test_classes_up_to_the_threshold_are_searched_exactly():
+    faces, desc = _synthetic_expression_tables()
+    cfg = PairConfig(max_identity_cos=0.9, min_class_prob=0.0)
+    res = build_expression_pairs(faces, desc, cfg)
+    assert cfg.exact_max_class >= faces.num_rows
+    assert {v["method"] for v in res.stats["neighbour_search"].values()} == {"exact"}
+    assert set(res.search_seconds) == set(res.stats["neighbour_search"])
+    with pytest.raises(ValueError, match="exact_max_class"):
+        build_expression_pairs(faces, desc, replace(cfg, exact_max_class=-1))
+    with pytest.raises(ValueError, match="ivf_target_recall"):
+        build_expression_pairs(faces, desc, replace(cfg, ivf_target_recall=0.0))
+
+
+def test_ivf_search_finds_the_exact_search_pairs():
+    faces, desc = _clustered_expression_tables()
+    cfg = PairConfig(max_identity_cos=0.9, min_class_prob=0.0)
+    exact = build_expression_pairs(faces, desc, replace(cfg, exact_max_class=None))
+    ivf = build_expression_pairs(faces, desc, replace(cfg, exact_max_class=1000))
+    a, b = _pair_ids(exact), _pair_ids(ivf)
+    assert exact.pairs.num_rows > 1000
+    assert len(a & b) / len(a | b) >= 0.95  # Jaccard of the pair ids (one probe per face gives ~0.67)
+    search = ivf.stats["neighbour_search"]
+    assert {v["method"] for v in search.values()} == {"ivf"}
+    for v in search.values():
+        assert v["recall"] >= cfg.ivf_target_recall and 1 <= v["nprobe"] <= v["nlist"]
+        # the recall of the calibration step that stopped, and again on the output's lists
+        assert v["nprobe_tried"][-1] == [v["nprobe"], pytest.approx(v["recall"], abs=0.02)]
+    # every class was searched approximately, yet the counts add up as in the exact search
+    s = ivf.stats
+    rejected = sum(v for k, v in s.items() if k.startswith("rejected_"))
+    assert s["candidate_pairs"] == rejected + s["accepted_before_cap"] + s["not_examined_beyond_neighbours"]
+
+
+def _class_matrix(n=5000, seed=3):
+    """The search space of the clustered faces' largest class, as build_expression_pairs makes it."""
+    from pipeline.expression.descriptor import GEOMETRY_SCALES
+
+    _, desc = _clustered_expression_tables(n, seed)
+    P = desc["probs"].combine_chunks().flatten().to_numpy().reshape(-1, 7)
+    G = desc["geometry"].combine_chunks().flatten().to_numpy().reshape(-1, 5)
+    w = PairConfig().w_probs
+    geo = G / GEOMETRY_SCALES
+    X = np.hstack([np.sqrt(P) * np.sqrt(w), geo * np.sqrt((1 - w) / (2 * geo.shape[1]))]).astype(np.float32)
+    return np.ascontiguousarray(X[P.argmax(1) == 3])
+
+
+def _recall_over_all_rows(approx, exact):
+    """Share of each row's exact neighbours (itself left out) in its approximate list, by id, over every row."""
+    hits = total = 0
+    for i in range(len(exact)):
+        e = set(exact[i].tolist()) - {i}
+        hits += len(e & set(approx[i].tolist()))
+        total += len(e)
+    return hits / total
+
+
+def test_ivf_recall_is_measured_not_assumed():
+    """The recall in stats tracks an independent measurement over every row; with the probe count left at 1
+    (a recall target any search meets) both fall well below 0.95, and the pairs drift from the exact ones."""
+    from pipeline.expression.pairs import _class_neighbours, _class_neighbours_ivf
+
+    X = _class_matrix()
+    k = 32
+    exact = _class_neighbours(X, k)
+    ids, info, times = _class_neighbours_ivf(X, k, 0.95)
+    independent = _recall_over_all_rows(ids, exact)
+    assert info["method"] == "ivf" and info["nprobe"] > 1 and times["search_s"] >= 0
+    assert independent >= 0.93 and abs(info["recall"] - independent) <= 0.03
+
+    ids1, info1, _ = _class_neighbours_ivf(X, k, 0.01)
+    independent1 = _recall_over_all_rows(ids1, exact)
+    assert info1["nprobe"] == 1
+    assert independent1 < 0.9 and abs(info1["recall"] - independent1) <= 0.03
+
+    faces, desc = _clustered_expression_tables()
+    cfg = PairConfig(max_identity_cos=0.9, min_class_prob=0.0, exact_max_class=1000, ivf_target_recall=0.01)
+    stuck = build_expression_pairs(faces, desc, cfg)
+    a, b = _pair_ids(build_expression_pairs(faces, desc, replace(cfg, exact_max_class=None))), _pair_ids(stuck)
+    assert len(a & b) / len(a | b) < 0.95
+    assert all(v["nprobe"] == 1 and v["recall"] < 0.95 for v in stuck.stats["neighbour_search"].values())
+
+
+def test_ivf_pairs_are_deterministic_whatever_the_thread_count():
+    import faiss
+
+    faces, desc = _clustered_expression_tables(seed=5)
+    cfg = PairConfig(max_identity_cos=0.9, min_class_prob=0.0, exact_max_class=1000)
+    first = build_expression_pairs(faces, desc, cfg)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        second = build_expression_pairs(faces, desc, cfg)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    assert {v["method"] for v in first.stats["neighbour_search"].values()} == {"ivf"}
+    assert first.pairs.equals(second.pairs) and first.face_rejects.equals(second.face_rejects)
+    assert first.stats == second.stats

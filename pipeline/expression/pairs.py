@@ -15,8 +15,14 @@ expression similarity (ties broken by the faces' keys), so the output is determi
 
 Candidates come from a nearest-neighbour search, not from all pairs: within each expression class,
 every face's ``neighbours`` nearest faces in expression space (sqrt class probabilities and scaled
-landmark geometry, exact search with FAISS) are the pairs examined; memory and time grow with
-faces x neighbours. A class smaller than ``neighbours`` + 1 is examined in full, so small collections
+landmark geometry) are the pairs examined; memory grows with faces x neighbours. A class of at most
+``exact_max_class`` eligible faces is searched exactly (FAISS IndexFlatL2: time quadratic in the class);
+a larger one with FAISS IndexIVFFlat (nlist = 4 sqrt(class size) cells trained on a seeded sample,
+nprobe grown from 1 (x1.5) until the recall of the exact neighbours of 1,000 seeded sample faces reaches
+``ivf_target_recall``; time ~ class^1.5). stats["neighbour_search"] records per class the method, and
+for IVF nlist, nprobe and the recall measured on the output itself; ``ExpressionResult.search_seconds``
+the time per class (kept out of stats, which go into the manifest, so that a rebuild is byte-identical).
+A class smaller than ``neighbours`` + 1 is examined in full, so small collections
 get exactly the all-pairs result. Pairs beyond both faces' neighbour lists are counted
 (``not_examined_beyond_neighbours``): with at most ``max_pairs_per_face`` pairs per face, taken by
 descending similarity, they only matter when the rules reject nearly all of a face's neighbours.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +66,12 @@ class PairConfig:
     classes: tuple[str, ...] | None = None  # restrict to these expressions (None: all seven)
     w_probs: float = 0.7  # weight of the class-probability term in the similarity
     neighbours: int = 64  # nearest faces in expression space examined per face (within its class)
+    # classes of at most this many eligible faces get an exact neighbour search (quadratic in the class: 600-700
+    # CPU-s for the 1M collection's classes of ~300k); larger ones an IVF search whose probe count grows until
+    # the sampled recall of the exact neighbours reaches ivf_target_recall (so the pairs differ slightly from
+    # the exact search's). None: always exact.
+    exact_max_class: int | None = 50_000
+    ivf_target_recall: float = 0.95
     quality: QualityConfig | None = None  # when faces has no quality column; None: the backend's defaults
     # shard reuse across versions: pair p goes to bucket hash(pair_id) % reuse_buckets, each bucket has its
     # own shards, and a new version hard-links the shards of every bucket whose pairs and crop inputs did
@@ -95,6 +108,7 @@ class ExpressionResult:
     pairs: pa.Table
     face_rejects: pa.Table
     stats: dict = field(default_factory=dict)
+    search_seconds: dict = field(default_factory=dict)  # neighbour search wall seconds per expression class
 
 
 def _codes(*arrays) -> list[np.ndarray]:
@@ -220,10 +234,94 @@ def _class_neighbours(X: np.ndarray, k: int) -> np.ndarray:
     return ids.astype(np.int32)
 
 
-def _neighbour_pair_blocks(P: np.ndarray, G: np.ndarray, top: np.ndarray, config: PairConfig, stats: dict):
+IVF_RECALL_QUERIES = 1000  # sampled faces of a class whose exact neighbours measure the IVF search's recall
+IVF_SEED = 0
+# nprobe grows by this factor (1, 2, 3, 4, 6, 9, 14, 21, 32, 48, 72, ...): a doubling overshoots the recall target by up
+# to 2x the search time (at 100k faces 32 probes gave 0.947, 64 gave 0.992), a calibration step costs 1,000 queries
+IVF_NPROBE_GROWTH = 1.5
+
+
+def neighbour_recall(X: np.ndarray, queries: np.ndarray, exact: np.ndarray, approx: np.ndarray) -> float:
+    """Recall of the exact neighbours of rows ``queries`` of X, the row itself left out, counting ties as
+    found: a query's hits are min(k, approximate neighbours (other than itself) at a distance within the
+    k-th exact neighbour's). ``exact``, ``approx``: (len(queries), k + 1) row ids (approx: -1 where none).
+    Distances are recomputed here in float64, so the two searches' own rounding does not matter."""
+    Q = X[queries].astype(np.float64)
+
+    def dist(ids):
+        V = X[np.maximum(ids, 0).ravel()].astype(np.float64).reshape(*ids.shape, -1)
+        return ((V - Q[:, None, :]) ** 2).sum(2)
+
+    k = exact.shape[1] - 1
+    if k < 1 or len(queries) == 0:
+        return 1.0
+    d_exact = np.where(exact == queries[:, None], np.inf, dist(exact))  # the row itself left out
+    tau = np.sort(d_exact, 1)[:, k - 1]  # the k-th exact neighbour's distance
+    d_approx = dist(approx)
+    found = (approx >= 0) & (approx != queries[:, None]) & (d_approx <= tau[:, None] * (1 + 1e-6) + 1e-12)
+    return float(np.minimum(k, found.sum(1)).sum() / (k * len(queries)))
+
+
+def _class_neighbours_ivf(X: np.ndarray, k: int, target_recall: float,
+                          seed: int = IVF_SEED) -> tuple[np.ndarray, dict, dict]:
+    """Each row's k + 1 nearest rows of X, approximately (FAISS IndexIVFFlat, L2), as int32 (-1 where the
+    probed cells held fewer than k + 1 rows), what was done (nlist, nprobe, the measured recall) and its times.
+
+    nlist = round(4 sqrt(rows)) cells trained on a seeded sample (identity.knn.ivf_params, as its faiss-ivf
+    backend); nprobe grows from 1 (x IVF_NPROBE_GROWTH) until the recall (``neighbour_recall``) of the exact
+    neighbours of IVF_RECALL_QUERIES seeded sample rows reaches ``target_recall`` (or every cell is probed: exact). The
+    recall reported is measured again on the full search's lists of those rows, i.e. on the output.
+    Deterministic: seeded sample and k-means; each query is searched on its own (one call over all rows,
+    as the exact search), so the thread count does not change the lists."""
+    import faiss
+
+    from pipeline.identity.knn import ivf_params
+
+    m, d = X.shape
+    p = ivf_params(m)
+    nlist = p["nlist"]
+    rng = np.random.default_rng(seed)
+    t = time.perf_counter()
+    train = np.sort(rng.choice(m, size=p["train_size"], replace=False))
+    quantizer = faiss.IndexFlatL2(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist)
+    index.cp.seed = seed
+    index.train(np.ascontiguousarray(X[train]))
+    index.add(X)
+    train_s = time.perf_counter() - t
+    t = time.perf_counter()
+    q = np.sort(rng.choice(m, size=min(IVF_RECALL_QUERIES, m), replace=False))
+    Xq = np.ascontiguousarray(X[q])
+    flat = faiss.IndexFlatL2(d)
+    flat.add(X)
+    _, exact = flat.search(Xq, k + 1)
+    del flat
+    nprobe, tried = 1, []
+    while True:
+        index.nprobe = nprobe
+        _, approx = index.search(Xq, k + 1)
+        tried.append([nprobe, round(neighbour_recall(X, q, exact, approx), 4)])
+        if tried[-1][1] >= target_recall or nprobe >= nlist:
+            break
+        nprobe = min(nlist, max(nprobe + 1, round(nprobe * IVF_NPROBE_GROWTH)))
+    calib_s = time.perf_counter() - t
+    t = time.perf_counter()
+    _, ids = index.search(X, k + 1)
+    search_s = time.perf_counter() - t
+    recall = neighbour_recall(X, q, exact, ids[q])
+    info = {"method": "ivf", "rows": m, "nlist": nlist, "nprobe": nprobe, "recall": round(recall, 4),
+            "recall_queries": len(q), "target_recall": target_recall, "nprobe_tried": tried,
+            "train_size": len(train)}
+    times = {"train_s": round(train_s, 3), "calibrate_s": round(calib_s, 3), "search_s": round(search_s, 3)}
+    return ids.astype(np.int32), info, times
+
+
+def _neighbour_pair_blocks(P: np.ndarray, G: np.ndarray, top: np.ndarray, config: PairConfig, stats: dict,
+                           search: dict, seconds: dict):
     """Unordered pairs (i < j) of the same class where one is among the other's ``neighbours`` nearest
     in expression space, yielded in blocks (ascending by class, then i, then j) of about PAIR_BLOCK x
-    neighbours pairs; the pairs of a class left out are counted in ``stats``."""
+    neighbours pairs; the pairs of a class left out are counted in ``stats``, the search of each class
+    (method, IVF parameters, recall) recorded in ``search``, its times in ``seconds``."""
     geo = np.nan_to_num(G / GEOMETRY_SCALES, nan=0.0)
     X = np.hstack([np.sqrt(np.clip(P, 0, None)) * np.sqrt(config.w_probs),
                    geo * np.sqrt((1 - config.w_probs) / (2 * geo.shape[1]))]).astype(np.float32)
@@ -234,7 +332,14 @@ def _neighbour_pair_blocks(P: np.ndarray, G: np.ndarray, top: np.ndarray, config
         if m < 2:
             continue
         k = min(m - 1, max(1, config.neighbours))
-        nn = _class_neighbours(np.ascontiguousarray(X[idx]), k)
+        t = time.perf_counter()
+        if config.exact_max_class is None or m <= config.exact_max_class:
+            nn = _class_neighbours(np.ascontiguousarray(X[idx]), k)
+            search[EMOTIONS[c]] = {"method": "exact", "rows": m}
+            seconds[EMOTIONS[c]] = {"search_s": round(time.perf_counter() - t, 3)}
+        else:
+            nn, search[EMOTIONS[c]], seconds[EMOTIONS[c]] = _class_neighbours_ivf(
+                np.ascontiguousarray(X[idx]), k, config.ivf_target_recall)
         examined = 0
         for s in range(0, m, PAIR_BLOCK):
             e = min(m, s + PAIR_BLOCK)
@@ -277,6 +382,10 @@ def build_expression_pairs(
     per-face cap); no Python object per pair until the output rows."""
     import pyarrow.compute as pc
 
+    if config.exact_max_class is not None and config.exact_max_class < 0:
+        raise ValueError(f"PairConfig.exact_max_class must be >= 0 or None, got {config.exact_max_class}")
+    if not 0.0 < config.ivf_target_recall <= 1.0:
+        raise ValueError(f"PairConfig.ivf_target_recall must be in (0, 1], got {config.ivf_target_recall}")
     el, reason = _join(faces, descriptors, config)
     n = len(el.face_row)
     n_rej = int((reason >= 0).sum())
@@ -295,12 +404,13 @@ def build_expression_pairs(
         "accepted_before_cap": 0,
     }
     stats["not_examined_beyond_neighbours"] = 0
+    search, seconds = {}, {}
     acc_sim, acc_a, acc_b = [], [], []
     if n >= 2:
         stats["candidate_pairs"] = n * (n - 1) // 2
         class_sizes = np.bincount(el.top, minlength=len(EMOTIONS))
         stats["rejected_different_expression_class"] = int(stats["candidate_pairs"] - (class_sizes * (class_sizes - 1) // 2).sum())
-        for ia, ib in _neighbour_pair_blocks(el.P, el.G, el.top, config, stats):
+        for ia, ib in _neighbour_pair_blocks(el.P, el.G, el.top, config, stats, search, seconds):
             sim = expression_similarity(el.P[ia], el.G[ia], el.P[ib], el.G[ib], w_probs=config.w_probs,
                                         scales=GEOMETRY_SCALES)
             # the rules in the order of the module docstring; each pair is counted under the first that fails
@@ -411,7 +521,8 @@ def build_expression_pairs(
     )
     counts = np.bincount(rcodes, minlength=len(REJECT_REASONS))
     stats["face_reject_reasons"] = {r: int(counts[i]) for r, i in sorted((r, i) for i, r in enumerate(REJECT_REASONS)) if counts[i]}
-    return ExpressionResult(table, rej, stats)
+    stats["neighbour_search"] = search
+    return ExpressionResult(table, rej, stats, seconds)
 
 
 # ---- outputs -------------------------------------------------------------------------------------
