@@ -113,6 +113,7 @@ def main() -> None:
         summary[f"vs_truth_{name}"] = {"bcubed_f": round(q["bcubed_f"], 4), "pairwise_f": round(q["pairwise_f"], 4)}
     print(json.dumps(summary))
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / f"incremental-{stamp}.json").write_text(json.dumps({"steps": results, "summary": summary}, indent=1))
 
 
