@@ -15,7 +15,7 @@ import pyarrow.compute  # makes pa.compute available
 import scipy.sparse as sp
 
 from .cluster import DEFAULT_METHOD, cluster_graph, default_threshold
-from .knn import EXACT_MAX_DEFAULT, IvfIndex, knn_graph, load_embeddings
+from .knn import EXACT_MAX_DEFAULT, IvfIndex, exact_knn_of_rows, knn_graph, load_embeddings
 from .local_recluster import LOCAL_RECLUSTER_MAX_FACES, id_number, previous_codes
 from .local_recluster import local_recluster as recluster_touched
 from .stable_ids import (
@@ -219,7 +219,9 @@ def build_identities(
         )
         if local_recluster:
 
-            def _knn(Esub):
+            def _knn(Esub):  # one component: exact (one thread: no OpenMP spinning on a busy box)
+                if len(Esub) <= exact_max:
+                    return exact_knn_of_rows(Esub, np.arange(len(Esub)), k)
                 gs = knn_graph(Esub, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr,
                                exact_max=exact_max)
                 return gs.indices, gs.similarities
@@ -383,19 +385,14 @@ def _new_faces_graph(E, rows, k, thr, prev_pos, previous, index, seed, exact_max
     the last build, every known face in the cell recorded for it; the cells are trained here first
     when there are none, when a face of the previous table has no cell, or when the collection has
     outgrown them. A refresh with no new face keeps the cells as they are."""
-    from .knn import knn_ivf_search, search_index, train_ivf_index
+    from .knn import knn_ivf_search, train_ivf_index
 
     N, D = E.shape
     params: dict = {}
     if N <= exact_max:
         if len(rows) == 0:
             return _PartialGraph(rows, np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)), None, None, "exactly"
-        I, S = search_index(E, np.ascontiguousarray(E[rows]), k + 1)
-        self_hit = I == rows[:, None]
-        I = np.where(self_hit, -1, I)
-        S = np.where(self_hit, -np.inf, S)
-        order = np.argsort(-S, axis=1, kind="stable")[:, :k]  # drop the self match, keep the k best others
-        g = _PartialGraph(rows, np.take_along_axis(I, order, 1), np.take_along_axis(S, order, 1).astype(np.float32))
+        g = _PartialGraph(rows, *exact_knn_of_rows(E, rows, k))
         return g, None, None, "exactly"
     known = prev_pos >= 0
     cell_of = np.full(N, -1, np.int64)

@@ -14,8 +14,9 @@ change:
   stay within ``max_faces`` (all member faces of their identities + their new faces). A component
   that does not fit keeps the vote's result: its merges and splits are left to the nightly
   recluster, and the stats say how many.
-- The faces taken get a kNN graph among themselves (``knn``: the build's own search, exact below
-  its ``exact_max``) and are clustered with the build's method, threshold and seed (``cluster``).
+- The faces taken get a kNN graph, each component among its own faces (``knn``: exact below the
+  build's ``exact_max``, else the build's kNN backend), and are clustered with the build's method,
+  threshold and seed (``cluster``).
   The local clusters are mapped onto the previous ids by maximum overlap
   (:func:`~pipeline.identity.stable_ids.map_to_previous`): a cluster that takes an identity's
   largest overlap keeps its id, a merge keeps one id (the other is retired and never reused), a
@@ -29,7 +30,7 @@ change:
   of their first face, the order a full recluster and the vote path use.
 
 What stays for the nightly recluster: components over ``max_faces``, cuts into new identities,
-and edges from the faces
+edges between two components (identities that no new face links), and edges from the faces
 taken to faces outside them (old faces' neighbours are not searched in a refresh: an identity
 that a new face touches is reclustered with its own members and the new faces, not with the other
 identities its old faces are near).
@@ -79,8 +80,8 @@ def local_recluster(
     ``neighbours``: their (indices, similarities) among all faces, rows in ``new_pos`` order.
     ``next_number``: the previous table's high-water mark; ids numbered from it are new (the vote
     path's new ids included) and are renumbered here in order of first face.
-    ``knn(E_sub) -> (indices, similarities)`` and ``cluster(indices, similarities) -> labels``
-    are the build's own. ``max_faces``: see the module docstring."""
+    ``knn(E_sub) -> (indices, similarities)`` (self excluded, run per component) and
+    ``cluster(indices, similarities) -> labels`` are the build's own. ``max_faces``: see the module docstring."""
     t0, c0 = time.perf_counter(), time.process_time()
     ids = np.asarray(ids, dtype=object).copy()
     prev_codes = np.asarray(prev_codes, dtype=np.int64)
@@ -133,6 +134,7 @@ def local_recluster(
         "components_left_to_nightly": int(len(skipped)),
         "faces_left_to_nightly": int(comp_faces[skipped].sum()),
         "largest_component_faces": int(comp_faces[cand].max()) if len(cand) else 0,
+        "largest_component_reclustered_faces": int(comp_faces[taken].max()) if taken.any() else 0,
         "new_faces_bridging_left_to_nightly": len(left_rows),
         "identity_pairs_left_to_nightly": len(left_pairs),
     })
@@ -147,11 +149,12 @@ def local_recluster(
     old_taken = np.flatnonzero((prev_codes >= 0) & ident_taken[np.maximum(prev_codes, 0)])
     members = np.union1d(old_taken, new_taken)
     t1, c1 = time.perf_counter(), time.process_time()
-    Esub = np.ascontiguousarray(embeddings[members], dtype=np.float32)
-    gi, gs = knn(Esub)
+    gi, gs = _knn_per_component(embeddings, members, np.where(prev_codes[members] >= 0, comp[np.maximum(
+        prev_codes[members], 0)], comp[K + new_row[members]]), knn)
+    t2, c2 = time.perf_counter(), time.process_time()
     labels = np.asarray(cluster(gi, gs), dtype=np.int64)
-    stats["knn_cluster_s"] = round(time.perf_counter() - t1, 3)
-    stats["knn_cluster_cpu_s"] = round(time.process_time() - c1, 3)
+    stats.update(knn_s=round(t2 - t1, 3), knn_cpu_s=round(c2 - c1, 3), cluster_s=round(time.perf_counter() - t2, 3),
+                 cluster_cpu_s=round(time.process_time() - c2, 3))
 
     is_old = prev_codes[members] >= 0
     old_local = np.flatnonzero(is_old)
@@ -180,6 +183,22 @@ def local_recluster(
         "faces_kept_from_cuts": kept_back,
     })
     return _renumber(ids, new_pos, members, next_number, stats), _finish(stats, t0, c0)
+
+
+def _knn_per_component(E, members, comp_of, knn) -> tuple[np.ndarray, np.ndarray]:
+    """kNN graph of ``members`` (rows in their order) with each component searched on its own:
+    no edge between two components (identities no new face links stay as the last build left
+    them), and the cost is the sum of the squared component sizes, not the square of their sum."""
+    order = np.lexsort((members, comp_of))
+    bounds = np.flatnonzero(np.diff(comp_of[order])) + 1
+    parts_i, parts_s = [], []
+    for idx in np.split(order, bounds):
+        I, S = knn(np.ascontiguousarray(E[members[idx]], dtype=np.float32))
+        parts_i.append(np.where(I >= 0, idx[np.maximum(I, 0)], -1))
+        parts_s.append(S)
+    gi, gs = np.empty_like(np.concatenate(parts_i)), np.empty_like(np.concatenate(parts_s))
+    gi[order], gs[order] = np.concatenate(parts_i), np.concatenate(parts_s)
+    return gi, gs
 
 
 def _no_splits(labels, local_ids, before, is_old, temp_start) -> tuple[int, int]:
