@@ -44,7 +44,7 @@ class LineupSettings(dg.ConfigurableResource):
     # overlap. The nightly daily_dataset_refresh reclusters; a first build always does.
     identity_mode: str = "incremental"
     # incremental mode: the identities the new faces touch are clustered again with them (merges happen
-    # then, not only at night), up to identity_local_recluster_max_faces faces (0: the default, 20,000;
+    # then, not only at night), up to identity_local_recluster_max_faces faces (0: the default, 100,000;
     # pipeline/identity/local_recluster.py); False: the vote alone
     identity_local_recluster: bool = True
     identity_local_recluster_max_faces: int = 0

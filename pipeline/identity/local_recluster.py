@@ -49,10 +49,10 @@ from scipy.sparse.csgraph import connected_components
 
 from .stable_ids import _ID_RE, format_id, map_to_previous
 
-# Faces one refresh reclusters at most. An exact kNN search of 20k faces plus Chinese whispers
-# takes ~1-2 s on one core; the 1M refresh (bench/bench_incremental.py) keeps its >= 10x lead over
-# the full recluster with it (README, "Incremental refresh").
-LOCAL_RECLUSTER_MAX_FACES = 20_000
+# Faces one refresh reclusters at most. Old faces are searched within their own identity (cost: the
+# sum of the squared identity sizes), so 100k faces take ~1.6 s; at 1M + 1% new faces every bridging
+# component fits (bench/bench_incremental.py; README, "Incremental refresh").
+LOCAL_RECLUSTER_MAX_FACES = 100_000
 
 
 def id_number(identity_id) -> int:
