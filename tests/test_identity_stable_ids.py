@@ -369,7 +369,7 @@ def test_local_recluster_merges_the_identities_a_new_face_bridges_like_a_full_re
         before = _ids(first)
         a_id, b_id = before[("img000", 0)], before[("img004", 0)]
         assert first.stats["n_identities"] == 8 and a_id != b_id  # A and B start apart
-        kw = dict(previous=first.assignments, threshold=0.9)
+        kw = {"previous": first.assignments, "threshold": 0.9}
         inc = build_identities(uids, fidx, E, mode="incremental", **kw)
         full = build_identities(uids, fidx, E, mode="recluster", **kw)
         vote = build_identities(uids, fidx, E, mode="incremental", local_recluster=False, **kw)
@@ -392,7 +392,7 @@ def test_local_recluster_merges_the_identities_a_new_face_bridges_like_a_full_re
 def test_a_refresh_without_bridges_keeps_every_old_id_and_reclusters_the_touched_identities():
     uids, fidx, E, old = _bridge_scene(1, bridge=0)
     first = build_identities(uids[old], fidx[old], E[old], threshold=0.9)
-    kw = dict(previous=first.assignments, threshold=0.9)
+    kw = {"previous": first.assignments, "threshold": 0.9}
     inc = build_identities(uids, fidx, E, mode="incremental", **kw)
     full = build_identities(uids, fidx, E, mode="recluster", **kw)
     before, a = _ids(first), _ids(inc)
@@ -436,7 +436,7 @@ def test_the_id_a_merge_retires_is_never_handed_out_again(tmp_path):
 def test_components_over_the_cap_keep_the_vote_and_are_reported():
     uids, fidx, E, old = _bridge_scene(3)
     first = build_identities(uids[old], fidx[old], E[old], threshold=0.9)
-    kw = dict(previous=first.assignments, threshold=0.9, mode="incremental")
+    kw = {"previous": first.assignments, "threshold": 0.9, "mode": "incremental"}
     capped = build_identities(uids, fidx, E, local_recluster_max_faces=11, **kw)
     vote = build_identities(uids, fidx, E, local_recluster=False, **kw)
     lr, churn = capped.stats["local_recluster"], capped.stats["churn"]

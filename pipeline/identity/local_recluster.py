@@ -129,10 +129,10 @@ def local_recluster(
     left_pairs = {p for q in left_rows for p in bridge_rows[q]}
     skipped = cand[~taken[cand]]
     stats.update({
-        "components_touched": int(len(cand)),
+        "components_touched": len(cand),
         "components_bridging": int((comp_idents[cand] >= 2).sum()),
         "components_reclustered": int(taken.sum()),
-        "components_left_to_nightly": int(len(skipped)),
+        "components_left_to_nightly": len(skipped),
         "faces_left_to_nightly": int(comp_faces[skipped].sum()),
         "largest_component_faces": int(comp_faces[cand].max()) if len(cand) else 0,
         "largest_component_reclustered_faces": int(comp_faces[taken].max()) if taken.any() else 0,
@@ -173,9 +173,9 @@ def local_recluster(
     stats.update({
         "status": "done" if not len(skipped) else "partial: components over max_faces keep the vote's result",
         "identities_reclustered": int(ident_taken.sum()),
-        "faces_reclustered": int(len(members)),
-        "new_faces_reclustered": int(len(new_taken)),
-        "identities_merged": int(len(np.setdiff1d(old_before, old_after))),  # absorbed into another identity
+        "faces_reclustered": len(members),
+        "new_faces_reclustered": len(new_taken),
+        "identities_merged": len(np.setdiff1d(old_before, old_after)),  # absorbed into another identity
         "identities_split": int((split_ids > 1).sum()),
         "faces_id_changed": int((old_after != old_before).sum()),
         "new_faces_moved": int((local_ids[~is_old] != before[~is_old]).sum()),  # vs the vote's choice
@@ -234,7 +234,7 @@ def _no_splits(labels, local_ids, before, is_old, temp_start) -> tuple[int, int]
         olds = before[(labels == c) & is_old].astype(str)
         u, n = np.unique(olds, return_counts=True)
         local_ids[(labels == c) & ~is_old] = u[np.argmax(n)]  # np.unique sorts: ties -> smallest id
-    return int(back.sum()), int(len(cut))
+    return int(back.sum()), len(cut)
 
 
 def _bridges(r: np.ndarray, other: np.ndarray, K: int) -> dict[int, set]:
@@ -266,7 +266,7 @@ def _renumber(ids, new_pos, members, next_number, stats) -> np.ndarray:
         new_num[order] = next_number + np.arange(len(uniq))
         mapped = new_num[np.searchsorted(uniq, nums[fresh])]
         ids[where[fresh]] = np.array([format_id(n) for n in mapped.tolist()], dtype=object)
-    stats["ids_created"] = int(len(np.unique(nums[fresh])))
+    stats["ids_created"] = len(np.unique(nums[fresh]))
     return ids
 
 
