@@ -30,6 +30,7 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
     from pipeline.faces import embeddings_of
     from pipeline.faces.crops import CropReader
     from pipeline.identity import build_identities
+    from pipeline.identity.local_recluster import LOCAL_RECLUSTER_MAX_FACES
     from pipeline.identity.report import evaluate_against_labels, folder_labels, identity_figures
 
     layout = lineup.layout
@@ -52,6 +53,8 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
         knn_backend=lineup.knn_backend,
         mode=mode,
         index=index,
+        local_recluster=lineup.identity_local_recluster,
+        local_recluster_max_faces=lineup.identity_local_recluster_max_faces or LOCAL_RECLUSTER_MAX_FACES,
     )
     write_ivf_index(layout, res.index)  # before the table: a table never names cells that are not on disk
     write_parquet_atomic(res.assignments, prev_path)
@@ -75,6 +78,8 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "knn_params": dg.MetadataValue.json(_jsonable(st.get("knn_params", {}))),
             "mode": mode if previous is not None else "recluster (first build)",
             "churn": dg.MetadataValue.json(churn),
+            # incremental refresh: what the local recluster took, merged, and left to the nightly run
+            "local_recluster": dg.MetadataValue.json(_jsonable(st.get("local_recluster") or {"status": "n/a"})),
             "collection": dg.MetadataValue.json(coll.coverage()),
             "timings_s": dg.MetadataValue.json({k: round(float(v), 3) for k, v in st.get("timings", {}).items()}),
             "doubtful_merges": dg.MetadataValue.json(st.get("doubtful_merges", [])[:10]),

@@ -43,6 +43,11 @@ class LineupSettings(dg.ConfigurableResource):
     # (only they are searched); recluster: cluster everything, map clusters onto the previous ids by
     # overlap. The nightly daily_dataset_refresh reclusters; a first build always does.
     identity_mode: str = "incremental"
+    # incremental mode: the identities the new faces touch are clustered again with them (merges happen
+    # then, not only at night), up to identity_local_recluster_max_faces faces (0: the default, 100,000;
+    # pipeline/identity/local_recluster.py); False: the vote alone
+    identity_local_recluster: bool = True
+    identity_local_recluster_max_faces: int = 0
     knn_backend: str = "auto"  # auto | faiss-flat | ivf-blas | faiss-ivf | faiss-hnsw | faiss-gpu | torch
     # scorers: weights come from local files only; a scorer without weights is reported unavailable
     clip_model: str = "ViT-L-14"

@@ -82,5 +82,8 @@ def test_identities_are_stable_when_a_partition_arrives(env, mode):
     assert ids["elon_musk"][0] not in {ids[p][0] for p in PEOPLE}
     meta = next(iter(r.asset_materializations_for_node("identities"))).metadata
     assert "cluster_sizes" in meta and "most_doubtful_merges" in meta
+    if mode == "incremental":  # the people the new photos joined were clustered again with them
+        assert meta["local_recluster"].data["status"] == "done", meta["local_recluster"].data
+        assert meta["local_recluster"].data["identities_reclustered"] == 3
     checks = {e.check_name: e for e in r.get_asset_check_evaluations()}
     assert checks["clustering_vs_folder_labels"].passed

@@ -251,8 +251,9 @@ def test_refresh_searches_new_faces_through_the_kept_cells_and_matches_an_exact_
     assert first.index is not None and first.stats["knn_backend"] == "ivf-blas"
     cells = first.assignments.column("ivf_cell").to_numpy()
     assert (cells >= 0).all() and (cells < first.index.nlist).all()
+    # the search and the vote alone (local_recluster=False): old faces keep their ids there
     inc = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental", index=first.index,
-                           exact_max=5_000)
+                           exact_max=5_000, local_recluster=False)
     assert inc.stats["knn_backend"] == "incremental: new faces searched through the kept IVF cells"
     p = inc.stats["knn_params"]
     assert p["new_faces"] == int((~old).sum()) and "cells_trained" not in p and p["check_recall"] >= 0.95
@@ -265,7 +266,8 @@ def test_refresh_searches_new_faces_through_the_kept_cells_and_matches_an_exact_
     assert (new_cells >= 0).all()
     assert (new_cells[old] == cells).all()
     # the same partition as searching every new face exactly (the refresh before the cells)
-    exact = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental", exact_max=10**9)
+    exact = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental", exact_max=10**9,
+                             local_recluster=False)
     assert exact.stats["knn_backend"] == "incremental: new faces searched exactly"
     keys = sorted(after)
     codes = lambda d: np.unique([d[k] for k in keys], return_inverse=True)[1]  # noqa: E731
@@ -280,7 +282,7 @@ def test_refresh_trains_cells_when_none_were_kept_or_they_do_not_fit():
                        (IvfIndex(first.index.cells[:, :8].copy(), first.index.coarse[:, :8].copy(), 6, 11_880), "dimension"),
                        (IvfIndex(first.index.cells, first.index.coarse, 6, 1_000), "grew")):
         inc = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental", index=index,
-                               exact_max=5_000)
+                               exact_max=5_000, local_recluster=False)
         assert why in inc.stats["knn_params"]["cells_trained"]
         assert inc.index is not None and inc.index.dim == E.shape[1] and inc.index.trained_on == len(uids)
         assert _ids(inc).items() >= _ids(first).items()  # old faces keep their ids
@@ -307,8 +309,9 @@ def test_kept_cells_round_trip_and_a_damaged_file_reads_as_none(tmp_path):
 
 
 def test_a_new_face_between_two_identities_is_counted_as_a_bridge():
-    """Two tight identities; a new face close to both joins one of them (ids never merge in an
-    incremental refresh) and is reported as bridging them."""
+    """Two tight identities (20 faces each); one new face close to both is reported as bridging
+    them and joins one of them: one face does not outweigh twenty, the local recluster keeps the
+    two apart, as a full recluster does."""
     rng = np.random.default_rng(0)
     a = np.zeros(32)
     a[0] = 1.0
@@ -324,4 +327,126 @@ def test_a_new_face_between_two_identities_is_counted_as_a_bridge():
     inc = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental", threshold=0.9)
     churn = inc.stats["churn"]
     assert churn["new_faces_bridging_identities"] == 1 and churn["identity_pairs_bridged"] == 1
-    assert inc.stats["n_identities"] == 2
+    assert inc.stats["n_identities"] == 2 and inc.stats["local_recluster"]["faces_reclustered"] == 41
+    full = build_identities(uids, fidx, E, previous=first.assignments, mode="recluster", threshold=0.9)
+    assert _ids(inc) == _ids(full)
+
+
+def _bridge_scene(seed=0, bridge=4, dim=32):
+    """Person P photographed from two sides: A (4 faces) and B (4 faces), 0.55 rad apart (cosine
+    <= 0.87, no edge at threshold 0.9), six other people (8 faces each, orthogonal). The refresh
+    brings ``bridge`` faces of P halfway between A and B (cosine ~0.96 to both), two faces of the
+    first other person and three faces of a new person."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+
+    def arc(a):
+        return np.cos(a)[:, None] * basis[0] + np.sin(a)[:, None] * basis[1]
+
+    old = [arc(rng.uniform(0, 0.04, 4)), arc(rng.uniform(0.51, 0.55, 4))]
+    old += [basis[2 + i] + 0.02 * rng.normal(size=(8, dim)) for i in range(6)]
+    new = [arc(rng.uniform(0.255, 0.295, bridge)), basis[2] + 0.02 * rng.normal(size=(2, dim)),
+           basis[10] + 0.02 * rng.normal(size=(3, dim))]
+    E = np.concatenate(old + new)
+    E = E + 0.003 * rng.normal(size=E.shape)
+    E = (E / np.linalg.norm(E, axis=1, keepdims=True)).astype(np.float32)
+    n = len(E)
+    return np.array([f"img{i:03d}" for i in range(n)]), np.zeros(n, np.int64), E, np.arange(n) < 56
+
+
+def _partition(d, keys):
+    """Co-membership of the faces ``keys``: the set of frozensets of faces sharing an id."""
+    groups = {}
+    for k in keys:
+        groups.setdefault(d[k], set()).add(k)
+    return {frozenset(g) for g in groups.values()}
+
+
+def test_local_recluster_merges_the_identities_a_new_face_bridges_like_a_full_recluster():
+    for seed in range(5):
+        uids, fidx, E, old = _bridge_scene(seed)
+        first = build_identities(uids[old], fidx[old], E[old], threshold=0.9)
+        before = _ids(first)
+        a_id, b_id = before[("img000", 0)], before[("img004", 0)]
+        assert first.stats["n_identities"] == 8 and a_id != b_id  # A and B start apart
+        kw = {"previous": first.assignments, "threshold": 0.9}
+        inc = build_identities(uids, fidx, E, mode="incremental", **kw)
+        full = build_identities(uids, fidx, E, mode="recluster", **kw)
+        vote = build_identities(uids, fidx, E, mode="incremental", local_recluster=False, **kw)
+        a, b, v = _ids(inc), _ids(full), _ids(vote)
+        assert b[("img000", 0)] == b[("img004", 0)]  # the full recluster merges A and B
+        keys = sorted(a)
+        assert _partition(a, keys) == _partition(b, keys), seed  # same partition as the full recluster
+        assert a == b  # and the same ids (the overlap mapping keeps one of A's and B's)
+        assert v[("img000", 0)] != v[("img004", 0)]  # the vote alone leaves them apart
+        # identities no new face touched keep their ids and their faces
+        untouched = {k: i for k, i in before.items() if i not in (a_id, b_id)}
+        assert all(a[k] == i for k, i in untouched.items())
+        lr, churn = inc.stats["local_recluster"], inc.stats["churn"]
+        assert lr["status"] == "done" and lr["identities_merged"] == 1 and churn["ids_retired"] == 1
+        changed = sum(a[k] != i for k, i in before.items())  # faces of the retired id
+        assert churn["faces_id_changed"] == lr["faces_id_changed"] == changed == 4
+        assert churn["identity_pairs_left_to_nightly"] == 0 < churn["identity_pairs_bridged"]
+
+
+def test_a_refresh_without_bridges_keeps_every_old_id_and_reclusters_the_touched_identities():
+    uids, fidx, E, old = _bridge_scene(1, bridge=0)
+    first = build_identities(uids[old], fidx[old], E[old], threshold=0.9)
+    kw = {"previous": first.assignments, "threshold": 0.9}
+    inc = build_identities(uids, fidx, E, mode="incremental", **kw)
+    full = build_identities(uids, fidx, E, mode="recluster", **kw)
+    before, a = _ids(first), _ids(inc)
+    assert all(a[k] == i for k, i in before.items())
+    assert a == _ids(full)
+    lr = inc.stats["local_recluster"]
+    # the person two new faces joined was clustered again with them (and nothing else was)
+    assert lr["status"] == "done" and lr["identities_reclustered"] == 1 and lr["faces_reclustered"] == 10
+    assert lr["identities_merged"] == lr["identities_split"] == inc.stats["churn"]["faces_id_changed"] == 0
+
+
+def test_the_id_a_merge_retires_is_never_handed_out_again(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.identity.stable_ids import high_water
+
+    uids, fidx, E, old = _bridge_scene(2)
+    first = build_identities(uids[old], fidx[old], E[old], threshold=0.9)
+    ids1 = set(_ids(first).values())
+    inc = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental", threshold=0.9)
+    retired = ids1 - set(_ids(inc).values())
+    assert len(retired) == 1
+    (gone,) = retired
+    path = tmp_path / "identities.parquet"
+    pq.write_table(inc.assignments, path)
+    t = pq.read_table(path)
+    assert high_water(t) > int(gone[3:])
+    # the next refresh: two new people
+    rng = np.random.default_rng(9)
+    extra = np.concatenate([c + 0.01 * rng.normal(size=(3, E.shape[1])) for c in rng.normal(size=(2, E.shape[1]))])
+    extra = (extra / np.linalg.norm(extra, axis=1, keepdims=True)).astype(np.float32)
+    n = len(uids)
+    nxt = build_identities(np.concatenate([uids, [f"z{i}" for i in range(6)]]), np.zeros(n + 6, np.int64),
+                           np.vstack([E, extra]), previous=t, mode="incremental", threshold=0.9)
+    ids3 = _ids(nxt)
+    fresh = {ids3[(f"z{i}", 0)] for i in range(6)}
+    assert len(fresh) == 2 and gone not in set(ids3.values())
+    assert all(int(i[3:]) >= high_water(t) for i in fresh)
+
+
+def test_components_over_the_cap_keep_the_vote_and_are_reported():
+    uids, fidx, E, old = _bridge_scene(3)
+    first = build_identities(uids[old], fidx[old], E[old], threshold=0.9)
+    kw = {"previous": first.assignments, "threshold": 0.9, "mode": "incremental"}
+    capped = build_identities(uids, fidx, E, local_recluster_max_faces=11, **kw)
+    vote = build_identities(uids, fidx, E, local_recluster=False, **kw)
+    lr, churn = capped.stats["local_recluster"], capped.stats["churn"]
+    # A + B + the bridge (12 faces) does not fit, the other person + its 2 new faces (10) does
+    assert lr["status"].startswith("partial") and lr["components_left_to_nightly"] == 1
+    assert lr["faces_left_to_nightly"] == 12 and lr["faces_reclustered"] == 10
+    assert churn["identity_pairs_left_to_nightly"] == churn["identity_pairs_bridged"] == 1
+    assert churn["new_faces_bridging_left_to_nightly"] == churn["new_faces_bridging_identities"] > 0
+    assert _ids(capped) == _ids(vote)  # what was left over keeps the vote's result
+    none = build_identities(uids, fidx, E, local_recluster_max_faces=0, **kw)
+    assert none.stats["local_recluster"]["status"].startswith("every touched component is over")
+    assert _ids(none) == _ids(vote)
+    assert vote.stats["local_recluster"] == {"status": "off"}

@@ -15,7 +15,9 @@ import pyarrow.compute  # makes pa.compute available
 import scipy.sparse as sp
 
 from .cluster import DEFAULT_METHOD, cluster_graph, default_threshold
-from .knn import EXACT_MAX_DEFAULT, IvfIndex, knn_graph, load_embeddings
+from .knn import EXACT_MAX_DEFAULT, IvfIndex, exact_knn_of_rows, knn_graph, load_embeddings
+from .local_recluster import LOCAL_RECLUSTER_MAX_FACES, id_number, previous_codes
+from .local_recluster import local_recluster as recluster_touched
 from .stable_ids import (
     assign_incremental,
     face_key_array,
@@ -137,6 +139,8 @@ def build_identities(
     return_graph: bool = False,
     index: IvfIndex | None = None,
     exact_max: int = EXACT_MAX_DEFAULT,
+    local_recluster: bool = True,
+    local_recluster_max_faces: int = LOCAL_RECLUSTER_MAX_FACES,
     **cluster_kwargs,
 ) -> IdentityResult:
     """Cluster faces into identities with ids stable across refreshes.
@@ -144,8 +148,11 @@ def build_identities(
     uids, face_indices: one per face (row i of ``embeddings``); embeddings: N x D float32,
     L2-normalised (array or .npy path, memory-mapped). ``previous``: the last assignments table
     (needs uid, face_index, identity_id) or None. ``mode``: "recluster" (cluster everything, then
-    map clusters onto previous ids by Hungarian overlap) or "incremental" (previous faces keep their
-    ids, new faces join an existing identity by kNN vote or form new ones). ``threshold`` defaults
+    map clusters onto previous ids by Hungarian overlap) or "incremental" (new faces join an existing
+    identity by kNN vote or form new ones; then, with ``local_recluster``, the identities they touch
+    are clustered again with them, up to ``local_recluster_max_faces`` faces, and mapped back onto
+    their ids by overlap: merges and splits happen there, every other face keeps its id; see
+    :mod:`pipeline.identity.local_recluster`). ``threshold`` defaults
     to the per-backend value in :data:`pipeline.identity.cluster.DEFAULT_THRESHOLDS`.
     ``index``: the IVF cells kept from the last build (``IdentityResult.index``); an incremental
     refresh above ``exact_max`` faces searches its new faces through them (and trains them first
@@ -210,6 +217,39 @@ def build_identities(
             prev_pos, prev_ids, thr, neighbours=(g.indices, g.similarities), cluster_new=_cluster_new,
             embeddings=E, next_number=next_number,
         )
+        if local_recluster:
+
+            def _knn(Esub):  # one component: exact (one thread: no OpenMP spinning on a busy box)
+                if len(Esub) <= exact_max:
+                    return exact_knn_of_rows(Esub, np.arange(len(Esub)), k)
+                gs = knn_graph(Esub, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr,
+                               exact_max=exact_max)
+                return gs.indices, gs.similarities
+
+            def _cluster(I, S):
+                return cluster_graph(I, S, method=method, threshold=thr, seed=seed, **cluster_kwargs).labels
+
+            ids, local = recluster_touched(
+                ids, previous_codes(prev_pos, previous), new_pos, (g.indices, g.similarities), thr, next_number,
+                _cluster, _knn, E, max_faces=local_recluster_max_faces, min_overlap=min_overlap,
+            )
+            merged = local.get("identities_merged", 0)
+            new_known = np.fromiter((id_number(i) < next_number for i in ids[new_pos].tolist()), bool, len(new_pos))
+            churn.update(
+                faces_id_changed=local.get("faces_id_changed", 0), ids_created=local["ids_created"],
+                ids_retired=churn["ids_retired"] + merged, ids_kept=churn["ids_kept"] - merged,
+                new_faces_assigned_existing=int(new_known.sum()), new_faces_new_ids=int((~new_known).sum()),
+                new_faces_bridging_left_to_nightly=local.get(
+                    "new_faces_bridging_left_to_nightly", churn["new_faces_bridging_identities"]),
+                identity_pairs_left_to_nightly=local.get(
+                    "identity_pairs_left_to_nightly", churn["identity_pairs_bridged"]),
+            )
+        else:
+            local = {"status": "off"}
+            churn.update(new_faces_bridging_left_to_nightly=churn["new_faces_bridging_identities"],
+                         identity_pairs_left_to_nightly=churn["identity_pairs_bridged"])
+        stats["local_recluster"] = local
+        timings["local_recluster_s"] = float(local.get("seconds", 0.0))
         # labels in order of first appearance (Arrow's dictionary encoding: no sort of a million strings)
         labels = pa.compute.dictionary_encode(pa.array(ids.tolist(), pa.string())).indices.to_numpy().astype(np.int64)
         stats["churn"] = churn
@@ -345,19 +385,14 @@ def _new_faces_graph(E, rows, k, thr, prev_pos, previous, index, seed, exact_max
     the last build, every known face in the cell recorded for it; the cells are trained here first
     when there are none, when a face of the previous table has no cell, or when the collection has
     outgrown them. A refresh with no new face keeps the cells as they are."""
-    from .knn import knn_ivf_search, search_index, train_ivf_index
+    from .knn import knn_ivf_search, train_ivf_index
 
     N, D = E.shape
     params: dict = {}
     if N <= exact_max:
         if len(rows) == 0:
             return _PartialGraph(rows, np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)), None, None, "exactly"
-        I, S = search_index(E, np.ascontiguousarray(E[rows]), k + 1)
-        self_hit = I == rows[:, None]
-        I = np.where(self_hit, -1, I)
-        S = np.where(self_hit, -np.inf, S)
-        order = np.argsort(-S, axis=1, kind="stable")[:, :k]  # drop the self match, keep the k best others
-        g = _PartialGraph(rows, np.take_along_axis(I, order, 1), np.take_along_axis(S, order, 1).astype(np.float32))
+        g = _PartialGraph(rows, *exact_knn_of_rows(E, rows, k))
         return g, None, None, "exactly"
     known = prev_pos >= 0
     cell_of = np.full(N, -1, np.int64)
@@ -382,10 +417,8 @@ def _new_faces_graph(E, rows, k, thr, prev_pos, previous, index, seed, exact_max
         params["train_s"] = round(time.perf_counter() - t, 3)
         how = f"through IVF cells trained now ({why})"
     # identity of every known face: a new face that finds one face of an identity scans all its cells
-    codes = pa.compute.dictionary_encode(previous.column("identity_id").combine_chunks()).indices.to_numpy()
-    groups = np.full(N, -1, np.int64)
-    groups[known] = codes[prev_pos[known]]
-    I, S, cells, info = knn_ivf_search(E, rows, index, cell_of, k, min_sim=thr, seed=seed, groups=groups)
+    I, S, cells, info = knn_ivf_search(E, rows, index, cell_of, k, min_sim=thr, seed=seed,
+                                       groups=previous_codes(prev_pos, previous))
     params.update({kk: v for kk, v in info.items() if kk != "rounds"})
     return _PartialGraph(rows, I, S, params), cells, index, how
 

@@ -1138,3 +1138,18 @@ def search_index(
     finally:
         faiss.omp_set_num_threads(omp)
     return _finalise(I, S)
+
+
+def exact_knn_of_rows(E: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact k nearest faces (self excluded) of the faces ``rows`` among all faces of E:
+    (indices, similarities), one row per face of ``rows``, through :func:`search_index` (one
+    OpenMP thread). For a refresh's new faces in a small collection and the local recluster."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    I, S = search_index(E, np.ascontiguousarray(E[rows]), k + 1)
+    self_hit = I == rows[:, None]
+    I = np.where(self_hit, -1, I)
+    S = np.where(self_hit, -np.inf, S)
+    order = np.argsort(-S, axis=1, kind="stable")[:, :k]  # drop the self match, keep the k best others
+    return np.take_along_axis(I, order, 1), np.take_along_axis(S, order, 1).astype(np.float32)
