@@ -55,6 +55,18 @@ def test_incremental_keeps_old_ids_and_assigns_known_people():
     assert fresh and all(int(i[3:]) >= start for i in fresh)
 
 
+def test_an_incremental_refresh_with_no_new_face_keeps_every_id():
+    """A resumed or repeated run: nothing new, nothing to recluster; every id and the churn stay as they were
+    (this path once raised KeyError in the churn bookkeeping)."""
+    uids, fidx, E, _ = _faces()
+    first = build_identities(uids, fidx, E)
+    again = build_identities(uids, fidx, E, previous=first.assignments, mode="incremental")
+    assert _ids(again) == _ids(first)
+    churn = again.stats["churn"]
+    assert churn["faces_new"] == 0 and churn["ids_created"] == 0 and churn["faces_id_changed"] == 0
+    assert again.stats["local_recluster"]["status"] == "nothing to recluster"
+
+
 def test_recluster_with_permuted_order_maps_back():
     uids, fidx, E, _y = _faces(seed=12)
     first = build_identities(uids, fidx, E)

@@ -236,7 +236,7 @@ def build_identities(
             merged = local.get("identities_merged", 0)
             new_known = np.fromiter((id_number(i) < next_number for i in ids[new_pos].tolist()), bool, len(new_pos))
             churn.update(
-                faces_id_changed=local.get("faces_id_changed", 0), ids_created=local["ids_created"],
+                faces_id_changed=local.get("faces_id_changed", 0), ids_created=local.get("ids_created", churn["ids_created"]),
                 ids_retired=churn["ids_retired"] + merged, ids_kept=churn["ids_kept"] - merged,
                 new_faces_assigned_existing=int(new_known.sum()), new_faces_new_ids=int((~new_known).sum()),
                 new_faces_bridging_left_to_nightly=local.get(
