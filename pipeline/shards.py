@@ -244,8 +244,8 @@ def iter_samples(dataset_dir: Path, exts: tuple[str, ...] = ("json",)):
         yield from iter_shard(path, exts)
 
 
-def iter_shard(path: Path, exts: tuple[str, ...] = ("json",)):
-    """The samples of one tar, as :func:`iter_samples` gives them."""
+def iter_shard(path: Path, exts: tuple[str, ...] | None = ("json",)):
+    """The samples of one tar, as :func:`iter_samples` gives them (``exts=None``: every member)."""
     path = Path(path)
     current: dict | None = None
     with tarfile.open(path) as tf:
@@ -257,7 +257,7 @@ def iter_shard(path: Path, exts: tuple[str, ...] = ("json",)):
                 if current is not None:
                     yield current
                 current = {"__key__": key, "__shard__": path.name}
-            if ext in exts:
+            if exts is None or ext in exts:
                 current[ext] = tf.extractfile(m).read()
     if current is not None:
         yield current

@@ -26,6 +26,7 @@ Recipe, per target image (all images, in uid order):
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import math
@@ -43,12 +44,23 @@ from pipeline.decode import encode_jpeg
 from pipeline.ids import stable_key
 from pipeline.multiid import dedup
 from pipeline.multiid.config import MultiIDConfig
+from pipeline.multiid.reuse import (
+    TARGETS_FILE,
+    TARGETS_SCHEMA,
+    PreviousTargets,
+    TargetTally,
+    common_digest,
+    photo_digests,
+    reselect_reason,
+    reused_records,
+    target_counts,
+    target_fingerprints,
+)
 from pipeline.multiid.splits import identity_split
 from pipeline.shards import (
     BUCKETS_FILE,
     ShardInfo,
     config_fingerprint,
-    iter_shard,
     link_or_copy,
     previous_buckets,
     shard_record,
@@ -420,6 +432,15 @@ class _Bucket:
     infos: dict = field(default_factory=dict)  # split -> the ShardInfos written for this bucket
     counts: dict = field(default_factory=dict)
     previous: dict | None = None  # the record of an identical bucket in the previous version (reused)
+    # per-target reuse (a build that writes): targets.parquet rows of this bucket; the samples copied from
+    # the previous version's tars (split -> previous shard -> keys); why targets were selected again
+    targets: pa.Table | None = None
+    copied: dict = field(default_factory=dict)
+    reasons: Counter = field(default_factory=Counter)
+    n_reused: int = 0
+    evictions: dict = field(default_factory=dict)  # the cache evictions of this run's selection (not recorded)
+    bytes_copied: int = 0
+    bytes_written: int = 0
 
     @property
     def name(self) -> str:
@@ -434,16 +455,22 @@ class _Bucket:
 
     def state(self) -> tuple:
         return (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
-                self.previous)
+                self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.evictions)
 
     def restore(self, state: tuple) -> None:
         (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
-         self.previous) = state
+         self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.evictions) = state
 
 
 def _summary(samples: list[dict]) -> list[tuple]:
     return [(s["key"], s["split"], tuple(fj["identity_id"] for fj in s["faces"]), tuple(len(fj["refs"]) for fj in s["faces"]))
             for s in samples]
+
+
+def _summary_of_targets(t: pa.Table) -> list[tuple]:
+    """The summary of the kept targets of targets.parquet rows (what :func:`_summary` gives from their samples)."""
+    cols = [t.column(c).to_pylist() for c in ("outcome", "key", "split", "persons", "refs")]
+    return sorted((k, sp, tuple(p), tuple(r)) for o, k, sp, p, r in zip(*cols) if o == "kept")
 
 
 class _Plan:
@@ -486,8 +513,9 @@ class _Plan:
         self.buckets = {b: _Bucket(b, uids, {f.identity_id for u in uids for f in self.by_uid.get(u, []) if f.identity_id is not None})
                         for b, uids in sorted(groups.items())}
         # fingerprints: what decides a bucket's samples, its shards and its rows
-        common = json.dumps({"builder": BUILDER_VERSION, "library": __version__, "config": cfg.to_dict(),
-                             "backends": backends, "model_versions": self.mversions}, sort_keys=True, default=str)
+        common_parts = {"builder": BUILDER_VERSION, "library": __version__, "config": cfg.to_dict(),
+                        "backends": backends, "model_versions": self.mversions}
+        common = json.dumps(common_parts, sort_keys=True, default=str)
         face_cols = FACE_COLUMNS + ["source"]
         tables = [(images, IMAGE_COLUMNS, ["uid"]), (faces, face_cols, ["uid", "face_index"]),
                   (identities, ["uid", "face_index", "identity_id"], ["uid", "face_index"])]
@@ -508,7 +536,12 @@ class _Plan:
         # keep_rows: keep the row dicts (select_references), else the rows are kept as Arrow tables
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.keep_rows = keep_rows
-        self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet"))
+        self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet", TARGETS_FILE))
+        # per-target reuse when writing: each photo's digest, and the previous version's targets
+        self.per_target = self.out_dir is not None
+        self.digests = photo_digests(tables) if self.per_target else {}
+        self.common_digest = common_digest(common_parts)
+        self.prev_targets = PreviousTargets(self.previous if self.per_target else None, self.previous_records)
         self._prev_tables: dict[str, pa.Table] = {}
         self.selections = 0
         self.corrupt: list[str] = []
@@ -524,41 +557,130 @@ class _Plan:
 
     def _run(self, b: _Bucket, override: set) -> None:
         """Fill bucket ``b`` with the eval override ``override``: from the previous version when it holds
-        an intact bucket with the same fingerprint, else by selecting references over its photos."""
+        an intact bucket with the same fingerprint, else by selecting references over its photos; a build
+        that writes selects only the targets whose fingerprint changed (:mod:`pipeline.multiid.reuse`)."""
         b.override = sorted(override & b.identities)
         b.previous = None
+        b.copied, b.reasons, b.n_reused, b.evictions = {}, Counter(), 0, {"images": 0, "keypoints": 0}
         rec = self.previous_records.get(b.name)
-        if rec is not None and rec.get("fingerprint") == b.fingerprint:
+        targets = [u for u in b.uids if u in self.img_meta]
+        if rec is not None and rec.get("fingerprint") == b.fingerprint and self.prev_targets:
             problems = [f"{split}/{p}" for split, shards in sorted(rec.get("shards", {}).items())
                         for p in shards_intact(self.previous / split, shards)]
-            if not problems:
+            if not problems and all(u in self.prev_targets.row for u in targets):
                 b.previous = rec
                 b.counts = rec["counts"]
-                b.samples = [json.loads(r["json"]) for split, shards in sorted(rec["shards"].items())
-                             for sh in shards for r in iter_shard(self.previous / split / sh["name"], ("json",))]
-                b.samples.sort(key=lambda s: s["key"])
-                b.summary = _summary(b.samples)
+                b.targets = self.prev_targets.take(targets)
+                b.summary = _summary_of_targets(b.targets)
+                b.n_reused = len(targets)
+                b.samples = []
                 b.pair_rows = b.cand_rows = []  # taken from the previous version's tables when written
                 b.pairs = b.cands = None
                 return
             self.corrupt += [f"{b.name}: {p}" for p in problems]
         img_meta = {u: self.img_meta[u] for u in b.uids if u in self.img_meta}
         by_uid = {u: self.by_uid[u] for u in b.uids if u in self.by_uid}
-        b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
-                                                             self.mversions, rows_as_tables=not self.keep_rows)
-        b.summary = _summary(b.samples)
-        if self.keep_rows:
-            b.pair_rows, b.cand_rows, b.pairs, b.cands = pair_rows, cand_rows, None, None
+        if not self.per_target:
+            b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
+                                                                 self.mversions, rows_as_tables=not self.keep_rows)
+            b.evictions = b.counts.pop("cache_evictions")
+            b.summary = _summary(b.samples)
+            if self.keep_rows:
+                b.pair_rows, b.cand_rows, b.pairs, b.cands = pair_rows, cand_rows, None, None
+            else:
+                b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], pair_rows, cand_rows
+            self.selections += 1
+            return
+        self._run_per_target(b, override, targets, img_meta, by_uid)
+
+    def _run_per_target(self, b: _Bucket, override: set, targets: list[str], img_meta: dict, by_uid: dict) -> None:
+        """Select only the targets of ``b`` whose fingerprint differs from the previous version's (or whose
+        previous shard fails its sha256); take the others' rows from that version and copy their members."""
+        cfg = self.cfg
+
+        def split_of(i: str) -> str:
+            return "eval" if i in override else identity_split(i, cfg.eval_fraction, cfg.split_salt)
+
+        def usable(f) -> bool:
+            return unusable_reason(f, cfg.min_face_px, cfg.det_score_min, cfg.blur_min) is None
+
+        fps = target_fingerprints(b.uids, by_uid, self.digests, split_of, usable, self.common_digest)
+        prev = self.prev_targets
+        reuse, run = [], []
+        prev_shard = prev.table.column("shard") if prev else None
+        for u in targets:
+            reason = reselect_reason(prev.get(u), fps[u]) if prev else "no_previous_version"
+            if reason is None:
+                shard = prev_shard[prev.row[u]].as_py()
+                problems = prev.shard_problems(shard) if shard is not None else []
+                if problems:
+                    reason = "previous_shard_damaged"
+                    self.corrupt += [f"{b.name}: {p}" for p in problems if f"{b.name}: {p}" not in self.corrupt]
+            if reason is None:
+                reuse.append(u)
+            else:
+                run.append(u)
+                b.reasons[reason] += 1
+        b.n_reused = len(reuse)
+        if run:
+            tally = TargetTally()
+            samples, pairs, cands, counts = _select(img_meta, by_uid, cfg, self.read_bytes, override, self.mversions,
+                                                    rows_as_tables=True, targets=set(run), tally=tally)
+            b.evictions = counts["cache_evictions"]
+            self.selections += 1
         else:
-            b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], pair_rows, cand_rows
-        self.selections += 1
+            tally, samples, pairs, cands, counts = None, [], PAIRS_SCHEMA.empty_table(), CANDIDATE_SCHEMA.empty_table(), {}
+        # rows of the selected targets
+        sample_of = {s["target"]["uid"]: s for s in samples}
+        unreadable_refs: dict[str, list[str]] = defaultdict(list)
+        status = cands.column("status").to_pylist()
+        for t, r, st in zip(cands.column("target_uid").to_pylist(), cands.column("ref_uid").to_pylist(), status):
+            if st == "unreadable_reference":
+                unreadable_refs[t].append(r)
+        errors = counts.get("unreadable", {})
+        rows = []
+        for u in run:
+            reasons, removed, flags = tally.by_target[u]
+            (outcome,) = reasons
+            seen = [*unreadable_refs.get(u, []), *([u] if outcome == "unreadable_target" else [])]
+            s = sample_of.get(u)
+            fp, own, splits, people = fps[u]
+            rows.append({
+                "target_uid": u, "fingerprint": fp, "photo_digest": own, "splits": splits, "people_digest": people,
+                "outcome": outcome, "key": s and s["key"], "split": s and s["split"], "shard": None,
+                "persons": s and [fj["identity_id"] for fj in s["faces"]], "refs": s and [len(fj["refs"]) for fj in s["faces"]],
+                "counts": target_counts(dict(sorted(removed.items())), dict(sorted(flags.items())),
+                                        {x: errors[x] for x in sorted(set(seen))}),
+            })
+        parts = [pa.Table.from_pylist(rows, schema=TARGETS_SCHEMA)]
+        pair_parts, cand_parts = [pairs], [cands]
+        if reuse:
+            kept = prev.take(reuse)
+            parts.append(kept)
+            pair_parts.append(self.previous_table("pairs.parquet", PAIRS_SCHEMA, reuse))
+            cand_parts.append(self.previous_table("candidates.parquet", CANDIDATE_SCHEMA, reuse))
+            for o, k, sp, sh in zip(*(kept.column(c).to_pylist() for c in ("outcome", "key", "split", "shard"))):
+                if o == "kept":
+                    b.copied.setdefault(sp, {}).setdefault(sh, set()).add(k)
+        t = pa.concat_tables(parts)
+        b.targets = t.take(pa.array(sorted(range(t.num_rows), key=t.column("target_uid").to_pylist().__getitem__), pa.int64()))
+        b.pairs = _concat_in_target_order(pair_parts, PAIRS_SCHEMA)
+        b.cands = _concat_in_target_order(cand_parts, CANDIDATE_SCHEMA)
+        b.pair_rows, b.cand_rows = [], []
+        b.samples = samples
+        b.summary = _summary_of_targets(b.targets)
+        b.counts = _bucket_counts(b.targets, b.pairs, b.cands)
 
     def _emit(self, b: _Bucket) -> None:
         """Write bucket ``b``'s shards (hard links for a reused bucket; replacing what an earlier run of the
-        same bucket wrote) and drop its samples. Nothing without ``out_dir``."""
+        same bucket wrote) and drop its samples. Nothing without ``out_dir``. The samples of reused targets
+        are copied member by member from the previous version's tars (checked against their sha256 in
+        :meth:`_run`), merged in key order with the new ones: the tars are those of a fresh build."""
         if self.out_dir is None:
             return
         cfg = self.cfg
+        shard_of: dict[str, str] = {}
+        b.bytes_copied = b.bytes_written = 0
         for split in ("train", "eval"):
             d = self.out_dir / split
             d.mkdir(parents=True, exist_ok=True)
@@ -570,10 +692,33 @@ class _Plan:
                     link_or_copy(self.previous / split / sh.name, d / sh.name)
             else:
                 split_samples = [s for s in b.samples if s["split"] == split]
-                infos = write_shards(_shard_samples(split_samples, cfg, self.read_bytes), d,
+                streams = [self._counted(_shard_samples(split_samples, cfg, self.read_bytes), "bytes_written", b)]
+                for src, keys in sorted(b.copied.get(split, {}).items()):
+                    streams.append(self._counted(reused_records(self.previous / src, keys), "bytes_copied", b))
+                order: list[str] = []
+                merged = heapq.merge(*streams, key=lambda r: r["__key__"])
+                infos = write_shards((order.append(r["__key__"]) or r for r in merged), d,
                                      f"{cfg.dataset_name}-{split}-{b.name}", cfg.shard_max_count, cfg.shard_max_bytes)
+                at = 0
+                for sh in infos:
+                    shard_of.update((k, f"{split}/{sh.name}") for k in order[at:at + sh.samples])
+                    at += sh.samples
+                if at != len(order) or len(order) != len(split_samples) + sum(len(k) for k in b.copied.get(split, {}).values()):
+                    raise RuntimeError(f"{b.name}/{split}: {len(order)} samples written, {at} in shards: a previous tar "
+                                       "lacks a sample its record lists")
             b.infos[split] = infos
+        if b.previous is None and b.targets is not None:
+            keys = b.targets.column("key").to_pylist()
+            b.targets = b.targets.set_column(b.targets.schema.get_field_index("shard"), "shard",
+                                             pa.array([shard_of.get(k) if k else None for k in keys], pa.string()))
         b.samples = []
+
+    @staticmethod
+    def _counted(records, attr: str, b: _Bucket):
+        """``records`` passed through, their member bytes added to ``b.<attr>``."""
+        for r in records:
+            setattr(b, attr, getattr(b, attr) + sum(len(v) for k, v in r.items() if not k.startswith("__") and isinstance(v, bytes)))
+            yield r
 
     def select(self) -> None:
         cfg = self.cfg
@@ -614,8 +759,8 @@ class _Plan:
         """The samples in memory (all of them without ``out_dir``; none once written)."""
         return sorted((s for b in self.buckets.values() for s in b.samples), key=lambda s: s["key"])
 
-    def previous_table(self, name: str, schema: pa.Schema, b: _Bucket) -> pa.Table:
-        """The rows of reused bucket ``b`` in the previous version's ``name`` table, in their order there."""
+    def previous_table(self, name: str, schema: pa.Schema, uids: list[str]) -> pa.Table:
+        """The rows of targets ``uids`` in the previous version's ``name`` table, in their order there."""
         import pyarrow.compute as pc
 
         from pipeline.storage import read_parquet
@@ -623,7 +768,7 @@ class _Plan:
         if name not in self._prev_tables:
             self._prev_tables[name] = read_parquet(self.previous / name).select(schema.names).cast(schema)
         t = self._prev_tables[name]
-        return t.filter(pc.is_in(t.column("target_uid"), pa.array(b.uids, pa.string())))
+        return t.filter(pc.is_in(t.column("target_uid"), pa.array(uids, pa.string())))
 
     def stats(self) -> dict:
         cfg = self.cfg
@@ -640,7 +785,8 @@ class _Plan:
             "candidates_removed_by": merged["candidates_removed_by"],
             "duplicate_flags_independent": merged["duplicate_flags_independent"],
             "unreadable": merged["unreadable"],
-            "cache_evictions": merged["cache_evictions"],
+            # this run's selections only (a reused bucket or target ran none): not recorded in the version
+            "cache_evictions": {k: sum(b.evictions.get(k, 0) for b in self.buckets.values()) for k in ("images", "keypoints")},
             "per_split": dict(sorted(Counter(t[1] for t in summ).items())),
             "identities": {"total": len(by_identity), "eval": sum(self.split_of(i) == "eval" for i in by_identity)},
             "photos_in_both_splits_by_faces": mixed,
@@ -676,6 +822,28 @@ def _merge_counts(parts: list[dict]) -> dict:
     return merged
 
 
+def _bucket_counts(targets: pa.Table, pairs: pa.Table, cands: pa.Table) -> dict:
+    """A bucket's additive counts from its targets' shares (targets.parquet) and its rows: what
+    :func:`_select` over all its targets counts (less the cache evictions, which depend on the run)."""
+    reasons, removed, flags = Counter(), Counter(), Counter()
+    unreadable: dict[str, str] = {}
+    persons = 0
+    for o, p, c in zip(*(targets.column(k).to_pylist() for k in ("outcome", "persons", "counts"))):
+        reasons[o] += 1
+        persons += len(p) if o == "kept" else 0
+        c = json.loads(c)
+        removed.update(c["candidates_removed_by"])  # Counter.update keeps keys counted 0 (as _select has them)
+        flags.update(c["duplicate_flags_independent"])
+        unreadable.update(c["unreadable"])
+    return {
+        "targets": dict(sorted(reasons.items())), "persons": persons,
+        "candidates_removed_by": dict(sorted(removed.items())), "duplicate_flags_independent": dict(sorted(flags.items())),
+        "unreadable": dict(sorted(unreadable.items())),
+        "similarity_all_candidates": _hist_counts(cands.column("similarity").to_numpy(zero_copy_only=False)),
+        "similarity_selected": _hist_counts(pairs.column("similarity").to_numpy(zero_copy_only=False)),
+    }
+
+
 def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[str]]:
     """identity -> the set of identities linked to it by sharing photos (transitively)."""
     parent: dict[str, str] = {}
@@ -700,11 +868,13 @@ def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[
 
 
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
-            mversions: list[str], rows_as_tables: bool = False):
+            mversions: list[str], rows_as_tables: bool = False, targets: set[str] | None = None, tally=None):
     """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
     bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
     component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
-    of the statistics (:func:`_merge_counts` sums them over buckets)."""
+    of the statistics (:func:`_merge_counts` sums them over buckets). ``targets``: only these photos are
+    targets (every photo still serves as a candidate); ``tally`` (reuse.TargetTally): records each
+    target's share of the counts."""
     def split_of(identity_id: str) -> str:
         return "eval" if identity_id in eval_override else identity_split(identity_id, cfg.eval_fraction, cfg.split_salt)
 
@@ -745,7 +915,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
             cand_parts.append(pa.Table.from_pylist(cand_rows, schema=CANDIDATE_SCHEMA))
             cand_rows.clear()
     n_persons = 0
-    for uid in sorted(img_meta):
+    target_uids = sorted(img_meta) if targets is None else sorted(set(img_meta) & set(targets))
+    for uid in (target_uids if tally is None else tally.each(target_uids, target_reasons, removed, flags)):
         fs = by_uid.get(uid, [])
         usable = [f for f in fs if unusable_reason(f, cfg.min_face_px, cfg.det_score_min, cfg.blur_min) is None]
         if not fs:
@@ -1034,8 +1205,8 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     pair_parts, cand_parts = [], []
     for b in buckets:
         if b.previous is not None:
-            pair_parts.append(plan.previous_table("pairs.parquet", PAIRS_SCHEMA, b))
-            cand_parts.append(plan.previous_table("candidates.parquet", CANDIDATE_SCHEMA, b))
+            pair_parts.append(plan.previous_table("pairs.parquet", PAIRS_SCHEMA, b.uids))
+            cand_parts.append(plan.previous_table("candidates.parquet", CANDIDATE_SCHEMA, b.uids))
         else:
             pair_parts.append(b.pairs)
             cand_parts.append(b.cands)
@@ -1066,6 +1237,10 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
             })
         write_parquet_atomic(pairs, out_dir / "pairs.parquet")
         write_parquet_atomic(cands, out_dir / "candidates.parquet")
+        targets = pa.concat_tables([b.targets for b in buckets]) if buckets else TARGETS_SCHEMA.empty_table()
+        uids = targets.column("target_uid").to_pylist()
+        write_parquet_atomic(targets.take(pa.array(sorted(range(len(uids)), key=uids.__getitem__), pa.int64())), out_dir / TARGETS_FILE)
+        del targets, uids
         from pipeline.storage import write_bytes_atomic
 
         write_bytes_atomic(json.dumps({"bucket_count": cfg.reuse_buckets, "buckets": records}, sort_keys=True, indent=1).encode(),
@@ -1077,6 +1252,13 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     stats["bytes_reused"] = reused_bytes
     stats["selections_run"] = plan.selections
     stats["buckets_not_reused_corrupt"] = plan.corrupt
+    # per-target reuse (a build that writes): targets taken from the previous version (those of reused buckets
+    # included) vs selected again, and why; member bytes copied from its tars vs written from the photos
+    stats["targets_reused"] = sum(b.n_reused for b in buckets)
+    stats["targets_reselected"] = sum(sum(b.reasons.values()) for b in buckets)
+    stats["reselect_reasons"] = dict(sorted(sum((b.reasons for b in buckets), Counter()).items()))
+    stats["bytes_copied"] = sum(b.bytes_copied for b in buckets)
+    stats["bytes_written"] = sum(b.bytes_written for b in buckets)
     return MultiIDResult(pairs, cands, samples, stats, shards, out_dir, cfg, read_bytes)
 
 

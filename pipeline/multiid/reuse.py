@@ -1,0 +1,232 @@
+"""Per-target reuse across versions of the multi-identity dataset.
+
+Bucket reuse (build.py, ``buckets.json``) takes a whole bucket of co-occurrence components from the previous
+version when nothing in it changed. At scale one component holds most faces (people are chained together by
+the photos they share), so a refresh that touches a few people everywhere touches every bucket. This module
+goes one level down: what decides a target photo's sample, its pair rows and its candidate rows is
+
+- the photo itself: its image row, every face row (embedding bytes included) and identity row
+  (:func:`photo_digests`);
+- the split of each of its labelled faces (the eval override included);
+- for each of its people (usable labelled faces), the candidate set: every photo holding a face of that
+  identity, each by its own digest and the splits of its labelled faces (a candidate photo's split, and
+  whether its crop shows a face of the other split, come from them);
+- the config (less the keys that only lay out files), the builder, library and face-model versions.
+
+:func:`target_fingerprints` hashes exactly these; ``targets.parquet`` records them per target with the
+target's outcome, its sample's key, split and shard, and its share of the additive counts. A refresh runs the
+selection only for targets whose fingerprint changed (or whose previous shard fails its sha256); the others'
+tar members are copied from the previous version's shards, their rows from its tables. The version written
+is the same, byte for byte, as a fresh build's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+TARGETS_FILE = "targets.parquet"
+TARGETS_SCHEMA = pa.schema([
+    ("target_uid", pa.string()),
+    ("fingerprint", pa.binary()),  # what decides the target's sample and rows (16 bytes)
+    ("photo_digest", pa.binary()),  # parts of the fingerprint, kept to say why a target was selected again
+    ("splits", pa.string()),
+    ("people_digest", pa.binary()),
+    ("outcome", pa.string()),  # "kept" or the reason the target was dropped
+    ("key", pa.string()),  # the sample's key, split, shard ("<split>/<tar>") and summary, when kept
+    ("split", pa.string()),
+    ("shard", pa.string()),
+    ("persons", pa.list_(pa.string())),
+    ("refs", pa.list_(pa.int32())),
+    ("counts", pa.string()),  # JSON: the target's share of candidates_removed_by, duplicate flags, unreadable
+])
+# config keys that lay out files but do not change a sample's bytes
+LAYOUT_ONLY = ("reuse_buckets", "cache_images", "cache_keypoints", "shard_max_count", "shard_max_bytes", "dataset_name")
+
+
+def photo_digests(tables: Iterable[tuple[pa.Table, list[str], list[str]]]) -> dict[str, bytes]:
+    """uid -> 16-byte digest of the photo's rows in each (table, columns, sort_by): numbers and list values
+    by their float64 bytes (as :func:`pipeline.datasets.fingerprint_table`: an embedding that changes in its
+    last bit changes the digest), strings by their text. A missing column counts as absent."""
+    hs: dict[str, hashlib._Hash] = {}
+    for ti, (t, cols, sort_by) in enumerate(tables):
+        if t.num_rows == 0:
+            continue
+        t = t.sort_by([(c, "ascending") for c in sort_by])
+        present = [c for c in cols if c in t.column_names]
+        nums, lists, texts = [], [], []
+        for c in present:
+            col = t.column(c).combine_chunks()
+            if pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type):
+                import pyarrow.compute as pc
+
+                lengths = np.asarray(pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+                offs = np.concatenate([[0], np.cumsum(lengths)])
+                flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype="<f8")
+                lists.append((flat, offs))
+            elif pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
+                nums.append(np.asarray(col.to_numpy(zero_copy_only=False), dtype="<f8"))
+            else:
+                texts.append(col.to_pylist())
+        M = np.stack(nums, axis=1) if nums else np.zeros((t.num_rows, 0), "<f8")
+        head = json.dumps([ti, present]).encode()
+        for i, u in enumerate(t.column("uid").to_pylist()):
+            h = hs.get(u)
+            if h is None:
+                h = hs[u] = hashlib.sha256()
+            parts = [head, M[i].tobytes()]
+            parts += [flat[offs[i]:offs[i + 1]].tobytes() + b"\x1e" for flat, offs in lists]
+            parts.append("\x1f".join("\x00" if v is None else str(v) for v in (x[i] for x in texts)).encode())
+            h.update(b"\x1d".join(parts) + b"\x1c")
+    return {u: h.digest()[:16] for u, h in hs.items()}
+
+
+def common_digest(common: dict) -> bytes:
+    """The part of every target's fingerprint that is the same for all: config (less LAYOUT_ONLY), versions."""
+    c = dict(common)
+    c["config"] = {k: v for k, v in c["config"].items() if k not in LAYOUT_ONLY}
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).digest()
+
+
+def target_fingerprints(uids: list[str], by_uid: dict, digests: dict[str, bytes], split_of: Callable[[str], str],
+                        usable: Callable, common: bytes) -> dict[str, tuple[bytes, bytes, str, bytes]]:
+    """uid -> (fingerprint, photo digest, splits, people digest) for the photos ``uids`` (one bucket: a
+    target's candidates lie in its co-occurrence component). ``split_of`` carries the eval override."""
+    splits = {u: ",".join(f"{f.face_index}:{split_of(f.identity_id)}" for f in by_uid.get(u, []) if f.identity_id is not None)
+              for u in uids}
+    photos_of: dict[str, list[str]] = defaultdict(list)
+    for u in sorted(uids):
+        for iid in dict.fromkeys(f.identity_id for f in by_uid.get(u, []) if f.identity_id is not None):
+            photos_of[iid].append(u)
+    ident: dict[str, bytes] = {}
+    out = {}
+    for u in uids:
+        people = sorted({f.identity_id for f in by_uid.get(u, []) if f.identity_id is not None and usable(f)})
+        h = hashlib.sha256(json.dumps(people).encode())
+        for iid in people:
+            d = ident.get(iid)
+            if d is None:
+                hi = hashlib.sha256(iid.encode())
+                for p in photos_of[iid]:
+                    hi.update(p.encode() + b"\x1f" + digests.get(p, b"-") + splits[p].encode() + b"\x1e")
+                d = ident[iid] = hi.digest()
+            h.update(d)
+        people_d = h.digest()[:16]
+        own = digests.get(u, b"-")
+        fp = hashlib.sha256(common + own + splits[u].encode() + b"\x1f" + people_d).digest()[:16]
+        out[u] = (fp, own, splits[u], people_d)
+    return out
+
+
+def reselect_reason(prev: dict | None, fp: tuple[bytes, bytes, str, bytes]) -> str | None:
+    """Why a target is selected again (None: its previous sample and rows may be reused)."""
+    if prev is None:
+        return "new_photo"
+    if prev["fingerprint"] == fp[0]:
+        return None
+    if prev["photo_digest"] != fp[1]:
+        return "photo_changed"
+    if prev["splits"] != fp[2]:
+        return "split_changed"
+    if prev["people_digest"] != fp[3]:
+        return "candidates_changed"
+    return "config_or_code_changed"
+
+
+class TargetTally:
+    """Each target's share of the selection's additive counters: the counters are emptied before each
+    target (so a key a target touches is recorded, even at 0) and restored to their totals at the end."""
+
+    def __init__(self):
+        self.by_target: dict[str, list[dict]] = {}
+
+    def each(self, uids: Iterable[str], *counters: Counter):
+        totals = [Counter(c) for c in counters]
+        for uid in uids:
+            for c in counters:
+                c.clear()
+            yield uid
+            self.by_target[uid] = [dict(c) for c in counters]
+            for t, c in zip(totals, counters):
+                t.update(c)
+        for t, c in zip(totals, counters):
+            c.clear()
+            c.update(t)
+
+
+def target_counts(removed: dict, flags: dict, unreadable: dict) -> str:
+    return json.dumps({"candidates_removed_by": removed, "duplicate_flags_independent": flags, "unreadable": unreadable},
+                      sort_keys=True, separators=(",", ":"))
+
+
+class PreviousTargets:
+    """The previous version's targets.parquet, indexed by uid, and its shards' records (for the sha256
+    check before any of their members is copied)."""
+
+    def __init__(self, folder: Path | None, bucket_records: dict):
+        from pipeline.storage import read_parquet
+
+        self.folder = Path(folder) if folder is not None else None
+        self.table: pa.Table | None = None
+        self.row: dict[str, int] = {}
+        self.shard_records: dict[str, dict] = {}
+        self._intact: dict[str, list[str]] = {}
+        if self.folder is None or not bucket_records or not (self.folder / TARGETS_FILE).is_file():
+            return
+        try:
+            t = read_parquet(self.folder / TARGETS_FILE)
+            self.table = t.select(TARGETS_SCHEMA.names).cast(TARGETS_SCHEMA)
+        except (OSError, ValueError, KeyError, pa.ArrowInvalid):
+            self.table = None
+            return
+        self.row = {u: i for i, u in enumerate(self.table.column("target_uid").to_pylist())}
+        self._fp = self.table.column("fingerprint").to_pylist()
+        self._parts = list(zip(self.table.column("photo_digest").to_pylist(), self.table.column("splits").to_pylist(),
+                               self.table.column("people_digest").to_pylist()))
+        for rec in bucket_records.values():
+            for split, shards in rec.get("shards", {}).items():
+                for sh in shards:
+                    self.shard_records[f"{split}/{sh['name']}"] = sh
+
+    def __bool__(self) -> bool:
+        return self.table is not None
+
+    def get(self, uid: str) -> dict | None:
+        i = self.row.get(uid)
+        if i is None:
+            return None
+        pd, sp, pe = self._parts[i]
+        return {"fingerprint": self._fp[i], "photo_digest": pd, "splits": sp, "people_digest": pe}
+
+    def take(self, uids: list[str]) -> pa.Table:
+        return self.table.take(pa.array([self.row[u] for u in uids], pa.int64()))
+
+    def shard_problems(self, shard: str) -> list[str]:
+        """Problems of one previous shard ("<split>/<tar>"): missing from the records, or not matching them."""
+        from pipeline.shards import shards_intact
+
+        if shard not in self._intact:
+            rec = self.shard_records.get(shard)
+            if rec is None:
+                self._intact[shard] = [f"{shard} not in the previous version's records"]
+            else:
+                split = shard.split("/", 1)[0]
+                self._intact[shard] = [f"{split}/{p}" for p in shards_intact(self.folder / split, [rec])]
+        return self._intact[shard]
+
+
+def reused_records(path: Path, keys: set[str]):
+    """The samples ``keys`` of one previous tar, every member's bytes as written (in the tar's order, which is
+    key order): records that :func:`pipeline.shards.write_shards` writes back to the same bytes."""
+    from pipeline.shards import iter_shard
+
+    for rec in iter_shard(path, exts=None):
+        if rec["__key__"] in keys:
+            rec.pop("__shard__")
+            yield rec
