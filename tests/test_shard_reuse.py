@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401 - pa.parquet
 import pytest
 from PIL import Image
 
@@ -157,6 +158,7 @@ def test_a_new_photo_rebuilds_only_its_bucket(two_versions):
 
 # how a build went (reuse, caches): the only stats in which a refresh differs from a fresh build
 RUN_KEYS = ("buckets_reused", "buckets_rebuilt", "bytes_reused", "selections_run", "targets_reused", "targets_reselected",
+            "targets_reused_over_cap_updated",
             "reselect_reasons", "bytes_copied", "bytes_written", "cache_evictions")
 
 
@@ -496,10 +498,48 @@ def test_targets_counts_sum_to_what_one_selection_counts(tmp_path):
     for k in ("targets", "persons", "candidates_removed_by", "duplicate_flags_independent", "unreadable",
               "similarity_hist_all_candidates", "similarity_hist_selected"):
         assert res.stats[k] == one[k], k
-    t = pa.parquet.read_table(tmp_path / "out" / "targets.parquet") if hasattr(pa, "parquet") else None
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(tmp_path / "out" / "targets.parquet")
+    t = pa.parquet.read_table(tmp_path / "out" / "targets.parquet")
     assert t.column("target_uid").to_pylist() == sorted(images.column("uid").to_pylist())
     kept = [k for k, o in zip(t.column("key").to_pylist(), t.column("outcome").to_pylist()) if o == "kept"]
     assert sorted(kept) == sorted(res.pairs.column("key").unique().to_pylist())
+
+
+def test_a_face_outside_the_examined_candidates_reuses_the_target(tmp_path, monkeypatch):
+    """Over ``max_candidates_per_person``, a person's new face changes a target's sample only when it enters
+    the target's examined subset (the cap lowest hashes of (target, candidate)): the other targets of that
+    person are reused, with their over-cap count updated; the version is still a fresh build's."""
+    from dataclasses import replace
+
+    from pipeline.ids import stable_key
+
+    cfg = replace(CFG, max_candidates_per_person=2)
+    groups = _groups(3)
+    who = f"{groups[0]}-a"
+    layout = Layout(tmp_path / "home")
+    more = [(f"zz-a{k}", [who]) for k in range(6)]  # a person with many photos, most of them targets
+    _release_multiid(layout, *_joined(tmp_path, groups, extra=more, cfg=cfg), cfg=cfg)
+    new = [(f"zz-n{k}", [who]) for k in range(2)]
+    b_tables = _joined(tmp_path, groups, extra=more + new, cfg=cfg)
+    calls = _spy_select(monkeypatch)
+    b = _release_multiid(layout, *b_tables, cfg=cfg)
+    # which targets see a new face among their examined candidates, computed here from the hash itself
+    _, _, ids = b_tables
+    faces_of = [(u, fi) for u, fi, i in zip(*(ids.column(c).to_pylist() for c in ("uid", "face_index", "identity_id"))) if i == who]
+    new_uids = {u for u, _ in new}
+    entered = set()
+    for t in {u for u, _ in faces_of} - new_uids:
+        cands = sorted((c for c in faces_of if c[0] != t), key=lambda c: stable_key("multiid-cand", t, c[0], c[1]))
+        if any(u in new_uids for u, _ in cands[: cfg.max_candidates_per_person]):
+            entered.add(t)
+    untouched = {u for u, _ in faces_of} - new_uids - entered
+    assert entered and untouched
+    assert calls == [new_uids | entered]
+    st = b.result.stats
+    assert st["targets_reused_over_cap_updated"] == len(untouched)
+    targets = pa.parquet.read_table(b.folder / "targets.parquet").to_pylist()
+    # they reached their candidates (whose counts then say how many were left over the cap)
+    assert sum(r["target_uid"] in untouched and "candidates_total" in r["counts"] for r in targets) >= 2
+    monkeypatch.undo()
+    fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables, cfg=cfg)
+    assert _compare(b.folder, fresh.folder) == []
+    assert fresh.result.stats["candidates_removed_by"]["not_examined_over_cap"] == st["candidates_removed_by"]["not_examined_over_cap"] > 0

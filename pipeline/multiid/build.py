@@ -48,13 +48,14 @@ from pipeline.multiid.reuse import (
     TARGETS_FILE,
     TARGETS_SCHEMA,
     PreviousTargets,
+    TargetFingerprints,
     TargetTally,
     common_digest,
+    patch_over_cap,
     photo_digests,
     reselect_reason,
     reused_records,
     target_counts,
-    target_fingerprints,
 )
 from pipeline.multiid.splits import identity_split
 from pipeline.shards import (
@@ -438,6 +439,7 @@ class _Bucket:
     copied: dict = field(default_factory=dict)
     reasons: Counter = field(default_factory=Counter)
     n_reused: int = 0
+    n_over_cap: int = 0  # of them, targets whose people gained or lost faces only outside their examined candidates
     evictions: dict = field(default_factory=dict)  # the cache evictions of this run's selection (not recorded)
     bytes_copied: int = 0
     bytes_written: int = 0
@@ -455,11 +457,11 @@ class _Bucket:
 
     def state(self) -> tuple:
         return (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
-                self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.evictions)
+                self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.n_over_cap, self.evictions)
 
     def restore(self, state: tuple) -> None:
         (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
-         self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.evictions) = state
+         self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.n_over_cap, self.evictions) = state
 
 
 def _summary(samples: list[dict]) -> list[tuple]:
@@ -561,7 +563,7 @@ class _Plan:
         that writes selects only the targets whose fingerprint changed (:mod:`pipeline.multiid.reuse`)."""
         b.override = sorted(override & b.identities)
         b.previous = None
-        b.copied, b.reasons, b.n_reused, b.evictions = {}, Counter(), 0, {"images": 0, "keypoints": 0}
+        b.copied, b.reasons, b.n_reused, b.n_over_cap, b.evictions = {}, Counter(), 0, 0, {"images": 0, "keypoints": 0}
         rec = self.previous_records.get(b.name)
         targets = [u for u in b.uids if u in self.img_meta]
         if rec is not None and rec.get("fingerprint") == b.fingerprint and self.prev_targets:
@@ -604,14 +606,21 @@ class _Plan:
         def usable(f) -> bool:
             return unusable_reason(f, cfg.min_face_px, cfg.det_score_min, cfg.blur_min) is None
 
-        fps = target_fingerprints(b.uids, by_uid, self.digests, split_of, usable, self.common_digest)
+        tf = TargetFingerprints(b.uids, by_uid, self.digests, split_of, usable, self.common_digest, cfg.max_candidates_per_person)
+        fps = {u: tf.whole(u) for u in targets}
+        examined: dict[str, bytes] = {}
+        over_cap: dict[str, int] = {}  # reused targets whose examined candidates are the same, their over-cap count not
         prev = self.prev_targets
         reuse, run = [], []
-        prev_shard = prev.table.column("shard") if prev else None
         for u in targets:
-            reason = reselect_reason(prev.get(u), fps[u]) if prev else "no_previous_version"
+            was = prev.get(u) if prev else None
+            reason = reselect_reason(was, fps[u]) if prev else "no_previous_version"
+            if reason == "candidates_changed":
+                examined[u] = tf.examined(u)
+                if examined[u] == was["examined"]:
+                    reason, over_cap[u] = None, tf.over_cap(u)
             if reason is None:
-                shard = prev_shard[prev.row[u]].as_py()
+                shard = prev.shard[u]
                 problems = prev.shard_problems(shard) if shard is not None else []
                 if problems:
                     reason = "previous_shard_damaged"
@@ -621,7 +630,7 @@ class _Plan:
             else:
                 run.append(u)
                 b.reasons[reason] += 1
-        b.n_reused = len(reuse)
+        b.n_reused, b.n_over_cap = len(reuse), len(over_cap)
         if run:
             tally = TargetTally()
             samples, pairs, cands, counts = _select(img_meta, by_uid, cfg, self.read_bytes, override, self.mversions,
@@ -647,6 +656,7 @@ class _Plan:
             fp, own, splits, people = fps[u]
             rows.append({
                 "target_uid": u, "fingerprint": fp, "photo_digest": own, "splits": splits, "people_digest": people,
+                "examined": examined[u] if u in examined else tf.examined(u),
                 "outcome": outcome, "key": s and s["key"], "split": s and s["split"], "shard": None,
                 "persons": s and [fj["identity_id"] for fj in s["faces"]], "refs": s and [len(fj["refs"]) for fj in s["faces"]],
                 "counts": target_counts(dict(sorted(removed.items())), dict(sorted(flags.items())),
@@ -656,6 +666,13 @@ class _Plan:
         pair_parts, cand_parts = [pairs], [cands]
         if reuse:
             kept = prev.take(reuse)
+            # the fingerprint columns are this version's (a target reused under the cap has a new whole one)
+            for c, vals in zip(("fingerprint", "photo_digest", "splits", "people_digest"), zip(*(fps[u] for u in reuse))):
+                kept = kept.set_column(kept.schema.get_field_index(c), c, pa.array(list(vals), TARGETS_SCHEMA.field(c).type))
+            if over_cap:
+                counts_col = [patch_over_cap(c, over_cap[u]) if u in over_cap else c
+                              for u, c in zip(reuse, kept.column("counts").to_pylist())]
+                kept = kept.set_column(kept.schema.get_field_index("counts"), "counts", pa.array(counts_col, pa.string()))
             parts.append(kept)
             pair_parts.append(self.previous_table("pairs.parquet", PAIRS_SCHEMA, reuse))
             cand_parts.append(self.previous_table("candidates.parquet", CANDIDATE_SCHEMA, reuse))
@@ -867,6 +884,15 @@ def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[
     return {i: groups[find(i)] for i in parent}
 
 
+def examined_candidates(uid: str, cands: list[FaceRec], cap: int) -> list[FaceRec]:
+    """The candidates of a target's person that are examined: all of them, or over ``cap`` the ``cap`` with the
+    lowest hash of (target, candidate) (each target a different, reproducible subset), in (uid, face_index) order."""
+    if len(cands) <= cap:
+        return cands
+    cands = sorted(cands, key=lambda c: stable_key("multiid-cand", uid, c.uid, c.face_index))
+    return sorted(cands[:cap], key=lambda c: (c.uid, c.face_index))
+
+
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
             mversions: list[str], rows_as_tables: bool = False, targets: set[str] | None = None, tally=None):
     """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
@@ -952,9 +978,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         for f in usable:
             cands = [c for c in by_identity[f.identity_id] if c.uid != uid]
             if len(cands) > cfg.max_candidates_per_person:
-                cands = sorted(cands, key=lambda c: stable_key("multiid-cand", uid, c.uid, c.face_index))
                 removed["not_examined_over_cap"] += len(cands) - cfg.max_candidates_per_person
-                cands = sorted(cands[: cfg.max_candidates_per_person], key=lambda c: (c.uid, c.face_index))
+                cands = examined_candidates(uid, cands, cfg.max_candidates_per_person)
             removed["candidates_total"] += len(cands)
             survivors = []
             for c in cands:
@@ -1255,6 +1280,7 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     # per-target reuse (a build that writes): targets taken from the previous version (those of reused buckets
     # included) vs selected again, and why; member bytes copied from its tars vs written from the photos
     stats["targets_reused"] = sum(b.n_reused for b in buckets)
+    stats["targets_reused_over_cap_updated"] = sum(b.n_over_cap for b in buckets)
     stats["targets_reselected"] = sum(sum(b.reasons.values()) for b in buckets)
     stats["reselect_reasons"] = dict(sorted(sum((b.reasons for b in buckets), Counter()).items()))
     stats["bytes_copied"] = sum(b.bytes_copied for b in buckets)

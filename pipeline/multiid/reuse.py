@@ -13,7 +13,7 @@ goes one level down: what decides a target photo's sample, its pair rows and its
   whether its crop shows a face of the other split, come from them);
 - the config (less the keys that only lay out files), the builder, library and face-model versions.
 
-:func:`target_fingerprints` hashes exactly these; ``targets.parquet`` records them per target with the
+:class:`TargetFingerprints` hashes exactly these; ``targets.parquet`` records them per target with the
 target's outcome, its sample's key, split and shard, and its share of the additive counts. A refresh runs the
 selection only for targets whose fingerprint changed (or whose previous shard fails its sha256); the others'
 tar members are copied from the previous version's shards, their rows from its tables. The version written
@@ -38,6 +38,7 @@ TARGETS_SCHEMA = pa.schema([
     ("photo_digest", pa.binary()),  # parts of the fingerprint, kept to say why a target was selected again
     ("splits", pa.string()),
     ("people_digest", pa.binary()),
+    ("examined", pa.binary()),  # the fingerprint over the candidates examined (under the cap) only
     ("outcome", pa.string()),  # "kept" or the reason the target was dropped
     ("key", pa.string()),  # the sample's key, split, shard ("<split>/<tar>") and summary, when kept
     ("split", pa.string()),
@@ -94,34 +95,79 @@ def common_digest(common: dict) -> bytes:
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).digest()
 
 
-def target_fingerprints(uids: list[str], by_uid: dict, digests: dict[str, bytes], split_of: Callable[[str], str],
-                        usable: Callable, common: bytes) -> dict[str, tuple[bytes, bytes, str, bytes]]:
-    """uid -> (fingerprint, photo digest, splits, people digest) for the photos ``uids`` (one bucket: a
-    target's candidates lie in its co-occurrence component). ``split_of`` carries the eval override."""
-    splits = {u: ",".join(f"{f.face_index}:{split_of(f.identity_id)}" for f in by_uid.get(u, []) if f.identity_id is not None)
-              for u in uids}
-    photos_of: dict[str, list[str]] = defaultdict(list)
-    for u in sorted(uids):
-        for iid in dict.fromkeys(f.identity_id for f in by_uid.get(u, []) if f.identity_id is not None):
-            photos_of[iid].append(u)
-    ident: dict[str, bytes] = {}
-    out = {}
-    for u in uids:
-        people = sorted({f.identity_id for f in by_uid.get(u, []) if f.identity_id is not None and usable(f)})
+class TargetFingerprints:
+    """Fingerprints of the targets among ``uids`` (one bucket: a target's candidates lie in its co-occurrence
+    component); ``split_of`` carries the eval override, ``usable(face)`` says whether a face is a person.
+
+    :meth:`whole` covers each person's every face (cheap: one digest per identity, shared by its targets);
+    :meth:`examined` only the faces the selection examines (``examined_candidates``: at most ``cap`` per
+    person, chosen by a hash of (target, candidate)). A person with more faces than the cap who gains one
+    changes the whole fingerprint of all their targets, the examined one only of the targets whose subset
+    the new face enters (~cap / faces of them); the others need only their over-cap count updated
+    (:meth:`over_cap`)."""
+
+    def __init__(self, uids: list[str], by_uid: dict, digests: dict[str, bytes], split_of: Callable[[str], str],
+                 usable: Callable, common: bytes, cap: int):
+        self.by_uid, self.digests, self.usable, self.common, self.cap = by_uid, digests, usable, common, cap
+        self.splits = {u: ",".join(f"{f.face_index}:{split_of(f.identity_id)}" for f in by_uid.get(u, [])
+                                   if f.identity_id is not None) for u in uids}
+        self.faces_of: dict[str, list] = defaultdict(list)  # identity -> its faces, in (uid, face_index) order
+        for u in sorted(uids):
+            for f in by_uid.get(u, []):
+                if f.identity_id is not None:
+                    self.faces_of[f.identity_id].append(f)
+        self._ident: dict[str, bytes] = {}
+
+    def people(self, u: str) -> list[str]:
+        return sorted({f.identity_id for f in self.by_uid.get(u, []) if f.identity_id is not None and self.usable(f)})
+
+    def _photo(self, p: str) -> bytes:
+        return p.encode() + b"\x1f" + self.digests.get(p, b"-") + self.splits[p].encode() + b"\x1e"
+
+    def whole(self, u: str) -> tuple[bytes, bytes, str, bytes]:
+        """(fingerprint, photo digest, splits, people digest)."""
+        people = self.people(u)
         h = hashlib.sha256(json.dumps(people).encode())
         for iid in people:
-            d = ident.get(iid)
+            d = self._ident.get(iid)
             if d is None:
                 hi = hashlib.sha256(iid.encode())
-                for p in photos_of[iid]:
-                    hi.update(p.encode() + b"\x1f" + digests.get(p, b"-") + splits[p].encode() + b"\x1e")
-                d = ident[iid] = hi.digest()
+                for p in dict.fromkeys(f.uid for f in self.faces_of[iid]):
+                    hi.update(self._photo(p))
+                d = self._ident[iid] = hi.digest()
             h.update(d)
         people_d = h.digest()[:16]
-        own = digests.get(u, b"-")
-        fp = hashlib.sha256(common + own + splits[u].encode() + b"\x1f" + people_d).digest()[:16]
-        out[u] = (fp, own, splits[u], people_d)
-    return out
+        own = self.digests.get(u, b"-")
+        fp = hashlib.sha256(self.common + own + self.splits[u].encode() + b"\x1f" + people_d).digest()[:16]
+        return fp, own, self.splits[u], people_d
+
+    def examined(self, u: str) -> bytes:
+        from pipeline.multiid.build import examined_candidates
+
+        people = self.people(u)
+        h = hashlib.sha256(json.dumps(people).encode())
+        for iid in people:
+            for c in examined_candidates(u, [c for c in self.faces_of[iid] if c.uid != u], self.cap):
+                h.update(f"{c.face_index}\x1f".encode() + self._photo(c.uid))
+        own = self.digests.get(u, b"-")
+        return hashlib.sha256(self.common + b"examined" + own + self.splits[u].encode() + b"\x1f" + h.digest()).digest()[:16]
+
+    def over_cap(self, u: str) -> int:
+        """Candidates of ``u``'s people left unexamined over the cap (``not_examined_over_cap``)."""
+        return sum(max(0, sum(c.uid != u for c in self.faces_of[iid]) - self.cap) for iid in self.people(u))
+
+
+def patch_over_cap(counts: str, over: int) -> str:
+    """A reused target's counts with its over-cap count updated (when the target reached its candidates:
+    ``candidates_total`` is counted for every person then, even at 0)."""
+    c = json.loads(counts)
+    removed = c["candidates_removed_by"]
+    if "candidates_total" not in removed:
+        return counts
+    removed.pop("not_examined_over_cap", None)
+    if over:
+        removed["not_examined_over_cap"] = over
+    return target_counts(dict(sorted(removed.items())), c["duplicate_flags_independent"], c["unreadable"])
 
 
 def reselect_reason(prev: dict | None, fp: tuple[bytes, bytes, str, bytes]) -> str | None:
@@ -187,8 +233,8 @@ class PreviousTargets:
             return
         self.row = {u: i for i, u in enumerate(self.table.column("target_uid").to_pylist())}
         self._fp = self.table.column("fingerprint").to_pylist()
-        self._parts = list(zip(self.table.column("photo_digest").to_pylist(), self.table.column("splits").to_pylist(),
-                               self.table.column("people_digest").to_pylist()))
+        self._parts = list(zip(*(self.table.column(c).to_pylist() for c in ("photo_digest", "splits", "people_digest", "examined"))))
+        self.shard = dict(zip(self.table.column("target_uid").to_pylist(), self.table.column("shard").to_pylist()))
         for rec in bucket_records.values():
             for split, shards in rec.get("shards", {}).items():
                 for sh in shards:
@@ -201,8 +247,8 @@ class PreviousTargets:
         i = self.row.get(uid)
         if i is None:
             return None
-        pd, sp, pe = self._parts[i]
-        return {"fingerprint": self._fp[i], "photo_digest": pd, "splits": sp, "people_digest": pe}
+        pd, sp, pe, ex = self._parts[i]
+        return {"fingerprint": self._fp[i], "photo_digest": pd, "splits": sp, "people_digest": pe, "examined": ex}
 
     def take(self, uids: list[str]) -> pa.Table:
         return self.table.take(pa.array([self.row[u] for u in uids], pa.int64()))
