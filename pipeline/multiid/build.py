@@ -480,7 +480,8 @@ class _Plan:
     fingerprint. A sample depends only on the photos of its co-occurrence component (a target's
     references are faces of its people in other photos, so in photos of the same component), on the
     config, the builder and the face models: a bucket's fingerprint covers exactly these, plus which of
-    its identities the eval fallback moved."""
+    its identities the eval fallback moved. Inside a bucket that changed, a target's own fingerprint
+    (:class:`pipeline.multiid.reuse.TargetFingerprints`) decides whether it is selected again."""
 
     def __init__(self, images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig, read_bytes,
                  previous: Path | None = None, out_dir: Path | None = None, keep_rows: bool = False):
@@ -1213,8 +1214,12 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     Shards are written per bucket of co-occurrence components (``<name>-<split>-b<bucket>-<n>.tar``).
     ``reuse_from``: a previous version's local folder; each bucket whose fingerprint equals one recorded
     there, and whose shard files still match their recorded sha256, is not selected again: its shards are
-    hard-linked, its rows and counts taken from that version (``stats["buckets_reused"]``). The files
-    written are the same, byte for byte, as without ``reuse_from``."""
+    hard-linked, its rows and counts taken from that version (``stats["buckets_reused"]``). In the other
+    buckets, each target whose fingerprint (``out_dir/targets.parquet``, :mod:`pipeline.multiid.reuse`) equals
+    the previous version's, and whose previous shard matches its sha256, is not selected again either: its
+    tar members are copied from that shard, its rows taken from that version (``stats["targets_reused"]``,
+    ``"targets_reselected"``, ``"reselect_reasons"``, ``"bytes_copied"``). The files written are the same,
+    byte for byte, as without ``reuse_from``."""
     from pipeline.multiid.metrics import dataset_quality_stats
 
     read_bytes = read_bytes or reader_from_images(images)
