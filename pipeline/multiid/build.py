@@ -609,17 +609,14 @@ class _Plan:
 
         tf = TargetFingerprints(b.uids, by_uid, self.digests, split_of, usable, self.common_digest, cfg.max_candidates_per_person)
         fps = {u: tf.whole(u) for u in targets}
-        examined: dict[str, bytes] = {}
         over_cap: dict[str, int] = {}  # reused targets whose examined candidates are the same, their over-cap count not
         prev = self.prev_targets
         reuse, run = [], []
         for u in targets:
             was = prev.get(u) if prev else None
             reason = reselect_reason(was, fps[u]) if prev else "no_previous_version"
-            if reason == "candidates_changed":
-                examined[u] = tf.examined(u)
-                if examined[u] == was["examined"]:
-                    reason, over_cap[u] = None, tf.over_cap(u)
+            if reason == "candidates_changed" and was["examined"] and tf.examined(u) == was["examined"]:
+                reason, over_cap[u] = None, tf.over_cap(u)
             if reason is None:
                 shard = prev.shard[u]
                 problems = prev.shard_problems(shard) if shard is not None else []
@@ -643,8 +640,10 @@ class _Plan:
         # rows of the selected targets
         sample_of = {s["target"]["uid"]: s for s in samples}
         unreadable_refs: dict[str, list[str]] = defaultdict(list)
-        status = cands.column("status").to_pylist()
-        for t, r, st in zip(cands.column("target_uid").to_pylist(), cands.column("ref_uid").to_pylist(), status):
+        cand_of: dict[str, list[tuple]] = defaultdict(list)  # target -> its examined candidates
+        for t, iid, r, fi, st in zip(*(cands.column(c).to_pylist() for c in ("target_uid", "identity_id", "ref_uid",
+                                                                              "ref_face_index", "status"))):
+            cand_of[t].append((iid, r, fi))
             if st == "unreadable_reference":
                 unreadable_refs[t].append(r)
         errors = counts.get("unreadable", {})
@@ -657,7 +656,8 @@ class _Plan:
             fp, own, splits, people = fps[u]
             rows.append({
                 "target_uid": u, "fingerprint": fp, "photo_digest": own, "splits": splits, "people_digest": people,
-                "examined": examined[u] if u in examined else tf.examined(u),
+                # none for a target dropped before its candidates (counted for every person when reached)
+                "examined": tf.examined_from_rows(u, cand_of.get(u, [])) if "candidates_total" in removed else b"",
                 "outcome": outcome, "key": s and s["key"], "split": s and s["split"], "shard": None,
                 "persons": s and [fj["identity_id"] for fj in s["faces"]], "refs": s and [len(fj["refs"]) for fj in s["faces"]],
                 "counts": target_counts(dict(sorted(removed.items())), dict(sorted(flags.items())),

@@ -142,13 +142,28 @@ class TargetFingerprints:
         return fp, own, self.splits[u], people_d
 
     def examined(self, u: str) -> bytes:
+        """The examined fingerprint, choosing the examined candidates as the selection does (a hash per
+        candidate of a person over the cap: run only for targets whose whole fingerprint changed)."""
         from pipeline.multiid.build import examined_candidates
 
-        people = self.people(u)
-        h = hashlib.sha256(json.dumps(people).encode())
-        for iid in people:
-            for c in examined_candidates(u, [c for c in self.faces_of[iid] if c.uid != u], self.cap):
-                h.update(f"{c.face_index}\x1f".encode() + self._photo(c.uid))
+        return self._examined(u, {iid: [(c.uid, c.face_index) for c in examined_candidates(
+            u, [c for c in self.faces_of[iid] if c.uid != u], self.cap)] for iid in self.people(u)})
+
+    def examined_from_rows(self, u: str, rows: list[tuple[str, str, int]]) -> bytes:
+        """The examined fingerprint of a target just selected, from its candidate rows (identity, ref uid,
+        ref face index; one per examined candidate, in examined order): no second choice of the subset. The
+        caller gives a target dropped before its candidates none: it is selected again
+        whenever its whole fingerprint changes (it is dropped early then, cheaply)."""
+        per: dict[str, list] = defaultdict(list)
+        for iid, r, fi in rows:
+            per[iid].append((r, fi))
+        return self._examined(u, {iid: per.get(iid, []) for iid in self.people(u)})
+
+    def _examined(self, u: str, per_person: dict[str, list[tuple[str, int]]]) -> bytes:
+        h = hashlib.sha256(json.dumps(sorted(per_person)).encode())
+        for iid in sorted(per_person):
+            for r, fi in per_person[iid]:
+                h.update(f"{fi}\x1f".encode() + self._photo(r))
         own = self.digests.get(u, b"-")
         return hashlib.sha256(self.common + b"examined" + own + self.splits[u].encode() + b"\x1f" + h.digest()).digest()[:16]
 
