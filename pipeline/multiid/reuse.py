@@ -287,7 +287,6 @@ def reused_records(path: Path, keys: set[str]):
     key order): records that :func:`pipeline.shards.write_shards` writes back to the same bytes."""
     from pipeline.shards import iter_shard
 
-    for rec in iter_shard(path, exts=None):
-        if rec["__key__"] in keys:
-            rec.pop("__shard__")
-            yield rec
+    for rec in iter_shard(path, exts=None, keys=keys):
+        rec.pop("__shard__")
+        yield rec
