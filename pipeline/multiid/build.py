@@ -733,9 +733,10 @@ class _Plan:
 
     @staticmethod
     def _counted(records, attr: str, b: _Bucket):
-        """``records`` passed through, their member bytes added to ``b.<attr>``."""
+        """``records`` passed through, the bytes of their image members (the photo, the crops; not the JSON)
+        added to ``b.<attr>``."""
         for r in records:
-            setattr(b, attr, getattr(b, attr) + sum(len(v) for k, v in r.items() if not k.startswith("__") and isinstance(v, bytes)))
+            setattr(b, attr, getattr(b, attr) + sum(len(v) for k, v in r.items() if not k.startswith("__") and k != "json"))
             yield r
 
     def select(self) -> None:
