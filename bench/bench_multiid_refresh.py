@@ -138,7 +138,7 @@ def main() -> int:
     def run(data, out, reuse):
         cmd = [sys.executable, __file__, "--cap", str(args.cap), *(["--no-keypoints"] if args.no_keypoints else []),
                "--step", str(data), str(out), str(reuse) if reuse else "-"]
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
         if r.returncode:
             raise SystemExit(r.stderr[-3000:])
         return json.loads(r.stdout.strip().splitlines()[-1])

@@ -2,13 +2,14 @@
 the other buckets' shards from the previous version, and writes the same bytes as a build from scratch."""
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet  # noqa: F401 - pa.parquet
+import pyarrow.parquet  # pa.parquet
 import pytest
 from PIL import Image
 
@@ -360,7 +361,7 @@ def test_eval_fallback_with_reuse_matches_a_fresh_build(tmp_path):
 def _joined(tmp: Path, groups: list[str], extra=(), drop=(), cfg=CFG):
     """The groups chained into one co-occurrence component by bridge photos (one bucket, as at scale);
     ``extra`` photos added, ``drop`` photos removed."""
-    bridges = [(f"br-{a}-{b}", [f"{a}-a", f"{b}-b"]) for a, b in zip(groups, groups[1:])]
+    bridges = [(f"br-{a}-{b}", [f"{a}-a", f"{b}-b"]) for a, b in itertools.pairwise(groups)]
     images, faces, ids = _collection(tmp, groups, extra=[*bridges, *extra])
     keep = [u not in drop for u in images.column("uid").to_pylist()]
     return (images.filter(pa.array(keep)), faces.filter(pa.array([u not in drop for u in faces.column("uid").to_pylist()])),
@@ -394,7 +395,7 @@ def test_a_scattered_refresh_selects_only_the_targets_whose_people_changed(tmp_p
     assert len(_bucket_shards(a.folder)) == 1  # one component, one bucket: bucket reuse alone rebuilds it all
     # new photos of two people in different groups, one photo of a third person removed
     gained, lost = {f"{groups[0]}-b", f"{groups[3]}-c"}, f"{groups[1]}-a"
-    removed = sorted(u for u in _photos_of(a_tables, {lost}) if not u.startswith("br-"))[0]  # not a bridge
+    removed = min(u for u in _photos_of(a_tables, {lost}) if not u.startswith("br-"))  # not a bridge
     b_tables = _joined(tmp_path, groups, extra=[("zz-n1", [f"{groups[0]}-b"]), ("zz-n2", [f"{groups[3]}-c"])], drop={removed})
     calls = _spy_select(monkeypatch)
     b = _release_multiid(layout, *b_tables)
@@ -427,10 +428,12 @@ def test_a_damaged_previous_tar_member_rebuilds_its_targets(tmp_path, monkeypatc
     groups = _groups(3)
     layout = Layout(tmp_path / "home")
     a = _release_multiid(layout, *_joined(tmp_path, groups), cfg=cfg)
-    (bucket, files), = _bucket_shards(a.folder).items()
+    ((_, files),) = _bucket_shards(a.folder).items()
     assert len(files) >= 3
     victim = a.folder / files[1]
-    with_keys = {k: victim for k in __import__("pipeline.shards", fromlist=["shard_keys"]).shard_keys(victim)}
+    from pipeline.shards import shard_keys
+
+    with_keys = set(shard_keys(victim))
     data = bytearray(victim.read_bytes())
     data[700] ^= 0xFF  # a byte of the first member's data, same size
     os.chmod(victim, 0o644)
@@ -462,8 +465,8 @@ def test_one_ulp_in_an_embedding_reselects_that_identitys_targets(tmp_path, monk
     _release_multiid(layout, *a_tables)
     images, faces, ids = a_tables
     who = f"{groups[1]}-c"
-    i = [k for k, (u, fi) in enumerate(zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist()))
-         if (u, fi) in {(x, y) for x, y, z in zip(*(ids.column(c).to_pylist() for c in ("uid", "face_index", "identity_id"))) if z == who}][0]
+    mine = {(x, y) for x, y, z in zip(*(ids.column(c).to_pylist() for c in ("uid", "face_index", "identity_id"))) if z == who}
+    i = next(k for k, uf in enumerate(zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist())) if uf in mine)
     emb = faces.column("embedding").to_pylist()
     e = np.asarray(emb[i], np.float32)
     e[5] = np.nextafter(e[5], np.float32(np.inf))
