@@ -382,6 +382,12 @@ def _spy_select(monkeypatch) -> list[set]:
     return calls
 
 
+def _reached(rel) -> set[str]:
+    """The targets that reached their candidates in a build (read off its candidates table): a target
+    dropped before them (people in both splits, ...) depends only on its own photo and splits."""
+    return set(rel.result.candidates.column("target_uid").to_pylist())
+
+
 def _photos_of(tables, people: set[str]) -> set[str]:
     _, _, ids = tables
     return {u for u, i in zip(ids.column("uid").to_pylist(), ids.column("identity_id").to_pylist()) if i in people}
@@ -400,7 +406,9 @@ def test_a_scattered_refresh_selects_only_the_targets_whose_people_changed(tmp_p
     calls = _spy_select(monkeypatch)
     b = _release_multiid(layout, *b_tables)
     # the targets selected again: the photos of the people who gained or lost a face (read off the tables)
-    expected = _photos_of(b_tables, gained | {lost})
+    new = {"zz-n1", "zz-n2"}
+    expected = (_photos_of(b_tables, gained | {lost}) & _reached(a)) | new
+    assert expected - new and _photos_of(b_tables, gained | {lost}) - _reached(a) - new  # both kinds occur
     assert len(_bucket_shards(b.folder)) == 1
     assert len(calls) == 1 and calls[0] == expected
     n = b_tables[0].num_rows
@@ -444,7 +452,7 @@ def test_a_damaged_previous_tar_member_rebuilds_its_targets(tmp_path, monkeypatc
     from pipeline.ids import stable_key
 
     damaged = {u for u in b_tables[0].column("uid").to_pylist() if stable_key("multiid", u) in with_keys}
-    changed = _photos_of(b_tables, {f"{groups[2]}-c"})
+    changed = (_photos_of(b_tables, {f"{groups[2]}-c"}) & _reached(a)) | {"zz-n1"}
     assert damaged and len(calls) == 1 and calls[0] == damaged | changed
     st = b.result.stats
     assert st["reselect_reasons"]["previous_shard_damaged"] == len(damaged - changed)
@@ -462,7 +470,7 @@ def test_one_ulp_in_an_embedding_reselects_that_identitys_targets(tmp_path, monk
     groups = _groups(3)
     layout = Layout(tmp_path / "home")
     a_tables = _joined(tmp_path, groups)
-    _release_multiid(layout, *a_tables)
+    a = _release_multiid(layout, *a_tables)
     images, faces, ids = a_tables
     who = f"{groups[1]}-c"
     mine = {(x, y) for x, y, z in zip(*(ids.column(c).to_pylist() for c in ("uid", "face_index", "identity_id"))) if z == who}
@@ -474,7 +482,8 @@ def test_one_ulp_in_an_embedding_reselects_that_identitys_targets(tmp_path, monk
     faces2 = faces.set_column(faces.column_names.index("embedding"), "embedding", pa.array(emb, faces.schema.field("embedding").type))
     calls = _spy_select(monkeypatch)
     b = _release_multiid(layout, images, faces2, ids)
-    assert calls == [_photos_of(a_tables, {who})]
+    changed_photo = faces.column("uid")[i].as_py()
+    assert calls == [(_photos_of(a_tables, {who}) & _reached(a)) | {changed_photo}]
     assert b.result.stats["reselect_reasons"] == {"photo_changed": 1, "candidates_changed": len(calls[0]) - 1}
     # the same change, with a digest that leaves the embedding out: nothing is selected again
     real = build.photo_digests
@@ -534,12 +543,12 @@ def test_a_face_outside_the_examined_candidates_reuses_the_target(tmp_path, monk
         cands = sorted((c for c in faces_of if c[0] != t), key=lambda c: stable_key("multiid-cand", t, c[0], c[1]))
         if any(u in new_uids for u, _ in cands[: cfg.max_candidates_per_person]):
             entered.add(t)
-    # a target dropped before its candidates (its people in both splits: no candidate rows) has no examined
-    # fingerprint and is selected again (cheaply: dropped again before its candidates)
-    early = {u for u, _ in faces_of} - set(a.result.candidates.column("target_uid").to_pylist())
+    # a target dropped before its candidates (its people in both splits: no candidate rows) is reused too
+    early = {u for u, _ in faces_of} - new_uids - _reached(a)
+    entered -= early
     untouched = {u for u, _ in faces_of} - new_uids - entered - early
-    assert entered and untouched
-    assert calls == [new_uids | entered | early]
+    assert entered and untouched and early
+    assert calls == [new_uids | entered]  # not the early ones
     st = b.result.stats
     assert st["targets_reused_over_cap_updated"] == len(untouched)
     targets = pa.parquet.read_table(b.folder / "targets.parquet").to_pylist()

@@ -615,8 +615,11 @@ class _Plan:
         for u in targets:
             was = prev.get(u) if prev else None
             reason = reselect_reason(was, fps[u]) if prev else "no_previous_version"
-            if reason == "candidates_changed" and was["examined"] and tf.examined(u) == was["examined"]:
-                reason, over_cap[u] = None, tf.over_cap(u)
+            if reason == "candidates_changed":
+                if was["examined"] == tf.early(u):  # dropped before its candidates, and still will be
+                    reason = None
+                elif was["examined"] == tf.examined(u):
+                    reason, over_cap[u] = None, tf.over_cap(u)
             if reason is None:
                 shard = prev.shard[u]
                 problems = prev.shard_problems(shard) if shard is not None else []
@@ -656,8 +659,8 @@ class _Plan:
             fp, own, splits, people = fps[u]
             rows.append({
                 "target_uid": u, "fingerprint": fp, "photo_digest": own, "splits": splits, "people_digest": people,
-                # none for a target dropped before its candidates (counted for every person when reached)
-                "examined": tf.examined_from_rows(u, cand_of.get(u, [])) if "candidates_total" in removed else b"",
+                # candidates_total is counted for every person of a target that reached its candidates
+                "examined": tf.examined_from_rows(u, cand_of.get(u, [])) if "candidates_total" in removed else tf.early(u),
                 "outcome": outcome, "key": s and s["key"], "split": s and s["split"], "shard": None,
                 "persons": s and [fj["identity_id"] for fj in s["faces"]], "refs": s and [len(fj["refs"]) for fj in s["faces"]],
                 "counts": target_counts(dict(sorted(removed.items())), dict(sorted(flags.items())),

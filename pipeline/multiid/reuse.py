@@ -159,6 +159,12 @@ class TargetFingerprints:
             per[iid].append((r, fi))
         return self._examined(u, {iid: per.get(iid, []) for iid in self.people(u)})
 
+    def early(self, u: str) -> bytes:
+        """The examined fingerprint of a target dropped before its candidates: its outcome (no face, too
+        many, unlabelled, in both splits, unreadable...) depends only on its own rows, bytes and splits."""
+        own = self.digests.get(u, b"-")
+        return hashlib.sha256(self.common + b"early" + own + self.splits[u].encode()).digest()[:16]
+
     def _examined(self, u: str, per_person: dict[str, list[tuple[str, int]]]) -> bytes:
         h = hashlib.sha256(json.dumps(sorted(per_person)).encode())
         for iid in sorted(per_person):
