@@ -94,6 +94,11 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "buckets_reused": stats.get("buckets_reused", 0),
             "buckets_rebuilt": stats.get("buckets_rebuilt", 0),
             "bytes_reused": stats.get("bytes_reused", 0),
+            # per-target reuse: targets whose sample and rows were copied vs selected again, and why
+            "targets_reused": stats.get("targets_reused", 0),
+            "targets_reselected": stats.get("targets_reselected", 0),
+            "reselect_reasons": dg.MetadataValue.json(stats.get("reselect_reasons", {})),
+            "bytes_copied": stats.get("bytes_copied", 0),
             "data_quality": dg.MetadataValue.json(stats.get("data_quality", {})),
             "collection": dg.MetadataValue.json(coll.coverage()),
             "lineage": dg.MetadataValue.json({k: v for k, v in parts.items() if k != "config"}),

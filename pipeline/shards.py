@@ -244,8 +244,9 @@ def iter_samples(dataset_dir: Path, exts: tuple[str, ...] = ("json",)):
         yield from iter_shard(path, exts)
 
 
-def iter_shard(path: Path, exts: tuple[str, ...] = ("json",)):
-    """The samples of one tar, as :func:`iter_samples` gives them."""
+def iter_shard(path: Path, exts: tuple[str, ...] | None = ("json",), keys: set[str] | None = None):
+    """The samples of one tar, as :func:`iter_samples` gives them (``exts=None``: every member; ``keys``:
+    only these samples, the others' members skipped unread)."""
     path = Path(path)
     current: dict | None = None
     with tarfile.open(path) as tf:
@@ -253,11 +254,13 @@ def iter_shard(path: Path, exts: tuple[str, ...] = ("json",)):
             if not m.isfile():
                 continue
             key, _, ext = m.name.partition(".")
+            if keys is not None and key not in keys:
+                continue
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current
                 current = {"__key__": key, "__shard__": path.name}
-            if ext in exts:
+            if exts is None or ext in exts:
                 current[ext] = tf.extractfile(m).read()
     if current is not None:
         yield current

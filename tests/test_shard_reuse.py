@@ -2,12 +2,14 @@
 the other buckets' shards from the previous version, and writes the same bytes as a build from scratch."""
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet  # pa.parquet
 import pytest
 from PIL import Image
 
@@ -155,6 +157,12 @@ def test_a_new_photo_rebuilds_only_its_bucket(two_versions):
     assert sum(b.result.stats["targets"].values()) == b.result.stats["images"] == a.result.stats["images"] + 1
 
 
+# how a build went (reuse, caches): the only stats in which a refresh differs from a fresh build
+RUN_KEYS = ("buckets_reused", "buckets_rebuilt", "bytes_reused", "selections_run", "targets_reused", "targets_reselected",
+            "targets_reused_over_cap_updated",
+            "reselect_reasons", "bytes_copied", "bytes_written", "cache_evictions")
+
+
 def _compare(folder_a: Path, folder_b: Path) -> list[str]:
     fa, fb = _files(folder_a), _files(folder_b)
     return [f"{k}: {fa.get(k)} != {fb.get(k)}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
@@ -165,8 +173,7 @@ def test_reused_version_is_byte_identical_to_a_fresh_build(two_versions):
     fresh = _release_multiid(Layout(tmp / "fresh-home"), *b_tables)
     assert fresh.version == b.version and fresh.result.stats["buckets_reused"] == 0
     assert _compare(b.folder, fresh.folder) == []
-    assert b.result.stats == {**fresh.result.stats, **{k: b.result.stats[k] for k in
-                                                         ("buckets_reused", "buckets_rebuilt", "bytes_reused", "selections_run")}}
+    assert b.result.stats == {**fresh.result.stats, **{k: b.result.stats[k] for k in RUN_KEYS}}
 
 
 def test_the_comparison_fails_when_a_fingerprint_misses_an_input(two_versions, monkeypatch):
@@ -387,3 +394,218 @@ def test_eval_fallback_with_reuse_matches_a_fresh_build(tmp_path):
     assert b.result.stats["selections_run"] == 2 and b.result.stats["buckets_reused"] == len(groups) - 1
     fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables, cfg=cfg)
     assert fresh.version == b.version and _compare(b.folder, fresh.folder) == []
+
+
+# ---- per-target reuse: one bucket (components joined by co-occurrence), scattered changes ----------------
+
+
+def _joined(tmp: Path, groups: list[str], extra=(), drop=(), cfg=CFG):
+    """The groups chained into one co-occurrence component by bridge photos (one bucket, as at scale);
+    ``extra`` photos added, ``drop`` photos removed."""
+    bridges = [(f"br-{a}-{b}", [f"{a}-a", f"{b}-b"]) for a, b in itertools.pairwise(groups)]
+    images, faces, ids = _collection(tmp, groups, extra=[*bridges, *extra])
+    keep = [u not in drop for u in images.column("uid").to_pylist()]
+    return (images.filter(pa.array(keep)), faces.filter(pa.array([u not in drop for u in faces.column("uid").to_pylist()])),
+            ids.filter(pa.array([u not in drop for u in ids.column("uid").to_pylist()])))
+
+
+def _spy_select(monkeypatch) -> list[set]:
+    """The targets each call of _select ran over (every photo of its bucket when it was not told)."""
+    from pipeline.multiid import build
+
+    calls, real = [], build._select
+
+    def spy(img_meta, *a, **k):
+        calls.append(set(img_meta) if k.get("targets") is None else set(k["targets"]))
+        return real(img_meta, *a, **k)
+
+    monkeypatch.setattr(build, "_select", spy)
+    return calls
+
+
+def _reached(rel) -> set[str]:
+    """The targets that reached their candidates in a build (read off its candidates table): a target
+    dropped before them (people in both splits, ...) depends only on its own photo and splits."""
+    from pipeline.storage import read_parquet
+
+    # from the released folder: the result reads its tables lazily from the staging folder, gone by now
+    return set(read_parquet(rel.folder / "candidates.parquet", columns=["target_uid"]).column("target_uid").to_pylist())
+
+
+def _photos_of(tables, people: set[str]) -> set[str]:
+    _, _, ids = tables
+    return {u for u, i in zip(ids.column("uid").to_pylist(), ids.column("identity_id").to_pylist()) if i in people}
+
+
+def test_a_scattered_refresh_selects_only_the_targets_whose_people_changed(tmp_path, monkeypatch):
+    groups = _groups(4)
+    layout = Layout(tmp_path / "home")
+    a_tables = _joined(tmp_path, groups)
+    a = _release_multiid(layout, *a_tables)
+    assert len(_bucket_shards(a.folder)) == 1  # one component, one bucket: bucket reuse alone rebuilds it all
+    # new photos of two people in different groups, one photo of a third person removed
+    gained, lost = {f"{groups[0]}-b", f"{groups[3]}-c"}, f"{groups[1]}-a"
+    removed = min(u for u in _photos_of(a_tables, {lost}) if not u.startswith("br-"))  # not a bridge
+    b_tables = _joined(tmp_path, groups, extra=[("zz-n1", [f"{groups[0]}-b"]), ("zz-n2", [f"{groups[3]}-c"])], drop={removed})
+    calls = _spy_select(monkeypatch)
+    b = _release_multiid(layout, *b_tables)
+    # the targets selected again: the photos of the people who gained or lost a face (read off the tables)
+    new = {"zz-n1", "zz-n2"}
+    expected = (_photos_of(b_tables, gained | {lost}) & _reached(a)) | new
+    assert expected - new and _photos_of(b_tables, gained | {lost}) - _reached(a) - new  # both kinds occur
+    assert len(_bucket_shards(b.folder)) == 1
+    assert len(calls) == 1 and calls[0] == expected
+    n = b_tables[0].num_rows
+    st = b.result.stats
+    assert st["targets_reselected"] == len(expected) < n / 2 and st["targets_reused"] == n - len(expected)
+    assert st["reselect_reasons"] == {"new_photo": 2, "candidates_changed": len(expected) - 2}
+    assert st["bytes_copied"] > 0 and st["bytes_written"] > 0 and st["buckets_reused"] == 0
+    # the refreshed version is the fresh build's, byte for byte (shards, manifests, tables, targets.parquet)
+    monkeypatch.undo()
+    fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables)
+    assert fresh.version == b.version and fresh.result.stats["targets_reused"] == 0
+    assert _compare(b.folder, fresh.folder) == []
+    assert b.result.stats == {**fresh.result.stats, **{k: b.result.stats[k] for k in RUN_KEYS}}
+    # an unchanged collection takes the whole bucket (its files hard-linked), every target with it
+    again = build_multiid_dataset(*b_tables, tmp_path / "again", CFG, version=b.version, reuse_from=b.folder)
+    assert again.stats["buckets_reused"] == 1 and again.stats["selections_run"] == 0
+    assert again.stats["targets_reused"] == n and again.stats["targets_reselected"] == 0
+    assert _compare(b.folder, tmp_path / "again") == []
+
+
+def test_a_damaged_previous_tar_member_rebuilds_its_targets(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    cfg = replace(CFG, shard_max_count=4)  # several shards per split: damage hits some targets, not all
+    groups = _groups(3)
+    layout = Layout(tmp_path / "home")
+    a = _release_multiid(layout, *_joined(tmp_path, groups), cfg=cfg)
+    ((_, files),) = _bucket_shards(a.folder).items()
+    assert len(files) >= 3
+    victim = a.folder / files[1]
+    from pipeline.shards import shard_keys
+
+    with_keys = set(shard_keys(victim))
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF  # a byte of the first member's data, same size
+    os.chmod(victim, 0o644)
+    victim.write_bytes(bytes(data))
+    b_tables = _joined(tmp_path, groups, extra=[("zz-n1", [f"{groups[2]}-c"])], cfg=cfg)
+    calls = _spy_select(monkeypatch)
+    b = _release_multiid(layout, *b_tables, cfg=cfg)
+    from pipeline.ids import stable_key
+
+    damaged = {u for u in b_tables[0].column("uid").to_pylist() if stable_key("multiid", u) in with_keys}
+    changed = (_photos_of(b_tables, {f"{groups[2]}-c"}) & _reached(a)) | {"zz-n1"}
+    assert damaged and len(calls) == 1 and calls[0] == damaged | changed
+    st = b.result.stats
+    assert st["reselect_reasons"]["previous_shard_damaged"] == len(damaged - changed)
+    assert any(files[1] in x for x in st["buckets_not_reused_corrupt"])
+    monkeypatch.undo()
+    fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables, cfg=cfg)
+    assert _compare(b.folder, fresh.folder) == []
+
+
+def test_one_ulp_in_an_embedding_reselects_that_identitys_targets(tmp_path, monkeypatch):
+    """The per-target fingerprint reads the embedding bytes: one ulp in one face's embedding reselects the
+    targets of that face's identity, and only them; a digest blind to embeddings reselects none."""
+    from pipeline.multiid import build
+
+    groups = _groups(3)
+    layout = Layout(tmp_path / "home")
+    a_tables = _joined(tmp_path, groups)
+    a = _release_multiid(layout, *a_tables)
+    images, faces, ids = a_tables
+    who = f"{groups[1]}-c"
+    mine = {(x, y) for x, y, z in zip(*(ids.column(c).to_pylist() for c in ("uid", "face_index", "identity_id"))) if z == who}
+    i = next(k for k, uf in enumerate(zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist())) if uf in mine)
+    emb = faces.column("embedding").to_pylist()
+    e = np.asarray(emb[i], np.float32)
+    e[5] = np.nextafter(e[5], np.float32(np.inf))
+    emb[i] = e.tolist()
+    faces2 = faces.set_column(faces.column_names.index("embedding"), "embedding", pa.array(emb, faces.schema.field("embedding").type))
+    calls = _spy_select(monkeypatch)
+    b = _release_multiid(layout, images, faces2, ids)
+    changed_photo = faces.column("uid")[i].as_py()
+    assert calls == [(_photos_of(a_tables, {who}) & _reached(a)) | {changed_photo}]
+    assert b.result.stats["reselect_reasons"] == {"photo_changed": 1, "candidates_changed": len(calls[0]) - 1}
+    # the same change, with a digest that leaves the embedding out: nothing is selected again
+    real = build.photo_digests
+    monkeypatch.setattr(build, "photo_digests", lambda tables: real([(t, [c for c in cols if c != "embedding"], by) for t, cols, by in tables]))
+    blind_home = Layout(tmp_path / "blind")
+    _release_multiid(blind_home, *a_tables)
+    calls.clear()
+    blind = _release_multiid(blind_home, images, faces2, ids)
+    assert calls == [] and blind.result.stats["targets_reselected"] == 0
+
+
+@pytest.mark.parametrize("examine_all", [False, True])
+def test_targets_counts_sum_to_what_one_selection_counts(tmp_path, examine_all):
+    """The bucket counts a build records are summed from its targets' shares (targets.parquet); they equal
+    the counts of one selection over the collection (select_references), an unreadable photo included,
+    with the guard's costly checks in rank order (flags over the candidates examined) or on every one."""
+    from dataclasses import replace
+
+    from pipeline.multiid.build import select_references
+
+    cfg = replace(CFG, examine_all_candidates=examine_all, refs_per_person=1)  # one ref: some candidates left unexamined
+    groups = _groups(3)
+    images, faces, ids = _joined(tmp_path, groups, extra=[("zz-bad", [f"{groups[0]}-a", f"{groups[1]}-c"])])
+    bad = images.filter(pa.compute.equal(images.column("uid"), "zz-bad")).column("path")[0].as_py()
+    Path(bad).write_bytes(b"not an image")
+    res = build_multiid_dataset(images, faces, ids, tmp_path / "out", cfg)
+    _, _, _, one = select_references(images, faces, ids, cfg)
+    assert one["unreadable"] and one["duplicate_flags_independent"]
+    # rank order leaves some candidates unexamined (so the flags count fewer than every candidate)
+    assert ("not_examined_enough_chosen" in one["candidates_removed_by"]) != examine_all
+    for k in ("targets", "persons", "candidates_removed_by", "duplicate_flags_independent", "unreadable",
+              "similarity_hist_all_candidates", "similarity_hist_selected"):
+        assert res.stats[k] == one[k], k
+    t = pa.parquet.read_table(tmp_path / "out" / "targets.parquet")
+    assert t.column("target_uid").to_pylist() == sorted(images.column("uid").to_pylist())
+    kept = [k for k, o in zip(t.column("key").to_pylist(), t.column("outcome").to_pylist()) if o == "kept"]
+    assert sorted(kept) == sorted(res.pairs.column("key").unique().to_pylist())
+
+
+def test_a_face_outside_the_examined_candidates_reuses_the_target(tmp_path, monkeypatch):
+    """Over ``max_candidates_per_person``, a person's new face changes a target's sample only when it enters
+    the target's examined subset (the cap lowest hashes of (target, candidate)): the other targets of that
+    person are reused, with their over-cap count updated; the version is still a fresh build's."""
+    from dataclasses import replace
+
+    from pipeline.ids import stable_key
+
+    cfg = replace(CFG, max_candidates_per_person=2)
+    groups = _groups(3)
+    who = f"{groups[0]}-a"
+    layout = Layout(tmp_path / "home")
+    more = [(f"zz-a{k}", [who]) for k in range(6)]  # a person with many photos, most of them targets
+    a = _release_multiid(layout, *_joined(tmp_path, groups, extra=more, cfg=cfg), cfg=cfg)
+    new = [(f"zz-n{k}", [who]) for k in range(2)]
+    b_tables = _joined(tmp_path, groups, extra=more + new, cfg=cfg)
+    calls = _spy_select(monkeypatch)
+    b = _release_multiid(layout, *b_tables, cfg=cfg)
+    # which targets see a new face among their examined candidates, computed here from the hash itself
+    _, _, ids = b_tables
+    faces_of = [(u, fi) for u, fi, i in zip(*(ids.column(c).to_pylist() for c in ("uid", "face_index", "identity_id"))) if i == who]
+    new_uids = {u for u, _ in new}
+    entered = set()
+    for t in {u for u, _ in faces_of} - new_uids:
+        cands = sorted((c for c in faces_of if c[0] != t), key=lambda c: stable_key("multiid-cand", t, c[0], c[1]))
+        if any(u in new_uids for u, _ in cands[: cfg.max_candidates_per_person]):
+            entered.add(t)
+    # a target dropped before its candidates (its people in both splits: no candidate rows) is reused too
+    early = {u for u, _ in faces_of} - new_uids - _reached(a)
+    entered -= early
+    untouched = {u for u, _ in faces_of} - new_uids - entered - early
+    assert entered and untouched and early
+    assert calls == [new_uids | entered]  # not the early ones
+    st = b.result.stats
+    assert st["targets_reused_over_cap_updated"] == len(untouched)
+    targets = pa.parquet.read_table(b.folder / "targets.parquet").to_pylist()
+    # they reached their candidates (whose counts then say how many were left over the cap)
+    assert sum(r["target_uid"] in untouched and "candidates_total" in r["counts"] for r in targets) >= 2
+    monkeypatch.undo()
+    fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables, cfg=cfg)
+    assert _compare(b.folder, fresh.folder) == []
+    assert fresh.result.stats["candidates_removed_by"]["not_examined_over_cap"] == st["candidates_removed_by"]["not_examined_over_cap"] > 0

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import io
 import json
 import math
@@ -50,12 +51,24 @@ from pipeline.decode import encode_jpeg
 from pipeline.ids import stable_key
 from pipeline.multiid import dedup
 from pipeline.multiid.config import MultiIDConfig
+from pipeline.multiid.reuse import (
+    TARGETS_FILE,
+    TARGETS_SCHEMA,
+    PreviousTargets,
+    TargetFingerprints,
+    TargetTally,
+    common_digest,
+    patch_over_cap,
+    photo_digests,
+    reselect_reason,
+    reused_records,
+    target_counts,
+)
 from pipeline.multiid.splits import identity_split
 from pipeline.shards import (
     BUCKETS_FILE,
     ShardInfo,
     config_fingerprint,
-    iter_shard,
     link_or_copy,
     previous_buckets,
     shard_record,
@@ -588,6 +601,17 @@ class _Bucket:
     infos: dict = field(default_factory=dict)  # split -> the ShardInfos written for this bucket
     counts: dict = field(default_factory=dict)
     previous: dict | None = None  # the record of an identical bucket in the previous version (reused)
+    # per-target reuse (a build that writes): targets.parquet rows of this bucket; the samples copied from
+    # the previous version's tars (split -> previous shard -> keys); why targets were selected again
+    targets: pa.Table | None = None
+    copied: dict = field(default_factory=dict)
+    reasons: Counter = field(default_factory=Counter)
+    n_reused: int = 0
+    reused: list[str] = field(default_factory=list)  # in a bucket selected again, its targets reused (rows: previous version)
+    n_over_cap: int = 0  # of them, targets whose people gained or lost faces only outside their examined candidates
+    evictions: dict = field(default_factory=dict)  # the cache evictions of this run's selection (not recorded)
+    bytes_copied: int = 0
+    bytes_written: int = 0
 
     @property
     def name(self) -> str:
@@ -602,11 +626,11 @@ class _Bucket:
 
     def state(self) -> tuple:
         return (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
-                self.previous)
+                self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions)
 
     def restore(self, state: tuple) -> None:
         (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
-         self.previous) = state
+         self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions) = state
 
 
 def _summary(samples: list[dict]) -> list[tuple]:
@@ -614,12 +638,19 @@ def _summary(samples: list[dict]) -> list[tuple]:
             for s in samples]
 
 
+def _summary_of_targets(t: pa.Table) -> list[tuple]:
+    """The summary of the kept targets of targets.parquet rows (what :func:`_summary` gives from their samples)."""
+    cols = [t.column(c).to_pylist() for c in ("outcome", "key", "split", "persons", "refs")]
+    return sorted((k, sp, tuple(p), tuple(r)) for o, k, sp, p, r in zip(*cols) if o == "kept")
+
+
 class _Plan:
     """Reference selection bucket by bucket, reusing the buckets of a previous version that have the same
     fingerprint. A sample depends only on the photos of its co-occurrence component (a target's
     references are faces of its people in other photos, so in photos of the same component), on the
     config, the builder and the face models: a bucket's fingerprint covers exactly these, plus which of
-    its identities the eval fallback moved."""
+    its identities the eval fallback moved. Inside a bucket that changed, a target's own fingerprint
+    (:class:`pipeline.multiid.reuse.TargetFingerprints`) decides whether it is selected again."""
 
     def __init__(self, images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig, read_bytes,
                  previous: Path | None = None, out_dir: Path | None = None, keep_rows: bool = False):
@@ -654,8 +685,9 @@ class _Plan:
         self.buckets = {b: _Bucket(b, uids, {f.identity_id for u in uids for f in self.by_uid.get(u, []) if f.identity_id is not None})
                         for b, uids in sorted(groups.items())}
         # fingerprints: what decides a bucket's samples, its shards and its rows
-        common = json.dumps({"builder": BUILDER_VERSION, "library": __version__, "config": cfg.to_dict(),
-                             "backends": backends, "model_versions": self.mversions}, sort_keys=True, default=str)
+        common_parts = {"builder": BUILDER_VERSION, "library": __version__, "config": cfg.to_dict(),
+                        "backends": backends, "model_versions": self.mversions}
+        common = json.dumps(common_parts, sort_keys=True, default=str)
         face_cols = FACE_COLUMNS + ["source"]
         tables = [(images, IMAGE_COLUMNS, ["uid"]), (faces, face_cols, ["uid", "face_index"]),
                   (identities, ["uid", "face_index", "identity_id"], ["uid", "face_index"])]
@@ -689,7 +721,12 @@ class _Plan:
             if self.out_dir is not None:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
             self.parts_dir = Path(tempfile.mkdtemp(prefix=".rows-", dir=self.out_dir))
-        self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet"))
+        self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet", TARGETS_FILE))
+        # per-target reuse when writing: each photo's digest, and the previous version's targets
+        self.per_target = self.out_dir is not None
+        self.digests = photo_digests(tables) if self.per_target else {}
+        self.common_digest = common_digest(common_parts)
+        self.prev_targets = PreviousTargets(self.previous if self.per_target else None, self.previous_records)
         self.selections = 0
         self.corrupt: list[str] = []
         self.eval_fallback: list[str] = []
@@ -704,20 +741,24 @@ class _Plan:
 
     def _run(self, b: _Bucket, override: set) -> None:
         """Fill bucket ``b`` with the eval override ``override``: from the previous version when it holds
-        an intact bucket with the same fingerprint, else by selecting references over its photos."""
+        an intact bucket with the same fingerprint, else by selecting references over its photos; a build
+        that writes selects only the targets whose fingerprint changed (:mod:`pipeline.multiid.reuse`)."""
         b.override = sorted(override & b.identities)
         b.previous = None
+        b.copied, b.reasons, b.n_reused, b.n_over_cap, b.evictions = {}, Counter(), 0, 0, {"images": 0, "keypoints": 0}
+        b.reused = []
         rec = self.previous_records.get(b.name)
-        if rec is not None and rec.get("fingerprint") == b.fingerprint:
+        targets = [u for u in b.uids if u in self.img_meta]
+        if rec is not None and rec.get("fingerprint") == b.fingerprint and self.prev_targets:
             problems = [f"{split}/{p}" for split, shards in sorted(rec.get("shards", {}).items())
                         for p in shards_intact(self.previous / split, shards)]
-            if not problems:
+            if not problems and all(u in self.prev_targets.row for u in targets):
                 b.previous = rec
                 b.counts = rec["counts"]
-                b.samples = [json.loads(r["json"]) for split, shards in sorted(rec["shards"].items())
-                             for sh in shards for r in iter_shard(self.previous / split / sh["name"], ("json",))]
-                b.samples.sort(key=lambda s: s["key"])
-                b.summary = _summary(b.samples)
+                b.targets = self.prev_targets.take(targets)
+                b.summary = _summary_of_targets(b.targets)
+                b.n_reused = len(targets)
+                b.samples = []
                 b.pair_rows = b.cand_rows = []  # taken from the previous version's tables when written
                 b.pairs = b.cands = None
                 return
@@ -725,26 +766,134 @@ class _Plan:
         img_meta = {u: self.img_meta[u] for u in b.uids if u in self.img_meta}
         by_uid = {u: self.by_uid[u] for u in b.uids if u in self.by_uid}
         # each run its own part files: a trial of the eval fallback that is undone keeps the earlier run's
-        sink = None if self.keep_rows else _RowParts(self.parts_dir, f"{b.name}-{self.selections}")
-        try:
-            b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
-                                                                 self.mversions, sink=sink)
-        finally:
-            if sink is not None:
+        if not self.per_target:
+            sink = None if self.keep_rows else _RowParts(self.parts_dir, f"{b.name}-{self.selections}")
+            try:
+                b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
+                                                                     self.mversions, sink=sink)
+            finally:
+                if sink is not None:
+                    sink.close()
+            b.evictions = b.counts.pop("cache_evictions")
+            b.summary = _summary(b.samples)
+            if self.keep_rows:
+                b.pair_rows, b.cand_rows, b.pairs, b.cands = pair_rows, cand_rows, None, None
+            else:
+                b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], sink.paths["pairs"], sink.paths["candidates"]
+            self.selections += 1
+            return
+        self._run_per_target(b, override, targets, img_meta, by_uid)
+
+    def _run_per_target(self, b: _Bucket, override: set, targets: list[str], img_meta: dict, by_uid: dict) -> None:
+        """Select only the targets of ``b`` whose fingerprint differs from the previous version's (or whose
+        previous shard fails its sha256); take the others' rows from that version and copy their members."""
+        cfg = self.cfg
+
+        def split_of(i: str) -> str:
+            return "eval" if i in override else identity_split(i, cfg.eval_fraction, cfg.split_salt)
+
+        def usable(f) -> bool:
+            return unusable_reason(f, cfg.min_face_px, cfg.det_score_min, cfg.blur_min) is None
+
+        tf = TargetFingerprints(b.uids, by_uid, self.digests, split_of, usable, self.common_digest, cfg.max_candidates_per_person)
+        fps = {u: tf.whole(u) for u in targets}
+        over_cap: dict[str, int] = {}  # reused targets whose examined candidates are the same, their over-cap count not
+        prev = self.prev_targets
+        reuse, run = [], []
+        for u in targets:
+            was = prev.get(u) if prev else None
+            reason = reselect_reason(was, fps[u]) if prev else "no_previous_version"
+            if reason == "candidates_changed":
+                if was["examined"] == tf.early(u):  # dropped before its candidates, and still will be
+                    reason = None
+                elif was["examined"] == tf.examined(u):
+                    reason, over_cap[u] = None, tf.over_cap(u)
+            if reason is None:
+                shard = prev.shard[u]
+                problems = prev.shard_problems(shard) if shard is not None else []
+                if problems:
+                    reason = "previous_shard_damaged"
+                    self.corrupt += [f"{b.name}: {p}" for p in problems if f"{b.name}: {p}" not in self.corrupt]
+            if reason is None:
+                reuse.append(u)
+            else:
+                run.append(u)
+                b.reasons[reason] += 1
+        b.n_reused, b.n_over_cap = len(reuse), len(over_cap)
+        b.reused = reuse
+        b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], None, None
+        samples, counts, tally = [], {}, None
+        if run:
+            # the selected targets' rows are streamed to part files like a whole bucket's (:meth:`_run`); what
+            # targets.parquet needs of them (the examined fingerprint, the unreadable references) is taken
+            # as each target's candidate rows are final, not read back
+            def on_candidates(u: str, rows: list[dict]) -> tuple[bytes, list[str]]:
+                return (tf.examined_from_rows(u, [(r["identity_id"], r["ref_uid"], r["ref_face_index"]) for r in rows]),
+                        [r["ref_uid"] for r in rows if r["status"] == "unreadable_reference"])
+
+            tally = TargetTally(on_candidates)
+            sink = _RowParts(self.parts_dir, f"{b.name}-{self.selections}")
+            try:
+                samples, _, _, counts = _select(img_meta, by_uid, cfg, self.read_bytes, override, self.mversions,
+                                                sink=sink, targets=set(run), tally=tally)
+            finally:
                 sink.close()
-        b.summary = _summary(b.samples)
-        if self.keep_rows:
-            b.pair_rows, b.cand_rows, b.pairs, b.cands = pair_rows, cand_rows, None, None
-        else:
-            b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], sink.paths["pairs"], sink.paths["candidates"]
-        self.selections += 1
+            b.pairs, b.cands = sink.paths["pairs"], sink.paths["candidates"]
+            b.evictions = counts["cache_evictions"]
+            self.selections += 1
+        # targets.parquet rows of the selected targets
+        sample_of = {s["target"]["uid"]: s for s in samples}
+        errors = counts.get("unreadable", {})
+        rows = []
+        for u in run:
+            reasons, removed, flags = tally.shares(u)
+            (outcome,) = reasons
+            # candidates_total is counted for every person of a target that reached its candidates
+            examined, unreadable_refs = tally.seen[u] if "candidates_total" in removed else (tf.early(u), [])
+            seen = [*unreadable_refs, *([u] if outcome == "unreadable_target" else [])]
+            s = sample_of.get(u)
+            fp, own, splits, people = fps[u]
+            rows.append({
+                "target_uid": u, "fingerprint": fp, "photo_digest": own, "splits": splits, "people_digest": people,
+                "examined": examined,
+                "outcome": outcome, "key": s and s["key"], "split": s and s["split"], "shard": None,
+                "persons": s and [fj["identity_id"] for fj in s["faces"]], "refs": s and [len(fj["refs"]) for fj in s["faces"]],
+                "counts": target_counts(dict(sorted(removed.items())), dict(sorted(flags.items())),
+                                        {x: errors[x] for x in sorted(set(seen))}),
+            })
+        parts = [pa.Table.from_pylist(rows, schema=TARGETS_SCHEMA)]
+        if reuse:
+            kept = prev.take(reuse)
+            # the fingerprint columns are this version's (a target reused under the cap has a new whole one)
+            for c, vals in zip(("fingerprint", "photo_digest", "splits", "people_digest"), zip(*(fps[u] for u in reuse))):
+                kept = kept.set_column(kept.schema.get_field_index(c), c, pa.array(list(vals), TARGETS_SCHEMA.field(c).type))
+            if over_cap:
+                counts_col = [patch_over_cap(c, over_cap[u]) if u in over_cap else c
+                              for u, c in zip(reuse, kept.column("counts").to_pylist())]
+                kept = kept.set_column(kept.schema.get_field_index("counts"), "counts", pa.array(counts_col, pa.string()))
+            parts.append(kept)
+            for o, k, sp, sh in zip(*(kept.column(c).to_pylist() for c in ("outcome", "key", "split", "shard"))):
+                if o == "kept":
+                    b.copied.setdefault(sp, {}).setdefault(sh, set()).add(k)
+        t = pa.concat_tables(parts)
+        b.targets = t.take(pa.array(sorted(range(t.num_rows), key=t.column("target_uid").to_pylist().__getitem__), pa.int64()))
+        b.samples = samples
+        b.summary = _summary_of_targets(b.targets)
+        # the similarity histograms: those of the selected targets' rows now; the reused targets' rows stay in
+        # the previous version's tables, counted in one pass for all buckets once selection is over
+        # (:meth:`_count_reused_rows`)
+        b.counts = _bucket_counts(b.targets, counts.get("similarity_all_candidates", {}), counts.get("similarity_selected", {}))
 
     def _emit(self, b: _Bucket) -> None:
         """Write bucket ``b``'s shards (hard links for a reused bucket; replacing what an earlier run of the
-        same bucket wrote) and drop its samples. Nothing without ``out_dir``."""
+        same bucket wrote) and drop its samples. Nothing without ``out_dir``. The samples of reused targets
+        are copied member by member from the previous version's tars (checked against their sha256 in
+        :meth:`_run`), merged in key order with the new ones: the tars are those of a fresh build."""
         if self.out_dir is None:
             return
         cfg = self.cfg
+        shard_of: dict[str, str] = {}
+        b.bytes_copied = b.bytes_written = 0
         for split in ("train", "eval"):
             d = self.out_dir / split
             d.mkdir(parents=True, exist_ok=True)
@@ -756,12 +905,41 @@ class _Plan:
                     link_or_copy(self.previous / split / sh.name, d / sh.name)
             else:
                 split_samples = [s for s in b.samples if s["split"] == split]
-                infos = write_shards(_shard_samples(split_samples, cfg, self.read_bytes), d,
+                streams = [self._counted(_shard_samples(split_samples, cfg, self.read_bytes), "bytes_written", b)]
+                for src, keys in sorted(b.copied.get(split, {}).items()):
+                    streams.append(self._counted(reused_records(self.previous / src, keys), "bytes_copied", b))
+                order: list[str] = []
+                merged = heapq.merge(*streams, key=lambda r: r["__key__"])
+                infos = write_shards((order.append(r["__key__"]) or r for r in merged), d,
                                      f"{cfg.dataset_name}-{split}-{b.name}", cfg.shard_max_count, cfg.shard_max_bytes)
+                at = 0
+                for sh in infos:
+                    shard_of.update((k, f"{split}/{sh.name}") for k in order[at:at + sh.samples])
+                    at += sh.samples
+                if at != len(order) or len(order) != len(split_samples) + sum(len(k) for k in b.copied.get(split, {}).values()):
+                    raise RuntimeError(f"{b.name}/{split}: {len(order)} samples written, {at} in shards: a previous tar "
+                                       "lacks a sample its record lists")
             b.infos[split] = infos
+        if b.previous is None and b.targets is not None:
+            keys = b.targets.column("key").to_pylist()
+            b.targets = b.targets.set_column(b.targets.schema.get_field_index("shard"), "shard",
+                                             pa.array([shard_of.get(k) if k else None for k in keys], pa.string()))
         b.samples = []
 
+    @staticmethod
+    def _counted(records, attr: str, b: _Bucket):
+        """``records`` passed through, the bytes of their image members (the photo, the crops; not the JSON)
+        added to ``b.<attr>``."""
+        for r in records:
+            setattr(b, attr, getattr(b, attr) + sum(len(v) for k, v in r.items() if not k.startswith("__") and k != "json"))
+            yield r
+
     def select(self) -> None:
+        self._select_buckets()
+        if self.previous is not None:
+            self._count_reused_rows()
+
+    def _select_buckets(self) -> None:
         cfg = self.cfg
         for b in self.buckets.values():
             self._run(b, set())
@@ -802,14 +980,47 @@ class _Plan:
 
     def rows_in_target_order(self, name: str, schema: pa.Schema):
         """The ``name`` table ("pairs" or "candidates") of this build, in pieces, in the order of one run over
-        the collection: the part files of the buckets selected, and the rows of the reused buckets from
-        the previous version's table (in their order there), merged by target uid."""
+        the collection: the part files of the buckets selected (of their targets selected again), and the
+        rows of the reused buckets and of the reused targets of the others from the previous version's table
+        (in their order there: one pass over it), merged by target uid."""
         attr = {"pairs": "pairs", "candidates": "cands"}[name]
         sources = [_part_batches(getattr(b, attr), schema) for b in self.active() if b.previous is None]
-        reused = sorted(u for b in self.active() if b.previous is not None for u in b.uids)
+        reused = self._reused_uids()
         if reused:
             sources.append(_part_batches(self.previous / f"{name}.parquet", schema, pa.array(reused, pa.string())))
         return _merge_in_target_order(sources, schema)
+
+    def _reused_uids(self) -> list[str]:
+        """The targets whose rows are the previous version's: those of reused buckets, and the reused targets of
+        the buckets selected again."""
+        return sorted(u for b in self.active() for u in (b.uids if b.previous is not None else b.reused))
+
+    def _count_reused_rows(self) -> None:
+        """Add to each bucket selected again the similarity histograms of its reused targets' rows, from the
+        previous version's tables: one streamed pass over two columns for all buckets (the rows are not held)."""
+        import pyarrow.compute as pc
+
+        owners = [b for b in self.active() if b.previous is None and b.reused]
+        if not owners:
+            return
+        uids = pa.array(sorted(u for b in owners for u in b.reused), pa.string())
+        owner = np.empty(len(uids), np.int64)  # position in ``uids`` -> index in ``owners``
+        at = {u: i for i, u in enumerate(uids.to_pylist())}
+        for i, b in enumerate(owners):
+            owner[[at[u] for u in b.reused]] = i
+        schema = pa.schema([("target_uid", pa.string()), ("similarity", pa.float32())])
+        for name, key in (("pairs", "similarity_selected"), ("candidates", "similarity_all_candidates")):
+            hist = np.zeros((len(owners), len(SIM_BINS) - 1), np.int64)
+            for t in _part_batches(self.previous / f"{name}.parquet", schema, uids):
+                who = owner[pc.index_in(t.column("target_uid"), value_set=uids).to_numpy(zero_copy_only=False)]
+                sim = np.asarray(t.column("similarity").to_numpy(zero_copy_only=False), dtype=np.float64)
+                for i in np.unique(who):
+                    hist[i] += np.histogram(sim[who == i], bins=SIM_BINS)[0]
+            for i, b in enumerate(owners):
+                total = hist[i].copy()
+                for k, n in b.counts[key].items():
+                    total[int(k)] += int(n)
+                b.counts[key] = {str(int(j)): int(total[j]) for j in np.nonzero(total)[0]}
 
     def stats(self) -> dict:
         cfg = self.cfg
@@ -826,7 +1037,8 @@ class _Plan:
             "candidates_removed_by": merged["candidates_removed_by"],
             "duplicate_flags_independent": merged["duplicate_flags_independent"],
             "unreadable": merged["unreadable"],
-            "cache_evictions": merged["cache_evictions"],
+            # this run's selections only (a reused bucket or target ran none): not recorded in the version
+            "cache_evictions": {k: sum(b.evictions.get(k, 0) for b in self.buckets.values()) for k in ("images", "keypoints")},
             "per_split": dict(sorted(Counter(t[1] for t in summ).items())),
             "identities": {"total": len(by_identity), "eval": sum(self.split_of(i) == "eval" for i in by_identity)},
             "photos_in_both_splits_by_faces": mixed,
@@ -862,6 +1074,28 @@ def _merge_counts(parts: list[dict]) -> dict:
     return merged
 
 
+def _bucket_counts(targets: pa.Table, sim_all: dict, sim_selected: dict) -> dict:
+    """A bucket's additive counts from its targets' shares (targets.parquet) and the similarity histograms
+    of its rows: what :func:`_select` over all its targets counts (less the cache evictions, which depend on
+    the run)."""
+    reasons, removed, flags = Counter(), Counter(), Counter()
+    unreadable: dict[str, str] = {}
+    persons = 0
+    for o, p, c in zip(*(targets.column(k).to_pylist() for k in ("outcome", "persons", "counts"))):
+        reasons[o] += 1
+        persons += len(p) if o == "kept" else 0
+        c = json.loads(c)
+        removed.update(c["candidates_removed_by"])  # Counter.update keeps keys counted 0 (as _select has them)
+        flags.update(c["duplicate_flags_independent"])
+        unreadable.update(c["unreadable"])
+    return {
+        "targets": dict(sorted(reasons.items())), "persons": persons,
+        "candidates_removed_by": dict(sorted(removed.items())), "duplicate_flags_independent": dict(sorted(flags.items())),
+        "unreadable": dict(sorted(unreadable.items())),
+        "similarity_all_candidates": dict(sim_all), "similarity_selected": dict(sim_selected),
+    }
+
+
 def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[str]]:
     """identity -> the set of identities linked to it by sharing photos (transitively)."""
     parent: dict[str, str] = {}
@@ -885,14 +1119,25 @@ def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[
     return {i: groups[find(i)] for i in parent}
 
 
+def examined_candidates(uid: str, cands: list[FaceRec], cap: int) -> list[FaceRec]:
+    """The candidates of a target's person that are examined: all of them, or over ``cap`` the ``cap`` with the
+    lowest hash of (target, candidate) (each target a different, reproducible subset), in (uid, face_index) order."""
+    if len(cands) <= cap:
+        return cands
+    cands = sorted(cands, key=lambda c: stable_key("multiid-cand", uid, c.uid, c.face_index))
+    return sorted(cands[:cap], key=lambda c: (c.uid, c.face_index))
+
+
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
-            mversions: list[str], sink: _RowParts | None = None):
+            mversions: list[str], sink: _RowParts | None = None, targets: set[str] | None = None, tally=None):
     """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
     bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
     component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
     of the statistics (:func:`_merge_counts` sums them over buckets). With ``sink``, the rows go to it in
     batches as they are produced (what stays in memory is one batch, whatever the number of targets)
-    and both row lists come back ``None``."""
+    and both row lists come back ``None``. ``targets``: only these photos are targets (every photo still
+    serves as a candidate); ``tally`` (reuse.TargetTally): records each target's share of the counts and
+    is shown each target's candidate rows once their statuses are final."""
     def split_of(identity_id: str) -> str:
         return "eval" if identity_id in eval_override else identity_split(identity_id, cfg.eval_fraction, cfg.split_salt)
 
@@ -952,7 +1197,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
             sink.write(name, pa.Table.from_pylist(rows, schema=schema))
             rows.clear()
     n_persons = 0
-    for uid in sorted(img_meta):
+    target_uids = sorted(img_meta) if targets is None else sorted(set(img_meta) & set(targets))
+    for uid in (target_uids if tally is None else tally.each(target_uids, target_reasons, removed, flags)):
         fs = by_uid.get(uid, [])
         usable = [f for f in fs if unusable_reason(f, cfg.min_face_px, cfg.det_score_min, cfg.blur_min) is None]
         if not fs:
@@ -988,9 +1234,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         for f in usable:
             cands = [c for c in by_identity[f.identity_id] if c.uid != uid]
             if len(cands) > cfg.max_candidates_per_person:
-                cands = sorted(cands, key=lambda c: stable_key("multiid-cand", uid, c.uid, c.face_index))
                 removed["not_examined_over_cap"] += len(cands) - cfg.max_candidates_per_person
-                cands = sorted(cands[: cfg.max_candidates_per_person], key=lambda c: (c.uid, c.face_index))
+                cands = examined_candidates(uid, cands, cfg.max_candidates_per_person)
             removed["candidates_total"] += len(cands)
             survivors = []
             for c in cands:
@@ -1078,6 +1323,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
             persons.append((f, cands, len(survivors) - n_guarded_out, chosen))
         for row in t_cands:
             removed[row["status"]] += 1
+        if tally is not None:
+            tally.candidates(uid, t_cands)
         cand_rows += t_cands
         if sink is not None and len(cand_rows) >= CANDIDATE_BATCH:
             flush("candidates", cand_rows, CANDIDATE_SCHEMA)
@@ -1234,8 +1481,12 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     Shards are written per bucket of co-occurrence components (``<name>-<split>-b<bucket>-<n>.tar``).
     ``reuse_from``: a previous version's local folder; each bucket whose fingerprint equals one recorded
     there, and whose shard files still match their recorded sha256, is not selected again: its shards are
-    hard-linked, its rows and counts taken from that version (``stats["buckets_reused"]``). The files
-    written are the same, byte for byte, as without ``reuse_from``."""
+    hard-linked, its rows and counts taken from that version (``stats["buckets_reused"]``). In the other
+    buckets, each target whose fingerprint (``out_dir/targets.parquet``, :mod:`pipeline.multiid.reuse`) equals
+    the previous version's, and whose previous shard matches its sha256, is not selected again either: its
+    tar members are copied from that shard, its rows taken from that version (``stats["targets_reused"]``,
+    ``"targets_reselected"``, ``"reselect_reasons"``, ``"bytes_copied"``). The files written are the same,
+    byte for byte, as without ``reuse_from``."""
     import shutil
 
     read_bytes = read_bytes or reader_from_images(images)
@@ -1290,6 +1541,9 @@ def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -
                 "num_refs": sum(sum(t[3]) for t in summ), "ref_mode": cfg.ref_mode,
                 "counts": {k: stats[k] for k in ("images", "targets", "candidates_removed_by", "duplicate_flags_independent")},
             })
+        # targets.parquet: each bucket's targets are sorted by uid, and a target is in one bucket
+        write_parquet_stream_atomic(_merge_in_target_order([[b.targets] for b in buckets if b.targets is not None and b.targets.num_rows],
+                                                           TARGETS_SCHEMA), TARGETS_SCHEMA, out_dir / TARGETS_FILE)
         from pipeline.storage import write_bytes_atomic
 
         write_bytes_atomic(json.dumps({"bucket_count": cfg.reuse_buckets, "buckets": records}, sort_keys=True, indent=1).encode(),
@@ -1301,5 +1555,13 @@ def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -
     stats["bytes_reused"] = reused_bytes
     stats["selections_run"] = plan.selections
     stats["buckets_not_reused_corrupt"] = plan.corrupt
+    # per-target reuse (a build that writes): targets taken from the previous version (those of reused buckets
+    # included) vs selected again, and why; member bytes copied from its tars vs written from the photos
+    stats["targets_reused"] = sum(b.n_reused for b in buckets)
+    stats["targets_reused_over_cap_updated"] = sum(b.n_over_cap for b in buckets)
+    stats["targets_reselected"] = sum(sum(b.reasons.values()) for b in buckets)
+    stats["reselect_reasons"] = dict(sorted(sum((b.reasons for b in buckets), Counter()).items()))
+    stats["bytes_copied"] = sum(b.bytes_copied for b in buckets)
+    stats["bytes_written"] = sum(b.bytes_written for b in buckets)
     return MultiIDResult(pairs, cands, samples, stats, shards, out_dir, cfg, read_bytes)
 

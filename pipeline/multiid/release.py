@@ -21,7 +21,7 @@ from pipeline.shards import read_manifest, shard_keys, verify_manifest
 from pipeline.storage import as_dir
 
 # bump when the builder's output changes for the same inputs and config
-BUILDER_VERSION = "multiid-builder-5"  # 4: shards per bucket of co-occurrence components (reuse); 5: NCC/keypoints in rank order
+BUILDER_VERSION = "multiid-builder-5"  # 4: shards per bucket of co-occurrence components (reuse); 5: NCC/keypoints in rank order, targets.parquet (per-target reuse)
 SPLITS = ("train", "eval")
 FACE_COLUMNS = ["uid", "face_index", "x1", "y1", "x2", "y2", "landmarks", "det_score", "face_width", "face_height",
                 "blur", "yaw", "pitch", "roll", "embedding", "backend", "model_version"]

@@ -1,0 +1,167 @@
+"""Multi-identity refresh: a fresh full build vs a build that reuses the previous version (per target).
+
+    PYTHONPATH=. .venv/bin/python bench/bench_multiid_refresh.py --faces 3000 --add 0.01
+
+The collection is bench_collection.py's synthetic one (Zipf identities, photos of 1-4 people, textured JPEGs
+synthesised on demand), with the true identity labels as identities (no clustering: what is measured is the
+builder). Version A is built from it; B adds ``--add`` (1%) new faces, each in a new one-person photo of a
+randomly chosen person who has at least two faces (scattered over identities and components). B is built
+twice: from scratch, and with ``reuse_from`` = A's folder. Each build runs in its own subprocess (CPU s,
+wall s and peak RSS of that build alone). The two B folders are compared byte for byte.
+
+Writes bench/results/multiid-refresh-<timestamp>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def make_collections(n: int, add: float, root: Path, seed: int = 0) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.bench_collection import generate
+
+    a = root / "A"
+    info = generate(n, a, seed=seed)
+    images, faces = pq.read_table(a / "images.parquet"), pq.read_table(a / "faces.parquet")
+    labels = np.load(a / "labels.npy")
+    ids = pa.table({"uid": faces.column("uid"), "face_index": faces.column("face_index"),
+                    "identity_id": pa.array([f"id{int(x):06d}" for x in labels])})
+    pq.write_table(ids, a / "identities.parquet")
+    # B: new one-face photos of people with >= 2 faces, the new face a copy of one of theirs, moved a little
+    rng = np.random.default_rng(seed + 99)
+    counts = np.bincount(labels)
+    eligible = np.flatnonzero(counts[labels] >= 2)
+    k = max(1, round(add * n))
+    src = rng.choice(eligible, size=k, replace=False)
+    E = np.asarray(faces.column("embedding").combine_chunks().flatten().to_numpy(), np.float32).reshape(n, -1)
+    new_faces, new_imgs = [], []
+    rows = faces.take(pa.array(src)).to_pylist()
+    img_of = {r["uid"]: r for r in images.to_pylist()}
+    for j, (i, r) in enumerate(zip(src.tolist(), rows)):
+        uid = f"{int(rng.integers(0, 2**62)):016x}"
+        e = E[i] + rng.normal(0, 0.02, E.shape[1]).astype(np.float32)
+        w, h = int(r["x2"] - r["x1"]) + 200, int(r["y2"] - r["y1"]) + 160
+        dx, dy = 100 - r["x1"], 80 - r["y1"]
+        new_faces.append({**r, "uid": uid, "face_index": 0, "x1": r["x1"] + dx, "x2": r["x2"] + dx, "y1": r["y1"] + dy,
+                          "y2": r["y2"] + dy, "landmarks": [v + (dx if q % 2 == 0 else dy) for q, v in enumerate(r["landmarks"])],
+                          "embedding": e.tolist(), "image_width": w, "image_height": h})
+        new_imgs.append({**img_of[r["uid"]], "uid": uid, "width": w, "height": h, "caption": "a photo of 1 person"})
+    b = root / "B"
+    b.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.concat_tables([images, pa.Table.from_pylist(new_imgs, schema=images.schema)]), b / "images.parquet")
+    pq.write_table(pa.concat_tables([faces, pa.Table.from_pylist(new_faces, schema=faces.schema)]), b / "faces.parquet")
+    new_ids = pa.table({"uid": [f["uid"] for f in new_faces], "face_index": pa.array([0] * k, ids.schema.field("face_index").type),
+                        "identity_id": [f"id{int(labels[i]):06d}" for i in src]})
+    pq.write_table(pa.concat_tables([ids, new_ids]), b / "identities.parquet")
+    return {**info, "added_faces": k, "added_identities": len(set(labels[src].tolist()))}
+
+
+def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool) -> dict:
+    """One build in this process: CPU s, wall s, peak RSS, the build's stats."""
+    import pyarrow.parquet as pq
+
+    from bench.bench_collection import reader
+    from pipeline.multiid import MultiIDConfig, build_multiid_dataset
+
+    images, faces, ids = (pq.read_table(data / f"{t}.parquet") for t in ("images", "faces", "identities"))
+    cfg = MultiIDConfig(max_candidates_per_person=cap, keypoints=keypoints)
+    shutil.rmtree(out, ignore_errors=True)
+    c0, w0 = time.process_time(), time.perf_counter()
+    res = build_multiid_dataset(images, faces, ids, out, cfg, read_bytes=reader(images), version="bench", reuse_from=reuse)
+    st = res.stats
+    return {"cpu_s": round(time.process_time() - c0, 1), "wall_s": round(time.perf_counter() - w0, 1),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024, 2),
+            "samples": sum(st["per_split"].values()), "buckets": st["buckets_reused"] + st["buckets_rebuilt"],
+            **{k: st[k] for k in ("buckets_reused", "buckets_rebuilt", "selections_run", "targets_reused", "targets_reselected",
+                                  "reselect_reasons", "bytes_copied", "bytes_written", "bytes_reused")}}
+
+
+def largest_component_share(data: Path) -> float:
+    import pyarrow.parquet as pq
+
+    from pipeline.multiid.build import _cooccurrence_components
+
+    ids = pq.read_table(data / "identities.parquet").to_pydict()
+    by_uid: dict[str, list] = {}
+    for u, i in zip(ids["uid"], ids["identity_id"]):
+        by_uid.setdefault(u, []).append(type("F", (), {"identity_id": i})())
+    comp = _cooccurrence_components(by_uid)
+    sizes: dict[int, int] = {}
+    for i in ids["identity_id"]:
+        sizes[id(comp[i])] = sizes.get(id(comp[i]), 0) + 1
+    return max(sizes.values()) / len(ids["identity_id"])
+
+
+def files_equal(a: Path, b: Path) -> list[str]:
+    def digest(folder):
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    da, db = digest(a), digest(b)
+    return [k for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--faces", type=int, default=3000)
+    ap.add_argument("--add", type=float, default=0.01)
+    ap.add_argument("--cap", type=int, default=20, help="MultiIDConfig.max_candidates_per_person (default 200)")
+    ap.add_argument("--no-keypoints", action="store_true")
+    ap.add_argument("--root", default="/tmp/wt-mreuse/refresh")
+    ap.add_argument("--step", nargs=3, metavar=("DATA", "OUT", "REUSE"))
+    args = ap.parse_args()
+    if args.step:
+        data, out, reuse = args.step
+        print(json.dumps(step(Path(data), Path(out), None if reuse == "-" else Path(reuse), args.cap, not args.no_keypoints)))
+        return 0
+    root = Path(args.root)
+    shutil.rmtree(root, ignore_errors=True)
+    info = make_collections(args.faces, args.add, root)
+    info["largest_component_share_of_faces"] = round(largest_component_share(root / "B"), 3)
+
+    def run(data, out, reuse):
+        cmd = [sys.executable, __file__, "--cap", str(args.cap), *(["--no-keypoints"] if args.no_keypoints else []),
+               "--step", str(data), str(out), str(reuse) if reuse else "-"]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+        if r.returncode:
+            raise SystemExit(r.stderr[-3000:])
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    res = {"collection": info, "config": {"max_candidates_per_person": args.cap, "keypoints": not args.no_keypoints}}
+    res["A_fresh"] = run(root / "A", root / "out-A", None)
+    res["B_fresh"] = run(root / "B", root / "out-B-fresh", None)
+    res["B_refresh"] = run(root / "B", root / "out-B-refresh", root / "out-A")
+    res["B_refresh_equals_fresh"] = not files_equal(root / "out-B-fresh", root / "out-B-refresh")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = REPO / "bench" / "results" / f"multiid-refresh-{stamp}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
+    print(json.dumps(res["collection"]))
+    print("| build | CPU s | wall s | peak RSS GB | buckets rebuilt/all | targets reselected / reused | reasons |")
+    print("|---|---|---|---|---|---|---|")
+    for k in ("A_fresh", "B_fresh", "B_refresh"):
+        r = res[k]
+        print(f"| {k} | {r['cpu_s']} | {r['wall_s']} | {r['peak_rss_gb']} | {r['buckets_rebuilt']}/{r['buckets']} | "
+              f"{r['targets_reselected']} / {r['targets_reused']} | {r['reselect_reasons']} |")
+    print(f"B refresh byte-identical to B fresh: {res['B_refresh_equals_fresh']}  ({path})")
+    return 0 if res["B_refresh_equals_fresh"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

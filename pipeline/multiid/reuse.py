@@ -1,0 +1,312 @@
+"""Per-target reuse across versions of the multi-identity dataset.
+
+Bucket reuse (build.py, ``buckets.json``) takes a whole bucket of co-occurrence components from the previous
+version when nothing in it changed. At scale one component holds most faces (people are chained together by
+the photos they share), so a refresh that touches a few people everywhere touches every bucket. This module
+goes one level down: what decides a target photo's sample, its pair rows and its candidate rows is
+
+- the photo itself: its image row, every face row (embedding bytes included) and identity row
+  (:func:`photo_digests`);
+- the split of each of its labelled faces (the eval override included);
+- for each of its people (usable labelled faces), the candidate set: every photo holding a face of that
+  identity, each by its own digest and the splits of its labelled faces (a candidate photo's split, and
+  whether its crop shows a face of the other split, come from them);
+- the config (less the keys that only lay out files), the builder, library and face-model versions.
+
+:class:`TargetFingerprints` hashes exactly these; ``targets.parquet`` records them per target with the
+target's outcome, its sample's key, split and shard, and its share of the additive counts. A refresh runs the
+selection only for targets whose fingerprint changed (or whose previous shard fails its sha256); the others'
+tar members are copied from the previous version's shards, their rows from its tables. The version written
+is the same, byte for byte, as a fresh build's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+TARGETS_FILE = "targets.parquet"
+TARGETS_SCHEMA = pa.schema([
+    ("target_uid", pa.string()),
+    ("fingerprint", pa.binary()),  # what decides the target's sample and rows (16 bytes)
+    ("photo_digest", pa.binary()),  # parts of the fingerprint, kept to say why a target was selected again
+    ("splits", pa.string()),
+    ("people_digest", pa.binary()),
+    ("examined", pa.binary()),  # the fingerprint over the candidates examined (under the cap) only
+    ("outcome", pa.string()),  # "kept" or the reason the target was dropped
+    ("key", pa.string()),  # the sample's key, split, shard ("<split>/<tar>") and summary, when kept
+    ("split", pa.string()),
+    ("shard", pa.string()),
+    ("persons", pa.list_(pa.string())),
+    ("refs", pa.list_(pa.int32())),
+    ("counts", pa.string()),  # JSON: the target's share of candidates_removed_by, duplicate flags, unreadable
+])
+# config keys that lay out files but do not change a sample's bytes
+LAYOUT_ONLY = ("reuse_buckets", "cache_images", "cache_keypoints", "shard_max_count", "shard_max_bytes", "dataset_name")
+
+
+def photo_digests(tables: Iterable[tuple[pa.Table, list[str], list[str]]]) -> dict[str, bytes]:
+    """uid -> 16-byte digest of the photo's rows in each (table, columns, sort_by): numbers and list values
+    by their float64 bytes (as :func:`pipeline.datasets.fingerprint_table`: an embedding that changes in its
+    last bit changes the digest), strings by their text. A missing column counts as absent."""
+    hs: dict[str, hashlib._Hash] = {}
+    for ti, (t, cols, sort_by) in enumerate(tables):
+        if t.num_rows == 0:
+            continue
+        t = t.sort_by([(c, "ascending") for c in sort_by])
+        present = [c for c in cols if c in t.column_names]
+        nums, lists, texts = [], [], []
+        for c in present:
+            col = t.column(c).combine_chunks()
+            if pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type):
+                import pyarrow.compute as pc
+
+                lengths = np.asarray(pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False), np.int64)
+                offs = np.concatenate([[0], np.cumsum(lengths)])
+                flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype="<f8")
+                lists.append((flat, offs))
+            elif pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
+                nums.append(np.asarray(col.to_numpy(zero_copy_only=False), dtype="<f8"))
+            else:
+                texts.append(col.to_pylist())
+        M = np.stack(nums, axis=1) if nums else np.zeros((t.num_rows, 0), "<f8")
+        head = json.dumps([ti, present]).encode()
+        for i, u in enumerate(t.column("uid").to_pylist()):
+            h = hs.get(u)
+            if h is None:
+                h = hs[u] = hashlib.sha256()
+            parts = [head, M[i].tobytes()]
+            parts += [flat[offs[i]:offs[i + 1]].tobytes() + b"\x1e" for flat, offs in lists]
+            parts.append("\x1f".join("\x00" if v is None else str(v) for v in (x[i] for x in texts)).encode())
+            h.update(b"\x1d".join(parts) + b"\x1c")
+    return {u: h.digest()[:16] for u, h in hs.items()}
+
+
+def common_digest(common: dict) -> bytes:
+    """The part of every target's fingerprint that is the same for all: config (less LAYOUT_ONLY), versions."""
+    c = dict(common)
+    c["config"] = {k: v for k, v in c["config"].items() if k not in LAYOUT_ONLY}
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).digest()
+
+
+class TargetFingerprints:
+    """Fingerprints of the targets among ``uids`` (one bucket: a target's candidates lie in its co-occurrence
+    component); ``split_of`` carries the eval override, ``usable(face)`` says whether a face is a person.
+
+    :meth:`whole` covers each person's every face (cheap: one digest per identity, shared by its targets);
+    :meth:`examined` only the faces the selection examines (``examined_candidates``: at most ``cap`` per
+    person, chosen by a hash of (target, candidate)). A person with more faces than the cap who gains one
+    changes the whole fingerprint of all their targets, the examined one only of the targets whose subset
+    the new face enters (~cap / faces of them); the others need only their over-cap count updated
+    (:meth:`over_cap`)."""
+
+    def __init__(self, uids: list[str], by_uid: dict, digests: dict[str, bytes], split_of: Callable[[str], str],
+                 usable: Callable, common: bytes, cap: int):
+        self.by_uid, self.digests, self.usable, self.common, self.cap = by_uid, digests, usable, common, cap
+        self.splits = {u: ",".join(f"{f.face_index}:{split_of(f.identity_id)}" for f in by_uid.get(u, [])
+                                   if f.identity_id is not None) for u in uids}
+        self.faces_of: dict[str, list] = defaultdict(list)  # identity -> its faces, in (uid, face_index) order
+        for u in sorted(uids):
+            for f in by_uid.get(u, []):
+                if f.identity_id is not None:
+                    self.faces_of[f.identity_id].append(f)
+        self._ident: dict[str, bytes] = {}
+
+    def people(self, u: str) -> list[str]:
+        return sorted({f.identity_id for f in self.by_uid.get(u, []) if f.identity_id is not None and self.usable(f)})
+
+    def _photo(self, p: str) -> bytes:
+        return p.encode() + b"\x1f" + self.digests.get(p, b"-") + self.splits[p].encode() + b"\x1e"
+
+    def whole(self, u: str) -> tuple[bytes, bytes, str, bytes]:
+        """(fingerprint, photo digest, splits, people digest)."""
+        people = self.people(u)
+        h = hashlib.sha256(json.dumps(people).encode())
+        for iid in people:
+            d = self._ident.get(iid)
+            if d is None:
+                hi = hashlib.sha256(iid.encode())
+                for p in dict.fromkeys(f.uid for f in self.faces_of[iid]):
+                    hi.update(self._photo(p))
+                d = self._ident[iid] = hi.digest()
+            h.update(d)
+        people_d = h.digest()[:16]
+        own = self.digests.get(u, b"-")
+        fp = hashlib.sha256(self.common + own + self.splits[u].encode() + b"\x1f" + people_d).digest()[:16]
+        return fp, own, self.splits[u], people_d
+
+    def examined(self, u: str) -> bytes:
+        """The examined fingerprint, choosing the examined candidates as the selection does (a hash per
+        candidate of a person over the cap: run only for targets whose whole fingerprint changed)."""
+        from pipeline.multiid.build import examined_candidates
+
+        return self._examined(u, {iid: [(c.uid, c.face_index) for c in examined_candidates(
+            u, [c for c in self.faces_of[iid] if c.uid != u], self.cap)] for iid in self.people(u)})
+
+    def examined_from_rows(self, u: str, rows: list[tuple[str, str, int]]) -> bytes:
+        """The examined fingerprint of a target just selected, from its candidate rows (identity, ref uid,
+        ref face index; one per examined candidate, in examined order): no second choice of the subset. The
+        caller gives a target dropped before its candidates none: it is selected again
+        whenever its whole fingerprint changes (it is dropped early then, cheaply)."""
+        per: dict[str, list] = defaultdict(list)
+        for iid, r, fi in rows:
+            per[iid].append((r, fi))
+        return self._examined(u, {iid: per.get(iid, []) for iid in self.people(u)})
+
+    def early(self, u: str) -> bytes:
+        """The examined fingerprint of a target dropped before its candidates: its outcome (no face, too
+        many, unlabelled, in both splits, unreadable...) depends only on its own rows, bytes and splits."""
+        own = self.digests.get(u, b"-")
+        return hashlib.sha256(self.common + b"early" + own + self.splits[u].encode()).digest()[:16]
+
+    def _examined(self, u: str, per_person: dict[str, list[tuple[str, int]]]) -> bytes:
+        h = hashlib.sha256(json.dumps(sorted(per_person)).encode())
+        for iid in sorted(per_person):
+            for r, fi in per_person[iid]:
+                h.update(f"{fi}\x1f".encode() + self._photo(r))
+        own = self.digests.get(u, b"-")
+        return hashlib.sha256(self.common + b"examined" + own + self.splits[u].encode() + b"\x1f" + h.digest()).digest()[:16]
+
+    def over_cap(self, u: str) -> int:
+        """Candidates of ``u``'s people left unexamined over the cap (``not_examined_over_cap``)."""
+        return sum(max(0, sum(c.uid != u for c in self.faces_of[iid]) - self.cap) for iid in self.people(u))
+
+
+def patch_over_cap(counts: str, over: int) -> str:
+    """A reused target's counts with its over-cap count updated (when the target reached its candidates:
+    ``candidates_total`` is counted for every person then, even at 0)."""
+    c = json.loads(counts)
+    removed = c["candidates_removed_by"]
+    if "candidates_total" not in removed:
+        return counts
+    removed.pop("not_examined_over_cap", None)
+    if over:
+        removed["not_examined_over_cap"] = over
+    return target_counts(dict(sorted(removed.items())), c["duplicate_flags_independent"], c["unreadable"])
+
+
+def reselect_reason(prev: dict | None, fp: tuple[bytes, bytes, str, bytes]) -> str | None:
+    """Why a target is selected again (None: its previous sample and rows may be reused)."""
+    if prev is None:
+        return "new_photo"
+    if prev["fingerprint"] == fp[0]:
+        return None
+    if prev["photo_digest"] != fp[1]:
+        return "photo_changed"
+    if prev["splits"] != fp[2]:
+        return "split_changed"
+    if prev["people_digest"] != fp[3]:
+        return "candidates_changed"
+    return "config_or_code_changed"
+
+
+class TargetTally:
+    """Each target's share of the selection's additive counters: the counters are emptied before each
+    target (so a key a target touches is recorded, even at 0) and restored to their totals at the end.
+    ``on_candidates(uid, rows)``: run on a target's candidate rows once their statuses are final (the
+    selection streams its rows away); its result is kept in ``seen[uid]``."""
+
+    def __init__(self, on_candidates: Callable[[str, list[dict]], object] | None = None):
+        self.by_target: dict[str, str] = {}  # uid -> JSON [counter, ...]: :meth:`shares`
+        self.on_candidates = on_candidates
+        self.seen: dict[str, object] = {}
+
+    def shares(self, uid: str) -> list[dict]:
+        """Target ``uid``'s share of each counter (keys it touched, even at 0)."""
+        return json.loads(self.by_target[uid])
+
+    def candidates(self, uid: str, rows: list[dict]) -> None:
+        """Called by the selection for each target that reached its candidates (``rows`` may be empty)."""
+        if self.on_candidates is not None:
+            self.seen[uid] = self.on_candidates(uid, rows)
+
+    def each(self, uids: Iterable[str], *counters: Counter):
+        totals = [Counter(c) for c in counters]
+        for uid in uids:
+            for c in counters:
+                c.clear()
+            yield uid
+            # as one JSON string: a few hundred bytes a target, not a few dicts (a bucket may hold most targets)
+            self.by_target[uid] = json.dumps(list(counters), separators=(",", ":"))
+            for t, c in zip(totals, counters):
+                t.update(c)
+        for t, c in zip(totals, counters):
+            c.clear()
+            c.update(t)
+
+
+def target_counts(removed: dict, flags: dict, unreadable: dict) -> str:
+    return json.dumps({"candidates_removed_by": removed, "duplicate_flags_independent": flags, "unreadable": unreadable},
+                      sort_keys=True, separators=(",", ":"))
+
+
+class PreviousTargets:
+    """The previous version's targets.parquet, indexed by uid, and its shards' records (for the sha256
+    check before any of their members is copied)."""
+
+    def __init__(self, folder: Path | None, bucket_records: dict):
+        from pipeline.storage import read_parquet
+
+        self.folder = Path(folder) if folder is not None else None
+        self.table: pa.Table | None = None
+        self.row: dict[str, int] = {}
+        self.shard_records: dict[str, dict] = {}
+        self._intact: dict[str, list[str]] = {}
+        if self.folder is None or not bucket_records or not (self.folder / TARGETS_FILE).is_file():
+            return
+        try:
+            t = read_parquet(self.folder / TARGETS_FILE)
+            self.table = t.select(TARGETS_SCHEMA.names).cast(TARGETS_SCHEMA)
+        except (OSError, ValueError, KeyError, pa.ArrowInvalid):
+            self.table = None
+            return
+        self.row = {u: i for i, u in enumerate(self.table.column("target_uid").to_pylist())}
+        self._fp = self.table.column("fingerprint").to_pylist()
+        self._parts = list(zip(*(self.table.column(c).to_pylist() for c in ("photo_digest", "splits", "people_digest", "examined"))))
+        self.shard = dict(zip(self.table.column("target_uid").to_pylist(), self.table.column("shard").to_pylist()))
+        for rec in bucket_records.values():
+            for split, shards in rec.get("shards", {}).items():
+                for sh in shards:
+                    self.shard_records[f"{split}/{sh['name']}"] = sh
+
+    def __bool__(self) -> bool:
+        return self.table is not None
+
+    def get(self, uid: str) -> dict | None:
+        i = self.row.get(uid)
+        if i is None:
+            return None
+        pd, sp, pe, ex = self._parts[i]
+        return {"fingerprint": self._fp[i], "photo_digest": pd, "splits": sp, "people_digest": pe, "examined": ex}
+
+    def take(self, uids: list[str]) -> pa.Table:
+        return self.table.take(pa.array([self.row[u] for u in uids], pa.int64()))
+
+    def shard_problems(self, shard: str) -> list[str]:
+        """Problems of one previous shard ("<split>/<tar>"): missing from the records, or not matching them."""
+        from pipeline.shards import shards_intact
+
+        if shard not in self._intact:
+            rec = self.shard_records.get(shard)
+            if rec is None:
+                self._intact[shard] = [f"{shard} not in the previous version's records"]
+            else:
+                split = shard.split("/", 1)[0]
+                self._intact[shard] = [f"{split}/{p}" for p in shards_intact(self.folder / split, [rec])]
+        return self._intact[shard]
+
+
+def reused_records(path: Path, keys: set[str]):
+    """The samples ``keys`` of one previous tar, every member's bytes as written (in the tar's order, which is
+    key order): records that :func:`pipeline.shards.write_shards` writes back to the same bytes."""
+    from pipeline.shards import iter_shard
+
+    for rec in iter_shard(path, exts=None, keys=keys):
+        rec.pop("__shard__")
+        yield rec
