@@ -53,7 +53,7 @@ def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     removed = {r.user_hash for r in load_requests(layout) if r.kind == "user" and r.user_hash}
     removals = [e for e in card_entries(layout) if e["kind"] == "user"]
     try:
-        version, parts = social_version(social_dir, cfg, removals)
+        version, parts = social_version(social_dir, cfg, removals, digest_cache=layout.home / "cache" / "social_image_digests.json")
     except FileNotFoundError as e:
         reason = f"no interaction log: {e}"
         context.log.warning(f"social_dataset skipped: {reason}")

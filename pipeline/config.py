@@ -60,6 +60,7 @@ class Layout:
     Always local, under LINEUP_HOME:
     lineup.duckdb                       the catalog: views over the store's Parquet files
     dagster/, models/, removals/        the Dagster instance, trained models, removal requests
+    cache/                              digests of input files keyed by path, size and mtime (never data)
     """
 
     home: Path

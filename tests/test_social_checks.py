@@ -4,6 +4,7 @@ a test breaks each one and sees it fail."""
 import io
 import shutil
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -140,3 +141,37 @@ def test_shards_match_manifest_fails_when_a_shard_is_missing(out):
     check = shards_match_manifest(out)
     assert not check.passed
     assert any("missing" in p for p in check.metadata["problems"]["webdataset/eval"])
+
+
+def test_version_id_follows_content_not_where_or_when_files_were_copied(log, tmp_path, monkeypatch):
+    """The same log and photos copied elsewhere (other paths, other mtimes) give the same id; one photo's
+    bytes changed give another; with the digest cache an unchanged file is not read again."""
+    import os
+
+    import pipeline.social.release as rel
+    from pipeline.social.release import social_version
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(log / "social", a)
+    shutil.copytree(log / "social", b)
+    for f in b.rglob("*"):
+        if f.is_file():
+            os.utime(f, ns=(1_000_000_000, 1_000_000_000))  # another copy, another time
+    va = social_version(a, CFG)[0]
+    assert social_version(b, CFG)[0] == va
+    photos = sorted(p for p in b.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    assert photos
+    reads = []
+    real = rel.file_sha256
+    monkeypatch.setattr(rel, "file_sha256", lambda p: reads.append(Path(p).name) or real(p))
+    cache = tmp_path / "digests.json"
+    assert social_version(b, CFG, digest_cache=cache)[0] == va
+    first = len(reads)
+    assert first >= len(photos)
+    reads.clear()
+    assert social_version(b, CFG, digest_cache=cache)[0] == va
+    assert not {p.name for p in photos} & set(reads)  # only the log tables are hashed again
+    data = bytearray(photos[0].read_bytes())
+    data[-3] ^= 0xFF
+    photos[0].write_bytes(bytes(data))  # a new mtime: the cache entry no longer applies
+    assert social_version(b, CFG, digest_cache=cache)[0] != va

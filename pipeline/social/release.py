@@ -15,12 +15,18 @@ from pipeline.social.ingest import _read_table, find_inputs
 BUILDER_VERSION = "social-builder-2"
 
 
-def social_version(social_dir: Path, config: SocialConfig, removals: list[dict] | None = None) -> tuple[str, dict]:
-    """The id hashes the log tables' bytes (images.* and events*.*), the image files they name (path,
-    size, mtime: their bytes are hashed into uids while building), the config, the user removals in
-    force and the builder's version."""
+def social_version(social_dir: Path, config: SocialConfig, removals: list[dict] | None = None,
+                   digest_cache: Path | None = None) -> tuple[str, dict]:
+    """The id hashes the log tables' bytes (images.* and events*.*), the image files they name (by the
+    path the log writes and the sha256 of their bytes), the config, the user removals in force and the
+    builder's version: the same log and photos give the same id wherever they are copied to.
+
+    ``digest_cache`` (a local JSON file): image digests keyed by (absolute path, size, mtime), so that an
+    unchanged file is not read again on every run; a stale or unreadable cache only costs re-reading."""
     social_dir = Path(social_dir)
     image_files, event_files = find_inputs(social_dir)
+    cache = _load_digests(digest_cache)
+    fresh: dict[str, list] = {}
     referenced = []
     for f in image_files:
         t = _read_table(f)
@@ -30,7 +36,22 @@ def social_version(social_dir: Path, config: SocialConfig, removals: list[dict] 
                 if q is not None and not q.is_absolute():
                     q = social_dir / q
                 st = q.stat() if q is not None and q.is_file() else None
-                referenced.append((str(p), st.st_size if st else None, st.st_mtime_ns if st else None))
+                digest = None
+                if st is not None:
+                    key = str(q.resolve())
+                    hit = cache.get(key)
+                    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+                        digest = hit[2]
+                    else:
+                        try:
+                            digest = file_sha256(q)
+                        except OSError:
+                            digest = None  # unreadable now: the build rejects it ("unreadable image")
+                    if digest is not None:
+                        fresh[key] = [st.st_size, st.st_mtime_ns, digest]
+                referenced.append((str(p), st.st_size if st else None, digest))
+    if digest_cache is not None and fresh != {k: cache.get(k) for k in fresh}:
+        _save_digests(digest_cache, {**cache, **fresh})
     parts = {
         "builder": BUILDER_VERSION,
         "library": __version__,
@@ -40,6 +61,23 @@ def social_version(social_dir: Path, config: SocialConfig, removals: list[dict] 
         "removals": sorted(e["request"] for e in removals or []),
     }
     return version_id(parts), parts
+
+
+def _load_digests(path: Path | None) -> dict[str, list]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_digests(path: Path, digests: dict[str, list]) -> None:
+    from pipeline.storage import write_bytes_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(json.dumps(digests, sort_keys=True).encode(), Path(path))
 
 
 def social_card(version: str, folder: Path, stats: dict, config: SocialConfig, parts: dict, contact: str,
