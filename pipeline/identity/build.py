@@ -193,7 +193,9 @@ def build_identities(
         # no graph over the whole collection: only the new faces are searched (their k nearest among
         # all faces), so a refresh costs in proportion to what it brings
         new_pos = np.flatnonzero(prev_pos < 0)
-        g, cell_of, index, how = _new_faces_graph(E, new_pos, k, thr, prev_pos, previous, index, seed, exact_max)
+        # each face's previous identity as an int code: the search's identity hop and the local recluster
+        codes = previous_codes(prev_pos, previous)
+        g, cell_of, index, how = _new_faces_graph(E, new_pos, k, thr, prev_pos, previous, index, seed, exact_max, codes)
         stats["knn_backend"] = f"incremental: new faces searched {how}"
         stats["knn_params"] = {"new_faces": int(len(new_pos)), **g.params}
     else:
@@ -230,7 +232,7 @@ def build_identities(
                 return cluster_graph(I, S, method=method, threshold=thr, seed=seed, **cluster_kwargs).labels
 
             ids, local = recluster_touched(
-                ids, previous_codes(prev_pos, previous), new_pos, (g.indices, g.similarities), thr, next_number,
+                ids, codes, new_pos, (g.indices, g.similarities), thr, next_number,
                 _cluster, _knn, E, max_faces=local_recluster_max_faces, min_overlap=min_overlap,
             )
             merged = local.get("identities_merged", 0)
@@ -378,13 +380,14 @@ class _PartialGraph:
         return self.indices.shape[1]
 
 
-def _new_faces_graph(E, rows, k, thr, prev_pos, previous, index, seed, exact_max):
+def _new_faces_graph(E, rows, k, thr, prev_pos, previous, index, seed, exact_max, codes):
     """The new faces' k nearest among all faces: (graph, every face's IVF cell or None, index, how).
 
     Up to ``exact_max`` faces: exact search (cheap at that size). Above: through the IVF cells of
     the last build, every known face in the cell recorded for it; the cells are trained here first
     when there are none, when a face of the previous table has no cell, or when the collection has
-    outgrown them. A refresh with no new face keeps the cells as they are."""
+    outgrown them. A refresh with no new face keeps the cells as they are. ``codes``: each face's previous
+    identity as an int code (-1 new), for the search's hop through a found identity's cells."""
     from .knn import knn_ivf_search, train_ivf_index
 
     N, D = E.shape
@@ -418,7 +421,7 @@ def _new_faces_graph(E, rows, k, thr, prev_pos, previous, index, seed, exact_max
         how = f"through IVF cells trained now ({why})"
     # identity of every known face: a new face that finds one face of an identity scans all its cells
     I, S, cells, info = knn_ivf_search(E, rows, index, cell_of, k, min_sim=thr, seed=seed,
-                                       groups=previous_codes(prev_pos, previous))
+                                       groups=codes)
     params.update({kk: v for kk, v in info.items() if kk != "rounds"})
     return _PartialGraph(rows, I, S, params), cells, index, how
 
