@@ -165,26 +165,33 @@ class RewardTrainer(TrainerBase):
         img = self.model.encode_image(torch.cat([batch["pixels_w"], batch["pixels_l"]]).to(self.device))
         return triplet_loss(a, img[:B], img[B:], self.cfg.margin)
 
-    @torch.no_grad()
     def evaluate(self, batches: Iterable[Mapping]) -> dict:
-        """Pairwise accuracy (ties count half) and mean score margin; an empty input reports only
-        ``eval_pairs: 0``."""
-        self.model.eval()
-        n = 0
-        wins = margin = 0.0
-        try:
-            for b in batches:
-                with precision.autocast(self.device, self.cfg.mixed_precision):
-                    sw = self.model.score(b["pixels_w"].to(self.device), b["caption"])
-                    sl = self.model.score(b["pixels_l"].to(self.device), b["caption"])
-                wins += pairwise_wins(sw - sl)
-                margin += float((sw - sl).sum())
-                n += sw.shape[0]
-        finally:
-            self.model.train()
-        if n == 0:
-            return {"eval_pairs": 0}
-        return {"pairwise_acc": wins / n, "score_margin": margin / n, "eval_pairs": n}
+        """See ``evaluate_scorer``."""
+        return evaluate_scorer(self.model, batches, self.device, self.cfg.mixed_precision)
+
+
+@torch.no_grad()
+def evaluate_scorer(model: RewardModel, batches: Iterable[Mapping], device, mixed_precision: str = "fp32") -> dict:
+    """Pairwise accuracy (ties count half) and mean score margin of a scorer on preference batches;
+    an empty input reports only ``eval_pairs: 0``. The trained model and the incumbent scorer it
+    would replace are measured by this one function on the same batches."""
+    was_training = model.training
+    model.eval()
+    n = 0
+    wins = margin = 0.0
+    try:
+        for b in batches:
+            with precision.autocast(device, mixed_precision):
+                sw = model.score(b["pixels_w"].to(device), b["caption"])
+                sl = model.score(b["pixels_l"].to(device), b["caption"])
+            wins += pairwise_wins(sw - sl)
+            margin += float((sw - sl).sum())
+            n += sw.shape[0]
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return {"eval_pairs": 0}
+    return {"pairwise_acc": wins / n, "score_margin": margin / n, "eval_pairs": n}
 
 
 def save_reward_model(model: RewardModel, out_dir: str | Path, manifest: Mapping | None = None,

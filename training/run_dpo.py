@@ -31,7 +31,9 @@ class DPORun(runner.TrainerRun):
     curve_keys = ("dpo_loss", "implicit_acc")
     final_keys = ("dpo_loss", "implicit_acc", "reward_margin")
     output_key = "lora_path"
-    heldout_check = ("heldout_implicit_accuracy", "eval_implicit_acc")
+    heldout_key = "eval_implicit_acc"
+    heldout_measure = ("implicit reward accuracy: the LoRA's implicit reward prefers the held-out winner "
+                       "(model_diff < ref_diff; ties half)")
 
     def build_models(self) -> None:
         self.parts = models.build_diffusion(self.cfg.get("model") or {})

@@ -21,7 +21,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training import runner
-from training.reward import RewardConfig, RewardModel, RewardTrainer, build_clip, save_reward_model
+from training.reward import (
+    RewardConfig,
+    RewardModel,
+    RewardTrainer,
+    build_clip,
+    evaluate_scorer,
+    load_reward_model,
+    save_reward_model,
+)
 
 
 class RewardRun(runner.TrainerRun):
@@ -31,7 +39,8 @@ class RewardRun(runner.TrainerRun):
     curve_keys = ("triplet_loss", "batch_pair_acc")
     final_keys = ("triplet_loss", "batch_pair_acc")
     output_key = "reward_model_path"
-    heldout_check = ("heldout_pairwise_accuracy", "pairwise_acc")
+    heldout_key = "pairwise_acc"
+    heldout_measure = "pairwise accuracy: the held-out winner scores above the loser (ties half)"
 
     def build_models(self) -> None:
         clip, tok = build_clip(self.tcfg.model_name, self.tcfg.model_cfg, self.tcfg.pretrained)
@@ -54,6 +63,11 @@ class RewardRun(runner.TrainerRun):
 
     def metadata(self, trainer: RewardTrainer) -> dict:
         return {"backbone": self.tcfg.model_name, "pretrained": str(self.tcfg.pretrained)}
+
+    def evaluate_incumbent(self, trainer: RewardTrainer, incumbent_dir: Path, batches: list[dict]) -> dict:
+        """The incumbent scorer as the scoring stage loads it (its own base weights and config)."""
+        model = load_reward_model(incumbent_dir / "reward_model", device=trainer.device)
+        return evaluate_scorer(model, batches, trainer.device, self.tcfg.mixed_precision)
 
 
 def main(argv=None) -> int:

@@ -16,11 +16,15 @@ Config keys shared by every run::
      "output_dir": "<dir>", "resume": "auto" | "<checkpoint dir>" | null, "device": "auto",
      "smoke_run": false (true: tiny random-init models; the held-out check only warns)}
 
-The held-out check passes when the trained model prefers the held-out winners more often than
-chance (accuracy > 0.5, ties counting half; 0.5 is what the untrained reference scores). It is an
-ERROR-severity failure on a real run and a WARN on a smoke run, whose numbers mean nothing. An
-empty held-out split is reported as empty (``heldout_pairs: 0``, no accuracy) and fails the check
-with a warning: nothing was measured.
+Promotion (``training/promotion.py``): with a held-out split the run ends with the trained model's
+held-out pairwise accuracy and its 95% Wilson interval, and the incumbent's accuracy on the same
+batches when the model family (``"model_family_dir"``: ``<dir>/LATEST`` names the current version,
+``output_dir`` is ``<dir>/<dataset version>``) has one. The decision goes to ``promotion.json``,
+to the metadata and to the ``promotion`` check; only a promoted model moves ``LATEST``. The check is
+ERROR-severity when not promoted on a real run, WARN on a smoke run (never promoted: expected). An
+empty held-out split is reported as empty (``heldout_pairs: 0``, no accuracy) and is not promoted.
+
+    "model_family_dir": "<dir>" | null (null: decide and record, publish nothing; no incumbent)
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from training import checkpoints, data, distributed, pipes, rng
+import torch
+
+from training import checkpoints, data, distributed, pipes, promotion, rng
 
 
 class TrainerRun:
@@ -42,8 +48,8 @@ class TrainerRun:
     curve_keys: ClassVar[tuple[str, ...]] = ("loss",)
     final_keys: ClassVar[tuple[str, ...]] = ("loss",)  # reported as final_<key>: mean of the last 10 steps
     output_key: ClassVar[str]  # metadata key of the exported artifact's path
-    # (asset check name, the evaluate() key of its held-out pairwise accuracy); None: no evaluation
-    heldout_check: ClassVar[tuple[str, str] | None] = None
+    heldout_key: ClassVar[str | None] = None  # the evaluate() key of its held-out pairwise accuracy; None: none
+    heldout_measure: ClassVar[str] = ""  # what that accuracy counts (metadata)
 
     def __init__(self, cfg: dict, rep: pipes.Reporter):
         self.cfg, self.rep = cfg, rep
@@ -69,6 +75,26 @@ class TrainerRun:
 
     def metadata(self, trainer) -> dict:
         return {}
+
+    def measure(self, trainer) -> str:
+        return self.heldout_measure
+
+    def evaluate_incumbent(self, trainer, incumbent_dir: Path, batches: list[dict]) -> dict:
+        """The incumbent's ``evaluate`` on the same held-out batches: its final trainable weights are
+        swapped into this run's model for the measurement, then this run's weights come back."""
+        ck = checkpoints.latest_checkpoint(incumbent_dir / "checkpoints")
+        if ck is None:
+            raise FileNotFoundError(f"no checkpoint under {incumbent_dir}")
+        module = trainer.ckpt_module
+        mine = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        try:
+            checkpoints.load_trainable(module, ck / "trainable.safetensors")
+            return trainer.evaluate(batches)
+        finally:
+            with torch.no_grad():
+                for n, p in module.named_parameters():
+                    if n in mine:
+                        p.copy_(mine[n])
 
 
 def checkpoint_to_resume(cfg: dict, ckpt_dir: Path) -> Path | None:
@@ -97,19 +123,56 @@ def heldout_batches(cfg: dict, loader_cfg: data.LoaderConfig) -> list[dict] | No
     return out
 
 
-def heldout_check(name: str, key: str, before: dict, after: dict, smoke: bool) -> dict:
-    """The asset check result of a run's held-out evaluation (see the module docstring)."""
+def promotion_decision(job: TrainerRun, trainer, cfg: dict, out: Path, evb: list[dict], after: dict,
+                       smoke: bool) -> dict:
+    """Evaluate the incumbent on the same held-out batches, decide, record the decision in
+    ``promotion.json`` and, when promoted, move the family's ``LATEST`` to this version."""
     n = int(after.get("eval_pairs", 0))
-    if n == 0:
-        return {"check_name": name, "passed": False, "severity": "WARN",
-                "metadata": {"heldout_pairs": 0, "status": "empty held-out split: nothing was measured"}}
-    acc = after[key]
-    md = {key: acc, "heldout_pairs": n, "chance": 0.5, "smoke_run": smoke}
-    if key in before:
-        md[f"{key}_before"] = before[key]
+    new = promotion.evaluation(after.get(job.heldout_key, 0.0) * n, n, job.measure(trainer))
+    family = Path(cfg["model_family_dir"]) if cfg.get("model_family_dir") else None
+    replaces = promotion.incumbent_version(family, out.name) if family else None
+    incumbent = None
+    if replaces and n:
+        try:
+            measured = job.evaluate_incumbent(trainer, family / replaces, evb)
+            incumbent = {"version": replaces, "accuracy": measured.get(job.heldout_key),
+                         "pairs": measured.get("eval_pairs", 0)}
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # recorded; no comparison, no promotion
+            incumbent = {"version": replaces, "accuracy": None, "error": f"{type(e).__name__}: {e}"}
+    decision = {**promotion.decide(new, incumbent, smoke), "evaluation": new}
+    promotion.write_decision(out, decision, replaces)
+    decision["published"] = bool(decision["promoted"] and family)
+    if decision["published"]:
+        promotion.publish(family, out.name)
+    return decision
+
+
+def promotion_metadata(decision: dict) -> dict:
+    """The decision as flat materialization metadata (what the UI shows next to the model)."""
+    ev = decision["evaluation"]
+    md = {"promoted": decision["promoted"], "promotion_reason": decision["reason"],
+          "heldout_measure": ev["measure"], "heldout_pairs": ev["pairs"],
+          "promotion_baseline": decision["baseline"], "promotion_baseline_from": decision["baseline_from"]}
+    if ev["pairs"]:
+        md.update(heldout_accuracy=ev["accuracy"], heldout_ci_low=ev["ci_low"], heldout_ci_high=ev["ci_high"])
+    inc = decision.get("incumbent")
+    if inc is not None:
+        md["incumbent_version"] = inc["version"]
+        md["incumbent_accuracy"] = inc["accuracy"] if inc.get("accuracy") is not None else \
+            inc.get("error") or "not measured"
+    return md
+
+
+def promotion_check(decision: dict, smoke: bool) -> dict:
+    """The ``promotion`` asset check: failed when not promoted; ERROR on a real run, WARN on a smoke run
+    (a smoke model is never promoted, which is expected)."""
+    md = promotion_metadata(decision)
     if smoke:
-        md["note"] = "smoke run: tiny random-init models, the accuracy means nothing"
-    return {"check_name": name, "passed": bool(acc > 0.5), "severity": "WARN" if smoke else "ERROR", "metadata": md}
+        md["note"] = "smoke run: not promoted, expected (tiny random-init models; their numbers mean nothing)"
+    return {"check_name": "promotion", "passed": bool(decision["promoted"]), "severity": "WARN" if smoke else "ERROR",
+            "metadata": {**md, "smoke_run": smoke}}
+
+
 def final_means(history: list[dict], keys, last: int = 10) -> dict:
     tail = history[-last:]
     out = {}
@@ -144,7 +207,7 @@ def run(run_cls: type[TrainerRun], cfg: dict, rep: pipes.Reporter) -> dict[str, 
     if ck is not None:
         trainer.resume(ck, stream)
         rep.info(f"resumed from {ck} at step {trainer.step}")
-    evb = heldout_batches(cfg, lcfg) if job.heldout_check else None
+    evb = heldout_batches(cfg, lcfg) if job.heldout_key else None
     before = trainer.evaluate(evb) if evb is not None else {}
 
     trainer.train(stream, job.tcfg.max_steps, ckpts, lambda m: rep.info(job.progress(m)))
@@ -163,17 +226,20 @@ def run(run_cls: type[TrainerRun], cfg: dict, rep: pipes.Reporter) -> dict[str, 
     path = job.export(trainer, out, summary)
     checkpoints.atomic_write_text(out / "metrics.json", json.dumps({"summary": summary, "history": trainer.history},
                                                                    default=str))
-    heldout = {}
+    heldout, decision = {}, None
     if evb is not None:
         n = after.get("eval_pairs", 0)
         heldout = {"heldout": f"{n} held-out pairs evaluated" if n else "empty: the held-out split has no pairs"}
+        decision = promotion_decision(job, trainer, cfg, out, evb, after, smoke)
+        heldout.update(promotion_metadata(decision))
+        rep.info(f"promotion: {'promoted' if decision['promoted'] else 'not promoted'}: {decision['reason']}")
     rep.materialize({
         **pipes.dataset_metadata(stream.manifest), "smoke_run": smoke, **job.metadata(trainer),
         **pipes.numeric(summary), **heldout, job.output_key: pipes.path_value(path), **pipes.curve_metadata(png),
     })
-    if evb is not None:
-        rep.check(**heldout_check(*job.heldout_check, before, after, smoke))
-    return summary
+    if decision is not None:
+        rep.check(**promotion_check(decision, smoke))
+    return {**summary, **({"promotion": decision} if decision else {})}
 
 
 def main(run_cls: type[TrainerRun], argv=None) -> int:

@@ -55,8 +55,9 @@ def write_dataset(out_dir: str | Path, dataset: str, samples: list[dict], per_sh
     return out
 
 
-def preference_samples(n: int, size: int = 32, seed: int = 0, ties: int = 0) -> list[dict]:
-    """Winners are reddish, losers bluish (with noise); the winner's position (0/1) is random."""
+def preference_samples(n: int, size: int = 32, seed: int = 0, ties: int = 0, shuffled_labels: bool = False) -> list[dict]:
+    """Winners are reddish, losers bluish (with noise); the winner's position (0/1) is random. With
+    ``shuffled_labels`` the label is a coin flip independent of the images: nothing is learnable."""
     rng = np.random.default_rng(seed)
     out = []
     words = ["a", "photo", "of", "cat", "dog", "tree", "house", "car"]
@@ -66,6 +67,8 @@ def preference_samples(n: int, size: int = 32, seed: int = 0, ties: int = 0) -> 
         blue = np.clip(np.array([40, 40, 200]) + noise(), 0, 255)
         win_first = bool(rng.integers(0, 2))
         img0, img1 = (red, blue) if win_first else (blue, red)
+        if shuffled_labels:
+            win_first = bool(rng.integers(0, 2))
         tie = i >= n
         meta = {
             "caption": " ".join(rng.choice(words, size=4)),
