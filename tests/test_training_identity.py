@@ -110,7 +110,7 @@ def test_processor_without_identity_equals_default_attention():
 
 def test_identity_step_with_embedder(id_dir, arc_file, tmp_path):
     s = stream_for(id_dir)
-    tr = make_trainer(s.manifest, arc_file)
+    tr = make_trainer(s.manifest, arc_file, id_terms_max_t=None)  # every face in the loss, whatever its t
     assert tr.identity_terms
     before = {n: p.detach().clone() for n, p in tr.adapter.named_parameters()}
     m = tr.train_step(s)
@@ -168,3 +168,39 @@ def test_identity_terms_skipped_without_weights(id_dir, tmp_path, caplog):
     tr.export_adapter(tmp_path / "adapter")
     meta = json.loads((tmp_path / "adapter" / "id_adapter.json").read_text())
     assert meta["face_embedder"]["status"] == "absent" and meta["face_embedder"]["identity_terms"] is False
+
+
+def test_identity_terms_follow_withanyone_weights_and_stop_at_high_noise(id_dir, arc_file):
+    s = stream_for(id_dir)
+    tr = make_trainer(s.manifest, arc_file)
+    assert (tr.cfg.id_loss_weight, tr.cfg.infonce_weight) == (1.0, 0.01)
+    limit = tr.id_terms_max_timestep()
+    assert limit == int(0.6 * (tr.scheduler.config.num_train_timesteps - 1))
+    batch = next(iter(s))
+    latents = tr.encode_images(batch["target"])
+    noise = torch.randn_like(latents)
+    for t_value, faces in ((limit + 1, 0), (limit, 8)):  # 4 images x 2 faces
+        t = torch.full((latents.shape[0],), t_value, dtype=torch.long)
+        noisy = tr.scheduler.add_noise(latents, noise, t)
+        _, _, m = tr.identity_losses(batch, noisy, noise, t)
+        assert m["id_faces"] == faces, t_value
+
+
+@pytest.mark.parametrize("embedder", [True, False])
+def test_heldout_identity_evaluation_against_the_untrained_adapter(id_dir, arc_file, tmp_path, embedder):
+    s = stream_for(id_dir)
+    tr = make_trainer(s.manifest, arc_file if embedder else tmp_path / "missing.pth")
+    held = [next(iter(stream_for(id_dir)))]
+    # the untrained adapter against itself: every face a tie, exactly chance
+    fresh = tr.evaluate(held)
+    assert fresh["eval_pairs"] == 8 and fresh["eval_id_win_rate"] == 0.5
+    assert fresh["eval_measure"] == ("sim_gt_one_step" if embedder else "projection_margin_proxy")
+    for _ in range(2):
+        tr.train_step(s)
+    weights = {k: v.clone() for k, v in tr.adapter.state_dict().items()}
+    after = tr.evaluate(held)
+    assert after["eval_pairs"] == 8 and after["eval_likeness_trained"] != after["eval_likeness_untrained"]
+    assert 0 <= after["eval_id_win_rate"] <= 1 and after["eval_id_win_rate"] != 0.5
+    for k, v in tr.adapter.state_dict().items():  # the measurement swapped the untrained weights back out
+        torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
+    assert tr.evaluate([]) == {"eval_pairs": 0}

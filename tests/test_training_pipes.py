@@ -30,6 +30,8 @@ def dsets(tmp_path_factory):
         "pref": synthetic.write_dataset(root / "pref", "preference", synthetic.preference_samples(16, size=16)),
         "held": synthetic.write_dataset(root / "held", "preference", synthetic.preference_samples(8, size=16, seed=3)),
         "id": synthetic.write_dataset(root / "id", "multiid", synthetic.identity_samples(8, size=32, emb_dim=16)),
+        "id_held": synthetic.write_dataset(root / "id_held", "multiid",
+                                           synthetic.identity_samples(4, size=32, emb_dim=16, seed=9)),
     }
 
 
@@ -63,8 +65,8 @@ def test_run_dpo_standalone_and_resume(dsets, tmp_path, capsys):
 def test_run_identity_and_reward_standalone(dsets, tmp_path, capsys):
     from training import run_identity, run_reward
 
-    cfg = {"data": str(dsets["id"]), "loader": {"resolution": 32, "ref_resolution": 32, "batch_size": 4,
-                                               "shuffle_buffer": 4},
+    cfg = {"data": str(dsets["id"]), "eval_data": str(dsets["id_held"]),
+           "loader": {"resolution": 32, "ref_resolution": 32, "batch_size": 4, "shuffle_buffer": 4},
            "model": TINY_MODEL, "face_embedder": {"path": str(tmp_path / "absent.pth")},
            "train": {"max_steps": 2, "emb_dim": 16, "checkpoint_every": 0}, "output_dir": str(tmp_path / "id"),
            "device": "cpu"}
@@ -74,6 +76,12 @@ def test_run_identity_and_reward_standalone(dsets, tmp_path, capsys):
     md = json.loads([ln for ln in out.out.splitlines() if ln.startswith('{"materialization"')][-1])["materialization"]
     assert md["identity_terms"] is False and md["face_embedder"]["status"] == "absent"
     assert "identity terms disabled" in out.err
+    # the identity adapter ends with a held-out evaluation too: 4 images x 2 faces, the proxy without an embedder
+    assert md["eval_pairs"] == md["heldout_pairs"] == 8 and md["eval_id_win_rate_before"] == 0.5
+    assert "embedding-level proxy" in md["heldout_measure"] and md["heldout_accuracy"] == md["eval_id_win_rate"]
+    (check,) = _reports(out.out, "check")
+    assert check["check_name"] == "promotion" and check["passed"] == md["promoted"] is False  # 8 faces: too few
+    assert (tmp_path / "id" / "promotion.json").exists()
 
     tiny_clip = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8,
                                                  "head_width": 16},
@@ -139,9 +147,12 @@ def test_dpo_run_ends_with_a_heldout_evaluation_and_its_check(dsets, tmp_path, c
     assert md["eval_pairs"] == 8 and md["eval_implicit_acc_before"] == 0.5 and md["smoke_run"] is False
     assert md["dataset_version"] == "pref" and "dataset_split" in md
     (check,) = _reports(out, "check")
-    assert check["check_name"] == "heldout_implicit_accuracy" and check["severity"] == "ERROR"
-    assert check["passed"] == (md["eval_implicit_acc"] > 0.5)
-    assert check["metadata"]["heldout_pairs"] == 8
+    assert check["check_name"] == "promotion" and check["severity"] == "ERROR"
+    # 8 pairs cannot give a 95% lower bound above 0.5 unless nearly all are right: never promoted on
+    # accuracy alone (the old check passed at any accuracy above 0.5)
+    assert md["heldout_accuracy"] == md["eval_implicit_acc"] and md["heldout_ci_low"] < md["eval_implicit_acc"]
+    assert check["passed"] == md["promoted"] == (md["heldout_ci_low"] > 0.5)
+    assert check["metadata"]["heldout_pairs"] == 8 and "implicit reward accuracy" in md["heldout_measure"]
 
 
 def test_empty_heldout_split_is_reported_as_empty(dsets, tmp_path, capsys):
@@ -159,8 +170,9 @@ def test_empty_heldout_split_is_reported_as_empty(dsets, tmp_path, capsys):
     assert md["eval_pairs"] == 0 and md["heldout"].startswith("empty")
     assert "pairwise_acc" not in md and "pairwise_acc_before" not in md  # not 0, not 1: absent
     (check,) = _reports(out, "check")
-    assert check == {"check_name": "heldout_pairwise_accuracy", "passed": False, "severity": "WARN",
-                     "metadata": {"heldout_pairs": 0, "status": "empty held-out split: nothing was measured"}}
+    assert check["check_name"] == "promotion" and check["passed"] is False and check["severity"] == "WARN"
+    assert check["metadata"]["heldout_pairs"] == 0 and "heldout_accuracy" not in check["metadata"]
+    assert check["metadata"]["promotion_reason"] == "empty held-out split: nothing was measured"
 
 
 def test_real_identity_run_without_face_embedder_is_refused(dsets, tmp_path):

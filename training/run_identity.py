@@ -14,6 +14,10 @@ Without face-embedder weights a run on tiny or explicitly given test models trai
 the diffusion loss only and says so (log + ``identity_terms: false`` and the reason in the
 metadata); a run on real diffusion weights (``model.pretrained``) is refused: its adapter would
 learn no identity.
+
+With ``eval_data`` (the multi-identity version's ``eval`` split) the run ends with the held-out identity
+win rate of the trained adapter over the untrained one (``IdentityTrainer.evaluate``) and the promotion
+decision (training/promotion.py).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class IdentityRun(runner.TrainerRun):
     curve_keys = ("loss", "diffusion_loss", "id_loss", "infonce")
     final_keys = ("loss", "diffusion_loss", "id_loss", "infonce", "id_cos")
     output_key = "adapter_path"
+    heldout_key = "eval_id_win_rate"
 
     def build_models(self) -> None:
         fe = dict(self.cfg.get("face_embedder") or {})
@@ -58,6 +63,14 @@ class IdentityRun(runner.TrainerRun):
     def progress(self, m: dict) -> str:
         extra = f" id {m['id_loss']:.4f} nce {m['infonce']:.4f}" if "id_loss" in m else ""
         return f"step {m['step']}/{self.tcfg.max_steps} loss {m['loss']:.4f} diff {m['diffusion_loss']:.4f}{extra}"
+
+    def measure(self, trainer: IdentityTrainer) -> str:
+        if trainer.identity_terms:
+            return ("identity win rate, one-step Sim(GT): a held-out face's x0 estimate is closer (face-embedder "
+                    "cosine) to its ground truth under the trained adapter than under the untrained one (ties half)")
+        return ("identity win rate, embedding-level proxy (no face embedder): the projection's tokens of a held-out "
+                "face's conditioning embedding are closer to its target's, against other identities, under the "
+                "trained adapter than under the untrained one (ties half)")
 
     def summary(self, trainer: IdentityTrainer) -> dict:
         return {"identity_terms": trainer.identity_terms, "bank_size": len(trainer.bank)}
