@@ -7,6 +7,16 @@ the "gpu" concurrency pool so two trainings never share one GPU. A ``TrainerSpec
 differs: the dataset and splits it reads, the base weights it needs, its held-out check and the
 trainer's own config.
 
+A trainer reads the dataset version that triggered it: the data version of its upstream dataset's
+latest materialization in this Dagster instance (LATEST only when the instance has none, e.g. a
+dataset published outside it), so a version published while it waited does not swap its data.
+
+Every trainer ends with a held-out evaluation and a promotion decision (training/promotion.py): the
+model becomes the family's ``LATEST`` (for the reward model: the social_reward scorer) only when the
+95% lower bound of its held-out accuracy beats chance and the incumbent measured on the same pairs.
+The decision is in the materialization's metadata and in the blocking ``promotion`` check, which fails
+(ERROR) when a real run is not promoted and only warns on a smoke run (never promoted: expected).
+
 Nothing to train is not a failure: with no published dataset version, an empty train split, or no
 local base weights while no smoke run was asked for (``smoke_training`` / LINEUP_SMOKE_TRAINING=1),
 a trainer is skipped: it logs why and materializes nothing (``skip_reason`` says why without
@@ -66,22 +76,33 @@ class TrainerSpec:
     base_weights: Callable[[LineupSettings], str | None]  # local base weights, None: none configured
     weights_hint: str  # how to configure them
     configure: Callable[[LineupSettings, bool], dict]  # the trainer's own config for (settings, smoke)
-    checks: tuple[dg.AssetCheckSpec, ...] = ()  # reported by the subprocess
+    evaluates: str = ""  # what its held-out evaluation measures (the promotion check's description)
     preflight: Callable[[LineupSettings, bool], None] | None = None  # raises dg.Failure to refuse a run
-    on_success: Callable[[LineupSettings, str, bool, list], None] | None = None  # (settings, version, smoke, results)
 
 
 def _split_dir(lineup: LineupSettings, spec: TrainerSpec, version: str, split: str) -> Path:
     return lineup.layout.datasets / spec.dataset / version / split
 
 
-def skip_reason(spec: TrainerSpec, lineup: LineupSettings) -> str | None:
-    """Why this trainer has nothing to do now (None: it runs)."""
-    version = latest_version(lineup.layout, spec.dataset)
+def triggering_version(spec: TrainerSpec, lineup: LineupSettings,
+                       instance: dg.DagsterInstance | None) -> tuple[str | None, str]:
+    """(dataset version, where it came from): the data version of the upstream dataset's latest
+    materialization recorded in ``instance``, else the dataset's LATEST."""
+    event = instance.get_latest_materialization_event(dg.AssetKey(spec.upstream)) if instance else None
+    tags = (event.asset_materialization.tags or {}) if event and event.asset_materialization else {}
+    version = tags.get("dagster/data_version")
+    if version:
+        return version, f"data version of {spec.upstream}'s latest materialization"
+    fallback = f"LATEST of dataset {spec.dataset!r} ({spec.upstream} has no materialization in this instance)"
+    return latest_version(lineup.layout, spec.dataset), fallback
+
+
+def skip_reason(spec: TrainerSpec, lineup: LineupSettings, version: str | None) -> str | None:
+    """Why this trainer has nothing to do now on dataset ``version`` (None: it runs)."""
     if version is None:
         return f"no published version of dataset {spec.dataset!r} yet"
     train_dir = _split_dir(lineup, spec, version, spec.train_split)
-    if not (train_dir / "manifest.json").exists():
+    if not (train_dir / "manifest.json").exists():  # also a triggering version removed since
         raise dg.Failure(f"dataset {spec.dataset!r} version {version} has no {spec.train_split} manifest "
                          f"({train_dir}): the version is incomplete")
     manifest = read_manifest(train_dir)
@@ -100,6 +121,10 @@ def _steps(lineup: LineupSettings, smoke: bool) -> int:
     return lineup.train_steps or (6 if smoke else 2000)
 
 
+def _family_dir(lineup: LineupSettings, spec: TrainerSpec) -> Path:
+    return lineup.layout.home / "models" / spec.models_dir
+
+
 def _run_config(spec: TrainerSpec, lineup: LineupSettings, version: str, smoke: bool) -> dict:
     own = spec.configure(lineup, smoke)
     split = {"eval_data": str(_split_dir(lineup, spec, version, spec.eval_split)),
@@ -110,11 +135,22 @@ def _run_config(spec: TrainerSpec, lineup: LineupSettings, version: str, smoke: 
         **own,
         "train": {"max_steps": _steps(lineup, smoke), **own.get("train", {})},
         # one output folder per dataset version, so that a rerun resumes its own checkpoints
-        "output_dir": str(lineup.layout.home / "models" / spec.models_dir / version),
+        "output_dir": str(_family_dir(lineup, spec) / version),
+        # the incumbent is read there, and a promoted model moves its LATEST
+        "model_family_dir": str(_family_dir(lineup, spec)),
         "resume": "auto",
         "device": lineup.train_device,
         "smoke_run": smoke,
     }
+
+
+def promotion_check_spec(spec: TrainerSpec) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        "promotion", asset=spec.name, blocking=True,
+        description=f"Promoted on held-out evidence: {spec.evaluates}, with a 95% Wilson interval; promoted "
+        "(LATEST moves to it) only when the interval's lower bound beats chance (0.5) and the incumbent's accuracy "
+        "on the same held-out pairs. Fails with ERROR when a real run is not promoted (the model is kept, with "
+        "the reason); on a smoke run it only warns: a smoke model is never promoted, which is expected.")
 
 
 def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
@@ -125,7 +161,7 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
             automation_condition=ON_NEW_DATASET, description=spec.description,
             skippable=True,  # nothing to train is a skip, not a failure
         )],
-        check_specs=list(spec.checks),
+        check_specs=[promotion_check_spec(spec)] if spec.eval_split else [],
         can_subset=True,  # lets a skipped run leave its checks unreported
         pool="gpu",
     )
@@ -134,7 +170,8 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
         if dg.AssetKey(spec.name) not in context.selected_asset_keys:
             context.log.warning(f"{spec.name}: only its checks were selected; they are reported by a training run")
             return
-        reason = skip_reason(spec, lineup)
+        version, version_source = triggering_version(spec, lineup, context.instance)
+        reason = skip_reason(spec, lineup, version)
         if reason:
             context.log.warning(f"{spec.name} skipped: {reason}")
             yield dg.AssetObservation(asset_key=spec.name, metadata={"skipped_because": reason})
@@ -142,9 +179,8 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
         smoke = lineup.smoke_training
         if spec.preflight:
             spec.preflight(lineup, smoke)
-        version = latest_version(lineup.layout, spec.dataset)
         note = SMOKE_NOTE if smoke else REAL_NOTE
-        context.log.info(f"{spec.module} on {spec.dataset} version {version}: {note}")
+        context.log.info(f"{spec.module} on {spec.dataset} version {version} ({version_source}): {note}")
         # a subprocess here, or a pod on a GPU node (assets/deployment.py); the same command either way
         local = isinstance(trainer_client, dg.PipesSubprocessClient)
         results = list(trainer_client.run(
@@ -153,12 +189,10 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
             extras={"config": _run_config(spec, lineup, version, smoke)},
             **({"cwd": str(REPO_ROOT)} if local else {}),
         ).get_results())
-        if spec.on_success:
-            spec.on_success(lineup, version, smoke, results)
         for r in results:
             if isinstance(r, dg.MaterializeResult):
-                extra = {"note": note, "dataset_folder": dg.MetadataValue.path(
-                    str(lineup.layout.datasets / spec.dataset / version))}
+                extra = {"note": note, "dataset_version_source": version_source, "dataset_folder":
+                         dg.MetadataValue.path(str(lineup.layout.datasets / spec.dataset / version))}
                 r = r._replace(metadata={**(r.metadata or {}), **extra})
             yield r
 
@@ -227,42 +261,31 @@ def _reward_config(lineup: LineupSettings, smoke: bool) -> dict:
     return {"train": {"margin": 0.3, "model_name": lineup.clip_model, "pretrained": _clip_weights(lineup)}}
 
 
-def _check_passed(results: list, name: str) -> bool:
-    return any(isinstance(r, dg.AssetCheckResult) and r.check_name == name and r.passed for r in results)
-
-
-def _publish_scorer(lineup: LineupSettings, version: str, smoke: bool, results: list) -> None:
-    """Only a reward model trained from real weights that beats chance on held-out pairs becomes the
-    social_reward scorer."""
-    if not smoke and _check_passed(results, "heldout_pairwise_accuracy"):
-        from pipeline.storage import write_bytes_atomic
-
-        write_bytes_atomic(version.encode(), lineup.layout.home / "models" / "social_reward" / "LATEST")
-
-
 dpo_lora = trainer_asset(TrainerSpec(
     name="dpo_lora", models_dir="dpo_lora", module="training.run_dpo", dataset="social", upstream="social_dataset",
     train_split="webdataset/train", eval_split="webdataset/eval", kinds=frozenset({"pytorch", "diffusers"}),
     description="Diffusion-DPO with a LoRA on the UNet (diffusers' loss, beta_dpo 2500 = the paper's 5000), "
-    "trained on the latest social preference dataset and evaluated on its held-out split; writes a LoRA "
-    "with its adapter config that diffusers loads with load_lora_weights.",
+    "trained on the triggering social preference dataset version and evaluated on its held-out split; writes a "
+    "LoRA with its adapter config that diffusers loads with load_lora_weights. models/dpo_lora/LATEST names the "
+    "promoted LoRA.",
     base_weights=_diffusion_model, weights_hint="LINEUP_DIFFUSION_MODEL: a local diffusers SD folder",
     configure=_dpo_config,
-    checks=(dg.AssetCheckSpec(
-        "heldout_implicit_accuracy", asset="dpo_lora",
-        description="The trained LoRA prefers the held-out winners more often than the reference model: "
-        "implicit accuracy > 0.5 on the held-out split (ties count half; an untrained LoRA scores 0.5). "
-        "An error on a real run, a warning on a smoke run; an empty held-out split fails it as unmeasured."),),
+    evaluates="implicit reward accuracy on the held-out pairs (the LoRA prefers the winner more than the reference "
+    "model does; ties count half, so an unchanged LoRA reads 0.5)",
 ))
 
 identity_adapter = trainer_asset(TrainerSpec(
     name="identity_adapter", models_dir="identity_adapter", module="training.run_identity", dataset="multiid",
-    upstream="multiid_dataset", train_split="train", eval_split=None, kinds=frozenset({"pytorch", "diffusers"}),
+    upstream="multiid_dataset", train_split="train", eval_split="eval", kinds=frozenset({"pytorch", "diffusers"}),
     description="Identity adapter (decoupled cross-attention over reference-face embeddings) trained with the "
-    "diffusion loss + 1-cos identity loss + InfoNCE with extended negatives, as in WithAnyone. A real run "
-    "needs ArcFace weights and refuses to start without them.",
+    "diffusion loss + 1-cos identity loss (weight 1.0) + InfoNCE with extended negatives (0.01), both off at "
+    "t > 0.6, as in WithAnyone's training code. A real run needs ArcFace weights and refuses to start without "
+    "them. models/identity_adapter/LATEST names the promoted adapter.",
     base_weights=_diffusion_model, weights_hint="LINEUP_DIFFUSION_MODEL: a local diffusers SD folder",
     configure=_identity_config, preflight=_identity_preflight,
+    evaluates="identity win rate on the held-out split's faces (a face is more like its ground truth under the "
+    "trained adapter than under the untrained one: one-step Sim(GT) with the face embedder, an embedding-level "
+    "proxy without one; ties count half)",
 ))
 
 social_reward_model = trainer_asset(TrainerSpec(
@@ -270,13 +293,10 @@ social_reward_model = trainer_asset(TrainerSpec(
     upstream="social_dataset", train_split="webdataset/train", eval_split="webdataset/eval",
     kinds=frozenset({"pytorch"}),
     description="Social Reward scorer: CLIP backbone with its top blocks unfrozen, triplet loss with the prompt "
-    "as anchor (margin 0.3), pairwise accuracy on held-out pairs. A model trained from real weights that "
-    "passes its held-out check becomes the social_reward scorer.",
+    "as anchor (margin 0.3), pairwise accuracy on held-out pairs. A promoted model (models/social_reward/LATEST) "
+    "is the social_reward scorer.",
     base_weights=_clip_weights, weights_hint="LINEUP_CLIP_WEIGHTS: a local open_clip checkpoint",
-    configure=_reward_config, on_success=_publish_scorer,
-    checks=(dg.AssetCheckSpec(
-        "heldout_pairwise_accuracy", asset="social_reward_model",
-        description="The reward model scores the held-out winners above the losers more often than chance: "
-        "pairwise accuracy > 0.5 (ties count half, so a collapsed scorer reads 0.5 and fails). An error on "
-        "a real run, a warning on a smoke run; an empty held-out split fails it as unmeasured."),),
+    configure=_reward_config,
+    evaluates="pairwise accuracy on the held-out pairs (the winner scores above the loser; ties count half, so a "
+    "collapsed scorer reads 0.5)",
 ))

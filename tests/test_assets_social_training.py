@@ -23,7 +23,7 @@ def built(tmp_path_factory):
 
 
 def test_social_dataset_asset(built):
-    root, settings, _, result = built
+    root, _, _, result = built
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"events_reconcile": True, "shards_match_manifest": True, "no_self_pairs": True}
@@ -54,15 +54,21 @@ def test_trainers_run_as_pipes_subprocesses(built):
     reward_dir = root / "home" / "models" / "social_reward"
     assert (reward_dir / version / "reward_model" / "reward_config.json").exists()
     assert not (reward_dir / "LATEST").exists()  # a random-weight smoke model never becomes a scorer
-    # both trainers end with a held-out evaluation, reported as a check that only warns on a smoke run
+    assert not (root / "home" / "models" / "dpo_lora" / "LATEST").exists()
+    # both trainers end with a held-out evaluation and a promotion decision; on a smoke run "not promoted"
+    # is the expected outcome: a warning that says so, not an error
     checks = {(c.asset_key.path[-1], c.check_name): c for c in result.get_asset_check_evaluations()}
-    assert set(checks) == {("dpo_lora", "heldout_implicit_accuracy"),
-                           ("social_reward_model", "heldout_pairwise_accuracy")}
-    assert all(c.severity == dg.AssetCheckSeverity.WARN for c in checks.values())
+    assert set(checks) == {("dpo_lora", "promotion"), ("social_reward_model", "promotion")}
+    assert all(c.severity == dg.AssetCheckSeverity.WARN and not c.passed for c in checks.values())
     for (asset, _), c in checks.items():
         pairs = c.metadata["heldout_pairs"].value
         assert pairs == metas[asset]["eval_pairs"].value > 0
-        assert metas[asset]["dataset_version"].value and "dataset_split" in metas[asset]
+        assert "smoke run: not promoted, expected" in c.metadata["note"].value
+        md = metas[asset]
+        assert md["promoted"].value is False and md["promotion_reason"].value.startswith("smoke run")
+        assert md["heldout_ci_low"].value <= md["heldout_accuracy"].value <= md["heldout_ci_high"].value
+        assert md["dataset_version"].value == version and "dataset_split" in md
+        assert md["dataset_version_source"].value == "data version of social_dataset's latest materialization"
 
 
 def test_a_new_dataset_version_that_passes_its_checks_starts_training(tmp_path):

@@ -74,6 +74,27 @@ def test_trainer_wiring_is_labelled_and_described():
         (spec,) = a.specs
         assert spec.automation_condition is ON_NEW_DATASET  # one name, one condition
         assert spec.description and spec.skippable and spec.group_name == "training"
-        checks.update({c.key.name: c for c in a.check_specs})
-    assert set(checks) == {"heldout_implicit_accuracy", "heldout_pairwise_accuracy"}
-    assert all(c.description and not c.blocking for c in checks.values())
+        checks.update({(c.asset_key.path[-1], c.key.name): c for c in a.check_specs})
+    # every trainer is promoted only on held-out evidence, and says so in a blocking check
+    assert set(checks) == {(a.key.path[-1], "promotion") for a in TRAINERS}
+    assert all(c.blocking and "lower bound beats chance" in c.description for c in checks.values())
+
+
+def test_the_trainer_reads_the_version_that_triggered_it_not_latest(tmp_path):
+    """A version published while the trainer waited (LATEST moved on) does not swap its data."""
+    home = tmp_path / "home"
+    _multiid_version(home, samples=0, version="v-trigger")  # the version the upstream materialized
+    _multiid_version(home, samples=4, version="v-later")  # published afterwards: LATEST
+
+    @dg.asset(name="multiid_dataset")
+    def stand_in():
+        return dg.MaterializeResult(data_version=dg.DataVersion("v-trigger"))
+
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([stand_in], instance=instance).success
+    settings = LineupSettings(home=str(home), smoke_training=True)
+    result = dg.materialize([identity_adapter], instance=instance, raise_on_error=False,
+                            resources={"lineup": settings, "trainer_client": dg.PipesSubprocessClient()})
+    logs = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert result.success and result.get_asset_materialization_events() == []
+    assert any("multiid' version v-trigger has no samples" in m for m in logs), logs
