@@ -111,3 +111,26 @@ def test_promoted_only_over_chance_and_the_incumbent(pref, tmp_path, capsys):
     md, _ = _reward_run(pref["train"], pref["held"], family, "va", tmp_path, capsys)
     assert md["promoted"] is True and "incumbent_version" not in md
     assert (family / "LATEST").read_text() == "va"
+
+
+def test_a_dpo_lora_trained_on_shuffled_labels_is_never_promoted(pref, tmp_path, capsys):
+    from test_training_pipes import TINY_MODEL
+
+    from training import run_dpo
+
+    family = tmp_path / "models" / "dpo_lora"
+    cfg = {"data": str(pref["shuffled_train"]), "eval_data": str(pref["shuffled_held"]),
+           "model_family_dir": str(family), "output_dir": str(family / "vshuffled"), "device": "cpu",
+           "loader": {"resolution": 16, "batch_size": 4, "shuffle_buffer": 8},
+           "model": TINY_MODEL, "train": {"max_steps": 4, "checkpoint_every": 0, "lora_rank": 4,
+                                          "learning_rate": 1e-3, "vae_latent": "mean"}}
+    (tmp_path / "dpo.json").write_text(json.dumps(cfg))
+    assert run_dpo.main(["--config", str(tmp_path / "dpo.json")]) == 0
+    out = capsys.readouterr().out
+    (md,) = [json.loads(ln)["materialization"] for ln in out.splitlines() if ln.startswith('{"materialization"')]
+    (check,) = [json.loads(ln)["check"] for ln in out.splitlines() if ln.startswith('{"check"')]
+    assert md["heldout_pairs"] == 64 and md["heldout_ci_low"] <= 0.5
+    assert md["promoted"] is False and check == {**check, "check_name": "promotion", "passed": False,
+                                                 "severity": "ERROR"}
+    assert (family / "vshuffled" / "lora" / "pytorch_lora_weights.safetensors").exists()  # kept, unpromoted
+    assert not (family / "LATEST").exists()
