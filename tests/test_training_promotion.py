@@ -134,3 +134,36 @@ def test_a_dpo_lora_trained_on_shuffled_labels_is_never_promoted(pref, tmp_path,
                                                  "severity": "ERROR"}
     assert (family / "vshuffled" / "lora" / "pytorch_lora_weights.safetensors").exists()  # kept, unpromoted
     assert not (family / "LATEST").exists()
+
+
+def test_the_incumbent_is_measured_with_its_own_weights_on_the_same_pairs(pref, tmp_path):
+    """The generic incumbent measurement (DPO, identity): the incumbent's final trainable weights swapped
+    into this run's model, measured, and this run's weights put back."""
+    import torch
+    from test_training_dpo import make_trainer, stream_for
+
+    from training import runner
+    from training.run_dpo import DPORun
+
+    held = [next(iter(stream_for(pref["held"], batch_size=16, shuffle_buffer=0)))]
+    old = make_trainer(seed=1)
+    s = stream_for(pref["train"])
+    for _ in range(3):
+        old.train_step(s)
+    old.save_checkpoint(tmp_path / "vold" / "checkpoints")
+    want = old.evaluate(held)
+    new = make_trainer(seed=2)
+    new.train_step(stream_for(pref["train"]))
+    mine = {n: p.detach().clone() for n, p in new.unet.named_parameters() if p.requires_grad}
+    own = new.evaluate(held)
+    job = DPORun({"train": {}}, None)
+    got = job.evaluate_incumbent(new, tmp_path / "vold", held)
+    assert got["eval_reward_margin"] == pytest.approx(want["eval_reward_margin"], rel=1e-4)
+    assert got["eval_reward_margin"] != pytest.approx(own["eval_reward_margin"], rel=1e-4)
+    for n, p in new.unet.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, mine[n], rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError):  # no checkpoint: the decision records why, and does not promote
+        job.evaluate_incumbent(new, tmp_path / "nothing", held)
+    assert runner.promotion.decide(promotion.evaluation(16, 16, "m"), {"version": "x", "accuracy": None,
+                                                                    "error": "FileNotFoundError"}, False)["promoted"] is False
