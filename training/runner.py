@@ -4,9 +4,9 @@ Every run goes through the same steps: torchrun init (one process per GPU; ranks
 report nothing), seeding, the trainer's models, the loader on the dataset version, the trainer,
 resume from the latest checkpoint, held-out evaluation before and after, training with progress
 lines, a final checkpoint, the exported artifact, ``metrics.json``, the loss curve, one
-materialization with the dataset version and split it read, and the held-out check. A trainer
+materialization with the dataset version and split it read, the incumbent's evaluation, the promotion decision and the ``promotion`` check. A trainer
 contributes only what differs: a ``TrainerRun`` subclass (see the run_* modules) with its option
-class, models, trainer, progress line, summary keys, export, extra metadata and held-out check.
+class, models, trainer, progress line, summary keys, export, extra metadata and held-out metric.
 
 Config keys shared by every run::
 
@@ -14,7 +14,7 @@ Config keys shared by every run::
      "eval_batches": N | null (null: the whole held-out split),
      "loader": {LoaderConfig fields; the family is the trainer's}, "train": {<trainer options>},
      "output_dir": "<dir>", "resume": "auto" | "<checkpoint dir>" | null, "device": "auto",
-     "smoke_run": false (true: tiny random-init models; the held-out check only warns)}
+     "smoke_run": false (true: tiny random-init models; never promoted, the promotion check only warns)}
 
 Promotion (``training/promotion.py``): with a held-out split the run ends with the trained model's
 held-out pairwise accuracy and its 95% Wilson interval, and the incumbent's accuracy on the same
