@@ -4,8 +4,8 @@ One factory (``trainer_asset``) builds all three: each runs its trainer as a sub
 Dagster Pipes (the same script runs standalone or on a GPU machine), starts by itself when a new
 dataset version lands and its blocking checks passed (``ON_NEW_DATASET``), and takes a slot in
 the "gpu" concurrency pool so two trainings never share one GPU. A ``TrainerSpec`` says only what
-differs: the dataset and splits it reads, the base weights it needs, what its held-out evaluation measures and the
-trainer's own config.
+differs: the dataset and splits it reads, the base weights it needs, what its held-out evaluation
+measures and the trainer's own config.
 
 A trainer reads the dataset version that triggered it: the data version of its upstream dataset's
 latest materialization in this Dagster instance (LATEST only when the instance has none, e.g. a
@@ -21,7 +21,8 @@ Nothing to train is not a failure: with no published dataset version, an empty t
 local base weights while no smoke run was asked for (``smoke_training`` / LINEUP_SMOKE_TRAINING=1),
 a trainer is skipped: it logs why and materializes nothing (``skip_reason`` says why without
 running anything). Smoke runs train tiny random-init models; they prove the plumbing, their numbers
-mean nothing, their metadata says ``smoke_run: true`` and their promotion checks only warn (never promoted: expected).
+mean nothing, their metadata says ``smoke_run: true`` and their promotion checks only warn (a smoke
+model is never promoted: expected).
 """
 
 import sys
