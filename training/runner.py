@@ -5,8 +5,9 @@ report nothing), seeding, the trainer's models, the loader on the dataset versio
 resume from the latest checkpoint, held-out evaluation before and after, training with progress
 lines, a final checkpoint, the exported artifact, ``metrics.json``, the loss curve, the incumbent's
 evaluation and the promotion decision, one materialization with the dataset version and split it
-read, and the ``promotion`` check. A trainer contributes only what differs: a ``TrainerRun`` subclass (see the run_* modules) with its option
-class, models, trainer, progress line, summary keys, export, extra metadata and held-out metric.
+read, and the ``promotion`` check. A trainer contributes only what differs: a ``TrainerRun``
+subclass (see the run_* modules) with its option class, models, trainer, progress line, summary
+keys, export, extra metadata and held-out metric.
 
 Config keys shared by every run::
 
