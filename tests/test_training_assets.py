@@ -98,3 +98,50 @@ def test_the_trainer_reads_the_version_that_triggered_it_not_latest(tmp_path):
     logs = [e.user_message for e in instance.all_logs(result.run_id)]
     assert result.success and result.get_asset_materialization_events() == []
     assert any("multiid' version v-trigger has no samples" in m for m in logs), logs
+
+
+class _ReportsNotPromoted:
+    """A trainer client whose run reports what training/runner.py reports for a real model that was not
+    promoted (the subprocess itself is tested in tests/test_training_promotion.py)."""
+
+    def __init__(self):
+        self.configs = []
+
+    def run(self, *, context, extras, **_):
+        self.configs.append(extras["config"])
+        reason = "no evidence of skill: the 95% lower bound 0.185 does not beat chance 0.5"
+        results = [dg.MaterializeResult(asset_key="social_reward_model", metadata={"promoted": False,
+                                                                                   "promotion_reason": reason}),
+                   dg.AssetCheckResult(asset_key="social_reward_model", check_name="promotion", passed=False,
+                                       severity=dg.AssetCheckSeverity.ERROR, metadata={"promotion_reason": reason})]
+        return type("Run", (), {"get_results": lambda self: results})()
+
+
+def test_a_real_model_not_promoted_is_a_failed_blocking_check(tmp_path):
+    home = tmp_path / "home"
+    root = home / "datasets" / "social" / "v-social"
+    for split in ("webdataset/train", "webdataset/eval"):
+        synthetic.write_dataset(root / split, "preference", synthetic.preference_samples(4, size=16))
+    set_latest(Layout(home), "social", "v-social")
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"not read: the client is a stand-in")
+    client = _ReportsNotPromoted()
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([social_reward_model], instance=instance, raise_on_error=False,
+                            resources={"lineup": LineupSettings(home=str(home), clip_weights=str(weights)),
+                                       "trainer_client": client})
+    (cfg,) = client.configs
+    assert cfg["smoke_run"] is False and cfg["model_family_dir"] == str(home / "models" / "social_reward")
+    assert cfg["output_dir"] == str(home / "models" / "social_reward" / "v-social")
+    (check,) = result.get_asset_check_evaluations()
+    assert check.check_name == "promotion" and not check.passed
+    assert check.severity == dg.AssetCheckSeverity.ERROR
+    spec = next(iter(social_reward_model.check_specs))
+    assert spec.blocking  # a failed ERROR check keeps the model from everything downstream
+    (mat,) = result.get_asset_materialization_events()
+    md = mat.event_specific_data.materialization.metadata
+    assert md["promoted"].value is False and md["dataset_version_source"].value.startswith("LATEST")
+    # Dagster fails the step on a blocking check that failed with ERROR: the run reads as failed, with why
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert "blocking asset check failed with ERROR severity" in failure.step_failure_data.error.message
+    assert not (home / "models" / "social_reward" / "LATEST").exists()
