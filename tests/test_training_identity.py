@@ -200,6 +200,8 @@ def test_heldout_identity_evaluation_against_the_untrained_adapter(id_dir, arc_f
     weights = {k: v.clone() for k, v in tr.adapter.state_dict().items()}
     after = tr.evaluate(held)
     assert after["eval_pairs"] == 8 and after["eval_likeness_trained"] != after["eval_likeness_untrained"]
+    # Sim(Ref) beside Sim(GT) when faces can be generated and embedded; no such thing for the proxy
+    assert (-1 <= after.get("eval_sim_ref_trained", 2) <= 1) if embedder else "eval_sim_ref_trained" not in after
     assert 0 <= after["eval_id_win_rate"] <= 1 and after["eval_id_win_rate"] != 0.5
     for k, v in tr.adapter.state_dict().items():  # the measurement swapped the untrained weights back out
         torch.testing.assert_close(v, weights[k], rtol=0, atol=0)

@@ -26,7 +26,8 @@ Held-out evaluation (``evaluate``): for every face of the held-out split, is it 
 truth under the trained adapter than under the untrained one (the adapter's initial weights), with the
 same noise and timestep (t <= the identity-term limit)? Ties count half, so an adapter that changed
 nothing reads 0.5. With a face embedder the likeness is a one-step MultiID-Bench-style Sim(GT):
-cos(embedder(face crop of the x0 estimate), embedder(the target's face crop)). Without one it is an
+cos(embedder(face crop of the x0 estimate), embedder(the target's face crop)); its Sim(Ref) (to the
+face's reference crop) is reported beside it, as a copy-paste signal. Without one it is an
 embedding-level proxy: the projection's tokens of the face's conditioning embedding against those of
 its target embedding (the shard json), as a margin over the batch's other identities.
 
@@ -493,13 +494,14 @@ class IdentityTrainer(DiffusionTrainerBase):
         return "sim_gt_one_step" if self.identity_terms else "projection_margin_proxy"
 
     @torch.no_grad()
-    def identity_likeness(self, batch: Mapping, seed: int) -> torch.Tensor:
-        """Per held-out face, its likeness to its ground truth under the adapter's current weights;
+    def identity_likeness(self, batch: Mapping, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per held-out face, its likeness to its ground truth under the adapter's current weights, and
+        with a face embedder its Sim(Ref) (cosine to its reference crop; NaN for a face without one);
         the noise, timestep and conditioning depend only on ``seed``."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         cond, cmask, _ = self.condition(batch, g)
         if not self.identity_terms:
-            return self._projection_margin(batch, cond, cmask)
+            return self._projection_margin(batch, cond, cmask), None
         target_px = batch["target"].to(self.device)
         B = target_px.shape[0]
         latents = self.encode_images(target_px, g)
@@ -513,7 +515,7 @@ class IdentityTrainer(DiffusionTrainerBase):
                          cross_attention_kwargs={"id_tokens": tokens, "id_mask": tmask}).sample
         fm = batch["face_mask"].to(self.device)
         if not fm.any():
-            return torch.zeros(0, device=self.device)
+            return torch.zeros(0, device=self.device), torch.zeros(0, device=self.device)
         b_idx, f_idx = fm.nonzero(as_tuple=True)
         lm = batch["landmarks"].to(self.device)[b_idx, f_idx]
         has = batch["has_landmarks"].to(self.device)[b_idx, f_idx]
@@ -522,7 +524,16 @@ class IdentityTrainer(DiffusionTrainerBase):
         decoded = self.vae.decode((x0 / self.vae.config.scaling_factor).to(self.wdtype)).sample.clamp(-1, 1)
         gen = self._embed(crop_faces(decoded, b_idx, lm, has, bb, self.cfg.face_size))
         gt = self._embed(crop_faces(target_px.float(), b_idx, lm, has, bb, self.cfg.face_size))
-        return F.cosine_similarity(gen, gt, dim=-1)
+        # Sim(Ref): a model that copies its reference raises this more than Sim(GT) (MultiID-Bench)
+        refs = batch["refs"].to(self.device)[b_idx, f_idx].float()
+        n, r = refs.shape[0], refs.shape[-1]
+        bi, fi = b_idx.cpu(), f_idx.cpu()
+        whole = torch.tensor([0.0, 0.0, r, r]).expand(n, 4)
+        ref_emb = self._embed(crop_faces(refs, torch.arange(n, device=self.device), batch["ref_landmarks"][bi, fi],
+                                         batch["ref_has_landmarks"][bi, fi], whole, self.cfg.face_size))
+        sim_ref = F.cosine_similarity(gen, ref_emb, dim=-1)
+        sim_ref = sim_ref.masked_fill(~batch["ref_mask"].to(self.device)[b_idx, f_idx], float("nan"))
+        return F.cosine_similarity(gen, gt, dim=-1), sim_ref
 
     def _projection_margin(self, batch: Mapping, cond: torch.Tensor, cmask: torch.Tensor) -> torch.Tensor:
         """Embedding-level proxy: cos(tokens(conditioning), tokens(own target)) minus the best cos to a
@@ -553,23 +564,33 @@ class IdentityTrainer(DiffusionTrainerBase):
         was_training = self.unet.training
         self.unet.eval()  # no conditioning dropout while measuring
         n, wins, mine, base = 0, 0.0, 0.0, 0.0
+        ref_sims: dict[str, list[torch.Tensor]] = {"trained": [], "untrained": []}
         try:
             for i, batch in enumerate(batches):
-                trained = self.identity_likeness(batch, seed + i)
+                trained, ref_trained = self.identity_likeness(batch, seed + i)
                 self.adapter.load_state_dict(self.untrained_state)
-                untrained = self.identity_likeness(batch, seed + i)
+                untrained, ref_untrained = self.identity_likeness(batch, seed + i)
                 self.adapter.load_state_dict(current)
                 wins += pairwise_wins(trained - untrained)
                 mine += float(trained.sum())
                 base += float(untrained.sum())
                 n += trained.numel()
+                if ref_trained is not None:
+                    ref_sims["trained"].append(ref_trained)
+                    ref_sims["untrained"].append(ref_untrained)
         finally:
             self.adapter.load_state_dict(current)
             self.unet.train(was_training)
         if n == 0:
             return {"eval_pairs": 0}
-        return {"eval_id_win_rate": wins / n, "eval_likeness_trained": mine / n, "eval_likeness_untrained": base / n,
-                "eval_pairs": n, "eval_measure": self.heldout_measure}
+        out = {"eval_id_win_rate": wins / n, "eval_likeness_trained": mine / n, "eval_likeness_untrained": base / n,
+               "eval_pairs": n, "eval_measure": self.heldout_measure}
+        for which, sims in ref_sims.items():
+            v = torch.cat(sims) if sims else torch.zeros(0)
+            v = v[~v.isnan()]
+            if v.numel():  # faces without a reference have no Sim(Ref): left out, not counted as 0
+                out[f"eval_sim_ref_{which}"] = float(v.mean())
+        return out
 
     # bank state goes with the checkpoint so that a resume is exact
     def save_checkpoint(self, ckpt_dir, stream=None) -> Path:
