@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import checkpoints
+from training import checkpoints, precision
 from training.config import Options
 from training.diffusion import DiffusionTrainerBase
 from training.metrics import pairwise_wins
@@ -567,9 +567,10 @@ class IdentityTrainer(DiffusionTrainerBase):
         ref_sims: dict[str, list[torch.Tensor]] = {"trained": [], "untrained": []}
         try:
             for i, batch in enumerate(batches):
-                trained, ref_trained = self.identity_likeness(batch, seed + i)
-                self.adapter.load_state_dict(self.untrained_state)
-                untrained, ref_untrained = self.identity_likeness(batch, seed + i)
+                with precision.autocast(self.device, self.cfg.mixed_precision):  # as in training (bf16 UNet)
+                    trained, ref_trained = self.identity_likeness(batch, seed + i)
+                    self.adapter.load_state_dict(self.untrained_state)
+                    untrained, ref_untrained = self.identity_likeness(batch, seed + i)
                 self.adapter.load_state_dict(current)
                 wins += pairwise_wins(trained - untrained)
                 mine += float(trained.sum())
