@@ -111,6 +111,10 @@ def test_promoted_only_over_chance_and_the_incumbent(pref, tmp_path, capsys):
     md, _ = _reward_run(pref["train"], pref["held"], family, "va", tmp_path, capsys)
     assert md["promoted"] is True and "incumbent_version" not in md
     assert (family / "LATEST").read_text() == "va"
+    # a LATEST whose model folder was removed names nothing to replace: chance is the bar, and it says so
+    promotion.publish(family, "vgone")
+    md, _ = _reward_run(pref["train"], pref["held"], family, "vc", tmp_path, capsys)
+    assert md["promoted"] is True and "vgone" in md["incumbent_note"] and (family / "LATEST").read_text() == "vc"
 
 
 def test_a_dpo_lora_trained_on_shuffled_labels_is_never_promoted(pref, tmp_path, capsys):

@@ -132,7 +132,11 @@ def promotion_decision(job: TrainerRun, trainer, cfg: dict, out: Path, evb: list
     new = promotion.evaluation(after.get(job.heldout_key, 0.0) * n, n, job.measure(trainer))
     family = Path(cfg["model_family_dir"]) if cfg.get("model_family_dir") else None
     replaces = promotion.incumbent_version(family, out.name) if family else None
-    incumbent = None
+    incumbent, note = None, None
+    if replaces and not (family / replaces).is_dir():
+        # a dangling LATEST (its model folder removed) names nothing to replace: compared with chance only
+        note = f"LATEST named {replaces}, whose folder {family / replaces} is gone: compared with chance only"
+        replaces = None
     if replaces and n:
         try:
             measured = job.evaluate_incumbent(trainer, family / replaces, evb)
@@ -140,7 +144,8 @@ def promotion_decision(job: TrainerRun, trainer, cfg: dict, out: Path, evb: list
                          "pairs": measured.get("eval_pairs", 0)}
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # recorded; no comparison, no promotion
             incumbent = {"version": replaces, "accuracy": None, "error": f"{type(e).__name__}: {e}"}
-    decision = {**promotion.decide(new, incumbent, smoke), "evaluation": new}
+    decision = {**promotion.decide(new, incumbent, smoke), "evaluation": new,
+                **({"incumbent_note": note} if note else {})}
     promotion.write_decision(out, decision, replaces)
     decision["published"] = bool(decision["promoted"] and family)
     if decision["published"]:
@@ -156,6 +161,8 @@ def promotion_metadata(decision: dict) -> dict:
           "promotion_baseline": decision["baseline"], "promotion_baseline_from": decision["baseline_from"]}
     if ev["pairs"]:
         md.update(heldout_accuracy=ev["accuracy"], heldout_ci_low=ev["ci_low"], heldout_ci_high=ev["ci_high"])
+    if decision.get("incumbent_note"):
+        md["incumbent_note"] = decision["incumbent_note"]
     inc = decision.get("incumbent")
     if inc is not None:
         md["incumbent_version"] = inc["version"]
