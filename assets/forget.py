@@ -19,9 +19,15 @@ class Refused(Exception):
 
 
 def _collection_images(layout):
-    from pipeline.collection import load_collection
+    """uid and source of every image row in the images table (every partition written, built or not)."""
+    import pyarrow as pa
 
-    return load_collection(layout).images
+    from pipeline.storage import read_parquet
+
+    folder = layout.table_dir("images")
+    parts = [read_parquet(p, columns=["uid", "source"]) for p in sorted(folder.glob("*.parquet"))
+             if not p.name.startswith(".")] if folder.exists() else []
+    return pa.concat_tables(parts) if parts else pa.table({"uid": pa.array([], pa.string()), "source": pa.array([], pa.string())})
 
 
 def _photo_request(settings, layout, value: str):
