@@ -67,10 +67,10 @@ def _image_request(layout, value: str):
         uid = content_uid(p.read_bytes())
         if uid in removed_uids(layout):
             raise Refused(f"IMAGE={value}: already removed; nothing recorded")
-        return record_request(layout, "image", uid, uid=uid)  # its bytes are refused whenever they arrive
-    if uid_like := (len(value) == 32 and all(c in "0123456789abcdef" for c in value)):
-        if value in removed_uids(layout):
-            raise Refused(f"IMAGE={value}: already removed; nothing recorded")
+        return record_request(layout, "image", uid, uid=uid)  # removed whenever its bytes arrive
+    uid_like = len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    if uid_like and value in removed_uids(layout):
+        raise Refused(f"IMAGE={value}: already removed; nothing recorded")
     images = _collection_images(layout)
     if uid_like and value in set(images.column("uid").to_pylist()):
         return record_request(layout, "image", value, uid=value)

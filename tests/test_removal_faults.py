@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline import removals as rm
 from pipeline.config import Layout
 from pipeline.faces.stage import FACE_SCAN_SCHEMA, faces_schema
 from pipeline.ingest import IMAGES_SCHEMA
 from pipeline.pictures import save_pictures
 from pipeline.rejects import REJECT_SCHEMA
-from pipeline import removals as rm
 
 DIM = 8
 KEY = "files-000000"
@@ -257,7 +257,7 @@ def test_a_later_photo_is_matched_against_every_face_removed_with_the_request(tm
 
 
 def test_borderline_matches_are_listed_with_a_command_that_works(tmp_path, capsys, monkeypatch):
-    layout, images, faces, ids = build_collection(tmp_path)
+    layout, images, faces, _ = build_collection(tmp_path)
     # a request photo that reaches only b's band: 0.91 <= cos < 0.95, and the identities unknown yet
     target = FACES["b"][1]
     emb = None
