@@ -415,6 +415,9 @@ def social_versions_with_users(layout: Layout, user_hashes: set[str], keep: str 
     return {"social": found} if found else {}
 
 
+SUPERSEDED_REASON = "contains photos removed on request"
+
+
 def mark_superseded(layout: Layout, found: dict[str, list[str]], purge: bool) -> dict[str, list[str]]:
     """Record the old versions that contain removed photos; with ``purge`` delete them and every version
     listed before (the list is written first: a kill mid-delete is finished by the next purge)."""
@@ -426,16 +429,16 @@ def mark_superseded(layout: Layout, found: dict[str, list[str]], purge: bool) ->
         known = json.loads(path.read_text()) if path.exists() else {}
         for v in found.get(name, []):
             prev = known.get(v, {})
-            known[v] = {"reason": "contains photos removed on request", "at": prev.get("at") or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+            known[v] = {"reason": SUPERSEDED_REASON, "at": prev.get("at") or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
                         "deleted": bool(prev.get("deleted")) or purge}
-        if purge:
-            for v in known:
-                known[v]["deleted"] = True
+        doomed = sorted(v for v, e in known.items() if e.get("reason") == SUPERSEDED_REASON) if purge else []
+        for v in doomed:
+            known[v]["deleted"] = True
         write_bytes_atomic(json.dumps(known, indent=1, sort_keys=True).encode(), path)
         if purge:
             latest_file = layout.datasets / name / "LATEST"
             latest = latest_file.read_text().strip() if latest_file.exists() else None
-            for v in sorted(known):
+            for v in doomed:
                 if (layout.datasets / name / v).exists():
                     remove_tree(layout.datasets / name / v)
                 if v == latest:

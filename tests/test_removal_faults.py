@@ -303,3 +303,16 @@ def test_bad_requests_are_refused_and_record_nothing(tmp_path, monkeypatch, caps
     assert rm.load_requests(Layout(tmp_path)) == []
     assert forget(["--identity", "id-sam"]) == 0 and forget(["--image", "sam.jpg"]) == 0
     assert len(rm.load_requests(Layout(tmp_path))) == 2
+
+
+def test_an_applied_log_with_uids_in_clear_is_rewritten_hashed(tmp_path):
+    """Logs written before hashing named the uids; the next run keeps their effect and drops the names."""
+    layout, images, faces, ids = build_collection(tmp_path)
+    req = rm.record_request(layout, "image", UID["c"], uid=UID["c"])
+    rm.applied_log(layout).parent.mkdir(parents=True, exist_ok=True)
+    rm.applied_log(layout).write_text(json.dumps({"requests": [req.id], "uids": [UID["c"]], "faces": 1}) + "\n")
+    apply(layout, images, faces, ids)
+    assert UID["c"] not in rm.applied_log(layout).read_text()
+    assert UID["c"] in rm.removed_uids(layout)
+    assert UID["c"] not in set(pq.read_table(layout.partition_file("images", KEY)).column("uid").to_pylist())
+    assert [e["kind"] for e in rm.card_entries(layout)] == ["image"]
