@@ -110,9 +110,10 @@ def photo_request(layout, emb=PERSON):
                              embeddings=[np.asarray(emb, float).tolist()])
 
 
-def apply(layout, images, faces, ids, purge=True, checkpoint=rm._checkpoint):
+def apply(layout, images, faces, ids, purge=True, checkpoint=None):
+    kw = {} if checkpoint is None else {"checkpoint": checkpoint}
     return rm.apply_requests(layout, rm.load_requests(layout), images, faces, ids, auto_min=0.95, review_min=0.91,
-                             purge=purge, checkpoint=checkpoint)
+                             purge=purge, **kw)
 
 
 def snapshot(home):
