@@ -6,6 +6,23 @@ from assets.faces import faces
 from assets.resources import LineupSettings
 
 
+def scrub_event_log(instance: dg.DagsterInstance, layout, keep: str) -> int:
+    """PURGE: delete every earlier run whose event log names a removed photo (runs of older code put uids
+    and thumbnails in metadata); the run storage keeps nothing a removal was asked to delete. Idempotent:
+    a kill part-way leaves the rest for the next purge."""
+    from dagster._serdes import serialize_value
+
+    from pipeline.removals import load_journal, names_removed
+
+    removed = load_journal(layout).removed
+    deleted = 0
+    for run in instance.get_runs() if removed else []:
+        if run.run_id != keep and any(names_removed(serialize_value(e), removed) for e in instance.all_logs(run.run_id)):
+            instance.delete_run(run.run_id)
+            deleted += 1
+    return deleted
+
+
 @dg.asset(
     group_name="privacy",
     kinds={"parquet"},
@@ -31,6 +48,7 @@ def removals(context: dg.AssetExecutionContext, lineup: LineupSettings):
     identities = read_parquet(ids_path) if ids_path.exists() else None
     out = apply_requests(layout, load_requests(layout), coll.images, coll.faces, identities, t.removal_auto_min,
                          t.same_person_min, purge=lineup.purge_removed_versions, limits=lineup.limits)
+    runs_deleted = scrub_event_log(context.instance, layout, keep=context.run_id) if out.purged else 0
     if out.awaiting_review:
         context.log.warning(f"{out.awaiting_review} face(s) match a removal request at a cosine between "
                             f"{t.same_person_min} and {t.removal_auto_min}: review them with `make forget REVIEW=1`")
@@ -47,6 +65,7 @@ def removals(context: dg.AssetExecutionContext, lineup: LineupSettings):
             **{name: dg.MetadataValue.path(str(p)) for name, p in out.review_pictures.items()},
             "superseded_versions": dg.MetadataValue.json(out.superseded),
             "purged": out.purged,
+            "runs_deleted": runs_deleted,
             "auto_threshold": t.removal_auto_min,
             "review_threshold": t.same_person_min,
             "social_users_excluded": out.social_users,

@@ -41,6 +41,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -444,6 +445,14 @@ def mark_superseded(layout: Layout, found: dict[str, list[str]], purge: bool) ->
                 if v == latest:
                     latest_file.unlink(missing_ok=True)
     return found
+
+
+_UID_TOKEN = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
+
+
+def names_removed(text: str, removed: set[str]) -> bool:
+    """Whether ``text`` (an event log record, say) names a removed photo by its uid."""
+    return bool(removed) and any(uid_hash(t) in removed for t in set(_UID_TOKEN.findall(text)))
 
 
 def confirm_command(row: dict) -> str:

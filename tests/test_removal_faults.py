@@ -317,3 +317,30 @@ def test_an_applied_log_with_uids_in_clear_is_rewritten_hashed(tmp_path):
     assert UID["c"] in rm.removed_uids(layout)
     assert UID["c"] not in set(pq.read_table(layout.partition_file("images", KEY)).column("uid").to_pylist())
     assert [e["kind"] for e in rm.card_entries(layout)] == ["image"]
+
+
+def test_purge_deletes_earlier_runs_whose_event_log_names_a_removed_photo(tmp_path):
+    """Runs of older code wrote uids (and thumbnails) into metadata; PURGE leaves none in the run storage."""
+    import dagster as dg
+
+    from assets.privacy import scrub_event_log
+
+    layout, images, faces, ids = build_collection(tmp_path)
+
+    @dg.asset
+    def old_style_removals():
+        return dg.MaterializeResult(metadata={"awaiting_review": dg.MetadataValue.json([{"uid": UID["a"], "face_index": 0}])})
+
+    @dg.asset
+    def unrelated():
+        return dg.MaterializeResult(metadata={"uid_of_someone_else": UID["c"]})
+
+    instance = dg.DagsterInstance.ephemeral()
+    named = dg.materialize([old_style_removals], instance=instance).run_id
+    other = dg.materialize([unrelated], instance=instance).run_id
+    assert scrub_event_log(instance, layout, keep="") == 0  # nothing removed yet: nothing deleted
+    photo_request(layout)
+    apply(layout, images, faces, ids)
+    assert scrub_event_log(instance, layout, keep="") == 1
+    assert instance.get_run_by_id(named) is None and instance.get_run_by_id(other) is not None
+    assert scrub_event_log(instance, layout, keep="") == 0  # idempotent
