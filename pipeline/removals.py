@@ -321,6 +321,27 @@ def _removed_mask(t: pa.Table, removed: set[str]) -> pa.Array | None:
     return mask
 
 
+def _uid_columns_of(path) -> list[str] | None:
+    """The uid columns of a Parquet file, from its footer (None: read the whole file to find out)."""
+    try:
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+    except Exception:  # noqa: BLE001 - an object store path: the full read below decides
+        return None
+    return [c for c in UID_COLUMNS if c in names]
+
+
+def _hits(path, removed: set[str]) -> bool:
+    """Whether a file may name a removed photo: only its uid columns are read (not embeddings)."""
+    cols = _uid_columns_of(path)
+    if cols == []:
+        return False
+    t = read_parquet(path, columns=cols) if cols else read_parquet(path)
+    mask = _removed_mask(t, removed) if t.num_rows else None
+    return mask is not None and bool(pc.any(mask).as_py())
+
+
 def _table_files(layout: Layout) -> list[Path]:
     if not layout.tables.exists():
         return []
@@ -349,6 +370,8 @@ def sweep_tables(layout: Layout, removed: set[str], checkpoint: Callable[[str], 
         return out
     for path in _table_files(layout):
         table = path.parent.name if path.parent != layout.tables else path.stem
+        if not _hits(path, removed):
+            continue
         t = read_parquet(path)
         mask = _removed_mask(t, removed) if t.num_rows else None
         if mask is None or not pc.any(mask).as_py():
@@ -391,9 +414,7 @@ def versions_containing(layout: Layout, removed: set[str]) -> dict[str, list[str
     for ds in sorted(p for p in layout.datasets.iterdir() if p.is_dir()):
         for v in sorted(p for p in ds.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for table_path in sorted(v.rglob("*.parquet")):
-                t = read_parquet(table_path)
-                mask = _removed_mask(t, removed) if t.num_rows else None
-                if mask is not None and pc.any(mask).as_py():
+                if _hits(table_path, removed):
                     out.setdefault(ds.name, []).append(v.name)
                     break
     return out
