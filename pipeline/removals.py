@@ -411,8 +411,14 @@ def versions_containing(layout: Layout, removed: set[str]) -> dict[str, list[str
     out: dict[str, list[str]] = {}
     if not removed or not layout.datasets.exists():
         return out
+    from pipeline.datasets import UNPUBLISHED_PREFIX, staging_root
+
     for ds in sorted(p for p in layout.datasets.iterdir() if p.is_dir()):
-        for v in sorted(p for p in ds.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        # published versions, and those kept unpublished for inspection after a failed check
+        folders = [p for p in ds.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        kept = staging_root(layout, ds.name)
+        folders += [p for p in kept.iterdir() if p.is_dir() and p.name.startswith(UNPUBLISHED_PREFIX)] if kept.exists() else []
+        for v in sorted(folders):
             for table_path in sorted(v.rglob("*.parquet")):
                 if _hits(table_path, removed):
                     out.setdefault(ds.name, []).append(v.name)
@@ -458,11 +464,15 @@ def mark_superseded(layout: Layout, found: dict[str, list[str]], purge: bool) ->
             known[v]["deleted"] = True
         write_bytes_atomic(json.dumps(known, indent=1, sort_keys=True).encode(), path)
         if purge:
+            from pipeline.datasets import UNPUBLISHED_PREFIX, clean_stale_staging, staging_root
+
+            clean_stale_staging(layout, name)  # what a killed build left may hold the photos too
             latest_file = layout.datasets / name / "LATEST"
             latest = latest_file.read_text().strip() if latest_file.exists() else None
             for v in doomed:
-                if (layout.datasets / name / v).exists():
-                    remove_tree(layout.datasets / name / v)
+                folder = (staging_root(layout, name) if v.startswith(UNPUBLISHED_PREFIX) else layout.datasets / name) / v
+                if folder.exists():
+                    remove_tree(folder)
                 if v == latest:
                     latest_file.unlink(missing_ok=True)
     return found

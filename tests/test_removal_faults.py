@@ -100,6 +100,10 @@ def build_collection(home, names=("a", "b", "c", "d"), key=KEY):
     _write(v / "pairs.parquet", pa.table({"target_uid": [UID["a"], UID["c"]], "ref_uid": [UID["b"], UID["d"]]}))
     (v / "shard-000000.tar").write_bytes(b"the person's jpeg bytes")
     (layout.datasets / "multiid" / "LATEST").write_text("v-old")
+    # a version kept unpublished after a failed check, and what a killed build left in staging
+    _write(layout.datasets / "multiid" / ".unpublished-v-bad" / "pairs.parquet", pa.table({"target_uid": [UID["b"]]}))
+    (layout.datasets / "multiid" / ".staging-v-new-999999").mkdir()
+    (layout.datasets / "multiid" / ".staging-v-new-999999" / "x.json").write_text('{"source": "kit_with_rose.jpg"}')
     save_pictures(home, f"faces/{key}", {"contact_sheet": _png()}, [UID["a"], f"{UID['b']}#0"])
     save_pictures(home, "identities", {"others": _png()}, [UID["c"]])
     return layout, images, faces, ids
