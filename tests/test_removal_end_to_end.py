@@ -72,7 +72,6 @@ def test_forget_kill_rerun_purge_leaves_no_trace(tmp_path, shared_faces, kill_at
     assert _traces(home / "tables", sorted(gone_uids)), "the kill left the removal half-applied"
     r = _run(home, "assets.run", "--input", str(inp), "--no-training")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    # the person's files leave the input folder too (the partition registry lists input file names)
     r = _run(home, "assets.run", "--input", str(inp), "--no-training", env={"LINEUP_PURGE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
