@@ -51,10 +51,11 @@ ui: $(STAMP)
 	LINEUP_HOME=$(UI_HOME) DAGSTER_HOME=$(UI_HOME)/dagster $(PY) -m assets.instance
 	LINEUP_HOME=$(UI_HOME) DAGSTER_HOME=$(UI_HOME)/dagster LINEUP_MANIFEST_ROOTS=$${LINEUP_MANIFEST_ROOTS:-$(DEMO_HOME)/cache} $(VENV)/bin/dagster dev -w workspace.yaml
 
-# make forget PHOTO=<photo of the person> | IMAGE=<source path or uid> | USER=<social user id> | IDENTITY=<id>
-# (only what is given on the command line counts: $$USER of the shell is not a removal request)
+# make forget PHOTO=<photo of the person> | IMAGE=<source path or uid> | USER=<social user id> | IDENTITY=<id> | REVIEW=1
+# (only what is given on the command line counts: $$USER of the shell is not a removal request); the request
+# goes to the home of the last `make run`, as `make ui` reads it, unless LINEUP_HOME is given
 forget: $(STAMP)
-	$(PY) -m assets.forget $(if $(filter command line,$(origin PHOTO)),--photo "$(PHOTO)") $(if $(filter command line,$(origin IMAGE)),--image "$(IMAGE)") $(if $(filter command line,$(origin USER)),--user "$(USER)") $(if $(filter command line,$(origin IDENTITY)),--identity "$(IDENTITY)")
+	LINEUP_HOME=$(UI_HOME) $(PY) -m assets.forget $(if $(filter command line,$(origin PHOTO)),--photo "$(PHOTO)") $(if $(filter command line,$(origin IMAGE)),--image "$(IMAGE)") $(if $(filter command line,$(origin USER)),--user "$(USER)") $(if $(filter command line,$(origin IDENTITY)),--identity "$(IDENTITY)") $(if $(filter command line,$(origin REVIEW)),--review)
 
 # a longer, randomised soak of the input fuzzers (CI runs a fixed ~40 s set in `make test`)
 FUZZ_EXAMPLES ?= 3000

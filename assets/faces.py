@@ -91,7 +91,8 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
                 check_name="counts_reconcile",
                 passed=reconcile.pop("passed"),
                 description="image rows = scanned + rejected, and face rows per image = its scan's count (read back)",
-                metadata={k: dg.MetadataValue.json(v) if isinstance(v, list) else v for k, v in reconcile.items()},
+                # counts, never uids (the rows are in the tables): the event log must hold nothing a removal cannot delete
+                metadata={k: len(v) if isinstance(v, list) else v for k, v in reconcile.items()},
             ),
         ],
     )

@@ -6,7 +6,6 @@ import dagster as dg
 from assets.common import engine_metadata, engine_runner
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
-from assets.ui import table_preview
 from pipeline.catalog import refresh_catalog
 from pipeline.ingest import ingest_partition, ray_ingest_runner, reconcile_ingest
 from pipeline.removals import removed_uids
@@ -47,10 +46,11 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "seconds": round(res.seconds, 3),
             "inputs_per_s": round(res.stats["images_per_s"], 1),
             "orientation_fallbacks": res.stats.get("orientation_fallbacks", 0),
-            "orientation_notes": dg.MetadataValue.json(dict(list(res.stats.get("orientation_notes", {}).items())[:20])),
             "kind": spec.kind,
             **engine_metadata(lineup, runner),
-            "rejects_preview": table_preview([{k: r[k] for k in ("source", "reason", "detail")} for r in res.rejects.rows]),
+            # a link, never the rejected inputs' names: file names often name people, and a removal can
+            # rewrite the table but not the event log
+            "rejects": dg.MetadataValue.path(str(layout.partition_file("rejects_ingest", key))),
             "path": dg.MetadataValue.path(str(layout.partition_file("images", key))),
         },
         check_results=[

@@ -4,7 +4,23 @@ import dagster as dg
 
 from assets.faces import faces
 from assets.resources import LineupSettings
-from assets.ui import pictures, table_preview
+
+
+def scrub_event_log(instance: dg.DagsterInstance, layout, keep: str) -> int:
+    """PURGE: delete every earlier run whose event log names a removed photo (runs of older code put uids
+    and thumbnails in metadata); the run storage keeps nothing a removal was asked to delete. Idempotent:
+    a kill part-way leaves the rest for the next purge."""
+    from dagster._serdes import serialize_value
+
+    from pipeline.removals import load_journal, names_removed
+
+    removed = load_journal(layout).removed
+    deleted = 0
+    for run in instance.get_runs() if removed else []:
+        if run.run_id != keep and any(names_removed(serialize_value(e), removed) for e in instance.all_logs(run.run_id)):
+            instance.delete_run(run.run_id)
+            deleted += 1
+    return deleted
 
 
 @dg.asset(
@@ -14,59 +30,44 @@ from assets.ui import pictures, table_preview
     automation_condition=dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
     .with_label("eager, also when an input partition failed"),
     description="Applies removal requests (`make forget PHOTO=/IMAGE=/USER=/IDENTITY=`): the person's photos leave "
-    "every per-partition table before identities and datasets are rebuilt; versions that held them are superseded "
-    "(PURGE=1 deletes them). Photo matches below the automatic threshold are shown for review.",
+    "every table before identities and datasets are rebuilt; versions that held them are superseded "
+    "(PURGE=1 deletes them); pictures that showed them are deleted. Photo matches below the automatic threshold "
+    "wait for review (`make forget REVIEW=1`). Only counts and links reach this metadata, never uids or pixels.",
 )
 def removals(context: dg.AssetExecutionContext, lineup: LineupSettings):
     from pipeline.collection import load_collection
     from pipeline.faces.calibration import thresholds_for
-    from pipeline.faces.crops import CropReader
-    from pipeline.removals import (
-        apply_removals,
-        load_requests,
-        mark_superseded,
-        plan_removals,
-        versions_containing,
-    )
+    from pipeline.removals import apply_requests, load_requests
     from pipeline.storage import read_parquet
-    from pipeline.viz import contact_sheet
 
     layout = lineup.layout
-    requests = load_requests(layout)
     coll = load_collection(layout)
     backend = coll.faces.column("backend")[0].as_py() if coll.faces.num_rows else lineup.face_backend
     t = thresholds_for(backend)
     ids_path = layout.table_file("identities")
     identities = read_parquet(ids_path) if ids_path.exists() else None
-    plan = plan_removals(requests, coll.images, coll.faces, identities, t.removal_auto_min, t.same_person_min)
-    crops = CropReader(coll.images, coll.faces, lineup.limits)
-    matched = sorted(plan.faces)[:24]
-    tiles = [(c, f"removed\n{u[:8]}#{f}") for u, f in matched if (c := crops.crop(u, f)) is not None]
-    tiles += [(c, f"review cos {r['cosine']:.3f}\nid {r['identity_id']}") for r in plan.review[:24]
-              if (c := crops.crop(r["uid"], r["face_index"])) is not None]
-    superseded = versions_containing(layout, plan.uids)
-    applied = apply_removals(layout, plan, coll.built)
-    mark_superseded(layout, superseded, purge=lineup.purge_removed_versions)
-    from pipeline.catalog import refresh_catalog
-
-    refresh_catalog(layout)
-    for r in plan.review:
-        context.log.warning(f"request {r['request']}: face {r['uid'][:12]}#{r['face_index']} (identity {r['identity_id']}) "
-                            f"matches at cosine {r['cosine']} < {t.removal_auto_min}: review it, and confirm with "
-                            f"`make forget IDENTITY={r['identity_id']}`")
+    out = apply_requests(layout, load_requests(layout), coll.images, coll.faces, identities, t.removal_auto_min,
+                         t.same_person_min, purge=lineup.purge_removed_versions, limits=lineup.limits)
+    runs_deleted = scrub_event_log(context.instance, layout, keep=context.run_id) if out.purged else 0
+    if out.awaiting_review:
+        context.log.warning(f"{out.awaiting_review} face(s) match a removal request at a cosine between "
+                            f"{t.same_person_min} and {t.removal_auto_min}: review them with `make forget REVIEW=1`")
     return dg.MaterializeResult(
         metadata={
-            "requests": len(requests),
-            "photos_removed_now": applied["photos"],
-            "rows_removed": dg.MetadataValue.json(applied["rows_removed"]),
-            "per_request": dg.MetadataValue.json(plan.per_request),
-            "awaiting_review": dg.MetadataValue.json(plan.review[:50]),
-            "superseded_versions": dg.MetadataValue.json(superseded),
-            "purged": lineup.purge_removed_versions,
+            "requests": out.requests,
+            "photos_removed_now": out.photos_removed_now,
+            "photos_removed_total": out.photos_removed_total,
+            "rows_removed": dg.MetadataValue.json(out.rows_removed),
+            "pictures_deleted": out.pictures_deleted,
+            "per_request": dg.MetadataValue.json(out.per_request),  # request ids, hashed subjects and counts
+            "awaiting_review": out.awaiting_review,
+            **({"review_list": dg.MetadataValue.path(str(out.review_path))} if out.review_path else {}),
+            **{name: dg.MetadataValue.path(str(p)) for name, p in out.review_pictures.items()},
+            "superseded_versions": dg.MetadataValue.json(out.superseded),
+            "purged": out.purged,
+            "runs_deleted": runs_deleted,
             "auto_threshold": t.removal_auto_min,
             "review_threshold": t.same_person_min,
-            "social_users_excluded": len(plan.user_hashes),
-            "matches": table_preview([{"request": k, **v} for k, v in plan.per_request.items()]),
-            **pictures({"matches_for_review": contact_sheet(tiles, cols=6, tile=96)} if tiles else {}),
+            "social_users_excluded": out.social_users,
         }
     )

@@ -12,6 +12,7 @@ import pyarrow as pa
 from pipeline.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeError, decode_image
 from pipeline.ids import content_uid
 from pipeline.rejects import Rejects
+from pipeline.removals import removed_source
 from pipeline.sources import PartitionSpec, iter_partition, manifest_roots_from_env
 from pipeline.storage import parquet_rows
 
@@ -133,7 +134,8 @@ def ingest_partition(
             continue
         uid = res["uid"]
         if removed and uid in removed:
-            rejects.add(rec.source, "removed on request", "these bytes were removed by a removal request")
+            # named by a hash of the content only: file names often name the person
+            rejects.add(removed_source(uid), "removed on request", "these bytes were removed by a removal request")
             continue
         if uid in seen:
             duplicates += 1
