@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeError, decode_image
+from pipeline.decode import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_DECODED_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    DecodeError,
+    decode_image,
+)
 from pipeline.ids import content_uid
 from pipeline.rejects import Rejects
 from pipeline.sources import PartitionSpec, iter_partition, manifest_roots_from_env
@@ -39,6 +46,7 @@ class IngestLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES  # loose files, tar members and manifest rows: checked before reading
     min_side: int = DEFAULT_MIN_SIDE
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES  # memory a decode may take (decode.decode_bytes)
     # folders manifest rows may point into besides the manifest's own and the input root
     manifest_roots: tuple[str, ...] = field(default_factory=manifest_roots_from_env)
 
@@ -80,7 +88,8 @@ def inspect_records(_model, chunk: tuple[list, IngestLimits]) -> list[dict]:
             continue
         res: dict = {"uid": content_uid(data)}
         try:
-            img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side)
+            img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side,
+                           max_decoded_bytes=limits.max_decoded_bytes)
             res["image"] = (img.width, img.height, img.format, img.original_mode, img.orientation_applied,
                             img.orientation_note)
         except DecodeError as e:
@@ -199,7 +208,8 @@ def load_image(row: dict, limits: IngestLimits | None = None):
 
     limits = limits or IngestLimits()
     data = read_bytes(row["path"], int(row["offset"]), int(row["length"]))
-    return decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side)
+    return decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side,
+                           max_decoded_bytes=limits.max_decoded_bytes)
 
 
 def decoded_images(images: pa.Table, limits: IngestLimits | None = None, only: set[str] | None = None):
