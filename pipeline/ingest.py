@@ -202,12 +202,30 @@ def ray_ingest_runner(tasks: int):
     return chunk_runner("ingest", None, inspect_records, actors=tasks)
 
 
-def load_image(row: dict, limits: IngestLimits | None = None):
-    """Decode an accepted image again from its (path, offset, length) locator."""
+class PhotoChanged(OSError):
+    """The bytes at an accepted image's locator are no longer the bytes it was ingested with (the file was
+    edited in place or replaced): reading them would give another photo under the old uid."""
+
+    reason = "photo changed since ingestion"
+
+
+def read_accepted_bytes(row: dict) -> bytes:
+    """An accepted image's bytes read again from its (path, offset, length) locator, checked against its uid
+    (the uid is their hash), so a photo edited in place raises :class:`PhotoChanged` (an OSError, which
+    every reader already turns into a skip or a reject) instead of standing in for the one ingested."""
     from pipeline.sources import read_bytes
 
-    limits = limits or IngestLimits()
     data = read_bytes(row["path"], int(row["offset"]), int(row["length"]))
+    if row.get("uid") is not None and content_uid(data) != row["uid"]:
+        raise PhotoChanged(f"{row.get('source') or row['path']}: the bytes read now hash to {content_uid(data)}, "
+                           f"not to its uid {row['uid']}: edited or replaced since ingestion; re-run its partition")
+    return data
+
+
+def load_image(row: dict, limits: IngestLimits | None = None):
+    """Decode an accepted image again from its (path, offset, length) locator (bytes checked against its uid)."""
+    limits = limits or IngestLimits()
+    data = read_accepted_bytes(row)
     return decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side,
                            max_decoded_bytes=limits.max_decoded_bytes)
 
