@@ -494,10 +494,15 @@ class _RowParts:
     def write(self, name: str, table: pa.Table) -> None:
         import pyarrow.parquet as pq
 
-        if name not in self._writers:
-            self.paths[name] = self.folder / f"{self.stem}-{name}.parquet"
-            self._writers[name] = pq.ParquetWriter(self.paths[name], table.schema, compression="zstd")
-        self._writers[name].write_table(table)
+        from pipeline.storage import named_write_error
+
+        try:
+            if name not in self._writers:
+                self.paths[name] = self.folder / f"{self.stem}-{name}.parquet"
+                self._writers[name] = pq.ParquetWriter(self.paths[name], table.schema, compression="zstd")
+            self._writers[name].write_table(table)
+        except OSError as e:  # a full disk names the part file it was writing
+            raise named_write_error(self.folder / f"{self.stem}-{name}.parquet", e) from e
 
     def close(self) -> None:
         for w in self._writers.values():
