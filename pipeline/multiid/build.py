@@ -92,12 +92,12 @@ def reader_from_images(images: pa.Table) -> Callable[[str], bytes]:
     loc = {r["uid"]: (r["path"], r["offset"], r["length"]) for r in images.select(["uid", "path", "offset", "length"]).to_pylist()}
 
     from pipeline.sources import open_input
-    from pipeline.sources import read_bytes as read_at  # local files and object-store URLs alike
+    from pipeline.ingest import read_accepted_bytes  # local files and object-store URLs alike
 
     def read_bytes(uid: str) -> bytes:
         path, off, n = loc[uid]
-        if n is not None and n >= 0:
-            return read_at(path, int(off or 0), int(n))
+        if n is not None and n >= 0:  # checked against the uid: a photo edited in place is skipped, not used
+            return read_accepted_bytes({"uid": uid, "path": path, "offset": int(off or 0), "length": int(n)})
         with open_input(path) as f:
             f.seek(int(off or 0))
             return f.read()
