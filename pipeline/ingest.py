@@ -70,6 +70,19 @@ class IngestResult:
 
 
 INGEST_CHUNK = 32  # records per unit of work handed to a worker process or a Ray task
+# Bytes to read per extra worker process before one is started: a worker costs about 0.4 CPU-s to start
+# (interpreter, numpy, Pillow, pyarrow) and hashing + decode-checking takes 0.01-0.04 CPU-s per MB
+# (README, "Ingestion workers"), so 32 MB (about 1 CPU-s of work) pays for its start a few times over.
+INGEST_BYTES_PER_WORKER = 32_000_000
+
+
+def ingest_workers(records: list, requested: int, bytes_per_worker: int | None = None) -> int:
+    """How many worker processes a partition's records are worth: at most ``requested``, one per
+    ``bytes_per_worker`` bytes to read (default INGEST_BYTES_PER_WORKER; 1 = all in this process, no
+    pool started)."""
+    per_worker = INGEST_BYTES_PER_WORKER if bytes_per_worker is None else bytes_per_worker
+    to_read = sum(r.length for r in records if not r.reject_reason)
+    return max(1, min(int(requested), to_read // max(1, per_worker)))
 
 
 def inspect_records(_model, chunk: tuple[list, IngestLimits]) -> list[dict]:
@@ -126,10 +139,11 @@ def ingest_partition(
     t0 = time.perf_counter()
     records = list(iter_partition(spec, max_member_bytes=limits.max_bytes, manifest_roots=limits.manifest_roots))
     chunks = [(records[i : i + INGEST_CHUNK], limits) for i in range(0, len(records), INGEST_CHUNK)]
+    workers_used = ingest_workers(records, workers)
     if chunk_runner is not None:
         results = chunk_runner(chunks)
     else:
-        results = map_chunks(inspect_records, chunks, workers=workers, factory=_no_model)
+        results = map_chunks(inspect_records, chunks, workers=workers_used, factory=_no_model)
     inspected = (res for chunk_results in results for res in chunk_results)
     for rec, res in zip(records, inspected):
         inputs += 1
@@ -185,6 +199,7 @@ def ingest_partition(
         seconds=seconds,
         stats={
             "images_per_s": (inputs / seconds) if seconds > 0 else 0.0,
+            "inprocess_workers": None if chunk_runner is not None else workers_used,  # ingest_workers: 1 = no pool
             "orientation_fallbacks": len(orientation_notes),
             "orientation_notes": dict(list(orientation_notes.items())[:50]),  # the first ones, to look at
         },
