@@ -277,7 +277,8 @@ def _walk_local(input_root: Path, exclude_dirs: tuple[str, ...]) -> tuple[list[P
         except OSError:
             if not rel_dir.parts:
                 raise
-            found.append(rel_dir)  # its reject says why it could not be read
+            if PurePosixPath(rel_dir.name).suffix.lower() not in IMAGE_EXTENSIONS:  # (those are listed already)
+                found.append(rel_dir)  # its reject says why it could not be read
             continue
         for entry in entries:
             rel = rel_dir / entry.name

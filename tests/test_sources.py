@@ -490,3 +490,27 @@ def test_every_odd_loose_entry_is_rejected_with_a_reason(tmp_path):
     assert sorted(res.images.column("source").to_pylist()) == ["ok.jpg", "x.jpg/in-x.jpg"]
     assert res.images.column("caption").to_pylist() == [None, None]
     assert count_partition_inputs(spec) == res.accepted + len(res.rejects) == 11
+
+
+def test_a_folder_that_cannot_be_listed_is_one_reject(tmp_path, monkeypatch):
+    """Root may read any folder, so the refusal is injected where os.scandir would raise it."""
+    import pipeline.sources as sources
+
+    inp = tmp_path / "in"
+    for sub in ("locked", "locked.jpg"):
+        (inp / sub).mkdir(parents=True)
+        (inp / sub / "a.jpg").write_bytes(_jpeg_bytes(60))
+    (inp / "ok.jpg").write_bytes(_jpeg_bytes(61))
+    real_scandir = os.scandir
+
+    def refuse(path):
+        if os.path.basename(str(path)).startswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(sources.os, "scandir", refuse)
+    (spec,) = register_new_inputs(inp, tmp_path / "reg")
+    assert spec.members == ("locked", "locked.jpg", "ok.jpg")
+    res = ingest_partition(spec)
+    assert {r["source"]: r["reason"] for r in res.rejects.rows} == {"locked": "unreadable folder", "locked.jpg": "unreadable folder"}
+    assert res.accepted == 1 and count_partition_inputs(spec) == res.accepted + len(res.rejects)
