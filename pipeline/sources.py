@@ -457,10 +457,9 @@ def _sidecar_meta(image_path: Path, root_real: str | None = None) -> dict:
     out of the input folder (root_real) is not read, so its target cannot become a caption."""
 
     def read(side: Path) -> bytes | None:
-        if root_real is not None and not is_url(side) and os.path.islink(side):
-            if not _inside(os.path.realpath(side), [root_real]):
-                return None
-        return _read_small(side)
+        leads_out = (root_real is not None and not is_url(side) and os.path.islink(side)
+                     and not _inside(os.path.realpath(side), [root_real]))
+        return None if leads_out else _read_small(side)
 
     meta = {}
     txt = read(image_path.with_suffix(".txt"))

@@ -1,6 +1,7 @@
 """Multi-identity builder: metrics, Hungarian matching, calibration, identity-disjoint splits (synthetic data)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -186,9 +187,10 @@ def test_a_photo_replaced_after_ingestion_is_skipped_with_its_reason(tmp_path):
 
     images, faces, identities = _synthetic_tables(tmp_path, n_ids=8, n_images=20)
     row = images.slice(1, 1).to_pylist()[0]  # an odd one: random pixels
-    data = bytearray(open(row["path"], "rb").read())
+    path = Path(row["path"])
+    data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # the IEND chunk's CRC, which decoders do not check: same length, still decodes
-    open(row["path"], "wb").write(bytes(data))
+    path.write_bytes(bytes(data))
     with pytest.raises(PhotoChanged):
         reader_from_images(images)(row["uid"])
     cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False)

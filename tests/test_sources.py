@@ -411,7 +411,7 @@ def test_a_registry_written_with_a_non_utf8_name_is_repaired(tmp_path):
     on the next registration, with the same reject as before, and the catalog's reader parses it."""
     import duckdb
 
-    from pipeline.sources import PartitionSpec, register_partitions
+    from pipeline.sources import register_partitions
 
     inp, reg = tmp_path / "in", tmp_path / "reg"
     inp.mkdir()
@@ -494,7 +494,7 @@ def test_every_odd_loose_entry_is_rejected_with_a_reason(tmp_path):
 
 def test_a_folder_that_cannot_be_listed_is_one_reject(tmp_path, monkeypatch):
     """Root may read any folder, so the refusal is injected where os.scandir would raise it."""
-    import pipeline.sources as sources
+    from pipeline import sources
 
     inp = tmp_path / "in"
     for sub in ("locked", "locked.jpg"):

@@ -91,8 +91,8 @@ def reader_from_images(images: pa.Table) -> Callable[[str], bytes]:
     """read_bytes(uid) over the images table: bytes at path[offset:offset+length]."""
     loc = {r["uid"]: (r["path"], r["offset"], r["length"]) for r in images.select(["uid", "path", "offset", "length"]).to_pylist()}
 
-    from pipeline.sources import open_input
     from pipeline.ingest import read_accepted_bytes  # local files and object-store URLs alike
+    from pipeline.sources import open_input
 
     def read_bytes(uid: str) -> bytes:
         path, off, n = loc[uid]
