@@ -114,11 +114,8 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
     crops = CropReader(coll.images, fcs, lineup.limits)
 
     def crop(uid, face_index):
-        c = crops.crop(uid, face_index)
-        if c is None:  # the photo was readable at ingestion: it changed or went away since
-            raise FileNotFoundError(f"photo {uid} (face {face_index}) can no longer be read for its expression crop; "
-                                    "re-run its input partition so that the tables match the files")
-        return np.asarray(c)
+        # a photo edited or gone since ingestion raises OSError / DecodeError: the writer skips that pair with the reason
+        return np.asarray(crops.crop_or_raise(uid, face_index))
 
     def crop_inputs(uid, face_index):  # what decides a crop: the photo (its uid is its content), the box, decoding limits
         return [uid, crops.boxes.get((uid, int(face_index))), parts["decoding"]]
@@ -133,8 +130,8 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
         return res
 
     def checks(folder, res):
-        pairs = res.pairs if res is not None else read_parquet(folder / "pairs.parquet")
-        return checks_of(folder, ids, pairs)
+        # what was written: pairs whose photo changed since ingestion are left out of it (skipped_pairs.parquet)
+        return checks_of(folder, ids, read_parquet(folder / "pairs.parquet"))
 
     def card(folder, res):
         return expression_card(version, folder, res.stats, cfg, parts, lineup.dataset_contact, empty_reason,
@@ -159,6 +156,9 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
             # inside rebuilt buckets: pairs whose crops were copied from the previous tars vs cut again
             "pairs_copied": reuse.get("pairs_copied", 0),
             "pairs_cropped": reuse.get("pairs_cropped", 0),
+            # pairs left out because a photo could not be read again (edited in place, gone): the run goes on
+            "pairs_skipped": reuse.get("pairs_skipped", 0),
+            "pairs_skipped_reasons": dg.MetadataValue.json(reuse.get("skipped_reasons", {})),
             "collection": dg.MetadataValue.json(coll.coverage()),
             **pictures({"pairs_contact_sheet": contact_sheet(pairs, crop, max_pairs=12)}),
         },

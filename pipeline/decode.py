@@ -26,6 +26,10 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 DEFAULT_MAX_PIXELS = 40_000_000  # about 7300 x 5500; larger declared sizes are refused unread
 DEFAULT_MAX_BYTES = 50_000_000
 DEFAULT_MIN_SIDE = 16
+# The memory a decode takes, not only its pixel count: a 77 KB 16-bit PNG of 6300 x 6300 is under the
+# pixel limit but took 1 GB. 8 bytes a pixel is what an 8-bit grayscale or RGB photo at the pixel limit
+# costs (see decode_bytes), so those keep passing; 16-bit, 32-bit and alpha images get fewer pixels.
+DEFAULT_MAX_DECODED_BYTES = 8 * DEFAULT_MAX_PIXELS
 
 
 class DecodeError(Exception):
@@ -130,11 +134,38 @@ def upright(im: Image.Image) -> Image.Image:
     return im.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else im
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def decode_bytes(mode: str, width: int, height: int, rotated: bool = False) -> int:
+    """An estimate of the bytes decoding an image of this Pillow mode and size allocates, known before
+    any pixel is decoded: Pillow's own buffer (1 byte a pixel for 1/L/P, 2 for 16-bit, else 4), what
+    :func:`_to_rgb` makes on the way, and the 3-byte RGB array; a second buffer when EXIF turns it
+    (the orientation of a PNG is only known once it is loaded, so the limit is checked without it)."""
+    stored = 1 if mode in ("1", "L", "P") else 2 if mode in _SIXTEEN_BIT else 4
+    if mode in _SIXTEEN_BIT:
+        steps = 2 + 2 + 1 + 1 + 4  # array copy, the division's result, uint8, an L image, its RGB
+    elif mode in ("I", "F"):
+        steps = 4 + 8 + 8 + 1 + 1 + 4  # array copy, float64 and its product, uint8, L, RGB
+    elif mode in ("RGBA", "LA", "PA", "RGBa", "La", "P"):
+        steps = 4 + 4 + 4 + 4  # RGBA, the white background, the composite, its RGB (P may carry alpha)
+    elif mode == "RGB":
+        steps = 0
+    else:  # L, 1, CMYK, YCbCr, ...: one conversion to RGB
+        steps = 4
+    return width * height * (stored * (2 if rotated else 1) + steps + 3)
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if mode in _SIXTEEN_BIT:
+        arr = np.asarray(im)
+        if arr.max(initial=0) > 255:  # 16-bit data is scaled, not clipped: floor(v * 255 / 65535) == v // 257
+            arr = arr // 257
+        return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
+    if mode in ("I", "F"):
         arr = np.asarray(im).astype(np.float64)
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0  # 16-bit data is scaled, not clipped
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
         arr = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if mode == "P":
@@ -156,6 +187,7 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     min_side: int = DEFAULT_MIN_SIDE,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> DecodedImage:
     if not data:
         raise DecodeError("empty file", "0 bytes")
@@ -178,6 +210,11 @@ def decode_image(
                 raise DecodeError("image too small", f"{w}x{h}, minimum side {min_side}")
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
+            cost = decode_bytes(im.mode, w, h)  # from the header: no pixel decoded yet
+            if cost > max_decoded_bytes:
+                raise DecodeError(
+                    "decompression bomb", f"{w}x{h} {im.mode} would take about {cost} bytes to decode > limit {max_decoded_bytes}"
+                )
             im.load()
             original_mode = im.mode
             orientation, orientation_note = read_orientation(im)

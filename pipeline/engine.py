@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -62,13 +63,11 @@ def _init_worker(factory: Callable, args: tuple, kwargs: dict) -> None:
     (two torch threads per process on two cores were slower than one, see README)."""
     global _WORKER_MODEL
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
     _WORKER_MODEL = factory(*args, **kwargs)
+    # only a model that brought torch in gets its threads set: importing torch for a stage that never uses
+    # it (ingestion) cost about 2 CPU-s per worker
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _run_chunk(fn: Callable, chunk):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,8 +10,15 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DecodeError, decode_image
-from pipeline.ids import content_uid
+from pipeline.decode import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_DECODED_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    DecodeError,
+    decode_image,
+)
+from pipeline.ids import UID_HEX_CHARS, content_uid
 from pipeline.rejects import Rejects
 from pipeline.removals import removed_source
 from pipeline.sources import PartitionSpec, iter_partition, manifest_roots_from_env
@@ -40,6 +48,7 @@ class IngestLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES  # loose files, tar members and manifest rows: checked before reading
     min_side: int = DEFAULT_MIN_SIDE
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES  # memory a decode may take (decode.decode_bytes)
     # folders manifest rows may point into besides the manifest's own and the input root
     manifest_roots: tuple[str, ...] = field(default_factory=manifest_roots_from_env)
 
@@ -62,6 +71,19 @@ class IngestResult:
 
 
 INGEST_CHUNK = 32  # records per unit of work handed to a worker process or a Ray task
+# Bytes to read per extra worker process before one is started: a worker costs about 0.4 CPU-s to start
+# (interpreter, numpy, Pillow, pyarrow) and hashing + decode-checking takes 0.01-0.04 CPU-s per MB
+# (README, "Ingestion workers"), so 32 MB (about 1 CPU-s of work) pays for its start a few times over.
+INGEST_BYTES_PER_WORKER = 32_000_000
+
+
+def ingest_workers(records: list, requested: int, bytes_per_worker: int | None = None) -> int:
+    """How many worker processes a partition's records are worth: at most ``requested``, one per
+    ``bytes_per_worker`` bytes to read (default INGEST_BYTES_PER_WORKER; 1 = all in this process, no
+    pool started)."""
+    per_worker = INGEST_BYTES_PER_WORKER if bytes_per_worker is None else bytes_per_worker
+    to_read = sum(r.length for r in records if not r.reject_reason)
+    return max(1, min(int(requested), to_read // max(1, per_worker)))
 
 
 def inspect_records(_model, chunk: tuple[list, IngestLimits]) -> list[dict]:
@@ -81,7 +103,8 @@ def inspect_records(_model, chunk: tuple[list, IngestLimits]) -> list[dict]:
             continue
         res: dict = {"uid": content_uid(data)}
         try:
-            img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side)
+            img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side,
+                           max_decoded_bytes=limits.max_decoded_bytes)
             res["image"] = (img.width, img.height, img.format, img.original_mode, img.orientation_applied,
                             img.orientation_note)
         except DecodeError as e:
@@ -117,10 +140,11 @@ def ingest_partition(
     t0 = time.perf_counter()
     records = list(iter_partition(spec, max_member_bytes=limits.max_bytes, manifest_roots=limits.manifest_roots))
     chunks = [(records[i : i + INGEST_CHUNK], limits) for i in range(0, len(records), INGEST_CHUNK)]
+    workers_used = ingest_workers(records, workers)
     if chunk_runner is not None:
         results = chunk_runner(chunks)
     else:
-        results = map_chunks(inspect_records, chunks, workers=workers, factory=_no_model)
+        results = map_chunks(inspect_records, chunks, workers=workers_used, factory=_no_model)
     inspected = (res for chunk_results in results for res in chunk_results)
     for rec, res in zip(records, inspected):
         inputs += 1
@@ -177,6 +201,7 @@ def ingest_partition(
         seconds=seconds,
         stats={
             "images_per_s": (inputs / seconds) if seconds > 0 else 0.0,
+            "inprocess_workers": None if chunk_runner is not None else workers_used,  # ingest_workers: 1 = no pool
             "orientation_fallbacks": len(orientation_notes),
             "orientation_notes": dict(list(orientation_notes.items())[:50]),  # the first ones, to look at
         },
@@ -195,13 +220,37 @@ def ray_ingest_runner(tasks: int):
     return chunk_runner("ingest", None, inspect_records, actors=tasks)
 
 
-def load_image(row: dict, limits: IngestLimits | None = None):
-    """Decode an accepted image again from its (path, offset, length) locator."""
+_CONTENT_UID = re.compile(f"[0-9a-f]{{{UID_HEX_CHARS}}}")
+
+
+class PhotoChanged(OSError):
+    """The bytes at an accepted image's locator are no longer the bytes it was ingested with (the file was
+    edited in place or replaced): reading them would give another photo under the old uid."""
+
+    reason = "photo changed since ingestion"
+
+
+def read_accepted_bytes(row: dict) -> bytes:
+    """An accepted image's bytes read again from its (path, offset, length) locator, checked against its uid
+    (the uid is their hash), so a photo edited in place raises :class:`PhotoChanged` (an OSError, which
+    every reader already turns into a skip or a reject) instead of standing in for the one ingested."""
     from pipeline.sources import read_bytes
 
-    limits = limits or IngestLimits()
     data = read_bytes(row["path"], int(row["offset"]), int(row["length"]))
-    return decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side)
+    uid = row.get("uid")
+    # every uid ingestion makes is a content hash; a table made by hand (tests' synthetic ids) cannot be checked
+    if isinstance(uid, str) and _CONTENT_UID.fullmatch(uid) and content_uid(data) != uid:
+        raise PhotoChanged(f"{row.get('source') or row['path']}: the bytes read now hash to {content_uid(data)}, "
+                           f"not to its uid {row['uid']}: edited or replaced since ingestion; re-run its partition")
+    return data
+
+
+def load_image(row: dict, limits: IngestLimits | None = None):
+    """Decode an accepted image again from its (path, offset, length) locator (bytes checked against its uid)."""
+    limits = limits or IngestLimits()
+    data = read_accepted_bytes(row)
+    return decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side,
+                           max_decoded_bytes=limits.max_decoded_bytes)
 
 
 def decoded_images(images: pa.Table, limits: IngestLimits | None = None, only: set[str] | None = None):

@@ -12,6 +12,7 @@ discard a half-written shard on error), and the sha256 manifest. The result read
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 import webdataset as wds
 
 from pipeline import __version__
-from pipeline.storage import write_bytes_atomic
+from pipeline.storage import named_write_error, write_bytes_atomic
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
 _EXT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # a leading "_" is metadata to webdataset
@@ -99,7 +100,10 @@ class ShardSink:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._final = self.out_dir / name
         self._tmp = self.out_dir / f".{name}.partial"
-        self._file = _HashingFile(self._tmp)
+        try:
+            self._file = _HashingFile(self._tmp)
+        except OSError as e:
+            raise named_write_error(self._final, e) from e
         self._tar = wds.TarWriter(self._file, user="", group="", mode=0o444, encoder=False, mtime=FIXED_MTIME)
         self._count = 0
         self._size = 0
@@ -107,10 +111,13 @@ class ShardSink:
     def _close(self) -> None:
         if self._tar is None:
             return
-        self._tar.close()
-        self._file.close()
-        self._tar = None
-        os.replace(self._tmp, self._final)
+        try:
+            self._tar.close()
+            self._file.close()
+            self._tar = None
+            os.replace(self._tmp, self._final)
+        except OSError as e:  # a full disk names the shard it was writing (__exit__ removes the partial file)
+            raise named_write_error(self._final, e) from e
         self.shards.append(ShardInfo(self._final.name, self._count, self._file.size, self._file.sha256.hexdigest()))
         self._file = None
 
@@ -129,7 +136,10 @@ class ShardSink:
             self._close()
         if self._tar is None:
             self._open()
-        self._tar.write({"__key__": key, **{ext: data for ext, data in members}})
+        try:
+            self._tar.write({"__key__": key, **{ext: data for ext, data in members}})
+        except OSError as e:
+            raise named_write_error(self._final, e) from e
         self._count += 1
         self._size += sample_bytes
 
@@ -145,8 +155,11 @@ class ShardSink:
             self.close()
         else:  # leave no readable half-shard behind
             if self._tar is not None:
-                self._tar.close()
-                self._file.close()
+                try:
+                    self._tar.close()
+                    self._file.close()
+                except OSError:  # the same full disk again: the first error is the one to report
+                    self._file._f.close()
                 self._tar = self._file = None
             if self._tmp is not None:
                 Path(self._tmp).unlink(missing_ok=True)
@@ -350,11 +363,16 @@ def link_or_copy(src: Path, dst: Path) -> None:
     versions may share the inode); copy when a link is impossible (another file system)."""
     import shutil
 
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            Path(dst).unlink(missing_ok=True)  # no half copy that looks like the shard
+        raise named_write_error(dst, e) from e
 
 
 def shard_record(info: ShardInfo) -> dict:

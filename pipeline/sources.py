@@ -46,16 +46,25 @@ class PartitionSpec:
     path: str = ""  # the tar or parquet file (kind tar/parquet)
     members: tuple[str, ...] = ()  # relative paths (kind files)
     seq: int = 0  # registration order: a uid belongs to the earliest partition that holds it
+    # loose files whose names are not UTF-8, as escaped labels (_label): each is one "file name not
+    # UTF-8" reject. The name itself is never written: JSON can only hold it as a lone surrogate
+    # escape, which DuckDB's reader (the catalog's view of this registry) refuses for the whole file.
+    refused_names: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         d = asdict(self)
         d["members"] = list(self.members)
+        if self.refused_names:
+            d["refused_names"] = list(self.refused_names)
+        else:  # registry files of partitions without such names stay as they always were
+            del d["refused_names"]
         return json.dumps(d, indent=1, sort_keys=True)
 
     @staticmethod
     def from_json(text: str) -> PartitionSpec:
         d = json.loads(text)
         d["members"] = tuple(d.get("members", ()))
+        d["refused_names"] = tuple(d.get("refused_names", ()))
         return PartitionSpec(**d)
 
 
@@ -168,19 +177,53 @@ def _slug(text: str, limit: int = 48) -> str:
     return s or "x"
 
 
+def _registry_file(p: Path) -> PartitionSpec:
+    try:
+        return PartitionSpec.from_json(p.read_text(encoding="utf-8"))
+    except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"partition registry file {p} cannot be read: {type(e).__name__}: {e}") from None
+
+
 def load_registry(registry_dir: Path) -> list[PartitionSpec]:
     registry_dir = as_dir(registry_dir)
     if not registry_dir.exists():
         return []
-    specs = [PartitionSpec.from_json(p.read_text()) for p in registry_dir.glob("*.json")]
+    specs = [_registry_file(p) for p in registry_dir.glob("*.json")]
     return sorted(specs, key=lambda s: (s.seq, s.key))
+
+
+def _not_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def repair_registry(registry_dir: Path) -> list[str]:
+    """Rewrite registry files that earlier versions wrote with a non-UTF-8 file name among their members
+    (a lone surrogate escape in the JSON, which DuckDB refuses, so the catalog could not be built):
+    such a name moves to ``refused_names`` as its escaped label. Ingestion gives it the same "file name
+    not UTF-8" reject, with the same source, as before, so committed partitions stay true. Returns the
+    keys rewritten; idempotent (an atomic rewrite per file)."""
+    fixed = []
+    for spec in load_registry(registry_dir):
+        bad = [m for m in spec.members if _not_utf8(m)]
+        if not bad:
+            continue
+        members = tuple(m for m in spec.members if not _not_utf8(m))
+        refused = tuple(sorted({*spec.refused_names, *(_label(m) for m in bad)}))
+        repaired = PartitionSpec(spec.key, spec.kind, spec.root, spec.path, members, spec.seq, refused)
+        write_bytes_atomic(repaired.to_json().encode(), as_dir(registry_dir) / f"{spec.key}.json")
+        fixed.append(spec.key)
+    return fixed
 
 
 def load_partition(registry_dir: Path, key: str) -> PartitionSpec:
     p = as_dir(registry_dir) / f"{key}.json"
     if not p.exists():
         raise KeyError(f"partition {key!r} is not registered (no {p})")
-    return PartitionSpec.from_json(p.read_text())
+    return _registry_file(p)
 
 
 def _is_excluded(rel: PurePosixPath, exclude_dirs: tuple[str, ...]) -> bool:
@@ -199,19 +242,64 @@ def scan_input(input_root: Path, exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDE
         base = input_root.path.rstrip("/")
         found = [PurePosixPath(k[len(base) + 1:]) for k in input_root.fs.find(base) if k.startswith(base + "/")]
     else:
-        found = [PurePosixPath(p.relative_to(input_root).as_posix()) for p in input_root.rglob("*") if p.is_file()]
+        found, plain = _walk_local(input_root, exclude_dirs)
     for rel in sorted(found):
         p = PurePosixPath(rel)
         if _is_excluded(rel, exclude_dirs):
             continue
         suffix = p.suffix.lower()
-        if suffix == ".tar":
+        # a tar or manifest is opened as a shard only when it is a regular file in the folder itself:
+        # a link, FIFO or device under such a name is a loose entry, rejected with its reason
+        if suffix == ".tar" and (is_url(input_root) or rel in plain):
             tars.append(str(rel))
-        elif suffix == ".parquet":
+        elif suffix == ".parquet" and (is_url(input_root) or rel in plain):
             manifests.append(str(rel))
         else:
             loose.append(str(rel))
     return loose, tars, manifests
+
+
+def _walk_local(input_root: Path, exclude_dirs: tuple[str, ...]) -> tuple[list[PurePosixPath], set[PurePosixPath]]:
+    """Every entry under input_root that is an input unit, and which of them are regular files.
+
+    A loop over a stack, not recursion, so any depth works. Everything that is not a folder is listed
+    (links, FIFOs, sockets, devices too), so each ends as an image or a reject with a reason; links are
+    never followed here. A folder is listed as an entry itself when its name looks like an image
+    (x.jpg/) or when it cannot be listed; its files, when it can, are entries of their own."""
+    found: list[PurePosixPath] = []
+    plain: set[PurePosixPath] = set()
+    stack: list[PurePosixPath] = [PurePosixPath()]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            with os.scandir(input_root / rel_dir) as it:
+                entries = list(it)
+        except OSError:
+            if not rel_dir.parts:
+                raise
+            if PurePosixPath(rel_dir.name).suffix.lower() not in IMAGE_EXTENSIONS:  # (those are listed already)
+                found.append(rel_dir)  # its reject says why it could not be read
+            continue
+        for entry in entries:
+            rel = rel_dir / entry.name
+            if _is_excluded(rel, exclude_dirs):
+                continue
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                is_file = entry.is_file(follow_symlinks=False)
+            except OSError:
+                is_dir = is_file = False
+            if is_dir and not rel_dir.parts and entry.name in exclude_dirs:
+                continue
+            if is_dir:
+                stack.append(rel)
+                if PurePosixPath(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append(rel)
+                continue
+            found.append(rel)
+            if is_file:
+                plain.add(rel)
+    return found, plain
 
 
 def plan_new_partitions(
@@ -252,22 +340,27 @@ def plan_new_partitions(
 
     # sidecars (key.json / key.txt next to key.jpg) travel with their image, not as inputs
     image_stems = {str(PurePosixPath(r).with_suffix("")) for r in loose if PurePosixPath(r).suffix.lower() in IMAGE_EXTENSIONS}
+    seen_refused = {(s.root, label) for s in existing for label in s.refused_names}
     fresh = [
         r
         for r in loose
         if (str(input_root), r) not in seen_files
+        and not (_not_utf8(r) and (str(input_root), _label(r)) in seen_refused)
         and not (PurePosixPath(r).suffix.lower() in SIDECAR_EXTENSIONS and str(PurePosixPath(r).with_suffix("")) in image_stems)
     ]
     for i in range(0, len(fresh), batch_size):
-        batch = tuple(fresh[i : i + batch_size])
-        key = unique_key(f"files-{n_file_batches:06d}", batch[0])
+        batch = fresh[i : i + batch_size]
+        key = unique_key(f"files-{n_file_batches:06d}", _label(batch[0]))
         n_file_batches += 1
-        new.append(PartitionSpec(key=key, kind="files", root=str(input_root), members=batch, seq=seq))
+        members = tuple(r for r in batch if not _not_utf8(r))
+        refused = tuple(_label(r) for r in batch if _not_utf8(r))
+        new.append(PartitionSpec(key=key, kind="files", root=str(input_root), members=members, seq=seq, refused_names=refused))
         seq += 1
     return new
 
 
 def register_partitions(registry_dir: Path, specs: list[PartitionSpec]) -> None:
+    repair_registry(registry_dir)  # every registration path passes here, so an old registry heals on the next run
     for s in specs:
         write_bytes_atomic(s.to_json().encode(), as_dir(registry_dir) / f"{s.key}.json")
 
@@ -359,12 +452,20 @@ def _read_small(p: Path) -> bytes | None:
         return None
 
 
-def _sidecar_meta(image_path: Path) -> dict:
+def _sidecar_meta(image_path: Path, root_real: str | None = None) -> dict:
+    """Caption / url / key from key.txt and key.json beside an image; a sidecar that is a link leading
+    out of the input folder (root_real) is not read, so its target cannot become a caption."""
+
+    def read(side: Path) -> bytes | None:
+        leads_out = (root_real is not None and not is_url(side) and os.path.islink(side)
+                     and not _inside(os.path.realpath(side), [root_real]))
+        return None if leads_out else _read_small(side)
+
     meta = {}
-    txt = _read_small(image_path.with_suffix(".txt"))
+    txt = read(image_path.with_suffix(".txt"))
     if txt is not None:
         meta["caption"] = txt.decode("utf-8", errors="replace").strip()
-    js = _read_small(image_path.with_suffix(".json"))
+    js = read(image_path.with_suffix(".json"))
     if js is not None:
         try:
             meta.update(_json_meta(js))
@@ -386,10 +487,55 @@ def _json_meta(data: bytes) -> dict:
     return out
 
 
+def _loose_entry_problem(p: Path, rel: str, root_real: str) -> tuple[str, str]:
+    """(reject reason, detail) for a listed entry that is not a regular file inside the input folder,
+    from lstat / realpath alone (nothing is opened); ("", "") for one that may be read. A link may lead
+    to a regular file inside the folder, as a manifest row may; anything else it leads to is refused."""
+    try:
+        st = os.lstat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        return "file not found", f"{rel} does not exist (any more)"
+    except (OSError, ValueError) as e:
+        return "unreadable file", f"{rel}: {type(e).__name__}: {e}"
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            real = os.path.realpath(p, strict=True)
+        except FileNotFoundError:
+            return "broken link", f"{rel} -> {os.readlink(p)!r} leads nowhere"
+        except OSError as e:  # ELOOP: a link that leads back to itself
+            return "broken link", f"{rel}: {e.strerror or e}"
+        if not _inside(real, [root_real]):
+            return "link outside the input folder", f"{rel} leads to {_label(real)}, outside {_label(root_real)}; not read"
+        try:
+            st = os.stat(real)
+        except OSError as e:
+            return "unreadable file", f"{rel}: {type(e).__name__}: {e}"
+        if stat.S_ISDIR(st.st_mode):
+            return "link to a folder", f"{rel} leads to {_label(real)}: links to folders are not followed (its files are listed where they are)"
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            os.scandir(p).close()
+        except OSError as e:
+            return "unreadable folder", f"{rel}: {type(e).__name__}: {e}; the files in it are not listed"
+        return "not a regular file", f"{rel} is a folder (its files are inputs of their own)"
+    if not stat.S_ISREG(st.st_mode):
+        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "device"
+        return "not a regular file", f"{rel} is a {kind}; not opened"
+    return "", ""
+
+
 def _iter_files(spec: PartitionSpec, max_bytes: int) -> Iterator[Record]:
     root = as_path(spec.root)
+    root_real = str(root) if is_url(root) else os.path.realpath(root)
+    for label in spec.refused_names:
+        yield _reject(label, "file name not UTF-8", f"{_label(str(root))}/{label}: rename it to read it")
     for rel in spec.members:
         p = root / rel
+        if not is_url(root):
+            problem, detail = _loose_entry_problem(p, rel, root_real)
+            if problem:
+                yield _reject(rel, problem, detail)
+                continue
         if p.suffix.lower() not in IMAGE_EXTENSIONS:
             yield _reject(rel, "unsupported file type", f"extension {p.suffix or '(none)'!r} is not jpg/jpeg/png/webp")
             continue
@@ -397,7 +543,7 @@ def _iter_files(spec: PartitionSpec, max_bytes: int) -> Iterator[Record]:
         if problem:
             yield _reject(rel, problem, detail)
             continue
-        yield _image_record(rel, str(p), 0, size, _sidecar_meta(p))
+        yield _image_record(rel, str(p), 0, size, _sidecar_meta(p, root_real))
 
 
 def _member_problem(m: tarfile.TarInfo) -> str:
@@ -638,7 +784,7 @@ def count_partition_inputs(spec: PartitionSpec) -> int:
     this is what the ``images`` table and the rejects must add up to. An unreadable manifest or tar
     is one unit; a tar that stops early (a header that does not parse) adds one."""
     if spec.kind == "files":
-        return len(spec.members)
+        return len(spec.members) + len(spec.refused_names)
     if spec.kind == "parquet":
         try:
             meta = pq.ParquetFile(open_input(spec.path) if is_url(spec.path) else spec.path)

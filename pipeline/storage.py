@@ -62,6 +62,15 @@ def _write_failed(path: Path, error: BaseException) -> WriteFailed:
     return WriteFailed(errno, message) if errno is not None else WriteFailed(message)
 
 
+def named_write_error(path, error: BaseException) -> BaseException:
+    """``error`` as a :class:`WriteFailed` naming ``path`` (errno kept) when it is an OSError that does
+    not name its destination yet; anything else unchanged. For writers that stream into their own files
+    (tar shards, Parquet part files) rather than through the atomic writers here."""
+    if isinstance(error, WriteFailed) or not isinstance(error, OSError):
+        return error
+    return _write_failed(path, error)
+
+
 def _remove_quietly(tmp: str) -> None:
     try:
         Path(tmp).unlink(missing_ok=True)

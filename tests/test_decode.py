@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import DecodeError, decode_image
+from pipeline.decode import DecodeError, decode_bytes, decode_image
 
 
 def _jpeg(arr, **kw):
@@ -55,6 +55,46 @@ def test_png_bomb_header_is_refused_before_decoding():
     with pytest.raises(DecodeError) as e:
         decode_image(data)
     assert e.value.reason == "decompression bomb"
+
+
+def _png16_gray(w: int, h: int) -> bytes:
+    """An all-black 16-bit grayscale PNG, compressed row by row so the test never holds the raw pixels."""
+    z = zlib.compressobj(9)
+    body = b"".join(z.compress(b"\0" * (1 + 2 * w)) for _ in range(h)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+
+
+def test_a_small_16bit_png_that_decodes_into_too_much_memory_is_refused_unread():
+    """77 KB declaring 6300 x 6300 at 16 bits: under the pixel limit, but it took 1 GB to decode."""
+    data = _png16_gray(6300, 6300)
+    assert len(data) < 100_000
+    with pytest.raises(DecodeError) as e:
+        decode_image(data)
+    assert e.value.reason == "decompression bomb" and "bytes to decode" in e.value.detail
+
+
+def test_the_decoded_bytes_limit_counts_depth_not_only_pixels():
+    eight = io.BytesIO()
+    Image.fromarray(np.zeros((300, 400), np.uint8)).save(eight, "PNG")
+    sixteen = _png16_gray(400, 300)
+    limit = decode_bytes("L", 400, 300)  # what the 8-bit image of the same size takes
+    assert decode_bytes("I;16", 400, 300) > limit
+    assert decode_image(eight.getvalue(), max_decoded_bytes=limit).rgb.shape == (300, 400, 3)
+    with pytest.raises(DecodeError) as e:
+        decode_image(sixteen, max_decoded_bytes=limit)
+    assert e.value.reason == "decompression bomb"
+    assert decode_image(sixteen, max_decoded_bytes=10 * limit).rgb.shape == (300, 400, 3)
+
+
+def test_16bit_values_scale_exactly_as_before():
+    """Every 16-bit value v becomes floor(v * 255 / 65535), as the float64 conversion gave, in integers."""
+    v = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    buf = io.BytesIO()
+    Image.fromarray(v).save(buf, "PNG")
+    img = decode_image(buf.getvalue())
+    expected = np.clip(v.astype(np.float64) * (255.0 / 65535.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(img.rgb[..., 0], expected) and np.array_equal(img.rgb[..., 2], expected)
 
 
 def test_cmyk_jpeg_becomes_rgb():

@@ -52,3 +52,43 @@ def test_worker_processes_equal_serial(shared_faces):
     assert serial.reconciles() and pooled.reconciles()
     # the pooled run's work happened in the workers, not on this process's backend
     assert backend.timings["embed_s"] == embedded_here and pooled.timings["embed_s"] > 0
+
+
+def _torch_loaded(_model, chunk):
+    import sys
+
+    return ["torch" in sys.modules for _ in chunk]
+
+
+def test_ingest_workers_never_import_torch():
+    """A worker for a stage without a model (ingestion) no longer imports torch (about 2 CPU-s each)."""
+    from pipeline.engine import shutdown_pools
+    from pipeline.ingest import _no_model
+
+    shutdown_pools()
+    try:
+        got = list(map_chunks(_torch_loaded, [[1], [2], [3], [4]], workers=2, factory=_no_model))
+    finally:
+        shutdown_pools()
+    assert got == [[False]] * 4
+
+
+def test_a_small_partition_starts_no_worker_pool(shared_faces, monkeypatch):
+    """40 photos (about 6 MB) are not worth a worker's start: no pool, the serial result. A partition
+    over the per-worker bytes gets its workers and the same rows."""
+    from pipeline import engine, ingest
+
+    engine.shutdown_pools()
+    members = tuple(str(p.relative_to(shared_faces)) for p in sorted((shared_faces / "identities").rglob("*.jpg"))[:40])
+    spec = PartitionSpec(key="t", kind="files", root=str(shared_faces), members=members)
+    serial = ingest_partition(spec, workers=1)
+    small = ingest_partition(spec, workers=2)
+    assert not engine._POOLS and small.stats["inprocess_workers"] == 1
+    assert small.images.equals(serial.images) and small.rejects.rows == serial.rejects.rows
+    monkeypatch.setattr(ingest, "INGEST_BYTES_PER_WORKER", 1_000)  # now every worker is worth starting
+    try:
+        pooled = ingest_partition(spec, workers=2)
+        assert len(engine._POOLS) == 1 and pooled.stats["inprocess_workers"] == 2
+    finally:
+        engine.shutdown_pools()
+    assert pooled.images.equals(serial.images)

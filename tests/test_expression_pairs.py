@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 from PIL import Image
 
@@ -418,3 +419,45 @@ def test_ivf_pairs_are_deterministic_whatever_the_thread_count():
     assert {v["method"] for v in first.stats["neighbour_search"].values()} == {"ivf"}
     assert first.pairs.equals(second.pairs) and first.face_rejects.equals(second.face_rejects)
     assert first.stats == second.stats
+
+
+def test_a_photo_edited_in_place_after_ingestion_skips_its_pairs_with_a_reason(tmp_path):
+    """The crops come from the photos' files; one photo is replaced after ingestion. Its pairs are left out
+    with a reason in skipped_pairs.parquet, the rest are written, and the tars agree with pairs.parquet."""
+    from pipeline.faces.crops import CropReader
+    from pipeline.ids import content_uid
+    from pipeline.shards import iter_samples
+
+    rng = np.random.default_rng(7)
+    e = np.eye(8)
+    spec = [("a1", "alice", e[0]), ("a2", "alice", e[0] + 0.1 * e[1]), ("b1", "bob", e[1]), ("x1", "xavier", e[0] + 0.05 * e[2])]
+    files, rows = {}, []
+    for name, _, _ in spec:
+        p = tmp_path / f"{name}.png"
+        Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(p)
+        files[name] = (p, content_uid(p.read_bytes()))
+        rows.append({"uid": files[name][1], "source": p.name, "path": str(p), "offset": 0, "length": p.stat().st_size})
+    ft, dt = _tables([(files[n][1], ident, "happy", emb, SMILE_G, 0.0) for n, ident, emb in spec])
+    boxes = pa.table({"uid": ft["uid"], "face_index": ft["face_index"], "x1": [40.0] * 4, "y1": [40.0] * 4,
+                      "x2": [160.0] * 4, "y2": [160.0] * 4})
+    res = build_expression_pairs(ft, dt, PairConfig(max_pairs_per_face=10))
+    assert res.pairs.num_rows == 3
+    edited = files["a2"][1]
+    Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(files["a2"][0])  # edited in place
+    reader = CropReader(pa.Table.from_pylist(rows), boxes)
+
+    def crop(uid, face_index):  # as the expression asset cuts them
+        return np.asarray(reader.crop_or_raise(uid, face_index))
+
+    out, report = tmp_path / "v1", {}
+    write_expression_dataset(res.pairs, crop, out, PairConfig(), res.stats, report=report)
+    skipped = pa.parquet.read_table(out / "skipped_pairs.parquet").to_pylist()
+    written = pa.parquet.read_table(out / "pairs.parquet").column("pair_id").to_pylist()
+    in_tars = sorted(json.loads(r["json"])["pair_id"] for r in iter_samples(out, ("json",)))
+    assert [r["uid"] for r in skipped] == [edited] and skipped[0]["reason"] == "photo changed since ingestion"
+    built = {r["pair_id"]: r for r in res.pairs.to_pylist()}
+    assert skipped[0]["pair_id"] in built and edited in (built[skipped[0]["pair_id"]]["uid_a"], built[skipped[0]["pair_id"]]["uid_b"])
+    assert sorted(written) == in_tars == sorted(set(built) - {skipped[0]["pair_id"]})
+    assert report["pairs_skipped"] == 1 and report["skipped_reasons"] == {"photo changed since ingestion": 1}
+    assert json.loads((out / "manifest.json").read_text())["stats"]["pairs_skipped_photo_unreadable"] == 1
+    assert verify_manifest(out) == []

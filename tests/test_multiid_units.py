@@ -1,6 +1,7 @@
 """Multi-identity builder: metrics, Hungarian matching, calibration, identity-disjoint splits (synthetic data)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -9,6 +10,7 @@ from PIL import Image
 
 from pipeline.faces import faces_schema
 from pipeline.faces.folders import IDENTITIES_SCHEMA
+from pipeline.ids import content_uid
 from pipeline.ingest import IMAGES_SCHEMA
 from pipeline.multiid import (
     MultiIDConfig,
@@ -97,11 +99,11 @@ def _synthetic_tables(tmp_path, n_ids=24, n_images=70, seed=0):
     names = sorted(base)
     imgs, faces, ids = [], [], []
     for k in range(n_images):
-        uid = f"u{k:04d}"
         arr = rng.integers(0, 255, (300, 300 * 3, 3), dtype=np.uint8) if k % 2 else np.full((300, 900, 3), k, np.uint8)
-        p = tmp_path / f"{uid}.png"
+        p = tmp_path / f"u{k:04d}.png"
         Image.fromarray(arr).save(p)
         data = p.read_bytes()
+        uid = content_uid(data)  # a uid is its photo's content hash (the reader checks it)
         imgs.append({"uid": uid, "source": "syn", "path": str(p), "offset": 0, "length": len(data), "width": 900, "height": 300})
         people = rng.choice(names, size=int(rng.integers(1, 4)), replace=False)
         for fi, name in enumerate(people):
@@ -175,3 +177,22 @@ def test_targets_with_some_people_unreferenced(tmp_path):
         assert s["num_persons_with_reference"] >= 1
         assert s["num_persons_with_reference"] == sum(1 for f in s["faces"] if f["refs"])
     assert sum(loose[3]["targets"].values()) == loose[3]["images"]
+
+
+def test_a_photo_replaced_after_ingestion_is_skipped_with_its_reason(tmp_path):
+    """The same number of bytes, another photo: only the uid check tells; the builder counts it as
+    unreadable (with PhotoChanged) and goes on, as the expression writer does."""
+    from pipeline.ingest import PhotoChanged
+    from pipeline.multiid import reader_from_images
+
+    images, faces, identities = _synthetic_tables(tmp_path, n_ids=8, n_images=20)
+    row = images.slice(1, 1).to_pylist()[0]  # an odd one: random pixels
+    path = Path(row["path"])
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the IEND chunk's CRC, which decoders do not check: same length, still decodes
+    path.write_bytes(bytes(data))
+    with pytest.raises(PhotoChanged):
+        reader_from_images(images)(row["uid"])
+    cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False)
+    *_, stats = select_references(images, faces, identities, cfg)
+    assert "PhotoChanged" in stats["unreadable"].get(row["uid"], ""), stats["unreadable"]

@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import tarfile
 
@@ -380,3 +381,136 @@ def test_file_names_that_are_not_utf8(tmp_path):
     for res in (files, shard):  # both tables can be written
         write_parquet_atomic(res.images, tmp_path / "t" / "images.parquet")
         write_parquet_atomic(res.rejects.to_table(), tmp_path / "t" / "rejects.parquet")
+
+
+# ---------------------------------------------------------------- hostile loose entries (issue 21)
+
+
+def test_a_non_utf8_name_is_refused_unwritten_and_the_registry_stays_readable(tmp_path):
+    import duckdb
+
+    inp, reg = tmp_path / "in", tmp_path / "reg"
+    inp.mkdir()
+    bad = inp / os.fsdecode(b"bad\xff.jpg")
+    bad.write_bytes(_jpeg_bytes(51))
+    (inp / "ok.jpg").write_bytes(_jpeg_bytes(52))
+    (spec,) = register_new_inputs(inp, reg)
+    # DuckDB (the catalog's reader of the registry) must parse every registry file
+    rows = duckdb.sql(f"SELECT key, seq FROM read_json('{reg}/*.json', columns = {{'key': 'VARCHAR', 'seq': 'BIGINT'}})").fetchall()
+    assert rows == [(spec.key, 0)]
+    assert spec.members == ("ok.jpg",) and spec.refused_names == ("bad\\udcff.jpg",)
+    res = ingest_partition(spec)
+    assert res.accepted == 1 and res.rejects.counts_by_reason() == {"file name not UTF-8": 1}
+    assert count_partition_inputs(spec) == res.accepted + len(res.rejects) == 2
+    bad.unlink()  # a later run neither registers it again nor fails
+    assert register_new_inputs(inp, reg) == []
+
+
+def test_a_registry_written_with_a_non_utf8_name_is_repaired(tmp_path):
+    """A registry file as earlier versions wrote it (the name as a lone surrogate escape) is rewritten
+    on the next registration, with the same reject as before, and the catalog's reader parses it."""
+    import duckdb
+
+    from pipeline.sources import register_partitions
+
+    inp, reg = tmp_path / "in", tmp_path / "reg"
+    inp.mkdir()
+    (inp / "ok.jpg").write_bytes(_jpeg_bytes(53))
+    (inp / "caf\udce9.jpg").write_bytes(_jpeg_bytes(59))
+    reg.mkdir()
+    old = {"key": "files-000000", "kind": "files", "root": str(inp), "path": "", "seq": 0,
+           "members": ["caf\udce9.jpg", "ok.jpg"]}
+    (reg / "files-000000.json").write_text(json.dumps(old, indent=1, sort_keys=True))
+    with pytest.raises(duckdb.InvalidInputException):  # what broke every later run
+        duckdb.sql(f"SELECT key FROM read_json('{reg}/*.json', columns = {{'key': 'VARCHAR'}})").fetchall()
+    before = ingest_partition(load_registry(reg)[0])
+    register_partitions(reg, [])
+    assert duckdb.sql(f"SELECT key FROM read_json('{reg}/*.json', columns = {{'key': 'VARCHAR'}})").fetchall() == [("files-000000",)]
+    (spec,) = load_registry(reg)
+    after = ingest_partition(spec)
+    assert after.rejects.rows == before.rejects.rows and after.accepted == before.accepted == 1
+    assert spec.refused_names == ("caf\\udce9.jpg",)
+
+
+def test_folders_a_thousand_levels_deep_are_listed(tmp_path):
+    inp = tmp_path / "in"
+    deep = str(inp)
+    os.mkdir(deep)
+    for _ in range(1000):  # one level at a time: os.makedirs itself recurses once per level
+        deep = os.path.join(deep, "d")
+        os.mkdir(deep)
+    with open(os.path.join(deep, "deep.jpg"), "wb") as f:
+        f.write(_jpeg_bytes(54))
+    (inp / "top.jpg").write_bytes(_jpeg_bytes(55))
+    try:
+        (spec,) = register_new_inputs(inp, tmp_path / "reg")
+        res = ingest_partition(spec)
+        assert res.accepted == 2 and len(res.rejects) == 0
+    finally:  # pytest's own clean-up (shutil.rmtree) recurses once per level: empty it bottom-up here
+        os.unlink(os.path.join(deep, "deep.jpg"))
+        while deep != str(inp):
+            os.rmdir(deep)
+            deep = os.path.dirname(deep)
+
+
+@pytest.mark.timeout(60)  # reading the FIFO or /dev/zero would never end
+def test_every_odd_loose_entry_is_rejected_with_a_reason(tmp_path):
+    inp, outside = tmp_path / "in", tmp_path / "outside"
+    inp.mkdir()
+    outside.mkdir()
+    (outside / "o.jpg").write_bytes(_jpeg_bytes(56))
+    (outside / "dir").mkdir()
+    (inp / "ok.jpg").write_bytes(_jpeg_bytes(57))
+    os.symlink(outside / "o.jpg", inp / "link-out.jpg")
+    os.symlink(inp / "ok.jpg", inp / "z-link-in.jpg")  # inside: read (a duplicate of ok.jpg here)
+    os.symlink("/dev/zero", inp / "zero.jpg")
+    os.symlink("loop.jpg", inp / "loop.jpg")
+    os.symlink(inp / "gone.jpg", inp / "dangling.jpg")
+    os.symlink(outside / "dir", inp / "dirlink")
+    os.symlink(outside / "o.jpg", inp / "out.tar")  # not opened as a shard
+    os.mkfifo(inp / "fifo.jpg")
+    (inp / "x.jpg").mkdir()
+    (inp / "x.jpg" / "in-x.jpg").write_bytes(_jpeg_bytes(58))
+    (inp / "ok.txt").symlink_to(outside / "o.jpg")  # a caption sidecar that leads out is not read
+    (spec,) = register_new_inputs(inp, tmp_path / "reg")
+    res = ingest_partition(spec)
+    by_source = {r["source"]: r["reason"] for r in res.rejects.rows}
+    assert by_source == {
+        "link-out.jpg": "link outside the input folder",
+        "z-link-in.jpg": "duplicate image",
+        "zero.jpg": "link outside the input folder",
+        "loop.jpg": "broken link",
+        "dangling.jpg": "broken link",
+        "dirlink": "link outside the input folder",
+        "out.tar": "link outside the input folder",
+        "fifo.jpg": "not a regular file",
+        "x.jpg": "not a regular file",
+    }
+    assert all(r["detail"] for r in res.rejects.rows)
+    assert sorted(res.images.column("source").to_pylist()) == ["ok.jpg", "x.jpg/in-x.jpg"]
+    assert res.images.column("caption").to_pylist() == [None, None]
+    assert count_partition_inputs(spec) == res.accepted + len(res.rejects) == 11
+
+
+def test_a_folder_that_cannot_be_listed_is_one_reject(tmp_path, monkeypatch):
+    """Root may read any folder, so the refusal is injected where os.scandir would raise it."""
+    from pipeline import sources
+
+    inp = tmp_path / "in"
+    for sub in ("locked", "locked.jpg"):
+        (inp / sub).mkdir(parents=True)
+        (inp / sub / "a.jpg").write_bytes(_jpeg_bytes(60))
+    (inp / "ok.jpg").write_bytes(_jpeg_bytes(61))
+    real_scandir = os.scandir
+
+    def refuse(path):
+        if os.path.basename(str(path)).startswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(sources.os, "scandir", refuse)
+    (spec,) = register_new_inputs(inp, tmp_path / "reg")
+    assert spec.members == ("locked", "locked.jpg", "ok.jpg")
+    res = ingest_partition(spec)
+    assert {r["source"]: r["reason"] for r in res.rejects.rows} == {"locked": "unreadable folder", "locked.jpg": "unreadable folder"}
+    assert res.accepted == 1 and count_partition_inputs(spec) == res.accepted + len(res.rejects)

@@ -114,3 +114,76 @@ def test_other_errors_still_clean_up(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_parquet_atomic(_table(1), dest)
     assert _folder_listing(tmp_path) == []
+
+
+# ---------------------------------------------------------------- the multi-identity writer (issue 21)
+
+
+def _disk_full_after(monkeypatch, target, attr, n_ok: int):
+    """target.attr(...) works n_ok times, then fails as a full disk does (an OSError without a file name)."""
+    real = getattr(target, attr)
+    calls = {"n": 0}
+
+    def write(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] > n_ok:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(target, attr, write)
+
+
+def test_full_disk_in_the_multi_identity_shard_writer_names_the_shard(tmp_path, monkeypatch):
+    from test_multiid_units import _synthetic_tables
+
+    from pipeline import shards
+    from pipeline.multiid import MultiIDConfig, build_multiid_dataset
+
+    images, faces, ids = _synthetic_tables(tmp_path, n_ids=8, n_images=20)
+    out = tmp_path / "version"
+    _disk_full_after(monkeypatch, shards._HashingFile, "write", 3)
+    with pytest.raises(WriteFailed) as e:
+        build_multiid_dataset(images, faces, ids, out, MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False))
+    assert e.value.errno == errno.ENOSPC
+    named = str(e.value).split("cannot write ", 1)[1].split(":", 1)[0]
+    assert named.startswith(str(out)) and named.endswith(".tar"), str(e.value)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".partial")]  # no half shard left
+
+
+def test_full_disk_in_the_multi_identity_part_files_names_the_file(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+    from test_multiid_units import _synthetic_tables
+
+    from pipeline.multiid import MultiIDConfig, build_multiid_dataset
+
+    images, faces, ids = _synthetic_tables(tmp_path, n_ids=8, n_images=20)
+    out = tmp_path / "version"
+    _disk_full_after(monkeypatch, pq.ParquetWriter, "write_table", 0)
+    with pytest.raises(WriteFailed) as e:
+        build_multiid_dataset(images, faces, ids, out, MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False))
+    assert e.value.errno == errno.ENOSPC and str(out) in str(e.value) and ".parquet" in str(e.value)
+
+
+def test_full_disk_while_copying_a_reused_shard_names_it(tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline.shards import link_or_copy
+
+    src, dst = tmp_path / "old" / "s-000000.tar", tmp_path / "new" / "s-000000.tar"
+    src.parent.mkdir()
+    src.write_bytes(b"x" * 10_000)
+
+    def no_link(a, b):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    def half_copy(a, b):
+        with open(b, "wb") as f:
+            f.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(shutil, "copyfile", half_copy)
+    with pytest.raises(WriteFailed) as e:
+        link_or_copy(src, dst)
+    assert str(dst) in str(e.value) and e.value.errno == errno.ENOSPC
+    assert not dst.exists()

@@ -530,14 +530,26 @@ def build_expression_pairs(
 CropFn = Callable[[str, int], np.ndarray]  # (uid, face_index) -> RGB uint8 face crop (or whole image)
 
 
+SKIPPED_PAIRS = "skipped_pairs.parquet"  # per version: pairs left out because a photo could not be read again
+SKIPPED_SCHEMA = pa.schema([("pair_id", pa.string()), ("uid", pa.string()), ("face_index", pa.int32()),
+                            ("reason", pa.string()), ("detail", pa.string())])
+
+
 def pair_samples(pairs: pa.Table, crop: CropFn, extra: Mapping | None = None, previous=None,
-                 unchanged: set | None = None, counts: dict | None = None):
+                 unchanged: set | None = None, counts: dict | None = None, skipped: list | None = None):
     """WebDataset samples: <key>.a.jpg, <key>.b.jpg and <key>.json (labels, scores, uids).
 
     ``previous`` (a :class:`pipeline.shards.PreviousMembers`) and ``unchanged`` (pair ids whose row and
     crop inputs equal the previous version's): those pairs' crops are copied from the previous tars
     instead of decoded and cut again (the same bytes: crops are encoded deterministically).
-    ``counts`` gets ``pairs_copied`` / ``pairs_cropped``."""
+    ``counts`` gets ``pairs_copied`` / ``pairs_cropped`` / ``pairs_skipped``.
+
+    A pair whose crop cannot be cut (``crop`` raises OSError or DecodeError: the photo was edited in place,
+    replaced or removed since ingestion) yields no sample; with ``skipped`` (a list) it gets a row there
+    (SKIPPED_SCHEMA, the face that failed and why) and the run goes on, as the multi-identity builder
+    skips such a photo. Without ``skipped`` the error is raised."""
+    from pipeline.decode import DecodeError
+
     unchanged = unchanged or set()
     for r in pairs.to_pylist():
         meta = dict(r)
@@ -550,12 +562,24 @@ def pair_samples(pairs: pa.Table, crop: CropFn, extra: Mapping | None = None, pr
             a, b = (previous.read(n) for n in names)
             how = "pairs_copied"
         else:
-            a = encode_jpeg(crop(r["uid_a"], r["face_index_a"]))
-            b = encode_jpeg(crop(r["uid_b"], r["face_index_b"]))
-            how = "pairs_cropped"
+            side = "a"
+            try:
+                a = encode_jpeg(crop(r["uid_a"], r["face_index_a"]))
+                side = "b"
+                b = encode_jpeg(crop(r["uid_b"], r["face_index_b"]))
+            except (OSError, DecodeError) as e:
+                if skipped is None:
+                    raise
+                skipped.append({"pair_id": key, "uid": r[f"uid_{side}"], "face_index": int(r[f"face_index_{side}"]),
+                                "reason": getattr(e, "reason", None) or "photo unreadable",
+                                "detail": f"{type(e).__name__}: {e}"})
+                how = "pairs_skipped"
+            else:
+                how = "pairs_cropped"
         if counts is not None:
             counts[how] = counts.get(how, 0) + 1
-        yield {"__key__": key, "a.jpg": a, "b.jpg": b, "json": meta}
+        if how != "pairs_skipped":
+            yield {"__key__": key, "a.jpg": a, "b.jpg": b, "json": meta}
 
 
 SHARD_PREFIX = "expression-pairs"
@@ -637,13 +661,15 @@ def write_expression_dataset(
     fp_ids: list[str] = []
     fp_values: list[str] = []
     reuse = {"buckets_reused": 0, "buckets_rebuilt": 0, "bytes_reused": 0, "buckets_not_reused_corrupt": [],
-             "pairs_copied": 0, "pairs_cropped": 0}
+             "pairs_copied": 0, "pairs_cropped": 0, "pairs_skipped": 0}
+    skipped: list[dict] = []  # pairs whose photo could not be read again: left out, with the reason
     for b, bidx in sorted(by_bucket.items()):
         name = f"b{b:04d}"
         btable = pairs.take(pa.array(bidx))
         brows = btable.to_pylist()
         fp = None
         unchanged: set[str] = set()
+        before = len(skipped)
         if crop_inputs is not None:
             h = hashlib.sha256(common.encode())
             for r in sorted(brows, key=lambda r: r["pair_id"]):
@@ -667,17 +693,27 @@ def write_expression_dataset(
         else:
             reuse["buckets_not_reused_corrupt"] += [f"{name}: {p}" for p in problems or []]
             members = PreviousMembers(reuse_from, rec["shards"]) if rec is not None and unchanged else None
-            infos = write_shards(pair_samples(btable, crop, previous=members, unchanged=unchanged, counts=reuse), out_dir,
-                                 f"{SHARD_PREFIX}-{name}", max_count=max_count)
+            infos = write_shards(pair_samples(btable, crop, previous=members, unchanged=unchanged, counts=reuse,
+                                              skipped=skipped), out_dir, f"{SHARD_PREFIX}-{name}", max_count=max_count)
+            if len(skipped) > before:  # not what the fingerprint promises: never reused, cropped again next time
+                fp = None
             if members is not None:
                 reuse["bytes_reused"] += members.bytes_read
                 reuse["buckets_not_reused_corrupt"] += [f"{name}: {p}" for p in members.damaged if f"{name}: {p}" not in
                                                         reuse["buckets_not_reused_corrupt"]]
             reuse["buckets_rebuilt"] += 1
         shards += infos
-        records[name] = {"fingerprint": fp, "pairs": len(brows),
+        records[name] = {"fingerprint": fp, "pairs": len(brows) - (len(skipped) - before),
                          "shards": [shard_record(i) for i in infos]}
+    if skipped:
+        gone = {r["pair_id"] for r in skipped}
+        pairs = pairs.filter(pa.array([p not in gone for p in pairs.column("pair_id").to_pylist()], pa.bool_()))
+        keep = [i for i, p in enumerate(fp_ids) if p not in gone]
+        fp_ids, fp_values = [fp_ids[i] for i in keep], [fp_values[i] for i in keep]
+    # the pairs table holds exactly the samples in the tars; the skipped ones are listed beside it
     write_parquet_atomic(pairs, out_dir / "pairs.parquet")
+    write_parquet_atomic(pa.Table.from_pylist(sorted(skipped, key=lambda r: r["pair_id"]), schema=SKIPPED_SCHEMA),
+                         out_dir / SKIPPED_PAIRS)
     if crop_inputs is not None:
         o = np.argsort(np.array(fp_ids, dtype=object), kind="stable") if fp_ids else np.zeros(0, np.int64)
         write_parquet_atomic(pa.table({"pair_id": pa.array([fp_ids[i] for i in o], pa.string()),
@@ -686,8 +722,16 @@ def write_expression_dataset(
     write_bytes_atomic(json.dumps({"bucket_count": n_buckets, "buckets": records}, sort_keys=True, indent=1).encode(),
                        out_dir / BUCKETS_FILE)
     if report is not None:
-        report.update(reuse)
-    return write_manifest(out_dir, "expression_pairs", shards, cfg, extra={"stats": dict(stats or {})}, version=version)
+        report.update(reuse, skipped_reasons=_count_reasons(skipped))
+    written_stats = {**dict(stats or {}), "pairs_skipped_photo_unreadable": len(skipped)}
+    return write_manifest(out_dir, "expression_pairs", shards, cfg, extra={"stats": written_stats}, version=version)
+
+
+def _count_reasons(rows: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        out[r["reason"]] = out.get(r["reason"], 0) + 1
+    return dict(sorted(out.items()))
 
 
 def contact_sheet(

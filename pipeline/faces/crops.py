@@ -60,14 +60,24 @@ class CropReader:
         self.decoded = 0  # photos decoded (a miss each)
 
     def crop(self, uid: str, face_index: int) -> Image.Image | None:
+        """The face crop, or None when the photo or the face is unknown or the photo cannot be read again."""
+        try:
+            return self.crop_or_raise(uid, face_index)
+        except (LookupError, DecodeError, OSError):
+            return None
+
+    def crop_or_raise(self, uid: str, face_index: int) -> Image.Image:
+        """The face crop; raises why not: LookupError for a photo or face the tables do not hold, OSError
+        (ingest.PhotoChanged when the file was edited in place since ingestion) or DecodeError."""
         if uid in self._cache:
             rgb = self._cache[uid]
         else:
-            try:
-                rgb = load_image(self._images.slice(self._image_row[uid], 1).to_pylist()[0], self.limits).rgb
-            except (KeyError, DecodeError, OSError):
-                return None
+            if uid not in self._image_row:
+                raise LookupError(f"photo {uid} is not in the images table")
+            rgb = load_image(self._images.slice(self._image_row[uid], 1).to_pylist()[0], self.limits).rgb
             self.decoded += 1
             self._cache[uid] = rgb
         box = self.boxes.get((uid, int(face_index)))
-        return None if box is None else face_crop(rgb, box)
+        if box is None:
+            raise LookupError(f"photo {uid} has no face {face_index}")
+        return face_crop(rgb, box)

@@ -91,13 +91,13 @@ def reader_from_images(images: pa.Table) -> Callable[[str], bytes]:
     """read_bytes(uid) over the images table: bytes at path[offset:offset+length]."""
     loc = {r["uid"]: (r["path"], r["offset"], r["length"]) for r in images.select(["uid", "path", "offset", "length"]).to_pylist()}
 
+    from pipeline.ingest import read_accepted_bytes  # local files and object-store URLs alike
     from pipeline.sources import open_input
-    from pipeline.sources import read_bytes as read_at  # local files and object-store URLs alike
 
     def read_bytes(uid: str) -> bytes:
         path, off, n = loc[uid]
-        if n is not None and n >= 0:
-            return read_at(path, int(off or 0), int(n))
+        if n is not None and n >= 0:  # checked against the uid: a photo edited in place is skipped, not used
+            return read_accepted_bytes({"uid": uid, "path": path, "offset": int(off or 0), "length": int(n)})
         with open_input(path) as f:
             f.seek(int(off or 0))
             return f.read()
@@ -494,10 +494,15 @@ class _RowParts:
     def write(self, name: str, table: pa.Table) -> None:
         import pyarrow.parquet as pq
 
-        if name not in self._writers:
-            self.paths[name] = self.folder / f"{self.stem}-{name}.parquet"
-            self._writers[name] = pq.ParquetWriter(self.paths[name], table.schema, compression="zstd")
-        self._writers[name].write_table(table)
+        from pipeline.storage import named_write_error
+
+        try:
+            if name not in self._writers:
+                self.paths[name] = self.folder / f"{self.stem}-{name}.parquet"
+                self._writers[name] = pq.ParquetWriter(self.paths[name], table.schema, compression="zstd")
+            self._writers[name].write_table(table)
+        except OSError as e:  # a full disk names the part file it was writing
+            raise named_write_error(self.folder / f"{self.stem}-{name}.parquet", e) from e
 
     def close(self) -> None:
         for w in self._writers.values():
