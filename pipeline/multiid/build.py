@@ -513,6 +513,10 @@ def _part_batches(path: Path | None, schema: pa.Schema, uids: pa.Array | None = 
 
     if path is None:
         return
+    if isinstance(path, list):  # a selection run in parallel: one part file per chunk, chunks in target order
+        for p in path:
+            yield from _part_batches(p, schema, uids)
+        return
     f = pq.ParquetFile(path)
     for batch in f.iter_batches(batch_size=MERGE_BATCH, columns=schema.names):
         t = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
@@ -653,7 +657,7 @@ class _Plan:
     (:class:`pipeline.multiid.reuse.TargetFingerprints`) decides whether it is selected again."""
 
     def __init__(self, images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig, read_bytes,
-                 previous: Path | None = None, out_dir: Path | None = None, keep_rows: bool = False):
+                 previous: Path | None = None, out_dir: Path | None = None, keep_rows: bool = False, workers: int = 1):
         from pipeline import __version__
         from pipeline.multiid.release import BUILDER_VERSION, FACE_COLUMNS
 
@@ -728,6 +732,7 @@ class _Plan:
         self.common_digest = common_digest(common_parts)
         self.prev_targets = PreviousTargets(self.previous if self.per_target else None, self.previous_records)
         self.selections = 0
+        self.workers = max(1, int(workers)) if not keep_rows else 1
         self.corrupt: list[str] = []
         self.eval_fallback: list[str] = []
 
@@ -767,19 +772,17 @@ class _Plan:
         by_uid = {u: self.by_uid[u] for u in b.uids if u in self.by_uid}
         # each run its own part files: a trial of the eval fallback that is undone keeps the earlier run's
         if not self.per_target:
-            sink = None if self.keep_rows else _RowParts(self.parts_dir, f"{b.name}-{self.selections}")
-            try:
-                b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
-                                                                     self.mversions, sink=sink)
-            finally:
-                if sink is not None:
-                    sink.close()
-            b.evictions = b.counts.pop("cache_evictions")
-            b.summary = _summary(b.samples)
             if self.keep_rows:
+                b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
+                                                                     self.mversions)
                 b.pair_rows, b.cand_rows, b.pairs, b.cands = pair_rows, cand_rows, None, None
             else:
-                b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], sink.paths["pairs"], sink.paths["candidates"]
+                b.samples, b.counts, b.pairs, b.cands = _select_parallel(
+                    self.workers, self.parts_dir, f"{b.name}-{self.selections}", img_meta, by_uid, self.cfg, self.read_bytes,
+                    override, self.mversions)
+                b.pair_rows, b.cand_rows = [], []
+            b.evictions = b.counts.pop("cache_evictions")
+            b.summary = _summary(b.samples)
             self.selections += 1
             return
         self._run_per_target(b, override, targets, img_meta, by_uid)
@@ -832,13 +835,9 @@ class _Plan:
                         [r["ref_uid"] for r in rows if r["status"] == "unreadable_reference"])
 
             tally = TargetTally(on_candidates)
-            sink = _RowParts(self.parts_dir, f"{b.name}-{self.selections}")
-            try:
-                samples, _, _, counts = _select(img_meta, by_uid, cfg, self.read_bytes, override, self.mversions,
-                                                sink=sink, targets=set(run), tally=tally)
-            finally:
-                sink.close()
-            b.pairs, b.cands = sink.paths["pairs"], sink.paths["candidates"]
+            samples, counts, b.pairs, b.cands = _select_parallel(
+                self.workers, self.parts_dir, f"{b.name}-{self.selections}", img_meta, by_uid, cfg, self.read_bytes, override,
+                self.mversions, targets=run, tally=tally)
             b.evictions = counts["cache_evictions"]
             self.selections += 1
         # targets.parquet rows of the selected targets
@@ -1422,6 +1421,95 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     return samples, pair_rows, cand_rows, counts
 
 
+PARALLEL_MIN_TARGETS = 64  # a selection over fewer targets runs in the calling process (a fork costs more)
+CHUNKS_PER_WORKER = 3  # contiguous runs of target uids per worker: balances targets of unequal cost
+_FORKED: dict = {}  # the selection's arguments, inherited by the forked workers (never pickled)
+
+
+def _select_chunk(i: int, chunk: list[str]):
+    """In a forked worker: :func:`_select` over the targets ``chunk``, its rows to its own part files."""
+    a = _FORKED
+    tally = TargetTally(a["tally"].on_candidates) if a["tally"] is not None else None
+    sink = _RowParts(a["parts_dir"], f"{a['stem']}-c{i:03d}")
+    try:
+        samples, _, _, counts = _select(a["img_meta"], a["by_uid"], a["cfg"], a["read_bytes"], a["override"], a["mversions"],
+                                        sink=sink, targets=set(chunk), tally=tally)
+    finally:
+        sink.close()
+    return samples, counts, sink.paths, (tally.by_target, tally.seen) if tally is not None else None
+
+
+def _add_counts(total: dict, part: dict) -> None:
+    """Add one chunk's :func:`_select` counts to ``total`` (keys met in any chunk kept, even at 0)."""
+    for k, v in part.items():
+        if k == "persons":
+            total[k] = total.get(k, 0) + v
+        elif k == "unreadable":  # photo uid -> error: the same photo fails the same way in every chunk
+            total.setdefault(k, {}).update(v)
+        else:
+            c = total.setdefault(k, {})
+            for kk, n in v.items():
+                c[kk] = c.get(kk, 0) + n
+
+
+def _select_parallel(workers: int, parts_dir: Path, stem: str, img_meta: dict, by_uid: dict, cfg: MultiIDConfig, read_bytes,
+                     override: set, mversions: list[str], targets=None, tally=None):
+    """:func:`_select` with its rows streamed to part files, over ``workers`` forked processes when there are
+    enough targets. Returns (samples, counts, pairs part files, candidates part files): one file (or None)
+    from one process, a list of files in target order from several. A target's selection depends only on
+    the collection, not on the other targets (each run has its own decoding cache; its eviction counts,
+    which no version records, are the only figures that differ), so the rows, samples and counts are
+    those of one run over all targets."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    uids = sorted(img_meta) if targets is None else sorted(set(img_meta) & set(targets))
+    if workers <= 1 or len(uids) < PARALLEL_MIN_TARGETS or "fork" not in mp.get_all_start_methods():
+        sink = _RowParts(parts_dir, stem)
+        try:
+            samples, _, _, counts = _select(img_meta, by_uid, cfg, read_bytes, override, mversions, sink=sink,
+                                            targets=None if targets is None else set(targets), tally=tally)
+        finally:
+            sink.close()
+        return samples, counts, sink.paths["pairs"], sink.paths["candidates"]
+    n = min(len(uids), workers * CHUNKS_PER_WORKER)
+    bounds = [round(i * len(uids) / n) for i in range(n + 1)]
+    chunks = [uids[bounds[i]:bounds[i + 1]] for i in range(n)]
+    _FORKED.update(parts_dir=parts_dir, stem=stem, img_meta=img_meta, by_uid=by_uid, cfg=cfg, read_bytes=read_bytes,
+                   override=override, mversions=mversions, tally=tally)
+    import cv2
+
+    # OpenCV's thread pool is stopped before the fork and restored after: a child that inherits a pool whose
+    # threads did not survive the fork hangs as soon as it touches it (seen: setNumThreads in the child)
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+            results = list(pool.map(_select_chunk, range(n), chunks))
+    finally:
+        _FORKED.clear()
+        cv2.setNumThreads(cv_threads)
+    samples, counts = [], {}
+    pairs, cands = [], []
+    for s, c, paths, t in results:
+        samples += s
+        _add_counts(counts, c)
+        if paths["pairs"] is not None:
+            pairs.append(paths["pairs"])
+        if paths["candidates"] is not None:
+            cands.append(paths["candidates"])
+        if t is not None:
+            tally.by_target.update(t[0])
+            tally.seen.update(t[1])
+    samples.sort(key=lambda s: s["key"])
+    for k in ("targets", "candidates_removed_by", "duplicate_flags_independent", "unreadable"):
+        counts[k] = dict(sorted(counts.get(k, {}).items()))
+    counts.setdefault("persons", 0)
+    for k in ("similarity_all_candidates", "similarity_selected"):
+        counts[k] = {kk: v for kk, v in sorted(counts.get(k, {}).items(), key=lambda kv: int(kv[0])) if v}
+    return samples, counts, pairs or None, cands or None
+
+
 def _shard_samples(samples: list[dict], cfg: MultiIDConfig, read_bytes):
     """WebDataset records, one at a time (the bytes of one sample in memory, not the dataset's)."""
     for s in samples:
@@ -1472,7 +1560,7 @@ def hf_features(config: MultiIDConfig, samples: list[dict] | None = None, target
 
 def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Table, out_dir: Path | None,
                           config: MultiIDConfig = MultiIDConfig(), read_bytes: Callable[[str], bytes] | None = None,
-                          version: str | None = None, reuse_from: Path | None = None) -> MultiIDResult:
+                          version: str | None = None, reuse_from: Path | None = None, workers: int = 1) -> MultiIDResult:
     """Select references, write ``out_dir/{train,eval}/`` shards + manifests (``version`` is the dataset
     version id they record), ``out_dir/pairs.parquet``, ``out_dir/candidates.parquet`` and
     ``out_dir/buckets.json``; return everything. ``out_dir=None``: select only, write nothing. Whether the
@@ -1486,7 +1574,11 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     the previous version's, and whose previous shard matches its sha256, is not selected again either: its
     tar members are copied from that shard, its rows taken from that version (``stats["targets_reused"]``,
     ``"targets_reselected"``, ``"reselect_reasons"``, ``"bytes_copied"``). The files written are the same,
-    byte for byte, as without ``reuse_from``."""
+    byte for byte, as without ``reuse_from``.
+
+    ``workers`` > 1: the targets of each large enough selection are split into contiguous runs of uids
+    selected in forked worker processes (:func:`_select_parallel`); the files written are the same, byte
+    for byte, as with one worker (tests/test_multiid_parallel.py)."""
     import shutil
 
     read_bytes = read_bytes or reader_from_images(images)
@@ -1494,7 +1586,8 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     # with out_dir, each bucket is written as soon as it is selected (its samples then dropped); its rows are
     # streamed to part files as they are produced, merged into pairs.parquet / candidates.parquet at the end:
     # what stays in memory per target is a summary tuple, not its rows nor its sample dicts
-    plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir)
+    plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir,
+                 workers=workers)
     try:
         return _build(plan, out_dir, version, read_bytes)
     finally:
