@@ -83,7 +83,8 @@ def _cpu_with_children() -> float:
     return time.process_time() + ch.ru_utime + ch.ru_stime
 
 
-def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool, workers: int = 1) -> dict:
+def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool, workers: int = 1,
+         guard_cache: Path | None = None) -> dict:
     """One build in this process: CPU s, wall s, peak RSS, the build's stats."""
     import pyarrow.parquet as pq
 
@@ -95,7 +96,7 @@ def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool, w
     shutil.rmtree(out, ignore_errors=True)
     c0, w0 = _cpu_with_children(), time.perf_counter()
     res = build_multiid_dataset(images, faces, ids, out, cfg, read_bytes=reader(images), version="bench", reuse_from=reuse,
-                                workers=workers)
+                                workers=workers, guard_cache=guard_cache)
     st = res.stats
     return {"cpu_s": round(_cpu_with_children() - c0, 1), "wall_s": round(time.perf_counter() - w0, 1),
             "workers": workers, "targets": sum(st["targets"].values()),
@@ -103,7 +104,8 @@ def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool, w
             "worker_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 / 1024, 2),
             "samples": sum(st["per_split"].values()), "buckets": st["buckets_reused"] + st["buckets_rebuilt"],
             **{k: st[k] for k in ("buckets_reused", "buckets_rebuilt", "selections_run", "targets_reused", "targets_reselected",
-                                  "reselect_reasons", "bytes_copied", "bytes_written", "bytes_reused")}}
+                                  "reselect_reasons", "bytes_copied", "bytes_written", "bytes_reused")},
+            **{k: st.get(k) for k in ("guard_decisions_reused", "guard_decisions_computed")}}
 
 
 def largest_component_share(data: Path) -> float:
@@ -140,21 +142,23 @@ def main() -> int:
     ap.add_argument("--root", default="/tmp/wt-mreuse/refresh")
     ap.add_argument("--workers", default="1", help="worker counts to run every build with, e.g. 1,2")
     ap.add_argument("--step", nargs=3, metavar=("DATA", "OUT", "REUSE"))
+    ap.add_argument("--guard-cache", default=None, help="(with --step) the guard's decisions file")
     args = ap.parse_args()
     counts = [int(w) for w in str(args.workers).split(",")]
     if args.step:
         data, out, reuse = args.step
         print(json.dumps(step(Path(data), Path(out), None if reuse == "-" else Path(reuse), args.cap, not args.no_keypoints,
-                              counts[0])))
+                              counts[0], Path(args.guard_cache) if args.guard_cache else None)))
         return 0
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
     info = make_collections(args.faces, args.add, root)
     info["largest_component_share_of_faces"] = round(largest_component_share(root / "B"), 3)
 
-    def run(data, out, reuse, workers):
+    def run(data, out, reuse, workers, guard=None):
         cmd = [sys.executable, __file__, "--cap", str(args.cap), *(["--no-keypoints"] if args.no_keypoints else []),
-               "--workers", str(workers), "--step", str(data), str(out), str(reuse) if reuse else "-"]
+               "--workers", str(workers), "--step", str(data), str(out), str(reuse) if reuse else "-",
+               *(["--guard-cache", str(guard)] if guard else [])]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
         if r.returncode:
             raise SystemExit(r.stderr[-3000:])
@@ -164,9 +168,13 @@ def main() -> int:
     ok = True
     for w in counts:
         sfx = "" if w == counts[0] else f"-w{w}"
-        res[f"A_fresh{sfx}"] = run(root / "A", root / f"out-A{sfx}", None, w)
+        # A builds the guard's decisions file; B's refresh reads it (as the asset does: it lives under the home),
+        # B's fresh build has none
+        guard = root / f"guard{sfx}.parquet"
+        guard.unlink(missing_ok=True)
+        res[f"A_fresh{sfx}"] = run(root / "A", root / f"out-A{sfx}", None, w, guard)
         res[f"B_fresh{sfx}"] = run(root / "B", root / f"out-B-fresh{sfx}", None, w)
-        res[f"B_refresh{sfx}"] = run(root / "B", root / f"out-B-refresh{sfx}", root / f"out-A{sfx}", w)
+        res[f"B_refresh{sfx}"] = run(root / "B", root / f"out-B-refresh{sfx}", root / f"out-A{sfx}", w, guard)
         res[f"B_refresh_equals_fresh{sfx}"] = not files_equal(root / f"out-B-fresh{sfx}", root / f"out-B-refresh{sfx}")
         ok &= res[f"B_refresh_equals_fresh{sfx}"]
         if sfx:
@@ -190,6 +198,12 @@ def main() -> int:
         print(f"| {k} | {r['workers']} | {r['cpu_s']} | {r['cpu_s'] / max(1, r['targets']):.3f} | {r['wall_s']} | "
               f"{r.get('parallel_efficiency', '')} | {r['peak_rss_gb']} ({r['worker_peak_rss_gb']}) | "
               f"{r['buckets_rebuilt']}/{r['buckets']} | {r['targets_reselected']} / {r['targets_reused']} | {r['reselect_reasons']} |")
+    for w in counts:
+        sfx = "" if w == counts[0] else f"-w{w}"
+        r = res[f"B_refresh{sfx}"]
+        print(f"{w} worker(s): B refresh {res[f'B_fresh{sfx}']['wall_s'] / r['wall_s']:.1f}x faster than B fresh (wall), "
+              f"{res[f'B_fresh{sfx}']['cpu_s'] / max(r['cpu_s'], 0.1):.1f}x (CPU); guard decisions reused "
+              f"{r['guard_decisions_reused']}, computed {r['guard_decisions_computed']}")
     print(f"refresh byte-identical to fresh, and n workers to {counts[0]}: {ok}  ({path})")
     return 0 if ok else 1
 
