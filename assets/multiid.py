@@ -51,7 +51,8 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     previous = reusable_version(layout, "multiid")  # unchanged buckets' shards are hard-linked from it
 
     def build(folder):
-        return build_multiid_dataset(coll.images, coll.faces, ids, folder, cfg, version=version, reuse_from=previous)
+        return build_multiid_dataset(coll.images, coll.faces, ids, folder, cfg, version=version, reuse_from=previous,
+                                     workers=lineup.workers, guard_cache=layout.multiid_guard_cache)
 
     def checks(folder, res):
         pairs = res.pairs if res is not None else read_parquet(folder / "pairs.parquet")

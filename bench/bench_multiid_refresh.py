@@ -6,8 +6,13 @@ The collection is bench_collection.py's synthetic one (Zipf identities, photos o
 synthesised on demand), with the true identity labels as identities (no clustering: what is measured is the
 builder). Version A is built from it; B adds ``--add`` (1%) new faces, each in a new one-person photo of a
 randomly chosen person who has at least two faces (scattered over identities and components). B is built
-twice: from scratch, and with ``reuse_from`` = A's folder. Each build runs in its own subprocess (CPU s,
-wall s and peak RSS of that build alone). The two B folders are compared byte for byte.
+twice: from scratch, and with ``reuse_from`` = A's folder. Each build runs in its own subprocess (CPU s of
+that build and its worker processes, wall s, peak RSS of the build process and of its largest worker). The
+two B folders are compared byte for byte.
+
+``--workers 1,2``: every build is run once per worker count (A fresh, B fresh, B refresh), side by side in
+one run; the parallel efficiency is wall(1 worker) / (n x wall(n workers)) and the folders built with n
+workers are compared byte for byte with those built with one.
 
 Writes bench/results/multiid-refresh-<timestamp>.json and prints a table.
 """
@@ -72,7 +77,14 @@ def make_collections(n: int, add: float, root: Path, seed: int = 0) -> dict:
     return {**info, "added_faces": k, "added_identities": len(set(labels[src].tolist()))}
 
 
-def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool) -> dict:
+def _cpu_with_children() -> float:
+    """CPU seconds of this process and of its waited-for children (the builder's forked workers)."""
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ch.ru_utime + ch.ru_stime
+
+
+def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool, workers: int = 1,
+         guard_cache: Path | None = None) -> dict:
     """One build in this process: CPU s, wall s, peak RSS, the build's stats."""
     import pyarrow.parquet as pq
 
@@ -82,14 +94,18 @@ def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool) -
     images, faces, ids = (pq.read_table(data / f"{t}.parquet") for t in ("images", "faces", "identities"))
     cfg = MultiIDConfig(max_candidates_per_person=cap, keypoints=keypoints)
     shutil.rmtree(out, ignore_errors=True)
-    c0, w0 = time.process_time(), time.perf_counter()
-    res = build_multiid_dataset(images, faces, ids, out, cfg, read_bytes=reader(images), version="bench", reuse_from=reuse)
+    c0, w0 = _cpu_with_children(), time.perf_counter()
+    res = build_multiid_dataset(images, faces, ids, out, cfg, read_bytes=reader(images), version="bench", reuse_from=reuse,
+                                workers=workers, guard_cache=guard_cache)
     st = res.stats
-    return {"cpu_s": round(time.process_time() - c0, 1), "wall_s": round(time.perf_counter() - w0, 1),
+    return {"cpu_s": round(_cpu_with_children() - c0, 1), "wall_s": round(time.perf_counter() - w0, 1),
+            "workers": workers, "targets": sum(st["targets"].values()),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024, 2),
+            "worker_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 / 1024, 2),
             "samples": sum(st["per_split"].values()), "buckets": st["buckets_reused"] + st["buckets_rebuilt"],
             **{k: st[k] for k in ("buckets_reused", "buckets_rebuilt", "selections_run", "targets_reused", "targets_reselected",
-                                  "reselect_reasons", "bytes_copied", "bytes_written", "bytes_reused")}}
+                                  "reselect_reasons", "bytes_copied", "bytes_written", "bytes_reused")},
+            **{k: st.get(k) for k in ("guard_decisions_reused", "guard_decisions_computed")}}
 
 
 def largest_component_share(data: Path) -> float:
@@ -124,43 +140,72 @@ def main() -> int:
     ap.add_argument("--cap", type=int, default=20, help="MultiIDConfig.max_candidates_per_person (default 200)")
     ap.add_argument("--no-keypoints", action="store_true")
     ap.add_argument("--root", default="/tmp/wt-mreuse/refresh")
+    ap.add_argument("--workers", default="1", help="worker counts to run every build with, e.g. 1,2")
     ap.add_argument("--step", nargs=3, metavar=("DATA", "OUT", "REUSE"))
+    ap.add_argument("--guard-cache", default=None, help="(with --step) the guard's decisions file")
     args = ap.parse_args()
+    counts = [int(w) for w in str(args.workers).split(",")]
     if args.step:
         data, out, reuse = args.step
-        print(json.dumps(step(Path(data), Path(out), None if reuse == "-" else Path(reuse), args.cap, not args.no_keypoints)))
+        print(json.dumps(step(Path(data), Path(out), None if reuse == "-" else Path(reuse), args.cap, not args.no_keypoints,
+                              counts[0], Path(args.guard_cache) if args.guard_cache else None)))
         return 0
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
     info = make_collections(args.faces, args.add, root)
     info["largest_component_share_of_faces"] = round(largest_component_share(root / "B"), 3)
 
-    def run(data, out, reuse):
+    def run(data, out, reuse, workers, guard=None):
         cmd = [sys.executable, __file__, "--cap", str(args.cap), *(["--no-keypoints"] if args.no_keypoints else []),
-               "--step", str(data), str(out), str(reuse) if reuse else "-"]
+               "--workers", str(workers), "--step", str(data), str(out), str(reuse) if reuse else "-",
+               *(["--guard-cache", str(guard)] if guard else [])]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
         if r.returncode:
             raise SystemExit(r.stderr[-3000:])
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     res = {"collection": info, "config": {"max_candidates_per_person": args.cap, "keypoints": not args.no_keypoints}}
-    res["A_fresh"] = run(root / "A", root / "out-A", None)
-    res["B_fresh"] = run(root / "B", root / "out-B-fresh", None)
-    res["B_refresh"] = run(root / "B", root / "out-B-refresh", root / "out-A")
-    res["B_refresh_equals_fresh"] = not files_equal(root / "out-B-fresh", root / "out-B-refresh")
+    ok = True
+    for w in counts:
+        sfx = "" if w == counts[0] else f"-w{w}"
+        # A builds the guard's decisions file; B's refresh reads it (as the asset does: it lives under the home),
+        # B's fresh build has none
+        guard = root / f"guard{sfx}.parquet"
+        guard.unlink(missing_ok=True)
+        res[f"A_fresh{sfx}"] = run(root / "A", root / f"out-A{sfx}", None, w, guard)
+        res[f"B_fresh{sfx}"] = run(root / "B", root / f"out-B-fresh{sfx}", None, w)
+        res[f"B_refresh{sfx}"] = run(root / "B", root / f"out-B-refresh{sfx}", root / f"out-A{sfx}", w, guard)
+        res[f"B_refresh_equals_fresh{sfx}"] = not files_equal(root / f"out-B-fresh{sfx}", root / f"out-B-refresh{sfx}")
+        ok &= res[f"B_refresh_equals_fresh{sfx}"]
+        if sfx:
+            same = not files_equal(root / "out-B-fresh", root / f"out-B-fresh{sfx}")
+            res[f"B_fresh{sfx}_equals_{counts[0]}_worker"] = same
+            ok &= same
+            for k in ("A_fresh", "B_fresh", "B_refresh"):
+                res[f"{k}{sfx}"]["parallel_efficiency"] = round(
+                    res[k]["wall_s"] * counts[0] / (w * res[f"{k}{sfx}"]["wall_s"]), 2)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = REPO / "bench" / "results" / f"multiid-refresh-{stamp}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(res, indent=1))
     print(json.dumps(res["collection"]))
-    print("| build | CPU s | wall s | peak RSS GB | buckets rebuilt/all | targets reselected / reused | reasons |")
-    print("|---|---|---|---|---|---|---|")
-    for k in ("A_fresh", "B_fresh", "B_refresh"):
-        r = res[k]
-        print(f"| {k} | {r['cpu_s']} | {r['wall_s']} | {r['peak_rss_gb']} | {r['buckets_rebuilt']}/{r['buckets']} | "
-              f"{r['targets_reselected']} / {r['targets_reused']} | {r['reselect_reasons']} |")
-    print(f"B refresh byte-identical to B fresh: {res['B_refresh_equals_fresh']}  ({path})")
-    return 0 if res["B_refresh_equals_fresh"] else 1
+    print("| build | workers | CPU s | CPU s / target | wall s | efficiency | peak RSS GB (worker) | buckets rebuilt/all | "
+          "targets reselected / reused | reasons |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for k, r in res.items():
+        if not isinstance(r, dict) or "cpu_s" not in r:
+            continue
+        print(f"| {k} | {r['workers']} | {r['cpu_s']} | {r['cpu_s'] / max(1, r['targets']):.3f} | {r['wall_s']} | "
+              f"{r.get('parallel_efficiency', '')} | {r['peak_rss_gb']} ({r['worker_peak_rss_gb']}) | "
+              f"{r['buckets_rebuilt']}/{r['buckets']} | {r['targets_reselected']} / {r['targets_reused']} | {r['reselect_reasons']} |")
+    for w in counts:
+        sfx = "" if w == counts[0] else f"-w{w}"
+        r = res[f"B_refresh{sfx}"]
+        print(f"{w} worker(s): B refresh {res[f'B_fresh{sfx}']['wall_s'] / r['wall_s']:.1f}x faster than B fresh (wall), "
+              f"{res[f'B_fresh{sfx}']['cpu_s'] / max(r['cpu_s'], 0.1):.1f}x (CPU); guard decisions reused "
+              f"{r['guard_decisions_reused']}, computed {r['guard_decisions_computed']}")
+    print(f"refresh byte-identical to fresh, and n workers to {counts[0]}: {ok}  ({path})")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

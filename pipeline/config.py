@@ -97,6 +97,12 @@ class Layout:
     def catalog(self) -> Path:
         return self.home / "lineup.duckdb"
 
+    @property
+    def multiid_guard_cache(self) -> Path:
+        """The copy-paste guard's decisions kept across multi-identity builds (pipeline/multiid/guard_cache.py):
+        local, under the home, and purged with a removal."""
+        return self.home / "cache" / "multiid_guard.parquet"
+
     def table_dir(self, name: str):
         return self.tables / name
 

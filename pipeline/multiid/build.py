@@ -518,6 +518,10 @@ def _part_batches(path: Path | None, schema: pa.Schema, uids: pa.Array | None = 
 
     if path is None:
         return
+    if isinstance(path, list):  # a selection run in parallel: one part file per chunk, chunks in target order
+        for p in path:
+            yield from _part_batches(p, schema, uids)
+        return
     f = pq.ParquetFile(path)
     for batch in f.iter_batches(batch_size=MERGE_BATCH, columns=schema.names):
         t = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
@@ -658,7 +662,8 @@ class _Plan:
     (:class:`pipeline.multiid.reuse.TargetFingerprints`) decides whether it is selected again."""
 
     def __init__(self, images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig, read_bytes,
-                 previous: Path | None = None, out_dir: Path | None = None, keep_rows: bool = False):
+                 previous: Path | None = None, out_dir: Path | None = None, keep_rows: bool = False, workers: int = 1,
+                 guard_cache: Path | None = None):
         from pipeline import __version__
         from pipeline.multiid.release import BUILDER_VERSION, FACE_COLUMNS
 
@@ -733,6 +738,12 @@ class _Plan:
         self.common_digest = common_digest(common_parts)
         self.prev_targets = PreviousTargets(self.previous if self.per_target else None, self.previous_records)
         self.selections = 0
+        self.workers = max(1, int(workers)) if not keep_rows else 1
+        from pipeline.multiid.guard_cache import GuardDecisions
+
+        self.guard = GuardDecisions(guard_cache, {k: getattr(cfg, k) for k in (
+            "image_hamming_max", "face_hamming_max", "face_ncc_min", "keypoints", "kp_min_inliers", "kp_min_ratio",
+            "kp_strong_inliers")}) if guard_cache is not None else None
         self.corrupt: list[str] = []
         self.eval_fallback: list[str] = []
 
@@ -772,19 +783,17 @@ class _Plan:
         by_uid = {u: self.by_uid[u] for u in b.uids if u in self.by_uid}
         # each run its own part files: a trial of the eval fallback that is undone keeps the earlier run's
         if not self.per_target:
-            sink = None if self.keep_rows else _RowParts(self.parts_dir, f"{b.name}-{self.selections}")
-            try:
-                b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
-                                                                     self.mversions, sink=sink)
-            finally:
-                if sink is not None:
-                    sink.close()
-            b.evictions = b.counts.pop("cache_evictions")
-            b.summary = _summary(b.samples)
             if self.keep_rows:
+                b.samples, pair_rows, cand_rows, b.counts = _select(img_meta, by_uid, self.cfg, self.read_bytes, override,
+                                                                     self.mversions)
                 b.pair_rows, b.cand_rows, b.pairs, b.cands = pair_rows, cand_rows, None, None
             else:
-                b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], sink.paths["pairs"], sink.paths["candidates"]
+                b.samples, b.counts, b.pairs, b.cands = _select_parallel(
+                    self.workers, self.parts_dir, f"{b.name}-{self.selections}", img_meta, by_uid, self.cfg, self.read_bytes,
+                    override, self.mversions, guard=self.guard)
+                b.pair_rows, b.cand_rows = [], []
+            b.evictions = b.counts.pop("cache_evictions")
+            b.summary = _summary(b.samples)
             self.selections += 1
             return
         self._run_per_target(b, override, targets, img_meta, by_uid)
@@ -837,13 +846,9 @@ class _Plan:
                         [r["ref_uid"] for r in rows if r["status"] == "unreadable_reference"])
 
             tally = TargetTally(on_candidates)
-            sink = _RowParts(self.parts_dir, f"{b.name}-{self.selections}")
-            try:
-                samples, _, _, counts = _select(img_meta, by_uid, cfg, self.read_bytes, override, self.mversions,
-                                                sink=sink, targets=set(run), tally=tally)
-            finally:
-                sink.close()
-            b.pairs, b.cands = sink.paths["pairs"], sink.paths["candidates"]
+            samples, counts, b.pairs, b.cands = _select_parallel(
+                self.workers, self.parts_dir, f"{b.name}-{self.selections}", img_meta, by_uid, cfg, self.read_bytes, override,
+                self.mversions, targets=run, tally=tally, guard=self.guard)
             b.evictions = counts["cache_evictions"]
             self.selections += 1
         # targets.parquet rows of the selected targets
@@ -1134,7 +1139,7 @@ def examined_candidates(uid: str, cands: list[FaceRec], cap: int) -> list[FaceRe
 
 
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
-            mversions: list[str], sink: _RowParts | None = None, targets: set[str] | None = None, tally=None):
+            mversions: list[str], sink: _RowParts | None = None, targets: set[str] | None = None, tally=None, decisions=None):
     """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
     bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
     component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
@@ -1142,7 +1147,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     batches as they are produced (what stays in memory is one batch, whatever the number of targets)
     and both row lists come back ``None``. ``targets``: only these photos are targets (every photo still
     serves as a candidate); ``tally`` (reuse.TargetTally): records each target's share of the counts and
-    is shown each target's candidate rows once their statuses are final."""
+    is shown each target's candidate rows once their statuses are final. ``decisions``
+    (guard_cache.GuardDecisions): the copy-paste guard's recorded decisions, taken instead of computed."""
     def split_of(identity_id: str) -> str:
         return "eval" if identity_id in eval_override else identity_split(identity_id, cfg.eval_fraction, cfg.split_salt)
 
@@ -1171,9 +1177,11 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     def guard(uid: str, f: FaceRec, c: FaceRec, row: dict, t_phash, t_fps, got) -> dedup.DupCheck:
         """The whole copy-paste guard, target face ``f`` against candidate ``c``: recorded in ``row`` and
         in the order-independent flags (which therefore count the candidates examined)."""
-        chk = dedup.compare(t_phash, got[0], t_fps[f.face_index], got[1][c.face_index],
-                            cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min,
-                            fps.kp(uid, f.face_index), fps.kp(c.uid, c.face_index), **kp_args)
+        def judge() -> dedup.DupCheck:
+            return dedup.compare(t_phash, got[0], t_fps[f.face_index], got[1][c.face_index],
+                                 cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min,
+                                 fps.kp(uid, f.face_index), fps.kp(c.uid, c.face_index), **kp_args)
+        chk = judge() if decisions is None else decisions.compare(f, c, judge)
         row.update(image_hamming=chk.image_hamming, face_hamming=chk.face_hamming, face_ncc=chk.face_ncc,
                    kp_inliers=chk.kp_inliers, kp_ratio=chk.kp_ratio)
         flags["checked"] += 1
@@ -1310,9 +1318,11 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                     got = fps.get(c.uid)
                     for _, o, _ in chosen:
                         og = fps.get(o.uid)
-                        d = dedup.compare(got[0], og[0], got[1][c.face_index], og[1][o.face_index],
-                                          cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min,
-                                          fps.kp(c.uid, c.face_index), fps.kp(o.uid, o.face_index), **kp_args)
+                        def judge(got=got, og=og, c=c, o=o) -> dedup.DupCheck:
+                            return dedup.compare(got[0], og[0], got[1][c.face_index], og[1][o.face_index],
+                                                 cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min,
+                                                 fps.kp(c.uid, c.face_index), fps.kp(o.uid, o.face_index), **kp_args)
+                        d = judge() if decisions is None else decisions.compare(c, o, judge)
                         if d.is_duplicate or float(c.emb @ o.emb) > cfg.sim_high:
                             redundant = True
                             break
@@ -1427,6 +1437,109 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     return samples, pair_rows, cand_rows, counts
 
 
+PARALLEL_MIN_TARGETS = 64  # a selection over fewer targets runs in the calling process (a fork costs more)
+CHUNKS_PER_WORKER = 3  # contiguous runs of target uids per worker: balances targets of unequal cost
+_FORKED: dict = {}  # the selection's arguments, inherited by the forked workers (never pickled)
+_WORKER: dict = {}  # a worker's own bookkeeping (empty in the parent, so empty in every fresh fork)
+
+
+def _select_chunk(i: int, chunk: list[str]):
+    """In a forked worker: :func:`_select` over the targets ``chunk``, its rows to its own part files."""
+    a = _FORKED
+    tally = TargetTally(a["tally"].on_candidates) if a["tally"] is not None else None
+    guard = a["guard"]
+    # the decisions this worker adds and has not sent yet (it inherited the parent's, already kept there;
+    # it keeps its own for its next chunks)
+    if guard is not None and "sent" not in _WORKER:
+        _WORKER["sent"], _WORKER["hits"] = len(guard.new), guard.hits
+    new_at, hits_at = (_WORKER["sent"], _WORKER["hits"]) if guard is not None else (0, 0)
+    sink = _RowParts(a["parts_dir"], f"{a['stem']}-c{i:03d}")
+    try:
+        samples, _, _, counts = _select(a["img_meta"], a["by_uid"], a["cfg"], a["read_bytes"], a["override"], a["mversions"],
+                                        sink=sink, targets=set(chunk), tally=tally, decisions=guard)
+    finally:
+        sink.close()
+    decided = None
+    if guard is not None:
+        decided = (guard.new[new_at:], guard.hits - hits_at)
+        _WORKER["sent"], _WORKER["hits"] = len(guard.new), guard.hits
+    return samples, counts, sink.paths, (tally.by_target, tally.seen) if tally is not None else None, decided
+
+
+def _add_counts(total: dict, part: dict) -> None:
+    """Add one chunk's :func:`_select` counts to ``total`` (keys met in any chunk kept, even at 0)."""
+    for k, v in part.items():
+        if k == "persons":
+            total[k] = total.get(k, 0) + v
+        elif k == "unreadable":  # photo uid -> error: the same photo fails the same way in every chunk
+            total.setdefault(k, {}).update(v)
+        else:
+            c = total.setdefault(k, {})
+            for kk, n in v.items():
+                c[kk] = c.get(kk, 0) + n
+
+
+def _select_parallel(workers: int, parts_dir: Path, stem: str, img_meta: dict, by_uid: dict, cfg: MultiIDConfig, read_bytes,
+                     override: set, mversions: list[str], targets=None, tally=None, guard=None):
+    """:func:`_select` with its rows streamed to part files, over ``workers`` forked processes when there are
+    enough targets. Returns (samples, counts, pairs part files, candidates part files): one file (or None)
+    from one process, a list of files in target order from several. A target's selection depends only on
+    the collection, not on the other targets (each run has its own decoding cache; its eviction counts,
+    which no version records, are the only figures that differ), so the rows, samples and counts are
+    those of one run over all targets."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    uids = sorted(img_meta) if targets is None else sorted(set(img_meta) & set(targets))
+    if workers <= 1 or len(uids) < PARALLEL_MIN_TARGETS or "fork" not in mp.get_all_start_methods():
+        sink = _RowParts(parts_dir, stem)
+        try:
+            samples, _, _, counts = _select(img_meta, by_uid, cfg, read_bytes, override, mversions, sink=sink,
+                                            targets=None if targets is None else set(targets), tally=tally, decisions=guard)
+        finally:
+            sink.close()
+        return samples, counts, sink.paths["pairs"], sink.paths["candidates"]
+    n = min(len(uids), workers * CHUNKS_PER_WORKER)
+    bounds = [round(i * len(uids) / n) for i in range(n + 1)]
+    chunks = [uids[bounds[i]:bounds[i + 1]] for i in range(n)]
+    _FORKED.update(parts_dir=parts_dir, stem=stem, img_meta=img_meta, by_uid=by_uid, cfg=cfg, read_bytes=read_bytes,
+                   override=override, mversions=mversions, tally=tally, guard=guard)
+    import cv2
+
+    # OpenCV's thread pool is stopped before the fork and restored after: a child that inherits a pool whose
+    # threads did not survive the fork hangs as soon as it touches it (seen: setNumThreads in the child)
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+            results = list(pool.map(_select_chunk, range(n), chunks))
+    finally:
+        _FORKED.clear()
+        cv2.setNumThreads(cv_threads)
+    samples, counts = [], {}
+    pairs, cands = [], []
+    for s, c, paths, t, decided in results:
+        if decided is not None:
+            guard.new += decided[0]
+            guard.hits += decided[1]
+        samples += s
+        _add_counts(counts, c)
+        if paths["pairs"] is not None:
+            pairs.append(paths["pairs"])
+        if paths["candidates"] is not None:
+            cands.append(paths["candidates"])
+        if t is not None:
+            tally.by_target.update(t[0])
+            tally.seen.update(t[1])
+    samples.sort(key=lambda s: s["key"])
+    for k in ("targets", "candidates_removed_by", "duplicate_flags_independent", "unreadable"):
+        counts[k] = dict(sorted(counts.get(k, {}).items()))
+    counts.setdefault("persons", 0)
+    for k in ("similarity_all_candidates", "similarity_selected"):
+        counts[k] = {kk: v for kk, v in sorted(counts.get(k, {}).items(), key=lambda kv: int(kv[0])) if v}
+    return samples, counts, pairs or None, cands or None
+
+
 def _shard_samples(samples: list[dict], cfg: MultiIDConfig, read_bytes):
     """WebDataset records, one at a time (the bytes of one sample in memory, not the dataset's)."""
     for s in samples:
@@ -1477,7 +1590,8 @@ def hf_features(config: MultiIDConfig, samples: list[dict] | None = None, target
 
 def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Table, out_dir: Path | None,
                           config: MultiIDConfig = MultiIDConfig(), read_bytes: Callable[[str], bytes] | None = None,
-                          version: str | None = None, reuse_from: Path | None = None) -> MultiIDResult:
+                          version: str | None = None, reuse_from: Path | None = None, workers: int = 1,
+                          guard_cache: Path | None = None) -> MultiIDResult:
     """Select references, write ``out_dir/{train,eval}/`` shards + manifests (``version`` is the dataset
     version id they record), ``out_dir/pairs.parquet``, ``out_dir/candidates.parquet`` and
     ``out_dir/buckets.json``; return everything. ``out_dir=None``: select only, write nothing. Whether the
@@ -1491,7 +1605,15 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     the previous version's, and whose previous shard matches its sha256, is not selected again either: its
     tar members are copied from that shard, its rows taken from that version (``stats["targets_reused"]``,
     ``"targets_reselected"``, ``"reselect_reasons"``, ``"bytes_copied"``). The files written are the same,
-    byte for byte, as without ``reuse_from``."""
+    byte for byte, as without ``reuse_from``.
+
+    ``workers`` > 1: the targets of each large enough selection are split into contiguous runs of uids
+    selected in forked worker processes (:func:`_select_parallel`); the files written are the same, byte
+    for byte, as with one worker (tests/test_multiid_parallel.py).
+
+    ``guard_cache``: a file of the copy-paste guard's decisions (:mod:`pipeline.multiid.guard_cache`), read
+    before and written after the build: a pair of faces already judged under the same settings is not
+    judged again (``stats["guard_decisions_reused"]`` / ``"guard_decisions_computed"``)."""
     import shutil
 
     read_bytes = read_bytes or reader_from_images(images)
@@ -1499,7 +1621,8 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     # with out_dir, each bucket is written as soon as it is selected (its samples then dropped); its rows are
     # streamed to part files as they are produced, merged into pairs.parquet / candidates.parquet at the end:
     # what stays in memory per target is a summary tuple, not its rows nor its sample dicts
-    plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir)
+    plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir,
+                 workers=workers, guard_cache=guard_cache)
     try:
         return _build(plan, out_dir, version, read_bytes)
     finally:
@@ -1568,5 +1691,8 @@ def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -
     stats["reselect_reasons"] = dict(sorted(sum((b.reasons for b in buckets), Counter()).items()))
     stats["bytes_copied"] = sum(b.bytes_copied for b in buckets)
     stats["bytes_written"] = sum(b.bytes_written for b in buckets)
+    if plan.guard is not None:
+        stats["guard_decisions_reused"] = plan.guard.hits
+        stats["guard_decisions_computed"] = plan.guard.save()
     return MultiIDResult(pairs, cands, samples, stats, shards, out_dir, cfg, read_bytes)
 

@@ -1,0 +1,167 @@
+"""The multi-identity builder over several worker processes writes the same files, byte for byte, as one
+process: fresh builds and refreshes that select only some targets again."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from pipeline.multiid import MultiIDConfig, build_multiid_dataset
+from pipeline.multiid import build as mbuild
+from test_shard_reuse import _collection, _groups
+
+CFG = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False, reuse_buckets=4)
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _comparable(stats: dict) -> dict:
+    # how the build went, not what it built: the decoding caches' evictions depend on how targets are split
+    return {k: v for k, v in stats.items() if k not in ("cache_evictions",)}
+
+
+@pytest.fixture
+def small_parallel(monkeypatch):
+    """Selections of a few targets already go to the workers, and each call's part files are recorded."""
+    monkeypatch.setattr(mbuild, "PARALLEL_MIN_TARGETS", 4)
+    parts = []
+    real = mbuild._select_parallel
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        parts.append(out[2])
+        return out
+
+    monkeypatch.setattr(mbuild, "_select_parallel", spy)
+    return parts
+
+
+@pytest.mark.parametrize("keypoints", [False, True])
+def test_parallel_build_is_byte_identical(tmp_path, small_parallel, keypoints):
+    import cv2
+    import numpy as np
+
+    # OpenCV's thread pool running in the parent before the fork (a child that inherited it used to hang)
+    cv2.resize(np.zeros((2000, 2000), np.uint8), (3000, 3000))
+    cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=keypoints, reuse_buckets=4)
+    world = _collection(tmp_path, _groups(3), photos_per_group=14)
+    one = build_multiid_dataset(*world, tmp_path / "one", cfg, version="v1", workers=1)
+    two = build_multiid_dataset(*world, tmp_path / "two", cfg, version="v1", workers=2)
+    assert one.stats["targets"].get("kept", 0) > 10  # enough samples for the comparison to mean something
+    a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert a == b
+    assert _comparable(one.stats) == _comparable(two.stats)
+    # the parallel path ran: some selections came back as several part files (one per chunk of targets)
+    assert any(isinstance(p, list) and len(p) > 1 for p in small_parallel), small_parallel
+
+
+def test_parallel_refresh_is_byte_identical(tmp_path, small_parallel):
+    groups = _groups(2)
+    base = _collection(tmp_path, groups, photos_per_group=14)
+    first = build_multiid_dataset(*base, tmp_path / "v1", CFG, version="v1")
+    # a refresh: one new photo of two people of the first group selects that group's targets again
+    grown = _collection(tmp_path, groups, photos_per_group=14, extra=[("zz-new", [f"{groups[0]}-a", f"{groups[0]}-b"])])
+    one = build_multiid_dataset(*grown, tmp_path / "r1", CFG, version="v2", reuse_from=first.out_dir, workers=1)
+    two = build_multiid_dataset(*grown, tmp_path / "r2", CFG, version="v2", reuse_from=first.out_dir, workers=2)
+    fresh = build_multiid_dataset(*grown, tmp_path / "f", CFG, version="v2", workers=2)
+    assert one.stats["targets_reselected"] > 0 and one.stats["targets_reused"] > 0
+    assert any(isinstance(p, list) and len(p) > 1 for p in small_parallel), small_parallel
+    assert _files(tmp_path / "r1") == _files(tmp_path / "r2") == _files(tmp_path / "f")
+    assert _comparable(one.stats)["reselect_reasons"] == _comparable(two.stats)["reselect_reasons"]
+
+
+# ------------------------------------------------------------------------- the guard's decisions kept
+
+
+@pytest.fixture
+def compare_calls(monkeypatch):
+    """Counts dedup.compare in this process (the guard's costly part: NCC, keypoints, RANSAC)."""
+    from pipeline.multiid import dedup
+
+    calls = []
+    real = dedup.compare
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(dedup, "compare", counted)
+    return calls
+
+
+KP = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=True, reuse_buckets=4)
+
+
+def test_guard_decisions_are_reused_and_change_nothing(tmp_path, compare_calls):
+    from pipeline.storage import read_parquet
+
+    world = _collection(tmp_path, _groups(2), photos_per_group=10)
+    cache = tmp_path / "guard.parquet"
+    plain = build_multiid_dataset(*world, tmp_path / "plain", KP, version="v1")
+    n_plain = len(compare_calls)
+    compare_calls.clear()
+    first = build_multiid_dataset(*world, tmp_path / "first", KP, version="v1", guard_cache=cache)
+    # a pair met twice in one build (two targets of one person comparing the same two references) is judged once
+    assert first.stats["guard_decisions_computed"] == read_parquet(cache).num_rows == len(compare_calls) > 0
+    assert first.stats["guard_decisions_computed"] + first.stats["guard_decisions_reused"] == n_plain
+    compare_calls.clear()
+    again = build_multiid_dataset(*world, tmp_path / "again", KP, version="v1", guard_cache=cache)
+    assert compare_calls == []  # every pair judged already: no NCC, no SIFT, no RANSAC
+    assert again.stats["guard_decisions_reused"] == n_plain and again.stats["guard_decisions_computed"] == 0
+    assert _files(tmp_path / "plain") == _files(tmp_path / "first") == _files(tmp_path / "again")
+
+
+def test_guard_decisions_follow_the_settings_and_the_faces(tmp_path, compare_calls):
+    groups = _groups(2)
+    world = _collection(tmp_path, groups, photos_per_group=10)
+    cache = tmp_path / "guard.parquet"
+    from pipeline.storage import read_parquet
+
+    build_multiid_dataset(*world, tmp_path / "a", KP, version="v1", guard_cache=cache)
+    n_first = read_parquet(cache).num_rows
+    compare_calls.clear()
+    build_multiid_dataset(*world, tmp_path / "a2", KP, version="v1", guard_cache=cache)
+    assert compare_calls == []
+    # another NCC threshold: no old decision applies, every pair is judged again (once)
+    stricter = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=True, reuse_buckets=4, face_ncc_min=KP.face_ncc_min - 0.05)
+    compare_calls.clear()
+    res = build_multiid_dataset(*world, tmp_path / "b", stricter, version="v1", guard_cache=cache)
+    assert res.stats["guard_decisions_computed"] == len(compare_calls) == n_first
+    assert read_parquet(cache).num_rows == 2 * n_first
+    # a refresh with a new photo of two people: only pairs with the new faces are judged, output as fresh
+    grown = _collection(tmp_path, groups, photos_per_group=10, extra=[("zz-new", [f"{groups[0]}-a", f"{groups[0]}-b"])])
+    compare_calls.clear()
+    fresh = build_multiid_dataset(*grown, tmp_path / "fresh", KP, version="v2")
+    n_fresh = len(compare_calls)
+    compare_calls.clear()
+    cached = build_multiid_dataset(*grown, tmp_path / "cached", KP, version="v2", guard_cache=cache)
+    assert len(compare_calls) < n_fresh and cached.stats["guard_decisions_reused"] > 0
+    assert cached.stats["guard_decisions_computed"] == len(compare_calls)
+    assert _files(tmp_path / "fresh") == _files(tmp_path / "cached")
+    assert fresh.stats["targets"] == cached.stats["targets"]
+
+
+def test_guard_decisions_in_parallel_and_purged(tmp_path, small_parallel):
+    from pipeline.multiid.guard_cache import purge_guard_decisions
+    from pipeline.storage import read_parquet
+
+    world = _collection(tmp_path, _groups(2), photos_per_group=14)
+    one, two = tmp_path / "g1.parquet", tmp_path / "g2.parquet"
+    r1 = build_multiid_dataset(*world, tmp_path / "one", KP, version="v1", guard_cache=one, workers=1)
+    r2 = build_multiid_dataset(*world, tmp_path / "two", KP, version="v1", guard_cache=two, workers=2)
+    assert any(isinstance(p, list) and len(p) > 1 for p in small_parallel)
+    t1, t2 = read_parquet(one), read_parquet(two)
+    key = lambda t: sorted(zip(t.column("k0").to_pylist(), t.column("k1").to_pylist()))  # noqa: E731
+    assert key(t1) == key(t2) and t1.num_rows == r1.stats["guard_decisions_computed"] == r2.stats["guard_decisions_computed"]
+    again = build_multiid_dataset(*world, tmp_path / "three", KP, version="v1", guard_cache=two, workers=2)
+    assert again.stats["guard_decisions_computed"] == 0 and again.stats["guard_decisions_reused"] > 0
+    assert _files(tmp_path / "one") == _files(tmp_path / "two") == _files(tmp_path / "three")
+    # a removal drops every decision that involves the photo
+    victim = t1.column("a_uid")[0].as_py()
+    involved = sum(victim in (a, b) for a, b in zip(t1.column("a_uid").to_pylist(), t1.column("b_uid").to_pylist()))
+    assert purge_guard_decisions(one, [victim]) == involved > 0
+    left = read_parquet(one)
+    assert left.num_rows == t1.num_rows - involved and victim not in set(left.column("a_uid").to_pylist() + left.column("b_uid").to_pylist())
