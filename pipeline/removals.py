@@ -406,6 +406,20 @@ def purge_removed_pictures(layout: Layout, removed: set[str]) -> int:
     return len(purge_pictures(layout.home, hit)) if hit else 0
 
 
+def purge_removed_guard_decisions(layout: Layout, removed: set[str]) -> int:
+    """Drop the multi-identity copy-paste guard's kept decisions (pipeline/multiid/guard_cache.py) that
+    involve a removed photo."""
+    from pipeline.multiid.guard_cache import purge_guard_decisions
+    from pipeline.storage import read_parquet
+
+    path = layout.multiid_guard_cache
+    if not path.exists():
+        return 0
+    t = read_parquet(path, columns=["a_uid", "b_uid"])
+    hit = {u for u in set(t.column("a_uid").to_pylist()) | set(t.column("b_uid").to_pylist()) if uid_hash(u) in removed}
+    return purge_guard_decisions(path, hit) if hit else 0
+
+
 def versions_containing(layout: Layout, removed: set[str]) -> dict[str, list[str]]:
     """dataset name -> published versions whose tables name any removed photo (``removed``: uid hashes)."""
     out: dict[str, list[str]] = {}
@@ -542,6 +556,8 @@ def apply_requests(layout: Layout, requests: list[RemovalRequest], images: pa.Ta
         checkpoint("catalog")
     pics = purge_removed_pictures(layout, j.removed)
     checkpoint("pictures")
+    purge_removed_guard_decisions(layout, j.removed)
+    checkpoint("guard_decisions")
     superseded = mark_superseded(layout, versions_containing(layout, j.removed), purge)
     checkpoint("superseded")
     review = [{**r, "confirm": confirm_command(r)} for r in plan.review]

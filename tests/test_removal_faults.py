@@ -104,6 +104,12 @@ def build_collection(home, names=("a", "b", "c", "d"), key=KEY):
     _write(layout.datasets / "multiid" / ".unpublished-v-bad" / "pairs.parquet", pa.table({"target_uid": [UID["b"]]}))
     (layout.datasets / "multiid" / ".staging-v-new-999999").mkdir()
     (layout.datasets / "multiid" / ".staging-v-new-999999" / "x.json").write_text('{"source": "kit_with_rose.jpg"}')
+    # the multi-identity guard's kept decisions: pairs of faces, two of them with the person
+    from pipeline.multiid.guard_cache import SCHEMA as GUARD_SCHEMA
+
+    _write(layout.multiid_guard_cache, pa.Table.from_pylist(
+        [{f.name: None for f in GUARD_SCHEMA} | {"k0": i, "k1": i, "a_uid": UID[x], "b_uid": UID[y]}
+         for i, (x, y) in enumerate([("a", "c"), ("c", "d"), ("d", "b")])], schema=GUARD_SCHEMA))
     save_pictures(home, f"faces/{key}", {"contact_sheet": _png()}, [UID["a"], f"{UID['b']}#0"])
     save_pictures(home, "identities", {"others": _png()}, [UID["c"]])
     return layout, images, faces, ids
@@ -161,6 +167,8 @@ def test_uninterrupted_removal_leaves_no_trace(tmp_path):
     assert json.loads((layout.datasets / "multiid" / "SUPERSEDED.json").read_text())["v-old"]["deleted"] is True
     assert not (tmp_path / "pictures" / "faces" / KEY / "contact_sheet.png").exists()
     assert (tmp_path / "pictures" / "identities" / "others.png").exists()
+    guard = pq.read_table(layout.multiid_guard_cache)
+    assert list(zip(guard.column("a_uid").to_pylist(), guard.column("b_uid").to_pylist())) == [(UID["c"], UID["d"])]
     needles = [UID["a"], UID["b"], "kit_with_rose", "kit_at_the_beach"]
     assert _traces(tmp_path, needles) == []
     # the same bytes arriving again are recognised without the uid being stored
