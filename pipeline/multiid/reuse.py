@@ -149,7 +149,7 @@ class TargetFingerprints:
     def examined(self, u: str) -> bytes:
         """The examined fingerprint, choosing the examined candidates as the selection does (a hash per
         candidate of a person over the cap: run only for targets whose whole fingerprint changed)."""
-        from pipeline.multiid.build import examined_candidates
+        from pipeline.multiid.rules import examined_candidates
 
         return self._examined(u, {iid: [(c.uid, c.face_index) for c in examined_candidates(
             u, [c for c in self.faces_of[iid] if c.uid != u], self.cap)] for iid in self.people(u)})

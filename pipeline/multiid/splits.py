@@ -52,7 +52,7 @@ def split_leaks(dataset_dir: Path, faces: pa.Table, identities: pa.Table, splits
     """Problems (empty when none) in a written multi-identity dataset: a photo used in two splits, or an
     identity visible in two splits. Samples come from the shards under ``dataset_dir/<split>/``; who is
     in a photo, and where, comes from the ``faces`` and ``identities`` tables, not from the samples."""
-    from pipeline.multiid.build import boxes_overlap
+    from pipeline.multiid.rules import boxes_overlap
     from pipeline.shards import iter_samples
 
     ident = {(u, int(f)): i for u, f, i in zip(*(identities.column(c).to_pylist() for c in ("uid", "face_index", "identity_id")))}

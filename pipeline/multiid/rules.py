@@ -1,0 +1,31 @@
+"""The multi-identity builder's pure rules, shared by the selection (build.py), per-target reuse
+(reuse.py) and the split check (splits.py): which candidates a person's target examines, and the crop
+geometry. Kept apart so that none of those modules imports another's internals."""
+
+from __future__ import annotations
+
+from pipeline.ids import stable_key
+
+
+def crop_box(bbox, margin: float, width: int, height: int) -> list[int]:
+    """The region a reference crop shows: the face box grown by ``margin`` of its size on each side,
+    squared, clipped to the image (pixels of the oriented image)."""
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    side = max(x2 - x1, y2 - y1) * (1.0 + 2.0 * margin)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return [max(0, round(cx - side / 2)), max(0, round(cy - side / 2)),
+            min(int(width), round(cx + side / 2)), min(int(height), round(cy + side / 2))]
+
+
+def boxes_overlap(a, b) -> bool:
+    """True when two (x1, y1, x2, y2) boxes share any area."""
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def examined_candidates(uid: str, cands: list, cap: int) -> list:
+    """The candidates of a target's person that are examined: all of them, or over ``cap`` the ``cap`` with the
+    lowest hash of (target, candidate) (each target a different, reproducible subset), in (uid, face_index) order."""
+    if len(cands) <= cap:
+        return cands
+    cands = sorted(cands, key=lambda c: stable_key("multiid-cand", uid, c.uid, c.face_index))
+    return sorted(cands[:cap], key=lambda c: (c.uid, c.face_index))
