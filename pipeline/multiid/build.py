@@ -504,10 +504,6 @@ def _part_batches(path: Path | None, schema: pa.Schema, uids: pa.Array | None = 
 
     if path is None:
         return
-    if isinstance(path, list):  # a selection run in parallel: one part file per chunk, chunks in target order
-        for p in path:
-            yield from _part_batches(p, schema, uids)
-        return
     f = pq.ParquetFile(path)
     for batch in f.iter_batches(batch_size=MERGE_BATCH, columns=schema.names):
         t = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
@@ -980,7 +976,9 @@ class _Plan:
         rows of the reused buckets and of the reused targets of the others from the previous version's table
         (in their order there: one pass over it), merged by target uid."""
         attr = {"pairs": "pairs", "candidates": "cands"}[name]
-        sources = [_part_batches(getattr(b, attr), schema) for b in self.active() if b.previous is None]
+        # a selection run in parallel left one part file per chunk of targets, each sorted by target uid
+        sources = [_part_batches(p, schema) for b in self.active() if b.previous is None
+                   for p in (getattr(b, attr) if isinstance(getattr(b, attr), list) else [getattr(b, attr)])]
         reused = self._reused_uids()
         if reused:
             sources.append(_part_batches(self.previous / f"{name}.parquet", schema, pa.array(reused, pa.string())))
@@ -1415,7 +1413,7 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
 
 
 PARALLEL_MIN_TARGETS = 64  # a selection over fewer targets runs in the calling process (a fork costs more)
-CHUNKS_PER_WORKER = 3  # contiguous runs of target uids per worker: balances targets of unequal cost
+CHUNKS_PER_WORKER = 2  # chunks of targets per worker: balances targets of unequal cost
 _FORKED: dict = {}  # the selection's arguments, inherited by the forked workers (never pickled)
 _WORKER: dict = {}  # a worker's own bookkeeping (empty in the parent, so empty in every fresh fork)
 
@@ -1460,7 +1458,7 @@ def _select_parallel(workers: int, parts_dir: Path, stem: str, img_meta: dict, b
                      override: set, mversions: list[str], targets=None, tally=None, guard=None):
     """:func:`_select` with its rows streamed to part files, over ``workers`` forked processes when there are
     enough targets. Returns (samples, counts, pairs part files, candidates part files): one file (or None)
-    from one process, a list of files in target order from several. A target's selection depends only on
+    from one process, a list of files (one per chunk, each sorted by target uid) from several. A target's selection depends only on
     the collection, not on the other targets (each run has its own decoding cache; its eviction counts,
     which no version records, are the only figures that differ), so the rows, samples and counts are
     those of one run over all targets."""
@@ -1477,8 +1475,15 @@ def _select_parallel(workers: int, parts_dir: Path, stem: str, img_meta: dict, b
             sink.close()
         return samples, counts, sink.paths["pairs"], sink.paths["candidates"]
     n = min(len(uids), workers * CHUNKS_PER_WORKER)
-    bounds = [round(i * len(uids) / n) for i in range(n + 1)]
-    chunks = [uids[bounds[i]:bounds[i + 1]] for i in range(n)]
+    # targets grouped by person (their smallest identity id): a person's targets share their candidates, so
+    # each worker's decoding and keypoint caches serve its chunk as they serve one run (contiguous runs of
+    # uids, which are random, made every worker decode most photos: twice the CPU of one run, measured)
+    def person(u: str) -> str:
+        ids = [f.identity_id for f in by_uid.get(u, []) if f.identity_id is not None]
+        return min(ids) if ids else ""
+    order = sorted(uids, key=lambda u: (person(u), u))
+    bounds = [round(i * len(order) / n) for i in range(n + 1)]
+    chunks = [order[bounds[i]:bounds[i + 1]] for i in range(n)]
     _FORKED.update(parts_dir=parts_dir, stem=stem, img_meta=img_meta, by_uid=by_uid, cfg=cfg, read_bytes=read_bytes,
                    override=override, mversions=mversions, tally=tally, guard=guard)
     import cv2
