@@ -6,14 +6,16 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 
-import assets.faces as faces_assets
 import assets.ingest as ingest_assets
+import pipeline.commits as commits_mod
+import pipeline.faces.stage as stage_mod
 from assets.faces import faces
 from assets.ingest import images
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
 from pipeline.config import Layout
 from pipeline.expression.release import release_checks as expression_checks
+from pipeline.faces.stage import embeddings_of
 from pipeline.shards import write_manifest, write_shards
 from pipeline.sources import register_new_inputs
 
@@ -58,20 +60,95 @@ def test_images_check_fails_when_an_input_vanishes(partition, monkeypatch):
     assert _checks(r)[("images", "counts_reconcile")] is False
 
 
-def test_faces_check_fails_when_a_face_row_vanishes(partition, monkeypatch):
-    spec, instance, settings = partition
+def _faces_run(spec, instance, settings):
     assert dg.materialize([images], partition_key=spec.key, instance=instance, resources={"lineup": settings}).success
-    real = faces_assets.run_face_partition
+    return dg.materialize([faces], partition_key=spec.key, instance=instance, resources={"lineup": settings},
+                          raise_on_error=False)
 
-    def lossy(*a, **k):
-        res = real(*a, **k)
-        assert res.faces.num_rows >= 2
-        res.faces = res.faces.slice(1)  # the scan still says the image has that face
-        return res
 
-    monkeypatch.setattr(faces_assets, "run_face_partition", lossy)
-    r = dg.materialize([faces], partition_key=spec.key, instance=instance, resources={"lineup": settings}, raise_on_error=False)
+def _kept_out(settings, key):
+    """A failed face unit: nothing in the tables, the collection leaves the partition out and says why."""
+    from pipeline.collection import load_collection
+
+    layout = settings.layout
+    coll = load_collection(layout)
+    assert not layout.partition_file("faces", key).exists() and not layout.partition_file("face_scan", key).exists()
+    assert coll.built == [] and key in coll.failed
+    return coll
+
+
+def test_faces_counts_fail_when_a_face_row_vanishes(partition, monkeypatch):
+    """The backend found a face that the faces table lost: face_scan (what the backend returned) disagrees
+    with the faces file read back. Before, the scan was counted from the faces table and agreed."""
+    spec, instance, settings = partition
+    real = stage_mod.faces_table
+
+    def lossy(records, backend):
+        t = real(records, backend)
+        assert t.num_rows >= 2
+        return t.slice(1)
+
+    monkeypatch.setattr(stage_mod, "faces_table", lossy)
+    r = _faces_run(spec, instance, settings)
     assert _checks(r)[("faces", "counts_reconcile")] is False
+    assert not r.success  # a failed blocking check fails the step
+    _kept_out(settings, spec.key)
+
+
+def test_faces_counts_fail_when_an_image_is_never_analysed(partition, monkeypatch):
+    """An engine that drops a chunk's image: image rows != scanned + rejected. Before, the scan was the
+    image rows minus the rejects, so this held by construction."""
+    spec, instance, settings = partition
+    real = stage_mod.analyze_rows
+
+    def drops_one(backend, chunk):
+        records, rejects, timings = real(backend, chunk)
+        return records[1:], rejects, timings
+
+    monkeypatch.setattr(stage_mod, "analyze_rows", drops_one)
+    r = _faces_run(spec, instance, settings)
+    assert _checks(r)[("faces", "counts_reconcile")] is False
+
+
+def _corrupt_on_disk(monkeypatch, change):
+    """The faces file as written differs from the table in memory (a bad writer, a flipped bit)."""
+    real = commits_mod.write_parquet_atomic
+
+    def write(table, path):
+        if path.name == "faces.parquet" and table.num_rows:
+            table = change(table)
+        return real(table, path)
+
+    monkeypatch.setattr(commits_mod, "write_parquet_atomic", write)
+
+
+def test_faces_unit_norm_is_checked_on_the_file_written(partition, monkeypatch):
+    spec, instance, settings = partition
+
+    def halve(t):
+        emb = embeddings_of(t) * 0.5
+        i = t.column_names.index("embedding")
+        flat = pa.array(emb.reshape(-1), pa.float32())
+        return t.set_column(i, "embedding", pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]))
+
+    _corrupt_on_disk(monkeypatch, halve)
+    r = _faces_run(spec, instance, settings)
+    checks = _checks(r)
+    assert checks[("faces", "embeddings_unit_norm")] is False and checks[("faces", "counts_reconcile")] is True
+    _kept_out(settings, spec.key)
+
+
+def test_faces_boxes_are_checked_on_the_file_written(partition, monkeypatch):
+    spec, instance, settings = partition
+
+    def shift(t):
+        i = t.column_names.index("x2")
+        return t.set_column(i, "x2", pa.array([v + 10_000 for v in t.column("x2").to_pylist()], pa.float32()))
+
+    _corrupt_on_disk(monkeypatch, shift)
+    r = _faces_run(spec, instance, settings)
+    checks = _checks(r)
+    assert checks[("faces", "bbox_inside_image")] is False and checks[("faces", "embeddings_unit_norm")] is True
 
 
 def _expression_folder(tmp_path, pairs):
