@@ -172,3 +172,25 @@ def test_expression_checks_read_identities_from_the_catalog(tmp_path):
     # a tar in the folder that the manifest does not list
     write_shards([{"__key__": "zz", "json": pairs[0]}], tmp_path, "stray")
     assert any("not in the manifest" in p for p in expression_checks(tmp_path, ids, table)["shards_match_manifest"])
+
+
+@pytest.mark.parametrize("fail", [True, False])
+def test_collection_automation_waits_for_the_faces_blocking_checks(partition, monkeypatch, fail):
+    """The eager condition of the collection assets requests identities after a faces partition lands
+    only when that partition's blocking checks passed."""
+    from assets.definitions import defs
+
+    spec, instance, settings = partition
+    if fail:
+        real = stage_mod.face_checks
+
+        def failing(faces_t, images_t):
+            return {**real(faces_t, images_t), "embeddings_unit_norm": (False, "forced")}
+
+        monkeypatch.setattr(stage_mod, "face_checks", failing)
+    selection = dg.AssetSelection.assets("identities")
+    before = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+    _faces_run(spec, instance, settings)
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection,
+                                              cursor=before.cursor)
+    assert after.total_requested == (0 if fail else 1)
