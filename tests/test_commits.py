@@ -108,7 +108,7 @@ def test_a_unit_is_visible_only_when_whole_and_checked(tmp_path):
 
 
 def test_a_kill_between_two_files_leaves_no_marker(tmp_path, monkeypatch):
-    import pipeline.commits as commits
+    from pipeline import commits
 
     layout = Layout(tmp_path / "home")
     t = pa.table({"uid": ["a"]})

@@ -34,7 +34,7 @@ def _run(inp, home, force_failure):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LINEUP_HOME": str(home), "LINEUP_INPUT": str(inp)}
     env.pop("LINEUP_SOCIAL", None)
     cmd = [sys.executable, "-c", FORCED_FAILURE] if force_failure else [sys.executable, "-m", "assets.run", "--no-training"]
-    p = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     return p.returncode, p.stdout + p.stderr
 
 
