@@ -129,3 +129,34 @@ def test_a_kill_between_two_files_leaves_no_marker(tmp_path, monkeypatch):
         pass
     assert unit_state(layout, "faces", "k") == MISSING  # not trusted: the runner redoes it
     assert os.path.exists(layout.partition_file("faces", "k"))
+
+
+def test_a_social_version_that_fails_its_checks_leaves_the_catalog_on_latest(tmp_path, monkeypatch):
+    """Before, the asset copied the failed version's tables into the catalog while LATEST stayed put."""
+    import shutil
+
+    import dagster as dg
+
+    import pipeline.social.checks as social_checks
+    from assets.resources import LineupSettings
+    from assets.social import social_dataset
+    from pipeline.catalog import query
+    from pipeline.social.simulate import SimConfig, simulate
+
+    log = tmp_path / "input" / "social"
+    settings = LineupSettings(home=str(tmp_path / "home"), input_dir=str(tmp_path / "input"))
+    layout = Layout(tmp_path / "home")
+    instance = dg.DagsterInstance.ephemeral()
+    simulate(log, config=SimConfig(n_events=20_000))
+    assert dg.materialize([social_dataset], instance=instance, resources={"lineup": settings}).success
+    first = latest_version(layout, "social")
+    before = query(layout, "SELECT pair_id FROM social_pairs ORDER BY pair_id").column("pair_id").to_pylist()
+    assert before
+    shutil.rmtree(log)
+    simulate(log, config=SimConfig(n_events=20_000, seed=1))  # another log: another version, other pairs
+    monkeypatch.setattr(social_checks, "no_self_pairs",
+                        lambda folder: social_checks.CheckOutcome(False, {"forced": "by the test"}))
+    r = dg.materialize([social_dataset], instance=instance, resources={"lineup": settings}, raise_on_error=False)
+    assert not r.success and latest_version(layout, "social") == first
+    after = query(layout, "SELECT pair_id FROM social_pairs ORDER BY pair_id").column("pair_id").to_pylist()
+    assert after == before
