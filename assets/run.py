@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.commits import failed_units
 
     # a partition whose checks failed is reported on every run until it passes or its input changes
-    for key, reasons in failed_units(layout, "faces", keys).items():
-        out.failed[f"partition {key}: faces checks"] = "; ".join(reasons)[:300] or "failed"
+    for stage in ("images", "faces"):
+        for key, reasons in failed_units(layout, stage, keys).items():
+            out.failed[f"partition {key}: {stage} checks"] = "; ".join(reasons)[:300] or "failed"
 
     def run_job(name: str, selection=None):
         job = defs.resolve_job_def(name)

@@ -6,9 +6,9 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 
-import assets.ingest as ingest_assets
 import pipeline.commits as commits_mod
 import pipeline.faces.stage as stage_mod
+import pipeline.ingest as ingest_mod
 from assets.faces import faces
 from assets.ingest import images
 from assets.partitions import input_partitions
@@ -48,16 +48,20 @@ def test_ingest_and_face_checks_pass_on_honest_runs(partition):
 
 def test_images_check_fails_when_an_input_vanishes(partition, monkeypatch):
     spec, instance, settings = partition
-    real = ingest_assets.ingest_partition
+    real = ingest_mod.ingest_partition
 
     def lossy(*a, **k):
         res = real(*a, **k)
         res.images = res.images.slice(1)  # one accepted image silently lost
         return res
 
-    monkeypatch.setattr(ingest_assets, "ingest_partition", lossy)
+    monkeypatch.setattr(ingest_mod, "ingest_partition", lossy)
     r = dg.materialize([images], partition_key=spec.key, instance=instance, resources={"lineup": settings}, raise_on_error=False)
     assert _checks(r)[("images", "counts_reconcile")] is False
+    # kept out: no images file, and the face stage refuses to run on it
+    assert not settings.layout.partition_file("images", spec.key).exists()
+    r = dg.materialize([faces], partition_key=spec.key, instance=instance, resources={"lineup": settings}, raise_on_error=False)
+    assert not r.success and not settings.layout.partition_file("faces", spec.key).exists()
 
 
 def _faces_run(spec, instance, settings):

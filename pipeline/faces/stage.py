@@ -409,14 +409,13 @@ def face_unit_checks(images_path) -> dict:
 
 
 def face_unit_inputs(layout, key: str, backend) -> dict:
-    """What a face unit is computed from: the partition's registered input and the face model. A unit
-    committed from other inputs is stale and is run again."""
-    import hashlib
+    """What a face unit is computed from: the committed images unit (its file's sha256 when committed;
+    a removal request that rewrites the file later does not make the faces stale) and the face model. A
+    unit committed from other inputs is stale and is run again."""
+    from pipeline.commits import read_marker
 
-    from pipeline.sources import load_partition
-
-    spec = load_partition(layout.partitions, key).to_json()
-    return {"input": hashlib.sha256(spec.encode()).hexdigest()[:32], "backend": backend.name,
+    images_unit = read_marker(layout, "images", key) or {}
+    return {"images_sha256": images_unit.get("files", {}).get("images", {}).get("sha256"), "backend": backend.name,
             "model_version": backend.model_version}
 
 
@@ -432,9 +431,12 @@ def run_face_stage(layout, key: str, backend, limits: IngestLimits | None = None
                    chunk_runner: Callable | None = None) -> FaceStageResult:
     """The face stage of one partition, I/O included: read its image rows, detect and embed, and commit
     faces, face_scan and rejects_faces as one unit (pipeline.commits) once its blocking checks passed."""
-    from pipeline.commits import commit_unit
+    from pipeline.commits import PASSED, commit_unit, unit_state
     from pipeline.storage import read_parquet
 
+    if unit_state(layout, "images", key) != PASSED:
+        raise RuntimeError(f"partition {key}: its images are not committed (missing, failed their checks or killed "
+                           "mid-write); run its ingestion first")
     images_path = layout.partition_file("images", key)
     images = read_parquet(images_path)
     res = run_face_partition(images, backend, key, limits, batch_size, progress=progress, workers=workers,
