@@ -117,6 +117,7 @@ KILL_BEFORE = textwrap.dedent("""
 """)
 
 GAPS = [
+    ("images written, rejects_ingest not", "/rejects_ingest/"),
     ("faces written, face_scan not", "/face_scan/"),
     ("every face file written, no marker", "/_commits/faces/"),
     ("face_expressions written, no marker", "/_commits/face_expressions/"),
