@@ -23,11 +23,13 @@ def _gpu_pool() -> str | None:
 GPU_POOL = _gpu_pool()
 
 # Update after new data lands, even when some input partition failed: a failed partition is left out
-# and named in the metadata (partitions_missing), it does not block the collection forever.
+# and named in the metadata (partitions_missing), it does not block the collection forever. New data
+# counts once its blocking checks passed: a partition whose checks failed triggers nothing (and the
+# collection does not read it, pipeline/commits.py).
 COLLECTION_UPDATE = (
-    dg.AutomationCondition.eager()
-    .without(~dg.AutomationCondition.any_deps_missing())
-    .with_label("eager, also when an input partition failed")
+    (dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
+     & dg.AutomationCondition.all_deps_blocking_checks_passed())
+    .with_label("eager once upstream blocking checks passed, also when an input partition failed")
 )
 
 

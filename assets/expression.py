@@ -18,7 +18,7 @@ from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
 from pipeline.faces.calibration import thresholds_for
 from pipeline.identity.build import with_identity_ids
-from pipeline.storage import read_parquet, read_partitioned, write_parquet_atomic
+from pipeline.storage import read_parquet, read_partitioned
 
 
 @dg.asset(
@@ -35,28 +35,27 @@ def face_expressions(context: dg.AssetExecutionContext, lineup: LineupSettings):
         ExpressionConfig,
         ExpressionModelUnavailable,
         ExpressionStage,
-        describe_partition,
         ray_expression_runner,
+        run_expression_stage,
     )
 
     layout = lineup.layout
     key = context.partition_key
-    fcs = read_parquet(layout.partition_file("faces", key))
-    imgs = read_parquet(layout.partition_file("images", key))
     cfg = ExpressionConfig(fer_weights=lineup.path_setting(lineup.fer_weights, "LINEUP_FER_WEIGHTS"))
     try:
         stage = ExpressionStage(cfg)
     except ExpressionModelUnavailable as e:
         raise dg.Failure(f"expression model unavailable: {e}") from e
     runner = engine_runner(lineup, lambda: ray_expression_runner(cfg, lineup.workers))
-    res = describe_partition(imgs, fcs, stage, lineup.limits, chunk_runner=runner)
-    write_parquet_atomic(res.descriptors, layout.partition_file("face_expressions", key))
+    res, unit = run_expression_stage(layout, key, stage, lineup.limits, chunk_runner=runner)
     refresh_catalog(layout)
+    if not unit.passed:
+        raise dg.Failure(f"{key}: face_expressions not committed (kept in {unit.staging}): {'; '.join(unit.reasons)}")
     top = res.descriptors.column("top_class").to_pylist() if res.descriptors.num_rows else []
     counts = {c: top.count(c) for c in sorted(set(top))}
     return dg.MaterializeResult(
         metadata={
-            "faces": fcs.num_rows,
+            "faces": res.stats.get("faces", 0),
             "described": res.descriptors.num_rows,
             "not_described": res.rejects.num_rows,
             "top_class_counts": dg.MetadataValue.json(counts),
@@ -86,7 +85,8 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
     import numpy as np
 
     from pipeline.collection import load_collection, load_identities
-    from pipeline.datasets import release, reusable_version
+    from pipeline.commits import committed_keys
+    from pipeline.datasets import release, reusable_version, sync_catalog_table
     from pipeline.expression.pairs import (
         PairConfig,
         build_expression_pairs,
@@ -101,7 +101,8 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
     layout = lineup.layout
     coll = load_collection(layout)
     ids = load_identities(layout, coll.faces)
-    desc = read_partitioned(layout.table_dir("face_expressions"), coll.built) if coll.built else None
+    described = committed_keys(layout, "face_expressions", coll.built)  # committed expression units only
+    desc = read_partitioned(layout.table_dir("face_expressions"), described) if described else None
     empty_reason = coll.empty_reason or (None if desc is not None and desc.num_rows else "no expression descriptors yet")
     if desc is None:
         from pipeline.expression.descriptor import DESCRIPTOR_SCHEMA
@@ -139,7 +140,8 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
 
     rel = release(layout, "expression", version, build, checks, card)
     pairs = read_parquet(rel.folder / "pairs.parquet")
-    write_parquet_atomic(pairs, layout.table_file("expression_pairs"))
+    # the catalog shows the version LATEST names, not one that failed its checks or lost to a newer build
+    sync_catalog_table(layout, "expression", "pairs.parquet", "expression_pairs")
     refresh_catalog(layout)
     stats = rel.result.stats if rel.result is not None else {}
     return dg.MaterializeResult(

@@ -10,8 +10,7 @@ from assets.resources import LineupSettings
 from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
 from pipeline.faces.report import face_figures
-from pipeline.faces.stage import face_checks, ray_chunk_runner, reconcile_faces, run_face_partition
-from pipeline.storage import read_parquet, write_parquet_atomic
+from pipeline.faces.stage import ray_chunk_runner, run_face_stage
 
 _BACKENDS: dict = {}  # loaded face models, kept for the life of the process
 
@@ -25,44 +24,43 @@ def face_backend(settings: LineupSettings):
     return _BACKENDS[key]
 
 
+FACE_CHECKS = {
+    "counts_reconcile": "Read back from the staged files: the image rows written by ingestion = the images the "
+    "backend analysed (face_scan) + the images it could not decode (rejects_faces); each image has as many rows "
+    "in the faces file as the backend returned faces for it.",
+    "embeddings_unit_norm": "Read back from the staged faces file: every stored embedding is finite with unit L2 norm.",
+    "bbox_inside_image": "Read back from the staged faces file: every stored box lies inside its image as measured "
+    "at ingestion (1 px tolerance).",
+}
+
+
 @dg.asset(
     partitions_def=input_partitions,
     group_name="ingest",
     pool=GPU_POOL,
     kinds={"parquet"},
     deps=[images],
-    check_specs=[
-        dg.AssetCheckSpec("embeddings_unit_norm", asset="faces", blocking=True,
-                          description="Every embedding is finite and has unit L2 norm."),
-        dg.AssetCheckSpec("bbox_inside_image", asset="faces", blocking=True,
-                          description="Every face box lies inside its image (1 px tolerance)."),
-        dg.AssetCheckSpec("counts_reconcile", asset="faces", blocking=True,
-                          description="Read back: every image row is scanned or rejected, and each image has as many "
-                          "face rows as its scan says."),
-    ],
+    check_specs=[dg.AssetCheckSpec(n, asset="faces", blocking=True, description=d) for n, d in FACE_CHECKS.items()],
     description="Every face in the partition's images: box, 5 landmarks, detector score, quality, "
-    "L2-normalised identity embedding, backend and model version.",
+    "L2-normalised identity embedding, backend and model version. Committed as one unit with face_scan and "
+    "rejects_faces, only when the blocking checks pass (pipeline/commits.py).",
 )
 def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
     layout = lineup.layout
     key = context.partition_key
-    imgs = read_parquet(layout.partition_file("images", key))
     backend = face_backend(lineup)
-    context.log.info(f"{key}: {imgs.num_rows} images, backend {backend!r}")
+    context.log.info(f"{key}: backend {backend!r}")
     runner = engine_runner(lineup, lambda: ray_chunk_runner(backend, lineup.workers))
-    res = run_face_partition(
-        imgs, backend, key, lineup.limits, lineup.face_batch_size,
+    stage = run_face_stage(
+        layout, key, backend, lineup.limits, lineup.face_batch_size,
         progress=lambda i, n: context.log.info(f"{key}: faces {i}/{n} images"), workers=lineup.workers,
         chunk_runner=runner,
     )
-    write_parquet_atomic(res.faces, layout.partition_file("faces", key))
-    write_parquet_atomic(res.scan, layout.partition_file("face_scan", key))
-    write_parquet_atomic(res.rejects.to_table(), layout.partition_file("rejects_faces", key))
     refresh_catalog(layout)
-    reconcile = reconcile_faces(layout.partition_file("images", key), layout.partition_file("faces", key),
-                                layout.partition_file("face_scan", key), layout.partition_file("rejects_faces", key))
-    checks = face_checks(res.faces, imgs)
-    figs = face_figures(res.faces, imgs, lineup.limits)
+    res, unit = stage.partition, stage.unit
+    if not unit.passed:
+        context.log.error(f"{key}: face unit not committed, kept in {unit.staging}: {'; '.join(unit.reasons)}")
+    figs = face_figures(res.faces, stage.images, lineup.limits)
     n = res.faces.num_rows
     det = np.asarray(res.faces.column("det_score").to_pylist()) if n else np.zeros(0)
     yield dg.MaterializeResult(
@@ -72,6 +70,7 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "images_with_faces": res.images_with_faces,
             "images_without_faces": res.images_without_faces,
             "rejected": len(res.rejects),
+            "committed": unit.passed,
             "backend": backend.name,
             "model_version": backend.model_version,
             "seconds": round(res.seconds, 2),
@@ -80,19 +79,11 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "faces_per_s": round(n / res.seconds, 2) if res.seconds else 0.0,
             "median_det_score": float(np.median(det)) if n else 0.0,
             "timings": dg.MetadataValue.json({k: round(float(v), 3) for k, v in res.timings.items()}),
+            "files": dg.MetadataValue.json(unit.files),
             **pictures(figs),
         },
         check_results=[
-            *[
-                dg.AssetCheckResult(check_name=name, passed=ok, description=why)
-                for name, (ok, why) in checks.items()
-            ],
-            dg.AssetCheckResult(
-                check_name="counts_reconcile",
-                passed=reconcile.pop("passed"),
-                description="image rows = scanned + rejected, and face rows per image = its scan's count (read back)",
-                # counts, never uids (the rows are in the tables): the event log must hold nothing a removal cannot delete
-                metadata={k: len(v) if isinstance(v, list) else v for k, v in reconcile.items()},
-            ),
+            dg.AssetCheckResult(check_name=name, passed=ok, description=why)
+            for name, (ok, why) in unit.checks.items()
         ],
     )

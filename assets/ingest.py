@@ -7,10 +7,9 @@ from assets.common import engine_metadata, engine_runner
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
 from pipeline.catalog import refresh_catalog
-from pipeline.ingest import ingest_partition, ray_ingest_runner, reconcile_ingest
+from pipeline.ingest import ray_ingest_runner, run_ingest_stage
 from pipeline.removals import removed_uids
-from pipeline.sources import load_partition, load_registry, plan_new_partitions, register_partitions
-from pipeline.storage import write_parquet_atomic
+from pipeline.sources import load_registry, plan_new_partitions, register_partitions
 
 
 @dg.asset(
@@ -27,14 +26,10 @@ from pipeline.storage import write_parquet_atomic
 def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
     layout = lineup.layout
     key = context.partition_key
-    spec = load_partition(layout.partitions, key)
     runner = engine_runner(lineup, lambda: ray_ingest_runner(lineup.workers))
-    res = ingest_partition(spec, lineup.limits, removed=removed_uids(layout), workers=lineup.workers, chunk_runner=runner,
-                           progress=lambda n: context.log.info(f"{key}: {n} inputs read"))
-    write_parquet_atomic(res.images, layout.partition_file("images", key))
-    write_parquet_atomic(res.rejects.to_table(), layout.partition_file("rejects_ingest", key))
+    spec, res, unit = run_ingest_stage(layout, key, lineup.limits, removed=removed_uids(layout), workers=lineup.workers,
+                                       chunk_runner=runner, progress=lambda n: context.log.info(f"{key}: {n} inputs read"))
     refresh_catalog(layout)
-    reconcile = reconcile_ingest(spec, layout.partition_file("images", key), layout.partition_file("rejects_ingest", key))
     reasons = res.rejects.counts_by_reason()
     yield dg.MaterializeResult(
         metadata={
@@ -54,12 +49,8 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "path": dg.MetadataValue.path(str(layout.partition_file("images", key))),
         },
         check_results=[
-            dg.AssetCheckResult(
-                check_name="counts_reconcile",
-                passed=reconcile.pop("passed"),
-                metadata=reconcile,
-                description="inputs listed from the source = image rows + reject rows (read back)",
-            )
+            dg.AssetCheckResult(check_name=name, passed=ok, description=why, metadata=unit.files.get("images", {}))
+            for name, (ok, why) in unit.checks.items()
         ],
     )
 

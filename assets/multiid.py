@@ -8,7 +8,7 @@ from assets.ingest import images
 from assets.resources import LineupSettings
 from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
-from pipeline.storage import read_parquet, write_parquet_atomic, write_parquet_stream_atomic
+from pipeline.storage import read_parquet
 
 CHECKS = {
     "identity_disjoint_splits": "No photo and no person in both train and eval: samples re-read from the shards, "
@@ -30,7 +30,7 @@ CHECKS = {
 )
 def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     from pipeline.collection import load_collection, load_identities
-    from pipeline.datasets import release, reusable_version
+    from pipeline.datasets import release, reusable_version, sync_catalog_table
     from pipeline.multiid import MultiIDConfig, build_multiid_dataset
     from pipeline.multiid.metrics import load_samples
     from pipeline.multiid.release import empty_explanation, multiid_card, multiid_version, split_counts
@@ -64,15 +64,9 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
 
     rel = release(layout, "multiid", version, build, checks, card)
     pairs = read_parquet(rel.folder / "pairs.parquet")
-    write_parquet_atomic(pairs, layout.table_file("multiid_pairs"))
-    # candidates (~58 rows a target photo): copied a row group at a time, and only two columns read for the
-    # histograms, not the whole table held
-    import pyarrow.parquet as pq
-
-    with (rel.folder / "candidates.parquet").open("rb") as f:
-        cand_file = pq.ParquetFile(f)
-        write_parquet_stream_atomic((cand_file.read_row_group(i) for i in range(cand_file.num_row_groups)), cand_file.schema_arrow,
-                                    layout.table_file("multiid_candidates"))
+    # the catalog shows the version LATEST names, not one that failed its checks or lost to a newer build
+    sync_catalog_table(layout, "multiid", "pairs.parquet", "multiid_pairs")
+    sync_catalog_table(layout, "multiid", "candidates.parquet", "multiid_candidates")
     candidates = read_parquet(rel.folder / "candidates.parquet", columns=["similarity", "status"])
     refresh_catalog(layout)
     stats = rel.result.stats if rel.result is not None else {}

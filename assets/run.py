@@ -1,9 +1,9 @@
 """Materialize the whole asset graph from the command line (what `make run` and `make demo` call).
 
 It registers new input partitions exactly as the sensor does, runs the per-partition job for each
-partition not built yet, then the whole-collection assets, the social preference pairs and the
-trainers, all on the persistent Dagster instance under $LINEUP_HOME/dagster, so the runs show up in
-`make ui` afterwards, on their job pages.
+partition whose committed unit is missing, failed its checks or is stale (partition_plan), then the
+whole-collection assets, the social preference pairs and the trainers, all on the persistent Dagster
+instance under $LINEUP_HOME/dagster, so the runs show up in `make ui` afterwards, on their job pages.
 
 Nothing to build is not a failure: a collection without faces builds empty dataset versions, a log
 without photos builds only the social pairs, a trainer without data skips. The exit status is 1 only
@@ -65,20 +65,30 @@ def _social_path() -> Path | None:
     return None
 
 
-def _other_model_partitions(layout, keys: list[str], defs) -> list[str]:
-    """Built partitions whose faces come from another model than the configured face backend's."""
-    from assets.faces import face_backend
-    from pipeline.collection import partition_face_model
+def partition_plan(layout, keys: list[str], backend, rebuild: bool = False) -> dict[str, tuple[str, str]]:
+    """key -> (what to run, why) for the partitions that need a run: the whole ingest job when the face
+    unit is missing (never run, or killed between its files), failed its checks, or is stale (another
+    input or face model); only face_expressions when that unit alone is missing, failed or stale.
+    Committed, current partitions are left alone (pipeline/commits.py)."""
+    from pipeline.commits import PASSED, read_marker, unit_state
+    from pipeline.faces.stage import face_unit_inputs
 
-    if not keys:
-        return []
-    current = face_backend(defs.resources["lineup"])
-    out = []
+    plan = {}
     for k in keys:
-        m = partition_face_model(layout.partition_file("faces", k))
-        if m is not None and (m[0], m[1]) != (current.name, current.model_version):
-            out.append(k)
-    return out
+        if rebuild:
+            plan[k] = ("all", "--rebuild")
+            continue
+        state = unit_state(layout, "faces", k, face_unit_inputs(layout, k, backend))
+        if state != PASSED:
+            plan[k] = ("all", f"faces {state}")
+            continue
+        faces_sha = read_marker(layout, "faces", k)["files"]["faces"]["sha256"]
+        expr = read_marker(layout, "face_expressions", k)
+        if expr is None or expr.get("status") != PASSED:
+            plan[k] = ("face_expressions", f"face_expressions {'missing' if expr is None else expr.get('status')}")
+        elif expr.get("inputs", {}).get("faces_sha256") != faces_sha:
+            plan[k] = ("face_expressions", "face_expressions stale (its faces were re-run)")
+    return plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,17 +150,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lineup: no LINEUP_INPUT, social log only; data in {home}")
 
     ingest_job = defs.resolve_job_def("ingest_job")
-    todo = [s.key for s in specs if args.rebuild or not layout.partition_file("faces", s.key).exists()]
-    stale = _other_model_partitions(layout, [s.key for s in specs if s.key not in todo], defs)
-    if stale:
-        print(f"{len(stale)} partitions were embedded by another face model than the configured one: re-embedding them")
-        todo += stale
-    for i, key in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] partition {key}", flush=True)
+    keys = [s.key for s in specs]
+    if keys:
+        from assets.faces import face_backend
+
+        plan = partition_plan(layout, keys, face_backend(defs.resources["lineup"]), args.rebuild)
+    else:
+        plan = {}
+    for i, (key, (what, why)) in enumerate(plan.items(), 1):
+        print(f"[{i}/{len(plan)}] partition {key} ({why})", flush=True)
+        selection = None if what == "all" else [dg.AssetKey(what)]
         result = ingest_job.execute_in_process(
-            partition_key=key, instance=instance, raise_on_error=False, run_config=QUIET, tags=REPOSITORY_TAG
+            partition_key=key, instance=instance, raise_on_error=False, run_config=QUIET, tags=REPOSITORY_TAG,
+            asset_selection=selection,
         )
         out.record(result, f"ingest_job[{key}]")
+    from pipeline.commits import failed_units
+
+    # a partition whose checks failed is reported on every run until it passes or its input changes
+    for stage in ("images", "faces"):
+        for key, reasons in failed_units(layout, stage, keys).items():
+            out.failed[f"partition {key}: {stage} checks"] = "; ".join(reasons)[:300] or "failed"
 
     def run_job(name: str, selection=None):
         job = defs.resolve_job_def(name)

@@ -6,7 +6,6 @@ from assets.common import release_checks, release_metadata
 from assets.resources import LineupSettings
 from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
-from pipeline.storage import read_parquet, write_parquet_atomic
 
 CHECKS = {
     "events_reconcile": "Rows of the input files (Parquet footers, csv module) = accepted + rejected, read back "
@@ -35,7 +34,7 @@ TABLES = ("social_pairs", "social_users", "social_images", "social_bots")
     can_subset=True,  # a skipped run leaves its checks unreported
 )
 def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
-    from pipeline.datasets import release
+    from pipeline.datasets import release, sync_catalog_table
     from pipeline.removals import card_entries, load_requests, mark_superseded, social_versions_with_users
     from pipeline.social import SocialConfig, build_social_pairs
     from pipeline.social.checks import events_reconcile, no_self_pairs, shards_match_manifest
@@ -77,10 +76,9 @@ def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     rel = release(layout, "social", version, build, checks, card)
     if removed and rel.published:  # older versions in which a removed user acts or creates
         mark_superseded(layout, social_versions_with_users(layout, removed, keep=version), purge=lineup.purge_removed_versions)
-    for name in TABLES:
-        if (rel.folder / f"{name}.parquet").exists():
-            write_parquet_atomic(read_parquet(rel.folder / f"{name}.parquet"), layout.table_file(name))
-    write_parquet_atomic(read_parquet(rel.folder / "social_rejects.parquet"), layout.table_file("rejects_social"))
+    for name in TABLES:  # the catalog shows the version LATEST names, not one that failed its checks
+        sync_catalog_table(layout, "social", f"{name}.parquet", name)
+    sync_catalog_table(layout, "social", "social_rejects.parquet", "rejects_social")
     refresh_catalog(layout)
     st = rel.result.stats if rel.result is not None else {}
     keys = ("population_pairs", "user_pairs", "users_with_pairs", "events_in", "events_rejected", "events_self_excluded",

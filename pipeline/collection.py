@@ -1,7 +1,9 @@
 """What the whole-collection assets read: the per-partition tables of every partition that was built.
 
-A partition whose faces did not get built (its run failed, or it has not run yet) does not block the
-collection: it is left out and named in ``missing``, so the collection assets build from what exists
+A partition counts as built when its face unit is committed (pipeline/commits.py: its files written
+and its blocking checks passed). One whose faces did not get built (its run failed or was killed, its
+checks failed, or it has not run yet) does not block the collection: it is left out and named in
+``missing`` (and in ``failed`` with the reasons when its checks failed), so the collection assets build from what exists
 and say what they lack. An empty collection is a valid input: the tables are empty, with their schemas.
 """
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from pipeline.commits import committed_keys, failed_units
 from pipeline.config import Layout
 from pipeline.faces.stage import faces_schema
 from pipeline.ingest import IMAGES_SCHEMA
@@ -45,8 +48,9 @@ class Collection:
     images: pa.Table
     faces: pa.Table
     registered: list[str]  # every registered input partition
-    built: list[str]  # partitions whose images and faces tables exist
+    built: list[str]  # partitions whose face unit is committed (its blocking checks passed)
     missing: list[str] = field(default_factory=list)  # registered, not built: left out
+    failed: dict[str, list[str]] = field(default_factory=dict)  # partition -> why its face unit failed its checks
 
     @property
     def empty_reason(self) -> str | None:
@@ -60,7 +64,8 @@ class Collection:
 
     def coverage(self) -> dict:
         return {"partitions_registered": len(self.registered), "partitions_built": len(self.built),
-                "partitions_missing": self.missing[:50], "n_missing": len(self.missing)}
+                "partitions_missing": self.missing[:50], "n_missing": len(self.missing),
+                "partitions_failed_checks": dict(list(self.failed.items())[:50])}
 
 
 def image_owners(layout: Layout) -> dict[str, str]:
@@ -85,8 +90,9 @@ def load_collection(layout: Layout) -> Collection:
     """Images and faces of every built partition; an image held by several partitions (the same bytes)
     comes once, from the partition that owns it, whatever order the partitions were built in."""
     registered = [s.key for s in load_registry(layout.partitions)]
-    built = [k for k in registered
-             if layout.partition_file("images", k).exists() and layout.partition_file("faces", k).exists()]
+    # only committed face units (pipeline/commits.py): a partition whose checks failed, or whose run was
+    # killed between two of its files, is left out until it is run again
+    built = [k for k in committed_keys(layout, "faces", registered) if layout.partition_file("images", k).exists()]
     models: dict[tuple, list[str]] = {}
     for k in built:
         m = partition_face_model(layout.partition_file("faces", k))
@@ -104,7 +110,8 @@ def load_collection(layout: Layout) -> Collection:
     faces = [_owned(read_parquet(layout.partition_file("faces", k)), k, owners) for k in sorted(built)]
     images_t = pa.concat_tables(images, promote_options="default") if images else IMAGES_SCHEMA.empty_table()
     faces_t = pa.concat_tables(faces, promote_options="default") if faces else faces_schema(DEFAULT_EMBEDDING_DIM).empty_table()
-    return Collection(images_t, faces_t, registered, built, [k for k in registered if k not in built])
+    missing = [k for k in registered if k not in built]
+    return Collection(images_t, faces_t, registered, built, missing, failed_units(layout, "faces", missing))
 
 
 def load_identities(layout: Layout, faces: pa.Table) -> pa.Table:

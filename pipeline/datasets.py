@@ -5,10 +5,16 @@ uids, the face model and a fingerprint of every face row the builder reads (boxe
 embeddings), the identity assignment, the builder's config and the builder's own version. The same
 inputs give the same id on any machine; one changed embedding gives another id.
 
-Publishing (``staged_version``): the builder writes into ``datasets/<name>/.staging-<id>-<pid>/``;
-when the blocking checks pass, that folder is renamed to ``datasets/<name>/<id>/`` in one step and
-``LATEST`` is pointed at it. A run killed before the rename leaves only a dot-folder, which no reader
-lists and the next build removes. A version folder that exists is complete and is never written
+Publishing (``staged_version``): the builder writes into ``datasets/<name>/.staging-<id>-<token>/``,
+beside a lease ``.lease-<token>.json`` (host, pid, heartbeat renewed every 30 s); when the blocking
+checks pass, that folder is renamed to ``datasets/<name>/<id>/`` in one step and ``LATEST`` is pointed
+at it. A run killed before the rename leaves only a dot-folder, which no reader lists and the next
+build removes once its lease is dead (heartbeat older than 5 min, or its pid gone on this host).
+
+``LATEST`` only moves forward: every build takes a sequence number when it starts (``begin_build``),
+and ``set_latest`` (under a publish lock: fcntl locally, a lease object in an object store) refuses to
+point ``LATEST`` at a build older than the one it names (``LATEST.json`` records its sequence). The
+catalog's tables of a dataset are copied from the version ``LATEST`` names (``sync_catalog_table``). A version folder that exists is complete and is never written
 again: rebuilding the same content reuses it. Trainers read ``LATEST`` (or a pinned version).
 
 In an object store (LINEUP_STORE=s3://...) there is no rename, so publishing is: build and check the
@@ -27,6 +33,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
+import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +48,7 @@ from pipeline.config import Layout
 from pipeline.storage import is_remote, make_world_readable, write_bytes_atomic
 
 STAGING_PREFIX = ".staging-"
+LEASE_PREFIX = ".lease-"  # beside a staging folder: who builds it (host, pid) and when it last said so
 UNPUBLISHED_PREFIX = ".unpublished-"
 PUBLISHED_MARKER = "_PUBLISHED.json"  # object stores: written after every file of the version
 PUBLISHED_CHECK = "published_files_match_marker"  # a reused object-store version: its listing vs the marker
@@ -186,10 +197,116 @@ def verify_published(layout: Layout, name: str, version: str) -> list[str]:
     return problems
 
 
-def set_latest(layout: Layout, name: str, version: str) -> None:
+LATEST_RECORD = "LATEST.json"  # beside LATEST: the build sequence of the build that set it
+SEQUENCE_FILE = ".build-sequence"  # the last build sequence handed out for the dataset
+LEASE_TTL_S = 300.0  # a lease not renewed for this long belongs to a build that died
+LEASE_HEARTBEAT_S = 30.0
+
+
+def latest_record(layout: Layout, name: str) -> dict:
+    """{"version", "sequence"} of the build LATEST points to ({} when there is none or it predates the record)."""
+    p = layout.datasets / name / LATEST_RECORD
+    try:
+        return json.loads(p.read_text()) if p.exists() else {}
+    except ValueError:
+        return {}
+
+
+def begin_build(layout: Layout, name: str) -> int:
+    """A new build of ``name`` takes the next build sequence (under the publish lock): builds are ordered
+    by when they started, whichever finishes first."""
+    with publish_lock(layout, name):
+        p = layout.datasets / name / SEQUENCE_FILE
+        try:
+            last = int(p.read_text().strip()) if p.exists() else 0
+        except ValueError:
+            last = 0
+        last = max(last, int(latest_record(layout, name).get("sequence", 0)))
+        write_bytes_atomic(str(last + 1).encode(), p)
+        return last + 1
+
+
+def set_latest(layout: Layout, name: str, version: str, sequence: int | None = None) -> bool:
+    """Point LATEST at ``version``, serialised by the publish lock. A build (``sequence`` from
+    :func:`begin_build`) older than the one LATEST points to does not move it: LATEST only moves
+    forward. Returns whether LATEST now names ``version``. ``sequence=None`` (a manual pin) always moves it."""
     if not is_published(layout, name, version):
         raise FileNotFoundError(f"dataset {name} has no published version {version}")
-    write_bytes_atomic(version.encode(), layout.datasets / name / "LATEST")
+    with publish_lock(layout, name):
+        current = latest_record(layout, name)
+        if sequence is not None and int(current.get("sequence", 0)) > sequence:
+            return current.get("version") == version
+        if sequence is None:
+            sequence = int(current.get("sequence", 0))
+        # the record first: a kill between the two writes leaves it ahead of LATEST, never behind
+        write_bytes_atomic(json.dumps({"version": version, "sequence": sequence}).encode(),
+                           layout.datasets / name / LATEST_RECORD)
+        write_bytes_atomic(version.encode(), layout.datasets / name / "LATEST")
+        return True
+
+
+@contextlib.contextmanager
+def publish_lock(layout: Layout, name: str, timeout_s: float = 600.0):
+    """Serialise publishing ``name``: an fcntl lock on a local store; in an object store, a lease object
+    (host, pid, token, heartbeat) that another holder may take over once it is older than LEASE_TTL_S."""
+    root = layout.datasets / name
+    if not layout.remote:
+        import fcntl
+
+        Path(root).mkdir(parents=True, exist_ok=True)
+        with open(Path(root) / ".publish.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return
+    lease = root / ".publish-lease.json"
+    mine = new_lease()
+    deadline = time.time() + timeout_s
+    while True:
+        held = read_lease(lease)
+        if held is None or lease_expired(held) or held["token"] == mine["token"]:
+            write_bytes_atomic(json.dumps(mine).encode(), lease)
+            time.sleep(0.5)  # a rival that wrote at the same moment: the last write wins, read it back
+            if (read_lease(lease) or {}).get("token") == mine["token"]:
+                break
+        if time.time() > deadline:
+            raise TimeoutError(f"dataset {name}: publish lease held by {held}")
+        time.sleep(1.0)
+    try:
+        yield
+    finally:
+        if (read_lease(lease) or {}).get("token") == mine["token"]:
+            lease.fs.rm(lease.path)
+
+
+def new_lease() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex, "heartbeat": time.time()}
+
+
+def read_lease(path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (ValueError, OSError):
+        return None
+
+
+def lease_expired(lease: dict, now: float | None = None) -> bool:
+    """A lease is dead when its heartbeat is older than LEASE_TTL_S, or, on this host, when its process is
+    gone (a pid means nothing on another machine: there only the heartbeat counts)."""
+    now = time.time() if now is None else now
+    if now - float(lease.get("heartbeat", 0)) > LEASE_TTL_S:
+        return True
+    if lease.get("host") == socket.gethostname():
+        pid = int(lease.get("pid", -1))
+        if pid == os.getpid():
+            return lease.get("token") not in _LIVE_TOKENS
+        return pid <= 0 or not _alive(pid)
+    return False
+
+
+_LIVE_TOKENS: set[str] = set()  # leases this process is renewing
 
 
 def staging_root(layout: Layout, name: str) -> Path:
@@ -198,7 +315,9 @@ def staging_root(layout: Layout, name: str) -> Path:
 
 
 def clean_stale_staging(layout: Layout, name: str) -> list[str]:
-    """Remove staging folders that no live process owns (left by a killed run)."""
+    """Remove staging folders whose build is dead: their lease (``.lease-<token>.json`` beside them, with
+    host, pid and a heartbeat renewed while the build runs) expired, or is missing and the folder is older
+    than LEASE_TTL_S. A live build on another machine that shares the store keeps its folder."""
     root = staging_root(layout, name)
     removed = []
     if not root.exists():
@@ -206,14 +325,20 @@ def clean_stale_staging(layout: Layout, name: str) -> list[str]:
     for p in root.iterdir():
         if not (p.is_dir() and p.name.startswith(STAGING_PREFIX)):
             continue
-        try:
-            pid = int(p.name.rsplit("-", 1)[-1])
-        except ValueError:
-            pid = -1
-        if pid > 0 and pid != os.getpid() and _alive(pid):
+        token = p.name.rsplit("-", 1)[-1]
+        lease_path = root / f"{LEASE_PREFIX}{token}.json"
+        lease = read_lease(lease_path)
+        if lease is None:
+            if time.time() - p.stat().st_mtime <= LEASE_TTL_S:
+                continue  # being created: its lease comes next
+        elif not lease_expired(lease):
             continue
         shutil.rmtree(p, ignore_errors=True)
+        lease_path.unlink(missing_ok=True)
         removed.append(p.name)
+    for lp in root.glob(f"{LEASE_PREFIX}*.json"):  # leases whose folder is gone
+        if not (root / f"{STAGING_PREFIX}{lp.stem[len(LEASE_PREFIX):]}").exists() and lease_expired(read_lease(lp) or {}):
+            lp.unlink(missing_ok=True)
     return removed
 
 
@@ -225,6 +350,34 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class _Heartbeat:
+    """Renews a staging lease every LEASE_HEARTBEAT_S while a build runs."""
+
+    def __init__(self, path: Path, lease: dict):
+        self.path, self.lease, self.stop = path, lease, threading.Event()
+        _LIVE_TOKENS.add(lease["token"])
+        self.beat()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def beat(self) -> None:
+        self.lease["heartbeat"] = time.time()
+        write_bytes_atomic(json.dumps(self.lease).encode(), self.path)
+
+    def run(self) -> None:
+        while not self.stop.wait(LEASE_HEARTBEAT_S):
+            try:
+                self.beat()
+            except OSError:
+                pass  # a missed beat only shortens the lease
+
+    def end(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        _LIVE_TOKENS.discard(self.lease["token"])
+        Path(self.path).unlink(missing_ok=True)
 
 
 @dataclass
@@ -242,7 +395,7 @@ class StagedVersion:
     def final(self) -> Path:
         return dataset_dir(self.layout, self.name, self.version)
 
-    def publish(self, make_latest: bool = True) -> Path:
+    def publish(self, make_latest: bool = True, sequence: int | None = None) -> Path:
         """One rename makes the version visible; then LATEST points at it. (Object store: the upload,
         then the marker, then LATEST; the local staging folder is removed.)"""
         if self.layout.remote:
@@ -259,7 +412,7 @@ class StagedVersion:
         self.path = self.final
         self.published = True
         if make_latest:
-            set_latest(self.layout, self.name, self.version)
+            self.notes["latest"] = set_latest(self.layout, self.name, self.version, sequence)
         return self.final
 
     def keep_unpublished(self) -> Path:
@@ -279,15 +432,17 @@ def staged_version(layout: Layout, name: str, version: str) -> Iterator[StagedVe
     root = staging_root(layout, name)
     root.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(layout, name)
-    path = root / f"{STAGING_PREFIX}{version}-{os.getpid()}"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir()
+    lease = new_lease()
+    heartbeat = _Heartbeat(root / f"{LEASE_PREFIX}{lease['token']}.json", lease)
+    path = root / f"{STAGING_PREFIX}{version}-{lease['token']}"
     staged = StagedVersion(layout, name, version, path)
     try:
+        path.mkdir()
         yield staged
     finally:
         if not staged.published and staged.path == path and path.exists():
             shutil.rmtree(path, ignore_errors=True)
+        heartbeat.end()
 
 
 # ------------------------------------------------------------------------------------ cards
@@ -384,6 +539,7 @@ class Release:
     published: bool
     problems: dict[str, list[str]]  # blocking check -> problems (empty = passed)
     result: object = None  # what ``build`` returned (None when reused)
+    latest: bool = False  # LATEST points at this version (False: checks failed, or a newer build holds it)
 
     @property
     def passed(self) -> bool:
@@ -399,19 +555,18 @@ def release(layout: Layout, name: str, version: str, build, checks, card=None) -
     publishing. The version is published (one rename, then LATEST) only when every check passed;
     otherwise it is kept as ``.unpublished-<id>`` for inspection and LATEST does not move.
     """
+    sequence = begin_build(layout, name)
     final = dataset_dir(layout, name, version)
     if layout.remote and is_published(layout, name, version):
         # its blocking checks passed before upload; re-read the store's listing against the marker
         listing = verify_published(layout, name, version)
         problems = {PUBLISHED_CHECK: listing}
-        if not listing:
-            set_latest(layout, name, version)
-        return Release(name, version, final, True, True, problems)
+        latest = not listing and set_latest(layout, name, version, sequence)
+        return Release(name, version, final, True, True, problems, latest=latest)
     if final.is_dir():
         problems = checks(final, None)
-        if not any(problems.values()):
-            set_latest(layout, name, version)
-        return Release(name, version, final, True, True, problems)
+        latest = not any(problems.values()) and set_latest(layout, name, version, sequence)
+        return Release(name, version, final, True, True, problems, latest=latest)
     with staged_version(layout, name, version) as staged:
         result = build(staged.path)
         if card is not None:
@@ -420,7 +575,27 @@ def release(layout: Layout, name: str, version: str, build, checks, card=None) -
         if any(problems.values()):
             folder = staged.keep_unpublished()
             return Release(name, version, folder, False, False, problems, result)
-        folder = staged.publish()
-        return Release(name, version, folder, False, True, problems, result)
+        folder = staged.publish(sequence=sequence)
+        return Release(name, version, folder, False, True, problems, result, latest=staged.notes["latest"])
 
 
+def sync_catalog_table(layout: Layout, name: str, filename: str, table: str) -> bool:
+    """Make the catalog's table ``table`` (tables/<table>.parquet) the ``filename`` of the version LATEST
+    points to, so that the catalog shows the published version, never one that failed its checks or
+    lost the race to a newer build. Copied a row group at a time (multiid candidates run to ~58 rows a
+    photo). Returns False, leaving no catalog table, when there is no LATEST or it has no such file."""
+    import pyarrow.parquet as pq
+
+    from pipeline.storage import write_parquet_stream_atomic
+
+    v = latest_version(layout, name)
+    target = layout.table_file(table)
+    source = dataset_dir(layout, name, v) / filename if v is not None else None
+    if source is None or not source.exists():
+        if target.exists():
+            target.unlink()
+        return False
+    with source.open("rb") as f:
+        pf = pq.ParquetFile(f)
+        write_parquet_stream_atomic((pf.read_row_group(i) for i in range(pf.num_row_groups)), pf.schema_arrow, target)
+    return True

@@ -274,3 +274,31 @@ def reconcile_ingest(spec, images_path: Path, rejects_path: Path) -> dict:
     rows = parquet_rows(images_path) if images_path.exists() else 0
     rejected = parquet_rows(rejects_path) if rejects_path.exists() else 0
     return {"inputs_listed": listed, "image_rows": rows, "reject_rows": rejected, "passed": listed == rows + rejected}
+
+
+INGEST_STAGE = "images"  # the commit unit (pipeline/commits.py) of images + rejects_ingest
+
+
+def run_ingest_stage(layout, key: str, limits: IngestLimits | None = None, removed: set[str] | None = None,
+                     workers: int = 1, chunk_runner: Callable | None = None,
+                     progress: Callable[[int], None] | None = None):
+    """Ingest one registered partition, I/O included: ``images`` and ``rejects_ingest`` committed as one
+    unit once counts_reconcile passed on the staged files (the source listed again = image rows + reject
+    rows read back). Returns ``(spec, IngestResult, UnitResult)``."""
+    import hashlib
+
+    from pipeline.commits import commit_unit
+    from pipeline.sources import load_partition
+
+    spec = load_partition(layout.partitions, key)
+    res = ingest_partition(spec, limits, progress=progress, removed=removed, workers=workers, chunk_runner=chunk_runner)
+
+    def counts_reconcile(staged):
+        r = reconcile_ingest(spec, staged["images"], staged["rejects_ingest"])
+        return r["passed"], (f"{r['inputs_listed']} inputs listed from the source; {r['image_rows']} image rows + "
+                             f"{r['reject_rows']} reject rows read back")
+
+    unit = commit_unit(layout, INGEST_STAGE, key, {"images": res.images, "rejects_ingest": res.rejects.to_table()},
+                       {"counts_reconcile": counts_reconcile},
+                       {"input": hashlib.sha256(spec.to_json().encode()).hexdigest()[:32]})
+    return spec, res, unit

@@ -9,7 +9,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("DAGSTER_TELEMETRY_DISABLED", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-# LINEUP_SHARED_FACES: the same photos seen from a checkout that is not beside shared/ (a git worktree)
+# LINEUP_SHARED_FACES: where the photos are when the checkout is not beside ../shared (a git worktree)
 SHARED_FACES = Path(os.environ.get("LINEUP_SHARED_FACES") or REPO.parent / "shared" / "data" / "faces").resolve()
 
 

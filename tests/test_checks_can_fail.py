@@ -6,14 +6,16 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 
-import assets.faces as faces_assets
-import assets.ingest as ingest_assets
+import pipeline.commits as commits_mod
+import pipeline.faces.stage as stage_mod
+import pipeline.ingest as ingest_mod
 from assets.faces import faces
 from assets.ingest import images
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
 from pipeline.config import Layout
 from pipeline.expression.release import release_checks as expression_checks
+from pipeline.faces.stage import embeddings_of
 from pipeline.shards import write_manifest, write_shards
 from pipeline.sources import register_new_inputs
 
@@ -46,32 +48,111 @@ def test_ingest_and_face_checks_pass_on_honest_runs(partition):
 
 def test_images_check_fails_when_an_input_vanishes(partition, monkeypatch):
     spec, instance, settings = partition
-    real = ingest_assets.ingest_partition
+    real = ingest_mod.ingest_partition
 
     def lossy(*a, **k):
         res = real(*a, **k)
         res.images = res.images.slice(1)  # one accepted image silently lost
         return res
 
-    monkeypatch.setattr(ingest_assets, "ingest_partition", lossy)
+    monkeypatch.setattr(ingest_mod, "ingest_partition", lossy)
     r = dg.materialize([images], partition_key=spec.key, instance=instance, resources={"lineup": settings}, raise_on_error=False)
     assert _checks(r)[("images", "counts_reconcile")] is False
-
-
-def test_faces_check_fails_when_a_face_row_vanishes(partition, monkeypatch):
-    spec, instance, settings = partition
-    assert dg.materialize([images], partition_key=spec.key, instance=instance, resources={"lineup": settings}).success
-    real = faces_assets.run_face_partition
-
-    def lossy(*a, **k):
-        res = real(*a, **k)
-        assert res.faces.num_rows >= 2
-        res.faces = res.faces.slice(1)  # the scan still says the image has that face
-        return res
-
-    monkeypatch.setattr(faces_assets, "run_face_partition", lossy)
+    # kept out: no images file, and the face stage refuses to run on it
+    assert not settings.layout.partition_file("images", spec.key).exists()
     r = dg.materialize([faces], partition_key=spec.key, instance=instance, resources={"lineup": settings}, raise_on_error=False)
+    assert not r.success and not settings.layout.partition_file("faces", spec.key).exists()
+
+
+def _faces_run(spec, instance, settings):
+    assert dg.materialize([images], partition_key=spec.key, instance=instance, resources={"lineup": settings}).success
+    return dg.materialize([faces], partition_key=spec.key, instance=instance, resources={"lineup": settings},
+                          raise_on_error=False)
+
+
+def _kept_out(settings, key):
+    """A failed face unit: nothing in the tables, the collection leaves the partition out and says why."""
+    from pipeline.collection import load_collection
+
+    layout = settings.layout
+    coll = load_collection(layout)
+    assert not layout.partition_file("faces", key).exists() and not layout.partition_file("face_scan", key).exists()
+    assert coll.built == [] and key in coll.failed
+    return coll
+
+
+def test_faces_counts_fail_when_a_face_row_vanishes(partition, monkeypatch):
+    """The backend found a face that the faces table lost: face_scan (what the backend returned) disagrees
+    with the faces file read back. Before, the scan was counted from the faces table and agreed."""
+    spec, instance, settings = partition
+    real = stage_mod.faces_table
+
+    def lossy(records, backend):
+        t = real(records, backend)
+        assert t.num_rows >= 2
+        return t.slice(1)
+
+    monkeypatch.setattr(stage_mod, "faces_table", lossy)
+    r = _faces_run(spec, instance, settings)
     assert _checks(r)[("faces", "counts_reconcile")] is False
+    assert not r.success  # a failed blocking check fails the step
+    _kept_out(settings, spec.key)
+
+
+def test_faces_counts_fail_when_an_image_is_never_analysed(partition, monkeypatch):
+    """An engine that drops a chunk's image: image rows != scanned + rejected. Before, the scan was the
+    image rows minus the rejects, so this held by construction."""
+    spec, instance, settings = partition
+    real = stage_mod.analyze_rows
+
+    def drops_one(backend, chunk):
+        records, rejects, timings = real(backend, chunk)
+        return records[1:], rejects, timings
+
+    monkeypatch.setattr(stage_mod, "analyze_rows", drops_one)
+    r = _faces_run(spec, instance, settings)
+    assert _checks(r)[("faces", "counts_reconcile")] is False
+
+
+def _corrupt_on_disk(monkeypatch, change):
+    """The faces file as written differs from the table in memory (a bad writer, a flipped bit)."""
+    real = commits_mod.write_parquet_atomic
+
+    def write(table, path):
+        if path.name == "faces.parquet" and table.num_rows:
+            table = change(table)
+        return real(table, path)
+
+    monkeypatch.setattr(commits_mod, "write_parquet_atomic", write)
+
+
+def test_faces_unit_norm_is_checked_on_the_file_written(partition, monkeypatch):
+    spec, instance, settings = partition
+
+    def halve(t):
+        emb = embeddings_of(t) * 0.5
+        i = t.column_names.index("embedding")
+        flat = pa.array(emb.reshape(-1), pa.float32())
+        return t.set_column(i, "embedding", pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]))
+
+    _corrupt_on_disk(monkeypatch, halve)
+    r = _faces_run(spec, instance, settings)
+    checks = _checks(r)
+    assert checks[("faces", "embeddings_unit_norm")] is False and checks[("faces", "counts_reconcile")] is True
+    _kept_out(settings, spec.key)
+
+
+def test_faces_boxes_are_checked_on_the_file_written(partition, monkeypatch):
+    spec, instance, settings = partition
+
+    def shift(t):
+        i = t.column_names.index("x2")
+        return t.set_column(i, "x2", pa.array([v + 10_000 for v in t.column("x2").to_pylist()], pa.float32()))
+
+    _corrupt_on_disk(monkeypatch, shift)
+    r = _faces_run(spec, instance, settings)
+    checks = _checks(r)
+    assert checks[("faces", "bbox_inside_image")] is False and checks[("faces", "embeddings_unit_norm")] is True
 
 
 def _expression_folder(tmp_path, pairs):
@@ -95,3 +176,25 @@ def test_expression_checks_read_identities_from_the_catalog(tmp_path):
     # a tar in the folder that the manifest does not list
     write_shards([{"__key__": "zz", "json": pairs[0]}], tmp_path, "stray")
     assert any("not in the manifest" in p for p in expression_checks(tmp_path, ids, table)["shards_match_manifest"])
+
+
+@pytest.mark.parametrize("fail", [True, False])
+def test_collection_automation_waits_for_the_faces_blocking_checks(partition, monkeypatch, fail):
+    """The eager condition of the collection assets requests identities after a faces partition lands
+    only when that partition's blocking checks passed."""
+    from assets.definitions import defs
+
+    spec, instance, settings = partition
+    if fail:
+        real = stage_mod.face_checks
+
+        def failing(faces_t, images_t):
+            return {**real(faces_t, images_t), "embeddings_unit_norm": (False, "forced")}
+
+        monkeypatch.setattr(stage_mod, "face_checks", failing)
+    selection = dg.AssetSelection.assets("identities")
+    before = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+    _faces_run(spec, instance, settings)
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection,
+                                              cursor=before.cursor)
+    assert after.total_requested == (0 if fail else 1)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pyarrow.parquet as pq
@@ -90,6 +91,61 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, shared_faces):
     rc, _, log = _run(inp, home)
     assert rc == 0, log[-3000:]
     assert hit == [s for s, _, _ in KILL_POINTS]
+    got = _tables(home)
+    for key in want:
+        assert got[key] == want[key], key
+    assert _leftovers(home) == []
+
+
+# SIGKILL at the exact gap between two writes of one stage's unit: before a path containing the marker
+# is installed or written (pipeline/commits.py), so the kill lands between a stage's files.
+KILL_BEFORE = textwrap.dedent("""
+    import os, signal, sys
+    import pipeline.commits as c
+    where = sys.argv[1]
+    def guard(real):
+        def f(data_or_src, dest):
+            if where in str(dest):
+                print(f"killed before {dest}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(data_or_src, dest)
+        return f
+    c._install = guard(c._install)
+    c.write_bytes_atomic = guard(c.write_bytes_atomic)
+    from assets.run import main
+    sys.exit(main(["--no-training"]))
+""")
+
+GAPS = [
+    ("images written, rejects_ingest not", "/rejects_ingest/"),
+    ("faces written, face_scan not", "/face_scan/"),
+    ("every face file written, no marker", "/_commits/faces/"),
+    ("face_expressions written, no marker", "/_commits/face_expressions/"),
+]
+
+
+@pytest.mark.timeout(1200)
+def test_a_kill_between_a_stages_files_is_redone(tmp_path, shared_faces):
+    """Before, a kill after the faces file left face_scan/face_expressions missing or old for good: the
+    runner only looked for the faces file. Now the unit has no marker and the next run redoes it."""
+    inp = tmp_path / "input"
+    inp.mkdir()
+    for person in ("angelina_jolie", "elon_musk"):
+        for p in sorted((shared_faces / "identities" / person).iterdir())[:2]:
+            shutil.copy(p, inp / f"{person}_{p.name}")
+    rc, _, log = _run(inp, tmp_path / "reference")
+    assert rc == 0, log[-3000:]
+    want = _tables(tmp_path / "reference")
+    home = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LINEUP_HOME": str(home), "LINEUP_INPUT": str(inp)}
+    env.pop("LINEUP_SOCIAL", None)
+    for gap, where in GAPS:
+        p = subprocess.run([sys.executable, "-c", KILL_BEFORE, where], cwd=REPO_ROOT, env=env, capture_output=True,
+                           text=True, timeout=600, check=False)
+        assert p.returncode == -signal.SIGKILL and "killed before" in p.stdout, f"{gap}: {p.stdout[-2000:]}"
+    rc, _, log = _run(inp, home)
+    assert rc == 0, log[-3000:]
+    assert "partition " in log and "(face_expressions missing)" in log, log[-3000:]
     got = _tables(home)
     for key in want:
         assert got[key] == want[key], key

@@ -2,7 +2,9 @@
 
 import json
 import os
+import socket
 import stat
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -144,10 +146,13 @@ def test_interrupted_publish_leaves_no_visible_version(tmp_path):
     assert published_versions(layout, "toy") == ["v-1"] and latest_version(layout, "toy") == "v-1"
     assert [p.name for p in (layout.datasets / "toy").iterdir() if p.name.startswith(".staging")] == []
 
-    # a staging folder left by a killed process (dead pid) is cleaned by the next build
-    stale = layout.datasets / "toy" / ".staging-v-3-999999999"
+    # a staging folder left by a killed process (its lease names this host and a dead pid) is cleaned by
+    # the next build
+    stale = layout.datasets / "toy" / ".staging-v-3-deadbeef"
     stale.mkdir()
     (stale / "half.tar").write_bytes(b"half")
+    lease = {"host": socket.gethostname(), "pid": 999999999, "token": "deadbeef", "heartbeat": time.time()}
+    (layout.datasets / "toy" / ".lease-deadbeef.json").write_text(json.dumps(lease))
     third = release(layout, "toy", "v-3", good, ok_checks)
     assert third.published and not stale.exists()
 

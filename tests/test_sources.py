@@ -120,6 +120,7 @@ def test_cross_partition_duplicates_belong_to_the_earliest_partition(tmp_path):
     the same bytes, from the partition registered first, and reports the other as a duplicate."""
     from pipeline.catalog import query, refresh_catalog
     from pipeline.collection import load_collection
+    from pipeline.commits import commit_unit
     from pipeline.config import Layout
     from pipeline.faces.stage import faces_schema
     from pipeline.storage import write_parquet_atomic
@@ -136,7 +137,7 @@ def test_cross_partition_duplicates_belong_to_the_earliest_partition(tmp_path):
     assert r1.accepted == r2.accepted == 1 and r1.reconciles() and r2.reconciles()
     for spec, res in ((second, r2), (first, r1)):
         write_parquet_atomic(res.images, layout.partition_file("images", spec.key))
-        write_parquet_atomic(faces_schema(128).empty_table(), layout.partition_file("faces", spec.key))
+        commit_unit(layout, "faces", spec.key, {"faces": faces_schema(128).empty_table()})
     coll = load_collection(layout)
     assert coll.images.column("uid").to_pylist() == [content_uid(_jpeg_bytes(6))]
     assert coll.images.column("partition").to_pylist() == [first.key]
@@ -154,6 +155,7 @@ def test_one_collection_one_face_model(tmp_path):
     import pytest
 
     from pipeline.collection import MixedFaceModels, load_collection
+    from pipeline.commits import commit_unit
     from pipeline.config import Layout
     from pipeline.faces.stage import faces_schema
     from pipeline.storage import write_parquet_atomic
@@ -171,7 +173,7 @@ def test_one_collection_one_face_model(tmp_path):
                "det_score": 1.0, "face_width": 1.0, "face_height": 1.0, "blur": 1.0, "yaw": 0.0, "pitch": 0.0, "roll": 0.0,
                "embedding": [1.0] + [0.0] * (dim - 1), "backend": backend, "model_version": f"{backend}-m",
                "image_width": 1, "image_height": 1}
-        write_parquet_atomic(pa.Table.from_pylist([row], schema=faces_schema(dim)), layout.partition_file("faces", spec.key))
+        commit_unit(layout, "faces", spec.key, {"faces": pa.Table.from_pylist([row], schema=faces_schema(dim))})
     with pytest.raises(MixedFaceModels, match="one collection, one face model") as e:
         load_collection(layout)
     assert keys[0] in str(e.value) and keys[1] in str(e.value) and "512-d" in str(e.value)

@@ -344,3 +344,37 @@ def ray_expression_runner(config: ExpressionConfig, actors: int, gpus_per_actor:
 
     return chunk_runner("expressions", decode_expression_chunk, describe_decoded, ExpressionStage, (config,),
                         actors=actors, gpus_per_actor=gpus_per_actor)
+
+
+EXPRESSION_STAGE = "face_expressions"
+
+
+def run_expression_stage(layout, key: str, stage: ExpressionStage, limits=None, chunk_runner=None):
+    """The expression stage of one partition, I/O included: the committed faces unit in, the
+    face_expressions file committed as one unit (pipeline.commits) out. Returns ``(DescribeResult,
+    UnitResult)``. Its check reads the staged descriptors back: one row per (uid, face_index), each a
+    row of the committed faces file. Raises when the partition's faces are not committed."""
+    from pipeline.commits import PASSED, commit_unit, read_marker, unit_state
+    from pipeline.storage import read_parquet
+
+    if unit_state(layout, "faces", key) != PASSED:
+        raise RuntimeError(f"partition {key}: its faces are not committed (missing, failed or killed mid-write); "
+                           "run its face stage first")
+    faces_path = layout.partition_file("faces", key)
+    faces = read_parquet(faces_path)
+    images = read_parquet(layout.partition_file("images", key))
+    res = describe_partition(images, faces, stage, limits, chunk_runner=chunk_runner)
+
+    def descriptors_match_faces(staged):
+        got = read_parquet(staged["face_expressions"], columns=["uid", "face_index"])
+        keys = list(zip(got.column("uid").to_pylist(), got.column("face_index").to_pylist()))
+        known = set(zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist()))
+        dup, stray = len(keys) - len(set(keys)), sorted(set(keys) - known)[:5]
+        return not dup and not stray, f"{len(keys)} descriptors of {len(known)} faces; {dup} duplicated; not a face: {stray}"
+
+    faces_unit = read_marker(layout, "faces", key) or {}
+    inputs = {"faces_sha256": faces_unit.get("files", {}).get("faces", {}).get("sha256"),
+              "fer_weights": str(stage.config.fer_weights)}
+    unit = commit_unit(layout, EXPRESSION_STAGE, key, {"face_expressions": res.descriptors},
+                       {"descriptors_match_faces": descriptors_match_faces}, inputs)
+    return res, unit

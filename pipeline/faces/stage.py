@@ -306,16 +306,12 @@ def run_face_partition(
     faces = faces_table(records, backend)
     total = time.perf_counter() - t0
     timings = {**_stage_timings(records, faces.num_rows, total), **timings}
-    rejected = {r["uid"] for r in rejects.rows}
-    counts: dict[str, int] = {}
-    for uid in faces.column("uid").to_pylist():
-        counts[uid] = counts.get(uid, 0) + 1
+    # The scan lists the images the backend actually analysed and the faces it returned for each: a
+    # measurement independent of the image rows it was given and of the faces table built from it, so
+    # that counts_reconcile compares three things (see face_unit_checks).
     scan = pa.Table.from_pylist(
-        [
-            {"uid": r["uid"], "source": r["source"], "partition": partition, "n_faces": counts.get(r["uid"], 0), "backend": backend.name}
-            for r in rows
-            if r["uid"] not in rejected
-        ],
+        [{"uid": uid, "source": source, "partition": partition, "n_faces": len(found), "backend": backend.name}
+         for uid, source, _, _, found in records],
         schema=FACE_SCAN_SCHEMA,
     )
     return FacePartitionResult(faces, scan, rejects, len(rows), total, timings)
@@ -376,3 +372,76 @@ def reconcile_faces(images_path, faces_path, scan_path, rejects_path) -> dict:
         "face_count_mismatches": count_mismatch[:20],
         "passed": not unaccounted and not count_mismatch and len(image_uids) == len(scanned) + len(rejected),
     }
+
+
+FACE_TABLES = ("faces", "face_scan", "rejects_faces")  # what one face-stage unit writes per partition
+FACE_STAGE = "faces"
+
+
+def face_unit_checks(images_path) -> dict:
+    """The face stage's blocking checks, each reading back the staged files (``{table: path}``) and
+    comparing them with the ingest stage's image rows (``images_path``), measured independently:
+
+    - counts_reconcile: the image rows = the images the backend analysed (face_scan) + the images it
+      could not decode (rejects_faces), and each image has as many rows in the faces file as the backend
+      returned faces for it (face_scan.n_faces);
+    - embeddings_unit_norm: every embedding as stored on disk is finite with unit L2 norm;
+    - bbox_inside_image: every stored box lies inside its image as measured at ingestion (1 px tolerance).
+    """
+    from pipeline.storage import read_parquet
+
+    def counts(staged):
+        r = reconcile_faces(images_path, staged["faces"], staged["face_scan"], staged["rejects_faces"])
+        detail = (f"{r['images']} image rows, {r['scanned']} scanned + {r['rejected']} rejected; "
+                  f"{r['faces']} face rows; unaccounted {r['images_unaccounted']}, "
+                  f"face-count mismatches {r['face_count_mismatches']}")
+        return r["passed"], detail
+
+    def stored(staged, name):
+        images = read_parquet(images_path, columns=["uid", "width", "height"])
+        return face_checks(read_parquet(staged["faces"]), images)[name]
+
+    return {
+        "counts_reconcile": counts,
+        "embeddings_unit_norm": lambda staged: stored(staged, "embeddings_unit_norm"),
+        "bbox_inside_image": lambda staged: stored(staged, "bbox_inside_image"),
+    }
+
+
+def face_unit_inputs(layout, key: str, backend) -> dict:
+    """What a face unit is computed from: the committed images unit (its file's sha256 when committed;
+    a removal request that rewrites the file later does not make the faces stale) and the face model. A
+    unit committed from other inputs is stale and is run again."""
+    from pipeline.commits import read_marker
+
+    images_unit = read_marker(layout, "images", key) or {}
+    return {"images_sha256": images_unit.get("files", {}).get("images", {}).get("sha256"), "backend": backend.name,
+            "model_version": backend.model_version}
+
+
+@dataclass
+class FaceStageResult:
+    images: pa.Table  # the partition's image rows the stage read
+    partition: FacePartitionResult
+    unit: object  # pipeline.commits.UnitResult: the checks' verdicts and the files committed
+
+
+def run_face_stage(layout, key: str, backend, limits: IngestLimits | None = None, batch_size: int = 8,
+                   progress: Callable[[int, int], None] | None = None, workers: int = 1,
+                   chunk_runner: Callable | None = None) -> FaceStageResult:
+    """The face stage of one partition, I/O included: read its image rows, detect and embed, and commit
+    faces, face_scan and rejects_faces as one unit (pipeline.commits) once its blocking checks passed."""
+    from pipeline.commits import PASSED, commit_unit, unit_state
+    from pipeline.storage import read_parquet
+
+    if unit_state(layout, "images", key) != PASSED:
+        raise RuntimeError(f"partition {key}: its images are not committed (missing, failed their checks or killed "
+                           "mid-write); run its ingestion first")
+    images_path = layout.partition_file("images", key)
+    images = read_parquet(images_path)
+    res = run_face_partition(images, backend, key, limits, batch_size, progress=progress, workers=workers,
+                             chunk_runner=chunk_runner)
+    unit = commit_unit(layout, FACE_STAGE, key,
+                       {"faces": res.faces, "face_scan": res.scan, "rejects_faces": res.rejects.to_table()},
+                       face_unit_checks(images_path), face_unit_inputs(layout, key, backend))
+    return FaceStageResult(images, res, unit)
