@@ -21,7 +21,9 @@ class LineupSettings(dg.ConfigurableResource):
     input_dir: str = ""  # empty: $LINEUP_INPUT (a folder, or s3://bucket/prefix)
     store: str = ""  # tables and datasets: empty = $LINEUP_STORE, else the home folder; or s3://bucket/prefix
     social_dir: str = ""  # empty: $LINEUP_SOCIAL, else <input>/social
-    batch_size: int = 500  # loose image files per partition
+    # loose image files per partition (empty: $LINEUP_BATCH_SIZE, else 500); production sets 5000 so that
+    # 100M photos make 20,000 partitions, under Dagster's recommended 100,000 per asset
+    batch_size: int = Field(default_factory=lambda: int(os.environ.get("LINEUP_BATCH_SIZE") or 500))
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 50_000_000
     face_backend: str = "dlib"  # dlib (offline default) | insightface
