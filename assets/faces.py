@@ -11,6 +11,7 @@ from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
 from pipeline.faces.report import face_figures
 from pipeline.faces.stage import face_checks, ray_chunk_runner, reconcile_faces, run_face_partition
+from pipeline.faces.stage_identity import pin_collection_stage
 from pipeline.storage import read_parquet, write_parquet_atomic
 
 _BACKENDS: dict = {}  # loaded face models, kept for the life of the process
@@ -48,6 +49,7 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
     key = context.partition_key
     imgs = read_parquet(layout.partition_file("images", key))
     backend = face_backend(lineup)
+    pin_collection_stage(layout.root, backend.face_stage)  # refused if the collection was built by another stage
     context.log.info(f"{key}: {imgs.num_rows} images, backend {backend!r}")
     runner = engine_runner(lineup, lambda: ray_chunk_runner(backend, lineup.workers))
     res = run_face_partition(

@@ -120,8 +120,17 @@ class LineupSettings(dg.ConfigurableResource):
 
     def face_backend_options(self) -> dict:
         opts: dict = {"device": self.face_device or "auto"}
-        if self.face_backend == "dlib" and self.face_detector:
-            opts["detector"] = self.face_detector
+        if self.face_backend == "dlib":
+            # unset: the collection's recorded detector, so the hardware does not pick it (HOG on CPU, MTCNN on CUDA)
+            from pipeline.faces.stage_identity import recorded_stage
+
+            detector = self.face_detector
+            if not detector:
+                recorded = recorded_stage(self.layout.root) or {}
+                if recorded.get("backend") == "dlib":
+                    detector = recorded["detector"]
+            if detector:
+                opts["detector"] = detector
         if self.face_backend == "insightface":
             model_dir = self.insightface_model_dir or os.environ.get("LINEUP_INSIGHTFACE_DIR", "")
             if not model_dir:

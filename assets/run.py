@@ -66,9 +66,10 @@ def _social_path() -> Path | None:
 
 
 def _other_model_partitions(layout, keys: list[str], defs) -> list[str]:
-    """Built partitions whose faces come from another model than the configured face backend's."""
+    """Built partitions whose faces come from another face stage than the configured one's."""
     from assets.faces import face_backend
     from pipeline.collection import partition_face_model
+    from pipeline.faces.stage_identity import stage_id, stage_key
 
     if not keys:
         return []
@@ -76,7 +77,7 @@ def _other_model_partitions(layout, keys: list[str], defs) -> list[str]:
     out = []
     for k in keys:
         m = partition_face_model(layout.partition_file("faces", k))
-        if m is not None and (m[0], m[1]) != (current.name, current.model_version):
+        if m is not None and stage_key(m[0], m[1]) != stage_id(current.face_stage):  # not the hardware it ran on
             out.append(k)
     return out
 

@@ -10,6 +10,7 @@ as root the server runs as the `postgres` user the package creates."""
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import shutil
 import signal
@@ -86,7 +87,7 @@ def postgres():
         yield {"host": "127.0.0.1", "port": port}
     finally:
         subprocess.run(_as_server_user([str(pg / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                       capture_output=True, timeout=120)
+                       capture_output=True, timeout=120, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -161,7 +162,7 @@ def test_daemon_runs_the_graph_on_postgres(postgres, tmp_path, monkeypatch):
     started = time.monotonic()
     # the new-inputs sensor is off by default: an operator turns it on, as in the UI
     on = subprocess.run([str(bindir / "dagster"), "sensor", "start", "new_inputs_sensor", "-w", "workspace.yaml"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert on.returncode == 0, on.stderr[-3000:]
     log = tmp_path / "daemon.log"
     with open(log, "w") as fh:
@@ -177,7 +178,7 @@ def test_daemon_runs_the_graph_on_postgres(postgres, tmp_path, monkeypatch):
             runs = instance.get_runs(RunsFilter(job_name="ingest_job"))
             return len(runs) == 2 and all(r.status in done for r in runs) and runs
 
-        ingest_runs = _wait(ingest_done, int(os.environ.get("T_INGEST", 300)), "the two ingest runs the sensor requests", daemon, log, instance)
+        ingest_runs = _wait(ingest_done, int(os.environ.get("LINEUP_TEST_INGEST_TIMEOUT", "300")), "the two ingest runs the sensor requests", daemon, log, instance)
 
         def automation_done():
             auto = [r for r in instance.get_runs() if r.job_name != "ingest_job"]
@@ -223,7 +224,7 @@ def test_daemon_runs_the_graph_on_postgres(postgres, tmp_path, monkeypatch):
     # the queue's limit, from the runs' own start and end times
     spans = sorted((rec.start_time, rec.end_time) for rec in instance.get_run_records() if rec.start_time)
     assert len(spans) == len(ingest_runs) + len(auto_runs)
-    for (s1, e1), (s2, _e2) in zip(spans, spans[1:]):
+    for (s1, e1), (s2, _e2) in itertools.pairwise(spans):
         assert e1 is not None and s2 >= e1 - 0.5, f"two runs overlapped with max_concurrent_runs={MAX_CONCURRENT_RUNS}"
     print(f"\npostgres instance: {len(ingest_runs)} ingest + {len(auto_runs)} automation runs, "
           f"{n_materializations} materializations, {n_check_results} check results in {wall:.0f} s")
