@@ -200,6 +200,8 @@ print(json.dumps({
     assert "PipesK8sClient" in got["client"]
     assert got["image"] == _env()["LINEUP_TRAINER_IMAGE"] and got["namespace"] == "lineup"
     assert got["spec"]["node_selector"] == json.loads(_env()["LINEUP_GPU_NODE_SELECTOR"])
+    assert got["spec"]["service_account_name"] == _values()["serviceAccount"]["name"]
+    assert got["spec"]["security_context"]["run_as_non_root"] is True
     container = got["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert got["spec"]["volumes"][0]["persistent_volume_claim"]["claim_name"] == "lineup-home"
