@@ -115,10 +115,10 @@ def test_postgres_password_secret_is_the_one_the_steps_create():
         assert "--from-literal" not in doc.read_text(), doc
 
 
-# keys the dagster/dagster chart's values.schema.json accepts (chart 1.13.27, helm/dagster/values.schema.json
-# in dagster-io/dagster), kept by hand for the parts these values set: a guard against typos and keys of other
-# chart versions, NOT the chart's schema (which is not vendored here; see deploy/k8s/README.md for the full
-# check with check-jsonschema and test_values_against_the_chart_schema below)
+# keys the dagster/dagster chart's values.schema.json accepts, read from helm/dagster/values.schema.json of
+# dagster-io/dagster at commit bdb8547f (a master snapshot, not checked to equal the 1.13.27 release), kept by
+# hand for the parts these values set: a guard against typos and keys of other chart versions, NOT the chart's
+# schema (which is not vendored here; test_values_against_the_chart_schema below runs the real one)
 CHART_KEYS = {
     "": {"dagsterWebserver", "dagster-user-deployments", "postgresql", "generatePostgresqlPasswordSecret",
          "generateCeleryConfigSecret", "rabbitmq", "redis", "flower", "ingress", "imagePullSecrets",
