@@ -37,6 +37,9 @@ def gpu_pod_spec(node_selector: dict, gpus: int, env_config_maps: list[str], env
         + [{"secret_ref": {"name": n}} for n in env_secrets],
     }
     spec: dict = {
+        # the chart's service account (workload identity for the store, when annotated) and the image's user
+        "service_account_name": os.environ.get("LINEUP_SERVICE_ACCOUNT", "lineup"),
+        "security_context": {"run_as_non_root": True, "run_as_user": 10001, "run_as_group": 10001, "fs_group": 10001},
         "node_selector": dict(node_selector),
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "restart_policy": "Never",

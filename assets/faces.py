@@ -11,6 +11,7 @@ from assets.ui import pictures
 from pipeline.catalog import refresh_catalog
 from pipeline.faces.report import face_figures
 from pipeline.faces.stage import ray_chunk_runner, run_face_stage
+from pipeline.faces.stage_identity import pin_collection_stage
 
 _BACKENDS: dict = {}  # loaded face models, kept for the life of the process
 
@@ -49,6 +50,7 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
     layout = lineup.layout
     key = context.partition_key
     backend = face_backend(lineup)
+    pin_collection_stage(layout.root, backend.face_stage)  # refused if the collection was built by another stage
     context.log.info(f"{key}: backend {backend!r}")
     runner = engine_runner(lineup, lambda: ray_chunk_runner(backend, lineup.workers))
     stage = run_face_stage(

@@ -1,5 +1,6 @@
 """The Dagster instance that `make run`, `make demo` and `make ui` share: $LINEUP_HOME/dagster."""
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -17,10 +18,28 @@ def ensure_dagster_home(home: Path | None = None) -> Path:
 
     path = Path(os.environ.get("DAGSTER_HOME") or (home or default_home()) / "dagster")
     path.mkdir(parents=True, exist_ok=True)
-    cfg = path / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(path)
+    ready = path / ".initialised"
+    if ready.exists():
+        return path
+    # two processes starting on a new home would both create the storage's tables, and one dies with
+    # `table ... already exists` (issue 21): the first creates the instance under the lock, the other waits
+    with open(path / ".init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not ready.exists():
+                cfg = path / "dagster.yaml"
+                if not cfg.exists():
+                    tmp = cfg.with_suffix(".yaml.tmp")
+                    tmp.write_text(DAGSTER_YAML)
+                    tmp.replace(cfg)
+                from dagster import DagsterInstance
+
+                with DagsterInstance.from_config(str(path)) as instance:
+                    instance.get_runs(limit=1)  # storage created and migrated
+                ready.touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return path
 
 

@@ -21,7 +21,9 @@ class LineupSettings(dg.ConfigurableResource):
     input_dir: str = ""  # empty: $LINEUP_INPUT (a folder, or s3://bucket/prefix)
     store: str = ""  # tables and datasets: empty = $LINEUP_STORE, else the home folder; or s3://bucket/prefix
     social_dir: str = ""  # empty: $LINEUP_SOCIAL, else <input>/social
-    batch_size: int = 500  # loose image files per partition
+    # loose image files per partition (empty: $LINEUP_BATCH_SIZE, else 500); production sets 5000 so that
+    # 100M photos make 20,000 partitions, under Dagster's recommended 100,000 per asset
+    batch_size: int = Field(default_factory=lambda: int(os.environ.get("LINEUP_BATCH_SIZE") or 500))
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 50_000_000
     face_backend: str = "dlib"  # dlib (offline default) | insightface
@@ -118,8 +120,17 @@ class LineupSettings(dg.ConfigurableResource):
 
     def face_backend_options(self) -> dict:
         opts: dict = {"device": self.face_device or "auto"}
-        if self.face_backend == "dlib" and self.face_detector:
-            opts["detector"] = self.face_detector
+        if self.face_backend == "dlib":
+            # unset: the collection's recorded detector, so the hardware does not pick it (HOG on CPU, MTCNN on CUDA)
+            from pipeline.faces.stage_identity import recorded_stage
+
+            detector = self.face_detector
+            if not detector:
+                recorded = recorded_stage(self.layout.root) or {}
+                if recorded.get("backend") == "dlib":
+                    detector = recorded["detector"]
+            if detector:
+                opts["detector"] = detector
         if self.face_backend == "insightface":
             model_dir = self.insightface_model_dir or os.environ.get("LINEUP_INSIGHTFACE_DIR", "")
             if not model_dir:

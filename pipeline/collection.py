@@ -93,14 +93,17 @@ def load_collection(layout: Layout) -> Collection:
     # only committed face units (pipeline/commits.py): a partition whose checks failed, or whose run was
     # killed between two of its files, is left out until it is run again
     built = [k for k in committed_keys(layout, "faces", registered) if layout.partition_file("images", k).exists()]
+    from pipeline.faces.stage_identity import stage_key
+
+    # one face stage (backend, detector, landmarks, descriptor), whatever hardware built each partition
     models: dict[tuple, list[str]] = {}
     for k in built:
         m = partition_face_model(layout.partition_file("faces", k))
         if m is not None:
-            models.setdefault(m, []).append(k)
+            models.setdefault((stage_key(m[0], m[1]), m[2]), []).append(k)
     if len(models) > 1:
-        detail = "; ".join(f"{b} {v} ({d}-d): {', '.join(sorted(ks)[:5])}{' ...' if len(ks) > 5 else ''}"
-                           for (b, v, d), ks in sorted(models.items()))
+        detail = "; ".join(f"{s} ({d}-d): {', '.join(sorted(ks)[:5])}{' ...' if len(ks) > 5 else ''}"
+                           for (s, d), ks in sorted(models.items()))
         raise MixedFaceModels(
             "one collection, one face model: the partitions were embedded by different models, whose embeddings "
             f"cannot be compared ({detail}). Re-embed them with one model: `python -m assets.run --rebuild` "

@@ -45,6 +45,8 @@ class FaceBackend(abc.ABC):
     name: str = ""
     model_version: str = ""
     embedding_dim: int = 0
+    # (backend, detector, landmarks, descriptor): what a collection may not mix (pipeline/faces/stage_identity.py)
+    face_stage: dict | None = None
 
     @abc.abstractmethod
     def analyze(self, images: list[np.ndarray]) -> list[list[DetectedFace]]:

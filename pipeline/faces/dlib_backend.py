@@ -174,6 +174,9 @@ class DlibBackend(FaceBackend):
             )
         det = "hog" if detector == "hog" else "mtcnn-facenet_pytorch"
         self.model_version = f"dlib-{dlib.__version__}/{det}/sp5/resnet_v1/j{self.num_jitters}"
+        # what decides the faces, not where they ran (pipeline/faces/stage_identity.py)
+        self.face_stage = {"backend": self.name, "detector": "hog" if detector == "hog" else "mtcnn",
+                           "landmarks": "dlib-sp5", "descriptor": "dlib-resnet_v1"}
         if self._torch_descriptor is not None:
             self.model_version += f"/{self._torch_descriptor.tag}"
         self.timings: dict[str, float] = {

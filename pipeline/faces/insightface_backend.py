@@ -402,6 +402,8 @@ class InsightFaceBackend(FaceBackend):
         self.rec_batch_size = int(rec_batch_size)
         self.embedding_dim = self.recognizer.embedding_dim
         self.model_version = f"insightface/{model_dir.name}/{det_path.stem}+{rec_path.stem}"
+        self.face_stage = {"backend": self.name, "detector": det_path.stem, "landmarks": f"{det_path.stem}-kps5",
+                           "descriptor": rec_path.stem}
         if not self.embedding_dim:
             self.embedding_dim = int(
                 self.recognizer.embed_crops([np.zeros((112, 112, 3), np.uint8)]).shape[1]

@@ -23,8 +23,12 @@ def get_backend(name: str, **options) -> FaceBackend:
       ``model_dir=`` (see :class:`pipeline.faces.insightface_backend.InsightFaceBackend`).
     """
     backend = _build(name, **options)
-    # how to build the same backend again in a worker process (pipeline.engine)
-    backend.build_spec = ((name or "").strip().lower(), dict(options))
+    # how to build the same backend again in a worker process (pipeline.engine): with the detector this one
+    # resolved, so that a worker on other hardware (a GPU Ray worker, a CPU driver) runs the same face stage
+    spec = dict(options)
+    if (name or "").strip().lower() == "dlib" and backend.face_stage:
+        spec["detector"] = backend.face_stage["detector"]
+    backend.build_spec = ((name or "").strip().lower(), spec)
     return backend
 
 

@@ -414,9 +414,13 @@ def face_unit_inputs(layout, key: str, backend) -> dict:
     unit committed from other inputs is stale and is run again."""
     from pipeline.commits import read_marker
 
+    from pipeline.faces.stage_identity import stage_id, stage_key
+
     images_unit = read_marker(layout, "images", key) or {}
-    return {"images_sha256": images_unit.get("files", {}).get("images", {}).get("sha256"), "backend": backend.name,
-            "model_version": backend.model_version}
+    # the face stage (backend, detector, landmarks, descriptor), not the hardware it ran on: a partition
+    # built on a GPU is current for a run on a CPU with the same stage (pipeline/faces/stage_identity.py)
+    stage = stage_id(backend.face_stage) if getattr(backend, "face_stage", None) else stage_key(backend.name, backend.model_version)
+    return {"images_sha256": images_unit.get("files", {}).get("images", {}).get("sha256"), "face_stage": stage}
 
 
 @dataclass

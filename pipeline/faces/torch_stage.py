@@ -317,6 +317,9 @@ class TorchFaceStage(FaceBackend):
         self._pool = ThreadPoolExecutor(max(1, int(decode_workers)), thread_name_prefix="face-decode")
         align = "sp5" if landmarks == "dlib" else "mtcnn5"
         self.model_version = f"dlib-resnet_v1/mtcnn-facenet_pytorch-batched/align-{align}/{self.descriptor.tag}"
+        # what decides the faces, not where they ran (pipeline/faces/stage_identity.py)
+        self.face_stage = {"backend": self.name, "detector": "mtcnn",
+                           "landmarks": "dlib-sp5" if landmarks == "dlib" else "mtcnn5", "descriptor": "dlib-resnet_v1"}
         self.timings: dict[str, float] = {"decode_s": 0.0, "detect_s": 0.0, "align_s": 0.0, "embed_s": 0.0, "quality_s": 0.0}
 
     def _sync(self) -> None:
