@@ -36,7 +36,8 @@ A social input folder holding Parquet (.parquet) or CSV (.csv, with a header row
 Every input row either counts or goes to the rejects table (stage "social") with a reason:
 images: "missing image id", "duplicate image id", "missing prompt", "unparsable timestamp"
 (created_at), "missing image file", "unreadable image" (does not decode, too large, or over the
-pixel limit); events: "unparsable timestamp", "unknown event", "missing user id", "image rejected"
+pixel limit), "duplicate image content" (a repost: the same bytes as another image; the earliest
+created, then smallest image_id, stays, and the copy's events count for it, pooled); events: "unparsable timestamp", "unknown event", "missing user id", "image rejected"
 (its images row was rejected), "unknown image", "event before image created", "duplicate event id"
 (the first failing check names the reason). events in = accepted + rejected, images likewise.
 Accepted events by an image's creator on that image (self-engagement) and all events of users

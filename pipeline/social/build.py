@@ -145,6 +145,7 @@ def build_social_pairs(
         con.execute(f"SET threads = {int(threads)}")
     con.register("images_ok", images.select(["image_id", "prompt_group", "creator_id", "created_at"]))
     con.register("images_rejected", pa.table({"image_id": pa.array(imgs.rejected_ids, pa.string())}))
+    con.register("reposts", imgs.copies)
     con.register("removed_users", pa.table({"user_hash": pa.array(sorted(removed_users), pa.string())}))
     file_rejects = Rejects(STAGE, partition)  # unreadable event files and rows that do not parse
     n_file_rejects = register_events(con, social_dir, event_files, cfg.stratum_column, file_rejects)
@@ -445,6 +446,7 @@ def build_social_pairs(
         "image_rows_in": imgs.rows_in,
         "images_accepted": n_img,
         "images_rejected": imgs.rows_in - n_img,
+        "reposts_folded": imgs.copies.num_rows,  # copies (same bytes) whose events count for the original
         "events_in": int(n_accepted + ev_rejects.num_rows + n_file_rejects),
         "events_accepted": n_accepted,
         "events_rejected": int(ev_rejects.num_rows + n_file_rejects),
