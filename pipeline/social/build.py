@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from pipeline.ids import stable_key
 from pipeline.rejects import REJECT_SCHEMA, Rejects
 from pipeline.social.bayes import GammaPrior, fit_gamma_prior, gamma_posterior, prob_greater_gamma
+from pipeline.social.calibrate import estimated_precision, fit_dispersion
 from pipeline.social.config import POSITIVE_EVENTS, SocialConfig
 from pipeline.social.ingest import find_inputs, load_images, load_sql, register_events
 from pipeline.storage import write_bytes_atomic, write_parquet_atomic
@@ -199,9 +200,11 @@ def build_social_pairs(
         {
             "min_images": cfg.booster_min_images,
             "min_coverage": cfg.booster_min_coverage,
+            "max_tail": cfg.booster_max_tail,
+            "suspect_tail": cfg.booster_suspect_tail,
+            "min_group": cfg.booster_min_group,
         },
     )
-    boosters = _booster_test(boosters, cfg)
     bots = _bot_table(activity, rings, boosters)
     con.register("bots", bots.select(["user_id"]))
     n_events_by_user = dict(
@@ -226,21 +229,25 @@ def build_social_pairs(
     n_img, n_str = len(image_ids), max(len(strata), 1)
     rows = np.array([index[x] for x in counts.column("image_id").to_pylist()], dtype=np.int64)
     cols = np.array([s_index[x] for x in counts.column("stratum").to_pylist()], dtype=np.int64)
-    N = np.zeros((n_img, n_str))
-    K = np.zeros((n_img, n_str))
-    np.add.at(N, (rows, cols), counts.column("n_exposed").to_numpy().astype(np.float64))
+    halves = counts.column("half").to_numpy().astype(np.int64)
+    # per audience half (users split by a hash of their id), image and stratum; the full counts
+    # are their sum (the halves are only for calibrate.fit_dispersion)
+    Nh = np.zeros((2, n_img, n_str))
+    Kh = np.zeros((2, n_img, n_str))
+    np.add.at(Nh, (halves, rows, cols), counts.column("n_exposed").to_numpy().astype(np.float64))
     impressions = np.zeros(n_img)
     np.add.at(impressions, rows, counts.column("n_impressions").to_numpy().astype(np.float64))
     raw_events = {}
     for e in POSITIVE_EVENTS:
-        c = np.zeros((n_img, n_str))
-        np.add.at(c, (rows, cols), counts.column(f"n_{e}").to_numpy().astype(np.float64))
-        raw_events[e] = c.sum(axis=1)
-        K += cfg.weights.get(e, 0.0) * c
+        c = np.zeros((2, n_img, n_str))
+        np.add.at(c, (halves, rows, cols), counts.column(f"n_{e}").to_numpy().astype(np.float64))
+        raw_events[e] = c.sum(axis=(0, 2))
+        Kh += cfg.weights.get(e, 0.0) * c
     if cfg.dedupe_per_user:
         # a user's contribution per image and stratum is sum_e w_e x_e <= sum_e w_e; scaled to [0, 1]
         # the score of one exposure has a variance at most its mean: the Poisson model is conservative
-        K /= max(sum(cfg.weights.get(e, 0.0) for e in POSITIVE_EVENTS), 1e-12)
+        Kh /= max(sum(cfg.weights.get(e, 0.0) for e in POSITIVE_EVENTS), 1e-12)
+    N, K = Nh.sum(axis=0), Kh.sum(axis=0)
     tot_n, tot_k = N.sum(), K.sum()
     base_all = tot_k / tot_n if tot_n > 0 else 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -248,14 +255,6 @@ def build_social_pairs(
     exposed = N.sum(axis=1)  # real exposures, never scaled
     expected = (N * base_s[None, :]).sum(axis=1)  # the offset: what the audience predicts
     score = K.sum(axis=1)
-    prior = fit_gamma_prior(score, expected, min_offset=0.0)
-    if cfg.min_exposure > 0 and (exposed >= cfg.min_exposure).sum() >= 2:
-        sel = exposed >= cfg.min_exposure
-        prior = fit_gamma_prior(score[sel], expected[sel])
-    a_post, b_post = gamma_posterior(prior, score, expected)
-    post_mean = a_post / b_post
-    lap("prior")
-
     groups = images.column("prompt_group").to_pylist()
     order = sorted(range(n_img), key=lambda i: (groups[i], -exposed[i], image_ids[i]))
     group_rank = np.zeros(n_img, dtype=np.int64)
@@ -281,6 +280,30 @@ def build_social_pairs(
     )
     ia = cand.column("ia").to_numpy().astype(np.int64)
     ib = cand.column("ib").to_numpy().astype(np.int64)
+    g_codes = {g: j for j, g in enumerate(sorted(set(groups)))}
+    gi = np.array([g_codes[g] for g in groups], dtype=np.int64)
+
+    # prior, then the log's own dispersion from its two audience halves (calibrate.py), then the
+    # prior again with each count worth 1 / phi of an observation
+    fit_sel = exposed >= cfg.min_exposure
+    if cfg.min_exposure <= 0 or fit_sel.sum() < 2:
+        fit_sel = np.ones(n_img, dtype=bool)
+    prior = fit_gamma_prior(score[fit_sel], expected[fit_sel])
+    lap("prior")
+    dispersion = None
+    phi = 1.0
+    if cfg.calibrate:
+        score_h = Kh.sum(axis=2)
+        expected_h = (Nh * base_s[None, None, :]).sum(axis=2)
+        dispersion = fit_dispersion(prior.alpha, prior.beta, score_h, expected_h, ia, ib, gi[ia])
+        # never narrower than the Poisson model: a score in [0, 1] per user already has variance
+        # at most its mean, and what the halves cannot see (a bias both halves share) is no reason
+        # to trust the data more than that
+        phi = max(dispersion.phi, 1.0)
+        prior = fit_gamma_prior(score[fit_sel] / phi, expected[fit_sel] / phi)
+        lap("calibrate")
+    a_post, b_post = gamma_posterior(prior, score / phi, expected / phi)
+    post_mean = a_post / b_post
     r_min = cfg.min_ratio
     p = prob_greater_gamma(a_post[ia], b_post[ia], a_post[ib], b_post[ib]) if ia.size else np.zeros(0)
     p_a = (
@@ -291,8 +314,6 @@ def build_social_pairs(
     )
     a_wins = p_a >= p_b
     p_margin = np.where(a_wins, p_a, p_b)  # P(winner >= min_ratio x loser), the decision's evidence
-    g_codes = {g: j for j, g in enumerate(sorted(set(groups)))}
-    gi = np.array([g_codes[g] for g in groups], dtype=np.int64)
     emit = fdr_select(gi[ia], 1.0 - p_margin, cfg.fdr_level) & (p_margin >= cfg.min_prob)
     dropped = ~emit
     tie = dropped & (np.abs(post_mean[ia] - post_mean[ib]) < cfg.tie_margin * prior.mean)
@@ -300,6 +321,14 @@ def build_social_pairs(
     win = np.where(a_wins, ia, ib)[emit]
     lose = np.where(a_wins, ib, ia)[emit]
     pwin = np.where(a_wins, p, 1 - p)[emit]
+    # estimated precision of the kept pairs (posterior probability of the right order), also under
+    # the widest dispersion the split halves allow
+    pwin_wide = None
+    if dispersion is not None and win.size:
+        phi_hi = max(dispersion.high, 1.0)
+        a_w, b_w = gamma_posterior(prior, score / phi_hi, expected / phi_hi)
+        pwin_wide = prob_greater_gamma(a_w[win], b_w[win], a_w[lose], b_w[lose])
+    precision_est = estimated_precision(pwin, pwin_wide)
     pmargin = p_margin[emit]
 
     # pair accounting per group: all pairs = low exposure + overflow + candidates
@@ -409,10 +438,9 @@ def build_social_pairs(
     )
     lap("user_pairs")
 
-    base_table = None
-    if baseline:
-        base_table = _naive_pairs(con, raw)
-        lap("baseline")
+    # the naive rule's pairs: the yield the card and the metadata compare against (cheap: images only)
+    base_table = _naive_pairs(con, raw)
+    lap("baseline")
 
     raw_by_image = dict(zip(raw.column("image_id").to_pylist(), raw.column("events_accepted").to_pylist()))
     image_table = pa.table(
@@ -473,6 +501,13 @@ def build_social_pairs(
         # the posterior's own estimates over the emitted pairs: wrong way round / below min_ratio
         "expected_wrong_pairs": float(np.sum(1.0 - pwin)),
         "expected_fdr": float(np.mean(1.0 - pmargin)) if n_pop else None,
+        # split-half calibration (pipeline/social/calibrate.py): the log's dispersion and the
+        # population pairs' estimated precision (right order), with its 95% interval
+        "calibration": None if dispersion is None else dispersion.to_dict(),
+        "estimated_precision": precision_est["precision"],
+        "estimated_precision_interval": precision_est["interval"],
+        "naive_pairs": base_table.num_rows,
+        "yield_vs_naive": n_pop / base_table.num_rows if base_table.num_rows else None,
         "prompt_groups": len(g_codes),
         "image_pairs_total": int(_comb2(m_g).sum()),
         "pairs_dropped_low_exposure": int((_comb2(m_g) - _comb2(x_g)).sum()),
@@ -484,14 +519,16 @@ def build_social_pairs(
         "user_pairs": user_pairs.num_rows,
         "user_pair_sessions": n_user_sessions_pairs,
         "users_with_pairs": users.num_rows,
-        "baseline_pairs": None if base_table is None else base_table.num_rows,
+        "baseline_pairs": base_table.num_rows,
     }
     if stats["events_in"] != n_read + n_file_rejects:
         raise RuntimeError(
             f"events lost inside the builder: {n_read} rows read, {n_accepted} accepted + "
             f"{ev_rejects.num_rows} rejected"
         )
-    result = SocialResult(pairs, users, image_table, all_rejects, stats, prior, base_table, bots)
+    result = SocialResult(
+        pairs, users, image_table, all_rejects, stats, prior, base_table if baseline else None, bots
+    )
     if out_dir is not None:
         stats["dataset_version"] = version
         _write_outputs(result, images, Path(out_dir), cfg, lap)
@@ -502,44 +539,6 @@ def build_social_pairs(
             Path(out_dir) / "social_stats.json",
         )
     return result
-
-
-def _booster_test(cand: pa.Table, cfg: SocialConfig) -> pa.Table:
-    """The candidates of sql/social_boosters.sql that are flagged, with their evidence:
-    tail = P(X >= engaged), X ~ Binomial(seen, p), p = user's rate elsewhere x creator's rate
-    elsewhere / overall rate (propensity and appeal independent); group_share = the share of the
-    creator's engagement that comes from users with a tail below booster_suspect_tail. Flagged:
-    tail < booster_max_tail, or tail < booster_suspect_tail in a group of >= booster_min_group
-    such users whose group_share >= booster_min_group_share."""
-    from scipy import stats
-
-    if cand.num_rows == 0:
-        return cand.append_column("tail", pa.array([], pa.float64())).append_column(
-            "group_share", pa.array([], pa.float64())
-        )
-    num = {
-        k: cand.column(k).to_numpy().astype(np.float64)
-        for k in cand.column_names
-        if k not in ("user_id", "boosted_creator")
-    }
-    p = num["user_rate_elsewhere"] * num["creator_rate_elsewhere"] / np.maximum(num["overall_rate"], 1e-12)
-    tail = stats.binom.sf(num["engaged_images"] - 1, num["seen_images"], np.clip(p, 1e-9, 1 - 1e-9))
-    creators = cand.column("boosted_creator").to_pylist()
-    suspect = tail < cfg.booster_suspect_tail
-    members: dict[str, int] = {}
-    engaged: dict[str, float] = {}
-    for c, s_, e in zip(creators, suspect, num["engaged_images"]):
-        if s_:
-            members[c] = members.get(c, 0) + 1
-            engaged[c] = engaged.get(c, 0.0) + e
-    share = np.array(
-        [engaged.get(c, 0.0) / max(t, 1.0) for c, t in zip(creators, num["creator_engaged_total"])]
-    )
-    group = np.array([members.get(c, 0) >= cfg.booster_min_group for c in creators])
-    flag = (tail < cfg.booster_max_tail) | (suspect & group & (share >= cfg.booster_min_group_share))
-    out = cand.append_column("tail", pa.array(tail, pa.float64()))
-    out = out.append_column("group_share", pa.array(share, pa.float64()))
-    return out.filter(pa.array(flag, pa.bool_()))
 
 
 def _bot_table(activity: pa.Table, rings: pa.Table, boosters: pa.Table) -> pa.Table:
@@ -559,7 +558,8 @@ def _bot_table(activity: pa.Table, rings: pa.Table, boosters: pa.Table) -> pa.Ta
         d = found.setdefault(r["user_id"], {})
         txt = (
             f"engaged with {r['engaged_images']}/{r['seen_images']} images of {r['boosted_creator']} "
-            f"(chance {r['tail']:.1e}; suspects give the creator {r['group_share']:.0%} of its engagement)"
+            f"(chance <= {r['tail']:.1e} at an expected rate of {r['expected_rate']:.3f}; "
+            f"{r['group_members']} suspects of this creator)"
         )
         d["booster"] = d["booster"] + "; " + txt if "booster" in d else txt
     users = sorted(found)

@@ -58,6 +58,10 @@ class SocialConfig:
     # precision against the known quality at 0.6x the naive rule's yield; README, social
     # benchmark, has held-out logs.
     min_prob: float = 0.75
+    # Split-half calibration (pipeline/social/calibrate.py): fit the log's dispersion from two
+    # disjoint halves of every image's audience and widen the posterior by it. False: the Poisson
+    # model as it is (phi = 1).
+    calibrate: bool = True
     tie_margin: float = 0.05  # a dropped pair is a "tie" when |mean_A - mean_B| < tie_margin * prior mean
     # --- bots and self-engagement ----------------------------------------------------------
     exclude_self: bool = True  # events by an image's creator on that image do not count
@@ -69,18 +73,18 @@ class SocialConfig:
     ring_min_remixes: int = 2
     ring_min_partners: int = 2
     # boosters (sql/social_boosters.sql): a user engaged with >= booster_min_images images of one
-    # creator and >= booster_min_coverage of that creator's images they were shown; the binomial
-    # tail of that many engaged images under independence (the user's rate elsewhere x the
-    # creator's rate among everyone else / the overall rate) is the evidence. Flagged: a tail below
-    # booster_max_tail alone; or a tail below booster_suspect_tail shared by at least
-    # booster_min_group users of one creator who together give it >= booster_min_group_share of
-    # all its engagement (people's fans of a popular creator are a small part of its audience).
-    booster_min_images: int = 3
+    # creator and >= booster_min_coverage of that creator's images they were shown. The evidence is
+    # how unlikely that many engaged images are if the user's own rate elsewhere and each image's
+    # appeal to the rest of its audience (its creator's suspects left out) acted independently: a
+    # Chernoff bound of the binomial tail. Nothing about the creator enters: boosting a creator
+    # everyone likes is caught as well as boosting an unknown one. Flagged: a tail below
+    # booster_max_tail alone, or below booster_suspect_tail when >= booster_min_group users are
+    # such suspects of the same creator.
+    booster_min_images: int = 2
     booster_min_coverage: float = 0.5
     booster_max_tail: float = 1e-5
-    booster_suspect_tail: float = 1e-2
-    booster_min_group: int = 2
-    booster_min_group_share: float = 0.2
+    booster_suspect_tail: float = 2e-3
+    booster_min_group: int = 3
     # --- per-user pairs ---------------------------------------------------------------------
     user_pairs: bool = True
     # Only from images the user was shown together: the same prompt group, in one session (the

@@ -104,6 +104,7 @@ class SimConfig:
     boosters_per_creator: tuple[int, int] = (4, 10)
     boosted_images: tuple[int, int] = (3, 6)  # low-quality images a boosted creator posts
     booster_coverage: float = 0.9  # share of the boosted creator's images each booster engages with
+    boost_popular: bool = False  # boosted creators drawn from the most followed tenth (else any creator)
     cover_impressions_per_day: tuple[float, float] = (15.0, 60.0)  # ring/booster cover traffic
     cover_like_rate: float = 0.08  # likes per cover impression (people: about 0.02-0.1)
     gallery_frac: float = 0.3  # share of organic impressions seen on a prompt page (2-6 images)
@@ -212,7 +213,11 @@ def simulate(out_dir: Path, truth_dir: Path | None = None, config: SimConfig = S
             img_followers[own] = 20.0
             pushed_by[own] = "ring"
     # boosted creators: people who post a few low-quality images (plus whatever else they drew)
-    boosted = [int(c) for c in rng.choice(n_creators, min(n_boosted, n_creators), replace=False)]
+    if cfg.boost_popular:  # boosters of creators everyone already likes: the most followed decile
+        top = np.argsort(-followers, kind="stable")[: max(min(n_boosted, n_creators), n_creators // 10)]
+        boosted = [int(c) for c in rng.choice(top, min(n_boosted, top.size), replace=False)]
+    else:
+        boosted = [int(c) for c in rng.choice(n_creators, min(n_boosted, n_creators), replace=False)]
     for c in boosted:
         k = int(rng.integers(cfg.boosted_images[0], cfg.boosted_images[1] + 1))
         own = low[taken : taken + k]
