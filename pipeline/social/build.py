@@ -17,6 +17,7 @@ from pipeline.ids import stable_key
 from pipeline.rejects import REJECT_SCHEMA, Rejects
 from pipeline.social.bayes import GammaPrior, fit_gamma_prior, gamma_posterior, prob_greater_gamma
 from pipeline.social.calibrate import estimated_precision, fit_dispersion
+from pipeline.social.taste import balanced_log_rate, prob_greater_log, taste_cells
 from pipeline.social.config import POSITIVE_EVENTS, SocialConfig
 from pipeline.social.ingest import find_inputs, load_images, load_sql, register_events
 from pipeline.storage import write_bytes_atomic, write_parquet_atomic
@@ -305,13 +306,47 @@ def build_social_pairs(
     a_post, b_post = gamma_posterior(prior, score / phi, expected / phi)
     post_mean = a_post / b_post
     r_min = cfg.min_ratio
-    p = prob_greater_gamma(a_post[ia], b_post[ia], a_post[ib], b_post[ib]) if ia.size else np.zeros(0)
-    p_a = (
-        prob_greater_gamma(a_post[ia], b_post[ia], a_post[ib], b_post[ib] / r_min) if ia.size else np.zeros(0)
-    )
-    p_b = (
-        prob_greater_gamma(a_post[ib], b_post[ib], a_post[ia], b_post[ia] / r_min) if ia.size else np.zeros(0)
-    )
+    n_cells, singular = 1, np.zeros(0)
+    if cfg.taste_axes > 0:
+        # taste-balanced test (taste.py): the pair's order within groups of users of one taste,
+        # combined on the log scale, so that a polarising image's fans do not outvote everyone
+        cu = _q(con, load_sql("social_counted_user_image"), {"exclude_self": cfg.exclude_self})
+        u_codes = pc.dictionary_encode(cu.column("user_id")).combine_chunks()
+        cu_user = u_codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        cu_img = np.array([index[x] for x in cu.column("image_id").to_pylist()], dtype=np.int64)
+        cu_str = np.array([s_index[x] for x in cu.column("stratum").to_pylist()], dtype=np.int64)
+        w_sum = max(sum(cfg.weights.get(e, 0.0) for e in POSITIVE_EVENTS), 1e-12)
+        cu_score = sum(
+            cfg.weights.get(e, 0.0) * cu.column(e).to_numpy().astype(np.float64) for e in POSITIVE_EVENTS
+        ) / w_sum
+        cells, singular = taste_cells(
+            cu_user, cu_img, cu_score, n_img, cfg.taste_axes, cfg.taste_min_images
+        )
+        n_cells = 2**cfg.taste_axes
+        k_cells = np.zeros((n_cells, n_img))
+        e_cells = np.zeros((n_cells, n_img))
+        cu_cell = cells[cu_user] if cu_user.size else cu_user
+        known = cu_cell >= 0
+        np.add.at(k_cells, (cu_cell[known], cu_img[known]), cu_score[known])
+        np.add.at(e_cells, (cu_cell[known], cu_img[known]), base_s[cu_str[known]])
+        # users whose taste is unknown count a share in every cell
+        k_cells += np.bincount(cu_img[~known], weights=cu_score[~known], minlength=n_img)[None, :] / n_cells
+        e_cells += np.bincount(cu_img[~known], weights=base_s[cu_str[~known]], minlength=n_img)[None, :] / n_cells
+        del cu, u_codes
+        log_mean, log_var = balanced_log_rate(prior.alpha, prior.beta, k_cells / phi, e_cells / phi)
+
+        def prob_test(x, y, margin=1.0):
+            return prob_greater_log(log_mean[x], log_var[x], log_mean[y], log_var[y], np.log(margin))
+
+        lap("taste")
+    else:
+
+        def prob_test(x, y, margin=1.0):
+            return prob_greater_gamma(a_post[x], b_post[x], a_post[y], b_post[y] / margin)
+
+    p = prob_test(ia, ib) if ia.size else np.zeros(0)
+    p_a = prob_test(ia, ib, r_min) if ia.size else np.zeros(0)
+    p_b = prob_test(ib, ia, r_min) if ia.size else np.zeros(0)
     a_wins = p_a >= p_b
     p_margin = np.where(a_wins, p_a, p_b)  # P(winner >= min_ratio x loser), the decision's evidence
     emit = fdr_select(gi[ia], 1.0 - p_margin, cfg.fdr_level) & (p_margin >= cfg.min_prob)
@@ -326,8 +361,12 @@ def build_social_pairs(
     pwin_wide = None
     if dispersion is not None and win.size:
         phi_hi = max(dispersion.high, 1.0)
-        a_w, b_w = gamma_posterior(prior, score / phi_hi, expected / phi_hi)
-        pwin_wide = prob_greater_gamma(a_w[win], b_w[win], a_w[lose], b_w[lose])
+        if cfg.taste_axes > 0:
+            m_w, v_w = balanced_log_rate(prior.alpha, prior.beta, k_cells / phi_hi, e_cells / phi_hi)
+            pwin_wide = prob_greater_log(m_w[win], v_w[win], m_w[lose], v_w[lose])
+        else:
+            a_w, b_w = gamma_posterior(prior, score / phi_hi, expected / phi_hi)
+            pwin_wide = prob_greater_gamma(a_w[win], b_w[win], a_w[lose], b_w[lose])
     precision_est = estimated_precision(pwin, pwin_wide)
     pmargin = p_margin[emit]
 
@@ -504,6 +543,12 @@ def build_social_pairs(
         # split-half calibration (pipeline/social/calibrate.py): the log's dispersion and the
         # population pairs' estimated precision (right order), with its 95% interval
         "calibration": None if dispersion is None else dispersion.to_dict(),
+        "test": (
+            f"taste-balanced: {n_cells} taste cells, mean posterior log engagement"
+            if cfg.taste_axes > 0
+            else "pooled gamma-poisson"
+        ),
+        "taste_singular_values": [float(x) for x in singular],
         "estimated_precision": precision_est["precision"],
         "estimated_precision_interval": precision_est["interval"],
         "naive_pairs": base_table.num_rows,

@@ -111,6 +111,9 @@ class SimConfig:
     gallery_size: tuple[int, int] = (2, 6)
     self_engage_frac: float = 0.5  # share of images their creator engages with
     taste_sd: float = 0.6
+    # exposure confounding: how much more the following / featured surfaces engage at equal
+    # quality (logit +0.8 / +0.3 times this)
+    surface_bias: float = 1.0
     with_prompt_id: bool = True
     image_size: int = 64
     inject_bad: int = 0  # bad rows per reject reason (events and images); 0: a clean log
@@ -328,7 +331,7 @@ def simulate(out_dir: Path, truth_dir: Path | None = None, config: SimConfig = S
     # --- organic traffic -------------------------------------------------------------------------
     budget = max(0, cfg.n_events - fixed)
     fshare = 0.6 * img_followers / (img_followers + 200.0)
-    surface_logits = np.array([0.0, 0.8, 0.3, 0.0])
+    surface_logits = cfg.surface_bias * np.array([0.0, 0.8, 0.3, 0.0])
 
     def decayed_time(im):
         span = (t_end - created[im]).astype(np.float64)
