@@ -69,7 +69,7 @@ SWEEP = [
     ("popularity skew: featured 10% at boost 40", {"seed": 22, "featured_frac": 0.1, "featured_boost": 40.0}),
     ("exposure confounding x2 (surface logits)", {"seed": 23, "surface_bias": 2.0}),
     ("exposure confounding off", {"seed": 24, "surface_bias": 0.0}),
-    ("bot share x5 (farms, rings, boosters)", {"seed": 25, "n_bots": 25, "n_rings": 5, "n_boosted": 5}),
+    ("bot share x3 (farms, rings, boosters)", {"seed": 25, "n_bots": 6, "n_rings": 3, "n_boosted": 3}),
     ("boosters of popular creators", {"seed": 26, "boost_popular": True, "n_boosted": 3}),
 ]
 

@@ -35,7 +35,7 @@ PAIR_SCHEMA = pa.schema(
         ("loser_image_id", pa.string()),
         ("winner_uid", pa.string()),
         ("loser_uid", pa.string()),
-        ("prob", pa.float64()),  # posterior P(theta_winner > theta_loser); null for user pairs
+        ("prob", pa.float64()),  # posterior P(theta_winner > theta_loser); user pairs: the same among users of their taste
         # posterior P(theta_winner > min_ratio * theta_loser): what the FDR rule ranks; null for user pairs
         ("prob_margin", pa.float64()),
         # population: real exposures (distinct counted users shown the image);
@@ -306,7 +306,7 @@ def build_social_pairs(
     a_post, b_post = gamma_posterior(prior, score / phi, expected / phi)
     post_mean = a_post / b_post
     r_min = cfg.min_ratio
-    n_cells, singular = 1, np.zeros(0)
+    n_cells, singular, cell_of_user = 1, np.zeros(0), {}
     if cfg.taste_axes > 0:
         # taste-balanced test (taste.py): the pair's order within groups of users of one taste,
         # combined on the log scale, so that a polarising image's fans do not outvote everyone
@@ -332,6 +332,7 @@ def build_social_pairs(
         # users whose taste is unknown count a share in every cell
         k_cells += np.bincount(cu_img[~known], weights=cu_score[~known], minlength=n_img)[None, :] / n_cells
         e_cells += np.bincount(cu_img[~known], weights=base_s[cu_str[~known]], minlength=n_img)[None, :] / n_cells
+        cell_of_user = dict(zip(u_codes.dictionary.to_pylist(), cells.tolist()))
         del cu, u_codes
         log_mean, log_var = balanced_log_rate(prior.alpha, prior.beta, k_cells / phi, e_cells / phi)
 
@@ -412,6 +413,8 @@ def build_social_pairs(
     # --- per-user pairs ----------------------------------------------------------------------------
     user_pairs = PAIR_SCHEMA.empty_table()
     n_user_sessions_pairs = 0
+    n_user_unsupported = 0
+    user_support = np.zeros(0)
     if cfg.user_pairs:
         con.execute(
             "CREATE TEMP TABLE engaged_groups AS SELECT DISTINCT user_id, prompt_group FROM user_image "
@@ -431,9 +434,29 @@ def build_social_pairs(
                 "exclude_self": cfg.exclude_self,
             },
         )
+        # support: P(theta_winner > theta_loser) among users of the same taste (their group's
+        # posterior; the taste-balanced one for a user whose taste is unknown; the pooled one without
+        # taste groups). A user's single choice is weak evidence: pairs their taste group clearly
+        # contradicts are dropped, and the mean support of the rest is their estimated precision.
+        wi = np.array([index[x] for x in up.column("winner_image_id").to_pylist()], dtype=np.int64)
+        li = np.array([index[x] for x in up.column("loser_image_id").to_pylist()], dtype=np.int64)
+        if cfg.taste_axes > 0:
+            uc = np.array([cell_of_user.get(u, -1) for u in up.column("user_id").to_pylist()], dtype=np.int64)
+            a_c, b_c = prior.alpha + k_cells / phi, prior.beta + e_cells / phi
+            cc = np.maximum(uc, 0)
+            support = np.where(
+                uc >= 0,
+                prob_greater_gamma(a_c[cc, wi], b_c[cc, wi], a_c[cc, li], b_c[cc, li]),
+                prob_greater_log(log_mean[wi], log_var[wi], log_mean[li], log_var[li]),
+            ) if wi.size else np.zeros(0)
+        else:
+            support = prob_greater_gamma(a_post[wi], b_post[wi], a_post[li], b_post[li]) if wi.size else np.zeros(0)
+        supported = support >= cfg.user_min_support
+        n_user_unsupported = int((~supported).sum())
+        up = up.filter(pa.array(supported, pa.bool_()))
+        user_support = support[supported]
+        wi, li = wi[supported].tolist(), li[supported].tolist()
         m = up.num_rows
-        wi = [index[x] for x in up.column("winner_image_id").to_pylist()]
-        li = [index[x] for x in up.column("loser_image_id").to_pylist()]
         users_col = up.column("user_id").to_pylist()
         n_user_sessions_pairs = int(pc.sum(up.column("sessions")).as_py() or 0)
         user_pairs = pa.table(
@@ -452,7 +475,7 @@ def build_social_pairs(
                 "loser_image_id": up.column("loser_image_id"),
                 "winner_uid": [uids[i] for i in wi],
                 "loser_uid": [uids[i] for i in li],
-                "prob": pa.nulls(m, pa.float64()),
+                "prob": pa.array(user_support, pa.float64()),  # support among users of the same taste
                 "prob_margin": pa.nulls(m, pa.float64()),
                 "winner_exposure": pc.cast(up.column("winner_impressions"), pa.float64()),
                 "loser_exposure": pc.cast(up.column("loser_impressions"), pa.float64()),
@@ -504,6 +527,7 @@ def build_social_pairs(
     )
     con.close()
 
+    user_est = estimated_precision(user_support)
     reasons: dict[str, int] = {}
     for r_ in all_rejects.column("reason").to_pylist():
         reasons[r_] = reasons.get(r_, 0) + 1
@@ -562,6 +586,9 @@ def build_social_pairs(
         "pairs_dropped_weak": int(weak.sum()),
         "population_pairs": n_pop,
         "user_pairs": user_pairs.num_rows,
+        "user_pairs_dropped_unsupported": n_user_unsupported,
+        "user_estimated_precision": user_est["precision"],
+        "user_estimated_precision_interval": user_est["interval"],
         "user_pair_sessions": n_user_sessions_pairs,
         "users_with_pairs": users.num_rows,
         "baseline_pairs": base_table.num_rows,

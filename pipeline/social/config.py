@@ -105,6 +105,9 @@ class SocialConfig:
         default_factory=lambda: {"click": 0.25, "like": 0.5, "save": 0.6, "share": 0.7, "remix": 1.0}
     )
     user_min_score: float = 1.0
+    # ... and the users of the same taste (taste_axes) must not contradict it: the posterior
+    # probability, among them, that the winner engages more must be >= user_min_support
+    user_min_support: float = 0.8
     max_user_pairs_per_group: int = 20  # per user and prompt group; most sessions, then lowest ids
     # --- exports ----------------------------------------------------------------------------
     # Default exports (webdataset/, pickapic/) hold population pairs only: one row per image pair,
