@@ -435,8 +435,13 @@ def main(argv=None) -> dict:
 
 def run_sweep(args, work: Path) -> dict:
     settings = [(n, {"n_events": args.sweep_events, **kw}) for n, kw in SWEEP]
+    # below 100k events the default bot farm (>= 2 fast bots of ~28k events each) would be the
+    # whole log: those sizes run without farm bots (rings and boosters stay)
     settings += [
-        (f"defaults, seed 0, {n:,} events", {"seed": 0, "n_events": n})
+        (
+            f"defaults, seed 0, {n:,} events" + (", no farm bots" if n < 100_000 else ""),
+            {"seed": 0, "n_events": n, **({"n_bots": 0} if n < 100_000 else {})},
+        )
         for n in (int(x) for x in args.sweep_sizes.split(",") if x)
     ]
     if args.sweep_only:

@@ -313,8 +313,13 @@ def build_social_pairs(
         cu = _q(con, load_sql("social_counted_user_image"), {"exclude_self": cfg.exclude_self})
         u_codes = pc.dictionary_encode(cu.column("user_id")).combine_chunks()
         cu_user = u_codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        cu_img = np.array([index[x] for x in cu.column("image_id").to_pylist()], dtype=np.int64)
-        cu_str = np.array([s_index[x] for x in cu.column("stratum").to_pylist()], dtype=np.int64)
+        # vectorised lookups (millions of rows at 10 M events): positions in the sorted image ids / strata
+        cu_img = pc.index_in(cu.column("image_id"), value_set=images.column("image_id")).to_numpy(
+            zero_copy_only=False
+        ).astype(np.int64)
+        cu_str = pc.index_in(cu.column("stratum"), value_set=pa.array(strata, pa.string())).to_numpy(
+            zero_copy_only=False
+        ).astype(np.int64)
         w_sum = max(sum(cfg.weights.get(e, 0.0) for e in POSITIVE_EVENTS), 1e-12)
         cu_score = sum(
             cfg.weights.get(e, 0.0) * cu.column(e).to_numpy().astype(np.float64) for e in POSITIVE_EVENTS
