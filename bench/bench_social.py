@@ -268,7 +268,7 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--sweep-sizes", default="30000,200000,1000000", help="default-setting logs of these sizes too"
     )
-    ap.add_argument("--sweep-only", default="", help="comma-separated substrings: run only matching settings")
+    ap.add_argument("--sweep-only", default="", help="';'-separated substrings: run only matching settings")
     ap.add_argument("--workdir", type=Path, default=None, help="where logs and outputs go (default: temp)")
     ap.add_argument("--keep", action="store_true", help="keep the simulated logs and outputs")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -445,7 +445,7 @@ def run_sweep(args, work: Path) -> dict:
         for n in (int(x) for x in args.sweep_sizes.split(",") if x)
     ]
     if args.sweep_only:
-        keys = args.sweep_only.split(",")
+        keys = args.sweep_only.split(";")
         settings = [(n, kw) for n, kw in settings if any(k in n for k in keys)]
     rows = []
     for name, kw in settings:

@@ -13,7 +13,8 @@
 --    bound of P(X >= k), X ~ Binomial(n, p_bar): -n KL(k/n || p_bar) (0 when k/n <= p_bar); it
 --    never understates the tail, so a flag is never easier than the exact binomial test.
 -- 4. flagged: log_tail < ln($max_tail) alone, or < ln($suspect_tail) when >= $min_group users are
---    suspects of the same creator at that level (a group acting together).
+--    suspects of the same creator at that level (a group acting together) and that many is itself
+--    unlikely (below $max_tail) among all the creator's suspects.
 -- Accounts already flagged by the other rules (flagged(user_id)) are left out of every rate.
 -- Inputs: user_image (social_user_image.sql), images_ok(image_id, creator_id), flagged(user_id).
 WITH per_image AS (
@@ -83,10 +84,24 @@ scored AS (
     FROM evidence
 ),
 groups AS (
-    SELECT creator_id, count(*) AS members
-    FROM scored
-    WHERE log_tail < ln($suspect_tail)
-    GROUP BY creator_id
+    -- members: the creator's suspects below $suspect_tail, out of all its suspects. If each suspect
+    -- fell below it with probability $suspect_tail by chance, that many members or more has a
+    -- binomial tail (Chernoff bound again): a creator with a large audience has many suspects, and
+    -- a few of them are expected below the level without any coordination.
+    SELECT
+        creator_id,
+        members,
+        CASE
+            WHEN members::DOUBLE / suspects <= $suspect_tail THEN 0.0
+            WHEN members >= suspects THEN suspects * ln($suspect_tail)
+            ELSE -suspects * ((members::DOUBLE / suspects) * ln((members::DOUBLE / suspects) / $suspect_tail)
+                 + (1 - members::DOUBLE / suspects) * ln((1 - members::DOUBLE / suspects) / (1 - $suspect_tail)))
+        END AS group_log_tail
+    FROM (
+        SELECT creator_id, count(*) AS suspects, count_if(log_tail < ln($suspect_tail)) AS members
+        FROM scored
+        GROUP BY creator_id
+    )
 )
 SELECT
     sc.user_id,
@@ -100,5 +115,5 @@ SELECT
 FROM scored sc
 LEFT JOIN groups g ON g.creator_id = sc.creator_id
 WHERE sc.log_tail < ln($max_tail)
-   OR (sc.log_tail < ln($suspect_tail) AND coalesce(g.members, 0) >= $min_group)
+   OR (sc.log_tail < ln($suspect_tail) AND g.members >= $min_group AND g.group_log_tail < ln($max_tail))
 ORDER BY sc.user_id, sc.creator_id
