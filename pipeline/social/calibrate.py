@@ -1,9 +1,11 @@
-"""Split-half calibration of the engagement posterior, from the log alone.
+"""Split-half calibration of the engagement posterior's width, from the log alone.
 
 The Gamma-Poisson model (pipeline/social/bayes.py) treats an image's engagement as Poisson around
-what its audience predicts. A real log is noisier than that (users who come in clusters, surfaces
-the strata do not capture, a bursty feed), and a posterior that ignores it is overconfident: it
-keeps pairs whose expected error rate looks like 2% when 3.5% are wrong.
+what its audience predicts. A real log can be noisier than that (users who come in clusters,
+surfaces the strata do not capture, a bursty feed), and a posterior that ignores it is
+overconfident. This module measures that noise; it cannot see a bias that every part of the
+audience shares (on simulated logs the overconfidence was such a bias, polarising images, which
+pipeline/social/taste.py handles; there phi comes out 0.4-0.7, less noise than Poisson).
 
 What this module measures, without any ground truth: users are split in two halves by a hash of
 their id, so every image has two disjoint audiences. The posterior fitted on one half predicts,

@@ -130,6 +130,8 @@ class SocialConfig:
         return asdict(self)
 
     def validate(self) -> None:
+        if not 0.0 <= self.user_min_support < 1.0:
+            raise ValueError("user_min_support must be in [0, 1)")
         if not 0 <= self.taste_axes <= 4:
             raise ValueError("taste_axes must be in 0..4")
         if self.taste_axes and not self.dedupe_per_user:
