@@ -65,7 +65,10 @@ HELD_OUT = {
 SWEEP = [
     ("defaults, seed 0", {"seed": 0}),
     ("taste spread sd 0.3", {"seed": 21, "taste_sd": 0.3}),
-    ("taste spread sd 0.8 (stress: featured boost 25)", {"seed": 101, "taste_sd": 0.8, "featured_boost": 25.0}),
+    (
+        "taste spread sd 0.8 (stress: featured boost 25)",
+        {"seed": 101, "taste_sd": 0.8, "featured_boost": 25.0},
+    ),
     ("popularity skew: featured 10% at boost 40", {"seed": 22, "featured_frac": 0.1, "featured_boost": 40.0}),
     ("exposure confounding x2 (surface logits)", {"seed": 23, "surface_bias": 2.0}),
     ("exposure confounding off", {"seed": 24, "surface_bias": 0.0}),
@@ -263,7 +266,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--held-out", action="store_true", help="also the held-out logs (one run each)")
     ap.add_argument("--held-out-events", type=int, default=1_000_000)
     ap.add_argument("--weights", action="store_true", help="compare engagement weightings")
-    ap.add_argument("--sweep", action="store_true", help="only the simulator sweep: estimated vs true precision")
+    ap.add_argument(
+        "--sweep", action="store_true", help="only the simulator sweep: estimated vs true precision"
+    )
     ap.add_argument("--sweep-events", type=int, default=300_000, help="log size of the sweep's settings")
     ap.add_argument(
         "--sweep-sizes", default="30000,200000,1000000", help="default-setting logs of these sizes too"

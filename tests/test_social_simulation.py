@@ -3,7 +3,7 @@
 import hashlib
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 (pa.compute)
+import pyarrow.compute as pc
 import pytest
 
 from pipeline.social import SocialConfig, build_social_pairs
@@ -77,9 +77,15 @@ def test_estimated_precision_tracks_the_truth(sim):
     summary, r = sim
     true = precision(r.pairs, summary["truth_dir"])
     s = r.stats
-    assert abs(s["estimated_precision"] - true["population_precision"]) <= 0.02, (s["estimated_precision"], true)
-    assert abs(s["user_estimated_precision"] - true["user_precision"]) <= 0.02, (s["user_estimated_precision"], true)
+    assert abs(s["estimated_precision"] - true["population_precision"]) <= 0.02, (
+        s["estimated_precision"],
+        true,
+    )
+    assert abs(s["user_estimated_precision"] - true["user_precision"]) <= 0.02, (
+        s["user_estimated_precision"],
+        true,
+    )
     lo, hi = s["estimated_precision_interval"]
     assert lo <= s["estimated_precision"] <= hi and hi - lo < 0.05
     assert s["yield_vs_naive"] == s["population_pairs"] / s["naive_pairs"]
-    assert r.pairs.filter(pa.compute.field("kind") == "user").column("prob").to_numpy().min() >= 0.8
+    assert r.pairs.filter(pc.field("kind") == "user").column("prob").to_numpy().min() >= 0.8

@@ -10,7 +10,7 @@ from pipeline.social import SocialConfig, build_social_pairs
 from pipeline.social.simulate import write_social_input
 from pipeline.social.taste import balanced_log_rate, taste_cells
 
-CFG = dict(export_webdataset=False, export_pickapic=False, user_pairs=False, min_exposure=10)
+CFG = {"export_webdataset": False, "export_pickapic": False, "user_pairs": False, "min_exposure": 10}
 
 
 def _polarised_log(tmp_path):
@@ -21,7 +21,9 @@ def _polarised_log(tmp_path):
     for k in range(1, 4):
         rate[f"T{k}"] = (0.60, 0.05)
         rate[f"T{k + 3}"] = (0.05, 0.60)
-    images = [{"image_id": i, "prompt": "red fox" if i in "PQ" else "blue owl", "creator_id": f"c{i}"} for i in rate]
+    images = [
+        {"image_id": i, "prompt": "red fox" if i in "PQ" else "blue owl", "creator_id": f"c{i}"} for i in rate
+    ]
     rng = np.random.default_rng(0)
     ev = []
     for taste in (0, 1):

@@ -17,9 +17,9 @@ from pipeline.ids import stable_key
 from pipeline.rejects import REJECT_SCHEMA, Rejects
 from pipeline.social.bayes import GammaPrior, fit_gamma_prior, gamma_posterior, prob_greater_gamma
 from pipeline.social.calibrate import estimated_precision, fit_dispersion
-from pipeline.social.taste import balanced_log_rate, prob_greater_log, taste_cells
 from pipeline.social.config import POSITIVE_EVENTS, SocialConfig
 from pipeline.social.ingest import find_inputs, load_images, load_sql, register_events
+from pipeline.social.taste import balanced_log_rate, prob_greater_log, taste_cells
 from pipeline.storage import write_bytes_atomic, write_parquet_atomic
 
 STAGE = "social"
@@ -35,7 +35,10 @@ PAIR_SCHEMA = pa.schema(
         ("loser_image_id", pa.string()),
         ("winner_uid", pa.string()),
         ("loser_uid", pa.string()),
-        ("prob", pa.float64()),  # posterior P(theta_winner > theta_loser); user pairs: the same among users of their taste
+        (
+            "prob",
+            pa.float64(),
+        ),  # posterior P(theta_winner > theta_loser); user pairs: the same among users of their taste
         # posterior P(theta_winner > min_ratio * theta_loser): what the FDR rule ranks; null for user pairs
         ("prob_margin", pa.float64()),
         # population: real exposures (distinct counted users shown the image);
@@ -314,19 +317,22 @@ def build_social_pairs(
         u_codes = pc.dictionary_encode(cu.column("user_id")).combine_chunks()
         cu_user = u_codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         # vectorised lookups (millions of rows at 10 M events): positions in the sorted image ids / strata
-        cu_img = pc.index_in(cu.column("image_id"), value_set=images.column("image_id")).to_numpy(
-            zero_copy_only=False
-        ).astype(np.int64)
-        cu_str = pc.index_in(cu.column("stratum"), value_set=pa.array(strata, pa.string())).to_numpy(
-            zero_copy_only=False
-        ).astype(np.int64)
-        w_sum = max(sum(cfg.weights.get(e, 0.0) for e in POSITIVE_EVENTS), 1e-12)
-        cu_score = sum(
-            cfg.weights.get(e, 0.0) * cu.column(e).to_numpy().astype(np.float64) for e in POSITIVE_EVENTS
-        ) / w_sum
-        cells, singular = taste_cells(
-            cu_user, cu_img, cu_score, n_img, cfg.taste_axes, cfg.taste_min_images
+        cu_img = (
+            pc.index_in(cu.column("image_id"), value_set=images.column("image_id"))
+            .to_numpy(zero_copy_only=False)
+            .astype(np.int64)
         )
+        cu_str = (
+            pc.index_in(cu.column("stratum"), value_set=pa.array(strata, pa.string()))
+            .to_numpy(zero_copy_only=False)
+            .astype(np.int64)
+        )
+        w_sum = max(sum(cfg.weights.get(e, 0.0) for e in POSITIVE_EVENTS), 1e-12)
+        cu_score = (
+            sum(cfg.weights.get(e, 0.0) * cu.column(e).to_numpy().astype(np.float64) for e in POSITIVE_EVENTS)
+            / w_sum
+        )
+        cells, singular = taste_cells(cu_user, cu_img, cu_score, n_img, cfg.taste_axes, cfg.taste_min_images)
         n_cells = 2**cfg.taste_axes
         k_cells = np.zeros((n_cells, n_img))
         e_cells = np.zeros((n_cells, n_img))
@@ -336,7 +342,9 @@ def build_social_pairs(
         np.add.at(e_cells, (cu_cell[known], cu_img[known]), base_s[cu_str[known]])
         # users whose taste is unknown count a share in every cell
         k_cells += np.bincount(cu_img[~known], weights=cu_score[~known], minlength=n_img)[None, :] / n_cells
-        e_cells += np.bincount(cu_img[~known], weights=base_s[cu_str[~known]], minlength=n_img)[None, :] / n_cells
+        e_cells += (
+            np.bincount(cu_img[~known], weights=base_s[cu_str[~known]], minlength=n_img)[None, :] / n_cells
+        )
         cell_of_user = dict(zip(u_codes.dictionary.to_pylist(), cells.tolist()))
         del cu, u_codes
         log_mean, log_var = balanced_log_rate(prior.alpha, prior.beta, k_cells / phi, e_cells / phi)
@@ -449,13 +457,19 @@ def build_social_pairs(
             uc = np.array([cell_of_user.get(u, -1) for u in up.column("user_id").to_pylist()], dtype=np.int64)
             a_c, b_c = prior.alpha + k_cells / phi, prior.beta + e_cells / phi
             cc = np.maximum(uc, 0)
-            support = np.where(
-                uc >= 0,
-                prob_greater_gamma(a_c[cc, wi], b_c[cc, wi], a_c[cc, li], b_c[cc, li]),
-                prob_greater_log(log_mean[wi], log_var[wi], log_mean[li], log_var[li]),
-            ) if wi.size else np.zeros(0)
+            support = (
+                np.where(
+                    uc >= 0,
+                    prob_greater_gamma(a_c[cc, wi], b_c[cc, wi], a_c[cc, li], b_c[cc, li]),
+                    prob_greater_log(log_mean[wi], log_var[wi], log_mean[li], log_var[li]),
+                )
+                if wi.size
+                else np.zeros(0)
+            )
         else:
-            support = prob_greater_gamma(a_post[wi], b_post[wi], a_post[li], b_post[li]) if wi.size else np.zeros(0)
+            support = (
+                prob_greater_gamma(a_post[wi], b_post[wi], a_post[li], b_post[li]) if wi.size else np.zeros(0)
+            )
         supported = support >= cfg.user_min_support
         n_user_unsupported = int((~supported).sum())
         up = up.filter(pa.array(supported, pa.bool_()))

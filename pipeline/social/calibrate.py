@@ -91,8 +91,8 @@ def fit_dispersion(
             lp, lq = special.log_ndtr(z), special.log_ndtr(-z)
             ll[:, k] = np.where(ok, s * lp + (1 - s) * lq, 0.0)
         rows_ll.append(ll)
-    ok0, s0, d0 = signs[0]
-    ok1, s1, d1 = signs[1]
+    ok0, _, d0 = signs[0]
+    ok1, _, d1 = signs[1]
     both = ok0 & ok1 & (d0 != 0) & (d1 != 0)
     if both.any():
         # the two halves' observed orders agree (a direct, model-free figure for the card)

@@ -323,8 +323,8 @@ def _fold_reposts(out: dict, rejects: Rejects) -> pa.Table:
         canon_ids.append(orig)
         copy_creators.append(out["creator_id"][j])
     if drop:
-        for k in out:
-            out[k] = [v for j, v in enumerate(out[k]) if j not in drop]
+        for k, values in out.items():
+            out[k] = [v for j, v in enumerate(values) if j not in drop]
     return pa.table(
         {
             "image_id": pa.array(copy_ids, pa.string()),

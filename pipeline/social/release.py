@@ -124,15 +124,27 @@ def social_card(version: str, folder: Path, stats: dict, config: SocialConfig, p
         licenses=["Images and prompts: the licence of the platform's content (unknown to lineup). The log describes "
                   "real users' behaviour: see 'Removal requests'.", "Code: Apache-2.0 (lineup)."],
         filters=filters,
-        models=["none (counts, Gamma-Poisson posteriors per taste group of users, a rank-2 SVD for the groups; no learned model)"],
+        models=[
+            (
+                "none (counts, Gamma-Poisson posteriors per taste group of users, a rank-2 SVD for the groups; "
+                "no learned model)"
+            )
+        ],
         limitations=[
-            "Engagement is a proxy for preference; images that polarise their audience can win pairs their average "
-            "appeal would not (measured on the simulator in the README).",
+            (
+                "Engagement is a proxy for preference. Images that polarise their audience are compared within groups "
+                "of users of one taste, which removes most of their advantage on the simulator (README, social sweep)."
+            ),
             "The engagement weights are tuned on the simulator: re-tune them on your platform's logs.",
-            "Per-user pairs rest on one session of one user each; they are kept only where users of the same taste "
-            "support the order (posterior >= user_min_support), and their estimated precision is that support's mean.",
-            "The precision estimates assume what the log shows: bias shared by every taste group (e.g. undetected "
-            "bots) is invisible to them.",
+            (
+                "Per-user pairs rest on one session of one user each; they are kept only where users of the same "
+                "taste support the order (posterior >= user_min_support), and their estimated precision is that "
+                "support's mean."
+            ),
+            (
+                "The precision estimates assume what the log shows: a bias shared by every taste group (e.g. "
+                "undetected bots) is invisible to them."
+            ),
         ],
         removal=removal_text(contact),
         lineage={"version": version, **parts},
