@@ -82,16 +82,21 @@ def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     refresh_catalog(layout)
     st = rel.result.stats if rel.result is not None else {}
     keys = ("population_pairs", "user_pairs", "users_with_pairs", "events_in", "events_rejected", "events_self_excluded",
-            "events_bot_excluded", "bots_flagged", "fdr_level", "expected_fdr")
+            "events_bot_excluded", "bots_flagged", "fdr_level", "expected_fdr", "estimated_precision",
+            "user_estimated_precision", "naive_pairs", "yield_vs_naive", "reposts_folded")
     yield dg.MaterializeResult(
         asset_key="social_dataset",
         metadata={
             **release_metadata(rel),
-            **{k: st[k] for k in keys if k in st},
+            **{k: st[k] for k in keys if st.get(k) is not None},
             "bots_by_rule": dg.MetadataValue.json(st.get("bots_by_rule", {})),
             "pairs_dropped": dg.MetadataValue.json({k: v for k, v in st.items() if k.startswith("pairs_dropped")}),
             "rejects_by_reason": dg.MetadataValue.json(st.get("rejects_by_reason", {})),
             "prior": dg.MetadataValue.json(st.get("prior", {})),
+            "estimated_precision_interval": dg.MetadataValue.json(
+                {"population": st.get("estimated_precision_interval"), "per_user": st.get("user_estimated_precision_interval")}
+            ),
+            "calibration": dg.MetadataValue.json(st.get("calibration") or {}),
             "exports": dg.MetadataValue.json(outcomes["shards_match_manifest"].metadata.get("counts", {})),
             "timings_s": dg.MetadataValue.json(st.get("timings_s", {})),
             "lineage": dg.MetadataValue.json({k: v for k, v in parts.items() if k != "config"}),

@@ -60,6 +60,72 @@ HELD_OUT = {
     "seed 101, stronger taste (sd 0.8): stress": {"seed": 101, "taste_sd": 0.8, "featured_boost": 25.0},
 }
 
+# --sweep: simulator settings other than the defaults the rules were tuned on (seed 0 and 1);
+# (name, SimConfig overrides); the log size comes from --sweep-events unless given here
+SWEEP = [
+    ("defaults, seed 0", {"seed": 0}),
+    ("taste spread sd 0.3", {"seed": 21, "taste_sd": 0.3}),
+    (
+        "taste spread sd 0.8 (stress: featured boost 25)",
+        {"seed": 101, "taste_sd": 0.8, "featured_boost": 25.0},
+    ),
+    ("popularity skew: featured 10% at boost 40", {"seed": 22, "featured_frac": 0.1, "featured_boost": 40.0}),
+    ("exposure confounding x2 (surface logits)", {"seed": 23, "surface_bias": 2.0}),
+    ("exposure confounding off", {"seed": 24, "surface_bias": 0.0}),
+    ("bot share x3 (farms, rings, boosters)", {"seed": 25, "n_bots": 6, "n_rings": 3, "n_boosted": 3}),
+    ("boosters of popular creators", {"seed": 26, "boost_popular": True, "n_boosted": 3}),
+]
+
+
+def sweep_row(name: str, social: Path, truth: Path, events: int) -> dict:
+    """One sweep log: the log-only estimate of precision (split halves, no truth) next to the
+    precision against the simulator's truth, and the yield against the naive rule."""
+    cfg = SocialConfig(export_webdataset=False, export_pickapic=False)
+    t, c = time.perf_counter(), time.process_time()
+    r = build_social_pairs(social, None, cfg)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    true = precision(r.pairs, truth)
+    s = r.stats
+    bots = bot_detection(r.bots, truth)
+    return {
+        "log": name,
+        "events": events,
+        "pairs": s["population_pairs"],
+        "true_precision": true["population_precision"],
+        "estimated_precision": s["estimated_precision"],
+        "estimated_interval": s["estimated_precision_interval"],
+        "yield_vs_naive": s["yield_vs_naive"],
+        "phi": (s["calibration"] or {}).get("phi"),
+        "half_agreement": (s["calibration"] or {}).get("half_agreement"),
+        "user_pairs": true["user_pairs"],
+        "user_true_precision": true["user_precision"],
+        "user_estimated_precision": s.get("user_estimated_precision"),
+        "user_estimated_interval": s.get("user_estimated_precision_interval"),
+        "boosters": f"{bots['by_kind'].get('booster', {}).get('caught', 0)}/{bots['by_kind'].get('booster', {}).get('total', 0)}",
+        "people_flagged": sum(bots["false_flags_by_rule"].values()),
+        "wall_s": wall,
+        "cpu_s": cpu,
+    }
+
+
+def sweep_table(rows: list[dict]) -> str:
+    def iv(x):
+        return "-" if not x else f"{x[0]:.3f}-{x[1]:.3f}"
+
+    lines = [
+        "| log | events | pairs | true precision | estimated (95%) | yield vs naive | phi | per-user pairs | per-user true | per-user estimated (95%) | boosters caught | people flagged |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['log']} | {r['events']:,} | {r['pairs']:,} | {_fmt(r['true_precision'])} | "
+            f"{_fmt(r['estimated_precision'])} ({iv(r['estimated_interval'])}) | {_fmt(r['yield_vs_naive'])} | "
+            f"{_fmt(r['phi'], 2)} | {r['user_pairs']:,} | {_fmt(r['user_true_precision'])} | "
+            f"{_fmt(r['user_estimated_precision'])} ({iv(r['user_estimated_interval'])}) | {r['boosters']} | {r['people_flagged']} |"
+        )
+    return "\n".join(lines)
+
+
 OLD_BUILD = r"""
 import json, sys, time
 from pathlib import Path
@@ -200,6 +266,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--held-out", action="store_true", help="also the held-out logs (one run each)")
     ap.add_argument("--held-out-events", type=int, default=1_000_000)
     ap.add_argument("--weights", action="store_true", help="compare engagement weightings")
+    ap.add_argument(
+        "--sweep", action="store_true", help="only the simulator sweep: estimated vs true precision"
+    )
+    ap.add_argument("--sweep-events", type=int, default=300_000, help="log size of the sweep's settings")
+    ap.add_argument(
+        "--sweep-sizes", default="30000,200000,1000000", help="default-setting logs of these sizes too"
+    )
+    ap.add_argument("--sweep-only", default="", help="';'-separated substrings: run only matching settings")
     ap.add_argument("--workdir", type=Path, default=None, help="where logs and outputs go (default: temp)")
     ap.add_argument("--keep", action="store_true", help="keep the simulated logs and outputs")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -207,6 +281,8 @@ def main(argv=None) -> dict:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_social_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        return run_sweep(args, work)
     old_code = checkout(args.before_commit, work / "before_code") if args.before_commit else None
 
     def simulated(name: str, cfg: SimConfig) -> tuple[Path, Path, dict, float]:
@@ -355,6 +431,46 @@ def main(argv=None) -> dict:
     result["markdown"] = table
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_social_{summary['events']}{'_exports' if args.exports else ''}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {path}")
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def run_sweep(args, work: Path) -> dict:
+    settings = [(n, {"n_events": args.sweep_events, **kw}) for n, kw in SWEEP]
+    # below 100k events the default bot farm (>= 2 fast bots of ~28k events each) would be the
+    # whole log: those sizes run without farm bots (rings and boosters stay)
+    settings += [
+        (
+            f"defaults, seed 0, {n:,} events" + (", no farm bots" if n < 100_000 else ""),
+            {"seed": 0, "n_events": n, **({"n_bots": 0} if n < 100_000 else {})},
+        )
+        for n in (int(x) for x in args.sweep_sizes.split(",") if x)
+    ]
+    if args.sweep_only:
+        keys = args.sweep_only.split(";")
+        settings = [(n, kw) for n, kw in settings if any(k in n for k in keys)]
+    rows = []
+    for name, kw in settings:
+        d = work / f"sweep_{len(rows)}"
+        simulate(d / "social", d / "truth", SimConfig(**kw))
+        rows.append(sweep_row(name, d / "social", d / "truth", kw["n_events"]))
+        print(json.dumps(rows[-1], default=str), flush=True)
+        if not args.keep:
+            shutil.rmtree(d, ignore_errors=True)
+    table = sweep_table(rows)
+    print(table)
+    result = {
+        "benchmark": "social_sweep",
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "load_1min": os.getloadavg()[0]},
+        "config": SocialConfig().to_dict(),
+        "rows": rows,
+        "markdown": table,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "bench_social_sweep.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {path}")
     if not args.keep and args.workdir is None:

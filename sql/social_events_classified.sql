@@ -5,6 +5,8 @@
 --   images_rejected(image_id)                                    image ids whose row was rejected
 --   dup_rows(_file, _row, event_id)                              social_duplicate_events
 --   removed_users(user_hash)                                     sha256 of user ids removed on request
+--   reposts(image_id, canonical_id, creator_id)                  copies of an accepted image (same
+--       bytes): their events count for canonical_id; the copy's creator's events are self-engagement
 -- The first failing check names the reason. Used as a view: each consumer scans the Parquet
 -- once (cheaper than materialising 10 M rows); only the duplicate check is precomputed.
 SELECT
@@ -12,11 +14,11 @@ SELECT
     e._row,
     e.ts,
     e.user_id,
-    e.image_id,
+    coalesce(rp.canonical_id, e.image_id) AS image_id,
     e.event,
     e.stratum,
     i.prompt_group,
-    coalesce(e.user_id = i.creator_id, false) AS is_self,
+    coalesce(e.user_id = i.creator_id, false) OR coalesce(e.user_id = rp.creator_id, false) AS is_self,
     CASE
         WHEN e.ts IS NULL THEN 'unparsable timestamp'
         WHEN e.event IS NULL OR e.event NOT IN ('impression', 'click', 'like', 'save', 'share', 'remix')
@@ -31,6 +33,7 @@ SELECT
     e.ts_raw,
     e.event_id
 FROM events_src e
-LEFT JOIN images_ok i ON i.image_id = e.image_id
+LEFT JOIN reposts rp ON rp.image_id = e.image_id
+LEFT JOIN images_ok i ON i.image_id = coalesce(rp.canonical_id, e.image_id)
 LEFT JOIN images_rejected r ON r.image_id = e.image_id
 LEFT JOIN dup_rows d ON d._file = e._file AND d._row = e._row AND d.event_id = e.event_id

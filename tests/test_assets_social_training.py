@@ -36,6 +36,14 @@ def test_social_dataset_asset(built):
     meta = next(iter(result.asset_materializations_for_node("social_dataset"))).metadata
     assert n == meta["population_pairs"].value + meta["user_pairs"].value > 0
     assert "example_pairs" in meta and "posterior_probability" in meta
+    # the log-only precision estimate, its interval and the yield against the naive rule, in the
+    # metadata and in the card, agreeing with the stats the build wrote
+    stats = __import__("json").loads((layout.datasets / "social" / version / "social_stats.json").read_text())
+    assert meta["estimated_precision"].value == stats["estimated_precision"]
+    assert meta["yield_vs_naive"].value == stats["population_pairs"] / stats["naive_pairs"]
+    assert meta["estimated_precision_interval"].value["population"] == stats["estimated_precision_interval"]
+    card = (layout.datasets / "social" / version / "README.md").read_text()
+    assert f"{stats['estimated_precision']:.3f}" in card and "naive rule" in card
 
 
 def test_trainers_run_as_pipes_subprocesses(built):

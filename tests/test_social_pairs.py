@@ -249,13 +249,19 @@ def test_user_pairs_need_the_images_shown_together(tmp_path):
     add("2026-11-02 10:01:00", "fan", "R", "impression")
     add("2026-11-05 10:00:00", "fan", "R", "impression", "like")
     d = write_social_input(tmp_path, images, ev)
-    r = build_social_pairs(d, None, SocialConfig(export_webdataset=False, export_pickapic=False))
+    r = build_social_pairs(
+        d, None, SocialConfig(user_min_support=0.0, export_webdataset=False, export_pickapic=False)
+    )
     users = r.pairs.filter(pc.field("kind") == "user").to_pylist()
     assert [(p["user_id"], p["winner_image_id"], p["loser_image_id"], p["sessions"]) for p in users] == [
         ("together", "P", "Q", 1)
     ]
     gap = build_social_pairs(
-        d, None, SocialConfig(session_gap_s=3 * 86_400, export_webdataset=False, export_pickapic=False)
+        d,
+        None,
+        SocialConfig(
+            session_gap_s=3 * 86_400, user_min_support=0.0, export_webdataset=False, export_pickapic=False
+        ),
     )
     got = {(p["user_id"], p["winner_image_id"], p["loser_image_id"]) for p in gap.pairs.to_pylist()}
     assert got == {("together", "P", "Q"), ("apart", "P", "Q")}  # a 3-day session joins them

@@ -3,6 +3,7 @@
 import hashlib
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from pipeline.social import SocialConfig, build_social_pairs
@@ -68,3 +69,23 @@ def test_rings_and_boosters_pass_the_rate_rules(sim):
     kinds = bot_detection(r.bots, summary["truth_dir"])["by_kind"]
     for k in ("ring", "booster"):
         assert not any("rate" in rule for rule in kinds[k]["by_rule"]), kinds[k]
+
+
+def test_estimated_precision_tracks_the_truth(sim):
+    """What the build estimates from the log alone (no truth) is within 2 points of the precision
+    against the simulator's truth, for population and per-user pairs, and its interval is reported."""
+    summary, r = sim
+    true = precision(r.pairs, summary["truth_dir"])
+    s = r.stats
+    assert abs(s["estimated_precision"] - true["population_precision"]) <= 0.02, (
+        s["estimated_precision"],
+        true,
+    )
+    assert abs(s["user_estimated_precision"] - true["user_precision"]) <= 0.02, (
+        s["user_estimated_precision"],
+        true,
+    )
+    lo, hi = s["estimated_precision_interval"]
+    assert lo <= s["estimated_precision"] <= hi and hi - lo < 0.05
+    assert s["yield_vs_naive"] == s["population_pairs"] / s["naive_pairs"]
+    assert r.pairs.filter(pc.field("kind") == "user").column("prob").to_numpy().min() >= 0.8

@@ -36,7 +36,8 @@ A social input folder holding Parquet (.parquet) or CSV (.csv, with a header row
 Every input row either counts or goes to the rejects table (stage "social") with a reason:
 images: "missing image id", "duplicate image id", "missing prompt", "unparsable timestamp"
 (created_at), "missing image file", "unreadable image" (does not decode, too large, or over the
-pixel limit); events: "unparsable timestamp", "unknown event", "missing user id", "image rejected"
+pixel limit), "duplicate image content" (a repost: the same bytes as another image; the earliest
+created, then smallest image_id, stays, and the copy's events count for it, pooled); events: "unparsable timestamp", "unknown event", "missing user id", "image rejected"
 (its images row was rejected), "unknown image", "event before image created", "duplicate event id"
 (the first failing check names the reason). events in = accepted + rejected, images likewise.
 Accepted events by an image's creator on that image (self-engagement) and all events of users
@@ -53,10 +54,10 @@ How a pair is decided
    bot_max_positive_ratio positive events per impression, once a user has bot_min_events events);
    remix rings (mutual remixes of >= ring_min_remixes images each way with >= ring_min_partners
    accounts); boosters (a user engaged with >= booster_min_images images of one creator, at least
-   booster_min_coverage of those shown, far more than the user's rate elsewhere times the
-   creator's appeal to others predicts: a binomial tail below booster_max_tail, or below
-   booster_suspect_tail for a group of such users who give the creator >= booster_min_group_share
-   of its engagement).
+   booster_min_coverage of those shown, far more than the user's rate elsewhere times each image's
+   appeal to the rest of its audience predicts: a Chernoff bound of the binomial tail below
+   booster_max_tail, or below booster_suspect_tail for >= booster_min_group users of one creator;
+   the creator's popularity does not enter).
 3. Engagement per image: with dedupe_per_user each user counts once per image, stratum and event
    kind; K = sum over positive events of weight * count, divided by the sum of the weights (so a
    user contributes a value in [0, 1]). The weights are breadth first (a click weighs most).
@@ -66,20 +67,26 @@ How a pair is decided
    slot) is expected to engage more; its exposures are never scaled.
 5. Model: K ~ Poisson(theta * E) (conservative: one user's contribution has variance at most its
    mean), theta ~ Gamma(alpha, beta) fitted to the images with >= min_exposure exposures (method
-   of moments, then negative-binomial maximum likelihood; valid for alpha below 1). Posterior
-   Gamma(alpha + K, beta + E).
+   of moments, then negative-binomial maximum likelihood; valid for alpha below 1). Split-half
+   calibration (calibrate.py): a dispersion phi fitted on two random halves of the users; counts
+   are divided by max(phi, 1). Taste groups (taste.py, taste_axes=2): users split at the medians
+   of the two leading singular vectors of their engagement; per group and image a posterior
+   Gamma(alpha + K_g, beta + E_g); an image's score is the mean over groups of E[log theta_g].
 6. Test: for each pair of a group with both sides at >= min_exposure exposures, the posterior
-   probability that the better-looking image engages at least min_ratio times as much as the
-   other, P(theta_w > min_ratio * theta_l), in closed form (pipeline/social/bayes.py). Per prompt
-   group, pairs are ranked by 1 - that probability and the longest prefix whose mean is
-   <= fdr_level (posterior expected false discovery rate, default 5%) is kept, each kept pair also
-   needing the probability >= min_prob. Dropped pairs are counted: low exposure, group overflow,
-   tie (posterior means within tie_margin * prior mean) or weak evidence (the rest).
+   probability that the better-looking image engages at least min_ratio (default 1: the right
+   order) times as much as the other, from the taste-balanced scores (normal approximation;
+   taste_axes=0: the pooled closed form in bayes.py). Per prompt group, pairs are ranked by 1 - that
+   probability and the longest prefix whose mean is <= fdr_level (default 5%) is kept, each kept
+   pair also needing the probability >= min_prob. Dropped pairs are counted: low exposure, group
+   overflow, tie (posterior means within tie_margin * prior mean) or weak evidence (the rest). The
+   kept pairs' mean probability of the right order is the estimated precision (stats, with a 95%
+   interval), next to the yield against the naive rule.
 7. Per-user pairs (sql/social_user_pairs.sql): only images the user was shown together, in one
    session of a prompt group (the user's events on the group's images, split by gaps longer than
    session_gap_s, default 30 minutes). The winner scores >= user_min_score with user_weights in
    that session (a like and more); the loser was shown in the same session and never engaged by
-   that user. One row per (user, winner, loser), with the number of sessions; at most
+   that user; users of the same taste group must support the order (posterior >= user_min_support,
+   the pair's prob). One row per (user, winner, loser), with the number of sessions; at most
    max_user_pairs_per_group per user and group. draw_user_sets() draws k pairs per user
    deterministically (PPD-style few-shot sets).
 

@@ -16,8 +16,10 @@ import pyarrow.compute as pc
 from pipeline.ids import stable_key
 from pipeline.rejects import REJECT_SCHEMA, Rejects
 from pipeline.social.bayes import GammaPrior, fit_gamma_prior, gamma_posterior, prob_greater_gamma
+from pipeline.social.calibrate import estimated_precision, fit_dispersion
 from pipeline.social.config import POSITIVE_EVENTS, SocialConfig
 from pipeline.social.ingest import find_inputs, load_images, load_sql, register_events
+from pipeline.social.taste import balanced_log_rate, prob_greater_log, taste_cells
 from pipeline.storage import write_bytes_atomic, write_parquet_atomic
 
 STAGE = "social"
@@ -33,7 +35,10 @@ PAIR_SCHEMA = pa.schema(
         ("loser_image_id", pa.string()),
         ("winner_uid", pa.string()),
         ("loser_uid", pa.string()),
-        ("prob", pa.float64()),  # posterior P(theta_winner > theta_loser); null for user pairs
+        (
+            "prob",
+            pa.float64(),
+        ),  # posterior P(theta_winner > theta_loser); user pairs: the same among users of their taste
         # posterior P(theta_winner > min_ratio * theta_loser): what the FDR rule ranks; null for user pairs
         ("prob_margin", pa.float64()),
         # population: real exposures (distinct counted users shown the image);
@@ -145,6 +150,7 @@ def build_social_pairs(
         con.execute(f"SET threads = {int(threads)}")
     con.register("images_ok", images.select(["image_id", "prompt_group", "creator_id", "created_at"]))
     con.register("images_rejected", pa.table({"image_id": pa.array(imgs.rejected_ids, pa.string())}))
+    con.register("reposts", imgs.copies)
     con.register("removed_users", pa.table({"user_hash": pa.array(sorted(removed_users), pa.string())}))
     file_rejects = Rejects(STAGE, partition)  # unreadable event files and rows that do not parse
     n_file_rejects = register_events(con, social_dir, event_files, cfg.stratum_column, file_rejects)
@@ -198,9 +204,11 @@ def build_social_pairs(
         {
             "min_images": cfg.booster_min_images,
             "min_coverage": cfg.booster_min_coverage,
+            "max_tail": cfg.booster_max_tail,
+            "suspect_tail": cfg.booster_suspect_tail,
+            "min_group": cfg.booster_min_group,
         },
     )
-    boosters = _booster_test(boosters, cfg)
     bots = _bot_table(activity, rings, boosters)
     con.register("bots", bots.select(["user_id"]))
     n_events_by_user = dict(
@@ -225,21 +233,25 @@ def build_social_pairs(
     n_img, n_str = len(image_ids), max(len(strata), 1)
     rows = np.array([index[x] for x in counts.column("image_id").to_pylist()], dtype=np.int64)
     cols = np.array([s_index[x] for x in counts.column("stratum").to_pylist()], dtype=np.int64)
-    N = np.zeros((n_img, n_str))
-    K = np.zeros((n_img, n_str))
-    np.add.at(N, (rows, cols), counts.column("n_exposed").to_numpy().astype(np.float64))
+    halves = counts.column("half").to_numpy().astype(np.int64)
+    # per audience half (users split by a hash of their id), image and stratum; the full counts
+    # are their sum (the halves are only for calibrate.fit_dispersion)
+    Nh = np.zeros((2, n_img, n_str))
+    Kh = np.zeros((2, n_img, n_str))
+    np.add.at(Nh, (halves, rows, cols), counts.column("n_exposed").to_numpy().astype(np.float64))
     impressions = np.zeros(n_img)
     np.add.at(impressions, rows, counts.column("n_impressions").to_numpy().astype(np.float64))
     raw_events = {}
     for e in POSITIVE_EVENTS:
-        c = np.zeros((n_img, n_str))
-        np.add.at(c, (rows, cols), counts.column(f"n_{e}").to_numpy().astype(np.float64))
-        raw_events[e] = c.sum(axis=1)
-        K += cfg.weights.get(e, 0.0) * c
+        c = np.zeros((2, n_img, n_str))
+        np.add.at(c, (halves, rows, cols), counts.column(f"n_{e}").to_numpy().astype(np.float64))
+        raw_events[e] = c.sum(axis=(0, 2))
+        Kh += cfg.weights.get(e, 0.0) * c
     if cfg.dedupe_per_user:
         # a user's contribution per image and stratum is sum_e w_e x_e <= sum_e w_e; scaled to [0, 1]
         # the score of one exposure has a variance at most its mean: the Poisson model is conservative
-        K /= max(sum(cfg.weights.get(e, 0.0) for e in POSITIVE_EVENTS), 1e-12)
+        Kh /= max(sum(cfg.weights.get(e, 0.0) for e in POSITIVE_EVENTS), 1e-12)
+    N, K = Nh.sum(axis=0), Kh.sum(axis=0)
     tot_n, tot_k = N.sum(), K.sum()
     base_all = tot_k / tot_n if tot_n > 0 else 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -247,14 +259,6 @@ def build_social_pairs(
     exposed = N.sum(axis=1)  # real exposures, never scaled
     expected = (N * base_s[None, :]).sum(axis=1)  # the offset: what the audience predicts
     score = K.sum(axis=1)
-    prior = fit_gamma_prior(score, expected, min_offset=0.0)
-    if cfg.min_exposure > 0 and (exposed >= cfg.min_exposure).sum() >= 2:
-        sel = exposed >= cfg.min_exposure
-        prior = fit_gamma_prior(score[sel], expected[sel])
-    a_post, b_post = gamma_posterior(prior, score, expected)
-    post_mean = a_post / b_post
-    lap("prior")
-
     groups = images.column("prompt_group").to_pylist()
     order = sorted(range(n_img), key=lambda i: (groups[i], -exposed[i], image_ids[i]))
     group_rank = np.zeros(n_img, dtype=np.int64)
@@ -280,18 +284,85 @@ def build_social_pairs(
     )
     ia = cand.column("ia").to_numpy().astype(np.int64)
     ib = cand.column("ib").to_numpy().astype(np.int64)
-    r_min = cfg.min_ratio
-    p = prob_greater_gamma(a_post[ia], b_post[ia], a_post[ib], b_post[ib]) if ia.size else np.zeros(0)
-    p_a = (
-        prob_greater_gamma(a_post[ia], b_post[ia], a_post[ib], b_post[ib] / r_min) if ia.size else np.zeros(0)
-    )
-    p_b = (
-        prob_greater_gamma(a_post[ib], b_post[ib], a_post[ia], b_post[ia] / r_min) if ia.size else np.zeros(0)
-    )
-    a_wins = p_a >= p_b
-    p_margin = np.where(a_wins, p_a, p_b)  # P(winner >= min_ratio x loser), the decision's evidence
     g_codes = {g: j for j, g in enumerate(sorted(set(groups)))}
     gi = np.array([g_codes[g] for g in groups], dtype=np.int64)
+
+    # prior, then the log's own dispersion from its two audience halves (calibrate.py), then the
+    # prior again with each count worth 1 / phi of an observation
+    fit_sel = exposed >= cfg.min_exposure
+    if cfg.min_exposure <= 0 or fit_sel.sum() < 2:
+        fit_sel = np.ones(n_img, dtype=bool)
+    prior = fit_gamma_prior(score[fit_sel], expected[fit_sel])
+    lap("prior")
+    dispersion = None
+    phi = 1.0
+    if cfg.calibrate:
+        score_h = Kh.sum(axis=2)
+        expected_h = (Nh * base_s[None, None, :]).sum(axis=2)
+        dispersion = fit_dispersion(prior.alpha, prior.beta, score_h, expected_h, ia, ib, gi[ia])
+        # never narrower than the Poisson model: a score in [0, 1] per user already has variance
+        # at most its mean, and what the halves cannot see (a bias both halves share) is no reason
+        # to trust the data more than that
+        phi = max(dispersion.phi, 1.0)
+        prior = fit_gamma_prior(score[fit_sel] / phi, expected[fit_sel] / phi)
+        lap("calibrate")
+    a_post, b_post = gamma_posterior(prior, score / phi, expected / phi)
+    post_mean = a_post / b_post
+    r_min = cfg.min_ratio
+    n_cells, singular, cell_of_user = 1, np.zeros(0), {}
+    if cfg.taste_axes > 0:
+        # taste-balanced test (taste.py): the pair's order within groups of users of one taste,
+        # combined on the log scale, so that a polarising image's fans do not outvote everyone
+        cu = _q(con, load_sql("social_counted_user_image"), {"exclude_self": cfg.exclude_self})
+        u_codes = pc.dictionary_encode(cu.column("user_id")).combine_chunks()
+        cu_user = u_codes.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        # vectorised lookups (millions of rows at 10 M events): positions in the sorted image ids / strata
+        cu_img = (
+            pc.index_in(cu.column("image_id"), value_set=images.column("image_id"))
+            .to_numpy(zero_copy_only=False)
+            .astype(np.int64)
+        )
+        cu_str = (
+            pc.index_in(cu.column("stratum"), value_set=pa.array(strata, pa.string()))
+            .to_numpy(zero_copy_only=False)
+            .astype(np.int64)
+        )
+        w_sum = max(sum(cfg.weights.get(e, 0.0) for e in POSITIVE_EVENTS), 1e-12)
+        cu_score = (
+            sum(cfg.weights.get(e, 0.0) * cu.column(e).to_numpy().astype(np.float64) for e in POSITIVE_EVENTS)
+            / w_sum
+        )
+        cells, singular = taste_cells(cu_user, cu_img, cu_score, n_img, cfg.taste_axes, cfg.taste_min_images)
+        n_cells = 2**cfg.taste_axes
+        k_cells = np.zeros((n_cells, n_img))
+        e_cells = np.zeros((n_cells, n_img))
+        cu_cell = cells[cu_user] if cu_user.size else cu_user
+        known = cu_cell >= 0
+        np.add.at(k_cells, (cu_cell[known], cu_img[known]), cu_score[known])
+        np.add.at(e_cells, (cu_cell[known], cu_img[known]), base_s[cu_str[known]])
+        # users whose taste is unknown count a share in every cell
+        k_cells += np.bincount(cu_img[~known], weights=cu_score[~known], minlength=n_img)[None, :] / n_cells
+        e_cells += (
+            np.bincount(cu_img[~known], weights=base_s[cu_str[~known]], minlength=n_img)[None, :] / n_cells
+        )
+        cell_of_user = dict(zip(u_codes.dictionary.to_pylist(), cells.tolist()))
+        del cu, u_codes
+        log_mean, log_var = balanced_log_rate(prior.alpha, prior.beta, k_cells / phi, e_cells / phi)
+
+        def prob_test(x, y, margin=1.0):
+            return prob_greater_log(log_mean[x], log_var[x], log_mean[y], log_var[y], np.log(margin))
+
+        lap("taste")
+    else:
+
+        def prob_test(x, y, margin=1.0):
+            return prob_greater_gamma(a_post[x], b_post[x], a_post[y], b_post[y] / margin)
+
+    p = prob_test(ia, ib) if ia.size else np.zeros(0)
+    p_a = prob_test(ia, ib, r_min) if ia.size else np.zeros(0)
+    p_b = prob_test(ib, ia, r_min) if ia.size else np.zeros(0)
+    a_wins = p_a >= p_b
+    p_margin = np.where(a_wins, p_a, p_b)  # P(winner >= min_ratio x loser), the decision's evidence
     emit = fdr_select(gi[ia], 1.0 - p_margin, cfg.fdr_level) & (p_margin >= cfg.min_prob)
     dropped = ~emit
     tie = dropped & (np.abs(post_mean[ia] - post_mean[ib]) < cfg.tie_margin * prior.mean)
@@ -299,6 +370,18 @@ def build_social_pairs(
     win = np.where(a_wins, ia, ib)[emit]
     lose = np.where(a_wins, ib, ia)[emit]
     pwin = np.where(a_wins, p, 1 - p)[emit]
+    # estimated precision of the kept pairs (posterior probability of the right order), also under
+    # the widest dispersion the split halves allow
+    pwin_wide = None
+    if dispersion is not None and win.size:
+        phi_hi = max(dispersion.high, 1.0)
+        if cfg.taste_axes > 0:
+            m_w, v_w = balanced_log_rate(prior.alpha, prior.beta, k_cells / phi_hi, e_cells / phi_hi)
+            pwin_wide = prob_greater_log(m_w[win], v_w[win], m_w[lose], v_w[lose])
+        else:
+            a_w, b_w = gamma_posterior(prior, score / phi_hi, expected / phi_hi)
+            pwin_wide = prob_greater_gamma(a_w[win], b_w[win], a_w[lose], b_w[lose])
+    precision_est = estimated_precision(pwin, pwin_wide)
     pmargin = p_margin[emit]
 
     # pair accounting per group: all pairs = low exposure + overflow + candidates
@@ -343,6 +426,8 @@ def build_social_pairs(
     # --- per-user pairs ----------------------------------------------------------------------------
     user_pairs = PAIR_SCHEMA.empty_table()
     n_user_sessions_pairs = 0
+    n_user_unsupported = 0
+    user_support = np.zeros(0)
     if cfg.user_pairs:
         con.execute(
             "CREATE TEMP TABLE engaged_groups AS SELECT DISTINCT user_id, prompt_group FROM user_image "
@@ -362,9 +447,35 @@ def build_social_pairs(
                 "exclude_self": cfg.exclude_self,
             },
         )
+        # support: P(theta_winner > theta_loser) among users of the same taste (their group's
+        # posterior; the taste-balanced one for a user whose taste is unknown; the pooled one without
+        # taste groups). A user's single choice is weak evidence: pairs their taste group clearly
+        # contradicts are dropped, and the mean support of the rest is their estimated precision.
+        wi = np.array([index[x] for x in up.column("winner_image_id").to_pylist()], dtype=np.int64)
+        li = np.array([index[x] for x in up.column("loser_image_id").to_pylist()], dtype=np.int64)
+        if cfg.taste_axes > 0:
+            uc = np.array([cell_of_user.get(u, -1) for u in up.column("user_id").to_pylist()], dtype=np.int64)
+            a_c, b_c = prior.alpha + k_cells / phi, prior.beta + e_cells / phi
+            cc = np.maximum(uc, 0)
+            support = (
+                np.where(
+                    uc >= 0,
+                    prob_greater_gamma(a_c[cc, wi], b_c[cc, wi], a_c[cc, li], b_c[cc, li]),
+                    prob_greater_log(log_mean[wi], log_var[wi], log_mean[li], log_var[li]),
+                )
+                if wi.size
+                else np.zeros(0)
+            )
+        else:
+            support = (
+                prob_greater_gamma(a_post[wi], b_post[wi], a_post[li], b_post[li]) if wi.size else np.zeros(0)
+            )
+        supported = support >= cfg.user_min_support
+        n_user_unsupported = int((~supported).sum())
+        up = up.filter(pa.array(supported, pa.bool_()))
+        user_support = support[supported]
+        wi, li = wi[supported].tolist(), li[supported].tolist()
         m = up.num_rows
-        wi = [index[x] for x in up.column("winner_image_id").to_pylist()]
-        li = [index[x] for x in up.column("loser_image_id").to_pylist()]
         users_col = up.column("user_id").to_pylist()
         n_user_sessions_pairs = int(pc.sum(up.column("sessions")).as_py() or 0)
         user_pairs = pa.table(
@@ -383,7 +494,7 @@ def build_social_pairs(
                 "loser_image_id": up.column("loser_image_id"),
                 "winner_uid": [uids[i] for i in wi],
                 "loser_uid": [uids[i] for i in li],
-                "prob": pa.nulls(m, pa.float64()),
+                "prob": pa.array(user_support, pa.float64()),  # support among users of the same taste
                 "prob_margin": pa.nulls(m, pa.float64()),
                 "winner_exposure": pc.cast(up.column("winner_impressions"), pa.float64()),
                 "loser_exposure": pc.cast(up.column("loser_impressions"), pa.float64()),
@@ -408,10 +519,9 @@ def build_social_pairs(
     )
     lap("user_pairs")
 
-    base_table = None
-    if baseline:
-        base_table = _naive_pairs(con, raw)
-        lap("baseline")
+    # the naive rule's pairs: the yield the card and the metadata compare against (cheap: images only)
+    base_table = _naive_pairs(con, raw)
+    lap("baseline")
 
     raw_by_image = dict(zip(raw.column("image_id").to_pylist(), raw.column("events_accepted").to_pylist()))
     image_table = pa.table(
@@ -436,6 +546,7 @@ def build_social_pairs(
     )
     con.close()
 
+    user_est = estimated_precision(user_support)
     reasons: dict[str, int] = {}
     for r_ in all_rejects.column("reason").to_pylist():
         reasons[r_] = reasons.get(r_, 0) + 1
@@ -445,6 +556,7 @@ def build_social_pairs(
         "image_rows_in": imgs.rows_in,
         "images_accepted": n_img,
         "images_rejected": imgs.rows_in - n_img,
+        "reposts_folded": imgs.copies.num_rows,  # copies (same bytes) whose events count for the original
         "events_in": int(n_accepted + ev_rejects.num_rows + n_file_rejects),
         "events_accepted": n_accepted,
         "events_rejected": int(ev_rejects.num_rows + n_file_rejects),
@@ -471,6 +583,19 @@ def build_social_pairs(
         # the posterior's own estimates over the emitted pairs: wrong way round / below min_ratio
         "expected_wrong_pairs": float(np.sum(1.0 - pwin)),
         "expected_fdr": float(np.mean(1.0 - pmargin)) if n_pop else None,
+        # split-half calibration (pipeline/social/calibrate.py): the log's dispersion and the
+        # population pairs' estimated precision (right order), with its 95% interval
+        "calibration": None if dispersion is None else dispersion.to_dict(),
+        "test": (
+            f"taste-balanced: {n_cells} taste cells, mean posterior log engagement"
+            if cfg.taste_axes > 0
+            else "pooled gamma-poisson"
+        ),
+        "taste_singular_values": [float(x) for x in singular],
+        "estimated_precision": precision_est["precision"],
+        "estimated_precision_interval": precision_est["interval"],
+        "naive_pairs": base_table.num_rows,
+        "yield_vs_naive": n_pop / base_table.num_rows if base_table.num_rows else None,
         "prompt_groups": len(g_codes),
         "image_pairs_total": int(_comb2(m_g).sum()),
         "pairs_dropped_low_exposure": int((_comb2(m_g) - _comb2(x_g)).sum()),
@@ -480,16 +605,21 @@ def build_social_pairs(
         "pairs_dropped_weak": int(weak.sum()),
         "population_pairs": n_pop,
         "user_pairs": user_pairs.num_rows,
+        "user_pairs_dropped_unsupported": n_user_unsupported,
+        "user_estimated_precision": user_est["precision"],
+        "user_estimated_precision_interval": user_est["interval"],
         "user_pair_sessions": n_user_sessions_pairs,
         "users_with_pairs": users.num_rows,
-        "baseline_pairs": None if base_table is None else base_table.num_rows,
+        "baseline_pairs": base_table.num_rows,
     }
     if stats["events_in"] != n_read + n_file_rejects:
         raise RuntimeError(
             f"events lost inside the builder: {n_read} rows read, {n_accepted} accepted + "
             f"{ev_rejects.num_rows} rejected"
         )
-    result = SocialResult(pairs, users, image_table, all_rejects, stats, prior, base_table, bots)
+    result = SocialResult(
+        pairs, users, image_table, all_rejects, stats, prior, base_table if baseline else None, bots
+    )
     if out_dir is not None:
         stats["dataset_version"] = version
         _write_outputs(result, images, Path(out_dir), cfg, lap)
@@ -500,44 +630,6 @@ def build_social_pairs(
             Path(out_dir) / "social_stats.json",
         )
     return result
-
-
-def _booster_test(cand: pa.Table, cfg: SocialConfig) -> pa.Table:
-    """The candidates of sql/social_boosters.sql that are flagged, with their evidence:
-    tail = P(X >= engaged), X ~ Binomial(seen, p), p = user's rate elsewhere x creator's rate
-    elsewhere / overall rate (propensity and appeal independent); group_share = the share of the
-    creator's engagement that comes from users with a tail below booster_suspect_tail. Flagged:
-    tail < booster_max_tail, or tail < booster_suspect_tail in a group of >= booster_min_group
-    such users whose group_share >= booster_min_group_share."""
-    from scipy import stats
-
-    if cand.num_rows == 0:
-        return cand.append_column("tail", pa.array([], pa.float64())).append_column(
-            "group_share", pa.array([], pa.float64())
-        )
-    num = {
-        k: cand.column(k).to_numpy().astype(np.float64)
-        for k in cand.column_names
-        if k not in ("user_id", "boosted_creator")
-    }
-    p = num["user_rate_elsewhere"] * num["creator_rate_elsewhere"] / np.maximum(num["overall_rate"], 1e-12)
-    tail = stats.binom.sf(num["engaged_images"] - 1, num["seen_images"], np.clip(p, 1e-9, 1 - 1e-9))
-    creators = cand.column("boosted_creator").to_pylist()
-    suspect = tail < cfg.booster_suspect_tail
-    members: dict[str, int] = {}
-    engaged: dict[str, float] = {}
-    for c, s_, e in zip(creators, suspect, num["engaged_images"]):
-        if s_:
-            members[c] = members.get(c, 0) + 1
-            engaged[c] = engaged.get(c, 0.0) + e
-    share = np.array(
-        [engaged.get(c, 0.0) / max(t, 1.0) for c, t in zip(creators, num["creator_engaged_total"])]
-    )
-    group = np.array([members.get(c, 0) >= cfg.booster_min_group for c in creators])
-    flag = (tail < cfg.booster_max_tail) | (suspect & group & (share >= cfg.booster_min_group_share))
-    out = cand.append_column("tail", pa.array(tail, pa.float64()))
-    out = out.append_column("group_share", pa.array(share, pa.float64()))
-    return out.filter(pa.array(flag, pa.bool_()))
 
 
 def _bot_table(activity: pa.Table, rings: pa.Table, boosters: pa.Table) -> pa.Table:
@@ -557,7 +649,8 @@ def _bot_table(activity: pa.Table, rings: pa.Table, boosters: pa.Table) -> pa.Ta
         d = found.setdefault(r["user_id"], {})
         txt = (
             f"engaged with {r['engaged_images']}/{r['seen_images']} images of {r['boosted_creator']} "
-            f"(chance {r['tail']:.1e}; suspects give the creator {r['group_share']:.0%} of its engagement)"
+            f"(chance <= {r['tail']:.1e} at an expected rate of {r['expected_rate']:.3f}; "
+            f"{r['group_members']} suspects of this creator)"
         )
         d["booster"] = d["booster"] + "; " + txt if "booster" in d else txt
     users = sorted(found)

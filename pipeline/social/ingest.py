@@ -164,6 +164,9 @@ class ImagesResult:
     table: pa.Table  # accepted images
     rejected_ids: list[str]
     rows_in: int
+    # reposts: image_id of a copy (same bytes as an accepted image) -> the image its events count
+    # for, with the copy's creator (their events on the copy are self-engagement too)
+    copies: pa.Table | None = None
 
 
 def load_images(
@@ -187,6 +190,7 @@ def load_images(
             "model",
             "uid",
             "bytes",
+            "src",
         )
     }
     seen: set[str] = set()
@@ -267,6 +271,8 @@ def load_images(
             out["model"].append(cols["model"][r])
             out["uid"].append(uid)
             out["bytes"].append(len(data))
+            out["src"].append(src)
+    copies = _fold_reposts(out, rejects)
     table = pa.table(
         {
             "image_id": pa.array(out["image_id"], pa.string()),
@@ -282,7 +288,50 @@ def load_images(
             "file_bytes": pa.array(out["bytes"], pa.int64()),
         }
     )
-    return ImagesResult(table, rejected, rows_in)
+    return ImagesResult(table, rejected, rows_in, copies)
+
+
+def _fold_reposts(out: dict, rejects: Rejects) -> pa.Table:
+    """Reposts: rows whose bytes equal an earlier image's (same uid under another image_id). The
+    original (earliest created_at, then smallest image_id) stays; each copy is removed from `out`
+    and rejected as "duplicate image content", and its events are counted for the original (the
+    same picture's engagement, pooled; a user who saw both counts once). Without this, two
+    image_ids of one picture make two pairs of the same image pair in an export."""
+    by_uid: dict[str, list[int]] = {}
+    for j, uid in enumerate(out["uid"]):
+        by_uid.setdefault(uid, []).append(j)
+    drop: dict[int, int] = {}
+    for rows in by_uid.values():
+        if len(rows) < 2:
+            continue
+        def key(j):
+            c = out["created_at"][j]
+            return (c is None, c if c is not None else 0, out["image_id"][j])
+        first, *rest = sorted(rows, key=key)
+        for j in rest:
+            drop[j] = first
+    copy_ids, canon_ids, copy_creators = [], [], []
+    for j, first in sorted(drop.items()):
+        iid, orig = out["image_id"][j], out["image_id"][first]
+        rejects.add(
+            out["src"][j],
+            "duplicate image content",
+            f"image_id={iid}: same bytes as image_id={orig}; its events count for {orig}",
+            uid=out["uid"][j],
+        )
+        copy_ids.append(iid)
+        canon_ids.append(orig)
+        copy_creators.append(out["creator_id"][j])
+    if drop:
+        for k, values in out.items():
+            out[k] = [v for j, v in enumerate(values) if j not in drop]
+    return pa.table(
+        {
+            "image_id": pa.array(copy_ids, pa.string()),
+            "canonical_id": pa.array(canon_ids, pa.string()),
+            "creator_id": pa.array(copy_creators, pa.string()),
+        }
+    )
 
 
 def register_events(

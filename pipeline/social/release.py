@@ -97,6 +97,19 @@ def social_card(version: str, folder: Path, stats: dict, config: SocialConfig, p
         {"filter": "population pairs: posterior expected FDR per prompt group", "threshold": f"<= {stats.get('fdr_level', '')}",
          "removed": ""},
     ]
+    def est(prefix):
+        v, iv = stats.get(f"{prefix}estimated_precision"), stats.get(f"{prefix}estimated_precision_interval")
+        return "empty (no pairs)" if v is None else f"{v:.3f} (95% interval {iv[0]:.3f}-{iv[1]:.3f})"
+
+    y = stats.get("yield_vs_naive")
+    cal = stats.get("calibration") or {}
+    quality = (
+        f"Estimated from the log alone (no labels): population pairs' precision {est('')}, per-user pairs' "
+        f"{est('user_')}; yield {'-' if y is None else f'{y:.2f}'}x the naive rule's pairs "
+        f"({stats.get('naive_pairs', '-')} naive pairs: more raw remixes, then likes, wins). Test: "
+        f"{stats.get('test', '')}; split-half dispersion {cal.get('phi', '-')} (1 = Poisson; the posterior is "
+        f"never narrower than Poisson). How well such estimates track the truth on simulated logs: README, social sweep."
+    )
     return DatasetCard(
         name="social",
         version=version,
@@ -111,15 +124,30 @@ def social_card(version: str, folder: Path, stats: dict, config: SocialConfig, p
         licenses=["Images and prompts: the licence of the platform's content (unknown to lineup). The log describes "
                   "real users' behaviour: see 'Removal requests'.", "Code: Apache-2.0 (lineup)."],
         filters=filters,
-        models=["none (counts and a Gamma-Poisson posterior; no learned model)"],
+        models=[
+            (
+                "none (counts, Gamma-Poisson posteriors per taste group of users, a rank-2 SVD for the groups; "
+                "no learned model)"
+            )
+        ],
         limitations=[
-            "Engagement is a proxy for preference; images that polarise their audience can win pairs their average "
-            "appeal would not (measured on the simulator in the README).",
+            (
+                "Engagement is a proxy for preference. Images that polarise their audience are compared within groups "
+                "of users of one taste, which removes most of their advantage on the simulator (README, social sweep)."
+            ),
             "The engagement weights are tuned on the simulator: re-tune them on your platform's logs.",
-            "Per-user pairs rest on one session of one user each and carry no statistical test.",
+            (
+                "Per-user pairs rest on one session of one user each; they are kept only where users of the same "
+                "taste support the order (posterior >= user_min_support), and their estimated precision is that "
+                "support's mean."
+            ),
+            (
+                "The precision estimates assume what the log shows: a bias shared by every taste group (e.g. "
+                "undetected bots) is invisible to them."
+            ),
         ],
         removal=removal_text(contact),
         lineage={"version": version, **parts},
         tags=["preference", "dpo", "pick-a-pic", "webdataset"],
-        extra_sections={"Removals applied": removals_section(removals)},
+        extra_sections={"Estimated quality": quality, "Removals applied": removals_section(removals)},
     )

@@ -104,12 +104,16 @@ class SimConfig:
     boosters_per_creator: tuple[int, int] = (4, 10)
     boosted_images: tuple[int, int] = (3, 6)  # low-quality images a boosted creator posts
     booster_coverage: float = 0.9  # share of the boosted creator's images each booster engages with
+    boost_popular: bool = False  # boosted creators drawn from the most followed tenth (else any creator)
     cover_impressions_per_day: tuple[float, float] = (15.0, 60.0)  # ring/booster cover traffic
     cover_like_rate: float = 0.08  # likes per cover impression (people: about 0.02-0.1)
     gallery_frac: float = 0.3  # share of organic impressions seen on a prompt page (2-6 images)
     gallery_size: tuple[int, int] = (2, 6)
     self_engage_frac: float = 0.5  # share of images their creator engages with
     taste_sd: float = 0.6
+    # exposure confounding: how much more the following / featured surfaces engage at equal
+    # quality (logit +0.8 / +0.3 times this)
+    surface_bias: float = 1.0
     with_prompt_id: bool = True
     image_size: int = 64
     inject_bad: int = 0  # bad rows per reject reason (events and images); 0: a clean log
@@ -212,7 +216,11 @@ def simulate(out_dir: Path, truth_dir: Path | None = None, config: SimConfig = S
             img_followers[own] = 20.0
             pushed_by[own] = "ring"
     # boosted creators: people who post a few low-quality images (plus whatever else they drew)
-    boosted = [int(c) for c in rng.choice(n_creators, min(n_boosted, n_creators), replace=False)]
+    if cfg.boost_popular:  # boosters of creators everyone already likes: the most followed decile
+        top = np.argsort(-followers, kind="stable")[: max(min(n_boosted, n_creators), n_creators // 10)]
+        boosted = [int(c) for c in rng.choice(top, min(n_boosted, top.size), replace=False)]
+    else:
+        boosted = [int(c) for c in rng.choice(n_creators, min(n_boosted, n_creators), replace=False)]
     for c in boosted:
         k = int(rng.integers(cfg.boosted_images[0], cfg.boosted_images[1] + 1))
         own = low[taken : taken + k]
@@ -323,7 +331,7 @@ def simulate(out_dir: Path, truth_dir: Path | None = None, config: SimConfig = S
     # --- organic traffic -------------------------------------------------------------------------
     budget = max(0, cfg.n_events - fixed)
     fshare = 0.6 * img_followers / (img_followers + 200.0)
-    surface_logits = np.array([0.0, 0.8, 0.3, 0.0])
+    surface_logits = cfg.surface_bias * np.array([0.0, 0.8, 0.3, 0.0])
 
     def decayed_time(im):
         span = (t_end - created[im]).astype(np.float64)
