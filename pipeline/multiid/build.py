@@ -1227,8 +1227,9 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
             removed["candidates_total"] += len(cands)
             survivors = []
             for c in cands:
+                # unit vectors: a float32 dot product of two equal embeddings can read 1.0000001, over any sim_high
                 row = {"target_uid": uid, "target_face_index": f.face_index, "identity_id": f.identity_id, "ref_uid": c.uid,
-                       "ref_face_index": c.face_index, "similarity": float(f.emb @ c.emb), "image_hamming": None, "face_hamming": None,
+                       "ref_face_index": c.face_index, "similarity": min(1.0, float(f.emb @ c.emb)), "image_hamming": None, "face_hamming": None,
                        "face_ncc": None, "kp_inliers": None, "kp_ratio": None, "ref_quality": qual[c.ref], "pose_diff": pose_diff(f, c)[0], "score": None, "status": None}
                 t_cands.append(row)
                 if unusable_reason(c, cfg.ref_min_face_px, cfg.det_score_min, cfg.blur_min) is not None:
