@@ -48,7 +48,7 @@ def face_expressions(context: dg.AssetExecutionContext, lineup: LineupSettings):
         stage = ExpressionStage(cfg)
     except ExpressionModelUnavailable as e:
         raise dg.Failure(f"expression model unavailable: {e}") from e
-    runner = engine_runner(lineup, lambda: ray_expression_runner(cfg, lineup.workers))
+    runner = engine_runner(lineup, lambda: ray_expression_runner(cfg, lineup.ray_actors))
     res = describe_partition(imgs, fcs, stage, lineup.limits, chunk_runner=runner)
     write_parquet_atomic(res.descriptors, layout.partition_file("face_expressions", key))
     refresh_catalog(layout)

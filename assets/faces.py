@@ -49,7 +49,7 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
     imgs = read_parquet(layout.partition_file("images", key))
     backend = face_backend(lineup)
     context.log.info(f"{key}: {imgs.num_rows} images, backend {backend!r}")
-    runner = engine_runner(lineup, lambda: ray_chunk_runner(backend, lineup.workers))
+    runner = engine_runner(lineup, lambda: ray_chunk_runner(backend, lineup.ray_actors))
     res = run_face_partition(
         imgs, backend, key, lineup.limits, lineup.face_batch_size,
         progress=lambda i, n: context.log.info(f"{key}: faces {i}/{n} images"), workers=lineup.workers,

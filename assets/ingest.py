@@ -29,7 +29,7 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
     layout = lineup.layout
     key = context.partition_key
     spec = load_partition(layout.partitions, key)
-    runner = engine_runner(lineup, lambda: ray_ingest_runner(lineup.workers))
+    runner = engine_runner(lineup, lambda: ray_ingest_runner(lineup.ray_actors))
     res = ingest_partition(spec, lineup.limits, removed=removed_uids(layout), workers=lineup.workers, chunk_runner=runner,
                            progress=lambda n: context.log.info(f"{key}: {n} inputs read"))
     write_parquet_atomic(res.images, layout.partition_file("images", key))

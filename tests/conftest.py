@@ -9,7 +9,8 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("DAGSTER_TELEMETRY_DISABLED", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_FACES = (REPO.parent / "shared" / "data" / "faces").resolve()
+# LINEUP_TEST_FACES: the photos elsewhere (a git worktree whose parent has no shared/ folder)
+SHARED_FACES = Path(os.environ.get("LINEUP_TEST_FACES") or REPO.parent / "shared" / "data" / "faces").resolve()
 
 
 @pytest.fixture(scope="session")

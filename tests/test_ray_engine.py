@@ -18,12 +18,10 @@ from pipeline.sources import PartitionSpec
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    from pipeline.ray_engine import ensure_ray
+    from pipeline.ray_engine import ensure_ray, shutdown
 
     yield ensure_ray()
-    ray.shutdown()
+    shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +55,7 @@ def test_ingest_same_on_ray(tmp_path: Path, ray_local):
     assert local.images.num_rows == 60 and local.duplicates == 10
     assert on_ray.images.equals(local.images)
     assert on_ray.rejects.rows == local.rejects.rows
-    assert runner.stats.decode_tasks == 3 and runner.stats.failures == []
+    assert runner.stats.tasks == 3 and runner.stats.failures == []
 
 
 def test_faces_same_on_ray(faces_images, ray_local):
@@ -72,7 +70,7 @@ def test_faces_same_on_ray(faces_images, ray_local):
     assert on_ray.faces.equals(local.faces)
     assert on_ray.scan.equals(local.scan)
     meta = runner.stats.metadata()
-    assert meta["ray_actors"] == 2 and meta["ray_decode_tasks"] == 3 and meta["ray_failures"] == 0
+    assert meta["ray_actors"] == 2 and meta["ray_chunks"] == 3 and meta["ray_failures"] == 0
 
 
 def test_expressions_same_on_ray(faces_images, ray_local):
@@ -171,7 +169,7 @@ def test_assets_on_ray_write_the_same_tables(tmp_path, shared_faces, ray_local):
         assert meta["faces"]["engine"].value == engine
         if engine == "ray":
             assert meta["faces"]["ray_actors"].value >= 1 and meta["faces"]["ray_failures"].value == 0
-            assert meta["faces"]["ray_decode_tasks"].value == 2  # 4 accepted images in chunks of 2
+            assert meta["faces"]["ray_chunks"].value == 2  # 4 accepted images in chunks of 2
         tables[engine] = {t: pq.read_table(Layout(home).partition_file(t, spec.key))
                           for t in ("images", "faces", "face_scan", "face_expressions", "rejects_ingest")}
     for name, table in tables["inprocess"].items():
