@@ -214,7 +214,9 @@ def ship_local_paths(obj):
                 data = buf.getvalue()
             else:
                 data = p.read_bytes()
-            _SHIPPED[key] = ShippedPath(p.name, p.is_dir(), hashlib.sha256(data).hexdigest()[:16], ray.put(data))
+            # the name is part of what is shipped (open_clip names a config by its file name)
+            digest = hashlib.sha256(p.name.encode() + b"\0" + data).hexdigest()[:24]
+            _SHIPPED[key] = ShippedPath(p.name, p.is_dir(), digest, ray.put(data))
         return _SHIPPED[key]
     return _map_config(obj, ship_local_paths)
 
@@ -241,7 +243,9 @@ def unship_paths(obj):
             try:
                 tmp.rename(root)  # whole or not at all: another worker may have won the race
             except OSError:
-                pass
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
         return str(target)
     return _map_config(obj, unship_paths)
 
