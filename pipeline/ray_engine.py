@@ -31,6 +31,7 @@ import hashlib
 import io
 import logging
 import os
+import sys
 import tarfile
 import time
 import traceback
@@ -105,9 +106,12 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
         _JOINED.clear()
         _JOINED.update(requested=address or "local", local=address is None, address=_cluster_address(),
                        nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
-        log.info("ray: %s cluster at %s (asked %s): %d node(s), %s", "started a private local" if address is None
-                 else "joined the", _JOINED["address"], _JOINED["requested"], _JOINED["nodes"],
-                 dict(ray.cluster_resources()))
+        line = (f"ray: {'started a private local' if address is None else 'joined the'} cluster at "
+                f"{_JOINED['address']} (RAY_ADDRESS={address or 'unset'}): {_JOINED['nodes']} node(s), "
+                f"{dict(ray.cluster_resources())}")
+        log.info(line)
+        if not logging.getLogger().handlers and not log.handlers:  # nobody configured logging: still say it
+            print(line, file=sys.stderr, flush=True)
     return dict(ray.cluster_resources())
 
 
@@ -190,6 +194,8 @@ class ShippedPath:
 def _local_path(value) -> Path | None:
     from pipeline.config import is_url
 
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     if not isinstance(value, str) or not value or is_url(value) or not os.path.isabs(value):
         return None
     p = Path(value)
@@ -274,7 +280,6 @@ def _guard_reads() -> None:
     prefixes = tuple(p for p in os.environ.get(FORBID_READS_ENV, "").split(os.pathsep) if p)
     if _GUARDED or not prefixes:
         return
-    import sys
 
     def hook(event, args):
         if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
