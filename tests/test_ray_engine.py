@@ -228,7 +228,9 @@ def test_weights_shipped_through_the_object_store(ray_local, tmp_path):
     their bytes under the worker's temp folder, names kept; URLs and relative strings are left alone."""
     import ray
 
-    from pipeline.ray_engine import ShippedPath, ship_local_paths, unship_paths
+    from pipeline.ray_engine import ShippedPath, release_pools, ship_local_paths, unship_paths
+
+    release_pools()  # idle actors of the earlier tests would hold the CPU this task needs
 
     (tmp_path / "pack" / "sub").mkdir(parents=True)
     (tmp_path / "pack" / "sub" / "det.onnx").write_bytes(b"detector")
