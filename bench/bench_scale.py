@@ -293,7 +293,8 @@ def main() -> None:
     path = d / f"scale-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
-    fr_pool.shutdown()
+    if not args.skip_fr:
+        fr_pool.shutdown()
 
 
 if __name__ == "__main__":

@@ -450,7 +450,8 @@ class RayJobStats:
     stage: str
     chunks: int = 0
     items: int = 0
-    actors: int = 0
+    actors: int = 0  # the pool's size
+    actors_used: int = 0  # how many of them took calls in this job (actors still starting took none)
     cpus_per_actor: float = 0.0
     gpus_per_actor: float = 0.0
     tasks: int = 0
@@ -469,6 +470,7 @@ class RayJobStats:
             "ray_cluster_nodes": int(self.joined.get("nodes", 0)),
             "ray_chunks": self.chunks,
             "ray_actors": self.actors,
+            "ray_actors_used": self.actors_used,
             "ray_cpus_per_actor": self.cpus_per_actor,
             "ray_gpus_per_actor": self.gpus_per_actor,
             "ray_tasks": self.tasks,
@@ -553,12 +555,13 @@ def run_chunks(
             _check_stall(stage, last, stall, len(outcomes), len(chunks))
         stats.tasks = len(chunks)
     else:
-        plan = plan_pool(cluster, actors, gpus_per_actor, len(chunks))
+        # not capped by this job's chunks: the pool is kept for the next partitions, whatever their size
+        plan = plan_pool(cluster, actors, gpus_per_actor)
         pool, stats.pool_reused = _get_pool(factory, tuple(factory_args), dict(factory_kwargs or {}), plan)
         stats.cpus_per_actor, stats.gpus_per_actor = plan.cpus_per_actor, plan.gpus_per_actor
         stats.start_seconds = _wait_first_actor(pool, stage, _timeout(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
-        outcomes = _run_on_pool(pool, stage, chunks, decode, analyze, stall)
-        stats.actors = len(pool.ready)
+        outcomes, stats.actors_used = _run_on_pool(pool, stage, chunks, decode, analyze, stall)
+        stats.actors = plan.actors
         pool.jobs += 1
     stats.seconds = time.perf_counter() - t0
     results = []
@@ -581,10 +584,10 @@ def _check_stall(stage: str, last: float, stall: float, done: int, total: int) -
                               f"{dict(ray.available_resources())}")
 
 
-def _run_on_pool(pool: _Pool, stage: str, chunks: list, decode, analyze, stall: float) -> dict[int, tuple]:
+def _run_on_pool(pool: _Pool, stage: str, chunks: list, decode, analyze, stall: float) -> tuple[dict[int, tuple], int]:
     """Calls of ``plan.chunks_per_call`` chunks, at most INFLIGHT_PER_ACTOR queued per actor; actors that
     come up during the job join it; a call lost with its actor (killed, out of memory) is retried once on
-    another actor."""
+    another actor. Returns the outcomes by chunk and how many actors took calls."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -595,6 +598,7 @@ def _run_on_pool(pool: _Pool, stage: str, chunks: list, decode, analyze, stall: 
     running: dict = {}  # ref -> (actor, chunk indices)
     load: dict = {}
     outcomes: dict[int, tuple] = {}
+    used: set = set()
     last = time.monotonic()
     while todo or running:
         _promote_ready(pool, 0)
@@ -603,6 +607,7 @@ def _run_on_pool(pool: _Pool, stage: str, chunks: list, decode, analyze, stall: 
                 idx = todo.pop(0)
                 ref = actor.run.remote(fns, [chunks[i] for i in idx])
                 running[ref] = (actor, idx)
+                used.add(actor)
                 load[actor] = load.get(actor, 0) + 1
         if not running:  # every ready actor died: wait for one still starting, else give up
             if not pool.pending:
@@ -626,7 +631,7 @@ def _run_on_pool(pool: _Pool, stage: str, chunks: list, decode, analyze, stall: 
                 todo.insert(0, idx)
             last = time.monotonic()
         _check_stall(stage, last, stall, len(outcomes), len(chunks))
-    return outcomes
+    return outcomes, len(used)
 
 
 class RayStageError(RuntimeError):
