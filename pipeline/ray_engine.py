@@ -26,6 +26,7 @@ store (S3) and the Python dependencies, never the driver's disk. Ray is an optio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -376,10 +377,8 @@ def release_pools(keep: tuple | None = None) -> None:
     for key in [k for k in _POOLS if k != keep]:
         pool = _POOLS.pop(key)
         for actor in [*pool.ready, *pool.pending.values()]:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 ray.kill(actor)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
 
 
 def _get_pool(factory: Callable, args: tuple, kwargs: dict, plan: PoolPlan) -> tuple[_Pool, bool]:

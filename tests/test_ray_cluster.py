@@ -20,8 +20,8 @@ pytest.importorskip("ray")
 pytest.importorskip("moto")
 pytest.importorskip("s3fs")
 
-from pipeline.ingest import ingest_partition, ray_ingest_runner  # noqa: E402
-from pipeline.sources import PartitionSpec  # noqa: E402
+from pipeline.ingest import ingest_partition, ray_ingest_runner
+from pipeline.sources import PartitionSpec
 
 BUCKET = "lineup-ray"
 
@@ -70,7 +70,7 @@ def s3(tmp_path_factory):
 
 def _photos(shared_faces: Path) -> list[Path]:
     ids = sorted((shared_faces / "identities").rglob("*.jpg"))[:5]
-    return [*ids, sorted((shared_faces / "groups").glob("*.jpg"))[0]]
+    return [*ids, min((shared_faces / "groups").glob("*.jpg"))]
 
 
 def _tiny_clip(folder: Path):
@@ -151,7 +151,7 @@ def test_multinode_cluster_reads_only_the_store(s3, shared_faces, tmp_path, monk
         # the negative control: a worker asked to read the driver's disk is refused (so the guard is live)
         with pytest.raises(ray_engine.RayStageError, match="PermissionError"):
             ray_engine.run_chunks("probe", [str(home / "clip.pt")], decode=None,
-                                  analyze=lambda _m, path: open(path, "rb").read(1), factory=None)
+                                  analyze=lambda _m, path: Path(path).read_bytes()[:1], factory=None)
         joined = ray_engine.joined_cluster()
     finally:
         ray_engine.shutdown()
