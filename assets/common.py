@@ -63,7 +63,7 @@ def release_checks(rel: Release, descriptions: dict[str, str]) -> list[dg.AssetC
 
 def engine_runner(lineup, make_ray_runner):
     """The chunk runner of the engine the settings choose: None in-process (the stage's own loop or
-    worker processes), else ``make_ray_runner()`` (a Ray Data job, see pipeline/ray_engine.py). A Ray job
+    worker processes), else ``make_ray_runner()`` (a Ray job, see pipeline/ray_engine.py). A Ray job
     whose chunks failed fails the step with what Ray did and every failed chunk as metadata."""
     if lineup.engine_name != "ray":
         return None

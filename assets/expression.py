@@ -46,7 +46,7 @@ def face_expressions(context: dg.AssetExecutionContext, lineup: LineupSettings):
         stage = ExpressionStage(cfg)
     except ExpressionModelUnavailable as e:
         raise dg.Failure(f"expression model unavailable: {e}") from e
-    runner = engine_runner(lineup, lambda: ray_expression_runner(cfg, lineup.workers))
+    runner = engine_runner(lineup, lambda: ray_expression_runner(cfg, lineup.ray_actors))
     res, unit = run_expression_stage(layout, key, stage, lineup.limits, chunk_runner=runner)
     refresh_catalog(layout)
     if not unit.passed:

@@ -52,7 +52,7 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
     backend = face_backend(lineup)
     pin_collection_stage(layout.root, backend.face_stage)  # refused if the collection was built by another stage
     context.log.info(f"{key}: backend {backend!r}")
-    runner = engine_runner(lineup, lambda: ray_chunk_runner(backend, lineup.workers))
+    runner = engine_runner(lineup, lambda: ray_chunk_runner(backend, lineup.ray_actors))
     stage = run_face_stage(
         layout, key, backend, lineup.limits, lineup.face_batch_size,
         progress=lambda i, n: context.log.info(f"{key}: faces {i}/{n} images"), workers=lineup.workers,

@@ -30,11 +30,11 @@ class LineupSettings(dg.ConfigurableResource):
     face_detector: str = ""  # dlib backend: hog | mtcnn; empty = the backend's default
     insightface_model_dir: str = ""  # a buffalo_l / antelopev2 folder of ONNX files
     face_batch_size: int = 8
-    # per-image stages: "inprocess" (default) or "ray" (Ray Data jobs; RAY_ADDRESS = an existing cluster);
+    # per-image stages: "inprocess" (default) or "ray" (Ray actor pools; RAY_ADDRESS = an existing cluster);
     # empty = $LINEUP_ENGINE, else inprocess
     engine: str = ""
     # in-process engine: worker processes for the face stage (0 = every core this process may use,
-    # or $LINEUP_ENGINE_WORKERS); 1 = no worker processes
+    # or $LINEUP_ENGINE_WORKERS); 1 = no worker processes. Ray engine: a cap on each stage's actors
     engine_workers: int = 0
     # where the face models run: auto = CUDA when torch sees a GPU (dlib: the ported descriptor
     # there; insightface: onnxruntime-gpu, else the same ONNX files through PyTorch), else CPU
@@ -104,6 +104,13 @@ class LineupSettings(dg.ConfigurableResource):
         from pipeline.engine import resolve_workers
 
         return resolve_workers(self.engine_workers)
+
+    @property
+    def ray_actors(self) -> int:
+        """The Ray engine's cap on a stage's actors: engine_workers or $LINEUP_ENGINE_WORKERS; 0 = none (the
+        pool is sized from the cluster's resources, not this machine's cores)."""
+        env = os.environ.get("LINEUP_ENGINE_WORKERS", "").strip()
+        return max(0, int(self.engine_workers or (int(env) if env else 0)))
 
     @property
     def engine_name(self) -> str:

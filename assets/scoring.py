@@ -68,7 +68,7 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
         mine = imgs.filter(pa.array([p == key for p in imgs.column("partition").to_pylist()], pa.bool_()))
         if stage is None:  # the scorers load once, for every partition that needs its scores computed
             stage = ImageScorerStage(cfg)
-            runner = engine_runner(lineup, lambda: ray_score_runner(cfg, lineup.workers))
+            runner = engine_runner(lineup, lambda: ray_score_runner(cfg, lineup.ray_actors))
         table_k, image_report = score_partition(mine, stage, lineup.limits, chunk_runner=runner)
         write_parquet_atomic(table_k, path)
         parts.append(table_k)

@@ -7,7 +7,7 @@ rows; this module only decides where a chunk runs. Two engines run the same func
   each build the stage's model once and then take chunks (decode + inference in the worker, so every
   core decodes and infers). Results come back in input order, so the output equals the serial
   path's (tests/test_engine.py).
-- ``ray`` (``LINEUP_ENGINE=ray``): Ray Data jobs, see :mod:`pipeline.ray_engine`.
+- ``ray`` (``LINEUP_ENGINE=ray``): Ray actor pools and tasks, see :mod:`pipeline.ray_engine`.
 
 Worker pools are kept for the life of the process (one per model configuration), so a run over many
 partitions pays the start-up (interpreter, torch, model weights: a few seconds) once.

@@ -1,33 +1,61 @@
-"""The Ray engine (``LINEUP_ENGINE=ray``): the per-image stages as Ray Data jobs.
+"""The Ray engine (``LINEUP_ENGINE=ray``): the per-image stages on a Ray cluster, local or remote.
 
-The unit of work is the same chunk of rows the in-process engine uses (pipeline/engine.py), and the
-work on it is the same two pipeline functions, split where the data changes hands:
+The unit of work is the same chunk of rows the in-process engine uses (pipeline/engine.py), and the work on
+it is the same pipeline functions, ``analyze(model, decode(chunk))``:
 
-    chunks (blocks) --map: decode tasks (CPU)--> decoded chunks --map_batches: model actor pool--> results
+- a chunk holds row *locators* (path or ``s3://`` URL, offset, length), never pixels: the actor that takes
+  it reads the bytes from the store and decodes them itself, so decoded RGB never crosses the network and
+  no decode task can be starved by actors holding every CPU (the hang of issue 22);
+- the model runs in a pool of Ray actors, each building it once. Pools are sized from the *cluster's*
+  resources (``LINEUP_ENGINE_WORKERS`` only caps them), live as long as the driver process (a run over many
+  partitions loads the models once per actor) and start work as soon as one actor is up; if none comes up
+  within ``LINEUP_RAY_START_TIMEOUT`` seconds (the cluster is full) the stage fails saying so;
+- stages without a model (ingestion) run as one Ray task per chunk;
+- results stream back as chunks finish and are assembled in chunk order by the same code as in-process,
+  so both engines write identical tables (tests/test_ray_engine.py, tests/test_ray_cluster.py).
 
-- decoding runs in Ray tasks, separate from inference, so the model actors never wait on JPEG decoding;
-- the model runs in an actor pool (``ActorPoolStrategy``): each actor builds the model once; CPU actors by
-  default, ``num_gpus`` per actor where the cluster has GPUs;
-- results come back to the driver in chunk order and are assembled by the same code as in-process, so
-  both engines write identical Parquet tables (tests/test_ray_engine.py).
-
-Ray starts locally on demand (``ray.init()``: a one-machine cluster in this process's lifetime);
-``RAY_ADDRESS`` points at an existing cluster (``ray://head:10001`` or ``auto``). The driver is the
-process that calls :func:`run_chunks` (a Dagster step), so Dagster sees its logs, failures and the
-metadata it records. Ray is an optional dependency: ``pip install -e .[ray]``.
+Where Ray runs: without ``RAY_ADDRESS`` a private local cluster (``address="local"``: never a cluster some
+earlier ``ray start`` left behind); with ``RAY_ADDRESS`` (``auto``, ``host:6379``, ``ray://head:10001``)
+that cluster. The log says which one. Workers get what they need through the job's ``runtime_env``: the
+driver's ``AWS_*`` and ``LINEUP_*`` variables (not ``LINEUP_HOME``), this package's code (``py_modules`` on
+a remote cluster), and model weights named by local paths in a stage's configuration, shipped through
+Ray's object store and unpacked on the worker (:func:`ship_local_paths`). Workers therefore need only the
+store (S3) and the Python dependencies, never the driver's disk. Ray is an optional dependency:
+``pip install -e .[ray]``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import io
+import logging
 import os
-import pickle
+import sys
+import tarfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-DECODE_TASK_CPUS = 0.5
-RAY_MISSING = "LINEUP_ENGINE=ray needs Ray: pip install -e '.[ray]' (ray[data] 2.x)"
+log = logging.getLogger("lineup.ray")
+
+RAY_MISSING = "LINEUP_ENGINE=ray needs Ray: pip install -e '.[ray]' (ray 2.x)"
+START_TIMEOUT_ENV = "LINEUP_RAY_START_TIMEOUT"  # seconds to wait for the first actor of a pool
+STALL_TIMEOUT_ENV = "LINEUP_RAY_STALL_TIMEOUT"  # seconds without any chunk finishing before a stage fails
+DEFAULT_START_TIMEOUT_S = 120.0
+DEFAULT_STALL_TIMEOUT_S = 900.0
+GPU_ACTOR_CPUS = 2.0  # CPUs each GPU actor asks for: decoding threads beside the model
+GPU_CHUNKS_PER_CALL = 4  # chunks per call to a GPU actor, decoded on threads while the model runs
+INFLIGHT_PER_ACTOR = 2  # calls queued per actor, so the next chunk is there when one finishes
+# the driver's variables that reach the workers: credentials/endpoint for the store, the stages' settings
+WORKER_ENV_PREFIXES = ("AWS_", "LINEUP_")
+DRIVER_ONLY_ENV = ("LINEUP_HOME",)  # a driver-local folder: workers must never see or use it
+# Test hook: colon-separated path prefixes the workers refuse to open (an audit hook), proving they read
+# only the store and what the job ships them.
+FORBID_READS_ENV = "LINEUP_RAY_FORBID_READS"
 
 
 def ray_available() -> bool:
@@ -36,29 +64,382 @@ def ray_available() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
+# ----------------------------------------------------------------------------------- joining a cluster
+
+_JOINED: dict = {}  # what ensure_ray connected to: address, local or not, nodes
+
+
+def worker_runtime_env(local: bool) -> dict:
+    """The job's ``runtime_env``: the variables the stages read and, on a remote cluster, this package."""
+    from pipeline.config import REPO_ROOT
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES) and k not in DRIVER_ONLY_ENV}
+    env["OMP_NUM_THREADS"] = "1"  # the actors are the parallelism
+    runtime_env: dict = {"env_vars": env}
+    if local:  # same machine: import the code where it is
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    else:  # other machines: Ray uploads the package to the cluster once per content hash
+        import pipeline
+
+        runtime_env["py_modules"] = [str(Path(pipeline.__file__).parent)]
+    return runtime_env
+
+
 def ensure_ray(num_cpus: int | None = None) -> dict:
-    """Connect to ``RAY_ADDRESS`` or start a local Ray once per process; returns the cluster's resources."""
+    """Join ``RAY_ADDRESS`` or start a private local cluster, once per process; returns the cluster's
+    resources. ``num_cpus`` sizes a local cluster only (default: this process's cores)."""
     if not ray_available():
         raise RuntimeError(RAY_MISSING)
     import ray
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        kwargs: dict = {"ignore_reinit_error": True, "logging_level": "WARNING", "log_to_driver": False}
+        address = os.environ.get("RAY_ADDRESS", "").strip() or None
+        kwargs: dict = {"logging_level": "WARNING", "log_to_driver": False,
+                        "runtime_env": worker_runtime_env(local=address is None)}
         if address is None:
-            # a local cluster: no dashboard, nothing listening beyond this machine, our code importable
-            from pipeline.config import REPO_ROOT
-
-            # one logical CPU more than the cores: a decode task can run beside one CPU actor per core
             from pipeline.engine import available_cores
 
-            kwargs.update(include_dashboard=False, num_cpus=num_cpus or available_cores() + 1,
-                          runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}})
-        ray.init(address=address, **kwargs)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.execution_options.preserve_order = True
+            # "local", not None: None would join a cluster whose session file an earlier `ray start` left
+            kwargs.update(address="local", include_dashboard=False, num_cpus=num_cpus or available_cores())
+        else:
+            kwargs["address"] = address  # its resources are the cluster's: num_cpus may not be given
+        ray.init(**kwargs)
+        _JOINED.clear()
+        _JOINED.update(requested=address or "local", local=address is None, address=_cluster_address(),
+                       nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
+        line = (f"ray: {'started a private local' if address is None else 'joined the'} cluster at "
+                f"{_JOINED['address']} (RAY_ADDRESS={address or 'unset'}): {_JOINED['nodes']} node(s), "
+                f"{dict(ray.cluster_resources())}")
+        log.info(line)
+        if not logging.getLogger().handlers and not log.handlers:  # nobody configured logging: still say it
+            print(line, file=sys.stderr, flush=True)
     return dict(ray.cluster_resources())
+
+
+def _cluster_address() -> str:
+    import ray
+
+    try:
+        return str(ray.get_runtime_context().gcs_address)
+    except Exception:  # noqa: BLE001 - Ray client mode has no GCS address here
+        return os.environ.get("RAY_ADDRESS", "") or "local"
+
+
+def joined_cluster() -> dict:
+    """Where this process's Ray jobs run (empty before :func:`ensure_ray`)."""
+    return dict(_JOINED)
+
+
+def shutdown() -> None:
+    """Drop this process's actor pools and disconnect (tests; a process exit does the same)."""
+    import ray
+
+    release_pools()
+    _SHIPPED.clear()
+    _JOINED.clear()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ pool sizing
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    chunks_per_call: int
+
+
+def plan_pool(cluster: dict, requested: int = 0, gpus_per_actor: float | None = None, chunks: int | None = None) -> PoolPlan:
+    """How many actors of what size, from the cluster's resources: as many as the cluster holds, capped by
+    ``requested`` (0 = no cap) and by the number of chunks. Reading and decoding happen in the actors, so
+    nothing else needs a CPU reserved for it; a cluster of less than one CPU gets one actor of what it has."""
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if gpus >= 1 else 0.0
+    if gpus_per_actor > 0:
+        fit = int(gpus // gpus_per_actor)
+        if fit < 1:
+            raise RuntimeError(f"ray: an actor needs {gpus_per_actor} GPU, the cluster has {gpus}")
+        cpus_per_actor = min(GPU_ACTOR_CPUS, cpus / fit) if cpus else 0.0
+        per_call = GPU_CHUNKS_PER_CALL
+    else:
+        if cpus <= 0:
+            raise RuntimeError("ray: the cluster has no CPU for the stage's actors")
+        cpus_per_actor = 1.0 if cpus >= 1 else cpus
+        fit = int(cpus // cpus_per_actor)
+        per_call = 1
+    actors = fit if requested <= 0 else min(int(requested), fit)
+    if chunks is not None:
+        actors = min(actors, max(1, -(-chunks // per_call)))
+    return PoolPlan(max(1, actors), cpus_per_actor, float(gpus_per_actor), per_call)
+
+
+# ------------------------------------------------------------------------- weights through the object store
+
+_SHIPPED: dict[tuple, object] = {}  # (path, size, mtime) -> ObjectRef of its bytes, once per process
+
+
+@dataclass(frozen=True)
+class ShippedPath:
+    """A driver-local file or folder, carried as bytes in Ray's object store; unpacked on the worker."""
+
+    name: str
+    is_dir: bool
+    digest: str
+    ref: object
+
+
+def _local_path(value) -> Path | None:
+    from pipeline.config import is_url
+
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value or is_url(value) or not os.path.isabs(value):
+        return None
+    p = Path(value)
+    return p if p.is_file() or p.is_dir() else None
+
+
+def ship_local_paths(obj):
+    """``obj`` (a stage's configuration: dataclasses, dicts, lists, tuples, strings) with every absolute local
+    path that exists replaced by a :class:`ShippedPath`, so a worker on another machine gets the weights
+    from the object store instead of a path that exists only here."""
+    import ray
+
+    p = _local_path(obj)
+    if p is not None:
+        st = p.stat()
+        key = (str(p), st.st_size, st.st_mtime_ns)
+        if key not in _SHIPPED:
+            if p.is_dir():
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as tf:
+                    tf.add(str(p), arcname=p.name)
+                data = buf.getvalue()
+            else:
+                data = p.read_bytes()
+            # the name is part of what is shipped (open_clip names a config by its file name)
+            digest = hashlib.sha256(p.name.encode() + b"\0" + data).hexdigest()[:24]
+            _SHIPPED[key] = ShippedPath(p.name, p.is_dir(), digest, ray.put(data))
+        return _SHIPPED[key]
+    return _map_config(obj, ship_local_paths)
+
+
+def unship_paths(obj):
+    """The worker's side of :func:`ship_local_paths`: each ShippedPath written once under a temporary folder
+    (named by its content hash) and replaced by the local path there."""
+    if isinstance(obj, ShippedPath):
+        import tempfile
+
+        import ray
+
+        root = Path(tempfile.gettempdir()) / "lineup-ray-shipped" / obj.digest
+        target = root / obj.name
+        if not target.exists():
+            tmp = root.with_name(f"{obj.digest}.{os.getpid()}.tmp")
+            tmp.mkdir(parents=True, exist_ok=True)
+            data = ray.get(obj.ref)
+            if obj.is_dir:
+                with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+                    tf.extractall(tmp, filter="data")  # our own tar; "data" refuses links and traversal anyway
+            else:
+                (tmp / obj.name).write_bytes(data)
+            try:
+                tmp.rename(root)  # whole or not at all: another worker may have won the race
+            except OSError:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(target)
+    return _map_config(obj, unship_paths)
+
+
+def _map_config(obj, fn):
+    if isinstance(obj, ShippedPath):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: fn(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **changes) if any(changes[k] is not getattr(obj, k) for k in changes) else obj
+    if isinstance(obj, dict):
+        return {k: fn(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(fn(v) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------- the worker's side
+
+_GUARDED = False
+
+
+def _guard_reads() -> None:
+    """In a worker: refuse to open anything under $LINEUP_RAY_FORBID_READS (tests prove isolation with it)."""
+    global _GUARDED
+    prefixes = tuple(p for p in os.environ.get(FORBID_READS_ENV, "").split(os.pathsep) if p)
+    if _GUARDED or not prefixes:
+        return
+
+    def hook(event, args):
+        if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.fsdecode(args[0])
+            if os.path.abspath(path).startswith(prefixes):
+                raise PermissionError(f"a Ray worker may not read the driver's disk: {path}")
+
+    sys.addaudithook(hook)
+    _GUARDED = True
+
+
+def _run_task(fn: Callable, chunk):
+    """One chunk of a model-free stage (a Ray task): ``(result, "")`` or ``(None, traceback)``."""
+    _guard_reads()
+    try:
+        return fn(None, chunk), ""
+    except Exception:  # noqa: BLE001 - reported per chunk, the job goes on
+        return None, traceback.format_exc(limit=5)
+
+
+class _ModelActor:
+    """One model per actor, built once; every call reads, decodes and analyses a few chunks."""
+
+    def __init__(self, factory: Callable, args: tuple, kwargs: dict, threads: int = 1):
+        _guard_reads()
+        try:
+            import torch
+
+            torch.set_num_threads(max(1, threads))
+        except ImportError:  # pragma: no cover
+            pass
+        self.model = factory(*unship_paths(tuple(args)), **unship_paths(dict(kwargs)))
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, fns: tuple, chunks: list) -> list:
+        """``[(result, error)]`` per chunk of ``analyze(model, decode(chunk))``, ``fns`` = (decode, analyze).
+        With several chunks, decoding runs on threads ahead of the model."""
+        decode, analyze = fns
+
+        def decoded(c):
+            return decode(c) if decode is not None else c
+
+        out = []
+        if len(chunks) > 1 and decode is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(4, len(chunks))) as pool:
+                futures = [pool.submit(decoded, c) for c in chunks]
+                for f in futures:
+                    out.append(self._analyze(analyze, f))
+            return out
+        return [self._analyze(analyze, _Now(decoded, c)) for c in chunks]
+
+    def _analyze(self, analyze, pending) -> tuple:
+        try:
+            return analyze(self.model, pending.result()), ""
+        except Exception:  # noqa: BLE001 - reported per chunk
+            return None, traceback.format_exc(limit=5)
+
+
+class _Now:
+    """A decode done on the spot, looking like a future (so errors surface in ``result()``)."""
+
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def result(self):
+        return self.fn(self.arg)
+
+
+# --------------------------------------------------------------------------------------- actor pools
+
+
+@dataclass
+class _Pool:
+    key: tuple
+    plan: PoolPlan
+    pending: dict  # ready ObjectRef -> actor, not up yet
+    ready: list = field(default_factory=list)
+    created: float = field(default_factory=time.monotonic)
+    jobs: int = 0
+
+
+_POOLS: dict[tuple, _Pool] = {}
+
+
+def release_pools(keep: tuple | None = None) -> None:
+    """Kill every pool but ``keep``: one stage's actors at a time, so a pool never waits on another
+    stage's idle actors for the cluster's CPUs."""
+    import ray
+
+    for key in [k for k in _POOLS if k != keep]:
+        pool = _POOLS.pop(key)
+        for actor in [*pool.ready, *pool.pending.values()]:
+            with contextlib.suppress(Exception):  # already gone
+                ray.kill(actor)
+
+
+def _get_pool(factory: Callable, args: tuple, kwargs: dict, plan: PoolPlan) -> tuple[_Pool, bool]:
+    import ray
+
+    key = (factory.__module__, factory.__qualname__, repr(args), repr(sorted(kwargs.items())), plan)
+    release_pools(keep=key)
+    pool = _POOLS.get(key)
+    if pool is not None:
+        return pool, True
+    actor_cls = ray.remote(_ModelActor)
+    shipped_args, shipped_kwargs = ship_local_paths(tuple(args)), ship_local_paths(dict(kwargs))
+    threads = max(1, int(plan.cpus_per_actor))
+    pending = {}
+    for _ in range(plan.actors):
+        actor = actor_cls.options(num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
+                                  max_restarts=0).remote(factory, shipped_args, shipped_kwargs, threads)
+        pending[actor.ready.remote()] = actor
+    pool = _Pool(key, plan, pending)
+    _POOLS[key] = pool
+    return pool, False
+
+
+def _promote_ready(pool: _Pool, timeout: float) -> None:
+    """Move actors that came up to ``pool.ready``; an actor whose model failed to build fails the stage."""
+    import ray
+
+    if not pool.pending:
+        return
+    done, _ = ray.wait(list(pool.pending), num_returns=len(pool.pending), timeout=timeout)
+    for ref in done:
+        actor = pool.pending.pop(ref)
+        ray.get(ref)  # raises the constructor's error (e.g. missing weights), naming it
+        pool.ready.append(actor)
+
+
+def _wait_first_actor(pool: _Pool, stage: str, start_timeout: float) -> float:
+    import ray
+
+    t0 = time.monotonic()
+    while not pool.ready:
+        left = start_timeout - (time.monotonic() - t0)
+        if left <= 0:
+            _POOLS.pop(pool.key, None)
+            for actor in pool.pending.values():
+                ray.kill(actor)
+            raise RayStartTimeout(
+                f"ray {stage}: none of {pool.plan.actors} actor(s) ({pool.plan.cpus_per_actor} CPU, "
+                f"{pool.plan.gpus_per_actor} GPU each) started within {start_timeout:.0f} s "
+                f"(${START_TIMEOUT_ENV}); the cluster has {dict(ray.cluster_resources())}, free now "
+                f"{dict(ray.available_resources())}: other jobs hold it, or no node fits one actor")
+        try:
+            _promote_ready(pool, min(left, 1.0))
+        except Exception:
+            _POOLS.pop(pool.key, None)
+            release_pools()
+            raise
+    return time.monotonic() - t0
+
+
+# ------------------------------------------------------------------------------------------ the jobs
 
 
 @dataclass
@@ -68,22 +449,32 @@ class RayJobStats:
     stage: str
     chunks: int = 0
     items: int = 0
-    actors: int = 0
+    actors: int = 0  # the pool's size
+    actors_used: int = 0  # how many of them took calls in this job (actors still starting took none)
+    cpus_per_actor: float = 0.0
     gpus_per_actor: float = 0.0
-    decode_tasks: int = 0
+    tasks: int = 0
+    pool_reused: bool = False
+    start_seconds: float = 0.0  # waiting for the first actor (0 when the pool was there)
     failures: list[str] = field(default_factory=list)  # chunks whose work raised, with the error
     seconds: float = 0.0
     cluster: dict = field(default_factory=dict)
-    ray_stats: str = ""
+    joined: dict = field(default_factory=dict)
 
     def metadata(self) -> dict:
         return {
             "engine": "ray",
             "ray_stage": self.stage,
+            "ray_cluster": str(self.joined.get("address", "")),
+            "ray_cluster_nodes": int(self.joined.get("nodes", 0)),
             "ray_chunks": self.chunks,
             "ray_actors": self.actors,
+            "ray_actors_used": self.actors_used,
+            "ray_cpus_per_actor": self.cpus_per_actor,
             "ray_gpus_per_actor": self.gpus_per_actor,
-            "ray_decode_tasks": self.decode_tasks,
+            "ray_tasks": self.tasks,
+            "ray_pool_reused": self.pool_reused,
+            "ray_start_seconds": round(self.start_seconds, 3),
             "ray_failures": len(self.failures),
             "ray_seconds": round(self.seconds, 3),
             "ray_items_per_s": round(self.items / self.seconds, 2) if self.seconds else 0.0,
@@ -92,53 +483,12 @@ class RayJobStats:
         }
 
 
-def _decode_row(decode: Callable) -> Callable:
-    def run(row: dict) -> dict:
-        chunk = pickle.loads(row["payload"])
-        try:
-            return {"i": row["i"], "payload": pickle.dumps(decode(chunk)), "error": ""}
-        except Exception:  # noqa: BLE001 - reported per chunk, the job goes on
-            return {"i": row["i"], "payload": b"", "error": traceback.format_exc(limit=5)}
-
-    return run
-
-
-class _ModelActor:
-    """One model per actor; every batch of decoded chunks goes through ``analyze(model, chunk)``."""
-
-    def __init__(self, factory: Callable, args: tuple, kwargs: dict, analyze: Callable, threads: int = 1):
-        try:
-            import torch
-
-            torch.set_num_threads(threads)
-        except ImportError:  # pragma: no cover
-            pass
-        self.model = factory(*args, **kwargs)
-        self.analyze = analyze
-
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
-        out, errors = [], []
-        for payload, error in zip(batch["payload"], batch["error"]):
-            if error:
-                out.append(b"")
-                errors.append(error)
-                continue
-            try:
-                out.append(pickle.dumps(self.analyze(self.model, pickle.loads(payload))))
-                errors.append("")
-            except Exception:  # noqa: BLE001 - reported per chunk
-                out.append(b"")
-                errors.append(traceback.format_exc(limit=5))
-        return {"i": batch["i"], "payload": np.array(out, dtype=object), "error": np.array(errors, dtype=object)}
-
-
 def chunk_runner(stage: str, decode: Callable | None, analyze: Callable, factory: Callable | None = None,
-                 factory_args: tuple = (), factory_kwargs: dict | None = None, actors: int = 2,
+                 factory_args: tuple = (), factory_kwargs: dict | None = None, actors: int = 0,
                  gpus_per_actor: float | None = None) -> Callable:
     """A ``chunk_runner`` for a stage's partition function: ``runner(chunks)`` runs :func:`run_chunks` on
-    chunks of (rows, ...) and keeps the job's stats in ``runner.stats``."""
+    chunks of (rows, ...) and keeps the job's stats in ``runner.stats``. ``actors`` caps the pool (0: as
+    many as the cluster holds)."""
 
     def runner(chunks):
         results, runner.stats = run_chunks(stage, chunks, decode=decode, analyze=analyze, factory=factory,
@@ -150,6 +500,11 @@ def chunk_runner(stage: str, decode: Callable | None, analyze: Callable, factory
     return runner
 
 
+def _timeout(env: str, default: float) -> float:
+    value = os.environ.get(env, "").strip()
+    return float(value) if value else default
+
+
 def run_chunks(
     stage: str,
     chunks: list,
@@ -158,69 +513,124 @@ def run_chunks(
     factory: Callable | None,
     factory_args: tuple = (),
     factory_kwargs: dict | None = None,
-    actors: int = 2,
+    actors: int = 0,
     gpus_per_actor: float | None = None,
     items_of: Callable = len,
 ) -> tuple[list, RayJobStats]:
     """``analyze(model, decode(chunk))`` for every chunk on Ray, results in chunk order.
 
-    ``decode`` runs in Ray tasks (None: the chunk goes straight to the actors), ``analyze`` in a pool
-    of ``actors`` actors each holding ``factory(*factory_args, **factory_kwargs)``; with no ``factory``
-    (no model) ``analyze(None, chunk)`` runs in the tasks. ``gpus_per_actor``
-    None = 1 when the cluster has GPUs, else 0 (CPU actors, one CPU each). A chunk whose work raised is
-    listed in the stats' failures and makes this function raise after the job, naming them all."""
+    With a ``factory`` the chunks go to this process's pool of actors each holding
+    ``factory(*factory_args, **factory_kwargs)`` (built on first use, sized by :func:`plan_pool`, reused by
+    later calls with the same model); without one, ``analyze(None, chunk)`` runs in one task per chunk.
+    ``gpus_per_actor`` None = 1 when the cluster has GPUs, else 0. A chunk whose work raised is listed in
+    the stats' failures and makes this function raise after the job, naming them all; no chunk finishing
+    for ``$LINEUP_RAY_STALL_TIMEOUT`` seconds fails it too."""
     cluster = ensure_ray()
     import ray
 
-    stats = RayJobStats(stage, chunks=len(chunks), cluster=cluster)
+    stats = RayJobStats(stage, chunks=len(chunks), cluster=cluster, joined=joined_cluster())
     stats.items = sum(items_of(c) for c in chunks)
     if not chunks:
         return [], stats
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
-    stats.actors = max(1, min(int(actors), len(chunks)))
-    stats.gpus_per_actor = gpus_per_actor
     t0 = time.perf_counter()
-    items = [{"i": i, "payload": pickle.dumps(c), "error": ""} for i, c in enumerate(chunks)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    if factory is None:  # no model: the whole work is one Ray task per chunk
-        ds = ds.map(_decode_row(lambda c: analyze(None, c)), num_cpus=DECODE_TASK_CPUS)
-        stats.decode_tasks, stats.actors = len(chunks), 0
+    stall = _timeout(STALL_TIMEOUT_ENV, DEFAULT_STALL_TIMEOUT_S)
+    outcomes: dict[int, tuple] = {}
+    if factory is None:
+        release_pools()  # idle actors of another stage would hold the CPUs these tasks need
+        task = ray.remote(_run_task).options(num_cpus=1, max_retries=1)
+        fn_ref = ray.put(analyze)
+        limit = max(2, int(cluster.get("CPU", 1)) * 2) if actors <= 0 else max(1, int(actors)) * 2
+        todo = list(range(len(chunks)))
+        running: dict = {}
+        last = time.monotonic()
+        while todo or running:
+            while todo and len(running) < limit:
+                i = todo.pop(0)
+                running[task.remote(fn_ref, chunks[i])] = i
+            done, _ = ray.wait(list(running), num_returns=1, timeout=min(stall, 5.0))
+            for ref in done:
+                outcomes[running.pop(ref)] = ray.get(ref)
+                last = time.monotonic()
+            _check_stall(stage, last, stall, len(outcomes), len(chunks))
+        stats.tasks = len(chunks)
     else:
-        if decode is not None:
-            # half a CPU per decode task. The CPU request differing from the actors' also keeps Ray Data from
-            # fusing the decoding into the actors (it fuses a task map into the next actor map when their
-            # remote args match), so decoding stays in tasks of its own.
-            ds = ds.map(_decode_row(decode), num_cpus=DECODE_TASK_CPUS)
-            stats.decode_tasks = len(chunks)
-        ds = ds.map_batches(
-            _ModelActor,
-            fn_constructor_args=(factory, tuple(factory_args), dict(factory_kwargs or {}), analyze),
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=stats.actors),
-            num_cpus=0 if gpus_per_actor else 1,
-            num_gpus=gpus_per_actor or None,
-        )
-    rows = ds.take_all()
+        # not capped by this job's chunks: the pool is kept for the next partitions, whatever their size
+        plan = plan_pool(cluster, actors, gpus_per_actor)
+        pool, stats.pool_reused = _get_pool(factory, tuple(factory_args), dict(factory_kwargs or {}), plan)
+        stats.cpus_per_actor, stats.gpus_per_actor = plan.cpus_per_actor, plan.gpus_per_actor
+        stats.start_seconds = _wait_first_actor(pool, stage, _timeout(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
+        outcomes, stats.actors_used = _run_on_pool(pool, stage, chunks, decode, analyze, stall)
+        stats.actors = plan.actors
+        pool.jobs += 1
     stats.seconds = time.perf_counter() - t0
-    try:
-        stats.ray_stats = ds.stats()
-    except Exception:  # noqa: BLE001 - stats are informative only
-        stats.ray_stats = ""
-    rows.sort(key=lambda r: int(r["i"]))
-    if [int(r["i"]) for r in rows] != list(range(len(chunks))):
-        raise RuntimeError(f"ray {stage}: {len(rows)} results for {len(chunks)} chunks")
     results = []
-    for r in rows:
-        if r["error"]:
-            stats.failures.append(f"chunk {int(r['i'])}: {str(r['error']).strip().splitlines()[-1]}")
-            results.append(None)
-        else:
-            results.append(pickle.loads(r["payload"]))
+    for i in range(len(chunks)):
+        result, error = outcomes[i]
+        if error:
+            stats.failures.append(f"chunk {i}: {str(error).strip().splitlines()[-1]}")
+        results.append(result)
     if stats.failures:
         raise RayStageError(stats)
     return results, stats
+
+
+def _check_stall(stage: str, last: float, stall: float, done: int, total: int) -> None:
+    if time.monotonic() - last > stall:
+        import ray
+
+        raise RayStartTimeout(f"ray {stage}: no chunk finished for {stall:.0f} s (${STALL_TIMEOUT_ENV}); {done} of "
+                              f"{total} done; the cluster has {dict(ray.cluster_resources())}, free now "
+                              f"{dict(ray.available_resources())}")
+
+
+def _run_on_pool(pool: _Pool, stage: str, chunks: list, decode, analyze, stall: float) -> tuple[dict[int, tuple], int]:
+    """Calls of ``plan.chunks_per_call`` chunks, at most INFLIGHT_PER_ACTOR queued per actor; actors that
+    come up during the job join it; a call lost with its actor (killed, out of memory) is retried once on
+    another actor. Returns the outcomes by chunk and how many actors took calls."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    per_call = pool.plan.chunks_per_call
+    todo = [list(range(i, min(i + per_call, len(chunks)))) for i in range(0, len(chunks), per_call)]
+    attempts: dict[int, int] = {}
+    fns = ray.put((decode, analyze))  # once per job, not once per call
+    running: dict = {}  # ref -> (actor, chunk indices)
+    load: dict = {}
+    outcomes: dict[int, tuple] = {}
+    used: set = set()
+    last = time.monotonic()
+    while todo or running:
+        _promote_ready(pool, 0)
+        for actor in pool.ready:
+            while todo and load.get(actor, 0) < INFLIGHT_PER_ACTOR:
+                idx = todo.pop(0)
+                ref = actor.run.remote(fns, [chunks[i] for i in idx])
+                running[ref] = (actor, idx)
+                used.add(actor)
+                load[actor] = load.get(actor, 0) + 1
+        if not running:  # every ready actor died: wait for one still starting, else give up
+            if not pool.pending:
+                raise RuntimeError(f"ray {stage}: every actor of the pool died")
+            _promote_ready(pool, 1.0)
+            _check_stall(stage, last, stall, len(outcomes), len(chunks))
+            continue
+        done, _ = ray.wait(list(running), num_returns=1, timeout=min(stall, 5.0))
+        for ref in done:
+            actor, idx = running.pop(ref)
+            load[actor] -= 1
+            try:
+                for i, outcome in zip(idx, ray.get(ref)):
+                    outcomes[i] = outcome
+            except RayActorError as e:
+                if actor in pool.ready:
+                    pool.ready.remove(actor)
+                attempts[idx[0]] = attempts.get(idx[0], 0) + 1
+                if attempts[idx[0]] > 1:
+                    raise RuntimeError(f"ray {stage}: chunks {idx} lost their actor twice: {e}") from e
+                todo.insert(0, idx)
+            last = time.monotonic()
+        _check_stall(stage, last, stall, len(outcomes), len(chunks))
+    return outcomes, len(used)
 
 
 class RayStageError(RuntimeError):
@@ -228,3 +638,7 @@ class RayStageError(RuntimeError):
         self.stats = stats
         super().__init__(f"ray {stats.stage}: {len(stats.failures)} of {stats.chunks} chunks failed: "
                          + "; ".join(stats.failures[:5]))
+
+
+class RayStartTimeout(RuntimeError):
+    """The cluster gave a stage nothing to run on, or nothing finished, in time."""

@@ -18,12 +18,10 @@ from pipeline.sources import PartitionSpec
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    from pipeline.ray_engine import ensure_ray
+    from pipeline.ray_engine import ensure_ray, shutdown
 
     yield ensure_ray()
-    ray.shutdown()
+    shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +55,7 @@ def test_ingest_same_on_ray(tmp_path: Path, ray_local):
     assert local.images.num_rows == 60 and local.duplicates == 10
     assert on_ray.images.equals(local.images)
     assert on_ray.rejects.rows == local.rejects.rows
-    assert runner.stats.decode_tasks == 3 and runner.stats.failures == []
+    assert runner.stats.tasks == 3 and runner.stats.failures == []
 
 
 def test_faces_same_on_ray(faces_images, ray_local):
@@ -72,7 +70,7 @@ def test_faces_same_on_ray(faces_images, ray_local):
     assert on_ray.faces.equals(local.faces)
     assert on_ray.scan.equals(local.scan)
     meta = runner.stats.metadata()
-    assert meta["ray_actors"] == 2 and meta["ray_decode_tasks"] == 3 and meta["ray_failures"] == 0
+    assert meta["ray_actors"] == 2 and meta["ray_chunks"] == 3 and meta["ray_failures"] == 0
 
 
 def test_expressions_same_on_ray(faces_images, ray_local):
@@ -171,9 +169,86 @@ def test_assets_on_ray_write_the_same_tables(tmp_path, shared_faces, ray_local):
         assert meta["faces"]["engine"].value == engine
         if engine == "ray":
             assert meta["faces"]["ray_actors"].value >= 1 and meta["faces"]["ray_failures"].value == 0
-            assert meta["faces"]["ray_decode_tasks"].value == 2  # 4 accepted images in chunks of 2
+            assert meta["faces"]["ray_chunks"].value == 2  # 4 accepted images in chunks of 2
         tables[engine] = {t: pq.read_table(Layout(home).partition_file(t, spec.key))
                           for t in ("images", "faces", "face_scan", "face_expressions", "rejects_ingest")}
     for name, table in tables["inprocess"].items():
         assert table.num_rows > 0, name
         assert tables["ray"][name].equals(table), name
+
+
+def test_pool_sized_from_the_cluster_not_the_request():
+    from pipeline.ray_engine import plan_pool
+
+    two = plan_pool({"CPU": 2.0}, requested=32)  # the ConfigMap's 32 on a 2-CPU cluster
+    assert (two.actors, two.cpus_per_actor, two.gpus_per_actor) == (2, 1.0, 0.0)
+    assert plan_pool({"CPU": 2.0}, requested=0).actors == 2
+    assert plan_pool({"CPU": 64.0}, requested=3).actors == 3
+    assert plan_pool({"CPU": 64.0}, requested=0, chunks=5).actors == 5
+    gpu = plan_pool({"CPU": 16.0, "GPU": 4.0}, requested=0, chunks=100)
+    assert (gpu.actors, gpu.gpus_per_actor, gpu.cpus_per_actor, gpu.chunks_per_call) == (4, 1.0, 2.0, 4)
+    tiny = plan_pool({"CPU": 0.5})
+    assert (tiny.actors, tiny.cpus_per_actor) == (1, 0.5)
+    with pytest.raises(RuntimeError, match="no CPU"):
+        plan_pool({"GPU": 0.0})
+
+
+def test_full_cluster_fails_with_a_clear_message(ray_local, monkeypatch):
+    """Every CPU held by another job's actor: the stage's pool cannot start, and the stage says so in
+    LINEUP_RAY_START_TIMEOUT seconds instead of waiting for ever."""
+    import ray
+
+    from pipeline.ray_engine import RayStartTimeout, release_pools
+
+    release_pools()  # the earlier tests' idle actors
+    @ray.remote
+    class Hog:
+        def ready(self):
+            return True
+
+    hog = Hog.options(num_cpus=ray_local["CPU"]).remote()
+    ray.get(hog.ready.remote(), timeout=60)
+    monkeypatch.setenv("LINEUP_RAY_START_TIMEOUT", "3")
+    t0 = __import__("time").monotonic()
+    try:
+        with pytest.raises(RayStartTimeout, match="started within 3 s"):
+            run_chunks("demo", [1, 2], decode=None, analyze=lambda model, c: c, factory=dict, items_of=lambda c: 1)
+    finally:
+        ray.kill(hog)
+    assert __import__("time").monotonic() - t0 < 30
+    # the CPUs back: the same stage runs
+    monkeypatch.setenv("LINEUP_RAY_START_TIMEOUT", "120")
+    results, stats = run_chunks("demo", [1, 2], decode=None, analyze=lambda model, c: c * 10, factory=dict,
+                                items_of=lambda c: 1)
+    assert results == [10, 20] and stats.actors >= 1
+
+
+def test_weights_shipped_through_the_object_store(ray_local, tmp_path):
+    """A model folder and a file named by local paths in a configuration reach a worker as copies of
+    their bytes under the worker's temp folder, names kept; URLs and relative strings are left alone."""
+    import ray
+
+    from pipeline.ray_engine import ShippedPath, release_pools, ship_local_paths, unship_paths
+
+    release_pools()  # idle actors of the earlier tests would hold the CPU this task needs
+
+    (tmp_path / "pack" / "sub").mkdir(parents=True)
+    (tmp_path / "pack" / "sub" / "det.onnx").write_bytes(b"detector")
+    (tmp_path / "clip.pt").write_bytes(b"clip weights")
+    config = {"model_dir": tmp_path / "pack", "weights": (str(tmp_path / "clip.pt"), "s3://b/k.pt", "cpu")}
+    shipped = ship_local_paths(config)
+    assert isinstance(shipped["model_dir"], ShippedPath) and isinstance(shipped["weights"][0], ShippedPath)
+    assert shipped["weights"][1:] == ("s3://b/k.pt", "cpu")
+
+    @ray.remote
+    def read_on_worker(cfg):
+        from pathlib import Path
+
+        cfg = unship_paths(cfg)
+        return (cfg["model_dir"], (Path(cfg["model_dir"]) / "sub" / "det.onnx").read_bytes(),
+                cfg["weights"][0], Path(cfg["weights"][0]).read_bytes(), cfg["weights"][1:])
+
+    model_dir, det, weights, clip, rest = ray.get(read_on_worker.remote(shipped))
+    assert det == b"detector" and clip == b"clip weights" and rest == ("s3://b/k.pt", "cpu")
+    assert Path(model_dir).name == "pack" and Path(weights).name == "clip.pt"
+    assert not model_dir.startswith(str(tmp_path)) and not weights.startswith(str(tmp_path))

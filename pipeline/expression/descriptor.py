@@ -338,7 +338,7 @@ def describe_partition(
 
 
 def ray_expression_runner(config: ExpressionConfig, actors: int, gpus_per_actor: float | None = None):
-    """A ``chunk_runner`` for :func:`describe_partition` on Ray: decoding in tasks, the FER model and the
+    """A ``chunk_runner`` for :func:`describe_partition` on Ray: decoding in the actors, the FER model and the
     landmarker once per actor. The job's stats land in ``runner.stats``."""
     from pipeline.ray_engine import chunk_runner
 

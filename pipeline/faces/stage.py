@@ -218,8 +218,9 @@ def analyze_decoded(backend: FaceBackend, decoded_chunk):
 
 
 def ray_chunk_runner(backend, actors: int, gpus_per_actor: float | None = None):
-    """A ``chunk_runner`` for :func:`run_face_partition` that runs the chunks as a Ray Data job: decoding
-    in tasks, ``backend``'s configuration rebuilt once per actor. The job's stats land in ``runner.stats``."""
+    """A ``chunk_runner`` for :func:`run_face_partition` that runs the chunks on a Ray actor pool:
+    ``backend``'s configuration rebuilt once per actor, each chunk read and decoded in the actor. The
+    job's stats land in ``runner.stats``."""
     from pipeline.ray_engine import chunk_runner
 
     spec = getattr(backend, "build_spec", None)

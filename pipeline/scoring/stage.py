@@ -509,13 +509,18 @@ def score_partition(images: pa.Table, stage: ImageScorerStage, limits=None, chun
     if not results:
         return score_decoded(stage, [])
     tables = [t for t, _ in results]
+    if chunk_runner is not None:
+        # another engine's workers may hold the weights elsewhere (Ray ships them): the fingerprint is the driver's
+        fp = scorer_fingerprint(stage.config)
+        tables = [t.set_column(t.schema.get_field_index("scorer_fingerprint"), "scorer_fingerprint",
+                               pa.array([fp] * t.num_rows, pa.string())) for t in tables]
     report = dict(results[-1][1])
     report["images"] = sum(r.get("images", 0) for _, r in results)
     return pa.concat_tables(tables), report
 
 
 def ray_score_runner(config: ScoringConfig, actors: int, gpus_per_actor: float | None = None):
-    """A ``chunk_runner`` for :func:`score_partition` on Ray: decoding in tasks, the scorers once per actor."""
+    """A ``chunk_runner`` for :func:`score_partition` on Ray: the scorers loaded once per actor, weights shipped."""
     from pipeline.ray_engine import chunk_runner
 
     return chunk_runner("scores", decode_score_chunk, score_decoded, ImageScorerStage, (config,),

@@ -1,0 +1,242 @@
+"""The Ray engine on real clusters: a multi-node cluster on one machine whose only shared storage is an S3
+server (moto), and an existing cluster started with `ray start` and reached through RAY_ADDRESS, including
+what a leftover `ray_current_cluster` file does to a run without RAY_ADDRESS. Each stage's tables must equal
+the in-process engine's. Skipped without ray, moto or s3fs."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("moto")
+pytest.importorskip("s3fs")
+
+from pipeline.ingest import ingest_partition, ray_ingest_runner
+from pipeline.sources import PartitionSpec
+
+BUCKET = "lineup-ray"
+
+
+def _free_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1, the AWS variables pointing at it (and so shipped to Ray's workers)."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import fsspec
+
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        yield fs
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _photos(shared_faces: Path) -> list[Path]:
+    ids = sorted((shared_faces / "identities").rglob("*.jpg"))[:5]
+    return [*ids, min((shared_faces / "groups").glob("*.jpg"))]
+
+
+def _tiny_clip(folder: Path):
+    """A tiny random-weight CLIP whose config and weights exist only under ``folder`` (the driver's disk)."""
+    import open_clip
+    import torch
+
+    from pipeline.scoring.clip import ClipConfig
+    from pipeline.scoring.stage import ScoringConfig
+
+    cfg_file = folder / "lineup-tiny-clip-cluster.json"
+    cfg_file.write_text(json.dumps({
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }))
+    open_clip.add_model_config(cfg_file)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("lineup-tiny-clip-cluster", pretrained=None).state_dict(), folder / "clip.pt")
+    return ScoringConfig(clip=ClipConfig(model_name="lineup-tiny-clip-cluster", pretrained=str(folder / "clip.pt"),
+                                         model_config=str(cfg_file), device="cpu", batch_size=2), chunk=3)
+
+
+def _stages(spec, clip_cfg, ray_engine: bool):
+    """ingest -> faces -> image scores of one partition, on Ray or in-process; the tables and the Ray stats."""
+    from pipeline.faces import get_backend
+    from pipeline.faces.stage import ray_chunk_runner, run_face_partition
+    from pipeline.scoring.stage import ImageScorerStage, ray_score_runner, score_partition
+
+    runners = {}
+    if ray_engine:
+        runners = {"ingest": ray_ingest_runner(0), "faces": ray_chunk_runner(get_backend("dlib", device="cpu"), 32),
+                   "scores": ray_score_runner(clip_cfg, 0)}
+    ing = ingest_partition(spec, chunk_runner=runners.get("ingest"))
+    backend = get_backend("dlib", device="cpu")
+    faces = run_face_partition(ing.images, backend, spec.key, batch_size=2, chunk_runner=runners.get("faces"))
+    captioned = ing.images.set_column(ing.images.schema.get_field_index("caption"), "caption",
+                                      pa.array([f"a photo number {i}" for i in range(ing.images.num_rows)]))
+    scores, _ = score_partition(captioned, ImageScorerStage(clip_cfg), chunk_runner=runners.get("scores"))
+    tables = {"images": ing.images, "rejects": pa.Table.from_pylist(ing.rejects.rows), "faces": faces.faces,
+              "scan": faces.scan, "scores": scores}
+    return tables, {k: r.stats for k, r in runners.items()}
+
+
+@pytest.mark.timeout(600)
+def test_multinode_cluster_reads_only_the_store(s3, shared_faces, tmp_path, monkeypatch):
+    """Two worker nodes (1 CPU each) and a head with no CPU, so every chunk runs on a worker node. The input
+    is in S3, the CLIP weights only on the driver's disk; the workers refuse to open anything under the
+    driver's home, the photos' folder or the weights' folder, and still produce the in-process tables."""
+    from ray.cluster_utils import Cluster
+
+    from pipeline import ray_engine
+
+    names = []
+    for p in _photos(shared_faces):
+        names.append(f"{p.parent.name}_{p.name}")
+        s3.pipe_file(f"{BUCKET}/in/{names[-1]}", p.read_bytes())
+    s3.pipe_file(f"{BUCKET}/in/broken.jpg", b"not a jpeg")
+    spec = PartitionSpec(key="p0", kind="files", root=f"s3://{BUCKET}/in", members=(*names, "broken.jpg"))
+    home = tmp_path / "home"
+    home.mkdir()
+    clip_cfg = _tiny_clip(home)
+    local, _ = _stages(spec, clip_cfg, ray_engine=False)
+
+    monkeypatch.setenv(ray_engine.FORBID_READS_ENV, os.pathsep.join([str(tmp_path), str(shared_faces)]))
+    monkeypatch.setenv("LINEUP_HOME", str(home))
+    # a private temp folder: the cluster's session file must not lead other Ray drivers on this machine to it
+    ray_tmp = tempfile.mkdtemp(prefix="lr", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        on_ray, stats = _stages(spec, clip_cfg, ray_engine=True)
+
+        # the negative control: a worker asked to read the driver's disk is refused (so the guard is live)
+        with pytest.raises(ray_engine.RayStageError, match="PermissionError"):
+            ray_engine.run_chunks("probe", [str(home / "clip.pt")], decode=None,
+                                  analyze=lambda _m, path: Path(path).read_bytes()[:1], factory=None)
+        joined = ray_engine.joined_cluster()
+    finally:
+        ray_engine.shutdown()
+        cluster.shutdown()
+        for pid in _ray_processes(ray_tmp):
+            os.kill(pid, signal.SIGKILL)
+
+    assert all(p.startswith(f"s3://{BUCKET}/") for p in on_ray["images"].column("path").to_pylist())
+    assert local["images"].num_rows == len(names) and local["faces"].num_rows >= len(names)
+    assert local["scores"].column("clip_score").null_count == 0
+    for name, table in local.items():
+        assert on_ray[name].equals(table), name
+    assert joined["local"] is False and joined["nodes"] == 3
+    assert stats["faces"].actors == 2 and stats["scores"].actors == 2  # one per worker node, 1 CPU each
+    assert stats["faces"].failures == [] and stats["ingest"].tasks == 1
+
+
+def _ray_processes(marker: str) -> list[int]:
+    """Our `ray start`'s processes: those whose command line names its private temp folder."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.timeout(600)
+def test_existing_cluster_then_its_leftover_session(shared_faces, tmp_path, monkeypatch):
+    """`ray start --head --num-cpus 2`, joined through RAY_ADDRESS=auto with 32 actors asked for: the face
+    stage finishes on 2 actors with the in-process table. Then the head is killed by a signal, which
+    leaves its `ray_current_cluster` file behind: a run without RAY_ADDRESS starts a private cluster."""
+    from pipeline import ray_engine
+    from pipeline.faces import get_backend
+    from pipeline.faces.stage import ray_chunk_runner, run_face_partition
+
+    photos = _photos(shared_faces)
+    spec = PartitionSpec(key="p1", kind="files", root=str(shared_faces),
+                         members=tuple(str(p.relative_to(shared_faces)) for p in photos))
+    images = ingest_partition(spec).images
+    backend = get_backend("dlib", device="cpu")
+    local = run_face_partition(images, backend, "p1", batch_size=2)
+
+    ray_tmp = tempfile.mkdtemp(prefix="lr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = _free_port()
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", "2",
+                             "--port", str(port), "--include-dashboard", "false", "--disable-usage-stats", "--block"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
+    try:
+        for _ in range(600):
+            if address_file.exists():
+                break
+            time.sleep(0.2)
+        assert address_file.exists(), "ray start did not come up"
+        monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+        monkeypatch.setenv("RAY_ADDRESS", "auto")
+        runner = ray_chunk_runner(backend, actors=32)
+        on_ray = run_face_partition(images, backend, "p1", batch_size=2, chunk_runner=runner)
+        joined = ray_engine.joined_cluster()
+        ray_engine.shutdown()
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # "stopped by a signal": no clean-up of the session file
+        head.wait(30)
+        time.sleep(1)
+        for pid in _ray_processes(ray_tmp):
+            os.kill(pid, signal.SIGKILL)
+    assert on_ray.faces.equals(local.faces) and on_ray.scan.equals(local.scan)
+    assert joined["local"] is False and joined["address"].endswith(f":{port}")
+    assert runner.stats.actors == 2 and runner.stats.cpus_per_actor == 1.0
+
+    assert address_file.exists()  # the leftover that made every partition fail before
+    monkeypatch.delenv("RAY_ADDRESS")
+    try:
+        again = ray_ingest_runner(0)
+        res = ingest_partition(spec, chunk_runner=again)
+        joined = ray_engine.joined_cluster()
+    finally:
+        ray_engine.shutdown()
+        for pid in _ray_processes(ray_tmp):
+            os.kill(pid, signal.SIGKILL)
+    assert res.images.equals(images)
+    assert joined["local"] is True and not joined["address"].endswith(f":{port}")
