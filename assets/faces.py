@@ -7,7 +7,7 @@ from assets.common import GPU_POOL, engine_metadata, engine_runner
 from assets.ingest import images
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
-from assets.ui import pictures
+from assets.ui import pictures, table_metadata
 from pipeline.catalog import refresh_catalog
 from pipeline.faces.report import face_figures
 from pipeline.faces.stage import face_checks, ray_chunk_runner, reconcile_faces, run_face_partition
@@ -78,9 +78,10 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
             **engine_metadata(lineup, runner),
             "images_per_s": round(res.images_in / res.seconds, 2) if res.seconds else 0.0,
             "faces_per_s": round(n / res.seconds, 2) if res.seconds else 0.0,
-            "median_det_score": float(np.median(det)) if n else 0.0,
+            "median_det_score": round(float(np.median(det)), 3) if n else 0.0,
             "timings": dg.MetadataValue.json({k: round(float(v), 3) for k, v in res.timings.items()}),
-            **pictures(figs),
+            **pictures(layout.home, f"faces/{key}", figs, shows_uids=res.faces.column("uid").to_pylist()),
+            **table_metadata(res.faces, layout.partition_file("faces", key)),
         },
         check_results=[
             *[

@@ -6,7 +6,7 @@ import numpy as np
 from assets.common import COLLECTION_UPDATE
 from assets.faces import faces
 from assets.resources import LineupSettings
-from assets.ui import pictures
+from assets.ui import pictures, table_metadata
 from pipeline.catalog import refresh_catalog
 from pipeline.identity.store import read_ivf_index, write_ivf_index
 from pipeline.storage import read_parquet, write_parquet_atomic
@@ -83,7 +83,8 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "collection": dg.MetadataValue.json(coll.coverage()),
             "timings_s": dg.MetadataValue.json({k: round(float(v), 3) for k, v in st.get("timings", {}).items()}),
             "doubtful_merges": dg.MetadataValue.json(st.get("doubtful_merges", [])[:10]),
-            **pictures(figs),
+            **pictures(layout.home, "identities", figs, shows_uids=fcs.column("uid").to_pylist()),
+            **table_metadata(res.assignments, prev_path),
         },
         data_version=dg.DataVersion(fingerprint),
         check_results=[

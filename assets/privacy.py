@@ -67,6 +67,7 @@ def removals(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "review_threshold": t.same_person_min,
             "social_users_excluded": len(plan.user_hashes),
             "matches": table_preview([{"request": k, **v} for k, v in plan.per_request.items()]),
-            **pictures({"matches_for_review": contact_sheet(tiles, cols=6, tile=96)} if tiles else {}),
+            **pictures(layout.home, "removals", {"matches_for_review": contact_sheet(tiles, cols=6, tile=96)} if tiles else {},
+                       shows_uids=[u for u, _ in matched] + [r["uid"] for r in plan.review[:24]]),
         }
     )

@@ -4,7 +4,7 @@ import dagster as dg
 
 from assets.common import release_checks, release_metadata
 from assets.resources import LineupSettings
-from assets.ui import pictures
+from assets.ui import pictures, skipped, table_metadata, uids_in
 from pipeline.catalog import refresh_catalog
 from pipeline.storage import read_parquet, write_parquet_atomic
 
@@ -97,7 +97,10 @@ def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "exports": dg.MetadataValue.json(outcomes["shards_match_manifest"].metadata.get("counts", {})),
             "timings_s": dg.MetadataValue.json(st.get("timings_s", {})),
             "lineage": dg.MetadataValue.json({k: v for k, v in parts.items() if k != "config"}),
-            **(pictures(pair_figures(rel.result)) if rel.result is not None else {}),
+            **(pictures(layout.home, f"social_dataset/{rel.version}", pair_figures(rel.result), shows_uids=uids_in(rel.result.pairs))
+               if rel.result is not None else {}),
+            **(table_metadata(read_parquet(rel.folder / "social_pairs.parquet"))
+               if (rel.folder / "social_pairs.parquet").exists() else {}),
         },
         data_version=dg.DataVersion(version),
     )
