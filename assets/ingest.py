@@ -5,7 +5,7 @@ import dagster as dg
 
 from assets.common import engine_metadata, engine_runner
 from assets.partitions import input_partitions
-from assets.resources import LineupSettings
+from assets.resources import NO_INPUT, LineupSettings
 from assets.ui import table_preview
 from pipeline.catalog import refresh_catalog
 from pipeline.ingest import ingest_partition, ray_ingest_runner, reconcile_ingest
@@ -85,6 +85,8 @@ def new_inputs_sensor(context: dg.SensorEvaluationContext, lineup: LineupSetting
     not know yet (new now, or left over by a tick that failed after writing the registry) is added
     and requested; run keys make each request happen once."""
     layout = lineup.layout
+    if lineup.input_location is None:
+        return dg.SkipReason(NO_INPUT)
     try:
         new = plan_new_partitions(lineup.input_path, layout.partitions, lineup.batch_size)
     except FileNotFoundError as e:

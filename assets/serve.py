@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import html
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     elif not settings_file(home).exists():
         print(f"lineup: no {settings_file(home).name} in {home} (no `make run` there yet): the environment's settings only")
     workspace = REPO_ROOT / "workspace.yaml"
+
+    def stop(signum, frame):  # uvicorn re-raises SIGTERM after its shutdown: end through `finally`
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     daemon = None
     if not args.no_daemon:
         daemon = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", "-w", str(workspace)], cwd=REPO_ROOT)

@@ -44,10 +44,10 @@ def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
 
     layout = lineup.layout
     social_dir = lineup.social_path
-    if not social_dir.is_dir():
-        reason = f"no interaction log at {social_dir} (set LINEUP_SOCIAL or social_dir; see README, Social input contract)"
-        context.log.warning(f"social_dataset skipped: {reason}")
-        yield dg.AssetObservation(asset_key="social_dataset", metadata={"skipped_because": reason})
+    if social_dir is None or not social_dir.is_dir():
+        where = f"at {social_dir}" if social_dir is not None else "configured"
+        yield skipped(context, "social_dataset", f"no interaction log {where} (set LINEUP_SOCIAL or social_dir; "
+                      "see README, Social input contract)")
         return
     cfg = SocialConfig()
     removed = {r.user_hash for r in load_requests(layout) if r.kind == "user" and r.user_hash}
@@ -55,9 +55,7 @@ def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     try:
         version, parts = social_version(social_dir, cfg, removals, digest_cache=layout.home / "cache" / "social_image_digests.json")
     except FileNotFoundError as e:
-        reason = f"no interaction log: {e}"
-        context.log.warning(f"social_dataset skipped: {reason}")
-        yield dg.AssetObservation(asset_key="social_dataset", metadata={"skipped_because": reason})
+        yield skipped(context, "social_dataset", f"no interaction log: {e}")
         return
     context.log.info(f"social version {version} from {social_dir}")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.resources import LineupSettings
+from assets.ui import skipped
 from pipeline.config import REPO_ROOT
 from pipeline.datasets import latest_version
 from pipeline.shards import read_manifest
@@ -136,8 +137,7 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
             return
         reason = skip_reason(spec, lineup)
         if reason:
-            context.log.warning(f"{spec.name} skipped: {reason}")
-            yield dg.AssetObservation(asset_key=spec.name, metadata={"skipped_because": reason})
+            yield skipped(context, spec.name, reason)  # also tags the run, so its page says why
             return
         smoke = lineup.smoke_training
         if spec.preflight:
@@ -155,6 +155,8 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
         ).get_results())
         if spec.on_success:
             spec.on_success(lineup, version, smoke, results)
+        if smoke:
+            results = [_not_judged(r) if isinstance(r, dg.AssetCheckResult) else r for r in results]
         for r in results:
             if isinstance(r, dg.MaterializeResult):
                 extra = {"note": note, "dataset_folder": dg.MetadataValue.path(
@@ -163,6 +165,18 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
             yield r
 
     return _train
+
+
+def _not_judged(check: dg.AssetCheckResult) -> dg.AssetCheckResult:
+    """A smoke run's held-out check (tiny random-init model): its figures are kept, its verdict is not
+    given (Pipes requires a result, and a warning after every demo reads as a failure)."""
+    return check._replace(
+        passed=True,
+        description=f"SMOKE RUN, NOT JUDGED: a tiny random-init model (its verdict would have been "
+        f"{'pass' if check.passed else 'fail'}); held-out figures in the metadata mean nothing.",
+        metadata={**check.metadata, "judged": dg.MetadataValue.bool(False),
+                  "passed_if_judged": dg.MetadataValue.bool(bool(check.passed))},
+    )
 
 
 # ------------------------------------------------------------------------------------------------
