@@ -20,7 +20,9 @@ from pipeline.storage import read_parquet, write_parquet_atomic
     check_specs=[dg.AssetCheckSpec(
         "clustering_vs_folder_labels", asset="identities",
         description="Pairwise/BCubed F and NMI of the clusters against folder-name labels of single-face photos, "
-        "when the input has such folders (a warning below BCubed F 0.9).")],
+        "where folders are one person each: a folder counts only when its parent holds two or more folders of "
+        "single-face photos (people/<name>/photo.jpg); a lone folder of photos is not a person. A warning below "
+        "BCubed F 0.9.")],
     description="Every face gets an identity_id: a FAISS kNN graph over all embeddings, training-free "
     "graph clustering, ids kept stable across refreshes by overlap with the previous assignment.",
 )
@@ -92,8 +94,9 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
                 check_name="clustering_vs_folder_labels",
                 passed=True if quality is None else quality["bcubed_f"] >= 0.9,
                 severity=dg.AssetCheckSeverity.WARN,
-                description="no folder labels in this collection" if quality is None else
-                "pairwise/BCubed F and NMI against folder-name labels of single-face images (warns below BCubed F 0.9)",
+                description="no person folders in this collection (people/<name>/photo.jpg, two or more names)"
+                if quality is None else
+                "pairwise/BCubed F and NMI against person-folder labels of single-face images (warns below BCubed F 0.9)",
                 metadata={k: float(v) for k, v in (quality or {}).items()},
             )
         ],
