@@ -23,7 +23,7 @@ from pipeline.storage import read_parquet, read_partitioned, write_parquet_atomi
 
 @dg.asset(
     partitions_def=input_partitions,
-    group_name="expression",
+    group_name="ingest",
     pool=GPU_POOL,
     kinds={"parquet", "pytorch"},
     deps=[faces],

@@ -5,7 +5,7 @@ import numpy as np
 
 from assets.common import GPU_POOL, engine_metadata, engine_runner
 from assets.ingest import images
-from assets.partitions import input_partitions
+from assets.partitions import check_partitions, input_partitions
 from assets.resources import LineupSettings
 from assets.ui import pictures, table_metadata
 from pipeline.catalog import refresh_catalog
@@ -32,11 +32,11 @@ def face_backend(settings: LineupSettings):
     kinds={"parquet"},
     deps=[images],
     check_specs=[
-        dg.AssetCheckSpec("embeddings_unit_norm", asset="faces", blocking=True,
+        dg.AssetCheckSpec("embeddings_unit_norm", asset="faces", blocking=True, **check_partitions(),
                           description="Every embedding is finite and has unit L2 norm."),
-        dg.AssetCheckSpec("bbox_inside_image", asset="faces", blocking=True,
+        dg.AssetCheckSpec("bbox_inside_image", asset="faces", blocking=True, **check_partitions(),
                           description="Every face box lies inside its image (1 px tolerance)."),
-        dg.AssetCheckSpec("counts_reconcile", asset="faces", blocking=True,
+        dg.AssetCheckSpec("counts_reconcile", asset="faces", blocking=True, **check_partitions(),
                           description="Read back: every image row is scanned or rejected, and each image has as many "
                           "face rows as its scan says."),
     ],

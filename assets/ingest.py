@@ -4,7 +4,7 @@
 import dagster as dg
 
 from assets.common import engine_metadata, engine_runner
-from assets.partitions import input_partitions
+from assets.partitions import check_partitions, input_partitions
 from assets.resources import NO_INPUT, LineupSettings
 from assets.ui import table_preview
 from pipeline.catalog import refresh_catalog
@@ -19,7 +19,7 @@ from pipeline.storage import write_parquet_atomic
     group_name="ingest",
     kinds={"parquet"},
     check_specs=[dg.AssetCheckSpec(
-        "counts_reconcile", asset="images", blocking=True,
+        "counts_reconcile", asset="images", blocking=True, **check_partitions(),
         description="The partition's source listed again (files, manifest rows, tar members) = image rows + "
         "reject rows read back from the files written.")],
     description="Accepted images of one input partition: stable content uid, source, locator, size. "

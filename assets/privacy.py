@@ -8,7 +8,7 @@ from assets.ui import pictures, table_preview
 
 
 @dg.asset(
-    group_name="privacy",
+    group_name="identity",
     kinds={"parquet"},
     deps=[faces],
     automation_condition=dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())

@@ -22,7 +22,7 @@ TABLES = ("social_pairs", "social_users", "social_images", "social_bots")
 @dg.multi_asset(
     name="social_dataset",
     specs=[dg.AssetSpec(
-        "social_dataset", group_name="social", kinds={"duckdb", "webdataset"},
+        "social_dataset", group_name="datasets", kinds={"duckdb", "webdataset"},
         automation_condition=dg.AutomationCondition.on_cron("0 4 * * *"),
         skippable=True,  # no interaction log: nothing to build, not a failure
         description="Preference pairs mined from what users did: engagement per image against what its audience "

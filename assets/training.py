@@ -159,8 +159,11 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
             results = [_not_judged(r) if isinstance(r, dg.AssetCheckResult) else r for r in results]
         for r in results:
             if isinstance(r, dg.MaterializeResult):
-                extra = {"note": note, "dataset_folder": dg.MetadataValue.path(
-                    str(lineup.layout.datasets / spec.dataset / version))}
+                # the dataset as published (datasets/<name>/); the manifest's own name is kept beside it
+                shards_name = (r.metadata or {}).get("dataset")
+                extra = {"note": note, "dataset": spec.dataset, "dataset_folder": dg.MetadataValue.path(
+                    str(lineup.layout.datasets / spec.dataset / version)),
+                    **({"dataset_manifest_name": shards_name} if shards_name is not None else {})}
                 r = r._replace(metadata={**(r.metadata or {}), **extra})
             yield r
 
