@@ -67,6 +67,8 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
     det = np.asarray(res.faces.column("det_score").to_pylist()) if n else np.zeros(0)
     yield dg.MaterializeResult(
         metadata={
+            **table_metadata(res.faces, layout.partition_file("faces", key)),  # first: what the UI shows on top
+            **pictures(layout.home, f"faces/{key}", figs, shows_uids=res.faces.column("uid").to_pylist()),
             "images": res.images_in,
             "faces": n,
             "images_with_faces": res.images_with_faces,
@@ -80,8 +82,6 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "faces_per_s": round(n / res.seconds, 2) if res.seconds else 0.0,
             "median_det_score": round(float(np.median(det)), 3) if n else 0.0,
             "timings": dg.MetadataValue.json({k: round(float(v), 3) for k, v in res.timings.items()}),
-            **pictures(layout.home, f"faces/{key}", figs, shows_uids=res.faces.column("uid").to_pylist()),
-            **table_metadata(res.faces, layout.partition_file("faces", key)),
         },
         check_results=[
             *[

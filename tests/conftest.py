@@ -9,7 +9,8 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 os.environ.setdefault("DAGSTER_TELEMETRY_DISABLED", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_FACES = (REPO.parent / "shared" / "data" / "faces").resolve()
+# LINEUP_SHARED_FACES: where they are when the checkout is not beside shared/ (a git worktree elsewhere)
+SHARED_FACES = Path(os.environ.get("LINEUP_SHARED_FACES") or REPO.parent / "shared" / "data" / "faces").resolve()
 
 
 @pytest.fixture(scope="session")

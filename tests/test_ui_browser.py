@@ -60,7 +60,7 @@ def ui(tmp_path_factory, shared_faces):
             shutil.copy(p, inp / "people" / person / p.name)
     (inp / "groups").mkdir()
     shutil.copy(shared_faces / "groups" / "deepface__couple.jpg", inp / "groups")
-    simulate(root / "social", truth_dir=root / "truth", config=SimConfig(n_events=100_000, inject_bad=1))
+    simulate(root / "social", truth_dir=root / "truth", config=SimConfig(n_events=40_000, inject_bad=1))
     run = subprocess.run([sys.executable, "-m", "assets.run", "--no-training"], cwd=REPO_ROOT, capture_output=True,
                          text=True, timeout=600, env=_env(LINEUP_HOME=str(home), LINEUP_INPUT=str(inp),
                                                           LINEUP_SOCIAL=str(root / "social")))
@@ -113,7 +113,8 @@ def _open(page, url: str, shot: str):
 def test_the_graph_shows_every_asset(ui, page):
     base, _, _ = ui
     _open(page, base + "/asset-groups", "graph")
-    page.get_by_text("Global asset lineage").wait_for()
+    page.get_by_text("Materialize all").wait_for(timeout=180_000)  # the code location has loaded
+    page.wait_for_timeout(1000)
     # Dagster opens the graph with its groups collapsed: unfold each group node of the graph
     for _ in range(8):
         unfold = page.locator("[aria-label='unfold_more']")
