@@ -15,7 +15,6 @@ from pydantic import Field
 from pipeline.config import Layout, as_path, default_home, default_input, default_store
 from pipeline.ingest import IngestLimits
 
-
 NO_INPUT = ("no input configured: set LINEUP_INPUT (or input_dir of the lineup resource); `make ui` takes it from "
             "the run_settings.json that `make run` / `make demo` saved in the home")
 

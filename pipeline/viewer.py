@@ -45,7 +45,7 @@ def render_markdown(text: str) -> str:
 
 def card_section(card: str, title: str) -> str | None:
     """The body of the card's `## <title>` section, or None."""
-    m = re.search(rf"^## {re.escape(title)}\s*$(.*?)(?=^## |\Z)", card, flags=re.M | re.S)
+    m = re.search(rf"^## {re.escape(title)}\s*$(.*?)(?=^## |\Z)", card, flags=re.MULTILINE | re.DOTALL)
     return m.group(1).strip() if m else None
 
 
@@ -57,7 +57,7 @@ def _thumb_uri(data: bytes, max_side: int) -> str | None:
         im.thumbnail((max_side, max_side))
         buf = io.BytesIO()
         im.convert("RGB").save(buf, "JPEG", quality=80)
-    except Exception:  # an unreadable member is shown as missing, not a broken page
+    except (OSError, ValueError, Image.DecompressionBombError):  # an unreadable member is shown as missing
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
@@ -157,8 +157,8 @@ def render_viewer(folder: Path, title: str, n_samples: int = 12) -> str:
     folder = Path(folder)
     card_path = folder / "README.md"
     card = card_path.read_text(encoding="utf-8") if card_path.exists() else ""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>")]
     filters = card_section(card, "Filters")
     parts.append("<h2>Filters</h2>" + (render_markdown(filters) if filters else "<p class=muted>The card lists no filters.</p>"))
     samples = read_samples(folder, n_samples)

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.run_settings import apply_run_settings, load_run_settings, save_run_settings, settings_file
-
 
 def test_run_settings_round_trip_and_the_shell_wins(tmp_path):
+    from pipeline.run_settings import apply_run_settings, load_run_settings, save_run_settings, settings_file
+
     env = {"LINEUP_INPUT": "/in", "LINEUP_SMOKE_TRAINING": "1", "LINEUP_HOME": str(tmp_path), "LINEUP_PURGE": "1",
            "LINEUP_UI_PORT": "4000", "PATH": "/bin", "AWS_SECRET_ACCESS_KEY": "x"}
     save_run_settings(tmp_path, env)
@@ -125,7 +125,7 @@ def test_viewer_page_shows_card_filters_samples_and_histograms(tmp_path):
     card = ("---\nlicense: other\n---\n# social\n\n## Filters\n\n| filter | removed |\n|---|---:|\n| tie | 7 |\n\n"
             "## Known limitations\n\n<script>alert(1)</script> captions are user text\n")
     (folder / "README.md").write_text(card)
-    pair = lambda i, won: (f"k{i}", {"0.jpg": _jpeg(), "1.jpg": _jpeg(),  # noqa: E731
+    pair = lambda i, won: (f"k{i}", {"0.jpg": _jpeg(), "1.jpg": _jpeg(),
                                      "json": json.dumps({"label_0": 1 - won, "label_1": won, "caption": f"cat {i}",
                                                          "evidence": {"prob": 0.97}}).encode()})
     _tar(folder / "webdataset" / "train" / "social-000000.tar", [pair(0, 1), pair(1, 0), pair(2, 1)])
