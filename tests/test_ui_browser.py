@@ -10,6 +10,7 @@ go to tests/artifacts/ (ignored by git).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -100,12 +101,16 @@ def page(ui):
         browser.close()
 
 
+def _dismiss_dialog(page):
+    skip = page.get_by_role("button", name="Skip")  # the first visit's newsletter dialog
+    if skip.count() and skip.first.is_visible():
+        skip.first.click()
+
+
 def _open(page, url: str, shot: str):
     page.goto(url)
     page.wait_for_load_state("networkidle")
-    skip = page.get_by_role("button", name="Skip")  # the first visit's newsletter dialog
-    if skip.count():
-        skip.first.click()
+    _dismiss_dialog(page)
     return page
 
 
@@ -115,12 +120,17 @@ def test_the_graph_shows_every_asset(ui, page):
     page.get_by_text("Materialize all").wait_for(timeout=180_000)  # the code location has loaded
     # Dagster opens the lineage with its groups folded: unfold them in the page's asset tree (bottom
     # up: unfolding one moves those below it), which lists the graph's assets by group
-    groups = ("ingest", "identity", "datasets", "training")
-    rows = sorted(((page.locator(f"[title='{g}']").first.bounding_box(), g) for g in groups),
-                  key=lambda bg: -bg[0]["y"])
-    for box, _ in rows:
-        page.mouse.click(box["x"] - 40, box["y"] + box["height"] / 2)  # the row's fold arrow
-        page.wait_for_timeout(300)
+    members = {"ingest": "images", "identity": "identities", "datasets": "scores", "training": "dpo_lora"}
+    for _ in range(10):
+        page.wait_for_timeout(1000)
+        _dismiss_dialog(page)  # it can come late, over the page
+        folded = [g for g, a in members.items() if not page.locator(f"[title='{a}']").count()]
+        if not folded:
+            break
+        boxes = sorted(((page.locator(f"[title='{g}']").first.bounding_box(), g) for g in folded), key=lambda bg: -bg[0]["y"])
+        for box, _ in boxes:
+            page.mouse.click(box["x"] - 40, box["y"] + box["height"] / 2)  # the row's fold arrow
+            page.wait_for_timeout(300)
     for name in ASSETS:
         page.locator(f"[title='{name}']").first.wait_for(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "graph.png"))
@@ -181,7 +191,10 @@ def test_social_dataset_launched_from_the_ui_succeeds(ui, page):
 
     base, home, _ = ui
     _open(page, base + "/assets/social_dataset", "social")
-    page.get_by_role("button", name="Materialize", exact=True).click()
+    materialize = page.locator("button").filter(has_text=re.compile(r"^\s*Materialize\s*$")).first
+    materialize.wait_for(timeout=120_000)
+    _dismiss_dialog(page)
+    materialize.click()
     os.environ["DAGSTER_HOME"] = str(home / "dagster")
     instance = dg.DagsterInstance.from_ref(dg.InstanceRef.from_dir(str(home / "dagster")))
     deadline = time.time() + 300
