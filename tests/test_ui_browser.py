@@ -195,8 +195,9 @@ def test_social_dataset_launched_from_the_ui_succeeds(ui, page):
     materialize.wait_for(timeout=120_000)
     _dismiss_dialog(page)
     materialize.click()
-    os.environ["DAGSTER_HOME"] = str(home / "dagster")
-    instance = dg.DagsterInstance.from_ref(dg.InstanceRef.from_dir(str(home / "dagster")))
+    from dagster._core.instance import InstanceRef
+
+    instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home / "dagster")))
     deadline = time.time() + 300
     run = None
     while time.time() < deadline:
