@@ -190,3 +190,29 @@ def test_person_folders_need_siblings():
     # people/<name>/photo.jpg: labels, single-face photos only
     f, i = tables(["people/ann/1.jpg", "people/ann/2.jpg", "people/bob/1.jpg", "people/bob/team.jpg"], [1, 1, 1, 2])
     assert folder_labels(f, i) == {("u0", 0): "ann", ("u1", 0): "ann", ("u2", 0): "bob"}
+
+
+def test_removal_requests_sensor_starts_one_run_per_new_set(tmp_path):
+    from assets.resources import LineupSettings
+    from assets.sensors import removal_requests_sensor
+    from pipeline.config import Layout
+    from pipeline.removals import record_request
+
+    settings = LineupSettings(home=str(tmp_path))
+    instance = dg.DagsterInstance.ephemeral()
+
+    def tick(cursor):
+        with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"lineup": settings}) as ctx:
+            return removal_requests_sensor(ctx)
+
+    assert isinstance(tick(None), dg.SkipReason)  # no request folder yet
+    first = record_request(Layout(tmp_path), "user", "u0000311", user_hash="h")
+    out = tick(None)
+    (req,) = out.run_requests
+    assert first.id in req.tags["lineup/removal_requests"]
+    assert isinstance(tick(out.cursor), dg.SkipReason)  # the same request is not asked for twice
+    second = record_request(Layout(tmp_path), "image", "x.jpg", source="x.jpg")
+    again = tick(out.cursor)
+    (req2,) = again.run_requests
+    assert req2.tags["lineup/removal_requests"] == second.id and req2.run_key != req.run_key
+    assert tick(None).run_requests[0].run_key != req2.run_key  # a lost cursor asks for both, under a new key
