@@ -14,7 +14,6 @@ pictures and dataset viewer pages served beside the UI.
 from __future__ import annotations
 
 import argparse
-import html
 import os
 import signal
 import subprocess
@@ -46,22 +45,6 @@ def resolve_port(arg: int | None) -> int:
     return port
 
 
-def viewer_index(datasets_root: Path) -> str:
-    """An HTML list of every published dataset version that has a viewer page."""
-    from pipeline.viewer import VIEWER_PAGE
-
-    rows = []
-    for page in sorted(datasets_root.glob(f"*/*/{VIEWER_PAGE}")) if datasets_root.is_dir() else []:
-        version = page.parent
-        if version.name.startswith("."):
-            continue  # staging or unpublished
-        rel = page.relative_to(datasets_root).as_posix()
-        rows.append(f'<li><a href="datasets/{html.escape(rel)}">{html.escape(version.parent.name)} '
-                    f'{html.escape(version.name)}</a></li>')
-    body = "<ul>" + "".join(rows) + "</ul>" if rows else "<p>No published dataset version yet.</p>"
-    return f"<!doctype html><meta charset=utf-8><title>lineup datasets</title><h1>Dataset versions</h1>{body}"
-
-
 def lineup_routes(home: Path, datasets_root: Path):
     """Starlette routes for /lineup/: pictures, dataset folders (viewer pages) and the index."""
     from starlette.responses import HTMLResponse
@@ -69,9 +52,10 @@ def lineup_routes(home: Path, datasets_root: Path):
     from starlette.staticfiles import StaticFiles
 
     from pipeline.pictures import pictures_dir
+    from pipeline.viewer import index_page
 
     async def index(request):
-        return HTMLResponse(viewer_index(datasets_root))
+        return HTMLResponse(index_page(datasets_root))
 
     return Mount("/lineup", routes=[
         Route("/", index),

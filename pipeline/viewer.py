@@ -193,3 +193,18 @@ def write_viewer(folder: Path, title: str, n_samples: int = 12) -> Path:
     path = Path(folder) / VIEWER_PAGE
     write_bytes_atomic(render_viewer(folder, title, n_samples).encode("utf-8"), path)
     return path
+
+
+def index_page(datasets_root: Path) -> str:
+    """An HTML list of every published dataset version that has a viewer page (links relative to it)."""
+    rows = []
+    root = Path(datasets_root)
+    for page in sorted(root.glob(f"*/*/{VIEWER_PAGE}")) if root.is_dir() else []:
+        version = page.parent
+        if version.name.startswith("."):
+            continue  # staging or unpublished
+        rel = page.relative_to(root).as_posix()
+        rows.append(f'<li><a href="datasets/{html.escape(rel)}">{html.escape(version.parent.name)} '
+                    f'{html.escape(version.name)}</a></li>')
+    body = "<ul>" + "".join(rows) + "</ul>" if rows else "<p>No published dataset version yet.</p>"
+    return f"<!doctype html><meta charset=utf-8><title>lineup datasets</title><h1>Dataset versions</h1>{body}"

@@ -216,3 +216,16 @@ def test_removal_requests_sensor_starts_one_run_per_new_set(tmp_path):
     (req2,) = again.run_requests
     assert req2.tags["lineup/removal_requests"] == second.id and req2.run_key != req.run_key
     assert tick(None).run_requests[0].run_key != req2.run_key  # a lost cursor asks for both, under a new key
+
+
+def test_index_page_lists_published_viewer_pages_only(tmp_path):
+    from pipeline.viewer import index_page
+
+    for folder in ("multiid/v-1", "multiid/.unpublished-v-2", "social/v-3"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "viewer.html").write_text("x")
+    (tmp_path / "expression" / "v-4").mkdir(parents=True)  # published before viewer pages existed
+    page = index_page(tmp_path)
+    assert 'href="datasets/multiid/v-1/viewer.html"' in page and 'href="datasets/social/v-3/viewer.html"' in page
+    assert "unpublished" not in page and "v-4" not in page
+    assert "No published dataset version yet" in index_page(tmp_path / "nothing")
