@@ -46,10 +46,10 @@ run: $(STAMP)
 	@test -n "$(LINEUP_INPUT)$(LINEUP_SOCIAL)" || (echo "set LINEUP_INPUT=<folder of images, tar shards or parquet manifests> and/or LINEUP_SOCIAL=<interaction log folder>"; exit 2)
 	$(PY) -m assets.run
 
+# the Dagster UI and daemon on that home, with the settings its last run saved (run_settings.json),
+# and the dataset viewer pages at /lineup/; the port is LINEUP_UI_PORT (default 3000)
 ui: $(STAMP)
-	@echo "Dagster UI on the instance in $(UI_HOME)/dagster"
-	LINEUP_HOME=$(UI_HOME) DAGSTER_HOME=$(UI_HOME)/dagster $(PY) -m assets.instance
-	LINEUP_HOME=$(UI_HOME) DAGSTER_HOME=$(UI_HOME)/dagster LINEUP_MANIFEST_ROOTS=$${LINEUP_MANIFEST_ROOTS:-$(DEMO_HOME)/cache} $(VENV)/bin/dagster dev -w workspace.yaml
+	$(PY) -m assets.serve --home $(UI_HOME)
 
 # make forget PHOTO=<photo of the person> | IMAGE=<source path or uid> | USER=<social user id> | IDENTITY=<id> | REVIEW=1
 # (only what is given on the command line counts: $$USER of the shell is not a removal request); the request

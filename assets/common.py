@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets.ui import viewer_link
 from pipeline.datasets import PUBLISHED_CHECK, Release, read_card
 
 
@@ -41,6 +42,7 @@ def release_metadata(rel: Release) -> dict:
         "published": rel.published,
         "reused_published_version": rel.reused,
         **({"dataset_card": dg.MetadataValue.md(card)} if card else {}),
+        **viewer_link(rel),
     }
 
 

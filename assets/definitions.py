@@ -1,22 +1,48 @@
 """The code location: every asset, check, job, sensor and schedule, and the one resource."""
 
+import os
+import warnings
+
 import dagster as dg
 
-from assets import expression, faces, identity, ingest, multiid, privacy, scoring, social, training
+from assets import expression, faces, identity, ingest, multiid, privacy, scoring, sensors, social, training
 from assets.deployment import trainer_client
 from assets.resources import LineupSettings
 
-_modules = [ingest, faces, expression, privacy, identity, multiid, scoring, social, training]
+# Dagster's Pipes context calls its own preview API on every trainer run (our code does not use it)
+warnings.filterwarnings("ignore", message=r"Function `PipesMessageReader.expected_writer_count` is currently in preview",
+                        category=dg.PreviewWarning)
+# code references (the asset's source file in the UI) are beta in this Dagster: one warning per asset otherwise
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message=r"(Function `with_source_code_references`|Class "
+                        r"`LocalFileCodeReference`|Class `CodeReferencesMetadataValue`) is currently in beta")
 
+_modules = [ingest, faces, expression, privacy, identity, multiid, scoring, social, training]
+# assets that hold people's faces (pixels, boxes, embeddings, identities) or user ids: tagged `pii`,
+# so that the catalog can be filtered to what a removal request must reach
+PII = {"images": "faces", "faces": "faces", "face_expressions": "faces", "removals": "faces", "identities": "faces",
+       "multiid_dataset": "faces", "expression_dataset": "faces", "scores": "faces", "social_dataset": "user_ids",
+       "identity_adapter": "faces"}
+OWNERS = [o.strip() for o in os.environ.get("LINEUP_OWNERS", "team:lineup").split(",") if o.strip()]
+
+
+def _label(spec: dg.AssetSpec) -> dg.AssetSpec:
+    pii = PII.get(spec.key.to_user_string())
+    return spec.replace_attributes(owners=OWNERS, tags={**spec.tags, **({"pii": pii} if pii else {})})
+
+
+_assets = dg.with_source_code_references(dg.map_asset_specs(_label, dg.load_assets_from_modules(_modules)))
+
+# four groups, by when things are built: per input partition (ingest), across the collection (identity),
+# the released datasets and scores (datasets), and the trainers (training)
 collection_job = dg.define_asset_job(
     "collection_job",
-    selection=dg.AssetSelection.groups("privacy", "identity", "datasets", "scoring"),
+    selection=dg.AssetSelection.groups("identity", "datasets") - dg.AssetSelection.assets("social_dataset"),
     description="Whole-collection assets: removal requests applied, identities, and the datasets built on them.",
 )
 
 social_job = dg.define_asset_job(
     "social_job",
-    selection=dg.AssetSelection.groups("social"),
+    selection=dg.AssetSelection.assets("social_dataset"),
     description="Preference pairs from the interaction logs at the social input location.",
 )
 
@@ -53,10 +79,10 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 )
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules(_modules),
+    assets=_assets,
     asset_checks=dg.load_asset_checks_from_modules(_modules),
     jobs=[ingest.ingest_job, collection_job, social_job, training_job],
-    sensors=[ingest.new_inputs_sensor, automation_sensor],
+    sensors=[ingest.new_inputs_sensor, sensors.removal_requests_sensor, automation_sensor],
     schedules=[refresh_schedule],
     resources={
         "lineup": LineupSettings(),

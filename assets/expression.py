@@ -14,7 +14,7 @@ from assets.faces import faces
 from assets.identity import identities
 from assets.partitions import input_partitions
 from assets.resources import LineupSettings
-from assets.ui import pictures
+from assets.ui import pictures, table_metadata, uids_in
 from pipeline.catalog import refresh_catalog
 from pipeline.faces.calibration import thresholds_for
 from pipeline.identity.build import with_identity_ids
@@ -23,7 +23,7 @@ from pipeline.storage import read_parquet, read_partitioned
 
 @dg.asset(
     partitions_def=input_partitions,
-    group_name="expression",
+    group_name="ingest",
     pool=GPU_POOL,
     kinds={"parquet", "pytorch"},
     deps=[faces],
@@ -162,7 +162,9 @@ def expression_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings
             "pairs_skipped": reuse.get("pairs_skipped", 0),
             "pairs_skipped_reasons": dg.MetadataValue.json(reuse.get("skipped_reasons", {})),
             "collection": dg.MetadataValue.json(coll.coverage()),
-            **pictures({"pairs_contact_sheet": contact_sheet(pairs, crop, max_pairs=12)}),
+            **pictures(layout.home, f"expression_dataset/{rel.version}",
+                       {"pairs_contact_sheet": contact_sheet(pairs, crop, max_pairs=12)}, shows_uids=uids_in(pairs)),
+            **table_metadata(pairs),
         },
         data_version=dg.DataVersion(version),
         check_results=release_checks(rel, EXPRESSION_CHECKS),

@@ -5,9 +5,9 @@ import numpy as np
 
 from assets.common import GPU_POOL, engine_metadata, engine_runner
 from assets.ingest import images
-from assets.partitions import input_partitions
+from assets.partitions import check_partitions, input_partitions
 from assets.resources import LineupSettings
-from assets.ui import pictures
+from assets.ui import pictures, table_metadata
 from pipeline.catalog import refresh_catalog
 from pipeline.faces.report import face_figures
 from pipeline.faces.stage import ray_chunk_runner, run_face_stage
@@ -41,7 +41,8 @@ FACE_CHECKS = {
     pool=GPU_POOL,
     kinds={"parquet"},
     deps=[images],
-    check_specs=[dg.AssetCheckSpec(n, asset="faces", blocking=True, description=d) for n, d in FACE_CHECKS.items()],
+    check_specs=[dg.AssetCheckSpec(n, asset="faces", blocking=True, description=d, **check_partitions())
+                 for n, d in FACE_CHECKS.items()],
     description="Every face in the partition's images: box, 5 landmarks, detector score, quality, "
     "L2-normalised identity embedding, backend and model version. Committed as one unit with face_scan and "
     "rejects_faces, only when the blocking checks pass (pipeline/commits.py).",
@@ -67,6 +68,9 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
     det = np.asarray(res.faces.column("det_score").to_pylist()) if n else np.zeros(0)
     yield dg.MaterializeResult(
         metadata={
+            # first: what the UI shows on top (the file is there only once the unit is committed)
+            **table_metadata(res.faces, layout.partition_file("faces", key) if unit.passed else None),
+            **pictures(layout.home, f"faces/{key}", figs, shows_uids=res.faces.column("uid").to_pylist()),
             "images": res.images_in,
             "faces": n,
             "images_with_faces": res.images_with_faces,
@@ -79,10 +83,9 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
             **engine_metadata(lineup, runner),
             "images_per_s": round(res.images_in / res.seconds, 2) if res.seconds else 0.0,
             "faces_per_s": round(n / res.seconds, 2) if res.seconds else 0.0,
-            "median_det_score": float(np.median(det)) if n else 0.0,
+            "median_det_score": round(float(np.median(det)), 3) if n else 0.0,
             "timings": dg.MetadataValue.json({k: round(float(v), 3) for k, v in res.timings.items()}),
             "files": dg.MetadataValue.json(unit.files),
-            **pictures(figs),
         },
         check_results=[
             dg.AssetCheckResult(check_name=name, passed=ok, description=why)

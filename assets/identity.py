@@ -6,7 +6,7 @@ import numpy as np
 from assets.common import COLLECTION_UPDATE
 from assets.faces import faces
 from assets.resources import LineupSettings
-from assets.ui import pictures
+from assets.ui import pictures, table_metadata
 from pipeline.catalog import refresh_catalog
 from pipeline.identity.store import read_ivf_index, write_ivf_index
 from pipeline.storage import read_parquet, write_parquet_atomic
@@ -20,7 +20,9 @@ from pipeline.storage import read_parquet, write_parquet_atomic
     check_specs=[dg.AssetCheckSpec(
         "clustering_vs_folder_labels", asset="identities",
         description="Pairwise/BCubed F and NMI of the clusters against folder-name labels of single-face photos, "
-        "when the input has such folders (a warning below BCubed F 0.9).")],
+        "where folders are one person each: a folder counts only when its parent holds two or more folders of "
+        "single-face photos (people/<name>/photo.jpg); a lone folder of photos is not a person. A warning below "
+        "BCubed F 0.9.")],
     description="Every face gets an identity_id: a FAISS kNN graph over all embeddings, training-free "
     "graph clustering, ids kept stable across refreshes by overlap with the previous assignment.",
 )
@@ -84,7 +86,8 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "timings_s": dg.MetadataValue.json({k: round(float(v), 3) for k, v in st.get("timings", {}).items()}),
             # a count, never the faces' uids: the event log must hold nothing a removal cannot delete
             "doubtful_merges": len(st.get("doubtful_merges", [])),
-            **pictures(figs),
+            **pictures(layout.home, "identities", figs, shows_uids=fcs.column("uid").to_pylist()),
+            **table_metadata(res.assignments, prev_path),
         },
         data_version=dg.DataVersion(fingerprint),
         check_results=[
@@ -92,8 +95,9 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
                 check_name="clustering_vs_folder_labels",
                 passed=True if quality is None else quality["bcubed_f"] >= 0.9,
                 severity=dg.AssetCheckSeverity.WARN,
-                description="no folder labels in this collection" if quality is None else
-                "pairwise/BCubed F and NMI against folder-name labels of single-face images (warns below BCubed F 0.9)",
+                description="no person folders in this collection (people/<name>/photo.jpg, two or more names)"
+                if quality is None else
+                "pairwise/BCubed F and NMI against person-folder labels of single-face images (warns below BCubed F 0.9)",
                 metadata={k: float(v) for k, v in (quality or {}).items()},
             )
         ],

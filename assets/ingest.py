@@ -4,8 +4,9 @@
 import dagster as dg
 
 from assets.common import engine_metadata, engine_runner
-from assets.partitions import input_partitions
-from assets.resources import LineupSettings
+from assets.partitions import check_partitions, input_partitions
+from assets.resources import NO_INPUT, LineupSettings
+from assets.ui import table_preview
 from pipeline.catalog import refresh_catalog
 from pipeline.ingest import ray_ingest_runner, run_ingest_stage
 from pipeline.removals import removed_uids
@@ -17,7 +18,7 @@ from pipeline.sources import load_registry, plan_new_partitions, register_partit
     group_name="ingest",
     kinds={"parquet"},
     check_specs=[dg.AssetCheckSpec(
-        "counts_reconcile", asset="images", blocking=True,
+        "counts_reconcile", asset="images", blocking=True, **check_partitions(),
         description="The partition's source listed again (files, manifest rows, tar members) = image rows + "
         "reject rows read back from the files written.")],
     description="Accepted images of one input partition: stable content uid, source, locator, size. "
@@ -76,6 +77,8 @@ def new_inputs_sensor(context: dg.SensorEvaluationContext, lineup: LineupSetting
     not know yet (new now, or left over by a tick that failed after writing the registry) is added
     and requested; run keys make each request happen once."""
     layout = lineup.layout
+    if lineup.input_location is None:
+        return dg.SkipReason(NO_INPUT)
     try:
         new = plan_new_partitions(lineup.input_path, layout.partitions, lineup.batch_size)
     except FileNotFoundError as e:

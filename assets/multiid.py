@@ -6,7 +6,7 @@ from assets.common import COLLECTION_UPDATE, release_checks, release_metadata
 from assets.identity import identities
 from assets.ingest import images
 from assets.resources import LineupSettings
-from assets.ui import pictures
+from assets.ui import pictures, table_metadata, uids_in
 from pipeline.catalog import refresh_catalog
 from pipeline.storage import read_parquet
 
@@ -97,8 +97,10 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "data_quality": dg.MetadataValue.json(stats.get("data_quality", {})),
             "collection": dg.MetadataValue.json(coll.coverage()),
             "lineage": dg.MetadataValue.json({k: v for k, v in parts.items() if k != "config"}),
-            **pictures({"pairs_contact_sheet": sheet} if sheet else {}),
-            **pictures(similarity_histograms(pairs, candidates)),
+            **pictures(layout.home, f"multiid_dataset/{rel.version}",
+                       {**({"pairs_contact_sheet": sheet} if sheet else {}), **similarity_histograms(pairs, candidates)},
+                       shows_uids=uids_in(pairs)),
+            **table_metadata(pairs),
         },
         data_version=dg.DataVersion(version),
         check_results=release_checks(rel, CHECKS),

@@ -24,7 +24,7 @@ def scrub_event_log(instance: dg.DagsterInstance, layout, keep: str) -> int:
 
 
 @dg.asset(
-    group_name="privacy",
+    group_name="identity",
     kinds={"parquet"},
     deps=[faces],
     automation_condition=dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())

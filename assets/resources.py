@@ -15,6 +15,9 @@ from pydantic import Field
 from pipeline.config import Layout, as_path, default_home, default_input, default_store
 from pipeline.ingest import IngestLimits
 
+NO_INPUT = ("no input configured: set LINEUP_INPUT (or input_dir of the lineup resource); `make ui` takes it from "
+            "the run_settings.json that `make run` / `make demo` saved in the home")
+
 
 class LineupSettings(dg.ConfigurableResource):
     home: str = ""  # empty: $LINEUP_HOME, else ./data
@@ -83,21 +86,25 @@ class LineupSettings(dg.ConfigurableResource):
         return Layout(home, None if store == home else store)
 
     @property
+    def input_location(self):
+        """The input location, or None when none is configured (callers skip with NO_INPUT)."""
+        return as_path(self.input_dir) if self.input_dir else default_input()
+
+    @property
     def input_path(self):
-        if self.input_dir:
-            return as_path(self.input_dir)
-        p = default_input()
+        p = self.input_location
         if p is None:
-            raise dg.Failure("No input configured: set LINEUP_INPUT or the input_dir of the lineup resource.")
+            raise dg.Failure(NO_INPUT)
         return p
 
     @property
-    def social_path(self) -> Path:
+    def social_path(self) -> Path | None:
+        """The interaction log: social_dir, $LINEUP_SOCIAL, else <input>/social; None when none is configured."""
         if self.social_dir:
             return Path(self.social_dir).expanduser().resolve()
         if os.environ.get("LINEUP_SOCIAL"):
             return Path(os.environ["LINEUP_SOCIAL"]).expanduser().resolve()
-        return self.input_path / "social"
+        return None if self.input_location is None else self.input_location / "social"
 
     @property
     def workers(self) -> int:

@@ -3,7 +3,10 @@
 It registers new input partitions exactly as the sensor does, runs the per-partition job for each
 partition whose committed unit is missing, failed its checks or is stale (partition_plan), then the
 whole-collection assets, the social preference pairs and the trainers, all on the persistent Dagster
-instance under $LINEUP_HOME/dagster, so the runs show up in `make ui` afterwards, on their job pages.
+instance under $LINEUP_HOME/dagster. Each finished run is given the code-location origin of
+workspace.yaml (the one the UI loads), so it shows on the Overview timeline and the job pages like a
+run launched from the UI. The LINEUP_* settings of the run are saved in $LINEUP_HOME/run_settings.json,
+which `make ui` loads.
 
 Nothing to build is not a failure: a collection without faces builds empty dataset versions, a log
 without photos builds only the social pairs, a trainer without data skips. The exit status is 1 only
@@ -21,9 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # the UI keeps the full event log
-# runs launched in-process carry no code-location origin; this tag is what the UI's job pages filter on
-REPOSITORY_TAG = {".dagster/repository": "__repository__@lineup"}
 SKIP_KEY = "skipped_because"  # assets that decide not to build say why in an observation with this key
+
+
+def workspace_job_origin(job_name: str, workspace: Path | None = None):
+    """The origin the UI gives a run of ``job_name``: workspace.yaml's code location, its repository."""
+    from dagster._core.remote_origin import RemoteJobOrigin, RemoteRepositoryOrigin
+    from dagster._core.workspace.load_target import WorkspaceFileTarget
+
+    from pipeline.config import REPO_ROOT
+
+    (location,) = WorkspaceFileTarget([str(workspace or REPO_ROOT / "workspace.yaml")]).create_origins()
+    return RemoteJobOrigin(RemoteRepositoryOrigin(location, "__repository__"), job_name)
+
+
+def give_workspace_origin(instance, run_id: str, job_name: str) -> None:
+    """An in-process run has no code-location origin, and the Overview timeline (which groups runs by
+    it) leaves it out. Give it the workspace's, the way `dagster run migrate-repository` does."""
+    run = instance.get_run_by_id(run_id)
+    if run is not None and run.remote_job_origin is None:
+        instance.run_storage.replace_job_origin(run, workspace_job_origin(job_name))
 
 
 @dataclass
@@ -124,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     if (REPO_ROOT / "data").is_dir() or home.is_relative_to(REPO_ROOT):
         (REPO_ROOT / "data").mkdir(exist_ok=True)
         (REPO_ROOT / "data" / ".last_home").write_text(str(home))  # `make ui` opens this home by default
+    from pipeline.run_settings import save_run_settings
+
+    save_run_settings(home)  # what `make ui` needs to see this run's input, social log and flags
 
     import dagster as dg
 
@@ -161,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(plan)}] partition {key} ({why})", flush=True)
         selection = None if what == "all" else [dg.AssetKey(what)]
         result = ingest_job.execute_in_process(
-            partition_key=key, instance=instance, raise_on_error=False, run_config=QUIET, tags=REPOSITORY_TAG,
-            asset_selection=selection,
+            partition_key=key, instance=instance, raise_on_error=False, run_config=QUIET, asset_selection=selection,
         )
+        give_workspace_origin(instance, result.run_id, "ingest_job")
         out.record(result, f"ingest_job[{key}]")
     from pipeline.commits import failed_units
 
@@ -177,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         label = f" ({', '.join(k.to_user_string() for k in selection)})" if selection else ""
         print(f"running {name}{label}", flush=True)
         result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET,
-                                        asset_selection=selection, tags=REPOSITORY_TAG)
+                                        asset_selection=selection)
+        give_workspace_origin(instance, result.run_id, name)
         out.record(result, name)
 
     if load_registry(layout.partitions):

@@ -14,10 +14,11 @@ from pipeline.storage import read_parquet, write_parquet_atomic
 
 
 @dg.asset(
-    group_name="scoring",
+    group_name="datasets",
     pool=GPU_POOL,
     kinds={"parquet", "pytorch"},
-    deps=[images, faces, identities],
+    # the learned social reward comes from social_reward_model's LATEST file: lineage, not a table read
+    deps=[images, faces, identities, "social_reward_model"],
     automation_condition=COLLECTION_UPDATE,
     description="Per image and face: CLIP text-image score, aesthetic score, learned social reward, face "
     "quality, identity similarity. Image-level scores are computed once per input partition and scorer "

@@ -4,7 +4,7 @@ import dagster as dg
 
 from assets.common import release_checks, release_metadata
 from assets.resources import LineupSettings
-from assets.ui import pictures
+from assets.ui import pictures, skipped, table_metadata, uids_in
 from pipeline.catalog import refresh_catalog
 
 CHECKS = {
@@ -21,7 +21,7 @@ TABLES = ("social_pairs", "social_users", "social_images", "social_bots")
 @dg.multi_asset(
     name="social_dataset",
     specs=[dg.AssetSpec(
-        "social_dataset", group_name="social", kinds={"duckdb", "webdataset"},
+        "social_dataset", group_name="datasets", kinds={"duckdb", "webdataset"},
         automation_condition=dg.AutomationCondition.on_cron("0 4 * * *"),
         skippable=True,  # no interaction log: nothing to build, not a failure
         description="Preference pairs mined from what users did: engagement per image against what its audience "
@@ -43,10 +43,10 @@ def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
 
     layout = lineup.layout
     social_dir = lineup.social_path
-    if not social_dir.is_dir():
-        reason = f"no interaction log at {social_dir} (set LINEUP_SOCIAL or social_dir; see README, Social input contract)"
-        context.log.warning(f"social_dataset skipped: {reason}")
-        yield dg.AssetObservation(asset_key="social_dataset", metadata={"skipped_because": reason})
+    if social_dir is None or not social_dir.is_dir():
+        where = f"at {social_dir}" if social_dir is not None else "configured"
+        yield skipped(context, "social_dataset", f"no interaction log {where} (set LINEUP_SOCIAL or social_dir; "
+                      "see README, Social input contract)")
         return
     cfg = SocialConfig()
     removed = {r.user_hash for r in load_requests(layout) if r.kind == "user" and r.user_hash}
@@ -54,9 +54,7 @@ def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     try:
         version, parts = social_version(social_dir, cfg, removals, digest_cache=layout.home / "cache" / "social_image_digests.json")
     except FileNotFoundError as e:
-        reason = f"no interaction log: {e}"
-        context.log.warning(f"social_dataset skipped: {reason}")
-        yield dg.AssetObservation(asset_key="social_dataset", metadata={"skipped_because": reason})
+        yield skipped(context, "social_dataset", f"no interaction log: {e}")
         return
     context.log.info(f"social version {version} from {social_dir}")
 
@@ -100,7 +98,10 @@ def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "exports": dg.MetadataValue.json(outcomes["shards_match_manifest"].metadata.get("counts", {})),
             "timings_s": dg.MetadataValue.json(st.get("timings_s", {})),
             "lineage": dg.MetadataValue.json({k: v for k, v in parts.items() if k != "config"}),
-            **(pictures(pair_figures(rel.result)) if rel.result is not None else {}),
+            **(pictures(layout.home, f"social_dataset/{rel.version}", pair_figures(rel.result), shows_uids=uids_in(rel.result.pairs))
+               if rel.result is not None else {}),
+            **(table_metadata(read_parquet(rel.folder / "social_pairs.parquet"))
+               if (rel.folder / "social_pairs.parquet").exists() else {}),
         },
         data_version=dg.DataVersion(version),
     )

@@ -33,6 +33,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.resources import LineupSettings
+from assets.ui import skipped
 from pipeline.config import REPO_ROOT
 from pipeline.datasets import latest_version
 from pipeline.shards import read_manifest
@@ -174,8 +175,7 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
         version, version_source = triggering_version(spec, lineup, context.instance)
         reason = skip_reason(spec, lineup, version)
         if reason:
-            context.log.warning(f"{spec.name} skipped: {reason}")
-            yield dg.AssetObservation(asset_key=spec.name, metadata={"skipped_because": reason})
+            yield skipped(context, spec.name, reason)  # also tags the run, so its page says why
             return
         smoke = lineup.smoke_training
         if spec.preflight:
@@ -192,8 +192,11 @@ def trainer_asset(spec: TrainerSpec) -> dg.AssetsDefinition:
         ).get_results())
         for r in results:
             if isinstance(r, dg.MaterializeResult):
-                extra = {"note": note, "dataset_version_source": version_source, "dataset_folder":
-                         dg.MetadataValue.path(str(lineup.layout.datasets / spec.dataset / version))}
+                # the dataset as published (datasets/<name>/); the manifest's own name is kept beside it
+                shards_name = (r.metadata or {}).get("dataset")
+                extra = {"note": note, "dataset": spec.dataset, "dataset_version_source": version_source,
+                         "dataset_folder": dg.MetadataValue.path(str(lineup.layout.datasets / spec.dataset / version)),
+                         **({"dataset_manifest_name": shards_name} if shards_name is not None else {})}
                 r = r._replace(metadata={**(r.metadata or {}), **extra})
             yield r
 

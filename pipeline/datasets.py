@@ -571,6 +571,9 @@ def release(layout: Layout, name: str, version: str, build, checks, card=None) -
         result = build(staged.path)
         if card is not None:
             card(staged.path, result).write(staged.path)
+        from pipeline.viewer import write_viewer
+
+        write_viewer(staged.path, f"{name} {version}")  # a static page of the version: its card, samples, histograms
         problems = checks(staged.path, result)
         if any(problems.values()):
             folder = staged.keep_unpublished()

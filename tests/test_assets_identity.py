@@ -81,7 +81,7 @@ def test_identities_are_stable_when_a_partition_arrives(env, mode):
     assert all(len(v) == 1 for v in ids.values()), ids
     assert ids["elon_musk"][0] not in {ids[p][0] for p in PEOPLE}
     meta = next(iter(r.asset_materializations_for_node("identities"))).metadata
-    assert "cluster_sizes" in meta and "most_doubtful_merges" in meta
+    assert "picture: cluster_sizes" in meta and "picture: most_doubtful_merges" in meta  # links to files
     if mode == "incremental":  # the people the new photos joined were clustered again with them
         assert meta["local_recluster"].data["status"] == "done", meta["local_recluster"].data
         assert meta["local_recluster"].data["identities_reclustered"] == 3

@@ -48,7 +48,7 @@ def test_materialize_images_and_faces(tmp_path, small_input):
     cols = set(query(layout, "SELECT * FROM faces LIMIT 1").column_names)
     assert {"uid", "source", "face_index", "det_score", "embedding", "x1", "landmarks", "backend", "model_version"} <= cols
     face_meta = next(iter(result.asset_materializations_for_node("faces"))).metadata
-    assert "contact_sheet" in face_meta and face_meta["faces"].value == n_faces
+    assert "picture: contact_sheet" in face_meta and face_meta["faces"].value == n_faces  # a link to a file
 
     # re-running the partition is idempotent
     again = dg.materialize([images, faces], partition_key=spec.key, instance=instance, resources={"lineup": settings})

@@ -122,7 +122,8 @@ def load_face_embedder(path: str | Path | None, arch: str = "iresnet50", num_fea
             "path": str(path) if path else None, "num_features": num_features}
     if not path or not Path(path).is_file():
         info["status"] = "absent"
-        info["reason"] = f"face embedder weights not found at {path!r}: identity terms disabled"
+        info["reason"] = (f"face embedder weights not found at {path}" if path else
+                          "no face embedder weights configured (LINEUP_ARCFACE_WEIGHTS)") + ": identity terms disabled"
         return None, info
     path = Path(path)
     if path.suffix == ".safetensors":

@@ -12,18 +12,26 @@ from pipeline.viz import contact_sheet, histogram_png
 
 
 def folder_labels(faces: pa.Table, images: pa.Table) -> dict[tuple[str, int], str]:
-    """Ground truth from folder names (identities/<name>/photo.jpg), for single-face images only."""
+    """Ground truth from folder names, for single-face images only, where folders are one person each.
+
+    A folder counts as a person's label only when its parent holds two or more such folders of
+    single-face photos: the people/<name>/photo.jpg layout (LFW, ../shared/data/faces/identities).
+    A lone folder of photos (the demo's portraits/, with Obama and Biden in it) is not a person:
+    reading it as one would score a correct clustering as wrong.
+    """
     source = dict(zip(images.column("uid").to_pylist(), images.column("source").to_pylist()))
     count: dict[str, int] = {}
     for u in faces.column("uid").to_pylist():
         count[u] = count.get(u, 0) + 1
-    out = {}
+    candidates: dict[tuple[str, int], PurePosixPath] = {}
     for u, fi in zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist()):
-        src = source.get(u, "")
-        parent = PurePosixPath(src).parent.name
-        if count[u] == 1 and parent:
-            out[(u, int(fi))] = parent
-    return out
+        folder = PurePosixPath(source.get(u, "") or "").parent
+        if count[u] == 1 and folder.name:
+            candidates[(u, int(fi))] = folder
+    siblings: dict[PurePosixPath, set[str]] = {}
+    for folder in candidates.values():
+        siblings.setdefault(folder.parent, set()).add(folder.name)
+    return {k: folder.name for k, folder in candidates.items() if len(siblings[folder.parent]) >= 2}
 
 
 def evaluate_against_labels(assignments: pa.Table, labels: dict[tuple[str, int], str]) -> dict | None:

@@ -37,7 +37,7 @@ class ClipEncoder:
                 f"clip: {config.model_name!r} would download from a hub; configure a local file"
             )
         path = require_file(
-            config.pretrained, "clip", "set ClipConfig.pretrained to a local open_clip checkpoint"
+            config.pretrained, "clip", "set LINEUP_CLIP_WEIGHTS (or clip_weights) to a local open_clip checkpoint"
         )
         if config.model_config:
             open_clip.add_model_config(Path(config.model_config))

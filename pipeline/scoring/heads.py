@@ -95,7 +95,7 @@ class _HeadScorer:
 
 class AestheticScorer(_HeadScorer):
     what = "aesthetic"
-    hint = "set ScoringConfig.aesthetic.weights to a LAION aesthetic predictor state dict"
+    hint = "set LINEUP_AESTHETIC_WEIGHTS (or aesthetic_weights) to a LAION aesthetic predictor state dict"
 
     def score(self, img_emb: np.ndarray) -> np.ndarray:
         if img_emb.shape[1] != self.in_features:

@@ -24,7 +24,8 @@ from pipeline.scoring.base import ScorerUnavailable, pick_device
 from pipeline.scoring.heads import HeadConfig, _HeadScorer
 
 REWARD_FORMAT = "lineup-reward-v1"
-HINT = "train the social reward model first; its checkpoint path goes in ScoringConfig.social_reward.weights"
+HINT = ("set LINEUP_SOCIAL_REWARD (or social_reward_weights) to a checkpoint, or let social_reward_model train one "
+        "from real CLIP weights")
 
 
 class _HeadSocial(_HeadScorer):
