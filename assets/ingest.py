@@ -6,7 +6,6 @@ import dagster as dg
 from assets.common import engine_metadata, engine_runner
 from assets.partitions import check_partitions, input_partitions
 from assets.resources import NO_INPUT, LineupSettings
-from assets.ui import table_preview
 from pipeline.catalog import refresh_catalog
 from pipeline.ingest import ray_ingest_runner, run_ingest_stage
 from pipeline.removals import removed_uids

@@ -6,6 +6,7 @@ from assets.common import release_checks, release_metadata
 from assets.resources import LineupSettings
 from assets.ui import pictures, skipped, table_metadata, uids_in
 from pipeline.catalog import refresh_catalog
+from pipeline.storage import read_parquet
 
 CHECKS = {
     "events_reconcile": "Rows of the input files (Parquet footers, csv module) = accepted + rejected, read back "
