@@ -147,13 +147,13 @@ def test_a_social_version_that_fails_its_checks_leaves_the_catalog_on_latest(tmp
     settings = LineupSettings(home=str(tmp_path / "home"), input_dir=str(tmp_path / "input"))
     layout = Layout(tmp_path / "home")
     instance = dg.DagsterInstance.ephemeral()
-    simulate(log, config=SimConfig(n_events=20_000))
+    simulate(log, config=SimConfig(n_events=60_000))  # enough events for population pairs under the calibrated test
     assert dg.materialize([social_dataset], instance=instance, resources={"lineup": settings}).success
     first = latest_version(layout, "social")
     before = query(layout, "SELECT pair_id FROM social_pairs ORDER BY pair_id").column("pair_id").to_pylist()
     assert before
     shutil.rmtree(log)
-    simulate(log, config=SimConfig(n_events=20_000, seed=1))  # another log: another version, other pairs
+    simulate(log, config=SimConfig(n_events=60_000, seed=1))  # another log: another version, other pairs
     monkeypatch.setattr(social_checks, "no_self_pairs",
                         lambda folder: social_checks.CheckOutcome(False, {"forced": "by the test"}))
     r = dg.materialize([social_dataset], instance=instance, resources={"lineup": settings}, raise_on_error=False)

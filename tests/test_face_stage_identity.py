@@ -84,6 +84,7 @@ def _jpeg(seed: int) -> bytes:
 
 
 def _collection(tmp_path, versions: list[str]):
+    from pipeline.commits import commit_unit
     from pipeline.config import Layout
     from pipeline.faces.stage import faces_schema
     from pipeline.ingest import ingest_partition
@@ -101,7 +102,8 @@ def _collection(tmp_path, versions: list[str]):
                "landmarks": [0.0] * 10, "det_score": 1.0, "face_width": 1.0, "face_height": 1.0, "blur": 1.0,
                "yaw": 0.0, "pitch": 0.0, "roll": 0.0, "embedding": [1.0] + [0.0] * 127, "backend": "dlib",
                "model_version": version, "image_width": 1, "image_height": 1}
-        write_parquet_atomic(pa.Table.from_pylist([row], schema=faces_schema(128)), layout.partition_file("faces", spec.key))
+        # committed as the face stage commits it (the collection reads committed units only)
+        commit_unit(layout, "faces", spec.key, {"faces": pa.Table.from_pylist([row], schema=faces_schema(128))})
     return layout
 
 

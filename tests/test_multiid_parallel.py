@@ -66,7 +66,7 @@ def test_parallel_refresh_is_byte_identical(tmp_path, small_parallel):
     grown = _collection(tmp_path, groups, photos_per_group=14, extra=[("zz-new", [f"{groups[0]}-a", f"{groups[0]}-b"])])
     one = build_multiid_dataset(*grown, tmp_path / "r1", CFG, version="v2", reuse_from=first.out_dir, workers=1)
     two = build_multiid_dataset(*grown, tmp_path / "r2", CFG, version="v2", reuse_from=first.out_dir, workers=2)
-    fresh = build_multiid_dataset(*grown, tmp_path / "f", CFG, version="v2", workers=2)
+    build_multiid_dataset(*grown, tmp_path / "f", CFG, version="v2", workers=2)
     assert one.stats["targets_reselected"] > 0 and one.stats["targets_reused"] > 0
     assert any(isinstance(p, list) and len(p) > 1 for p in small_parallel), small_parallel
     assert _files(tmp_path / "r1") == _files(tmp_path / "r2") == _files(tmp_path / "f")
@@ -100,7 +100,7 @@ def test_guard_decisions_are_reused_and_change_nothing(tmp_path, compare_calls):
 
     world = _collection(tmp_path, _groups(2), photos_per_group=10)
     cache = tmp_path / "guard.parquet"
-    plain = build_multiid_dataset(*world, tmp_path / "plain", KP, version="v1")
+    build_multiid_dataset(*world, tmp_path / "plain", KP, version="v1")
     n_plain = len(compare_calls)
     compare_calls.clear()
     first = build_multiid_dataset(*world, tmp_path / "first", KP, version="v1", guard_cache=cache)
