@@ -15,7 +15,7 @@ from pipeline.social.simulate import SimConfig, simulate
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("social_assets")
-    simulate(root / "input" / "social", truth_dir=root / "truth", config=SimConfig(n_events=40_000, inject_bad=1))
+    simulate(root / "input" / "social", truth_dir=root / "truth", config=SimConfig(n_events=80_000, inject_bad=1))
     settings = LineupSettings(home=str(root / "home"), input_dir=str(root / "input"), train_steps=2)
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize([social_dataset], instance=instance, resources={"lineup": settings})
@@ -35,7 +35,7 @@ def test_social_dataset_asset(built):
     n = query(layout, "SELECT count(*) AS n FROM social_pairs").column("n")[0].as_py()
     meta = next(iter(result.asset_materializations_for_node("social_dataset"))).metadata
     assert n == meta["population_pairs"].value + meta["user_pairs"].value > 0
-    assert "example_pairs" in meta and "posterior_probability" in meta
+    assert "picture: example_pairs" in meta and "picture: posterior_probability" in meta
     # the log-only precision estimate, its interval and the yield against the naive rule, in the
     # metadata and in the card, agreeing with the stats the build wrote
     stats = __import__("json").loads((layout.datasets / "social" / version / "social_stats.json").read_text())
