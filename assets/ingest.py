@@ -26,6 +26,7 @@ from pipeline.sources import load_registry, plan_new_partitions, register_partit
 def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
     layout = lineup.layout
     key = context.partition_key
+    context.log.info(f"{key}: reading the partition's inputs")
     runner = engine_runner(lineup, lambda: ray_ingest_runner(lineup.ray_actors))
     spec, res, unit = run_ingest_stage(layout, key, lineup.limits, removed=removed_uids(layout), workers=lineup.workers,
                                        chunk_runner=runner, progress=lambda n: context.log.info(f"{key}: {n} inputs read"))

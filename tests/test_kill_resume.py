@@ -18,7 +18,7 @@ from pipeline.datasets import latest_version
 
 # (where to kill: a line the run prints as that stage starts, then seconds to wait into the stage)
 KILL_POINTS = [
-    ("ingestion", "] partition ", 1.0),
+    ("ingestion", "- images - ", 0.0),  # inside the images step (a delay after the run started raced the faces step)
     ("faces", "- faces - ", 0.3),
     ("clustering", "- identities - clustering", 0.0),
     ("shard writing", "- multiid_dataset - multiid version", 0.2),
