@@ -66,7 +66,11 @@ def read_samples(folder: Path, limit: int) -> list[dict]:
     """The first ``limit`` samples of the version's tars (sorted by path): key, tar, images, json."""
     out: list[dict] = []
     for tar_path in sorted(Path(folder).rglob("*.tar")):
-        with tarfile.open(tar_path) as tf:
+        try:
+            tf = tarfile.open(tar_path)
+        except (tarfile.TarError, OSError):  # a damaged shard: the version's checks report it, the page skips it
+            continue
+        with tf:
             by_key: dict[str, dict] = {}
             order: list[str] = []
             for m in tf.getmembers():
