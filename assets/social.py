@@ -51,7 +51,7 @@ def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
         return
     cfg = SocialConfig()
     removed = {r.user_hash for r in load_requests(layout) if r.kind == "user" and r.user_hash}
-    removals = [e for e in card_entries(layout) if e["kind"] == "user"]
+    removals = card_entries(layout, users=True)
     try:
         version, parts = social_version(social_dir, cfg, removals, digest_cache=layout.home / "cache" / "social_image_digests.json")
     except FileNotFoundError as e:

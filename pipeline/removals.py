@@ -289,13 +289,14 @@ def plan_removals(requests: list[RemovalRequest], images: pa.Table, faces: pa.Ta
     return plan
 
 
-def card_entries(layout: Layout) -> list[dict]:
+def card_entries(layout: Layout, users: bool = False) -> list[dict]:
     """What a dataset card says about removals: hashed subject, kind and date of every request that
-    removed a photo (and every user request, applied by the social builder). A request that removed
-    nothing is not listed, so it changes no version id."""
+    removed a photo (the photo datasets), or of every user request (``users=True``: the social dataset,
+    whose builder applies them). A request that removed nothing from a photo dataset is not listed there,
+    so it changes no photo dataset's version id."""
     j = load_journal(layout)
     return [{"request": r.subject_hash, "kind": r.kind, "filed": r.created_at[:10]} for r in load_requests(layout)
-            if r.kind == "user" or j.per_request.get(r.id)]
+            if (r.kind == "user") if users else (r.kind != "user" and j.per_request.get(r.id))]
 
 
 # ------------------------------------------------------------------------------------ applying

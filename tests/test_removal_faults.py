@@ -356,3 +356,13 @@ def test_purge_deletes_earlier_runs_whose_event_log_names_a_removed_photo(tmp_pa
     assert scrub_event_log(instance, layout, keep="") == 1
     assert instance.get_run_by_id(named) is None and instance.get_run_by_id(other) is not None
     assert scrub_event_log(instance, layout, keep="") == 0  # idempotent
+
+
+def test_a_user_request_changes_no_photo_dataset_version(tmp_path):
+    """A social user's removal is applied by the social builder: the photo datasets' cards (and so their
+    version ids) do not list it, the social card does."""
+    layout, images, faces, ids = build_collection(tmp_path)
+    before = rm.card_entries(layout)
+    rm.record_request(layout, "user", "someone-123")
+    assert rm.card_entries(layout) == before
+    assert [e["kind"] for e in rm.card_entries(layout, users=True)] == ["user"]
