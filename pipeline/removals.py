@@ -296,7 +296,7 @@ def card_entries(layout: Layout, users: bool = False) -> list[dict]:
     so it changes no photo dataset's version id."""
     j = load_journal(layout)
     return [{"request": r.subject_hash, "kind": r.kind, "filed": r.created_at[:10]} for r in load_requests(layout)
-            if (r.kind == "user") if users else (r.kind != "user" and j.per_request.get(r.id))]
+            if ((r.kind == "user") if users else (r.kind != "user" and j.per_request.get(r.id)))]
 
 
 # ------------------------------------------------------------------------------------ applying
