@@ -4,7 +4,9 @@ synthetic collection (8-d embeddings), so that every fault point can be tried.""
 
 import io
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -104,6 +106,9 @@ def build_collection(home, names=("a", "b", "c", "d"), key=KEY):
     _write(layout.datasets / "multiid" / ".unpublished-v-bad" / "pairs.parquet", pa.table({"target_uid": [UID["b"]]}))
     (layout.datasets / "multiid" / ".staging-v-new-999999").mkdir()
     (layout.datasets / "multiid" / ".staging-v-new-999999" / "x.json").write_text('{"source": "kit_with_rose.jpg"}')
+    # killed long ago: no lease, older than a lease's lifetime (a fresh folder without one is a build starting)
+    old = time.time() - 3600
+    os.utime(layout.datasets / "multiid" / ".staging-v-new-999999", (old, old))
     # the multi-identity guard's kept decisions: pairs of faces, two of them with the person
     from pipeline.multiid.guard_cache import SCHEMA as GUARD_SCHEMA
 

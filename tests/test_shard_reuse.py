@@ -470,7 +470,8 @@ def test_a_scattered_refresh_selects_only_the_targets_whose_people_changed(tmp_p
     again = build_multiid_dataset(*b_tables, tmp_path / "again", CFG, version=b.version, reuse_from=b.folder)
     assert again.stats["buckets_reused"] == 1 and again.stats["selections_run"] == 0
     assert again.stats["targets_reused"] == n and again.stats["targets_reselected"] == 0
-    assert _compare(b.folder, tmp_path / "again") == []
+    # a bare build writes no viewer page (release() does, after the card): the data files are compared
+    assert [d for d in _compare(b.folder, tmp_path / "again") if not d.startswith("viewer.html:")] == []
 
 
 def test_a_damaged_previous_tar_member_rebuilds_its_targets(tmp_path, monkeypatch):
