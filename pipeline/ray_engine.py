@@ -67,6 +67,7 @@ def ray_available() -> bool:
 # ----------------------------------------------------------------------------------- joining a cluster
 
 _JOINED: dict = {}  # what ensure_ray connected to: address, local or not, nodes
+_JOINED_ENV: dict = {}  # the runtime_env it connected with (a changed one means reconnecting)
 
 
 def worker_runtime_env(local: bool) -> dict:
@@ -92,10 +93,16 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
         raise RuntimeError(RAY_MISSING)
     import ray
 
+    address = os.environ.get("RAY_ADDRESS", "").strip() or None
+    runtime_env = worker_runtime_env(local=address is None)
+    if ray.is_initialized() and _JOINED and (_JOINED.get("requested") != (address or "local")
+                                              or _JOINED_ENV != runtime_env):
+        # joined by us with another RAY_ADDRESS or other settings for the workers (a store's endpoint or keys):
+        # the job's runtime_env is fixed at ray.init, so the workers would read with the old ones
+        log.info("ray: RAY_ADDRESS or the workers' settings changed since this process joined; reconnecting")
+        shutdown()
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS", "").strip() or None
-        kwargs: dict = {"logging_level": "WARNING", "log_to_driver": False,
-                        "runtime_env": worker_runtime_env(local=address is None)}
+        kwargs: dict = {"logging_level": "WARNING", "log_to_driver": False, "runtime_env": runtime_env}
         if address is None:
             from pipeline.engine import available_cores
 
@@ -105,6 +112,8 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
             kwargs["address"] = address  # its resources are the cluster's: num_cpus may not be given
         ray.init(**kwargs)
         _JOINED.clear()
+        _JOINED_ENV.clear()
+        _JOINED_ENV.update(runtime_env)  # kept apart from _JOINED: it holds the store's keys, never shown
         _JOINED.update(requested=address or "local", local=address is None, address=_cluster_address(),
                        nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
         line = (f"ray: {'started a private local' if address is None else 'joined the'} cluster at "
@@ -137,6 +146,7 @@ def shutdown() -> None:
     release_pools()
     _SHIPPED.clear()
     _JOINED.clear()
+    _JOINED_ENV.clear()
     if ray.is_initialized():
         ray.shutdown()
 

@@ -252,3 +252,30 @@ def test_weights_shipped_through_the_object_store(ray_local, tmp_path):
     assert det == b"detector" and clip == b"clip weights" and rest == ("s3://b/k.pt", "cpu")
     assert Path(model_dir).name == "pack" and Path(weights).name == "clip.pt"
     assert not model_dir.startswith(str(tmp_path)) and not weights.startswith(str(tmp_path))
+
+
+def test_changed_worker_settings_reconnect(monkeypatch):
+    """The job's runtime_env is fixed when Ray is joined: a process whose store endpoint (or RAY_ADDRESS)
+    changed afterwards must reconnect, or its workers read with the old settings (seen: a later run's
+    workers calling a stopped S3 server)."""
+    import ray
+
+    from pipeline.ray_engine import ensure_ray, shutdown
+
+    shutdown()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+        ensure_ray(num_cpus=1)
+
+        @ray.remote(num_cpus=0)
+        def endpoint():
+            import os
+
+            return os.environ.get("AWS_ENDPOINT_URL")
+
+        assert ray.get(endpoint.remote()) == "http://127.0.0.1:1"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:2")
+        ensure_ray(num_cpus=1)
+        assert ray.get(endpoint.remote()) == "http://127.0.0.1:2"
+    finally:
+        shutdown()
