@@ -53,7 +53,11 @@ def s3(tmp_path_factory):
             except OSError:
                 time.sleep(0.1)
         import fsspec
+        import s3fs
 
+        # s3fs caches filesystems by their arguments, not by the AWS variables: one made by an earlier test
+        # (another moto server, since stopped) would be reused by the code under test
+        s3fs.S3FileSystem.clear_instance_cache()
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir(BUCKET)
         yield fs
