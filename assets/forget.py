@@ -92,6 +92,30 @@ def _identity_request(layout, value: str):
     return record_request(layout, "identity", value, identity_id=value)
 
 
+def _check_user(layout, value: str) -> None:
+    """A user request must name a user of the interaction log this home builds from (LINEUP_SOCIAL, else
+    LINEUP_INPUT/social; from the environment or the settings the last run saved): one it does not know
+    would remove nothing and still change the social dataset's version."""
+    import os
+
+    from pipeline.config import as_path
+    from pipeline.run_settings import load_run_settings
+    from pipeline.social.ingest import user_in_log
+
+    env = {**load_run_settings(layout.home), **{k: v for k, v in os.environ.items() if k.startswith("LINEUP_")}}
+    social = env.get("LINEUP_SOCIAL") or (f"{env['LINEUP_INPUT'].rstrip('/')}/social" if env.get("LINEUP_INPUT") else None)
+    if not social:
+        raise Refused("no interaction log is known for this home (set LINEUP_SOCIAL, or run `make run` with it "
+                      "first): a USER= request is checked against the log it applies to")
+    try:
+        known = user_in_log(as_path(social), value)
+    except FileNotFoundError as e:
+        raise Refused(f"the interaction log cannot be read: {e}") from e
+    if not known:
+        raise Refused(f"user {value!r} appears nowhere in the interaction log at {social} (neither acting nor "
+                      "creating): the request would remove nothing")
+
+
 def print_review(layout) -> int:
     from pipeline.removals import review_file
 
@@ -139,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         elif kind == "IMAGE":
             req = _image_request(layout, value)
         elif kind == "USER":
+            _check_user(layout, value)
             req = record_request(layout, "user", value, user_hash=user_hash(value))
         else:
             req = _identity_request(layout, value)

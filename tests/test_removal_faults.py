@@ -321,6 +321,20 @@ def test_bad_requests_are_refused_and_record_nothing(tmp_path, monkeypatch, caps
     assert rm.load_requests(Layout(tmp_path)) == []
     assert forget(["--identity", "id-sam"]) == 0 and forget(["--image", "sam.jpg"]) == 0
     assert len(rm.load_requests(Layout(tmp_path))) == 2
+    # a user: checked against the interaction log this home builds from (none known yet: refused)
+    monkeypatch.delenv("LINEUP_SOCIAL", raising=False)
+    monkeypatch.delenv("LINEUP_INPUT", raising=False)
+    assert forget(["--user", "u1"]) == 2 and "no interaction log" in capsys.readouterr().err
+    log = tmp_path / "log"
+    log.mkdir()
+    pq.write_table(pa.table({"image_id": ["i1"], "creator_id": ["maker"], "path": ["x.jpg"], "prompt": ["p"]}),
+                   log / "images.parquet")
+    (log / "events.csv").write_text("ts,user_id,image_id,event,event_id\n2026-01-01T00:00:00,fan,i1,like,e1\n")
+    monkeypatch.setenv("LINEUP_SOCIAL", str(log))
+    assert forget(["--user", "somebody-else"]) == 2 and "appears nowhere" in capsys.readouterr().err
+    assert len(rm.load_requests(Layout(tmp_path))) == 2
+    assert forget(["--user", "fan"]) == 0 and forget(["--user", "maker"]) == 0
+    assert len(rm.load_requests(Layout(tmp_path))) == 4
 
 
 def test_an_applied_log_with_uids_in_clear_is_rewritten_hashed(tmp_path):

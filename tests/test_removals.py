@@ -153,6 +153,7 @@ def test_removing_a_social_user(tmp_path, monkeypatch):
     creator_of = dict(zip(creators.column("image_id").to_pylist(), creators.column("creator_id").to_pylist()))
     user = max({creator_of[w] for w in winners}, key=lambda c: sum(creator_of[w] == c for w in winners))
     monkeypatch.setenv("LINEUP_HOME", str(home))
+    monkeypatch.setenv("LINEUP_INPUT", str(tmp_path / "input"))  # the log the request is checked against
     assert forget(["--user", user]) == 0
     assert dg.materialize([social_dataset], instance=instance, resources={"lineup": settings}).success
     after = latest_version(layout, "social")

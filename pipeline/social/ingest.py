@@ -49,6 +49,19 @@ def find_inputs(social_dir: Path) -> tuple[list[Path], list[Path]]:
     return images, events
 
 
+def user_in_log(social_dir: Path, user_id: str) -> bool:
+    """Whether ``user_id`` acts (events' ``user_id``) or creates (images' ``creator_id``) anywhere in the
+    log: a removal request for a user the log does not know would remove nothing."""
+    images, events = find_inputs(social_dir)
+    for path, column in [*((p, "creator_id") for p in images), *((p, "user_id") for p in events)]:
+        t = pq.read_table(path, columns=[column]) if path.suffix == ".parquet" else read_log_table(path, (column,)).table
+        if t is not None and column in t.column_names:
+            col = pc.cast(t.column(column), pa.string())
+            if pc.any(pc.equal(col, str(user_id))).as_py():
+                return True
+    return False
+
+
 _PUNCT = re.compile(r"[^\w\s]|_")
 _WS = re.compile(r"\s+")
 
