@@ -67,7 +67,7 @@ def ray_available() -> bool:
 # ----------------------------------------------------------------------------------- joining a cluster
 
 _JOINED: dict = {}  # what ensure_ray connected to: address, local or not, nodes
-_JOINED_ENV: dict = {}  # the runtime_env it connected with (a changed one means reconnecting)
+_JOINED_ENV: dict = {}  # the store's AWS_* variables it connected with (changed ones mean reconnecting)
 
 
 def worker_runtime_env(local: bool) -> dict:
@@ -95,10 +95,12 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
 
     address = os.environ.get("RAY_ADDRESS", "").strip() or None
     runtime_env = worker_runtime_env(local=address is None)
-    if ray.is_initialized() and _JOINED and (_JOINED.get("requested") != (address or "local")
-                                              or _JOINED_ENV != runtime_env):
-        # joined by us with another RAY_ADDRESS or other settings for the workers (a store's endpoint or keys):
-        # the job's runtime_env is fixed at ray.init, so the workers would read with the old ones
+    store_env = {k: v for k, v in runtime_env["env_vars"].items() if k.startswith("AWS_")}
+    moved = _JOINED.get("requested") != (address or "local") or _JOINED_ENV != store_env
+    if ray.is_initialized() and _JOINED and moved:
+        # joined by us with another RAY_ADDRESS or another store (endpoint, keys): the job's runtime_env is
+        # fixed at ray.init, so the workers would read with the old one (a changed LINEUP_* setting, such as
+        # a driver-side timeout, does not tear down the pools)
         log.info("ray: RAY_ADDRESS or the workers' settings changed since this process joined; reconnecting")
         shutdown()
     if not ray.is_initialized():
@@ -113,7 +115,7 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
         ray.init(**kwargs)
         _JOINED.clear()
         _JOINED_ENV.clear()
-        _JOINED_ENV.update(runtime_env)  # kept apart from _JOINED: it holds the store's keys, never shown
+        _JOINED_ENV.update(store_env)  # kept apart from _JOINED: it holds the store's keys, never shown
         _JOINED.update(requested=address or "local", local=address is None, address=_cluster_address(),
                        nodes=sum(1 for n in ray.nodes() if n.get("Alive")))
         line = (f"ray: {'started a private local' if address is None else 'joined the'} cluster at "
