@@ -6,16 +6,15 @@ Skipped without moto/s3fs (pip install -e '.[s3]')."""
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import moto_s3
 
 pytest.importorskip("moto")
 pytest.importorskip("s3fs")
@@ -28,39 +27,8 @@ BUCKET = "lineup-test"
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on a free 127.0.0.1 port, the standard AWS variables pointing at it."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        import fsspec
-
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)
-        fs.mkdir(BUCKET)
-        yield fs, env
-    finally:
-        server.terminate()
-        server.wait(10)
-        log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
+    with moto_s3(tmp_path_factory.mktemp("moto"), BUCKET) as got:
+        yield got
 
 def _upload_input(fs, shared_faces: Path, prefix: str) -> None:
     """Loose photos, a tar shard, a Parquet manifest naming photos elsewhere in the bucket, a broken file."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from conftest import moto_s3
 
 pytest.importorskip("ray")
 pytest.importorskip("moto")
@@ -37,40 +38,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1, the AWS variables pointing at it (and so shipped to Ray's workers)."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        import fsspec
-        import s3fs
-
-        # s3fs caches filesystems by their arguments, not by the AWS variables: one made by an earlier test
-        # (another moto server, since stopped) would be reused by the code under test
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)
-        fs.mkdir(BUCKET)
+    with moto_s3(tmp_path_factory.mktemp("moto"), BUCKET) as (fs, _):
         yield fs
-    finally:
-        server.terminate()
-        server.wait(10)
-        log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 def _photos(shared_faces: Path) -> list[Path]:
     ids = sorted((shared_faces / "identities").rglob("*.jpg"))[:5]
