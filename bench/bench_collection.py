@@ -247,27 +247,28 @@ def w_multiid(data: Path, work: Path, args) -> dict:
     import pyarrow as pa
 
     from pipeline.multiid import MultiIDConfig, build_multiid_dataset
-    from pipeline.multiid import build as mb
+    from pipeline.multiid import plan as mplan
+    from pipeline.multiid import selection as msel
     from pipeline.storage import parquet_rows
 
     # the plan of the build, to measure what it keeps per target (bench-only instrumentation)
     plans = []
-    select = mb._Plan.select
+    select = mplan._Plan.select
 
     def select_and_keep(self):
         plans.append(self)
         return select(self)
 
-    mb._Plan.select = select_and_keep
+    mplan._Plan.select = select_and_keep
     # the copy-paste guard's caches (one per bucket's selection, LRU-bounded): how full the fullest got and
     # what an entry weighs, so that the extrapolation can add what a run over every photo would fill
     caches = {"images": [0, 0, 0], "keypoints": [0, 0, 0]}  # entries at most, bytes of the entries sampled, entries sampled
-    fp_init = mb._Fingerprints.__init__
+    fp_init = msel._Fingerprints.__init__
     current = []
 
     def measure(fp):
         for name, lru in (("images", fp.cache), ("keypoints", fp.kps)):
-            real = [v for v in lru.values() if v is not mb._NOT_YET]  # the keypoint cache holds placeholders too
+            real = [v for v in lru.values() if v is not msel._NOT_YET]  # the keypoint cache holds placeholders too
             n_real = len(real)
             c = caches[name]
             c[0] = max(c[0], n_real)
@@ -280,7 +281,7 @@ def w_multiid(data: Path, work: Path, args) -> dict:
             measure(current.pop())
         current.append(self)
 
-    mb._Fingerprints.__init__ = init_and_watch
+    msel._Fingerprints.__init__ = init_and_watch
     images, faces, ids = _read(data, "images"), _read(data, "faces"), _read(data, "identities")
     t_load = time.perf_counter() - args.t0
     rss_inputs = rss_now_gb()

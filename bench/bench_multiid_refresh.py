@@ -111,7 +111,7 @@ def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool, w
 def largest_component_share(data: Path) -> float:
     import pyarrow.parquet as pq
 
-    from pipeline.multiid.build import _cooccurrence_components
+    from pipeline.multiid.plan import _cooccurrence_components
 
     ids = pq.read_table(data / "identities.parquet").to_pydict()
     by_uid: dict[str, list] = {}

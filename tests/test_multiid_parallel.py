@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.multiid import MultiIDConfig, build_multiid_dataset
-from pipeline.multiid import build as mbuild
+from pipeline.multiid import parallel as mparallel
 from test_shard_reuse import _collection, _groups
 
 CFG = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False, reuse_buckets=4)
@@ -26,16 +26,16 @@ def _comparable(stats: dict) -> dict:
 @pytest.fixture
 def small_parallel(monkeypatch):
     """Selections of a few targets already go to the workers, and each call's part files are recorded."""
-    monkeypatch.setattr(mbuild, "PARALLEL_MIN_TARGETS", 4)
+    monkeypatch.setattr(mparallel, "PARALLEL_MIN_TARGETS", 4)
     parts = []
-    real = mbuild._select_parallel
+    real = mparallel._select_parallel
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         parts.append(out[2])
         return out
 
-    monkeypatch.setattr(mbuild, "_select_parallel", spy)
+    monkeypatch.setattr(mparallel, "_select_parallel", spy)
     return parts
 
 
