@@ -146,7 +146,7 @@ def _in_target_order(parts) -> list[dict]:
 def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Table, out_dir: Path | None,
                           config: MultiIDConfig = MultiIDConfig(), read_bytes: Callable[[str], bytes] | None = None,
                           version: str | None = None, reuse_from: Path | None = None, workers: int = 1,
-                          guard_cache: Path | None = None) -> MultiIDResult:
+                          guard_cache: Path | None = None, engine: str | None = None) -> MultiIDResult:
     """Select references, write ``out_dir/{train,eval}/`` shards + manifests (``version`` is the dataset
     version id they record), ``out_dir/pairs.parquet``, ``out_dir/candidates.parquet`` and
     ``out_dir/buckets.json``; return everything. ``out_dir=None``: select only, write nothing. Whether the
@@ -164,7 +164,9 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
 
     ``workers`` > 1: the targets of each large enough selection are split into contiguous runs of uids
     selected in forked worker processes (:func:`_select_parallel`); the files written are the same, byte
-    for byte, as with one worker (tests/test_multiid_parallel.py).
+    for byte, as with one worker (tests/test_multiid_parallel.py). ``engine`` (default ``$LINEUP_ENGINE``):
+    ``"ray"`` runs those chunks as Ray tasks instead, on a local or remote cluster
+    (:func:`pipeline.multiid.parallel._select_on_ray`; same bytes: tests/test_multiid_ray.py).
 
     ``guard_cache``: a file of the copy-paste guard's decisions (:mod:`pipeline.multiid.guard_cache`), read
     before and written after the build: a pair of faces already judged under the same settings is not
@@ -177,7 +179,7 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     # streamed to part files as they are produced, merged into pairs.parquet / candidates.parquet at the end:
     # what stays in memory per target is a summary tuple, not its rows nor its sample dicts
     plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir,
-                 workers=workers, guard_cache=guard_cache)
+                 workers=workers, guard_cache=guard_cache, engine=engine)
     try:
         return _build(plan, out_dir, version, read_bytes)
     finally:

@@ -36,6 +36,7 @@ from pipeline.multiid.rows import (
     _merge_in_target_order,
     _part_batches,
     _shard_samples,
+    _spilled_records,
 )
 from pipeline.multiid.selection import FaceRec, _faces_from_table, unusable_reason
 from pipeline.multiid.splits import identity_split
@@ -84,6 +85,7 @@ class _Bucket:
     reused: list[str] = field(default_factory=list)  # in a bucket selected again, its targets reused (rows: previous version)
     n_over_cap: int = 0  # of them, targets whose people gained or lost faces only outside their examined candidates
     evictions: dict = field(default_factory=dict)  # the cache evictions of this run's selection (not recorded)
+    records: dict | None = None  # key -> the place of its shard record in a spill file (made by the selecting process)
     bytes_copied: int = 0
     bytes_written: int = 0
 
@@ -100,11 +102,13 @@ class _Bucket:
 
     def state(self) -> tuple:
         return (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
-                self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions)
+                self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions,
+                self.records)
 
     def restore(self, state: tuple) -> None:
         (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
-         self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions) = state
+         self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions,
+         self.records) = state
 
 
 def _summary(samples: list[dict]) -> list[tuple]:
@@ -128,7 +132,7 @@ class _Plan:
 
     def __init__(self, images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig, read_bytes,
                  previous: Path | None = None, out_dir: Path | None = None, keep_rows: bool = False, workers: int = 1,
-                 guard_cache: Path | None = None):
+                 guard_cache: Path | None = None, engine: str | None = None):
         from pipeline import __version__
         from pipeline.multiid.release import BUILDER_VERSION, FACE_COLUMNS
 
@@ -204,6 +208,9 @@ class _Plan:
         self.prev_targets = PreviousTargets(self.previous if self.per_target else None, self.previous_records)
         self.selections = 0
         self.workers = max(1, int(workers)) if not keep_rows else 1
+        from pipeline.engine import engine_name
+
+        self.engine = engine_name(engine) if not keep_rows else "inprocess"
         from pipeline.multiid.guard_cache import GuardDecisions
 
         self.guard = GuardDecisions(guard_cache, {k: getattr(cfg, k) for k in (
@@ -221,13 +228,27 @@ class _Plan:
         return list(self.buckets.values())
 
     def _run(self, b: _Bucket, override: set) -> None:
+        """Fill bucket ``b`` with the eval override ``override`` now (:meth:`_start_run`, its selection run)."""
+        pending = self._start_run(b, override)
+        if pending is not None:
+            job, finish = pending
+            (result,) = self._select_jobs([job])
+            finish(result)
+
+    def _select_jobs(self, jobs: list) -> list:
+        return parallel.select_jobs(jobs, self.workers, self.parts_dir, self.cfg, self.read_bytes, self.mversions,
+                                    guard=self.guard, engine=self.engine)
+
+    def _start_run(self, b: _Bucket, override: set):
         """Fill bucket ``b`` with the eval override ``override``: from the previous version when it holds
         an intact bucket with the same fingerprint, else by selecting references over its photos; a build
-        that writes selects only the targets whose fingerprint changed (:mod:`pipeline.multiid.reuse`)."""
+        that writes selects only the targets whose fingerprint changed (:mod:`pipeline.multiid.reuse`).
+        Returns None when the bucket is filled, else (the selection job to run, what to do with its result):
+        the plan runs the jobs of all buckets together (:func:`pipeline.multiid.parallel.select_jobs`)."""
         b.override = sorted(override & b.identities)
         b.previous = None
         b.copied, b.reasons, b.n_reused, b.n_over_cap, b.evictions = {}, Counter(), 0, 0, {"images": 0, "keypoints": 0}
-        b.reused = []
+        b.reused, b.records = [], None
         rec = self.previous_records.get(b.name)
         targets = [u for u in b.uids if u in self.img_meta]
         if rec is not None and rec.get("fingerprint") == b.fingerprint and self.prev_targets:
@@ -242,7 +263,7 @@ class _Plan:
                 b.samples = []
                 b.pair_rows = b.cand_rows = []  # taken from the previous version's tables when written
                 b.pairs = b.cands = None
-                return
+                return None
             self.corrupt += [f"{b.name}: {p}" for p in problems]
         img_meta = {u: self.img_meta[u] for u in b.uids if u in self.img_meta}
         by_uid = {u: self.by_uid[u] for u in b.uids if u in self.by_uid}
@@ -252,18 +273,24 @@ class _Plan:
                 b.samples, pair_rows, cand_rows, b.counts = selection._select(img_meta, by_uid, self.cfg, self.read_bytes, override,
                                                                      self.mversions)
                 b.pair_rows, b.cand_rows, b.pairs, b.cands = pair_rows, cand_rows, None, None
-            else:
-                b.samples, b.counts, b.pairs, b.cands = parallel._select_parallel(
-                    self.workers, self.parts_dir, f"{b.name}-{self.selections}", img_meta, by_uid, self.cfg, self.read_bytes,
-                    override, self.mversions, guard=self.guard)
-                b.pair_rows, b.cand_rows = [], []
-            b.evictions = b.counts.pop("cache_evictions")
-            b.summary = _summary(b.samples)
+                b.evictions = b.counts.pop("cache_evictions")
+                b.summary = _summary(b.samples)
+                self.selections += 1
+                return None
+            job = parallel.SelectionJob(f"{b.name}-{self.selections}", img_meta, by_uid, override,
+                                        records=self.out_dir is not None)
             self.selections += 1
-            return
-        self._run_per_target(b, override, targets, img_meta, by_uid)
 
-    def _run_per_target(self, b: _Bucket, override: set, targets: list[str], img_meta: dict, by_uid: dict) -> None:
+            def finish(result) -> None:
+                b.samples, b.counts, b.pairs, b.cands, b.records = result
+                b.pair_rows, b.cand_rows = [], []
+                b.evictions = b.counts.pop("cache_evictions")
+                b.summary = _summary(b.samples)
+
+            return job, finish
+        return self._start_per_target(b, override, targets, img_meta, by_uid)
+
+    def _start_per_target(self, b: _Bucket, override: set, targets: list[str], img_meta: dict, by_uid: dict):
         """Select only the targets of ``b`` whose fingerprint differs from the previous version's (or whose
         previous shard fails its sha256); take the others' rows from that version and copy their members."""
         cfg = self.cfg
@@ -301,7 +328,7 @@ class _Plan:
         b.n_reused, b.n_over_cap = len(reuse), len(over_cap)
         b.reused = reuse
         b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], None, None
-        samples, counts, tally = [], {}, None
+        tally, job = None, None
         if run:
             # the selected targets' rows are streamed to part files like a whole bucket's (:meth:`_run`); what
             # targets.parquet needs of them (the examined fingerprint, the unreadable references) is taken
@@ -311,11 +338,24 @@ class _Plan:
                         [r["ref_uid"] for r in rows if r["status"] == "unreadable_reference"])
 
             tally = TargetTally(on_candidates)
-            samples, counts, b.pairs, b.cands = parallel._select_parallel(
-                self.workers, self.parts_dir, f"{b.name}-{self.selections}", img_meta, by_uid, cfg, self.read_bytes, override,
-                self.mversions, targets=run, tally=tally, guard=self.guard)
-            b.evictions = counts["cache_evictions"]
+            job = parallel.SelectionJob(f"{b.name}-{self.selections}", img_meta, by_uid, override, targets=run, tally=tally,
+                                        records=self.out_dir is not None)
             self.selections += 1
+        if job is None:
+            self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, [], {})
+            return None
+
+        def finish(result) -> None:
+            samples, counts, b.pairs, b.cands, b.records = result
+            b.evictions = counts["cache_evictions"]
+            self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, samples, counts)
+
+        return job, finish
+
+    def _finish_per_target(self, b: _Bucket, tf, fps: dict, run: list[str], reuse: list[str], over_cap: dict, tally,
+                           samples: list[dict], counts: dict) -> None:
+        """Bucket ``b``'s targets.parquet rows, summary and counts, once its selected targets are selected."""
+        prev = self.prev_targets
         # targets.parquet rows of the selected targets
         sample_of = {s["target"]["uid"]: s for s in samples}
         errors = counts.get("unreadable", {})
@@ -380,7 +420,10 @@ class _Plan:
                     link_or_copy(self.previous / split / sh.name, d / sh.name)
             else:
                 split_samples = [s for s in b.samples if s["split"] == split]
-                streams = [self._counted(_shard_samples(split_samples, cfg, self.read_bytes), "bytes_written", b)]
+                # the new samples' records were made by the process that selected them (else made here)
+                new = (_spilled_records(split_samples, b.records) if b.records is not None
+                       else _shard_samples(split_samples, cfg, self.read_bytes))
+                streams = [self._counted(new, "bytes_written", b)]
                 for src, keys in sorted(b.copied.get(split, {}).items()):
                     streams.append(self._counted(reused_records(self.previous / src, keys), "bytes_copied", b))
                 order: list[str] = []
@@ -400,6 +443,10 @@ class _Plan:
             b.targets = b.targets.set_column(b.targets.schema.get_field_index("shard"), "shard",
                                              pa.array([shard_of.get(k) if k else None for k in keys], pa.string()))
         b.samples = []
+        if b.records is not None:
+            for path in {at[0] for at in b.records.values()}:
+                path.unlink(missing_ok=True)
+            b.records = None
 
     @staticmethod
     def _counted(records, attr: str, b: _Bucket):
@@ -416,8 +463,13 @@ class _Plan:
 
     def _select_buckets(self) -> None:
         cfg = self.cfg
-        for b in self.buckets.values():
-            self._run(b, set())
+        # every bucket's selection at once (small buckets beside large ones, over the workers), then each
+        # bucket's shards in bucket order
+        pending = [(b, self._start_run(b, set())) for b in self.buckets.values()]
+        results = iter(self._select_jobs([p[0] for _, p in pending if p is not None]))
+        for b, p in pending:
+            if p is not None:
+                p[1](next(results))
             self._emit(b)
         n = sum(len(b.summary) for b in self.buckets.values())
         if not (cfg.eval_fraction > 0 and n >= 2 and not any(b.per_split()["eval"] for b in self.buckets.values())):

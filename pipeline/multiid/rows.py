@@ -217,6 +217,64 @@ def _shard_samples(samples: list[dict], cfg: MultiIDConfig, read_bytes):
         yield rec
 
 
+class _RecordSpill:
+    """One selection run's shard records (:func:`_shard_samples`: the target photo, the references' crops,
+    the sample JSON), made as each sample is selected, in the process that selected it (its photos' bytes
+    still cached there; the parent then only writes the tars), and appended to one spill file.
+    ``at[key]`` = (file, offset, length) of a sample's record, read back by :func:`_spilled_records`."""
+
+    def __init__(self, folder: Path, stem: str, cfg: MultiIDConfig):
+        self.path = folder / f"{stem}-records.bin"
+        self.cfg = cfg
+        self.at: dict[str, tuple[Path, int, int]] = {}
+        self._f = None
+        self._end = 0
+
+    def add(self, sample: dict, read_bytes) -> None:
+        import pickle
+
+        from pipeline.storage import named_write_error
+
+        (rec,) = _shard_samples([sample], self.cfg, read_bytes)
+        data = pickle.dumps(rec, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            if self._f is None:
+                self._f = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            self._f.write(data)
+        except OSError as e:  # a full disk names the spill file
+            raise named_write_error(self.path, e) from e
+        self.at[sample["key"]] = (self.path, self._end, len(data))
+        self._end += len(data)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _slim_sample(sample: dict) -> dict:
+    """What the plan uses of a sample whose record is already made (its key, split, target photo, and per
+    person the identity and how many references): a few hundred bytes instead of tens of KB."""
+    return {"key": sample["key"], "split": sample["split"], "target": {"uid": sample["target"]["uid"]},
+            "faces": [{"identity_id": fj["identity_id"], "refs": [None] * len(fj["refs"])} for fj in sample["faces"]]}
+
+
+def _spilled_records(samples: list[dict], at: dict):
+    """The records of ``samples`` (in their order) from the spill files that ``at`` locates, one at a time."""
+    import pickle
+
+    files: dict[Path, object] = {}
+    try:
+        for s in samples:
+            path, offset, length = at[s["key"]]
+            f = files.get(path) or files.setdefault(path, open(path, "rb"))  # noqa: SIM115 - closed below
+            f.seek(offset)
+            yield pickle.loads(f.read(length))
+    finally:
+        for f in files.values():
+            f.close()
+
+
 def hf_features(config: MultiIDConfig, samples: list[dict] | None = None, target_exts=("jpg", "png", "webp")):
     """datasets.Features for ``load_dataset("webdataset", ..., features=...)``.
 

@@ -49,6 +49,7 @@ from pipeline.multiid.rows import (
     SIM_BINS,
     _hist_counts,
     _r,
+    _RecordSpill,
     _RowParts,
 )
 from pipeline.multiid.rules import boxes_overlap, crop_box, examined_candidates
@@ -173,17 +174,21 @@ def theta(cos: float) -> float:
 
 
 _NOT_YET = object()  # a keypoint-cache entry whose keypoints are not computed yet
+RAW_CACHE_BYTES = 64 << 20  # the photos' bytes a selection keeps (the most recently read)
 
 
 class _Fingerprints:
-    """Decodes images on demand and caches, per image, its pHash and its faces' crop fingerprints
-    (~25 KB a face) and, per face that can ever be compared (``eligible(face)``), the keypoints of the
-    region around it (~0.6 MB a face). Both caches are LRU-bounded (``max_images``, ``max_keypoints``):
-    targets are visited in uid order and a person's candidates recur across their targets, so recent
-    entries are the useful ones; an evicted entry is recomputed (decode + SIFT, ~50 ms) when needed."""
+    """Decodes images on demand and caches, per image, its pHash and the crop fingerprints (~25 KB a face)
+    of its faces that can ever be compared (``eligible(face)``: a target's people and the references that
+    pass ``ref_quality`` are), and per such face the keypoints of the region around it (~0.6 MB a face).
+    Both caches are LRU-bounded (``max_images``, ``max_keypoints``): targets are visited in uid order and a
+    person's candidates recur across their targets, so recent entries are the useful ones; an evicted entry
+    is recomputed (decode + SIFT, ~50 ms) when needed. The photos' bytes last read are kept too (at most
+    ``max_bytes``): a face's keypoints are computed after its person's other candidates were read, and a
+    sample's record (its target photo, its references' crops) is made right after its selection."""
 
     def __init__(self, read_bytes, faces_by_uid, eligible=None, keypoints: bool = True,
-                 max_images: int = 20_000, max_keypoints: int = 2_000):
+                 max_images: int = 20_000, max_keypoints: int = 2_000, max_bytes: int = RAW_CACHE_BYTES):
         self.read_bytes = read_bytes
         self.faces_by_uid = faces_by_uid
         self.eligible = eligible or (lambda f: True)
@@ -191,15 +196,25 @@ class _Fingerprints:
         self.cache: LRU = LRU(max_images)
         self.kps: LRU = LRU(max_keypoints)
         self.decoded: LRU = LRU(8)  # the last photos decoded, for their faces' keypoints (not counted in the stats)
+        self.raw: LRU = LRU(max_bytes, weight=len)  # the last photos' bytes (not counted in the stats)
         self.errors: dict[str, str] = {}
+
+    def read(self, uid: str) -> bytes:
+        """The photo's bytes, from the recent ones when there (a read can be a download or, in the
+        benchmark, a synthesis)."""
+        if uid in self.raw:
+            return self.raw[uid]
+        data = self.raw[uid] = self.read_bytes(uid)
+        return data
 
     def get(self, uid: str):
         if uid in self.errors:
             return None
         if uid not in self.cache:
             try:
-                g = dedup.open_gray(self.read_bytes(uid))
-                fps = {f.face_index: dedup.face_fingerprint(g, f.landmarks, f.bbox) for f in self.faces_by_uid.get(uid, [])}
+                g = dedup.open_gray(self.read(uid))
+                fps = {f.face_index: dedup.face_fingerprint(g, f.landmarks, f.bbox) for f in self.faces_by_uid.get(uid, [])
+                       if self.eligible(f)}
                 self.cache[uid] = (dedup.image_phash(g), fps)
                 if self.keypoints:
                     # keypoints are computed when a face is compared (kp), not for every eligible face of the
@@ -222,7 +237,7 @@ class _Fingerprints:
         got = self.kps[key] if key in self.kps else _NOT_YET  # noqa: SIM401 - get() would not mark it recently used
         if got is _NOT_YET:
             f = next(f for f in self.faces_by_uid[uid] if f.face_index == face_index)
-            g = self.decoded[uid] if uid in self.decoded else dedup.open_gray(self.read_bytes(uid))
+            g = self.decoded[uid] if uid in self.decoded else dedup.open_gray(self.read(uid))
             self.decoded[uid] = g
             got = self.kps[key] = dedup.face_keypoints(np.asarray(g), f.bbox)
         return got
@@ -246,17 +261,9 @@ def _face_json(f: FaceRec, q: float, with_embedding: bool = True) -> dict:
     return d
 
 
-def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
-            mversions: list[str], sink: _RowParts | None = None, targets: set[str] | None = None, tally=None, decisions=None):
-    """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
-    bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
-    component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
-    of the statistics (:func:`_merge_counts` sums them over buckets). With ``sink``, the rows go to it in
-    batches as they are produced (what stays in memory is one batch, whatever the number of targets)
-    and both row lists come back ``None``. ``targets``: only these photos are targets (every photo still
-    serves as a candidate); ``tally`` (reuse.TargetTally): records each target's share of the counts and
-    is shown each target's candidate rows once their statuses are final. ``decisions``
-    (guard_cache.GuardDecisions): the copy-paste guard's recorded decisions, taken instead of computed."""
+def _prepare(by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, eval_override: set) -> dict:
+    """What a selection over these photos derives from all of them before its first target: each identity's
+    faces (in uid order), each photo's split, each face's quality."""
     def split_of(identity_id: str) -> str:
         return "eval" if identity_id in eval_override else identity_split(identity_id, cfg.eval_fraction, cfg.split_salt)
 
@@ -265,10 +272,6 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         for f in by_uid[uid]:
             if f.identity_id is not None:
                 by_identity[f.identity_id].append(f)
-    px_min = min(cfg.min_face_px, cfg.ref_min_face_px)
-    # a fresh cache per run: its eviction counts then depend only on the photos of this run
-    fps = _Fingerprints(read_bytes, by_uid, lambda f: unusable_reason(f, px_min, cfg.det_score_min, cfg.blur_min) is None,
-                        keypoints=cfg.keypoints, max_images=cfg.cache_images, max_keypoints=cfg.cache_keypoints)
     # the split a photo feeds: that of its labelled faces when they agree, else the split most of them
     # are in (ties: train); such a mixed photo is never a target, and a reference from it must not show
     # a face of the other split inside its crop
@@ -279,6 +282,40 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
             photo_split[uid] = (None, False)
         else:
             photo_split[uid] = ("eval" if votes["eval"] > votes["train"] else "train", len(votes) > 1)
+    quality = qualities([f for u in sorted(by_uid) for f in by_uid[u]], cfg.backend)  # same batch for the same photos
+    return {"by_identity": by_identity, "photo_split": photo_split, "quality": quality}
+
+
+def _new_fingerprints(read_bytes, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig) -> _Fingerprints:
+    """The decoding and keypoint caches of a selection over these photos."""
+    px_min = min(cfg.min_face_px, cfg.ref_min_face_px)
+    return _Fingerprints(read_bytes, by_uid, lambda f: unusable_reason(f, px_min, cfg.det_score_min, cfg.blur_min) is None,
+                         keypoints=cfg.keypoints, max_images=cfg.cache_images, max_keypoints=cfg.cache_keypoints)
+
+
+def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
+            mversions: list[str], sink: _RowParts | None = None, targets: set[str] | None = None, tally=None, decisions=None,
+            records: _RecordSpill | None = None, prepared: dict | None = None, fingerprints: _Fingerprints | None = None):
+    """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
+    bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
+    component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
+    of the statistics (:func:`_merge_counts` sums them over buckets). With ``sink``, the rows go to it in
+    batches as they are produced (what stays in memory is one batch, whatever the number of targets)
+    and both row lists come back ``None``. ``targets``: only these photos are targets (every photo still
+    serves as a candidate); ``tally`` (reuse.TargetTally): records each target's share of the counts and
+    is shown each target's candidate rows once their statuses are final. ``decisions``
+    (guard_cache.GuardDecisions): the copy-paste guard's recorded decisions, taken instead of computed.
+    ``records`` (rows._RecordSpill): each sample's shard record is made as soon as it is selected (its
+    photos' bytes still in the cache). ``prepared`` (:func:`_prepare` of the same photos and override) and
+    ``fingerprints`` (:func:`_new_fingerprints`): made once and shared by the runs of one process over
+    chunks of the same photos' targets (a fresh cache by default)."""
+    def split_of(identity_id: str) -> str:
+        return "eval" if identity_id in eval_override else identity_split(identity_id, cfg.eval_fraction, cfg.split_salt)
+
+    prep = prepared if prepared is not None else _prepare(by_uid, cfg, eval_override)
+    by_identity, photo_split, qual = prep["by_identity"], prep["photo_split"], prep["quality"]
+    fps = fingerprints if fingerprints is not None else _new_fingerprints(read_bytes, by_uid, cfg)
+    evicted_before = (fps.cache.evictions, fps.kps.evictions)
     kp_args = {"kp_min_inliers": cfg.kp_min_inliers, "kp_min_ratio": cfg.kp_min_ratio, "kp_strong_inliers": cfg.kp_strong_inliers}
     flags: Counter = Counter()
 
@@ -303,7 +340,6 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         flags["hash_only"] += chk.is_duplicate and row["similarity"] <= cfg.sim_high
         flags["sim_only"] += (not chk.is_duplicate) and row["similarity"] > cfg.sim_high
         return chk
-    qual = qualities([f for u in sorted(by_uid) for f in by_uid[u]], cfg.backend)  # same batch for the same photos
 
     target_reasons: Counter = Counter()
     removed: Counter = Counter()
@@ -525,6 +561,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                            "kp_strong_inliers": cfg.kp_strong_inliers},
         }
         samples.append(sample)
+        if records is not None:
+            records.add(sample, fps.read)
         target_reasons["kept"] += 1
     samples.sort(key=lambda s: s["key"])
     counts = {
@@ -533,7 +571,7 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         "candidates_removed_by": dict(sorted(removed.items())),
         "duplicate_flags_independent": dict(sorted(flags.items())),
         "unreadable": dict(sorted(fps.errors.items())),
-        "cache_evictions": {"images": fps.cache.evictions, "keypoints": fps.kps.evictions},
+        "cache_evictions": {"images": fps.cache.evictions - evicted_before[0], "keypoints": fps.kps.evictions - evicted_before[1]},
         "similarity_all_candidates": _hist_counts([r["similarity"] for r in cand_rows]),
         "similarity_selected": _hist_counts([r["similarity"] for r in pair_rows]),
     }
