@@ -36,6 +36,13 @@ def small_parallel(monkeypatch):
         return out
 
     monkeypatch.setattr(mparallel, "select_jobs", spy)
+    real_forked = mparallel._forked
+
+    def forked(*args, **kwargs):  # which passes ran in the workers: the photos' pHashes, the selection
+        parts.append(getattr(args[5] if len(args) > 5 else kwargs.get("fn"), "__name__", "_select_chunk"))
+        return real_forked(*args, **kwargs)
+
+    monkeypatch.setattr(mparallel, "_forked", forked)
     return parts
 
 
@@ -54,8 +61,10 @@ def test_parallel_build_is_byte_identical(tmp_path, small_parallel, keypoints):
     a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
     assert a == b
     assert _comparable(one.stats) == _comparable(two.stats)
-    # the parallel path ran: some selections came back as several part files (one per chunk of targets)
+    # the parallel path ran: some selections came back as several part files (one per chunk of targets),
+    # after a pass over the photos' pHashes
     assert any(isinstance(p, list) and len(p) > 1 for p in small_parallel), small_parallel
+    assert "_hash_chunk" in small_parallel and "_select_chunk" in small_parallel
 
 
 def test_parallel_refresh_is_byte_identical(tmp_path, small_parallel):

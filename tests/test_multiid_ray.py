@@ -43,9 +43,9 @@ def on_ray(monkeypatch):
     calls = []
     real = mparallel._on_ray
 
-    def spy(parts_dir, common, jobs, tasks):
-        out = real(parts_dir, common, jobs, tasks)
-        calls.append((len(jobs), len(tasks)))
+    def spy(parts_dir, common, jobs, tasks, kind="select"):
+        out = real(parts_dir, common, jobs, tasks, kind)
+        calls.append((kind, len(jobs), len(tasks)))
         return out
 
     monkeypatch.setattr(mparallel, "_on_ray", spy)
@@ -62,8 +62,10 @@ def test_ray_build_is_byte_identical(tmp_path, ray_no_driver_disk, on_ray, keypo
     assert one.stats["targets"].get("kept", 0) > 10
     assert _files(out / "one") == _files(out / "ray")
     assert _comparable(one.stats) == _comparable(ray.stats)
-    # the tasks ran (a failed one raises): the chunks of several buckets' selections at once
-    assert on_ray and any(jobs > 1 and tasks > 1 for jobs, tasks in on_ray), on_ray
+    # the tasks ran (a failed one raises): the chunks of several buckets' selections at once, after the
+    # photos' pHashes (a fresh build)
+    assert any(kind == "select" and jobs > 1 and tasks > 1 for kind, jobs, tasks in on_ray), on_ray
+    assert any(kind == "hash" for kind, _, _ in on_ray), on_ray
 
 
 def test_ray_refresh_with_guard_decisions_is_byte_identical(tmp_path, ray_no_driver_disk, on_ray):

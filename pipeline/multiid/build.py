@@ -162,11 +162,12 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     ``"targets_reselected"``, ``"reselect_reasons"``, ``"bytes_copied"``). The files written are the same,
     byte for byte, as without ``reuse_from``.
 
-    ``workers`` > 1: the targets of each large enough selection are split into contiguous runs of uids
-    selected in forked worker processes (:func:`_select_parallel`); the files written are the same, byte
-    for byte, as with one worker (tests/test_multiid_parallel.py). ``engine`` (default ``$LINEUP_ENGINE``):
-    ``"ray"`` runs those chunks as Ray tasks instead, on a local or remote cluster
-    (:func:`pipeline.multiid.parallel._select_on_ray`; same bytes: tests/test_multiid_ray.py).
+    ``workers`` > 1: the selections of all buckets run together in forked worker processes, a large
+    bucket's targets cut into chunks of about equal estimated cost, and each sample's shard record made by
+    the worker that selected it (:func:`pipeline.multiid.parallel.select_jobs`); the files written are the
+    same, byte for byte, as with one worker (tests/test_multiid_parallel.py). ``engine`` (default
+    ``$LINEUP_ENGINE``): ``"ray"`` runs those chunks as Ray tasks instead, on a local or remote cluster whose
+    workers share no disk with this process (same bytes: tests/test_multiid_ray.py).
 
     ``guard_cache``: a file of the copy-paste guard's decisions (:mod:`pipeline.multiid.guard_cache`), read
     before and written after the build: a pair of faces already judged under the same settings is not

@@ -33,6 +33,7 @@ class SelectionJob:
     tally: TargetTally | None = None
     records: bool = False
     prepared: dict | None = field(default=None, repr=False)
+    hashes: dict | None = field(default=None, repr=False)  # photo_hashes of its photos, when worked out beforehand
 
     def uids(self) -> list[str]:
         return sorted(self.img_meta) if self.targets is None else sorted(set(self.img_meta) & set(self.targets))
@@ -40,12 +41,18 @@ class SelectionJob:
 
 def _job_args(job: SelectionJob) -> dict:
     return {"stem": job.stem, "img_meta": job.img_meta, "by_uid": job.by_uid, "override": job.override,
-            "tally": job.tally, "records": job.records, "prepared": job.prepared}
+            "tally": job.tally, "records": job.records, "prepared": job.prepared, "hashes": job.hashes}
 
 
 def _select_chunk(j: int, i: int, chunk: list[str]):
     """In a forked worker: :func:`_run_chunk` with the arguments it inherited."""
     return _run_chunk(_FORKED["common"], _FORKED["jobs"][j], j, i, chunk)
+
+
+def _hash_chunk(j: int, i: int, chunk: list[str]):
+    """In a forked worker: :func:`pipeline.multiid.selection.photo_hashes` of the photos ``chunk`` of job ``j``."""
+    common = _FORKED["common"]
+    return selection.photo_hashes(chunk, _FORKED["jobs"][j]["by_uid"], common["cfg"], common["read_bytes"])
 
 
 def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
@@ -62,7 +69,7 @@ def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
     new_at, hits_at = (_WORKER["sent"], _WORKER["hits"]) if guard is not None else (0, 0)
     if _WORKER.get("job") != j:  # one job's caches at a time
         _WORKER["job"] = j
-        _WORKER["fingerprints"] = selection._new_fingerprints(common["read_bytes"], a["by_uid"], cfg)
+        _WORKER["fingerprints"] = selection._new_fingerprints(common["read_bytes"], a["by_uid"], cfg, a["hashes"])
     stem = f"{a['stem']}-c{i:03d}"
     sink = _RowParts(common["parts_dir"], stem)
     records = _RecordSpill(common["parts_dir"], stem, cfg) if a["records"] else None
@@ -94,12 +101,15 @@ def _ray_chunk(_model, task: tuple):
 
     import ray
 
-    common_ref, job_ref, j, i, chunk = task
+    kind, common_ref, job_ref, j, i, chunk = task
     if _WORKER.get("common_id") != common_ref.hex():  # a Ray worker process outlives a build: start afresh
         _WORKER.clear()
         _WORKER["common_id"], _WORKER["common"] = common_ref.hex(), ray.get(common_ref)
     if _WORKER.get("job_id") != job_ref.hex():
         _WORKER["job_id"], _WORKER["job_args"] = job_ref.hex(), ray.get(job_ref)
+    if kind == "hash":
+        common = _WORKER["common"]
+        return selection.photo_hashes(chunk, _WORKER["job_args"]["by_uid"], common["cfg"], common["read_bytes"])
     tmp = Path(tempfile.mkdtemp(prefix="multiid-chunk-"))
     try:
         samples, counts, paths, tally, decided, at = _run_chunk({**_WORKER["common"], "parts_dir": tmp}, _WORKER["job_args"],
@@ -114,10 +124,10 @@ def _ray_chunk(_model, task: tuple):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _on_ray(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple]) -> list:
+def _on_ray(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], kind: str = "select") -> list:
     """The chunks as Ray tasks (:func:`_ray_chunk`), the arguments put into the object store once (those
     shared by all, and each job's); the files each task sends back are written to ``parts_dir``. Results in
-    the order of ``tasks``, as :func:`_run_chunk` gives them."""
+    the order of ``tasks``, as :func:`_run_chunk` gives them (``kind="hash"``: as photo_hashes does)."""
     import ray
 
     from pipeline import ray_engine
@@ -125,8 +135,10 @@ def _on_ray(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list
     ray_engine.ensure_ray()
     common_ref = ray.put(common)
     job_refs = [ray.put(_job_args(job)) for job in jobs]
-    results, _ = ray_engine.run_chunks("multiid-select", [(common_ref, job_refs[j], j, i, c) for j, i, c in tasks],
-                                       decode=None, analyze=_ray_chunk, factory=None, items_of=lambda t: len(t[4]))
+    results, _ = ray_engine.run_chunks(f"multiid-{kind}", [(kind, common_ref, job_refs[j], j, i, c) for j, i, c in tasks],
+                                       decode=None, analyze=_ray_chunk, factory=None, items_of=lambda t: len(t[5]))
+    if kind == "hash":
+        return results
     out = []
     for samples, counts, files, tally, decided, spilled in results:
         local = {}
@@ -185,20 +197,39 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
     order = sorted(range(len(tasks)), key=lambda k: -costs[k])
     tasks = [tasks[k] for k in order]
     common = {"cfg": cfg, "read_bytes": read_bytes, "mversions": mversions, "guard": guard}
+    # first every photo's pHashes, each photo decoded once by one worker: a fresh bucket's chunks otherwise
+    # each decode most of its photos (the candidates of a person's targets lie in many other chunks' photos)
+    # (for a job that selects most of its photos: a refresh's few targets decode only what they examine)
+    hash_tasks = [(j, i, ch) for j, job in enumerate(jobs)
+                  if len(uids[j]) >= PARALLEL_MIN_TARGETS and 2 * len(uids[j]) >= len(job.img_meta)
+                  for i, ch in enumerate(_spread(sorted(set(job.img_meta) | set(job.by_uid)), slots * CHUNKS_PER_WORKER))]
+    if hash_tasks:
+        hashed = (_on_ray(parts_dir, common, jobs, hash_tasks, "hash") if on_ray
+                  else _forked(parts_dir, common, jobs, hash_tasks, workers, _hash_chunk))
+        for (j, _, _), h in zip(hash_tasks, hashed):
+            jobs[j].hashes = {**(jobs[j].hashes or {}), **h}
     if on_ray:
         results = _on_ray(parts_dir, common, jobs, tasks)
     else:
         results = _forked(parts_dir, common, jobs, tasks, workers)
     for job in jobs:
-        job.prepared = None
+        job.prepared = job.hashes = None
     by_job: dict[int, list] = {}
     for (j, i, _), r in sorted(zip(tasks, results), key=lambda t: t[0][:2]):
         by_job.setdefault(j, []).append(r)
     return [here[j] if j in here else _merge_chunks(by_job[j], job.tally, guard) for j, job in enumerate(jobs)]
 
 
-def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], workers: int) -> list:
-    """The chunks in ``workers`` forked processes; results in the order of ``tasks``."""
+def _spread(uids: list[str], n: int) -> list[list[str]]:
+    """``uids`` in at most ``n`` parts of about equal size."""
+    n = max(1, min(n, len(uids)))
+    return [uids[k * len(uids) // n:(k + 1) * len(uids) // n] for k in range(n)]
+
+
+def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], workers: int, fn=None) -> list:
+    """``fn`` (:func:`_select_chunk`) over the chunks in ``workers`` forked processes; results in the order
+    of ``tasks``."""
+    import gc
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -209,10 +240,14 @@ def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list
     # threads did not survive the fork hangs as soon as it touches it (seen: setNumThreads in the child)
     cv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
+    # the inherited objects (the collection's faces, the plan) out of the garbage collector's sight: its
+    # full passes in a child walk every one of them, writing their pages (copied, CPU in every worker)
+    gc.freeze()
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
-            return list(pool.map(_select_chunk, *zip(*tasks)))
+            return list(pool.map(fn or _select_chunk, *zip(*tasks)))
     finally:
+        gc.unfreeze()
         _FORKED.clear()
         cv2.setNumThreads(cv_threads)
 

@@ -188,8 +188,12 @@ class _Fingerprints:
     sample's record (its target photo, its references' crops) is made right after its selection."""
 
     def __init__(self, read_bytes, faces_by_uid, eligible=None, keypoints: bool = True,
-                 max_images: int = 20_000, max_keypoints: int = 2_000, max_bytes: int = RAW_CACHE_BYTES):
+                 max_images: int = 20_000, max_keypoints: int = 2_000, max_bytes: int = RAW_CACHE_BYTES,
+                 hashes: dict | None = None):
         self.read_bytes = read_bytes
+        # uid -> the photo's pHashes worked out beforehand (:func:`photo_hashes`, in other processes), or why it
+        # could not be read: :meth:`get` then decodes nothing, :meth:`full` only for the faces compared
+        self.hashes = hashes or {}
         self.faces_by_uid = faces_by_uid
         self.eligible = eligible or (lambda f: True)
         self.keypoints = keypoints
@@ -208,8 +212,17 @@ class _Fingerprints:
         return data
 
     def get(self, uid: str):
+        """(image pHash, {face index: its fingerprint}) of the photo's comparable faces; without their NCC
+        patches when they came from ``hashes`` (:meth:`full` has them)."""
         if uid in self.errors:
             return None
+        if uid not in self.cache and uid in self.hashes:
+            pre = self.hashes[uid]
+            if isinstance(pre, str):
+                self.errors[uid] = pre
+                return None
+            self.cache[uid] = pre
+            self._placeholders(uid)
         if uid not in self.cache:
             try:
                 g = dedup.open_gray(self.read(uid))
@@ -217,17 +230,32 @@ class _Fingerprints:
                        if self.eligible(f)}
                 self.cache[uid] = (dedup.image_phash(g), fps)
                 if self.keypoints:
-                    # keypoints are computed when a face is compared (kp), not for every eligible face of the
-                    # photo; the cache still takes an entry per eligible face here (a placeholder), so that its
-                    # contents and its eviction count are those of computing them all now
                     self.decoded[uid] = g
-                    for f in self.faces_by_uid.get(uid, []):
-                        if self.eligible(f):
-                            self.kps[(uid, f.face_index)] = _NOT_YET
+                self._placeholders(uid)
             except Exception as e:  # noqa: BLE001 - unreadable image becomes a counted reason, not a crash
                 self.errors[uid] = f"{type(e).__name__}: {e}"
                 return None
         return self.cache[uid]
+
+    def _placeholders(self, uid: str) -> None:
+        # keypoints are computed when a face is compared (kp), not for every eligible face of the photo; the
+        # cache still takes an entry per eligible face here (a placeholder), so that its contents and its
+        # eviction count are those of computing them all now
+        if self.keypoints:
+            for f in self.faces_by_uid.get(uid, []):
+                if self.eligible(f):
+                    self.kps[(uid, f.face_index)] = _NOT_YET
+
+    def full(self, uid: str):
+        """:meth:`get` with every face's NCC patch (decoding the photo when its entry came from ``hashes``)."""
+        got = self.get(uid)
+        if got is None or all(fp.patch is not None for fp in got[1].values()):
+            return got
+        g = self.decoded[uid] if uid in self.decoded else dedup.open_gray(self.read(uid))
+        self.decoded[uid] = g
+        faces = {f.face_index: f for f in self.faces_by_uid.get(uid, [])}
+        got = self.cache[uid] = (got[0], {i: dedup.face_fingerprint(g, faces[i].landmarks, faces[i].bbox) for i in got[1]})
+        return got
 
     def kp(self, uid: str, face_index: int) -> dedup.KeypointSet | None:
         """Keypoints of one face's region (cached per (uid, face_index); computed on a miss)."""
@@ -286,11 +314,28 @@ def _prepare(by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, eval_override
     return {"by_identity": by_identity, "photo_split": photo_split, "quality": quality}
 
 
-def _new_fingerprints(read_bytes, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig) -> _Fingerprints:
+def _new_fingerprints(read_bytes, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, hashes: dict | None = None) -> _Fingerprints:
     """The decoding and keypoint caches of a selection over these photos."""
     px_min = min(cfg.min_face_px, cfg.ref_min_face_px)
     return _Fingerprints(read_bytes, by_uid, lambda f: unusable_reason(f, px_min, cfg.det_score_min, cfg.blur_min) is None,
-                         keypoints=cfg.keypoints, max_images=cfg.cache_images, max_keypoints=cfg.cache_keypoints)
+                         keypoints=cfg.keypoints, max_images=cfg.cache_images, max_keypoints=cfg.cache_keypoints,
+                         hashes=hashes)
+
+
+def photo_hashes(uids: list[str], by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes) -> dict:
+    """uid -> (image pHash, {face index: its face pHashes, without the NCC patch}) of its comparable faces, or
+    why the photo could not be read: what the cheap part of the copy-paste guard needs of every candidate,
+    worked out once per photo (by several processes, each over its own photos) so that the processes that
+    then select decode only the photos they compare (:meth:`_Fingerprints.full`)."""
+    fps = _new_fingerprints(read_bytes, by_uid, cfg)
+    fps.keypoints = False
+    out: dict = {}
+    for uid in uids:
+        got = fps.get(uid)
+        out[uid] = fps.errors[uid] if got is None else (
+            got[0], {i: dedup.FaceFingerprint(fp.phash, fp.phash_mirror, None, None) for i, fp in got[1].items()})
+        fps.cache.pop(uid, None)
+    return out
 
 
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
@@ -323,7 +368,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         """The whole copy-paste guard, target face ``f`` against candidate ``c``: recorded in ``row`` and
         in the order-independent flags (which therefore count the candidates examined)."""
         def judge() -> dedup.DupCheck:
-            return dedup.compare(t_phash, got[0], t_fps[f.face_index], got[1][c.face_index],
+            tg, cg = fps.full(uid), fps.full(c.uid)  # the NCC patches too
+            return dedup.compare(tg[0], cg[0], tg[1][f.face_index], cg[1][c.face_index],
                                  cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min,
                                  fps.kp(uid, f.face_index), fps.kp(c.uid, c.face_index), **kp_args)
         chk = judge() if decisions is None else decisions.compare(f, c, judge)
@@ -460,10 +506,9 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                         continue
                 redundant = any(c.uid == o.uid for _, o, _ in chosen)
                 if not redundant:
-                    got = fps.get(c.uid)
                     for _, o, _ in chosen:
-                        og = fps.get(o.uid)
-                        def judge(got=got, og=og, c=c, o=o) -> dedup.DupCheck:
+                        def judge(c=c, o=o) -> dedup.DupCheck:
+                            got, og = fps.full(c.uid), fps.full(o.uid)  # the NCC patches too
                             return dedup.compare(got[0], og[0], got[1][c.face_index], og[1][o.face_index],
                                                  cfg.image_hamming_max, cfg.face_hamming_max, cfg.face_ncc_min,
                                                  fps.kp(c.uid, c.face_index), fps.kp(o.uid, o.face_index), **kp_args)
