@@ -310,15 +310,22 @@ class TorchShapePredictor:
             inside = (px >= 0) & (py >= 0) & (px < img_w) & (py < img_h)
             k = torch.where(inside, base + py * img_w + px, base)
             # dlib's grey of an rgb_pixel: (r + g + b) / 3 in integers; 0 outside the image
-            grey = (pixels[k].int() + pixels[k + plane].int() + pixels[k + 2 * plane].int()) // 3
-            values = torch.where(inside, grey, 0).to(torch.float32)  # (N, F)
+            # (index_select: on CPU many times faster than tensor[index] for these sizes)
+            r, g, b = (pixels.index_select(0, (k + c * plane).reshape(-1)).int() for c in range(3))
+            grey = (r + g + b) // 3
+            values = torch.where(inside, grey.view(n, -1), 0).to(torch.float32)  # (N, F)
 
-            node = torch.zeros((n, lv["split_base"].numel()), dtype=torch.long, device=dev)
+            T = lv["split_base"].numel()
+            node = torch.zeros((n, T), dtype=torch.long, device=dev)
             for _ in range(lv["depth"]):
-                k = lv["split_base"] + node
-                diff = values.gather(1, lv["idx1"][k]) - values.gather(1, lv["idx2"][k])
-                node = 2 * node + 1 + (diff <= lv["thresh"][k]).long()  # left child when diff > thresh
-            leaf = lv["leaves"][lv["leaf_base"] + node - lv["n_splits"]]  # (N, T, 2P)
+                k = (lv["split_base"] + node).reshape(-1)
+                i1 = lv["idx1"].index_select(0, k).view(n, T)
+                i2 = lv["idx2"].index_select(0, k).view(n, T)
+                diff = values.gather(1, i1) - values.gather(1, i2)
+                # left child when diff > thresh
+                node = 2 * node + 1 + (diff <= lv["thresh"].index_select(0, k).view(n, T)).long()
+            leaf_rows = (lv["leaf_base"] + node - lv["n_splits"]).reshape(-1)
+            leaf = lv["leaves"].index_select(0, leaf_rows).view(n, T, -1)  # (N, T, 2P)
             flat_shape = shape.reshape(n, -1)
             if self.exact_sum:
                 for t in range(leaf.shape[1]):
