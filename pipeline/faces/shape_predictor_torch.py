@@ -272,9 +272,15 @@ class TorchShapePredictor:
         if not self.exact_sum:
             return shape + leaves.sum(1)
         if self.use_triton:
-            from .shape_predictor_triton import sequential_leaf_sum
+            try:
+                from .shape_predictor_triton import sequential_leaf_sum
 
-            return sequential_leaf_sum(shape, leaves)
+                return sequential_leaf_sum(shape, leaves)
+            except Exception as e:  # noqa: BLE001 - no Triton/compiler: the eager loop gives the same points
+                import warnings
+
+                warnings.warn(f"Triton tree sum unavailable ({type(e).__name__}: {e}); adding trees one launch at a time", stacklevel=2)
+                self.use_triton = False
         for t in range(leaves.shape[1]):  # dlib's order, one float32 add per tree
             shape = shape + leaves[:, t]
         return shape
@@ -307,7 +313,9 @@ class TorchShapePredictor:
         n = sum(counts)
         if n == 0:
             return [np.zeros((0, self.num_parts, 2), np.int64) for _ in counts]
-        pixels = torch.cat(planes)  # every image's (3, H, W) bytes, one after the other
+        # every image's (3, H, W) bytes one after the other (a copy, unless only one image has boxes)
+        with_boxes = [p for p in planes if p.numel()]
+        pixels = with_boxes[0] if len(with_boxes) == 1 else torch.cat(planes)
         offsets = np.cumsum([0] + [p.numel() for p in planes[:-1]])
         per_face = np.repeat(np.arange(len(images)), counts)
         hw = np.array(sizes, np.int64)[per_face]
