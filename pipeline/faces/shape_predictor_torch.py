@@ -249,18 +249,18 @@ class TorchShapePredictor:
         for lv in self.model.levels:
             T, S = lv.split_idx1.shape
             self._levels.append(
-                dict(
-                    anchor=torch.as_tensor(lv.anchor_idx, device=dev),
-                    delta=torch.as_tensor(lv.deltas, device=dev),
-                    idx1=torch.as_tensor(lv.split_idx1.reshape(-1), device=dev),
-                    idx2=torch.as_tensor(lv.split_idx2.reshape(-1), device=dev),
-                    thresh=torch.as_tensor(lv.split_thresh.reshape(-1), device=dev),
-                    leaves=torch.as_tensor(lv.leaf_values.reshape(T * (S + 1), -1), device=dev),
-                    split_base=torch.arange(T, device=dev) * S,
-                    leaf_base=torch.arange(T, device=dev) * (S + 1),
-                    n_splits=S,
-                    depth=lv.depth,
-                )
+                {
+                    "anchor": torch.as_tensor(lv.anchor_idx, device=dev),
+                    "delta": torch.as_tensor(lv.deltas, device=dev),
+                    "idx1": torch.as_tensor(lv.split_idx1.reshape(-1), device=dev),
+                    "idx2": torch.as_tensor(lv.split_idx2.reshape(-1), device=dev),
+                    "thresh": torch.as_tensor(lv.split_thresh.reshape(-1), device=dev),
+                    "leaves": torch.as_tensor(lv.leaf_values.reshape(T * (S + 1), -1), device=dev),
+                    "split_base": torch.arange(T, device=dev) * S,
+                    "leaf_base": torch.arange(T, device=dev) * (S + 1),
+                    "n_splits": S,
+                    "depth": lv.depth,
+                }
             )
 
     @property

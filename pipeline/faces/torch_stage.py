@@ -275,8 +275,8 @@ class TorchFaceStage(FaceBackend):
     ``detect_max_side`` (1024: images are searched scaled down to this longest side, as the
     dlib backend does), ``min_face`` (20 px at the searched scale), ``min_prob`` (0.9, as the
     dlib backend's MTCNN), ``decode_workers`` (CPU decoding threads for analyze_encoded),
-    ``landmarks``: ``"dlib"`` (default: dlib's 5-point shape predictor on each MTCNN box, on a
-    CPU copy of the image, so the chip is placed exactly as dlib places it) or ``"mtcnn"``
+    ``landmarks``: ``"dlib"`` (default: dlib's 5-point shape predictor on each MTCNN box, its
+    torch port on the stage's device, so the chip is placed exactly as dlib places it) or ``"mtcnn"``
     (MTCNN's own points through :data:`MTCNN_CHIP_TEMPLATE`: no CPU work per face, but on the
     shared photos its embeddings were only median 0.993 / min 0.87 cosine to dlib's and the
     identities differed, adjusted Rand 0.92; bench/bench_dlib_torch.py stage-parity).
