@@ -4,6 +4,7 @@ parity with dlib's own predictor and per-face time.
 Usage:
   .venv/bin/python bench/bench_shape_predictor_torch.py parity [--limit N] [--device cpu]
   .venv/bin/python bench/bench_shape_predictor_torch.py speed [--faces 200] [--repeats 5]
+  .venv/bin/python bench/bench_shape_predictor_torch.py device --device cuda [--faces 2000] [--repeats 5]
 
 parity: every photo of ../shared/data/faces; boxes = every face the torch face stage's MTCNN
 keeps (as TorchFaceStage hands them to the predictor), every face of dlib's HOG detector, and
@@ -12,6 +13,9 @@ Reference: ``dlib.shape_predictor(shape_predictor_5_face_landmarks.dat)`` on the
 Prints max |difference| in pixels and the share of points exactly equal, per box source.
 speed: the same faces through dlib (one call per face, CPU) and the port (one batched call,
 1 torch thread), medians of CPU seconds (process time) and wall.
+device: for a machine without dlib (the GPU box): the port on ``--device`` against the port on
+CPU (which parity shows equal to dlib), on MTCNN and synthetic boxes of the photos, then the
+photos repeated until ``--faces`` and timed in one call (with and without the Triton tree sum).
 Each run writes JSON to bench/results/shape-predictor-<what>-<time>.json.
 """
 
@@ -166,9 +170,65 @@ def speed(args) -> dict:
     }
 
 
+def device_check(args) -> dict:
+    import torch
+
+    from pipeline.faces.dlib_parity import load_rgb, photo_files
+    from pipeline.faces.shape_predictor_torch import TorchShapePredictor
+    from pipeline.faces.torch_stage import TorchFaceStage
+
+    torch.set_num_threads(1)
+    dev = torch.device(args.device)
+    cpu = TorchShapePredictor(device="cpu")
+    port = TorchShapePredictor(device=dev)
+    stage = TorchFaceStage(device=str(dev), landmarks="mtcnn")  # detection only
+    rng = np.random.default_rng(0)
+    imgs, boxes = [], []
+    for f in photo_files(DATA)[: args.limit or None]:
+        img = torch.from_numpy(np.ascontiguousarray(load_rgb(f)).copy()).permute(2, 0, 1).to(dev)
+        with torch.inference_mode():
+            b = np.concatenate([stage_boxes(stage, img), synthetic_boxes(*img.shape[1:], 4, rng)])
+        imgs.append(img)
+        boxes.append(b)
+    n = sum(map(len, boxes))
+    want = np.concatenate(cpu.predict([i.cpu() for i in imgs], boxes))
+    got = np.concatenate(port.predict(imgs, boxes))
+    diff = np.abs(got - want)
+    reps = max(1, -(-args.faces // n))
+    big_imgs, big_boxes = imgs * reps, boxes * reps
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    timings = {}
+    for triton_sum in ((True, False) if dev.type == "cuda" else (False,)):
+        port.use_triton = triton_sum
+        port.predict(big_imgs[:8], big_boxes[:8])  # warm-up (Triton compiles here)
+        cpu_s, wall_s = [], []
+        for _ in range(args.repeats):
+            sync()
+            c0, w0 = time.process_time(), time.perf_counter()
+            port.predict(big_imgs, big_boxes)
+            sync()
+            cpu_s.append(time.process_time() - c0)
+            wall_s.append(time.perf_counter() - w0)
+        timings["triton_sum" if triton_sum else "eager_sum"] = {
+            "faces": n * reps, "images": len(big_imgs), "use_triton": port.use_triton,
+            "wall_ms_per_face": 1e3 * statistics.median(wall_s) / (n * reps),
+            "host_cpu_ms_per_face": 1e3 * statistics.median(cpu_s) / (n * reps),
+            "faces_per_s": (n * reps) / statistics.median(wall_s),
+        }
+    return {
+        "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+        "parity_vs_cpu_port": {"faces": n, "fraction_equal": float((diff.max(-1) == 0).mean()), "max_abs_px": int(diff.max()) if n else 0},
+        "timings": timings,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("parity", "speed"))
+    ap.add_argument("what", choices=("parity", "speed", "device"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--limit", type=int, default=0, help="parity: first N photos only")
     ap.add_argument("--synthetic", type=int, default=20, help="parity: synthetic boxes per photo")
@@ -176,7 +236,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     before = _machine()
-    result = parity(args) if args.what == "parity" else speed(args)
+    result = {"parity": parity, "speed": speed, "device": device_check}[args.what](args)
     result["machine_before"], result["machine_after"] = before, _machine()
     out = REPO / "bench" / "results" / f"shape-predictor-{args.what}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
