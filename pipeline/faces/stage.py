@@ -519,7 +519,6 @@ def face_unit_inputs(layout, key: str, backend) -> dict:
     a removal request that rewrites the file later does not make the faces stale) and the face model. A
     unit committed from other inputs is stale and is run again."""
     from pipeline.commits import read_marker
-
     from pipeline.faces.stage_identity import stage_id, stage_key
 
     images_unit = read_marker(layout, "images", key) or {}

@@ -4,7 +4,9 @@ Everything after decoding runs as batched tensor work on one device, so a GPU do
 
 - decode: nvjpeg on CUDA (``torchvision.io.decode_jpeg``, batched) for plain RGB/grey JPEGs
   without EXIF rotation; everything else (PNG, WebP, CMYK, rotated, corrupt) through
-  :func:`pipeline.decode.decode_image` on CPU worker threads, with its reject reasons;
+  :func:`pipeline.decode.decode_image` on CPU worker threads, with its reject reasons. The face
+  stage (pipeline/faces/stage.py ``analyze_chunks``, the asset's and the Ray actors' path) reads and
+  decodes the next chunk this way on a thread while this stage analyses the current one;
 - detection: facenet-pytorch's MTCNN networks (weights inside the package) driven in batches:
   images letterboxed into one canvas per batch, and the R-Net / O-Net crops of every candidate
   of every image cut by one ``roi_align`` call instead of one resize per box;
@@ -232,7 +234,7 @@ def decode_batch(
     out: list[Decoded | None] = [None] * len(blobs)
     gpu_idx = []
     if device.type == "cuda":
-        check = lambda b: _nvjpeg_ok(b, limits)  # noqa: E731
+        check = lambda b: _nvjpeg_ok(b, limits)
         ok = list(pool.map(check, blobs) if pool else map(check, blobs))
         gpu_idx = [i for i, good in enumerate(ok) if good]
     if gpu_idx:
@@ -247,7 +249,7 @@ def decode_batch(
         except RuntimeError:
             out = [None] * len(blobs)  # a bad file fails the whole nvjpeg batch: decode them one by one on CPU
     rest = [i for i in range(len(blobs)) if out[i] is None]
-    fn = lambda i: _cpu_decode(blobs[i], limits)  # noqa: E731
+    fn = lambda i: _cpu_decode(blobs[i], limits)
     for i, d in zip(rest, pool.map(fn, rest) if pool else map(fn, rest)):
         if d.image is not None:
             d.image = d.image.to(device, non_blocking=True)
@@ -316,7 +318,8 @@ class TorchFaceStage(FaceBackend):
     Options: ``device`` ("auto"), ``dtype`` of the descriptor ("auto": bfloat16 on CUDA),
     ``detect_max_side`` (1024: images are searched scaled down to this longest side, as the
     dlib backend does), ``min_face`` (20 px at the searched scale), ``min_prob`` (0.9, as the
-    dlib backend's MTCNN), ``decode_workers`` (CPU decoding threads for analyze_encoded),
+    dlib backend's MTCNN), ``decode_workers`` (threads that read rows, parse JPEG headers and run the CPU
+    decoder: :meth:`decode_encoded`),
     ``landmarks``: ``"dlib"`` (default: dlib's 5-point shape predictor on each MTCNN box, on a
     CPU copy of the image, so the chip is placed exactly as dlib places it) or ``"mtcnn"``
     (MTCNN's own points through :data:`MTCNN_CHIP_TEMPLATE`: no CPU work per face, but on the
