@@ -282,33 +282,37 @@ def _letterbox(images: list[torch.Tensor], max_side: int, multiple: int = 32):
 
 def _blur_batch(images: list[torch.Tensor], points: list[list[np.ndarray]]) -> np.ndarray:
     """Blur of every face (Laplacian variance of its 112 px ArcFace-template grey crop, as the CPU
-    backends compute it, pipeline.faces.align), in face order: one grid_sample per image for all its
-    faces, every variance left on the device and copied back once (no synchronisation per face)."""
+    backends compute it, pipeline.faces.align), in face order: the sampling grids of all faces copied to
+    the device at once, one grid_sample per image for all its faces, every variance copied back at once
+    (no synchronisation per face)."""
     from .align import ARCFACE_TEMPLATE
 
     ys, xs = np.mgrid[0:112, 0:112].astype(np.float64)
-    weights = None
-    blurs = []
+    grids = []
     for image, pts in zip(images, points):
-        if not len(pts):
-            continue
         h, w = image.shape[-2:]
-        grids = []
         for q in pts:
             A, t = similarity_transform(ARCFACE_TEMPLATE, q)  # template -> image
             px = A[0, 0] * xs + A[0, 1] * ys + t[0]
             py = A[1, 0] * xs + A[1, 1] * ys + t[1]
             grids.append(np.stack([px / (w - 1) * 2 - 1, py / (h - 1) * 2 - 1], -1))
-        # the image's faces stacked down one (n*112, 112) grid: a single sampling pass
-        grid = torch.as_tensor(np.concatenate(grids, 0), dtype=torch.float32, device=image.device)
-        crops = F.grid_sample(image[None].float(), grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-        if weights is None:
-            weights = torch.tensor([0.299, 0.587, 0.114], device=image.device)[:, None, None]
-        grey = (crops * weights).sum(0).reshape(len(pts), 112, 112)
-        lap = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] - 4 * grey[:, 1:-1, 1:-1]
-        blurs.append(lap.reshape(len(pts), -1).var(dim=1, unbiased=False))
-    if not blurs:
+    if not grids:
         return np.zeros(0, np.float64)
+    device = images[0].device
+    grids = torch.as_tensor(np.stack(grids), dtype=torch.float32, device=device)  # (faces, 112, 112, 2)
+    weights = torch.tensor([0.299, 0.587, 0.114], device=device)[:, None, None]
+    blurs, k = [], 0
+    for image, pts in zip(images, points):
+        n = len(pts)
+        if not n:
+            continue
+        # the image's faces stacked down one (n*112, 112) grid: a single sampling pass
+        grid = grids[k : k + n].reshape(1, n * 112, 112, 2)
+        crops = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+        grey = (crops * weights).sum(0).reshape(n, 112, 112)
+        lap = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] - 4 * grey[:, 1:-1, 1:-1]
+        blurs.append(lap.reshape(n, -1).var(dim=1, unbiased=False))
+        k += n
     return torch.cat(blurs).double().cpu().numpy()
 
 
