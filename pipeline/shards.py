@@ -37,6 +37,7 @@ _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # 20 blocks: tarfile pads the end of an archive to a whole record
 _NAME_LEN = 100  # a longer name needs a pax extended header: written by tarfile itself (_slow_header)
 _MAX_SIZE = 8**11  # the ustar size field's limit (12 bytes of octal); larger needs pax too
+_ZEROS = bytes(_BLOCK)
 
 
 def _fixed_header_fields(mode: int, mtime: int) -> tuple[bytes, bytes]:
@@ -93,20 +94,27 @@ class UstarWriter:
 
     def write(self, name: str, data: bytes) -> None:
         """One member; data is written as given (bytes, bytearray or memoryview)."""
+        self.write_members([(name, data)])
+
+    def write_members(self, members) -> None:
+        """Several members, in the order given, with one write to the file (a sample's members)."""
         if self.closed:
             raise ValueError("write to a closed UstarWriter")
-        size = len(data)
-        try:
-            raw = name.encode("ascii")
-        except UnicodeEncodeError:
-            raw = None
-        if raw is not None and len(raw) <= _NAME_LEN and size < _MAX_SIZE:
-            header = self._header(raw, size)
-        else:
-            header = self._slow_header(name, size)
-        pad = -size % _BLOCK
-        self._f.write(b"".join((header, data, b"\0" * pad)))
-        self.offset += len(header) + size + pad
+        parts = []
+        for name, data in members:
+            size = len(data)
+            try:
+                raw = name.encode("ascii")
+            except UnicodeEncodeError:
+                raw = None
+            if raw is not None and len(raw) <= _NAME_LEN and size < _MAX_SIZE:
+                header = self._header(raw, size)
+            else:
+                header = self._slow_header(name, size)
+            pad = -size % _BLOCK
+            parts += (header, data, _ZEROS[:pad])
+            self.offset += len(header) + size + pad
+        self._f.write(b"".join(parts))
 
     def close(self) -> None:
         """The end of the archive: two zero blocks, then zeros to a whole record."""
@@ -224,8 +232,8 @@ class ShardSink:
         if self._tar is None:
             self._open()
         try:
-            for ext, data in members:  # sorted by extension, as webdataset's TarWriter orders them
-                self._tar.write(f"{key}.{ext}", data)
+            # sorted by extension, as webdataset's TarWriter orders them
+            self._tar.write_members([(f"{key}.{ext}", data) for ext, data in members])
         except OSError as e:
             raise named_write_error(self._final, e) from e
         self._count += 1
