@@ -291,3 +291,18 @@ def test_exported_members_and_rows_match_a_plain_reference(built):
             got_rows = [r for f in files for r in pq.read_table(f).to_pylist()]
             assert got_rows == want_rows, f"{pp_folder}/{pp_name}"
             assert want_rows or split == "eval"
+
+
+def test_image_cache_keeps_recent_bytes_within_its_bound():
+    from pipeline.cache import BytesLRU
+
+    loads = []
+    cache = BytesLRU(lambda n: loads.append(n) or b"x" * n, max_bytes=10)
+    assert cache.get(4) == b"xxxx" and cache.get(4) == b"xxxx" and cache.get(5) == b"x" * 5
+    assert loads == [4, 5] and cache.bytes == 9
+    cache.get(3)  # 12 bytes: the least recently used (4) goes
+    assert cache.bytes == 8 and cache.evictions == 1
+    cache.get(5)
+    cache.get(4)  # read again
+    assert loads == [4, 5, 3, 4] and cache.bytes <= 10
+    assert cache.get(20) == b"x" * 20 and cache.bytes == 20  # one larger than the bound is still kept
