@@ -63,12 +63,14 @@ def test_duplicate_keys_are_refused(tmp_path):
 
 def _members_cases():
     """Member lists that cover the header's edge cases: sizes around a block, an empty member, a
-    name of exactly 100 bytes, longer names (pax header), a non-ASCII name (pax header)."""
+    name of exactly 100 bytes, longer names (pax header), a non-ASCII name (pax header), none, an
+    end of data one block short of a whole record."""
     sizes = [0, 1, 511, 512, 513, 1024, 5000, 10_239, 10_240, 10_241]
     yield [(f"k{i:03d}.bin", bytes([i % 251]) * n) for i, n in enumerate(sizes)]
     yield [("a" * 95 + ".json", b"{}"), ("b" * 96 + ".json", b"[1]"), ("c" * 150 + ".txt", b"x" * 700)]
     yield [("dir/sub/key_1-x.0.jpg", b"\xff\xd8" + b"j" * 3000), ("caf\u00e9.txt", "\u00e9t\u00e9".encode())]
     yield []
+    yield [("edge.bin", b"e" * 9216)]  # ends 512 bytes before a record: the two zero blocks need one more record
 
 
 def _via_webdataset(members, mtime=0, mode=0o444) -> bytes:
@@ -96,7 +98,7 @@ def _via_ustar(members, **kw) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_ustar_writer_gives_webdatasets_bytes(case):
     members = list(_members_cases())[case]
     assert _via_ustar(members) == _via_webdataset(members)
