@@ -306,3 +306,13 @@ def test_image_cache_keeps_recent_bytes_within_its_bound():
     cache.get(4)  # read again
     assert loads == [4, 5, 3, 4] and cache.bytes <= 10
     assert cache.get(20) == b"x" * 20 and cache.bytes == 20  # one larger than the bound is still kept
+
+
+def test_winner_sides_equal_winner_side_per_pair():
+    from pipeline.social.export import winner_side, winner_sides
+
+    ids = [hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in range(2_000)] + ["", "x" * 200]
+    for seed in (0, 1, 7):
+        got = winner_sides(ids, seed)
+        assert got == [winner_side(i, seed) for i in ids]
+    assert 0.4 < sum(winner_sides(ids)) / len(ids) < 0.6
