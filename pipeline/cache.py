@@ -18,6 +18,12 @@ class LRU(OrderedDict):
         self.move_to_end(key)
         return value
 
+    def get(self, key, default=None):
+        # OrderedDict.get bypasses __getitem__: without this a hit through .get never counts as a use
+        if key in self:
+            return self[key]
+        return default
+
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
         self.move_to_end(key)
