@@ -4,7 +4,7 @@ per-face time against dlib's own, and the batched face stage end to end from JPE
 Usage:
   .venv/bin/python bench/bench_dlib_torch.py parity [--device cpu|cuda]
   .venv/bin/python bench/bench_dlib_torch.py speed [--repeats 5] [--faces 64]
-  .venv/bin/python bench/bench_dlib_torch.py stage [--device cuda] [--repeat-photos 20] [--batch 256]
+  .venv/bin/python bench/bench_dlib_torch.py stage [--device cuda] [--images 1024] [--batch 256] [--out f.json]
   .venv/bin/python bench/bench_dlib_torch.py stage-parity [--device cuda] [--dtype bfloat16]
   .venv/bin/python bench/bench_dlib_torch.py fit-mtcnn-template
 
@@ -14,7 +14,10 @@ our numpy chips (dlib's algorithm), on the torch chips (whole-image pyramid), in
 bfloat16; plus identity agreement (the default identity clustering on both embedding sets).
 speed: the same chips through dlib (its CPU code, no BLAS, one thread) and the port (1 and 2
 torch threads, float32 and bfloat16), side by side, repeated, medians of wall and CPU time.
-stage: TorchFaceStage.analyze_encoded on the shared photos' bytes repeated; images/s end to end.
+stage: the faces asset's function (pipeline/faces/stage.py run_face_partition -> analyze_chunks) with the
+torch stage over --images JPEGs of ~3 MP generated from the shared photos (enlarged, re-encoded), read
+from disk by their locators; images/s end to end, wall and CPU seconds, printed per repeat. On CPU:
+`stage --device cpu --images 40 --batch 8 --repeats 1`; --code /work/main times an older checkout's code.
 Each run prints a markdown table and writes JSON to bench/results/dlib-torch-<what>-<time>.json.
 """
 
@@ -152,48 +155,141 @@ def speed(args) -> dict:
     return out
 
 
+def _source_photos() -> list[Path]:
+    """The photos the generated set is made from: the shared photos (gpu_prepare.sh carries a copy to the GPU
+    machine as .gpu/faces), else any JPEG/PNG under tests/ (none today)."""
+    from pipeline.decode import IMAGE_EXTENSIONS
+
+    for root in (DATA, REPO / "tests"):
+        found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if root.is_dir() else []
+        if found:
+            return found
+    return []
+
+
+def _enlarged_jpeg(job: tuple) -> tuple[str, int]:
+    """One benchmark photo: source photo ``k % len`` enlarged to about ``megapixels`` MP, shifted by a few
+    pixels and mirrored on odd copies (so every file, and its uid, differs), JPEG quality 85-92."""
+    from PIL import Image
+
+    k, sources, megapixels, folder = job
+    out = Path(folder) / f"{k:05d}.jpg"
+    if not out.exists():
+        if sources:
+            with Image.open(sources[k % len(sources)]) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                s = (megapixels * 1e6 / (w * h)) ** 0.5
+                im = im.resize((max(16, round(w * s)), max(16, round(h * s))), Image.BICUBIC)
+                dx = k // len(sources) % 7
+                im = im.crop((dx, dx, im.width, im.height))
+                if k // len(sources) % 2:
+                    im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        else:  # no photo anywhere: smooth noise of the same size (decode cost only, no faces)
+            rng = np.random.default_rng(k)
+            side = int((megapixels * 1e6) ** 0.5)
+            small = rng.integers(0, 255, (side // 16, side // 16, 3), dtype=np.uint8)
+            im = Image.fromarray(small).resize((side * 4 // 3, side * 3 // 4), Image.BICUBIC)
+        tmp = out.with_suffix(".tmp")
+        im.save(tmp, format="JPEG", quality=85 + k % 8)
+        tmp.rename(out)
+    return str(out), out.stat().st_size
+
+
+def bench_photos(n: int, megapixels: float, folder: Path) -> list[Path]:
+    """``n`` JPEGs of about ``megapixels`` MP in ``folder`` (kept: a second run reuses them), made on every
+    core from the shared photos."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = _source_photos()
+    if not sources:
+        print(f"no photos under {DATA} or tests/: synthetic noise images (no faces)", flush=True)
+    t0 = time.perf_counter()
+    jobs = [(k, sources, megapixels, str(folder)) for k in range(n)]
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(max(1, min(16, os.cpu_count() or 1)), mp_context=mp.get_context("spawn")) as pool:
+        made = list(pool.map(_enlarged_jpeg, jobs, chunksize=8))
+    mb = sum(size for _, size in made) / 1e6
+    print(f"{n} JPEGs of ~{megapixels} MP from {len(sources)} photos in {folder} ({mb:.0f} MB, "
+          f"{time.perf_counter() - t0:.1f} s)", flush=True)
+    return [Path(p) for p, _ in made]
+
+
+def _image_rows(files: list[Path]):
+    """An images table as ingestion writes it, as far as the face stage reads it: locator and uid."""
+    import pyarrow as pa
+
+    from pipeline.ids import content_uid
+
+    rows = []
+    for f in files:
+        data = f.read_bytes()
+        rows.append({"uid": content_uid(data), "source": f.name, "path": str(f), "offset": 0, "length": len(data)})
+    return pa.Table.from_pylist(rows)
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def stage(args) -> dict:
+    """The faces asset's own function, run_face_partition (-> analyze_chunks), with the torch stage on
+    generated ~3 MP JPEGs read from disk by their locators: images/s end to end, bytes to embeddings."""
     import torch
 
-    from pipeline.faces.dlib_parity import photo_files
+    import pipeline
+    from pipeline.faces.stage import run_face_partition
     from pipeline.faces.torch_stage import TorchFaceStage
 
-    blobs = [p.read_bytes() for p in photo_files(DATA)]
-    work = blobs * args.repeat_photos
+    folder = Path(args.photos_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"lineup-bench-{args.megapixels}mp")
+    images = _image_rows(bench_photos(args.images, args.megapixels, folder))
     st = TorchFaceStage(device=args.device, decode_workers=args.decode_workers)
-    st.analyze_encoded(blobs[: min(len(blobs), args.batch)])  # warm-up (cuDNN plans, nvjpeg)
-    for k in st.timings:
-        st.timings[k] = 0.0
-    runs = []
-    for rep in range(args.repeats):
-        faces = 0
-        t, c = time.perf_counter(), time.process_time()
-        for i in range(0, len(work), args.batch):
-            for r in st.analyze_encoded(work[i : i + args.batch]):
-                faces += len(r) if isinstance(r, list) else 0
+    out = {"machine": _machine(), "code": str(Path(pipeline.__file__).parent.parent), "device": str(st.device),
+           "model_version": st.model_version, "images": images.num_rows, "megapixels": args.megapixels,
+           "batch": args.batch, "decode_workers": args.decode_workers, "load_before": os.getloadavg(), "runs": []}
+    print(f"code {out['code']}, device {st.device}, {images.num_rows} images, batch {args.batch}", flush=True)
+
+    def sync():
         if st.device.type == "cuda":
             torch.cuda.synchronize()
-        wall, cpu = time.perf_counter() - t, time.process_time() - c
-        runs.append((wall, cpu, faces))
-        print(f"rep {rep}: {len(work)} images, {faces} faces, {wall:.2f} s wall, {len(work) / wall:.1f} images/s", flush=True)
-    wall = statistics.median(r[0] for r in runs)
-    out = {
-        "machine": _machine(),
-        "device": str(st.device),
-        "model_version": st.model_version,
-        "images": len(work),
-        "faces": runs[0][2],
-        "batch": args.batch,
-        "median_wall_s": wall,
-        "images_per_s": len(work) / wall,
-        "median_cpu_s": statistics.median(r[1] for r in runs),
-        "timings_all_repeats": dict(st.timings),
-    }
-    print("\n| device | images | faces | batch | median wall s | images/s | CPU s |\n|---|---|---|---|---|---|---|")
-    print(f"| {st.device} | {len(work)} | {runs[0][2]} | {args.batch} | {wall:.2f} | {len(work) / wall:.1f} | {out['median_cpu_s']:.1f} |")
-    print("stage timings (all repeats):", {k: round(v, 2) for k, v in st.timings.items()})
-    _write("stage", out)
+
+    t, c = time.perf_counter(), _cpu_seconds()
+    run_face_partition(images.slice(0, args.batch), st, "warm-up", batch_size=args.batch)  # a full batch
+    sync()
+    print(f"warm-up ({min(args.batch, images.num_rows)} images): {time.perf_counter() - t:.2f} s wall, "
+          f"{_cpu_seconds() - c:.2f} CPU-s", flush=True)
+    for rep in range(args.repeats):
+        t, c = time.perf_counter(), _cpu_seconds()
+        res = run_face_partition(images, st, "bench", batch_size=args.batch)
+        sync()
+        wall, cpu = time.perf_counter() - t, _cpu_seconds() - c
+        run = {"wall_s": wall, "cpu_s": cpu, "images_per_s": images.num_rows / wall, "faces": res.faces.num_rows,
+               "rejected": len(res.rejects), "timings": {k: round(float(v), 3) for k, v in res.timings.items()}}
+        out["runs"].append(run)
+        print(f"rep {rep}: {images.num_rows} images, {run['faces']} faces, {run['rejected']} rejected, {wall:.2f} s wall, "
+              f"{cpu:.2f} CPU-s, {run['images_per_s']:.2f} images/s; stage timings {run['timings']}", flush=True)
+        _save(out, args.out)
+    wall = statistics.median(r["wall_s"] for r in out["runs"])
+    out.update(median_wall_s=wall, images_per_s=images.num_rows / wall, load_after=os.getloadavg(),
+               median_cpu_s=statistics.median(r["cpu_s"] for r in out["runs"]))
+    print(f"median: {out['images_per_s']:.2f} images/s ({wall:.2f} s wall, {out['median_cpu_s']:.2f} CPU-s); "
+          f"load average {out['load_before'][0]:.2f} before, {out['load_after'][0]:.2f} after", flush=True)
+    _save(out, args.out)
     return out
+
+
+def _save(out: dict, path: str | None) -> None:
+    """The results so far, to ``path`` (else bench/results/dlib-torch-stage-<time>.json at the end)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(out, indent=2, default=float))
+    elif "median_wall_s" in out:
+        _write("stage", out)
 
 
 def stage_parity(args) -> dict:
@@ -261,10 +357,17 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--faces", type=int, default=64)
-    ap.add_argument("--repeat-photos", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64, help="stage: rows per chunk (the asset's face_batch_size; "
+                    "on CUDA the stage makes it at least 256)")
     ap.add_argument("--decode-workers", type=int, default=4)
+    ap.add_argument("--images", type=int, default=1024, help="stage: how many ~3 MP JPEGs to generate and time")
+    ap.add_argument("--megapixels", type=float, default=3.0)
+    ap.add_argument("--photos-dir", help="stage: where the generated JPEGs go (default $TMPDIR/lineup-bench-<mp>mp)")
+    ap.add_argument("--out", help="stage: JSON results written here, after every repeat")
+    ap.add_argument("--code", help="import pipeline/ from this checkout instead (e.g. an older one, to compare)")
     args = ap.parse_args()
+    if args.code:
+        sys.path.insert(0, str(Path(args.code).resolve()))
     {"parity": parity, "speed": speed, "stage": stage, "stage-parity": stage_parity, "fit-mtcnn-template": fit_mtcnn_template}[
         args.what
     ](args)

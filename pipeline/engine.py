@@ -122,3 +122,28 @@ def map_chunks(
     except BrokenProcessPool as e:
         shutdown_pools()  # a dead worker (killed, out of memory) breaks the pool: the next call starts afresh
         raise RuntimeError(f"an engine worker process died ({e}); rerun, or set engine_workers=1") from e
+
+
+# ------------------------------------------------------------------------------ decoding ahead on threads
+
+
+def prefetched(fn: Callable, items: Iterable, ahead: int = 1) -> Iterator:
+    """Futures of ``fn(item)`` in item order, computed on threads at most ``ahead`` items beyond the one
+    the caller is using: while it works on item i (a model batch), items i+1..i+ahead are prepared (read and
+    decoded), and no more, so memory holds ``ahead + 1`` prepared items at most. ``future.result()``
+    raises what ``fn`` raised. Stopping early cancels what was not started."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = iter(list(items))
+    pool = ThreadPoolExecutor(max(1, int(ahead)), thread_name_prefix="prefetch")
+    try:
+        pending = deque(pool.submit(fn, item) for _, item in zip(range(max(1, int(ahead)) + 1), todo))
+        while pending:
+            current = pending.popleft()
+            yield current
+            for item in todo:  # the next one starts once the caller is done with this one
+                pending.append(pool.submit(fn, item))
+                break
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

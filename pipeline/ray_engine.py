@@ -333,6 +333,8 @@ class _ModelActor:
         """``[(result, error)]`` per chunk of ``analyze(model, decode(chunk))``, ``fns`` = (decode, analyze).
         With several chunks, decoding runs on threads ahead of the model."""
         decode, analyze = fns
+        if decode is None and getattr(analyze, "streams_chunks", False):
+            return self._stream(analyze, chunks)
 
         def decoded(c):
             return decode(c) if decode is not None else c
@@ -347,6 +349,19 @@ class _ModelActor:
                     out.append(self._analyze(analyze, f))
             return out
         return [self._analyze(analyze, _Now(decoded, c)) for c in chunks]
+
+    def _stream(self, analyze, chunks: list) -> list:
+        """A stage that schedules its own chunks (``analyze(model, chunks)`` yields a result per chunk, in
+        order: the face stage decodes the next chunk while the model runs). A chunk that raised fails it
+        and the ones after it in this call."""
+        out = []
+        try:
+            for result in analyze(self.model, chunks):
+                out.append((result, ""))
+        except Exception:  # noqa: BLE001 - reported per chunk
+            error = traceback.format_exc(limit=5)
+            out += [(None, error)] * (len(chunks) - len(out))
+        return out
 
     def _analyze(self, analyze, pending) -> tuple:
         try:
@@ -500,7 +515,8 @@ def chunk_runner(stage: str, decode: Callable | None, analyze: Callable, factory
                  gpus_per_actor: float | None = None) -> Callable:
     """A ``chunk_runner`` for a stage's partition function: ``runner(chunks)`` runs :func:`run_chunks` on
     chunks of (rows, ...) and keeps the job's stats in ``runner.stats``. ``actors`` caps the pool (0: as
-    many as the cluster holds)."""
+    many as the cluster holds). With ``decode`` None and ``analyze.streams_chunks`` set, an actor hands
+    ``analyze(model, chunks)`` all the chunks of a call (the stage overlaps their decoding itself)."""
 
     def runner(chunks):
         results, runner.stats = run_chunks(stage, chunks, decode=decode, analyze=analyze, factory=factory,

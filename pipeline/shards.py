@@ -1,9 +1,12 @@
 """WebDataset shard writing: deterministic tars, atomic renames, a manifest per dataset version.
 
-The tar members are written by webdataset's own ``TarWriter`` with a fixed ``mtime`` (and fixed owner
-and mode; it orders members by extension), so the same samples give byte-identical shards. What this
-module adds is what webdataset does not do: dot-free key and extension checks (webdataset splits a
-member name at its first dot), one sample per key, rotation by sample count and by bytes, writing
+The tar members are written by :class:`UstarWriter`, which gives the same bytes as webdataset's
+``TarWriter(user="", group="", mode=0o444, mtime=0, encoder=False)`` (Python's tarfile, stream mode,
+pax format; members ordered by extension) from a precomputed header template: only the name, size
+and checksum differ between members, and building a full ``TarInfo`` per member was half of a large
+social export's time. Fixed mtime, owner and mode: the same samples give byte-identical shards.
+What this module adds is what webdataset does not do: dot-free key and extension checks (webdataset
+splits a member name at its first dot), one sample per key, rotation by sample count and by bytes, writing
 each shard under a temporary name that is renamed only when the shard is complete (a crashed run
 never leaves a readable half-shard; ``ShardWriter``'s ``opener``/``post`` hooks could rename, but not
 discard a half-written shard on error), and the sha256 manifest. The result reads with plain
@@ -22,14 +25,106 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import webdataset as wds
-
 from pipeline import __version__
 from pipeline.storage import named_write_error, write_bytes_atomic
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
 _EXT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # a leading "_" is metadata to webdataset
 FIXED_MTIME = 0  # every tar header gets this time, for byte-identical shards
+MEMBER_MODE = 0o444  # and this mode (owner and group: uid/gid 0, empty names)
+
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_RECORD = tarfile.RECORDSIZE  # 20 blocks: tarfile pads the end of an archive to a whole record
+_NAME_LEN = 100  # a longer name needs a pax extended header: written by tarfile itself (_slow_header)
+_MAX_SIZE = 8**11  # the ustar size field's limit (12 bytes of octal); larger needs pax too
+_ZEROS = bytes(_BLOCK)
+
+
+def _fixed_header_fields(mode: int, mtime: int) -> tuple[bytes, bytes]:
+    """The ustar header around the name and size fields, as tarfile writes them for a regular file
+    with uid/gid 0 and empty owner names: (mode, uid, gid) and (mtime, 8 spaces for the checksum,
+    type, linkname, magic+version, uname, gname, devmajor, devminor, prefix, padding to 512)."""
+    head = b"%07o\0" % (mode & 0o7777) + b"0000000\0" * 2
+    tail = (
+        b"%011o\0" % mtime
+        + b" " * 8
+        + tarfile.REGTYPE
+        + b"\0" * 100
+        + tarfile.POSIX_MAGIC
+        + b"\0" * (32 + 32 + 8 + 8 + 155 + 12)
+    )
+    return head, tail
+
+
+class UstarWriter:
+    """Writes tar members (name, bytes) to a binary file object, byte for byte as webdataset's
+    TarWriter (tarfile.open(mode="w|"), pax format) does with uid/gid 0, empty owner names and the
+    given mode and mtime; close() writes the two zero blocks and pads to a whole record like
+    tarfile. Names longer than 100 bytes or data of 8 GiB and more get tarfile's own header (pax)."""
+
+    def __init__(self, fileobj, mode: int = MEMBER_MODE, mtime: int = FIXED_MTIME):
+        if not (isinstance(mtime, int) and 0 <= mtime < 8**11):
+            raise ValueError(f"mtime must be a whole number of seconds in [0, 8**11), got {mtime!r}")
+        self._f = fileobj
+        self._mode, self._mtime = mode, mtime
+        self._head, self._tail = _fixed_header_fields(mode, mtime)
+        self._tail_before_sum, self._tail_after_sum = self._tail[:12], self._tail[20:]
+        self._fixed_sum = sum(self._head) + sum(self._tail)  # the checksum counts its own field as spaces
+        self.offset = 0
+        self.closed = False
+
+    def _header(self, name: bytes, size: int) -> bytes:
+        size_field = b"%011o\0" % size
+        chksum = self._fixed_sum + sum(name) + sum(size_field)
+        return b"".join(
+            (
+                name.ljust(_NAME_LEN, b"\0"),
+                self._head,
+                size_field,
+                self._tail_before_sum,
+                b"%06o\0 " % chksum,
+                self._tail_after_sum,
+            )
+        )
+
+    def _slow_header(self, name: str, size: int) -> bytes:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = size, self._mtime, self._mode, "", ""
+        return ti.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+    def write(self, name: str, data: bytes) -> None:
+        """One member; data is written as given (bytes, bytearray or memoryview)."""
+        self.write_members([(name, data)])
+
+    def write_members(self, members) -> None:
+        """Several members, in the order given, with one write to the file (a sample's members)."""
+        if self.closed:
+            raise ValueError("write to a closed UstarWriter")
+        parts = []
+        for name, data in members:
+            size = len(data)
+            try:
+                raw = name.encode("ascii")
+            except UnicodeEncodeError:
+                raw = None
+            if raw is not None and len(raw) <= _NAME_LEN and size < _MAX_SIZE:
+                header = self._header(raw, size)
+            else:
+                header = self._slow_header(name, size)
+            pad = -size % _BLOCK
+            parts += (header, data, _ZEROS[:pad])
+            self.offset += len(header) + size + pad
+        self._f.write(b"".join(parts))
+
+    def close(self) -> None:
+        """The end of the archive: two zero blocks, then zeros to a whole record."""
+        if self.closed:
+            return
+        self.closed = True
+        end = 2 * _BLOCK
+        end += -(self.offset + end) % _RECORD
+        self._f.write(b"\0" * end)
+        self.offset += end
 
 
 @dataclass(frozen=True)
@@ -89,7 +184,7 @@ class ShardSink:
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.shards: list[ShardInfo] = []
-        self._tar: wds.TarWriter | None = None
+        self._tar: UstarWriter | None = None
         self._file = None
         self._tmp: Path | None = None
         self._count = 0
@@ -104,7 +199,7 @@ class ShardSink:
             self._file = _HashingFile(self._tmp)
         except OSError as e:
             raise named_write_error(self._final, e) from e
-        self._tar = wds.TarWriter(self._file, user="", group="", mode=0o444, encoder=False, mtime=FIXED_MTIME)
+        self._tar = UstarWriter(self._file)
         self._count = 0
         self._size = 0
 
@@ -137,7 +232,8 @@ class ShardSink:
         if self._tar is None:
             self._open()
         try:
-            self._tar.write({"__key__": key, **{ext: data for ext, data in members}})
+            # sorted by extension, as webdataset's TarWriter orders them
+            self._tar.write_members([(f"{key}.{ext}", data) for ext, data in members])
         except OSError as e:
             raise named_write_error(self._final, e) from e
         self._count += 1

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from pipeline.engine import available_cores, map_chunks, resolve_workers
 from pipeline.faces import get_backend
@@ -92,3 +93,31 @@ def test_a_small_partition_starts_no_worker_pool(shared_faces, monkeypatch):
     finally:
         engine.shutdown_pools()
     assert pooled.images.equals(serial.images)
+
+
+def test_prefetched_prepares_one_item_ahead_of_the_one_in_use():
+    """The face stage's decode-ahead: while the caller uses item i, item i+1 is prepared on a thread and
+    item i+2 is not started yet (memory holds two prepared chunks at most); results stay in order and an
+    item's error surfaces from its own future."""
+    import time
+
+    from pipeline.engine import prefetched
+
+    started = []
+
+    def prepare(x):
+        started.append(x)
+        if x == 3:
+            raise ValueError("bad item 3")
+        return x * 10
+
+    items = prefetched(prepare, range(5), ahead=1)
+    assert next(items).result() == 0
+    deadline = time.monotonic() + 5
+    while 1 not in started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert started == [0, 1]  # the next one is prepared while this one is in use, no further
+    assert [next(items).result() for _ in range(2)] == [10, 20]
+    with pytest.raises(ValueError, match="bad item 3"):
+        next(items).result()
+    assert next(items).result() == 40 and started == [0, 1, 2, 3, 4]

@@ -101,3 +101,26 @@ def test_embedding_dim_mismatch_is_an_error():
 
     with pytest.raises(ValueError, match="expected 8"):
         detect_faces([("a", "a", _img(1))], Liar())
+
+
+def test_gpu_backend_of_arrays_decodes_on_threads_like_the_serial_decoder(shared_faces, tmp_path):
+    """A GPU backend that takes RGB arrays (insightface on CUDA): its chunks are large, decoded on threads
+    ahead, and give the serial decoder's arrays and rejects, in row order."""
+    from pipeline.faces.stage import chunk_images, decode_rows, decodes_ahead
+    from pipeline.ids import content_uid
+
+    class OnGpu(FakeBackend):
+        device = "cuda:0"
+
+    files = sorted((shared_faces / "groups").glob("*.jpg"))[:5]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(files[0].read_bytes()[:1000])
+    rows = [{"uid": content_uid(p.read_bytes()), "source": p.name, "path": str(p), "offset": 0,
+             "length": p.stat().st_size} for p in [*files[:2], broken, *files[2:]]]
+    backend = OnGpu()
+    assert decodes_ahead(backend) and chunk_images(backend, 8) == 256 and chunk_images(FakeBackend(), 8) == 8
+    threaded, rejects, _ = decode_rows((rows, None), backend)
+    serial, serial_rejects, _ = decode_rows((rows, None))
+    assert [r["uid"] for r, _ in threaded] == [r["uid"] for r, _ in serial] and len(threaded) == 5
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(threaded, serial))
+    assert rejects == serial_rejects and rejects[0][1] == "truncated image"

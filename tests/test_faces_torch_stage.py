@@ -117,3 +117,84 @@ def test_backend_choice_on_cpu():
     b = dlib_face_backend(device="cpu")
     assert type(b).__name__ == "DlibBackend" and b.detector == "hog" and b.descriptor == "torch"
     assert dlib_face_backend(device="cpu", detector="mtcnn").detector == "mtcnn"
+
+
+# -- the face stage's one path (pipeline/faces/stage.py analyze_chunks) through the torch stage on CPU --
+
+PARTITION = SMALL + ["groups/dlib__2008_001009.jpg", "identities/bbt_amy/amy1.png"]
+
+
+def _row(path, data=None, uid=None):
+    from pipeline.ids import content_uid
+
+    data = path.read_bytes() if data is None else data
+    return {"uid": uid or content_uid(data), "source": path.name, "path": str(path), "offset": 0, "length": len(data)}
+
+
+def test_partition_through_the_torch_path_equals_the_per_image_path(stage, shared_faces, tmp_path):
+    """run_face_partition (what the faces asset runs) on the torch stage: rows read on its threads,
+    decoded by it and analysed in chunks with the next chunk decoded ahead, gives per image the faces of
+    the per-image path (one decoded array at a time), and the rejects of the serial decoder."""
+    import pyarrow as pa
+
+    from pipeline.faces.stage import analyze_chunks, decode_rows, decodes_ahead, run_face_partition
+    from pipeline.ingest import load_image
+
+    assert decodes_ahead(stage)
+    good = [_row(shared_faces / f) for f in PARTITION]
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((shared_faces / SMALL[2]).read_bytes()[:2000])
+    changed = tmp_path / "changed.jpg"
+    changed.write_bytes((shared_faces / SMALL[1]).read_bytes())
+    changed_row = _row(changed)
+    changed.write_bytes((shared_faces / SMALL[2]).read_bytes()[: changed_row["length"]])  # edited in place
+    missing = _row(shared_faces / SMALL[0], uid="a" * 8)
+    missing["path"] = str(tmp_path / "gone.jpg")
+    bad = [_row(truncated), changed_row, missing]
+    rows = good[:2] + bad[:1] + good[2:4] + bad[1:] + good[4:]
+    res = run_face_partition(pa.Table.from_pylist(rows), stage, "p", batch_size=3)
+
+    assert res.reconciles() and res.scan.num_rows == len(good)
+    # the rejects, reasons and details are the serial decoder's (decode_rows without a backend)
+    serial = decode_rows((rows, None))[1]
+    assert [(r["source"], r["reason"], r["detail"], r["uid"]) for r in res.rejects.rows] == serial
+    assert [r[1] for r in serial] == ["truncated image", "photo changed since ingestion", "unreadable file"]
+
+    faces = res.faces.to_pylist()
+    by_uid = {}
+    for f in faces:
+        by_uid.setdefault(f["uid"], []).append(f)
+    assert sum(res.scan.column("n_faces").to_pylist()) == len(faces) >= len(good)
+    assert max(len(v) for v in by_uid.values()) >= 2  # a group photo: several faces in one image
+    for row in good:
+        ref = stage.analyze([load_image(row).rgb])[0]
+        got = by_uid.get(row["uid"], [])
+        assert len(got) == len(ref), row["source"]
+        ref = sorted(ref, key=lambda f: (float(f.bbox[0]), float(f.bbox[1])))
+        for g, r in zip(got, ref):
+            # the chunk's images share a letterboxed canvas: boxes move by a fraction of a pixel
+            np.testing.assert_allclose([g["x1"], g["y1"], g["x2"], g["y2"]], r.bbox, atol=2.0)
+            assert cosine(np.asarray(g["embedding"])[None], r.embedding[None])[0] > 0.99
+            assert g["blur"] == pytest.approx(r.blur, rel=0.05) and g["yaw"] == pytest.approx(r.yaw, abs=2.0)
+            assert (g["image_height"], g["image_width"]) == load_image(row).rgb.shape[:2]
+
+    # the Ray actors' entry point over the same chunks: the same records, in order
+    chunks = [(rows[i : i + 3], None) for i in range(0, len(rows), 3)]
+    streamed = [(uid, len(found)) for recs, _, _ in analyze_chunks(stage, chunks) for uid, _, _, _, found in recs]
+    assert streamed == list(zip(res.scan.column("uid").to_pylist(), res.scan.column("n_faces").to_pylist()))
+
+
+def test_blur_of_every_face_in_one_pass_equals_face_by_face(shared_faces):
+    """The faces' blur is sampled image by image, all faces of an image in one grid and copied back once;
+    each value must be the one its face gets alone (no face mixed up with another)."""
+    from pipeline.faces.torch_stage import _blur_batch
+
+    st = BatchedMTCNN("cpu")
+    images = [torch.from_numpy(load_rgb(shared_faces / f).copy()).permute(2, 0, 1)
+              for f in ("groups/dlib__2008_001009.jpg", SMALL[1])]
+    points = [[q.astype(np.float64) for q in st.detect(im[None].float())[0][2]] for im in images]
+    assert len(points[0]) >= 2 and len(points[1]) >= 1
+    together = _blur_batch(images, points)
+    alone = [_blur_batch([im], [[q]])[0] for im, pts in zip(images, points) for q in pts]
+    np.testing.assert_allclose(together, alone, rtol=1e-5)
+    assert len(set(np.round(together, 3))) == len(together)  # distinct faces, distinct values

@@ -165,6 +165,9 @@ def test_bounded_caches_and_candidate_cap_give_the_same_dataset(tmp_path):
     _ = lru["a"]
     lru["c"] = 3
     assert list(lru) == ["a", "c"] and lru.evictions == 1
+    assert lru.get("a") == 1 and lru.get("zz") is None  # .get is a use too
+    lru["d"] = 4
+    assert list(lru) == ["a", "d"] and lru.evictions == 2
 
 
 def test_targets_with_some_people_unreferenced(tmp_path):

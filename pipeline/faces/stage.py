@@ -8,14 +8,14 @@ faces each image has in ``face_scan``); ``face_checks`` are the faces table's da
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.decode import DecodeError
-from pipeline.ingest import IngestLimits, load_image
+from pipeline.ingest import IngestLimits, load_image, read_accepted_bytes
 from pipeline.rejects import Rejects
 
 from .base import FaceBackend
@@ -184,34 +184,136 @@ def faces_table(records: list[tuple], backend: FaceBackend) -> pa.Table:
     return table
 
 
+# Images per chunk for a backend that runs on a GPU: one model batch, large enough to keep the GPU busy;
+# face_batch_size (8) suits CPU worker processes, not a GPU.
+GPU_CHUNK_IMAGES = 256
+
+
+def chunk_images(backend, batch_size: int) -> int:
+    """Rows per chunk of the face stage: ``batch_size``, at least :data:`GPU_CHUNK_IMAGES` on a GPU."""
+    size = max(1, int(batch_size))
+    return max(size, GPU_CHUNK_IMAGES) if gpu_backend(backend) else size
+
+
+def decodes_ahead(backend) -> bool:
+    """Whether the face stage decodes the next chunk on threads while ``backend`` analyses this one: on a
+    GPU, and for a backend that decodes bytes itself (the torch stage, whatever its device). CPU backends
+    keep one chunk at a time (their parallelism is worker processes)."""
+    return gpu_backend(backend) or hasattr(backend, "decode_encoded")
+
+
+def analyze_chunks(backend: FaceBackend, chunks: list) -> Iterator[tuple]:
+    """THE face stage over chunks of ``(rows, limits)``, results in chunk order: what the asset (through
+    :func:`run_face_partition`), the Ray actors (:func:`ray_chunk_runner`) and bench/bench_dlib_torch.py
+    run. Each result is :func:`analyze_rows`'s. When :func:`decodes_ahead`, chunk i+1 is read and decoded
+    on a thread (nvjpeg on CUDA) while chunk i is analysed; otherwise chunk by chunk, as before."""
+    if not decodes_ahead(backend) or len(chunks) < 2:
+        for chunk in chunks:
+            yield analyze_rows(backend, chunk)
+        return
+    from pipeline.engine import prefetched
+
+    for pending in prefetched(lambda chunk: decode_rows(chunk, backend), chunks, ahead=1):
+        yield analyze_decoded(backend, pending.result())
+
+
+analyze_chunks.streams_chunks = True  # pipeline.ray_engine: an actor hands it all the chunks of a call
+
+
 def analyze_rows(backend: FaceBackend, chunk: tuple[list[dict], IngestLimits | None]):
-    """One chunk of image rows, decoded from their locators and analysed as one batch: the unit of work
-    of every engine (here, in a worker process, or split in two on Ray: :func:`decode_rows` in a task,
-    :func:`analyze_decoded` in a model actor). Returns ``(records, rejects, timings)``: records
-    ``(uid, source, height, width, faces)`` in row order, rejects ``(source, reason, detail, uid)`` of
-    rows that no longer decode, and the seconds spent (decoding and the backend's own timings)."""
-    return analyze_decoded(backend, decode_rows(chunk))
+    """One chunk of image rows, read and decoded from their locators and analysed as one batch. Returns
+    ``(records, rejects, timings)``: records ``(uid, source, height, width, faces)`` in row order, rejects
+    ``(source, reason, detail, uid)`` of rows that no longer read or decode (in row order), and the
+    seconds spent (decoding and the backend's own timings)."""
+    return analyze_decoded(backend, decode_rows(chunk, backend))
 
 
-def decode_rows(chunk: tuple[list[dict], IngestLimits | None]):
-    """The decoding half of :func:`analyze_rows`: ``(decoded [(row, rgb)], rejects, decode seconds)``."""
+def decode_rows(chunk: tuple[list[dict], IngestLimits | None], backend: FaceBackend | None = None):
+    """The decoding half of :func:`analyze_rows`: ``(decoded [(row, image)], rejects, decode seconds)``.
+
+    The image is an RGB uint8 (H, W, 3) array, except for a backend that decodes bytes itself
+    (``decode_encoded``: the torch stage), which gets its own (3, H, W) tensors on its device. On a GPU
+    backend the rows are read (and decoded) on threads; otherwise one by one, as every CPU backend did."""
     rows, limits = chunk
-    decoded, rejects = [], []
     t0 = time.perf_counter()
-    for row in rows:
-        try:
-            decoded.append((row, load_image(row, limits).rgb))
-        except (DecodeError, OSError) as e:
-            rejects.append((row["source"], getattr(e, "reason", "unreadable file"), str(e), row["uid"]))
+    if hasattr(backend, "decode_encoded"):
+        decoded, rejects = _decode_on_backend(rows, limits, backend)
+    else:
+        pool = _decode_threads() if backend is not None and gpu_backend(backend) else None
+        outcomes = list(pool.map(lambda row: _load_rgb(row, limits), rows) if pool else (_load_rgb(r, limits) for r in rows))
+        decoded = [(row, rgb) for row, (rgb, _) in zip(rows, outcomes) if rgb is not None]
+        rejects = [reject for _, reject in outcomes if reject is not None]
     return decoded, rejects, time.perf_counter() - t0
 
 
+def _reject(row: dict, reason: str, detail: str) -> tuple:
+    return (row["source"], reason, detail, row["uid"])
+
+
+def _load_rgb(row: dict, limits: IngestLimits | None):
+    """``(rgb, None)`` or ``(None, reject)``: the decode of one row, read again from its locator."""
+    try:
+        return load_image(row, limits).rgb, None
+    except (DecodeError, OSError) as e:
+        return None, _reject(row, getattr(e, "reason", "unreadable file"), str(e))
+
+
+def _read_row(row: dict):
+    """``(bytes, None)`` or ``(None, reject)``: a row's bytes (checked against its uid, see read_accepted_bytes)."""
+    try:
+        return read_accepted_bytes(row), None
+    except OSError as e:
+        return None, _reject(row, getattr(e, "reason", "unreadable file"), str(e))
+
+
+def _decode_on_backend(rows: list[dict], limits: IngestLimits | None, backend) -> tuple[list, list]:
+    """Rows read on the backend's threads, then decoded by the backend (nvjpeg on CUDA, its CPU threads
+    otherwise), with the reject reasons and details pipeline.decode gives."""
+    read = list(backend.decode_pool.map(_read_row, rows))
+    readable = [i for i, (data, _) in enumerate(read) if data is not None]
+    images = dict(zip(readable, backend.decode_encoded([read[i][0] for i in readable], limits)))
+    decoded, rejects = [], []
+    for i, (row, (_, unreadable)) in enumerate(zip(rows, read)):
+        if unreadable is not None:
+            rejects.append(unreadable)
+        elif images[i].error is not None:
+            rejects.append(_reject(row, images[i].error[0], str(DecodeError(*images[i].error))))
+        else:
+            decoded.append((row, images[i].image))
+    return decoded, rejects
+
+
+_THREADS = None
+
+
+def _decode_threads():
+    """Decoding threads for a GPU backend that takes RGB arrays (one pool per process)."""
+    global _THREADS
+    if _THREADS is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipeline.engine import available_cores
+
+        _THREADS = ThreadPoolExecutor(min(16, available_cores()), thread_name_prefix="face-decode")
+    return _THREADS
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(height, width) of an RGB (H, W, 3) array or a (3, H, W) tensor."""
+    return (image.shape[0], image.shape[1]) if isinstance(image, np.ndarray) else (image.shape[-2], image.shape[-1])
+
+
 def analyze_decoded(backend: FaceBackend, decoded_chunk):
-    """The model half of :func:`analyze_rows`: one backend batch over a decoded chunk."""
+    """The model half of :func:`analyze_rows`: one backend batch over a decoded chunk ``(decoded [(row,
+    image)], rejects, decode seconds)``; images are RGB arrays or, for the torch stage, its tensors."""
     decoded, rejects, decode_s = decoded_chunk
     before = dict(getattr(backend, "timings", {}) or {})
-    results = backend.analyze([im for _, im in decoded]) if decoded else []
-    records = [(row["uid"], row["source"], im.shape[0], im.shape[1], faces) for (row, im), faces in zip(decoded, results)]
+    images = [im for _, im in decoded]
+    if images and not isinstance(images[0], np.ndarray):  # the torch stage's own decode (decode_rows)
+        results = backend.analyze_tensors(images)
+    else:
+        results = backend.analyze(images) if images else []
+    records = [(row["uid"], row["source"], *_image_size(im), faces) for (row, im), faces in zip(decoded, results)]
     timings = _timing_delta(before, getattr(backend, "timings", {}))
     timings["decode_s"] = timings.get("decode_s", 0.0) + decode_s
     return records, rejects, timings
@@ -219,14 +321,14 @@ def analyze_decoded(backend: FaceBackend, decoded_chunk):
 
 def ray_chunk_runner(backend, actors: int, gpus_per_actor: float | None = None):
     """A ``chunk_runner`` for :func:`run_face_partition` that runs the chunks on a Ray actor pool:
-    ``backend``'s configuration rebuilt once per actor, each chunk read and decoded in the actor. The
-    job's stats land in ``runner.stats``."""
+    ``backend``'s configuration rebuilt once per actor, each call's chunks read, decoded and analysed in
+    the actor by :func:`analyze_chunks`. The job's stats land in ``runner.stats``."""
     from pipeline.ray_engine import chunk_runner
 
     spec = getattr(backend, "build_spec", None)
     if spec is None:
         raise ValueError("the Ray engine rebuilds the face backend in its actors: build it with get_backend()")
-    return chunk_runner("faces", decode_rows, analyze_decoded, _build_backend, (spec[0],), spec[1], actors, gpus_per_actor)
+    return chunk_runner("faces", None, analyze_chunks, _build_backend, (spec[0],), spec[1], actors, gpus_per_actor)
 
 
 def gpu_backend(backend) -> bool:
@@ -273,8 +375,9 @@ def run_face_partition(
     workers: int = 1,
     chunk_runner: Callable | None = None,
 ) -> FacePartitionResult:
-    """The face stage over one partition's accepted images, in chunks of ``batch_size`` rows
-    (:func:`analyze_rows`). ``workers`` > 1 spreads the chunks over that many worker processes
+    """The face stage over one partition's accepted images, in chunks of ``batch_size`` rows (at least
+    :data:`GPU_CHUNK_IMAGES` on a GPU), through :func:`analyze_chunks` here (decoding ahead on threads on a
+    GPU or for the torch stage). ``workers`` > 1 spreads the chunks over that many worker processes instead
     (pipeline.engine; needs a backend built by ``get_backend``, which records how to rebuild it in a
     worker, and not on a GPU); ``chunk_runner(chunks) -> results in order`` hands them to another
     engine (Ray). Every way gives the same table: chunks are the same and come back in order."""
@@ -283,15 +386,17 @@ def run_face_partition(
     rejects = Rejects(stage="faces", partition=partition)
     rows = images.to_pylist()
     t0 = time.perf_counter()
-    chunks = [(rows[i : i + batch_size], limits) for i in range(0, len(rows), max(1, batch_size))]
+    size = chunk_images(backend, batch_size)
+    chunks = [(rows[i : i + size], limits) for i in range(0, len(rows), size)]
     spec = getattr(backend, "build_spec", None)
     if chunk_runner is not None:
         results = chunk_runner(chunks)
+    elif workers > 1 and spec is not None and not gpu_backend(backend):
+        results = map_chunks(analyze_rows, chunks, local_model=backend, workers=workers, factory=_build_backend,
+                             factory_args=(spec[0],),
+                             factory_kwargs=spec[1])
     else:
-        use_pool = workers > 1 and spec is not None and not gpu_backend(backend)
-        results = map_chunks(analyze_rows, chunks, local_model=backend, workers=workers if use_pool else 1,
-                             factory=_build_backend, factory_args=(spec[0],) if spec else (),
-                             factory_kwargs=spec[1] if spec else None)
+        results = analyze_chunks(backend, chunks)
     records: list[tuple] = []
     timings: dict[str, float] = {}
     done = 0
@@ -414,7 +519,6 @@ def face_unit_inputs(layout, key: str, backend) -> dict:
     a removal request that rewrites the file later does not make the faces stale) and the face model. A
     unit committed from other inputs is stale and is run again."""
     from pipeline.commits import read_marker
-
     from pipeline.faces.stage_identity import stage_id, stage_key
 
     images_unit = read_marker(layout, "images", key) or {}

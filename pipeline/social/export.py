@@ -13,6 +13,7 @@ preferred image, 0.0 for the other."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cache import LRU
+from pipeline.cache import BytesLRU
 from pipeline.decode import as_jpeg
 from pipeline.ids import stable_key
 from pipeline.shards import write_manifest, write_shards
@@ -33,33 +34,60 @@ def winner_side(pair_id: str, seed: int = 0) -> int:
     return int(stable_key("social-side", seed, pair_id)[:8], 16) & 1
 
 
-class _ImageCache:
-    """JPEG bytes by image id, for the few thousand images recently paired (LRU): pairs of one prompt
-    come together, so the bytes in memory stay bounded however large the export."""
+def winner_sides(pair_ids, seed: int = 0) -> list[int]:
+    """winner_side of each pair id, from one hash of the common prefix copied per id (the lowest
+    bit of the first 8 hex digits is the lowest bit of the digest's 4th byte)."""
+    prefix = hashlib.sha256(f"social-side\x1f{seed}\x1f".encode())
+    sides = []
+    for pair_id in pair_ids:
+        h = prefix.copy()
+        h.update(str(pair_id).encode())
+        sides.append(h.digest()[3] & 1)
+    return sides
 
-    def __init__(self, info: dict, capacity: int = 2_000):
-        self.info = info  # image_id -> (path, model)
-        self.cache: LRU = LRU(capacity)
+
+IMAGE_CACHE_BYTES = 256 << 20  # JPEG bytes an export keeps in memory, whatever the images' sizes
+
+
+class ImageBytes:
+    """JPEG bytes and model by image id (info: image_id -> (path, model)). The bytes of the images
+    recently paired are kept (least recently used dropped beyond max_bytes): pairs of one prompt
+    come together, one image is in many pairs, and the four exports of a build share one
+    ImageBytes, so each file is read about once (a small log's images all fit)."""
+
+    def __init__(self, info: dict, max_bytes: int = IMAGE_CACHE_BYTES):
+        self.info = info
+        self.cache = BytesLRU(self._read, max_bytes)
+
+    def _read(self, image_id: str) -> bytes:
+        with open(self.info[image_id][0], "rb") as f:
+            return as_jpeg(f.read())
 
     def get(self, image_id: str) -> bytes:
-        b = self.cache.get(image_id)
-        if b is None:
-            b = as_jpeg(Path(self.info[image_id][0]).read_bytes())
-            self.cache[image_id] = b
-        return b
+        return self.cache.get(image_id)
+
+    def model(self, image_id: str) -> str:
+        return self.info[image_id][1]
+
+
+def image_bytes(images) -> ImageBytes:
+    """An ImageBytes as given, or one over an image_id -> (path, model) dict."""
+    return images if isinstance(images, ImageBytes) else ImageBytes(images)
 
 
 def check_export_pairs(pairs: pa.Table) -> str:
     """The kind of an export's pairs ('population' or 'user'), after checking the export rules:
     one kind only; population pairs: each unordered image pair at most once; user pairs: user_id
     on every row and each (user, unordered pair) at most once. Raises ValueError otherwise."""
-    kinds = set(pairs.column("kind").to_pylist())
+    kinds = set(pc.unique(pairs.column("kind")).to_pylist())
     if len(kinds) > 1:
         raise ValueError(f"one kind of pairs per export, got {sorted(kinds)}")
     kind = kinds.pop() if kinds else "population"
-    users = pairs.column("user_id").to_pylist()
-    if kind == "user" and any(u is None for u in users):
+    if kind == "user" and pairs.column("user_id").null_count:
         raise ValueError("per-user pairs need a user_id on every row")
+    if _distinct_unordered(pairs, kind):
+        return kind
+    users = pairs.column("user_id").to_pylist()  # a repeat (or a null uid): find the first, in order
     seen = set()
     for u, w, l in zip(users, pairs.column("winner_uid").to_pylist(), pairs.column("loser_uid").to_pylist()):
         key = (u if kind == "user" else None, min(w, l), max(w, l))
@@ -71,11 +99,32 @@ def check_export_pairs(pairs: pa.Table) -> str:
     return kind
 
 
+def _distinct_unordered(pairs: pa.Table, kind: str) -> bool:
+    """True when no (user for user pairs, unordered uid pair) repeats and no uid is null (Arrow
+    compares strings bytewise: the same order as Python's min/max on str)."""
+    w, l_ = pairs.column("winner_uid"), pairs.column("loser_uid")
+    if w.null_count or l_.null_count:
+        return False
+    w_first = pc.less_equal(w, l_)
+    keys = pa.table(
+        {
+            "user": pairs.column("user_id") if kind == "user" else pa.nulls(pairs.num_rows, pa.string()),
+            "lo": pc.if_else(w_first, w, l_),
+            "hi": pc.if_else(w_first, l_, w),
+        }
+    )
+    return keys.group_by(["user", "lo", "hi"]).aggregate([]).num_rows == pairs.num_rows
+
+
 def _sides(pairs: pa.Table, seed: int):
-    """(row, side the winner goes to), a batch of rows at a time (never all pairs as Python objects)."""
+    """(row, side the winner goes to), a batch of rows at a time (never all pairs as Python objects);
+    rows are built from the batch's columns (cheaper than RecordBatch.to_pylist's per-row dicts)."""
+    names = pairs.column_names
     for batch in pairs.to_batches(max_chunksize=4_096):
-        for row in batch.to_pylist():
-            yield row, winner_side(row["pair_id"], seed)
+        columns = [c.to_pylist() for c in batch.columns]
+        sides = winner_sides(columns[names.index("pair_id")], seed)
+        for values, side in zip(zip(*columns), sides):
+            yield dict(zip(names, values)), side
 
 
 _EVIDENCE = (
@@ -102,20 +151,22 @@ def split_of(prompt_group: str, eval_fraction: float, salt: str = "social-v1") -
 
 def split_pairs(pairs: pa.Table, eval_fraction: float) -> dict[str, pa.Table]:
     """Pairs by split; a prompt group is wholly in one split."""
-    splits = [split_of(g, eval_fraction) for g in pairs.column("prompt_group").to_pylist()]
-    mask = pa.array([s == "eval" for s in splits], type=pa.bool_())  # typed even when empty
+    is_eval: dict = {}  # by prompt group: many pairs share one
+    for g in pairs.column("prompt_group").unique().to_pylist():
+        is_eval[g] = split_of(g, eval_fraction) == "eval"
+    mask = pa.array([is_eval[g] for g in pairs.column("prompt_group").to_pylist()], type=pa.bool_())
     return {"train": pairs.filter(pc.invert(mask)), "eval": pairs.filter(mask)}
 
 
 def write_webdataset(
-    pairs: pa.Table, image_info: dict, out_dir: Path, cfg, stats: dict | None = None
+    pairs: pa.Table, image_info, out_dir: Path, cfg, stats: dict | None = None
 ) -> Path:
     """Per split (out_dir/train, out_dir/eval, split by prompt group): <pair_id>.0.jpg,
     <pair_id>.1.jpg, <pair_id>.json (caption, label_0, label_1, user_id, uids, image ids, kind,
     evidence) in social-<split>-NNNNNN.tar, plus a manifest.json in each split folder. One kind
-    of pairs per call (check_export_pairs)."""
+    of pairs per call (check_export_pairs). image_info: an ImageBytes, or image_id -> (path, model)."""
     kind = check_export_pairs(pairs)
-    cache = _ImageCache(image_info)
+    cache = image_bytes(image_info)
     out_dir = Path(out_dir)
     for split, part in split_pairs(pairs, cfg.eval_fraction).items():
         _write_webdataset_split(part, cache, out_dir / split, split, kind, cfg, stats)
@@ -199,27 +250,28 @@ PICKAPIC_SCHEMA = pa.schema(
 )
 
 
-def write_pickapic(pairs: pa.Table, image_info: dict, out_dir: Path, cfg) -> Path:
+def write_pickapic(pairs: pa.Table, image_info, out_dir: Path, cfg) -> Path:
     """Pick-a-Pic v2 columns in train-NNNNN-of-NNNNN.parquet and validation-NNNNN-of-NNNNN.parquet
     files under out_dir (split by prompt group), readable with
     datasets.load_dataset("parquet", data_dir=out_dir) (splits "train" and "validation") and
     therefore with diffusers' train_diffusion_dpo.py (--dataset_name=<out_dir>
     --dataset_split_name=train). A file holds at most shard_max_count rows or shard_max_bytes of
-    images; a row group at most pickapic_row_group_rows rows or pickapic_row_group_bytes."""
+    images; a row group at most pickapic_row_group_rows rows or pickapic_row_group_bytes.
+    image_info: an ImageBytes, or image_id -> (path, model)."""
     check_export_pairs(pairs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in [*out_dir.glob("train-*.parquet"), *out_dir.glob("validation-*.parquet")]:
         old.unlink()
-    cache = _ImageCache(image_info)
+    cache = image_bytes(image_info)
     parts = split_pairs(pairs, cfg.eval_fraction)
     for split, name in (("train", "train"), ("eval", "validation")):
         if parts[split].num_rows or split == "train":
-            _write_pickapic_split(parts[split], image_info, cache, out_dir, name, cfg)
+            _write_pickapic_split(parts[split], cache, out_dir, name, cfg)
     return out_dir
 
 
-def _pickapic_rows(pairs: pa.Table, image_info: dict, cache, seed: int):
+def _pickapic_rows(pairs: pa.Table, cache: ImageBytes, seed: int):
     for row, side in _sides(pairs, seed):
         ids, uids = _placed(row, side)
         yield {
@@ -233,8 +285,8 @@ def _pickapic_rows(pairs: pa.Table, image_info: dict, cache, seed: int):
             "jpg_1": cache.get(ids[1]),
             "label_0": 1.0 if side == 0 else 0.0,
             "label_1": 1.0 if side == 1 else 0.0,
-            "model_0": image_info[ids[0]][1],
-            "model_1": image_info[ids[1]][1],
+            "model_0": cache.model(ids[0]),
+            "model_1": cache.model(ids[1]),
             "ranking_id": int(row["pair_id"][:15], 16),
             "user_id": row["user_id"],
             "pair_id": row["pair_id"],
@@ -259,8 +311,8 @@ def _chunks(rows: list[dict], max_rows: int, max_bytes: int) -> list[list[dict]]
     return out
 
 
-def _write_pickapic_split(pairs: pa.Table, image_info: dict, cache, out_dir: Path, name: str, cfg) -> None:
-    rows = list(_pickapic_rows(pairs, image_info, cache, cfg.seed))
+def _write_pickapic_split(pairs: pa.Table, cache: ImageBytes, out_dir: Path, name: str, cfg) -> None:
+    rows = list(_pickapic_rows(pairs, cache, cfg.seed))
     files = _chunks(rows, max(1, cfg.shard_max_count), cfg.shard_max_bytes) or [[]]
     for f, file_rows in enumerate(files):
         groups = _chunks(file_rows, cfg.pickapic_row_group_rows, cfg.pickapic_row_group_bytes)
