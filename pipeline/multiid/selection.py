@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.cache import LRU
+from pipeline.cache import LRU, BytesLRU
 from pipeline.ids import stable_key
 from pipeline.multiid import dedup
 from pipeline.multiid.config import MultiIDConfig
@@ -200,16 +200,13 @@ class _Fingerprints:
         self.cache: LRU = LRU(max_images)
         self.kps: LRU = LRU(max_keypoints)
         self.decoded: LRU = LRU(8)  # the last photos decoded, for their faces' keypoints (not counted in the stats)
-        self.raw: LRU = LRU(max_bytes, weight=len)  # the last photos' bytes (not counted in the stats)
+        self.raw = BytesLRU(read_bytes, max_bytes)  # the last photos' bytes (not counted in the stats)
         self.errors: dict[str, str] = {}
 
     def read(self, uid: str) -> bytes:
         """The photo's bytes, from the recent ones when there (a read can be a download or, in the
         benchmark, a synthesis)."""
-        if uid in self.raw:
-            return self.raw[uid]
-        data = self.raw[uid] = self.read_bytes(uid)
-        return data
+        return self.raw.get(uid)
 
     def get(self, uid: str):
         """(image pHash, {face index: its fingerprint}) of the photo's comparable faces; without their NCC
