@@ -82,3 +82,45 @@ def test_ray_refresh_with_guard_decisions_is_byte_identical(tmp_path, ray_no_dri
     assert ray.stats["targets_reselected"] > 0 and ray.stats["targets_reused"] > 0
     assert ray.stats["guard_decisions_reused"] > 0  # the decisions the first build's tasks sent back were kept
     assert _files(out / "r") == _files(out / "fresh")
+
+
+def test_ray_workers_read_the_photos_from_the_store_only(tmp_path_factory, ray_no_driver_disk, on_ray):
+    """As on a cluster: the photos are in S3 (a local moto server) and the workers may open nothing under the
+    driver's folder (its copies of the photos, the builds); the build is still the in-process one."""
+    import os
+    from pathlib import Path
+
+    import pyarrow as pa
+    from conftest import moto_s3
+
+    from pipeline.ray_engine import FORBID_READS_ENV, RayStageError, ensure_ray, run_chunks, shutdown
+
+    driver = tmp_path_factory.mktemp("driver")
+    cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=True, reuse_buckets=4)
+    old = os.environ.get(FORBID_READS_ENV)
+    with moto_s3(driver, "photos") as (fs, _):
+        images, faces, ids = _collection(driver, _groups(2), photos_per_group=14)
+        rows = images.to_pylist()
+        for r in rows:
+            fs.put(r["path"], f"photos/{r['uid']}.png")
+            r["path"] = f"s3://photos/{r['uid']}.png"
+        images = pa.Table.from_pylist(rows, schema=images.schema)
+        shutdown()  # the workers' variables (the store's, the forbidden folder) are fixed when Ray starts
+        os.environ[FORBID_READS_ENV] = str(driver)
+        try:
+            ensure_ray(num_cpus=2)
+            one = build_multiid_dataset(images, faces, ids, driver / "one", cfg, version="v1", workers=1, engine="inprocess")
+            build_multiid_dataset(images, faces, ids, driver / "ray", cfg, version="v1", engine="ray")
+            # the negative control: a worker asked to read the driver's folder is refused (the guard is live)
+            with pytest.raises(RayStageError, match="PermissionError"):
+                run_chunks("probe", [str(driver / "one" / "pairs.parquet")], decode=None,
+                           analyze=lambda _m, path: Path(path).read_bytes()[:1], factory=None)
+        finally:
+            shutdown()
+            if old is None:
+                os.environ.pop(FORBID_READS_ENV, None)
+            else:
+                os.environ[FORBID_READS_ENV] = old
+    assert one.stats["targets"].get("kept", 0) > 5
+    assert _files(driver / "one") == _files(driver / "ray")
+    assert any(kind == "select" and tasks > 1 for kind, _, tasks in on_ray), on_ray
