@@ -41,6 +41,17 @@ def test_decision_needs_the_lower_bound_above_chance_and_the_incumbent():
     d = promotion.decide(strong, {"version": "old", "accuracy": 0.9}, smoke=False)
     assert not d["promoted"] and d["baseline"] == 0.9 and "incumbent old" in d["reason"]
     assert promotion.decide(strong, {"version": "old", "accuracy": 0.8}, smoke=False)["promoted"]
+    # a perfect incumbent: a tie on the same pairs is no regression (promoted); anything less is
+    perfect = promotion.evaluation(40, 40, "m")
+    d = promotion.decide(perfect, {"version": "old", "accuracy": 1.0}, smoke=False)
+    assert d["promoted"] and "ties the perfect incumbent old" in d["reason"]
+    d = promotion.decide(promotion.evaluation(39, 40, "m"), {"version": "old", "accuracy": 1.0}, smoke=False)
+    assert not d["promoted"] and "a regression" in d["reason"]
+    # ... and the tie still needs evidence of skill (a lower bound above chance)
+    assert not promotion.decide(promotion.evaluation(2, 2, "m"), {"version": "old", "accuracy": 1.0},
+                                smoke=False)["promoted"]
+    # below the ceiling a tie is not enough: the lower bound must beat the incumbent
+    assert not promotion.decide(strong, {"version": "old", "accuracy": 0.95}, smoke=False)["promoted"]
     # an incumbent that could not be measured is no licence to promote
     d = promotion.decide(strong, {"version": "old", "accuracy": None, "error": "ValueError: shapes"}, smoke=False)
     assert not d["promoted"] and "could not be evaluated" in d["reason"]
