@@ -179,6 +179,24 @@ def test_fdr_rule_keeps_the_longest_prefix_within_the_level():
     assert fdr_select(groups, err, 0.49).tolist() == [True, True, True, True, True]
 
 
+def test_defaults_keep_every_pair_the_per_group_fdr_allows(tmp_path):
+    """With the defaults, each prompt group keeps the longest run of its most certain pairs whose mean
+    posterior error is <= fdr_level, and nothing else cuts: pairs less certain than 0.75 are kept
+    where their group's other pairs leave room, and so are images with fewer than 20 exposures (the
+    posterior already accounts for little evidence; a stricter cut only lost pairs)."""
+    from pipeline.social.simulate import SimConfig, simulate
+
+    simulate(tmp_path / "social", tmp_path / "truth", SimConfig(n_events=60_000, seed=4, n_bots=0))
+    cfg = SocialConfig(export_webdataset=False, export_pickapic=False, user_pairs=False)
+    pop = build_social_pairs(tmp_path / "social", None, cfg).pairs.to_pydict()
+    err = 1.0 - np.array(pop["prob_margin"])
+    groups = np.array(pop["prompt_group"])
+    for g in np.unique(groups):
+        assert err[groups == g].mean() <= cfg.fdr_level + 1e-12
+    assert (err > 0.25).any()  # kept below a probability of 0.75
+    assert (np.minimum(pop["winner_exposure"], pop["loser_exposure"]) < 20).any()
+
+
 def _surface_log():
     """A and C shown only on a generous surface (featured), B and D only on explore; in both
     prompts the featured image engages 4x more, exactly as much as that surface does."""
