@@ -245,9 +245,9 @@ def oracle_yield(social: Path, truth: Path, level: float = 0.95) -> dict:
     - oracle: the most pairs the posterior's ranking gives at a true precision >= level, the cut
       set with the simulator's truth (the longest such prefix, all prompt groups at once): the
       ceiling of any cut on this posterior;
-    - one_group: the same FDR rule from the log alone, but over all groups at once (the longest
-      prefix whose mean posterior error is <= 1 - level), with its true precision: what the
-      per-group requirement costs."""
+    - one_group: the FDR rule from the log alone, but over all groups at once and without the
+      min_prob guard (the longest prefix whose mean posterior error is <= 1 - level), with its true
+      precision: what the per-group requirement and the guard cost."""
     ok, p, naive = _ranked_candidates(social, truth)
     n = np.arange(1, ok.size + 1)
     hit = np.flatnonzero(np.cumsum(ok) / n >= level)
