@@ -216,13 +216,16 @@ def checkout(commit: str, into: Path) -> Path:
     return into
 
 
-def _ranked_candidates(social: Path, truth: Path, weights: dict | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+def _ranked_candidates(
+    social: Path, truth: Path, weights: dict | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Every candidate pair the build tests (all kept: fdr_level 0.49, min_prob 0.5), ranked by its
     posterior P(winner >= min_ratio x loser), most certain first: whether each is truly the right
     way round (simulator truth), that posterior, and the naive rule's pair count."""
     kw = {} if weights is None else {"weights": weights}
-    cfg = SocialConfig(export_webdataset=False, export_pickapic=False, user_pairs=False, fdr_level=0.49,
-                       min_prob=0.5, **kw)
+    cfg = SocialConfig(
+        export_webdataset=False, export_pickapic=False, user_pairs=False, fdr_level=0.49, min_prob=0.5, **kw
+    )
     r = build_social_pairs(social, None, cfg, baseline=True)
     pop = r.pairs.filter(pc.equal(r.pairs.column("kind"), "population")).to_pydict()
     quality = {i: q for i, (q, _) in load_truth(truth)[0].items()}
