@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.social import SocialConfig, build_social_pairs
-from pipeline.social.evaluate import bot_detection, export_report, load_truth, precision
+from pipeline.social.evaluate import bot_detection, export_report, group_fdr, load_truth, precision
 from pipeline.social.simulate import SimConfig, simulate
 
 # logs with other seeds and parameters than the tests and the defaults were chosen on
@@ -87,6 +87,7 @@ def sweep_row(name: str, social: Path, truth: Path, events: int) -> dict:
     true = precision(r.pairs, truth)
     s = r.stats
     bots = bot_detection(r.bots, truth)
+    fdr = group_fdr(r.pairs, truth)
     return {
         "log": name,
         "events": events,
@@ -95,6 +96,8 @@ def sweep_row(name: str, social: Path, truth: Path, events: int) -> dict:
         "estimated_precision": s["estimated_precision"],
         "estimated_interval": s["estimated_precision_interval"],
         "yield_vs_naive": s["yield_vs_naive"],
+        "group_fdr_observed": fdr["observed"],
+        "group_fdr_expected": fdr["expected"],
         "phi": (s["calibration"] or {}).get("phi"),
         "half_agreement": (s["calibration"] or {}).get("half_agreement"),
         "user_pairs": true["user_pairs"],
@@ -114,14 +117,15 @@ def sweep_table(rows: list[dict]) -> str:
         return "-" if not x else f"{x[0]:.3f}-{x[1]:.3f}"
 
     lines = [
-        "| log | events | pairs | true precision | estimated (95%) | yield vs naive | oracle yield at 0.95 | one-group FDR: yield (true) | phi | per-user pairs | per-user true | per-user estimated (95%) | boosters caught | people flagged | build CPU s |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| log | events | pairs | true precision | estimated (95%) | yield vs naive | oracle yield at 0.95 | one-group FDR: yield (true) | per-group FDR: observed (expected) | phi | per-user pairs | per-user true | per-user estimated (95%) | boosters caught | people flagged | build CPU s |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['log']} | {r['events']:,} | {r['pairs']:,} | {_fmt(r['true_precision'])} | "
             f"{_fmt(r['estimated_precision'])} ({iv(r['estimated_interval'])}) | {_fmt(r['yield_vs_naive'])} | "
             f"{_fmt(r['oracle_yield'])} | {_fmt(r['one_group_fdr_yield'])} ({_fmt(r['one_group_fdr_true_precision'])}) | "
+            f"{_fmt(r['group_fdr_observed'])} ({_fmt(r['group_fdr_expected'])}) | "
             f"{_fmt(r['phi'], 2)} | {r['user_pairs']:,} | {_fmt(r['user_true_precision'])} | "
             f"{_fmt(r['user_estimated_precision'])} ({iv(r['user_estimated_interval'])}) | {r['boosters']} | {r['people_flagged']} | {r['cpu_s']:.1f} |"
         )
