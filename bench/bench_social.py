@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.social import SocialConfig, build_social_pairs
-from pipeline.social.evaluate import bot_detection, export_report, load_truth, precision
+from pipeline.social.evaluate import bot_detection, export_report, group_fdr, load_truth, precision
 from pipeline.social.simulate import SimConfig, simulate
 
 # logs with other seeds and parameters than the tests and the defaults were chosen on
@@ -87,6 +87,7 @@ def sweep_row(name: str, social: Path, truth: Path, events: int) -> dict:
     true = precision(r.pairs, truth)
     s = r.stats
     bots = bot_detection(r.bots, truth)
+    fdr = group_fdr(r.pairs, truth)
     return {
         "log": name,
         "events": events,
@@ -95,6 +96,8 @@ def sweep_row(name: str, social: Path, truth: Path, events: int) -> dict:
         "estimated_precision": s["estimated_precision"],
         "estimated_interval": s["estimated_precision_interval"],
         "yield_vs_naive": s["yield_vs_naive"],
+        "group_fdr_observed": fdr["observed"],
+        "group_fdr_expected": fdr["expected"],
         "phi": (s["calibration"] or {}).get("phi"),
         "half_agreement": (s["calibration"] or {}).get("half_agreement"),
         "user_pairs": true["user_pairs"],
@@ -105,6 +108,7 @@ def sweep_row(name: str, social: Path, truth: Path, events: int) -> dict:
         "people_flagged": sum(bots["false_flags_by_rule"].values()),
         "wall_s": wall,
         "cpu_s": cpu,
+        **oracle_yield(social, truth),
     }
 
 
@@ -113,15 +117,17 @@ def sweep_table(rows: list[dict]) -> str:
         return "-" if not x else f"{x[0]:.3f}-{x[1]:.3f}"
 
     lines = [
-        "| log | events | pairs | true precision | estimated (95%) | yield vs naive | phi | per-user pairs | per-user true | per-user estimated (95%) | boosters caught | people flagged |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---:|",
+        "| log | events | pairs | true precision | estimated (95%) | yield vs naive | oracle yield at 0.95 | one-group FDR: yield (true) | per-group FDR: observed (expected) | phi | per-user pairs | per-user true | per-user estimated (95%) | boosters caught | people flagged | build CPU s |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['log']} | {r['events']:,} | {r['pairs']:,} | {_fmt(r['true_precision'])} | "
             f"{_fmt(r['estimated_precision'])} ({iv(r['estimated_interval'])}) | {_fmt(r['yield_vs_naive'])} | "
+            f"{_fmt(r['oracle_yield'])} | {_fmt(r['one_group_fdr_yield'])} ({_fmt(r['one_group_fdr_true_precision'])}) | "
+            f"{_fmt(r['group_fdr_observed'])} ({_fmt(r['group_fdr_expected'])}) | "
             f"{_fmt(r['phi'], 2)} | {r['user_pairs']:,} | {_fmt(r['user_true_precision'])} | "
-            f"{_fmt(r['user_estimated_precision'])} ({iv(r['user_estimated_interval'])}) | {r['boosters']} | {r['people_flagged']} |"
+            f"{_fmt(r['user_estimated_precision'])} ({iv(r['user_estimated_interval'])}) | {r['boosters']} | {r['people_flagged']} | {r['cpu_s']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -214,18 +220,55 @@ def checkout(commit: str, into: Path) -> Path:
     return into
 
 
-def precision_at_yield(social: Path, truth: Path, weights: dict | None, target: float = 0.6) -> dict:
-    """Every candidate pair ranked by the posterior (all kept: fdr_level 0.49, min_prob 0.5), the
-    top target x naive pairs taken: their precision. Compares weightings at an equal yield."""
+def _ranked_candidates(
+    social: Path, truth: Path, weights: dict | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every candidate pair the build tests (all kept: fdr_level 0.49, min_prob 0.5), ranked by its
+    posterior P(winner >= min_ratio x loser), most certain first: whether each is truly the right
+    way round (simulator truth), that posterior, and the naive rule's pair count."""
     kw = {} if weights is None else {"weights": weights}
-    cfg = SocialConfig(export_webdataset=False, export_pickapic=False, fdr_level=0.49, min_prob=0.5, **kw)
+    cfg = SocialConfig(
+        export_webdataset=False, export_pickapic=False, user_pairs=False, fdr_level=0.49, min_prob=0.5, **kw
+    )
     r = build_social_pairs(social, None, cfg, baseline=True)
     pop = r.pairs.filter(pc.equal(r.pairs.column("kind"), "population")).to_pydict()
     quality = {i: q for i, (q, _) in load_truth(truth)[0].items()}
     ok = np.array([quality[w] > quality[l_] for w, l_ in zip(pop["winner_image_id"], pop["loser_image_id"])])
-    order = np.argsort(-np.array(pop["prob_margin"]), kind="stable")
-    k = int(target * r.baseline.num_rows)
-    return {"pairs": k, "precision": float(ok[order[:k]].mean()) if 0 < k <= ok.size else None}
+    p = np.array(pop["prob_margin"], dtype=np.float64)
+    order = np.argsort(-p, kind="stable")
+    return ok[order], p[order], r.baseline.num_rows
+
+
+def precision_at_yield(social: Path, truth: Path, weights: dict | None, target: float = 0.6) -> dict:
+    """The top target x naive candidate pairs by posterior: their precision. Compares weightings
+    at an equal yield."""
+    ok, _, naive = _ranked_candidates(social, truth, weights)
+    k = int(target * naive)
+    return {"pairs": k, "precision": float(ok[:k].mean()) if 0 < k <= ok.size else None}
+
+
+def oracle_yield(social: Path, truth: Path, level: float = 0.95) -> dict:
+    """Two references for the per-group FDR rule's yield, both over the same ranked candidates:
+    - oracle: the most pairs the posterior's ranking gives at a true precision >= level, the cut
+      set with the simulator's truth (the longest such prefix, all prompt groups at once): the
+      ceiling of any cut on this posterior;
+    - one_group: the FDR rule from the log alone, but over all groups at once and without the
+      min_prob guard (the longest prefix whose mean posterior error is <= 1 - level), with its true
+      precision: what the per-group requirement and the guard cost."""
+    ok, p, naive = _ranked_candidates(social, truth)
+    n = np.arange(1, ok.size + 1)
+    hit = np.flatnonzero(np.cumsum(ok) / n >= level)
+    k = int(hit[-1] + 1) if hit.size else 0
+    fdr_ok = np.flatnonzero(np.cumsum(1.0 - p) / n <= 1.0 - level)
+    g = int(fdr_ok[-1] + 1) if fdr_ok.size else 0
+    return {
+        "oracle_pairs": k,
+        "oracle_yield": k / naive if naive else None,
+        "one_group_fdr_yield": g / naive if naive else None,
+        "one_group_fdr_true_precision": float(ok[:g].mean()) if g else None,
+        "candidates": int(ok.size),
+        "candidates_precision": float(ok.mean()) if ok.size else None,
+    }
 
 
 def _median_runs(runs: list[dict]) -> dict:

@@ -179,6 +179,23 @@ def test_fdr_rule_keeps_the_longest_prefix_within_the_level():
     assert fdr_select(groups, err, 0.49).tolist() == [True, True, True, True, True]
 
 
+def test_defaults_keep_pairs_of_images_with_little_exposure(tmp_path):
+    """With the defaults, each prompt group's kept pairs have a mean posterior error <= fdr_level, and
+    images with fewer than 20 exposures still take part (the posterior already accounts for little
+    evidence; the former floor of 20 only lost pairs), each kept pair at P >= min_prob."""
+    from pipeline.social.simulate import SimConfig, simulate
+
+    simulate(tmp_path / "social", tmp_path / "truth", SimConfig(n_events=60_000, seed=4, n_bots=0))
+    cfg = SocialConfig(export_webdataset=False, export_pickapic=False, user_pairs=False)
+    pop = build_social_pairs(tmp_path / "social", None, cfg).pairs.to_pydict()
+    err = 1.0 - np.array(pop["prob_margin"])
+    groups = np.array(pop["prompt_group"])
+    for g in np.unique(groups):
+        assert err[groups == g].mean() <= cfg.fdr_level + 1e-12
+    assert (err <= 1.0 - cfg.min_prob + 1e-12).all()
+    assert (np.minimum(pop["winner_exposure"], pop["loser_exposure"]) < 20).any()
+
+
 def _surface_log():
     """A and C shown only on a generous surface (featured), B and D only on explore; in both
     prompts the featured image engages 4x more, exactly as much as that surface does."""

@@ -89,3 +89,38 @@ def test_estimated_precision_tracks_the_truth(sim):
     assert lo <= s["estimated_precision"] <= hi and hi - lo < 0.05
     assert s["yield_vs_naive"] == s["population_pairs"] / s["naive_pairs"]
     assert r.pairs.filter(pc.field("kind") == "user").column("prob").to_numpy().min() >= 0.8
+
+
+def test_group_fdr_averages_each_prompt_groups_observed_and_expected_share(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.social.evaluate import group_fdr
+
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": ["a", "b", "c", "d"],
+                "quality": [3.0, 2.0, 1.0, 0.0],
+                "style_0": [0.0] * 4,
+                "style_1": [0.0] * 4,
+            }
+        ),
+        tmp_path / "images_truth.parquet",
+    )
+    pq.write_table(
+        pa.table({"user_id": ["u"], "taste_0": [0.0], "taste_1": [0.0]}), tmp_path / "users_truth.parquet"
+    )
+    pairs = pa.table(
+        {
+            "prompt_group": ["g1", "g1", "g2", "g2"],
+            "winner_image_id": ["a", "c", "c", "d"],
+            "loser_image_id": ["b", "a", "d", "c"],  # g1: right, wrong; g2: right; the user pair is left out
+            "prob": [0.9, 0.8, 0.99, 0.6],
+            "user_id": [None, None, None, "u"],
+        }
+    )
+    fdr = group_fdr(pairs, tmp_path)
+    assert fdr["groups"] == 2
+    assert fdr["observed"] == pytest.approx((0.5 + 0.0) / 2)  # per group, then averaged: not 1/3 pooled
+    assert fdr["expected"] == pytest.approx((0.15 + 0.01) / 2)
+    assert group_fdr(pairs.slice(3), tmp_path) == {"groups": 0, "observed": None, "expected": None}

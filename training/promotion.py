@@ -1,7 +1,9 @@
 """Promotion on held-out evidence: a trained model replaces the current one (``LATEST``, the
 ``social_reward`` scorer, the LoRA a pipeline loads) only when the 95% Wilson lower bound of its
 held-out pairwise accuracy beats both chance (0.5) and the incumbent's accuracy measured on the same
-held-out pairs.
+held-out pairs. One edge: an incumbent that is perfect (1.0) on those pairs cannot be beaten by any
+lower bound, so there a model that is also perfect on them (and beats chance) is promoted: the
+pairs cannot show an improvement, and a tie at the ceiling is no regression.
 
 Every trainer's evaluation is a pairwise accuracy, ties counting half:
 - reward model: the winner scores above the loser;
@@ -75,6 +77,15 @@ def decide(new: Mapping, incumbent: Mapping | None, smoke: bool) -> dict:
     if incumbent is not None and incumbent.get("accuracy") is None:
         return {**out, "reason": f"the incumbent {incumbent.get('version')} could not be evaluated on the same "
                                  f"held-out pairs ({incumbent.get('error')}): nothing to compare with"}
+    if incumbent is not None and baseline >= 1.0:
+        # a perfect incumbent saturates these pairs: no model can show a lower bound above 1.0, so
+        # "beats the incumbent" is unmeasurable here; an equal, perfect score is no regression
+        if new["wins"] >= new["pairs"]:
+            return {**out, "promoted": True, "reason": f"ties the perfect incumbent {incumbent['version']} (1.000) on "
+                    f"the same {new['pairs']} pairs, which cannot show an improvement: a tie at the ceiling is no "
+                    f"regression; 95% lower bound {lo:.3f} beats chance {CHANCE}"}
+        return {**out, "reason": f"the incumbent {incumbent['version']} is perfect (1.000) on the same {new['pairs']} "
+                                 f"pairs and this model is not ({new['accuracy']:.3f}): a regression"}
     if lo <= baseline:
         return {**out, "reason": f"does not beat the model it replaces: 95% lower bound {lo:.3f} <= incumbent "
                                  f"{incumbent['version']}'s accuracy {baseline:.3f} on the same {new['pairs']} pairs"}

@@ -45,6 +45,30 @@ def precision(pairs: pa.Table, truth_dir: Path) -> dict:
     }
 
 
+def group_fdr(pairs: pa.Table, truth_dir: Path) -> dict:
+    """The population pairs' false discovery rate per prompt group, averaged over the groups that kept
+    any: observed (the share of each group's pairs whose winner is not truly better) and what the
+    posterior expects (the mean of 1 - prob over each group's pairs: the log-only figure)."""
+    images, _ = load_truth(truth_dir)
+    d = pairs.select(["prompt_group", "winner_image_id", "loser_image_id", "prob", "user_id"]).to_pydict()
+    wrong: dict[str, list[float]] = {}
+    expected: dict[str, list[float]] = {}
+    for g, w, l, p, u in zip(
+        d["prompt_group"], d["winner_image_id"], d["loser_image_id"], d["prob"], d["user_id"]
+    ):
+        if u is not None:
+            continue
+        wrong.setdefault(g, []).append(float(not images[w][0] > images[l][0]))
+        expected.setdefault(g, []).append(1.0 - p)
+    if not wrong:
+        return {"groups": 0, "observed": None, "expected": None}
+    return {
+        "groups": len(wrong),
+        "observed": float(np.mean([np.mean(v) for v in wrong.values()])),
+        "expected": float(np.mean([np.mean(v) for v in expected.values()])),
+    }
+
+
 def bot_detection(bots: pa.Table, truth_dir: Path) -> dict:
     """Flagged accounts (build result .bots: user_id, rule) against the simulator's truth:
     caught / total per bot kind, people flagged by mistake, and precision / recall of the flags
