@@ -52,7 +52,8 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
 
     def build(folder):
         return build_multiid_dataset(coll.images, coll.faces, ids, folder, cfg, version=version, reuse_from=previous,
-                                     workers=lineup.workers, guard_cache=layout.multiid_guard_cache)
+                                     workers=lineup.workers, guard_cache=layout.multiid_guard_cache,
+                                     engine=lineup.engine_name)
 
     def checks(folder, res):
         pairs = res.pairs if res is not None else read_parquet(folder / "pairs.parquet")

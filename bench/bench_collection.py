@@ -203,14 +203,15 @@ def synth_jpeg(uid: str, width: int, height: int, quality: int = 85) -> bytes:
 def reader(images) -> callable:
     size = dict(zip(images.column("uid").to_pylist(),
                     zip(images.column("width").to_pylist(), images.column("height").to_pylist())))
-    calls = {"n": 0, "s": 0.0}
+    calls = {"n": 0, "s": 0.0, "cpu_s": 0.0}  # photos synthesised, their wall s and CPU s (this process)
 
     def read_bytes(uid: str) -> bytes:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         w, h = size[uid]
         b = synth_jpeg(uid, w, h)
         calls["n"] += 1
         calls["s"] += time.perf_counter() - t
+        calls["cpu_s"] += time.process_time() - c
         return b
 
     read_bytes.calls = calls
@@ -247,27 +248,28 @@ def w_multiid(data: Path, work: Path, args) -> dict:
     import pyarrow as pa
 
     from pipeline.multiid import MultiIDConfig, build_multiid_dataset
-    from pipeline.multiid import build as mb
+    from pipeline.multiid import plan as mplan
+    from pipeline.multiid import selection as msel
     from pipeline.storage import parquet_rows
 
     # the plan of the build, to measure what it keeps per target (bench-only instrumentation)
     plans = []
-    select = mb._Plan.select
+    select = mplan._Plan.select
 
     def select_and_keep(self):
         plans.append(self)
         return select(self)
 
-    mb._Plan.select = select_and_keep
+    mplan._Plan.select = select_and_keep
     # the copy-paste guard's caches (one per bucket's selection, LRU-bounded): how full the fullest got and
     # what an entry weighs, so that the extrapolation can add what a run over every photo would fill
     caches = {"images": [0, 0, 0], "keypoints": [0, 0, 0]}  # entries at most, bytes of the entries sampled, entries sampled
-    fp_init = mb._Fingerprints.__init__
+    fp_init = msel._Fingerprints.__init__
     current = []
 
     def measure(fp):
         for name, lru in (("images", fp.cache), ("keypoints", fp.kps)):
-            real = [v for v in lru.values() if v is not mb._NOT_YET]  # the keypoint cache holds placeholders too
+            real = [v for v in lru.values() if v is not msel._NOT_YET]  # the keypoint cache holds placeholders too
             n_real = len(real)
             c = caches[name]
             c[0] = max(c[0], n_real)
@@ -280,7 +282,7 @@ def w_multiid(data: Path, work: Path, args) -> dict:
             measure(current.pop())
         current.append(self)
 
-    mb._Fingerprints.__init__ = init_and_watch
+    msel._Fingerprints.__init__ = init_and_watch
     images, faces, ids = _read(data, "images"), _read(data, "faces"), _read(data, "identities")
     t_load = time.perf_counter() - args.t0
     rss_inputs = rss_now_gb()
@@ -329,6 +331,7 @@ def w_multiid(data: Path, work: Path, args) -> dict:
             "detail": {"targets": st["targets"], "candidates_removed_by": st["candidates_removed_by"],
                        "cache_evictions": st["cache_evictions"], "per_split": st["per_split"],
                        "images_synthesised": read_bytes.calls["n"], "synthesis_s": round(read_bytes.calls["s"], 1),
+                       "synthesis_cpu_s": round(read_bytes.calls["cpu_s"], 1),
                        "load_inputs_s": round(t_load, 1), "max_candidates_per_person": args.max_candidates,
                        "retained_bytes": retained, "cache_room": cache_room,
                        "retained_bytes_per_target": round(retained / max(1, images.num_rows)),
@@ -579,6 +582,13 @@ def main() -> int:
                         slope = (r1[key] - r0[key]) / max(1, t1_ - t0_)
                         fixed = r0[key] - slope * t0_
                         fit[key] = {"fixed": round(fixed, 2), "per_target": slope, "all_photos": round(fixed + slope * P, 1)}
+                    # the builder's own CPU: less this bench synthesising the photos it reads (a stand-in for
+                    # reading a file, ~6 ms of CPU a photo; a real read is mostly waiting)
+                    if "synthesis_cpu_s" in r0["detail"] and "synthesis_cpu_s" in r1["detail"]:
+                        own = [r["cpu_s"] - r["detail"]["synthesis_cpu_s"] for r in (r0, r1)]
+                        slope = (own[1] - own[0]) / max(1, t1_ - t0_)
+                        fit["cpu_s_less_synthesis"] = {"fixed": round(own[0] - slope * t0_, 2), "per_target": slope,
+                                                       "all_photos": round(own[0] - slope * t0_ + slope * P, 1)}
                     # memory: the peak of the smaller run (inputs + bounded caches) plus what the builder keeps per
                     # target: the slope of its measured object sizes between the two runs (an RSS slope between two
                     # small runs is mostly caches filling); the ratio at the larger run when a run lacks the figure

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.multiid import MultiIDConfig, build_multiid_dataset
-from pipeline.multiid import build as mbuild
+from pipeline.multiid import parallel as mparallel
 from test_shard_reuse import _collection, _groups
 
 CFG = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False, reuse_buckets=4)
@@ -26,16 +26,23 @@ def _comparable(stats: dict) -> dict:
 @pytest.fixture
 def small_parallel(monkeypatch):
     """Selections of a few targets already go to the workers, and each call's part files are recorded."""
-    monkeypatch.setattr(mbuild, "PARALLEL_MIN_TARGETS", 4)
+    monkeypatch.setattr(mparallel, "PARALLEL_MIN_TARGETS", 4)
     parts = []
-    real = mbuild._select_parallel
+    real = mparallel.select_jobs
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
-        parts.append(out[2])
+        parts.extend(r[2] for r in out)  # each job's pairs part files
         return out
 
-    monkeypatch.setattr(mbuild, "_select_parallel", spy)
+    monkeypatch.setattr(mparallel, "select_jobs", spy)
+    real_forked = mparallel._forked
+
+    def forked(*args, **kwargs):  # which passes ran in the workers: the photos' pHashes, the selection
+        parts.append(getattr(args[5] if len(args) > 5 else kwargs.get("fn"), "__name__", "_select_chunk"))
+        return real_forked(*args, **kwargs)
+
+    monkeypatch.setattr(mparallel, "_forked", forked)
     return parts
 
 
@@ -54,8 +61,10 @@ def test_parallel_build_is_byte_identical(tmp_path, small_parallel, keypoints):
     a, b = _files(tmp_path / "one"), _files(tmp_path / "two")
     assert a == b
     assert _comparable(one.stats) == _comparable(two.stats)
-    # the parallel path ran: some selections came back as several part files (one per chunk of targets)
+    # the parallel path ran: some selections came back as several part files (one per chunk of targets),
+    # after a pass over the photos' pHashes
     assert any(isinstance(p, list) and len(p) > 1 for p in small_parallel), small_parallel
+    assert "_hash_chunk" in small_parallel and "_select_chunk" in small_parallel
 
 
 def test_parallel_refresh_is_byte_identical(tmp_path, small_parallel):
@@ -165,3 +174,35 @@ def test_guard_decisions_in_parallel_and_purged(tmp_path, small_parallel):
     assert purge_guard_decisions(one, [victim]) == involved > 0
     left = read_parquet(one)
     assert left.num_rows == t1.num_rows - involved and victim not in set(left.column("a_uid").to_pylist() + left.column("b_uid").to_pylist())
+
+
+# ------------------------------------------------------------------------- chunks of equal cost
+
+
+def test_balanced_chunks_keep_people_together_and_balance_cost():
+    """A person's targets stay in one chunk unless that person alone is dearer than a chunk's share; the
+    chunks' estimated costs are close (equal numbers of targets were not: one person's many photos each
+    examine many candidates), and the dearest chunk comes first."""
+    from types import SimpleNamespace
+
+    by_uid = {}
+    for k in range(40):  # "big": 40 one-face photos (39 candidates each); 40 people with two photos (1 candidate)
+        by_uid[f"big-{k:02d}"] = [SimpleNamespace(identity_id="big")]
+    for p in range(40):
+        for k in range(2):
+            by_uid[f"p{p:02d}-{k}"] = [SimpleNamespace(identity_id=f"p{p:02d}")]
+    uids = sorted(by_uid)
+    cost = mparallel.target_costs(uids, by_uid, cap=200)
+    assert cost["big-00"] == 40 and cost["p00-0"] == 2
+    chunks = mparallel.balanced_chunks(uids, by_uid, cap=200, n=4)
+    assert sorted(u for c in chunks for u in c) == uids  # every target once
+    totals = [sum(cost[u] for u in c) for c in chunks]
+    assert totals == sorted(totals, reverse=True)
+    assert max(totals) - min(totals) <= max(cost.values())  # within one target's cost
+    # people below a chunk's share are never split
+    for p in range(40):
+        assert sum(any(u.startswith(f"p{p:02d}-") for u in c) for c in chunks) == 1
+    # what equal numbers of targets in person order gave: one chunk most of the cost
+    order = sorted(uids)
+    equal = [order[i * len(order) // 4:(i + 1) * len(order) // 4] for i in range(4)]
+    assert max(sum(cost[u] for u in c) for c in equal) > 1.5 * max(totals)

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 from test_multiid_units import _synthetic_tables
 
 from pipeline.multiid import MultiIDConfig, build_multiid_dataset, select_references
-from pipeline.multiid import build as B
+from pipeline.multiid import rows as R
+from pipeline.multiid import selection as S
 
 CFG = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False)
 
@@ -17,23 +18,23 @@ def test_rows_streamed_in_small_batches_equal_the_in_memory_selection(tmp_path, 
     _, pair_rows, cand_rows, stats = select_references(images, faces, ids, CFG)
     # the build, with tiny batches: rows must leave for the part files a few at a time, and the merge read
     # them back a few at a time
-    monkeypatch.setattr(B, "CANDIDATE_BATCH", 7)
-    monkeypatch.setattr(B, "MERGE_BATCH", 5)
+    monkeypatch.setattr(S, "CANDIDATE_BATCH", 7)
+    monkeypatch.setattr(R, "MERGE_BATCH", 5)
     written = []
-    real_write = B._RowParts.write
+    real_write = R._RowParts.write
 
     def spy(self, name, table):
         written.append((name, table.num_rows))
         return real_write(self, name, table)
 
-    monkeypatch.setattr(B._RowParts, "write", spy)
+    monkeypatch.setattr(R._RowParts, "write", spy)
     out = tmp_path / "out"
     res = build_multiid_dataset(images, faces, ids, out, CFG)
     cand_batches = [n for name, n in written if name == "candidates"]
     assert len(cand_batches) > 10 and max(cand_batches) < len(cand_rows) / 10
     # one target's rows are written together, so a batch may pass 7 by one target's rows (< 3 people x 70)
     assert max(cand_batches) <= 7 + 3 * images.num_rows
-    for name, rows, schema in (("candidates", cand_rows, B.CANDIDATE_SCHEMA), ("pairs", pair_rows, B.PAIRS_SCHEMA)):
+    for name, rows, schema in (("candidates", cand_rows, R.CANDIDATE_SCHEMA), ("pairs", pair_rows, R.PAIRS_SCHEMA)):
         got = pq.read_table(out / f"{name}.parquet")
         assert got.num_rows == len(rows) > 0
         assert got.to_pylist() == pa.Table.from_pylist(rows, schema=schema).to_pylist(), name
@@ -61,7 +62,7 @@ def test_merge_in_target_order_matches_a_stable_sort():
         for i in range(0, len(rows), size):
             yield pa.Table.from_pylist(rows[i:i + size], schema=schema)
 
-    got = pa.concat_tables(list(B._merge_in_target_order([batches(s, 4) for s in sources], schema))).to_pylist()
+    got = pa.concat_tables(list(R._merge_in_target_order([batches(s, 4) for s in sources], schema))).to_pylist()
     want = sorted((r for s in sources for r in s), key=lambda r: r["target_uid"])
     assert got == want
 
@@ -91,7 +92,7 @@ def test_face_records_from_columns_equal_the_rows(tmp_path):
     loose = faces.set_column(faces.schema.get_field_index("landmarks"), "landmarks",
                              pa.array([None, *faces.column("landmarks").to_pylist()[1:]], pa.list_(pa.float32())))
     for table in (faces, loose):
-        by_uid = B._faces_from_table(table, ids)
+        by_uid = S._faces_from_table(table, ids)
         rows = table.to_pylist()
         assert sum(len(v) for v in by_uid.values()) == len(rows)
         recs = {(f.uid, f.face_index): f for v in by_uid.values() for f in v}

@@ -19,7 +19,7 @@ from pipeline.faces import faces_schema
 from pipeline.faces.folders import IDENTITIES_SCHEMA
 from pipeline.ingest import IMAGES_SCHEMA
 from pipeline.multiid import MultiIDConfig, build_multiid_dataset
-from pipeline.multiid.build import bucket_of
+from pipeline.multiid.plan import bucket_of
 from pipeline.multiid.release import multiid_version
 from pipeline.multiid.release import release_checks as multiid_checks
 
@@ -178,12 +178,12 @@ def test_reused_version_is_byte_identical_to_a_fresh_build(two_versions):
 
 def test_the_comparison_fails_when_a_fingerprint_misses_an_input(two_versions, monkeypatch):
     """The byte comparison can fail: a fingerprint blind to embeddings reuses a bucket whose faces changed."""
-    from pipeline.multiid import build
+    from pipeline.multiid import plan
 
     tmp, groups, _, _, b_tables, _, _ = two_versions
     images, faces, ids = b_tables
-    real = build.fingerprint_table
-    monkeypatch.setattr(build, "fingerprint_table", lambda t, cols, by, **kw: real(t, [c for c in cols if c != "embedding"], by, **kw))
+    real = plan.fingerprint_table
+    monkeypatch.setattr(plan, "fingerprint_table", lambda t, cols, by, **kw: real(t, [c for c in cols if c != "embedding"], by, **kw))
     layout = Layout(tmp / "blind-home")
     _release_multiid(layout, *b_tables)
     # another group's faces get new embeddings (its people now look like one person)
@@ -194,7 +194,7 @@ def test_the_comparison_fails_when_a_fingerprint_misses_an_input(two_versions, m
         emb[i] = emb[mine[0]]
     changed = faces.set_column(faces.column_names.index("embedding"), "embedding", pa.array(emb, faces.schema.field("embedding").type))
     blind = _release_multiid(layout, images, changed, ids)
-    monkeypatch.setattr(build, "fingerprint_table", real)
+    monkeypatch.setattr(plan, "fingerprint_table", real)
     fresh = _release_multiid(Layout(tmp / "fresh-home-2"), images, changed, ids)
     assert blind.version == fresh.version and blind.result.stats["buckets_reused"] == len(groups)
     assert _compare(blind.folder, fresh.folder)  # the wrongly reused bucket shows
@@ -411,15 +411,15 @@ def _joined(tmp: Path, groups: list[str], extra=(), drop=(), cfg=CFG):
 
 def _spy_select(monkeypatch) -> list[set]:
     """The targets each call of _select ran over (every photo of its bucket when it was not told)."""
-    from pipeline.multiid import build
+    from pipeline.multiid import selection
 
-    calls, real = [], build._select
+    calls, real = [], selection._select
 
     def spy(img_meta, *a, **k):
         calls.append(set(img_meta) if k.get("targets") is None else set(k["targets"]))
         return real(img_meta, *a, **k)
 
-    monkeypatch.setattr(build, "_select", spy)
+    monkeypatch.setattr(selection, "_select", spy)
     return calls
 
 
@@ -510,7 +510,7 @@ def test_a_damaged_previous_tar_member_rebuilds_its_targets(tmp_path, monkeypatc
 def test_one_ulp_in_an_embedding_reselects_that_identitys_targets(tmp_path, monkeypatch):
     """The per-target fingerprint reads the embedding bytes: one ulp in one face's embedding reselects the
     targets of that face's identity, and only them; a digest blind to embeddings reselects none."""
-    from pipeline.multiid import build
+    from pipeline.multiid import plan
 
     groups = _groups(3)
     layout = Layout(tmp_path / "home")
@@ -531,8 +531,8 @@ def test_one_ulp_in_an_embedding_reselects_that_identitys_targets(tmp_path, monk
     assert calls == [(_photos_of(a_tables, {who}) & _reached(a)) | {changed_photo}]
     assert b.result.stats["reselect_reasons"] == {"photo_changed": 1, "candidates_changed": len(calls[0]) - 1}
     # the same change, with a digest that leaves the embedding out: nothing is selected again
-    real = build.photo_digests
-    monkeypatch.setattr(build, "photo_digests", lambda tables: real([(t, [c for c in cols if c != "embedding"], by) for t, cols, by in tables]))
+    real = plan.photo_digests
+    monkeypatch.setattr(plan, "photo_digests", lambda tables: real([(t, [c for c in cols if c != "embedding"], by) for t, cols, by in tables]))
     blind_home = Layout(tmp_path / "blind")
     _release_multiid(blind_home, *a_tables)
     calls.clear()

@@ -8,7 +8,6 @@ from pipeline.faces.calibration import calibrate_thresholds, match_quantile
 from pipeline.multiid.build import (
     MultiIDResult,
     build_multiid_dataset,
-    hf_features,
     reader_from_images,
     select_references,
 )
@@ -20,6 +19,7 @@ from pipeline.multiid.metrics import (
     hungarian_match,
     sample_metrics,
 )
+from pipeline.multiid.rows import hf_features
 from pipeline.multiid.splits import check_identity_disjoint, identity_split
 
 __all__ = [

@@ -1,0 +1,361 @@
+"""The multi-identity selection over several processes: every bucket's selection (a :class:`SelectionJob`)
+is cut into chunks of targets (a small bucket is one chunk), and the chunks of all buckets run, dearest
+first, in forked worker processes or as Ray tasks, each chunk selected by
+:func:`pipeline.multiid.selection._select`; the rows, samples and counts are those of one run per bucket."""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.multiid import selection
+from pipeline.multiid.config import MultiIDConfig
+from pipeline.multiid.reuse import TargetTally
+from pipeline.multiid.rows import _RecordSpill, _RowParts, _slim_sample
+
+PARALLEL_MIN_TARGETS = 64  # selections over fewer targets in all run in the calling process (a fork costs more)
+CHUNKS_PER_WORKER = 4  # chunks of a large bucket per worker, dearest first: a worker that finishes early takes the next
+_FORKED: dict = {}  # the selections' arguments, inherited by the forked workers (never pickled)
+_WORKER: dict = {}  # a worker's own bookkeeping (empty in the parent, so empty in every fresh fork)
+
+
+@dataclass
+class SelectionJob:
+    """One bucket's selection: its photos, its eval override, the targets to select (None: every photo),
+    the per-target tally (reuse.TargetTally) and whether shard records are made as samples are selected."""
+
+    stem: str
+    img_meta: dict
+    by_uid: dict
+    override: set
+    targets: list[str] | None = None
+    tally: TargetTally | None = None
+    records: bool = False
+    prepared: dict | None = field(default=None, repr=False)
+    hashes: dict | None = field(default=None, repr=False)  # photo_hashes of its photos, when worked out beforehand
+
+    def uids(self) -> list[str]:
+        return sorted(self.img_meta) if self.targets is None else sorted(set(self.img_meta) & set(self.targets))
+
+
+def _job_args(job: SelectionJob) -> dict:
+    return {"stem": job.stem, "img_meta": job.img_meta, "by_uid": job.by_uid, "override": job.override,
+            "tally": job.tally, "records": job.records, "prepared": job.prepared, "hashes": job.hashes}
+
+
+def _select_chunk(j: int, i: int, chunk: list[str]):
+    """In a forked worker: :func:`_run_chunk` with the arguments it inherited."""
+    return _run_chunk(_FORKED["common"], _FORKED["jobs"][j], j, i, chunk)
+
+
+def _hash_chunk(j: int, i: int, chunk: list[str]):
+    """In a forked worker: :func:`pipeline.multiid.selection.photo_hashes` of the photos ``chunk`` of job ``j``."""
+    common = _FORKED["common"]
+    return selection.photo_hashes(chunk, _FORKED["jobs"][j]["by_uid"], common["cfg"], common["read_bytes"])
+
+
+def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
+    """In a worker (a fork, or a Ray task): :func:`_select` over the targets ``chunk`` of job ``j``, its rows
+    to its own part files in ``common["parts_dir"]`` (its samples' shard records to its own spill file, and
+    then only the few fields of each sample the parent uses come back). The worker keeps its decoding and
+    keypoint caches from one chunk to its next of the same job (the chunks are of the same photos)."""
+    cfg, guard = common["cfg"], common["guard"]
+    tally = TargetTally(a["tally"].on_candidates) if a["tally"] is not None else None
+    # the decisions this worker adds and has not sent yet (it inherited the parent's, already kept there;
+    # it keeps its own for its next chunks)
+    if guard is not None and "sent" not in _WORKER:
+        _WORKER["sent"], _WORKER["hits"] = len(guard.new), guard.hits
+    new_at, hits_at = (_WORKER["sent"], _WORKER["hits"]) if guard is not None else (0, 0)
+    if _WORKER.get("job") != j:  # one job's caches at a time
+        _WORKER["job"] = j
+        _WORKER["fingerprints"] = selection._new_fingerprints(common["read_bytes"], a["by_uid"], cfg, a["hashes"])
+    stem = f"{a['stem']}-c{i:03d}"
+    sink = _RowParts(common["parts_dir"], stem)
+    records = _RecordSpill(common["parts_dir"], stem, cfg) if a["records"] else None
+    try:
+        samples, _, _, counts = selection._select(
+            a["img_meta"], a["by_uid"], cfg, common["read_bytes"], a["override"], common["mversions"], sink=sink,
+            targets=set(chunk), tally=tally, decisions=guard, records=records, prepared=a["prepared"],
+            fingerprints=_WORKER["fingerprints"])
+    finally:
+        sink.close()
+        if records is not None:
+            records.close()
+    decided = None
+    if guard is not None:
+        decided = (guard.new[new_at:], guard.hits - hits_at)
+        _WORKER["sent"], _WORKER["hits"] = len(guard.new), guard.hits
+    if records is not None:
+        samples = [_slim_sample(s) for s in samples]
+    return (samples, counts, sink.paths, (tally.by_target, tally.seen) if tally is not None else None, decided,
+            records.at if records is not None else None)
+
+
+def _ray_chunk(_model, task: tuple):
+    """A Ray task: :func:`_run_chunk` on a worker that shares no disk with the driver. The arguments come
+    from the object store (deserialised once per worker process, like a fork's inheritance); the part and
+    spill files are written to a local temporary folder and come back as bytes, with the records' places."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    kind, common_ref, job_ref, j, i, chunk = task
+    if _WORKER.get("common_id") != common_ref.hex():  # a Ray worker process outlives a build: start afresh
+        _WORKER.clear()
+        _WORKER["common_id"], _WORKER["common"] = common_ref.hex(), ray.get(common_ref)
+    if _WORKER.get("job_id") != job_ref.hex():
+        _WORKER["job_id"], _WORKER["job_args"] = job_ref.hex(), ray.get(job_ref)
+    if kind == "hash":
+        common = _WORKER["common"]
+        return selection.photo_hashes(chunk, _WORKER["job_args"]["by_uid"], common["cfg"], common["read_bytes"])
+    tmp = Path(tempfile.mkdtemp(prefix="multiid-chunk-"))
+    try:
+        samples, counts, paths, tally, decided, at = _run_chunk({**_WORKER["common"], "parts_dir": tmp}, _WORKER["job_args"],
+                                                                j, i, chunk)
+        files = {name: (p.name, p.read_bytes()) for name, p in paths.items() if p is not None}
+        spilled = None
+        if at is not None:
+            files.update({f"records:{p.name}": (p.name, p.read_bytes()) for p in {p for p, _, _ in at.values()}})
+            spilled = {k: (p.name, off, n) for k, (p, off, n) in at.items()}
+        return samples, counts, files, tally, decided, spilled
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _on_ray(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], kind: str = "select") -> list:
+    """The chunks as Ray tasks (:func:`_ray_chunk`), the arguments put into the object store once (those
+    shared by all, and each job's); the files each task sends back are written to ``parts_dir``. Results in
+    the order of ``tasks``, as :func:`_run_chunk` gives them (``kind="hash"``: as photo_hashes does)."""
+    import ray
+
+    from pipeline import ray_engine
+
+    ray_engine.ensure_ray()
+    common_ref = ray.put(common)
+    job_refs = [ray.put(_job_args(job)) for job in jobs]
+    results, _ = ray_engine.run_chunks(f"multiid-{kind}", [(kind, common_ref, job_refs[j], j, i, c) for j, i, c in tasks],
+                                       decode=None, analyze=_ray_chunk, factory=None, items_of=lambda t: len(t[5]))
+    if kind == "hash":
+        return results
+    out = []
+    for samples, counts, files, tally, decided, spilled in results:
+        local = {}
+        for name, (fname, data) in files.items():
+            (parts_dir / fname).write_bytes(data)
+            local[name] = parts_dir / fname
+        at = None if spilled is None else {k: (parts_dir / f, off, ln) for k, (f, off, ln) in spilled.items()}
+        out.append((samples, counts, {"pairs": local.get("pairs"), "candidates": local.get("candidates")}, tally, decided, at))
+    return out
+
+
+def _slots(engine: str, workers: int) -> int:
+    """How many chunks may run at once: the Ray cluster's CPUs, else ``workers``."""
+    if engine == "ray":
+        from pipeline import ray_engine
+
+        return max(1, int(ray_engine.ensure_ray().get("CPU", 1)))
+    return workers
+
+
+def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: MultiIDConfig, read_bytes, mversions: list[str],
+                guard=None, engine: str = "inprocess") -> list[tuple]:
+    """Run every job's selection; per job (samples, counts, pairs part files, candidates part files,
+    records): the rows streamed to part files (each sorted by target uid), and with ``job.records`` each
+    sample's shard record made by the process that selected it (key -> its place in a spill file,
+    :func:`pipeline.multiid.rows._spilled_records`; the samples then carry only the fields the plan uses,
+    :func:`pipeline.multiid.rows._slim_sample`), else None.
+
+    With ``workers`` > 1 (forked processes) or ``engine="ray"`` (Ray tasks, on a cluster whatever ``workers``
+    says) and at least PARALLEL_MIN_TARGETS targets in all, the jobs are cut into chunks: a bucket with
+    fewer targets is one chunk, a larger one :func:`balanced_chunks`; all chunks of all jobs run dearest first
+    (:func:`target_costs`), so small buckets run beside a large one instead of one after the other in this
+    process. A target's selection depends only on the collection, not on the other targets (each worker
+    has its own decoding cache; its eviction counts, which no version records, are the only figures that
+    differ), so the rows, samples and counts are those of one run per job."""
+    import multiprocessing as mp
+
+    on_ray = engine == "ray"
+    uids = [job.uids() for job in jobs]
+    if sum(map(len, uids)) < PARALLEL_MIN_TARGETS or (not on_ray and (workers <= 1 or "fork" not in mp.get_all_start_methods())):
+        return [_select_here(job, parts_dir, cfg, read_bytes, mversions, guard) for job in jobs]
+    slots = _slots(engine, workers)
+    tasks, costs, here = [], [], {}
+    for j, (job, u) in enumerate(zip(jobs, uids)):
+        if not u:  # nothing to select: its (empty) result here
+            here[j] = _select_here(job, parts_dir, cfg, read_bytes, mversions, guard)
+            continue
+        chunks = [u] if len(u) < PARALLEL_MIN_TARGETS else balanced_chunks(u, job.by_uid, cfg.max_candidates_per_person,
+                                                                             min(len(u), slots * CHUNKS_PER_WORKER))
+        cost = target_costs(u, job.by_uid, cfg.max_candidates_per_person)
+        for i, chunk in enumerate(chunks):
+            tasks.append((j, i, chunk))
+            costs.append(sum(cost[x] for x in chunk))
+        # derived once here, before the fork (inherited) or the tasks (in the object store): not once per chunk
+        job.prepared = selection._prepare(job.by_uid, cfg, job.override)
+    order = sorted(range(len(tasks)), key=lambda k: -costs[k])
+    tasks = [tasks[k] for k in order]
+    common = {"cfg": cfg, "read_bytes": read_bytes, "mversions": mversions, "guard": guard}
+    # first every photo's pHashes, each photo decoded once by one worker: a fresh bucket's chunks otherwise
+    # each decode most of its photos (the candidates of a person's targets lie in many other chunks' photos)
+    # (for a job that selects most of its photos: a refresh's few targets decode only what they examine)
+    hash_tasks = [(j, i, ch) for j, job in enumerate(jobs)
+                  if len(uids[j]) >= PARALLEL_MIN_TARGETS and 2 * len(uids[j]) >= len(job.img_meta)
+                  for i, ch in enumerate(_spread(sorted(set(job.img_meta) | set(job.by_uid)), slots * CHUNKS_PER_WORKER))]
+    if hash_tasks:
+        hashed = (_on_ray(parts_dir, common, jobs, hash_tasks, "hash") if on_ray
+                  else _forked(parts_dir, common, jobs, hash_tasks, workers, _hash_chunk))
+        for (j, _, _), h in zip(hash_tasks, hashed):
+            jobs[j].hashes = {**(jobs[j].hashes or {}), **h}
+    if on_ray:
+        results = _on_ray(parts_dir, common, jobs, tasks)
+    else:
+        results = _forked(parts_dir, common, jobs, tasks, workers)
+    for job in jobs:
+        job.prepared = job.hashes = None
+    by_job: dict[int, list] = {}
+    for (j, i, _), r in sorted(zip(tasks, results), key=lambda t: t[0][:2]):
+        by_job.setdefault(j, []).append(r)
+    return [here[j] if j in here else _merge_chunks(by_job[j], job.tally, guard) for j, job in enumerate(jobs)]
+
+
+def _spread(uids: list[str], n: int) -> list[list[str]]:
+    """``uids`` in at most ``n`` parts of about equal size."""
+    n = max(1, min(n, len(uids)))
+    return [uids[k * len(uids) // n:(k + 1) * len(uids) // n] for k in range(n)]
+
+
+def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], workers: int, fn=None) -> list:
+    """``fn`` (:func:`_select_chunk`) over the chunks in ``workers`` forked processes; results in the order
+    of ``tasks``."""
+    import gc
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    import cv2
+
+    _FORKED.update(common={**common, "parts_dir": parts_dir}, jobs=[_job_args(job) for job in jobs])
+    # OpenCV's thread pool is stopped before the fork and restored after: a child that inherits a pool whose
+    # threads did not survive the fork hangs as soon as it touches it (seen: setNumThreads in the child)
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    # the inherited objects (the collection's faces, the plan) out of the garbage collector's sight: its
+    # full passes in a child walk every one of them, writing their pages (copied, CPU in every worker)
+    gc.freeze()
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+            return list(pool.map(fn or _select_chunk, *zip(*tasks)))
+    finally:
+        gc.unfreeze()
+        _FORKED.clear()
+        cv2.setNumThreads(cv_threads)
+
+
+def _select_here(job: SelectionJob, parts_dir: Path, cfg: MultiIDConfig, read_bytes, mversions: list[str], guard) -> tuple:
+    """One job's selection in this process: (samples, counts, pairs part file, candidates part file, records)."""
+    sink = _RowParts(parts_dir, job.stem)
+    spill = _RecordSpill(parts_dir, job.stem, cfg) if job.records else None
+    try:
+        samples, _, _, counts = selection._select(job.img_meta, job.by_uid, cfg, read_bytes, job.override, mversions, sink=sink,
+                                                  targets=None if job.targets is None else set(job.targets), tally=job.tally,
+                                                  decisions=guard, records=spill)
+    finally:
+        sink.close()
+        if spill is not None:
+            spill.close()
+    if spill is not None:
+        samples = [_slim_sample(s) for s in samples]
+    return samples, counts, sink.paths["pairs"], sink.paths["candidates"], spill.at if spill is not None else None
+
+
+def target_costs(uids: list[str], by_uid: dict, cap: int) -> dict[str, int]:
+    """A target's estimated selection cost: 1 + the candidates its labelled faces would examine (the other
+    faces of their identities, at most ``cap`` each). What the chunks are balanced on."""
+    n_faces: dict[str, int] = {}
+    for fs in by_uid.values():
+        for f in fs:
+            if f.identity_id is not None:
+                n_faces[f.identity_id] = n_faces.get(f.identity_id, 0) + 1
+    return {u: 1 + sum(min(cap, n_faces[f.identity_id] - 1) for f in by_uid.get(u, []) if f.identity_id is not None)
+            for u in uids}
+
+
+def balanced_chunks(uids: list[str], by_uid: dict, cap: int, n: int) -> list[list[str]]:
+    """``uids`` in at most ``n`` chunks of about equal estimated cost (:func:`target_costs`), dearest chunk
+    first. Targets are grouped by person (their smallest identity id): a person's targets share their
+    candidates, so a worker's caches serve its chunk as they serve one run (chunks of consecutive uids,
+    which are random, made every worker decode most photos: twice the CPU of one run, measured). Groups go
+    dearest first to the cheapest chunk so far; a group dearer than a chunk's share is cut into pieces."""
+    cost = target_costs(uids, by_uid, cap)
+
+    def person(u: str) -> str:
+        ids = [f.identity_id for f in by_uid.get(u, []) if f.identity_id is not None]
+        return min(ids) if ids else ""
+
+    groups: dict[str, list[str]] = {}
+    for u in sorted(uids, key=lambda u: (person(u), u)):
+        groups.setdefault(person(u), []).append(u)
+    share = sum(cost.values()) / n
+    pieces = []
+    for g in groups.values():
+        piece, c = [], 0
+        for u in g:
+            if piece and c + cost[u] > share:
+                pieces.append((c, piece))
+                piece, c = [], 0
+            piece.append(u)
+            c += cost[u]
+        pieces.append((c, piece))
+    pieces.sort(key=lambda t: (-t[0], t[1][0]))
+    loads = [(0, i) for i in range(n)]  # a heap of (cost so far, chunk)
+    chunks: list[list[str]] = [[] for _ in range(n)]
+    for c, piece in pieces:
+        load, i = heapq.heappop(loads)
+        chunks[i] += piece
+        heapq.heappush(loads, (load + c, i))
+    totals = [sum(cost[u] for u in ch) for ch in chunks]
+    return [ch for _, ch in sorted(zip(totals, chunks), key=lambda t: -t[0]) if ch]
+
+
+def _add_counts(total: dict, part: dict) -> None:
+    """Add one chunk's :func:`_select` counts to ``total`` (keys met in any chunk kept, even at 0)."""
+    for k, v in part.items():
+        if k == "persons":
+            total[k] = total.get(k, 0) + v
+        elif k == "unreadable":  # photo uid -> error: the same photo fails the same way in every chunk
+            total.setdefault(k, {}).update(v)
+        else:
+            c = total.setdefault(k, {})
+            for kk, n in v.items():
+                c[kk] = c.get(kk, 0) + n
+
+
+
+def _merge_chunks(results: list, tally, guard):
+    """One job's result from its chunks' (:func:`_run_chunk`): samples by key, counts summed, part
+    files listed, the per-target tallies and the guard's new decisions gathered."""
+    samples, counts = [], {}
+    pairs, cands, at = [], [], {}
+    for s, c, paths, t, decided, spilled in results:
+        if decided is not None:
+            guard.new += decided[0]
+            guard.hits += decided[1]
+        samples += s
+        _add_counts(counts, c)
+        if paths["pairs"] is not None:
+            pairs.append(paths["pairs"])
+        if paths["candidates"] is not None:
+            cands.append(paths["candidates"])
+        if t is not None:
+            tally.by_target.update(t[0])
+            tally.seen.update(t[1])
+        if spilled is not None:
+            at.update(spilled)
+    samples.sort(key=lambda s: s["key"])
+    for k in ("targets", "candidates_removed_by", "duplicate_flags_independent", "unreadable"):
+        counts[k] = dict(sorted(counts.get(k, {}).items()))
+    counts.setdefault("persons", 0)
+    for k in ("similarity_all_candidates", "similarity_selected"):
+        counts[k] = {kk: v for kk, v in sorted(counts.get(k, {}).items(), key=lambda kv: int(kv[0])) if v}
+    return samples, counts, pairs or None, cands or None, at if results and results[0][5] is not None else None

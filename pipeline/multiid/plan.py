@@ -1,0 +1,648 @@
+"""The multi-identity builder's buckets and reuse planning: photos grouped by co-occurrence component into
+fixed buckets, each bucket's fingerprint, a bucket or target reused from the previous version or selected again
+(:mod:`pipeline.multiid.parallel`), its shards written (:mod:`pipeline.multiid.rows`), and the build's statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.datasets import fingerprint_table
+from pipeline.multiid import parallel, selection
+from pipeline.multiid.config import MultiIDConfig
+from pipeline.multiid.reuse import (
+    TARGETS_FILE,
+    TARGETS_SCHEMA,
+    PreviousTargets,
+    TargetFingerprints,
+    TargetTally,
+    common_digest,
+    patch_over_cap,
+    photo_digests,
+    reselect_reason,
+    reused_records,
+    target_counts,
+)
+from pipeline.multiid.rows import (
+    SIM_BINS,
+    _hist_from_counts,
+    _merge_in_target_order,
+    _part_batches,
+    _shard_samples,
+    _spilled_records,
+)
+from pipeline.multiid.selection import FaceRec, _faces_from_table, unusable_reason
+from pipeline.multiid.splits import identity_split
+from pipeline.shards import (
+    ShardInfo,
+    link_or_copy,
+    previous_buckets,
+    shards_intact,
+    write_shards,
+)
+from pipeline.splits import hash_fraction
+
+IMAGE_COLUMNS = ["uid", "source", "caption", "width", "height"]  # what a sample takes from the images table
+
+
+def bucket_of(group: str, n: int) -> int:
+    """The bucket of a co-occurrence component (named by its smallest identity id, or ``photo:<uid>`` for
+    a photo without a labelled face): a hash modulo the fixed ``reuse_buckets``."""
+    return int.from_bytes(hashlib.sha256(f"multiid-bucket\x1f{group}".encode()).digest()[:8], "big") % n
+
+
+@dataclass
+class _Bucket:
+    """The photos of some co-occurrence components, selected and sharded together."""
+
+    index: int
+    uids: list[str]
+    identities: set[str]
+    base_fingerprint: str = ""
+    override: list[str] = field(default_factory=list)  # identities of this bucket moved to eval by the fallback
+    samples: list[dict] = field(default_factory=list)
+    pair_rows: list[dict] = field(default_factory=list)
+    cand_rows: list[dict] = field(default_factory=list)
+    pairs: Path | None = None  # the rows as Parquet part files (a build that writes keeps no row in memory)
+    cands: Path | None = None
+    summary: list[tuple] = field(default_factory=list)  # per sample: (key, split, faces' identity ids, refs per face)
+    infos: dict = field(default_factory=dict)  # split -> the ShardInfos written for this bucket
+    counts: dict = field(default_factory=dict)
+    previous: dict | None = None  # the record of an identical bucket in the previous version (reused)
+    # per-target reuse (a build that writes): targets.parquet rows of this bucket; the samples copied from
+    # the previous version's tars (split -> previous shard -> keys); why targets were selected again
+    targets: pa.Table | None = None
+    copied: dict = field(default_factory=dict)
+    reasons: Counter = field(default_factory=Counter)
+    n_reused: int = 0
+    reused: list[str] = field(default_factory=list)  # in a bucket selected again, its targets reused (rows: previous version)
+    n_over_cap: int = 0  # of them, targets whose people gained or lost faces only outside their examined candidates
+    evictions: dict = field(default_factory=dict)  # the cache evictions of this run's selection (not recorded)
+    records: dict | None = None  # key -> the place of its shard record in a spill file (made by the selecting process)
+    bytes_copied: int = 0
+    bytes_written: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"b{self.index:04d}"
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([self.base_fingerprint, self.override]).encode()).hexdigest()[:32]
+
+    def per_split(self) -> Counter:
+        return Counter(t[1] for t in self.summary)
+
+    def state(self) -> tuple:
+        return (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
+                self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions,
+                self.records)
+
+    def restore(self, state: tuple) -> None:
+        (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
+         self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions,
+         self.records) = state
+
+
+def _summary(samples: list[dict]) -> list[tuple]:
+    return [(s["key"], s["split"], tuple(fj["identity_id"] for fj in s["faces"]), tuple(len(fj["refs"]) for fj in s["faces"]))
+            for s in samples]
+
+
+def _summary_of_targets(t: pa.Table) -> list[tuple]:
+    """The summary of the kept targets of targets.parquet rows (what :func:`_summary` gives from their samples)."""
+    cols = [t.column(c).to_pylist() for c in ("outcome", "key", "split", "persons", "refs")]
+    return sorted((k, sp, tuple(p), tuple(r)) for o, k, sp, p, r in zip(*cols) if o == "kept")
+
+
+class _Plan:
+    """Reference selection bucket by bucket, reusing the buckets of a previous version that have the same
+    fingerprint. A sample depends only on the photos of its co-occurrence component (a target's
+    references are faces of its people in other photos, so in photos of the same component), on the
+    config, the builder and the face models: a bucket's fingerprint covers exactly these, plus which of
+    its identities the eval fallback moved. Inside a bucket that changed, a target's own fingerprint
+    (:class:`pipeline.multiid.reuse.TargetFingerprints`) decides whether it is selected again."""
+
+    def __init__(self, images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig, read_bytes,
+                 previous: Path | None = None, out_dir: Path | None = None, keep_rows: bool = False, workers: int = 1,
+                 guard_cache: Path | None = None, engine: str | None = None):
+        from pipeline import __version__
+        from pipeline.multiid.release import BUILDER_VERSION, FACE_COLUMNS
+
+        config.validate()
+        self.cfg = cfg = config.resolved()
+        self.read_bytes = read_bytes
+        self.by_uid = _faces_from_table(faces, identities)
+        backends = sorted(set(faces.column("backend").to_pylist())) if "backend" in faces.column_names and faces.num_rows else [cfg.backend]
+        self.mversions = sorted(set(faces.column("model_version").to_pylist())) if "model_version" in faces.column_names and faces.num_rows else [""]
+        if any(b != cfg.backend for b in backends):
+            raise ValueError(f"faces table comes from backend(s) {backends}, config says {cfg.backend!r}: thresholds would not apply")
+        # the few image columns a sample uses, not every column of every row
+        self.img_meta = {r["uid"]: r for r in images.select([c for c in IMAGE_COLUMNS if c in images.column_names]).to_pylist()}
+        self.component = _cooccurrence_components(self.by_uid)
+        groups: dict[int, list[str]] = defaultdict(list)
+        # a component's smallest identity, once per component: min() per photo over a component that holds
+        # most identities (co-occurrence chains people together at scale) was quadratic, ~20 min at 1M faces
+        smallest: dict[int, str] = {}  # id() of the component's set (shared by its identities) -> its min
+        for uid in sorted(set(self.img_meta) | set(self.by_uid)):
+            ids = [f.identity_id for f in self.by_uid.get(uid, []) if f.identity_id is not None]
+            if ids:
+                comp = self.component[ids[0]]
+                group = smallest.get(id(comp))
+                if group is None:
+                    group = smallest[id(comp)] = min(comp)
+            else:
+                group = f"photo:{uid}"
+            groups[bucket_of(group, cfg.reuse_buckets)].append(uid)
+        self.buckets = {b: _Bucket(b, uids, {f.identity_id for u in uids for f in self.by_uid.get(u, []) if f.identity_id is not None})
+                        for b, uids in sorted(groups.items())}
+        # fingerprints: what decides a bucket's samples, its shards and its rows
+        common_parts = {"builder": BUILDER_VERSION, "library": __version__, "config": cfg.to_dict(),
+                        "backends": backends, "model_versions": self.mversions}
+        common = json.dumps(common_parts, sort_keys=True, default=str)
+        face_cols = FACE_COLUMNS + ["source"]
+        tables = [(images, IMAGE_COLUMNS, ["uid"]), (faces, face_cols, ["uid", "face_index"]),
+                  (identities, ["uid", "face_index", "identity_id"], ["uid", "face_index"])]
+        # each table's rows by bucket (ascending), as index arrays: no Python object per row of the tables
+        import pyarrow.compute as pc
+
+        all_uids = pa.array([u for b in self.buckets.values() for u in b.uids], pa.string())
+        bucket_no = np.array([b.index for b in self.buckets.values() for _ in b.uids], np.int64)
+        rows_of = []
+        for t, _, _ in tables:
+            pos = pc.fill_null(pc.index_in(t.column("uid"), value_set=all_uids), -1).to_numpy()
+            of_row = np.where(pos >= 0, bucket_no[np.maximum(pos, 0)], -1) if len(pos) else np.zeros(0, np.int64)
+            order = np.argsort(of_row, kind="stable")
+            rows_of.append((order, of_row[order]))
+        for b in self.buckets.values():
+            h = hashlib.sha256(common.encode())
+            for (t, cols, sort_by), (order, sorted_b) in zip(tables, rows_of):
+                rows = order[np.searchsorted(sorted_b, b.index, "left"):np.searchsorted(sorted_b, b.index, "right")]
+                h.update(fingerprint_table(t, cols, sort_by, rows=rows).encode())
+            b.base_fingerprint = h.hexdigest()[:32]
+        self.previous = Path(previous) if previous is not None else None
+        # out_dir: each bucket's shards are written as soon as it is selected, and its samples dropped;
+        # keep_rows: keep the row dicts (select_references), else the rows are streamed to Parquet part
+        # files in ``parts_dir`` (in out_dir, else a temporary folder; the caller removes it)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.keep_rows = keep_rows
+        self.parts_dir: Path | None = None
+        if not keep_rows:
+            import tempfile
+
+            if self.out_dir is not None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.parts_dir = Path(tempfile.mkdtemp(prefix=".rows-", dir=self.out_dir))
+        self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet", TARGETS_FILE))
+        # per-target reuse when writing: each photo's digest, and the previous version's targets
+        self.per_target = self.out_dir is not None
+        self.digests = photo_digests(tables) if self.per_target else {}
+        self.common_digest = common_digest(common_parts)
+        self.prev_targets = PreviousTargets(self.previous if self.per_target else None, self.previous_records)
+        self.selections = 0
+        self.workers = max(1, int(workers)) if not keep_rows else 1
+        from pipeline.engine import engine_name
+
+        self.engine = engine_name(engine) if not keep_rows else "inprocess"
+        from pipeline.multiid.guard_cache import GuardDecisions
+
+        self.guard = GuardDecisions(guard_cache, {k: getattr(cfg, k) for k in (
+            "image_hamming_max", "face_hamming_max", "face_ncc_min", "keypoints", "kp_min_inliers", "kp_min_ratio",
+            "kp_strong_inliers")}) if guard_cache is not None else None
+        self.corrupt: list[str] = []
+        self.eval_fallback: list[str] = []
+
+    def split_of(self, identity_id: str) -> str:
+        if identity_id in self.eval_fallback:
+            return "eval"
+        return identity_split(identity_id, self.cfg.eval_fraction, self.cfg.split_salt)
+
+    def active(self) -> list[_Bucket]:
+        return list(self.buckets.values())
+
+    def _run(self, b: _Bucket, override: set) -> None:
+        """Fill bucket ``b`` with the eval override ``override`` now (:meth:`_start_run`, its selection run)."""
+        pending = self._start_run(b, override)
+        if pending is not None:
+            job, finish = pending
+            (result,) = self._select_jobs([job])
+            finish(result)
+
+    def _select_jobs(self, jobs: list) -> list:
+        return parallel.select_jobs(jobs, self.workers, self.parts_dir, self.cfg, self.read_bytes, self.mversions,
+                                    guard=self.guard, engine=self.engine)
+
+    def _start_run(self, b: _Bucket, override: set):
+        """Fill bucket ``b`` with the eval override ``override``: from the previous version when it holds
+        an intact bucket with the same fingerprint, else by selecting references over its photos; a build
+        that writes selects only the targets whose fingerprint changed (:mod:`pipeline.multiid.reuse`).
+        Returns None when the bucket is filled, else (the selection job to run, what to do with its result):
+        the plan runs the jobs of all buckets together (:func:`pipeline.multiid.parallel.select_jobs`)."""
+        b.override = sorted(override & b.identities)
+        b.previous = None
+        b.copied, b.reasons, b.n_reused, b.n_over_cap, b.evictions = {}, Counter(), 0, 0, {"images": 0, "keypoints": 0}
+        b.reused, b.records = [], None
+        rec = self.previous_records.get(b.name)
+        targets = [u for u in b.uids if u in self.img_meta]
+        if rec is not None and rec.get("fingerprint") == b.fingerprint and self.prev_targets:
+            problems = [f"{split}/{p}" for split, shards in sorted(rec.get("shards", {}).items())
+                        for p in shards_intact(self.previous / split, shards)]
+            if not problems and all(u in self.prev_targets.row for u in targets):
+                b.previous = rec
+                b.counts = rec["counts"]
+                b.targets = self.prev_targets.take(targets)
+                b.summary = _summary_of_targets(b.targets)
+                b.n_reused = len(targets)
+                b.samples = []
+                b.pair_rows = b.cand_rows = []  # taken from the previous version's tables when written
+                b.pairs = b.cands = None
+                return None
+            self.corrupt += [f"{b.name}: {p}" for p in problems]
+        img_meta = {u: self.img_meta[u] for u in b.uids if u in self.img_meta}
+        by_uid = {u: self.by_uid[u] for u in b.uids if u in self.by_uid}
+        # each run its own part files: a trial of the eval fallback that is undone keeps the earlier run's
+        if not self.per_target:
+            if self.keep_rows:
+                b.samples, pair_rows, cand_rows, b.counts = selection._select(img_meta, by_uid, self.cfg, self.read_bytes, override,
+                                                                     self.mversions)
+                b.pair_rows, b.cand_rows, b.pairs, b.cands = pair_rows, cand_rows, None, None
+                b.evictions = b.counts.pop("cache_evictions")
+                b.summary = _summary(b.samples)
+                self.selections += 1
+                return None
+            job = parallel.SelectionJob(f"{b.name}-{self.selections}", img_meta, by_uid, override,
+                                        records=self.out_dir is not None)
+            self.selections += 1
+
+            def finish(result) -> None:
+                b.samples, b.counts, b.pairs, b.cands, b.records = result
+                b.pair_rows, b.cand_rows = [], []
+                b.evictions = b.counts.pop("cache_evictions")
+                b.summary = _summary(b.samples)
+
+            return job, finish
+        return self._start_per_target(b, override, targets, img_meta, by_uid)
+
+    def _start_per_target(self, b: _Bucket, override: set, targets: list[str], img_meta: dict, by_uid: dict):
+        """Select only the targets of ``b`` whose fingerprint differs from the previous version's (or whose
+        previous shard fails its sha256); take the others' rows from that version and copy their members."""
+        cfg = self.cfg
+
+        def split_of(i: str) -> str:
+            return "eval" if i in override else identity_split(i, cfg.eval_fraction, cfg.split_salt)
+
+        def usable(f) -> bool:
+            return unusable_reason(f, cfg.min_face_px, cfg.det_score_min, cfg.blur_min) is None
+
+        tf = TargetFingerprints(b.uids, by_uid, self.digests, split_of, usable, self.common_digest, cfg.max_candidates_per_person)
+        fps = {u: tf.whole(u) for u in targets}
+        over_cap: dict[str, int] = {}  # reused targets whose examined candidates are the same, their over-cap count not
+        prev = self.prev_targets
+        reuse, run = [], []
+        for u in targets:
+            was = prev.get(u) if prev else None
+            reason = reselect_reason(was, fps[u]) if prev else "no_previous_version"
+            if reason == "candidates_changed":
+                if was["examined"] == tf.early(u):  # dropped before its candidates, and still will be
+                    reason = None
+                elif was["examined"] == tf.examined(u):
+                    reason, over_cap[u] = None, tf.over_cap(u)
+            if reason is None:
+                shard = prev.shard[u]
+                problems = prev.shard_problems(shard) if shard is not None else []
+                if problems:
+                    reason = "previous_shard_damaged"
+                    self.corrupt += [f"{b.name}: {p}" for p in problems if f"{b.name}: {p}" not in self.corrupt]
+            if reason is None:
+                reuse.append(u)
+            else:
+                run.append(u)
+                b.reasons[reason] += 1
+        b.n_reused, b.n_over_cap = len(reuse), len(over_cap)
+        b.reused = reuse
+        b.pair_rows, b.cand_rows, b.pairs, b.cands = [], [], None, None
+        tally, job = None, None
+        if run:
+            # the selected targets' rows are streamed to part files like a whole bucket's (:meth:`_run`); what
+            # targets.parquet needs of them (the examined fingerprint, the unreadable references) is taken
+            # as each target's candidate rows are final, not read back
+            def on_candidates(u: str, rows: list[dict]) -> tuple[bytes, list[str]]:
+                return (tf.examined_from_rows(u, [(r["identity_id"], r["ref_uid"], r["ref_face_index"]) for r in rows]),
+                        [r["ref_uid"] for r in rows if r["status"] == "unreadable_reference"])
+
+            tally = TargetTally(on_candidates)
+            job = parallel.SelectionJob(f"{b.name}-{self.selections}", img_meta, by_uid, override, targets=run, tally=tally,
+                                        records=self.out_dir is not None)
+            self.selections += 1
+        if job is None:
+            self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, [], {})
+            return None
+
+        def finish(result) -> None:
+            samples, counts, b.pairs, b.cands, b.records = result
+            b.evictions = counts["cache_evictions"]
+            self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, samples, counts)
+
+        return job, finish
+
+    def _finish_per_target(self, b: _Bucket, tf, fps: dict, run: list[str], reuse: list[str], over_cap: dict, tally,
+                           samples: list[dict], counts: dict) -> None:
+        """Bucket ``b``'s targets.parquet rows, summary and counts, once its selected targets are selected."""
+        prev = self.prev_targets
+        # targets.parquet rows of the selected targets
+        sample_of = {s["target"]["uid"]: s for s in samples}
+        errors = counts.get("unreadable", {})
+        rows = []
+        for u in run:
+            reasons, removed, flags = tally.shares(u)
+            (outcome,) = reasons
+            # candidates_total is counted for every person of a target that reached its candidates
+            examined, unreadable_refs = tally.seen[u] if "candidates_total" in removed else (tf.early(u), [])
+            seen = [*unreadable_refs, *([u] if outcome == "unreadable_target" else [])]
+            s = sample_of.get(u)
+            fp, own, splits, people = fps[u]
+            rows.append({
+                "target_uid": u, "fingerprint": fp, "photo_digest": own, "splits": splits, "people_digest": people,
+                "examined": examined,
+                "outcome": outcome, "key": s and s["key"], "split": s and s["split"], "shard": None,
+                "persons": s and [fj["identity_id"] for fj in s["faces"]], "refs": s and [len(fj["refs"]) for fj in s["faces"]],
+                "counts": target_counts(dict(sorted(removed.items())), dict(sorted(flags.items())),
+                                        {x: errors[x] for x in sorted(set(seen))}),
+            })
+        parts = [pa.Table.from_pylist(rows, schema=TARGETS_SCHEMA)]
+        if reuse:
+            kept = prev.take(reuse)
+            # the fingerprint columns are this version's (a target reused under the cap has a new whole one)
+            for c, vals in zip(("fingerprint", "photo_digest", "splits", "people_digest"), zip(*(fps[u] for u in reuse))):
+                kept = kept.set_column(kept.schema.get_field_index(c), c, pa.array(list(vals), TARGETS_SCHEMA.field(c).type))
+            if over_cap:
+                counts_col = [patch_over_cap(c, over_cap[u]) if u in over_cap else c
+                              for u, c in zip(reuse, kept.column("counts").to_pylist())]
+                kept = kept.set_column(kept.schema.get_field_index("counts"), "counts", pa.array(counts_col, pa.string()))
+            parts.append(kept)
+            for o, k, sp, sh in zip(*(kept.column(c).to_pylist() for c in ("outcome", "key", "split", "shard"))):
+                if o == "kept":
+                    b.copied.setdefault(sp, {}).setdefault(sh, set()).add(k)
+        t = pa.concat_tables(parts)
+        b.targets = t.take(pa.array(sorted(range(t.num_rows), key=t.column("target_uid").to_pylist().__getitem__), pa.int64()))
+        b.samples = samples
+        b.summary = _summary_of_targets(b.targets)
+        # the similarity histograms: those of the selected targets' rows now; the reused targets' rows stay in
+        # the previous version's tables, counted in one pass for all buckets once selection is over
+        # (:meth:`_count_reused_rows`)
+        b.counts = _bucket_counts(b.targets, counts.get("similarity_all_candidates", {}), counts.get("similarity_selected", {}))
+
+    def _emit(self, b: _Bucket) -> None:
+        """Write bucket ``b``'s shards (hard links for a reused bucket; replacing what an earlier run of the
+        same bucket wrote) and drop its samples. Nothing without ``out_dir``. The samples of reused targets
+        are copied member by member from the previous version's tars (checked against their sha256 in
+        :meth:`_run`), merged in key order with the new ones: the tars are those of a fresh build."""
+        if self.out_dir is None:
+            return
+        cfg = self.cfg
+        shard_of: dict[str, str] = {}
+        b.bytes_copied = b.bytes_written = 0
+        for split in ("train", "eval"):
+            d = self.out_dir / split
+            d.mkdir(parents=True, exist_ok=True)
+            for old in b.infos.get(split, []):
+                (d / old.name).unlink(missing_ok=True)
+            if b.previous is not None:
+                infos = [ShardInfo(**sh) for sh in b.previous["shards"].get(split, [])]
+                for sh in infos:
+                    link_or_copy(self.previous / split / sh.name, d / sh.name)
+            else:
+                split_samples = [s for s in b.samples if s["split"] == split]
+                # the new samples' records were made by the process that selected them (else made here)
+                new = (_spilled_records(split_samples, b.records) if b.records is not None
+                       else _shard_samples(split_samples, cfg, self.read_bytes))
+                streams = [self._counted(new, "bytes_written", b)]
+                for src, keys in sorted(b.copied.get(split, {}).items()):
+                    streams.append(self._counted(reused_records(self.previous / src, keys), "bytes_copied", b))
+                order: list[str] = []
+                merged = heapq.merge(*streams, key=lambda r: r["__key__"])
+                infos = write_shards((order.append(r["__key__"]) or r for r in merged), d,
+                                     f"{cfg.dataset_name}-{split}-{b.name}", cfg.shard_max_count, cfg.shard_max_bytes)
+                at = 0
+                for sh in infos:
+                    shard_of.update((k, f"{split}/{sh.name}") for k in order[at:at + sh.samples])
+                    at += sh.samples
+                if at != len(order) or len(order) != len(split_samples) + sum(len(k) for k in b.copied.get(split, {}).values()):
+                    raise RuntimeError(f"{b.name}/{split}: {len(order)} samples written, {at} in shards: a previous tar "
+                                       "lacks a sample its record lists")
+            b.infos[split] = infos
+        if b.previous is None and b.targets is not None:
+            keys = b.targets.column("key").to_pylist()
+            b.targets = b.targets.set_column(b.targets.schema.get_field_index("shard"), "shard",
+                                             pa.array([shard_of.get(k) if k else None for k in keys], pa.string()))
+        b.samples = []
+        if b.records is not None:
+            for path in {at[0] for at in b.records.values()}:
+                path.unlink(missing_ok=True)
+            b.records = None
+
+    @staticmethod
+    def _counted(records, attr: str, b: _Bucket):
+        """``records`` passed through, the bytes of their image members (the photo, the crops; not the JSON)
+        added to ``b.<attr>``."""
+        for r in records:
+            setattr(b, attr, getattr(b, attr) + sum(len(v) for k, v in r.items() if not k.startswith("__") and k != "json"))
+            yield r
+
+    def select(self) -> None:
+        self._select_buckets()
+        if self.previous is not None:
+            self._count_reused_rows()
+
+    def _select_buckets(self) -> None:
+        cfg = self.cfg
+        # every bucket's selection at once (small buckets beside large ones, over the workers), then each
+        # bucket's shards in bucket order
+        pending = [(b, self._start_run(b, set())) for b in self.buckets.values()]
+        results = iter(self._select_jobs([p[0] for _, p in pending if p is not None]))
+        for b, p in pending:
+            if p is not None:
+                p[1](next(results))
+            self._emit(b)
+        n = sum(len(b.summary) for b in self.buckets.values())
+        if not (cfg.eval_fraction > 0 and n >= 2 and not any(b.per_split()["eval"] for b in self.buckets.values())):
+            return
+        # the eval fallback: other buckets do not change when one component moves to eval, so only the
+        # bucket of the component tried is selected again (with its identities overridden)
+
+        def lowest_hash(t):  # t: a sample's summary (key, split, identity ids, refs)
+            return min(hash_fraction(i, cfg.split_salt) for i in t[2]), t[0]
+
+        bucket_of_id = {i: b for b in self.buckets.values() for i in b.identities}
+        tried: set[frozenset] = set()
+        for t in sorted((t for b in self.buckets.values() for t in b.summary), key=lowest_hash):
+            override = frozenset(self.component[t[2][0]])
+            if override in tried:
+                continue
+            tried.add(override)
+            if len(tried) > 10:
+                break
+            b = bucket_of_id[t[2][0]]
+            kept = b.state()
+            self._run(b, set(override))
+            per_split = Counter()
+            for x in self.buckets.values():
+                per_split.update(x.per_split())
+            if per_split["eval"] and per_split["train"]:
+                self.eval_fallback = sorted(override)
+                self._emit(b)
+                return
+            b.restore(kept)
+
+    def samples(self) -> list[dict]:
+        """The samples in memory (all of them without ``out_dir``; none once written)."""
+        return sorted((s for b in self.buckets.values() for s in b.samples), key=lambda s: s["key"])
+
+    def rows_in_target_order(self, name: str, schema: pa.Schema):
+        """The ``name`` table ("pairs" or "candidates") of this build, in pieces, in the order of one run over
+        the collection: the part files of the buckets selected (of their targets selected again), and the
+        rows of the reused buckets and of the reused targets of the others from the previous version's table
+        (in their order there: one pass over it), merged by target uid."""
+        attr = {"pairs": "pairs", "candidates": "cands"}[name]
+        # a selection run in parallel left one part file per chunk of targets, each sorted by target uid
+        sources = [_part_batches(p, schema) for b in self.active() if b.previous is None
+                   for p in (getattr(b, attr) if isinstance(getattr(b, attr), list) else [getattr(b, attr)])]
+        reused = self._reused_uids()
+        if reused:
+            sources.append(_part_batches(self.previous / f"{name}.parquet", schema, pa.array(reused, pa.string())))
+        return _merge_in_target_order(sources, schema)
+
+    def _reused_uids(self) -> list[str]:
+        """The targets whose rows are the previous version's: those of reused buckets, and the reused targets of
+        the buckets selected again."""
+        return sorted(u for b in self.active() for u in (b.uids if b.previous is not None else b.reused))
+
+    def _count_reused_rows(self) -> None:
+        """Add to each bucket selected again the similarity histograms of its reused targets' rows, from the
+        previous version's tables: one streamed pass over two columns for all buckets (the rows are not held)."""
+        import pyarrow.compute as pc
+
+        owners = [b for b in self.active() if b.previous is None and b.reused]
+        if not owners:
+            return
+        uids = pa.array(sorted(u for b in owners for u in b.reused), pa.string())
+        owner = np.empty(len(uids), np.int64)  # position in ``uids`` -> index in ``owners``
+        at = {u: i for i, u in enumerate(uids.to_pylist())}
+        for i, b in enumerate(owners):
+            owner[[at[u] for u in b.reused]] = i
+        schema = pa.schema([("target_uid", pa.string()), ("similarity", pa.float32())])
+        for name, key in (("pairs", "similarity_selected"), ("candidates", "similarity_all_candidates")):
+            hist = np.zeros((len(owners), len(SIM_BINS) - 1), np.int64)
+            for t in _part_batches(self.previous / f"{name}.parquet", schema, uids):
+                who = owner[pc.index_in(t.column("target_uid"), value_set=uids).to_numpy(zero_copy_only=False)]
+                sim = np.asarray(t.column("similarity").to_numpy(zero_copy_only=False), dtype=np.float64)
+                for i in np.unique(who):
+                    hist[i] += np.histogram(sim[who == i], bins=SIM_BINS)[0]
+            for i, b in enumerate(owners):
+                total = hist[i].copy()
+                for k, n in b.counts[key].items():
+                    total[int(k)] += int(n)
+                b.counts[key] = {str(int(j)): int(total[j]) for j in np.nonzero(total)[0]}
+
+    def stats(self) -> dict:
+        cfg = self.cfg
+        summ = [t for b in self.buckets.values() for t in b.summary]
+        merged = _merge_counts([b.counts for b in self.buckets.values()])
+        by_identity = sorted({f.identity_id for fs in self.by_uid.values() for f in fs if f.identity_id is not None})
+        mixed = 0
+        for fs in self.by_uid.values():
+            mixed += len({self.split_of(f.identity_id) for f in fs if f.identity_id is not None}) > 1
+        stats = {
+            "images": len(self.img_meta),
+            "targets": merged["targets"],
+            "persons": merged["persons"],
+            "candidates_removed_by": merged["candidates_removed_by"],
+            "duplicate_flags_independent": merged["duplicate_flags_independent"],
+            "unreadable": merged["unreadable"],
+            # this run's selections only (a reused bucket or target ran none): not recorded in the version
+            "cache_evictions": {k: sum(b.evictions.get(k, 0) for b in self.buckets.values()) for k in ("images", "keypoints")},
+            "per_split": dict(sorted(Counter(t[1] for t in summ).items())),
+            "identities": {"total": len(by_identity), "eval": sum(self.split_of(i) == "eval" for i in by_identity)},
+            "photos_in_both_splits_by_faces": mixed,
+            "refs_per_person_hist": dict(sorted(Counter(r for t in summ for r in t[3]).items())),
+            "persons_per_target_hist": dict(sorted(Counter(len(t[2]) for t in summ).items())),
+            "similarity_hist_all_candidates": _hist_from_counts(merged["similarity_all_candidates"]),
+            "similarity_hist_selected": _hist_from_counts(merged["similarity_selected"]),
+            "thresholds": {"sim_low": cfg.sim_low, "sim_high": cfg.sim_high},
+        }
+        if self.eval_fallback:
+            stats["eval_fallback"] = self.eval_fallback
+        return stats
+
+
+def _merge_counts(parts: list[dict]) -> dict:
+    """Sum the additive statistics of several buckets (a key met in any bucket is kept, even at 0)."""
+    out = {k: Counter() for k in ("targets", "candidates_removed_by", "duplicate_flags_independent", "cache_evictions")}
+    persons = 0
+    unreadable: dict[str, str] = {}
+    sims = {k: np.zeros(len(SIM_BINS) - 1, np.int64) for k in ("similarity_all_candidates", "similarity_selected")}
+    for c in parts:
+        for k in out:
+            out[k].update(c.get(k, {}))
+        persons += int(c.get("persons", 0))
+        unreadable.update(c.get("unreadable", {}))
+        for k, arr in sims.items():
+            for i, n in c.get(k, {}).items():
+                arr[int(i)] += int(n)
+    merged = {k: dict(sorted(v.items())) for k, v in out.items()}
+    merged["cache_evictions"] = {"images": merged["cache_evictions"].get("images", 0),
+                                 "keypoints": merged["cache_evictions"].get("keypoints", 0)}
+    merged.update(persons=persons, unreadable=dict(sorted(unreadable.items())), **sims)
+    return merged
+
+
+def _bucket_counts(targets: pa.Table, sim_all: dict, sim_selected: dict) -> dict:
+    """A bucket's additive counts from its targets' shares (targets.parquet) and the similarity histograms
+    of its rows: what :func:`_select` over all its targets counts (less the cache evictions, which depend on
+    the run)."""
+    reasons, removed, flags = Counter(), Counter(), Counter()
+    unreadable: dict[str, str] = {}
+    persons = 0
+    for o, p, c in zip(*(targets.column(k).to_pylist() for k in ("outcome", "persons", "counts"))):
+        reasons[o] += 1
+        persons += len(p) if o == "kept" else 0
+        c = json.loads(c)
+        removed.update(c["candidates_removed_by"])  # Counter.update keeps keys counted 0 (as _select has them)
+        flags.update(c["duplicate_flags_independent"])
+        unreadable.update(c["unreadable"])
+    return {
+        "targets": dict(sorted(reasons.items())), "persons": persons,
+        "candidates_removed_by": dict(sorted(removed.items())), "duplicate_flags_independent": dict(sorted(flags.items())),
+        "unreadable": dict(sorted(unreadable.items())),
+        "similarity_all_candidates": dict(sim_all), "similarity_selected": dict(sim_selected),
+    }
+
+
+def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[str]]:
+    """identity -> the set of identities linked to it by sharing photos (transitively)."""
+    parent: dict[str, str] = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for fs in by_uid.values():
+        ids = [f.identity_id for f in fs if f.identity_id is not None]
+        for i in ids:
+            find(i)
+        for a, b in zip(ids, ids[1:]):
+            parent[find(a)] = find(b)
+    groups: dict[str, set[str]] = {}
+    for i in parent:
+        groups.setdefault(find(i), set()).add(i)
+    return {i: groups[find(i)] for i in parent}
