@@ -1,0 +1,127 @@
+"""The fused per-image pass (pipeline/per_image.py) decodes each photo once and writes the tables the
+separate stages write: ingestion, faces, expressions and image scores compared table for table on shared
+photos plus a broken file and a duplicate; the precomputed units are taken only for the inputs they were
+computed from, and never after a failed ingestion check."""
+
+import shutil
+
+import pytest
+
+import pipeline.ingest as ingest_module
+import pipeline.sources as sources_module
+from pipeline.sources import PartitionSpec
+
+
+@pytest.fixture(scope="module")
+def photos(shared_faces, tmp_path_factory):
+    """5 identity photos, a group photo, a byte-identical copy and a truncated file (copies under /tmp)."""
+    root = tmp_path_factory.mktemp("photos")
+    ids = sorted((shared_faces / "identities").rglob("*.jpg"))[:5]
+    groups = sorted((shared_faces / "groups").glob("*.jpg"))[:1]
+    names = []
+    for i, p in enumerate([*ids, *groups]):
+        shutil.copy(p, root / f"p{i:02d}.jpg")
+        names.append(f"p{i:02d}.jpg")
+    shutil.copy(ids[0], root / "z_copy.jpg")
+    (root / "z_broken.jpg").write_bytes(ids[1].read_bytes()[:2000])
+    return root, (*names, "z_copy.jpg", "z_broken.jpg")
+
+
+@pytest.fixture(scope="module")
+def models():
+    from pipeline.expression.descriptor import ExpressionConfig, ExpressionStage
+    from pipeline.faces import get_backend
+    from pipeline.per_image import PerImageModels
+    from pipeline.scoring.stage import ScoringConfig
+
+    backend = get_backend("dlib", device="cpu")
+    expression = ExpressionStage(ExpressionConfig())
+    scoring = ScoringConfig()  # no weights here: the image scorers are unavailable, their columns null
+    return PerImageModels(backend, expression.config, scoring, landmarker=expression.landmarker), expression
+
+
+class Counted:
+    """Photos read (through sources.read_bytes, what every stage reads with) and decoded (the decoder
+    ingestion and every re-reading stage call), counted apart from any stage's own counters."""
+
+    def __init__(self, monkeypatch):
+        self.reads = self.bytes = self.decodes = 0
+        real_read, real_decode = sources_module.read_bytes, ingest_module.decode_image
+
+        def read_bytes(*a, **k):
+            data = real_read(*a, **k)
+            self.reads += 1
+            self.bytes += len(data)
+            return data
+
+        def decode_image(*a, **k):
+            self.decodes += 1
+            return real_decode(*a, **k)
+
+        monkeypatch.setattr(sources_module, "read_bytes", read_bytes)
+        monkeypatch.setattr(ingest_module, "decode_image", decode_image)
+
+
+def _separate(spec, models, expression):
+    from pipeline.expression.descriptor import describe_partition
+    from pipeline.faces.stage import run_face_partition
+    from pipeline.ingest import ingest_partition
+    from pipeline.scoring.stage import score_partition
+
+    ing = ingest_partition(spec)
+    faces = run_face_partition(ing.images, models.backend, spec.key, batch_size=4)
+    expr = describe_partition(ing.images, faces.faces, expression)
+    scores = score_partition(ing.images, models.scorer_stage)
+    return ing, faces, expr, scores
+
+
+def _assert_same(fused, ing, faces, expr, scores):
+    assert fused.ingest.images.equals(ing.images)
+    assert fused.ingest.rejects.rows == ing.rejects.rows
+    assert fused.faces.faces.equals(faces.faces)
+    assert fused.faces.scan.equals(faces.scan)
+    assert fused.faces.rejects.rows == faces.rejects.rows
+    assert fused.expressions.descriptors.equals(expr.descriptors)
+    assert fused.expressions.rejects.equals(expr.rejects)
+    assert fused.image_scores[0].equals(scores[0])
+
+
+def test_fused_pass_writes_the_separate_tables_and_decodes_each_photo_once(photos, models, monkeypatch):
+    from pipeline.per_image import fused_partition
+
+    root, members = photos
+    spec = PartitionSpec(key="t", kind="files", root=str(root), members=members)
+    model, expression = models
+    counted = Counted(monkeypatch)
+    ing, faces, expr, scores = _separate(spec, model, expression)
+    separate = (counted.reads, counted.decodes, counted.bytes)
+    assert ing.accepted == 6 and ing.duplicates == 1 and len(ing.rejects) == 2
+    assert faces.faces.num_rows >= 6 and expr.descriptors.num_rows == faces.faces.num_rows
+    fused_count = Counted(monkeypatch)
+    fused = fused_partition(spec, model, face_batch_size=4, expression_stage=expression)
+    _assert_same(fused, ing, faces, expr, scores)
+    # 8 inputs read and decoded once each (the copy too, to find it is a duplicate; the broken one tried);
+    # the separate stages read and decode the 6 accepted photos 3 more times (faces, expressions, scores)
+    assert (fused_count.reads, fused_count.decodes) == (8, 8)
+    assert separate[:2] == (8 + 3 * 6, 8 + 3 * 6)
+    accepted_bytes = sum(ing.images.column("length").to_pylist())
+    assert separate[2] == fused_count.bytes + 3 * accepted_bytes
+
+
+def test_fused_pass_on_ray_equals_in_process(photos, models):
+    pytest.importorskip("ray")
+    from pipeline.per_image import fused_partition, ray_fused_runner
+    from pipeline.ray_engine import ensure_ray, shutdown
+
+    root, members = photos
+    spec = PartitionSpec(key="t", kind="files", root=str(root), members=members)
+    model, expression = models
+    local = fused_partition(spec, model, face_batch_size=4, expression_stage=expression)
+    ensure_ray()
+    try:
+        runner = ray_fused_runner(model.backend, model.expression_config, model.scorer_stage.config, actors=1)
+        on_ray = fused_partition(spec, model, face_batch_size=4, expression_stage=expression, chunk_runner=runner)
+    finally:
+        shutdown()
+    _assert_same(on_ray, local.ingest, local.faces, local.expressions, local.image_scores)
+    assert runner.stats.failures == [] and runner.stats.chunks == 1
