@@ -24,9 +24,9 @@ What the fused pass does *not* change is who decides and who commits:
   computes as before. A failed ingestion check therefore still keeps faces, expressions and scores out.
 
 Batching: the face backend gets batches of ``face_batch_size`` decoded photos of one chunk, not of the
-accepted rows; the FER model and the scorers' batches are rebuilt exactly as the separate stages build
-them (describe_partition's and score_partition's chunks), so per-image backends (dlib, FER, CLIP in eval
-mode) give the same numbers (tests/test_per_image.py compares the tables).
+accepted rows, and the image scorers one batch per chunk (the stage's are 256 photos); the FER batches are
+rebuilt exactly as describe_partition builds them. Backends whose result for a photo does not depend on
+its batch (dlib, FER) give the same tables (tests/test_per_image.py compares them).
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline.ingest import INGEST_CHUNK, IngestLimits, IngestResult, ingest_partition, ingest_workers, inspect_record
+import pipeline.ingest as ingest
+# the face stage's table rule (faces numbered left to right), bound here: the boxes a worker crops for the
+# expressions are those of the faces table, built once more by the stage itself from the same records
+from pipeline.faces.stage import faces_table as _faces_table
+from pipeline.ingest import IngestLimits, IngestResult, ingest_workers, inspect_record
 
 PRECOMPUTED = ("faces", "face_expressions", "image_scores")  # the stages a fused pass precomputes
 INPUTS_FILE = "inputs.json"
@@ -78,7 +82,7 @@ def fused_chunk(models: PerImageModels, chunk):
     ``(uid, source, h, w, faces)`` and the located expression faces, the chunk's image-score table, and
     counts (photos decoded, bytes read) and timings."""
     from pipeline.expression.descriptor import LocatedFaces, boxes_from_faces, locate_faces
-    from pipeline.faces.stage import analyze_decoded, faces_table
+    from pipeline.faces.stage import analyze_decoded
 
     records, limits, face_batch_size = chunk
     outcomes, decoded, seen = [], [], set()
@@ -96,19 +100,23 @@ def fused_chunk(models: PerImageModels, chunk):
     for b in range(0, len(decoded), size):
         part = decoded[b : b + size]
         face_records, _, t = analyze_decoded(models.backend, ([(row, rgb) for _, row, rgb, _ in part], [], 0.0))
-        for (i, *_), rec in zip(part, face_records):
-            per_record[i] = {"face_record": rec}
+        by_uid = {rec[0]: rec for rec in face_records}
+        for i, row, _, _ in part:
+            # None: the backend returned nothing for it; the face unit's counts_reconcile then fails
+            per_record[i] = {"face_record": by_uid.get(row["uid"])}
         for k, v in t.items():
             timings[k] = timings.get(k, 0.0) + v
     if models.landmarker is not None:
         t0 = time.perf_counter()
         for i, row, rgb, _ in decoded:
             rec = per_record[i]["face_record"]
-            boxes = boxes_from_faces(faces_table([rec], models.backend)) if rec[4] else {}
-            # only images with faces are described (describe_partition); none located for the others
-            rec_located = locate_faces([(row["uid"], rgb)], models.landmarker, models.expression_config, boxes) \
-                if rec[4] else LocatedFaces()
-            per_record[i]["located"] = rec_located
+            # only images with faces are described (describe_partition), with the face stage's boxes
+            if rec is not None and rec[4]:
+                boxes = boxes_from_faces(_faces_table([rec], models.backend))
+                per_record[i]["located"] = locate_faces([(row["uid"], rgb)], models.landmarker,
+                                                        models.expression_config, boxes)
+            else:
+                per_record[i]["located"] = LocatedFaces()
         timings["locate_s"] = time.perf_counter() - t0
     scores = None
     if models.scorer_stage is not None:
@@ -163,7 +171,8 @@ def fused_partition(spec, models: PerImageModels, limits: IngestLimits | None = 
         return out
 
     t0 = time.perf_counter()
-    ing = ingest_partition(spec, limits, progress=progress, removed=removed, chunk_runner=run_fused)
+    # ingestion's own decisions, looked up on its module (one home; a test may replace it there)
+    ing = ingest.ingest_partition(spec, limits, progress=progress, removed=removed, chunk_runner=run_fused)
     ing.stats["inprocess_workers"] = workers_used[0] if workers_used else None
     per_record = [r for e in extras for r in e["per_record"]]
     by_uid = {row["uid"]: per_record[r] for row, r in zip(ing.images.select(["uid"]).to_pylist(), ing.row_records)}
@@ -173,7 +182,8 @@ def fused_partition(spec, models: PerImageModels, limits: IngestLimits | None = 
             timings[k] = timings.get(k, 0.0) + v
 
     def served_faces(chunks):  # run_face_partition's chunks, answered from the fused records
-        out = [([by_uid[r["uid"]]["face_record"] for r in rows], [], {}) for rows, _ in chunks]
+        out = [([rec for r in rows if (rec := by_uid[r["uid"]]["face_record"]) is not None], [], {})
+               for rows, _ in chunks]
         if out:
             out[0][2].update(timings)
         return out
@@ -224,13 +234,18 @@ def put_precomputed(layout, stage: str, key: str, tables: dict[str, pa.Table], i
                     extra: dict | None = None) -> None:
     """Write a stage's tables for partition ``key`` with what they were computed from (``inputs``, the
     stage's own unit inputs). The inputs file is written last: without it nothing is taken."""
-    from pipeline.storage import write_bytes_atomic, write_parquet_atomic
+    from pipeline.storage import read_parquet, write_bytes_atomic, write_parquet_atomic
 
     folder = precomputed_dir(layout, stage, key)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for name, t in tables.items():
-        write_parquet_atomic(t, folder / f"{name}.parquet")
+        # written, read back and written again: the file then has the bytes commit_unit writes when the
+        # stage takes (reads) it, since a table in memory (sliced, taken, chunked arrays) may be written to
+        # other bytes than the same rows read back; the faces file's sha256 is what expressions are keyed by
+        path = folder / f"{name}.parquet"
+        write_parquet_atomic(t, path)
+        write_parquet_atomic(read_parquet(path), path)
     meta = {"inputs": _canonical(inputs), "tables": sorted(tables), **(extra or {})}
     write_bytes_atomic(json.dumps(meta, sort_keys=True, default=str).encode(), folder / INPUTS_FILE)
 

@@ -125,3 +125,67 @@ def test_fused_pass_on_ray_equals_in_process(photos, models):
         shutdown()
     _assert_same(on_ray, local.ingest, local.faces, local.expressions, local.image_scores)
     assert runner.stats.failures == [] and runner.stats.chunks == 1
+
+
+def _committed(layout, stage, key):
+    from pipeline.commits import read_marker
+    from pipeline.storage import read_parquet
+
+    marker = read_marker(layout, stage, key)
+    assert marker["status"] == "passed"
+    return {name: read_parquet(layout.partition_file(name, key)) for name in marker["files"]}
+
+
+def test_assets_commit_the_same_files_fused_or_not_and_a_failed_ingestion_precomputes_nothing(photos, tmp_path,
+                                                                                              monkeypatch):
+    import dagster as dg
+
+    import pipeline.ingest as ingest_mod
+    from assets.expression import face_expressions
+    from assets.faces import faces
+    from assets.ingest import images
+    from assets.partitions import input_partitions
+    from assets.resources import LineupSettings
+    from pipeline.config import Layout
+    from pipeline.per_image import PRECOMPUTED, precomputed_dir
+    from pipeline.sources import register_new_inputs
+
+    root, _ = photos
+    committed, metas = {}, {}
+    for fused in (False, True):
+        home = tmp_path / f"home-{fused}"
+        layout = Layout(home)
+        (spec,) = register_new_inputs(root, layout.partitions, batch_size=100)
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions(input_partitions.name, [spec.key])
+        settings = LineupSettings(home=str(home), input_dir=str(root), engine_workers=1, fused_per_image=fused)
+        r = dg.materialize([images, faces, face_expressions], partition_key=spec.key, instance=instance,
+                           resources={"lineup": settings})
+        assert r.success
+        committed[fused] = {s: _committed(layout, s, spec.key) for s in ("images", "faces", "face_expressions")}
+        metas[fused] = {n: next(iter(r.asset_materializations_for_node(n))).metadata
+                        for n in ("images", "faces", "face_expressions")}
+        # what the fused pass precomputed was taken (and removed) except the image scores, which wait for `scores`
+        left = [s for s in PRECOMPUTED if precomputed_dir(layout, s, spec.key).exists()]
+        assert left == (["image_scores"] if fused else [])
+    # row for row (a table in several chunks and the same table in one are written to different bytes)
+    for stage, tables in committed[False].items():
+        for name, table in tables.items():
+            assert committed[True][stage][name].equals(table), (stage, name)
+    assert metas[True]["faces"]["from_fused_pass"].value and metas[True]["face_expressions"]["from_fused_pass"].value
+    assert not metas[False]["faces"]["from_fused_pass"].value
+    assert metas[True]["images"]["photos_decoded"].value == 8
+
+    # the images check fails: nothing is precomputed for its faces, expressions or scores
+    real = ingest_mod.ingest_partition
+
+    def lossy(*a, **k):
+        res = real(*a, **k)
+        res.images = res.images.slice(1)
+        return res
+
+    monkeypatch.setattr(ingest_mod, "ingest_partition", lossy)
+    r = dg.materialize([images], partition_key=spec.key, instance=instance, resources={"lineup": settings},
+                       raise_on_error=False)
+    assert [e.passed for e in r.get_asset_check_evaluations()] == [False]
+    assert not any(precomputed_dir(layout, s, spec.key).exists() for s in PRECOMPUTED)
