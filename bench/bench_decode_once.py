@@ -73,6 +73,31 @@ def _delta(a: dict, b: dict) -> dict:
     return {k: round(b[k] - a[k], 3) for k in a}
 
 
+def decode_ms_per_photo(min_pixels: int = 1_000_000) -> dict:
+    """CPU ms of one read + decode (pipeline.ingest.load_image's work) per photo of at least ``min_pixels``
+    (web-photo sized), the median of 3 passes: what each re-reading stage spends per photo before its model."""
+    import statistics
+
+    from PIL import Image
+
+    from pipeline.decode import decode_image
+
+    big = []
+    for p in sorted(DATA.rglob("*")):
+        if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"):
+            with Image.open(p) as im:
+                if im.width * im.height >= min_pixels:
+                    big.append(p)
+    passes = []
+    for _ in range(3):
+        c0 = time.process_time()
+        for p in big:
+            decode_image(p.read_bytes())
+        passes.append((time.process_time() - c0) * 1000 / max(1, len(big)))
+    return {"photos": len(big), "cpu_ms_per_photo": round(statistics.median(passes), 1),
+            "mean_bytes": round(sum(p.stat().st_size for p in big) / max(1, len(big)))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=4)
@@ -120,6 +145,7 @@ def main() -> None:
         "photos": len(members), "partitions": args.copies, "inputs": len(members) * args.copies,
         "accepted": sum(t[0].num_rows for t in tables["fused"]), "faces": sum(t[1].num_rows for t in tables["fused"]),
         "tables_equal": same, "load_average": os.getloadavg(), "cores": os.cpu_count(), **results,
+        "decode_1mp": decode_ms_per_photo(),
     }
     print(json.dumps(out, indent=1))
     if args.json:
