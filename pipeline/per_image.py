@@ -125,8 +125,9 @@ def fused_chunk(models: PerImageModels, chunk):
         t0 = time.perf_counter()
         scores = score_decoded(models.scorer_stage, [(row["uid"], rgb, cap) for _, row, rgb, cap in decoded])
         timings["image_scores_s"] = time.perf_counter() - t0
+    # every record read was decoded once (the broken ones too, to find out), and none again
     return outcomes, {"per_record": per_record, "image_scores": scores, "timings": timings,
-                      "decoded": len(decoded)}
+                      "decoded": sum(1 for res in outcomes if "uid" in res)}
 
 
 @dataclass
