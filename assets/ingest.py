@@ -28,7 +28,7 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
     layout = lineup.layout
     key = context.partition_key
     context.log.info(f"{key}: reading the partition's inputs")
-    progress = lambda n: context.log.info(f"{key}: {n} inputs read")  # noqa: E731
+    progress = lambda n: context.log.info(f"{key}: {n} inputs read")
     fused = {}
     if lineup.fused_per_image:
         spec, fused_res, unit = run_fused_stage(context, lineup, key, progress)

@@ -5,7 +5,7 @@ again (4 reads and 4 decodes a photo). The fused pass reads the bytes once per c
 decodes them once (:func:`pipeline.ingest.inspect_record`), and on that one decoded array runs the face
 backend (:func:`pipeline.faces.stage.analyze_decoded`), the expression landmarks and crops
 (:func:`pipeline.expression.descriptor.locate_faces`) and the image scorers. Only small results leave a
-worker: face records, face crops, score rows; never photos.
+worker: face records, 64 x 64 gray face crops (all the FER model reads), score rows; never photos.
 
 What the fused pass does *not* change is who decides and who commits:
 
@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-import pipeline.ingest as ingest
+from pipeline import ingest
+
 # the face stage's table rule (faces numbered left to right), bound here: the boxes a worker crops for the
 # expressions are those of the faces table, built once more by the stage itself from the same records
 from pipeline.faces.stage import faces_table as _faces_table
@@ -113,8 +114,9 @@ def fused_chunk(models: PerImageModels, chunk):
             # only images with faces are described (describe_partition), with the face stage's boxes
             if rec is not None and rec[4]:
                 boxes = boxes_from_faces(_faces_table([rec], models.backend))
+                # compact: the partition's faces wait for the FER batches in the caller, 4 KB each
                 per_record[i]["located"] = locate_faces([(row["uid"], rgb)], models.landmarker,
-                                                        models.expression_config, boxes)
+                                                        models.expression_config, boxes).compact()
             else:
                 per_record[i]["located"] = LocatedFaces()
         timings["locate_s"] = time.perf_counter() - t0

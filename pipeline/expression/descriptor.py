@@ -221,6 +221,13 @@ class LocatedFaces:
     rejects: list = field(default_factory=list)  # (uid, face_index or None, reason)
     images: int = 0
 
+    def compact(self) -> LocatedFaces:
+        """The same faces with each crop replaced by the only thing the FER model reads of it, its 64 x 64
+        gray version (``_to_gray64``, which leaves a 64 x 64 gray crop as it is): the descriptors are the
+        same, and a partition's located faces take 4 KB a face instead of a colour crop each."""
+        self.crops = [_to_gray64(c) for c in self.crops]
+        return self
+
     @classmethod
     def joined(cls, parts: Iterable[LocatedFaces]) -> LocatedFaces:
         out = cls()
