@@ -22,7 +22,9 @@ from pipeline.sources import load_registry, plan_new_partitions, register_partit
         description="The partition's source listed again (files, manifest rows, tar members) = image rows + "
         "reject rows read back from the files written.")],
     description="Accepted images of one input partition: stable content uid, source, locator, size. "
-    "Everything not accepted goes to rejects (stage=ingest) with a reason.",
+    "Everything not accepted goes to rejects (stage=ingest) with a reason. With fused_per_image (default) each "
+    "photo is read and decoded once here and the faces, expressions and image scores are computed on it, "
+    "for those assets to take once this asset's check passed (pipeline/per_image.py).",
 )
 def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
     layout = lineup.layout

@@ -189,3 +189,28 @@ def test_assets_commit_the_same_files_fused_or_not_and_a_failed_ingestion_precom
                        raise_on_error=False)
     assert [e.passed for e in r.get_asset_check_evaluations()] == [False]
     assert not any(precomputed_dir(layout, s, spec.key).exists() for s in PRECOMPUTED)
+
+
+def test_workers_start_only_when_the_partition_is_worth_them(photos, models, monkeypatch):
+    """The fused pass sizes its worker pool as ingestion does (ingest_workers: one worker per 32 MB to
+    read): these 8 photos start none; with the threshold lowered the chunks go to 2 workers, same tables."""
+    from pipeline import engine, ingest
+    from pipeline.per_image import PerImageModels, fused_partition
+
+    root, members = photos
+    spec = PartitionSpec(key="t", kind="files", root=str(root), members=members)
+    backend = models[0].backend
+    faces_only = PerImageModels(backend)
+    factory_args = (*backend.build_spec, None, None)
+    engine.shutdown_pools()
+    monkeypatch.setattr(ingest, "INGEST_CHUNK", 4)  # two chunks, so a pool could take them
+    small = fused_partition(spec, faces_only, face_batch_size=4, workers=2, factory_args=factory_args)
+    assert not engine._POOLS and small.ingest.stats["inprocess_workers"] == 1
+    monkeypatch.setattr(ingest, "INGEST_BYTES_PER_WORKER", 1_000)
+    try:
+        pooled = fused_partition(spec, faces_only, face_batch_size=4, workers=2, factory_args=factory_args)
+        assert len(engine._POOLS) == 1 and pooled.ingest.stats["inprocess_workers"] == 2
+    finally:
+        engine.shutdown_pools()
+    assert pooled.ingest.images.equals(small.ingest.images) and pooled.faces.faces.equals(small.faces.faces)
+    assert pooled.faces.scan.equals(small.faces.scan)
