@@ -104,7 +104,7 @@ def run_fused_stage(context, lineup: LineupSettings, key: str, progress):
     """The images asset's fused pass (pipeline/per_image.py): the images unit committed, and the faces,
     expressions and image scores precomputed for their assets when it passed."""
     from pipeline.faces.stage import gpu_backend
-    from pipeline.per_image import ray_fused_runner, run_per_image_stage
+    from pipeline.per_image import ray_fused_runner, run_per_image_stage, worker_factory
 
     models, expression, scoring = fused_models(lineup)
     backend = models.backend
@@ -112,13 +112,14 @@ def run_fused_stage(context, lineup: LineupSettings, key: str, progress):
                      f"{'expressions, ' if expression else ''}image scores")
     runner = engine_runner(lineup, lambda: ray_fused_runner(backend, models.expression_config, scoring,
                                                             lineup.ray_actors))
-    spec = getattr(backend, "build_spec", None)
+    # a backend on a GPU runs in this process (as the face stage's does); else workers rebuild the models
     on_gpu = gpu_backend(backend)
-    factory_args = (spec[0], spec[1], models.expression_config, scoring) if spec and not on_gpu else ()
+    factory = None if on_gpu or not hasattr(backend, "build_spec") else \
+        worker_factory(backend, models.expression_config, scoring)
     spec_, res, unit = run_per_image_stage(
         lineup.layout, key, models, lineup.limits, removed=removed_uids(lineup.layout),
         face_batch_size=lineup.face_batch_size, workers=1 if on_gpu else lineup.workers, expression_stage=expression,
-        chunk_runner=runner, factory_args=factory_args, progress=progress)
+        chunk_runner=runner, factory=factory, progress=progress)
     res.stats["runner"] = runner
     return spec_, res, unit
 

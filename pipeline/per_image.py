@@ -70,11 +70,20 @@ class PerImageModels:
             self.scorer_stage = ImageScorerStage(scoring_config)
 
 
-def build_models(backend_name: str, backend_options: dict, expression_config=None, scoring_config=None):
+def build_models(backend_name: str, expression_config=None, scoring_config=None, **backend_options):
     """A worker's or actor's :class:`PerImageModels` (the backend rebuilt from its ``build_spec``)."""
     from pipeline.faces.registry import get_backend
 
     return PerImageModels(get_backend(backend_name, **backend_options), expression_config, scoring_config)
+
+
+def worker_factory(backend, expression_config=None, scoring_config=None) -> tuple[tuple, dict]:
+    """``(factory_args, factory_kwargs)`` of :func:`build_models` for workers or actors that rebuild these
+    models (the backend from the ``build_spec`` get_backend recorded)."""
+    spec = getattr(backend, "build_spec", None)
+    if spec is None:
+        raise ValueError("workers rebuild the face backend: build it with get_backend()")
+    return (spec[0], expression_config, scoring_config), dict(spec[1])
 
 
 def fused_chunk(models: PerImageModels, chunk):
@@ -143,13 +152,14 @@ class PerImageResult:
 
 def fused_partition(spec, models: PerImageModels, limits: IngestLimits | None = None, removed: set[str] | None = None,
                     face_batch_size: int = 8, workers: int = 1, expression_stage=None,
-                    chunk_runner: Callable | None = None, factory_args: tuple = (),
+                    chunk_runner: Callable | None = None, factory: tuple[tuple, dict] | None = None,
                     progress: Callable[[int], None] | None = None) -> PerImageResult:
     """One partition through the fused pass: ingestion's result (as :func:`ingest_partition` gives it) and
     the faces, expressions (when ``expression_stage`` is given: its FER model runs here, in the stage's
     batches) and image scores (when ``models`` has scorers) of its accepted images, as the separate stages
     would compute them. In-process, ``workers`` processes are started only when the partition's bytes are
-    worth them (:func:`pipeline.ingest.ingest_workers`), each holding ``build_models(*factory_args)``;
+    worth them (:func:`pipeline.ingest.ingest_workers`), each holding :func:`build_models` of ``factory``
+    (:func:`worker_factory`; None: no workers);
     ``chunk_runner(chunks) -> results in order`` runs :func:`fused_chunk` elsewhere (Ray)."""
     from pipeline.engine import map_chunks
     from pipeline.faces.stage import run_face_partition
@@ -165,8 +175,9 @@ def fused_partition(spec, models: PerImageModels, limits: IngestLimits | None = 
         else:
             n = ingest_workers([r for records, _ in chunks for r in records], workers)
             workers_used.append(n)
+            args, kwargs = factory or ((), {})
             results = map_chunks(fused_chunk, fused, local_model=models, workers=n,
-                                 factory=build_models if factory_args else None, factory_args=factory_args)
+                                 factory=build_models if factory else None, factory_args=args, factory_kwargs=kwargs)
         out = []
         for outcomes, extra in results:
             out.append(outcomes)
@@ -289,7 +300,8 @@ def _file_sha256(path) -> str:
 
 def run_per_image_stage(layout, key: str, models: PerImageModels, limits: IngestLimits | None = None,
                         removed: set[str] | None = None, face_batch_size: int = 8, workers: int = 1,
-                        expression_stage=None, chunk_runner: Callable | None = None, factory_args: tuple = (),
+                        expression_stage=None, chunk_runner: Callable | None = None,
+                        factory: tuple[tuple, dict] | None = None,
                         progress: Callable[[int], None] | None = None):
     """The fused pass over one registered partition, I/O included: the images unit committed as
     :func:`pipeline.ingest.run_ingest_stage` commits it and, only when it passed, the faces (and
@@ -302,7 +314,7 @@ def run_per_image_stage(layout, key: str, models: PerImageModels, limits: Ingest
     spec = load_partition(layout.partitions, key)
     drop_precomputed(layout, key)
     res = fused_partition(spec, models, limits, removed, face_batch_size, workers, expression_stage, chunk_runner,
-                          factory_args, progress)
+                          factory, progress)
     unit = commit_ingest(layout, spec, res.ingest)
     if not unit.passed:
         return spec, res, unit  # nothing downstream may use what this partition's photos gave
@@ -422,9 +434,6 @@ def ray_fused_runner(backend, expression_config, scoring_config, actors: int, gp
     read and decoded in the actor. The job's stats land in ``runner.stats``."""
     from pipeline.ray_engine import chunk_runner
 
-    spec = getattr(backend, "build_spec", None)
-    if spec is None:
-        raise ValueError("the Ray engine rebuilds the face backend in its actors: build it with get_backend()")
-    return chunk_runner("per_image", None, fused_chunk, build_models, (spec[0], spec[1], expression_config,
-                                                                     scoring_config), actors=actors,
+    args, kwargs = worker_factory(backend, expression_config, scoring_config)
+    return chunk_runner("per_image", None, fused_chunk, build_models, args, kwargs, actors=actors,
                         gpus_per_actor=gpus_per_actor)

@@ -195,20 +195,20 @@ def test_workers_start_only_when_the_partition_is_worth_them(photos, models, mon
     """The fused pass sizes its worker pool as ingestion does (ingest_workers: one worker per 32 MB to
     read): these 8 photos start none; with the threshold lowered the chunks go to 2 workers, same tables."""
     from pipeline import engine, ingest
-    from pipeline.per_image import PerImageModels, fused_partition
+    from pipeline.per_image import PerImageModels, fused_partition, worker_factory
 
     root, members = photos
     spec = PartitionSpec(key="t", kind="files", root=str(root), members=members)
     backend = models[0].backend
     faces_only = PerImageModels(backend)
-    factory_args = (*backend.build_spec, None, None)
+    factory = worker_factory(backend)
     engine.shutdown_pools()
     monkeypatch.setattr(ingest, "INGEST_CHUNK", 4)  # two chunks, so a pool could take them
-    small = fused_partition(spec, faces_only, face_batch_size=4, workers=2, factory_args=factory_args)
+    small = fused_partition(spec, faces_only, face_batch_size=4, workers=2, factory=factory)
     assert not engine._POOLS and small.ingest.stats["inprocess_workers"] == 1
     monkeypatch.setattr(ingest, "INGEST_BYTES_PER_WORKER", 1_000)
     try:
-        pooled = fused_partition(spec, faces_only, face_batch_size=4, workers=2, factory_args=factory_args)
+        pooled = fused_partition(spec, faces_only, face_batch_size=4, workers=2, factory=factory)
         assert len(engine._POOLS) == 1 and pooled.ingest.stats["inprocess_workers"] == 2
     finally:
         engine.shutdown_pools()
