@@ -224,7 +224,7 @@ def fused_partition(spec, models: PerImageModels, limits: IngestLimits | None = 
 
         def served_scores(chunks):  # score_partition's chunks, their rows picked from the fused tables
             index = {u: i for i, u in enumerate(table.column("uid").to_pylist())} if table is not None else {}
-            return [(table.take([index[r["uid"]] for r in rows]), report) for rows, _ in chunks]
+            return [(table.take(pa.array([index[r["uid"]] for r in rows], pa.int64())), report) for rows, _ in chunks]
 
         image_scores = score_partition(ing.images, models.scorer_stage, limits, chunk_runner=served_scores)
     stats = {"photos_decoded": sum(e["decoded"] for e in extras), "seconds": time.perf_counter() - t0,
@@ -426,7 +426,7 @@ def take_image_scores(layout, key: str, config, images: pa.Table):
     if any(u not in index for u in wanted):
         return None
     report = {**meta.get("report", {}), "images": len(wanted), "precomputed": True}
-    return table.take([index[u] for u in wanted]), report
+    return table.take(pa.array([index[u] for u in wanted], pa.int64())), report  # typed: none may be wanted
 
 
 def ray_fused_runner(backend, expression_config, scoring_config, actors: int, gpus_per_actor: float | None = None):

@@ -214,3 +214,23 @@ def test_workers_start_only_when_the_partition_is_worth_them(photos, models, mon
         engine.shutdown_pools()
     assert pooled.ingest.images.equals(small.ingest.images) and pooled.faces.faces.equals(small.faces.faces)
     assert pooled.faces.scan.equals(small.faces.scan)
+
+
+def test_precomputed_image_scores_are_taken_for_the_rows_asked_even_none(tmp_path):
+    """The scores asset asks for the collection's rows of a partition: a subset in another order, or none
+    (every photo removed on request); other scorer settings take nothing."""
+    import pyarrow as pa
+
+    from pipeline.config import Layout
+    from pipeline.per_image import image_score_inputs, put_precomputed, take_image_scores
+    from pipeline.scoring.stage import IMAGE_SCORES_SCHEMA, ScoringConfig
+
+    layout, cfg = Layout(tmp_path / "home"), ScoringConfig()
+    table = pa.Table.from_pylist([{"uid": u, "clip_score": s} for u, s in (("a", 0.1), ("b", 0.2), ("c", 0.3))],
+                                 schema=IMAGE_SCORES_SCHEMA)
+    for wanted in (["c", "a"], []):
+        put_precomputed(layout, "image_scores", "k", {"image_scores": table}, image_score_inputs(layout, "k", cfg))
+        got, report = take_image_scores(layout, "k", cfg, pa.table({"uid": pa.array(wanted, pa.string())}))
+        assert got.column("uid").to_pylist() == wanted and report["images"] == len(wanted)
+    put_precomputed(layout, "image_scores", "k", {"image_scores": table}, image_score_inputs(layout, "k", cfg))
+    assert take_image_scores(layout, "k", ScoringConfig(chunk=8, enabled=("clip",)), table) is None
