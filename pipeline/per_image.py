@@ -378,11 +378,14 @@ def take_face_stage(layout, key: str, backend):
         return None
     tables, meta = taken
     images_path = layout.partition_file("images", key)
+    images = read_parquet(images_path)
+    if not set(tables["face_scan"].column("uid").to_pylist()) <= set(images.column("uid").to_pylist()):
+        return None  # the images file lost rows since (a removal request): the stage runs on what is there now
     rejects = Rejects(stage="faces", partition=key, rows=tables["rejects_faces"].to_pylist())
     res = FacePartitionResult(tables["faces"], tables["face_scan"], rejects, int(meta["images_in"]),
                               float(meta["seconds"]), {**meta.get("timings", {}), "precomputed": 1.0})
     unit = commit_unit(layout, FACE_STAGE, key, tables, face_unit_checks(images_path), inputs)
-    return FaceStageResult(read_parquet(images_path), res, unit)
+    return FaceStageResult(images, res, unit)
 
 
 def take_expression_stage(layout, key: str, config):
@@ -407,6 +410,9 @@ def take_expression_stage(layout, key: str, config):
     tables, meta = taken
     res = DescribeResult(tables["face_expressions"], tables["rejects"], {**meta.get("stats", {}), "precomputed": 1})
     faces = read_parquet(layout.partition_file("faces", key), columns=["uid", "face_index"])
+    described = tables["face_expressions"].select(["uid", "face_index"]).to_pylist()
+    if not {(r["uid"], r["face_index"]) for r in described} <= set(zip(*faces.to_pydict().values())):
+        return None  # the faces file lost rows since (a removal request): the stage runs on what is there now
     unit = commit_unit(layout, EXPRESSION_STAGE, key, {"face_expressions": res.descriptors},
                        descriptor_unit_checks(faces), inputs)
     return res, unit

@@ -234,3 +234,26 @@ def test_precomputed_image_scores_are_taken_for_the_rows_asked_even_none(tmp_pat
         assert got.column("uid").to_pylist() == wanted and report["images"] == len(wanted)
     put_precomputed(layout, "image_scores", "k", {"image_scores": table}, image_score_inputs(layout, "k", cfg))
     assert take_image_scores(layout, "k", ScoringConfig(chunk=8, enabled=("clip",)), table) is None
+
+
+def test_precomputed_units_are_not_taken_once_a_removal_rewrote_their_inputs(photos, models, tmp_path):
+    """A removal request rewrites the images or faces file in place (their markers keep the sha256 they
+    were committed with): what the fused pass computed before holds the removed photo, so it is not taken."""
+    from pipeline.config import Layout
+    from pipeline.per_image import run_per_image_stage, take_expression_stage, take_face_stage
+    from pipeline.sources import register_new_inputs
+    from pipeline.storage import read_parquet, write_parquet_atomic
+
+    root, _ = photos
+    model, expression = models
+    layout = Layout(tmp_path / "home")
+    (spec,) = register_new_inputs(root, layout.partitions, batch_size=100)
+    run_per_image_stage(layout, spec.key, model, expression_stage=expression)
+    assert take_face_stage(layout, spec.key, model.backend).unit.passed
+    faces_file = layout.partition_file("faces", spec.key)
+    write_parquet_atomic(read_parquet(faces_file).slice(1), faces_file)  # a face removed
+    assert take_expression_stage(layout, spec.key, expression.config) is None
+    run_per_image_stage(layout, spec.key, model, expression_stage=expression)
+    images_file = layout.partition_file("images", spec.key)
+    write_parquet_atomic(read_parquet(images_file).slice(1), images_file)  # a photo removed
+    assert take_face_stage(layout, spec.key, model.backend) is None
