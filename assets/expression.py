@@ -38,16 +38,22 @@ def face_expressions(context: dg.AssetExecutionContext, lineup: LineupSettings):
         ray_expression_runner,
         run_expression_stage,
     )
+    from pipeline.per_image import take_expression_stage
 
     layout = lineup.layout
     key = context.partition_key
     cfg = ExpressionConfig(fer_weights=lineup.path_setting(lineup.fer_weights, "LINEUP_FER_WEIGHTS"))
-    try:
-        stage = ExpressionStage(cfg)
-    except ExpressionModelUnavailable as e:
-        raise dg.Failure(f"expression model unavailable: {e}") from e
-    runner = engine_runner(lineup, lambda: ray_expression_runner(cfg, lineup.ray_actors))
-    res, unit = run_expression_stage(layout, key, stage, lineup.limits, chunk_runner=runner)
+    runner = None
+    taken = take_expression_stage(layout, key, cfg)  # computed by the fused pass of this run's ingestion
+    if taken is not None:
+        res, unit = taken
+    else:
+        try:
+            stage = ExpressionStage(cfg)
+        except ExpressionModelUnavailable as e:
+            raise dg.Failure(f"expression model unavailable: {e}") from e
+        runner = engine_runner(lineup, lambda: ray_expression_runner(cfg, lineup.ray_actors))
+        res, unit = run_expression_stage(layout, key, stage, lineup.limits, chunk_runner=runner)
     refresh_catalog(layout)
     if not unit.passed:
         raise dg.Failure(f"{key}: face_expressions not committed (kept in {unit.staging}): {'; '.join(unit.reasons)}")
@@ -61,6 +67,7 @@ def face_expressions(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "top_class_counts": dg.MetadataValue.json(counts),
             "stats": dg.MetadataValue.json({k: v for k, v in res.stats.items() if isinstance(v, (int, float, str))}),
             **engine_metadata(lineup, runner),
+            "from_fused_pass": taken is not None,
         }
     )
 

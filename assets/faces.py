@@ -12,6 +12,7 @@ from pipeline.catalog import refresh_catalog
 from pipeline.faces.report import face_figures
 from pipeline.faces.stage import ray_chunk_runner, run_face_stage
 from pipeline.faces.stage_identity import pin_collection_stage
+from pipeline.per_image import take_face_stage
 
 _BACKENDS: dict = {}  # loaded face models, kept for the life of the process
 
@@ -53,12 +54,17 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
     backend = face_backend(lineup)
     pin_collection_stage(layout.root, backend.face_stage)  # refused if the collection was built by another stage
     context.log.info(f"{key}: backend {backend!r}")
-    runner = engine_runner(lineup, lambda: ray_chunk_runner(backend, lineup.ray_actors))
-    stage = run_face_stage(
-        layout, key, backend, lineup.limits, lineup.face_batch_size,
-        progress=lambda i, n: context.log.info(f"{key}: faces {i}/{n} images"), workers=lineup.workers,
-        chunk_runner=runner,
-    )
+    runner = None
+    stage = take_face_stage(layout, key, backend)  # computed by the fused pass of this run's ingestion
+    if stage is not None:
+        context.log.info(f"{key}: faces computed by the fused pass of its ingestion (no photo decoded again)")
+    else:
+        runner = engine_runner(lineup, lambda: ray_chunk_runner(backend, lineup.ray_actors))
+        stage = run_face_stage(
+            layout, key, backend, lineup.limits, lineup.face_batch_size,
+            progress=lambda i, n: context.log.info(f"{key}: faces {i}/{n} images"), workers=lineup.workers,
+            chunk_runner=runner,
+        )
     refresh_catalog(layout)
     res, unit = stage.partition, stage.unit
     if not unit.passed:
@@ -77,6 +83,7 @@ def faces(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "images_without_faces": res.images_without_faces,
             "rejected": len(res.rejects),
             "committed": unit.passed,
+            "from_fused_pass": stage.partition.timings.get("precomputed", 0.0) == 1.0,
             "backend": backend.name,
             "model_version": backend.model_version,
             "seconds": round(res.seconds, 2),

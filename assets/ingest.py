@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from assets.common import engine_metadata, engine_runner
+from assets.common import GPU_POOL, engine_metadata, engine_runner
 from assets.partitions import check_partitions, input_partitions
 from assets.resources import NO_INPUT, LineupSettings
 from pipeline.catalog import refresh_catalog
@@ -15,21 +15,36 @@ from pipeline.sources import load_registry, plan_new_partitions, register_partit
 @dg.asset(
     partitions_def=input_partitions,
     group_name="ingest",
+    pool=GPU_POOL,  # the fused pass runs the face, expression and scoring models
     kinds={"parquet"},
     check_specs=[dg.AssetCheckSpec(
         "counts_reconcile", asset="images", blocking=True, **check_partitions(),
         description="The partition's source listed again (files, manifest rows, tar members) = image rows + "
         "reject rows read back from the files written.")],
     description="Accepted images of one input partition: stable content uid, source, locator, size. "
-    "Everything not accepted goes to rejects (stage=ingest) with a reason.",
+    "Everything not accepted goes to rejects (stage=ingest) with a reason. With fused_per_image (default) each "
+    "photo is read and decoded once here and the faces, expressions and image scores are computed on it, "
+    "for those assets to take once this asset's check passed (pipeline/per_image.py).",
 )
 def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
     layout = lineup.layout
     key = context.partition_key
     context.log.info(f"{key}: reading the partition's inputs")
-    runner = engine_runner(lineup, lambda: ray_ingest_runner(lineup.ray_actors))
-    spec, res, unit = run_ingest_stage(layout, key, lineup.limits, removed=removed_uids(layout), workers=lineup.workers,
-                                       chunk_runner=runner, progress=lambda n: context.log.info(f"{key}: {n} inputs read"))
+    progress = lambda n: context.log.info(f"{key}: {n} inputs read")
+    fused = {}
+    if lineup.fused_per_image:
+        spec, fused_res, unit = run_fused_stage(context, lineup, key, progress)
+        res = fused_res.ingest
+        fused = {"fused_per_image": True, "photos_decoded": fused_res.stats["photos_decoded"],
+                 "fused_timings": dg.MetadataValue.json({k: round(float(v), 3)
+                                                         for k, v in fused_res.stats["timings"].items()}),
+                 "precomputed": dg.MetadataValue.json(["faces", *(["face_expressions"] if fused_res.expressions
+                                                                  else []), "image_scores"] if unit.passed else [])}
+        runner = fused_res.stats.get("runner")
+    else:
+        runner = engine_runner(lineup, lambda: ray_ingest_runner(lineup.ray_actors))
+        spec, res, unit = run_ingest_stage(layout, key, lineup.limits, removed=removed_uids(layout),
+                                           workers=lineup.workers, chunk_runner=runner, progress=progress)
     refresh_catalog(layout)
     reasons = res.rejects.counts_by_reason()
     yield dg.MaterializeResult(
@@ -44,6 +59,7 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "orientation_fallbacks": res.stats.get("orientation_fallbacks", 0),
             "kind": spec.kind,
             **engine_metadata(lineup, runner),
+            **fused,
             # a link, never the rejected inputs' names: file names often name people, and a removal can
             # rewrite the table but not the event log
             "rejects": dg.MetadataValue.path(str(layout.partition_file("rejects_ingest", key))),
@@ -54,6 +70,58 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
             for name, (ok, why) in unit.checks.items()
         ],
     )
+
+
+_FUSED_MODELS: dict = {}  # the fused pass's models, kept for the life of the process like the face backends
+
+
+def fused_models(lineup: LineupSettings):
+    """``(PerImageModels, expression stage or None, scoring config)`` for the settings: the face backend
+    the faces asset uses, the expression stage when its weights are there, the scorers of the scores asset."""
+    from assets.faces import face_backend
+    from assets.scoring import scoring_config
+    from pipeline.expression.descriptor import ExpressionConfig, ExpressionModelUnavailable, ExpressionStage
+    from pipeline.per_image import PerImageModels
+    from pipeline.scoring.stage import scorer_fingerprint
+
+    backend = face_backend(lineup)
+    expression_config = ExpressionConfig(fer_weights=lineup.path_setting(lineup.fer_weights, "LINEUP_FER_WEIGHTS"))
+    scoring = scoring_config(lineup)
+    key = (id(backend), expression_config, scorer_fingerprint(scoring))
+    if key not in _FUSED_MODELS:
+        try:
+            expression = ExpressionStage(expression_config)
+        except ExpressionModelUnavailable:
+            expression = None  # face_expressions fails with the reason itself; the fused pass leaves it out
+        models = PerImageModels(backend, expression_config if expression else None, scoring,
+                                landmarker=expression.landmarker if expression else None)
+        _FUSED_MODELS.clear()
+        _FUSED_MODELS[key] = (models, expression, scoring)
+    return _FUSED_MODELS[key]
+
+
+def run_fused_stage(context, lineup: LineupSettings, key: str, progress):
+    """The images asset's fused pass (pipeline/per_image.py): the images unit committed, and the faces,
+    expressions and image scores precomputed for their assets when it passed."""
+    from pipeline.faces.stage import gpu_backend
+    from pipeline.per_image import ray_fused_runner, run_per_image_stage, worker_factory
+
+    models, expression, scoring = fused_models(lineup)
+    backend = models.backend
+    context.log.info(f"{key}: one pass over the photos: ingestion, faces ({backend!r}), "
+                     f"{'expressions, ' if expression else ''}image scores")
+    runner = engine_runner(lineup, lambda: ray_fused_runner(backend, models.expression_config, scoring,
+                                                            lineup.ray_actors))
+    # a backend on a GPU runs in this process (as the face stage's does); else workers rebuild the models
+    on_gpu = gpu_backend(backend)
+    factory = None if on_gpu or not hasattr(backend, "build_spec") else \
+        worker_factory(backend, models.expression_config, scoring)
+    spec_, res, unit = run_per_image_stage(
+        lineup.layout, key, models, lineup.limits, removed=removed_uids(lineup.layout),
+        face_batch_size=lineup.face_batch_size, workers=1 if on_gpu else lineup.workers, expression_stage=expression,
+        chunk_runner=runner, factory=factory, progress=progress)
+    res.stats["runner"] = runner
+    return spec_, res, unit
 
 
 ingest_job = dg.define_asset_job(

@@ -39,6 +39,11 @@ class LineupSettings(dg.ConfigurableResource):
     # in-process engine: worker processes for the face stage (0 = every core this process may use,
     # or $LINEUP_ENGINE_WORKERS); 1 = no worker processes. Ray engine: a cap on each stage's actors
     engine_workers: int = 0
+    # one pass over each partition's photos: ingestion reads and decodes each photo once and runs the face
+    # backend, the expression landmarks and the image scorers on it (pipeline/per_image.py); the faces,
+    # face_expressions and scores assets then take those results when they match their inputs. False
+    # (LINEUP_FUSED_PER_IMAGE=0): every stage reads and decodes the photos itself, as before
+    fused_per_image: bool = Field(default_factory=lambda: os.environ.get("LINEUP_FUSED_PER_IMAGE", "1") != "0")
     # where the face models run: auto = CUDA when torch sees a GPU (dlib: the ported descriptor
     # there; insightface: onnxruntime-gpu, else the same ONNX files through PyTorch), else CPU
     face_device: str = "auto"

@@ -27,12 +27,10 @@ from pipeline.storage import read_parquet, write_parquet_atomic
 )
 def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
     from pipeline.collection import load_collection, load_identities
-    from pipeline.scoring.clip import ClipConfig
-    from pipeline.scoring.heads import HeadConfig
+    from pipeline.per_image import take_image_scores
     from pipeline.scoring.stage import (
         IMAGE_SCORES_SCHEMA,
         ImageScorerStage,
-        ScoringConfig,
         ray_score_runner,
         score_candidates,
         score_partition,
@@ -43,22 +41,10 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
     coll = load_collection(layout)
     imgs = coll.images
     fcs = with_identity_ids(coll.faces, load_identities(layout, coll.faces))
-    reward = lineup.path_setting(lineup.social_reward_weights, "LINEUP_SOCIAL_REWARD")
-    latest_reward = layout.home / "models" / "social_reward" / "LATEST"
-    if reward is None and latest_reward.exists():  # written only by a reward model trained from real weights
-        reward = str(latest_reward.parent / latest_reward.read_text().strip() / "reward_model")
-    cfg = ScoringConfig(
-        clip=ClipConfig(
-            model_name=lineup.clip_model,
-            pretrained=lineup.path_setting(lineup.clip_weights, "LINEUP_CLIP_WEIGHTS"),
-            model_config=lineup.clip_model_config or None,
-        ),
-        aesthetic=HeadConfig(weights=lineup.path_setting(lineup.aesthetic_weights, "LINEUP_AESTHETIC_WEIGHTS")),
-        social_reward=HeadConfig(weights=reward),
-    )
+    cfg = scoring_config(lineup)
     # image-level scores once per partition and scorer configuration; face-level scores for the collection
     fp = scorer_fingerprint(cfg)
-    parts, computed, reused, image_report = [], [], [], {}
+    parts, computed, reused, from_fused, image_report = [], [], [], [], {}
     stage = runner = None
     for key in coll.built:
         path = layout.partition_file("image_scores", key)
@@ -67,6 +53,14 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
             reused.append(key)
             continue
         mine = imgs.filter(pa.array([p == key for p in imgs.column("partition").to_pylist()], pa.bool_()))
+        precomputed = take_image_scores(layout, key, cfg, mine)  # by the fused pass of its ingestion
+        if precomputed is not None:
+            table_k, image_report = precomputed
+            write_parquet_atomic(table_k, path)
+            parts.append(table_k)
+            computed.append(key)
+            from_fused.append(key)
+            continue
         if stage is None:  # the scorers load once, for every partition that needs its scores computed
             stage = ImageScorerStage(cfg)
             runner = engine_runner(lineup, lambda: ray_score_runner(cfg, lineup.ray_actors))
@@ -94,8 +88,33 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "device": report["device"],
             "image_scores_computed_for": dg.MetadataValue.json(computed),
             "image_scores_reused_for": len(reused),
+            # computed by the fused pass of their ingestion (pipeline/per_image.py): no photo decoded here
+            "image_scores_from_fused_pass": len(from_fused),
             "empty_because": coll.empty_reason or "",
             **engine_metadata(lineup, runner),
             "collection": dg.MetadataValue.json(coll.coverage()),
         }
+    )
+
+
+def scoring_config(lineup: LineupSettings):
+    """The scorers the settings name (weights from local files only; the learned social reward from
+    social_reward_model's LATEST file when no weights are given)."""
+    from pipeline.scoring.clip import ClipConfig
+    from pipeline.scoring.heads import HeadConfig
+    from pipeline.scoring.stage import ScoringConfig
+
+    layout = lineup.layout
+    reward = lineup.path_setting(lineup.social_reward_weights, "LINEUP_SOCIAL_REWARD")
+    latest_reward = layout.home / "models" / "social_reward" / "LATEST"
+    if reward is None and latest_reward.exists():  # written only by a reward model trained from real weights
+        reward = str(latest_reward.parent / latest_reward.read_text().strip() / "reward_model")
+    return ScoringConfig(
+        clip=ClipConfig(
+            model_name=lineup.clip_model,
+            pretrained=lineup.path_setting(lineup.clip_weights, "LINEUP_CLIP_WEIGHTS"),
+            model_config=lineup.clip_model_config or None,
+        ),
+        aesthetic=HeadConfig(weights=lineup.path_setting(lineup.aesthetic_weights, "LINEUP_AESTHETIC_WEIGHTS")),
+        social_reward=HeadConfig(weights=reward),
     )

@@ -15,6 +15,7 @@ RUNS = {
     "faces": ["bench_faces.py", "--repeats", "3"],
     "scale": ["bench_scale.py", "--repeats", "3"],
     "stage_costs": ["bench_stage_costs.py", "--repeats", "3"],
+    "decode_once": ["bench_decode_once.py", "--copies", "4"],
     "identity": ["bench_identity.py", "--sizes", "10000,100000"],
     "multiid": ["bench_multiid.py"],
     "social": ["bench_social.py", "--events", "10000000", "--repeats", "3", "--exports"],

@@ -61,6 +61,7 @@ class IngestResult:
     duplicates: int
     seconds: float
     stats: dict = field(default_factory=dict)
+    row_records: list[int] = field(default_factory=list)  # per image row: the index of its input record
 
     @property
     def accepted(self) -> int:
@@ -86,31 +87,35 @@ def ingest_workers(records: list, requested: int, bytes_per_worker: int | None =
     return max(1, min(int(requested), to_read // max(1, per_worker)))
 
 
+def inspect_record(rec, limits: IngestLimits):
+    """Read, hash and decode-check one record: ``(outcome, decoded image or None)``. The outcome is what
+    :func:`ingest_partition` decides on ({} for a record rejected at listing, ``read_error``, or ``uid``
+    with ``image`` or ``decode_error``); the decoded image is there for a fused pass (pipeline/per_image.py)
+    to run every per-image model on, so nothing decodes the photo again."""
+    if rec.reject_reason:
+        return {}, None
+    try:
+        data = rec.read()
+    except (OSError, ValueError) as e:
+        return {"read_error": str(e)}, None
+    res: dict = {"uid": content_uid(data)}
+    try:
+        img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side,
+                           max_decoded_bytes=limits.max_decoded_bytes)
+    except DecodeError as e:
+        res["decode_error"] = (e.reason, e.detail)
+        return res, None
+    res["image"] = (img.width, img.height, img.format, img.original_mode, img.orientation_applied,
+                    img.orientation_note)
+    return res, img
+
+
 def inspect_records(_model, chunk: tuple[list, IngestLimits]) -> list[dict]:
     """Read, hash and decode-check each record of a chunk on its own (no state shared between records):
     the part of ingestion every engine spreads over cores. :func:`ingest_partition` decides, in input
     order, what each outcome means (removed, duplicate, reject, accepted)."""
     records, limits = chunk
-    out = []
-    for rec in records:
-        if rec.reject_reason:
-            out.append({})
-            continue
-        try:
-            data = rec.read()
-        except (OSError, ValueError) as e:
-            out.append({"read_error": str(e)})
-            continue
-        res: dict = {"uid": content_uid(data)}
-        try:
-            img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side,
-                           max_decoded_bytes=limits.max_decoded_bytes)
-            res["image"] = (img.width, img.height, img.format, img.original_mode, img.orientation_applied,
-                            img.orientation_note)
-        except DecodeError as e:
-            res["decode_error"] = (e.reason, e.detail)
-        out.append(res)
-    return out
+    return [inspect_record(rec, limits)[0] for rec in records]
 
 
 def ingest_partition(
@@ -134,6 +139,7 @@ def ingest_partition(
     limits = limits or IngestLimits()
     rejects = Rejects(stage="ingest", partition=spec.key)
     rows: list[dict] = []
+    row_records: list[int] = []
     seen: dict[str, str] = {}
     inputs = duplicates = 0
     orientation_notes: dict[str, str] = {}  # accepted images whose EXIF orientation had to be guessed
@@ -146,7 +152,7 @@ def ingest_partition(
     else:
         results = map_chunks(inspect_records, chunks, workers=workers_used, factory=_no_model)
     inspected = (res for chunk_results in results for res in chunk_results)
-    for rec, res in zip(records, inspected):
+    for index, (rec, res) in enumerate(zip(records, inspected)):
         inputs += 1
         if progress and inputs % 100 == 0:
             progress(inputs)
@@ -172,6 +178,7 @@ def ingest_partition(
         seen[uid] = rec.source
         if orientation_note:
             orientation_notes[rec.source] = orientation_note
+        row_records.append(index)
         rows.append(
             {
                 "uid": uid,
@@ -205,6 +212,7 @@ def ingest_partition(
             "orientation_fallbacks": len(orientation_notes),
             "orientation_notes": dict(list(orientation_notes.items())[:50]),  # the first ones, to look at
         },
+        row_records=row_records,
     )
 
 
@@ -285,20 +293,25 @@ def run_ingest_stage(layout, key: str, limits: IngestLimits | None = None, remov
     """Ingest one registered partition, I/O included: ``images`` and ``rejects_ingest`` committed as one
     unit once counts_reconcile passed on the staged files (the source listed again = image rows + reject
     rows read back). Returns ``(spec, IngestResult, UnitResult)``."""
-    import hashlib
-
-    from pipeline.commits import commit_unit
     from pipeline.sources import load_partition
 
     spec = load_partition(layout.partitions, key)
     res = ingest_partition(spec, limits, progress=progress, removed=removed, workers=workers, chunk_runner=chunk_runner)
+    return spec, res, commit_ingest(layout, spec, res)
+
+
+def commit_ingest(layout, spec, res: IngestResult):
+    """``images`` and ``rejects_ingest`` of one ingested partition committed as one unit once
+    counts_reconcile passed on the staged files. Returns the UnitResult."""
+    import hashlib
+
+    from pipeline.commits import commit_unit
 
     def counts_reconcile(staged):
         r = reconcile_ingest(spec, staged["images"], staged["rejects_ingest"])
         return r["passed"], (f"{r['inputs_listed']} inputs listed from the source; {r['image_rows']} image rows + "
                              f"{r['reject_rows']} reject rows read back")
 
-    unit = commit_unit(layout, INGEST_STAGE, key, {"images": res.images, "rejects_ingest": res.rejects.to_table()},
+    return commit_unit(layout, INGEST_STAGE, spec.key, {"images": res.images, "rejects_ingest": res.rejects.to_table()},
                        {"counts_reconcile": counts_reconcile},
                        {"input": hashlib.sha256(spec.to_json().encode()).hexdigest()[:32]})
-    return spec, res, unit

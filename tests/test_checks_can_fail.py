@@ -99,17 +99,20 @@ def test_faces_counts_fail_when_a_face_row_vanishes(partition, monkeypatch):
     _kept_out(settings, spec.key)
 
 
-def test_faces_counts_fail_when_an_image_is_never_analysed(partition, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_faces_counts_fail_when_an_image_is_never_analysed(partition, monkeypatch, fused):
     """An engine that drops a chunk's image: image rows != scanned + rejected. Before, the scan was the
-    image rows minus the rejects, so this held by construction."""
+    image rows minus the rejects, so this held by construction. Both ways: the faces computed by the
+    fused pass of ingestion (pipeline/per_image.py) and by the face stage itself."""
     spec, instance, settings = partition
-    real = stage_mod.analyze_rows
+    settings = settings.model_copy(update={"fused_per_image": fused})
+    real = stage_mod.analyze_decoded  # the model half every engine and the fused pass run
 
     def drops_one(backend, chunk):
         records, rejects, timings = real(backend, chunk)
         return records[1:], rejects, timings
 
-    monkeypatch.setattr(stage_mod, "analyze_rows", drops_one)
+    monkeypatch.setattr(stage_mod, "analyze_decoded", drops_one)
     r = _faces_run(spec, instance, settings)
     assert _checks(r)[("faces", "counts_reconcile")] is False
 

@@ -155,26 +155,35 @@ def test_assets_on_ray_write_the_same_tables(tmp_path, shared_faces, ray_local):
     shutil.copy(shared_faces / "groups" / "face-api.js__bbt1.jpg", inp / "group.jpg")
     (inp / "broken.jpg").write_bytes(b"not a jpeg")
     tables = {}
-    for engine in ("inprocess", "ray"):
-        home = tmp_path / engine
+    # the stages separately on each engine, and fused (pipeline/per_image.py) on Ray
+    for engine, fused in (("inprocess", False), ("ray", False), ("ray", True)):
+        home = tmp_path / f"{engine}-{fused}"
         (spec,) = register_new_inputs(inp, Layout(home).partitions, batch_size=100)
         instance = dg.DagsterInstance.ephemeral()
         instance.add_dynamic_partitions(input_partitions.name, [spec.key])
-        settings = LineupSettings(home=str(home), input_dir=str(inp), engine=engine, face_batch_size=2)
+        settings = LineupSettings(home=str(home), input_dir=str(inp), engine=engine, face_batch_size=2,
+                                  fused_per_image=fused)
         result = dg.materialize([images, faces, face_expressions], partition_key=spec.key, instance=instance,
                                 resources={"lineup": settings})
         assert result.success
         mats = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
         meta = {m.asset_key.path[-1]: m.metadata for m in mats}
-        assert meta["faces"]["engine"].value == engine
-        if engine == "ray":
+        assert meta["faces"]["from_fused_pass"].value == fused
+        if fused:  # one Ray job read and decoded every photo once for all three assets
+            assert meta["images"]["engine"].value == "ray" and meta["images"]["ray_stage"].value == "per_image"
+            assert meta["images"]["ray_failures"].value == 0 and meta["images"]["photos_decoded"].value == 5
+            assert meta["face_expressions"]["from_fused_pass"].value
+        else:
+            assert meta["faces"]["engine"].value == engine
+        if engine == "ray" and not fused:
             assert meta["faces"]["ray_actors"].value >= 1 and meta["faces"]["ray_failures"].value == 0
             assert meta["faces"]["ray_chunks"].value == 2  # 4 accepted images in chunks of 2
-        tables[engine] = {t: pq.read_table(Layout(home).partition_file(t, spec.key))
-                          for t in ("images", "faces", "face_scan", "face_expressions", "rejects_ingest")}
-    for name, table in tables["inprocess"].items():
+        tables[engine, fused] = {t: pq.read_table(Layout(home).partition_file(t, spec.key))
+                                 for t in ("images", "faces", "face_scan", "face_expressions", "rejects_ingest")}
+    for name, table in tables["inprocess", False].items():
         assert table.num_rows > 0, name
-        assert tables["ray"][name].equals(table), name
+        assert tables["ray", False][name].equals(table), name
+        assert tables["ray", True][name].equals(table), name
 
 
 def test_pool_sized_from_the_cluster_not_the_request():

@@ -208,6 +208,66 @@ def boxes_from_faces(faces: pa.Table) -> dict[str, list[list[float]]]:
     return out
 
 
+@dataclass
+class LocatedFaces:
+    """The image half of describing: every face's crop and 68 landmarks (crop coordinates), found on the
+    full image. Small (crops, not photos), so a fused pass (pipeline/per_image.py) can find them where the
+    photo is decoded and leave the FER batches to :func:`describe_located`."""
+
+    keys: list = field(default_factory=list)  # (uid, face_index)
+    crops: list = field(default_factory=list)
+    landmarks: list = field(default_factory=list)
+    boxes: list = field(default_factory=list)
+    rejects: list = field(default_factory=list)  # (uid, face_index or None, reason)
+    images: int = 0
+
+    def compact(self) -> LocatedFaces:
+        """The same faces with each crop replaced by the only thing the FER model reads of it, its 64 x 64
+        gray version (``_to_gray64``, which leaves a 64 x 64 gray crop as it is): the descriptors are the
+        same, and a partition's located faces take 4 KB a face instead of a colour crop each."""
+        self.crops = [_to_gray64(c) for c in self.crops]
+        return self
+
+    @classmethod
+    def joined(cls, parts: Iterable[LocatedFaces]) -> LocatedFaces:
+        out = cls()
+        for p in parts:
+            out.keys += p.keys
+            out.crops += p.crops
+            out.landmarks += p.landmarks
+            out.boxes += p.boxes
+            out.rejects += p.rejects
+            out.images += p.images
+        return out
+
+
+def locate_faces(images: Iterable[tuple[str, np.ndarray]], landmarker, config: ExpressionConfig = ExpressionConfig(),
+                 boxes: dict[str, list] | None = None) -> LocatedFaces:
+    """Landmarks and crops of every face of every image (``boxes`` as in :func:`describe_images`)."""
+    out = LocatedFaces()
+    for uid, rgb in images:
+        out.images += 1
+        rgb = np.asarray(rgb)
+        if boxes is not None and uid in boxes:
+            bl = [tuple(b) for b in boxes[uid]]
+            found = list(zip(bl, landmarker.for_boxes(rgb, bl)))
+        else:
+            found = [(b, l) for b, l, _ in landmarker.detect(rgb)]
+        if not found:
+            out.rejects.append((uid, None, "no_face"))
+            continue
+        for i, (b, l) in enumerate(found):
+            crop, (x0, y0) = crop_box(rgb, b, config.crop_margin)
+            if crop.size == 0:
+                out.rejects.append((uid, i, "empty_crop"))
+                continue
+            out.keys.append((uid, i))
+            out.crops.append(np.ascontiguousarray(crop))  # a copy: a view would keep the whole photo alive
+            out.landmarks.append(l - np.array([x0, y0], np.float32) if l is not None else None)
+            out.boxes.append([float(v) for v in b])
+    return out
+
+
 def describe_images(
     images: Iterable[tuple[str, np.ndarray]],
     model: ExpressionModel,
@@ -219,30 +279,15 @@ def describe_images(
     stage's detections so face_index matches the faces table; otherwise dlib HOG detects (largest first)."""
     from pipeline.expression.landmarks import DlibLandmarks
 
-    lm = landmarker or DlibLandmarks(upsample=config.upsample)
     t0 = time.perf_counter()
-    keys, crops, lms, bxs, rejects = [], [], [], [], []
-    n_images = 0
-    for uid, rgb in images:
-        n_images += 1
-        rgb = np.asarray(rgb)
-        if boxes is not None and uid in boxes:
-            bl = [tuple(b) for b in boxes[uid]]
-            found = list(zip(bl, lm.for_boxes(rgb, bl)))
-        else:
-            found = [(b, l) for b, l, _ in lm.detect(rgb)]
-        if not found:
-            rejects.append((uid, None, "no_face"))
-            continue
-        for i, (b, l) in enumerate(found):
-            crop, (x0, y0) = crop_box(rgb, b, config.crop_margin)
-            if crop.size == 0:
-                rejects.append((uid, i, "empty_crop"))
-                continue
-            keys.append((uid, i))
-            crops.append(crop)
-            lms.append(l - np.array([x0, y0], np.float32) if l is not None else None)
-            bxs.append([float(v) for v in b])
+    located = locate_faces(images, landmarker or DlibLandmarks(upsample=config.upsample), config, boxes)
+    return describe_located(located, model, t0)
+
+
+def describe_located(located: LocatedFaces, model: ExpressionModel, t0: float | None = None) -> DescribeResult:
+    """The model half of :func:`describe_images`: one FER batch over the located faces, as the table."""
+    t0 = time.perf_counter() if t0 is None else t0
+    keys, crops, lms, bxs, rejects = located.keys, located.crops, located.landmarks, located.boxes, located.rejects
     batch = model.describe(crops, lms)
     top = batch.probs.argmax(1) if len(crops) else np.zeros(0, int)
     cols = {
@@ -269,7 +314,7 @@ def describe_images(
         schema=pa.schema([("uid", pa.string()), ("face_index", pa.int32()), ("reason", pa.string())]),
     )
     stats = {
-        "images": n_images,
+        "images": located.images,
         "faces": len(keys),
         "rejects": len(rejects),
         "seconds": round(time.perf_counter() - t0, 3),
@@ -349,6 +394,26 @@ def ray_expression_runner(config: ExpressionConfig, actors: int, gpus_per_actor:
 EXPRESSION_STAGE = "face_expressions"
 
 
+def expression_unit_inputs(faces_sha256: str | None, config: ExpressionConfig) -> dict:
+    """What an expression unit is computed from: the committed faces file (its sha256) and the FER weights."""
+    return {"faces_sha256": faces_sha256, "fer_weights": str(config.fer_weights)}
+
+
+def descriptor_unit_checks(faces: pa.Table) -> dict:
+    """The expression unit's blocking check, reading the staged descriptors back: one row per
+    (uid, face_index), each a row of the committed faces file (``faces``)."""
+    from pipeline.storage import read_parquet
+
+    def descriptors_match_faces(staged):
+        got = read_parquet(staged["face_expressions"], columns=["uid", "face_index"])
+        keys = list(zip(got.column("uid").to_pylist(), got.column("face_index").to_pylist()))
+        known = set(zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist()))
+        dup, stray = len(keys) - len(set(keys)), sorted(set(keys) - known)[:5]
+        return not dup and not stray, f"{len(keys)} descriptors of {len(known)} faces; {dup} duplicated; not a face: {stray}"
+
+    return {"descriptors_match_faces": descriptors_match_faces}
+
+
 def run_expression_stage(layout, key: str, stage: ExpressionStage, limits=None, chunk_runner=None):
     """The expression stage of one partition, I/O included: the committed faces unit in, the
     face_expressions file committed as one unit (pipeline.commits) out. Returns ``(DescribeResult,
@@ -364,17 +429,8 @@ def run_expression_stage(layout, key: str, stage: ExpressionStage, limits=None, 
     faces = read_parquet(faces_path)
     images = read_parquet(layout.partition_file("images", key))
     res = describe_partition(images, faces, stage, limits, chunk_runner=chunk_runner)
-
-    def descriptors_match_faces(staged):
-        got = read_parquet(staged["face_expressions"], columns=["uid", "face_index"])
-        keys = list(zip(got.column("uid").to_pylist(), got.column("face_index").to_pylist()))
-        known = set(zip(faces.column("uid").to_pylist(), faces.column("face_index").to_pylist()))
-        dup, stray = len(keys) - len(set(keys)), sorted(set(keys) - known)[:5]
-        return not dup and not stray, f"{len(keys)} descriptors of {len(known)} faces; {dup} duplicated; not a face: {stray}"
-
     faces_unit = read_marker(layout, "faces", key) or {}
-    inputs = {"faces_sha256": faces_unit.get("files", {}).get("faces", {}).get("sha256"),
-              "fer_weights": str(stage.config.fer_weights)}
+    inputs = expression_unit_inputs(faces_unit.get("files", {}).get("faces", {}).get("sha256"), stage.config)
     unit = commit_unit(layout, EXPRESSION_STAGE, key, {"face_expressions": res.descriptors},
-                       {"descriptors_match_faces": descriptors_match_faces}, inputs)
+                       descriptor_unit_checks(faces), inputs)
     return res, unit

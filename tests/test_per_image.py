@@ -1,0 +1,259 @@
+"""The fused per-image pass (pipeline/per_image.py) decodes each photo once and writes the tables the
+separate stages write: ingestion, faces, expressions and image scores compared table for table on shared
+photos plus a broken file and a duplicate; the precomputed units are taken only for the inputs they were
+computed from, and never after a failed ingestion check."""
+
+import shutil
+
+import pytest
+
+import pipeline.ingest as ingest_module
+import pipeline.sources as sources_module
+from pipeline.sources import PartitionSpec
+
+
+@pytest.fixture(scope="module")
+def photos(shared_faces, tmp_path_factory):
+    """5 identity photos, a group photo, a byte-identical copy and a truncated file (copies under /tmp)."""
+    root = tmp_path_factory.mktemp("photos")
+    ids = sorted((shared_faces / "identities").rglob("*.jpg"))[:5]
+    groups = sorted((shared_faces / "groups").glob("*.jpg"))[:1]
+    names = []
+    for i, p in enumerate([*ids, *groups]):
+        shutil.copy(p, root / f"p{i:02d}.jpg")
+        names.append(f"p{i:02d}.jpg")
+    shutil.copy(ids[0], root / "z_copy.jpg")
+    (root / "z_broken.jpg").write_bytes(ids[1].read_bytes()[:2000])
+    return root, (*names, "z_copy.jpg", "z_broken.jpg")
+
+
+@pytest.fixture(scope="module")
+def models():
+    from pipeline.expression.descriptor import ExpressionConfig, ExpressionStage
+    from pipeline.faces import get_backend
+    from pipeline.per_image import PerImageModels
+    from pipeline.scoring.stage import ScoringConfig
+
+    backend = get_backend("dlib", device="cpu")
+    expression = ExpressionStage(ExpressionConfig())
+    scoring = ScoringConfig()  # no weights here: the image scorers are unavailable, their columns null
+    return PerImageModels(backend, expression.config, scoring, landmarker=expression.landmarker), expression
+
+
+class Counted:
+    """Photos read (through sources.read_bytes, what every stage reads with) and decoded (the decoder
+    ingestion and every re-reading stage call), counted apart from any stage's own counters."""
+
+    def __init__(self, monkeypatch):
+        self.reads = self.bytes = self.decodes = 0
+        real_read, real_decode = sources_module.read_bytes, ingest_module.decode_image
+
+        def read_bytes(*a, **k):
+            data = real_read(*a, **k)
+            self.reads += 1
+            self.bytes += len(data)
+            return data
+
+        def decode_image(*a, **k):
+            self.decodes += 1
+            return real_decode(*a, **k)
+
+        monkeypatch.setattr(sources_module, "read_bytes", read_bytes)
+        monkeypatch.setattr(ingest_module, "decode_image", decode_image)
+
+
+def _separate(spec, models, expression):
+    from pipeline.expression.descriptor import describe_partition
+    from pipeline.faces.stage import run_face_partition
+    from pipeline.ingest import ingest_partition
+    from pipeline.scoring.stage import score_partition
+
+    ing = ingest_partition(spec)
+    faces = run_face_partition(ing.images, models.backend, spec.key, batch_size=4)
+    expr = describe_partition(ing.images, faces.faces, expression)
+    scores = score_partition(ing.images, models.scorer_stage)
+    return ing, faces, expr, scores
+
+
+def _assert_same(fused, ing, faces, expr, scores):
+    assert fused.ingest.images.equals(ing.images)
+    assert fused.ingest.rejects.rows == ing.rejects.rows
+    assert fused.faces.faces.equals(faces.faces)
+    assert fused.faces.scan.equals(faces.scan)
+    assert fused.faces.rejects.rows == faces.rejects.rows
+    assert fused.expressions.descriptors.equals(expr.descriptors)
+    assert fused.expressions.rejects.equals(expr.rejects)
+    assert fused.image_scores[0].equals(scores[0])
+
+
+def test_fused_pass_writes_the_separate_tables_and_decodes_each_photo_once(photos, models, monkeypatch):
+    from pipeline.per_image import fused_partition
+
+    root, members = photos
+    spec = PartitionSpec(key="t", kind="files", root=str(root), members=members)
+    model, expression = models
+    counted = Counted(monkeypatch)
+    ing, faces, expr, scores = _separate(spec, model, expression)
+    separate = (counted.reads, counted.decodes, counted.bytes)
+    assert ing.accepted == 6 and ing.duplicates == 1 and len(ing.rejects) == 2
+    assert faces.faces.num_rows >= 6 and expr.descriptors.num_rows == faces.faces.num_rows
+    fused_count = Counted(monkeypatch)
+    fused = fused_partition(spec, model, face_batch_size=4, expression_stage=expression)
+    _assert_same(fused, ing, faces, expr, scores)
+    # 8 inputs read and decoded once each (the copy too, to find it is a duplicate; the broken one tried);
+    # the separate stages read and decode the 6 accepted photos 3 more times (faces, expressions, scores)
+    assert (fused_count.reads, fused_count.decodes) == (8, 8)
+    assert separate[:2] == (8 + 3 * 6, 8 + 3 * 6)
+    accepted_bytes = sum(ing.images.column("length").to_pylist())
+    assert separate[2] == fused_count.bytes + 3 * accepted_bytes
+
+
+def test_fused_pass_on_ray_equals_in_process(photos, models):
+    pytest.importorskip("ray")
+    from pipeline.per_image import fused_partition, ray_fused_runner
+    from pipeline.ray_engine import ensure_ray, shutdown
+
+    root, members = photos
+    spec = PartitionSpec(key="t", kind="files", root=str(root), members=members)
+    model, expression = models
+    local = fused_partition(spec, model, face_batch_size=4, expression_stage=expression)
+    ensure_ray()
+    try:
+        runner = ray_fused_runner(model.backend, model.expression_config, model.scorer_stage.config, actors=1)
+        on_ray = fused_partition(spec, model, face_batch_size=4, expression_stage=expression, chunk_runner=runner)
+    finally:
+        shutdown()
+    _assert_same(on_ray, local.ingest, local.faces, local.expressions, local.image_scores)
+    assert runner.stats.failures == [] and runner.stats.chunks == 1
+
+
+def _committed(layout, stage, key):
+    from pipeline.commits import read_marker
+    from pipeline.storage import read_parquet
+
+    marker = read_marker(layout, stage, key)
+    assert marker["status"] == "passed"
+    return {name: read_parquet(layout.partition_file(name, key)) for name in marker["files"]}
+
+
+def test_assets_commit_the_same_files_fused_or_not_and_a_failed_ingestion_precomputes_nothing(photos, tmp_path,
+                                                                                              monkeypatch):
+    import dagster as dg
+
+    import pipeline.ingest as ingest_mod
+    from assets.expression import face_expressions
+    from assets.faces import faces
+    from assets.ingest import images
+    from assets.partitions import input_partitions
+    from assets.resources import LineupSettings
+    from pipeline.config import Layout
+    from pipeline.per_image import PRECOMPUTED, precomputed_dir
+    from pipeline.sources import register_new_inputs
+
+    root, _ = photos
+    committed, metas = {}, {}
+    for fused in (False, True):
+        home = tmp_path / f"home-{fused}"
+        layout = Layout(home)
+        (spec,) = register_new_inputs(root, layout.partitions, batch_size=100)
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions(input_partitions.name, [spec.key])
+        settings = LineupSettings(home=str(home), input_dir=str(root), engine_workers=1, fused_per_image=fused)
+        r = dg.materialize([images, faces, face_expressions], partition_key=spec.key, instance=instance,
+                           resources={"lineup": settings})
+        assert r.success
+        committed[fused] = {s: _committed(layout, s, spec.key) for s in ("images", "faces", "face_expressions")}
+        metas[fused] = {n: next(iter(r.asset_materializations_for_node(n))).metadata
+                        for n in ("images", "faces", "face_expressions")}
+        # what the fused pass precomputed was taken (and removed) except the image scores, which wait for `scores`
+        left = [s for s in PRECOMPUTED if precomputed_dir(layout, s, spec.key).exists()]
+        assert left == (["image_scores"] if fused else [])
+    # row for row (a table in several chunks and the same table in one are written to different bytes)
+    for stage, tables in committed[False].items():
+        for name, table in tables.items():
+            assert committed[True][stage][name].equals(table), (stage, name)
+    assert metas[True]["faces"]["from_fused_pass"].value and metas[True]["face_expressions"]["from_fused_pass"].value
+    assert not metas[False]["faces"]["from_fused_pass"].value
+    assert metas[True]["images"]["photos_decoded"].value == 8
+
+    # the images check fails: nothing is precomputed for its faces, expressions or scores
+    real = ingest_mod.ingest_partition
+
+    def lossy(*a, **k):
+        res = real(*a, **k)
+        res.images = res.images.slice(1)
+        return res
+
+    monkeypatch.setattr(ingest_mod, "ingest_partition", lossy)
+    r = dg.materialize([images], partition_key=spec.key, instance=instance, resources={"lineup": settings},
+                       raise_on_error=False)
+    assert [e.passed for e in r.get_asset_check_evaluations()] == [False]
+    assert not any(precomputed_dir(layout, s, spec.key).exists() for s in PRECOMPUTED)
+
+
+def test_workers_start_only_when_the_partition_is_worth_them(photos, models, monkeypatch):
+    """The fused pass sizes its worker pool as ingestion does (ingest_workers: one worker per 32 MB to
+    read): these 8 photos start none; with the threshold lowered the chunks go to 2 workers, same tables."""
+    from pipeline import engine, ingest
+    from pipeline.per_image import PerImageModels, fused_partition, worker_factory
+
+    root, members = photos
+    spec = PartitionSpec(key="t", kind="files", root=str(root), members=members)
+    backend = models[0].backend
+    faces_only = PerImageModels(backend)
+    factory = worker_factory(backend)
+    engine.shutdown_pools()
+    monkeypatch.setattr(ingest, "INGEST_CHUNK", 4)  # two chunks, so a pool could take them
+    small = fused_partition(spec, faces_only, face_batch_size=4, workers=2, factory=factory)
+    assert not engine._POOLS and small.ingest.stats["inprocess_workers"] == 1
+    monkeypatch.setattr(ingest, "INGEST_BYTES_PER_WORKER", 1_000)
+    try:
+        pooled = fused_partition(spec, faces_only, face_batch_size=4, workers=2, factory=factory)
+        assert len(engine._POOLS) == 1 and pooled.ingest.stats["inprocess_workers"] == 2
+    finally:
+        engine.shutdown_pools()
+    assert pooled.ingest.images.equals(small.ingest.images) and pooled.faces.faces.equals(small.faces.faces)
+    assert pooled.faces.scan.equals(small.faces.scan)
+
+
+def test_precomputed_image_scores_are_taken_for_the_rows_asked_even_none(tmp_path):
+    """The scores asset asks for the collection's rows of a partition: a subset in another order, or none
+    (every photo removed on request); other scorer settings take nothing."""
+    import pyarrow as pa
+
+    from pipeline.config import Layout
+    from pipeline.per_image import image_score_inputs, put_precomputed, take_image_scores
+    from pipeline.scoring.stage import IMAGE_SCORES_SCHEMA, ScoringConfig
+
+    layout, cfg = Layout(tmp_path / "home"), ScoringConfig()
+    table = pa.Table.from_pylist([{"uid": u, "clip_score": s} for u, s in (("a", 0.1), ("b", 0.2), ("c", 0.3))],
+                                 schema=IMAGE_SCORES_SCHEMA)
+    for wanted in (["c", "a"], []):
+        put_precomputed(layout, "image_scores", "k", {"image_scores": table}, image_score_inputs(layout, "k", cfg))
+        got, report = take_image_scores(layout, "k", cfg, pa.table({"uid": pa.array(wanted, pa.string())}))
+        assert got.column("uid").to_pylist() == wanted and report["images"] == len(wanted)
+    put_precomputed(layout, "image_scores", "k", {"image_scores": table}, image_score_inputs(layout, "k", cfg))
+    assert take_image_scores(layout, "k", ScoringConfig(chunk=8, enabled=("clip",)), table) is None
+
+
+def test_precomputed_units_are_not_taken_once_a_removal_rewrote_their_inputs(photos, models, tmp_path):
+    """A removal request rewrites the images or faces file in place (their markers keep the sha256 they
+    were committed with): what the fused pass computed before holds the removed photo, so it is not taken."""
+    from pipeline.config import Layout
+    from pipeline.per_image import run_per_image_stage, take_expression_stage, take_face_stage
+    from pipeline.sources import register_new_inputs
+    from pipeline.storage import read_parquet, write_parquet_atomic
+
+    root, _ = photos
+    model, expression = models
+    layout = Layout(tmp_path / "home")
+    (spec,) = register_new_inputs(root, layout.partitions, batch_size=100)
+    run_per_image_stage(layout, spec.key, model, expression_stage=expression)
+    assert take_face_stage(layout, spec.key, model.backend).unit.passed
+    faces_file = layout.partition_file("faces", spec.key)
+    write_parquet_atomic(read_parquet(faces_file).slice(1), faces_file)  # a face removed
+    assert take_expression_stage(layout, spec.key, expression.config) is None
+    run_per_image_stage(layout, spec.key, model, expression_stage=expression)
+    images_file = layout.partition_file("images", spec.key)
+    write_parquet_atomic(read_parquet(images_file).slice(1), images_file)  # a photo removed
+    assert take_face_stage(layout, spec.key, model.backend) is None
