@@ -32,7 +32,8 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
     context.log.info(f"{key}: reading the partition's inputs")
     progress = lambda n: context.log.info(f"{key}: {n} inputs read")
     fused = {}
-    if lineup.fused_per_image:
+    fused_off = fused_off_reason(lineup) if lineup.fused_per_image else "fused_per_image is off"
+    if fused_off is None:
         spec, fused_res, unit = run_fused_stage(context, lineup, key, progress)
         res = fused_res.ingest
         fused = {"fused_per_image": True, "photos_decoded": fused_res.stats["photos_decoded"],
@@ -42,6 +43,9 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
                                                                   else []), "image_scores"] if unit.passed else [])}
         runner = fused_res.stats.get("runner")
     else:
+        if lineup.fused_per_image:
+            context.log.info(f"{key}: no fused pass: {fused_off}")
+        fused = {"fused_per_image": False, "fused_off_reason": fused_off}
         runner = engine_runner(lineup, lambda: ray_ingest_runner(lineup.ray_actors))
         spec, res, unit = run_ingest_stage(layout, key, lineup.limits, removed=removed_uids(layout),
                                            workers=lineup.workers, chunk_runner=runner, progress=progress)
@@ -70,6 +74,23 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
             for name, (ok, why) in unit.checks.items()
         ],
     )
+
+
+def fused_off_reason(lineup: LineupSettings) -> str | None:
+    """Why the images asset leaves the faces to the faces asset (None: it runs the fused pass). A backend
+    that decodes on its own device in large batches (the torch stage; any face backend on a GPU) keeps
+    the face stage's one path (pipeline/faces/stage.py analyze_chunks: nvjpeg or threads decoding the next
+    chunk while this one is analysed, chunks of 256), which bench/gpu_check.sh times; the fused pass would
+    feed it 32 CPU-decoded photos at a time. There the photos are read twice (ingestion's check, then
+    the face stage); fusing on the device is not built."""
+    from assets.faces import face_backend
+    from pipeline.faces.stage import decodes_ahead
+
+    backend = face_backend(lineup)
+    if decodes_ahead(backend):
+        return (f"the face backend {backend.name!r} decodes on its device in large batches (analyze_chunks); "
+                "the faces asset reads and decodes the photos itself")
+    return None
 
 
 _FUSED_MODELS: dict = {}  # the fused pass's models, kept for the life of the process like the face backends

@@ -257,3 +257,30 @@ def test_precomputed_units_are_not_taken_once_a_removal_rewrote_their_inputs(pho
     images_file = layout.partition_file("images", spec.key)
     write_parquet_atomic(read_parquet(images_file).slice(1), images_file)  # a photo removed
     assert take_face_stage(layout, spec.key, model.backend) is None
+
+
+def test_a_backend_that_decodes_on_its_device_keeps_the_face_stage_path(monkeypatch, tmp_path):
+    """A face backend that decodes in large batches on its device (the torch stage, a GPU) is not fed the
+    fused pass's small CPU-decoded chunks: the images asset says why and leaves the faces to analyze_chunks,
+    the path bench/gpu_check.sh times. A CPU backend gets the fused pass."""
+    import assets.faces as faces_module
+    from assets.ingest import fused_off_reason
+    from assets.resources import LineupSettings
+
+    settings = LineupSettings(home=str(tmp_path), engine_workers=1)
+
+    class DecodesItself:
+        name = "torch-stage"
+
+        def decode_encoded(self, blobs):
+            raise AssertionError("not called here")
+
+    monkeypatch.setattr(faces_module, "face_backend", lambda lineup: DecodesItself())
+    assert "decodes on its device" in fused_off_reason(settings)
+
+    class CpuArrays:
+        name = "dlib"
+        device = "cpu"
+
+    monkeypatch.setattr(faces_module, "face_backend", lambda lineup: CpuArrays())
+    assert fused_off_reason(settings) is None
