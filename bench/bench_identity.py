@@ -121,11 +121,15 @@ def generate(n: int, dim: int, seed: int, out: Path) -> dict:
 
     preset = "dlib" if dim == 128 else "arcface"
     t = time.perf_counter()
-    m = make_mixture(n, preset=preset, dim=dim, seed=seed)
-    np.save(out / "embeddings.npy", m.embeddings)
+    # written straight into a memory-mapped .npy: no N x D copy in this process (5.1 GB at 10M)
+    E = np.lib.format.open_memmap(out / "embeddings.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+    m = make_mixture(n, preset=preset, dim=dim, seed=seed, out=E)
+    E.flush()
+    del E, m.embeddings
     np.save(out / "labels.npy", m.labels)
     info = {k: v for k, v in m.params.items() if k.startswith("n") or k == "largest_identity"}
     info["gen_s"] = time.perf_counter() - t
+    info["gen_peak_rss_mb"] = _rss_mb()
     return info
 
 
