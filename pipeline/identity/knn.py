@@ -612,9 +612,15 @@ def _join(E, cell_order, cell_start, keys, nlist, kk, best_I, best_S, pool):
     Pairs go in batches of whole cells (in cell order), each merged before the next starts: the
     candidate arrays stay bounded, later batches profit from a tighter bound, and the result does
     not depend on the number of threads."""
-    c = keys % nlist
+    # faces and cells as int32 while N < 2^31: 12 bytes a pair less at the largest join
+    idx = np.int32 if len(cell_order) < np.iinfo(np.int32).max else np.int64
+    c = (keys % nlist).astype(idx)
     o = np.argsort(c, kind="stable")
-    q, c = keys[o] // nlist, c[o]
+    c = c[o]
+    q = keys[o]
+    del o
+    q //= nlist
+    q = q.astype(idx)
     total, rows = 0, []
     s = 0
     while s < len(q):
