@@ -338,7 +338,7 @@ def build_identities(
     # similarity distributions over kNN edges: within vs across identities (for histograms);
     # in blocks of rows, in row-major edge order (no N x k int64 copies of the graph)
     row_ids = g.rows if incremental else np.arange(N)
-    within, across = [], []
+    within, across = [np.zeros(0, np.float32)], [np.zeros(0, np.float32)]  # no rows: empty samples
     for s in range(0, len(row_ids), 1 << 20):
         I_b, S_b = g.indices[s : s + (1 << 20)], g.similarities[s : s + (1 << 20)]
         valid = I_b >= 0
