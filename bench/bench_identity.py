@@ -158,6 +158,9 @@ def one_scale(
             _log(f"rss {cur:.0f} MB, peak {_rss_mb():.0f} MB, load {os.getloadavg()[0]:.1f}")
 
     threading.Thread(target=progress, daemon=True).start()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[%(asctime)s] %(name)s: %(message)s")
 
     E = np.load(data / "embeddings.npy", mmap_mode="r")
     labels = np.load(data / "labels.npy")

@@ -6,6 +6,7 @@ depend on input row order; every random step is seeded.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ from .stable_ids import (
     previous_positions,
     with_high_water,
 )
+
+log = logging.getLogger(__name__)
 
 ASSIGNMENTS_SCHEMA = pa.schema(
     [
@@ -206,6 +209,7 @@ def build_identities(
         stats["knn_params"] = g.params
         index, cell_of = g.index if g.index is not None else (None, None)
     timings["knn_s"], timings["knn_cpu_s"] = time.perf_counter() - t, time.process_time() - c
+    log.info("identities: kNN of %d faces in %.1f s (%.1f CPU-s)", N, timings["knn_s"], timings["knn_cpu_s"])
 
     t, c = time.perf_counter(), time.process_time()
     if incremental:
@@ -279,6 +283,7 @@ def build_identities(
             ids = None
             stats["churn"] = None
     timings["cluster_s"], timings["cluster_cpu_s"] = time.perf_counter() - t, time.process_time() - c
+    log.info("identities: clustered in %.1f s (%.1f CPU-s)", timings["cluster_s"], timings["cluster_cpu_s"])
 
     t = time.perf_counter()
     C = int(labels.max()) + 1 if N else 0
