@@ -483,7 +483,60 @@ def w_scoring(data: Path, work: Path, args) -> dict:
                        "available": report["available"], "timings_s": report["timings_s"]}}
 
 
-WORKERS = {"identities": w_identities, "multiid": w_multiid, "expression": w_expression, "scoring": w_scoring}
+ASSET_INPUTS = {  # the tables each collection asset loads whole (as the workers above read them)
+    "multiid": ("images", "faces", "identities"),
+    "expression": ("faces", "descriptors", "identities", "images"),
+    "scoring": ("images", "faces", "identities"),
+}
+
+
+def w_inputs(data: Path, work: Path, args) -> dict:
+    """Memory of the inputs the other collection assets load whole, table by table (Arrow bytes and
+    RSS after each read), plus the faces-with-identity join that expression and scoring build: what
+    sets their floor at 10M. Without an identities table (not built at this size) a stand-in with
+    the assignments schema is made from the true labels (same rows and columns; ids are the truth)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.identity.build import ASSIGNMENTS_SCHEMA, with_identity_ids
+    from pipeline.identity.stable_ids import format_id
+
+    out = {"rss_start_gb": round(rss_now_gb(), 3), "tables": {}}
+    ids_path = data / "identities.parquet"
+    if not ids_path.exists():  # in the work dir: no other asset may mistake it for a built table
+        ids_path = work / "identities_stand_in.parquet"
+        faces = _read(data, "faces").select(["uid", "face_index"])
+        lab = np.load(data / "labels.npy")
+        n = len(lab)
+        ids = np.array([format_id(i) for i in range(int(lab.max()) + 1)], dtype=object)
+        pq.write_table(pa.table({
+            "uid": faces.column("uid"), "face_index": faces.column("face_index"),
+            "identity_id": pa.array(ids, pa.string()).take(pa.array(lab)),
+            "cluster_size": pa.array(np.bincount(lab)[lab], pa.int64()),
+            "sim_to_centroid": pa.array(np.ones(n, np.float32)), "nn_similarity": pa.array(np.ones(n, np.float32)),
+            "ivf_cell": pa.array(np.zeros(n, np.int32)),
+        }, schema=ASSIGNMENTS_SCHEMA), ids_path)
+        del faces, lab, ids
+        out["identities_stand_in"] = True
+        out["rss_start_gb"] = round(rss_now_gb(), 3)
+    loaded = {}
+    for name in ("faces", "images", "descriptors", "identities"):
+        before = rss_now_gb()
+        loaded[name] = _read(data, name) if name != "identities" else pq.read_table(ids_path)
+        out["tables"][name] = {"rows": loaded[name].num_rows, "arrow_gb": round(loaded[name].nbytes / 2**30, 3),
+                               "rss_added_gb": round(rss_now_gb() - before, 3)}
+    before = rss_now_gb()
+    joined = with_identity_ids(loaded["faces"], loaded["identities"])
+    out["faces_with_ids_join_gb"] = round(rss_now_gb() - before, 3)
+    del joined
+    out["per_asset_inputs_gb"] = {a: round(sum(out["tables"][t]["arrow_gb"] for t in ts), 3)
+                                  for a, ts in ASSET_INPUTS.items()}
+    out["rss_all_loaded_gb"] = round(rss_now_gb(), 3)
+    return {"outputs": {"faces": loaded["faces"].num_rows, "photos": loaded["images"].num_rows}, "detail": out}
+
+
+WORKERS = {"identities": w_identities, "multiid": w_multiid, "expression": w_expression, "scoring": w_scoring,
+           "inputs": w_inputs}
 
 
 def run_worker(args) -> None:
@@ -566,7 +619,7 @@ def main() -> int:
         common = ["--max-candidates", str(a.max_candidates), "--write-pairs", str(a.write_pairs),
                   "--score-images", str(a.score_images)]
         for name in assets:
-            if name != "identities" and not (data / "identities.parquet").exists():
+            if name not in ("identities", "inputs") and not (data / "identities.parquet").exists():
                 run["assets"][name] = {"error": "no identities table"}
                 continue
             if name == "multiid":
@@ -619,7 +672,8 @@ def main() -> int:
             if "error" in r:
                 rows.append({"asset": name, "N": n, "measured": r["error"]})
                 continue
-            label = {"identities": "identities", "expression": "expression pairs", "scoring": "scoring"}[name]
+            label = {"identities": "identities", "expression": "expression pairs", "scoring": "scoring",
+                     "inputs": "loaded inputs of multi-identity / expression / scoring"}[name]
             measured = "full"
             if name == "expression" and r["outputs"]["pairs_written"] < r["outputs"]["pairs"]:
                 measured = f"pairs full; shards for {r['outputs']['pairs_written']:,} of {r['outputs']['pairs']:,} pairs"

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # makes pa.compute available
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -121,11 +123,15 @@ def generate(n: int, dim: int, seed: int, out: Path) -> dict:
 
     preset = "dlib" if dim == 128 else "arcface"
     t = time.perf_counter()
-    m = make_mixture(n, preset=preset, dim=dim, seed=seed)
-    np.save(out / "embeddings.npy", m.embeddings)
+    # written straight into a memory-mapped .npy: no N x D copy in this process (5.1 GB at 10M)
+    E = np.lib.format.open_memmap(out / "embeddings.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+    m = make_mixture(n, preset=preset, dim=dim, seed=seed, out=E)
+    E.flush()
+    del E, m.embeddings
     np.save(out / "labels.npy", m.labels)
     info = {k: v for k, v in m.params.items() if k.startswith("n") or k == "largest_identity"}
     info["gen_s"] = time.perf_counter() - t
+    info["gen_peak_rss_mb"] = _rss_mb()
     return info
 
 
@@ -139,8 +145,22 @@ def one_scale(
     exact_graph: bool,
 ) -> dict:
     """Runs in a fresh process: build_identities on memory-mapped synthetic embeddings."""
+    import threading
+
     from pipeline.identity.build import build_identities
     from pipeline.identity.knn import _floor_exact
+
+    def progress():  # a long run (10M: an hour or more on a busy box) shows its memory as it goes
+        while True:
+            time.sleep(60)
+            with open("/proc/self/statm") as f:
+                cur = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+            _log(f"rss {cur:.0f} MB, peak {_rss_mb():.0f} MB, load {os.getloadavg()[0]:.1f}")
+
+    threading.Thread(target=progress, daemon=True).start()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[%(asctime)s] %(name)s: %(message)s")
 
     E = np.load(data / "embeddings.npy", mmap_mode="r")
     labels = np.load(data / "labels.npy")
@@ -156,6 +176,7 @@ def one_scale(
         "threshold": thr,
         "knn_backend_asked": knn_backend,
         "rss_before_build_mb": _rss_mb(),
+        "load_average_before": os.getloadavg(),
     }
     t = time.perf_counter()
     c0 = time.process_time()  # CPU seconds of all threads: comparable when the box is shared
@@ -165,6 +186,7 @@ def one_scale(
     res["end_to_end_s"] = time.perf_counter() - t
     res["end_to_end_cpu_s"] = time.process_time() - c0
     res["peak_rss_build_mb"] = _rss_mb()
+    res["load_average_after_build"] = os.getloadavg()
     _log(f"N={n}: build_identities {res['end_to_end_s']:.1f}s timings={r.stats['timings']}")
     st = r.stats
     res.update(
@@ -177,9 +199,11 @@ def one_scale(
         knn_params={k_: v for k_, v in st["knn_params"].items() if k_ != "rounds"},
         knn_rounds=st["knn_params"].get("rounds"),
     )
-    # uids are zero-padded, so (uid, face_index) order == generation order
-    ids = r.assignments.column("identity_id").to_numpy(zero_copy_only=False)
-    res["default"] = evaluate(np.unique(ids, return_inverse=True)[1].ravel(), labels)
+    # uids are zero-padded, so (uid, face_index) order == generation order; ids as Arrow
+    # dictionary codes (np.unique over 10M Python strings takes minutes and ~0.7 GB)
+    codes = pa.compute.dictionary_encode(r.assignments.column("identity_id").combine_chunks()).indices
+    res["default"] = evaluate(codes.to_numpy(zero_copy_only=False).astype(np.int64), labels)
+    del codes
     g = r.graph
     rng = np.random.default_rng(seed + 1)
     q = np.sort(rng.choice(n, size=min(recall_queries, n), replace=False))
@@ -217,6 +241,8 @@ def one_scale(
         res["methods"][meth] = {"cluster_s": time.perf_counter() - t, **evaluate(c.labels, labels)}
         _log(f"N={n}: {meth} {res['methods'][meth]['cluster_s']:.1f}s")
     res["peak_rss_mb"] = _rss_mb()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    res["process_cpu_s"] = ru.ru_utime + ru.ru_stime  # the whole subprocess, recall checks included
     return res
 
 
@@ -241,28 +267,42 @@ def scale(
     repeats: int,
     knn_backends: list[str],
     exact_graph_max: int,
+    data_dir: str | None = None,
 ):
     import statistics
     import tempfile
 
+    import contextlib
+
     rows = []
     for n in sizes:
-        with tempfile.TemporaryDirectory(prefix="bench_identity_") as tmp:
-            gen = _run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--generate",
-                    str(n),
-                    "--dim",
-                    str(dim),
-                    "--seed",
-                    str(seed),
-                    "--data",
-                    tmp,
-                ],
-                timeout,
-            )
+        if data_dir is not None:  # kept between runs: generated once per (n, dim, seed)
+            where = contextlib.nullcontext(str(Path(data_dir) / f"n{n}_d{dim}_s{seed}"))
+        else:
+            where = tempfile.TemporaryDirectory(prefix="bench_identity_")
+        with where as tmp:
+            done = Path(tmp) / "generation.json"
+            if done.exists():
+                gen = json.loads(done.read_text())
+            else:
+                Path(tmp).mkdir(parents=True, exist_ok=True)
+                gen = _run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--generate",
+                        str(n),
+                        "--dim",
+                        str(dim),
+                        "--seed",
+                        str(seed),
+                        "--data",
+                        tmp,
+                    ],
+                    timeout,
+                )
+                if "error" not in gen:
+                    done.write_text(json.dumps(gen))
             for backend in knn_backends:
                 runs = []
                 for rep in range(repeats):
@@ -522,6 +562,11 @@ def main():
     )
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--data-dir",
+        default=None,
+        help="keep the synthetic data here (DIR/n<N>_d<D>_s<seed>, reused when present) instead of a temp dir",
+    )
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument(
@@ -594,6 +639,7 @@ def main():
                 a.repeats,
                 backends,
                 a.exact_graph_max,
+                a.data_dir,
             )
         out["load_average_at_end"] = os.getloadavg()
     res_dir = REPO / "bench" / "results"

@@ -6,6 +6,7 @@ depend on input row order; every random step is seeded.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ from .stable_ids import (
     previous_positions,
     with_high_water,
 )
+
+log = logging.getLogger(__name__)
 
 ASSIGNMENTS_SCHEMA = pa.schema(
     [
@@ -162,7 +165,9 @@ def build_identities(
     timings: dict[str, float] = {}
     thr = default_threshold(backend_name) if threshold is None else float(threshold)
     E0 = load_embeddings(embeddings)
-    uids = np.asarray(uids).astype(str)
+    uids = np.asarray(uids)
+    if uids.dtype.kind != "U":  # a str array is used as it is (no copy: 0.4 GB at 10M)
+        uids = uids.astype(str)
     face_indices = np.asarray(face_indices, dtype=np.int64)
     N = len(uids)
     if E0.shape[0] != N or len(face_indices) != N:
@@ -204,6 +209,7 @@ def build_identities(
         stats["knn_params"] = g.params
         index, cell_of = g.index if g.index is not None else (None, None)
     timings["knn_s"], timings["knn_cpu_s"] = time.perf_counter() - t, time.process_time() - c
+    log.info("identities: kNN of %d faces in %.1f s (%.1f CPU-s)", N, timings["knn_s"], timings["knn_cpu_s"])
 
     t, c = time.perf_counter(), time.process_time()
     if incremental:
@@ -271,10 +277,13 @@ def build_identities(
             )
             stats["churn"] = churn
         else:
-            # no previous assignments (or an empty table): number clusters after its mark
-            ids = np.array([format_id(next_number + c) for c in labels.tolist()], dtype=object)
+            # no previous assignments (or an empty table): number clusters after its mark; the
+            # labels are canonical (by smallest member), so cluster c gets next_number + c. One
+            # string per cluster, not per face (10M Python strings are ~0.7 GB)
+            ids = None
             stats["churn"] = None
     timings["cluster_s"], timings["cluster_cpu_s"] = time.perf_counter() - t, time.process_time() - c
+    log.info("identities: clustered in %.1f s (%.1f CPU-s)", timings["cluster_s"], timings["cluster_cpu_s"])
 
     t = time.perf_counter()
     C = int(labels.max()) + 1 if N else 0
@@ -287,8 +296,12 @@ def build_identities(
     first[1:] = labels[o][1:] != labels[o][:-1]
     rep[labels[o][first]] = o[first]
     del best
-    id_of_label = np.empty(C, dtype=object)
-    id_of_label[labels] = ids
+    if ids is None:
+        id_of_label = np.array([format_id(next_number + c) for c in range(C)], dtype=object)
+    else:
+        id_of_label = np.empty(C, dtype=object)
+        id_of_label[labels] = ids
+        del ids
 
     if incremental:  # kept from the last build for known faces; searched now for new ones
         nn_sim = np.full(N, np.nan, np.float32)
@@ -303,7 +316,7 @@ def build_identities(
         {
             "uid": pa.array(uids_s, pa.string()),
             "face_index": pa.array(fidx_s.astype(np.int32), pa.int32()),
-            "identity_id": pa.array(ids.tolist(), pa.string()),
+            "identity_id": pa.array(id_of_label, pa.string()).take(pa.array(labels)),
             "cluster_size": pa.array(sizes[labels], pa.int64()),
             "sim_to_centroid": pa.array(sim_c, pa.float32()),
             "nn_similarity": pa.array(nn_sim, pa.float32()),
@@ -327,13 +340,16 @@ def build_identities(
         schema=SUMMARY_SCHEMA,
     )
 
-    # similarity distributions over kNN edges: within vs across identities (for histograms)
-    valid = g.indices >= 0
+    # similarity distributions over kNN edges: within vs across identities (for histograms);
+    # in blocks of rows, in row-major edge order (no N x k int64 copies of the graph)
     row_ids = g.rows if incremental else np.arange(N)
-    rows = np.broadcast_to(row_ids[:, None], g.indices.shape)[valid]
-    cols = g.indices[valid]
-    sims = g.similarities[valid]
-    same = labels[rows] == labels[cols]
+    within, across = [np.zeros(0, np.float32)], [np.zeros(0, np.float32)]  # no rows: empty samples
+    for s in range(0, len(row_ids), 1 << 20):
+        I_b, S_b = g.indices[s : s + (1 << 20)], g.similarities[s : s + (1 << 20)]
+        valid = I_b >= 0
+        same = labels[row_ids[s : s + (1 << 20), None]] == labels[np.where(valid, I_b, 0)]
+        within.append(S_b[valid & same])
+        across.append(S_b[valid & ~same])
     rng = np.random.default_rng(seed)
 
     def _sample(x):
@@ -341,8 +357,9 @@ def build_identities(
             x = x[np.sort(rng.choice(len(x), n_hist_samples, replace=False))]
         return x.astype(np.float32)
 
-    stats["similarity_within"] = _sample(sims[same])
-    stats["similarity_across"] = _sample(sims[~same])
+    stats["similarity_within"] = _sample(np.concatenate(within))
+    stats["similarity_across"] = _sample(np.concatenate(across))
+    del within, across
     stats["similarity_note"] = ("kNN-edge similarities (each face's k nearest), sampled to n_hist_samples"
                                 + (" - of the new faces only (incremental refresh)" if incremental else ""))
     dp = _doubtful_pairs(E, labels, sim_c, sizes, n_pairs=n_doubtful)

@@ -70,12 +70,18 @@ def threshold_graph(indices: np.ndarray, similarities: np.ndarray, threshold: fl
     """Symmetric CSR adjacency (float32 weights) of kNN edges with similarity >= threshold."""
     N = indices.shape[0]
     mask = (indices >= 0) & (similarities >= threshold)
-    rows = np.broadcast_to(np.arange(N, dtype=np.int64)[:, None], indices.shape)[mask]
-    cols = indices[mask]
+    # int32 node ids while N allows (scipy indexes such a matrix with int32 anyway): half the
+    # memory of the edge lists, which at 10M faces are the peak of the clustering
+    idx = np.int32 if N < np.iinfo(np.int32).max else np.int64
+    rows = np.broadcast_to(np.arange(N, dtype=idx)[:, None], indices.shape)[mask]
+    cols = indices[mask].astype(idx, copy=False)
     w = similarities[mask].astype(np.float32)
+    del mask
     keep = rows != cols
     rows, cols, w = rows[keep], cols[keep], w[keep]
+    del keep
     A = sp.csr_matrix((w, (rows, cols)), shape=(N, N), dtype=np.float32)
+    del rows, cols, w
     # undirected, the larger weight wins where both directions exist (duplicates were summed above
     # only if a row listed the same neighbour twice, which kNN never does)
     A = A.maximum(A.T).tocsr()

@@ -46,6 +46,7 @@ nearest-neighbour similarity column and the histograms.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -53,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)  # one line per ivf-blas step: a long build (10M faces) shows where it is
 
 EXACT_MAX_DEFAULT = 50_000
 DEFAULT_BLOCK = 16_384
@@ -612,9 +615,15 @@ def _join(E, cell_order, cell_start, keys, nlist, kk, best_I, best_S, pool):
     Pairs go in batches of whole cells (in cell order), each merged before the next starts: the
     candidate arrays stay bounded, later batches profit from a tighter bound, and the result does
     not depend on the number of threads."""
-    c = keys % nlist
+    # faces and cells as int32 while N < 2^31: 12 bytes a pair less at the largest join
+    idx = np.int32 if len(cell_order) < np.iinfo(np.int32).max else np.int64
+    c = (keys % nlist).astype(idx)
     o = np.argsort(c, kind="stable")
-    q, c = keys[o] // nlist, c[o]
+    c = c[o]
+    q = keys[o]
+    del o
+    q //= nlist
+    q = q.astype(idx)
     total, rows = 0, []
     s = 0
     while s < len(q):
@@ -746,6 +755,7 @@ def _grow_probes(join, probe_keys, expansion_keys, nprobe, depth, max_rounds, ch
         cq, exact = check
         _, approx_S = _drop_self(best_I[cq], best_S[cq], 0, k, qids=cq)
         info["check_recall"] = recall_by_similarity(E, cq, exact, approx_S)
+        log.info("ivf-blas %d probes: sampled recall %.4f", p1, info["check_recall"])
         if info["check_recall"] >= target_recall or p1 >= depth:
             break
         p0, p1 = p1, min(depth, p1 + IVF_BLAS_PROBE_STEP)
@@ -762,10 +772,12 @@ def _ivf_blas_run(
         cells, coarse = _train_cells(E, nlist, seed, pool)
         nlist = len(cells)
         info["train_s"], info["train_cpu_s"] = time.perf_counter() - t, time.process_time() - c0
+        log.info("ivf-blas trained %d cells in %.1f CPU-s", nlist, info["train_cpu_s"])
         t, c0 = time.perf_counter(), time.process_time()
         depth = min(nlist, 4 * nprobe)
         probes = _probe_cells(E, cells, coarse, depth, pool)
         info["assign_s"], info["assign_cpu_s"] = time.perf_counter() - t, time.process_time() - c0
+        log.info("ivf-blas probes of every face in %.1f CPU-s", info["assign_cpu_s"])
     else:
         depth = 1
         probes = np.zeros((N, 1), np.int32)
@@ -800,6 +812,7 @@ def _ivf_blas_run(
                 "cpu_s": round(time.process_time() - c, 3),
             }
         )
+        log.info("ivf-blas %s", rounds[-1])
         return rows
 
     join("own cell", face * nlist + cell)

@@ -148,9 +148,11 @@ def _identities(C: int, p: SynthParams, rng: np.random.Generator):
     return centres, sigma_c, parent
 
 
-def _faces(centres, sigma_c, labels, rng, block: int = 262_144) -> np.ndarray:
+def _faces(centres, sigma_c, labels, rng, block: int = 262_144, out: np.ndarray | None = None) -> np.ndarray:
     n, D = len(labels), centres.shape[1]
-    E = np.empty((n, D), dtype=np.float32)
+    if out is not None and (out.shape != (n, D) or out.dtype != np.float32):
+        raise ValueError(f"out must be float32 {(n, D)}, got {out.dtype} {out.shape}")
+    E = np.empty((n, D), dtype=np.float32) if out is None else out
     for s in range(0, n, block):
         e = min(n, s + block)
         lab = labels[s:e]
@@ -169,9 +171,12 @@ def _resolve(preset: str | SynthParams, dim: int | None) -> SynthParams:
 
 
 def make_mixture(
-    n: int, preset: str | SynthParams = "dlib", seed: int = 0, dim: int | None = None
+    n: int, preset: str | SynthParams = "dlib", seed: int = 0, dim: int | None = None,
+    out: np.ndarray | None = None,
 ) -> SynthMixture:
-    """N faces from the generator above, in random order; memory ~ N x D x 4 bytes."""
+    """N faces from the generator above, in random order; memory ~ N x D x 4 bytes, or written into
+    ``out`` (float32 N x D, e.g. a memory-mapped .npy from ``np.lib.format.open_memmap``: 10M x 128
+    is 5.1 GB) block by block; the same faces either way."""
     p = _resolve(preset, dim)
     rng = np.random.default_rng(seed)
     sizes = identity_sizes(n, p, rng)
@@ -179,7 +184,7 @@ def make_mixture(
     centres, sigma_c, parent = _identities(C, p, rng)
     labels = np.repeat(np.arange(C, dtype=np.int64), sizes)
     labels = labels[rng.permutation(n)]  # identities are not contiguous (a realistic input order)
-    E = _faces(centres, sigma_c, labels, rng)
+    E = _faces(centres, sigma_c, labels, rng, out=out)
     info = dict(
         asdict(p),
         n=n,
