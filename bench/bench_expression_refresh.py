@@ -38,9 +38,9 @@ def main() -> int:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
+    from bench_collection import generate, reader
     from PIL import Image
 
-    from bench_collection import generate, reader
     from pipeline.expression.pairs import PairConfig, build_expression_pairs, write_expression_dataset
     from pipeline.faces.calibration import thresholds_for
     from pipeline.faces.crops import face_crop

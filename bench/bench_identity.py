@@ -269,10 +269,9 @@ def scale(
     exact_graph_max: int,
     data_dir: str | None = None,
 ):
+    import contextlib
     import statistics
     import tempfile
-
-    import contextlib
 
     rows = []
     for n in sizes:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+
 import duckdb
 import pyarrow as pa
 

@@ -100,7 +100,7 @@ def open_input(path: str):
     if is_url(path):
         fs, key = _fs(path)
         return fs.open(key, "rb")
-    return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    return open(path, "rb")
 
 
 def _open_tar(shard) -> tarfile.TarFile:

@@ -238,7 +238,7 @@ def test_incremental_refresh_equals_a_full_recluster_on_an_easy_case():
     assert inc.stats["knn_params"] == {"new_faces": 30}  # only the new faces were searched
     a, b = _ids(inc), _ids(full)
     keys = sorted(a)
-    codes = lambda d: np.unique([d[k] for k in keys], return_inverse=True)[1]  # noqa: E731
+    codes = lambda d: np.unique([d[k] for k in keys], return_inverse=True)[1]
     assert evaluate(codes(a), codes(b))["pairwise_f"] == 1.0
     assert a == b  # and the same ids: the full recluster maps its clusters onto the old ids
     before = _ids(first)
@@ -282,7 +282,7 @@ def test_refresh_searches_new_faces_through_the_kept_cells_and_matches_an_exact_
                              local_recluster=False)
     assert exact.stats["knn_backend"] == "incremental: new faces searched exactly"
     keys = sorted(after)
-    codes = lambda d: np.unique([d[k] for k in keys], return_inverse=True)[1]  # noqa: E731
+    codes = lambda d: np.unique([d[k] for k in keys], return_inverse=True)[1]
     assert evaluate(codes(after), codes(_ids(exact)))["bcubed_f"] >= 0.995
 
 

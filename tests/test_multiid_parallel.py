@@ -5,10 +5,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from test_shard_reuse import _collection, _groups
 
 from pipeline.multiid import MultiIDConfig, build_multiid_dataset
 from pipeline.multiid import parallel as mparallel
-from test_shard_reuse import _collection, _groups
 
 CFG = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False, reuse_buckets=4)
 
@@ -163,7 +163,7 @@ def test_guard_decisions_in_parallel_and_purged(tmp_path, small_parallel):
     r2 = build_multiid_dataset(*world, tmp_path / "two", KP, version="v1", guard_cache=two, workers=2)
     assert any(isinstance(p, list) and len(p) > 1 for p in small_parallel)
     t1, t2 = read_parquet(one), read_parquet(two)
-    key = lambda t: sorted(zip(t.column("k0").to_pylist(), t.column("k1").to_pylist()))  # noqa: E731
+    key = lambda t: sorted(zip(t.column("k0").to_pylist(), t.column("k1").to_pylist()))
     assert key(t1) == key(t2) and t1.num_rows == r1.stats["guard_decisions_computed"] == r2.stats["guard_decisions_computed"]
     again = build_multiid_dataset(*world, tmp_path / "three", KP, version="v1", guard_cache=two, workers=2)
     assert again.stats["guard_decisions_computed"] == 0 and again.stats["guard_decisions_reused"] > 0

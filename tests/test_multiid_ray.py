@@ -7,11 +7,11 @@ import pytest
 
 pytest.importorskip("ray")
 
-from test_multiid_parallel import _comparable, _files  # noqa: E402
-from test_shard_reuse import _collection, _groups  # noqa: E402
+from test_multiid_parallel import _comparable, _files
+from test_shard_reuse import _collection, _groups
 
-from pipeline.multiid import MultiIDConfig, build_multiid_dataset  # noqa: E402
-from pipeline.multiid import parallel as mparallel  # noqa: E402
+from pipeline.multiid import MultiIDConfig, build_multiid_dataset
+from pipeline.multiid import parallel as mparallel
 
 
 @pytest.fixture(scope="module")

@@ -287,7 +287,7 @@ def test_image_scores_computed_once_then_reused(tiny):
     second, _ = score_images(_images()[3:], config)
     cached = pa.concat_tables([first, second])
     again, report = score_candidates([], _faces(), config, image_scores=cached)
-    rows = lambda t: {(r["uid"], r["face_index"]): r for r in t.to_pylist()}  # noqa: E731
+    rows = lambda t: {(r["uid"], r["face_index"]): r for r in t.to_pylist()}
     a, b = rows(again), rows(whole)
     assert a.keys() == b.keys()
     for k in a:  # the same numbers, up to the float noise of other CLIP batch compositions

@@ -46,10 +46,9 @@ def test_bad_keys_are_refused(tmp_path, key):
 
 
 def test_crash_leaves_no_readable_half_shard(tmp_path):
-    with pytest.raises(RuntimeError):
-        with ShardSink(tmp_path, "ds", max_count=100) as sink:
-            sink.write({"__key__": "a", "txt": "x"})
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), ShardSink(tmp_path, "ds", max_count=100) as sink:
+        sink.write({"__key__": "a", "txt": "x"})
+        raise RuntimeError("boom")
     assert list(tmp_path.glob("*.tar")) == [] and list(tmp_path.glob(".*partial")) == []
 
 

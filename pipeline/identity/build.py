@@ -202,7 +202,7 @@ def build_identities(
         codes = previous_codes(prev_pos, previous)
         g, cell_of, index, how = _new_faces_graph(E, new_pos, k, thr, prev_pos, previous, index, seed, exact_max, codes)
         stats["knn_backend"] = f"incremental: new faces searched {how}"
-        stats["knn_params"] = {"new_faces": int(len(new_pos)), **g.params}
+        stats["knn_params"] = {"new_faces": len(new_pos), **g.params}
     else:
         g = knn_graph(E, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr, exact_max=exact_max)
         stats["knn_backend"] = g.backend
