@@ -108,3 +108,29 @@ def test_infomap_runs_if_installed():
     g = knn_graph(E, k=10, backend="faiss-flat")
     lab = cluster_graph(g.indices, g.similarities, method="infomap", threshold=0.93).labels
     assert lab[0] != lab[25]
+
+
+def test_row_argmax_label_matches_a_plain_per_row_vote():
+    """Each row's label of largest summed weight (ties: the smallest label), against a dict per row."""
+    import scipy.sparse as sp
+
+    from pipeline.identity.cluster import _row_argmax_label
+
+    rng = np.random.default_rng(3)
+    n = 400
+    A = sp.random(n, n, density=0.03, random_state=4, format="csr", dtype=np.float64)
+    A.data = np.round(A.data * 4) / 4 + 0.25  # coarse weights: many exact ties between labels
+    labels = rng.integers(0, 25, n)
+    rows, best = _row_argmax_label(A, labels)
+    want_rows, want = [], []
+    for r in range(n):
+        s, e = A.indptr[r], A.indptr[r + 1]
+        if s == e:
+            continue
+        votes = {}
+        for j, w in zip(A.indices[s:e], A.data[s:e]):
+            votes[labels[j]] = votes.get(labels[j], 0.0) + w
+        top = max(votes.values())
+        want_rows.append(r)
+        want.append(min(lab for lab, v in votes.items() if v >= top - 1e-9 * abs(top)))
+    assert rows.tolist() == want_rows and best.tolist() == want

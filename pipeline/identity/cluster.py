@@ -120,8 +120,9 @@ def _row_argmax_label(sub: sp.csr_matrix, labels: np.ndarray) -> tuple[np.ndarra
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     rowid = np.repeat(np.arange(nrows, dtype=np.int64), counts)
     nl = labels[sub.indices]
-    # sum weights per (row, label): sort by (row, label) then reduce
-    order = np.lexsort((nl, rowid))
+    # sum weights per (row, label): sort by (row, label) then reduce. One stable sort of a combined key
+    # gives lexsort's order (and so the same float sums) at about half its cost
+    order = np.argsort(rowid * (int(labels.max()) + 1) + nl, kind="stable")
     r = rowid[order]
     lab = nl[order]
     w = sub.data[order].astype(np.float64)
@@ -165,6 +166,9 @@ def chinese_whispers(
         order = active[rng.permutation(len(active))]
         changed = 0
         for batch in np.array_split(order, nb):
+            # a batch's nodes are updated together from the labels before it, so their order inside it
+            # does not matter: ascending rows read the graph in memory order (random order thrashes at 10M)
+            batch = np.sort(batch)
             sub = A[batch]
             pos, best = _row_argmax_label(sub, labels)
             nodes = batch[pos]
