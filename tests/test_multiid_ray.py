@@ -3,6 +3,9 @@ tasks get the selection's arguments from the object store and send their part fi
 worker never reads the driver's output folder (the workers here refuse to: ``LINEUP_RAY_FORBID_READS``).
 Skipped without Ray (pip install -e '.[ray]')."""
 
+import os
+from contextlib import contextmanager
+
 import pytest
 
 pytest.importorskip("ray")
@@ -14,26 +17,32 @@ from pipeline.multiid import MultiIDConfig, build_multiid_dataset
 from pipeline.multiid import parallel as mparallel
 
 
-@pytest.fixture(scope="module")
-def ray_no_driver_disk(tmp_path_factory):
-    """A private local Ray cluster whose workers may not open anything under the builds' output folder."""
-    import os
-
+@contextmanager
+def ray_refusing_reads_under(folder):
+    """A private local Ray cluster whose workers may not open anything under ``folder``; the variable is
+    restored and the cluster stopped afterwards (the workers' variables are fixed when Ray starts)."""
     from pipeline.ray_engine import FORBID_READS_ENV, ensure_ray, shutdown
 
-    out = tmp_path_factory.mktemp("driver-only")
-    shutdown()  # the workers' variables are fixed when Ray starts
+    shutdown()
     old = os.environ.get(FORBID_READS_ENV)
-    os.environ[FORBID_READS_ENV] = str(out)
+    os.environ[FORBID_READS_ENV] = str(folder)
     try:
         ensure_ray(num_cpus=2)
-        yield out
+        yield
     finally:
         shutdown()
         if old is None:
             os.environ.pop(FORBID_READS_ENV, None)
         else:
             os.environ[FORBID_READS_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def ray_no_driver_disk(tmp_path_factory):
+    """A private local Ray cluster whose workers may not open anything under the builds' output folder."""
+    out = tmp_path_factory.mktemp("driver-only")
+    with ray_refusing_reads_under(out):
+        yield out
 
 
 @pytest.fixture
@@ -87,17 +96,15 @@ def test_ray_refresh_with_guard_decisions_is_byte_identical(tmp_path, ray_no_dri
 def test_ray_workers_read_the_photos_from_the_store_only(tmp_path_factory, ray_no_driver_disk, on_ray):
     """As on a cluster: the photos are in S3 (a local moto server) and the workers may open nothing under the
     driver's folder (its copies of the photos, the builds); the build is still the in-process one."""
-    import os
     from pathlib import Path
 
     import pyarrow as pa
     from conftest import moto_s3
 
-    from pipeline.ray_engine import FORBID_READS_ENV, RayStageError, ensure_ray, run_chunks, shutdown
+    from pipeline.ray_engine import RayStageError, run_chunks
 
     driver = tmp_path_factory.mktemp("driver")
     cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=True, reuse_buckets=4)
-    old = os.environ.get(FORBID_READS_ENV)
     with moto_s3(driver, "photos") as (fs, _):
         images, faces, ids = _collection(driver, _groups(2), photos_per_group=14)
         rows = images.to_pylist()
@@ -105,22 +112,13 @@ def test_ray_workers_read_the_photos_from_the_store_only(tmp_path_factory, ray_n
             fs.put(r["path"], f"photos/{r['uid']}.png")
             r["path"] = f"s3://photos/{r['uid']}.png"
         images = pa.Table.from_pylist(rows, schema=images.schema)
-        shutdown()  # the workers' variables (the store's, the forbidden folder) are fixed when Ray starts
-        os.environ[FORBID_READS_ENV] = str(driver)
-        try:
-            ensure_ray(num_cpus=2)
+        with ray_refusing_reads_under(driver):  # started inside the store's variables, which workers need too
             one = build_multiid_dataset(images, faces, ids, driver / "one", cfg, version="v1", workers=1, engine="inprocess")
             build_multiid_dataset(images, faces, ids, driver / "ray", cfg, version="v1", engine="ray")
             # the negative control: a worker asked to read the driver's folder is refused (the guard is live)
             with pytest.raises(RayStageError, match="PermissionError"):
                 run_chunks("probe", [str(driver / "one" / "pairs.parquet")], decode=None,
                            analyze=lambda _m, path: Path(path).read_bytes()[:1], factory=None)
-        finally:
-            shutdown()
-            if old is None:
-                os.environ.pop(FORBID_READS_ENV, None)
-            else:
-                os.environ[FORBID_READS_ENV] = old
     assert one.stats["targets"].get("kept", 0) > 5
     assert _files(driver / "one") == _files(driver / "ray")
     assert any(kind == "select" and tasks > 1 for kind, _, tasks in on_ray), on_ray
