@@ -60,7 +60,7 @@ def main() -> int:
     faces = faces.append_column("identity_id", pa.array([f"id-{int(x):07d}" for x in labels]))
     rng = np.random.default_rng(7)
     uids = np.array(images.column("uid").to_pylist())
-    new_uids = set(rng.choice(uids, size=max(1, int(round(args.new * len(uids)))), replace=False).tolist())
+    new_uids = set(rng.choice(uids, size=max(1, round(args.new * len(uids))), replace=False).tolist())
     keep = pc.invert(pc.is_in(faces.column("uid"), pa.array(sorted(new_uids))))
     before_faces, before_desc = faces.filter(keep), desc.filter(pc.invert(pc.is_in(desc.column("uid"), pa.array(sorted(new_uids)))))
     cfg = PairConfig(max_identity_cos=thresholds_for("dlib").different_person_max)

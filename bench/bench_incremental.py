@@ -36,7 +36,7 @@ def step(args) -> None:
     from pipeline.identity.synth import make_mixture
 
     m = make_mixture(args.n, seed=args.seed)
-    n_old = int(round(args.n * (1 - args.new)))
+    n_old = round(args.n * (1 - args.new))
     uids = np.array([f"f{i:08d}" for i in range(args.n)])
     fidx = np.zeros(args.n, np.int64)
     work = Path(args.work)

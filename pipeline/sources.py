@@ -108,20 +108,19 @@ def _open_tar(shard) -> tarfile.TarFile:
     if is_url(shard):
         fobj = open_input(str(shard))
         try:
-            tf = tarfile.open(fileobj=fobj, mode="r:")
+            return _ClosingTar(tarfile.open(fileobj=fobj, mode="r:"), fobj)
         except BaseException:
             fobj.close()
             raise
-        tf._lineup_fobj = fobj  # closed with the tar below (tarfile leaves a given fileobj open)
-        return _ClosingTar(tf)
     return tarfile.open(shard, mode="r:")
 
 
 class _ClosingTar:
-    """A TarFile over an object-store file that closes that file too."""
+    """A TarFile over an object-store file that closes that file too (tarfile leaves a given fileobj open)."""
 
-    def __init__(self, tf: tarfile.TarFile):
+    def __init__(self, tf: tarfile.TarFile, fobj):
         self._tf = tf
+        self._fobj = fobj
 
     def __getattr__(self, name):
         return getattr(self._tf, name)
@@ -137,7 +136,7 @@ class _ClosingTar:
 
     def close(self) -> None:
         self._tf.close()
-        self._tf._lineup_fobj.close()
+        self._fobj.close()
 
 
 def _url_size(url: str, max_bytes: int) -> tuple[int, str, str]:

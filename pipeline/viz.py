@@ -56,7 +56,7 @@ def _font(size: int = 11):
 def draw_boxes(rgb: np.ndarray, boxes: Sequence[Sequence[float]], labels: Sequence[str] = (), color=(0, 255, 0)) -> Image.Image:
     im = Image.fromarray(rgb).convert("RGB")
     d = ImageDraw.Draw(im)
-    width = max(2, int(round(max(im.size) / 300)))
+    width = max(2, round(max(im.size) / 300))
     for i, b in enumerate(boxes):
         d.rectangle([float(b[0]), float(b[1]), float(b[2]), float(b[3])], outline=color, width=width)
         if i < len(labels) and labels[i]:

@@ -25,7 +25,7 @@ def partition(tmp_path, shared_faces):
     inp = tmp_path / "input"
     inp.mkdir()
     for person in ("angelina_jolie", "elon_musk"):
-        p = sorted((shared_faces / "identities" / person).iterdir())[0]
+        p = min((shared_faces / "identities" / person).iterdir())
         shutil.copy(p, inp / f"{person}_{p.name}")
     (inp / "broken.jpg").write_bytes(b"not a jpeg")
     home = tmp_path / "home"

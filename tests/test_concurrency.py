@@ -34,7 +34,7 @@ def test_concurrent_out_of_order_partitions(tmp_path, shared_faces):
     layout = Layout(tmp_path / "home")
     inp = tmp_path / "input"
     people = sorted((shared_faces / "identities").iterdir())[:3]
-    photos = [sorted(p.iterdir())[0] for p in people]
+    photos = [min(p.iterdir()) for p in people]
     keys = []
     for batch in range(3):  # every batch holds two distinct photos and one photo of the batch before
         d = inp / f"batch{batch}"

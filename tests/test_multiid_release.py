@@ -35,7 +35,7 @@ def _samples(folder):
 
 
 def test_written_dataset_is_disjoint_by_photo_and_identity(built):
-    images, faces, ids, out, res = built
+    _images, faces, ids, out, res = built
     assert res.stats["per_split"].get("eval") and res.stats["per_split"].get("train")
     assert split_leaks(out, faces, ids) == []
     checks = release_checks(out, faces, ids, res.pairs)
@@ -56,7 +56,7 @@ def test_written_dataset_is_disjoint_by_photo_and_identity(built):
 
 
 def test_leak_check_fails_on_a_photo_in_both_splits(built, tmp_path):
-    images, faces, ids, out, res = built
+    _images, faces, ids, out, _res = built
     train = _samples(out / "train")
     eval_ = _samples(out / "eval")
     # an eval sample whose reference comes from a photo that train uses as a target
@@ -74,7 +74,7 @@ def test_leak_check_fails_on_a_photo_in_both_splits(built, tmp_path):
 
 def test_leak_check_fails_on_a_face_visible_in_a_crop(built, tmp_path):
     """A reference crop of an eval person that also shows a train person's face leaks that person."""
-    images, faces, ids, out, res = built
+    _images, faces, ids, out, _res = built
     split_of = {}
     for split in ("train", "eval"):
         for s in _samples(out / split):

@@ -122,7 +122,7 @@ def _synthetic_tables(tmp_path, n_ids=24, n_images=70, seed=0):
 def test_identity_disjoint_splits(tmp_path):
     images, faces, identities = _synthetic_tables(tmp_path)
     cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, require_all_refs=True)
-    samples, pairs, cands, stats = select_references(images, faces, identities, cfg)
+    samples, _pairs, _cands, stats = select_references(images, faces, identities, cfg)
     assert stats["per_split"].get("eval", 0) > 0 and stats["per_split"].get("train", 0) > 0
     assert stats["targets"].get("split_straddle", 0) > 0  # the rule is exercised, and counted
     assert check_identity_disjoint(samples) == []

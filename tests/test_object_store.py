@@ -62,7 +62,7 @@ def _run(env: dict, home: Path, prefix: str, engine: str) -> subprocess.Complete
                "LINEUP_MANIFEST_ROOTS": f"s3://{BUCKET}/{prefix}/elsewhere"}
     run_env.pop("LINEUP_SOCIAL", None)
     return subprocess.run([sys.executable, "-m", "assets.run"], cwd=REPO, env=run_env, capture_output=True,
-                          text=True, timeout=1500)
+                          text=True, timeout=1500, check=False)  # the caller reads the exit status
 
 
 def _store_table(fs, prefix: str, name: str) -> pa.Table:

@@ -380,7 +380,7 @@ def test_purge_deletes_earlier_runs_whose_event_log_names_a_removed_photo(tmp_pa
 def test_a_user_request_changes_no_photo_dataset_version(tmp_path):
     """A social user's removal is applied by the social builder: the photo datasets' cards (and so their
     version ids) do not list it, the social card does."""
-    layout, images, faces, ids = build_collection(tmp_path)
+    layout, *_tables = build_collection(tmp_path)
     before = rm.card_entries(layout)
     rm.record_request(layout, "user", "someone-123")
     assert rm.card_entries(layout) == before

@@ -69,7 +69,7 @@ def test_removal_by_photo_reaches_every_table_and_dataset(tmp_path, shared_faces
     assert before_uids & uids[GONE], "the person is in the dataset before the request"
 
     # the request: a mirrored, cropped copy of one of the person's photos, never ingested
-    src = sorted((shared_faces / "identities" / GONE).iterdir())[0]
+    src = min((shared_faces / "identities" / GONE).iterdir())
     with Image.open(src) as im:
         im = ImageOps.mirror(im.convert("RGB"))
         w, h = im.size

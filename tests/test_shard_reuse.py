@@ -339,7 +339,7 @@ def test_expression_changed_bucket_copies_the_crops_of_its_unchanged_pairs(tmp_p
     from pipeline.expression.pairs import pair_bucket
 
     layout = Layout(tmp_path / "home")
-    a, _ = _release_expression(layout, *_expression_tables(extra=2))
+    _release_expression(layout, *_expression_tables(extra=2))  # the previous version the refresh copies from
     c_tables = _expression_tables(extra=2, moved="p04")  # one face's box moves: its pairs change
     log: list = []
     c, rc = _release_expression(layout, *c_tables, crop_log=log)

@@ -516,3 +516,34 @@ def test_a_folder_that_cannot_be_listed_is_one_reject(tmp_path, monkeypatch):
     res = ingest_partition(spec)
     assert {r["source"]: r["reason"] for r in res.rejects.rows} == {"locked": "unreadable folder", "locked.jpg": "unreadable folder"}
     assert res.accepted == 1 and count_partition_inputs(spec) == res.accepted + len(res.rejects)
+
+
+def test_object_store_tar_closes_its_file_when_closed_and_when_it_does_not_open(monkeypatch):
+    """A tar read from an object store (here fsspec's memory://) closes the object's file with the tar, and
+    closes it at once when the bytes are not a tar; the member offsets point into the object."""
+    import fsspec
+
+    from pipeline import sources
+
+    fs = fsspec.filesystem("memory")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        _add(tf, "a.jpg", b"abc")
+    fs.pipe_file("/lineup-test/good.tar", buf.getvalue())
+    fs.pipe_file("/lineup-test/bad.tar", b"not a tar" * 100)
+    opened = []
+
+    def recording_open_input(path):  # a BytesIO of the object: memory://'s own file object never closes
+        opened.append(io.BytesIO(fs.cat_file(path)))
+        return opened[-1]
+
+    monkeypatch.setattr(sources, "open_input", recording_open_input)
+    with sources._open_tar("memory://lineup-test/good.tar") as tf:
+        member = next(iter(tf))
+        assert member.name == "a.jpg" and not opened[-1].closed
+        assert sources.read_bytes("memory://lineup-test/good.tar", member.offset_data, member.size) == b"abc"
+    assert opened[-1].closed
+    with pytest.raises(tarfile.ReadError):
+        sources._open_tar("memory://lineup-test/bad.tar")
+    assert len(opened) == 2 and opened[-1].closed
+    fs.rm("/lineup-test", recursive=True)

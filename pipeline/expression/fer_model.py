@@ -161,7 +161,7 @@ def read_keras_weights(path: Path) -> dict[str, dict[str, np.ndarray]]:
 
     out: dict[str, dict[str, np.ndarray]] = {}
     with h5py.File(path, "r") as f:
-        g = f["model_weights"] if "model_weights" in f else f
+        g = f.get("model_weights", f)
         for layer in g:
             weights = {}
 

@@ -66,10 +66,10 @@ def expression_card(version: str, folder: Path, stats: dict, config, parts: dict
                     empty_reason: str | None = None, removals: list[dict] | None = None) -> DatasetCard:
     n = read_manifest(folder)["num_samples"]
     limits = [
-        "Expression labels come from FER's 7-class mini-Xception and landmark geometry: subtle or mixed "
-        "expressions are unreliable.",
-        "Different identity means different identity ids from clustering and an identity cosine below the "
-        "backend's different-person threshold; look-alike siblings can still pass.",
+        ("Expression labels come from FER's 7-class mini-Xception and landmark geometry: subtle or mixed "
+         "expressions are unreliable."),
+        ("Different identity means different identity ids from clustering and an identity cosine below the "
+         "backend's different-person threshold; look-alike siblings can still pass."),
         "The 68-point landmark model used for geometry is trained on iBUG 300-W, whose terms exclude commercial use.",
     ]
     if empty_reason:

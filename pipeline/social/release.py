@@ -121,8 +121,8 @@ def social_card(version: str, folder: Path, stats: dict, config: SocialConfig, p
                        "label_0/label_1 with 1 = preferred, user_id, uids, evidence); Pick-a-Pic v2 Parquet under "
                        "pickapic/ and per_user/pickapic/ (train-*, validation-*)."),
         sources=[f"interaction log files: {', '.join(name for name, _ in parts['log_files'])}"],
-        licenses=["Images and prompts: the licence of the platform's content (unknown to lineup). The log describes "
-                  "real users' behaviour: see 'Removal requests'.", "Code: Apache-2.0 (lineup)."],
+        licenses=[("Images and prompts: the licence of the platform's content (unknown to lineup). The log describes "
+                   "real users' behaviour: see 'Removal requests'."), "Code: Apache-2.0 (lineup)."],
         filters=filters,
         models=[
             (
