@@ -31,30 +31,9 @@ sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("LINEUP_SHARED_FACES") or (REPO.parent / "shared" / "data" / "faces")).resolve()
 
 
-class Counters:
-    def __init__(self):
-        import pipeline.ingest as ingest_module
-        import pipeline.sources as sources_module
-
-        self.reads = self.bytes = self.decodes = 0
-        real_read, real_decode = sources_module.read_bytes, ingest_module.decode_image
-
-        def read_bytes(*a, **k):
-            data = real_read(*a, **k)
-            self.reads += 1
-            self.bytes += len(data)
-            return data
-
-        def decode_image(*a, **k):
-            self.decodes += 1
-            return real_decode(*a, **k)
-
-        sources_module.read_bytes = read_bytes
-        ingest_module.decode_image = decode_image
-
-    def snapshot(self) -> dict:
-        return {"reads": self.reads, "bytes": self.bytes, "decodes": self.decodes, "rchar": _rchar(),
-                "cpu_s": _cpu_s(), "wall_s": time.perf_counter()}
+def _snapshot(counter) -> dict:
+    return {"reads": counter.reads, "bytes": counter.bytes, "decodes": counter.decodes, "rchar": _rchar(),
+            "cpu_s": _cpu_s(), "wall_s": time.perf_counter()}
 
 
 def _rchar() -> int:
@@ -112,6 +91,7 @@ def main() -> None:
     from pipeline.faces.stage import run_face_partition
     from pipeline.ingest import ingest_partition
     from pipeline.per_image import PerImageModels, fused_partition
+    from pipeline.read_counter import ReadDecodeCounter
     from pipeline.scoring.stage import ScoringConfig, score_partition
     from pipeline.sources import PartitionSpec
 
@@ -121,7 +101,7 @@ def main() -> None:
     backend = get_backend("dlib", device="cpu")
     expression = ExpressionStage(ExpressionConfig())
     models = PerImageModels(backend, expression.config, ScoringConfig(), landmarker=expression.landmarker)
-    counters = Counters()
+    counter = ReadDecodeCounter()
     results, tables = {}, {}
 
     def separate(spec):
@@ -136,9 +116,9 @@ def main() -> None:
         return res.ingest.images, res.faces.faces, res.faces.scan, res.expressions.descriptors, res.image_scores[0]
 
     for name, run in (("separate", separate), ("fused", fused)):
-        before = counters.snapshot()
+        before = _snapshot(counter)
         tables[name] = [run(spec) for spec in specs]
-        results[name] = _delta(before, counters.snapshot())
+        results[name] = _delta(before, _snapshot(counter))
         print(name, results[name], flush=True)
     same = all(a.equals(b) for sep, fus in zip(tables["separate"], tables["fused"]) for a, b in zip(sep, fus))
     out = {

@@ -1,4 +1,5 @@
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -35,6 +36,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# a CLIP small enough to build in a test (random weights; nothing from a model hub)
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_tiny_clip(config_file: Path, weights_file: Path) -> str:
+    """TINY_CLIP's config written to ``config_file`` and registered with open_clip under the file's stem, the
+    returned model name; its weights (torch seed 0, so the same in every test) saved to ``weights_file``."""
+    import open_clip
+    import torch
+
+    config_file.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(config_file)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(config_file.stem, pretrained=None).state_dict(), weights_file)
+    return config_file.stem
 
 
 @contextlib.contextmanager

@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 
-import pipeline.ingest as ingest_module
-import pipeline.sources as sources_module
+from pipeline.read_counter import ReadDecodeCounter
 from pipeline.sources import PartitionSpec
 
 
@@ -38,28 +37,6 @@ def models():
     expression = ExpressionStage(ExpressionConfig())
     scoring = ScoringConfig()  # no weights here: the image scorers are unavailable, their columns null
     return PerImageModels(backend, expression.config, scoring, landmarker=expression.landmarker), expression
-
-
-class Counted:
-    """Photos read (through sources.read_bytes, what every stage reads with) and decoded (the decoder
-    ingestion and every re-reading stage call), counted apart from any stage's own counters."""
-
-    def __init__(self, monkeypatch):
-        self.reads = self.bytes = self.decodes = 0
-        real_read, real_decode = sources_module.read_bytes, ingest_module.decode_image
-
-        def read_bytes(*a, **k):
-            data = real_read(*a, **k)
-            self.reads += 1
-            self.bytes += len(data)
-            return data
-
-        def decode_image(*a, **k):
-            self.decodes += 1
-            return real_decode(*a, **k)
-
-        monkeypatch.setattr(sources_module, "read_bytes", read_bytes)
-        monkeypatch.setattr(ingest_module, "decode_image", decode_image)
 
 
 def _separate(spec, models, expression):
@@ -92,12 +69,12 @@ def test_fused_pass_writes_the_separate_tables_and_decodes_each_photo_once(photo
     root, members = photos
     spec = PartitionSpec(key="t", kind="files", root=str(root), members=members)
     model, expression = models
-    counted = Counted(monkeypatch)
+    counted = ReadDecodeCounter(monkeypatch.setattr)
     ing, faces, expr, scores = _separate(spec, model, expression)
     separate = (counted.reads, counted.decodes, counted.bytes)
     assert ing.accepted == 6 and ing.duplicates == 1 and len(ing.rejects) == 2
     assert faces.faces.num_rows >= 6 and expr.descriptors.num_rows == faces.faces.num_rows
-    fused_count = Counted(monkeypatch)
+    fused_count = ReadDecodeCounter(monkeypatch.setattr)
     fused = fused_partition(spec, model, face_batch_size=4, expression_stage=expression)
     _assert_same(fused, ing, faces, expr, scores)
     # 8 inputs read and decoded once each (the copy too, to find it is a duplicate; the broken one tried);

@@ -3,7 +3,6 @@ server (moto), and an existing cluster started with `ray start` and reached thro
 what a leftover `ray_current_cluster` file does to a run without RAY_ADDRESS. Each stage's tables must equal
 the in-process engine's. Skipped without ray, moto or s3fs."""
 
-import json
 import os
 import signal
 import socket
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import moto_s3
+from conftest import moto_s3, write_tiny_clip
 
 pytest.importorskip("ray")
 pytest.importorskip("moto")
@@ -48,22 +47,12 @@ def _photos(shared_faces: Path) -> list[Path]:
 
 def _tiny_clip(folder: Path):
     """A tiny random-weight CLIP whose config and weights exist only under ``folder`` (the driver's disk)."""
-    import open_clip
-    import torch
-
     from pipeline.scoring.clip import ClipConfig
     from pipeline.scoring.stage import ScoringConfig
 
     cfg_file = folder / "lineup-tiny-clip-cluster.json"
-    cfg_file.write_text(json.dumps({
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }))
-    open_clip.add_model_config(cfg_file)
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model("lineup-tiny-clip-cluster", pretrained=None).state_dict(), folder / "clip.pt")
-    return ScoringConfig(clip=ClipConfig(model_name="lineup-tiny-clip-cluster", pretrained=str(folder / "clip.pt"),
+    name = write_tiny_clip(cfg_file, folder / "clip.pt")
+    return ScoringConfig(clip=ClipConfig(model_name=name, pretrained=str(folder / "clip.pt"),
                                          model_config=str(cfg_file), device="cpu", batch_size=2), chunk=3)
 
 

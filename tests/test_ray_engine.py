@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import write_tiny_clip
 from PIL import Image
 
 pytest.importorskip("ray")
@@ -94,28 +95,16 @@ def test_expressions_same_on_ray(faces_images, ray_local):
 
 
 def test_scores_same_on_ray(faces_images, ray_local, tmp_path):
-    import json
-
-    import open_clip
-    import torch
-
     from pipeline.scoring.clip import ClipConfig
     from pipeline.scoring.stage import ImageScorerStage, ScoringConfig, ray_score_runner, score_partition
 
     cfg_file = tmp_path / "lineup-tiny-clip-ray.json"
-    cfg_file.write_text(json.dumps({
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }))
-    open_clip.add_model_config(cfg_file)
-    torch.manual_seed(0)
-    torch.save(open_clip.create_model("lineup-tiny-clip-ray", pretrained=None).state_dict(), tmp_path / "clip.pt")
+    name = write_tiny_clip(cfg_file, tmp_path / "clip.pt")
     rows = faces_images.to_pylist()
     for i, r in enumerate(rows):
         r["caption"] = f"a photo number {i}" if i % 3 else None
     images = pa.Table.from_pylist(rows, schema=faces_images.schema)
-    cfg = ScoringConfig(clip=ClipConfig(model_name="lineup-tiny-clip-ray", pretrained=str(tmp_path / "clip.pt"),
+    cfg = ScoringConfig(clip=ClipConfig(model_name=name, pretrained=str(tmp_path / "clip.pt"),
                                         model_config=str(cfg_file), device="cpu", batch_size=2), chunk=4)
     stage = ImageScorerStage(cfg)
     local, report = score_partition(images, stage)

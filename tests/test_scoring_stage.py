@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import TINY_CLIP, write_tiny_clip
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,24 +26,12 @@ from pipeline.scoring import (
     score_candidates,
 )
 
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import open_clip
-
     d = tmp_path_factory.mktemp("tiny")
     cfg = d / "lineup-tiny-clip.json"
-    cfg.write_text(json.dumps(TINY))
-    open_clip.add_model_config(cfg)
-    torch.manual_seed(0)
-    model = open_clip.create_model("lineup-tiny-clip", pretrained=None)
-    torch.save(model.state_dict(), d / "tiny_clip.pt")
+    write_tiny_clip(cfg, d / "tiny_clip.pt")
     # LAION improved-aesthetic-predictor layout (layers.0/2/4/6/7), scaled to embed_dim 16
     g = torch.Generator().manual_seed(1)
     dims = [16, 32, 8, 8, 4, 1]
@@ -228,7 +217,7 @@ def _write_reward_folder(d, model, size=32):
     conf = {
         "format": "lineup-reward-v1",
         "model_name": "lineup-tiny-reward",
-        "model_cfg": TINY,
+        "model_cfg": TINY_CLIP,
         "pretrained": None,
         "weights": "full",
         "image_size": size,
