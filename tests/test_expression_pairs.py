@@ -225,27 +225,33 @@ def test_real_photos_pairs_and_hard_case(real, tmp_path):
     assert im.format == "PNG" and im.size[0] > 200
 
 
-def _synthetic_expression_tables(n=400, seed=0):
-    rng = np.random.default_rng(seed)
-    probs = rng.dirichlet(np.full(7, 0.3), size=n).astype(np.float32)
-    probs[:, 3] += 1.0  # most faces "happy", the rest spread over the classes
-    probs /= probs.sum(1, keepdims=True)
-    geo = rng.normal(0.3, 0.05, size=(n, 5)).astype(np.float32)
+def _faces_and_descriptors(rng, uids: list[str], identity_ids: list[str], probs, geo):
+    """The faces and descriptors tables of one face per photo with the given expression probabilities and
+    geometry; a random unit embedding (16-d) and pose from ``rng``, quality 0.9."""
+    n = len(uids)
     emb = rng.normal(size=(n, 16)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     faces = pa.table({
-        "uid": [f"u{i:04d}" for i in range(n)], "face_index": [0] * n,
-        "identity_id": [f"id{i % 97}" for i in range(n)],
+        "uid": uids, "face_index": pa.array([0] * n, pa.int32()), "identity_id": identity_ids,
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 16),
         "quality": np.full(n, 0.9, np.float32), "yaw": rng.normal(0, 5, n).astype(np.float32),
         "pitch": rng.normal(0, 5, n).astype(np.float32),
     })
     desc = pa.table({
         "uid": faces.column("uid"), "face_index": faces.column("face_index"),
-        "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), 7),
+        "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.astype(np.float32).reshape(-1)), 7),
         "geometry": pa.FixedSizeListArray.from_arrays(pa.array(geo.reshape(-1)), 5),
     })
     return faces, desc
+
+
+def _synthetic_expression_tables(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.full(7, 0.3), size=n).astype(np.float32)
+    probs[:, 3] += 1.0  # most faces "happy", the rest spread over the classes
+    probs /= probs.sum(1, keepdims=True)
+    geo = rng.normal(0.3, 0.05, size=(n, 5)).astype(np.float32)
+    return _faces_and_descriptors(rng, [f"u{i:04d}" for i in range(n)], [f"id{i % 97}" for i in range(n)], probs, geo)
 
 
 def test_neighbour_search_matches_all_pairs_on_the_pairs_it_keeps():
@@ -301,21 +307,7 @@ def _clustered_expression_tables(n=6000, seed=3, clusters=40):
     probs *= ((1 - ptop) / probs.sum(1))[:, None]
     probs[np.arange(n), cls] = ptop
     geo = (centre[cls, group] + rng.normal(0, 0.02, size=(n, 5))).astype(np.float32)
-    emb = rng.normal(size=(n, 16)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    faces = pa.table({
-        "uid": [f"c{i:05d}" for i in range(n)], "face_index": pa.array([0] * n, pa.int32()),
-        "identity_id": [f"id{i % 211}" for i in range(n)],
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 16),
-        "quality": np.full(n, 0.9, np.float32), "yaw": rng.normal(0, 5, n).astype(np.float32),
-        "pitch": rng.normal(0, 5, n).astype(np.float32),
-    })
-    desc = pa.table({
-        "uid": faces.column("uid"), "face_index": faces.column("face_index"),
-        "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.astype(np.float32).reshape(-1)), 7),
-        "geometry": pa.FixedSizeListArray.from_arrays(pa.array(geo.reshape(-1)), 5),
-    })
-    return faces, desc
+    return _faces_and_descriptors(rng, [f"c{i:05d}" for i in range(n)], [f"id{i % 211}" for i in range(n)], probs, geo)
 
 
 def _pair_ids(res):
