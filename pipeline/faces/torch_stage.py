@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pipeline.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 from .base import DetectedFace, FaceBackend, check_rgb, l2_normalize
-from .dlib_chip import ChipDetails, extract_face_chips_torch, similarity_transform
+from .dlib_chip import ChipDetails, extract_face_chips_batch, similarity_transform
 from .dlib_torch import CHIP_SIZE, FaceDescriptor, resolve_device
 
 # Median position of MTCNN's 5 points (left eye, right eye, nose tip, left and right mouth
@@ -460,7 +460,7 @@ class TorchFaceStage(FaceBackend):
         t0 = time.perf_counter()
         dets = self._detect(images)
         t1 = time.perf_counter()
-        found, chips = [], []
+        found = []
         for img, (boxes, probs, pts) in zip(images, dets):
             h, w = img.shape[-2:]
             keep = []
@@ -474,11 +474,11 @@ class TorchFaceStage(FaceBackend):
             batch_details = self._dlib_details_batch([images[i] for i in with_faces], [found[i] for i in with_faces])
         else:
             batch_details = [[chip_details_from_points(q) for _, _, q in found[i]] for i in with_faces]
-        for i, details in zip(with_faces, batch_details):
-            chips.append(extract_face_chips_torch(images[i], details))
+        # every chip of the batch from one copy of its sampling maps (no copy or sync per image)
+        chips = extract_face_chips_batch([images[i] for i in with_faces], batch_details)
         self._sync()
         t2 = time.perf_counter()
-        desc = self.descriptor(torch.cat(chips)) if chips else np.zeros((0, 128), np.float32)
+        desc = self.descriptor(chips) if len(chips) else np.zeros((0, 128), np.float32)
         t3 = time.perf_counter()
         from .align import estimate_pose
 
