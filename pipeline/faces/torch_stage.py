@@ -284,8 +284,8 @@ def _letterbox(images: list[torch.Tensor], max_side: int, multiple: int = 32):
 def _blur_batch(images: list[torch.Tensor], points: list[list[np.ndarray]]) -> np.ndarray:
     """Blur of every face (Laplacian variance of its 112 px ArcFace-template grey crop, as the CPU
     backends compute it, pipeline.faces.align), in face order: the sampling grids of all faces copied to
-    the device at once, one grid_sample per image for all its faces, every variance copied back at once
-    (no synchronisation per face)."""
+    the device at once, one grid_sample per image for all its faces, one variance over every face, copied
+    back at once (no synchronisation per face or image)."""
     from .align import ARCFACE_TEMPLATE
 
     ys, xs = np.mgrid[0:112, 0:112].astype(np.float64)
@@ -302,7 +302,7 @@ def _blur_batch(images: list[torch.Tensor], points: list[list[np.ndarray]]) -> n
     device = images[0].device
     grids = torch.as_tensor(np.stack(grids), dtype=torch.float32, device=device)  # (faces, 112, 112, 2)
     weights = torch.tensor([0.299, 0.587, 0.114], device=device)[:, None, None]
-    blurs, k = [], 0
+    laplacians, k = [], 0
     for image, pts in zip(images, points):
         n = len(pts)
         if not n:
@@ -312,9 +312,10 @@ def _blur_batch(images: list[torch.Tensor], points: list[list[np.ndarray]]) -> n
         crops = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
         grey = (crops * weights).sum(0).reshape(n, 112, 112)
         lap = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] - 4 * grey[:, 1:-1, 1:-1]
-        blurs.append(lap.reshape(n, -1).var(dim=1, unbiased=False))
+        laplacians.append(lap.reshape(n, -1))
         k += n
-    return torch.cat(blurs).double().cpu().numpy()
+    # one variance over the batch's faces: torch's var reads a scalar back per call on CPU
+    return torch.cat(laplacians).var(dim=1, unbiased=False).double().cpu().numpy()
 
 
 class TorchFaceStage(FaceBackend):
