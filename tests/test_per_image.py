@@ -284,3 +284,41 @@ def test_a_backend_that_decodes_on_its_device_keeps_the_face_stage_path(monkeypa
 
     monkeypatch.setattr(faces_module, "face_backend", lambda lineup: CpuArrays())
     assert fused_off_reason(settings) is None
+
+
+def test_images_asset_takes_the_gpu_slot_only_to_run_models_on_it(monkeypatch, tmp_path):
+    """On a GPU machine the images asset holds a slot of the "gpu" pool only when its fused pass will run
+    models there (face models held on CPU, so the fused pass runs, its expression and scoring models on the
+    GPU); with the face models on the GPU (face_device auto: the faces asset decodes and analyses) or the
+    fused pass off it only ingests and takes no slot. The definitions are loaded in a process that believes
+    it has CUDA; a run whose settings would use the GPU without the slot is not fused."""
+    import os
+    import subprocess
+    import sys
+
+    import assets.faces as faces_module
+    from assets.ingest import fused_off_reason, images_pool
+    from assets.resources import LineupSettings
+
+    def pools(**env):
+        code = ("import torch; torch.cuda.is_available = lambda: True\n"
+                "from assets.ingest import images; from assets.faces import faces\n"
+                "print(images.op.pool, faces.op.pool)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                             env={**os.environ, "LINEUP_FACE_DEVICE": "", "LINEUP_FUSED_PER_IMAGE": "1", **env})
+        return out.stdout.split()
+
+    assert pools() == ["None", "gpu"]  # the default on a GPU machine: the face models there, ingestion alone here
+    assert pools(LINEUP_FACE_DEVICE="cpu") == ["gpu", "gpu"]
+    assert pools(LINEUP_FACE_DEVICE="cpu", LINEUP_FUSED_PER_IMAGE="0") == ["None", "gpu"]
+    assert images_pool(True, "cuda:1", "gpu") is None and images_pool(True, "cpu", None) is None
+
+    class CpuArrays:
+        name = "dlib"
+        device = "cpu"
+
+    monkeypatch.setattr(faces_module, "face_backend", lambda lineup: CpuArrays())
+    settings = LineupSettings(home=str(tmp_path), engine_workers=1, face_device="cpu")
+    assert "holds no slot" in fused_off_reason(settings, gpu_pool="gpu", pool=None)
+    assert fused_off_reason(settings, gpu_pool="gpu", pool="gpu") is None
+    assert fused_off_reason(settings, gpu_pool=None, pool=None) is None  # no GPU: nothing to guard
