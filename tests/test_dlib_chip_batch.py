@@ -11,10 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("dlib")
 
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
-from pipeline.faces.dlib_chip import (  # noqa: E402
-    ChipDetails,
+from pipeline.faces.dlib_chip import (
     chip_sampling_maps,
     dlib_chip_template,
     extract_face_chips_batch,
