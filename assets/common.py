@@ -83,6 +83,7 @@ def engine_runner(lineup, make_ray_runner):
             run.stats = runner.stats
 
     run.stats = None
+    run.pool_plan = getattr(runner, "pool_plan", None)  # the stage sizes its chunks for the actors' device
     return run
 
 

@@ -12,10 +12,28 @@ from pipeline.removals import removed_uids
 from pipeline.sources import load_registry, plan_new_partitions, register_partitions
 
 
+def images_pool(fused_per_image: bool, face_device: str, gpu_pool: str | None = GPU_POOL) -> str | None:
+    """The images asset's concurrency pool: the GPU's only when the asset runs models on it. That is the
+    fused pass (its expression and image-scoring models take the GPU), which runs with ``fused_per_image``
+    and a face backend held off the GPU (``face_device=cpu``: :func:`fused_off_reason`). With the face models
+    on the GPU (``auto`` on a GPU machine) or the fused pass off, the asset only reads and checks files, and
+    a GPU slot held for that would keep the faces asset, the one that uses the GPU, waiting."""
+    if gpu_pool is None or not fused_per_image:
+        return None
+    face_on_gpu = face_device in ("", "auto") or face_device.startswith("cuda")  # auto: CUDA here, gpu_pool says
+    return None if face_on_gpu else gpu_pool
+
+
+# decided when the definitions load, from the settings' defaults (LINEUP_FUSED_PER_IMAGE, LINEUP_FACE_DEVICE):
+# a run whose settings would use the GPU without this slot leaves the faces to the faces asset instead
+_DEFAULTS = LineupSettings()
+IMAGES_POOL = images_pool(_DEFAULTS.fused_per_image, _DEFAULTS.face_device)
+
+
 @dg.asset(
     partitions_def=input_partitions,
     group_name="ingest",
-    pool=GPU_POOL,  # the fused pass runs the face, expression and scoring models
+    pool=IMAGES_POOL,  # the GPU's only when the fused pass will run models on it
     kinds={"parquet"},
     check_specs=[dg.AssetCheckSpec(
         "counts_reconcile", asset="images", blocking=True, **check_partitions(),
@@ -76,13 +94,17 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
     )
 
 
-def fused_off_reason(lineup: LineupSettings) -> str | None:
+def fused_off_reason(lineup: LineupSettings, gpu_pool: str | None = GPU_POOL,
+                     pool: str | None = IMAGES_POOL) -> str | None:
     """Why the images asset leaves the faces to the faces asset (None: it runs the fused pass). A backend
     that decodes on its own device in large batches (the torch stage; any face backend on a GPU) keeps
     the face stage's one path (pipeline/faces/stage.py analyze_chunks: nvjpeg or threads decoding the next
     chunk while this one is analysed, chunks of 256), which bench/gpu_check.sh times; the fused pass would
     feed it 32 CPU-decoded photos at a time. There the photos are read twice (ingestion's check, then
-    the face stage); fusing on the device is not built."""
+    the face stage); fusing on the device is not built. On a GPU machine (``gpu_pool``) the fused pass also
+    needs the asset to hold the GPU slot (``pool``, :func:`images_pool` of the defaults), since its other
+    models run on the GPU: a run whose settings differ from the defaults the asset was defined with does
+    not use the GPU outside the pool."""
     from assets.faces import face_backend
     from pipeline.faces.stage import decodes_ahead
 
@@ -90,6 +112,9 @@ def fused_off_reason(lineup: LineupSettings) -> str | None:
     if decodes_ahead(backend):
         return (f"the face backend {backend.name!r} decodes on its device in large batches (analyze_chunks); "
                 "the faces asset reads and decodes the photos itself")
+    if gpu_pool is not None and pool != gpu_pool:
+        return (f"the images asset holds no slot of the {gpu_pool!r} pool (defined for face_device="
+                f"{_DEFAULTS.face_device!r}, LINEUP_FACE_DEVICE), and the fused pass's models would run on the GPU")
     return None
 
 

@@ -46,7 +46,8 @@ class LineupSettings(dg.ConfigurableResource):
     fused_per_image: bool = Field(default_factory=lambda: os.environ.get("LINEUP_FUSED_PER_IMAGE", "1") != "0")
     # where the face models run: auto = CUDA when torch sees a GPU (dlib: the ported descriptor
     # there; insightface: onnxruntime-gpu, else the same ONNX files through PyTorch), else CPU
-    face_device: str = "auto"
+    # (empty: $LINEUP_FACE_DEVICE, else auto; the images asset's GPU pool is decided from it, assets/ingest.py)
+    face_device: str = Field(default_factory=lambda: os.environ.get("LINEUP_FACE_DEVICE") or "auto")
     identity_method: str = "chinese_whispers"  # chinese_whispers | leiden | infomap | connected_components
     identity_threshold: float = 0.0  # 0 = the face backend's documented default
     # incremental (default): previous faces keep their ids, new faces join identities through the index

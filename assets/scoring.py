@@ -27,7 +27,7 @@ from pipeline.storage import read_parquet, write_parquet_atomic
 )
 def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
     from pipeline.collection import load_collection, load_identities
-    from pipeline.per_image import take_image_scores
+    from pipeline.per_image import discard_precomputed, take_image_scores
     from pipeline.scoring.stage import (
         IMAGE_SCORES_SCHEMA,
         ImageScorerStage,
@@ -51,6 +51,7 @@ def scores(context: dg.AssetExecutionContext, lineup: LineupSettings):
         if path.exists() and set(read_parquet(path).column("scorer_fingerprint").to_pylist()) <= {fp}:
             parts.append(read_parquet(path))
             reused.append(key)
+            discard_precomputed(layout, "image_scores", key)  # superseded by the scores kept
             continue
         mine = imgs.filter(pa.array([p == key for p in imgs.column("partition").to_pylist()], pa.bool_()))
         precomputed = take_image_scores(layout, key, cfg, mine)  # by the fused pass of its ingestion

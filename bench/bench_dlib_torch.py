@@ -66,7 +66,7 @@ def _stats(c: np.ndarray) -> dict:
 def parity(args) -> dict:
     import torch
 
-    from pipeline.faces.dlib_chip import extract_face_chips_torch, face_chip_details
+    from pipeline.faces.dlib_chip import extract_face_chips_batch, face_chip_details
     from pipeline.faces.dlib_parity import collect_faces, cosine, identity_agreement, our_chips
     from pipeline.faces.dlib_torch import FaceDescriptor
 
@@ -79,10 +79,16 @@ def parity(args) -> dict:
     dlib_chips = np.stack([f.dlib_chip for f in faces])
     numpy_chips = np.stack(our_chips(images))
     dev = torch.device(args.device)
-    torch_chips = torch.cat(
-        [extract_face_chips_torch(torch.from_numpy(im.image.copy()).to(dev), [face_chip_details(f.landmarks) for f in im.faces]) for im in images if im.faces]
-    )
-    rows, out = [], {"machine": _machine(), "device": str(dev), "photos": len(images), "faces": len(faces)}
+    with_faces = [im for im in images if im.faces]
+    on_dev = [torch.from_numpy(im.image.copy()).to(dev) for im in with_faces]
+    details = [[face_chip_details(f.landmarks) for f in im.faces] for im in with_faces]
+    # the stage's cut (every chip of the batch from one copy of the sampling maps) against one image at a time
+    torch_chips = extract_face_chips_batch(on_dev, details)
+    one_by_one = torch.cat([extract_face_chips_batch([im], [d]) for im, d in zip(on_dev, details)])
+    batch_equal = bool(torch.equal(torch_chips, one_by_one))
+    print(f"torch chips, whole batch = image by image on {dev}: {batch_equal}", flush=True)
+    rows, out = [], {"machine": _machine(), "device": str(dev), "photos": len(images), "faces": len(faces),
+                     "torch_chips_batch_equal_per_image": batch_equal}
     fp32 = FaceDescriptor(dev, "float32")
     bf16 = FaceDescriptor(dev, "bfloat16")
     base = fp32(dlib_chips)

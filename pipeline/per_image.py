@@ -266,30 +266,38 @@ def put_precomputed(layout, stage: str, key: str, tables: dict[str, pa.Table], i
 
 def take_precomputed(layout, stage: str, key: str, inputs: dict) -> tuple[dict[str, pa.Table], dict] | None:
     """The tables a fused pass precomputed for ``stage`` of partition ``key`` and their metadata, if they
-    were computed from exactly ``inputs``; else None (then the stage computes them itself). They are
-    removed from the precomputed folder as they are taken: a later run never takes them twice."""
+    were computed from exactly ``inputs``; else None (then the stage computes them itself). Whatever was
+    there is removed, taken or not (:func:`discard_precomputed`): a later run never takes it twice, and
+    what was computed from other inputs is never right again."""
     from pipeline.storage import read_parquet
 
     folder = precomputed_dir(layout, stage, key)
+    if not folder.exists():
+        return None
     try:
         meta = json.loads((folder / INPUTS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if meta.get("inputs") != _canonical(inputs):
-        shutil.rmtree(folder, ignore_errors=True)  # computed from other inputs: never right again
-        return None
-    try:
-        tables = {name: read_parquet(folder / f"{name}.parquet") for name in meta["tables"]}
+        # computed from other inputs: never right again
+        tables = ({name: read_parquet(folder / f"{name}.parquet") for name in meta["tables"]}
+                  if meta.get("inputs") == _canonical(inputs) else None)
     except (OSError, ValueError, KeyError):
-        return None
+        tables = None  # a write or a take cut short (a killed run): no inputs file, or a table gone
+    discard_precomputed(layout, stage, key)
+    return None if tables is None else (tables, meta)
+
+
+def discard_precomputed(layout, stage: str, key: str) -> None:
+    """Remove what a fused pass precomputed for ``stage`` of partition ``key``: taken, superseded (the stage
+    committed or reused its own result) or never usable. The inputs file goes first, so that a kill halfway
+    leaves a folder nothing takes, which the next take or discard removes; repeating it is harmless."""
+    folder = precomputed_dir(layout, stage, key)
+    (folder / INPUTS_FILE).unlink(missing_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
-    return tables, meta
 
 
 def drop_precomputed(layout, key: str) -> None:
     """Forget whatever a fused pass precomputed for partition ``key`` (its ingestion did not commit)."""
     for stage in PRECOMPUTED:
-        shutil.rmtree(precomputed_dir(layout, stage, key), ignore_errors=True)
+        discard_precomputed(layout, stage, key)
 
 
 def _file_sha256(path) -> str:
@@ -371,6 +379,7 @@ def take_face_stage(layout, key: str, backend):
     from pipeline.storage import read_parquet
 
     if unit_state(layout, "images", key) != PASSED:
+        discard_precomputed(layout, "faces", key)  # not from the committed images; a run of images writes anew
         return None  # run_face_stage says why it cannot run
     inputs = face_unit_inputs(layout, key, backend)
     taken = take_precomputed(layout, "faces", key, inputs)
@@ -401,6 +410,7 @@ def take_expression_stage(layout, key: str, config):
     from pipeline.storage import read_parquet
 
     if unit_state(layout, "faces", key) != PASSED:
+        discard_precomputed(layout, EXPRESSION_STAGE, key)  # keyed by faces that were not committed
         return None
     faces_unit = read_marker(layout, "faces", key) or {}
     inputs = expression_unit_inputs(faces_unit.get("files", {}).get("faces", {}).get("sha256"), config)

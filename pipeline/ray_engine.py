@@ -524,8 +524,21 @@ def chunk_runner(stage: str, decode: Callable | None, analyze: Callable, factory
                                            gpus_per_actor=gpus_per_actor, items_of=lambda c: len(c[0]))
         return results
 
+    def pool_plan() -> PoolPlan:
+        # the pool the runner's jobs get on this cluster (started or joined now); run_chunks plans the same
+        return plan_pool(ensure_ray(), actors, gpus_per_actor)
+
     runner.stats = None
+    # whether the actors have GPUs decides how large a stage makes its chunks (pipeline/faces/stage.py
+    # chunk_images): the driver's own device says nothing about theirs. Tasks (no factory) have no pool.
+    runner.pool_plan = pool_plan if factory is not None else None
     return runner
+
+
+def call_groups(chunks: int, plan: PoolPlan) -> list[list[int]]:
+    """The chunk indices of each call to an actor: ``plan.chunks_per_call`` consecutive chunks a call."""
+    per_call = max(1, int(plan.chunks_per_call))
+    return [list(range(i, min(i + per_call, chunks))) for i in range(0, chunks, per_call)]
 
 
 def _timeout(env: str, default: float) -> float:
@@ -618,8 +631,7 @@ def _run_on_pool(pool: _Pool, stage: str, chunks: list, decode, analyze, stall: 
     import ray
     from ray.exceptions import RayActorError
 
-    per_call = pool.plan.chunks_per_call
-    todo = [list(range(i, min(i + per_call, len(chunks)))) for i in range(0, len(chunks), per_call)]
+    todo = call_groups(len(chunks), pool.plan)
     attempts: dict[int, int] = {}
     fns = ray.put((decode, analyze))  # once per job, not once per call
     running: dict = {}  # ref -> (actor, chunk indices)

@@ -198,3 +198,25 @@ def test_blur_of_every_face_in_one_pass_equals_face_by_face(shared_faces):
     alone = [_blur_batch([im], [[q]])[0] for im, pts in zip(images, points) for q in pts]
     np.testing.assert_allclose(together, alone, rtol=1e-5)
     assert len(set(np.round(together, 3))) == len(together)  # distinct faces, distinct values
+
+
+def test_no_read_back_or_copy_per_image_or_face(stage, shared_faces):
+    """The stage's batch after detection (landmarks, chips, descriptors, blur) reads nothing back and copies
+    nothing to the device per image or face: the ops that do (a scalar read, a tensor made from host data, a
+    data-dependent shape) are counted by torch's profiler and are as many for 2 images as for 6."""
+    from torch.profiler import ProfilerActivity, profile
+
+    # one size, so that detection runs the same scales and buckets whatever the batch
+    images = [torch.from_numpy(load_rgb(shared_faces / f).copy()).permute(2, 0, 1) for f in SMALL]
+    images = [torch.nn.functional.interpolate(im[None].float(), size=(224, 224)).to(torch.uint8)[0] for im in images]
+    watched = ("aten::item", "aten::_local_scalar_dense", "aten::lift_fresh", "aten::nonzero", "aten::index_put_")
+    counts, faces = {}, {}
+    for n in (2, 6):
+        batch = (images * 2)[:n]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            found = stage.analyze_tensors(batch)
+        events = {e.key: e.count for e in prof.key_averages()}
+        counts[n] = {k: events.get(k, 0) for k in watched}
+        faces[n] = sum(map(len, found))
+    assert faces[6] >= 3 * faces[2] / 2 > 0  # more faces in the larger batch ...
+    assert counts[6] == counts[2], counts  # ... and not one more read-back or copy

@@ -261,3 +261,98 @@ def test_a_backend_that_decodes_on_its_device_keeps_the_face_stage_path(monkeypa
 
     monkeypatch.setattr(faces_module, "face_backend", lambda lineup: CpuArrays())
     assert fused_off_reason(settings) is None
+
+
+def test_images_asset_takes_the_gpu_slot_only_to_run_models_on_it(monkeypatch, tmp_path):
+    """On a GPU machine the images asset holds a slot of the "gpu" pool only when its fused pass will run
+    models there (face models held on CPU, so the fused pass runs, its expression and scoring models on the
+    GPU); with the face models on the GPU (face_device auto: the faces asset decodes and analyses) or the
+    fused pass off it only ingests and takes no slot. The definitions are loaded in a process that believes
+    it has CUDA; a run whose settings would use the GPU without the slot is not fused."""
+    import os
+    import subprocess
+    import sys
+
+    import assets.faces as faces_module
+    from assets.ingest import fused_off_reason, images_pool
+    from assets.resources import LineupSettings
+
+    def pools(**env):
+        code = ("import torch; torch.cuda.is_available = lambda: True\n"
+                "from assets.ingest import images; from assets.faces import faces\n"
+                "print(images.op.pool, faces.op.pool)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                             env={**os.environ, "LINEUP_FACE_DEVICE": "", "LINEUP_FUSED_PER_IMAGE": "1", **env})
+        return out.stdout.split()
+
+    assert pools() == ["None", "gpu"]  # the default on a GPU machine: the face models there, ingestion alone here
+    assert pools(LINEUP_FACE_DEVICE="cpu") == ["gpu", "gpu"]
+    assert pools(LINEUP_FACE_DEVICE="cpu", LINEUP_FUSED_PER_IMAGE="0") == ["None", "gpu"]
+    assert images_pool(True, "cuda:1", "gpu") is None and images_pool(True, "cpu", None) is None
+
+    class CpuArrays:
+        name = "dlib"
+        device = "cpu"
+
+    monkeypatch.setattr(faces_module, "face_backend", lambda lineup: CpuArrays())
+    settings = LineupSettings(home=str(tmp_path), engine_workers=1, face_device="cpu")
+    assert "holds no slot" in fused_off_reason(settings, gpu_pool="gpu", pool=None)
+    assert fused_off_reason(settings, gpu_pool="gpu", pool="gpu") is None
+    assert fused_off_reason(settings, gpu_pool=None, pool=None) is None  # no GPU: nothing to guard
+
+
+def test_staging_holds_no_precomputation_after_a_run_of_images_and_scores(photos, tmp_path):
+    """After images, faces and scores, nothing a fused pass precomputed is left in
+    staging: taken, or superseded when scores keeps the image scores it already has for the partition (a
+    second ingestion run precomputes them again); what a killed write or take leaves is removed by the
+    next take, and a discard can be repeated."""
+    import dagster as dg
+    import pyarrow as pa
+
+    from assets.faces import faces
+    from assets.identity import identities
+    from assets.ingest import images
+    from assets.partitions import input_partitions
+    from assets.resources import LineupSettings
+    from assets.scoring import scores
+    from pipeline.config import Layout
+    from pipeline.per_image import discard_precomputed, precomputed_dir, put_precomputed, take_precomputed
+    from pipeline.sources import register_new_inputs
+
+    root, _ = photos
+    layout = Layout(tmp_path / "home")
+    (spec,) = register_new_inputs(root, layout.partitions, batch_size=100)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(input_partitions.name, [spec.key])
+    # no FER weights: the fused pass leaves expressions out (test above), and this test stays short
+    settings = LineupSettings(home=str(layout.home), input_dir=str(root), engine_workers=1, fused_per_image=True,
+                              fer_weights=str(tmp_path / "no-fer.hdf5"))
+    staging = layout.home / "staging" / "precomputed"
+
+    def left():
+        return sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+
+    for run in ("first", "again"):
+        r = dg.materialize([images, faces], partition_key=spec.key, instance=instance,
+                           resources={"lineup": settings})
+        assert r.success
+        assert left() == sorted(f"image_scores/{spec.key}/{f}" for f in ("image_scores.parquet", "inputs.json"))
+        r = dg.materialize([identities, scores], instance=instance, resources={"lineup": settings})
+        assert r.success
+        meta = next(iter(r.asset_materializations_for_node("scores"))).metadata
+        assert (meta["image_scores_from_fused_pass"].value, meta["image_scores_reused_for"].value) == (
+            (1, 0) if run == "first" else (0, 1))
+        assert left() == [], run
+
+    # killed halfway: a write without its inputs file, a take that removed the inputs file only
+    table = pa.table({"x": [1]})
+    put_precomputed(layout, "image_scores", "k", {"t": table}, {"a": 1})
+    (precomputed_dir(layout, "image_scores", "k") / "inputs.json").unlink()
+    assert take_precomputed(layout, "image_scores", "k", {"a": 1}) is None and left() == []
+    put_precomputed(layout, "image_scores", "k", {"t": table}, {"a": 1})
+    (precomputed_dir(layout, "image_scores", "k") / "t.parquet").unlink()
+    assert take_precomputed(layout, "image_scores", "k", {"a": 1}) is None and left() == []
+    discard_precomputed(layout, "image_scores", "k")
+    discard_precomputed(layout, "image_scores", "k")
+    put_precomputed(layout, "image_scores", "k", {"t": table}, {"a": 1})
+    assert take_precomputed(layout, "image_scores", "k", {"a": 1})[0]["t"].equals(table) and left() == []

@@ -277,3 +277,51 @@ def test_changed_worker_settings_reconnect(monkeypatch):
         assert ray.get(endpoint.remote()) == "http://127.0.0.1:2"
     finally:
         shutdown()
+
+
+def test_chunks_are_sized_for_the_actors_device_not_the_drivers(monkeypatch):
+    """A CPU driver (face_batch_size 8) feeding a pool whose actors have GPUs makes chunks of
+    GPU_CHUNK_IMAGES, so each call gives an actor >= 256 images (GPU_CHUNKS_PER_CALL chunks); feeding CPU
+    actors, or actors held off the cluster's GPUs, it keeps chunks of 8, one per call. The cluster is a
+    dict: no Ray and no GPU needed."""
+    import pyarrow as pa
+
+    from pipeline import ray_engine
+    from pipeline.faces.stage import GPU_CHUNK_IMAGES, ray_chunk_runner, run_face_partition
+
+    class CpuBackend:  # the driver's backend: on CPU; actors rebuild it from build_spec
+        name, embedding_dim, model_version = "fake", 8, "v0"
+        build_spec = ("fake", {"device": "auto"})
+
+    images = pa.table({"uid": [f"u{i:05d}" for i in range(2000)], "source": [f"s{i}" for i in range(2000)]})
+
+    def chunking(cluster, **runner_options):
+        monkeypatch.setattr(ray_engine, "ensure_ray", lambda num_cpus=None: cluster)
+        runner, seen = ray_chunk_runner(CpuBackend(), actors=0, **runner_options), []
+
+        def spy(chunks):  # the runner's chunks, answered without running them
+            seen.extend(chunks)
+            return [([], [], {}) for _ in chunks]
+
+        spy.pool_plan = runner.pool_plan
+        run_face_partition(images, CpuBackend(), "t", batch_size=8, chunk_runner=spy)
+        plan = runner.pool_plan()
+        calls = [sum(len(seen[i][0]) for i in call) for call in ray_engine.call_groups(len(seen), plan)]
+        assert sum(calls) == images.num_rows
+        return [len(rows) for rows, _ in seen], calls
+
+    sizes, calls = chunking({"CPU": 16.0, "GPU": 4.0})
+    assert set(sizes[:-1]) == {GPU_CHUNK_IMAGES} and GPU_CHUNK_IMAGES == 256
+    assert min(calls) >= 256 and len(calls) == -(-len(sizes) // ray_engine.GPU_CHUNKS_PER_CALL) == 2
+    for cluster, options in (({"CPU": 16.0}, {}), ({"CPU": 16.0, "GPU": 4.0}, {"gpus_per_actor": 0.0})):
+        sizes, calls = chunking(cluster, **options)
+        assert set(sizes) == {8} and set(calls) == {8} and len(calls) == 250
+
+    # the assets' wrapper (assets/common.py engine_runner) hands the plan on
+    from assets.common import engine_runner
+
+    class Ray:
+        engine_name = "ray"
+
+    runner = ray_chunk_runner(CpuBackend(), actors=0)
+    assert engine_runner(Ray(), lambda: runner).pool_plan is runner.pool_plan

@@ -16,9 +16,10 @@ dlib computes its descriptor on ``extract_image_chips(img, get_face_chip_details
   not fully inside the source is 0, and the interpolated value is truncated (not rounded).
 
 :func:`extract_face_chips` is the exact numpy version (checked pixel for pixel against
-``dlib.get_face_chips`` in the tests). :func:`extract_face_chips_torch` is the batched version
+``dlib.get_face_chips`` in the tests). :func:`extract_face_chips_batch` is the batched version
 for GPUs: the pyramid is built once per whole image (``crop_to_faces=False`` in the numpy
-version gives the same chips) and all faces of a level are sampled with one ``grid_sample``.
+version gives the same chips), all faces of an image's level are sampled with one ``grid_sample``,
+and the sampling maps of a whole batch of images reach the device in one copy.
 """
 
 from __future__ import annotations
@@ -299,47 +300,80 @@ def chip_sampling_maps(details: list[ChipDetails]) -> list[tuple[int, np.ndarray
     return out
 
 
-def extract_face_chips_torch(image, details: list[ChipDetails], size: int = CHIP_SIZE):
-    """Chips (N, size, size, 3) uint8 of the faces of one image, (3, H, W) or (H, W, 3) uint8
-    tensor on any device: the whole-image pyramid, dlib's border and truncation rules."""
+def chip_sampling_batch(details_per_image: list[list[ChipDetails]]) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """The host half of :func:`extract_face_chips_batch`, so that the device gets one copy per batch:
+    ``rows`` (F, 7) float64, one per face of every image ordered by (image, pyramid level), each the 2x3
+    chip -> level-pixel map then the face's position in input order; ``groups`` (image, level, start, stop)
+    of consecutive rows sampled together (one grid_sample each, as the per-image version did)."""
+    rows, groups, position = [], [], 0
+    for i, details in enumerate(details_per_image):
+        maps = chip_sampling_maps(details)
+        for level in sorted({lv for lv, _ in maps}):
+            start = len(rows)
+            for k, (lv, M) in enumerate(maps):
+                if lv == level:
+                    rows.append([*M.reshape(6), position + k])
+            groups.append((i, level, start, len(rows)))
+        position += len(details)
+    return np.asarray(rows, np.float64).reshape(-1, 7), groups
+
+
+def extract_face_chips_batch(images: list, details_per_image: list[list[ChipDetails]], size: int = CHIP_SIZE):
+    """Chips (F, size, size, 3) uint8 of every face of a batch of images, in input order (image by image,
+    face by face): each image a (3, H, W) or (H, W, 3) uint8 tensor on one device; its whole-image pyramid,
+    dlib's border and truncation rules. The sampling maps of the whole batch are built on the host and
+    copied to the device in one go, and nothing is read back: no synchronisation per image or face."""
     import torch
     import torch.nn.functional as F
 
-    if image.shape[0] != 3:
-        image = image.permute(2, 0, 1)
-    dev = image.device
-    n = len(details)
+    if len(images) != len(details_per_image):
+        raise ValueError(f"{len(images)} images but {len(details_per_image)} lists of chip details")
+    n = sum(len(d) for d in details_per_image)
+    dev = images[0].device if images else torch.device("cpu")
     out = torch.zeros((n, size, size, 3), dtype=torch.uint8, device=dev)
     if n == 0:
         return out
-    maps = chip_sampling_maps(details)
-    max_level = max(level for level, _ in maps)
-    levels = [image.to(torch.float32)]
-    for _ in range(max_level + 1):
-        levels.append(pyramid_down2_torch(levels[-1]))
+    rows, groups = chip_sampling_batch(details_per_image)
+    table = torch.as_tensor(rows, device=dev)  # the batch's one host -> device copy
+    maps = table[:, :6].reshape(-1, 2, 3)
     ys, xs = torch.meshgrid(
         torch.arange(size, device=dev, dtype=torch.float64),
         torch.arange(size, device=dev, dtype=torch.float64),
         indexing="ij",
     )
-    ones = torch.ones_like(xs)
-    grid_in = torch.stack([xs, ys, ones], dim=-1)  # (size, size, 3)
-    for level in sorted({lv for lv, _ in maps}):
-        idx = [i for i, (lv, _) in enumerate(maps) if lv == level]
-        src = levels[level + 1]
-        h, w = src.shape[-2:]
-        if h < 2 or w < 2:
+    grid_in = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # (size, size, 3)
+    by_level = torch.zeros_like(out)  # chips in the rows' order, (image, level)
+    for i, image in enumerate(images):
+        mine = [g for g in groups if g[0] == i]
+        if not mine:
             continue
-        M = torch.as_tensor(np.stack([maps[i][1] for i in idx]), device=dev, dtype=torch.float64)
-        pts = torch.einsum("hwk,njk->nhwj", grid_in, M)  # (n, size, size, 2) source pixels
-        px, py = pts[..., 0], pts[..., 1]
-        fl, ft = torch.floor(px), torch.floor(py)
-        ok = (fl >= 0) & (ft >= 0) & (fl + 1 < w) & (ft + 1 < h)
-        # align_corners=True: -1 and 1 are the centres of the first and last pixels
-        grid = torch.stack([px / (w - 1) * 2 - 1, py / (h - 1) * 2 - 1], dim=-1).to(torch.float32)
-        s = F.grid_sample(
-            src[None].expand(len(idx), -1, -1, -1), grid, mode="bilinear", padding_mode="zeros", align_corners=True
-        )
-        s = torch.floor(s.clamp(0, 255) + 1e-4) * ok[:, None].to(s.dtype)
-        out[idx] = s.permute(0, 2, 3, 1).to(torch.uint8)
+        if image.shape[0] != 3:
+            image = image.permute(2, 0, 1)
+        levels = [image.to(torch.float32)]
+        for _ in range(max(level for _, level, _, _ in mine) + 1):
+            levels.append(pyramid_down2_torch(levels[-1]))
+        for _, level, start, stop in mine:
+            src = levels[level + 1]
+            h, w = src.shape[-2:]
+            if h < 2 or w < 2:
+                continue  # no 2x2 neighbourhood anywhere: dlib's chips are black
+            pts = torch.einsum("hwk,njk->nhwj", grid_in, maps[start:stop])  # (n, size, size, 2) source pixels
+            px, py = pts[..., 0], pts[..., 1]
+            fl, ft = torch.floor(px), torch.floor(py)
+            ok = (fl >= 0) & (ft >= 0) & (fl + 1 < w) & (ft + 1 < h)
+            # align_corners=True: -1 and 1 are the centres of the first and last pixels
+            grid = torch.stack([px / (w - 1) * 2 - 1, py / (h - 1) * 2 - 1], dim=-1).to(torch.float32)
+            s = F.grid_sample(
+                src[None].expand(stop - start, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros",
+                align_corners=True,
+            )
+            s = torch.floor(s.clamp(0, 255) + 1e-4) * ok[:, None].to(s.dtype)
+            by_level[start:stop] = s.permute(0, 2, 3, 1).to(torch.uint8)
+    # back to input order with the positions copied up with the maps (an index on the device)
+    out.index_copy_(0, table[:, 6].long(), by_level)
     return out
+
+
+def extract_face_chips_torch(image, details: list[ChipDetails], size: int = CHIP_SIZE):
+    """Chips (N, size, size, 3) uint8 of the faces of one image: :func:`extract_face_chips_batch` of one."""
+    return extract_face_chips_batch([image], [details], size)

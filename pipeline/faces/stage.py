@@ -189,10 +189,19 @@ def faces_table(records: list[tuple], backend: FaceBackend) -> pa.Table:
 GPU_CHUNK_IMAGES = 256
 
 
-def chunk_images(backend, batch_size: int) -> int:
-    """Rows per chunk of the face stage: ``batch_size``, at least :data:`GPU_CHUNK_IMAGES` on a GPU."""
+def chunk_images(backend, batch_size: int, chunk_runner: Callable | None = None) -> int:
+    """Rows per chunk of the face stage: ``batch_size``, at least :data:`GPU_CHUNK_IMAGES` when the chunks run
+    on a GPU (:func:`chunks_run_on_gpu`)."""
     size = max(1, int(batch_size))
-    return max(size, GPU_CHUNK_IMAGES) if gpu_backend(backend) else size
+    return max(size, GPU_CHUNK_IMAGES) if chunks_run_on_gpu(backend, chunk_runner) else size
+
+
+def chunks_run_on_gpu(backend, chunk_runner: Callable | None = None) -> bool:
+    """Whether the face stage's chunks are analysed on a GPU: by the actors of the pool a Ray runner plans
+    (``chunk_runner.pool_plan``: a CPU driver may feed GPU actors, and a GPU driver CPU actors), else by
+    ``backend`` in this process."""
+    plan = getattr(chunk_runner, "pool_plan", None)
+    return plan().gpus_per_actor > 0 if plan is not None else gpu_backend(backend)
 
 
 def decodes_ahead(backend) -> bool:
@@ -376,7 +385,7 @@ def run_face_partition(
     chunk_runner: Callable | None = None,
 ) -> FacePartitionResult:
     """The face stage over one partition's accepted images, in chunks of ``batch_size`` rows (at least
-    :data:`GPU_CHUNK_IMAGES` on a GPU), through :func:`analyze_chunks` here (decoding ahead on threads on a
+    :data:`GPU_CHUNK_IMAGES` when they run on a GPU, here or in a Ray runner's actors), through :func:`analyze_chunks` here (decoding ahead on threads on a
     GPU or for the torch stage). ``workers`` > 1 spreads the chunks over that many worker processes instead
     (pipeline.engine; needs a backend built by ``get_backend``, which records how to rebuild it in a
     worker, and not on a GPU); ``chunk_runner(chunks) -> results in order`` hands them to another
@@ -386,7 +395,7 @@ def run_face_partition(
     rejects = Rejects(stage="faces", partition=partition)
     rows = images.to_pylist()
     t0 = time.perf_counter()
-    size = chunk_images(backend, batch_size)
+    size = chunk_images(backend, batch_size, chunk_runner)
     chunks = [(rows[i : i + size], limits) for i in range(0, len(rows), size)]
     spec = getattr(backend, "build_spec", None)
     if chunk_runner is not None:

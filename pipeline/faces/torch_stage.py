@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pipeline.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 from .base import DetectedFace, FaceBackend, check_rgb, l2_normalize
-from .dlib_chip import ChipDetails, extract_face_chips_torch, similarity_transform
+from .dlib_chip import ChipDetails, extract_face_chips_batch, similarity_transform
 from .dlib_torch import CHIP_SIZE, FaceDescriptor, resolve_device
 
 # Median position of MTCNN's 5 points (left eye, right eye, nose tip, left and right mouth
@@ -284,8 +284,8 @@ def _letterbox(images: list[torch.Tensor], max_side: int, multiple: int = 32):
 def _blur_batch(images: list[torch.Tensor], points: list[list[np.ndarray]]) -> np.ndarray:
     """Blur of every face (Laplacian variance of its 112 px ArcFace-template grey crop, as the CPU
     backends compute it, pipeline.faces.align), in face order: the sampling grids of all faces copied to
-    the device at once, one grid_sample per image for all its faces, every variance copied back at once
-    (no synchronisation per face)."""
+    the device at once, one grid_sample per image for all its faces, one variance over every face, copied
+    back at once (no synchronisation per face or image)."""
     from .align import ARCFACE_TEMPLATE
 
     ys, xs = np.mgrid[0:112, 0:112].astype(np.float64)
@@ -302,7 +302,7 @@ def _blur_batch(images: list[torch.Tensor], points: list[list[np.ndarray]]) -> n
     device = images[0].device
     grids = torch.as_tensor(np.stack(grids), dtype=torch.float32, device=device)  # (faces, 112, 112, 2)
     weights = torch.tensor([0.299, 0.587, 0.114], device=device)[:, None, None]
-    blurs, k = [], 0
+    laplacians, k = [], 0
     for image, pts in zip(images, points):
         n = len(pts)
         if not n:
@@ -312,9 +312,10 @@ def _blur_batch(images: list[torch.Tensor], points: list[list[np.ndarray]]) -> n
         crops = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
         grey = (crops * weights).sum(0).reshape(n, 112, 112)
         lap = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] - 4 * grey[:, 1:-1, 1:-1]
-        blurs.append(lap.reshape(n, -1).var(dim=1, unbiased=False))
+        laplacians.append(lap.reshape(n, -1))
         k += n
-    return torch.cat(blurs).double().cpu().numpy()
+    # one variance over the batch's faces: torch's var reads a scalar back per call on CPU
+    return torch.cat(laplacians).var(dim=1, unbiased=False).double().cpu().numpy()
 
 
 class TorchFaceStage(FaceBackend):
@@ -460,7 +461,7 @@ class TorchFaceStage(FaceBackend):
         t0 = time.perf_counter()
         dets = self._detect(images)
         t1 = time.perf_counter()
-        found, chips = [], []
+        found = []
         for img, (boxes, probs, pts) in zip(images, dets):
             h, w = img.shape[-2:]
             keep = []
@@ -474,11 +475,11 @@ class TorchFaceStage(FaceBackend):
             batch_details = self._dlib_details_batch([images[i] for i in with_faces], [found[i] for i in with_faces])
         else:
             batch_details = [[chip_details_from_points(q) for _, _, q in found[i]] for i in with_faces]
-        for i, details in zip(with_faces, batch_details):
-            chips.append(extract_face_chips_torch(images[i], details))
+        # every chip of the batch from one copy of its sampling maps (no copy or sync per image)
+        chips = extract_face_chips_batch([images[i] for i in with_faces], batch_details)
         self._sync()
         t2 = time.perf_counter()
-        desc = self.descriptor(torch.cat(chips)) if chips else np.zeros((0, 128), np.float32)
+        desc = self.descriptor(chips) if len(chips) else np.zeros((0, 128), np.float32)
         t3 = time.perf_counter()
         from .align import estimate_pose
 
