@@ -206,3 +206,64 @@ def test_balanced_chunks_keep_people_together_and_balance_cost():
     order = sorted(uids)
     equal = [order[i * len(order) // 4:(i + 1) * len(order) // 4] for i in range(4)]
     assert max(sum(cost[u] for u in c) for c in equal) > 1.5 * max(totals)
+
+
+# ------------------------------------------------------------------------- work shared by the workers
+
+
+@pytest.fixture
+def computed_log(tmp_path, monkeypatch):
+    """Every face's keypoints and every photo's NCC patches computed, in any process (a line each, appended
+    to a file the forked workers inherit the path of)."""
+    from pipeline.multiid import selection
+
+    log = tmp_path / "computed.log"
+    real_kp, real_fp = selection._Fingerprints._compute_keypoints, selection._Fingerprints._full_fingerprints
+
+    def kp(self, uid, face_index):
+        with open(log, "a") as fh:
+            fh.write(f"kp {uid} {face_index}\n")
+        return real_kp(self, uid, face_index)
+
+    def fp(self, uid, got):
+        with open(log, "a") as fh:
+            fh.write(f"fp {uid}\n")
+        return real_fp(self, uid, got)
+
+    monkeypatch.setattr(selection._Fingerprints, "_compute_keypoints", kp)
+    monkeypatch.setattr(selection._Fingerprints, "_full_fingerprints", fp)
+
+    def lines() -> list[str]:
+        out = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return out
+
+    return lines
+
+
+def test_workers_compute_each_face_once(tmp_path, small_parallel, computed_log, monkeypatch):
+    """With 2 workers each face's keypoints (and each photo's NCC patches) are computed once in all, by one
+    worker, as in one process; without the shared store the same build computes some twice (a reference
+    compared by targets of both workers), which is what this test would catch coming back."""
+    from collections import Counter
+
+    from pipeline.multiid import face_store
+
+    world = _collection(tmp_path, _groups(3), photos_per_group=14)
+    build_multiid_dataset(*world, tmp_path / "one", KP, version="v1", workers=1)
+    serial = Counter(computed_log())
+    build_multiid_dataset(*world, tmp_path / "two", KP, version="v1", workers=2)
+    shared = Counter(computed_log())
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert "_select_chunk" in small_parallel
+    assert sum(k.startswith("kp ") for k in serial) > 20  # enough faces compared to mean something
+    assert max(serial.values()) == 1 and max(shared.values()) == 1
+    # the same faces' keypoints (one process decodes a photo's NCC patches with its pHashes; the workers
+    # have their pHashes from a first pass, and work out the patches of the photos they compare)
+    assert {k for k in shared if k.startswith("kp ")} == {k for k in serial if k.startswith("kp ")}
+    # the control: each worker on its own computes some faces twice in all
+    monkeypatch.setattr(face_store.SharedFaceStore, "get", lambda self, kind, uid, fi, compute: compute())
+    build_multiid_dataset(*world, tmp_path / "alone", KP, version="v1", workers=2)
+    alone = Counter(computed_log())
+    assert _files(tmp_path / "one") == _files(tmp_path / "alone")
+    assert max(alone.values()) > 1, alone

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.multiid import selection
 from pipeline.multiid.config import MultiIDConfig
+from pipeline.multiid.face_store import SharedFaceStore
 from pipeline.multiid.reuse import TargetTally
 from pipeline.multiid.rows import _RecordSpill, _RowParts, _slim_sample
 
@@ -67,9 +68,12 @@ def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
     if guard is not None and "sent" not in _WORKER:
         _WORKER["sent"], _WORKER["hits"] = len(guard.new), guard.hits
     new_at, hits_at = (_WORKER["sent"], _WORKER["hits"]) if guard is not None else (0, 0)
+    if common.get("face_store") is not None and "store" not in _WORKER:
+        _WORKER["store"] = SharedFaceStore(common["face_store"])
     if _WORKER.get("job") != j:  # one job's caches at a time
         _WORKER["job"] = j
-        _WORKER["fingerprints"] = selection._new_fingerprints(common["read_bytes"], a["by_uid"], cfg, a["hashes"])
+        _WORKER["fingerprints"] = selection._new_fingerprints(common["read_bytes"], a["by_uid"], cfg, a["hashes"],
+                                                              shared=_WORKER.get("store"))
     stem = f"{a['stem']}-c{i:03d}"
     sink = _RowParts(common["parts_dir"], stem)
     records = _RecordSpill(common["parts_dir"], stem, cfg) if a["records"] else None
@@ -175,6 +179,7 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
     has its own decoding cache; its eviction counts, which no version records, are the only figures that
     differ), so the rows, samples and counts are those of one run per job."""
     import multiprocessing as mp
+    import shutil
 
     on_ray = engine == "ray"
     uids = [job.uids() for job in jobs]
@@ -211,7 +216,12 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
     if on_ray:
         results = _on_ray(parts_dir, common, jobs, tasks)
     else:
-        results = _forked(parts_dir, common, jobs, tasks, workers)
+        # each face's keypoints and each photo's NCC patches computed by one worker for all (face_store.py)
+        store = parts_dir / "face-store"
+        try:
+            results = _forked(parts_dir, {**common, "face_store": store}, jobs, tasks, workers)
+        finally:
+            shutil.rmtree(store, ignore_errors=True)
     for job in jobs:
         job.prepared = job.hashes = None
     by_job: dict[int, list] = {}

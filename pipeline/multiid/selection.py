@@ -189,8 +189,11 @@ class _Fingerprints:
 
     def __init__(self, read_bytes, faces_by_uid, eligible=None, keypoints: bool = True,
                  max_images: int = 20_000, max_keypoints: int = 2_000, max_bytes: int = RAW_CACHE_BYTES,
-                 hashes: dict | None = None):
+                 hashes: dict | None = None, shared=None):
         self.read_bytes = read_bytes
+        # face_store.SharedFaceStore of the build's forked workers: each face's keypoints and each photo's NCC
+        # patches worked out by one of them (None: by this process, for itself)
+        self.shared = shared
         # uid -> the photo's pHashes worked out beforehand (:func:`photo_hashes`, in other processes), or why it
         # could not be read: :meth:`get` then decodes nothing, :meth:`full` only for the faces compared
         self.hashes = hashes or {}
@@ -248,11 +251,23 @@ class _Fingerprints:
         got = self.get(uid)
         if got is None or all(fp.patch is not None for fp in got[1].values()):
             return got
+        pre = got
+        if self.shared is None:
+            got = self._full_fingerprints(uid, pre)
+        else:
+            got = self.shared.get("fp", uid, None, lambda: self._full_fingerprints(uid, pre))
+        self.cache[uid] = got
+        return got
+
+    def _full_fingerprints(self, uid: str, got):
+        g = self._gray(uid)
+        faces = {f.face_index: f for f in self.faces_by_uid.get(uid, [])}
+        return (got[0], {i: dedup.face_fingerprint(g, faces[i].landmarks, faces[i].bbox) for i in got[1]})
+
+    def _gray(self, uid: str):
         g = self.decoded[uid] if uid in self.decoded else dedup.open_gray(self.read(uid))
         self.decoded[uid] = g
-        faces = {f.face_index: f for f in self.faces_by_uid.get(uid, [])}
-        got = self.cache[uid] = (got[0], {i: dedup.face_fingerprint(g, faces[i].landmarks, faces[i].bbox) for i in got[1]})
-        return got
+        return g
 
     def kp(self, uid: str, face_index: int) -> dedup.KeypointSet | None:
         """Keypoints of one face's region (cached per (uid, face_index); computed on a miss)."""
@@ -261,11 +276,17 @@ class _Fingerprints:
         key = (uid, face_index)
         got = self.kps[key] if key in self.kps else _NOT_YET  # noqa: SIM401 - get() would not mark it recently used
         if got is _NOT_YET:
-            f = next(f for f in self.faces_by_uid[uid] if f.face_index == face_index)
-            g = self.decoded[uid] if uid in self.decoded else dedup.open_gray(self.read(uid))
-            self.decoded[uid] = g
-            got = self.kps[key] = dedup.face_keypoints(np.asarray(g), f.bbox)
+            if self.shared is None:
+                got = self._compute_keypoints(uid, face_index)
+            else:
+                got = self.shared.get("kp", uid, face_index, lambda: self._compute_keypoints(uid, face_index))
+            self.kps[key] = got
         return got
+
+    def _compute_keypoints(self, uid: str, face_index: int) -> dedup.KeypointSet:
+        """SIFT on the region around one face (the one place they are computed: tests count the calls)."""
+        f = next(f for f in self.faces_by_uid[uid] if f.face_index == face_index)
+        return dedup.face_keypoints(np.asarray(self._gray(uid)), f.bbox)
 
 
 def _face_json(f: FaceRec, q: float, with_embedding: bool = True) -> dict:
@@ -311,12 +332,14 @@ def _prepare(by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, eval_override
     return {"by_identity": by_identity, "photo_split": photo_split, "quality": quality}
 
 
-def _new_fingerprints(read_bytes, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, hashes: dict | None = None) -> _Fingerprints:
-    """The decoding and keypoint caches of a selection over these photos."""
+def _new_fingerprints(read_bytes, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, hashes: dict | None = None,
+                      shared=None) -> _Fingerprints:
+    """The decoding and keypoint caches of a selection over these photos (``shared``: a
+    face_store.SharedFaceStore of the processes selecting them together)."""
     px_min = min(cfg.min_face_px, cfg.ref_min_face_px)
     return _Fingerprints(read_bytes, by_uid, lambda f: unusable_reason(f, px_min, cfg.det_score_min, cfg.blur_min) is None,
                          keypoints=cfg.keypoints, max_images=cfg.cache_images, max_keypoints=cfg.cache_keypoints,
-                         hashes=hashes)
+                         hashes=hashes, shared=shared)
 
 
 def photo_hashes(uids: list[str], by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes) -> dict:
