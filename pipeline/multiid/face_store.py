@@ -85,14 +85,20 @@ class SharedFaceStore:
             except BaseException:
                 self._path(kind, uid, face_index, ".failed").touch()  # the waiters compute it themselves (and fail the same way)
                 raise
-            data = pickle.dumps(_pack(kind, value), protocol=pickle.HIGHEST_PROTOCOL)
-            tmp = self._path(kind, uid, face_index, f".tmp{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, done)
-            self.written += len(data)
+            self.put(kind, uid, face_index, value)
             return value
         self.loaded += 1
         return _unpack(kind, pickle.loads(done.read_bytes()))
+
+    def put(self, kind: str, uid: str, face_index: int | None, value) -> None:
+        """Publish an entry this process alone works out (the pHash pass: each photo in one chunk), within the budget."""
+        if self.written >= self.max_bytes:
+            return
+        data = pickle.dumps(_pack(kind, value), protocol=pickle.HIGHEST_PROTOCOL)
+        tmp = self._path(kind, uid, face_index, f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, self._path(kind, uid, face_index, ".done"))
+        self.written += len(data)
 
     def _wait(self, kind: str, done: Path, failed: Path, compute):
         t0, pause = time.monotonic(), 0.001

@@ -53,7 +53,9 @@ def _select_chunk(j: int, i: int, chunk: list[str]):
 def _hash_chunk(j: int, i: int, chunk: list[str]):
     """In a forked worker: :func:`pipeline.multiid.selection.photo_hashes` of the photos ``chunk`` of job ``j``."""
     common = _FORKED["common"]
-    return selection.photo_hashes(chunk, _FORKED["jobs"][j]["by_uid"], common["cfg"], common["read_bytes"])
+    if common.get("face_store") is not None and "store" not in _WORKER:
+        _WORKER["store"] = SharedFaceStore(common["face_store"])
+    return selection.photo_hashes(chunk, _FORKED["jobs"][j]["by_uid"], common["cfg"], common["read_bytes"], _WORKER.get("store"))
 
 
 def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
@@ -202,6 +204,25 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
     order = sorted(range(len(tasks)), key=lambda k: -costs[k])
     tasks = [tasks[k] for k in order]
     common = {"cfg": cfg, "read_bytes": read_bytes, "mversions": mversions, "guard": guard}
+    # forked workers: each face's keypoints and each photo's NCC patches computed by one worker for all
+    # (face_store.py; the pHash pass publishes the patches it works out anyway)
+    store = None if on_ray else parts_dir / "face-store"
+    try:
+        results = _passes(parts_dir, {**common, "face_store": store}, jobs, uids, tasks, workers, slots, on_ray)
+    finally:
+        if store is not None:
+            shutil.rmtree(store, ignore_errors=True)
+    for job in jobs:
+        job.prepared = job.hashes = None
+    by_job: dict[int, list] = {}
+    for (j, i, _), r in sorted(zip(tasks, results), key=lambda t: t[0][:2]):
+        by_job.setdefault(j, []).append(r)
+    return [here[j] if j in here else _merge_chunks(by_job[j], job.tally, guard) for j, job in enumerate(jobs)]
+
+
+def _passes(parts_dir: Path, common: dict, jobs: list[SelectionJob], uids: list[list[str]], tasks: list[tuple], workers: int,
+            slots: int, on_ray: bool) -> list:
+    """The pHash pass (where it pays) then the selection's chunks ``tasks``; the chunks' results in their order."""
     # first every photo's pHashes, each photo decoded once by one worker: a fresh bucket's chunks otherwise
     # each decode most of its photos (the candidates of a person's targets lie in many other chunks' photos)
     # (for a job that selects most of its photos: a refresh's few targets decode only what they examine)
@@ -214,20 +235,8 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
         for (j, _, _), h in zip(hash_tasks, hashed):
             jobs[j].hashes = {**(jobs[j].hashes or {}), **h}
     if on_ray:
-        results = _on_ray(parts_dir, common, jobs, tasks)
-    else:
-        # each face's keypoints and each photo's NCC patches computed by one worker for all (face_store.py)
-        store = parts_dir / "face-store"
-        try:
-            results = _forked(parts_dir, {**common, "face_store": store}, jobs, tasks, workers)
-        finally:
-            shutil.rmtree(store, ignore_errors=True)
-    for job in jobs:
-        job.prepared = job.hashes = None
-    by_job: dict[int, list] = {}
-    for (j, i, _), r in sorted(zip(tasks, results), key=lambda t: t[0][:2]):
-        by_job.setdefault(j, []).append(r)
-    return [here[j] if j in here else _merge_chunks(by_job[j], job.tally, guard) for j, job in enumerate(jobs)]
+        return _on_ray(parts_dir, common, jobs, tasks)
+    return _forked(parts_dir, common, jobs, tasks, workers)
 
 
 def _spread(uids: list[str], n: int) -> list[list[str]]:

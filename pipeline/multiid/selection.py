@@ -342,16 +342,20 @@ def _new_fingerprints(read_bytes, by_uid: dict[str, list[FaceRec]], cfg: MultiID
                          hashes=hashes, shared=shared)
 
 
-def photo_hashes(uids: list[str], by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes) -> dict:
+def photo_hashes(uids: list[str], by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, store=None) -> dict:
     """uid -> (image pHash, {face index: its face pHashes, without the NCC patch}) of its comparable faces, or
     why the photo could not be read: what the cheap part of the copy-paste guard needs of every candidate,
     worked out once per photo (by several processes, each over its own photos) so that the processes that
-    then select decode only the photos they compare (:meth:`_Fingerprints.full`)."""
+    then select decode only the photos they compare (:meth:`_Fingerprints.full`). ``store``
+    (face_store.SharedFaceStore): the fingerprints with their NCC patches are published there, for the
+    selecting processes that compare the photo (then none decodes it again for them)."""
     fps = _new_fingerprints(read_bytes, by_uid, cfg)
     fps.keypoints = False
     out: dict = {}
     for uid in uids:
         got = fps.get(uid)
+        if got is not None and store is not None:
+            store.put("fp", uid, None, got)
         out[uid] = fps.errors[uid] if got is None else (
             got[0], {i: dedup.FaceFingerprint(fp.phash, fp.phash_mirror, None, None) for i, fp in got[1].items()})
         fps.cache.pop(uid, None)
