@@ -1,5 +1,6 @@
 """What the copy-paste guard derives from one face or one photo (a face's SIFT keypoints, a photo's face
-fingerprints with their NCC patches), computed once for all the forked selection workers of a build.
+fingerprints with their NCC patches, the photo's bytes as read), worked out once for all the forked
+selection workers of a build.
 
 Without it each worker computed the keypoints of every face it compared (SIFT: ~60% of the selection's
 CPU) and decoded every photo it compared: a popular reference, compared by targets in both workers, was
@@ -99,6 +100,28 @@ class SharedFaceStore:
         tmp.write_bytes(data)
         os.replace(tmp, self._path(kind, uid, face_index, ".done"))
         self.written += len(data)
+
+    def put_bytes(self, uid: str, data: bytes) -> None:
+        """Publish a photo's bytes as read (the pHash pass reads every photo: the workers then read none
+        again; a read can be a download, or in the benchmark a synthesis), within the budget."""
+        if self.written >= self.max_bytes:
+            return
+        tmp = self._path("raw", uid, None, f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, self._path("raw", uid, None, ".done"))
+        self.written += len(data)
+
+    def reader(self, read_bytes):
+        """``read_bytes`` that takes a photo's published bytes when there are."""
+        def read(uid: str) -> bytes:
+            try:
+                data = self._path("raw", uid, None, ".done").read_bytes()
+            except FileNotFoundError:
+                return read_bytes(uid)
+            self.loaded += 1
+            return data
+
+        return read
 
     def _wait(self, kind: str, done: Path, failed: Path, compute):
         t0, pause = time.monotonic(), 0.001

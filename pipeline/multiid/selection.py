@@ -203,7 +203,8 @@ class _Fingerprints:
         self.cache: LRU = LRU(max_images)
         self.kps: LRU = LRU(max_keypoints)
         self.decoded: LRU = LRU(8)  # the last photos decoded, for their faces' keypoints (not counted in the stats)
-        self.raw = BytesLRU(read_bytes, max_bytes)  # the last photos' bytes (not counted in the stats)
+        # the last photos' bytes (not counted in the stats); those the pHash pass published taken from the store
+        self.raw = BytesLRU(read_bytes if shared is None else shared.reader(read_bytes), max_bytes)
         self.errors: dict[str, str] = {}
 
     def read(self, uid: str) -> bytes:
@@ -348,8 +349,14 @@ def photo_hashes(uids: list[str], by_uid: dict[str, list[FaceRec]], cfg: MultiID
     worked out once per photo (by several processes, each over its own photos) so that the processes that
     then select decode only the photos they compare (:meth:`_Fingerprints.full`). ``store``
     (face_store.SharedFaceStore): the fingerprints with their NCC patches are published there, for the
-    selecting processes that compare the photo (then none decodes it again for them)."""
-    fps = _new_fingerprints(read_bytes, by_uid, cfg)
+    selecting processes that compare the photo (then none decodes it again for them), and so are the
+    photos' bytes as read (the selecting processes read none again)."""
+    if store is not None:
+        def read(uid: str, read_bytes=read_bytes) -> bytes:
+            data = read_bytes(uid)
+            store.put_bytes(uid, data)
+            return data
+    fps = _new_fingerprints(read_bytes if store is None else read, by_uid, cfg)
     fps.keypoints = False
     out: dict = {}
     for uid in uids:
