@@ -102,8 +102,8 @@ class SharedFaceStore:
         self.written += len(data)
 
     def put_bytes(self, uid: str, data: bytes) -> None:
-        """Publish a photo's bytes as read (the pHash pass reads every photo: the workers then read none
-        again; a read can be a download, or in the benchmark a synthesis), within the budget."""
+        """Publish a photo's bytes as read (a read can be a download, or in the benchmark a synthesis), within
+        the budget (two workers reading one photo at once both publish it: the same bytes)."""
         if self.written >= self.max_bytes:
             return
         tmp = self._path("raw", uid, None, f".tmp{os.getpid()}")
@@ -112,12 +112,14 @@ class SharedFaceStore:
         self.written += len(data)
 
     def reader(self, read_bytes):
-        """``read_bytes`` that takes a photo's published bytes when there are."""
+        """``read_bytes`` that takes a photo's published bytes when there are, and publishes those it reads."""
         def read(uid: str) -> bytes:
             try:
                 data = self._path("raw", uid, None, ".done").read_bytes()
             except FileNotFoundError:
-                return read_bytes(uid)
+                data = read_bytes(uid)
+                self.put_bytes(uid, data)
+                return data
             self.loaded += 1
             return data
 

@@ -203,7 +203,7 @@ class _Fingerprints:
         self.cache: LRU = LRU(max_images)
         self.kps: LRU = LRU(max_keypoints)
         self.decoded: LRU = LRU(8)  # the last photos decoded, for their faces' keypoints (not counted in the stats)
-        # the last photos' bytes (not counted in the stats); those the pHash pass published taken from the store
+        # the last photos' bytes (not counted in the stats); with a store, each photo read once by the workers together
         self.raw = BytesLRU(read_bytes if shared is None else shared.reader(read_bytes), max_bytes)
         self.errors: dict[str, str] = {}
 
@@ -226,17 +226,23 @@ class _Fingerprints:
             self._placeholders(uid)
         if uid not in self.cache:
             try:
-                g = dedup.open_gray(self.read(uid))
-                fps = {f.face_index: dedup.face_fingerprint(g, f.landmarks, f.bbox) for f in self.faces_by_uid.get(uid, [])
-                       if self.eligible(f)}
-                self.cache[uid] = (dedup.image_phash(g), fps)
-                if self.keypoints:
-                    self.decoded[uid] = g
+                if self.shared is None:
+                    self.cache[uid] = self._decode_fingerprints(uid)
+                else:  # a photo met by several workers (a refresh has no pHash pass) decoded by one
+                    self.cache[uid] = self.shared.get("fp", uid, None, lambda: self._decode_fingerprints(uid))
                 self._placeholders(uid)
             except Exception as e:  # noqa: BLE001 - unreadable image becomes a counted reason, not a crash
                 self.errors[uid] = f"{type(e).__name__}: {e}"
                 return None
         return self.cache[uid]
+
+    def _decode_fingerprints(self, uid: str):
+        g = dedup.open_gray(self.read(uid))
+        fps = {f.face_index: dedup.face_fingerprint(g, f.landmarks, f.bbox) for f in self.faces_by_uid.get(uid, [])
+               if self.eligible(f)}
+        if self.keypoints:
+            self.decoded[uid] = g
+        return (dedup.image_phash(g), fps)
 
     def _placeholders(self, uid: str) -> None:
         # keypoints are computed when a face is compared (kp), not for every eligible face of the photo; the
@@ -351,12 +357,7 @@ def photo_hashes(uids: list[str], by_uid: dict[str, list[FaceRec]], cfg: MultiID
     (face_store.SharedFaceStore): the fingerprints with their NCC patches are published there, for the
     selecting processes that compare the photo (then none decodes it again for them), and so are the
     photos' bytes as read (the selecting processes read none again)."""
-    if store is not None:
-        def read(uid: str, read_bytes=read_bytes) -> bytes:
-            data = read_bytes(uid)
-            store.put_bytes(uid, data)
-            return data
-    fps = _new_fingerprints(read_bytes if store is None else read, by_uid, cfg)
+    fps = _new_fingerprints(read_bytes if store is None else store.reader(read_bytes), by_uid, cfg)
     fps.keypoints = False
     out: dict = {}
     for uid in uids:
