@@ -101,10 +101,13 @@ def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool, w
     shutil.rmtree(out, ignore_errors=True)
     load0 = os.getloadavg()[0]
     c0, w0 = _cpu_with_children(), time.perf_counter()
-    res = build_multiid_dataset(images, faces, ids, out, cfg, read_bytes=reader(images), version="bench", reuse_from=reuse,
+    read_bytes = reader(images)
+    res = build_multiid_dataset(images, faces, ids, out, cfg, read_bytes=read_bytes, version="bench", reuse_from=reuse,
                                 workers=workers, guard_cache=guard_cache)
     st = res.stats
     return {"cpu_s": round(_cpu_with_children() - c0, 1), "wall_s": round(time.perf_counter() - w0, 1),
+            # this bench synthesising the photos it reads (this process's reads only: not its workers')
+            "synthesis_cpu_s_parent": round(read_bytes.calls["cpu_s"], 1), "photos_read_parent": read_bytes.calls["n"],
             "workers": workers, "targets": sum(st["targets"].values()),
             "load_avg_1min": [round(load0, 1), round(os.getloadavg()[0], 1)],  # before, after (other jobs share the cores)
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024, 2),
