@@ -267,3 +267,34 @@ def test_workers_compute_each_face_once(tmp_path, small_parallel, computed_log, 
     alone = Counter(computed_log())
     assert _files(tmp_path / "one") == _files(tmp_path / "alone")
     assert max(alone.values()) > 1, alone
+
+
+def test_face_store_gives_back_what_was_computed_and_survives_a_failed_write(tmp_path, monkeypatch):
+    """Keypoints come back from the store as the same float32 arrays (descriptors kept as uint8 on disk); a
+    write that fails (a full disk) leaves the value computed here and makes another process compute it too,
+    at once, instead of waiting for a file that will never come."""
+    import numpy as np
+
+    from pipeline.multiid import dedup, face_store
+
+    rng = np.random.default_rng(0)
+    kps = dedup.KeypointSet(rng.random((5, 2), dtype=np.float32), rng.integers(0, 256, (5, 128)).astype(np.float32),
+                            rng.random((4, 2), dtype=np.float32), None, (30, 40))
+    a, b = face_store.SharedFaceStore(tmp_path / "s"), face_store.SharedFaceStore(tmp_path / "s")
+    assert a.get("kp", "u1", 0, lambda: kps) is kps
+    got = b.get("kp", "u1", 0, lambda: pytest.fail("computed twice"))
+    assert got.desc.dtype == np.float32 and np.array_equal(got.desc, kps.desc) and np.array_equal(got.pts, kps.pts)
+    assert got.desc_m is None and got.size == (30, 40)
+    assert any(p.name.endswith(".done") for p in (tmp_path / "s").iterdir())
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(face_store.Path, "write_bytes", full_disk)
+    monkeypatch.setattr(face_store, "WAIT_S", 5.0)
+    assert a.get("kp", "u2", 0, lambda: kps) is kps and a.max_bytes == 0  # publishes nothing more
+    import time
+
+    t0 = time.monotonic()
+    assert b.get("kp", "u2", 0, lambda: "computed by b") == "computed by b"
+    assert time.monotonic() - t0 < 1.0  # told by the .failed mark, not by the timeout

@@ -31,6 +31,13 @@ STORE_BYTES_PER_WORKER = 2 << 30  # what one worker may publish (a face's keypoi
 WAIT_S = 600.0  # a claim not published by then (its worker died): computed here
 
 
+def _touch(path: Path) -> None:
+    try:
+        path.touch()
+    except OSError:
+        pass  # the waiters compute it themselves after WAIT_S
+
+
 def _pack_desc(d):
     if d is not None and d.dtype == np.float32 and d.size and d.min() >= 0 and d.max() <= 255 and np.array_equal(d, np.round(d)):
         return d.astype(np.uint8)
@@ -76,40 +83,51 @@ class SharedFaceStore:
             if self.written >= self.max_bytes:
                 self.computed += 1
                 return compute()
+            failed = self._path(kind, uid, face_index, ".failed")
             try:
                 os.close(os.open(self._path(kind, uid, face_index, ".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
-                return self._wait(kind, done, self._path(kind, uid, face_index, ".failed"), compute)
+                return self._wait(kind, done, failed, compute)
+            except OSError:  # the store cannot take more (a full disk): compute here, publish nothing more
+                self.max_bytes = 0
+                self.computed += 1
+                return compute()
             self.computed += 1
             try:
                 value = compute()
             except BaseException:
-                self._path(kind, uid, face_index, ".failed").touch()  # the waiters compute it themselves (and fail the same way)
+                _touch(failed)  # the waiters compute it themselves (and fail the same way)
                 raise
-            self.put(kind, uid, face_index, value)
+            if not self._publish(self._path(kind, uid, face_index, ""), pickle.dumps(_pack(kind, value), protocol=pickle.HIGHEST_PROTOCOL)):
+                _touch(failed)
             return value
         self.loaded += 1
         return _unpack(kind, pickle.loads(done.read_bytes()))
 
     def put(self, kind: str, uid: str, face_index: int | None, value) -> None:
         """Publish an entry this process alone works out (the pHash pass: each photo in one chunk), within the budget."""
-        if self.written >= self.max_bytes:
-            return
-        data = pickle.dumps(_pack(kind, value), protocol=pickle.HIGHEST_PROTOCOL)
-        tmp = self._path(kind, uid, face_index, f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, self._path(kind, uid, face_index, ".done"))
-        self.written += len(data)
+        if self.written < self.max_bytes:
+            self._publish(self._path(kind, uid, face_index, ""), pickle.dumps(_pack(kind, value), protocol=pickle.HIGHEST_PROTOCOL))
 
     def put_bytes(self, uid: str, data: bytes) -> None:
         """Publish a photo's bytes as read (a read can be a download, or in the benchmark a synthesis), within
         the budget (two workers reading one photo at once both publish it: the same bytes)."""
-        if self.written >= self.max_bytes:
-            return
-        tmp = self._path("raw", uid, None, f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, self._path("raw", uid, None, ".done"))
+        if self.written < self.max_bytes:
+            self._publish(self._path("raw", uid, None, ""), data)
+
+    def _publish(self, base: Path, data: bytes) -> bool:
+        """Write ``data`` as ``base.done`` (written aside, then renamed into place). A failed write (a full
+        disk) stops this process publishing; the build goes on, computing what it does not find."""
+        tmp = Path(f"{base}.tmp{os.getpid()}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, Path(f"{base}.done"))
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            self.max_bytes = 0
+            return False
         self.written += len(data)
+        return True
 
     def reader(self, read_bytes):
         """``read_bytes`` that takes a photo's published bytes when there are, and publishes those it reads."""
