@@ -1,7 +1,9 @@
 """The multi-identity selection over several processes: every bucket's selection (a :class:`SelectionJob`)
 is cut into chunks of targets (a small bucket is one chunk), and the chunks of all buckets run, dearest
 first, in forked worker processes or as Ray tasks, each chunk selected by
-:func:`pipeline.multiid.selection._select`; the rows, samples and counts are those of one run per bucket."""
+:func:`pipeline.multiid.selection._select`; the rows, samples and counts are those of one run per bucket.
+Forked workers share what the guard derives from a face or a photo (:mod:`pipeline.multiid.face_store`):
+each face's keypoints, each photo's fingerprints and bytes are worked out by one of them for all."""
 
 from __future__ import annotations
 
