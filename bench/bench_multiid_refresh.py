@@ -14,6 +14,10 @@ two B folders are compared byte for byte.
 one run; the parallel efficiency is wall(1 worker) / (n x wall(n workers)) and the folders built with n
 workers are compared byte for byte with those built with one.
 
+``--efficiency 3 --workers 1,2``: wall-clock parallel efficiency alone: fresh builds of A only, 1 process then
+2 workers, 3 rounds back to back, medians (bench/results/multiid-efficiency-<timestamp>.json); run it on
+a quiet machine, wall figures mean nothing while other jobs take the cores (the CPU overhead still does).
+
 Writes bench/results/multiid-refresh-<timestamp>.json and prints a table.
 """
 
@@ -97,10 +101,13 @@ def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool, w
     shutil.rmtree(out, ignore_errors=True)
     load0 = os.getloadavg()[0]
     c0, w0 = _cpu_with_children(), time.perf_counter()
-    res = build_multiid_dataset(images, faces, ids, out, cfg, read_bytes=reader(images), version="bench", reuse_from=reuse,
+    read_bytes = reader(images)
+    res = build_multiid_dataset(images, faces, ids, out, cfg, read_bytes=read_bytes, version="bench", reuse_from=reuse,
                                 workers=workers, guard_cache=guard_cache)
     st = res.stats
     return {"cpu_s": round(_cpu_with_children() - c0, 1), "wall_s": round(time.perf_counter() - w0, 1),
+            # this bench synthesising the photos it reads (this process's reads only: not its workers')
+            "synthesis_cpu_s_parent": round(read_bytes.calls["cpu_s"], 1), "photos_read_parent": read_bytes.calls["n"],
             "workers": workers, "targets": sum(st["targets"].values()),
             "load_avg_1min": [round(load0, 1), round(os.getloadavg()[0], 1)],  # before, after (other jobs share the cores)
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024, 2),
@@ -136,6 +143,54 @@ def files_equal(a: Path, b: Path) -> list[str]:
     return [k for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
 
 
+def _run_step(args, data: Path, out: Path, reuse: Path | None, workers: int, guard: Path | None = None) -> dict:
+    """One build in a subprocess (:func:`step`): its CPU s (with its workers'), wall s, peak RSS, stats."""
+    cmd = [sys.executable, __file__, "--cap", str(args.cap), *(["--no-keypoints"] if args.no_keypoints else []),
+           "--workers", str(workers), "--step", str(data), str(out), str(reuse) if reuse else "-",
+           *(["--guard-cache", str(guard)] if guard else [])]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+    if r.returncode:
+        raise SystemExit(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def efficiency(root: Path, info: dict, counts: list[int], args) -> int:
+    """Fresh builds of A, one per worker count, ``args.efficiency`` rounds back to back (1, 2, 1, 2, ...: a
+    change of load hits both alike); medians per worker count. Efficiency = median wall(first count) x that
+    count / (n x median wall(n)); CPU overhead = median CPU s(n) / median CPU s(first count)."""
+    import statistics
+
+    runs: dict[int, list[dict]] = {w: [] for w in counts}
+    for k in range(args.efficiency):
+        for w in counts:
+            runs[w].append(_run_step(args, root / "A", root / f"out-A-w{w}", None, w))
+            print(json.dumps({"round": k, "workers": w, **{x: runs[w][-1][x] for x in ("cpu_s", "wall_s", "load_avg_1min")}}),
+                  flush=True)
+    same = all(not files_equal(root / f"out-A-w{counts[0]}", root / f"out-A-w{w}") for w in counts[1:])
+    med = {w: {"wall_s": statistics.median(r["wall_s"] for r in runs[w]), "cpu_s": statistics.median(r["cpu_s"] for r in runs[w]),
+               "worker_peak_rss_gb": max(r["worker_peak_rss_gb"] for r in runs[w]), "peak_rss_gb": max(r["peak_rss_gb"] for r in runs[w])}
+           for w in counts}
+    base = counts[0]
+    for w in counts:
+        med[w]["parallel_efficiency"] = round(med[base]["wall_s"] * base / (w * med[w]["wall_s"]), 3)
+        med[w]["cpu_overhead"] = round(med[w]["cpu_s"] / max(med[base]["cpu_s"], 0.1), 3)
+    res = {"collection": info, "config": {"max_candidates_per_person": args.cap, "keypoints": not args.no_keypoints},
+           "cpus": os.cpu_count(), "runs": {str(w): r for w, r in runs.items()}, "medians": {str(w): m for w, m in med.items()},
+           "byte_identical": same}
+    path = REPO / "bench" / "results" / f"multiid-efficiency-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
+    print("| workers | median wall s | median CPU s | efficiency | CPU overhead | peak RSS GB (largest worker) |")
+    print("|---|---|---|---|---|---|")
+    for w in counts:
+        m = med[w]
+        print(f"| {w} | {m['wall_s']} | {m['cpu_s']} | {m['parallel_efficiency']} | {m['cpu_overhead']} | "
+              f"{m['peak_rss_gb']} ({m['worker_peak_rss_gb']}) |")
+    print(f"loads (1 min, before/after each run): {[r['load_avg_1min'] for w in counts for r in runs[w]]}")
+    print(f"{args.efficiency} rounds on {os.cpu_count()} CPUs; outputs byte-identical across worker counts: {same}  ({path})")
+    return 0 if same else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--faces", type=int, default=3000)
@@ -144,6 +199,9 @@ def main() -> int:
     ap.add_argument("--no-keypoints", action="store_true")
     ap.add_argument("--root", default="/tmp/wt-mreuse/refresh")
     ap.add_argument("--workers", default="1", help="worker counts to run every build with, e.g. 1,2")
+    ap.add_argument("--efficiency", type=int, default=0, metavar="N",
+                    help="only fresh builds of collection A, with each worker count of --workers in turn, N rounds "
+                         "back to back: medians of wall and CPU s, parallel efficiency and CPU overhead")
     ap.add_argument("--step", nargs=3, metavar=("DATA", "OUT", "REUSE"))
     ap.add_argument("--guard-cache", default=None, help="(with --step) the guard's decisions file")
     args = ap.parse_args()
@@ -156,16 +214,12 @@ def main() -> int:
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
     info = make_collections(args.faces, args.add, root)
+    if args.efficiency:
+        return efficiency(root, info, counts, args)
     info["largest_component_share_of_faces"] = round(largest_component_share(root / "B"), 3)
 
     def run(data, out, reuse, workers, guard=None):
-        cmd = [sys.executable, __file__, "--cap", str(args.cap), *(["--no-keypoints"] if args.no_keypoints else []),
-               "--workers", str(workers), "--step", str(data), str(out), str(reuse) if reuse else "-",
-               *(["--guard-cache", str(guard)] if guard else [])]
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
-        if r.returncode:
-            raise SystemExit(r.stderr[-3000:])
-        return json.loads(r.stdout.strip().splitlines()[-1])
+        return _run_step(args, data, out, reuse, workers, guard)
 
     res = {"collection": info, "config": {"max_candidates_per_person": args.cap, "keypoints": not args.no_keypoints}}
     ok = True

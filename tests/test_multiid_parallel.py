@@ -206,3 +206,95 @@ def test_balanced_chunks_keep_people_together_and_balance_cost():
     order = sorted(uids)
     equal = [order[i * len(order) // 4:(i + 1) * len(order) // 4] for i in range(4)]
     assert max(sum(cost[u] for u in c) for c in equal) > 1.5 * max(totals)
+
+
+# ------------------------------------------------------------------------- work shared by the workers
+
+
+@pytest.fixture
+def computed_log(tmp_path, monkeypatch):
+    """Every face's keypoints and every photo's NCC patches computed, in any process (a line each, appended
+    to a file the forked workers inherit the path of)."""
+    from pipeline.multiid import selection
+
+    log = tmp_path / "computed.log"
+    real_kp, real_fp = selection._Fingerprints._compute_keypoints, selection._Fingerprints._full_fingerprints
+
+    def kp(self, uid, face_index):
+        with open(log, "a") as fh:
+            fh.write(f"kp {uid} {face_index}\n")
+        return real_kp(self, uid, face_index)
+
+    def fp(self, uid, got):
+        with open(log, "a") as fh:
+            fh.write(f"fp {uid}\n")
+        return real_fp(self, uid, got)
+
+    monkeypatch.setattr(selection._Fingerprints, "_compute_keypoints", kp)
+    monkeypatch.setattr(selection._Fingerprints, "_full_fingerprints", fp)
+
+    def lines() -> list[str]:
+        out = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return out
+
+    return lines
+
+
+def test_workers_compute_each_face_once(tmp_path, small_parallel, computed_log, monkeypatch):
+    """With 2 workers each face's keypoints (and each photo's NCC patches) are computed once in all, by one
+    worker, as in one process; without the shared store the same build computes some twice (a reference
+    compared by targets of both workers), which is what this test would catch coming back."""
+    from collections import Counter
+
+    from pipeline.multiid import face_store
+
+    world = _collection(tmp_path, _groups(3), photos_per_group=14)
+    build_multiid_dataset(*world, tmp_path / "one", KP, version="v1", workers=1)
+    serial = Counter(computed_log())
+    build_multiid_dataset(*world, tmp_path / "two", KP, version="v1", workers=2)
+    shared = Counter(computed_log())
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert "_select_chunk" in small_parallel
+    assert sum(k.startswith("kp ") for k in serial) > 20  # enough faces compared to mean something
+    assert max(serial.values()) == 1 and max(shared.values()) == 1
+    # the same faces' keypoints (one process decodes a photo's NCC patches with its pHashes; the workers
+    # have their pHashes from a first pass, and work out the patches of the photos they compare)
+    assert {k for k in shared if k.startswith("kp ")} == {k for k in serial if k.startswith("kp ")}
+    # the control: each worker on its own computes some faces twice in all
+    monkeypatch.setattr(face_store.SharedFaceStore, "get", lambda self, kind, uid, fi, compute: compute())
+    build_multiid_dataset(*world, tmp_path / "alone", KP, version="v1", workers=2)
+    alone = Counter(computed_log())
+    assert _files(tmp_path / "one") == _files(tmp_path / "alone")
+    assert max(alone.values()) > 1, alone
+
+
+def test_face_store_gives_back_what_was_computed_and_survives_a_failed_write(tmp_path, monkeypatch):
+    """Keypoints come back from the store as the same float32 arrays (descriptors kept as uint8 on disk); a
+    write that fails (a full disk) leaves the value computed here and makes another process compute it too,
+    at once, instead of waiting for a file that will never come."""
+    import numpy as np
+
+    from pipeline.multiid import dedup, face_store
+
+    rng = np.random.default_rng(0)
+    kps = dedup.KeypointSet(rng.random((5, 2), dtype=np.float32), rng.integers(0, 256, (5, 128)).astype(np.float32),
+                            rng.random((4, 2), dtype=np.float32), None, (30, 40))
+    a, b = face_store.SharedFaceStore(tmp_path / "s"), face_store.SharedFaceStore(tmp_path / "s")
+    assert a.get("kp", "u1", 0, lambda: kps) is kps
+    got = b.get("kp", "u1", 0, lambda: pytest.fail("computed twice"))
+    assert got.desc.dtype == np.float32 and np.array_equal(got.desc, kps.desc) and np.array_equal(got.pts, kps.pts)
+    assert got.desc_m is None and got.size == (30, 40)
+    assert any(p.name.endswith(".done") for p in (tmp_path / "s").iterdir())
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(face_store.Path, "write_bytes", full_disk)
+    monkeypatch.setattr(face_store, "WAIT_S", 5.0)
+    assert a.get("kp", "u2", 0, lambda: kps) is kps and a.max_bytes == 0  # publishes nothing more
+    import time
+
+    t0 = time.monotonic()
+    assert b.get("kp", "u2", 0, lambda: "computed by b") == "computed by b"
+    assert time.monotonic() - t0 < 1.0  # told by the .failed mark, not by the timeout

@@ -1,7 +1,9 @@
 """The multi-identity selection over several processes: every bucket's selection (a :class:`SelectionJob`)
 is cut into chunks of targets (a small bucket is one chunk), and the chunks of all buckets run, dearest
 first, in forked worker processes or as Ray tasks, each chunk selected by
-:func:`pipeline.multiid.selection._select`; the rows, samples and counts are those of one run per bucket."""
+:func:`pipeline.multiid.selection._select`; the rows, samples and counts are those of one run per bucket.
+Forked workers share what the guard derives from a face or a photo (:mod:`pipeline.multiid.face_store`):
+each face's keypoints, each photo's fingerprints and bytes are worked out by one of them for all."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from pipeline.multiid import selection
 from pipeline.multiid.config import MultiIDConfig
+from pipeline.multiid.face_store import SharedFaceStore
 from pipeline.multiid.reuse import TargetTally
 from pipeline.multiid.rows import _RecordSpill, _RowParts, _slim_sample
 
@@ -52,7 +55,9 @@ def _select_chunk(j: int, i: int, chunk: list[str]):
 def _hash_chunk(j: int, i: int, chunk: list[str]):
     """In a forked worker: :func:`pipeline.multiid.selection.photo_hashes` of the photos ``chunk`` of job ``j``."""
     common = _FORKED["common"]
-    return selection.photo_hashes(chunk, _FORKED["jobs"][j]["by_uid"], common["cfg"], common["read_bytes"])
+    if common.get("face_store") is not None and "store" not in _WORKER:
+        _WORKER["store"] = SharedFaceStore(common["face_store"])
+    return selection.photo_hashes(chunk, _FORKED["jobs"][j]["by_uid"], common["cfg"], common["read_bytes"], _WORKER.get("store"))
 
 
 def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
@@ -67,9 +72,12 @@ def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
     if guard is not None and "sent" not in _WORKER:
         _WORKER["sent"], _WORKER["hits"] = len(guard.new), guard.hits
     new_at, hits_at = (_WORKER["sent"], _WORKER["hits"]) if guard is not None else (0, 0)
+    if common.get("face_store") is not None and "store" not in _WORKER:
+        _WORKER["store"] = SharedFaceStore(common["face_store"])
     if _WORKER.get("job") != j:  # one job's caches at a time
         _WORKER["job"] = j
-        _WORKER["fingerprints"] = selection._new_fingerprints(common["read_bytes"], a["by_uid"], cfg, a["hashes"])
+        _WORKER["fingerprints"] = selection._new_fingerprints(common["read_bytes"], a["by_uid"], cfg, a["hashes"],
+                                                              shared=_WORKER.get("store"))
     stem = f"{a['stem']}-c{i:03d}"
     sink = _RowParts(common["parts_dir"], stem)
     records = _RecordSpill(common["parts_dir"], stem, cfg) if a["records"] else None
@@ -175,6 +183,7 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
     has its own decoding cache; its eviction counts, which no version records, are the only figures that
     differ), so the rows, samples and counts are those of one run per job."""
     import multiprocessing as mp
+    import shutil
 
     on_ray = engine == "ray"
     uids = [job.uids() for job in jobs]
@@ -197,6 +206,25 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
     order = sorted(range(len(tasks)), key=lambda k: -costs[k])
     tasks = [tasks[k] for k in order]
     common = {"cfg": cfg, "read_bytes": read_bytes, "mversions": mversions, "guard": guard}
+    # forked workers: each face's keypoints and each photo's NCC patches computed by one worker for all
+    # (face_store.py; the pHash pass publishes the patches it works out anyway)
+    store = None if on_ray else parts_dir / "face-store"
+    try:
+        results = _passes(parts_dir, {**common, "face_store": store}, jobs, uids, tasks, workers, slots, on_ray)
+    finally:
+        if store is not None:
+            shutil.rmtree(store, ignore_errors=True)
+    for job in jobs:
+        job.prepared = job.hashes = None
+    by_job: dict[int, list] = {}
+    for (j, i, _), r in sorted(zip(tasks, results), key=lambda t: t[0][:2]):
+        by_job.setdefault(j, []).append(r)
+    return [here[j] if j in here else _merge_chunks(by_job[j], job.tally, guard) for j, job in enumerate(jobs)]
+
+
+def _passes(parts_dir: Path, common: dict, jobs: list[SelectionJob], uids: list[list[str]], tasks: list[tuple], workers: int,
+            slots: int, on_ray: bool) -> list:
+    """The pHash pass (where it pays) then the selection's chunks ``tasks``; the chunks' results in their order."""
     # first every photo's pHashes, each photo decoded once by one worker: a fresh bucket's chunks otherwise
     # each decode most of its photos (the candidates of a person's targets lie in many other chunks' photos)
     # (for a job that selects most of its photos: a refresh's few targets decode only what they examine)
@@ -209,15 +237,8 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
         for (j, _, _), h in zip(hash_tasks, hashed):
             jobs[j].hashes = {**(jobs[j].hashes or {}), **h}
     if on_ray:
-        results = _on_ray(parts_dir, common, jobs, tasks)
-    else:
-        results = _forked(parts_dir, common, jobs, tasks, workers)
-    for job in jobs:
-        job.prepared = job.hashes = None
-    by_job: dict[int, list] = {}
-    for (j, i, _), r in sorted(zip(tasks, results), key=lambda t: t[0][:2]):
-        by_job.setdefault(j, []).append(r)
-    return [here[j] if j in here else _merge_chunks(by_job[j], job.tally, guard) for j, job in enumerate(jobs)]
+        return _on_ray(parts_dir, common, jobs, tasks)
+    return _forked(parts_dir, common, jobs, tasks, workers)
 
 
 def _spread(uids: list[str], n: int) -> list[list[str]]:

@@ -147,7 +147,36 @@ class _Uids:
         return self.col[i].as_py()
 
 
+EVEN_BATCH_ROWS = 65_536  # the tables' rows reach the Parquet writer in batches of this many
+
+
+def _even_batches(tables, rows: int = EVEN_BATCH_ROWS):
+    """``tables`` again, cut into contiguous batches of ``rows`` rows (the last one shorter). Parquet's writer
+    falls back from dictionary to plain encoding at a point that depends on where its input's chunks end, so
+    the same rows in other pieces (a refresh's reused rows, a parallel build's chunks) gave other bytes (seen
+    at 10k faces: candidates.parquet of a refresh and of a fresh build, same rows, different files)."""
+    buf, n = [], 0
+    for t in tables:
+        if not t.num_rows:
+            continue
+        buf.append(t)
+        n += t.num_rows
+        while n >= rows:
+            whole = pa.concat_tables(buf)
+            yield whole.slice(0, rows).combine_chunks()
+            rest = whole.slice(rows)
+            buf, n = [rest], rest.num_rows
+    if n:
+        yield pa.concat_tables(buf).combine_chunks()
+
+
 def _merge_in_target_order(sources: list, schema: pa.Schema):
+    """:func:`_merge_tables_in_target_order` in even batches (:func:`_even_batches`): the file written from them
+    depends only on the rows."""
+    return _even_batches(_merge_tables_in_target_order(sources, schema))
+
+
+def _merge_tables_in_target_order(sources: list, schema: pa.Schema):
     """Tables in the order of one run over the collection (by target uid, stable: each target's rows
     keep their order), from ``sources``, iterators of tables each sorted by target uid, where all rows of
     a target come from one source (a bucket, or a previous version). Yields pieces; holds about one

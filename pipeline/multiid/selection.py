@@ -189,8 +189,11 @@ class _Fingerprints:
 
     def __init__(self, read_bytes, faces_by_uid, eligible=None, keypoints: bool = True,
                  max_images: int = 20_000, max_keypoints: int = 2_000, max_bytes: int = RAW_CACHE_BYTES,
-                 hashes: dict | None = None):
+                 hashes: dict | None = None, shared=None):
         self.read_bytes = read_bytes
+        # face_store.SharedFaceStore of the build's forked workers: each face's keypoints and each photo's NCC
+        # patches worked out by one of them (None: by this process, for itself)
+        self.shared = shared
         # uid -> the photo's pHashes worked out beforehand (:func:`photo_hashes`, in other processes), or why it
         # could not be read: :meth:`get` then decodes nothing, :meth:`full` only for the faces compared
         self.hashes = hashes or {}
@@ -200,7 +203,8 @@ class _Fingerprints:
         self.cache: LRU = LRU(max_images)
         self.kps: LRU = LRU(max_keypoints)
         self.decoded: LRU = LRU(8)  # the last photos decoded, for their faces' keypoints (not counted in the stats)
-        self.raw = BytesLRU(read_bytes, max_bytes)  # the last photos' bytes (not counted in the stats)
+        # the last photos' bytes (not counted in the stats); with a store, each photo read once by the workers together
+        self.raw = BytesLRU(read_bytes if shared is None else shared.reader(read_bytes), max_bytes)
         self.errors: dict[str, str] = {}
 
     def read(self, uid: str) -> bytes:
@@ -222,17 +226,23 @@ class _Fingerprints:
             self._placeholders(uid)
         if uid not in self.cache:
             try:
-                g = dedup.open_gray(self.read(uid))
-                fps = {f.face_index: dedup.face_fingerprint(g, f.landmarks, f.bbox) for f in self.faces_by_uid.get(uid, [])
-                       if self.eligible(f)}
-                self.cache[uid] = (dedup.image_phash(g), fps)
-                if self.keypoints:
-                    self.decoded[uid] = g
+                if self.shared is None:
+                    self.cache[uid] = self._decode_fingerprints(uid)
+                else:  # a photo met by several workers (a refresh has no pHash pass) decoded by one
+                    self.cache[uid] = self.shared.get("fp", uid, None, lambda: self._decode_fingerprints(uid))
                 self._placeholders(uid)
             except Exception as e:  # noqa: BLE001 - unreadable image becomes a counted reason, not a crash
                 self.errors[uid] = f"{type(e).__name__}: {e}"
                 return None
         return self.cache[uid]
+
+    def _decode_fingerprints(self, uid: str):
+        g = dedup.open_gray(self.read(uid))
+        fps = {f.face_index: dedup.face_fingerprint(g, f.landmarks, f.bbox) for f in self.faces_by_uid.get(uid, [])
+               if self.eligible(f)}
+        if self.keypoints:
+            self.decoded[uid] = g
+        return (dedup.image_phash(g), fps)
 
     def _placeholders(self, uid: str) -> None:
         # keypoints are computed when a face is compared (kp), not for every eligible face of the photo; the
@@ -248,11 +258,23 @@ class _Fingerprints:
         got = self.get(uid)
         if got is None or all(fp.patch is not None for fp in got[1].values()):
             return got
+        pre = got
+        if self.shared is None:
+            got = self._full_fingerprints(uid, pre)
+        else:
+            got = self.shared.get("fp", uid, None, lambda: self._full_fingerprints(uid, pre))
+        self.cache[uid] = got
+        return got
+
+    def _full_fingerprints(self, uid: str, got):
+        g = self._gray(uid)
+        faces = {f.face_index: f for f in self.faces_by_uid.get(uid, [])}
+        return (got[0], {i: dedup.face_fingerprint(g, faces[i].landmarks, faces[i].bbox) for i in got[1]})
+
+    def _gray(self, uid: str):
         g = self.decoded[uid] if uid in self.decoded else dedup.open_gray(self.read(uid))
         self.decoded[uid] = g
-        faces = {f.face_index: f for f in self.faces_by_uid.get(uid, [])}
-        got = self.cache[uid] = (got[0], {i: dedup.face_fingerprint(g, faces[i].landmarks, faces[i].bbox) for i in got[1]})
-        return got
+        return g
 
     def kp(self, uid: str, face_index: int) -> dedup.KeypointSet | None:
         """Keypoints of one face's region (cached per (uid, face_index); computed on a miss)."""
@@ -261,11 +283,17 @@ class _Fingerprints:
         key = (uid, face_index)
         got = self.kps[key] if key in self.kps else _NOT_YET  # noqa: SIM401 - get() would not mark it recently used
         if got is _NOT_YET:
-            f = next(f for f in self.faces_by_uid[uid] if f.face_index == face_index)
-            g = self.decoded[uid] if uid in self.decoded else dedup.open_gray(self.read(uid))
-            self.decoded[uid] = g
-            got = self.kps[key] = dedup.face_keypoints(np.asarray(g), f.bbox)
+            if self.shared is None:
+                got = self._compute_keypoints(uid, face_index)
+            else:
+                got = self.shared.get("kp", uid, face_index, lambda: self._compute_keypoints(uid, face_index))
+            self.kps[key] = got
         return got
+
+    def _compute_keypoints(self, uid: str, face_index: int) -> dedup.KeypointSet:
+        """SIFT on the region around one face (the one place they are computed: tests count the calls)."""
+        f = next(f for f in self.faces_by_uid[uid] if f.face_index == face_index)
+        return dedup.face_keypoints(np.asarray(self._gray(uid)), f.bbox)
 
 
 def _face_json(f: FaceRec, q: float, with_embedding: bool = True) -> dict:
@@ -311,24 +339,31 @@ def _prepare(by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, eval_override
     return {"by_identity": by_identity, "photo_split": photo_split, "quality": quality}
 
 
-def _new_fingerprints(read_bytes, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, hashes: dict | None = None) -> _Fingerprints:
-    """The decoding and keypoint caches of a selection over these photos."""
+def _new_fingerprints(read_bytes, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, hashes: dict | None = None,
+                      shared=None) -> _Fingerprints:
+    """The decoding and keypoint caches of a selection over these photos (``shared``: a
+    face_store.SharedFaceStore of the processes selecting them together)."""
     px_min = min(cfg.min_face_px, cfg.ref_min_face_px)
     return _Fingerprints(read_bytes, by_uid, lambda f: unusable_reason(f, px_min, cfg.det_score_min, cfg.blur_min) is None,
                          keypoints=cfg.keypoints, max_images=cfg.cache_images, max_keypoints=cfg.cache_keypoints,
-                         hashes=hashes)
+                         hashes=hashes, shared=shared)
 
 
-def photo_hashes(uids: list[str], by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes) -> dict:
+def photo_hashes(uids: list[str], by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, store=None) -> dict:
     """uid -> (image pHash, {face index: its face pHashes, without the NCC patch}) of its comparable faces, or
     why the photo could not be read: what the cheap part of the copy-paste guard needs of every candidate,
     worked out once per photo (by several processes, each over its own photos) so that the processes that
-    then select decode only the photos they compare (:meth:`_Fingerprints.full`)."""
-    fps = _new_fingerprints(read_bytes, by_uid, cfg)
+    then select decode only the photos they compare (:meth:`_Fingerprints.full`). ``store``
+    (face_store.SharedFaceStore): the fingerprints with their NCC patches are published there, for the
+    selecting processes that compare the photo (then none decodes it again for them), and so are the
+    photos' bytes as read (the selecting processes read none again)."""
+    fps = _new_fingerprints(read_bytes if store is None else store.reader(read_bytes), by_uid, cfg)
     fps.keypoints = False
     out: dict = {}
     for uid in uids:
         got = fps.get(uid)
+        if got is not None and store is not None:
+            store.put("fp", uid, None, got)
         out[uid] = fps.errors[uid] if got is None else (
             got[0], {i: dedup.FaceFingerprint(fp.phash, fp.phash_mirror, None, None) for i, fp in got[1].items()})
         fps.cache.pop(uid, None)
