@@ -15,10 +15,15 @@ Backends (``backend=``):
   thread pool over cells; a face first meets its own cell, which sets its bound, and afterwards
   a row is examined only if its maximum beats the bound; edges above the clustering threshold
   then pull in the cells of the faces they reach (identities cut by a cell border are joined up
-  again). The probe count grows (6, 8, ... up to 24 cells) until the recall of the exact
+  again). The 20% of faces nearest a cell border are also listed in their second-best cell
+  (``spill``), so most pairs cut by a border meet in the own-cell join. The probe count grows
+  (2, 4, ... up to 24 cells) until the recall of the exact
   neighbours above ``recall_min_similarity`` on 1,000 sampled faces reaches ``target_recall``
   (0.95). Similarities are exact float32 inner products. Deterministic for a seed, whatever the
-  thread count. Figures: README, "Identity clustering at scale".
+  thread count. Figures: README, "Identity clustering at scale". Options (module defaults
+  IVF_BLAS_SPILL, IVF_BLAS_REVERSE, IVF_BLAS_COARSE_PROBES, IVF_BLAS_CELLS_PER_SQRT_N; measured
+  side by side in the README, "ivf-blas variants"): ``spill`` lists the faces nearest a cell
+  border also in their second-best cell, ``reverse`` offers each found pair to both ends.
 - ``"faiss-ivf"``: ``faiss.IndexIVFScalarQuantizer`` (8-bit) + exact re-rank (the default
   before ivf-blas; kept for comparison): ``nlist = round(4 * sqrt(N))``, ``nprobe`` doubled from
   ``max(8, nlist // 64)`` (from 1 with a similarity floor) until the sampled recall reaches
@@ -454,12 +459,15 @@ def _torch_cuda() -> bool:
 # ivf-blas: IVF self-join by cell-blocked matrix products (the CPU default above exact_max)
 
 IVF_BLAS_CELLS_PER_SQRT_N = 4.0  # nlist = 4 sqrt(N): 1M faces -> 4,000 cells of ~250
-IVF_BLAS_NPROBE = 6
+# cells scanned per face before the first recall check; with the spilled listing 2 (then +2 at a
+# time): at 1M and 2M faces that reached the recall target with 8 and 12 cells where listing each
+# face once needed 12 and 20 from 6 (README "ivf-blas variants")
+IVF_BLAS_NPROBE = 2
 IVF_BLAS_MAX_PROBES = 24  # cap of the probe growth (4 x nprobe when that is more)
 IVF_BLAS_PROBE_STEP = 2  # probes added per face when the sampled recall is short of the target
 IVF_BLAS_MAX_ROUNDS = 8
 IVF_BLAS_TRAIN_PER_CELL = 32
-IVF_BLAS_SPILL = 0.0  # fraction of faces also listed in their second-best cell (knn_ivf_blas)
+IVF_BLAS_SPILL = 0.2  # fraction of faces also listed in their second-best cell (knn_ivf_blas)
 IVF_BLAS_REVERSE = False  # offer each found pair to both ends (knn_ivf_blas)
 IVF_BLAS_COARSE_PROBES = 8  # coarse cells searched for a face's best cells (4 lost ~1% recall at 1M)
 _SCAN_CHUNK = 1 << 22  # similarities per matrix product and thread (16 MiB of float32)
@@ -842,7 +850,7 @@ def _ivf_blas_run(
     face = np.arange(N, dtype=np.int64)
     spilled = _spilled_faces(E, cells, probes, spill) if spill > 0 and nlist > 1 else np.zeros(0, np.int64)
     # the cells' member lists: every face in its best cell, the spilled ones also in their second
-    listed_cell = np.concatenate([cell, probes[spilled, 1].astype(np.int64)])
+    listed_cell = np.concatenate([cell, probes[spilled, 1].astype(np.int64) if len(spilled) else spilled])
     listed_face = np.concatenate([face, spilled])
     o = np.argsort(listed_cell, kind="stable")
     cell_order = listed_face[o]
