@@ -711,7 +711,7 @@ def _spilled_faces(E, cells: np.ndarray, probes: np.ndarray, fraction: float, bl
     """The ``fraction`` of faces (sorted ids) with the smallest gap between the similarity to their
     best and to their second-best cell (ties broken by id, so the choice is deterministic)."""
     N = E.shape[0]
-    n = min(N, int(round(fraction * N)))
+    n = min(N, round(fraction * N))
     if n == 0 or probes.shape[1] < 2:
         return np.zeros(0, np.int64)
     gap = np.empty(N, np.float32)
@@ -719,8 +719,9 @@ def _spilled_faces(E, cells: np.ndarray, probes: np.ndarray, fraction: float, bl
         e = min(N, s + block)
         X = _block(E, s, e)
         gap[s:e] = np.einsum("nd,nd->n", X, cells[probes[s:e, 0]]) - np.einsum("nd,nd->n", X, cells[probes[s:e, 1]])
-    gap[probes[:, 1] == probes[:, 0]] = np.inf  # no second cell (see _probe_cells)
-    return np.sort(np.argsort(gap, kind="stable")[:n]).astype(np.int64)
+    gap[probes[:, 1] == probes[:, 0]] = np.inf  # no second cell (see _probe_cells): never spilled
+    chosen = np.argsort(gap, kind="stable")[:n]
+    return np.sort(chosen[np.isfinite(gap[chosen])]).astype(np.int64)
 
 
 def knn_ivf_blas(
