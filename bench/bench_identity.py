@@ -3,6 +3,9 @@
     .venv/bin/python bench/bench_identity.py                      # quality + scale 10k,100k
     .venv/bin/python bench/bench_identity.py --sizes 10000,100000,1000000 --dim 128
     .venv/bin/python bench/bench_identity.py --skip-quality --sizes 1000000
+    # ivf-blas variants side by side (module defaults set in each run's process, see IVF_VARIANT_KEYS):
+    .venv/bin/python bench/bench_identity.py --skip-quality --sizes 1000000 --methods "" --exact-graph-max 0 \
+        --knn-backends "ivf-blas:spill=0:nprobe=6,ivf-blas,ivf-blas:coarse=16:cells=8"
 
 Quality: dlib descriptors of ../shared/data/faces/identities (19 people, 125 photos), every
 clustering method of pipeline.identity at the default dlib threshold, plus scikit-learn's DBSCAN
