@@ -3,6 +3,9 @@
     .venv/bin/python bench/bench_identity.py                      # quality + scale 10k,100k
     .venv/bin/python bench/bench_identity.py --sizes 10000,100000,1000000 --dim 128
     .venv/bin/python bench/bench_identity.py --skip-quality --sizes 1000000
+    # ivf-blas variants side by side (module defaults set in each run's process, see IVF_VARIANT_KEYS):
+    .venv/bin/python bench/bench_identity.py --skip-quality --sizes 1000000 --methods "" --exact-graph-max 0 \
+        --knn-backends "ivf-blas:spill=0:nprobe=6,ivf-blas,ivf-blas:coarse=16:cells=8"
 
 Quality: dlib descriptors of ../shared/data/faces/identities (19 people, 125 photos), every
 clustering method of pipeline.identity at the default dlib threshold, plus scikit-learn's DBSCAN
@@ -135,6 +138,29 @@ def generate(n: int, dim: int, seed: int, out: Path) -> dict:
     return info
 
 
+IVF_VARIANT_KEYS = {  # --knn-backends "ivf-blas:spill=0.1:reverse=1:nprobe=2": module defaults set in the run
+    "spill": ("IVF_BLAS_SPILL", float),
+    "reverse": ("IVF_BLAS_REVERSE", lambda v: bool(int(v))),
+    "nprobe": ("IVF_BLAS_NPROBE", int),
+    "cells": ("IVF_BLAS_CELLS_PER_SQRT_N", float),
+    "coarse": ("IVF_BLAS_COARSE_PROBES", int),
+}
+
+
+def apply_knn_variant(backend: str) -> str:
+    """'name:key=value:...' -> name, with the ivf-blas defaults of this process set from the keys."""
+    import pipeline.identity.knn as knn_mod
+
+    name, *opts = backend.split(":")
+    for o in opts:
+        key, _, value = o.partition("=")
+        if key not in IVF_VARIANT_KEYS:
+            raise ValueError(f"unknown ivf-blas variant key {key!r} in {backend!r}: use {sorted(IVF_VARIANT_KEYS)}")
+        attr, conv = IVF_VARIANT_KEYS[key]
+        setattr(knn_mod, attr, conv(value))
+    return name
+
+
 def one_scale(
     data: Path,
     k: int,
@@ -162,6 +188,7 @@ def one_scale(
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[%(asctime)s] %(name)s: %(message)s")
 
+    variant, knn_backend = knn_backend, apply_knn_variant(knn_backend)
     E = np.load(data / "embeddings.npy", mmap_mode="r")
     labels = np.load(data / "labels.npy")
     n, dim = E.shape
@@ -174,7 +201,7 @@ def one_scale(
         "dim": dim,
         "k": k,
         "threshold": thr,
-        "knn_backend_asked": knn_backend,
+        "knn_backend_asked": variant,
         "rss_before_build_mb": _rss_mb(),
         "load_average_before": os.getloadavg(),
     }
@@ -361,7 +388,8 @@ def scale(
             {
                 "N": r["n"],
                 "identities": r["generation"].get("n_identities"),
-                "knn backend": r["knn_backend"],
+                "knn backend": r["knn_backend_asked"] if ":" in r["knn_backend_asked"] else r["knn_backend"],
+                "probes": r["knn_params"].get("nprobe"),
                 "knn s": r["knn_s"],
                 "knn CPU s": r["knn_cpu_s"],
                 "cluster s": r["cluster_s"],

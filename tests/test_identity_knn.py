@@ -218,3 +218,45 @@ def test_recall_by_similarity_counts_ties_and_matches_recall_at_k_otherwise():
     assert recall_by_similarity(D, qd, exact_d, sims) == 1.0
     g = knn_graph(D, k=10, backend="ivf-blas", recall_min_similarity=0.9)
     assert g.params["check_recall"] >= 0.95 and (g.similarities[:2000, :10] > 0.9999).all()
+
+
+def test_ivf_blas_spill_finds_pairs_cut_by_cell_borders():
+    """Own cell only (no probes, no expansion): a pair split by a cell border is found only if one
+    face is also listed in the other's cell. Listing the border faces twice must raise the recall of
+    the edges above the threshold, and a pair met twice is kept once."""
+    from pipeline.identity.knn import _self_excluded, knn_ivf_blas
+
+    m = make_mixture(20_000, seed=11)
+    E = m.embeddings
+    exact = knn_graph(E, k=10, backend="faiss-flat")
+    strong = exact.similarities >= 0.93
+
+    def run(nprobe=1, max_rounds=0, **kw):
+        I, S, info = knn_ivf_blas(E, 10, nprobe=nprobe, max_rounds=max_rounds, min_sim=0.93, target_recall=None, **kw)
+        I, S = _self_excluded(I, S, 10)
+        found = (exact.indices[:, :, None] == I[:, None, :]).any(2)
+        return I, S, info, (found & strong).sum() / strong.sum()
+
+    *_, base = run(spill=0.0)
+    I, _S, info, spilled = run(spill=0.3)
+    print("own-cell recall above 0.93: no spill", base, "spill 0.3", spilled)
+    assert info["spilled"] == 6000
+    assert spilled >= base + 0.03, (base, spilled)
+    # with probes and expansion a pair is met again (a face listed in two scanned cells, reverse offers)
+    for I_, S_ in (run(spill=0.3, reverse=True, nprobe=4, max_rounds=2)[:2], run(spill=0.3, nprobe=4)[:2]):
+        valid = I_ >= 0
+        ordered = np.sort(np.where(valid, I_, -1 - np.arange(10)), 1)
+        assert (ordered[:, 1:] != ordered[:, :-1]).all()  # no neighbour twice in a row
+        dots = np.einsum("nd,nkd->nk", E, E[np.maximum(I_, 0)])
+        np.testing.assert_allclose(S_[valid], dots[valid], atol=1e-5)
+    np.testing.assert_array_equal(run(spill=0.3, n_threads=1)[0], I)  # threads do not change it
+
+
+def test_drop_repeats_keeps_the_first_occurrence():
+    from pipeline.identity.knn import _drop_repeats
+
+    Ip = np.array([[5, 3, 5, -1, 3], [1, 2, 3, 4, 5]], np.int64)
+    Sp = np.array([[0.9, 0.8, 0.9, -np.inf, 0.7], [5, 4, 3, 2, 1]], np.float32)
+    _drop_repeats(Ip, Sp)
+    np.testing.assert_array_equal(Ip, [[5, 3, -1, -1, -1], [1, 2, 3, 4, 5]])
+    assert np.isneginf(Sp[0, 2:]).all() and Sp[0, 1] == np.float32(0.8)

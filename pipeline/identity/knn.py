@@ -15,10 +15,15 @@ Backends (``backend=``):
   thread pool over cells; a face first meets its own cell, which sets its bound, and afterwards
   a row is examined only if its maximum beats the bound; edges above the clustering threshold
   then pull in the cells of the faces they reach (identities cut by a cell border are joined up
-  again). The probe count grows (6, 8, ... up to 24 cells) until the recall of the exact
+  again). The 20% of faces nearest a cell border are also listed in their second-best cell
+  (``spill``), so most pairs cut by a border meet in the own-cell join. The probe count grows
+  (2, 4, ... up to 24 cells) until the recall of the exact
   neighbours above ``recall_min_similarity`` on 1,000 sampled faces reaches ``target_recall``
   (0.95). Similarities are exact float32 inner products. Deterministic for a seed, whatever the
-  thread count. Figures: README, "Identity clustering at scale".
+  thread count. Figures: README, "Identity clustering at scale". Options (module defaults
+  IVF_BLAS_SPILL, IVF_BLAS_REVERSE, IVF_BLAS_COARSE_PROBES, IVF_BLAS_CELLS_PER_SQRT_N; measured
+  side by side in the README, "ivf-blas variants"): ``spill`` lists the faces nearest a cell
+  border also in their second-best cell, ``reverse`` offers each found pair to both ends.
 - ``"faiss-ivf"``: ``faiss.IndexIVFScalarQuantizer`` (8-bit) + exact re-rank (the default
   before ivf-blas; kept for comparison): ``nlist = round(4 * sqrt(N))``, ``nprobe`` doubled from
   ``max(8, nlist // 64)`` (from 1 with a similarity floor) until the sampled recall reaches
@@ -454,15 +459,22 @@ def _torch_cuda() -> bool:
 # ivf-blas: IVF self-join by cell-blocked matrix products (the CPU default above exact_max)
 
 IVF_BLAS_CELLS_PER_SQRT_N = 4.0  # nlist = 4 sqrt(N): 1M faces -> 4,000 cells of ~250
-IVF_BLAS_NPROBE = 6
+# cells scanned per face before the first recall check; with the spilled listing 2 (then +2 at a
+# time): at 1M and 2M faces that reached the recall target with 8 and 12 cells where listing each
+# face once needed 12 and 20 from 6 (README "ivf-blas variants")
+IVF_BLAS_NPROBE = 2
+IVF_BLAS_MAX_PROBES = 24  # cap of the probe growth (4 x nprobe when that is more)
 IVF_BLAS_PROBE_STEP = 2  # probes added per face when the sampled recall is short of the target
 IVF_BLAS_MAX_ROUNDS = 8
 IVF_BLAS_TRAIN_PER_CELL = 32
+IVF_BLAS_SPILL = 0.2  # fraction of faces also listed in their second-best cell (knn_ivf_blas)
+IVF_BLAS_REVERSE = False  # offer each found pair to both ends (knn_ivf_blas)
 IVF_BLAS_COARSE_PROBES = 8  # coarse cells searched for a face's best cells (4 lost ~1% recall at 1M)
 _SCAN_CHUNK = 1 << 22  # similarities per matrix product and thread (16 MiB of float32)
 
 
-def ivf_blas_nlist(N: int, cells_per_sqrt_n: float = IVF_BLAS_CELLS_PER_SQRT_N) -> int:
+def ivf_blas_nlist(N: int, cells_per_sqrt_n: float | None = None) -> int:
+    cells_per_sqrt_n = IVF_BLAS_CELLS_PER_SQRT_N if cells_per_sqrt_n is None else cells_per_sqrt_n
     return max(1, min(round(cells_per_sqrt_n * math.sqrt(N)), N // 39 if N >= 39 else 1))
 
 
@@ -560,8 +572,12 @@ def _scan_cell(E, x_ids: np.ndarray, q_ids: np.ndarray, kk: int, bound: np.ndarr
     return np.concatenate(oq), np.concatenate(oj), np.concatenate(osim)
 
 
-def _merge(best_I: np.ndarray, best_S: np.ndarray, cq, cj, cs, rows_per_block: int = 65_536) -> np.ndarray:
-    """Merge candidate triplets (no (query, neighbour) pair twice) into the sorted top-kk rows.
+def _merge(
+    best_I: np.ndarray, best_S: np.ndarray, cq, cj, cs, rows_per_block: int = 65_536, dedup: bool = False
+) -> np.ndarray:
+    """Merge candidate triplets into the sorted top-kk rows. Without ``dedup`` no (query,
+    neighbour) pair may come twice (nor be in the rows already); with it a repeated neighbour is
+    kept once (its first occurrence: the row's own entry, then candidate order).
     Returns the rows that received candidates."""
     kk = best_I.shape[1]
     order = np.argsort(cq, kind="stable")
@@ -580,10 +596,25 @@ def _merge(best_I: np.ndarray, best_S: np.ndarray, cq, cj, cs, rows_per_block: i
         src = np.arange(st[0], st[-1] + cn[-1])
         pos = src - np.repeat(st, cn) + kk
         Ip[grp, pos], Sp[grp, pos] = cj[src], cs[src]  # int32 ids widen to int64 here
+        if dedup:
+            _drop_repeats(Ip, Sp)
         # stable: equal similarities keep their (deterministic) candidate order
         o = np.argsort(-Sp, axis=1, kind="stable")[:, :kk]
         best_I[r], best_S[r] = np.take_along_axis(Ip, o, 1), np.take_along_axis(Sp, o, 1)
     return rows
+
+
+def _drop_repeats(Ip: np.ndarray, Sp: np.ndarray) -> None:
+    """In place: every repeat of an id within a row (after its first column) becomes -1 / -inf."""
+    o = np.argsort(Ip, axis=1, kind="stable")  # equal ids stay in column order
+    Is = np.take_along_axis(Ip, o, 1)
+    rep = np.zeros(Ip.shape, bool)
+    rep[:, 1:] = (Is[:, 1:] == Is[:, :-1]) & (Is[:, 1:] >= 0)
+    if rep.any():
+        r, c = np.nonzero(rep)
+        cols = o[r, c]
+        Ip[r, cols] = -1
+        Sp[r, cols] = -np.inf
 
 
 class _Probed:
@@ -610,7 +641,7 @@ class _Probed:
 _JOIN_BATCH = 2_000_000  # (face, cell) pairs per join batch: bounds the candidate arrays
 
 
-def _join(E, cell_order, cell_start, keys, nlist, kk, best_I, best_S, pool):
+def _join(E, cell_order, cell_start, keys, nlist, kk, best_I, best_S, pool, reverse=False, dedup=False):
     """Scan every (face, cell) pair of ``keys`` and merge the results; returns (candidates, rows).
     Pairs go in batches of whole cells (in cell order), each merged before the next starts: the
     candidate arrays stay bounded, later batches profit from a tighter bound, and the result does
@@ -630,14 +661,17 @@ def _join(E, cell_order, cell_start, keys, nlist, kk, best_I, best_S, pool):
         e = min(len(q), s + _JOIN_BATCH)
         if e < len(q):  # end the batch with its last cell complete
             e = int(np.searchsorted(c, c[e - 1], side="right"))
-        n, r = _join_batch(E, cell_order, cell_start, q[s:e], c[s:e], kk, best_I, best_S, pool)
+        n, r = _join_batch(E, cell_order, cell_start, q[s:e], c[s:e], kk, best_I, best_S, pool, reverse, dedup)
         total += n
         rows.append(r)
         s = e
     return total, (_unique_sorted(np.concatenate(rows)) if rows else np.zeros(0, np.int64))
 
 
-def _join_batch(E, cell_order, cell_start, q, c, kk, best_I, best_S, pool):
+def _join_batch(E, cell_order, cell_start, q, c, kk, best_I, best_S, pool, reverse=False, dedup=False):
+    """``reverse``: every candidate (q, j, s) is also offered to j as (j, q, s) (a self-join's
+    product is symmetric: j need not scan q's cell to learn it). ``dedup``: a pair may be found
+    more than once (reverse candidates, faces listed in two cells); the merge keeps it once."""
     bound = best_S[:, -1].copy()  # kk-th best so far; fixed during the batch, so threads agree
     st = np.flatnonzero(np.concatenate([[True], c[1:] != c[:-1]]))
     uc, cnt = c[st], np.diff(np.append(st, len(c)))
@@ -654,7 +688,11 @@ def _join_batch(E, cell_order, cell_start, q, c, kk, best_I, best_S, pool):
     cq, cj, cs = (np.concatenate([r[i] for r in res]) for i in range(3))
     if len(cq) == 0:
         return 0, np.zeros(0, np.int64)
-    return len(cq), _merge(best_I, best_S, cq, cj, cs)
+    if reverse:
+        back = (cq != cj) & (cs > bound[cj])
+        cq, cj, cs = (np.concatenate([cq, cj[back]]), np.concatenate([cj, cq[back]]),
+                      np.concatenate([cs, cs[back]]))
+    return len(cq), _merge(best_I, best_S, cq, cj, cs, dedup=reverse or dedup)
 
 
 def _expansion_keys(best_I, best_S, rows, cell, nlist, min_sim) -> np.ndarray:
@@ -669,6 +707,23 @@ def _expansion_keys(best_I, best_S, rows, cell, nlist, min_sim) -> np.ndarray:
     return np.concatenate([q * nlist + cell[j], j * nlist + cell[q]])
 
 
+def _spilled_faces(E, cells: np.ndarray, probes: np.ndarray, fraction: float, block: int = 65_536) -> np.ndarray:
+    """The ``fraction`` of faces (sorted ids) with the smallest gap between the similarity to their
+    best and to their second-best cell (ties broken by id, so the choice is deterministic)."""
+    N = E.shape[0]
+    n = min(N, round(fraction * N))
+    if n == 0 or probes.shape[1] < 2:
+        return np.zeros(0, np.int64)
+    gap = np.empty(N, np.float32)
+    for s in range(0, N, block):
+        e = min(N, s + block)
+        X = _block(E, s, e)
+        gap[s:e] = np.einsum("nd,nd->n", X, cells[probes[s:e, 0]]) - np.einsum("nd,nd->n", X, cells[probes[s:e, 1]])
+    gap[probes[:, 1] == probes[:, 0]] = np.inf  # no second cell (see _probe_cells): never spilled
+    chosen = np.argsort(gap, kind="stable")[:n]
+    return np.sort(chosen[np.isfinite(gap[chosen])]).astype(np.int64)
+
+
 def knn_ivf_blas(
     E: np.ndarray,
     k: int,
@@ -680,8 +735,16 @@ def knn_ivf_blas(
     check_queries: int = 1000,
     seed: int = 0,
     n_threads: int | None = None,
+    spill: float | None = None,
+    reverse: bool | None = None,
 ):
     """Approximate kNN self-join (query itself included in the kk = k + 1 columns).
+
+    ``spill`` (default IVF_BLAS_SPILL): the fraction of faces also listed in their second-best
+    cell, those with the smallest gap between their best and second-best cell similarity (the
+    faces on a border): a face on the far side of a border then meets them in its own cell.
+    ``reverse`` (default IVF_BLAS_REVERSE): every candidate a join finds is also offered to the
+    other end. Both make a pair findable more than once, so the merges then drop repeats.
 
     1. Cells: two-level spherical k-means (:func:`_train_cells`); every face is listed in its
        best cell and probes its ``nprobe`` best cells.
@@ -729,6 +792,8 @@ def knn_ivf_blas(
                 rng,
                 pool,
                 info,
+                IVF_BLAS_SPILL if spill is None else spill,
+                IVF_BLAS_REVERSE if reverse is None else reverse,
             )
     finally:
         faiss.omp_set_num_threads(omp_threads)
@@ -763,7 +828,8 @@ def _grow_probes(join, probe_keys, expansion_keys, nprobe, depth, max_rounds, ch
 
 
 def _ivf_blas_run(
-    E, k, kk, nlist, nprobe, max_rounds, min_sim, target_recall, check_queries, seed, rng, pool, info
+    E, k, kk, nlist, nprobe, max_rounds, min_sim, target_recall, check_queries, seed, rng, pool, info,
+    spill=0.0, reverse=False,
 ):
     N = E.shape[0]
     t, c0 = time.perf_counter(), time.process_time()
@@ -774,7 +840,7 @@ def _ivf_blas_run(
         info["train_s"], info["train_cpu_s"] = time.perf_counter() - t, time.process_time() - c0
         log.info("ivf-blas trained %d cells in %.1f CPU-s", nlist, info["train_cpu_s"])
         t, c0 = time.perf_counter(), time.process_time()
-        depth = min(nlist, 4 * nprobe)
+        depth = min(nlist, max(IVF_BLAS_MAX_PROBES, 4 * nprobe))
         probes = _probe_cells(E, cells, coarse, depth, pool)
         info["assign_s"], info["assign_cpu_s"] = time.perf_counter() - t, time.process_time() - c0
         log.info("ivf-blas probes of every face in %.1f CPU-s", info["assign_cpu_s"])
@@ -782,11 +848,18 @@ def _ivf_blas_run(
         depth = 1
         probes = np.zeros((N, 1), np.int32)
     cell = probes[:, 0].astype(np.int64)
-    cell_order = np.argsort(cell, kind="stable")
-    cell_start = np.searchsorted(cell[cell_order], np.arange(nlist + 1))
+    face = np.arange(N, dtype=np.int64)
+    spilled = _spilled_faces(E, cells, probes, spill) if spill > 0 and nlist > 1 else np.zeros(0, np.int64)
+    # the cells' member lists: every face in its best cell, the spilled ones also in their second
+    listed_cell = np.concatenate([cell, probes[spilled, 1].astype(np.int64) if len(spilled) else spilled])
+    listed_face = np.concatenate([face, spilled])
+    o = np.argsort(listed_cell, kind="stable")
+    cell_order = listed_face[o]
+    cell_start = np.searchsorted(listed_cell[o], np.arange(nlist + 1))
+    del o, listed_cell, listed_face
+    info.update(spill=spill, spilled=len(spilled), reverse=reverse)
     best_I = np.full((N, kk), -1, np.int64)
     best_S = np.full((N, kk), -np.inf, np.float32)
-    face = np.arange(N, dtype=np.int64)
     probed = _Probed()
     check = None
     if target_recall is not None and check_queries and N > kk:
@@ -796,12 +869,13 @@ def _ivf_blas_run(
         info["check_s"] = time.perf_counter() - t
     rounds = []
 
-    def join(name, keys):
+    def join(name, keys, reverse=reverse):
         t, c = time.perf_counter(), time.process_time()
         keys = probed.new(keys)
         if len(keys) == 0:
             return np.zeros(0, np.int64)
-        n_cand, rows = _join(E, cell_order, cell_start, keys, nlist, kk, best_I, best_S, pool)
+        n_cand, rows = _join(E, cell_order, cell_start, keys, nlist, kk, best_I, best_S, pool,
+                             reverse=reverse, dedup=len(spilled) > 0)
         rounds.append(
             {
                 "step": name,
@@ -815,7 +889,8 @@ def _ivf_blas_run(
         log.info("ivf-blas %s", rounds[-1])
         return rows
 
-    join("own cell", face * nlist + cell)
+    # no reverse offers in the own cell: both ends of a pair in it scan it anyway
+    join("own cell", face * nlist + cell, reverse=False)
     p1 = _grow_probes(
         join,
         lambda p0, p1: (face[:, None] * nlist + probes[:, p0:p1].astype(np.int64)).ravel(),
