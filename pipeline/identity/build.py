@@ -264,7 +264,7 @@ def build_identities(
         stats["cluster_info"] = {"mode": "incremental"}
     else:
         cl = cluster_graph(
-            g.indices, g.similarities, method=method, threshold=thr, seed=seed, **cluster_kwargs
+            g.indices, g.similarities, method=method, threshold=thr, seed=seed, embeddings=E, **cluster_kwargs
         )
         labels = cl.labels
         stats["cluster_info"] = dict(cl.info, n_edges=cl.n_edges)
