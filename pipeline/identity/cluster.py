@@ -286,34 +286,49 @@ def cluster_graph(
     return Clustering(labels, method, float(threshold), int(A.nnz // 2), time.perf_counter() - t, info)
 
 
-def cluster_cohesion(E: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None, block: int = 65_536):
-    """Mean pairwise cosine similarity inside each cluster (NaN for singletons), from centroid sums.
+def centroid_sums(E: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None, n_clusters: int | None = None,
+                  block: int = 65_536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per cluster of two faces or more, the sum of its (unit) embeddings.
 
-    For unit vectors sum_{i != j} <e_i, e_j> = |sum|^2 - n, so one pass over the faces suffices.
-    ``rows``: restrict to these faces (their clusters must be whole); returns (sizes, mean_sim)
-    indexed by label."""
-    rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
-    C = int(labels.max()) + 1 if len(labels) else 0
-    lab = labels[rows]
-    sizes = np.bincount(lab, minlength=C)
+    Returns (sizes by label, slot: each label's row in sums or -1 for singletons, sums float32).
+    Singletons get no row and the sums are float32: at 10M faces with many singletons a clusters x D
+    float64 array would be the largest thing in memory. ``rows``: only these faces (their clusters
+    must be whole)."""
+    whole = rows is None  # every face: read E in contiguous blocks
+    rows = np.arange(len(labels)) if whole else np.asarray(rows)
+    C = n_clusters if n_clusters is not None else (int(labels.max()) + 1 if len(labels) else 0)
+    sizes = np.bincount(labels[rows], minlength=C).astype(np.int64)
     multi = np.flatnonzero(sizes > 1)
     slot = np.full(C, -1, dtype=np.int64)
     slot[multi] = np.arange(len(multi))
-    sums = np.zeros((len(multi), E.shape[1]), dtype=np.float64)
+    sums = np.zeros((len(multi), E.shape[1]), dtype=np.float32)
     for s in range(0, len(rows), block):
         r = rows[s : s + block]
         sl = slot[labels[r]]
-        keep = sl >= 0
-        if keep.any():  # a sparse one-hot product (np.add.at is ~10x slower)
-            onehot = sp.csr_matrix(
-                (np.ones(int(keep.sum()), np.float32), (sl[keep], np.arange(int(keep.sum())))),
-                shape=(len(multi), int(keep.sum())),
-            )
-            sums += onehot @ np.asarray(E[r[keep]], dtype=np.float32)
-    mean_sim = np.full(C, np.nan)
+        keep = np.flatnonzero(sl >= 0)
+        if len(keep):  # a sparse one-hot product: np.add.at is ~10x slower
+            onehot = sp.csr_matrix((np.ones(len(keep), np.float32), (sl[keep], np.arange(len(keep)))),
+                                   shape=(len(multi), len(keep)))
+            x = np.asarray(E[s : s + len(r)], dtype=np.float32)[keep] if whole else np.asarray(E[r[keep]], np.float32)
+            sums += onehot @ x
+    return sizes, slot, sums
+
+
+def cluster_cohesion(E: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None):
+    """(sizes, mean pairwise cosine similarity inside each cluster; NaN for singletons), by label.
+
+    For unit vectors sum_{i != j} <e_i, e_j> = |sum|^2 - n: one pass over the faces."""
+    sizes, slot, sums = centroid_sums(E, labels, rows)
+    return sizes, mean_pairwise_similarity(sizes, slot, sums)
+
+
+def mean_pairwise_similarity(sizes: np.ndarray, slot: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """From :func:`centroid_sums`: each cluster's mean pairwise similarity (NaN for singletons)."""
+    mean_sim = np.full(len(sizes), np.nan)
+    multi = slot >= 0
     n = sizes[multi].astype(np.float64)
-    mean_sim[multi] = ((sums**2).sum(1) - n) / (n * (n - 1))
-    return sizes, mean_sim
+    mean_sim[multi] = ((sums.astype(np.float64) ** 2).sum(1) - n) / (n * (n - 1))
+    return mean_sim
 
 
 def split_incoherent(
