@@ -358,6 +358,12 @@ def build_identities(
     stats["n_identities"] = C
     stats["n_singletons"] = int((sizes == 1).sum())
     stats["largest_identity"] = int(sizes.max()) if C else 0
+    # a giant merged identity (many people chained together) has a low mean pairwise similarity
+    big = int(np.argmax(sizes)) if C else -1
+    stats["largest_identity_mean_similarity"] = (
+        float(mean_intra[big]) if C and np.isfinite(mean_intra[big]) else None)
+    # clusters Chinese whispers made that were not cohesive and were clustered again (cluster.split_incoherent)
+    stats["incoherent_split"] = stats["cluster_info"].get("split_rounds", [])
     timings["tables_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
     stats["timings"] = timings
