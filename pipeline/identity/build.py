@@ -198,7 +198,8 @@ def build_identities(
         def _cluster_new(Esub):
             gs = knn_graph(Esub, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr)
             return cluster_graph(
-                gs.indices, gs.similarities, method=method, threshold=thr, seed=seed, **cluster_kwargs
+                gs.indices, gs.similarities, method=method, threshold=thr, seed=seed, embeddings=Esub,
+                **cluster_kwargs,
             ).labels
 
         prev_ids = previous.column("identity_id").to_numpy(zero_copy_only=False)
