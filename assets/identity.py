@@ -74,6 +74,9 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "empty_because": coll.empty_reason or "",
             "singletons": st["n_singletons"],
             "largest_identity": st["largest_identity"],
+            # low for a giant merged identity (many people chained together); NaN for a singleton
+            "largest_identity_mean_similarity": float(st.get("largest_identity_mean_similarity") or float("nan")),
+            "incoherent_split": dg.MetadataValue.json(_jsonable({"rounds": st.get("incoherent_split", [])})),
             "method": st["method"],
             "threshold": float(st["threshold"]),
             "knn_backend": str(st["knn_backend"]),

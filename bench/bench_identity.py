@@ -402,6 +402,9 @@ def scale(
                 "pairwise F": r["default"]["pairwise_f"],
                 "pairwise P": r["default"]["pairwise_precision"],
                 "#pred": r["default"]["n_pred_clusters"],
+                # a giant merge (many people in one identity) is visible here even when BCubed is not
+                "largest pred": r["default"].get("largest_pred_cluster"),
+                "true ids in it": r["default"].get("largest_pred_true_ids"),
             }
         )
     print(md_table(flat, list(flat[0].keys()) if flat else []))
@@ -447,6 +450,8 @@ def scale(
                     "nmi": e["nmi"],
                     "#pred": e["n_pred_clusters"],
                     "#true": e["n_true_clusters"],
+                    "largest pred": e.get("largest_pred_cluster"),
+                    "true ids in it": e.get("largest_pred_true_ids"),
                 }
             )
     if mrows:

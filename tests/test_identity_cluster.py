@@ -134,3 +134,49 @@ def test_row_argmax_label_matches_a_plain_per_row_vote():
         want_rows.append(r)
         want.append(min(lab for lab, v in votes.items() if v >= top - 1e-9 * abs(top)))
     assert rows.tolist() == want_rows and best.tolist() == want
+
+
+def _crowd_mixture():
+    """The dlib-like mixture with its identities pulled toward the mean face (tau 0.3, fitted 0.42):
+    at 20k faces it has the crowd of generic-looking people that appears at ~2M faces with the
+    fitted tau, where chains of cross-identity edges above 0.93 make one giant cluster."""
+    from dataclasses import replace
+
+    from pipeline.identity.synth import SynthParams
+
+    m = make_mixture(20_000, preset=replace(SynthParams(), tau=0.3), seed=0)
+    g = knn_graph(m.embeddings, k=10, backend="faiss-flat")
+    return m, g
+
+
+def test_giant_merge_split_and_large_identities_kept():
+    m, g = _crowd_mixture()
+    thr = DEFAULT_THRESHOLDS["dlib"]
+    plain = cluster_graph(g.indices, g.similarities, threshold=thr, embeddings=m.embeddings, split=False)
+    e_plain = evaluate(plain.labels, m.labels)
+    # the failure this guards against: plain Chinese whispers chains thousands of people into one
+    assert e_plain["largest_pred_true_ids"] >= 100, e_plain
+    assert e_plain["pairwise_precision"] < 0.5, e_plain
+
+    fixed = cluster_graph(g.indices, g.similarities, threshold=thr, embeddings=m.embeddings)
+    e = evaluate(fixed.labels, m.labels)
+    assert fixed.info["split_rounds"], fixed.info
+    assert e["largest_pred_true_ids"] <= 2, e
+    assert e["pairwise_precision"] >= 0.85, e
+    assert e["bcubed_f"] > e_plain["bcubed_f"], (e, e_plain)
+    # genuine large identities (100+ faces, up to ~1,200) are not cut: each keeps >= 90% of its faces
+    # in one cluster, as under plain Chinese whispers
+    sizes = np.bincount(m.labels)
+    for ident in np.flatnonzero(sizes >= 100):
+        lab = fixed.labels[m.labels == ident]
+        assert np.bincount(lab).max() >= 0.9 * len(lab), (ident, len(lab))
+    # deterministic
+    again = cluster_graph(g.indices, g.similarities, threshold=thr, embeddings=m.embeddings)
+    assert np.array_equal(again.labels, fixed.labels)
+
+
+def test_split_needs_matching_embeddings():
+    m = make_mixture(200, seed=0)
+    g = knn_graph(m.embeddings, k=5, backend="faiss-flat")
+    with pytest.raises(ValueError, match="differ in length"):
+        cluster_graph(g.indices, g.similarities, threshold=0.93, embeddings=m.embeddings[:100])

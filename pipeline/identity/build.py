@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # makes pa.compute available
-import scipy.sparse as sp
 
-from .cluster import DEFAULT_METHOD, cluster_graph, default_threshold
+from .cluster import DEFAULT_METHOD, centroid_sums, cluster_graph, default_threshold, mean_pairwise_similarity
 from .knn import EXACT_MAX_DEFAULT, IvfIndex, exact_knn_of_rows, knn_graph, load_embeddings
 from .local_recluster import LOCAL_RECLUSTER_MAX_FACES, id_number, previous_codes
 from .local_recluster import local_recluster as recluster_touched
@@ -65,30 +64,12 @@ class IdentityResult:
 
 
 def _cluster_stats(E: np.ndarray, labels: np.ndarray, C: int, block: int = 65_536):
-    """Per cluster: size, mean pairwise similarity; per face: similarity to its cluster's centroid.
-
-    Centroid sums are kept for clusters of two faces or more only (a singleton's face is its own
-    centroid: similarity 1), in float32: at 10M faces with many singletons a clusters x D float64
-    array would be the largest thing in memory."""
-    D = E.shape[1]
-    sizes = np.bincount(labels, minlength=C).astype(np.int64)
-    multi = np.flatnonzero(sizes > 1)
-    row_of = np.full(C, -1, dtype=np.int64)
-    row_of[multi] = np.arange(len(multi))
-    sums = np.zeros((len(multi), D), dtype=np.float32)
-    for s in range(0, E.shape[0], block):
-        e = min(E.shape[0], s + block)
-        r = row_of[labels[s:e]]
-        keep = np.flatnonzero(r >= 0)
-        if len(keep):  # a sparse one-hot product: np.add.at is ~10x slower
-            onehot = sp.csr_matrix((np.ones(len(keep), np.float32), (r[keep], np.arange(len(keep)))),
-                                   shape=(len(multi), len(keep)))
-            sums += onehot @ np.asarray(E[s:e], dtype=np.float32)[keep]
+    """Per cluster: size, mean pairwise similarity; per face: similarity to its cluster's centroid
+    (a singleton's face is its own centroid: similarity 1)."""
+    sizes, row_of, sums = centroid_sums(E, labels, n_clusters=C, block=block)
+    mean_intra = mean_pairwise_similarity(sizes, row_of, sums)
     sq = np.full(C, 1.0)
-    sq[multi] = (sums.astype(np.float64) ** 2).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # sum_{i != j} <e_i, e_j> = |sum|^2 - n for unit vectors
-        mean_intra = np.where(sizes > 1, (sq - sizes) / (sizes * (sizes - 1.0)), np.nan)
+    sq[row_of >= 0] = (sums.astype(np.float64) ** 2).sum(1)
     norms = np.sqrt(np.maximum(sq, 1e-30))
     sim_c = np.ones(E.shape[0], dtype=np.float32)
     for s in range(0, E.shape[0], block):
@@ -217,7 +198,8 @@ def build_identities(
         def _cluster_new(Esub):
             gs = knn_graph(Esub, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr)
             return cluster_graph(
-                gs.indices, gs.similarities, method=method, threshold=thr, seed=seed, **cluster_kwargs
+                gs.indices, gs.similarities, method=method, threshold=thr, seed=seed, embeddings=Esub,
+                **cluster_kwargs,
             ).labels
 
         prev_ids = previous.column("identity_id").to_numpy(zero_copy_only=False)
@@ -264,7 +246,7 @@ def build_identities(
         stats["cluster_info"] = {"mode": "incremental"}
     else:
         cl = cluster_graph(
-            g.indices, g.similarities, method=method, threshold=thr, seed=seed, **cluster_kwargs
+            g.indices, g.similarities, method=method, threshold=thr, seed=seed, embeddings=E, **cluster_kwargs
         )
         labels = cl.labels
         stats["cluster_info"] = dict(cl.info, n_edges=cl.n_edges)
@@ -377,6 +359,12 @@ def build_identities(
     stats["n_identities"] = C
     stats["n_singletons"] = int((sizes == 1).sum())
     stats["largest_identity"] = int(sizes.max()) if C else 0
+    # a giant merged identity (many people chained together) has a low mean pairwise similarity
+    big = int(np.argmax(sizes)) if C else -1
+    stats["largest_identity_mean_similarity"] = (
+        float(mean_intra[big]) if C and np.isfinite(mean_intra[big]) else None)
+    # clusters Chinese whispers made that were not cohesive and were clustered again (cluster.split_incoherent)
+    stats["incoherent_split"] = stats["cluster_info"].get("split_rounds", [])
     timings["tables_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_all
     stats["timings"] = timings

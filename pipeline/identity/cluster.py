@@ -40,6 +40,14 @@ from pipeline.faces.calibration import BACKEND_THRESHOLDS
 DEFAULT_THRESHOLDS = {name: t.cluster_link for name, t in BACKEND_THRESHOLDS.items()}
 METHODS = ("chinese_whispers", "leiden", "infomap", "connected_components")
 DEFAULT_METHOD = "chinese_whispers"
+# split_incoherent defaults, measured on the dlib-like synthetic mixture at 1M and 2M faces (README,
+# "Identity quality"): a cluster of 3+ faces whose mean pairwise similarity is more than
+# SPLIT_COHESION_MARGIN below the link threshold is clustered again at threshold + SPLIT_STEP, and so
+# on for up to SPLIT_MAX_ROUNDS rounds
+SPLIT_COHESION_MARGIN = 0.01
+SPLIT_MIN_SIZE = 3
+SPLIT_STEP = 0.01
+SPLIT_MAX_ROUNDS = 5
 
 
 def default_threshold(backend_name: str) -> float:
@@ -241,12 +249,16 @@ def cluster_graph(
     method: str = DEFAULT_METHOD,
     threshold: float = DEFAULT_THRESHOLDS["dlib"],
     seed: int = 0,
+    embeddings: np.ndarray | None = None,
+    split: bool = True,
     **kwargs,
 ) -> Clustering:
     """Cluster a kNN graph (``indices``/``similarities`` N x k) -> canonical labels.
 
-    ``kwargs`` go to the method: chinese_whispers(max_iter, n_batches), leiden(partition,
-    resolution, n_iterations), infomap(trials)."""
+    With ``embeddings`` (the N x D unit vectors the graph was built from) and ``split``, clusters
+    that are not cohesive are clustered again (:func:`split_incoherent`): the guard against giant
+    merged identities. ``kwargs`` go to the method: chinese_whispers(max_iter, n_batches),
+    leiden(partition, resolution, n_iterations), infomap(trials)."""
     if method not in METHODS:
         raise ValueError(f"unknown clustering method {method!r}; choose one of {METHODS}")
     t = time.perf_counter()
@@ -261,5 +273,101 @@ def cluster_graph(
     else:
         labels, info = connected_components(A), {}
     labels = canonical_labels(labels)
+    if split and embeddings is not None and len(labels):
+        if len(embeddings) != len(labels):
+            raise ValueError(f"embeddings ({len(embeddings)}) and graph ({len(labels)}) differ in length")
+        t_split = time.perf_counter()
+        labels, split_info = split_incoherent(
+            A, labels, embeddings, threshold, min_cohesion=threshold - SPLIT_COHESION_MARGIN,
+            min_size=SPLIT_MIN_SIZE, step=SPLIT_STEP, max_rounds=SPLIT_MAX_ROUNDS, seed=seed,
+        )
+        info.update(split_info, split_s=time.perf_counter() - t_split)
     info["graph_s"] = graph_s
     return Clustering(labels, method, float(threshold), int(A.nnz // 2), time.perf_counter() - t, info)
+
+
+def centroid_sums(E: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None, n_clusters: int | None = None,
+                  block: int = 65_536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per cluster of two faces or more, the sum of its (unit) embeddings.
+
+    Returns (sizes by label, slot: each label's row in sums or -1 for singletons, sums float32).
+    Singletons get no row and the sums are float32: at 10M faces with many singletons a clusters x D
+    float64 array would be the largest thing in memory. ``rows``: only these faces (their clusters
+    must be whole)."""
+    whole = rows is None  # every face: read E in contiguous blocks
+    rows = np.arange(len(labels)) if whole else np.asarray(rows)
+    C = n_clusters if n_clusters is not None else (int(labels.max()) + 1 if len(labels) else 0)
+    sizes = np.bincount(labels[rows], minlength=C).astype(np.int64)
+    multi = np.flatnonzero(sizes > 1)
+    slot = np.full(C, -1, dtype=np.int64)
+    slot[multi] = np.arange(len(multi))
+    sums = np.zeros((len(multi), E.shape[1]), dtype=np.float32)
+    for s in range(0, len(rows), block):
+        r = rows[s : s + block]
+        sl = slot[labels[r]]
+        keep = np.flatnonzero(sl >= 0)
+        if len(keep):  # a sparse one-hot product: np.add.at is ~10x slower
+            onehot = sp.csr_matrix((np.ones(len(keep), np.float32), (sl[keep], np.arange(len(keep)))),
+                                   shape=(len(multi), len(keep)))
+            x = np.asarray(E[s : s + len(r)], dtype=np.float32)[keep] if whole else np.asarray(E[r[keep]], np.float32)
+            sums += onehot @ x
+    return sizes, slot, sums
+
+
+def cluster_cohesion(E: np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None):
+    """(sizes, mean pairwise cosine similarity inside each cluster; NaN for singletons), by label.
+
+    For unit vectors sum_{i != j} <e_i, e_j> = |sum|^2 - n: one pass over the faces."""
+    sizes, slot, sums = centroid_sums(E, labels, rows)
+    return sizes, mean_pairwise_similarity(sizes, slot, sums)
+
+
+def mean_pairwise_similarity(sizes: np.ndarray, slot: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """From :func:`centroid_sums`: each cluster's mean pairwise similarity (NaN for singletons)."""
+    mean_sim = np.full(len(sizes), np.nan)
+    multi = slot >= 0
+    n = sizes[multi].astype(np.float64)
+    mean_sim[multi] = ((sums.astype(np.float64) ** 2).sum(1) - n) / (n * (n - 1))
+    return mean_sim
+
+
+def split_incoherent(
+    A: sp.csr_matrix,
+    labels: np.ndarray,
+    embeddings: np.ndarray,
+    threshold: float,
+    min_cohesion: float,
+    min_size: int,
+    step: float,
+    max_rounds: int,
+    seed: int = 0,
+) -> tuple[np.ndarray, dict]:
+    """Re-cluster every cluster that is not an identity: ``min_size`` faces or more whose mean pairwise
+    similarity is below ``min_cohesion``.
+
+    Chinese whispers links a chain of faces each above the threshold, so a few cross-identity edges
+    (look-alikes, generic faces near the mean face) can merge many people into one giant cluster
+    whose members are mostly far apart. Such a cluster is clustered again on its own edges at a
+    threshold raised by ``step``, which cuts the weakest links first; pieces still incoherent go
+    again, up to ``max_rounds``. Only the faces of incoherent clusters are touched (cost in
+    proportion to them), and each pass is seeded: deterministic."""
+    labels = labels.copy()
+    rows = np.arange(len(labels))
+    hist = []
+    for r in range(1, max_rounds + 1):
+        sizes, cohesion = cluster_cohesion(embeddings, labels, rows)
+        with np.errstate(invalid="ignore"):
+            bad = (sizes >= min_size) & (cohesion < min_cohesion)
+        if not bad.any():
+            break
+        rows = rows[bad[labels[rows]]]
+        t_r = threshold + step * r
+        sub = A[rows][:, rows].tocoo()
+        lab_r = labels[rows]
+        keep = (sub.data >= t_r) & (lab_r[sub.row] == lab_r[sub.col])  # never joins two clusters
+        sub = sp.csr_matrix((sub.data[keep], (sub.row[keep], sub.col[keep])), shape=(len(rows), len(rows)))
+        pieces, _ = chinese_whispers(sub, seed=seed)
+        hist.append({"round": r, "threshold": round(t_r, 4), "clusters": int(bad.sum()), "faces": len(rows),
+                     "largest": int(sizes[bad].max())})
+        labels[rows] = int(labels.max()) + 1 + pieces  # fresh labels: pieces never join an old cluster
+    return canonical_labels(labels), {"split_rounds": hist}

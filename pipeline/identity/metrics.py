@@ -84,4 +84,15 @@ def evaluate(pred, true) -> dict:
     out["nmi"] = nmi(pred, true)
     out["n_pred_clusters"] = len(np.unique(pred))
     out["n_true_clusters"] = len(np.unique(true))
+    out.update(largest_cluster(pred, true))
     return out
+
+
+def largest_cluster(pred, true) -> dict:
+    """Size of the largest predicted cluster and how many true identities it holds: a giant merge
+    (many people in one identity) shows here long before it moves BCubed F."""
+    ci, _cj, _nij, a, _b = contingency(pred, true)
+    if len(a) == 0:
+        return {"largest_pred_cluster": 0, "largest_pred_true_ids": 0}
+    big = int(np.argmax(a))
+    return {"largest_pred_cluster": int(a[big]), "largest_pred_true_ids": int((ci == big).sum())}
