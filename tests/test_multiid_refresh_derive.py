@@ -28,8 +28,11 @@ def _with_new_face(tmp, groups, who: str, toward: str | None):
     mean /= np.linalg.norm(mean)
     for r in rows:
         if r["uid"] == "zz-new":
-            if toward == "mean":  # the person's mean face: the highest similarity to each of their faces
-                e = mean
+            if toward == "mean":  # near the person's mean face, mid-band similarity, turned: the best score
+                rnd = np.random.default_rng(5).normal(size=mean.size)
+                e = mean + 0.12 * rnd / np.linalg.norm(rnd)
+                e /= np.linalg.norm(e)
+                r["yaw"] = 40.0
             else:  # orthogonal-ish to the person: below sim_low, never examined
                 rnd = np.random.default_rng(5).normal(size=mean.size)
                 e = rnd - (rnd @ mean) * mean
@@ -38,9 +41,9 @@ def _with_new_face(tmp, groups, who: str, toward: str | None):
     return images, pa.Table.from_pylist(rows, schema=faces.schema), ids
 
 
-def _refresh_and_fresh(tmp_path, monkeypatch, toward, cfg):
+def _refresh_and_fresh(tmp_path, monkeypatch, toward, cfg, person="a"):
     groups = _groups(1)
-    who = f"{groups[0]}-a"
+    who = f"{groups[0]}-{person}"
     layout = Layout(tmp_path / "home")
     _release_multiid(layout, *_collection(tmp_path, groups, photos_per_group=8), cfg=cfg)
     b_tables = _with_new_face(tmp_path, groups, who, toward)
@@ -57,7 +60,8 @@ def _targets_of(tables, who):
 
 
 def test_a_new_face_never_examined_derives_the_targets_and_the_bytes_equal_a_fresh_build(tmp_path, monkeypatch):
-    b, fresh, calls, who = _refresh_and_fresh(tmp_path, monkeypatch, None, CFG_D)
+    # person "b": in kept targets (of one split), whose sample JSON then counts the new candidate
+    b, fresh, calls, who = _refresh_and_fresh(tmp_path, monkeypatch, None, CFG_D, person="b")
     st = b.result.stats
     cands = pa.parquet.read_table(fresh.folder / "candidates.parquet").to_pylist()
     new_rows = [r for r in cands if r["ref_uid"] == "zz-new"]
@@ -67,7 +71,8 @@ def test_a_new_face_never_examined_derives_the_targets_and_the_bytes_equal_a_fre
     assert st["targets_derived"] == len(derived) > 0
     assert all(not (c & derived) for c in calls) and calls == [{"zz-new"}]
     assert st["reselect_reasons"] == {"new_photo": 1}
-    # the JSON of a derived kept sample counts the new candidate
+    outcome = {r["target_uid"]: r["outcome"] for r in pa.parquet.read_table(fresh.folder / "targets.parquet").to_pylist()}
+    assert any(outcome[u] == "kept" for u in derived) and any(outcome[u] != "kept" for u in derived | {"zz-new"})
     assert _compare(b.folder, fresh.folder) == []
 
 
