@@ -115,7 +115,7 @@ def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool, w
             "samples": sum(st["per_split"].values()), "buckets": st["buckets_reused"] + st["buckets_rebuilt"],
             **{k: st[k] for k in ("buckets_reused", "buckets_rebuilt", "selections_run", "targets_reused", "targets_reselected",
                                   "reselect_reasons", "bytes_copied", "bytes_written", "bytes_reused")},
-            **{k: st.get(k) for k in ("guard_decisions_reused", "guard_decisions_computed", "targets_derived")}}
+            **{k: st.get(k) for k in ("guard_decisions_reused", "guard_decisions_computed", "targets_derived", "not_derived_because")}}
 
 
 def largest_component_share(data: Path) -> float:

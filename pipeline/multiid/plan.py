@@ -95,6 +95,7 @@ class _Bucket:
     derived: list[str] = field(default_factory=list)
     derived_parts: dict = field(default_factory=dict)
     derived_faces: dict = field(default_factory=dict)
+    not_derived: Counter = field(default_factory=Counter)  # why targets whose candidates changed were not derived
     evictions: dict = field(default_factory=dict)  # the cache evictions of this run's selection (not recorded)
     records: dict | None = None  # key -> the place of its shard record in a spill file (made by the selecting process)
     bytes_copied: int = 0
@@ -114,12 +115,12 @@ class _Bucket:
     def state(self) -> tuple:
         return (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
                 self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions,
-                self.records, self.derived, self.derived_parts, self.derived_faces)
+                self.records, self.derived, self.derived_parts, self.derived_faces, self.not_derived)
 
     def restore(self, state: tuple) -> None:
         (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
          self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions,
-         self.records, self.derived, self.derived_parts, self.derived_faces) = state
+         self.records, self.derived, self.derived_parts, self.derived_faces, self.not_derived) = state
 
 
 def _summary(samples: list[dict]) -> list[tuple]:
@@ -260,7 +261,7 @@ class _Plan:
         b.previous = None
         b.copied, b.reasons, b.n_reused, b.n_over_cap, b.evictions = {}, Counter(), 0, 0, {"images": 0, "keypoints": 0}
         b.reused, b.records = [], None
-        b.derived, b.derived_parts, b.derived_faces = [], {}, {}
+        b.derived, b.derived_parts, b.derived_faces, b.not_derived = [], {}, {}, Counter()
         rec = self.previous_records.get(b.name)
         targets = [u for u in b.uids if u in self.img_meta]
         if rec is not None and rec.get("fingerprint") == b.fingerprint and self.prev_targets:
@@ -391,7 +392,9 @@ class _Plan:
                 continue  # its sample cannot be copied: selected again
             d = derive_added_candidates(u, old["candidates"].get(u, []), old["pairs"].get(u, []), counts_of[u], tf,
                                         self.prev_targets, by_uid, ctx)
-            if d is not None:
+            if isinstance(d, str):
+                b.not_derived[d] += 1
+            else:
                 out[u] = d
         if out:
             sink = _RowParts(self.parts_dir, f"{b.name}-derived-{self.selections}")

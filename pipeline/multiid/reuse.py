@@ -318,14 +318,14 @@ def reused_records(path: Path, keys: set[str]):
 
 
 def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict], counts: str, tf: TargetFingerprints,
-                            prev: PreviousTargets, by_uid: dict, ctx: dict) -> dict | None:
+                            prev: PreviousTargets, by_uid: dict, ctx: dict) -> dict | str:
     """Target ``u``'s rows in this version from its previous rows, when its people only gained candidates that
     the selection never examines: each new one stops at a filter before the walk (ref_quality, pHash, the
     similarity bounds...) or ranks below the last reference chosen of a person who has ``refs_per_person``
     (``not_examined_enough_chosen``). The choice is then the previous one; only the counts of candidates and
-    survivors change. None when the target must be selected again: a candidate gone or changed, a person
+    survivors change. A string when the target must be selected again: a candidate gone or changed, a person
     over the cap (a new face may push an examined one out), a new candidate that would be examined or whose
-    photo cannot be read. ``ctx``: the bucket's ``prepared`` (selection._prepare), ``fingerprints``
+    photo cannot be read: then why, as a word. ``ctx``: the bucket's ``prepared`` (selection._prepare), ``fingerprints``
     (selection._new_fingerprints), ``img_meta``, ``split_of``, ``cfg``.
 
     Returns {"candidates": rows, "pairs": rows, "counts": the target's counts, "faces": {face index: (new
@@ -334,7 +334,7 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
 
     cfg, fps, prep = ctx["cfg"], ctx["fingerprints"], ctx["prepared"]
     if not old_cands or cfg.examine_all_candidates:
-        return None
+        return "no_candidate_rows"
     fs = by_uid.get(u, [])
     usable = [f for f in fs if sel.unusable_reason(f, cfg.min_face_px, cfg.det_score_min, cfg.blur_min) is None]
     splits = {ctx["split_of"](f.identity_id) for f in fs if f.identity_id is not None}
@@ -342,7 +342,7 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
     for r in old_cands:
         by_face[r["target_face_index"]].append(r)
     if len(splits) != 1 or set(by_face) - {f.face_index for f in usable}:
-        return None
+        return "own_faces_changed"
     (split,) = splits
     face_of = {c.ref: c for f in usable for c in tf.faces_of[f.identity_id]}
     rows: list[dict] = []
@@ -352,14 +352,14 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
     for f in usable:
         cands = [c for c in tf.faces_of[f.identity_id] if c.uid != u]
         if len(cands) > cfg.max_candidates_per_person:
-            return None
+            return "person_over_cap"
         old = {(r["ref_uid"], r["ref_face_index"]): r for r in by_face.get(f.face_index, [])}
         if len(old) != len(by_face.get(f.face_index, [])) or [c.ref for c in cands if c.ref in old] != list(old):
-            return None  # a candidate gone (or out of order)
+            return "candidate_gone"  # a candidate gone (or out of order)
         for p in {ref[0] for ref in old}:  # the old candidates' photos (faces, bytes, splits) as they were
             was = prev.get(p)
             if was is None or was["photo_digest"] != tf.digests.get(p, b"-") or was["splits"] != tf.splits.get(p):
-                return None
+                return "candidate_photo_changed"
         chosen = [face_of[ref] for ref, r in old.items() if r["status"] == "selected"]
         last = max((sel.rank_key(sel.candidate_score(cfg, min(1.0, float(f.emb @ c.emb)), sel.pose_diff(f, c)[0],
                                                      prep["quality"][c.ref]), c) for c in chosen), default=None)
@@ -371,14 +371,16 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
             if target_fp is None:
                 target_fp = fps.get(u)
                 if target_fp is None:
-                    return None
+                    return "target_unreadable"
             row, _ = sel.screen_candidate(u, f, c, split, target_fp[0], target_fp[1], fps, prep, ctx["img_meta"], by_uid, cfg,
                                           ctx["split_of"])
             if row["status"] == "unreadable_reference":
-                return None
+                return "new_candidate_unreadable"
             if row["score"] is not None:  # a survivor: not examined only below the last of enough references
-                if len(chosen) < cfg.refs_per_person or sel.rank_key(row["score"], c) < last:
-                    return None
+                if len(chosen) < cfg.refs_per_person:
+                    return "new_survivor_walked_fewer_than_refs"
+                if sel.rank_key(row["score"], c) < last:
+                    return "new_survivor_ranks_above_last_chosen"
                 row["status"] = "not_examined_enough_chosen"
                 n_survivors += 1
             n_new += 1
@@ -387,7 +389,7 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
         if n_new:
             added_by[f.face_index] = (n_new, n_survivors)
     if not added_by:
-        return None
+        return "no_new_candidate"
     pairs = []
     for r in old_pairs:
         n_new, n_survivors = added_by.get(r["target_face_index"], (0, 0))
