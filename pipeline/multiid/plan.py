@@ -337,7 +337,7 @@ class _Plan:
                 reuse.append(u)
             else:
                 why[u] = reason
-        derived = self._derive(b, tf, [u for u, r in why.items() if r == "candidates_changed"], img_meta, by_uid, split_of)
+        derived, known = self._derive(b, tf, [u for u, r in why.items() if r == "candidates_changed"], img_meta, by_uid, split_of)
         for u, reason in why.items():
             if u not in derived:
                 run.append(u)
@@ -356,7 +356,7 @@ class _Plan:
 
             tally = TargetTally(on_candidates)
             job = parallel.SelectionJob(f"{b.name}-{self.selections}", img_meta, by_uid, override, targets=run, tally=tally,
-                                        records=self.out_dir is not None)
+                                        records=self.out_dir is not None, known_hamming=known or None)
             self.selections += 1
         if job is None:
             self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, [], {}, derived)
@@ -369,13 +369,15 @@ class _Plan:
 
         return job, finish
 
-    def _derive(self, b: _Bucket, tf, uids: list[str], img_meta: dict, by_uid: dict, split_of) -> dict[str, dict]:
+    def _derive(self, b: _Bucket, tf, uids: list[str], img_meta: dict, by_uid: dict, split_of) -> tuple[dict[str, dict], dict]:
         """Of ``uids`` (targets whose people's candidates changed), those whose rows derive from the previous
         version's (:func:`pipeline.multiid.reuse.derive_added_candidates`): uid -> what it gives. Their rows go
-        to one part file per table; their samples are copied from the previous tars, the JSON's counts raised."""
+        to one part file per table; their samples are copied from the previous tars, the JSON's counts raised.
+        And for the others, selected again, the pHash distances of their pairs whose photos did not change
+        (``known_hamming`` of selection.screen_candidate): their candidates' photos are not decoded for them."""
         cfg = self.cfg
         if not uids or cfg.examine_all_candidates or self.parts_dir is None:
-            return {}
+            return {}, {}
         want = pa.array(sorted(uids), pa.string())
         old: dict[str, dict[str, list[dict]]] = {"candidates": defaultdict(list), "pairs": defaultdict(list)}
         for name, schema in (("candidates", CANDIDATE_SCHEMA), ("pairs", PAIRS_SCHEMA)):
@@ -396,6 +398,20 @@ class _Plan:
                 b.not_derived[d] += 1
             else:
                 out[u] = d
+        known = {}
+        unchanged: dict[str, bool] = {}
+        for u in want.to_pylist():
+            if u in out:
+                continue
+            for r in old["candidates"].get(u, []):
+                p = r["ref_uid"]
+                if r["image_hamming"] is None:
+                    continue
+                if p not in unchanged:
+                    was = self.prev_targets.get(p)
+                    unchanged[p] = was is not None and was["photo_digest"] == tf.digests.get(p, b"-") and was["splits"] == tf.splits.get(p)
+                if unchanged[p]:
+                    known[(u, r["target_face_index"], p, r["ref_face_index"])] = (r["image_hamming"], r["face_hamming"])
         if out:
             sink = _RowParts(self.parts_dir, f"{b.name}-derived-{self.selections}")
             self.selections += 1
@@ -408,7 +424,7 @@ class _Plan:
                 sink.close()
             b.derived = sorted(out)
             b.derived_parts = dict(sink.paths)
-        return out
+        return out, known
 
     def _finish_per_target(self, b: _Bucket, tf, fps: dict, run: list[str], reuse: list[str], over_cap: dict, tally,
                            samples: list[dict], counts: dict, derived: dict | None = None) -> None:

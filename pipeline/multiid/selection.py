@@ -384,11 +384,13 @@ def rank_key(score: float, c: FaceRec) -> tuple:
 
 
 def screen_candidate(uid: str, f: FaceRec, c: FaceRec, split: str, t_phash, t_fps, fps: _Fingerprints, prep: dict, img_meta: dict,
-                     by_uid: dict, cfg: MultiIDConfig, split_of, guard=None) -> tuple[dict, object]:
+                     by_uid: dict, cfg: MultiIDConfig, split_of, guard=None, known_hamming: dict | None = None) -> tuple[dict, object]:
     """Candidate ``c`` of target ``uid``'s person ``f``: its candidate row through the filters of step 3 (the status
     of the first that fires; ``score`` set, status None, when it survives them) and the guard's check when
     ``guard`` (the whole guard, ``examine_all_candidates``) ran on it, else None. Without ``guard`` only the two
-    pHashes of the copy-paste guard run here; NCC and keypoints wait for the walk."""
+    pHashes of the copy-paste guard run here; NCC and keypoints wait for the walk. ``known_hamming``: the two
+    pHash distances of pairs whose photos are unchanged since the previous version (which read them): the
+    candidate's photo is then not decoded."""
     qual, photo_split = prep["quality"], prep["photo_split"]
     # unit vectors: a float32 dot product of two equal embeddings can read 1.0000001, over any sim_high
     row = {"target_uid": uid, "target_face_index": f.face_index, "identity_id": f.identity_id, "ref_uid": c.uid,
@@ -409,12 +411,18 @@ def screen_candidate(uid: str, f: FaceRec, c: FaceRec, split: str, t_phash, t_fp
                for o in by_uid[c.uid]):
             row["status"] = "crop_shows_other_split"
             return row, None
-    got = fps.get(c.uid)
-    if got is None:
+    known = known_hamming.get((uid, f.face_index, c.uid, c.face_index)) if known_hamming and guard is None else None
+    got = fps.get(c.uid) if known is None else None
+    if got is None and known is None:
         row["status"] = "unreadable_reference"
         return row, None
     chk = None
-    if guard is not None:
+    if known is not None:
+        ih, fh = known
+        row.update(image_hamming=ih, face_hamming=fh)
+        dup = ih <= cfg.image_hamming_max or fh <= cfg.face_hamming_max
+        reason = "image_phash" if ih <= cfg.image_hamming_max else "face_phash"
+    elif guard is not None:
         chk = guard(uid, f, c, row, t_phash, t_fps, got)
         dup = chk.is_duplicate
         reason = chk.reason
@@ -438,7 +446,8 @@ def screen_candidate(uid: str, f: FaceRec, c: FaceRec, split: str, t_phash, t_fp
 
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
             mversions: list[str], sink: _RowParts | None = None, targets: set[str] | None = None, tally=None, decisions=None,
-            records: _RecordSpill | None = None, prepared: dict | None = None, fingerprints: _Fingerprints | None = None):
+            records: _RecordSpill | None = None, prepared: dict | None = None, fingerprints: _Fingerprints | None = None,
+            known_hamming: dict | None = None):
     """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
     bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
     component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
@@ -451,7 +460,7 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     ``records`` (rows._RecordSpill): each sample's shard record is made as soon as it is selected (its
     photos' bytes still in the cache). ``prepared`` (:func:`_prepare` of the same photos and override) and
     ``fingerprints`` (:func:`_new_fingerprints`): made once and shared by the runs of one process over
-    chunks of the same photos' targets (a fresh cache by default)."""
+    chunks of the same photos' targets (a fresh cache by default). ``known_hamming``: :func:`screen_candidate`."""
     def split_of(identity_id: str) -> str:
         return "eval" if identity_id in eval_override else identity_split(identity_id, cfg.eval_fraction, cfg.split_salt)
 
@@ -541,7 +550,7 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
             survivors = []
             for c in cands:
                 row, chk = screen_candidate(uid, f, c, split, t_phash, t_fps, fps, prep, img_meta, by_uid, cfg, split_of,
-                                            guard if cfg.examine_all_candidates else None)
+                                            guard if cfg.examine_all_candidates else None, known_hamming)
                 t_cands.append(row)
                 if row["score"] is not None:
                     survivors.append((row, c, chk))
