@@ -456,7 +456,10 @@ class _Plan:
             for r in self.prev_targets.take(sorted(derived)).to_pylist():
                 u = r["target_uid"]
                 r["fingerprint"], r["photo_digest"], r["splits"], r["people_digest"] = fps[u]
-                r["examined"], r["counts"] = tf.examined(u), derived[u]["counts"]
+                # the examined fingerprint from its rows (as a selected target's): no second hash sort of the subset
+                r["examined"] = tf.examined_from_rows(u, [(x["identity_id"], x["ref_uid"], x["ref_face_index"])
+                                                          for x in derived[u]["candidates"]])
+                r["counts"] = derived[u]["counts"]
                 rows.append(r)
                 if r["outcome"] == "kept":
                     b.copied.setdefault(r["split"], {}).setdefault(r["shard"], set()).add(r["key"])
