@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet  # noqa: F401 - pa.parquet
 
 from pipeline.config import Layout
-from tests.test_shard_reuse import CFG, _collection, _compare, _groups, _release_multiid, _spy_select
+from test_shard_reuse import CFG, _collection, _compare, _groups, _release_multiid, _spy_select
 
 # one group of three people, eight photos; person "a" is in photos 0, 3, 5, 6 (with b or c)
 CFG_D = replace(CFG, refs_per_person=1)
