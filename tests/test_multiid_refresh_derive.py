@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet  # noqa: F401 - pa.parquet
+import pyarrow.parquet
+from test_shard_reuse import CFG, _collection, _compare, _groups, _release_multiid, _spy_select
 
 from pipeline.config import Layout
-from test_shard_reuse import CFG, _collection, _compare, _groups, _release_multiid, _spy_select
 
 # one group of three people, eight photos; person "a" is in photos 0, 3, 5, 6 (with b or c)
 CFG_D = replace(CFG, refs_per_person=1)
@@ -61,7 +61,7 @@ def _targets_of(tables, who):
 
 def test_a_new_face_never_examined_derives_the_targets_and_the_bytes_equal_a_fresh_build(tmp_path, monkeypatch):
     # person "b": in kept targets (of one split), whose sample JSON then counts the new candidate
-    b, fresh, calls, who = _refresh_and_fresh(tmp_path, monkeypatch, None, CFG_D, person="b")
+    b, fresh, calls, _ = _refresh_and_fresh(tmp_path, monkeypatch, None, CFG_D, person="b")
     st = b.result.stats
     cands = pa.parquet.read_table(fresh.folder / "candidates.parquet").to_pylist()
     new_rows = [r for r in cands if r["ref_uid"] == "zz-new"]
@@ -77,7 +77,7 @@ def test_a_new_face_never_examined_derives_the_targets_and_the_bytes_equal_a_fre
 
 
 def test_a_new_face_ranked_first_selects_the_targets_again(tmp_path, monkeypatch):
-    b, fresh, calls, who = _refresh_and_fresh(tmp_path, monkeypatch, "mean", CFG_D)
+    b, fresh, calls, _ = _refresh_and_fresh(tmp_path, monkeypatch, "mean", CFG_D)
     st = b.result.stats
     cands = pa.parquet.read_table(fresh.folder / "candidates.parquet").to_pylist()
     new_rows = [r for r in cands if r["ref_uid"] == "zz-new"]
