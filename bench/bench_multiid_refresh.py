@@ -115,7 +115,7 @@ def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool, w
             "samples": sum(st["per_split"].values()), "buckets": st["buckets_reused"] + st["buckets_rebuilt"],
             **{k: st[k] for k in ("buckets_reused", "buckets_rebuilt", "selections_run", "targets_reused", "targets_reselected",
                                   "reselect_reasons", "bytes_copied", "bytes_written", "bytes_reused")},
-            **{k: st.get(k) for k in ("guard_decisions_reused", "guard_decisions_computed")}}
+            **{k: st.get(k) for k in ("guard_decisions_reused", "guard_decisions_computed", "targets_derived", "not_derived_because")}}
 
 
 def largest_component_share(data: Path) -> float:
@@ -249,7 +249,7 @@ def main() -> int:
     path.write_text(json.dumps(res, indent=1))
     print(json.dumps(res["collection"]))
     print("| build | workers | CPU s | CPU s / target | wall s | efficiency | CPU overhead | load | peak RSS GB (worker) | "
-          "buckets rebuilt/all | targets reselected / reused | reasons |")
+          "buckets rebuilt/all | targets reselected / derived / reused | reasons |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k, r in res.items():
         if not isinstance(r, dict) or "cpu_s" not in r:
@@ -257,7 +257,8 @@ def main() -> int:
         print(f"| {k} | {r['workers']} | {r['cpu_s']} | {r['cpu_s'] / max(1, r['targets']):.3f} | {r['wall_s']} | "
               f"{r.get('parallel_efficiency', '')} | {r.get('cpu_overhead', '')} | {r['load_avg_1min']} | "
               f"{r['peak_rss_gb']} ({r['worker_peak_rss_gb']}) | "
-              f"{r['buckets_rebuilt']}/{r['buckets']} | {r['targets_reselected']} / {r['targets_reused']} | {r['reselect_reasons']} |")
+              f"{r['buckets_rebuilt']}/{r['buckets']} | {r['targets_reselected']} / {r.get('targets_derived')} / {r['targets_reused']} | "
+              f"{r['reselect_reasons']} |")
     for w in counts:
         sfx = "" if w == counts[0] else f"-w{w}"
         r = res[f"B_refresh{sfx}"]

@@ -6,6 +6,7 @@ Skipped without Ray (pip install -e '.[ray]')."""
 import os
 from contextlib import contextmanager
 
+import pyarrow as pa
 import pytest
 
 pytest.importorskip("ray")
@@ -85,6 +86,12 @@ def test_ray_refresh_with_guard_decisions_is_byte_identical(tmp_path, ray_no_dri
     first = build_multiid_dataset(*base, out / "v1", cfg, version="v1", engine="ray", guard_cache=out / "guard.parquet")
     assert first.stats["guard_decisions_computed"] > 0
     grown = _collection(tmp_path, groups, photos_per_group=14, extra=[("zz-new", [f"{groups[0]}-a", f"{groups[0]}-b"])])
+    # the second group's photos edited (their captions): selected again with the same candidates, so their
+    # walks meet the pairs the first build judged (a new face's targets may be derived, judging nothing)
+    images = grown[0]
+    edited = [c if not u.startswith(groups[1]) else "edited" for u, c in zip(images.column("uid").to_pylist(),
+                                                                          images.column("caption").to_pylist())]
+    grown = (images.set_column(images.schema.get_field_index("caption"), "caption", pa.array(edited, pa.string())), *grown[1:])
     build_multiid_dataset(*grown, out / "fresh", cfg, version="v2", workers=1, engine="inprocess")
     ray = build_multiid_dataset(*grown, out / "r", cfg, version="v2", reuse_from=first.out_dir, engine="ray",
                                 guard_cache=out / "guard.parquet")

@@ -246,6 +246,9 @@ def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -
     stats["targets_reused"] = sum(b.n_reused for b in buckets)
     stats["targets_reused_over_cap_updated"] = sum(b.n_over_cap for b in buckets)
     stats["targets_reselected"] = sum(sum(b.reasons.values()) for b in buckets)
+    # of the targets whose candidates changed, those derived from their previous rows without a selection
+    stats["targets_derived"] = sum(len(b.derived) for b in buckets)
+    stats["not_derived_because"] = dict(sorted(sum((b.not_derived for b in buckets), Counter()).items()))
     stats["reselect_reasons"] = dict(sorted(sum((b.reasons for b in buckets), Counter()).items()))
     stats["bytes_copied"] = sum(b.bytes_copied for b in buckets)
     stats["bytes_written"] = sum(b.bytes_written for b in buckets)

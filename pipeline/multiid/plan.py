@@ -24,17 +24,23 @@ from pipeline.multiid.reuse import (
     TargetFingerprints,
     TargetTally,
     common_digest,
+    derive_added_candidates,
     patch_over_cap,
+    patched_records,
     photo_digests,
     reselect_reason,
     reused_records,
     target_counts,
 )
 from pipeline.multiid.rows import (
+    CANDIDATE_SCHEMA,
+    PAIRS_SCHEMA,
     SIM_BINS,
+    _hist_counts,
     _hist_from_counts,
     _merge_in_target_order,
     _part_batches,
+    _RowParts,
     _shard_samples,
     _spilled_records,
 )
@@ -84,6 +90,12 @@ class _Bucket:
     n_reused: int = 0
     reused: list[str] = field(default_factory=list)  # in a bucket selected again, its targets reused (rows: previous version)
     n_over_cap: int = 0  # of them, targets whose people gained or lost faces only outside their examined candidates
+    # targets derived from their previous rows (reuse.derive_added_candidates): their rows' part files
+    # (name -> path), and per sample key the counts its JSON raises
+    derived: list[str] = field(default_factory=list)
+    derived_parts: dict = field(default_factory=dict)
+    derived_faces: dict = field(default_factory=dict)
+    not_derived: Counter = field(default_factory=Counter)  # why targets whose candidates changed were not derived
     evictions: dict = field(default_factory=dict)  # the cache evictions of this run's selection (not recorded)
     records: dict | None = None  # key -> the place of its shard record in a spill file (made by the selecting process)
     bytes_copied: int = 0
@@ -103,12 +115,12 @@ class _Bucket:
     def state(self) -> tuple:
         return (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
                 self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions,
-                self.records)
+                self.records, self.derived, self.derived_parts, self.derived_faces, self.not_derived)
 
     def restore(self, state: tuple) -> None:
         (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
          self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions,
-         self.records) = state
+         self.records, self.derived, self.derived_parts, self.derived_faces, self.not_derived) = state
 
 
 def _summary(samples: list[dict]) -> list[tuple]:
@@ -249,6 +261,7 @@ class _Plan:
         b.previous = None
         b.copied, b.reasons, b.n_reused, b.n_over_cap, b.evictions = {}, Counter(), 0, 0, {"images": 0, "keypoints": 0}
         b.reused, b.records = [], None
+        b.derived, b.derived_parts, b.derived_faces, b.not_derived = [], {}, {}, Counter()
         rec = self.previous_records.get(b.name)
         targets = [u for u in b.uids if u in self.img_meta]
         if rec is not None and rec.get("fingerprint") == b.fingerprint and self.prev_targets:
@@ -305,7 +318,7 @@ class _Plan:
         fps = {u: tf.whole(u) for u in targets}
         over_cap: dict[str, int] = {}  # reused targets whose examined candidates are the same, their over-cap count not
         prev = self.prev_targets
-        reuse, run = [], []
+        reuse, run, why = [], [], {}
         for u in targets:
             was = prev.get(u) if prev else None
             reason = reselect_reason(was, fps[u]) if prev else "no_previous_version"
@@ -323,6 +336,10 @@ class _Plan:
             if reason is None:
                 reuse.append(u)
             else:
+                why[u] = reason
+        derived, known = self._derive(b, tf, [u for u, r in why.items() if r == "candidates_changed"], img_meta, by_uid, split_of)
+        for u, reason in why.items():
+            if u not in derived:
                 run.append(u)
                 b.reasons[reason] += 1
         b.n_reused, b.n_over_cap = len(reuse), len(over_cap)
@@ -339,21 +356,78 @@ class _Plan:
 
             tally = TargetTally(on_candidates)
             job = parallel.SelectionJob(f"{b.name}-{self.selections}", img_meta, by_uid, override, targets=run, tally=tally,
-                                        records=self.out_dir is not None)
+                                        records=self.out_dir is not None, known_hamming=known or None)
             self.selections += 1
         if job is None:
-            self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, [], {})
+            self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, [], {}, derived)
             return None
 
         def finish(result) -> None:
             samples, counts, b.pairs, b.cands, b.records = result
             b.evictions = counts["cache_evictions"]
-            self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, samples, counts)
+            self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, samples, counts, derived)
 
         return job, finish
 
+    def _derive(self, b: _Bucket, tf, uids: list[str], img_meta: dict, by_uid: dict, split_of) -> tuple[dict[str, dict], dict]:
+        """Of ``uids`` (targets whose people's candidates changed), those whose rows derive from the previous
+        version's (:func:`pipeline.multiid.reuse.derive_added_candidates`): uid -> what it gives. Their rows go
+        to one part file per table; their samples are copied from the previous tars, the JSON's counts raised.
+        And for the others, selected again, the pHash distances of their pairs whose photos did not change
+        (``known_hamming`` of selection.screen_candidate): their candidates' photos are not decoded for them."""
+        cfg = self.cfg
+        if not uids or cfg.examine_all_candidates or self.parts_dir is None:
+            return {}, {}
+        want = pa.array(sorted(uids), pa.string())
+        old: dict[str, dict[str, list[dict]]] = {"candidates": defaultdict(list), "pairs": defaultdict(list)}
+        for name, schema in (("candidates", CANDIDATE_SCHEMA), ("pairs", PAIRS_SCHEMA)):
+            for t in _part_batches(self.previous / f"{name}.parquet", schema, want):
+                for r in t.to_pylist():
+                    old[name][r["target_uid"]].append(r)
+        ctx = {"cfg": cfg, "prepared": selection._prepare(by_uid, cfg, set(b.override)), "img_meta": img_meta, "split_of": split_of,
+               "fingerprints": selection._new_fingerprints(self.read_bytes, by_uid, cfg)}
+        counts_of = dict(zip(want.to_pylist(), self.prev_targets.take(want.to_pylist()).column("counts").to_pylist()))
+        out = {}
+        for u in want.to_pylist():
+            shard = self.prev_targets.shard[u]
+            if shard is not None and self.prev_targets.shard_problems(shard):
+                continue  # its sample cannot be copied: selected again
+            d = derive_added_candidates(u, old["candidates"].get(u, []), old["pairs"].get(u, []), counts_of[u], tf,
+                                        self.prev_targets, by_uid, ctx)
+            if isinstance(d, str):
+                b.not_derived[d] += 1
+            else:
+                out[u] = d
+        known = {}
+        unchanged: dict[str, bool] = {}
+        for u in want.to_pylist():
+            if u in out:
+                continue
+            for r in old["candidates"].get(u, []):
+                p = r["ref_uid"]
+                if r["image_hamming"] is None:
+                    continue
+                if p not in unchanged:
+                    was = self.prev_targets.get(p)
+                    unchanged[p] = was is not None and was["photo_digest"] == tf.digests.get(p, b"-") and was["splits"] == tf.splits.get(p)
+                if unchanged[p]:
+                    known[(u, r["target_face_index"], p, r["ref_face_index"])] = (r["image_hamming"], r["face_hamming"])
+        if out:
+            sink = _RowParts(self.parts_dir, f"{b.name}-derived-{self.selections}")
+            self.selections += 1
+            try:
+                for name, schema in (("candidates", CANDIDATE_SCHEMA), ("pairs", PAIRS_SCHEMA)):
+                    rows = [r for u in sorted(out) for r in out[u][name]]  # in target order, each target's in its order
+                    if rows:
+                        sink.write(name, pa.Table.from_pylist(rows, schema=schema))
+            finally:
+                sink.close()
+            b.derived = sorted(out)
+            b.derived_parts = dict(sink.paths)
+        return out, known
+
     def _finish_per_target(self, b: _Bucket, tf, fps: dict, run: list[str], reuse: list[str], over_cap: dict, tally,
-                           samples: list[dict], counts: dict) -> None:
+                           samples: list[dict], counts: dict, derived: dict | None = None) -> None:
         """Bucket ``b``'s targets.parquet rows, summary and counts, once its selected targets are selected."""
         prev = self.prev_targets
         # targets.parquet rows of the selected targets
@@ -376,6 +450,20 @@ class _Plan:
                 "counts": target_counts(dict(sorted(removed.items())), dict(sorted(flags.items())),
                                         {x: errors[x] for x in sorted(set(seen))}),
             })
+        derived = derived or {}
+        if derived:
+            # the previous row, this version's fingerprints and counts (outcome, key, persons, refs stay)
+            for r in self.prev_targets.take(sorted(derived)).to_pylist():
+                u = r["target_uid"]
+                r["fingerprint"], r["photo_digest"], r["splits"], r["people_digest"] = fps[u]
+                # the examined fingerprint from its rows (as a selected target's): no second hash sort of the subset
+                r["examined"] = tf.examined_from_rows(u, [(x["identity_id"], x["ref_uid"], x["ref_face_index"])
+                                                          for x in derived[u]["candidates"]])
+                r["counts"] = derived[u]["counts"]
+                rows.append(r)
+                if r["outcome"] == "kept":
+                    b.copied.setdefault(r["split"], {}).setdefault(r["shard"], set()).add(r["key"])
+                    b.derived_faces[r["key"]] = derived[u]["faces"]
         parts = [pa.Table.from_pylist(rows, schema=TARGETS_SCHEMA)]
         if reuse:
             kept = prev.take(reuse)
@@ -397,7 +485,11 @@ class _Plan:
         # the similarity histograms: those of the selected targets' rows now; the reused targets' rows stay in
         # the previous version's tables, counted in one pass for all buckets once selection is over
         # (:meth:`_count_reused_rows`)
-        b.counts = _bucket_counts(b.targets, counts.get("similarity_all_candidates", {}), counts.get("similarity_selected", {}))
+        sims = {k: Counter(counts.get(k, {})) for k in ("similarity_all_candidates", "similarity_selected")}
+        for k, name in (("similarity_all_candidates", "candidates"), ("similarity_selected", "pairs")):
+            sims[k].update(_hist_counts([r["similarity"] for d in derived.values() for r in d[name]]))
+        b.counts = _bucket_counts(b.targets, *({i: n for i, n in sorted(sims[k].items(), key=lambda t: int(t[0])) if n}
+                                               for k in ("similarity_all_candidates", "similarity_selected")))
 
     def _emit(self, b: _Bucket) -> None:
         """Write bucket ``b``'s shards (hard links for a reused bucket; replacing what an earlier run of the
@@ -425,7 +517,8 @@ class _Plan:
                        else _shard_samples(split_samples, cfg, self.read_bytes))
                 streams = [self._counted(new, "bytes_written", b)]
                 for src, keys in sorted(b.copied.get(split, {}).items()):
-                    streams.append(self._counted(reused_records(self.previous / src, keys), "bytes_copied", b))
+                    streams.append(self._counted(patched_records(reused_records(self.previous / src, keys), b.derived_faces),
+                                                 "bytes_copied", b))
                 order: list[str] = []
                 merged = heapq.merge(*streams, key=lambda r: r["__key__"])
                 infos = write_shards((order.append(r["__key__"]) or r for r in merged), d,
@@ -514,6 +607,7 @@ class _Plan:
         # a selection run in parallel left one part file per chunk of targets, each sorted by target uid
         sources = [_part_batches(p, schema) for b in self.active() if b.previous is None
                    for p in (getattr(b, attr) if isinstance(getattr(b, attr), list) else [getattr(b, attr)])]
+        sources += [_part_batches(b.derived_parts.get(name), schema) for b in self.active() if b.previous is None and b.derived]
         reused = self._reused_uids()
         if reused:
             sources.append(_part_batches(self.previous / f"{name}.parquet", schema, pa.array(reused, pa.string())))

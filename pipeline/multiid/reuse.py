@@ -315,3 +315,127 @@ def reused_records(path: Path, keys: set[str]):
     for rec in iter_shard(path, exts=None, keys=keys):
         rec.pop("__shard__")
         yield rec
+
+
+# the statuses of the candidates the walk reached (a reference chosen, or judged against the chosen ones)
+WALKED = ("selected", "redundant", "near_duplicate_face_ncc", "near_duplicate_keypoints")
+
+
+def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict], counts: str, tf: TargetFingerprints,
+                            prev: PreviousTargets, by_uid: dict, ctx: dict) -> dict | str:
+    """Target ``u``'s rows in this version from its previous rows, when its people only gained candidates that
+    the selection never examines: each new one stops at a filter before the walk (ref_quality, pHash, the
+    similarity bounds...) or ranks below the last reference chosen of a person who has ``refs_per_person``
+    (``not_examined_enough_chosen``); a candidate gone (deleted, or pushed out of the examined subset over the cap
+    by a new one) was never reached by the walk either. The choice is then the previous one; only the counts of
+    candidates and survivors change. A string when the target must be selected again: a candidate reached by
+    the walk gone, a candidate's photo changed, a new candidate that would be examined or whose
+    photo cannot be read: then why, as a word. ``ctx``: the bucket's ``prepared`` (selection._prepare), ``fingerprints``
+    (selection._new_fingerprints), ``img_meta``, ``split_of``, ``cfg``.
+
+    Returns {"candidates": rows, "pairs": rows, "counts": the target's counts, "faces": {face index: (new
+    candidates, new survivors)}}: what selecting it again would give (byte-identical versions: tests)."""
+    from pipeline.multiid import selection as sel
+    from pipeline.multiid.rules import examined_candidates
+
+    cfg, fps, prep = ctx["cfg"], ctx["fingerprints"], ctx["prepared"]
+    if not old_cands or cfg.examine_all_candidates:
+        return "no_candidate_rows"
+    fs = by_uid.get(u, [])
+    usable = [f for f in fs if sel.unusable_reason(f, cfg.min_face_px, cfg.det_score_min, cfg.blur_min) is None]
+    splits = {ctx["split_of"](f.identity_id) for f in fs if f.identity_id is not None}
+    by_face: dict[int, list[dict]] = defaultdict(list)
+    for r in old_cands:
+        by_face[r["target_face_index"]].append(r)
+    if len(splits) != 1 or set(by_face) - {f.face_index for f in usable}:
+        return "own_faces_changed"
+    (split,) = splits
+    face_of = {c.ref: c for f in usable for c in tf.faces_of[f.identity_id]}
+    rows: list[dict] = []
+    added_by: dict[int, tuple[int, int]] = {}
+    removed: Counter = Counter()
+    target_fp = None
+    over_cap = 0
+    for f in usable:
+        everyone = [c for c in tf.faces_of[f.identity_id] if c.uid != u]
+        over_cap += max(0, len(everyone) - cfg.max_candidates_per_person)
+        # over the cap a new face may enter the examined subset and push another out of it
+        cands = examined_candidates(u, everyone, cfg.max_candidates_per_person)
+        old = {(r["ref_uid"], r["ref_face_index"]): r for r in by_face.get(f.face_index, [])}
+        now = {c.ref for c in cands}
+        gone = [ref for ref in old if ref not in now]
+        if len(old) != len(by_face.get(f.face_index, [])) or [c.ref for c in cands if c.ref in old] != [r for r in old if r in now]:
+            return "candidates_out_of_order"
+        n_gone = n_survivors = 0
+        for ref in gone:  # a candidate gone (deleted, or pushed over the cap) that the walk never reached
+            r = old.pop(ref)
+            if r["status"] in WALKED or r["status"] == "unreadable_reference":  # (its error is in the counts)
+                return "walked_candidate_gone"
+            removed[r["status"]] -= 1
+            n_gone += 1
+            n_survivors -= r["score"] is not None  # not examined, counted as a survivor
+        for p in {ref[0] for ref in old}:  # the old candidates' photos (faces, bytes, splits) as they were
+            was = prev.get(p)
+            if was is None or was["photo_digest"] != tf.digests.get(p, b"-") or was["splits"] != tf.splits.get(p):
+                return "candidate_photo_changed"
+        chosen = [face_of[ref] for ref, r in old.items() if r["status"] == "selected"]
+        last = max((sel.rank_key(sel.candidate_score(cfg, min(1.0, float(f.emb @ c.emb)), sel.pose_diff(f, c)[0],
+                                                     prep["quality"][c.ref]), c) for c in chosen), default=None)
+        n_new = 0
+        for c in cands:
+            if c.ref in old:
+                rows.append(old[c.ref])
+                continue
+            if target_fp is None:
+                target_fp = fps.get(u)
+                if target_fp is None:
+                    return "target_unreadable"
+            row, _ = sel.screen_candidate(u, f, c, split, target_fp[0], target_fp[1], fps, prep, ctx["img_meta"], by_uid, cfg,
+                                          ctx["split_of"])
+            if row["status"] == "unreadable_reference":
+                return "new_candidate_unreadable"
+            if row["score"] is not None:  # a survivor: not examined only below the last of enough references
+                if len(chosen) < cfg.refs_per_person:
+                    return "new_survivor_walked_fewer_than_refs"
+                if sel.rank_key(row["score"], c) < last:
+                    return "new_survivor_ranks_above_last_chosen"
+                row["status"] = "not_examined_enough_chosen"
+                n_survivors += 1
+            n_new += 1
+            removed[row["status"]] += 1
+            rows.append(row)
+        if n_new or n_gone:
+            added_by[f.face_index] = (n_new - n_gone, n_survivors)
+    if not added_by:
+        return "no_candidate_changed"
+    pairs = []
+    for r in old_pairs:
+        n_new, n_survivors = added_by.get(r["target_face_index"], (0, 0))
+        pairs.append({**r, "n_candidates": r["n_candidates"] + n_new, "n_survivors": r["n_survivors"] + n_survivors})
+    c = json.loads(counts)
+    total = Counter(c["candidates_removed_by"])
+    total.update(removed)  # update, not +=: a key counted 0 stays (as the selection's counter keeps it)
+    for status, n in removed.items():
+        if n < 0 and total[status] == 0:  # the selection counts a status only when a row has it
+            del total[status]
+    total["candidates_total"] += sum(n for n, _ in added_by.values())
+    total.pop("not_examined_over_cap", None)
+    if over_cap:
+        total["not_examined_over_cap"] = over_cap
+    return {"candidates": rows, "pairs": pairs, "faces": added_by,
+            "counts": target_counts(dict(sorted(total.items())), c["duplicate_flags_independent"], c["unreadable"])}
+
+
+def patched_records(records, faces_of_key: dict[str, dict[int, tuple[int, int]]]):
+    """Records of a previous tar with, for the samples of derived targets (``faces_of_key``: key -> {face index:
+    (new candidates, new survivors)}), the JSON's counts of candidates and survivors raised."""
+    for rec in records:
+        added = faces_of_key.get(rec["__key__"])
+        if added:
+            s = json.loads(rec["json"])
+            for fj in s["faces"]:
+                n_new, n_survivors = added.get(fj["face_index"], (0, 0))
+                fj["n_candidates"] += n_new
+                fj["n_survivors"] += n_survivors
+            rec["json"] = s  # written as a fresh build writes it (pipeline.shards._encode)
+        yield rec

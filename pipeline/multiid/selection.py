@@ -370,9 +370,84 @@ def photo_hashes(uids: list[str], by_uid: dict[str, list[FaceRec]], cfg: MultiID
     return out
 
 
+def candidate_score(cfg: MultiIDConfig, similarity: float, pose: float, ref_quality: float) -> float:
+    """A surviving candidate's ranking score (step 4 of the recipe)."""
+    mid, half = (cfg.sim_low + cfg.sim_high) / 2, (cfg.sim_high - cfg.sim_low) / 2
+    band = 1.0 - abs(similarity - mid) / max(half, 1e-9)
+    pdiff = min(1.0, pose / cfg.pose_norm_deg)
+    return cfg.w_pose * pdiff + cfg.w_quality * ref_quality + cfg.w_sim * band
+
+
+def rank_key(score: float, c: FaceRec) -> tuple:
+    """Where a survivor stands in the walk: best score first, ties by (uid, face index)."""
+    return (-round(score, 9), c.uid, c.face_index)
+
+
+def screen_candidate(uid: str, f: FaceRec, c: FaceRec, split: str, t_phash, t_fps, fps: _Fingerprints, prep: dict, img_meta: dict,
+                     by_uid: dict, cfg: MultiIDConfig, split_of, guard=None, known_hamming: dict | None = None) -> tuple[dict, object]:
+    """Candidate ``c`` of target ``uid``'s person ``f``: its candidate row through the filters of step 3 (the status
+    of the first that fires; ``score`` set, status None, when it survives them) and the guard's check when
+    ``guard`` (the whole guard, ``examine_all_candidates``) ran on it, else None. Without ``guard`` only the two
+    pHashes of the copy-paste guard run here; NCC and keypoints wait for the walk. ``known_hamming``: the two
+    pHash distances of pairs whose photos are unchanged since the previous version (which read them): the
+    candidate's photo is then not decoded."""
+    qual, photo_split = prep["quality"], prep["photo_split"]
+    # unit vectors: a float32 dot product of two equal embeddings can read 1.0000001, over any sim_high
+    row = {"target_uid": uid, "target_face_index": f.face_index, "identity_id": f.identity_id, "ref_uid": c.uid,
+           "ref_face_index": c.face_index, "similarity": min(1.0, float(f.emb @ c.emb)), "image_hamming": None, "face_hamming": None,
+           "face_ncc": None, "kp_inliers": None, "kp_ratio": None, "ref_quality": qual[c.ref], "pose_diff": pose_diff(f, c)[0], "score": None, "status": None}
+    if unusable_reason(c, cfg.ref_min_face_px, cfg.det_score_min, cfg.blur_min) is not None:
+        row["status"] = "ref_quality"
+        return row, None
+    c_split, c_mixed = photo_split[c.uid]
+    if c_split != split:
+        row["status"] = "photo_in_other_split"
+        return row, None
+    if c_mixed:
+        meta_c = img_meta.get(c.uid, {})
+        box = (crop_box(c.bbox, cfg.crop_margin, meta_c.get("width") or 1 << 30, meta_c.get("height") or 1 << 30)
+               if cfg.ref_mode == "crop" else (0, 0, 1 << 30, 1 << 30))
+        if any(o.identity_id is not None and split_of(o.identity_id) != split and boxes_overlap(o.bbox, box)
+               for o in by_uid[c.uid]):
+            row["status"] = "crop_shows_other_split"
+            return row, None
+    known = known_hamming.get((uid, f.face_index, c.uid, c.face_index)) if known_hamming and guard is None else None
+    got = fps.get(c.uid) if known is None else None
+    if got is None and known is None:
+        row["status"] = "unreadable_reference"
+        return row, None
+    chk = None
+    if known is not None:
+        ih, fh = known
+        row.update(image_hamming=ih, face_hamming=fh)
+        dup = ih <= cfg.image_hamming_max or fh <= cfg.face_hamming_max
+        reason = "image_phash" if ih <= cfg.image_hamming_max else "face_phash"
+    elif guard is not None:
+        chk = guard(uid, f, c, row, t_phash, t_fps, got)
+        dup = chk.is_duplicate
+        reason = chk.reason
+    else:
+        # the cheap part of the guard (the two pHashes) for every candidate; NCC and keypoints
+        # only in rank order, until enough references are chosen
+        ih, fh = dedup.hamming(t_phash, got[0]), dedup.face_hamming(t_fps[f.face_index], got[1][c.face_index])
+        row.update(image_hamming=ih, face_hamming=fh)
+        dup = ih <= cfg.image_hamming_max or fh <= cfg.face_hamming_max
+        reason = "image_phash" if ih <= cfg.image_hamming_max else "face_phash"
+    if row["similarity"] < cfg.sim_low:
+        row["status"] = "sim_below_low"
+    elif dup:
+        row["status"] = "near_duplicate_" + reason
+    elif row["similarity"] > cfg.sim_high:
+        row["status"] = "sim_above_high"
+    else:
+        row["score"] = candidate_score(cfg, row["similarity"], row["pose_diff"], row["ref_quality"])
+    return row, chk
+
+
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
             mversions: list[str], sink: _RowParts | None = None, targets: set[str] | None = None, tally=None, decisions=None,
-            records: _RecordSpill | None = None, prepared: dict | None = None, fingerprints: _Fingerprints | None = None):
+            records: _RecordSpill | None = None, prepared: dict | None = None, fingerprints: _Fingerprints | None = None,
+            known_hamming: dict | None = None):
     """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
     bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
     component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
@@ -385,12 +460,12 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     ``records`` (rows._RecordSpill): each sample's shard record is made as soon as it is selected (its
     photos' bytes still in the cache). ``prepared`` (:func:`_prepare` of the same photos and override) and
     ``fingerprints`` (:func:`_new_fingerprints`): made once and shared by the runs of one process over
-    chunks of the same photos' targets (a fresh cache by default)."""
+    chunks of the same photos' targets (a fresh cache by default). ``known_hamming``: :func:`screen_candidate`."""
     def split_of(identity_id: str) -> str:
         return "eval" if identity_id in eval_override else identity_split(identity_id, cfg.eval_fraction, cfg.split_salt)
 
     prep = prepared if prepared is not None else _prepare(by_uid, cfg, eval_override)
-    by_identity, photo_split, qual = prep["by_identity"], prep["photo_split"], prep["quality"]
+    by_identity, qual = prep["by_identity"], prep["quality"]
     fps = fingerprints if fingerprints is not None else _new_fingerprints(read_bytes, by_uid, cfg)
     evicted_before = (fps.cache.evictions, fps.kps.evictions)
     kp_args = {"kp_min_inliers": cfg.kp_min_inliers, "kp_min_ratio": cfg.kp_min_ratio, "kp_strong_inliers": cfg.kp_strong_inliers}
@@ -474,55 +549,12 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
             removed["candidates_total"] += len(cands)
             survivors = []
             for c in cands:
-                # unit vectors: a float32 dot product of two equal embeddings can read 1.0000001, over any sim_high
-                row = {"target_uid": uid, "target_face_index": f.face_index, "identity_id": f.identity_id, "ref_uid": c.uid,
-                       "ref_face_index": c.face_index, "similarity": min(1.0, float(f.emb @ c.emb)), "image_hamming": None, "face_hamming": None,
-                       "face_ncc": None, "kp_inliers": None, "kp_ratio": None, "ref_quality": qual[c.ref], "pose_diff": pose_diff(f, c)[0], "score": None, "status": None}
+                row, chk = screen_candidate(uid, f, c, split, t_phash, t_fps, fps, prep, img_meta, by_uid, cfg, split_of,
+                                            guard if cfg.examine_all_candidates else None, known_hamming)
                 t_cands.append(row)
-                if unusable_reason(c, cfg.ref_min_face_px, cfg.det_score_min, cfg.blur_min) is not None:
-                    row["status"] = "ref_quality"
-                    continue
-                c_split, c_mixed = photo_split[c.uid]
-                if c_split != split:
-                    row["status"] = "photo_in_other_split"
-                    continue
-                if c_mixed:
-                    meta_c = img_meta.get(c.uid, {})
-                    box = (crop_box(c.bbox, cfg.crop_margin, meta_c.get("width") or 1 << 30, meta_c.get("height") or 1 << 30)
-                           if cfg.ref_mode == "crop" else (0, 0, 1 << 30, 1 << 30))
-                    if any(o.identity_id is not None and split_of(o.identity_id) != split and boxes_overlap(o.bbox, box)
-                           for o in by_uid[c.uid]):
-                        row["status"] = "crop_shows_other_split"
-                        continue
-                got = fps.get(c.uid)
-                if got is None:
-                    row["status"] = "unreadable_reference"
-                    continue
-                chk = None
-                if cfg.examine_all_candidates:
-                    chk = guard(uid, f, c, row, t_phash, t_fps, got)
-                    dup = chk.is_duplicate
-                    reason = chk.reason
-                else:
-                    # the cheap part of the guard (the two pHashes) for every candidate; NCC and keypoints
-                    # only in rank order below, until enough references are chosen
-                    ih, fh = dedup.hamming(t_phash, got[0]), dedup.face_hamming(t_fps[f.face_index], got[1][c.face_index])
-                    row.update(image_hamming=ih, face_hamming=fh)
-                    dup = ih <= cfg.image_hamming_max or fh <= cfg.face_hamming_max
-                    reason = "image_phash" if ih <= cfg.image_hamming_max else "face_phash"
-                if row["similarity"] < cfg.sim_low:
-                    row["status"] = "sim_below_low"
-                elif dup:
-                    row["status"] = "near_duplicate_" + reason
-                elif row["similarity"] > cfg.sim_high:
-                    row["status"] = "sim_above_high"
-                else:
-                    mid, half = (cfg.sim_low + cfg.sim_high) / 2, (cfg.sim_high - cfg.sim_low) / 2
-                    band = 1.0 - abs(row["similarity"] - mid) / max(half, 1e-9)
-                    pdiff = min(1.0, row["pose_diff"] / cfg.pose_norm_deg)
-                    row["score"] = cfg.w_pose * pdiff + cfg.w_quality * row["ref_quality"] + cfg.w_sim * band
+                if row["score"] is not None:
                     survivors.append((row, c, chk))
-            survivors.sort(key=lambda t: (-round(t[0]["score"], 9), t[1].uid, t[1].face_index))
+            survivors.sort(key=lambda t: rank_key(t[0]["score"], t[1]))
             chosen = []
             n_guarded_out = 0  # ranked candidates the rest of the guard (NCC, keypoints) removed on the walk
             for i, (row, c, chk) in enumerate(survivors):

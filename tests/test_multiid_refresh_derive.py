@@ -1,0 +1,89 @@
+"""A refresh derives, without selecting it again, a target whose people only gained candidates that the
+selection never examines (reuse.derive_added_candidates); a candidate that would be examined selects it again.
+Either way the version is a fresh build's, byte for byte."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet
+from test_shard_reuse import CFG, _collection, _compare, _groups, _release_multiid, _spy_select
+
+from pipeline.config import Layout
+
+# one group of three people, eight photos; person "a" is in photos 0, 3, 5, 6 (with b or c)
+CFG_D = replace(CFG, refs_per_person=1)
+
+
+def _with_new_face(tmp, groups, who: str, toward: str | None):
+    """The collection plus one new one-face photo of ``who``, its embedding moved ``toward`` the person's mean
+    (a high-similarity candidate, ranked first) or away from it (None: a low-similarity one)."""
+    images, faces, ids = _collection(tmp, groups, photos_per_group=8, extra=[("zz-new", [who])])
+    rows = faces.to_pylist()
+    idents = ids.to_pylist()
+    mine = [np.asarray(r["embedding"], np.float64) for r, i in zip(rows, idents) if i["identity_id"] == who and r["uid"] != "zz-new"]
+    mean = np.mean(mine, axis=0)
+    mean /= np.linalg.norm(mean)
+    for r in rows:
+        if r["uid"] == "zz-new":
+            if toward == "mean":  # near the person's mean face, mid-band similarity, turned: the best score
+                rnd = np.random.default_rng(5).normal(size=mean.size)
+                e = mean + 0.12 * rnd / np.linalg.norm(rnd)
+                e /= np.linalg.norm(e)
+                r["yaw"] = 40.0
+            else:  # orthogonal-ish to the person: below sim_low, never examined
+                rnd = np.random.default_rng(5).normal(size=mean.size)
+                e = rnd - (rnd @ mean) * mean
+                e /= np.linalg.norm(e)
+            r["embedding"] = e.astype(np.float32).tolist()
+    return images, pa.Table.from_pylist(rows, schema=faces.schema), ids
+
+
+def _refresh_and_fresh(tmp_path, monkeypatch, toward, cfg, person="a"):
+    groups = _groups(1)
+    who = f"{groups[0]}-{person}"
+    layout = Layout(tmp_path / "home")
+    _release_multiid(layout, *_collection(tmp_path, groups, photos_per_group=8), cfg=cfg)
+    b_tables = _with_new_face(tmp_path, groups, who, toward)
+    calls = _spy_select(monkeypatch)
+    b = _release_multiid(layout, *b_tables, cfg=cfg)
+    monkeypatch.undo()
+    fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables, cfg=cfg)
+    return b, fresh, calls, who
+
+
+def _targets_of(tables, who):
+    _, _, ids = tables
+    return {u for u, i in zip(ids.column("uid").to_pylist(), ids.column("identity_id").to_pylist()) if i == who}
+
+
+def test_a_new_face_never_examined_derives_the_targets_and_the_bytes_equal_a_fresh_build(tmp_path, monkeypatch):
+    # person "b": in kept targets (of one split), whose sample JSON then counts the new candidate
+    b, fresh, calls, _ = _refresh_and_fresh(tmp_path, monkeypatch, None, CFG_D, person="b")
+    st = b.result.stats
+    cands = pa.parquet.read_table(fresh.folder / "candidates.parquet").to_pylist()
+    new_rows = [r for r in cands if r["ref_uid"] == "zz-new"]
+    assert new_rows and all(r["status"] == "sim_below_low" for r in new_rows)
+    # every target that reached its candidates and has the person gains the row, and is derived, not selected
+    derived = {r["target_uid"] for r in new_rows}
+    assert st["targets_derived"] == len(derived) > 0
+    assert all(not (c & derived) for c in calls) and calls == [{"zz-new"}]
+    assert st["reselect_reasons"] == {"new_photo": 1}
+    outcome = {r["target_uid"]: r["outcome"] for r in pa.parquet.read_table(fresh.folder / "targets.parquet").to_pylist()}
+    assert any(outcome[u] == "kept" for u in derived) and any(outcome[u] != "kept" for u in derived | {"zz-new"})
+    assert _compare(b.folder, fresh.folder) == []
+
+
+def test_a_new_face_ranked_first_selects_the_targets_again(tmp_path, monkeypatch):
+    b, fresh, calls, _ = _refresh_and_fresh(tmp_path, monkeypatch, "mean", CFG_D)
+    st = b.result.stats
+    cands = pa.parquet.read_table(fresh.folder / "candidates.parquet").to_pylist()
+    new_rows = [r for r in cands if r["ref_uid"] == "zz-new"]
+    examined = {r["target_uid"] for r in new_rows if r["status"] not in ("not_examined_enough_chosen", "sim_below_low",
+                                                                          "sim_above_high", "ref_quality")}
+    assert examined  # the new face is walked (selected, or judged a duplicate) in some targets
+    assert examined <= set().union(*calls)
+    assert st["reselect_reasons"].get("candidates_changed", 0) >= len(examined)
+    assert _compare(b.folder, fresh.folder) == []
