@@ -259,12 +259,13 @@ class _Fingerprints:
         if got is None or all(fp.patch is not None for fp in got[1].values()):
             return got
         pre = got
-        if self.shared is None:
-            got = self._full_fingerprints(uid, pre)
-        else:
-            got = self.shared.get("fp", uid, None, lambda: self._full_fingerprints(uid, pre))
+        got = self._once("fp", uid, None, lambda: self._full_fingerprints(uid, pre))
         self.cache[uid] = got
         return got
+
+    def _once(self, kind: str, uid: str, face_index, compute):
+        """``compute()`` here, or through the workers' shared store so that one worker computes it for all."""
+        return compute() if self.shared is None else self.shared.get(kind, uid, face_index, compute)
 
     def _full_fingerprints(self, uid: str, got):
         g = self._gray(uid)
@@ -283,10 +284,7 @@ class _Fingerprints:
         key = (uid, face_index)
         got = self.kps[key] if key in self.kps else _NOT_YET  # noqa: SIM401 - get() would not mark it recently used
         if got is _NOT_YET:
-            if self.shared is None:
-                got = self._compute_keypoints(uid, face_index)
-            else:
-                got = self.shared.get("kp", uid, face_index, lambda: self._compute_keypoints(uid, face_index))
+            got = self._once("kp", uid, face_index, lambda: self._compute_keypoints(uid, face_index))
             self.kps[key] = got
         return got
 
