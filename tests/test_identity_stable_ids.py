@@ -462,3 +462,32 @@ def test_components_over_the_cap_keep_the_vote_and_are_reported():
     assert none.stats["local_recluster"]["status"].startswith("every touched component is over")
     assert _ids(none) == _ids(vote)
     assert vote.stats["local_recluster"] == {"status": "off"}
+
+
+def test_the_local_recluster_splits_incoherent_merges_as_a_full_recluster_does():
+    # the crowd of generic-looking people (tests/test_identity_cluster.py::_crowd_mixture): new faces
+    # bridge many identities; clustered again without the split, the refresh merges them
+    from dataclasses import replace
+
+    from pipeline.identity.metrics import evaluate
+    from pipeline.identity.synth import SynthParams
+
+    m = make_mixture(20_000, preset=replace(SynthParams(), tau=0.3), seed=0)
+    n = len(m.labels)
+    uids, fidx = np.array([f"img{i:05d}" for i in range(n)]), np.zeros(n, np.int64)
+    old = int(0.9 * n)
+    first = build_identities(uids[:old], fidx[:old], m.embeddings[:old])
+
+    def quality(result):
+        got = _ids(result)
+        pred = np.unique([got[(u, 0)] for u in uids], return_inverse=True)[1]
+        return evaluate(pred, m.labels)
+
+    split = build_identities(uids, fidx, m.embeddings, previous=first.assignments, mode="incremental")
+    plain = build_identities(uids, fidx, m.embeddings, previous=first.assignments, mode="incremental", split=False)
+    s, p = quality(split), quality(plain)
+    assert split.stats["local_recluster"]["faces_reclustered"] > 1_000  # the refresh did recluster
+    assert s["pairwise_precision"] > p["pairwise_precision"] + 0.03, (s, p)
+    assert (split.stats["local_recluster"]["identities_merged"]
+            < plain.stats["local_recluster"]["identities_merged"])
+    assert s["bcubed_f"] >= p["bcubed_f"]

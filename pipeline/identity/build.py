@@ -216,8 +216,12 @@ def build_identities(
                                exact_max=exact_max)
                 return gs.indices, gs.similarities
 
-            def _cluster(I, S):
-                return cluster_graph(I, S, method=method, threshold=thr, seed=seed, **cluster_kwargs).labels
+            def _cluster(I, S, rows):
+                # with the split of incoherent clusters, as a full recluster has: new faces that bridge
+                # identities otherwise merge them here (20k crowd faces: pairwise precision 0.85 -> 0.71)
+                Esub = np.ascontiguousarray(E[rows], dtype=np.float32)
+                return cluster_graph(I, S, method=method, threshold=thr, seed=seed, embeddings=Esub,
+                                     **cluster_kwargs).labels
 
             ids, local = recluster_touched(
                 ids, codes, new_pos, (g.indices, g.similarities), thr, next_number,

@@ -82,7 +82,8 @@ def local_recluster(
     ``next_number``: the previous table's high-water mark; ids numbered from it are new (the vote
     path's new ids included) and are renumbered here in order of first face.
     ``knn(E_sub) -> (indices, similarities)`` (self excluded, run per identity) and
-    ``cluster(indices, similarities) -> labels`` are the build's own. ``max_faces``: see the module docstring."""
+    ``cluster(indices, similarities, rows) -> labels`` are the build's own (``rows``: the faces' positions,
+    for the split of incoherent clusters, which needs their embeddings). ``max_faces``: see the module docstring."""
     t0, c0 = time.perf_counter(), time.process_time()
     ids = np.asarray(ids, dtype=object).copy()
     prev_codes = np.asarray(prev_codes, dtype=np.int64)
@@ -152,7 +153,7 @@ def local_recluster(
     t1, c1 = time.perf_counter(), time.process_time()
     gi, gs = _local_graph(embeddings, members, prev_codes, new_row, I, S, knn)
     t2, c2 = time.perf_counter(), time.process_time()
-    labels = np.asarray(cluster(gi, gs), dtype=np.int64)
+    labels = np.asarray(cluster(gi, gs, members), dtype=np.int64)
     stats.update(knn_s=round(t2 - t1, 3), knn_cpu_s=round(c2 - c1, 3), cluster_s=round(time.perf_counter() - t2, 3),
                  cluster_cpu_s=round(time.process_time() - c2, 3))
 
