@@ -74,7 +74,7 @@ def quality(threshold: float, k: int) -> list[dict]:
     for m in METHODS:
         try:
             t = time.perf_counter()
-            c = cluster_graph(g.indices, g.similarities, method=m, threshold=threshold)
+            c = cluster_graph(g.indices, g.similarities, method=m, threshold=threshold, embeddings=E)
             rows.append({"method": m, "seconds": time.perf_counter() - t, **evaluate(c.labels, y)})
         except ImportError as e:
             print(f"skip {m}: {e}")
@@ -245,7 +245,7 @@ def one_scale(
     if exact_graph:  # clustering quality on the exact graph, for comparison (N^2 work)
         t = time.perf_counter()
         ge = knn_graph(np.ascontiguousarray(E), k=k, backend="faiss-flat")
-        c = cluster_graph(ge.indices, ge.similarities, threshold=thr, seed=seed)
+        c = cluster_graph(ge.indices, ge.similarities, threshold=thr, seed=seed, embeddings=E)
         strong = ge.similarities >= thr
         found = np.zeros_like(strong)
         for s in range(0, n, 65_536):
@@ -261,7 +261,8 @@ def one_scale(
     for meth in methods:
         t = time.perf_counter()
         try:
-            c = cluster_graph(g.indices, g.similarities, method=meth, threshold=thr, seed=seed)
+            # with the split of incoherent clusters, as build_identities clusters
+            c = cluster_graph(g.indices, g.similarities, method=meth, threshold=thr, seed=seed, embeddings=E)
         except ImportError as e:
             res["methods"][meth] = {"error": str(e)}
             continue
