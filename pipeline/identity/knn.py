@@ -469,6 +469,7 @@ IVF_BLAS_MAX_ROUNDS = 8
 IVF_BLAS_TRAIN_PER_CELL = 32
 IVF_BLAS_SPILL = 0.2  # fraction of faces also listed in their second-best cell (knn_ivf_blas)
 IVF_BLAS_REVERSE = False  # offer each found pair to both ends (knn_ivf_blas)
+IVF_BLAS_ADAPTIVE = False  # further probes only for the faces the last probe step improved (knn_ivf_blas)
 # coarse cells searched for a face's best cells; None: by the number of cells (ivf_blas_coarse_probes)
 IVF_BLAS_COARSE_PROBES: int | None = None
 # Up to this many cells 8 coarse probes, above it 16. Measured (README "ivf-blas variants"): 8 found the
@@ -758,6 +759,7 @@ def knn_ivf_blas(
     n_threads: int | None = None,
     spill: float | None = None,
     reverse: bool | None = None,
+    adaptive: bool | None = None,
 ):
     """Approximate kNN self-join (query itself included in the kk = k + 1 columns).
 
@@ -815,6 +817,7 @@ def knn_ivf_blas(
                 info,
                 IVF_BLAS_SPILL if spill is None else spill,
                 IVF_BLAS_REVERSE if reverse is None else reverse,
+                IVF_BLAS_ADAPTIVE if adaptive is None else adaptive,
             )
     finally:
         faiss.omp_set_num_threads(omp_threads)
@@ -823,18 +826,26 @@ def knn_ivf_blas(
 
 
 def _grow_probes(join, probe_keys, expansion_keys, nprobe, depth, max_rounds, check, E, k, best_I, best_S,
-                 target_recall, info) -> int:
-    """Scan probes 1..nprobe-1 (``probe_keys(p0, p1)``), expand through the edges found
-    (``expansion_keys(rows)``) for up to ``max_rounds``, then check the sampled recall and scan
-    IVF_BLAS_PROBE_STEP more probes per face until it reaches ``target_recall`` or ``depth``.
-    Returns the probe count reached (also ``info["nprobe"]``)."""
+                 target_recall, info, adaptive=False) -> int:
+    """Scan probes 1..nprobe-1 (``probe_keys(p0, p1, faces)``, faces None: all), expand through the
+    edges found (``expansion_keys(rows)``) for up to ``max_rounds``, then check the sampled recall and
+    scan IVF_BLAS_PROBE_STEP more probes per face until it reaches ``target_recall`` or ``depth``.
+    ``adaptive``: after the first step, only the faces whose rows improved in the step before (its
+    probes or their expansion) scan further probes; the others stop. Returns the probe count
+    reached (also ``info["nprobe"]``)."""
     p0, p1 = 1, min(nprobe, depth)
+    active = None
     while True:
-        rows = join(f"probes {p0}-{p1 - 1}", probe_keys(p0, p1))
+        rows = join(f"probes {p0}-{p1 - 1}", probe_keys(p0, p1, active))
+        improved = [rows]
         for r in range(max_rounds):
             if len(rows) == 0:
                 break
             rows = join(f"expand {r + 1}", expansion_keys(rows))
+            improved.append(rows)
+        if adaptive:
+            active = _unique_sorted(np.concatenate(improved))
+            info.setdefault("active_faces", []).append(len(active))
         info["nprobe"] = p1
         if check is None:
             break
@@ -848,9 +859,17 @@ def _grow_probes(join, probe_keys, expansion_keys, nprobe, depth, max_rounds, ch
     return p1
 
 
+def _probe_keys(probes: np.ndarray, p0: int, p1: int, nlist: int, faces: np.ndarray | None) -> np.ndarray:
+    """(face, cell) keys of probes p0..p1-1 of ``faces`` (None: every face)."""
+    if faces is None:
+        faces = np.arange(len(probes), dtype=np.int64)
+        return (faces[:, None] * nlist + probes[:, p0:p1].astype(np.int64)).ravel()
+    return (faces[:, None] * nlist + probes[faces, p0:p1].astype(np.int64)).ravel()
+
+
 def _ivf_blas_run(
     E, k, kk, nlist, nprobe, max_rounds, min_sim, target_recall, check_queries, seed, rng, pool, info,
-    spill=0.0, reverse=False,
+    spill=0.0, reverse=False, adaptive=False,
 ):
     N = E.shape[0]
     t, c0 = time.perf_counter(), time.process_time()
@@ -878,7 +897,7 @@ def _ivf_blas_run(
     cell_order = listed_face[o]
     cell_start = np.searchsorted(listed_cell[o], np.arange(nlist + 1))
     del o, listed_cell, listed_face
-    info.update(spill=spill, spilled=len(spilled), reverse=reverse)
+    info.update(spill=spill, spilled=len(spilled), reverse=reverse, adaptive=adaptive)
     best_I = np.full((N, kk), -1, np.int64)
     best_S = np.full((N, kk), -np.inf, np.float32)
     probed = _Probed()
@@ -914,9 +933,9 @@ def _ivf_blas_run(
     join("own cell", face * nlist + cell, reverse=False)
     p1 = _grow_probes(
         join,
-        lambda p0, p1: (face[:, None] * nlist + probes[:, p0:p1].astype(np.int64)).ravel(),
+        lambda p0, p1, faces: _probe_keys(probes, p0, p1, nlist, faces),
         lambda rows: _expansion_keys(best_I, best_S, rows, cell, nlist, min_sim),
-        nprobe, depth, max_rounds, check, E, k, best_I, best_S, target_recall, info,
+        nprobe, depth, max_rounds, check, E, k, best_I, best_S, target_recall, info, adaptive,
     )
     scanned = probed.members_scanned(np.diff(cell_start), nlist)
     info.update(
@@ -1084,7 +1103,7 @@ def knn_ivf_search(
         join("own cell", rows * nlist + cell[rows])
         _grow_probes(
             join,
-            lambda p0, p1: (rows[:, None] * nlist + probes[:, p0:p1].astype(np.int64)).ravel(),
+            lambda p0, p1, _faces: (rows[:, None] * nlist + probes[:, p0:p1].astype(np.int64)).ravel(),
             expansion, index.nprobe, depth, max_rounds, check, E, k, best_I, best_S, target_recall, info,
         )
     info.update(rounds=rounds, probed_pairs=len(probed), check_queries=0 if check is None else len(check[0]))
