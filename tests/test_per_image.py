@@ -270,6 +270,7 @@ def test_device_fused_pass_writes_the_separate_tables_reading_and_decoding_each_
     """The torch stage (on CPU here; nvjpeg on CUDA) decodes on its device in its own batches: the fused pass
     reads each record once, decodes each photo once with the stage's decoder, takes ingestion's verdict from
     that decode, and gives every table the separate stages give (the faces from the same batches)."""
+    from pipeline import ingest
     from pipeline.faces.stage import decodes_ahead
     from pipeline.per_image import PerImageModels, fused_partition
 
@@ -277,6 +278,9 @@ def test_device_fused_pass_writes_the_separate_tables_reading_and_decoding_each_
     assert decodes_ahead(torch_stage)
     model = PerImageModels(torch_stage, expression.config, models[0].scorer_stage.config,
                            landmarker=expression.landmarker)
+    # ingestion's chunks of 4 records hold 2, 3 and 2 accepted photos: a pass that batched the faces by them
+    # would not give the face stage's batches of 4 accepted photos (the torch stage's faces depend on them)
+    monkeypatch.setattr(ingest, "INGEST_CHUNK", 4)
     counted = ReadDecodeCounter(monkeypatch.setattr)
     ing, faces, expr, scores = _separate(device_photos, model, expression)
     separate = (counted.reads, counted.decodes, counted.bytes)
