@@ -243,8 +243,8 @@ def device_photos(shared_faces, tmp_path_factory):
     them, a group photo and a PNG (which nvjpeg would leave to the CPU decoder)."""
     root = tmp_path_factory.mktemp("device-photos")
     ids = sorted((shared_faces / "identities").rglob("*.jpg"))[:5]
-    group = sorted((shared_faces / "groups").glob("*.jpg"))[0]
-    png = sorted(shared_faces.rglob("*.png"))[0]
+    group = min((shared_faces / "groups").glob("*.jpg"))
+    png = min(shared_faces.rglob("*.png"))
     for i, p in enumerate(ids):
         shutil.copy(p, root / f"p{i}.jpg")
     shutil.copy(group, root / "group.jpg")
@@ -345,6 +345,12 @@ def test_only_the_ray_engine_keeps_a_device_backend_off_the_fused_pass(monkeypat
         monkeypatch.setattr(faces_module, "face_backend", lambda lineup, b=backend: b())
         reason = fused_off_reason(settings, gpu_pool=None, pool=None)
         assert (reason is not None) == off and (not off or "Ray" in reason), (engine, backend)
+    # nor does the pass itself take another engine's chunk runner for such a backend
+    from pipeline.per_image import PerImageModels, fused_partition
+
+    with pytest.raises(ValueError, match="one process"):
+        fused_partition(PartitionSpec(key="k", kind="files", root=str(tmp_path), members=()),
+                        PerImageModels(DecodesItself()), chunk_runner=lambda chunks: [])
 
 
 def test_assets_commit_the_same_files_with_the_device_fused_pass(device_photos, torch_stage, tmp_path, monkeypatch):
