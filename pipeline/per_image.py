@@ -27,6 +27,12 @@ Batching: the face backend gets batches of ``face_batch_size`` decoded photos of
 accepted rows, and the image scorers one batch per chunk (the stage's are 256 photos); the FER batches are
 rebuilt exactly as describe_partition builds them. Backends whose result for a photo does not depend on
 its batch (dlib, FER) give the same tables (tests/test_per_image.py compares them).
+
+A face backend that decodes on its own device in large batches (the torch stage, any backend on CUDA) is
+not fed those chunks: :class:`DeviceStream` reads each record once, decodes each photo once with the
+backend's decoder inside the face stage's own loop (``analyze_chunks``, decoding a chunk ahead), takes
+ingestion's verdict from that decode and hands the model exactly the face stage's batches, whose faces
+such a backend depends on (:func:`device_fused`). It runs in one process (no worker processes, no Ray).
 """
 
 from __future__ import annotations
@@ -301,7 +307,9 @@ def fused_partition(spec, models: PerImageModels, limits: IngestLimits | None = 
     would compute them. In-process, ``workers`` processes are started only when the partition's bytes are
     worth them (:func:`pipeline.ingest.ingest_workers`), each holding :func:`build_models` of ``factory``
     (:func:`worker_factory`; None: no workers);
-    ``chunk_runner(chunks) -> results in order`` runs :func:`fused_chunk` elsewhere (Ray)."""
+    ``chunk_runner(chunks) -> results in order`` runs :func:`fused_chunk` elsewhere (Ray). A backend that
+    decodes on its device (:func:`pipeline.faces.stage.decodes_ahead`) gets :func:`device_fused` in this
+    process instead (``workers`` unused; a ``chunk_runner`` is refused)."""
     from pipeline.engine import map_chunks
     from pipeline.faces.stage import decodes_ahead, run_face_partition
 
