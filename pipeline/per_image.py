@@ -172,7 +172,13 @@ class DeviceStream:
     def __init__(self, backend, records: list, limits: IngestLimits, removed: set[str] | None, size: int):
         from collections import deque
 
+        from pipeline.faces.stage import _decode_threads
+
         self.backend, self.records, self.limits, self.removed, self.size = backend, records, limits, removed, size
+        # a backend that takes RGB arrays (dlib, insightface on CUDA) has no decoder of its own: the face
+        # stage's decoding threads and pipeline.decode, as its decode_rows would use for it
+        self.pool = backend.decode_pool if hasattr(backend, "decode_encoded") else _decode_threads()
+        self.decode_blobs = getattr(backend, "decode_encoded", None) or self._decode_on_threads
         self.outcomes: list[dict] = [{} for _ in records]
         self.seen: set[str] = set()  # uids accepted so far
         self.failed: dict[str, tuple[str, str]] = {}  # uid -> why its bytes did not decode
@@ -199,7 +205,7 @@ class DeviceStream:
         from pipeline.ingest import ACCEPTED, decode_failed, decoded, read_record, verdict
 
         records = self.records[lo:hi]
-        read = list(self.backend.decode_pool.map(read_record, records))
+        read = list(self.pool.map(read_record, records))
         first: dict[str, int] = {}  # uid -> the record whose bytes are decoded for it
         for i, (rec, (res, data)) in enumerate(zip(records, read), start=lo):
             self.outcomes[i] = res
@@ -209,7 +215,7 @@ class DeviceStream:
                 decode_failed(res, *self.failed[res["uid"]])
             else:
                 first.setdefault(res["uid"], i)
-        images = dict(zip(first, self.backend.decode_encoded([read[i - lo][1] for i in first.values()], self.limits)))
+        images = dict(zip(first, self.decode_blobs([read[i - lo][1] for i in first.values()], self.limits)))
         for image in images.values():  # what the device decoder left to the CPU decoder (PNG, WebP, rotated, ...)
             self.decoders[image.decoder] = self.decoders.get(image.decoder, 0) + 1
         for i, rec in enumerate(records, start=lo):
@@ -223,7 +229,7 @@ class DeviceStream:
                 self.failed[uid] = image.error
                 decode_failed(res, *image.error)
                 continue
-            decoded(res, image)
+            decoded(res, getattr(image, "found", image))  # the facts: a DecodedImage, or the device's Decoded
             self.seen.add(uid)
             self.pending.append(({"uid": uid, "source": rec.source}, image.image, rec.meta.get("caption"), i))
         if len(self.pending) < self.size:
@@ -232,9 +238,40 @@ class DeviceStream:
         return batch
 
 
+    def _decode_on_threads(self, blobs: list[bytes], limits: IngestLimits) -> list:
+        return list(self.pool.map(lambda data: _ArrayDecoded.of(data, limits), blobs))
+
+
+@dataclass
+class _ArrayDecoded:
+    """A decode by pipeline.decode for a backend that takes RGB arrays, shaped as the torch stage's
+    ``Decoded``: the image (here the DecodedImage's RGB array) or the reject reason, and what ingestion
+    records (:func:`pipeline.ingest.decoded` reads them from ``found``)."""
+
+    found: object | None  # pipeline.decode.DecodedImage
+    error: tuple[str, str] | None = None
+    decoder: str = "cpu"
+
+    @property
+    def image(self):
+        return None if self.found is None else self.found.rgb
+
+    @classmethod
+    def of(cls, data: bytes, limits: IngestLimits):
+        from pipeline.decode import DecodeError
+
+        try:
+            return cls(ingest.decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes,
+                                           min_side=limits.min_side, max_decoded_bytes=limits.max_decoded_bytes))
+        except DecodeError as e:
+            return cls(None, (e.reason, e.detail))
+
+
 def host_rgb(image) -> np.ndarray:
-    """An RGB (H, W, 3) uint8 array of a backend's (3, H, W) tensor, for a model that runs on the CPU (a
-    copy from the device on CUDA; on the CPU a view of the decoded array)."""
+    """An RGB (H, W, 3) uint8 array of a decoded photo, for a model that runs on the CPU: a backend's
+    (3, H, W) tensor copied from the device on CUDA (a view on the CPU); an RGB array as it is."""
+    if isinstance(image, np.ndarray):
+        return image
     return np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
 
 

@@ -488,3 +488,21 @@ def test_staging_holds_no_precomputation_after_a_run_of_images_and_scores(photos
     discard_precomputed(layout, "image_scores", "k")
     put_precomputed(layout, "image_scores", "k", {"t": table}, {"a": 1})
     assert take_precomputed(layout, "image_scores", "k", {"a": 1})[0]["t"].equals(table) and left() == []
+
+
+def test_device_fused_pass_for_a_gpu_backend_that_takes_rgb_arrays(device_photos, models, monkeypatch):
+    """A face backend on a GPU without a decoder of its own (dlib or insightface on CUDA) gets the device-fused
+    pass too, decoding with pipeline.decode on the face stage's threads as its decode_rows does; here dlib
+    on the CPU taken for one (gpu_backend patched): the tables of the separate stages, one decode a photo."""
+    from pipeline.faces import stage
+    from pipeline.per_image import fused_partition
+
+    model, expression = models
+    monkeypatch.setattr(stage, "gpu_backend", lambda backend: True)
+    counted = ReadDecodeCounter(monkeypatch.setattr)
+    ing, faces, expr, scores = _separate(device_photos, model, expression)
+    assert counted.decodes == 10 + 3 * 7
+    fused_count = ReadDecodeCounter(monkeypatch.setattr)
+    fused = fused_partition(device_photos, model, face_batch_size=4, expression_stage=expression)
+    _assert_same(fused, ing, faces, expr, scores)
+    assert (fused_count.reads, fused_count.decodes) == (10, 9) and fused.stats["device_fused"]
