@@ -301,24 +301,38 @@ def test_device_fused_pass_writes_the_separate_tables_reading_and_decoding_each_
 
 def test_device_fused_pass_gives_ingestions_rejects_for_removed_and_repeated_broken_bytes(device_photos, torch_stage,
                                                                                         tmp_path):
-    """Bytes removed on request, the same broken bytes twice, a copy in a later chunk: the verdicts
-    ingestion gives, the broken bytes decoded once."""
-    from pipeline.ingest import ingest_partition
+    """Bytes removed on request, the same broken bytes twice, a copy in a later chunk, a broken EXIF
+    orientation, photos over the pixel limit: the verdicts and notes ingestion gives, the broken bytes
+    decoded once."""
+    from PIL import Image
+
+    from pipeline.ingest import IngestLimits, ingest_partition
     from pipeline.per_image import PerImageModels, fused_partition
 
     root = tmp_path / "more"
     shutil.copytree(device_photos.root, root)
     shutil.copy(root / "broken.jpg", root / "broken2.jpg")
+    with Image.open(root / "p3.jpg") as im:  # an EXIF orientation out of range: kept unrotated, with a note
+        exif = Image.Exif()
+        exif[0x0112] = 9
+        im.save(root / "bad_exif.jpg", exif=exif, quality=90)
     spec = PartitionSpec(key="e", kind="files", root=str(root),
-                         members=(*device_photos.members, "broken2.jpg", "copy.jpg"))
+                         members=(*device_photos.members, "broken2.jpg", "copy.jpg", "bad_exif.jpg"))
     removed = {ingest_partition(PartitionSpec(key="x", kind="files", root=str(root), members=("p2.jpg",)))
                .images.column("uid")[0].as_py()}
-    ing = ingest_partition(spec, removed=removed)
-    fused = fused_partition(spec, PerImageModels(torch_stage), removed=removed, face_batch_size=4)
+    # a pixel limit that the larger half of the photos exceed: "decompression bomb", refused unread
+    sizes = sorted(w * h for w, h in zip(*ingest_partition(spec).images.select(["width", "height"]).to_pydict()
+                                          .values()))
+    limits = IngestLimits(max_pixels=sizes[len(sizes) // 2])
+    ing = ingest_partition(spec, limits, removed=removed)
+    fused = fused_partition(spec, PerImageModels(torch_stage), limits, removed=removed, face_batch_size=4)
     assert fused.ingest.images.equals(ing.images) and fused.ingest.rejects.rows == ing.rejects.rows
-    assert [r["reason"] for r in ing.rejects.rows].count("truncated image") == 2
-    assert "removed on request" in {r["reason"] for r in ing.rejects.rows}
-    assert fused.stats["photos_decoded"] == 8  # 10 distinct byte strings, one removed, one copy
+    assert fused.ingest.stats["orientation_notes"] == ing.stats["orientation_notes"] == {
+        "bad_exif.jpg": "EXIF orientation 9 is not 1-8; kept unrotated"}
+    reasons = [r["reason"] for r in ing.rejects.rows]
+    assert reasons.count("truncated image") == 2 and "decompression bomb" in reasons
+    assert "removed on request" in reasons and "not an image" in reasons
+    assert fused.stats["photos_decoded"] == 9  # 11 distinct byte strings, one removed, one copy
 
 
 def test_only_the_ray_engine_keeps_a_device_backend_off_the_fused_pass(monkeypatch, tmp_path):
