@@ -1,10 +1,10 @@
 """Separate per-image stages against the fused pass (pipeline/per_image.py), side by side in one run.
 
-Usage: .venv/bin/python bench/bench_decode_once.py [--copies 4] [--backend dlib|torch] [--json out.json]
+Usage: .venv/bin/python bench/bench_decode_once.py [--copies 4] [--backend dlib|torch [--device cuda]] [--json out.json]
 Input: the shared photos (../shared/data/faces, every image file) referenced ``--copies`` times as that
 many partitions (nothing copied: each partition lists the same files). Each partition goes through
 ingestion, faces (``--backend dlib``: dlib with HOG, the CPU fused pass; ``--backend torch``: the batched
-torch stage on the CPU device, which decodes photos itself, the device-fused pass), expressions (FER) and
+torch stage on ``--device``, CPU by default, which decodes photos itself, the device-fused pass), expressions (FER) and
 image-level scores (the scorers configured by
 LINEUP_CLIP_WEIGHTS etc.; without weights they are unavailable and only the photos' reading and decoding
 is done for them), once as four separate stages and once fused. One process, one torch thread, no
@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--backend", choices=("dlib", "torch"), default="dlib",
                     help="dlib: HOG on CPU arrays; torch: the batched torch stage on the CPU device")
+    ap.add_argument("--device", default="cpu", help="the torch stage's device (cuda: nvjpeg decodes; a GPU check)")
     ap.add_argument("--json", help="write the result here too")
     args = ap.parse_args()
 
@@ -106,7 +107,7 @@ def main() -> None:
     if args.backend == "torch":
         from pipeline.faces.torch_stage import TorchFaceStage
 
-        backend = TorchFaceStage(device="cpu", decode_workers=2)
+        backend = TorchFaceStage(device=args.device, decode_workers=2 if args.device == "cpu" else 16)
     else:
         backend = get_backend("dlib", device="cpu")
     expression = ExpressionStage(ExpressionConfig())
