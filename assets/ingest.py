@@ -7,27 +7,30 @@ from assets.common import GPU_POOL, engine_metadata, engine_runner
 from assets.partitions import check_partitions, input_partitions
 from assets.resources import NO_INPUT, LineupSettings
 from pipeline.catalog import refresh_catalog
+from pipeline.engine import engine_name
 from pipeline.ingest import ray_ingest_runner, run_ingest_stage
 from pipeline.removals import removed_uids
 from pipeline.sources import load_registry, plan_new_partitions, register_partitions
 
 
-def images_pool(fused_per_image: bool, face_device: str, gpu_pool: str | None = GPU_POOL) -> str | None:
+def images_pool(fused_per_image: bool, face_device: str, gpu_pool: str | None = GPU_POOL,
+                engine: str = "") -> str | None:
     """The images asset's concurrency pool: the GPU's only when the asset runs models on it. That is the
-    fused pass (its expression and image-scoring models take the GPU), which runs with ``fused_per_image``
-    and a face backend held off the GPU (``face_device=cpu``: :func:`fused_off_reason`). With the face models
-    on the GPU (``auto`` on a GPU machine) or the fused pass off, the asset only reads and checks files, and
-    a GPU slot held for that would keep the faces asset, the one that uses the GPU, waiting."""
+    fused pass (``fused_per_image``): with the face models on the GPU (``auto`` on a GPU machine) it runs
+    them there (the device-fused pass, pipeline/per_image.py DeviceStream), and with them held off the GPU
+    (``face_device=cpu``) its expression and image-scoring models take the GPU. Not fused (off, or the face
+    models on the GPU under the Ray engine: :func:`fused_off_reason`), the asset only reads and checks files,
+    and a GPU slot held for that would keep the faces asset, the one that uses the GPU, waiting."""
     if gpu_pool is None or not fused_per_image:
         return None
     face_on_gpu = face_device in ("", "auto") or face_device.startswith("cuda")  # auto: CUDA here, gpu_pool says
-    return None if face_on_gpu else gpu_pool
+    return None if face_on_gpu and engine_name(engine) == "ray" else gpu_pool
 
 
-# decided when the definitions load, from the settings' defaults (LINEUP_FUSED_PER_IMAGE, LINEUP_FACE_DEVICE):
-# a run whose settings would use the GPU without this slot leaves the faces to the faces asset instead
+# decided when the definitions load, from the settings' defaults (LINEUP_FUSED_PER_IMAGE, LINEUP_FACE_DEVICE,
+# LINEUP_ENGINE): a run whose settings would use the GPU without this slot leaves the faces to the faces asset
 _DEFAULTS = LineupSettings()
-IMAGES_POOL = images_pool(_DEFAULTS.fused_per_image, _DEFAULTS.face_device)
+IMAGES_POOL = images_pool(_DEFAULTS.fused_per_image, _DEFAULTS.face_device, engine=_DEFAULTS.engine)
 
 
 @dg.asset(
@@ -55,6 +58,10 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
         spec, fused_res, unit = run_fused_stage(context, lineup, key, progress)
         res = fused_res.ingest
         fused = {"fused_per_image": True, "photos_decoded": fused_res.stats["photos_decoded"],
+                 # device: read once, decoded once by the face backend's decoder in its batches (DeviceStream)
+                 "fused_pass": "device" if fused_res.stats.get("device_fused") else "cpu",
+                 **({"photos_decoded_by": dg.MetadataValue.json(fused_res.stats["photos_decoded_by"])}
+                    if "photos_decoded_by" in fused_res.stats else {}),
                  "fused_timings": dg.MetadataValue.json({k: round(float(v), 3)
                                                          for k, v in fused_res.stats["timings"].items()}),
                  "precomputed": dg.MetadataValue.json(["faces", *(["face_expressions"] if fused_res.expressions
@@ -97,24 +104,24 @@ def images(context: dg.AssetExecutionContext, lineup: LineupSettings):
 def fused_off_reason(lineup: LineupSettings, gpu_pool: str | None = GPU_POOL,
                      pool: str | None = IMAGES_POOL) -> str | None:
     """Why the images asset leaves the faces to the faces asset (None: it runs the fused pass). A backend
-    that decodes on its own device in large batches (the torch stage; any face backend on a GPU) keeps
-    the face stage's one path (pipeline/faces/stage.py analyze_chunks: nvjpeg or threads decoding the next
-    chunk while this one is analysed, chunks of 256), which bench/gpu_check.sh times; the fused pass would
-    feed it 32 CPU-decoded photos at a time. There the photos are read twice (ingestion's check, then
-    the face stage); fusing on the device is not built. On a GPU machine (``gpu_pool``) the fused pass also
-    needs the asset to hold the GPU slot (``pool``, :func:`images_pool` of the defaults), since its other
-    models run on the GPU: a run whose settings differ from the defaults the asset was defined with does
-    not use the GPU outside the pool."""
+    that decodes on its own device in large batches (the torch stage; any face backend on a GPU) gets the
+    device-fused pass in this process (pipeline/per_image.py DeviceStream, run by the face stage's own
+    analyze_chunks, which bench/gpu_check.sh times): one stream in the face stage's batches, which the Ray
+    engine's chunks spread over actors would not keep, so under Ray the faces asset reads and decodes the
+    photos again. On a GPU machine (``gpu_pool``) the fused pass also needs the asset to hold the GPU slot
+    (``pool``, :func:`images_pool` of the defaults), since its models run on the GPU: a run whose settings
+    differ from the defaults the asset was defined with does not use the GPU outside the pool."""
     from assets.faces import face_backend
     from pipeline.faces.stage import decodes_ahead
 
     backend = face_backend(lineup)
-    if decodes_ahead(backend):
-        return (f"the face backend {backend.name!r} decodes on its device in large batches (analyze_chunks); "
-                "the faces asset reads and decodes the photos itself")
+    if decodes_ahead(backend) and lineup.engine_name == "ray":
+        return (f"the face backend {backend.name!r} decodes on its device in the face stage's batches, one stream "
+                "in one process; under the Ray engine the faces asset reads and decodes the photos itself")
     if gpu_pool is not None and pool != gpu_pool:
         return (f"the images asset holds no slot of the {gpu_pool!r} pool (defined for face_device="
-                f"{_DEFAULTS.face_device!r}, LINEUP_FACE_DEVICE), and the fused pass's models would run on the GPU")
+                f"{_DEFAULTS.face_device!r}, LINEUP_FACE_DEVICE, and engine {_DEFAULTS.engine!r}), and the fused "
+                "pass's models would run on the GPU")
     return None
 
 
@@ -149,7 +156,7 @@ def fused_models(lineup: LineupSettings):
 def run_fused_stage(context, lineup: LineupSettings, key: str, progress):
     """The images asset's fused pass (pipeline/per_image.py): the images unit committed, and the faces,
     expressions and image scores precomputed for their assets when it passed."""
-    from pipeline.faces.stage import gpu_backend
+    from pipeline.faces.stage import decodes_ahead
     from pipeline.per_image import ray_fused_runner, run_per_image_stage, worker_factory
 
     models, expression, scoring = fused_models(lineup)
@@ -158,13 +165,14 @@ def run_fused_stage(context, lineup: LineupSettings, key: str, progress):
                      f"{'expressions, ' if expression else ''}image scores")
     runner = engine_runner(lineup, lambda: ray_fused_runner(backend, models.expression_config, scoring,
                                                             lineup.ray_actors))
-    # a backend on a GPU runs in this process (as the face stage's does); else workers rebuild the models
-    on_gpu = gpu_backend(backend)
-    factory = None if on_gpu or not hasattr(backend, "build_spec") else \
+    # a backend that decodes on its device runs in this process (as the face stage's does: one stream in its
+    # batches, fused_off_reason keeps it off Ray); else workers rebuild the models
+    on_device = decodes_ahead(backend)
+    factory = None if on_device or not hasattr(backend, "build_spec") else \
         worker_factory(backend, models.expression_config, scoring)
     spec_, res, unit = run_per_image_stage(
         lineup.layout, key, models, lineup.limits, removed=removed_uids(lineup.layout),
-        face_batch_size=lineup.face_batch_size, workers=1 if on_gpu else lineup.workers, expression_stage=expression,
+        face_batch_size=lineup.face_batch_size, workers=1 if on_device else lineup.workers, expression_stage=expression,
         chunk_runner=runner, factory=factory, progress=progress)
     res.stats["runner"] = runner
     return spec_, res, unit

@@ -1,15 +1,18 @@
 """Separate per-image stages against the fused pass (pipeline/per_image.py), side by side in one run.
 
-Usage: .venv/bin/python bench/bench_decode_once.py [--copies 4] [--json out.json]
+Usage: .venv/bin/python bench/bench_decode_once.py [--copies 4] [--backend dlib|torch [--device cuda]] [--json out.json]
 Input: the shared photos (../shared/data/faces, every image file) referenced ``--copies`` times as that
 many partitions (nothing copied: each partition lists the same files). Each partition goes through
-ingestion, faces (dlib, HOG), expressions (FER) and image-level scores (the scorers configured by
+ingestion, faces (``--backend dlib``: dlib with HOG, the CPU fused pass; ``--backend torch``: the batched
+torch stage on ``--device``, CPU by default, which decodes photos itself, the device-fused pass), expressions (FER) and
+image-level scores (the scorers configured by
 LINEUP_CLIP_WEIGHTS etc.; without weights they are unavailable and only the photos' reading and decoding
 is done for them), once as four separate stages and once fused. One process, one torch thread, no
 worker processes, so every read and decode is counted here:
 
 - reads and bytes: calls of pipeline.sources.read_bytes, through which every stage reads a photo;
-- decodes: calls of the decoder (pipeline.ingest.decode_image) that ingestion and every re-reading stage use;
+- decodes: photos decoded (pipeline/read_counter.py: pipeline.decode.decode_image under either name, which
+  ingestion, every re-reading stage and the torch stage's CPU decoder call, and nvjpeg's images on CUDA);
 - rchar: bytes the process read through system calls (/proc/self/io), a count independent of both;
 - CPU-s (process_time plus children) and wall.
 
@@ -80,6 +83,9 @@ def decode_ms_per_photo(min_pixels: int = 1_000_000) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=4)
+    ap.add_argument("--backend", choices=("dlib", "torch"), default="dlib",
+                    help="dlib: HOG on CPU arrays; torch: the batched torch stage on the CPU device")
+    ap.add_argument("--device", default="cpu", help="the torch stage's device (cuda: nvjpeg decodes; a GPU check)")
     ap.add_argument("--json", help="write the result here too")
     args = ap.parse_args()
 
@@ -98,7 +104,12 @@ def main() -> None:
     members = tuple(sorted(str(p.relative_to(DATA)) for p in DATA.rglob("*")
                            if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")))
     specs = [PartitionSpec(key=f"copy{i}", kind="files", root=str(DATA), members=members) for i in range(args.copies)]
-    backend = get_backend("dlib", device="cpu")
+    if args.backend == "torch":
+        from pipeline.faces.torch_stage import TorchFaceStage
+
+        backend = TorchFaceStage(device=args.device, decode_workers=2 if args.device == "cpu" else 16)
+    else:
+        backend = get_backend("dlib", device="cpu")
     expression = ExpressionStage(ExpressionConfig())
     models = PerImageModels(backend, expression.config, ScoringConfig(), landmarker=expression.landmarker)
     counter = ReadDecodeCounter()
@@ -111,8 +122,11 @@ def main() -> None:
         scores = score_partition(ing.images, models.scorer_stage)
         return ing.images, faces.faces, faces.scan, expr.descriptors, scores[0]
 
+    fused_stats = []
+
     def fused(spec):
         res = fused_partition(spec, models, face_batch_size=8, expression_stage=expression)
+        fused_stats.append({k: res.stats.get(k) for k in ("device_fused", "photos_decoded", "photos_decoded_by")})
         return res.ingest.images, res.faces.faces, res.faces.scan, res.expressions.descriptors, res.image_scores[0]
 
     for name, run in (("separate", separate), ("fused", fused)):
@@ -122,6 +136,7 @@ def main() -> None:
         print(name, results[name], flush=True)
     same = all(a.equals(b) for sep, fus in zip(tables["separate"], tables["fused"]) for a, b in zip(sep, fus))
     out = {
+        "backend": args.backend, "model_version": backend.model_version, "fused_pass": fused_stats,
         "photos": len(members), "partitions": args.copies, "inputs": len(members) * args.copies,
         "accepted": sum(t[0].num_rows for t in tables["fused"]), "faces": sum(t[1].num_rows for t in tables["fused"]),
         "tables_equal": same, "load_average": os.getloadavg(), "cores": os.cpu_count(), **results,

@@ -182,6 +182,38 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
+def check_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    """The checks on a photo's bytes before anything is parsed (DecodeError when one fails)."""
+    if not data:
+        raise DecodeError("empty file", "0 bytes")
+    if len(data) > max_bytes:
+        raise DecodeError("file too large", f"{len(data)} bytes > limit {max_bytes}")
+
+
+def check_header(im: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
+                 max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> str:
+    """The checks on an opened photo's header before any pixel is decoded (format, declared size, the
+    memory its decode would take), raising DecodeError; the Pillow format name when all passed. The one
+    home of these rules: :func:`decode_image` and a device decoder's choice of what it may decode
+    (pipeline/faces/torch_stage.py) both call it. Seeks an animation to its first frame."""
+    fmt = im.format
+    if fmt not in ACCEPTED_FORMATS:
+        raise DecodeError("unsupported format", f"{fmt} is not one of JPEG, PNG, WebP")
+    w, h = im.size
+    if w * h > max_pixels:
+        raise DecodeError("decompression bomb", f"declared size {w}x{h} = {w * h} pixels > limit {max_pixels}")
+    if min(w, h) < min_side:
+        raise DecodeError("image too small", f"{w}x{h}, minimum side {min_side}")
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    cost = decode_bytes(im.mode, w, h)  # from the header: no pixel decoded yet
+    if cost > max_decoded_bytes:
+        raise DecodeError(
+            "decompression bomb", f"{w}x{h} {im.mode} would take about {cost} bytes to decode > limit {max_decoded_bytes}"
+        )
+    return fmt
+
+
 def decode_image(
     data: bytes,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -189,32 +221,13 @@ def decode_image(
     min_side: int = DEFAULT_MIN_SIDE,
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> DecodedImage:
-    if not data:
-        raise DecodeError("empty file", "0 bytes")
-    if len(data) > max_bytes:
-        raise DecodeError("file too large", f"{len(data)} bytes > limit {max_bytes}")
+    check_bytes(data, max_bytes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on odd metadata: only the tag is used
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
-            fmt = im.format
-            if fmt not in ACCEPTED_FORMATS:
-                raise DecodeError("unsupported format", f"{fmt} is not one of JPEG, PNG, WebP")
-            w, h = im.size
-            if w * h > max_pixels:
-                raise DecodeError(
-                    "decompression bomb", f"declared size {w}x{h} = {w * h} pixels > limit {max_pixels}"
-                )
-            if min(w, h) < min_side:
-                raise DecodeError("image too small", f"{w}x{h}, minimum side {min_side}")
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)
-            cost = decode_bytes(im.mode, w, h)  # from the header: no pixel decoded yet
-            if cost > max_decoded_bytes:
-                raise DecodeError(
-                    "decompression bomb", f"{w}x{h} {im.mode} would take about {cost} bytes to decode > limit {max_decoded_bytes}"
-                )
+            fmt = check_header(im, max_pixels, min_side, max_decoded_bytes)
             im.load()
             original_mode = im.mode
             orientation, orientation_note = read_orientation(im)

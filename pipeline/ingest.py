@@ -92,22 +92,64 @@ def inspect_record(rec, limits: IngestLimits):
     :func:`ingest_partition` decides on ({} for a record rejected at listing, ``read_error``, or ``uid``
     with ``image`` or ``decode_error``); the decoded image is there for a fused pass (pipeline/per_image.py)
     to run every per-image model on, so nothing decodes the photo again."""
+    res, data = read_record(rec)
+    if data is None:
+        return res, None
+    try:
+        img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side,
+                           max_decoded_bytes=limits.max_decoded_bytes)
+    except DecodeError as e:
+        return decode_failed(res, e.reason, e.detail), None
+    return decoded(res, img), img
+
+
+def read_record(rec) -> tuple[dict, bytes | None]:
+    """The reading half of :func:`inspect_record`: ``(outcome so far, bytes)``; the outcome holds the
+    ``uid`` of the bytes read, or is final (a listing reject: {}, or ``read_error``) with no bytes."""
     if rec.reject_reason:
         return {}, None
     try:
         data = rec.read()
     except (OSError, ValueError) as e:
         return {"read_error": str(e)}, None
-    res: dict = {"uid": content_uid(data)}
-    try:
-        img = decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes, min_side=limits.min_side,
-                           max_decoded_bytes=limits.max_decoded_bytes)
-    except DecodeError as e:
-        res["decode_error"] = (e.reason, e.detail)
-        return res, None
+    return {"uid": content_uid(data)}, data
+
+
+def decoded(res: dict, img) -> dict:
+    """The outcome of a record whose bytes decoded: what ingestion records of the image, from anything
+    with :class:`pipeline.decode.DecodedImage`'s fields (a device decoder's result too)."""
     res["image"] = (img.width, img.height, img.format, img.original_mode, img.orientation_applied,
                     img.orientation_note)
-    return res, img
+    return res
+
+
+def decode_failed(res: dict, reason: str, detail: str) -> dict:
+    """The outcome of a record whose bytes did not decode (pipeline.decode's reason and detail)."""
+    res["decode_error"] = (reason, detail)
+    return res
+
+
+# what ingestion makes of a record (:func:`verdict`)
+LISTING_REJECT, UNREADABLE, REMOVED, DUPLICATE, UNDECODABLE, ACCEPTED = (
+    "listing reject", "unreadable", "removed", "duplicate", "undecodable", "accepted")
+
+
+def verdict(rec, res: dict, removed: set[str] | None, seen) -> str:
+    """What ingestion makes of a record from its outcome, given the bytes ``removed`` on request and the
+    uids accepted before it in the partition (``seen``). One home for the order of these rules:
+    :func:`ingest_partition` and the device-fused pass (pipeline/per_image.py, which asks it before decoding:
+    an outcome with neither ``image`` nor ``decode_error`` yet is ACCEPTED when its bytes decode)."""
+    if rec.reject_reason:
+        return LISTING_REJECT
+    if "read_error" in res:
+        return UNREADABLE
+    if removed and res["uid"] in removed:
+        return REMOVED
+    if res["uid"] in seen:
+        return DUPLICATE
+    if "decode_error" in res:
+        return UNDECODABLE
+    return ACCEPTED
 
 
 def inspect_records(_model, chunk: tuple[list, IngestLimits]) -> list[dict]:
@@ -156,22 +198,23 @@ def ingest_partition(
         inputs += 1
         if progress and inputs % 100 == 0:
             progress(inputs)
-        if rec.reject_reason:
+        kind = verdict(rec, res, removed, seen)
+        if kind == LISTING_REJECT:
             rejects.add(rec.source, rec.reject_reason, rec.reject_detail)
             continue
-        if "read_error" in res:
+        if kind == UNREADABLE:
             rejects.add(rec.source, "unreadable file", res["read_error"])
             continue
         uid = res["uid"]
-        if removed and uid in removed:
+        if kind == REMOVED:
             # named by a hash of the content only: file names often name the person
             rejects.add(removed_source(uid), "removed on request", "these bytes were removed by a removal request")
             continue
-        if uid in seen:
+        if kind == DUPLICATE:
             duplicates += 1
             rejects.add(rec.source, "duplicate image", f"same bytes as {seen[uid]}", uid=uid)
             continue
-        if "decode_error" in res:
+        if kind == UNDECODABLE:
             rejects.add(rec.source, *res["decode_error"], uid=uid)
             continue
         width, height, fmt, mode, rotated, orientation_note = res["image"]

@@ -27,6 +27,12 @@ Batching: the face backend gets batches of ``face_batch_size`` decoded photos of
 accepted rows, and the image scorers one batch per chunk (the stage's are 256 photos); the FER batches are
 rebuilt exactly as describe_partition builds them. Backends whose result for a photo does not depend on
 its batch (dlib, FER) give the same tables (tests/test_per_image.py compares them).
+
+A face backend that decodes on its own device in large batches (the torch stage, any backend on CUDA) is
+not fed those chunks: :class:`DeviceStream` reads each record once, decodes each photo once with the
+backend's decoder inside the face stage's own loop (``analyze_chunks``, decoding a chunk ahead), takes
+ingestion's verdict from that decode and hands the model exactly the face stage's batches, whose faces
+such a backend depends on (:func:`device_fused`). It runs in one process (no worker processes, no Ray).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline import ingest
@@ -141,6 +148,183 @@ def fused_chunk(models: PerImageModels, chunk):
                       "decoded": sum(1 for res in outcomes if "uid" in res)}
 
 
+class DeviceStream:
+    """The device-fused pass over one partition's input records, for a face backend that decodes on its
+    own device in large batches (:func:`pipeline.faces.stage.decodes_ahead`: the torch stage, any backend on
+    CUDA). It is the ``decode`` step the face stage's own loop (:func:`pipeline.faces.stage.analyze_chunks`)
+    runs on its thread one chunk ahead of the model, so the overlap bench/gpu_check.sh times is kept:
+
+    - chunks of ``size`` records (the face stage's chunk size, :func:`pipeline.faces.stage.chunk_images`),
+      each record's bytes read once on the backend's threads and hashed (:func:`pipeline.ingest.read_record`);
+    - the bytes of each distinct uid that ingestion would accept if they decode (:func:`pipeline.ingest.verdict`,
+      asked in input order) decoded once by the backend's own decoder (``decode_encoded``: nvjpeg on CUDA,
+      pipeline.decode on its CPU threads for what nvjpeg does not take); ingestion's outcome (size, format,
+      or the decoder's reject reason) is taken from that decode;
+    - the accepted photos handed to the model in exactly the face stage's batches (``size`` accepted photos
+      in input order, the rest after the last chunk): the torch stage's faces depend on its batch (one
+      letterboxed canvas per batch), so the same batches give the same faces table.
+
+    ``handed`` keeps each chunk's batch (row, image, caption, record index) until the caller has run the
+    expression landmarks and the image scorers on it."""
+
+    FLUSH = None  # the last chunk: what is left of the accepted photos, one batch
+
+    def __init__(self, backend, records: list, limits: IngestLimits, removed: set[str] | None, size: int):
+        from collections import deque
+
+        from pipeline.faces.stage import _decode_threads
+
+        self.backend, self.records, self.limits, self.removed, self.size = backend, records, limits, removed, size
+        # a backend that takes RGB arrays (dlib, insightface on CUDA) has no decoder of its own: the face
+        # stage's decoding threads and pipeline.decode, as its decode_rows would use for it
+        self.pool = backend.decode_pool if hasattr(backend, "decode_encoded") else _decode_threads()
+        self.decode_blobs = getattr(backend, "decode_encoded", None) or self._decode_on_threads
+        self.outcomes: list[dict] = [{} for _ in records]
+        self.seen: set[str] = set()  # uids accepted so far
+        self.failed: dict[str, tuple[str, str]] = {}  # uid -> why its bytes did not decode
+        self.pending: list[tuple] = []  # accepted, not yet handed to the model
+        self.handed = deque()
+        self.decoders: dict[str, int] = {}  # photos decoded, by decoder
+
+    def chunks(self) -> list:
+        return [(i, min(i + self.size, len(self.records))) for i in range(0, len(self.records), self.size)] + [
+            self.FLUSH]
+
+    def decode(self, chunk):
+        """One chunk of records read, checked and decoded: ``(decoded [(row, image)], [], seconds)``, the
+        decoded part being the batch this chunk completes (often none), as analyze_decoded takes it."""
+        t0 = time.perf_counter()
+        if chunk is self.FLUSH:
+            batch, self.pending = self.pending, []
+        else:
+            batch = self._read_and_decode(*chunk)
+        self.handed.append(batch)
+        return [(row, image) for row, image, _, _ in batch], [], time.perf_counter() - t0
+
+    def _read_and_decode(self, lo: int, hi: int) -> list:
+        from pipeline.ingest import ACCEPTED, decode_failed, decoded, read_record, verdict
+
+        records = self.records[lo:hi]
+        read = list(self.pool.map(read_record, records))
+        first: dict[str, int] = {}  # uid -> the record whose bytes are decoded for it
+        for i, (rec, (res, data)) in enumerate(zip(records, read), start=lo):
+            self.outcomes[i] = res
+            if data is None or verdict(rec, res, self.removed, self.seen) != ACCEPTED:
+                continue  # a listing reject, unreadable, removed, or a copy of bytes accepted before
+            if res["uid"] in self.failed:  # the same bytes as a record that did not decode: the same verdict
+                decode_failed(res, *self.failed[res["uid"]])
+            else:
+                first.setdefault(res["uid"], i)
+        images = dict(zip(first, self.decode_blobs([read[i - lo][1] for i in first.values()], self.limits)))
+        for image in images.values():  # what the device decoder left to the CPU decoder (PNG, WebP, rotated, ...)
+            self.decoders[image.decoder] = self.decoders.get(image.decoder, 0) + 1
+        for i, rec in enumerate(records, start=lo):
+            res = self.outcomes[i]
+            uid = res.get("uid")
+            # in input order, so that of the same bytes twice the first is accepted, the second a duplicate
+            if uid not in images or "decode_error" in res or verdict(rec, res, self.removed, self.seen) != ACCEPTED:
+                continue
+            image = images[uid]
+            if image.error is not None:
+                self.failed[uid] = image.error
+                decode_failed(res, *image.error)
+                continue
+            decoded(res, getattr(image, "found", image))  # the facts: a DecodedImage, or the device's Decoded
+            self.seen.add(uid)
+            self.pending.append(({"uid": uid, "source": rec.source}, image.image, rec.meta.get("caption"), i))
+        if len(self.pending) < self.size:
+            return []  # the batch is completed by a later chunk (or the flush)
+        batch, self.pending = self.pending[: self.size], self.pending[self.size :]
+        return batch
+
+
+    def _decode_on_threads(self, blobs: list[bytes], limits: IngestLimits) -> list:
+        return list(self.pool.map(lambda data: _ArrayDecoded.of(data, limits), blobs))
+
+
+@dataclass
+class _ArrayDecoded:
+    """A decode by pipeline.decode for a backend that takes RGB arrays, shaped as the torch stage's
+    ``Decoded``: the image (here the DecodedImage's RGB array) or the reject reason, and what ingestion
+    records (:func:`pipeline.ingest.decoded` reads them from ``found``)."""
+
+    found: object | None  # pipeline.decode.DecodedImage
+    error: tuple[str, str] | None = None
+    decoder: str = "cpu"
+
+    @property
+    def image(self):
+        return None if self.found is None else self.found.rgb
+
+    @classmethod
+    def of(cls, data: bytes, limits: IngestLimits):
+        from pipeline.decode import DecodeError
+
+        try:
+            return cls(ingest.decode_image(data, max_pixels=limits.max_pixels, max_bytes=limits.max_bytes,
+                                           min_side=limits.min_side, max_decoded_bytes=limits.max_decoded_bytes))
+        except DecodeError as e:
+            return cls(None, (e.reason, e.detail))
+
+
+def host_rgb(image) -> np.ndarray:
+    """An RGB (H, W, 3) uint8 array of a decoded photo, for a model that runs on the CPU: a backend's
+    (3, H, W) tensor copied from the device on CUDA (a view on the CPU); an RGB array as it is."""
+    if isinstance(image, np.ndarray):
+        return image
+    return np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+
+
+def device_fused(models: PerImageModels, records: list, limits: IngestLimits, removed: set[str] | None,
+                 face_batch_size: int):
+    """The device-fused pass over one partition's records (:class:`DeviceStream` through the face stage's
+    :func:`pipeline.faces.stage.analyze_chunks`): ``(ingest outcomes, extra)`` as :func:`fused_chunk` gives
+    them for a chunk, here for all the records."""
+    from pipeline.expression.descriptor import LocatedFaces, boxes_from_faces, locate_faces
+    from pipeline.faces.stage import analyze_chunks, chunk_images
+
+    stream = DeviceStream(models.backend, records, limits, removed, chunk_images(models.backend, face_batch_size))
+    per_record: list[dict | None] = [None] * len(records)
+    timings: dict[str, float] = {}
+    scored = []
+
+    def add(key, seconds):
+        timings[key] = timings.get(key, 0.0) + seconds
+
+    for face_records, _, t in analyze_chunks(models.backend, stream.chunks(), decode=stream.decode):
+        batch = stream.handed.popleft()
+        for k, v in t.items():
+            add(k, v)
+        by_uid = {rec[0]: rec for rec in face_records}
+        hosts = {}  # host copies, only of what a CPU model reads
+        t0 = time.perf_counter()
+        for row, image, _, i in batch:
+            # None: the backend returned nothing for it; the face unit's counts_reconcile then fails
+            per_record[i] = {"face_record": by_uid.get(row["uid"])}
+            if models.landmarker is not None:
+                rec = per_record[i]["face_record"]
+                if rec is not None and rec[4]:  # only images with faces are described (describe_partition)
+                    hosts[i] = host_rgb(image)
+                    boxes = boxes_from_faces(_faces_table([rec], models.backend))
+                    per_record[i]["located"] = locate_faces([(row["uid"], hosts[i])], models.landmarker,
+                                                            models.expression_config, boxes).compact()
+                else:
+                    per_record[i]["located"] = LocatedFaces()
+        if models.landmarker is not None:
+            add("locate_s", time.perf_counter() - t0)
+        if models.scorer_stage is not None and batch:
+            from pipeline.scoring.stage import score_decoded
+
+            t0 = time.perf_counter()
+            items = [(row["uid"], hosts[i] if i in hosts else host_rgb(image), caption)
+                     for row, image, caption, i in batch]
+            scored.append(score_decoded(models.scorer_stage, items))
+            add("image_scores_s", time.perf_counter() - t0)
+    scores = (pa.concat_tables([t for t, _ in scored]), scored[-1][1]) if scored else None
+    return stream.outcomes, {"per_record": per_record, "image_scores": scores, "timings": timings,
+                             "decoded": sum(stream.decoders.values()), "decoders": dict(stream.decoders)}
+
+
 @dataclass
 class PerImageResult:
     ingest: IngestResult
@@ -160,15 +344,31 @@ def fused_partition(spec, models: PerImageModels, limits: IngestLimits | None = 
     would compute them. In-process, ``workers`` processes are started only when the partition's bytes are
     worth them (:func:`pipeline.ingest.ingest_workers`), each holding :func:`build_models` of ``factory``
     (:func:`worker_factory`; None: no workers);
-    ``chunk_runner(chunks) -> results in order`` runs :func:`fused_chunk` elsewhere (Ray)."""
+    ``chunk_runner(chunks) -> results in order`` runs :func:`fused_chunk` elsewhere (Ray). A backend that
+    decodes on its device (:func:`pipeline.faces.stage.decodes_ahead`) gets :func:`device_fused` in this
+    process instead (``workers`` unused; a ``chunk_runner`` is refused)."""
     from pipeline.engine import map_chunks
-    from pipeline.faces.stage import run_face_partition
+    from pipeline.faces.stage import decodes_ahead, run_face_partition
 
     limits = limits or IngestLimits()
     extras: list = []
     workers_used: list[int] = []
 
+    on_device = decodes_ahead(models.backend)
+    if on_device and chunk_runner is not None:
+        raise ValueError("the device-fused pass runs in one process, in the face stage's batches: no chunk_runner")
+
     def run_fused(chunks):
+        if on_device:  # one stream over the partition's records, regrouped in ingestion's chunks afterwards
+            workers_used.append(1)
+            outcomes, extra = device_fused(models, [r for records, _ in chunks for r in records], limits, removed,
+                                           face_batch_size)
+            extras.append(extra)
+            out, start = [], 0
+            for records, _ in chunks:
+                out.append(outcomes[start : start + len(records)])
+                start += len(records)
+            return out
         fused = [(records, lim, face_batch_size) for records, lim in chunks]
         if chunk_runner is not None:
             results = chunk_runner(fused)
@@ -228,7 +428,9 @@ def fused_partition(spec, models: PerImageModels, limits: IngestLimits | None = 
 
         image_scores = score_partition(ing.images, models.scorer_stage, limits, chunk_runner=served_scores)
     stats = {"photos_decoded": sum(e["decoded"] for e in extras), "seconds": time.perf_counter() - t0,
-             "timings": timings}
+             "timings": timings, "device_fused": on_device}
+    if on_device:
+        stats["photos_decoded_by"] = extras[0]["decoders"] if extras else {}
     return PerImageResult(ing, faces, expressions, image_scores, stats)
 
 

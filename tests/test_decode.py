@@ -293,3 +293,34 @@ def test_a_bad_exif_photo_does_not_stop_its_partition(tmp_path, landscape):
     assert rows["b_bad_exif.jpg"]["exif_rotated"] and (rows["b_bad_exif.jpg"]["width"], rows["b_bad_exif.jpg"]["height"]) == (40, 80)
     assert not rows["c_ascii_orientation.jpg"]["exif_rotated"]
     assert res.stats["orientation_fallbacks"] == 1 and "c_ascii_orientation.jpg" in res.stats["orientation_notes"]
+
+
+def test_the_device_decoders_choice_uses_the_cpu_decoders_header_rules():
+    """nvjpeg (pipeline/faces/torch_stage.py nvjpeg_mode) takes only what it decodes as pipeline.decode does
+    and what passes pipeline.decode's header checks (check_bytes / check_header, the one home of those rules):
+    the rest, truncated files included (nvjpeg may decode them; Pillow names them "truncated image", the
+    reject ingestion gives), goes to the CPU decoder, whose verdict a device-fused ingestion then takes."""
+    pytest.importorskip("torchvision")
+    from pipeline.faces.torch_stage import DecodeLimits, nvjpeg_mode
+
+    plain = _jpeg(_gradient())
+    grey = _jpeg(_gradient()[..., 0])
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_gradient()).save(rotated, "JPEG", exif=exif)
+    png = io.BytesIO()
+    Image.fromarray(_gradient()).save(png, "PNG")
+    limits = DecodeLimits()
+    assert nvjpeg_mode(plain, limits) == "RGB" and nvjpeg_mode(grey, limits) == "L"
+    truncated = plain[: len(plain) // 2]
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_image(truncated)
+    for refused in (truncated, rotated.getvalue(), png.getvalue(), b"not an image", b""):
+        assert nvjpeg_mode(refused, limits) is None
+    # each limit decode_image applies refuses it for the device too, from the same header check
+    for tight in (DecodeLimits(max_pixels=64 * 96 - 1), DecodeLimits(min_side=65), DecodeLimits(max_bytes=len(plain) - 1),
+                  DecodeLimits(max_decoded_bytes=decode_bytes("RGB", 96, 64) - 1)):
+        with pytest.raises(DecodeError):
+            decode_image(plain, tight.max_pixels, tight.max_bytes, tight.min_side, tight.max_decoded_bytes)
+        assert nvjpeg_mode(plain, tight) is None

@@ -236,15 +236,112 @@ def test_precomputed_units_are_not_taken_once_a_removal_rewrote_their_inputs(pho
     assert take_face_stage(layout, spec.key, model.backend) is None
 
 
-def test_a_backend_that_decodes_on_its_device_keeps_the_face_stage_path(monkeypatch, tmp_path):
-    """A face backend that decodes in large batches on its device (the torch stage, a GPU) is not fed the
-    fused pass's small CPU-decoded chunks: the images asset says why and leaves the faces to analyze_chunks,
-    the path bench/gpu_check.sh times. A CPU backend gets the fused pass."""
+@pytest.fixture(scope="module")
+def device_photos(shared_faces, tmp_path_factory):
+    """Photos for the device-fused pass, in an order that makes the face stage's batches of 4 accepted
+    photos straddle the chunks of 4 records: a truncated file, a byte-identical copy and a non-image among
+    them, a group photo and a PNG (which nvjpeg would leave to the CPU decoder)."""
+    root = tmp_path_factory.mktemp("device-photos")
+    ids = sorted((shared_faces / "identities").rglob("*.jpg"))[:5]
+    group = min((shared_faces / "groups").glob("*.jpg"))
+    png = min(shared_faces.rglob("*.png"))
+    for i, p in enumerate(ids):
+        shutil.copy(p, root / f"p{i}.jpg")
+    shutil.copy(group, root / "group.jpg")
+    shutil.copy(png, root / "photo.png")
+    shutil.copy(ids[0], root / "copy.jpg")
+    (root / "broken.jpg").write_bytes(ids[1].read_bytes()[:2000])
+    (root / "text.jpg").write_bytes(b"not an image, whatever its name says")
+    members = ("p0.jpg", "broken.jpg", "p1.jpg", "copy.jpg", "p2.jpg", "text.jpg", "p3.jpg", "p4.jpg",
+               "group.jpg", "photo.png")
+    return PartitionSpec(key="d", kind="files", root=str(root), members=members)
+
+
+@pytest.fixture(scope="module")
+def torch_stage():
+    pytest.importorskip("facenet_pytorch")
+    from pipeline.faces.torch_stage import TorchFaceStage
+
+    return TorchFaceStage(device="cpu", decode_workers=2)
+
+
+def test_device_fused_pass_writes_the_separate_tables_reading_and_decoding_each_photo_once(
+        device_photos, torch_stage, models, monkeypatch):
+    """The torch stage (on CPU here; nvjpeg on CUDA) decodes on its device in its own batches: the fused pass
+    reads each record once, decodes each photo once with the stage's decoder, takes ingestion's verdict from
+    that decode, and gives every table the separate stages give (the faces from the same batches)."""
+    from pipeline import ingest
+    from pipeline.faces.stage import decodes_ahead
+    from pipeline.per_image import PerImageModels, fused_partition
+
+    _, expression = models
+    assert decodes_ahead(torch_stage)
+    model = PerImageModels(torch_stage, expression.config, models[0].scorer_stage.config,
+                           landmarker=expression.landmarker)
+    # ingestion's chunks of 4 records hold 2, 3 and 2 accepted photos: a pass that batched the faces by them
+    # would not give the face stage's batches of 4 accepted photos (the torch stage's faces depend on them)
+    monkeypatch.setattr(ingest, "INGEST_CHUNK", 4)
+    counted = ReadDecodeCounter(monkeypatch.setattr)
+    ing, faces, expr, scores = _separate(device_photos, model, expression)
+    separate = (counted.reads, counted.decodes, counted.bytes)
+    assert (ing.inputs, ing.accepted, ing.duplicates) == (10, 7, 1)
+    assert {r["reason"] for r in ing.rejects.rows} == {"duplicate image", "truncated image", "not an image"}
+    assert "png" in ing.images.column("format").to_pylist() and faces.faces.num_rows >= 7
+    fused_count = ReadDecodeCounter(monkeypatch.setattr)
+    fused = fused_partition(device_photos, model, face_batch_size=4, expression_stage=expression)
+    _assert_same(fused, ing, faces, expr, scores)
+    # 10 records read once; the 9 distinct byte strings decoded once (the copy is known by its hash); the
+    # separate stages read and decode the 7 accepted photos 3 more times (faces, expressions, scores)
+    assert (fused_count.reads, fused_count.decodes) == (10, 9)
+    assert fused.stats["device_fused"] and fused.stats["photos_decoded"] == 9
+    assert fused.stats["photos_decoded_by"] == {"cpu": 9}  # on CUDA the plain JPEGs would be "nvjpeg"
+    assert separate[:2] == (10 + 3 * 7, 10 + 3 * 7)
+    assert separate[2] == fused_count.bytes + 3 * sum(ing.images.column("length").to_pylist())
+
+
+def test_device_fused_pass_gives_ingestions_rejects_for_removed_and_repeated_broken_bytes(device_photos, torch_stage,
+                                                                                        tmp_path):
+    """Bytes removed on request, the same broken bytes twice, a copy in a later chunk, a broken EXIF
+    orientation, photos over the pixel limit: the verdicts and notes ingestion gives, the broken bytes
+    decoded once."""
+    from PIL import Image
+
+    from pipeline.ingest import IngestLimits, ingest_partition
+    from pipeline.per_image import PerImageModels, fused_partition
+
+    root = tmp_path / "more"
+    shutil.copytree(device_photos.root, root)
+    shutil.copy(root / "broken.jpg", root / "broken2.jpg")
+    with Image.open(root / "p3.jpg") as im:  # an EXIF orientation out of range: kept unrotated, with a note
+        exif = Image.Exif()
+        exif[0x0112] = 9
+        im.save(root / "bad_exif.jpg", exif=exif, quality=90)
+    spec = PartitionSpec(key="e", kind="files", root=str(root),
+                         members=(*device_photos.members, "broken2.jpg", "copy.jpg", "bad_exif.jpg"))
+    removed = {ingest_partition(PartitionSpec(key="x", kind="files", root=str(root), members=("p2.jpg",)))
+               .images.column("uid")[0].as_py()}
+    # a pixel limit that the larger half of the photos exceed: "decompression bomb", refused unread
+    sizes = sorted(w * h for w, h in zip(*ingest_partition(spec).images.select(["width", "height"]).to_pydict()
+                                          .values()))
+    limits = IngestLimits(max_pixels=sizes[len(sizes) // 2])
+    ing = ingest_partition(spec, limits, removed=removed)
+    fused = fused_partition(spec, PerImageModels(torch_stage), limits, removed=removed, face_batch_size=4)
+    assert fused.ingest.images.equals(ing.images) and fused.ingest.rejects.rows == ing.rejects.rows
+    assert fused.ingest.stats["orientation_notes"] == ing.stats["orientation_notes"] == {
+        "bad_exif.jpg": "EXIF orientation 9 is not 1-8; kept unrotated"}
+    reasons = [r["reason"] for r in ing.rejects.rows]
+    assert reasons.count("truncated image") == 2 and "decompression bomb" in reasons
+    assert "removed on request" in reasons and "not an image" in reasons
+    assert fused.stats["photos_decoded"] == 9  # 11 distinct byte strings, one removed, one copy
+
+
+def test_only_the_ray_engine_keeps_a_device_backend_off_the_fused_pass(monkeypatch, tmp_path):
+    """A face backend that decodes on its device (the torch stage, a GPU) gets the device-fused pass in
+    process; under Ray (chunks spread over actors, not one stream in the face stage's batches) the images
+    asset says why and leaves the faces to the faces asset. A CPU backend gets the fused pass either way."""
     import assets.faces as faces_module
     from assets.ingest import fused_off_reason
     from assets.resources import LineupSettings
-
-    settings = LineupSettings(home=str(tmp_path), engine_workers=1)
 
     class DecodesItself:
         name = "torch-stage"
@@ -252,23 +349,69 @@ def test_a_backend_that_decodes_on_its_device_keeps_the_face_stage_path(monkeypa
         def decode_encoded(self, blobs):
             raise AssertionError("not called here")
 
-    monkeypatch.setattr(faces_module, "face_backend", lambda lineup: DecodesItself())
-    assert "decodes on its device" in fused_off_reason(settings)
-
     class CpuArrays:
         name = "dlib"
         device = "cpu"
 
-    monkeypatch.setattr(faces_module, "face_backend", lambda lineup: CpuArrays())
-    assert fused_off_reason(settings) is None
+    for engine, backend, off in (("", DecodesItself, False), ("ray", DecodesItself, True), ("", CpuArrays, False),
+                                 ("ray", CpuArrays, False)):
+        settings = LineupSettings(home=str(tmp_path), engine_workers=1, engine=engine)
+        monkeypatch.setattr(faces_module, "face_backend", lambda lineup, b=backend: b())
+        reason = fused_off_reason(settings, gpu_pool=None, pool=None)
+        assert (reason is not None) == off and (not off or "Ray" in reason), (engine, backend)
+    # nor does the pass itself take another engine's chunk runner for such a backend
+    from pipeline.per_image import PerImageModels, fused_partition
+
+    with pytest.raises(ValueError, match="one process"):
+        fused_partition(PartitionSpec(key="k", kind="files", root=str(tmp_path), members=()),
+                        PerImageModels(DecodesItself()), chunk_runner=lambda chunks: [])
+
+
+def test_assets_commit_the_same_files_with_the_device_fused_pass(device_photos, torch_stage, tmp_path, monkeypatch):
+    """The images asset runs the device-fused pass for the torch stage and says so; faces and expressions
+    take what it computed; every committed file equals the one the separate assets commit."""
+    import dagster as dg
+
+    import assets.faces as faces_module
+    from assets.expression import face_expressions
+    from assets.faces import faces
+    from assets.ingest import images
+    from assets.partitions import input_partitions
+    from assets.resources import LineupSettings
+    from pipeline.config import Layout
+    from pipeline.sources import register_new_inputs
+
+    monkeypatch.setattr(faces_module, "face_backend", lambda lineup: torch_stage)
+    committed, metas = {}, {}
+    for fused in (False, True):
+        home = tmp_path / f"home-{fused}"
+        layout = Layout(home)
+        (spec,) = register_new_inputs(device_photos.root, layout.partitions, batch_size=100)
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions(input_partitions.name, [spec.key])
+        settings = LineupSettings(home=str(home), input_dir=device_photos.root, engine_workers=1, fused_per_image=fused,
+                                  face_batch_size=4)
+        r = dg.materialize([images, faces, face_expressions], partition_key=spec.key, instance=instance,
+                           resources={"lineup": settings})
+        assert r.success
+        committed[fused] = {s: _committed(layout, s, spec.key) for s in ("images", "faces", "face_expressions")}
+        metas[fused] = {n: next(iter(r.asset_materializations_for_node(n))).metadata
+                        for n in ("images", "faces", "face_expressions")}
+    for stage, tables in committed[False].items():
+        for name, table in tables.items():
+            assert committed[True][stage][name].equals(table), (stage, name)
+    assert metas[True]["images"]["fused_pass"].value == "device"
+    assert metas[True]["images"]["photos_decoded"].value == 9
+    assert metas[True]["faces"]["from_fused_pass"].value and metas[True]["face_expressions"]["from_fused_pass"].value
+    assert not metas[False]["faces"]["from_fused_pass"].value
 
 
 def test_images_asset_takes_the_gpu_slot_only_to_run_models_on_it(monkeypatch, tmp_path):
     """On a GPU machine the images asset holds a slot of the "gpu" pool only when its fused pass will run
-    models there (face models held on CPU, so the fused pass runs, its expression and scoring models on the
-    GPU); with the face models on the GPU (face_device auto: the faces asset decodes and analyses) or the
-    fused pass off it only ingests and takes no slot. The definitions are loaded in a process that believes
-    it has CUDA; a run whose settings would use the GPU without the slot is not fused."""
+    models there: the face models on the GPU (face_device auto: the device-fused pass) or held on CPU (its
+    expression and scoring models on the GPU); with the fused pass off, or the face models on the GPU under
+    Ray (no device-fused pass there), it only ingests and takes no slot. The definitions are loaded in a
+    process that believes it has CUDA; a run whose settings would use the GPU without the slot is not fused."""
     import os
     import subprocess
     import sys
@@ -285,10 +428,13 @@ def test_images_asset_takes_the_gpu_slot_only_to_run_models_on_it(monkeypatch, t
                              env={**os.environ, "LINEUP_FACE_DEVICE": "", "LINEUP_FUSED_PER_IMAGE": "1", **env})
         return out.stdout.split()
 
-    assert pools() == ["None", "gpu"]  # the default on a GPU machine: the face models there, ingestion alone here
+    assert pools() == ["gpu", "gpu"]  # the default on a GPU machine: the device-fused pass runs the face models
+    assert pools(LINEUP_ENGINE="ray") == ["None", "gpu"]  # the faces asset decodes and analyses
     assert pools(LINEUP_FACE_DEVICE="cpu") == ["gpu", "gpu"]
+    assert pools(LINEUP_FACE_DEVICE="cpu", LINEUP_ENGINE="ray") == ["gpu", "gpu"]
     assert pools(LINEUP_FACE_DEVICE="cpu", LINEUP_FUSED_PER_IMAGE="0") == ["None", "gpu"]
-    assert images_pool(True, "cuda:1", "gpu") is None and images_pool(True, "cpu", None) is None
+    assert images_pool(True, "cuda:1", "gpu", "ray") is None and images_pool(True, "cpu", None) is None
+    assert images_pool(True, "cuda:1", "gpu") == "gpu"
 
     class CpuArrays:
         name = "dlib"
@@ -356,3 +502,21 @@ def test_staging_holds_no_precomputation_after_a_run_of_images_and_scores(photos
     discard_precomputed(layout, "image_scores", "k")
     put_precomputed(layout, "image_scores", "k", {"t": table}, {"a": 1})
     assert take_precomputed(layout, "image_scores", "k", {"a": 1})[0]["t"].equals(table) and left() == []
+
+
+def test_device_fused_pass_for_a_gpu_backend_that_takes_rgb_arrays(device_photos, models, monkeypatch):
+    """A face backend on a GPU without a decoder of its own (dlib or insightface on CUDA) gets the device-fused
+    pass too, decoding with pipeline.decode on the face stage's threads as its decode_rows does; here dlib
+    on the CPU taken for one (gpu_backend patched): the tables of the separate stages, one decode a photo."""
+    from pipeline.faces import stage
+    from pipeline.per_image import fused_partition
+
+    model, expression = models
+    monkeypatch.setattr(stage, "gpu_backend", lambda backend: True)
+    counted = ReadDecodeCounter(monkeypatch.setattr)
+    ing, faces, expr, scores = _separate(device_photos, model, expression)
+    assert counted.decodes == 10 + 3 * 7
+    fused_count = ReadDecodeCounter(monkeypatch.setattr)
+    fused = fused_partition(device_photos, model, face_batch_size=4, expression_stage=expression)
+    _assert_same(fused, ing, faces, expr, scores)
+    assert (fused_count.reads, fused_count.decodes) == (10, 9) and fused.stats["device_fused"]

@@ -211,18 +211,23 @@ def decodes_ahead(backend) -> bool:
     return gpu_backend(backend) or hasattr(backend, "decode_encoded")
 
 
-def analyze_chunks(backend: FaceBackend, chunks: list) -> Iterator[tuple]:
+def analyze_chunks(backend: FaceBackend, chunks: list, decode: Callable | None = None) -> Iterator[tuple]:
     """THE face stage over chunks of ``(rows, limits)``, results in chunk order: what the asset (through
-    :func:`run_face_partition`), the Ray actors (:func:`ray_chunk_runner`) and bench/bench_dlib_torch.py
-    run. Each result is :func:`analyze_rows`'s. When :func:`decodes_ahead`, chunk i+1 is read and decoded
-    on a thread (nvjpeg on CUDA) while chunk i is analysed; otherwise chunk by chunk, as before."""
+    :func:`run_face_partition`), the Ray actors (:func:`ray_chunk_runner`), bench/bench_dlib_torch.py and
+    the device-fused pass run. Each result is :func:`analyze_decoded`'s: one backend batch per chunk. When
+    :func:`decodes_ahead`, chunk i+1 is read and decoded on a thread (nvjpeg on CUDA) while chunk i is
+    analysed; otherwise chunk by chunk, as before. ``decode(chunk) -> (decoded [(row, image)], rejects,
+    seconds)`` (default :func:`decode_rows`) is how a chunk becomes images: the device-fused pass
+    (pipeline/per_image.py) passes its own, which reads input records once, takes ingestion's verdict from
+    the backend's decode and hands back the face stage's batches of accepted photos."""
+    decode = decode or (lambda chunk: decode_rows(chunk, backend))
     if not decodes_ahead(backend) or len(chunks) < 2:
         for chunk in chunks:
-            yield analyze_rows(backend, chunk)
+            yield analyze_decoded(backend, decode(chunk))
         return
     from pipeline.engine import prefetched
 
-    for pending in prefetched(lambda chunk: decode_rows(chunk, backend), chunks, ahead=1):
+    for pending in prefetched(decode, chunks, ahead=1):
         yield analyze_decoded(backend, pending.result())
 
 

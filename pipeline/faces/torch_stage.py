@@ -170,6 +170,21 @@ class BatchedMTCNN:
 class Decoded:
     image: torch.Tensor | None  # (3, H, W) uint8 on the stage's device
     error: tuple[str, str] | None = None  # (reason, detail), pipeline.decode's reject reasons
+    # what ingestion records of the photo (pipeline.decode.DecodedImage's fields): a fused pass takes its
+    # verdict from this decode (pipeline/per_image.py)
+    format: str = ""
+    original_mode: str = ""
+    orientation_applied: bool = False
+    orientation_note: str = ""
+    decoder: str = "cpu"  # "nvjpeg" for what the device decoded; "cpu": pipeline.decode on a thread
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[-1])
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[-2])
 
 
 @dataclass(frozen=True)
@@ -197,27 +212,47 @@ def _cpu_decode(data: bytes, limits: DecodeLimits) -> Decoded:
                          max_decoded_bytes=limits.max_decoded_bytes)
     except DecodeError as e:
         return Decoded(None, (e.reason, e.detail))
-    return Decoded(torch.from_numpy(np.array(d.rgb, copy=True)).permute(2, 0, 1))
+    return Decoded(torch.from_numpy(np.array(d.rgb, copy=True)).permute(2, 0, 1), None, d.format, d.original_mode,
+                   d.orientation_applied, d.orientation_note)
 
 
-def _nvjpeg_ok(data: bytes, limits: DecodeLimits) -> bool:
-    """Plain baseline/progressive RGB or grey JPEG with no EXIF rotation, within the limits:
-    what nvjpeg decodes exactly like the CPU path (the header is read, no pixel decoded)."""
+JPEG_END = b"\xff\xd9"
+
+
+def nvjpeg_mode(data: bytes, limits: DecodeLimits) -> str | None:
+    """The Pillow mode of a photo nvjpeg may decode, None for any other: a plain baseline/progressive RGB
+    or grey JPEG with no EXIF rotation that passes pipeline.decode's checks (:func:`check_bytes`,
+    :func:`check_header`: the header is read, no pixel decoded) and ends with its end-of-image marker
+    (a truncated file goes to the CPU decoder, which names it "truncated image", as ingestion does)."""
     from PIL import Image
 
-    from pipeline.decode import decode_bytes, read_orientation
+    from pipeline.decode import DecodeError, check_bytes, check_header, read_orientation
 
-    if len(data) > limits.max_bytes or data[:2] != b"\xff\xd8":
-        return False
+    if data[:2] != b"\xff\xd8" or not data.rstrip(b"\0\r\n ").endswith(JPEG_END):
+        return None
     try:
+        check_bytes(data, limits.max_bytes)
         with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if (im.format != "JPEG" or im.mode not in ("RGB", "L") or w * h > limits.max_pixels
-                    or min(w, h) < limits.min_side or decode_bytes(im.mode, w, h) > limits.max_decoded_bytes):
-                return False
-            return read_orientation(im) == (1, "")  # the CPU decoder's reading of the same header
+            if check_header(im, limits.max_pixels, limits.min_side, limits.max_decoded_bytes) != "JPEG":
+                return None
+            if im.mode not in ("RGB", "L") or read_orientation(im) != (1, ""):  # the CPU decoder's reading
+                return None
+            return im.mode
+    except DecodeError:
+        return None
     except Exception:  # noqa: BLE001 - anything odd goes to the CPU decoder, which names the reason
-        return False
+        return None
+
+
+def device_decode_jpeg(blobs: list[bytes], device: torch.device) -> list[torch.Tensor]:
+    """nvjpeg's batched decode onto ``device`` (RGB); raises RuntimeError when any file fails it.
+    pipeline/read_counter.py counts its images."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    # torchvision marks its decoders deprecated in favour of torchcodec (0.16+), which this environment
+    # does not have; this is the one call site to migrate
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 
 def decode_batch(
@@ -233,20 +268,15 @@ def decode_batch(
     ``limits`` (all four of pipeline.decode's) overrides ``max_pixels``/``max_bytes``."""
     limits = limits or DecodeLimits(max_pixels=max_pixels, max_bytes=max_bytes)
     out: list[Decoded | None] = [None] * len(blobs)
-    gpu_idx = []
+    modes: dict[int, str] = {}
     if device.type == "cuda":
-        check = lambda b: _nvjpeg_ok(b, limits)
-        ok = list(pool.map(check, blobs) if pool else map(check, blobs))
-        gpu_idx = [i for i, good in enumerate(ok) if good]
-    if gpu_idx:
+        check = lambda b: nvjpeg_mode(b, limits)
+        modes = {i: m for i, m in enumerate(pool.map(check, blobs) if pool else map(check, blobs)) if m is not None}
+    if modes:
+        gpu_idx = list(modes)
         try:
-            from torchvision.io import ImageReadMode, decode_jpeg
-
-            # torchvision marks its decoders deprecated in favour of torchcodec (0.16+), which
-            # this environment does not have; this is the one call site to migrate
-            tensors = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in gpu_idx]
-            for i, img in zip(gpu_idx, decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)):
-                out[i] = Decoded(img)
+            for i, img in zip(gpu_idx, device_decode_jpeg([blobs[i] for i in gpu_idx], device)):
+                out[i] = Decoded(img, None, "jpeg", modes[i], decoder="nvjpeg")
         except RuntimeError:
             out = [None] * len(blobs)  # a bad file fails the whole nvjpeg batch: decode them one by one on CPU
     rest = [i for i in range(len(blobs)) if out[i] is None]
