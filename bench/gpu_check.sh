@@ -9,6 +9,8 @@
 #      on every shared photo's faces, and faces/s with and without the Triton in-order tree sum
 #   4. exact kNN timing (bench/bench_identity.py --gpu-knn, when that entry point exists)
 #   5. the training step benchmark (bench/bench_training.py)
+#   6. the device-fused pass on CUDA (bench/bench_decode_once.py --backend torch --device cuda): every
+#      table against the separate stages (nvjpeg's pixels vs Pillow's for expressions and image scores)
 # Prepare .gpu/ on the development machine first (bench/gpu_prepare.sh) and carry it; logs and
 # JSON results go to $OUT (or bench/results/gpu-check/). Each step has its own time limit; a
 # failing step is reported and the next one runs. Figures are printed as soon as they are measured.
@@ -55,9 +57,9 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUTDIR/gpu.txt"
 "$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available()); sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA: nothing to check"; exit 1; }
 
-# limits: 100 + 160 + 45 + 60 + 90 s, plus unpacking: under 8 minutes
-step parity 100 "$PY" bench/bench_dlib_torch.py parity --device cuda
-step stage 160 "$PY" bench/bench_dlib_torch.py stage --device cuda --images "$IMAGES" --batch 256 --repeats 3 \
+# limits: 90 + 150 + 45 + 60 + 90 + 40 s, plus unpacking: under 8 minutes
+step parity 90 "$PY" bench/bench_dlib_torch.py parity --device cuda
+step stage 150 "$PY" bench/bench_dlib_torch.py stage --device cuda --images "$IMAGES" --batch 256 --repeats 3 \
   --decode-workers 16 --photos-dir "${TMPDIR:-/tmp}/lineup-gpu-check-photos" --out "$OUTDIR/stage.json"
 step landmarks 45 "$PY" bench/bench_shape_predictor_torch.py device --device cuda --faces 4000 --repeats 3
 cp bench/results/shape-predictor-device-*.json "$OUTDIR/" 2>/dev/null
@@ -67,5 +69,6 @@ else
   echo "=== knn: skipped (bench/bench_identity.py has no --gpu-knn entry point yet)"; RC[knn]=skipped
 fi
 step training 90 "$PY" bench/bench_training.py --device cuda --time-budget-s 60 --out "$OUTDIR/training.json"
+step fused 40 "$PY" bench/bench_decode_once.py --backend torch --device cuda --copies 1 --json "$OUTDIR/fused.json"
 
-echo "=== summary"; for k in parity stage landmarks knn training; do echo "$k: ${RC[$k]:-not run}"; done
+echo "=== summary"; for k in parity stage landmarks knn training fused; do echo "$k: ${RC[$k]:-not run}"; done
