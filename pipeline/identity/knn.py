@@ -469,7 +469,7 @@ IVF_BLAS_MAX_ROUNDS = 8
 IVF_BLAS_TRAIN_PER_CELL = 32
 IVF_BLAS_SPILL = 0.2  # fraction of faces also listed in their second-best cell (knn_ivf_blas)
 IVF_BLAS_REVERSE = False  # offer each found pair to both ends (knn_ivf_blas)
-IVF_BLAS_ADAPTIVE = False  # further probes only for the faces the last probe step improved (knn_ivf_blas)
+IVF_BLAS_ADAPTIVE = True  # further probes only for the faces the last probe step improved (knn_ivf_blas; README "adaptive probing")
 # coarse cells searched for a face's best cells; None: by the number of cells (ivf_blas_coarse_probes)
 IVF_BLAS_COARSE_PROBES: int | None = None
 # Up to this many cells 8 coarse probes, above it 16. Measured (README "ivf-blas variants"): 8 found the
