@@ -386,7 +386,8 @@ class _Plan:
                 for r in t.to_pylist():
                     old[name][r["target_uid"]].append(r)
         ctx = {"cfg": cfg, "prepared": selection._prepare(by_uid, cfg, set(b.override)), "img_meta": img_meta, "split_of": split_of,
-               "fingerprints": selection._new_fingerprints(self.read_bytes, by_uid, cfg)}
+               "fingerprints": selection._new_fingerprints(self.read_bytes, by_uid, cfg,
+                                                           stored=self.guard.photos if self.guard is not None else None)}
         counts_of = dict(zip(want.to_pylist(), self.prev_targets.take(want.to_pylist()).column("counts").to_pylist()))
         out = {}
         for u in want.to_pylist():
