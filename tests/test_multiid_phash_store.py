@@ -151,7 +151,7 @@ def test_a_torn_store_is_ignored_and_rewritten(tmp_path, decoded):
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
 
 
-def test_the_store_in_parallel_equals_one_process(tmp_path, small_parallel):
+def test_the_store_in_parallel_equals_one_process(tmp_path, small_parallel):  # noqa: F811 - the fixture
     groups = _groups(2)
     base = _collection(tmp_path, groups, photos_per_group=14)
     grown = _grown(tmp_path, groups)
@@ -184,13 +184,13 @@ def test_a_removal_drops_the_photos_hashes(tmp_path):
     judged = set(read_parquet(cache, columns=["a_uid"]).column("a_uid").to_pylist()) | set(
         read_parquet(cache, columns=["b_uid"]).column("b_uid").to_pylist())
     unjudged = sorted(set(uids) - judged)
-    victims = ([unjudged[0]] if unjudged else []) + [sorted(judged)[0]]
+    victims = ([unjudged[0]] if unjudged else []) + [min(judged)]
     purge_removed_guard_decisions(layout, {uid_hash(u) for u in victims})
     left = set(read_parquet(photo_hashes_path(cache)).column("uid").to_pylist())
     assert not (left & set(victims)) and left == set(uids) - set(victims)
     assert not (kept_photo_uids(cache) & set(victims))
     # and purge_guard_decisions alone (what removals call) drops both kinds
-    other = sorted(left)[0]
+    other = min(left)
     purge_guard_decisions(cache, [other])
     assert other not in set(read_parquet(photo_hashes_path(cache)).column("uid").to_pylist())
 
@@ -204,5 +204,5 @@ def test_packed_hashes_round_trip():
     fps = {i: dedup.FaceFingerprint(rng.random(64) > 0.5, rng.random(64) > 0.5, None, None) for i in (0, 2, 7)}
     img2, fps2 = unpack_hashes(pack_hashes((img, fps)))
     assert np.array_equal(img, img2) and sorted(fps2) == [0, 2, 7]
-    for i in fps:
-        assert np.array_equal(fps[i].phash, fps2[i].phash) and np.array_equal(fps[i].phash_mirror, fps2[i].phash_mirror)
+    for i, fp in fps.items():
+        assert np.array_equal(fp.phash, fps2[i].phash) and np.array_equal(fp.phash_mirror, fps2[i].phash_mirror)

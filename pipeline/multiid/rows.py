@@ -134,6 +134,24 @@ def _part_batches(path: Path | None, schema: pa.Schema, uids: pa.Array | None = 
             yield t
 
 
+def _rows_by_target(tables):
+    """(target uid, its rows as dicts) from tables of rows in target order (a table's rows per target
+    contiguous, targets ascending), one target's rows held at a time."""
+    cur, rows = None, []
+    for t in tables:
+        for r in t.to_pylist():
+            u = r["target_uid"]
+            if u != cur:
+                if cur is not None:
+                    if u < cur:
+                        raise RuntimeError(f"rows of target {u!r} after those of {cur!r}: not in target order")
+                    yield cur, rows
+                cur, rows = u, []
+            rows.append(r)
+    if cur is not None:
+        yield cur, rows
+
+
 class _Uids:
     """A sorted uid column as a sequence for :mod:`bisect` (a few scalars read, not the column compared)."""
 
