@@ -408,7 +408,6 @@ class _Plan:
             rows.clear()
 
         out, known = {}, {}
-        unchanged: dict[str, bool] = {}
         wanted = pa.array(want, pa.string())
         previous = {name: _rows_by_target(_part_batches(self.previous / f"{name}.parquet", schema, wanted))
                     for name, schema in schemas.items()}
@@ -431,12 +430,7 @@ class _Plan:
                     b.not_derived[d] += 1
                 for r in old_cands:
                     p = r["ref_uid"]
-                    if r["image_hamming"] is None:
-                        continue
-                    if p not in unchanged:
-                        was = self.prev_targets.get(p)
-                        unchanged[p] = was is not None and was["photo_digest"] == tf.digests.get(p, b"-") and was["splits"] == tf.splits.get(p)
-                    if unchanged[p]:
+                    if r["image_hamming"] is not None and tf.unchanged(p, self.prev_targets):
                         known[(u, r["target_face_index"], p, r["ref_face_index"])] = (r["image_hamming"], r["face_hamming"])
             for name in ("candidates", "pairs"):
                 flush(name)
