@@ -123,7 +123,8 @@ class TargetFingerprints:
                     self.faces_of[f.identity_id].append(f)
         self._ident: dict[str, bytes] = {}
         self._photos: dict[str, bytes] = {}
-        self._unchanged: dict[str, bool] = {}  # photo -> what the fingerprints take of it (met once per candidate)
+        self._unchanged: dict[str, bool] = {}
+        self._by_ref: dict[str, dict] = {}  # photo -> what the fingerprints take of it (met once per candidate)
         self._subsets: dict[tuple[str, str], list] = {}  # (target, identity) -> its examined faces, over the cap
 
     def people(self, u: str) -> list[str]:
@@ -193,6 +194,13 @@ class TargetFingerprints:
                 h.update(f"{fi}\x1f".encode() + self._photo(r))
         own = self.digests.get(u, b"-")
         return hashlib.sha256(self.common + b"examined" + own + self.splits[u].encode() + b"\x1f" + h.digest()).digest()[:16]
+
+    def face_by_ref(self, iid: str) -> dict:
+        """(uid, face index) -> face, of person ``iid`` (once per person: each derived target of theirs needs it)."""
+        got = self._by_ref.get(iid)
+        if got is None:
+            got = self._by_ref[iid] = {c.ref: c for c in self.faces_of[iid]}
+        return got
 
     def unchanged(self, p: str, prev: PreviousTargets) -> bool:
         """Whether photo ``p`` (its rows, bytes and faces' splits) is as in the previous version (once per photo)."""
@@ -374,7 +382,7 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
     if len(splits) != 1 or set(by_face) - {f.face_index for f in usable}:
         return "own_faces_changed"
     (split,) = splits
-    face_of = {c.ref: c for f in usable for c in tf.faces_of[f.identity_id]}
+    face_of = {ref: c for f in usable for ref, c in tf.face_by_ref(f.identity_id).items()}
     rows: list[dict] = []
     added_by: dict[int, tuple[int, int]] = {}
     removed: Counter = Counter()
