@@ -409,15 +409,11 @@ def purge_removed_pictures(layout: Layout, removed: set[str]) -> int:
 
 def purge_removed_guard_decisions(layout: Layout, removed: set[str]) -> int:
     """Drop the multi-identity copy-paste guard's kept decisions (pipeline/multiid/guard_cache.py) that
-    involve a removed photo."""
-    from pipeline.multiid.guard_cache import purge_guard_decisions
-    from pipeline.storage import read_parquet
+    involve a removed photo, and the removed photos' pHashes kept beside them."""
+    from pipeline.multiid.guard_cache import kept_photo_uids, purge_guard_decisions
 
     path = layout.multiid_guard_cache
-    if not path.exists():
-        return 0
-    t = read_parquet(path, columns=["a_uid", "b_uid"])
-    hit = {u for u in set(t.column("a_uid").to_pylist()) | set(t.column("b_uid").to_pylist()) if uid_hash(u) in removed}
+    hit = {u for u in kept_photo_uids(path) if uid_hash(u) in removed}
     return purge_guard_decisions(path, hit) if hit else 0
 
 

@@ -256,4 +256,8 @@ def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -
     if plan.guard is not None:
         stats["guard_decisions_reused"] = plan.guard.hits
         stats["guard_decisions_computed"] = plan.guard.save()
+        if plan.guard.photos is not None:
+            # photos whose pHashes came from the store (not decoded for them), and those decoded and kept now
+            stats["photo_hashes_reused"] = plan.guard.photos.hits
+            stats["photo_hashes_computed"] = plan.guard.photos.save(set(plan.img_meta) | set(plan.by_uid))
     return MultiIDResult(pairs, cands, samples, stats, shards, out_dir, cfg, read_bytes)

@@ -72,6 +72,7 @@ HASH_SIZE = 8
 HASH_IMG = 32
 NCC_SIZE = 48
 NCC_PAD = 3
+CROP_SCALE = 4.0  # a face crop's side, in RMS landmark radii (crop_box)
 
 
 def phash_bits(gray: np.ndarray) -> np.ndarray:
@@ -100,7 +101,7 @@ def image_phash(gray_img: Image.Image) -> np.ndarray:
     return phash_bits(np.asarray(gray_img))
 
 
-def crop_box(landmarks, bbox, scale: float = 4.0) -> tuple[float, float, float, float]:
+def crop_box(landmarks, bbox, scale: float = CROP_SCALE) -> tuple[float, float, float, float]:
     """Square crop (x1, y1, x2, y2) centred on the landmarks, side = scale x their RMS radius.
 
     Falls back to the bbox centre and side when landmarks are missing or degenerate.

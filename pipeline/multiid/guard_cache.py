@@ -11,12 +11,18 @@ box and landmarks) and by the guard's settings, so a changed photo, face model o
 an old decision. The file lives outside the dataset versions (the versions stay byte-identical to a
 fresh build); it holds the two photo uids of each decision in the clear so that a removal can drop them
 (:func:`purge_guard_decisions`).
+
+Beside it, in ``<name>.phash.parquet`` (:class:`PhotoHashes`): each photo's pHashes (the image's, and the
+face crop's and its mirror's for every comparable face), so that a target selected again by a refresh
+decodes no photo whose hashes a build already worked out. Written with the decisions, purged with them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +58,8 @@ class GuardDecisions:
         self.new: list[dict] = []
         self._new_at: dict[tuple[int, int], int] = {}  # key -> its row in ``new`` (a pair met twice in one build)
         self.hits = 0
+        # the photos' pHashes, kept beside the decisions (None without a file)
+        self.photos = PhotoHashes(photo_hashes_path(self.path)) if self.path is not None else None
         if self.path is not None and self.path.exists():
             from pipeline.storage import read_parquet
 
@@ -113,12 +121,14 @@ class GuardDecisions:
 
 
 def purge_guard_decisions(path: Path, uids) -> int:
-    """Drop every decision that involves a photo in ``uids`` (a removal); returns how many were dropped."""
+    """Drop every decision that involves a photo in ``uids`` (a removal), and those photos' stored pHashes
+    (:func:`purge_photo_hashes`); returns how many decisions were dropped."""
     import pyarrow.compute as pc
 
     from pipeline.storage import read_parquet, write_parquet_atomic
 
     path = Path(path)
+    purge_photo_hashes(path, uids)
     if not path.exists():
         return 0
     t = read_parquet(path)
@@ -128,3 +138,170 @@ def purge_guard_decisions(path: Path, uids) -> int:
     if n:
         write_parquet_atomic(t.filter(pc.invert(hit)), path)
     return n
+
+
+# ------------------------------------------------------------------------------------------------------
+# The photos' pHashes, kept across builds
+# ------------------------------------------------------------------------------------------------------
+
+PHASH_VERSION = 1  # bump when dedup.image_phash / face_fingerprint's pHashes change for the same inputs
+PHASH_SCHEMA = pa.schema([("uid", pa.string()), ("key", pa.binary(16)), ("hashes", pa.binary())])
+_FACE = struct.Struct("<i8s8s")  # face index, face pHash, mirror pHash (64 bits each)
+log = logging.getLogger(__name__)
+
+
+def photo_hashes_path(guard_path: Path) -> Path:
+    """The pHash store beside a guard-decisions file (``x.parquet`` -> ``x.phash.parquet``)."""
+    guard_path = Path(guard_path)
+    return guard_path.with_name(guard_path.stem + ".phash.parquet")
+
+
+def _phash_salt() -> bytes:
+    """What, besides the photo and its faces, decides the hashes: the hash and crop geometry, the libraries
+    that decode, resize and transform."""
+    import PIL
+    import scipy
+
+    from pipeline.multiid import dedup
+
+    parts = {"v": PHASH_VERSION, "guard": GUARD_VERSION, "hash_size": dedup.HASH_SIZE, "hash_img": dedup.HASH_IMG,
+             "crop": dedup.CROP_SCALE, "pillow": PIL.__version__, "scipy": scipy.__version__}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).digest()[:16]
+
+
+class PhotoHashes:
+    """Photos' pHashes read from ``path`` (if any, and whole: a file that cannot be read is ignored, not
+    trusted), one entry per photo uid, each under a key of what decides the hashes: the photo's content (its
+    uid, the content hash of its bytes: ingestion refuses bytes that do not hash to it), the index, box and
+    landmarks of each of its comparable faces, and :func:`_phash_salt`. An entry whose key differs (a face
+    box moved, a face became comparable, a library changed) is not used; the next save replaces it."""
+
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path is not None else None
+        self.salt = _phash_salt()
+        self.entries: dict[str, tuple[bytes, bytes]] = {}  # uid -> (key, packed hashes)
+        self.new: list[tuple[str, bytes, bytes]] = []  # (uid, key, packed) worked out in this process
+        self.hits = 0
+        if self.path is not None and self.path.exists():
+            from pipeline.storage import read_parquet
+
+            try:
+                t = read_parquet(self.path).select(PHASH_SCHEMA.names).cast(PHASH_SCHEMA)
+            except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+                log.warning("ignoring the photo pHash store %s, which cannot be read: %s", self.path, e)
+                return
+            self.entries = dict(zip(t.column("uid").to_pylist(), zip(t.column("key").to_pylist(), t.column("hashes").to_pylist())))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def key(self, uid: str, faces) -> bytes:
+        h = hashlib.blake2b(self.salt + uid.encode(), digest_size=16)
+        for f in faces:
+            h.update(b"|" + face_key(f).encode())
+        return h.digest()
+
+    def get(self, uid: str, faces):
+        """(image pHash, {face index: FaceFingerprint without its NCC patch}) of photo ``uid`` whose comparable
+        faces are ``faces``, when stored under the same key; else None."""
+        e = self.entries.get(uid)
+        if e is None or e[0] != self.key(uid, faces):
+            return None
+        self.hits += 1
+        return unpack_hashes(e[1])
+
+    def record(self, uid: str, faces, value) -> None:
+        """Keep ``value`` (image pHash, {face index: FaceFingerprint}) for the next build; ``faces``: the faces
+        it covers (those of ``value``)."""
+        k = self.key(uid, faces)
+        if self.entries.get(uid, (None,))[0] == k:
+            return  # already kept (a photo decoded again: its hashes are the same)
+        packed = pack_hashes(value)
+        self.entries[uid] = (k, packed)
+        self.new.append((uid, k, packed))
+
+    def add(self, rows) -> None:
+        """Entries another process recorded (:attr:`new` of a worker)."""
+        for uid, k, packed in rows:
+            if self.entries.get(uid, (None,))[0] == k:
+                continue
+            self.entries[uid] = (k, packed)
+            self.new.append((uid, k, packed))
+
+    def record_from(self, uid: str, faces_by_uid: dict, value) -> None:
+        """:meth:`record` of what :func:`pipeline.multiid.selection.photo_hashes` gave for ``uid`` (an error: nothing)."""
+        if not isinstance(value, str):
+            self.record(uid, [f for f in faces_by_uid.get(uid, []) if f.face_index in value[1]], value)
+
+    def save(self, uids) -> int:
+        """Write the entries of the photos ``uids`` (this build's collection: a photo gone is dropped), if
+        any was added; atomically. Returns how many entries were added or replaced."""
+        from pipeline.storage import write_parquet_atomic
+
+        if self.path is None or not self.new:
+            return 0
+        keep = sorted(set(uids) & set(self.entries))
+        t = pa.table({"uid": pa.array(keep, pa.string()),
+                      "key": pa.array([self.entries[u][0] for u in keep], pa.binary(16)),
+                      "hashes": pa.array([self.entries[u][1] for u in keep], pa.binary())}, schema=PHASH_SCHEMA)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(t, self.path)
+        return len({u for u, _, _ in self.new})
+
+
+def pack_hashes(value) -> bytes:
+    img, fps = value
+    return np.packbits(np.asarray(img, bool)).tobytes() + b"".join(
+        _FACE.pack(int(i), np.packbits(np.asarray(fp.phash, bool)).tobytes(), np.packbits(np.asarray(fp.phash_mirror, bool)).tobytes())
+        for i, fp in sorted(fps.items()))
+
+
+def unpack_hashes(packed: bytes):
+    from pipeline.multiid import dedup
+
+    def bits(b: bytes) -> np.ndarray:
+        return np.unpackbits(np.frombuffer(b, np.uint8)).astype(bool)
+
+    fps = {}
+    for at in range(8, len(packed), _FACE.size):
+        i, ph, phm = _FACE.unpack_from(packed, at)
+        fps[i] = dedup.FaceFingerprint(bits(ph), bits(phm), None, None)
+    return bits(packed[:8]), fps
+
+
+def purge_photo_hashes(path: Path, uids) -> int:
+    """Drop the stored pHashes of the photos ``uids`` from the store beside guard file ``path``; how many."""
+    import pyarrow.compute as pc
+
+    from pipeline.storage import read_parquet, write_parquet_atomic
+
+    store = photo_hashes_path(path)
+    if not store.exists():
+        return 0
+    try:
+        t = read_parquet(store)
+    except (OSError, ValueError, pa.ArrowException):
+        store.unlink()  # unreadable, so never used: nothing in it may outlive a removal
+        return 0
+    hit = pc.is_in(t.column("uid"), pa.array(sorted({str(u) for u in uids}), pa.string()))
+    n = int(pc.sum(hit).as_py() or 0)
+    if n:
+        write_parquet_atomic(t.filter(pc.invert(hit)), store)
+    return n
+
+
+def kept_photo_uids(path: Path) -> set[str]:
+    """Every photo uid that the guard's decisions file ``path`` and its pHash store hold (removals look there)."""
+    from pipeline.storage import read_parquet
+
+    path, store = Path(path), photo_hashes_path(path)
+    out: set[str] = set()
+    if path.exists():
+        t = read_parquet(path, columns=["a_uid", "b_uid"])
+        out |= set(t.column("a_uid").to_pylist()) | set(t.column("b_uid").to_pylist())
+    if store.exists():
+        try:
+            out |= set(read_parquet(store, columns=["uid"]).column("uid").to_pylist())
+        except (OSError, ValueError, pa.ArrowException):
+            store.unlink()
+    return out

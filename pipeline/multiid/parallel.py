@@ -60,7 +60,13 @@ def _hash_chunk(j: int, i: int, chunk: list[str]):
     common = _FORKED["common"]
     if common.get("face_store") is not None and "store" not in _WORKER:
         _WORKER["store"] = SharedFaceStore(common["face_store"])
-    return selection.photo_hashes(chunk, _FORKED["jobs"][j]["by_uid"], common["cfg"], common["read_bytes"], _WORKER.get("store"))
+    return selection.photo_hashes(chunk, _FORKED["jobs"][j]["by_uid"], common["cfg"], common["read_bytes"], _WORKER.get("store"),
+                                  stored=_stored(common["guard"]))
+
+
+def _stored(guard):
+    """The pHash store kept beside the guard's decisions (guard_cache.PhotoHashes), if any."""
+    return guard.photos if guard is not None else None
 
 
 def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
@@ -72,15 +78,18 @@ def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
     tally = TargetTally(a["tally"].on_candidates) if a["tally"] is not None else None
     # the decisions this worker adds and has not sent yet (it inherited the parent's, already kept there;
     # it keeps its own for its next chunks)
+    photos = _stored(guard)
     if guard is not None and "sent" not in _WORKER:
         _WORKER["sent"], _WORKER["hits"] = len(guard.new), guard.hits
+        # and the photos' pHashes it records, and its lookups served from the store
+        _WORKER["psent"], _WORKER["phits"] = (len(photos.new), photos.hits) if photos is not None else (0, 0)
     new_at, hits_at = (_WORKER["sent"], _WORKER["hits"]) if guard is not None else (0, 0)
     if common.get("face_store") is not None and "store" not in _WORKER:
         _WORKER["store"] = SharedFaceStore(common["face_store"])
     if _WORKER.get("job") != j:  # one job's caches at a time
         _WORKER["job"] = j
         _WORKER["fingerprints"] = selection._new_fingerprints(common["read_bytes"], a["by_uid"], cfg, a["hashes"],
-                                                              shared=_WORKER.get("store"))
+                                                              shared=_WORKER.get("store"), stored=photos)
     stem = f"{a['stem']}-c{i:03d}"
     sink = _RowParts(common["parts_dir"], stem)
     records = _RecordSpill(common["parts_dir"], stem, cfg) if a["records"] else None
@@ -95,8 +104,11 @@ def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
             records.close()
     decided = None
     if guard is not None:
-        decided = (guard.new[new_at:], guard.hits - hits_at)
+        decided = (guard.new[new_at:], guard.hits - hits_at, [], 0)
         _WORKER["sent"], _WORKER["hits"] = len(guard.new), guard.hits
+        if photos is not None:
+            decided = decided[:2] + (photos.new[_WORKER["psent"]:], photos.hits - _WORKER["phits"])
+            _WORKER["psent"], _WORKER["phits"] = len(photos.new), photos.hits
     if records is not None:
         samples = [_slim_sample(s) for s in samples]
     return (samples, counts, sink.paths, (tally.by_target, tally.seen) if tally is not None else None, decided,
@@ -120,7 +132,8 @@ def _ray_chunk(_model, task: tuple):
         _WORKER["job_id"], _WORKER["job_args"] = job_ref.hex(), ray.get(job_ref)
     if kind == "hash":
         common = _WORKER["common"]
-        return selection.photo_hashes(chunk, _WORKER["job_args"]["by_uid"], common["cfg"], common["read_bytes"])
+        return selection.photo_hashes(chunk, _WORKER["job_args"]["by_uid"], common["cfg"], common["read_bytes"],
+                                      stored=_stored(common["guard"]))
     tmp = Path(tempfile.mkdtemp(prefix="multiid-chunk-"))
     try:
         samples, counts, paths, tally, decided, at = _run_chunk({**_WORKER["common"], "parts_dir": tmp}, _WORKER["job_args"],
@@ -237,8 +250,12 @@ def _passes(parts_dir: Path, common: dict, jobs: list[SelectionJob], uids: list[
     if hash_tasks:
         hashed = (_on_ray(parts_dir, common, jobs, hash_tasks, "hash") if on_ray
                   else _forked(parts_dir, common, jobs, hash_tasks, workers, _hash_chunk))
+        photos = _stored(common["guard"])
         for (j, _, _), h in zip(hash_tasks, hashed):
             jobs[j].hashes = {**(jobs[j].hashes or {}), **h}
+            if photos is not None:  # kept for the next build (those found in the store are kept already)
+                for uid, value in h.items():
+                    photos.record_from(uid, jobs[j].by_uid, value)
     if on_ray:
         return _on_ray(parts_dir, common, jobs, tasks)
     return _forked(parts_dir, common, jobs, tasks, workers)
@@ -365,6 +382,9 @@ def _merge_chunks(results: list, tally, guard):
         if decided is not None:
             guard.new += decided[0]
             guard.hits += decided[1]
+            if guard.photos is not None:
+                guard.photos.add(decided[2])
+                guard.photos.hits += decided[3]
         samples += s
         _add_counts(counts, c)
         if paths["pairs"] is not None:

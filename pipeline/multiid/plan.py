@@ -34,10 +34,10 @@ from pipeline.multiid.reuse import (
     target_counts,
 )
 from pipeline.multiid.rows import (
+    CANDIDATE_BATCH,
     CANDIDATE_SCHEMA,
     PAIRS_SCHEMA,
     SIM_BINS,
-    _hist_counts,
     _hist_from_counts,
     _merge_in_target_order,
     _part_batches,
@@ -338,7 +338,8 @@ class _Plan:
                 reuse.append(u)
             else:
                 why[u] = reason
-        derived, known = self._derive(b, tf, [u for u, r in why.items() if r == "candidates_changed"], img_meta, by_uid, split_of)
+        derived, known, derived_hist = self._derive(b, tf, [u for u, r in why.items() if r == "candidates_changed"], img_meta,
+                                                    by_uid, split_of)
         for u, reason in why.items():
             if u not in derived:
                 run.append(u)
@@ -360,75 +361,89 @@ class _Plan:
                                         records=self.out_dir is not None, known_hamming=known or None)
             self.selections += 1
         if job is None:
-            self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, [], {}, derived)
+            self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, [], {}, derived, derived_hist)
             return None
 
         def finish(result) -> None:
             samples, counts, b.pairs, b.cands, b.records = result
             b.evictions = counts["cache_evictions"]
-            self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, samples, counts, derived)
+            self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, samples, counts, derived, derived_hist)
 
         return job, finish
 
-    def _derive(self, b: _Bucket, tf, uids: list[str], img_meta: dict, by_uid: dict, split_of) -> tuple[dict[str, dict], dict]:
+    def _derive(self, b: _Bucket, tf, uids: list[str], img_meta: dict, by_uid: dict, split_of) -> tuple[dict[str, dict], dict, dict]:
         """Of ``uids`` (targets whose people's candidates changed), those whose rows derive from the previous
-        version's (:func:`pipeline.multiid.reuse.derive_added_candidates`): uid -> what it gives. Their rows go
-        to one part file per table; their samples are copied from the previous tars, the JSON's counts raised.
+        version's (:func:`pipeline.multiid.reuse.derive_added_candidates`): uid -> what it gives (its counts, its
+        faces' new counts, its examined fingerprint). Their rows go to one part file per table, written a batch
+        at a time as the previous rows stream past (one target's previous rows in memory at a time, not those
+        of every changed target); their samples are copied from the previous tars, the JSON's counts raised.
         And for the others, selected again, the pHash distances of their pairs whose photos did not change
-        (``known_hamming`` of selection.screen_candidate): their candidates' photos are not decoded for them."""
+        (``known_hamming`` of selection.screen_candidate): their candidates' photos are not decoded for them.
+        Third: the similarity histograms of the derived rows, by table."""
+        from pipeline.multiid.rows import _rows_by_target
+
         cfg = self.cfg
+        hist = {"candidates": np.zeros(len(SIM_BINS) - 1, np.int64), "pairs": np.zeros(len(SIM_BINS) - 1, np.int64)}
         if not uids or cfg.examine_all_candidates or self.parts_dir is None:
-            return {}, {}
-        want = pa.array(sorted(uids), pa.string())
-        old: dict[str, dict[str, list[dict]]] = {"candidates": defaultdict(list), "pairs": defaultdict(list)}
-        for name, schema in (("candidates", CANDIDATE_SCHEMA), ("pairs", PAIRS_SCHEMA)):
-            for t in _part_batches(self.previous / f"{name}.parquet", schema, want):
-                for r in t.to_pylist():
-                    old[name][r["target_uid"]].append(r)
+            return {}, {}, hist
+        want = sorted(uids)
         ctx = {"cfg": cfg, "prepared": selection._prepare(by_uid, cfg, set(b.override)), "img_meta": img_meta, "split_of": split_of,
-               "fingerprints": selection._new_fingerprints(self.read_bytes, by_uid, cfg)}
-        counts_of = dict(zip(want.to_pylist(), self.prev_targets.take(want.to_pylist()).column("counts").to_pylist()))
-        out = {}
-        for u in want.to_pylist():
-            shard = self.prev_targets.shard[u]
-            if shard is not None and self.prev_targets.shard_problems(shard):
-                continue  # its sample cannot be copied: selected again
-            d = derive_added_candidates(u, old["candidates"].get(u, []), old["pairs"].get(u, []), counts_of[u], tf,
-                                        self.prev_targets, by_uid, ctx)
-            if isinstance(d, str):
-                b.not_derived[d] += 1
-            else:
-                out[u] = d
-        known = {}
-        unchanged: dict[str, bool] = {}
-        for u in want.to_pylist():
-            if u in out:
-                continue
-            for r in old["candidates"].get(u, []):
-                p = r["ref_uid"]
-                if r["image_hamming"] is None:
+               "fingerprints": selection._new_fingerprints(self.read_bytes, by_uid, cfg,
+                                                           stored=self.guard.photos if self.guard is not None else None)}
+        counts_of = dict(zip(want, self.prev_targets.take(want).column("counts").to_pylist()))
+        schemas = {"candidates": CANDIDATE_SCHEMA, "pairs": PAIRS_SCHEMA}
+        pending: dict[str, list[dict]] = {"candidates": [], "pairs": []}
+        sink = None
+
+        def flush(name: str) -> None:
+            nonlocal sink
+            rows = pending[name]
+            if not rows:
+                return
+            if sink is None:
+                sink = _RowParts(self.parts_dir, f"{b.name}-derived-{self.selections}")
+                self.selections += 1
+            hist[name] += np.histogram(np.asarray([r["similarity"] for r in rows], np.float64), bins=SIM_BINS)[0]
+            sink.write(name, pa.Table.from_pylist(rows, schema=schemas[name]))
+            rows.clear()
+
+        out, known = {}, {}
+        wanted = pa.array(want, pa.string())
+        previous = {name: _rows_by_target(_part_batches(self.previous / f"{name}.parquet", schema, wanted))
+                    for name, schema in schemas.items()}
+        try:
+            for u, old_cands, old_pairs in _zip_by_target(want, previous["candidates"], previous["pairs"]):
+                shard = self.prev_targets.shard[u]
+                d = "previous_shard_damaged" if shard is not None and self.prev_targets.shard_problems(shard) else None
+                if d is None:
+                    d = derive_added_candidates(u, old_cands, old_pairs, counts_of[u], tf, self.prev_targets, by_uid, ctx)
+                if not isinstance(d, str):
+                    # its rows in target order, each target's in its order; only what the plan needs is kept
+                    for name in ("candidates", "pairs"):
+                        pending[name] += d[name]
+                        if len(pending[name]) >= CANDIDATE_BATCH:
+                            flush(name)
+                    out[u] = {"counts": d["counts"], "faces": d["faces"], "examined": tf.examined_from_rows(
+                        u, [(x["identity_id"], x["ref_uid"], x["ref_face_index"]) for x in d["candidates"]])}
                     continue
-                if p not in unchanged:
-                    was = self.prev_targets.get(p)
-                    unchanged[p] = was is not None and was["photo_digest"] == tf.digests.get(p, b"-") and was["splits"] == tf.splits.get(p)
-                if unchanged[p]:
-                    known[(u, r["target_face_index"], p, r["ref_face_index"])] = (r["image_hamming"], r["face_hamming"])
-        if out:
-            sink = _RowParts(self.parts_dir, f"{b.name}-derived-{self.selections}")
-            self.selections += 1
-            try:
-                for name, schema in (("candidates", CANDIDATE_SCHEMA), ("pairs", PAIRS_SCHEMA)):
-                    rows = [r for u in sorted(out) for r in out[u][name]]  # in target order, each target's in its order
-                    if rows:
-                        sink.write(name, pa.Table.from_pylist(rows, schema=schema))
-            finally:
+                if d != "previous_shard_damaged":  # its sample cannot be copied: selected again, not counted
+                    b.not_derived[d] += 1
+                for r in old_cands:
+                    p = r["ref_uid"]
+                    if r["image_hamming"] is not None and tf.unchanged(p, self.prev_targets):
+                        known[(u, r["target_face_index"], p, r["ref_face_index"])] = (r["image_hamming"], r["face_hamming"])
+            for name in ("candidates", "pairs"):
+                flush(name)
+        finally:
+            if sink is not None:
                 sink.close()
+        if out:
             b.derived = sorted(out)
             b.derived_parts = dict(sink.paths)
-        return out, known
+        return out, known, hist
 
     def _finish_per_target(self, b: _Bucket, tf, fps: dict, run: list[str], reuse: list[str], over_cap: dict, tally,
-                           samples: list[dict], counts: dict, derived: dict | None = None) -> None:
+                           samples: list[dict], counts: dict, derived: dict | None = None, derived_hist: dict | None = None) -> None:
         """Bucket ``b``'s targets.parquet rows, summary and counts, once its selected targets are selected."""
         prev = self.prev_targets
         # targets.parquet rows of the selected targets
@@ -458,8 +473,7 @@ class _Plan:
                 u = r["target_uid"]
                 r["fingerprint"], r["photo_digest"], r["splits"], r["people_digest"] = fps[u]
                 # the examined fingerprint from its rows (as a selected target's): no second hash sort of the subset
-                r["examined"] = tf.examined_from_rows(u, [(x["identity_id"], x["ref_uid"], x["ref_face_index"])
-                                                          for x in derived[u]["candidates"]])
+                r["examined"] = derived[u]["examined"]
                 r["counts"] = derived[u]["counts"]
                 rows.append(r)
                 if r["outcome"] == "kept":
@@ -488,7 +502,8 @@ class _Plan:
         # (:meth:`_count_reused_rows`)
         sims = {k: Counter(counts.get(k, {})) for k in ("similarity_all_candidates", "similarity_selected")}
         for k, name in (("similarity_all_candidates", "candidates"), ("similarity_selected", "pairs")):
-            sims[k].update(_hist_counts([r["similarity"] for d in derived.values() for r in d[name]]))
+            if derived_hist is not None:  # the derived targets' rows, counted as they were written
+                sims[k].update({str(int(i)): int(derived_hist[name][i]) for i in np.nonzero(derived_hist[name])[0]})
         b.counts = _bucket_counts(b.targets, *({i: n for i, n in sorted(sims[k].items(), key=lambda t: int(t[0])) if n}
                                                for k in ("similarity_all_candidates", "similarity_selected")))
 
@@ -718,6 +733,24 @@ def _bucket_counts(targets: pa.Table, sim_all: dict, sim_selected: dict) -> dict
         "unreadable": dict(sorted(unreadable.items())),
         "similarity_all_candidates": dict(sim_all), "similarity_selected": dict(sim_selected),
     }
+
+
+def _zip_by_target(uids: list[str], *streams):
+    """(uid, rows of each stream) for each of ``uids`` (sorted), from streams of (target uid, rows) in target
+    order that hold only some of them (a target absent from one: no rows there)."""
+    heads = [next(s, None) for s in streams]
+    for u in uids:
+        got = []
+        for i, s in enumerate(streams):
+            if heads[i] is not None and heads[i][0] == u:
+                got.append(heads[i][1])
+                heads[i] = next(s, None)
+            else:
+                got.append([])
+        yield (u, *got)
+    if any(h is not None for h in heads):
+        raise RuntimeError(f"previous rows of target {next(h[0] for h in heads if h is not None)!r} left over: "
+                           "a previous table not in target order")
 
 
 def _cooccurrence_components(by_uid: dict[str, list[FaceRec]]) -> dict[str, set[str]]:

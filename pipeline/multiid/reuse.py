@@ -122,12 +122,32 @@ class TargetFingerprints:
                 if f.identity_id is not None:
                     self.faces_of[f.identity_id].append(f)
         self._ident: dict[str, bytes] = {}
+        self._photos: dict[str, bytes] = {}
+        self._unchanged: dict[str, bool] = {}
+        self._by_ref: dict[str, dict] = {}  # photo -> what the fingerprints take of it (met once per candidate)
+        self._subsets: dict[tuple[str, str], list] = {}  # (target, identity) -> its examined faces, over the cap
 
     def people(self, u: str) -> list[str]:
         return sorted({f.identity_id for f in self.by_uid.get(u, []) if f.identity_id is not None and self.usable(f)})
 
     def _photo(self, p: str) -> bytes:
-        return p.encode() + b"\x1f" + self.digests.get(p, b"-") + self.splits[p].encode() + b"\x1e"
+        got = self._photos.get(p)
+        if got is None:
+            got = self._photos[p] = p.encode() + b"\x1f" + self.digests.get(p, b"-") + self.splits[p].encode() + b"\x1e"
+        return got
+
+    def examined_of(self, u: str, iid: str) -> list:
+        """The faces of person ``iid`` that target ``u`` examines (rules.examined_candidates), chosen once per
+        build over the cap (the examined fingerprint and the derivation of a target both need them)."""
+        from pipeline.multiid.rules import examined_candidates
+
+        everyone = [c for c in self.faces_of[iid] if c.uid != u]
+        if len(everyone) <= self.cap:
+            return everyone
+        got = self._subsets.get((u, iid))
+        if got is None:
+            got = self._subsets[(u, iid)] = examined_candidates(u, everyone, self.cap)
+        return got
 
     def whole(self, u: str) -> tuple[bytes, bytes, str, bytes]:
         """(fingerprint, photo digest, splits, people digest)."""
@@ -149,10 +169,7 @@ class TargetFingerprints:
     def examined(self, u: str) -> bytes:
         """The examined fingerprint, choosing the examined candidates as the selection does (a hash per
         candidate of a person over the cap: run only for targets whose whole fingerprint changed)."""
-        from pipeline.multiid.rules import examined_candidates
-
-        return self._examined(u, {iid: [(c.uid, c.face_index) for c in examined_candidates(
-            u, [c for c in self.faces_of[iid] if c.uid != u], self.cap)] for iid in self.people(u)})
+        return self._examined(u, {iid: [(c.uid, c.face_index) for c in self.examined_of(u, iid)] for iid in self.people(u)})
 
     def examined_from_rows(self, u: str, rows: list[tuple[str, str, int]]) -> bytes:
         """The examined fingerprint of a target just selected, from its candidate rows (identity, ref uid,
@@ -177,6 +194,22 @@ class TargetFingerprints:
                 h.update(f"{fi}\x1f".encode() + self._photo(r))
         own = self.digests.get(u, b"-")
         return hashlib.sha256(self.common + b"examined" + own + self.splits[u].encode() + b"\x1f" + h.digest()).digest()[:16]
+
+    def face_by_ref(self, iid: str) -> dict:
+        """(uid, face index) -> face, of person ``iid`` (once per person: each derived target of theirs needs it)."""
+        got = self._by_ref.get(iid)
+        if got is None:
+            got = self._by_ref[iid] = {c.ref: c for c in self.faces_of[iid]}
+        return got
+
+    def unchanged(self, p: str, prev: PreviousTargets) -> bool:
+        """Whether photo ``p`` (its rows, bytes and faces' splits) is as in the previous version (once per photo)."""
+        got = self._unchanged.get(p)
+        if got is None:
+            was = prev.get(p)
+            got = self._unchanged[p] = (was is not None and was["photo_digest"] == self.digests.get(p, b"-")
+                                        and was["splits"] == self.splits.get(p))
+        return got
 
     def over_cap(self, u: str) -> int:
         """Candidates of ``u``'s people left unexamined over the cap (``not_examined_over_cap``)."""
@@ -336,7 +369,6 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
     Returns {"candidates": rows, "pairs": rows, "counts": the target's counts, "faces": {face index: (new
     candidates, new survivors)}}: what selecting it again would give (byte-identical versions: tests)."""
     from pipeline.multiid import selection as sel
-    from pipeline.multiid.rules import examined_candidates
 
     cfg, fps, prep = ctx["cfg"], ctx["fingerprints"], ctx["prepared"]
     if not old_cands or cfg.examine_all_candidates:
@@ -350,7 +382,7 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
     if len(splits) != 1 or set(by_face) - {f.face_index for f in usable}:
         return "own_faces_changed"
     (split,) = splits
-    face_of = {c.ref: c for f in usable for c in tf.faces_of[f.identity_id]}
+    face_of = {ref: c for f in usable for ref, c in tf.face_by_ref(f.identity_id).items()}
     rows: list[dict] = []
     added_by: dict[int, tuple[int, int]] = {}
     removed: Counter = Counter()
@@ -360,7 +392,7 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
         everyone = [c for c in tf.faces_of[f.identity_id] if c.uid != u]
         over_cap += max(0, len(everyone) - cfg.max_candidates_per_person)
         # over the cap a new face may enter the examined subset and push another out of it
-        cands = examined_candidates(u, everyone, cfg.max_candidates_per_person)
+        cands = tf.examined_of(u, f.identity_id)
         old = {(r["ref_uid"], r["ref_face_index"]): r for r in by_face.get(f.face_index, [])}
         now = {c.ref for c in cands}
         gone = [ref for ref in old if ref not in now]
@@ -374,10 +406,8 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
             removed[r["status"]] -= 1
             n_gone += 1
             n_survivors -= r["score"] is not None  # not examined, counted as a survivor
-        for p in {ref[0] for ref in old}:  # the old candidates' photos (faces, bytes, splits) as they were
-            was = prev.get(p)
-            if was is None or was["photo_digest"] != tf.digests.get(p, b"-") or was["splits"] != tf.splits.get(p):
-                return "candidate_photo_changed"
+        if not all(tf.unchanged(p, prev) for p in {ref[0] for ref in old}):  # its old candidates' photos as they were
+            return "candidate_photo_changed"
         chosen = [face_of[ref] for ref, r in old.items() if r["status"] == "selected"]
         last = max((sel.rank_key(sel.candidate_score(cfg, min(1.0, float(f.emb @ c.emb)), sel.pose_diff(f, c)[0],
                                                      prep["quality"][c.ref]), c) for c in chosen), default=None)

@@ -127,11 +127,29 @@ def _part_batches(path: Path | None, schema: pa.Schema, uids: pa.Array | None = 
         return
     f = pq.ParquetFile(path)
     for batch in f.iter_batches(batch_size=MERGE_BATCH, columns=schema.names):
-        t = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
-        if uids is not None:
+        t = pa.Table.from_batches([batch])
+        if uids is not None:  # filtered before the cast: a refresh wants a few targets' rows of the whole table
             t = t.filter(pc.is_in(t.column("target_uid"), uids))
         if t.num_rows:
-            yield t
+            yield t.select(schema.names).cast(schema)
+
+
+def _rows_by_target(tables):
+    """(target uid, its rows as dicts) from tables of rows in target order (a table's rows per target
+    contiguous, targets ascending), one target's rows held at a time."""
+    cur, rows = None, []
+    for t in tables:
+        for r in t.to_pylist():
+            u = r["target_uid"]
+            if u != cur:
+                if cur is not None:
+                    if u < cur:
+                        raise RuntimeError(f"rows of target {u!r} after those of {cur!r}: not in target order")
+                    yield cur, rows
+                cur, rows = u, []
+            rows.append(r)
+    if cur is not None:
+        yield cur, rows
 
 
 class _Uids:

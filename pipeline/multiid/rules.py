@@ -4,7 +4,9 @@ geometry. Kept apart so that none of those modules imports another's internals."
 
 from __future__ import annotations
 
-from pipeline.ids import stable_key
+import hashlib
+
+from pipeline.ids import UID_HEX_CHARS
 
 
 def crop_box(bbox, margin: float, width: int, height: int) -> list[int]:
@@ -27,5 +29,14 @@ def examined_candidates(uid: str, cands: list, cap: int) -> list:
     lowest hash of (target, candidate) (each target a different, reproducible subset), in (uid, face_index) order."""
     if len(cands) <= cap:
         return cands
-    cands = sorted(cands, key=lambda c: stable_key("multiid-cand", uid, c.uid, c.face_index))
+    # stable_key("multiid-cand", uid, c.uid, c.face_index) of each, from one hash of the common prefix copied
+    # per candidate (a refresh sorts every changed target's people: ~20 us a key that way, ~1 us this way)
+    head = hashlib.sha256(f"multiid-cand\x1f{uid}\x1f".encode())
+
+    def key(c) -> str:
+        h = head.copy()
+        h.update(f"{c.uid}\x1f{c.face_index}".encode())
+        return h.hexdigest()[:UID_HEX_CHARS]
+
+    cands = sorted(cands, key=key)
     return sorted(cands[:cap], key=lambda c: (c.uid, c.face_index))

@@ -189,8 +189,11 @@ class _Fingerprints:
 
     def __init__(self, read_bytes, faces_by_uid, eligible=None, keypoints: bool = True,
                  max_images: int = 20_000, max_keypoints: int = 2_000, max_bytes: int = RAW_CACHE_BYTES,
-                 hashes: dict | None = None, shared=None):
+                 hashes: dict | None = None, shared=None, stored=None):
         self.read_bytes = read_bytes
+        # guard_cache.PhotoHashes: the pHashes earlier builds worked out (a photo found there is not decoded
+        # for them), and where the pHashes decoded here are recorded for the next build (None: neither)
+        self.stored = stored
         # face_store.SharedFaceStore of the build's forked workers: each face's keypoints and each photo's NCC
         # patches worked out by one of them (None: by this process, for itself)
         self.shared = shared
@@ -224,6 +227,11 @@ class _Fingerprints:
                 return None
             self.cache[uid] = pre
             self._placeholders(uid)
+        if uid not in self.cache and self.stored is not None:
+            pre = self.stored.get(uid, self._comparable(uid))
+            if pre is not None:
+                self.cache[uid] = pre
+                self._placeholders(uid)
         if uid not in self.cache:
             try:
                 if self.shared is None:
@@ -236,13 +244,21 @@ class _Fingerprints:
                 return None
         return self.cache[uid]
 
+    def _comparable(self, uid: str) -> list:
+        return [f for f in self.faces_by_uid.get(uid, []) if self.eligible(f)]
+
     def _decode_fingerprints(self, uid: str):
+        """The photo decoded for its pHashes and its comparable faces' fingerprints (the one place: tests count
+        the calls)."""
         g = dedup.open_gray(self.read(uid))
-        fps = {f.face_index: dedup.face_fingerprint(g, f.landmarks, f.bbox) for f in self.faces_by_uid.get(uid, [])
-               if self.eligible(f)}
+        faces = self._comparable(uid)
+        fps = {f.face_index: dedup.face_fingerprint(g, f.landmarks, f.bbox) for f in faces}
         if self.keypoints:
             self.decoded[uid] = g
-        return (dedup.image_phash(g), fps)
+        got = (dedup.image_phash(g), fps)
+        if self.stored is not None:
+            self.stored.record(uid, faces, got)
+        return got
 
     def _placeholders(self, uid: str) -> None:
         # keypoints are computed when a face is compared (kp), not for every eligible face of the photo; the
@@ -338,24 +354,26 @@ def _prepare(by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, eval_override
 
 
 def _new_fingerprints(read_bytes, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, hashes: dict | None = None,
-                      shared=None) -> _Fingerprints:
+                      shared=None, stored=None) -> _Fingerprints:
     """The decoding and keypoint caches of a selection over these photos (``shared``: a
-    face_store.SharedFaceStore of the processes selecting them together)."""
+    face_store.SharedFaceStore of the processes selecting them together; ``stored``: guard_cache.PhotoHashes)."""
     px_min = min(cfg.min_face_px, cfg.ref_min_face_px)
     return _Fingerprints(read_bytes, by_uid, lambda f: unusable_reason(f, px_min, cfg.det_score_min, cfg.blur_min) is None,
                          keypoints=cfg.keypoints, max_images=cfg.cache_images, max_keypoints=cfg.cache_keypoints,
-                         hashes=hashes, shared=shared)
+                         hashes=hashes, shared=shared, stored=stored)
 
 
-def photo_hashes(uids: list[str], by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, store=None) -> dict:
+def photo_hashes(uids: list[str], by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, store=None,
+                 stored=None) -> dict:
     """uid -> (image pHash, {face index: its face pHashes, without the NCC patch}) of its comparable faces, or
     why the photo could not be read: what the cheap part of the copy-paste guard needs of every candidate,
     worked out once per photo (by several processes, each over its own photos) so that the processes that
     then select decode only the photos they compare (:meth:`_Fingerprints.full`). ``store``
     (face_store.SharedFaceStore): the fingerprints with their NCC patches are published there, for the
     selecting processes that compare the photo (then none decodes it again for them), and so are the
-    photos' bytes as read (the selecting processes read none again)."""
-    fps = _new_fingerprints(read_bytes if store is None else store.reader(read_bytes), by_uid, cfg)
+    photos' bytes as read (the selecting processes read none again). ``stored`` (guard_cache.PhotoHashes):
+    a photo found there is not decoded (what is decoded the caller records, from the result)."""
+    fps = _new_fingerprints(read_bytes if store is None else store.reader(read_bytes), by_uid, cfg, stored=stored)
     fps.keypoints = False
     out: dict = {}
     for uid in uids:
@@ -464,7 +482,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
 
     prep = prepared if prepared is not None else _prepare(by_uid, cfg, eval_override)
     by_identity, qual = prep["by_identity"], prep["quality"]
-    fps = fingerprints if fingerprints is not None else _new_fingerprints(read_bytes, by_uid, cfg)
+    fps = fingerprints if fingerprints is not None else _new_fingerprints(
+        read_bytes, by_uid, cfg, stored=decisions.photos if decisions is not None else None)
     evicted_before = (fps.cache.evictions, fps.kps.evictions)
     kp_args = {"kp_min_inliers": cfg.kp_min_inliers, "kp_min_ratio": cfg.kp_min_ratio, "kp_strong_inliers": cfg.kp_strong_inliers}
     flags: Counter = Counter()
