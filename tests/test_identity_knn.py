@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 
@@ -267,12 +269,12 @@ def test_adaptive_probing_scans_only_faces_the_last_step_improved():
 
     E = make_mixture(30_000, seed=3).embeddings
     # an unreachable target: both runs grow to the probe cap, step by step
-    kw = dict(k=10, min_sim=0.93, target_recall=0.9999, n_threads=2)
-    I0, S0, plain = knn_ivf_blas(E, adaptive=False, **kw)
+    kw = {"k": 10, "min_sim": 0.93, "target_recall": 0.9999, "n_threads": 2}
+    _, S0, plain = knn_ivf_blas(E, adaptive=False, **kw)
     I1, S1, adapt = knn_ivf_blas(E, adaptive=True, **kw)
     assert plain["nprobe"] == adapt["nprobe"] == 24
     active = adapt["active_faces"]
-    assert active[0] < len(E) and all(b <= a for a, b in zip(active, active[1:])), active
+    assert active[0] < len(E) and all(b <= a for a, b in itertools.pairwise(active)), active
     assert adapt["probed_pairs"] < 0.8 * plain["probed_pairs"], (adapt["probed_pairs"], plain["probed_pairs"])
     q = np.arange(0, len(E), 30)
     exact = _floor_exact(E, q, exact_neighbours_of(E, q, 10), 0.93)  # the edges the clustering keeps
