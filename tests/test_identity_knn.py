@@ -285,3 +285,7 @@ def test_adaptive_probing_scans_only_faces_the_last_step_improved():
     # deterministic whatever the thread count
     I2, S2, _ = knn_ivf_blas(E, adaptive=True, **{**kw, "n_threads": 1})
     assert np.array_equal(I1, I2) and np.array_equal(S1, S2)
+    # the setting reaches ivf-blas through knn_graph (the identities asset's knn_adaptive_probing)
+    for flag in (False, True):
+        g = knn_graph(E[:5_000], k=10, backend="ivf-blas", recall_min_similarity=0.93, adaptive=flag)
+        assert g.params["adaptive"] is flag

@@ -125,6 +125,7 @@ def build_identities(
     exact_max: int = EXACT_MAX_DEFAULT,
     local_recluster: bool = True,
     local_recluster_max_faces: int = LOCAL_RECLUSTER_MAX_FACES,
+    knn_adaptive: bool | None = None,
     **cluster_kwargs,
 ) -> IdentityResult:
     """Cluster faces into identities with ids stable across refreshes.
@@ -141,6 +142,8 @@ def build_identities(
     ``index``: the IVF cells kept from the last build (``IdentityResult.index``); an incremental
     refresh above ``exact_max`` faces searches its new faces through them (and trains them first
     when there are none, or when the collection has outgrown them: :meth:`IvfIndex.stale_for`).
+    ``knn_adaptive``: ivf-blas's adaptive probing (None: its module default; README "10M faces in 20
+    minutes": less CPU for a lower recall at 10M).
     """
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -185,7 +188,8 @@ def build_identities(
         stats["knn_backend"] = f"incremental: new faces searched {how}"
         stats["knn_params"] = {"new_faces": len(new_pos), **g.params}
     else:
-        g = knn_graph(E, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr, exact_max=exact_max)
+        g = knn_graph(E, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr, exact_max=exact_max,
+                      adaptive=knn_adaptive)
         stats["knn_backend"] = g.backend
         stats["knn_params"] = g.params
         index, cell_of = g.index if g.index is not None else (None, None)
@@ -196,7 +200,7 @@ def build_identities(
     if incremental:
 
         def _cluster_new(Esub):
-            gs = knn_graph(Esub, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr)
+            gs = knn_graph(Esub, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr, adaptive=knn_adaptive)
             return cluster_graph(
                 gs.indices, gs.similarities, method=method, threshold=thr, seed=seed, embeddings=Esub,
                 **cluster_kwargs,
@@ -212,7 +216,7 @@ def build_identities(
             def _knn(Esub):  # one component: exact (one thread: no OpenMP spinning on a busy box)
                 if len(Esub) <= exact_max:
                     return exact_knn_of_rows(Esub, np.arange(len(Esub)), k)
-                gs = knn_graph(Esub, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr,
+                gs = knn_graph(Esub, k=k, backend=knn_backend, seed=seed, recall_min_similarity=thr, adaptive=knn_adaptive,
                                exact_max=exact_max)
                 return gs.indices, gs.similarities
 

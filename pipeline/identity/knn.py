@@ -1188,8 +1188,10 @@ def knn_graph(
     seed: int = 0,
     deterministic: bool = True,
     recall_min_similarity: float | None = None,
+    adaptive: bool | None = None,
 ) -> KnnGraph:
-    """kNN graph (self excluded) of L2-normalised float32 embeddings; see the module docstring."""
+    """kNN graph (self excluded) of L2-normalised float32 embeddings; see the module docstring.
+    ``adaptive``: ivf-blas's adaptive probing (None: IVF_BLAS_ADAPTIVE); other backends ignore it."""
     E = _check(load_embeddings(embeddings))
     N = E.shape[0]
     if k < 1:
@@ -1236,6 +1238,7 @@ def knn_graph(
             min_sim=recall_min_similarity,
             target_recall=target_recall,
             seed=seed,
+            adaptive=adaptive,
         )
         I, S = _self_excluded(I, S, k)
         index = info.pop("_index", None)
