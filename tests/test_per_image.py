@@ -104,6 +104,36 @@ def test_fused_pass_on_ray_equals_in_process(photos, models):
     assert runner.stats.failures == [] and runner.stats.chunks == 1
 
 
+def _materialize_per_image_assets(tmp_path, root, fused: bool, **settings):
+    """``images``, ``faces`` and ``face_expressions`` of one partition of ``root`` in a fresh home, with the
+    fused pass on or off: its layout, spec, instance and settings, the committed tables by stage (``committed``)
+    and the metadata by asset (``metas``)."""
+    from types import SimpleNamespace
+
+    import dagster as dg
+
+    from assets.expression import face_expressions
+    from assets.faces import faces
+    from assets.ingest import images
+    from assets.partitions import input_partitions
+    from assets.resources import LineupSettings
+    from pipeline.config import Layout
+    from pipeline.sources import register_new_inputs
+
+    home = tmp_path / f"home-{fused}"
+    layout = Layout(home)
+    (spec,) = register_new_inputs(root, layout.partitions, batch_size=100)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(input_partitions.name, [spec.key])
+    lineup = LineupSettings(home=str(home), input_dir=str(root), engine_workers=1, fused_per_image=fused, **settings)
+    r = dg.materialize([images, faces, face_expressions], partition_key=spec.key, instance=instance,
+                       resources={"lineup": lineup})
+    assert r.success
+    committed = {s: _committed(layout, s, spec.key) for s in ("images", "faces", "face_expressions")}
+    metas = {n: next(iter(r.asset_materializations_for_node(n))).metadata for n in ("images", "faces", "face_expressions")}
+    return SimpleNamespace(layout=layout, spec=spec, instance=instance, lineup=lineup, committed=committed, metas=metas)
+
+
 def _committed(layout, stage, key):
     from pipeline.commits import read_marker
     from pipeline.storage import read_parquet
@@ -118,30 +148,14 @@ def test_assets_commit_the_same_files_fused_or_not_and_a_failed_ingestion_precom
     import dagster as dg
 
     import pipeline.ingest as ingest_mod
-    from assets.expression import face_expressions
-    from assets.faces import faces
     from assets.ingest import images
-    from assets.partitions import input_partitions
-    from assets.resources import LineupSettings
-    from pipeline.config import Layout
     from pipeline.per_image import PRECOMPUTED, precomputed_dir
-    from pipeline.sources import register_new_inputs
 
     root, _ = photos
     committed, metas = {}, {}
     for fused in (False, True):
-        home = tmp_path / f"home-{fused}"
-        layout = Layout(home)
-        (spec,) = register_new_inputs(root, layout.partitions, batch_size=100)
-        instance = dg.DagsterInstance.ephemeral()
-        instance.add_dynamic_partitions(input_partitions.name, [spec.key])
-        settings = LineupSettings(home=str(home), input_dir=str(root), engine_workers=1, fused_per_image=fused)
-        r = dg.materialize([images, faces, face_expressions], partition_key=spec.key, instance=instance,
-                           resources={"lineup": settings})
-        assert r.success
-        committed[fused] = {s: _committed(layout, s, spec.key) for s in ("images", "faces", "face_expressions")}
-        metas[fused] = {n: next(iter(r.asset_materializations_for_node(n))).metadata
-                        for n in ("images", "faces", "face_expressions")}
+        run = _materialize_per_image_assets(tmp_path, root, fused)
+        layout, spec, committed[fused], metas[fused] = run.layout, run.spec, run.committed, run.metas
         # what the fused pass precomputed was taken (and removed) except the image scores, which wait for `scores`
         left = [s for s in PRECOMPUTED if precomputed_dir(layout, s, spec.key).exists()]
         assert left == (["image_scores"] if fused else [])
@@ -162,7 +176,7 @@ def test_assets_commit_the_same_files_fused_or_not_and_a_failed_ingestion_precom
         return res
 
     monkeypatch.setattr(ingest_mod, "ingest_partition", lossy)
-    r = dg.materialize([images], partition_key=spec.key, instance=instance, resources={"lineup": settings},
+    r = dg.materialize([images], partition_key=spec.key, instance=run.instance, resources={"lineup": run.lineup},
                        raise_on_error=False)
     assert [e.passed for e in r.get_asset_check_evaluations()] == [False]
     assert not any(precomputed_dir(layout, s, spec.key).exists() for s in PRECOMPUTED)
@@ -370,33 +384,14 @@ def test_only_the_ray_engine_keeps_a_device_backend_off_the_fused_pass(monkeypat
 def test_assets_commit_the_same_files_with_the_device_fused_pass(device_photos, torch_stage, tmp_path, monkeypatch):
     """The images asset runs the device-fused pass for the torch stage and says so; faces and expressions
     take what it computed; every committed file equals the one the separate assets commit."""
-    import dagster as dg
 
     import assets.faces as faces_module
-    from assets.expression import face_expressions
-    from assets.faces import faces
-    from assets.ingest import images
-    from assets.partitions import input_partitions
-    from assets.resources import LineupSettings
-    from pipeline.config import Layout
-    from pipeline.sources import register_new_inputs
 
     monkeypatch.setattr(faces_module, "face_backend", lambda lineup: torch_stage)
     committed, metas = {}, {}
     for fused in (False, True):
-        home = tmp_path / f"home-{fused}"
-        layout = Layout(home)
-        (spec,) = register_new_inputs(device_photos.root, layout.partitions, batch_size=100)
-        instance = dg.DagsterInstance.ephemeral()
-        instance.add_dynamic_partitions(input_partitions.name, [spec.key])
-        settings = LineupSettings(home=str(home), input_dir=device_photos.root, engine_workers=1, fused_per_image=fused,
-                                  face_batch_size=4)
-        r = dg.materialize([images, faces, face_expressions], partition_key=spec.key, instance=instance,
-                           resources={"lineup": settings})
-        assert r.success
-        committed[fused] = {s: _committed(layout, s, spec.key) for s in ("images", "faces", "face_expressions")}
-        metas[fused] = {n: next(iter(r.asset_materializations_for_node(n))).metadata
-                        for n in ("images", "faces", "face_expressions")}
+        run = _materialize_per_image_assets(tmp_path, device_photos.root, fused, face_batch_size=4)
+        committed[fused], metas[fused] = run.committed, run.metas
     for stage, tables in committed[False].items():
         for name, table in tables.items():
             assert committed[True][stage][name].equals(table), (stage, name)
