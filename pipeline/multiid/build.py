@@ -260,4 +260,11 @@ def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -
             # photos whose pHashes came from the store (not decoded for them), and those decoded and kept now
             stats["photo_hashes_reused"] = plan.guard.photos.hits
             stats["photo_hashes_computed"] = plan.guard.photos.save(set(plan.img_meta) | set(plan.by_uid))
+        if plan.guard.features is not None:
+            # keypoints and patches taken from the store / worked out and kept (this process's; forked workers
+            # keep theirs in the same folder), and the store once photos gone from the collection are dropped
+            stats["face_features_reused"] = plan.guard.features.loaded
+            stats["face_features_computed"] = plan.guard.features.computed
+            stats["face_features_pruned"] = plan.guard.features.prune(set(plan.img_meta) | set(plan.by_uid))
+            stats["face_features_entries"], stats["face_features_bytes"] = plan.guard.features.size()
     return MultiIDResult(pairs, cands, samples, stats, shards, out_dir, cfg, read_bytes)

@@ -15,6 +15,9 @@ fresh build); it holds the two photo uids of each decision in the clear so that 
 Beside it, in ``<name>.phash.parquet`` (:class:`PhotoHashes`): each photo's pHashes (the image's, and the
 face crop's and its mirror's for every comparable face), so that a target selected again by a refresh
 decodes no photo whose hashes a build already worked out. Written with the decisions, purged with them.
+And in ``<name>.features/`` (:class:`FaceFeatures`): the SIFT keypoints and NCC patches of the faces a
+build compared, so that a refresh comparing a new face with an old one neither decodes the old photo nor
+runs SIFT on it again. Purged with the decisions.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +65,8 @@ class GuardDecisions:
         self.hits = 0
         # the photos' pHashes, kept beside the decisions (None without a file)
         self.photos = PhotoHashes(photo_hashes_path(self.path)) if self.path is not None else None
+        # the faces' keypoints and NCC patches (None without a file)
+        self.features = FaceFeatures(face_features_dir(self.path)) if self.path is not None else None
         if self.path is not None and self.path.exists():
             from pipeline.storage import read_parquet
 
@@ -122,13 +129,15 @@ class GuardDecisions:
 
 def purge_guard_decisions(path: Path, uids) -> int:
     """Drop every decision that involves a photo in ``uids`` (a removal), and those photos' stored pHashes
-    (:func:`purge_photo_hashes`); returns how many decisions were dropped."""
+    (:func:`purge_photo_hashes`), keypoints and patches (:func:`purge_face_features`); returns how many
+    decisions were dropped."""
     import pyarrow.compute as pc
 
     from pipeline.storage import read_parquet, write_parquet_atomic
 
     path = Path(path)
     purge_photo_hashes(path, uids)
+    purge_face_features(path, uids)
     if not path.exists():
         return 0
     t = read_parquet(path)
@@ -291,7 +300,8 @@ def purge_photo_hashes(path: Path, uids) -> int:
 
 
 def kept_photo_uids(path: Path) -> set[str]:
-    """Every photo uid that the guard's decisions file ``path`` and its pHash store hold (removals look there)."""
+    """Every photo uid that the guard's decisions file ``path``, its pHash store and its feature store hold
+    (removals look there)."""
     from pipeline.storage import read_parquet
 
     path, store = Path(path), photo_hashes_path(path)
@@ -304,4 +314,224 @@ def kept_photo_uids(path: Path) -> set[str]:
             out |= set(read_parquet(store, columns=["uid"]).column("uid").to_pylist())
         except (OSError, ValueError, pa.ArrowException):
             store.unlink()
-    return out
+    return out | kept_feature_uids(path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The faces' keypoints and NCC patches, kept across builds
+# ------------------------------------------------------------------------------------------------------
+
+FEATURES_VERSION = 1  # bump when dedup.face_keypoints / face_fingerprint give other values for the same inputs
+FEATURES_MAX_BYTES = 16 << 30  # past this the store takes no more entries (a face's ~55 KB: ~300k faces)
+
+
+def face_features_dir(guard_path: Path) -> Path:
+    """The keypoint and NCC-patch store beside a guard-decisions file (``x.parquet`` -> ``x.features/``)."""
+    guard_path = Path(guard_path)
+    return guard_path.with_name(guard_path.stem + ".features")
+
+
+def _features_salt() -> bytes:
+    """What, besides the faces, decides their keypoints and patches: the region and SIFT settings, the
+    crop geometry, and the libraries that decode, resize and detect."""
+    import cv2
+    import PIL
+
+    from pipeline.multiid import dedup
+
+    parts = {"v": FEATURES_VERSION, "phash": _phash_salt().hex(), "cv2": cv2.__version__, "pillow": PIL.__version__,
+             "numpy": np.__version__, **{k: getattr(dedup, k) for k in (
+                 "NCC_SIZE", "NCC_PAD", "KP_GROW", "KP_FACE_PX", "KP_MAX_SIDE", "KP_MAX_UPSCALE", "KP_NFEATURES")}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).digest()[:16]
+
+
+_SAFE_UID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def _uid_name(uid: str) -> str:
+    """A photo uid as the start of a file name: itself (ingestion's uids are hex), else its UTF-8 in hex after
+    a "~" (reversible, so that a removal can still find it)."""
+    return uid if _SAFE_UID.fullmatch(uid) else "~" + uid.encode().hex()
+
+
+def _name_uid(name: str) -> str:
+    head = name.split(".", 1)[0]
+    return bytes.fromhex(head[1:]).decode(errors="replace") if head.startswith("~") else head
+
+
+def _save_features(kind: str, value) -> bytes:
+    """``value`` as an .npz (no pickles: a store on disk must not be able to run code when read)."""
+    import io
+
+    from pipeline.multiid.face_store import _pack_desc
+
+    arrays: dict[str, np.ndarray] = {}
+    if kind == "kp":
+        arrays["size"] = np.asarray(value.size, np.int64)
+        for name in ("pts", "desc", "pts_m", "desc_m"):
+            a = getattr(value, name)
+            if a is not None:
+                arrays[name] = _pack_desc(a) if name.startswith("desc") else a
+    else:  # "fp": (image pHash, {face index: FaceFingerprint})
+        img, fps = value
+        arrays["image"] = np.asarray(img)
+        for i, fp in fps.items():
+            for name in ("phash", "phash_mirror", "patch", "mask"):
+                if getattr(fp, name) is not None:
+                    arrays[f"{int(i)}.{name}"] = np.asarray(getattr(fp, name))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _load_features(kind: str, path: Path):
+    from pipeline.multiid import dedup
+    from pipeline.multiid.face_store import _unpack_desc
+
+    with np.load(path, allow_pickle=False) as z:
+        a = {k: z[k] for k in z.files}
+    if kind == "kp":
+        return dedup.KeypointSet(a.get("pts"), _unpack_desc(a.get("desc")), a.get("pts_m"), _unpack_desc(a.get("desc_m")),
+                                 tuple(int(v) for v in a["size"]))
+    fps: dict[int, dict] = {}
+    for k, v in a.items():
+        if k != "image":
+            i, name = k.split(".", 1)
+            fps.setdefault(int(i), {})[name] = v
+    return a["image"], {i: dedup.FaceFingerprint(d.get("phash"), d.get("phash_mirror"), d.get("patch"), d.get("mask"))
+                        for i, d in sorted(fps.items())}
+
+
+class FaceFeatures:
+    """What the costly part of the copy-paste guard derives from a face or a photo, kept across builds in a
+    folder beside the guard's decisions: each compared face's SIFT keypoints ("kp", ~55 KB) and each
+    compared photo's NCC patches ("fp", ~20 KB a face). A refresh's new faces are compared with old faces
+    whose keypoints and patches an earlier build worked out: without this store it decoded those photos
+    and ran SIFT on them again (about half of a 1% refresh's CPU, measured in bench_multiid_refresh.py).
+
+    One file per entry, ``<photo uid>.<kind>.<key>.npz``, the key a digest of the faces it covers (index,
+    box, landmarks: :func:`face_key`) and of :func:`_features_salt`; written aside and renamed into place,
+    so a killed build leaves a whole entry or none, and the build's forked workers share the folder. The
+    photo's uid leads the name so that a removal finds every entry of a photo without reading any
+    (:func:`purge_face_features`). A file that cannot be read is computed again and replaced. Only the
+    host that made the store uses it (a Ray task on another node shares no disk with it: it computes).
+    Past ``max_bytes`` nothing more is added; :meth:`prune` drops the entries of photos no longer in the
+    collection."""
+
+    def __init__(self, folder: Path, max_bytes: int = FEATURES_MAX_BYTES):
+        import socket
+
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self.host = socket.gethostname()
+        self.salt = _features_salt()
+        self.loaded = self.computed = 0
+        self._bytes: int | None = None  # the folder's size, counted when first needed
+
+    def __getstate__(self):
+        return {**self.__dict__, "loaded": 0, "computed": 0}
+
+    def _here(self) -> bool:
+        import socket
+
+        return socket.gethostname() == self.host
+
+    def path(self, kind: str, uid: str, faces) -> Path:
+        h = hashlib.blake2b(self.salt + kind.encode(), digest_size=16)
+        for f in faces:
+            h.update(b"|" + face_key(f).encode())
+        return self.folder / f"{_uid_name(uid)}.{kind}.{h.hexdigest()}.npz"
+
+    def get(self, kind: str, uid: str, faces, compute):
+        """The entry of ``kind`` for photo ``uid``'s ``faces`` from the store, else ``compute()``'s, kept."""
+        if not self._here():
+            return compute()
+        p = self.path(kind, uid, faces)
+        try:
+            value = _load_features(kind, p)
+        except FileNotFoundError:
+            value = None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # torn or foreign: computed again, replaced
+            log.warning("face feature entry %s cannot be read (%s): computing it again", p.name, e)
+            value = None
+        if value is not None:
+            self.loaded += 1
+            return value
+        value = compute()
+        self.computed += 1
+        self._put(p, _save_features(kind, value))
+        return value
+
+    def put(self, kind: str, uid: str, faces, value) -> None:
+        """Keep ``value`` (worked out anyway) unless an entry is there already."""
+        if self._here():
+            p = self.path(kind, uid, faces)
+            if not p.exists():
+                self._put(p, _save_features(kind, value))
+
+    def _put(self, path: Path, data: bytes) -> None:
+        import os
+
+        if self._bytes is None:
+            self._bytes = self.size()[1]
+        if self._bytes + len(data) > self.max_bytes:
+            return
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:  # a full disk: the build goes on without keeping more
+            tmp.unlink(missing_ok=True)
+            log.warning("the face feature store %s takes no more entries: %s", self.folder, e)
+            self.max_bytes = 0
+            return
+        self._bytes += len(data)
+
+    def size(self) -> tuple[int, int]:
+        """(entries, bytes) in the store."""
+        import os
+
+        n = b = 0
+        if self.folder.is_dir():
+            for e in os.scandir(self.folder):
+                if e.name.endswith(".npz"):
+                    n += 1
+                    b += e.stat().st_size
+        return n, b
+
+    def prune(self, uids) -> int:
+        """Drop the entries of photos not in ``uids`` (this build's collection) and any half-written file a
+        killed build left; how many files were dropped."""
+        import os
+
+        if not self.folder.is_dir() or not self._here():
+            return 0
+        keep, n = set(uids), 0
+        for e in os.scandir(self.folder):
+            if ".tmp" in e.name or _name_uid(e.name) not in keep:
+                Path(e.path).unlink(missing_ok=True)
+                n += 1
+        self._bytes = None
+        return n
+
+
+def purge_face_features(guard_path: Path, uids) -> int:
+    """Drop every stored keypoint and patch entry (and half-written file) of the photos ``uids``; how many files."""
+    import os
+
+    folder, gone, n = face_features_dir(guard_path), {str(u) for u in uids}, 0
+    if folder.is_dir():
+        for e in os.scandir(folder):
+            if _name_uid(e.name) in gone:
+                Path(e.path).unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def kept_feature_uids(guard_path: Path) -> set[str]:
+    """The photo uids that have an entry (or a half-written one) in the store beside ``guard_path``."""
+    import os
+
+    folder = face_features_dir(guard_path)
+    return {_name_uid(e.name) for e in os.scandir(folder)} if folder.is_dir() else set()

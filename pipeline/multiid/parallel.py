@@ -89,7 +89,8 @@ def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
     if _WORKER.get("job") != j:  # one job's caches at a time
         _WORKER["job"] = j
         _WORKER["fingerprints"] = selection._new_fingerprints(common["read_bytes"], a["by_uid"], cfg, a["hashes"],
-                                                              shared=_WORKER.get("store"), stored=photos)
+                                                              shared=_WORKER.get("store"), stored=photos,
+                                                              kept=guard.features if guard is not None else None)
     stem = f"{a['stem']}-c{i:03d}"
     sink = _RowParts(common["parts_dir"], stem)
     records = _RecordSpill(common["parts_dir"], stem, cfg) if a["records"] else None

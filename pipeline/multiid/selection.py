@@ -189,8 +189,12 @@ class _Fingerprints:
 
     def __init__(self, read_bytes, faces_by_uid, eligible=None, keypoints: bool = True,
                  max_images: int = 20_000, max_keypoints: int = 2_000, max_bytes: int = RAW_CACHE_BYTES,
-                 hashes: dict | None = None, shared=None, stored=None):
+                 hashes: dict | None = None, shared=None, stored=None, kept=None):
         self.read_bytes = read_bytes
+        # guard_cache.FaceFeatures: the keypoints and NCC patches earlier builds worked out, and where those
+        # worked out here are kept for the next build (None: neither)
+        self.kept = kept
+        self.kept_full: set[str] = set()  # photos whose NCC patches this process made sure are kept
         # guard_cache.PhotoHashes: the pHashes earlier builds worked out (a photo found there is not decoded
         # for them), and where the pHashes decoded here are recorded for the next build (None: neither)
         self.stored = stored
@@ -272,7 +276,12 @@ class _Fingerprints:
     def full(self, uid: str):
         """:meth:`get` with every face's NCC patch (decoding the photo when its entry came from ``hashes``)."""
         got = self.get(uid)
-        if got is None or all(fp.patch is not None for fp in got[1].values()):
+        if got is None:
+            return got
+        if all(fp.patch is not None for fp in got[1].values()):
+            if self.kept is not None and uid not in self.kept_full:  # decoded here: kept for the next builds
+                self.kept_full.add(uid)
+                self.kept.put("fp", uid, self._comparable(uid), got)
             return got
         pre = got
         got = self._once("fp", uid, None, lambda: self._full_fingerprints(uid, pre))
@@ -280,8 +289,14 @@ class _Fingerprints:
         return got
 
     def _once(self, kind: str, uid: str, face_index, compute):
-        """``compute()`` here, or through the workers' shared store so that one worker computes it for all."""
-        return compute() if self.shared is None else self.shared.get(kind, uid, face_index, compute)
+        """From the store kept across builds when there; else ``compute()`` here, or through the workers'
+        shared store so that one worker computes it for all (and kept for the next build)."""
+        here = compute if self.shared is None else (lambda: self.shared.get(kind, uid, face_index, compute))
+        if self.kept is None:
+            return here()
+        faces = [f for f in self.faces_by_uid.get(uid, []) if (f.face_index == face_index if face_index is not None
+                                                                 else self.eligible(f))]
+        return self.kept.get(kind, uid, faces, here)
 
     def _full_fingerprints(self, uid: str, got):
         g = self._gray(uid)
@@ -354,13 +369,14 @@ def _prepare(by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, eval_override
 
 
 def _new_fingerprints(read_bytes, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, hashes: dict | None = None,
-                      shared=None, stored=None) -> _Fingerprints:
+                      shared=None, stored=None, kept=None) -> _Fingerprints:
     """The decoding and keypoint caches of a selection over these photos (``shared``: a
-    face_store.SharedFaceStore of the processes selecting them together; ``stored``: guard_cache.PhotoHashes)."""
+    face_store.SharedFaceStore of the processes selecting them together; ``stored``: guard_cache.PhotoHashes;
+    ``kept``: guard_cache.FaceFeatures)."""
     px_min = min(cfg.min_face_px, cfg.ref_min_face_px)
     return _Fingerprints(read_bytes, by_uid, lambda f: unusable_reason(f, px_min, cfg.det_score_min, cfg.blur_min) is None,
                          keypoints=cfg.keypoints, max_images=cfg.cache_images, max_keypoints=cfg.cache_keypoints,
-                         hashes=hashes, shared=shared, stored=stored)
+                         hashes=hashes, shared=shared, stored=stored, kept=kept)
 
 
 def photo_hashes(uids: list[str], by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, store=None,
@@ -483,7 +499,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     prep = prepared if prepared is not None else _prepare(by_uid, cfg, eval_override)
     by_identity, qual = prep["by_identity"], prep["quality"]
     fps = fingerprints if fingerprints is not None else _new_fingerprints(
-        read_bytes, by_uid, cfg, stored=decisions.photos if decisions is not None else None)
+        read_bytes, by_uid, cfg, stored=decisions.photos if decisions is not None else None,
+        kept=decisions.features if decisions is not None else None)
     evicted_before = (fps.cache.evictions, fps.kps.evictions)
     kp_args = {"kp_min_inliers": cfg.kp_min_inliers, "kp_min_ratio": cfg.kp_min_ratio, "kp_strong_inliers": cfg.kp_strong_inliers}
     flags: Counter = Counter()
