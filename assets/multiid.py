@@ -53,7 +53,8 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
     def build(folder):
         return build_multiid_dataset(coll.images, coll.faces, ids, folder, cfg, version=version, reuse_from=previous,
                                      workers=lineup.workers, guard_cache=layout.multiid_guard_cache,
-                                     engine=lineup.engine_name)
+                                     engine=lineup.engine_name,
+                                     feature_store_bytes=int(lineup.multiid_feature_store_gb * (1 << 30)))
 
     def checks(folder, res):
         pairs = res.pairs if res is not None else read_parquet(folder / "pairs.parquet")
@@ -95,6 +96,11 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "targets_reselected": stats.get("targets_reselected", 0),
             "reselect_reasons": dg.MetadataValue.json(stats.get("reselect_reasons", {})),
             "bytes_copied": stats.get("bytes_copied", 0),
+            # what the copy-paste guard took from the stores kept across builds, and what it added to them
+            "guard_stores": dg.MetadataValue.json({k: stats[k] for k in (
+                "guard_decisions_reused", "guard_decisions_computed", "photo_hashes_reused", "photo_hashes_computed",
+                "face_features_reused", "face_features_computed", "face_features_entries", "face_features_bytes")
+                if k in stats}),
             "data_quality": dg.MetadataValue.json(stats.get("data_quality", {})),
             "collection": dg.MetadataValue.json(coll.coverage()),
             "lineage": dg.MetadataValue.json({k: v for k, v in parts.items() if k != "config"}),

@@ -63,6 +63,10 @@ class LineupSettings(dg.ConfigurableResource):
     # ivf-blas: further probes only for the faces the last probe step improved (10M faces: 19.5 min instead
     # of 48, sampled recall 0.92 instead of 0.95; README "10M faces in 20 minutes"); False: every face
     knn_adaptive_probing: bool = True
+    # multiid: the faces' SIFT keypoints and NCC patches kept for the next build's copy-paste guard
+    # ($LINEUP_HOME/cache/multiid_guard.features/, ~44 KB a face; a refresh then runs SIFT only on new
+    # faces); past this many GB nothing more is kept (0: keep none)
+    multiid_feature_store_gb: float = 16.0
     # scorers: weights come from local files only; a scorer without weights is reported unavailable
     clip_model: str = "ViT-L-14"
     clip_weights: str = ""  # empty: $LINEUP_CLIP_WEIGHTS

@@ -60,6 +60,12 @@ def test_identities_are_stable_when_a_partition_arrives(env, mode):
     ).to_pylist()
     assert [row["n"] for row in by_person] == [1, 1, 1], by_person  # one identity per person
     assert latest_version(layout, "multiid") is not None
+    # the guard's stores: what the metadata says is kept is what the cache folder holds
+    from pipeline.multiid.guard_cache import face_features_dir
+
+    stores = next(iter(r.asset_materializations_for_node("multiid_dataset"))).metadata["guard_stores"].data
+    kept = list(face_features_dir(layout.multiid_guard_cache).glob("*.npz"))
+    assert kept and stores["face_features_entries"] == len(kept) and stores["face_features_bytes"] == sum(p.stat().st_size for p in kept)
 
     # a new partition: more photos of the same people and a new person
     for person in PEOPLE:

@@ -15,7 +15,12 @@ from test_multiid_refresh_derive import CFG_D, _with_new_face
 from test_shard_reuse import _collection, _groups
 
 from pipeline.multiid import build_multiid_dataset, dedup, selection
-from pipeline.multiid.guard_cache import FaceFeatures, face_features_dir, kept_photo_uids, purge_guard_decisions
+from pipeline.multiid.guard_cache import (
+    FaceFeatures,
+    face_features_dir,
+    kept_photo_uids,
+    purge_guard_decisions,
+)
 
 CFG_K = replace(CFG_D, keypoints=True)
 
@@ -114,7 +119,7 @@ def test_a_moved_box_misses_and_the_key_covers_the_code(tmp_path, sift, monkeypa
     cache = tmp_path / "guard.parquet"
     world = _collection(tmp_path, _groups(1), photos_per_group=10)
     build_multiid_dataset(*world, tmp_path / "a", CFG_K, version="v1", guard_cache=cache)
-    moved_uid = sorted(u for u, i in sift if i == 0)[0]
+    moved_uid = min(u for u, i in sift if i == 0)
     moved = _move_face(world, moved_uid, 7.0)
     cache.unlink()  # every pair judged again: every face's keypoints looked up
     sift.clear()

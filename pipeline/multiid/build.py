@@ -146,7 +146,8 @@ def _in_target_order(parts) -> list[dict]:
 def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Table, out_dir: Path | None,
                           config: MultiIDConfig | None = None, read_bytes: Callable[[str], bytes] | None = None,
                           version: str | None = None, reuse_from: Path | None = None, workers: int = 1,
-                          guard_cache: Path | None = None, engine: str | None = None) -> MultiIDResult:
+                          guard_cache: Path | None = None, engine: str | None = None,
+                          feature_store_bytes: int | None = None) -> MultiIDResult:
     """Select references, write ``out_dir/{train,eval}/`` shards + manifests (``version`` is the dataset
     version id they record), ``out_dir/pairs.parquet``, ``out_dir/candidates.parquet`` and
     ``out_dir/buckets.json``; return everything. ``out_dir=None``: select only, write nothing. Whether the
@@ -171,7 +172,9 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
 
     ``guard_cache``: a file of the copy-paste guard's decisions (:mod:`pipeline.multiid.guard_cache`), read
     before and written after the build: a pair of faces already judged under the same settings is not
-    judged again (``stats["guard_decisions_reused"]`` / ``"guard_decisions_computed"``)."""
+    judged again (``stats["guard_decisions_reused"]`` / ``"guard_decisions_computed"``); beside it the photos'
+    pHashes and the faces' keypoints and NCC patches are kept too, the latter up to ``feature_store_bytes``
+    (default ``guard_cache.FEATURES_MAX_BYTES``)."""
     import shutil
 
     config = config if config is not None else MultiIDConfig()
@@ -181,7 +184,7 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     # streamed to part files as they are produced, merged into pairs.parquet / candidates.parquet at the end:
     # what stays in memory per target is a summary tuple, not its rows nor its sample dicts
     plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir,
-                 workers=workers, guard_cache=guard_cache, engine=engine)
+                 workers=workers, guard_cache=guard_cache, engine=engine, feature_store_bytes=feature_store_bytes)
     try:
         return _build(plan, out_dir, version, read_bytes)
     finally:

@@ -55,7 +55,7 @@ def face_key(f) -> str:
 class GuardDecisions:
     """Decisions read from ``path`` (if any), looked up by (face a, face b); new ones collected for :meth:`save`."""
 
-    def __init__(self, path: Path | None, settings: dict):
+    def __init__(self, path: Path | None, settings: dict, feature_store_bytes: int | None = None):
         self.path = Path(path) if path is not None else None
         self.salt = hashlib.sha256(json.dumps({"v": GUARD_VERSION, **settings}, sort_keys=True).encode()).digest()[:16]
         self.keys = np.zeros(0, dtype=[("k0", "<u8"), ("k1", "<u8")])
@@ -66,7 +66,8 @@ class GuardDecisions:
         # the photos' pHashes, kept beside the decisions (None without a file)
         self.photos = PhotoHashes(photo_hashes_path(self.path)) if self.path is not None else None
         # the faces' keypoints and NCC patches (None without a file)
-        self.features = FaceFeatures(face_features_dir(self.path)) if self.path is not None else None
+        self.features = (FaceFeatures(face_features_dir(self.path), FEATURES_MAX_BYTES if feature_store_bytes is None
+                                      else feature_store_bytes) if self.path is not None else None)
         if self.path is not None and self.path.exists():
             from pipeline.storage import read_parquet
 
@@ -322,7 +323,7 @@ def kept_photo_uids(path: Path) -> set[str]:
 # ------------------------------------------------------------------------------------------------------
 
 FEATURES_VERSION = 1  # bump when dedup.face_keypoints / face_fingerprint give other values for the same inputs
-FEATURES_MAX_BYTES = 16 << 30  # past this the store takes no more entries (a face's ~55 KB: ~300k faces)
+FEATURES_MAX_BYTES = 16 << 30  # past this the store takes no more entries (~44 KB a face of the collection: ~380k faces)
 
 
 def face_features_dir(guard_path: Path) -> Path:

@@ -145,7 +145,7 @@ class _Plan:
 
     def __init__(self, images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig, read_bytes,
                  previous: Path | None = None, out_dir: Path | None = None, keep_rows: bool = False, workers: int = 1,
-                 guard_cache: Path | None = None, engine: str | None = None):
+                 guard_cache: Path | None = None, engine: str | None = None, feature_store_bytes: int | None = None):
         from pipeline import __version__
         from pipeline.multiid.release import BUILDER_VERSION, FACE_COLUMNS
 
@@ -228,7 +228,7 @@ class _Plan:
 
         self.guard = GuardDecisions(guard_cache, {k: getattr(cfg, k) for k in (
             "image_hamming_max", "face_hamming_max", "face_ncc_min", "keypoints", "kp_min_inliers", "kp_min_ratio",
-            "kp_strong_inliers")}) if guard_cache is not None else None
+            "kp_strong_inliers")}, feature_store_bytes) if guard_cache is not None else None
         self.corrupt: list[str] = []
         self.eval_fallback: list[str] = []
 
