@@ -260,6 +260,8 @@ def main() -> int:
     ap.add_argument("--synth-reads", action="store_true",
                     help="synthesise each photo when a build reads it, inside the timed build (the old way), instead of "
                          "reading the photo files written once beforehand")
+    ap.add_argument("--keep-photos", action="store_true",
+                    help="keep <root>/photos from an earlier run with the same --faces (drawing 60k photos takes minutes)")
     args = ap.parse_args()
     counts = [int(w) for w in str(args.workers).split(",")]
     if args.step:
@@ -269,7 +271,13 @@ def main() -> int:
                               counts[0], Path(args.guard_cache) if args.guard_cache else None, photos)))
         return 0
     root = Path(args.root)
-    shutil.rmtree(root, ignore_errors=True)
+    if args.keep_photos:  # the same collection is drawn again (same seed); the photo files are taken as they are
+        for p in root.glob("out-*"):
+            shutil.rmtree(p)
+        for p in root.glob("guard*"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    else:
+        shutil.rmtree(root, ignore_errors=True)
     info = make_collections(args.faces, args.add, root)
     if not args.synth_reads:  # B's photos hold A's
         info["photo_files"] = write_photo_files(root / "B", root / "photos")
