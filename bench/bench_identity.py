@@ -145,6 +145,7 @@ IVF_VARIANT_KEYS = {  # --knn-backends "ivf-blas:spill=0.1:reverse=1:nprobe=2": 
     "cells": ("IVF_BLAS_CELLS_PER_SQRT_N", float),
     "coarse": ("IVF_BLAS_COARSE_PROBES", int),
     "adaptive": ("IVF_BLAS_ADAPTIVE", lambda v: bool(int(v))),
+    "patience": ("IVF_BLAS_PATIENCE", int),
 }
 
 

@@ -285,6 +285,21 @@ def test_adaptive_probing_scans_only_faces_the_last_step_improved():
     # deterministic whatever the thread count
     I2, S2, _ = knn_ivf_blas(E, adaptive=True, **{**kw, "n_threads": 1})
     assert np.array_equal(I1, I2) and np.array_equal(S1, S2)
+    # patience 2 (a face retires after two steps that did not improve it): between the two in work and
+    # in recall; and patience 1 is what the default ran
+    import pipeline.identity.knn as knn_mod
+
+    assert knn_mod.IVF_BLAS_PATIENCE == 1
+    old = knn_mod.IVF_BLAS_PATIENCE
+    knn_mod.IVF_BLAS_PATIENCE = 2
+    try:
+        _, S3, patient = knn_ivf_blas(E, adaptive=True, **kw)
+    finally:
+        knn_mod.IVF_BLAS_PATIENCE = old
+    assert adapt["probed_pairs"] < patient["probed_pairs"] < plain["probed_pairs"]
+    assert all(b >= a for a, b in zip(adapt["active_faces"], patient["active_faces"])), (adapt["active_faces"], patient["active_faces"])
+    r3 = recall_by_similarity(E, q, exact, S3[q, 1:])
+    assert r1 <= r3 <= r0, (r1, r3, r0)
     # the setting reaches ivf-blas through knn_graph (the identities asset's knn_adaptive_probing)
     for flag in (False, True):
         g = knn_graph(E[:5_000], k=10, backend="ivf-blas", recall_min_similarity=0.93, adaptive=flag)

@@ -470,6 +470,8 @@ IVF_BLAS_TRAIN_PER_CELL = 32
 IVF_BLAS_SPILL = 0.2  # fraction of faces also listed in their second-best cell (knn_ivf_blas)
 IVF_BLAS_REVERSE = False  # offer each found pair to both ends (knn_ivf_blas)
 IVF_BLAS_ADAPTIVE = True  # further probes only for the faces the last probe step improved (knn_ivf_blas; README "adaptive probing")
+# adaptive probing: a face stops probing after this many steps in a row that did not improve it (1: the first)
+IVF_BLAS_PATIENCE = 1
 # coarse cells searched for a face's best cells; None: by the number of cells (ivf_blas_coarse_probes)
 IVF_BLAS_COARSE_PROBES: int | None = None
 # Up to this many cells 8 coarse probes, above it 16. Measured (README "ivf-blas variants"): 8 found the
@@ -830,11 +832,12 @@ def _grow_probes(join, probe_keys, expansion_keys, nprobe, depth, max_rounds, ch
     """Scan probes 1..nprobe-1 (``probe_keys(p0, p1, faces)``, faces None: all), expand through the
     edges found (``expansion_keys(rows)``) for up to ``max_rounds``, then check the sampled recall and
     scan IVF_BLAS_PROBE_STEP more probes per face until it reaches ``target_recall`` or ``depth``.
-    ``adaptive``: after the first step, only the faces whose rows improved in the step before (its
-    probes or their expansion) scan further probes; the others stop. Returns the probe count
-    reached (also ``info["nprobe"]``)."""
+    ``adaptive``: after the first step, only the faces whose rows improved in one of the last
+    ``IVF_BLAS_PATIENCE`` steps (its probes or their expansion) scan further probes; the others stop.
+    Returns the probe count reached (also ``info["nprobe"]``)."""
     p0, p1 = 1, min(nprobe, depth)
     active = None
+    recent: list[np.ndarray] = []  # the faces each of the last IVF_BLAS_PATIENCE steps improved
     while True:
         rows = join(f"probes {p0}-{p1 - 1}", probe_keys(p0, p1, active))
         improved = [rows]
@@ -844,7 +847,10 @@ def _grow_probes(join, probe_keys, expansion_keys, nprobe, depth, max_rounds, ch
             rows = join(f"expand {r + 1}", expansion_keys(rows))
             improved.append(rows)
         if adaptive:
-            active = _unique_sorted(np.concatenate(improved))
+            recent = [*recent, _unique_sorted(np.concatenate(improved))][-max(1, IVF_BLAS_PATIENCE):]
+            # a face improved by none of the last steps is retired; one that is not probing (retired
+            # earlier) is never in ``improved``, so it stays retired
+            active = recent[0] if len(recent) == 1 else _unique_sorted(np.concatenate(recent))
             info.setdefault("active_faces", []).append(len(active))
         info["nprobe"] = p1
         if check is None:
