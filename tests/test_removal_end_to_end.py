@@ -28,14 +28,15 @@ def _run(home, *args, env=None, timeout=400):
 
 
 def _traces(home: Path, needles: list[str]) -> dict[str, list[str]]:
-    """needle -> files under the home whose bytes contain it (sqlite files included)."""
+    """needle -> files under the home whose bytes, or whose path, contain it (sqlite files included; a store
+    that names its entries by photo uid, like the guard's keypoints, counts by name)."""
     found: dict[str, list[str]] = {}
     for p in home.rglob("*"):
         if p.is_file() and not p.is_symlink():
-            data = p.read_bytes()
+            data, rel = p.read_bytes(), str(p.relative_to(home))
             for n in needles:
-                if n.encode() in data:
-                    found.setdefault(n, []).append(str(p.relative_to(home)))
+                if n.encode() in data or n in rel:
+                    found.setdefault(n, []).append(rel)
     return found
 
 
@@ -55,6 +56,8 @@ def test_forget_kill_rerun_purge_leaves_no_trace(tmp_path, shared_faces, kill_at
             later = photos[3]
     r = _run(home, "assets.run", "--input", str(inp), "--no-training")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the guard's keypoint store holds the person's faces (named by photo uid): the purge must reach it too
+    assert [p for p in (home / "cache" / "multiid_guard.features").iterdir() if p.name.split(".")[0] in gone_uids]
 
     # the request: a mirrored crop of one of the person's photos, never ingested
     with Image.open(shared_faces / "identities" / GONE / "img38.jpg") as im:
