@@ -64,7 +64,7 @@ def test_identities_are_stable_when_a_partition_arrives(env, mode):
     from pipeline.multiid.guard_cache import face_features_dir
 
     stores = next(iter(r.asset_materializations_for_node("multiid_dataset"))).metadata["guard_stores"].data
-    kept = list(face_features_dir(layout.multiid_guard_cache).glob("*.npz"))
+    kept = list(face_features_dir(layout.multiid_guard_cache).glob("*.feat"))
     assert kept and stores["face_features_entries"] == len(kept) and stores["face_features_bytes"] == sum(p.stat().st_size for p in kept)
 
     # a new partition: more photos of the same people and a new person

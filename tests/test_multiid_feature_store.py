@@ -42,7 +42,7 @@ def sift(monkeypatch):
 def _entries(cache, kind: str) -> dict[str, int]:
     """photo uid -> how many entries of ``kind`` the store beside ``cache`` holds."""
     out: dict[str, int] = {}
-    for p in face_features_dir(cache).glob(f"*.{kind}.*.npz"):
+    for p in face_features_dir(cache).glob(f"*.{kind}.*.feat"):
         u = p.name.split(".", 1)[0]
         out[u] = out.get(u, 0) + 1
     return out
@@ -60,7 +60,7 @@ def test_a_refresh_runs_sift_only_on_faces_no_build_worked_out(tmp_path, sift):
     first, grown = _first(tmp_path, cache)
     # every face whose keypoints the first build worked out is kept, once
     assert sift and _entries(cache, "kp") and sum(_entries(cache, "kp").values()) == len(set(sift))
-    assert first.stats["face_features_entries"] == len(list(face_features_dir(cache).glob("*.npz")))
+    assert first.stats["face_features_entries"] == len(list(face_features_dir(cache).glob("*.feat")))
     before = set(sift)
     sift.clear()
     refresh = build_multiid_dataset(*grown, tmp_path / "v2", CFG_K, version="v2", reuse_from=first.out_dir, guard_cache=cache)
@@ -100,7 +100,7 @@ def test_a_torn_entry_is_computed_again_and_replaced(tmp_path, sift):
     world = _collection(tmp_path, _groups(1), photos_per_group=10)
     build_multiid_dataset(*world, tmp_path / "a", CFG_K, version="v1", guard_cache=cache)
     n = len(set(sift))
-    entries = sorted(face_features_dir(cache).glob("*.kp.*.npz"))
+    entries = sorted(face_features_dir(cache).glob("*.kp.*.feat"))
     torn = entries[0]
     torn.write_bytes(torn.read_bytes()[:100])  # what a copy cut short would leave (the build writes atomically)
     cache.unlink()  # no recorded decision: every pair is judged again, so every face's keypoints are looked up
@@ -108,8 +108,9 @@ def test_a_torn_entry_is_computed_again_and_replaced(tmp_path, sift):
     build_multiid_dataset(*world, tmp_path / "b", CFG_K, version="v1", guard_cache=cache)
     assert len(sift) == 1 and torn.name.startswith(sift[0][0])  # the torn one alone, of n
     assert n > 1
-    with np.load(torn, allow_pickle=False) as z:  # replaced by a whole entry
-        assert "pts" in z.files
+    from pipeline.multiid.guard_cache import _unpack_arrays
+
+    assert "pts" in _unpack_arrays(torn.read_bytes())  # replaced by a whole entry
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
 
 
@@ -174,14 +175,27 @@ def test_entries_round_trip_exactly(tmp_path):
     assert kept_photo_uids(guard) == {"u2"}
 
 
+def test_a_blob_that_is_not_whole_is_refused():
+    from pipeline.multiid.guard_cache import _pack_arrays, _unpack_arrays
+
+    blob = _pack_arrays({"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(0, np.uint8)})
+    back = _unpack_arrays(blob)
+    assert back["a"].shape == (2, 3) and back["a"].dtype == np.float32 and back["b"].size == 0
+    for bad in (blob[:-1], blob + b"x", b"PK\x03\x04" + blob[4:], blob[:7]):
+        with pytest.raises(ValueError):
+            _unpack_arrays(bad)
+
+
 def test_prune_drops_photos_gone_and_half_written_files(tmp_path):
     store = FaceFeatures(tmp_path / "f")
     kp = dedup.KeypointSet(np.zeros((1, 2), np.float32), None, np.zeros((1, 2), np.float32), None, (8, 8))
     for u in ("keep", "gone"):
         store.get("kp", u, [], lambda: kp)
-    (tmp_path / "f" / "keep.kp.0.npz.tmp123").write_bytes(b"half")
-    assert store.size()[0] == 2
-    assert store.prune({"keep"}) == 2
+    (tmp_path / "f" / "keep.kp.0.feat.tmp123").write_bytes(b"half")
+    stale = tmp_path / "f" / f"keep.kp.{'0' * 8}.{'1' * 32}.feat"  # another version of the feature code's entry
+    stale.write_bytes(b"old")
+    assert store.size()[0] == 3
+    assert store.prune({"keep"}) == 3
     assert sorted(p.name.split(".")[0] for p in (tmp_path / "f").iterdir()) == ["keep"]
 
 
@@ -221,7 +235,7 @@ def test_a_removal_drops_the_photos_features(tmp_path):
     build_multiid_dataset(*world, tmp_path / "a", CFG_K, version="v1", guard_cache=cache)
     kept = set(_entries(cache, "kp"))
     victim = min(kept)
-    (face_features_dir(cache) / f"{victim}.kp.x.npz.tmp99").write_bytes(b"half")  # a killed build's leftover
+    (face_features_dir(cache) / f"{victim}.kp.x.feat.tmp99").write_bytes(b"half")  # a killed build's leftover
     assert victim in kept_photo_uids(cache)
     purge_removed_guard_decisions(layout, {uid_hash(victim)})
     assert not any(p.name.startswith(victim + ".") for p in face_features_dir(cache).iterdir())
