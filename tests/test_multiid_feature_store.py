@@ -73,25 +73,32 @@ def test_a_refresh_runs_sift_only_on_faces_no_build_worked_out(tmp_path, sift):
 
 
 @pytest.mark.parametrize("store", [True, False])
-def test_pairs_judged_again_take_their_keypoints_from_the_store(tmp_path, sift, store):
-    """The decisions gone (every pair is judged again), the keypoints kept: no SIFT at all, the same files.
-    Without the store, SIFT runs on every face again (so the first case can fail)."""
+def test_pairs_judged_again_take_their_keypoints_from_the_store(tmp_path, sift, store, monkeypatch):
+    """The decisions gone (every pair is judged again), the keypoints and crops kept: no SIFT and no crop at
+    all, the same files. Without the store, SIFT runs on every face again and every crop is made again (so
+    the first case can fail)."""
     import shutil
 
+    from pipeline.multiid import rows
+
+    crops: list[str] = []
+    real_crop = rows.ref_crop
+    monkeypatch.setattr(rows, "ref_crop", lambda data, bbox, *a: crops.append(bbox) or real_crop(data, bbox, *a))
     cache = tmp_path / "guard.parquet"
     world = _collection(tmp_path, _groups(1), photos_per_group=10)
     build_multiid_dataset(*world, tmp_path / "a", CFG_K, version="v1", guard_cache=cache)
-    n = len(set(sift))
-    assert n > 1
+    n, n_crops = len(set(sift)), len(crops)
+    assert n > 1 and n_crops > 1 and _entries(cache, "crop")
     cache.unlink()
     if not store:
         shutil.rmtree(face_features_dir(cache))
     sift.clear()
+    crops.clear()
     again = build_multiid_dataset(*world, tmp_path / "b", CFG_K, version="v1", guard_cache=cache)
     if store:
-        assert sift == [] and again.stats["face_features_reused"] >= n
+        assert sift == [] and crops == [] and again.stats["face_features_reused"] >= n + len(_entries(cache, "crop"))
     else:
-        assert len(set(sift)) == n and again.stats["face_features_reused"] == 0
+        assert len(set(sift)) == n and len(crops) == n_crops
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
 
 
@@ -149,6 +156,14 @@ def test_a_store_sent_to_another_host_computes_and_writes_nothing(tmp_path):
     assert store.get("kp", "u1", [], lambda: pytest.fail("computed again")).size == (8, 8)
 
 
+def again_crop(guard, crop):
+    """The crop entry of photo u3 read back by a fresh store (another key misses)."""
+    fresh = FaceFeatures(face_features_dir(guard))
+    other = (b"other", [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0])
+    assert fresh.get("crop", "u3", [], lambda: other, extra="box2|settings") is other
+    return fresh.get("crop", "u3", [], lambda: pytest.fail("computed again"), extra="box|settings")
+
+
 def test_entries_round_trip_exactly(tmp_path):
     rng = np.random.default_rng(0)
     guard = tmp_path / "g.parquet"
@@ -158,6 +173,9 @@ def test_entries_round_trip_exactly(tmp_path):
     fp = (rng.random(64) > 0.5, {0: dedup.FaceFingerprint(rng.random(64) > 0.5, rng.random(64) > 0.5,
                                                           rng.random((54, 54), dtype=np.float32), rng.random((54, 54), dtype=np.float32)),
                                  3: dedup.FaceFingerprint(rng.random(64) > 0.5, rng.random(64) > 0.5, None, None)})
+    crop = (b"\xff\xd8 jpeg bytes", [10.0, 20.0, 110.0, 120.0], [25.5, 30.25, 80.0, 90.0])
+    store.get("crop", "u3", [], lambda: crop, extra="box|settings")
+    assert again_crop(guard, crop) == crop
     odd = "photos/a b.jpg"  # a uid that is no file name: kept under its hex, found again by a removal
     store.get("kp", odd, [], lambda: kp)
     store.get("fp", "u2", [], lambda: fp)
@@ -170,8 +188,8 @@ def test_entries_round_trip_exactly(tmp_path):
     assert np.array_equal(img, fp[0]) and sorted(fps) == [0, 3]
     assert np.array_equal(fps[0].patch, fp[1][0].patch) and np.array_equal(fps[0].mask, fp[1][0].mask)
     assert fps[3].patch is None and np.array_equal(fps[3].phash_mirror, fp[1][3].phash_mirror)
-    assert kept_photo_uids(guard) == {odd, "u2"}  # no decisions file, no pHash store: the features found
-    purge_guard_decisions(guard, [odd])
+    assert kept_photo_uids(guard) == {odd, "u2", "u3"}  # no decisions file, no pHash store: the features found
+    purge_guard_decisions(guard, [odd, "u3"])
     assert kept_photo_uids(guard) == {"u2"}
 
 

@@ -407,6 +407,9 @@ def _save_features(kind: str, value) -> bytes:
             a = getattr(value, name)
             if a is not None:
                 arrays[name] = _pack_desc(a) if name.startswith("desc") else a
+    elif kind == "crop":  # (JPEG bytes, crop box, face box in the crop)
+        data, box, in_crop = value
+        arrays.update(jpeg=np.frombuffer(data, np.uint8), box=np.asarray(box, np.float64), in_crop=np.asarray(in_crop, np.float64))
     else:  # "fp": (image pHash, {face index: FaceFingerprint})
         img, fps = value
         arrays["image"] = np.asarray(img)
@@ -422,6 +425,8 @@ def _load_features(kind: str, path: Path):
     from pipeline.multiid.face_store import _unpack_desc
 
     a = _unpack_arrays(path.read_bytes())
+    if kind == "crop":
+        return a["jpeg"].tobytes(), [float(v) for v in a["box"]], [float(v) for v in a["in_crop"]]
     if kind == "kp":
         return dedup.KeypointSet(a.get("pts"), _unpack_desc(a.get("desc")), a.get("pts_m"), _unpack_desc(a.get("desc_m")),
                                  tuple(int(v) for v in a["size"]))
@@ -436,8 +441,10 @@ def _load_features(kind: str, path: Path):
 
 class FaceFeatures:
     """What the costly part of the copy-paste guard derives from a face or a photo, kept across builds in a
-    folder beside the guard's decisions: each compared face's SIFT keypoints ("kp", ~55 KB) and each
-    compared photo's NCC patches ("fp", ~20 KB a face). A refresh's new faces are compared with old faces
+    folder beside the guard's decisions: each compared face's SIFT keypoints ("kp", ~58 KB) and each
+    compared photo's NCC patches ("fp", ~23 KB a face); and, for the shards, each chosen reference's JPEG
+    crop ("crop", its bytes as written to the tar: a re-selected target's sample is written again, and
+    its references no longer decoded, cropped and encoded for it). A refresh's new faces are compared with old faces
     whose keypoints and patches an earlier build worked out: without this store it decoded those photos
     and ran SIFT on them again (about half of a 1% refresh's CPU, measured in bench_multiid_refresh.py).
 
@@ -471,17 +478,18 @@ class FaceFeatures:
 
         return socket.gethostname() == self.host
 
-    def path(self, kind: str, uid: str, faces) -> Path:
-        h = hashlib.blake2b(self.salt + kind.encode(), digest_size=16)
+    def path(self, kind: str, uid: str, faces, extra: str = "") -> Path:
+        h = hashlib.blake2b(self.salt + kind.encode() + extra.encode(), digest_size=16)
         for f in faces:
             h.update(b"|" + face_key(f).encode())
         return self.folder / f"{_uid_name(uid)}.{kind}.{self.tag}.{h.hexdigest()}{FEATURES_SUFFIX}"
 
-    def get(self, kind: str, uid: str, faces, compute):
-        """The entry of ``kind`` for photo ``uid``'s ``faces`` from the store, else ``compute()``'s, kept."""
+    def get(self, kind: str, uid: str, faces, compute, extra: str = ""):
+        """The entry of ``kind`` for photo ``uid``'s ``faces`` (and ``extra``, what else decides it) from the
+        store, else ``compute()``'s, kept."""
         if not self._here():
             return compute()
-        p = self.path(kind, uid, faces)
+        p = self.path(kind, uid, faces, extra)
         try:
             value = _load_features(kind, p)
         except FileNotFoundError:

@@ -93,7 +93,7 @@ def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
                                                               kept=guard.features if guard is not None else None)
     stem = f"{a['stem']}-c{i:03d}"
     sink = _RowParts(common["parts_dir"], stem)
-    records = _RecordSpill(common["parts_dir"], stem, cfg) if a["records"] else None
+    records = _RecordSpill(common["parts_dir"], stem, cfg, guard.features if guard is not None else None) if a["records"] else None
     try:
         samples, _, _, counts = selection._select(
             a["img_meta"], a["by_uid"], cfg, common["read_bytes"], a["override"], common["mversions"], sink=sink,
@@ -297,7 +297,7 @@ def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list
 def _select_here(job: SelectionJob, parts_dir: Path, cfg: MultiIDConfig, read_bytes, mversions: list[str], guard) -> tuple:
     """One job's selection in this process: (samples, counts, pairs part file, candidates part file, records)."""
     sink = _RowParts(parts_dir, job.stem)
-    spill = _RecordSpill(parts_dir, job.stem, cfg) if job.records else None
+    spill = _RecordSpill(parts_dir, job.stem, cfg, guard.features if guard is not None else None) if job.records else None
     try:
         samples, _, _, counts = selection._select(job.img_meta, job.by_uid, cfg, read_bytes, job.override, mversions, sink=sink,
                                                   targets=None if job.targets is None else set(job.targets), tally=job.tally,

@@ -530,7 +530,8 @@ class _Plan:
                 split_samples = [s for s in b.samples if s["split"] == split]
                 # the new samples' records were made by the process that selected them (else made here)
                 new = (_spilled_records(split_samples, b.records) if b.records is not None
-                       else _shard_samples(split_samples, cfg, self.read_bytes))
+                       else _shard_samples(split_samples, cfg, self.read_bytes,
+                                           self.guard.features if self.guard is not None else None))
                 streams = [self._counted(new, "bytes_written", b)]
                 for src, keys in sorted(b.copied.get(split, {}).items()):
                     streams.append(self._counted(patched_records(reused_records(self.previous / src, keys), b.derived_faces),

@@ -240,22 +240,34 @@ def _merge_tables_in_target_order(sources: list, schema: pa.Schema):
                 pull(i)
 
 
-def _shard_samples(samples: list[dict], cfg: MultiIDConfig, read_bytes):
-    """WebDataset records, one at a time (the bytes of one sample in memory, not the dataset's)."""
+def _shard_samples(samples: list[dict], cfg: MultiIDConfig, read_bytes, kept=None):
+    """WebDataset records, one at a time (the bytes of one sample in memory, not the dataset's). ``kept``
+    (guard_cache.FaceFeatures): the references' crops made by earlier builds, and where those made here
+    are kept (a crop depends only on the photo's bytes, the face box and the crop settings)."""
+    crop_settings = f"{cfg.crop_margin!r}|{cfg.crop_max_side!r}|{cfg.jpeg_quality!r}"
     for s in samples:
         data = read_bytes(s["target"]["uid"])
         ext = _image_ext(data)
         s["target"]["member"] = f"target.{ext}"
         rec = {"__key__": s["key"], f"target.{ext}": data}
         cache: dict[str, bytes] = {}
+
+        def photo(uid: str, cache=cache) -> bytes:
+            return cache.get(uid) or cache.setdefault(uid, read_bytes(uid))
+
         for fj in s["faces"]:
             for r in fj["refs"]:
-                rb = cache.get(r["uid"]) or cache.setdefault(r["uid"], read_bytes(r["uid"]))
                 if cfg.ref_mode == "crop":
-                    crop, box, in_crop = ref_crop(rb, r["bbox"], cfg.crop_margin, cfg.crop_max_side, cfg.jpeg_quality)
+                    def make(r=r) -> tuple:
+                        return ref_crop(photo(r["uid"]), r["bbox"], cfg.crop_margin, cfg.crop_max_side, cfg.jpeg_quality)
+
+                    box_key = ",".join(f"{float(v)!r}" for v in r["bbox"])
+                    crop, box, in_crop = make() if kept is None else kept.get(
+                        "crop", r["uid"], [], make, extra=f"{box_key}|{crop_settings}")
                     r["crop_box"], r["bbox_in_crop"], r["kind"] = box, in_crop, "face_crop"
                     rec[r["member"]] = crop
                 else:
+                    rb = photo(r["uid"])
                     rext = _image_ext(rb)
                     r["member"] = r["member"].rsplit(".", 1)[0] + f".{rext}"
                     r["kind"] = "image"
@@ -270,9 +282,10 @@ class _RecordSpill:
     still cached there; the parent then only writes the tars), and appended to one spill file.
     ``at[key]`` = (file, offset, length) of a sample's record, read back by :func:`_spilled_records`."""
 
-    def __init__(self, folder: Path, stem: str, cfg: MultiIDConfig):
+    def __init__(self, folder: Path, stem: str, cfg: MultiIDConfig, kept=None):
         self.path = folder / f"{stem}-records.bin"
         self.cfg = cfg
+        self.kept = kept  # guard_cache.FaceFeatures: the references' crops kept across builds
         self.at: dict[str, tuple[Path, int, int]] = {}
         self._f = None
         self._end = 0
@@ -282,7 +295,7 @@ class _RecordSpill:
 
         from pipeline.storage import named_write_error
 
-        (rec,) = _shard_samples([sample], self.cfg, read_bytes)
+        (rec,) = _shard_samples([sample], self.cfg, read_bytes, self.kept)
         data = pickle.dumps(rec, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             if self._f is None:
