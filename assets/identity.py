@@ -57,7 +57,7 @@ def identities(context: dg.AssetExecutionContext, lineup: LineupSettings):
         index=index,
         local_recluster=lineup.identity_local_recluster,
         local_recluster_max_faces=lineup.identity_local_recluster_max_faces or LOCAL_RECLUSTER_MAX_FACES,
-        knn_adaptive=lineup.knn_adaptive_probing,
+        knn_adaptive=(lineup.knn_probe_patience or True) if lineup.knn_adaptive_probing else False,
     )
     write_ivf_index(layout, res.index)  # before the table: a table never names cells that are not on disk
     write_parquet_atomic(res.assignments, prev_path)

@@ -290,17 +290,12 @@ def test_adaptive_probing_scans_only_faces_the_last_step_improved():
     import pipeline.identity.knn as knn_mod
 
     assert knn_mod.IVF_BLAS_PATIENCE == 1
-    old = knn_mod.IVF_BLAS_PATIENCE
-    knn_mod.IVF_BLAS_PATIENCE = 2
-    try:
-        _, S3, patient = knn_ivf_blas(E, adaptive=True, **kw)
-    finally:
-        knn_mod.IVF_BLAS_PATIENCE = old
+    _, S3, patient = knn_ivf_blas(E, adaptive=2, **kw)
     assert adapt["probed_pairs"] < patient["probed_pairs"] < plain["probed_pairs"]
     assert all(b >= a for a, b in zip(adapt["active_faces"], patient["active_faces"])), (adapt["active_faces"], patient["active_faces"])
     r3 = recall_by_similarity(E, q, exact, S3[q, 1:])
     assert r1 <= r3 <= r0, (r1, r3, r0)
     # the setting reaches ivf-blas through knn_graph (the identities asset's knn_adaptive_probing)
-    for flag in (False, True):
+    for flag in (False, True, 2):
         g = knn_graph(E[:5_000], k=10, backend="ivf-blas", recall_min_similarity=0.93, adaptive=flag)
         assert g.params["adaptive"] is flag

@@ -142,8 +142,8 @@ def build_identities(
     ``index``: the IVF cells kept from the last build (``IdentityResult.index``); an incremental
     refresh above ``exact_max`` faces searches its new faces through them (and trains them first
     when there are none, or when the collection has outgrown them: :meth:`IvfIndex.stale_for`).
-    ``knn_adaptive``: ivf-blas's adaptive probing (None: its module default; README "10M faces in 20
-    minutes": less CPU for a lower recall at 10M).
+    ``knn_adaptive``: ivf-blas's adaptive probing (None: its module default; an int n >= 1: on, with a
+    patience of n steps; README "10M faces in 20 minutes": less CPU for a lower recall at 10M).
     """
     t_all = time.perf_counter()
     timings: dict[str, float] = {}

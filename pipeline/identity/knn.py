@@ -833,8 +833,9 @@ def _grow_probes(join, probe_keys, expansion_keys, nprobe, depth, max_rounds, ch
     edges found (``expansion_keys(rows)``) for up to ``max_rounds``, then check the sampled recall and
     scan IVF_BLAS_PROBE_STEP more probes per face until it reaches ``target_recall`` or ``depth``.
     ``adaptive``: after the first step, only the faces whose rows improved in one of the last
-    ``IVF_BLAS_PATIENCE`` steps (its probes or their expansion) scan further probes; the others stop.
-    Returns the probe count reached (also ``info["nprobe"]``)."""
+    ``IVF_BLAS_PATIENCE`` steps (an int: that many) (its probes or their expansion) scan further probes;
+    the others stop. Returns the probe count reached (also ``info["nprobe"]``)."""
+    patience = IVF_BLAS_PATIENCE if adaptive is True else int(adaptive)
     p0, p1 = 1, min(nprobe, depth)
     active = None
     recent: list[np.ndarray] = []  # the faces each of the last IVF_BLAS_PATIENCE steps improved
@@ -847,7 +848,7 @@ def _grow_probes(join, probe_keys, expansion_keys, nprobe, depth, max_rounds, ch
             rows = join(f"expand {r + 1}", expansion_keys(rows))
             improved.append(rows)
         if adaptive:
-            recent = [*recent, _unique_sorted(np.concatenate(improved))][-max(1, IVF_BLAS_PATIENCE):]
+            recent = [*recent, _unique_sorted(np.concatenate(improved))][-max(1, patience):]
             # a face improved by none of the last steps is retired; one that is not probing (retired
             # earlier) is never in ``improved``, so it stays retired
             active = recent[0] if len(recent) == 1 else _unique_sorted(np.concatenate(recent))
@@ -866,7 +867,8 @@ def _grow_probes(join, probe_keys, expansion_keys, nprobe, depth, max_rounds, ch
             # said, not hidden: at 10M faces with adaptive probing the recall levels off near 0.92
             log.warning("ivf-blas: sampled recall %.4f is below the target %.2f at the probe cap (%d cells)%s",
                         info["check_recall"], target_recall, p1,
-                        "; adaptive probing retired faces early (IVF_BLAS_ADAPTIVE=False scans every face)"
+                        "; adaptive probing retired faces early (knn_adaptive_probing=false scans every face, "
+                        "knn_probe_patience=2 retires later)"
                         if adaptive else "")
             break
         p0, p1 = p1, min(depth, p1 + IVF_BLAS_PROBE_STEP)
@@ -1197,7 +1199,8 @@ def knn_graph(
     adaptive: bool | None = None,
 ) -> KnnGraph:
     """kNN graph (self excluded) of L2-normalised float32 embeddings; see the module docstring.
-    ``adaptive``: ivf-blas's adaptive probing (None: IVF_BLAS_ADAPTIVE); other backends ignore it."""
+    ``adaptive``: ivf-blas's adaptive probing (None: IVF_BLAS_ADAPTIVE; an int n >= 1: on, a face retired
+    after n steps that did not improve it, True: after IVF_BLAS_PATIENCE); other backends ignore it."""
     E = _check(load_embeddings(embeddings))
     N = E.shape[0]
     if k < 1:
