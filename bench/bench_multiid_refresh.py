@@ -248,7 +248,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--faces", type=int, default=3000)
     ap.add_argument("--add", type=float, default=0.01)
-    ap.add_argument("--cap", type=int, default=20, help="MultiIDConfig.max_candidates_per_person (default 200)")
+    ap.add_argument("--cap", type=int, default=200, help="MultiIDConfig.max_candidates_per_person (200, as in production)")
     ap.add_argument("--no-keypoints", action="store_true")
     ap.add_argument("--root", default="/tmp/wt-mreuse/refresh")
     ap.add_argument("--workers", default="1", help="worker counts to run every build with, e.g. 1,2")
