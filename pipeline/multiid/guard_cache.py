@@ -456,8 +456,9 @@ class FaceFeatures:
     photo's uid leads the name so that a removal finds every entry of a photo without reading any
     (:func:`purge_face_features`). A file that cannot be read is computed again and replaced. Only the
     host that made the store uses it (a Ray task on another node shares no disk with it: it computes).
-    Past ``max_bytes`` nothing more is added; :meth:`prune` drops the entries of photos no longer in the
-    collection."""
+    Past ``max_bytes`` nothing more is added (each forked worker counts the folder once and then its own
+    writes, so n workers can pass the budget by what they add at the same time); :meth:`prune` drops the
+    entries of photos no longer in the collection."""
 
     def __init__(self, folder: Path, max_bytes: int = FEATURES_MAX_BYTES):
         import socket
