@@ -253,7 +253,8 @@ def test_a_removal_drops_the_photos_features(tmp_path):
     build_multiid_dataset(*world, tmp_path / "a", CFG_K, version="v1", guard_cache=cache)
     kept = set(_entries(cache, "kp"))
     victim = min(kept)
-    (face_features_dir(cache) / f"{victim}.kp.x.feat.tmp99").write_bytes(b"half")  # a killed build's leftover
+    (face_features_dir(cache) / f"{victim}.kp.x.feat.tmp99").write_bytes(b"half")  # a killed build's leftovers
+    (face_features_dir(cache) / f".{victim}.kp.x.feat.ab12cd.tmp").write_bytes(b"half")  # (write_bytes_atomic's name)
     assert victim in kept_photo_uids(cache)
     purge_removed_guard_decisions(layout, {uid_hash(victim)})
     assert not any(p.name.startswith(victim + ".") for p in face_features_dir(cache).iterdir())

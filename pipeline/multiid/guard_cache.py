@@ -356,7 +356,7 @@ def _uid_name(uid: str) -> str:
 
 
 def _name_uid(name: str) -> str:
-    head = name.split(".", 1)[0]
+    head = name.lstrip(".").split(".", 1)[0]  # a half-written ".<name>.<random>.tmp" names its photo too
     return bytes.fromhex(head[1:]).decode(errors="replace") if head.startswith("~") else head
 
 
@@ -514,19 +514,16 @@ class FaceFeatures:
                 self._put(p, _save_features(kind, value))
 
     def _put(self, path: Path, data: bytes) -> None:
-        import os
 
         if self._bytes is None:
             self._bytes = self.size()[1]
         if self._bytes + len(data) > self.max_bytes:
             return
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        from pipeline.storage import write_bytes_atomic
+
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            write_bytes_atomic(data, path)  # ".<name>.<random>.tmp" aside, then renamed
         except OSError as e:  # a full disk: the build goes on without keeping more
-            tmp.unlink(missing_ok=True)
             log.warning("the face feature store %s takes no more entries: %s", self.folder, e)
             self.max_bytes = 0
             return

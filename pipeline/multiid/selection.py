@@ -294,8 +294,8 @@ class _Fingerprints:
         here = compute if self.shared is None else (lambda: self.shared.get(kind, uid, face_index, compute))
         if self.kept is None:
             return here()
-        faces = [f for f in self.faces_by_uid.get(uid, []) if (f.face_index == face_index if face_index is not None
-                                                                 else self.eligible(f))]
+        faces = self._comparable(uid) if face_index is None else [
+            f for f in self.faces_by_uid.get(uid, []) if f.face_index == face_index]
         return self.kept.get(kind, uid, faces, here)
 
     def _full_fingerprints(self, uid: str, got):
