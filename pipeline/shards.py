@@ -358,11 +358,9 @@ def iter_shard(path: Path, exts: tuple[str, ...] | None = ("json",), keys: set[s
     only these samples, the others' members skipped unread)."""
     path = Path(path)
     current: dict | None = None
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.partition(".")
+    with open(path, "rb") as f:
+        for name, read in tar_files(f):
+            key, _, ext = name.partition(".")
             if keys is not None and key not in keys:
                 continue
             if current is None or current["__key__"] != key:
@@ -370,9 +368,66 @@ def iter_shard(path: Path, exts: tuple[str, ...] | None = ("json",), keys: set[s
                     yield current
                 current = {"__key__": key, "__shard__": path.name}
             if exts is None or ext in exts:
-                current[ext] = tf.extractfile(m).read()
+                current[ext] = read()
     if current is not None:
         yield current
+
+
+def _plain_header(h: bytes) -> tuple[str, int] | None:
+    """(name, size) of a regular file's ustar header as UstarWriter and webdataset write it (checksum
+    right, octal size); None for any other header (pax, GNU long names, links, a damaged block)."""
+    if h[156:157] not in (b"0", b"\0") or h[257:263] != b"ustar\0" or h[124] & 0x80:  # POSIX: GNU has no prefix
+        return None
+    try:
+        chksum = int(h[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+        size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    if chksum != 256 + sum(h[:148]) + sum(h[156:]):
+        return None
+    name, prefix = h[:100].split(b"\0", 1)[0], h[345:500].split(b"\0", 1)[0]
+    if prefix:
+        name = prefix + b"/" + name
+    return name.decode(tarfile.ENCODING, "surrogateescape"), size
+
+
+def tar_files(f):
+    """(name, read) of each regular file in the tar open in ``f`` (seekable), in order: ``read()`` gives
+    its bytes, and a member whose bytes are not asked for is skipped unread. Plain ustar headers are
+    parsed here (a TarInfo per member was most of the time of copying a version's samples); from the
+    first other header on (pax, long names, links, compression), the rest is read by :mod:`tarfile`."""
+    while True:
+        at = f.tell()
+        h = f.read(_BLOCK)
+        if len(h) < _BLOCK or h == _ZEROS:  # the end (tarfile stops at the first zero block too)
+            if len(h) and at == 0:  # not even one block: let tarfile say what it is
+                f.seek(at)
+                yield from _tarfile_members(f, compressed=True)
+            return
+        got = _plain_header(h)
+        if got is None:
+            f.seek(at)
+            yield from _tarfile_members(f, compressed=at == 0)
+            return
+        name, size = got
+        data_at = f.tell()
+
+        def read(f=f, data_at=data_at, size=size, name=name) -> bytes:
+            f.seek(data_at)
+            data = f.read(size)
+            if len(data) != size:
+                raise tarfile.ReadError(f"unexpected end of data in member {name!r}")
+            return data
+
+        yield name, read
+        f.seek(data_at + size + (-size % _BLOCK))
+
+
+def _tarfile_members(f, compressed: bool):
+    with tarfile.open(fileobj=f, mode="r" if compressed else "r:") as tf:
+        for m in tf:
+            if m.isfile():
+                yield m.name, (lambda m=m: tf.extractfile(m).read())
 
 
 # ------------------------------------------------------------------------------------ reuse across versions
