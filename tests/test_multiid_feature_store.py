@@ -231,13 +231,17 @@ def test_the_store_in_parallel_equals_one_process(tmp_path, small_parallel):  # 
     outs, names = {}, {}
     for w in (1, 2):
         cache = tmp_path / f"guard{w}.parquet"
-        build_multiid_dataset(*world, tmp_path / f"a-{w}", CFG_K, version="v1", guard_cache=cache, workers=w)
+        first = build_multiid_dataset(*world, tmp_path / f"a-{w}", CFG_K, version="v1", guard_cache=cache, workers=w)
         inode = {p.name: p.stat().st_ino for p in face_features_dir(cache).iterdir()}
         assert _entries(cache, "kp")
+        # the workers' counts reach the stats: every entry on disk was computed by one of the processes
+        # (two workers may both work out one entry before either has written it)
+        assert first.stats["face_features_computed"] == len(inode) if w == 1 else first.stats["face_features_computed"] >= len(inode)
         cache.unlink()
-        build_multiid_dataset(*world, tmp_path / f"b-{w}", CFG_K, version="v1", guard_cache=cache, workers=w)
+        again = build_multiid_dataset(*world, tmp_path / f"b-{w}", CFG_K, version="v1", guard_cache=cache, workers=w)
         # an entry computed is written aside and renamed (a new inode): none was, and none was added
         assert {p.name: p.stat().st_ino for p in face_features_dir(cache).iterdir()} == inode
+        assert again.stats["face_features_computed"] == 0 and again.stats["face_features_reused"] > 0
         outs[w], names[w] = _files(tmp_path / f"b-{w}"), set(inode)
         assert outs[w] == _files(tmp_path / f"a-{w}")
     assert outs[1] == outs[2] and names[1] == names[2]

@@ -511,6 +511,7 @@ class FaceFeatures:
         if self._here():
             p = self.path(kind, uid, faces)
             if not p.exists():
+                self.computed += 1
                 self._put(p, _save_features(kind, value))
 
     def _put(self, path: Path, data: bytes) -> None:

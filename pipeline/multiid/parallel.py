@@ -39,6 +39,8 @@ class SelectionJob:
     hashes: dict | None = field(default=None, repr=False)  # photo_hashes of its photos, when worked out beforehand
     # (target, target face, candidate, candidate face) -> its two pHash distances, known from the previous version
     known_hamming: dict | None = field(default=None, repr=False)
+    # (target, person) -> the refs of the candidates it examines, chosen already (reuse.TargetFingerprints.subsets_of)
+    known_subsets: dict | None = field(default=None, repr=False)
 
     def uids(self) -> list[str]:
         return sorted(self.img_meta) if self.targets is None else sorted(set(self.img_meta) & set(self.targets))
@@ -47,7 +49,7 @@ class SelectionJob:
 def _job_args(job: SelectionJob) -> dict:
     return {"stem": job.stem, "img_meta": job.img_meta, "by_uid": job.by_uid, "override": job.override,
             "tally": job.tally, "records": job.records, "prepared": job.prepared, "hashes": job.hashes,
-            "known_hamming": job.known_hamming}
+            "known_hamming": job.known_hamming, "known_subsets": job.known_subsets}
 
 
 def _select_chunk(j: int, i: int, chunk: list[str]):
@@ -62,6 +64,12 @@ def _hash_chunk(j: int, i: int, chunk: list[str]):
         _WORKER["store"] = SharedFaceStore(common["face_store"])
     return selection.photo_hashes(chunk, _FORKED["jobs"][j]["by_uid"], common["cfg"], common["read_bytes"], _WORKER.get("store"),
                                   stored=_stored(common["guard"]))
+
+
+def _feature_counts(guard) -> tuple[int, int]:
+    """(entries loaded, entries computed) of the feature store beside the guard's decisions, in this process."""
+    f = guard.features if guard is not None else None
+    return (f.loaded, f.computed) if f is not None else (0, 0)
 
 
 def _stored(guard):
@@ -83,6 +91,8 @@ def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
         _WORKER["sent"], _WORKER["hits"] = len(guard.new), guard.hits
         # and the photos' pHashes it records, and its lookups served from the store
         _WORKER["psent"], _WORKER["phits"] = (len(photos.new), photos.hits) if photos is not None else (0, 0)
+        # and the keypoints, patches and crops it took from the feature store or worked out
+        _WORKER["floaded"], _WORKER["fcomputed"] = _feature_counts(guard)
     new_at, hits_at = (_WORKER["sent"], _WORKER["hits"]) if guard is not None else (0, 0)
     if common.get("face_store") is not None and "store" not in _WORKER:
         _WORKER["store"] = SharedFaceStore(common["face_store"])
@@ -98,7 +108,7 @@ def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
         samples, _, _, counts = selection._select(
             a["img_meta"], a["by_uid"], cfg, common["read_bytes"], a["override"], common["mversions"], sink=sink,
             targets=set(chunk), tally=tally, decisions=guard, records=records, prepared=a["prepared"],
-            fingerprints=_WORKER["fingerprints"], known_hamming=a.get("known_hamming"))
+            fingerprints=_WORKER["fingerprints"], known_hamming=a.get("known_hamming"), known_subsets=a.get("known_subsets"))
     finally:
         sink.close()
         if records is not None:
@@ -110,6 +120,9 @@ def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
         if photos is not None:
             decided = decided[:2] + (photos.new[_WORKER["psent"]:], photos.hits - _WORKER["phits"])
             _WORKER["psent"], _WORKER["phits"] = len(photos.new), photos.hits
+        loaded, computed = _feature_counts(guard)
+        decided += (loaded - _WORKER["floaded"], computed - _WORKER["fcomputed"])
+        _WORKER["floaded"], _WORKER["fcomputed"] = loaded, computed
     if records is not None:
         samples = [_slim_sample(s) for s in samples]
     return (samples, counts, sink.paths, (tally.by_target, tally.seen) if tally is not None else None, decided,
@@ -301,7 +314,8 @@ def _select_here(job: SelectionJob, parts_dir: Path, cfg: MultiIDConfig, read_by
     try:
         samples, _, _, counts = selection._select(job.img_meta, job.by_uid, cfg, read_bytes, job.override, mversions, sink=sink,
                                                   targets=None if job.targets is None else set(job.targets), tally=job.tally,
-                                                  decisions=guard, records=spill, known_hamming=job.known_hamming)
+                                                  decisions=guard, records=spill, known_hamming=job.known_hamming,
+                                                  known_subsets=job.known_subsets)
     finally:
         sink.close()
         if spill is not None:
@@ -386,6 +400,9 @@ def _merge_chunks(results: list, tally, guard):
             if guard.photos is not None:
                 guard.photos.add(decided[2])
                 guard.photos.hits += decided[3]
+            if guard.features is not None:  # what the workers took from the feature store and added to it
+                guard.features.loaded += decided[4]
+                guard.features.computed += decided[5]
         samples += s
         _add_counts(counts, c)
         if paths["pairs"] is not None:

@@ -320,12 +320,18 @@ class _Plan:
         over_cap: dict[str, int] = {}  # reused targets whose examined candidates are the same, their over-cap count not
         prev = self.prev_targets
         reuse, run, why = [], [], {}
+        # targets with a person over the cap: their examined subsets are chosen from their previous rows, which
+        # _derive reads anyway (TargetFingerprints.seed_examined), and compared there
+        deferred: set[str] = set()
+        can_defer = not cfg.examine_all_candidates and self.parts_dir is not None
         for u in targets:
             was = prev.get(u) if prev else None
             reason = reselect_reason(was, fps[u]) if prev else "no_previous_version"
             if reason == "candidates_changed":
                 if was["examined"] == tf.early(u):  # dropped before its candidates, and still will be
                     reason = None
+                elif can_defer and tf.over_cap_people(u):
+                    deferred.add(u)
                 elif was["examined"] == tf.examined(u):
                     reason, over_cap[u] = None, tf.over_cap(u)
             if reason is None:
@@ -338,8 +344,18 @@ class _Plan:
                 reuse.append(u)
             else:
                 why[u] = reason
-        derived, known, derived_hist = self._derive(b, tf, [u for u, r in why.items() if r == "candidates_changed"], img_meta,
-                                                    by_uid, split_of)
+        derived, known, derived_hist, same_examined = self._derive(
+            b, tf, [u for u, r in why.items() if r == "candidates_changed"], img_meta, by_uid, split_of, deferred)
+        for u in sorted(same_examined):  # a deferred target whose examined candidates are the previous ones
+            problems = prev.shard_problems(prev.shard[u]) if prev.shard[u] is not None else []
+            if problems:
+                why[u] = "previous_shard_damaged"
+                self.corrupt += [f"{b.name}: {p}" for p in problems if f"{b.name}: {p}" not in self.corrupt]
+            else:
+                del why[u]
+                reuse.append(u)
+                over_cap[u] = tf.over_cap(u)
+        reuse.sort()
         for u, reason in why.items():
             if u not in derived:
                 run.append(u)
@@ -358,7 +374,8 @@ class _Plan:
 
             tally = TargetTally(on_candidates)
             job = parallel.SelectionJob(f"{b.name}-{self.selections}", img_meta, by_uid, override, targets=run, tally=tally,
-                                        records=self.out_dir is not None, known_hamming=known or None)
+                                        records=self.out_dir is not None, known_hamming=known or None,
+                                        known_subsets=tf.subsets_of(run) or None)
             self.selections += 1
         if job is None:
             self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, [], {}, derived, derived_hist)
@@ -371,7 +388,8 @@ class _Plan:
 
         return job, finish
 
-    def _derive(self, b: _Bucket, tf, uids: list[str], img_meta: dict, by_uid: dict, split_of) -> tuple[dict[str, dict], dict, dict]:
+    def _derive(self, b: _Bucket, tf, uids: list[str], img_meta: dict, by_uid: dict, split_of,
+                deferred: set[str] = frozenset()) -> tuple[dict[str, dict], dict, dict, set[str]]:
         """Of ``uids`` (targets whose people's candidates changed), those whose rows derive from the previous
         version's (:func:`pipeline.multiid.reuse.derive_added_candidates`): uid -> what it gives (its counts, its
         faces' new counts, its examined fingerprint). Their rows go to one part file per table, written a batch
@@ -379,13 +397,17 @@ class _Plan:
         of every changed target); their samples are copied from the previous tars, the JSON's counts raised.
         And for the others, selected again, the pHash distances of their pairs whose photos did not change
         (``known_hamming`` of selection.screen_candidate): their candidates' photos are not decoded for them.
-        Third: the similarity histograms of the derived rows, by table."""
+        Third: the similarity histograms of the derived rows, by table. Fourth: the targets of ``deferred`` (people
+        over the cap, their examined fingerprint not compared yet) whose examined candidates are the previous
+        version's: the caller reuses them (their subsets are chosen here from their previous rows,
+        TargetFingerprints.seed_examined, before anything else is done with them)."""
         from pipeline.multiid.rows import _rows_by_target
 
         cfg = self.cfg
         hist = {"candidates": np.zeros(len(SIM_BINS) - 1, np.int64), "pairs": np.zeros(len(SIM_BINS) - 1, np.int64)}
+        same_examined: set[str] = set()
         if not uids or cfg.examine_all_candidates or self.parts_dir is None:
-            return {}, {}, hist
+            return {}, {}, hist, same_examined
         want = sorted(uids)
         ctx = {"cfg": cfg, "prepared": selection._prepare(by_uid, cfg, set(b.override)), "img_meta": img_meta, "split_of": split_of,
                "fingerprints": selection._new_fingerprints(self.read_bytes, by_uid, cfg,
@@ -413,6 +435,13 @@ class _Plan:
                     for name, schema in schemas.items()}
         try:
             for u, old_cands, old_pairs in _zip_by_target(want, previous["candidates"], previous["pairs"]):
+                examined = None
+                if u in deferred:
+                    tf.seed_examined(u, old_cands, self.prev_targets)
+                    examined = tf.examined(u)
+                    if self.prev_targets.get(u)["examined"] == examined:
+                        same_examined.add(u)
+                        continue
                 shard = self.prev_targets.shard[u]
                 d = "previous_shard_damaged" if shard is not None and self.prev_targets.shard_problems(shard) else None
                 if d is None:
@@ -423,7 +452,8 @@ class _Plan:
                         pending[name] += d[name]
                         if len(pending[name]) >= CANDIDATE_BATCH:
                             flush(name)
-                    out[u] = {"counts": d["counts"], "faces": d["faces"], "examined": tf.examined_from_rows(
+                    # a derived target's rows are its examined candidates, in examined order
+                    out[u] = {"counts": d["counts"], "faces": d["faces"], "examined": examined or tf.examined_from_rows(
                         u, [(x["identity_id"], x["ref_uid"], x["ref_face_index"]) for x in d["candidates"]])}
                     continue
                 if d != "previous_shard_damaged":  # its sample cannot be copied: selected again, not counted
@@ -440,7 +470,7 @@ class _Plan:
         if out:
             b.derived = sorted(out)
             b.derived_parts = dict(sink.paths)
-        return out, known, hist
+        return out, known, hist, same_examined
 
     def _finish_per_target(self, b: _Bucket, tf, fps: dict, run: list[str], reuse: list[str], over_cap: dict, tally,
                            samples: list[dict], counts: dict, derived: dict | None = None, derived_hist: dict | None = None) -> None:

@@ -126,6 +126,7 @@ class TargetFingerprints:
         self._unchanged: dict[str, bool] = {}
         self._by_ref: dict[str, dict] = {}  # photo -> what the fingerprints take of it (met once per candidate)
         self._subsets: dict[tuple[str, str], list] = {}  # (target, identity) -> its examined faces, over the cap
+        self._changed: dict[str, list] = {}  # identity -> its faces in photos new or changed (seed_examined)
 
     def people(self, u: str) -> list[str]:
         return sorted({f.identity_id for f in self.by_uid.get(u, []) if f.identity_id is not None and self.usable(f)})
@@ -148,6 +149,62 @@ class TargetFingerprints:
         if got is None:
             got = self._subsets[(u, iid)] = examined_candidates(u, everyone, self.cap)
         return got
+
+    def n_everyone(self, u: str, iid: str) -> int:
+        """How many faces of person ``iid`` lie outside photo ``u`` (its candidates before the cap), counted."""
+        return len(self.faces_of[iid]) - sum(f.identity_id == iid for f in self.by_uid.get(u, []))
+
+    def over_cap_people(self, u: str) -> bool:
+        """Whether one of ``u``'s people has more candidates than the cap (choosing its subset hashes them all)."""
+        return any(self.n_everyone(u, iid) > self.cap for iid in self.people(u))
+
+    def seed_examined(self, u: str, old_rows: list[dict], prev: PreviousTargets) -> int:
+        """Choose target ``u``'s examined subsets of its people over the cap from its previous candidate rows (the
+        subsets of the previous version, one row per examined candidate): the new subset is the ``cap`` lowest
+        hashes among the previous subset's faces still there and the faces of the photos new or changed since,
+        so only those are hashed, not every face of the person (a person with thousands of faces has as many
+        targets, each hashing them all: 24M hashes in a 1% refresh at 100k faces). A face outside the previous
+        subset whose photo is unchanged hashed above its last member then and still does. When a member has gone
+        and the person had more faces than the cap, the face to take its place is unknown: that subset is left
+        to :meth:`examined_of` (all hashed). Returns how many subsets were seeded."""
+        from pipeline.multiid.rules import examined_candidates
+
+        refs_of: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for r in old_rows:
+            refs_of[r["target_face_index"]].append((r["ref_uid"], r["ref_face_index"]))
+        seeded = 0
+        for f in self.by_uid.get(u, []):
+            iid = f.identity_id
+            if iid is None or not self.usable(f) or (u, iid) in self._subsets or self.n_everyone(u, iid) <= self.cap:
+                continue
+            was = refs_of.get(f.face_index)
+            if not was:
+                continue
+            by_ref = self.face_by_ref(iid)
+            pool = {r: by_ref[r] for r in was if r in by_ref}
+            if len(pool) < len(was) and len(was) >= self.cap:
+                continue
+            for c in self._changed_faces(iid, prev):
+                if c.uid != u:
+                    pool.setdefault(c.ref, c)
+            self._subsets[(u, iid)] = examined_candidates(u, sorted(pool.values(), key=lambda c: (c.uid, c.face_index)),
+                                                          self.cap)
+            seeded += 1
+        return seeded
+
+    def _changed_faces(self, iid: str, prev: PreviousTargets) -> list:
+        """Person ``iid``'s faces in photos new or changed since the previous version (listed once per person:
+        each of their targets needs them)."""
+        got = self._changed.get(iid)
+        if got is None:
+            got = self._changed[iid] = [c for c in self.faces_of[iid] if not self.unchanged(c.uid, prev)]
+        return got
+
+    def subsets_of(self, uids) -> dict[tuple[str, str], frozenset]:
+        """The examined subsets chosen so far for targets ``uids`` ((target, person) -> the faces' refs), for a
+        selection job: it then hashes none of them again."""
+        want = set(uids)
+        return {k: frozenset(c.ref for c in v) for k, v in self._subsets.items() if k[0] in want}
 
     def whole(self, u: str) -> tuple[bytes, bytes, str, bytes]:
         """(fingerprint, photo digest, splits, people digest)."""
@@ -382,15 +439,15 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
     if len(splits) != 1 or set(by_face) - {f.face_index for f in usable}:
         return "own_faces_changed"
     (split,) = splits
-    face_of = {ref: c for f in usable for ref, c in tf.face_by_ref(f.identity_id).items()}
     rows: list[dict] = []
     added_by: dict[int, tuple[int, int]] = {}
     removed: Counter = Counter()
     target_fp = None
     over_cap = 0
     for f in usable:
-        everyone = [c for c in tf.faces_of[f.identity_id] if c.uid != u]
-        over_cap += max(0, len(everyone) - cfg.max_candidates_per_person)
+        # everyone of the person but in this photo (counted: a big person's faces are not listed per target)
+        n_everyone = len(tf.faces_of[f.identity_id]) - sum(g.identity_id == f.identity_id for g in fs)
+        over_cap += max(0, n_everyone - cfg.max_candidates_per_person)
         # over the cap a new face may enter the examined subset and push another out of it
         cands = tf.examined_of(u, f.identity_id)
         old = {(r["ref_uid"], r["ref_face_index"]): r for r in by_face.get(f.face_index, [])}
@@ -408,6 +465,7 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
             n_survivors -= r["score"] is not None  # not examined, counted as a survivor
         if not all(tf.unchanged(p, prev) for p in {ref[0] for ref in old}):  # its old candidates' photos as they were
             return "candidate_photo_changed"
+        face_of = tf.face_by_ref(f.identity_id)  # the old refs left are this person's faces (a gone one returned above)
         chosen = [face_of[ref] for ref, r in old.items() if r["status"] == "selected"]
         last = max((sel.rank_key(sel.candidate_score(cfg, min(1.0, float(f.emb @ c.emb)), sel.pose_diff(f, c)[0],
                                                      prep["quality"][c.ref]), c) for c in chosen), default=None)

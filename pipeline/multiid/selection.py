@@ -479,7 +479,7 @@ def screen_candidate(uid: str, f: FaceRec, c: FaceRec, split: str, t_phash, t_fp
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
             mversions: list[str], sink: _RowParts | None = None, targets: set[str] | None = None, tally=None, decisions=None,
             records: _RecordSpill | None = None, prepared: dict | None = None, fingerprints: _Fingerprints | None = None,
-            known_hamming: dict | None = None):
+            known_hamming: dict | None = None, known_subsets: dict | None = None):
     """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
     bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
     component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
@@ -492,7 +492,9 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     ``records`` (rows._RecordSpill): each sample's shard record is made as soon as it is selected (its
     photos' bytes still in the cache). ``prepared`` (:func:`_prepare` of the same photos and override) and
     ``fingerprints`` (:func:`_new_fingerprints`): made once and shared by the runs of one process over
-    chunks of the same photos' targets (a fresh cache by default). ``known_hamming``: :func:`screen_candidate`."""
+    chunks of the same photos' targets (a fresh cache by default). ``known_hamming``: :func:`screen_candidate`.
+    ``known_subsets``: (target, person) -> the refs of the candidates examined over the cap, chosen beforehand
+    (reuse.TargetFingerprints.seed_examined: the same as rules.examined_candidates, without hashing them all)."""
     def split_of(identity_id: str) -> str:
         return "eval" if identity_id in eval_override else identity_split(identity_id, cfg.eval_fraction, cfg.split_salt)
 
@@ -579,7 +581,11 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
             cands = [c for c in by_identity[f.identity_id] if c.uid != uid]
             if len(cands) > cfg.max_candidates_per_person:
                 removed["not_examined_over_cap"] += len(cands) - cfg.max_candidates_per_person
-                cands = examined_candidates(uid, cands, cfg.max_candidates_per_person)
+                known = known_subsets.get((uid, f.identity_id)) if known_subsets else None
+                if known is None:
+                    cands = examined_candidates(uid, cands, cfg.max_candidates_per_person)
+                else:
+                    cands = sorted((c for c in cands if c.ref in known), key=lambda c: (c.uid, c.face_index))
             removed["candidates_total"] += len(cands)
             survivors = []
             for c in cands:
