@@ -87,3 +87,31 @@ def test_a_new_face_ranked_first_selects_the_targets_again(tmp_path, monkeypatch
     assert examined <= set().union(*calls)
     assert st["reselect_reasons"].get("candidates_changed", 0) >= len(examined)
     assert _compare(b.folder, fresh.folder) == []
+
+
+def test_a_changed_candidate_photo_selects_its_targets_again(tmp_path, monkeypatch):
+    """A new face never examined would derive the person's targets, but one of the person's other photos also
+    changed (a face row of it: its screening may differ): the targets that had it as a candidate are selected
+    again, the others derived, and the version is still a fresh build's."""
+    groups = _groups(1)
+    who = f"{groups[0]}-b"
+    layout = Layout(tmp_path / "home")
+    _release_multiid(layout, *_collection(tmp_path, groups, photos_per_group=8), cfg=CFG_D)
+    images, faces, ids = _with_new_face(tmp_path, groups, who, None)
+    rows, idents = faces.to_pylist(), ids.to_pylist()
+    of_who = sorted({r["uid"] for r, i in zip(rows, idents) if i["identity_id"] == who and r["uid"] != "zz-new"})
+    changed = of_who[-1]
+    for r, i in zip(rows, idents):
+        if r["uid"] == changed and i["identity_id"] == who:
+            r["blur"] = float(r["blur"]) + 0.5  # still sharp enough: the face stays a candidate
+    b_tables = (images, pa.Table.from_pylist(rows, schema=faces.schema), ids)
+    calls = _spy_select(monkeypatch)
+    b = _release_multiid(layout, *b_tables, cfg=CFG_D)
+    monkeypatch.undo()
+    st = b.result.stats
+    cands = pa.parquet.read_table(b.folder / "candidates.parquet").to_pylist()
+    had_changed = {r["target_uid"] for r in cands if r["ref_uid"] == changed}
+    assert st["not_derived_because"].get("candidate_photo_changed", 0) >= 1
+    assert (had_changed - {"zz-new"}) & set().union(*calls)  # selected again, not derived
+    fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables, cfg=CFG_D)
+    assert _compare(b.folder, fresh.folder) == []

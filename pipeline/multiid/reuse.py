@@ -127,6 +127,7 @@ class TargetFingerprints:
         self._by_ref: dict[str, dict] = {}  # photo -> what the fingerprints take of it (met once per candidate)
         self._subsets: dict[tuple[str, str], list] = {}  # (target, identity) -> its examined faces, over the cap
         self._changed: dict[str, list] = {}  # identity -> its faces in photos new or changed (seed_examined)
+        self._changed_photos: dict[str, set] = {}
 
     def people(self, u: str) -> list[str]:
         return sorted({f.identity_id for f in self.by_uid.get(u, []) if f.identity_id is not None and self.usable(f)})
@@ -198,6 +199,13 @@ class TargetFingerprints:
         got = self._changed.get(iid)
         if got is None:
             got = self._changed[iid] = [c for c in self.faces_of[iid] if not self.unchanged(c.uid, prev)]
+        return got
+
+    def changed_photos(self, iid: str, prev: PreviousTargets) -> set[str]:
+        """The photos of person ``iid``'s faces that are new or changed since the previous version."""
+        got = self._changed_photos.get(iid)
+        if got is None:
+            got = self._changed_photos[iid] = {c.uid for c in self._changed_faces(iid, prev)}
         return got
 
     def subsets_of(self, uids) -> dict[tuple[str, str], frozenset]:
@@ -463,7 +471,10 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
             removed[r["status"]] -= 1
             n_gone += 1
             n_survivors -= r["score"] is not None  # not examined, counted as a survivor
-        if not all(tf.unchanged(p, prev) for p in {ref[0] for ref in old}):  # its old candidates' photos as they were
+        # its old candidates' photos as they were (those left are this person's faces now: a photo of theirs that
+        # changed is among the person's changed faces, listed once per person)
+        changed = tf.changed_photos(f.identity_id, prev)
+        if changed and not changed.isdisjoint(ref[0] for ref in old):
             return "candidate_photo_changed"
         face_of = tf.face_by_ref(f.identity_id)  # the old refs left are this person's faces (a gone one returned above)
         chosen = [face_of[ref] for ref, r in old.items() if r["status"] == "selected"]
