@@ -278,7 +278,7 @@ class TargetFingerprints:
 
     def over_cap(self, u: str) -> int:
         """Candidates of ``u``'s people left unexamined over the cap (``not_examined_over_cap``)."""
-        return sum(max(0, sum(c.uid != u for c in self.faces_of[iid]) - self.cap) for iid in self.people(u))
+        return sum(max(0, self.n_everyone(u, iid) - self.cap) for iid in self.people(u))
 
 
 def patch_over_cap(counts: str, over: int) -> str:
@@ -453,9 +453,7 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
     target_fp = None
     over_cap = 0
     for f in usable:
-        # everyone of the person but in this photo (counted: a big person's faces are not listed per target)
-        n_everyone = len(tf.faces_of[f.identity_id]) - sum(g.identity_id == f.identity_id for g in fs)
-        over_cap += max(0, n_everyone - cfg.max_candidates_per_person)
+        over_cap += max(0, tf.n_everyone(u, f.identity_id) - cfg.max_candidates_per_person)
         # over the cap a new face may enter the examined subset and push another out of it
         cands = tf.examined_of(u, f.identity_id)
         old = {(r["ref_uid"], r["ref_face_index"]): r for r in by_face.get(f.face_index, [])}
