@@ -334,12 +334,8 @@ class _Plan:
                     deferred.add(u)
                 elif was["examined"] == tf.examined(u):
                     reason, over_cap[u] = None, tf.over_cap(u)
-            if reason is None:
-                shard = prev.shard[u]
-                problems = prev.shard_problems(shard) if shard is not None else []
-                if problems:
-                    reason = "previous_shard_damaged"
-                    self.corrupt += [f"{b.name}: {p}" for p in problems if f"{b.name}: {p}" not in self.corrupt]
+            if reason is None and self._previous_shard_damaged(b, u):
+                reason = "previous_shard_damaged"
             if reason is None:
                 reuse.append(u)
             else:
@@ -347,10 +343,8 @@ class _Plan:
         derived, known, derived_hist, same_examined = self._derive(
             b, tf, [u for u, r in why.items() if r == "candidates_changed"], img_meta, by_uid, split_of, deferred)
         for u in sorted(same_examined):  # a deferred target whose examined candidates are the previous ones
-            problems = prev.shard_problems(prev.shard[u]) if prev.shard[u] is not None else []
-            if problems:
+            if self._previous_shard_damaged(b, u):
                 why[u] = "previous_shard_damaged"
-                self.corrupt += [f"{b.name}: {p}" for p in problems if f"{b.name}: {p}" not in self.corrupt]
             else:
                 del why[u]
                 reuse.append(u)
@@ -387,6 +381,13 @@ class _Plan:
             self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, samples, counts, derived, derived_hist)
 
         return job, finish
+
+    def _previous_shard_damaged(self, b: _Bucket, u: str) -> bool:
+        """Whether the previous shard holding target ``u``'s sample fails its check (its problems recorded once)."""
+        shard = self.prev_targets.shard[u]
+        problems = self.prev_targets.shard_problems(shard) if shard is not None else []
+        self.corrupt += [f"{b.name}: {p}" for p in problems if f"{b.name}: {p}" not in self.corrupt]
+        return bool(problems)
 
     def _derive(self, b: _Bucket, tf, uids: list[str], img_meta: dict, by_uid: dict, split_of,
                 deferred: set[str] = frozenset()) -> tuple[dict[str, dict], dict, dict, set[str]]:
