@@ -298,3 +298,63 @@ def test_face_store_gives_back_what_was_computed_and_survives_a_failed_write(tmp
     t0 = time.monotonic()
     assert b.get("kp", "u2", 0, lambda: "computed by b") == "computed by b"
     assert time.monotonic() - t0 < 1.0  # told by the .failed mark, not by the timeout
+
+
+def test_parallel_derivation_is_byte_identical(tmp_path, small_parallel, monkeypatch):
+    """A refresh's derivation split over forked workers (plan._derive_range) gives what one process gives: the
+    same files, the same statistics, the same pHash store, and the examined subsets over the cap the workers
+    chose reach the selection jobs."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.multiid import plan as mplan
+
+    monkeypatch.setattr(mplan, "DERIVE_PARALLEL_MIN", 1)
+    ranges = []  # per forked derivation run: the targets it decided
+    real_map = mparallel.fork_map
+
+    def spy_map(fn, items, workers):
+        out = real_map(fn, items, workers)
+        if fn is mplan._derive_range:
+            ranges.extend(len(p["out"]) + len(p["same_examined"]) + sum(p["not_derived"].values()) for p in out)
+        return out
+
+    monkeypatch.setattr(mparallel, "fork_map", spy_map)
+    subsets = [{}]  # per build: the examined subsets its selection jobs were given
+    real_jobs = mparallel.select_jobs
+
+    def spy_jobs(jobs, *args, **kwargs):
+        subsets[-1].update((k, frozenset(v)) for job in jobs for k, v in (job.known_subsets or {}).items())
+        return real_jobs(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(mparallel, "select_jobs", spy_jobs)
+    cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=1, keypoints=False, reuse_buckets=4, max_candidates_per_person=3)
+    groups = _groups(2)
+    base = _collection(tmp_path, groups, photos_per_group=16)
+    g1 = tmp_path / "g1" / "guard.parquet"
+    first = build_multiid_dataset(*base, tmp_path / "v1", cfg, version="v1", guard_cache=g1)
+    shutil.copytree(tmp_path / "g1", tmp_path / "g2")
+    g2 = tmp_path / "g2" / "guard.parquet"
+    # new photos of people over the cap, in both groups: some targets derived, some selected again
+    grown = _collection(tmp_path, groups, photos_per_group=16, extra=[
+        ("zz-new1", [f"{groups[0]}-a"]), ("zz-new2", [f"{groups[0]}-b", f"{groups[0]}-c"]), ("zz-new3", [f"{groups[1]}-a"])])
+    subsets.append({})
+    one = build_multiid_dataset(*grown, tmp_path / "r1", cfg, version="v2", reuse_from=first.out_dir, workers=1, guard_cache=g1)
+    assert not ranges  # one process derives alone
+    subsets.append({})
+    two = build_multiid_dataset(*grown, tmp_path / "r2", cfg, version="v2", reuse_from=first.out_dir, workers=2, guard_cache=g2)
+    build_multiid_dataset(*grown, tmp_path / "f", cfg, version="v2", workers=2)
+    # the forked derivation ran, with targets in more than one worker's run
+    assert len([n for n in ranges if n]) >= 2, ranges
+    assert one.stats["targets_derived"] > 0 and one.stats["targets_reselected"] > 0
+    # (not photo_hashes_reused: the store's lookups, which two workers that need one photo both make)
+    keys = ("targets_derived", "not_derived_because", "reselect_reasons", "targets_reused", "targets_reselected",
+            "photo_hashes_computed")
+    assert {k: one.stats[k] for k in keys} == {k: two.stats[k] for k in keys}
+    assert _files(tmp_path / "r1") == _files(tmp_path / "r2") == _files(tmp_path / "f")
+    # the subsets over the cap the workers chose reached the selection, as one process's do
+    assert subsets[1] and subsets[1] == subsets[2]
+    # the pHashes the workers worked out were kept for the next build, as one process keeps them
+    phash = "guard.phash.parquet"
+    assert pq.read_table(tmp_path / "g1" / phash).sort_by("uid").equals(pq.read_table(tmp_path / "g2" / phash).sort_by("uid"))

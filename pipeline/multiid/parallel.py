@@ -212,12 +212,11 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
     process. A target's selection depends only on the collection, not on the other targets (each worker
     has its own decoding cache; its eviction counts, which no version records, are the only figures that
     differ), so the rows, samples and counts are those of one run per job."""
-    import multiprocessing as mp
     import shutil
 
     on_ray = engine == "ray"
     uids = [job.uids() for job in jobs]
-    if sum(map(len, uids)) < PARALLEL_MIN_TARGETS or (not on_ray and (workers <= 1 or "fork" not in mp.get_all_start_methods())):
+    if sum(map(len, uids)) < PARALLEL_MIN_TARGETS or (not on_ray and (workers <= 1 or not can_fork())):
         return [_select_here(job, parts_dir, cfg, read_bytes, mversions, guard) for job in jobs]
     slots = _slots(engine, workers)
     tasks, costs, here = [], [], {}
@@ -281,16 +280,21 @@ def _spread(uids: list[str], n: int) -> list[list[str]]:
     return [uids[k * len(uids) // n:(k + 1) * len(uids) // n] for k in range(n)]
 
 
-def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], workers: int, fn=None) -> list:
-    """``fn`` (:func:`_select_chunk`) over the chunks in ``workers`` forked processes; results in the order
-    of ``tasks``."""
+def can_fork() -> bool:
+    import multiprocessing as mp
+
+    return "fork" in mp.get_all_start_methods()
+
+
+def fork_map(fn, items: list, workers: int) -> list:
+    """``fn`` over ``items`` in ``workers`` forked processes (what they need inherited from module globals set
+    by the caller, never pickled); results in the order of ``items``."""
     import gc
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     import cv2
 
-    _FORKED.update(common={**common, "parts_dir": parts_dir}, jobs=[_job_args(job) for job in jobs])
     # OpenCV's thread pool is stopped before the fork and restored after: a child that inherits a pool whose
     # threads did not survive the fork hangs as soon as it touches it (seen: setNumThreads in the child)
     cv_threads = cv2.getNumThreads()
@@ -300,11 +304,30 @@ def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list
     gc.freeze()
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
-            return list(pool.map(fn or _select_chunk, *zip(*tasks)))
+            return list(pool.map(fn, items))
     finally:
         gc.unfreeze()
-        _FORKED.clear()
         cv2.setNumThreads(cv_threads)
+
+
+def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], workers: int, fn=None) -> list:
+    """``fn`` (:func:`_select_chunk`) over the chunks in ``workers`` forked processes; results in the order
+    of ``tasks``."""
+    _FORKED.update(common={**common, "parts_dir": parts_dir}, jobs=[_job_args(job) for job in jobs])
+    try:
+        return fork_map(_star(fn or _select_chunk), tasks, workers)
+    finally:
+        _FORKED.clear()
+
+
+class _star:
+    """``fn(*item)``, picklable by reference (a forked pool pickles the function it maps)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, item):
+        return self.fn(*item)
 
 
 def _select_here(job: SelectionJob, parts_dir: Path, cfg: MultiIDConfig, read_bytes, mversions: list[str], guard) -> tuple:
