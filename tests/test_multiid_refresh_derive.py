@@ -115,3 +115,28 @@ def test_a_changed_candidate_photo_selects_its_targets_again(tmp_path, monkeypat
     assert (had_changed - {"zz-new"}) & set().union(*calls)  # selected again, not derived
     fresh = _release_multiid(Layout(tmp_path / "fresh"), *b_tables, cfg=CFG_D)
     assert _compare(b.folder, fresh.folder) == []
+
+
+def test_a_derived_samples_json_is_patched_to_the_bytes_a_fresh_encoding_gives():
+    """reuse._patched_json rewrites the faces' two counts in place: the bytes of encoding the raised sample, also
+    when a caption holds the field's name and a reference holds a face index; another writer's JSON is re-encoded."""
+    import json
+
+    from pipeline.multiid.reuse import _patched_json
+    from pipeline.shards import _encode
+
+    s = {"caption": 'he said "n_candidates":3, "n_survivors":1', "other_faces": [{"face_index": 2, "reason": "small"}],
+         "faces": [{"face_index": 1, "n_candidates": 5, "n_survivors": 2, "refs": [{"face_index": 0, "score": 0.5}]},
+                   {"face_index": 0, "n_candidates": 7, "n_survivors": 0, "refs": []}]}
+    data = _encode("json", s)
+    for added in ({0: (2, 1)}, {1: (1, 0), 0: (3, 3)}, {5: (1, 1)}):
+        want = json.loads(data)
+        for fj in want["faces"]:
+            n, sv = added.get(fj["face_index"], (0, 0))
+            fj["n_candidates"] += n
+            fj["n_survivors"] += sv
+        got = _patched_json(data, added)
+        assert isinstance(got, bytes) and got == _encode("json", want)
+    spaced = json.dumps(s, sort_keys=True).encode()  # not this builder's encoding: re-encoded whole
+    got = _patched_json(spaced, {1: (1, 0)})
+    assert isinstance(got, dict) and _encode("json", got) != spaced and got["faces"][0]["n_candidates"] == 6

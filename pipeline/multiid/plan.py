@@ -776,15 +776,18 @@ class _Plan:
 
 def _derive_range(k: int) -> dict:
     """In a forked worker: :meth:`_Plan._derive_targets` over the ``k``-th run of targets, and what the plan
-    keeps of the worker's work: the examined subsets chosen ((target, person) -> refs), the previous shards
-    checked, the pHashes worked out (and the lookups served from the store)."""
+    keeps of the worker's work: the examined subsets chosen for the targets to select ((target, person) ->
+    refs), the previous shards checked, the pHashes worked out (and the lookups served from the store)."""
     plan, args = _DERIVING["plan"], _DERIVING["args"]
     tf = args[1]
     photos = plan.guard.photos if plan.guard is not None else None
     photos_at, hits_at = (len(photos.new), photos.hits) if photos is not None else (0, 0)
     subsets_before, intact_before = set(tf._subsets), set(plan.prev_targets._intact)
     part = plan._derive_targets(*args, _DERIVING["ranges"][k], f"{_DERIVING['stem']}-p{k}")
-    part["subsets"] = {key: [c.ref for c in faces] for key, faces in tf._subsets.items() if key not in subsets_before}
+    # the subsets of the targets to select (the derived and the reused need none)
+    done = part["out"].keys() | part["same_examined"]
+    part["subsets"] = {key: [c.ref for c in faces] for key, faces in tf._subsets.items()
+                       if key[0] not in done and key not in subsets_before}
     part["intact"] = {s: p for s, p in plan.prev_targets._intact.items() if s not in intact_before}
     part["photos"] = (photos.new[photos_at:], photos.hits - hits_at) if photos is not None else ([], 0)
     return part
