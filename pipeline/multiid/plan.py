@@ -57,7 +57,7 @@ from pipeline.shards import (
 from pipeline.splits import hash_fraction
 
 IMAGE_COLUMNS = ["uid", "source", "caption", "width", "height"]  # what a sample takes from the images table
-# a bucket's derivation (_Plan._derive) is split over the forked workers from this many targets on
+# a bucket's derivation (_Plan._derive) is split over the forked workers when each gets this many targets
 DERIVE_PARALLEL_MIN = 512
 _DERIVING: dict = {}  # the derivation's arguments, inherited by the forked workers (never pickled)
 
@@ -406,7 +406,7 @@ class _Plan:
         version's: the caller reuses them (their subsets are chosen here from their previous rows,
         TargetFingerprints.seed_examined, before anything else is done with them).
 
-        With forked workers and at least DERIVE_PARALLEL_MIN targets, the targets are cut into one run of
+        With forked workers and at least DERIVE_PARALLEL_MIN targets a worker, the targets are cut into one run of
         consecutive uids per worker, derived side by side (:meth:`_derive_targets`; before, this serial pass was
         a quarter of a 1% refresh's wall time at 100k faces); what a worker works out that the plan keeps (the
         examined subsets it chose, the previous shards it checked, the pHashes it computed) comes back with it."""
