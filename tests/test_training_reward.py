@@ -42,6 +42,17 @@ def _held(d):
     return [next(data.BatchStream(d, data.LoaderConfig(resolution=32, batch_size=48, shuffle_buffer=0)))]
 
 
+def test_build_clip_registers_a_config_and_leaves_no_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    clip, tok = build_clip("lineup-tiny-leak-check", TINY)
+    assert clip.visual.image_size in (32, (32, 32)) and tok(["a face"]).shape[-1] == 16
+    assert not list(tmp_path.glob("lineup_openclip_cfg_*"))  # the config's folder is gone once open_clip read it
+    again, _ = build_clip("lineup-tiny-leak-check", None)  # still registered: built from its name
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in clip.parameters())
+
+
 def test_triplet_loss_hand_values():
     a = torch.tensor([[1.0, 0.0]])
     p = torch.tensor([[0.8, 0.6]])

@@ -70,9 +70,11 @@ def build_clip(model_name: str, model_cfg: Mapping | None = None, pretrained: st
     import open_clip
 
     if model_cfg is not None:
-        d = Path(tempfile.mkdtemp(prefix="lineup_openclip_cfg_"))
-        (d / f"{model_name}.json").write_text(json.dumps(dict(model_cfg)))
-        open_clip.add_model_config(d)
+        # open_clip registers configs from files; it reads the file at once and keeps the config in memory,
+        # so the folder goes (one was left in /tmp per call: 455 of them here after a few hundred test runs)
+        with tempfile.TemporaryDirectory(prefix="lineup_openclip_cfg_") as d:
+            (Path(d) / f"{model_name}.json").write_text(json.dumps(dict(model_cfg)))
+            open_clip.add_model_config(Path(d))
     if pretrained is not None and not Path(pretrained).is_file():
         raise FileNotFoundError(f"open_clip weights {pretrained!r} not found (local files only)")
     model = open_clip.create_model(model_name, pretrained=pretrained)
