@@ -430,11 +430,8 @@ class _Plan:
             finally:
                 _DERIVING.clear()
             for part in parts:  # what the worker worked out that this process keeps
-                face_of = {}
-                for (u, iid), refs in part["subsets"].items():
-                    face_of.setdefault(iid, tf.face_by_ref(iid))
-                    tf._subsets[(u, iid)] = [face_of[iid][r] for r in refs]
-                self.prev_targets._intact.update(part["intact"])
+                tf.adopt_subsets(part["subsets"])
+                self.prev_targets.adopt_shard_checks(part["intact"])
                 if self.guard is not None and self.guard.photos is not None:
                     self.guard.photos.add(part["photos"][0])
                     self.guard.photos.hits += part["photos"][1]
@@ -782,13 +779,11 @@ def _derive_range(k: int) -> dict:
     tf = args[1]
     photos = plan.guard.photos if plan.guard is not None else None
     photos_at, hits_at = (len(photos.new), photos.hits) if photos is not None else (0, 0)
-    subsets_before, intact_before = set(tf._subsets), set(plan.prev_targets._intact)
-    part = plan._derive_targets(*args, _DERIVING["ranges"][k], f"{_DERIVING['stem']}-p{k}")
+    want = _DERIVING["ranges"][k]
+    part = plan._derive_targets(*args, want, f"{_DERIVING['stem']}-p{k}")
     # the subsets of the targets to select (the derived and the reused need none)
-    done = part["out"].keys() | part["same_examined"]
-    part["subsets"] = {key: [c.ref for c in faces] for key, faces in tf._subsets.items()
-                       if key[0] not in done and key not in subsets_before}
-    part["intact"] = {s: p for s, p in plan.prev_targets._intact.items() if s not in intact_before}
+    part["subsets"] = tf.chosen_subsets(set(want) - part["out"].keys() - part["same_examined"])
+    part["intact"] = plan.prev_targets.shard_checks()
     part["photos"] = (photos.new[photos_at:], photos.hits - hits_at) if photos is not None else ([], 0)
     return part
 

@@ -215,6 +215,18 @@ class TargetFingerprints:
         want = set(uids)
         return {k: frozenset(c.ref for c in v) for k, v in self._subsets.items() if k[0] in want}
 
+    def chosen_subsets(self, uids) -> dict[tuple[str, str], list[tuple[str, int]]]:
+        """The examined subsets chosen so far for targets ``uids``, in their order, as refs: what another process
+        that chose them sends back (:meth:`adopt_subsets`)."""
+        want = set(uids)
+        return {k: [c.ref for c in v] for k, v in self._subsets.items() if k[0] in want}
+
+    def adopt_subsets(self, chosen: dict[tuple[str, str], list[tuple[str, int]]]) -> None:
+        """Take the subsets another process chose (:meth:`chosen_subsets`)."""
+        for (u, iid), refs in chosen.items():
+            face_of = self.face_by_ref(iid)
+            self._subsets[(u, iid)] = [face_of[r] for r in refs]
+
     def whole(self, u: str) -> tuple[bytes, bytes, str, bytes]:
         """(fingerprint, photo digest, splits, people digest)."""
         people = self.people(u)
@@ -391,6 +403,13 @@ class PreviousTargets:
 
     def take(self, uids: list[str]) -> pa.Table:
         return self.table.take(pa.array([self.row[u] for u in uids], pa.int64()))
+
+    def shard_checks(self) -> dict[str, list[str]]:
+        """The previous shards checked so far and their problems (what another process sends back)."""
+        return dict(self._intact)
+
+    def adopt_shard_checks(self, checks: dict[str, list[str]]) -> None:
+        self._intact.update(checks)
 
     def shard_problems(self, shard: str) -> list[str]:
         """Problems of one previous shard ("<split>/<tar>"): missing from the records, or not matching them."""
