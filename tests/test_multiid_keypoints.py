@@ -78,6 +78,35 @@ def test_keypoints_edge_cut_crops_mirror_and_genuine(shot):
         assert m.inliers < MultiIDConfig().kp_min_inliers, (a, m)
 
 
+def _bfmatcher_matches(da, db, ratio=dedup.KP_RATIO):
+    """The mutual ratio-test matches as OpenCV's BFMatcher gives them: knnMatch forward, match backward."""
+    import cv2
+
+    bf = cv2.BFMatcher(cv2.NORM_L2)
+    back_of = {m.queryIdx: m.trainIdx for m in bf.match(db, da)}
+    return [(m[0].queryIdx, m[0].trainIdx) for m in bf.knnMatch(da, db, k=2)
+            if len(m) == 2 and m[0].distance < ratio * m[1].distance and back_of.get(m[0].trainIdx) == m[0].queryIdx]
+
+
+def test_mutual_ratio_matches_are_bfmatchers(shot, shared_faces):
+    """The matcher finds the backward neighbours of the ratio-passing matches only: on copies (most keypoints
+    match), genuine pairs of one person, and other people, it keeps exactly the matches BFMatcher keeps."""
+    k = [_kp(shot, n) for n in ("orig", "crop_left", "crop_right", "mirror", "other")]
+    for p in sorted((shared_faces / "identities").glob("*/img1.jpg"))[:8]:
+        g = _gray(load_rgb_bytes(p.read_bytes()))
+        H, W = g.shape
+        k.append(dedup.face_keypoints(g, (0.3 * W, 0.25 * H, 0.7 * W, 0.7 * H)))
+    counts = []
+    for a in k:
+        for b in k:
+            for db in (b.desc, b.desc_m):
+                q, t = dedup._mutual_ratio_matches(a.desc, db, dedup.KP_RATIO)
+                want = _bfmatcher_matches(a.desc, db)
+                assert list(zip(q.tolist(), t.tolist())) == want
+                counts.append(len(want))
+    assert max(counts) > 100 and min(counts) < 20  # copies and strangers were both among the pairs
+
+
 def _tables(shot, names):
     img_rows, face_rows, id_rows = [], [], []
     for n in names:
