@@ -327,6 +327,7 @@ class _Plan:
         # _derive reads anyway (TargetFingerprints.seed_examined), and compared there
         deferred: set[str] = set()
         can_defer = not cfg.examine_all_candidates and self.parts_dir is not None
+        reasons = {}
         for u in targets:
             was = prev.get(u) if prev else None
             reason = reselect_reason(was, fps[u]) if prev else "no_previous_version"
@@ -337,6 +338,10 @@ class _Plan:
                     deferred.add(u)
                 elif was["examined"] == tf.examined(u):
                     reason, over_cap[u] = None, tf.over_cap(u)
+            reasons[u] = reason
+        if prev:  # the shards the reused targets' samples come from, checked side by side
+            prev.check_shards((prev.shard[u] for u, r in reasons.items() if r is None), self.workers)
+        for u, reason in reasons.items():
             if reason is None and self._previous_shard_damaged(b, u):
                 reason = "previous_shard_damaged"
             if reason is None:

@@ -413,16 +413,30 @@ class PreviousTargets:
 
     def shard_problems(self, shard: str) -> list[str]:
         """Problems of one previous shard ("<split>/<tar>"): missing from the records, or not matching them."""
+        if shard not in self._intact:
+            self._intact[shard] = self._problems(shard)
+        return self._intact[shard]
+
+    def check_shards(self, shards: Iterable[str | None], threads: int) -> None:
+        """Check these previous shards now, ``threads`` at a time: reading a file and hashing it release the
+        GIL, so the builder's sha256 pass (~5 GB at 100k faces) takes the cores the workers are not using yet.
+        The threads are gone when this returns (the builder forks its workers later)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [sh for sh in dict.fromkeys(shards) if sh is not None and sh not in self._intact]
+        if threads < 2 or len(todo) < 2:
+            return
+        with ThreadPoolExecutor(min(threads, len(todo))) as ex:
+            self._intact.update(zip(todo, ex.map(self._problems, todo)))
+
+    def _problems(self, shard: str) -> list[str]:
         from pipeline.shards import shards_intact
 
-        if shard not in self._intact:
-            rec = self.shard_records.get(shard)
-            if rec is None:
-                self._intact[shard] = [f"{shard} not in the previous version's records"]
-            else:
-                split = shard.split("/", 1)[0]
-                self._intact[shard] = [f"{split}/{p}" for p in shards_intact(self.folder / split, [rec])]
-        return self._intact[shard]
+        rec = self.shard_records.get(shard)
+        if rec is None:
+            return [f"{shard} not in the previous version's records"]
+        split = shard.split("/", 1)[0]
+        return [f"{split}/{p}" for p in shards_intact(self.folder / split, [rec])]
 
 
 def reused_records(path: Path, keys: set[str]):
