@@ -54,7 +54,8 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
         return build_multiid_dataset(coll.images, coll.faces, ids, folder, cfg, version=version, reuse_from=previous,
                                      workers=lineup.workers, guard_cache=layout.multiid_guard_cache,
                                      engine=lineup.engine_name,
-                                     feature_store_bytes=int(lineup.multiid_feature_store_gb * (1 << 30)))
+                                     feature_store_bytes=int(lineup.multiid_feature_store_gb * (1 << 30)),
+                                     progress=lambda line: context.log.info(f"multiid: {line}"))
 
     def checks(folder, res):
         pairs = res.pairs if res is not None else read_parquet(folder / "pairs.parquet")

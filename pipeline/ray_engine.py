@@ -557,8 +557,10 @@ def run_chunks(
     actors: int = 0,
     gpus_per_actor: float | None = None,
     items_of: Callable = len,
+    on_done: Callable[[int], None] | None = None,
 ) -> tuple[list, RayJobStats]:
-    """``analyze(model, decode(chunk))`` for every chunk on Ray, results in chunk order.
+    """``analyze(model, decode(chunk))`` for every chunk on Ray, results in chunk order (``on_done(i)`` as
+    chunk ``i``'s task returns, without a ``factory``: progress).
 
     With a ``factory`` the chunks go to this process's pool of actors each holding
     ``factory(*factory_args, **factory_kwargs)`` (built on first use, sized by :func:`plan_pool`, reused by
@@ -590,8 +592,11 @@ def run_chunks(
                 running[task.remote(fn_ref, chunks[i])] = i
             done, _ = ray.wait(list(running), num_returns=1, timeout=min(stall, 5.0))
             for ref in done:
-                outcomes[running.pop(ref)] = ray.get(ref)
+                i = running.pop(ref)
+                outcomes[i] = ray.get(ref)
                 last = time.monotonic()
+                if on_done is not None and not outcomes[i][1]:
+                    on_done(i)
             _check_stall(stage, last, stall, len(outcomes), len(chunks))
         stats.tasks = len(chunks)
     else:

@@ -358,3 +358,38 @@ def test_parallel_derivation_is_byte_identical(tmp_path, small_parallel, monkeyp
     # the pHashes the workers worked out were kept for the next build, as one process keeps them
     phash = "guard.phash.parquet"
     assert pq.read_table(tmp_path / "g1" / phash).sort_by("uid").equals(pq.read_table(tmp_path / "g2" / phash).sort_by("uid"))
+
+
+# ------------------------------------------------------------------------- progress for the log
+
+
+def test_progress_lines_follow_the_build(tmp_path, small_parallel):
+    """A build told to report progress writes the same bytes; its lines come in the build's order, and the
+    targets they count as selected (chunk by chunk, in the workers) add up to what the stats count."""
+    import re
+
+    groups = _groups(2)
+    base = _collection(tmp_path, groups, photos_per_group=14)
+    lines: list[str] = []
+    first = build_multiid_dataset(*base, tmp_path / "v1", CFG, version="v1", workers=2, progress=lines.append)
+    build_multiid_dataset(*base, tmp_path / "quiet", CFG, version="v1", workers=2)
+    assert _files(tmp_path / "v1") == _files(tmp_path / "quiet")
+    assert lines[0].startswith("planned ") and lines[-1].startswith("built: ")
+    selected = [tuple(int(x.replace(",", "")) for x in m.groups())
+                for m in (re.match(r"targets selected: ([\d,]+)/([\d,]+)", line) for line in lines) if m]
+    assert selected and selected == sorted(selected)
+    assert selected[-1] == (first.stats["targets_reselected"],) * 2 and selected[-1][0] > 0
+    order = [next(k for k, line in enumerate(lines) if line.startswith(p))
+             for p in ("planned", "selecting", "targets selected", "buckets written", "writing pairs", "built")]
+    assert order == sorted(order), lines
+    assert all(re.search(r"\[\d+ s\]$", line) for line in lines)
+    # a refresh says what it takes from the previous version, as its stats count it
+    grown = _collection(tmp_path, groups, photos_per_group=14, extra=[("zz-new", [f"{groups[0]}-a", f"{groups[0]}-b"])])
+    lines.clear()
+    again = build_multiid_dataset(*grown, tmp_path / "v2", CFG, version="v2", reuse_from=first.out_dir, workers=2,
+                                  progress=lines.append)
+    (plan_line,) = [line for line in lines if "buckets unchanged" in line]
+    st = again.stats
+    assert (f"{st['buckets_reused']} of {st['buckets_reused'] + st['buckets_rebuilt']} buckets unchanged" in plan_line
+            and f"{st['targets_reused']:,} targets reused" in plan_line
+            and f"{st['targets_derived']:,} derived" in plan_line and f"{st['targets_reselected']:,} to select again" in plan_line)

@@ -147,7 +147,7 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
                           config: MultiIDConfig | None = None, read_bytes: Callable[[str], bytes] | None = None,
                           version: str | None = None, reuse_from: Path | None = None, workers: int = 1,
                           guard_cache: Path | None = None, engine: str | None = None,
-                          feature_store_bytes: int | None = None) -> MultiIDResult:
+                          feature_store_bytes: int | None = None, progress: Callable[[str], None] | None = None) -> MultiIDResult:
     """Select references, write ``out_dir/{train,eval}/`` shards + manifests (``version`` is the dataset
     version id they record), ``out_dir/pairs.parquet``, ``out_dir/candidates.parquet`` and
     ``out_dir/buckets.json``; return everything. ``out_dir=None``: select only, write nothing. Whether the
@@ -174,8 +174,13 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     before and written after the build: a pair of faces already judged under the same settings is not
     judged again (``stats["guard_decisions_reused"]`` / ``"guard_decisions_computed"``); beside it the photos'
     pHashes and the faces' keypoints and NCC patches are kept too, the latter up to ``feature_store_bytes``
-    (default ``guard_cache.FEATURES_MAX_BYTES``)."""
+    (default ``guard_cache.FEATURES_MAX_BYTES``).
+
+    ``progress(line)``: where the build is, a line at a time (the plan, the targets selected so far with an
+    estimate of the time left, the buckets written, the tables), for a log."""
     import shutil
+
+    from pipeline.multiid.progress import BuildProgress
 
     config = config if config is not None else MultiIDConfig()
     read_bytes = read_bytes or reader_from_images(images)
@@ -184,7 +189,8 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     # streamed to part files as they are produced, merged into pairs.parquet / candidates.parquet at the end:
     # what stays in memory per target is a summary tuple, not its rows nor its sample dicts
     plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir,
-                 workers=workers, guard_cache=guard_cache, engine=engine, feature_store_bytes=feature_store_bytes)
+                 workers=workers, guard_cache=guard_cache, engine=engine, feature_store_bytes=feature_store_bytes,
+                 progress=BuildProgress(progress))
     try:
         return _build(plan, out_dir, version, read_bytes)
     finally:
@@ -202,6 +208,7 @@ def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -
     shards: dict[str, list[ShardInfo]] = {"train": [], "eval": []}
     # the two tables, streamed in target order (to out_dir, else to the temporary folder and read back)
     dest = out_dir if out_dir is not None else plan.parts_dir
+    plan.progress("writing pairs.parquet and candidates.parquet")
     write_parquet_stream_atomic(plan.rows_in_target_order("pairs", PAIRS_SCHEMA), PAIRS_SCHEMA, dest / "pairs.parquet")
     write_parquet_stream_atomic(plan.rows_in_target_order("candidates", CANDIDATE_SCHEMA), CANDIDATE_SCHEMA,
                                 dest / "candidates.parquet")
@@ -270,4 +277,6 @@ def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -
             stats["face_features_computed"] = plan.guard.features.computed
             stats["face_features_pruned"] = plan.guard.features.prune(set(plan.img_meta) | set(plan.by_uid))
             stats["face_features_entries"], stats["face_features_bytes"] = plan.guard.features.size()
+    plan.progress(f"built: {sum(stats['per_split'].values()):,} samples ({stats['targets_reselected']:,} targets selected, "
+                  f"{stats['targets_reused']:,} reused, {stats['targets_derived']:,} derived)")
     return MultiIDResult(pairs, cands, samples, stats, shards, out_dir, cfg, read_bytes)

@@ -162,7 +162,8 @@ def _ray_chunk(_model, task: tuple):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _on_ray(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], kind: str = "select") -> list:
+def _on_ray(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], kind: str = "select",
+            on_done=None) -> list:
     """The chunks as Ray tasks (:func:`_ray_chunk`), the arguments put into the object store once (those
     shared by all, and each job's); the files each task sends back are written to ``parts_dir``. Results in
     the order of ``tasks``, as :func:`_run_chunk` gives them (``kind="hash"``: as photo_hashes does)."""
@@ -174,7 +175,8 @@ def _on_ray(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list
     common_ref = ray.put(common)
     job_refs = [ray.put(_job_args(job)) for job in jobs]
     results, _ = ray_engine.run_chunks(f"multiid-{kind}", [(kind, common_ref, job_refs[j], j, i, c) for j, i, c in tasks],
-                                       decode=None, analyze=_ray_chunk, factory=None, items_of=lambda t: len(t[5]))
+                                       decode=None, analyze=_ray_chunk, factory=None, items_of=lambda t: len(t[5]),
+                                       on_done=on_done)
     if kind == "hash":
         return results
     out = []
@@ -198,7 +200,7 @@ def _slots(engine: str, workers: int) -> int:
 
 
 def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: MultiIDConfig, read_bytes, mversions: list[str],
-                guard=None, engine: str = "inprocess") -> list[tuple]:
+                guard=None, engine: str = "inprocess", progress=None) -> list[tuple]:
     """Run every job's selection; per job (samples, counts, pairs part files, candidates part files,
     records): the rows streamed to part files (each sorted by target uid), and with ``job.records`` each
     sample's shard record made by the process that selected it (key -> its place in a spill file,
@@ -211,13 +213,27 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
     (:func:`target_costs`), so small buckets run beside a large one instead of one after the other in this
     process. A target's selection depends only on the collection, not on the other targets (each worker
     has its own decoding cache; its eviction counts, which no version records, are the only figures that
-    differ), so the rows, samples and counts are those of one run per job."""
+    differ), so the rows, samples and counts are those of one run per job. ``progress``: a
+    :class:`pipeline.multiid.progress.BuildProgress`, told the targets selected as each chunk (or job) ends."""
     import shutil
 
+    from pipeline.multiid.progress import BuildProgress
+
+    progress = progress or BuildProgress()
     on_ray = engine == "ray"
     uids = [job.uids() for job in jobs]
-    if sum(map(len, uids)) < PARALLEL_MIN_TARGETS or (not on_ray and (workers <= 1 or not can_fork())):
+    total = sum(map(len, uids))
+    if not total:
         return [_select_here(job, parts_dir, cfg, read_bytes, mversions, guard) for job in jobs]
+    if total < PARALLEL_MIN_TARGETS or (not on_ray and (workers <= 1 or not can_fork())):
+        progress(f"selecting {total:,} target{'' if total == 1 else 's'} in this process")
+        selected = progress.counter("targets selected", total)
+        out = []
+        for job, u in zip(jobs, uids):
+            out.append(_select_here(job, parts_dir, cfg, read_bytes, mversions, guard))
+            if u:
+                selected(len(u))
+        return out
     slots = _slots(engine, workers)
     tasks, costs, here = [], [], {}
     for j, (job, u) in enumerate(zip(jobs, uids)):
@@ -234,12 +250,15 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
         job.prepared = selection._prepare(job.by_uid, cfg, job.override)
     order = sorted(range(len(tasks)), key=lambda k: -costs[k])
     tasks = [tasks[k] for k in order]
+    progress(f"selecting {total:,} targets in {len(tasks)} chunks over {slots} {'Ray CPUs' if on_ray else 'worker processes'}")
+    selected = progress.counter("targets selected", total)
     common = {"cfg": cfg, "read_bytes": read_bytes, "mversions": mversions, "guard": guard}
     # forked workers: each face's keypoints and each photo's NCC patches computed by one worker for all
     # (face_store.py; the pHash pass publishes the patches it works out anyway)
     store = None if on_ray else parts_dir / "face-store"
     try:
-        results = _passes(parts_dir, {**common, "face_store": store}, jobs, uids, tasks, workers, slots, on_ray)
+        results = _passes(parts_dir, {**common, "face_store": store}, jobs, uids, tasks, workers, slots, on_ray,
+                          lambda k: selected(len(tasks[k][2])), progress)
     finally:
         if store is not None:
             shutil.rmtree(store, ignore_errors=True)
@@ -252,7 +271,7 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
 
 
 def _passes(parts_dir: Path, common: dict, jobs: list[SelectionJob], uids: list[list[str]], tasks: list[tuple], workers: int,
-            slots: int, on_ray: bool) -> list:
+            slots: int, on_ray: bool, on_done, progress) -> list:
     """The pHash pass (where it pays) then the selection's chunks ``tasks``; the chunks' results in their order."""
     # first every photo's pHashes, each photo decoded once by one worker: a fresh bucket's chunks otherwise
     # each decode most of its photos (the candidates of a person's targets lie in many other chunks' photos)
@@ -261,6 +280,7 @@ def _passes(parts_dir: Path, common: dict, jobs: list[SelectionJob], uids: list[
                   if len(uids[j]) >= PARALLEL_MIN_TARGETS and 2 * len(uids[j]) >= len(job.img_meta)
                   for i, ch in enumerate(_spread(sorted(set(job.img_meta) | set(job.by_uid)), slots * CHUNKS_PER_WORKER))]
     if hash_tasks:
+        progress(f"pHashes of {sum(len(t[2]) for t in hash_tasks):,} photos, each decoded once")
         hashed = (_on_ray(parts_dir, common, jobs, hash_tasks, "hash") if on_ray
                   else _forked(parts_dir, common, jobs, hash_tasks, workers, _hash_chunk))
         photos = _stored(common["guard"])
@@ -270,8 +290,8 @@ def _passes(parts_dir: Path, common: dict, jobs: list[SelectionJob], uids: list[
                 for uid, value in h.items():
                     photos.record_from(uid, jobs[j].by_uid, value)
     if on_ray:
-        return _on_ray(parts_dir, common, jobs, tasks)
-    return _forked(parts_dir, common, jobs, tasks, workers)
+        return _on_ray(parts_dir, common, jobs, tasks, on_done=on_done)
+    return _forked(parts_dir, common, jobs, tasks, workers, on_done=on_done)
 
 
 def _spread(uids: list[str], n: int) -> list[list[str]]:
@@ -286,12 +306,13 @@ def can_fork() -> bool:
     return "fork" in mp.get_all_start_methods()
 
 
-def fork_map(fn, items: list, workers: int) -> list:
+def fork_map(fn, items: list, workers: int, on_done=None) -> list:
     """``fn`` over ``items`` in ``workers`` forked processes (what they need inherited from module globals set
-    by the caller, never pickled); results in the order of ``items``."""
+    by the caller, never pickled); results in the order of ``items``. ``on_done(k)`` is called here as each
+    item ``k`` finishes (progress)."""
     import gc
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     import cv2
 
@@ -304,18 +325,26 @@ def fork_map(fn, items: list, workers: int) -> list:
     gc.freeze()
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
-            return list(pool.map(fn, items))
+            if on_done is None:
+                return list(pool.map(fn, items))
+            futures = [pool.submit(fn, item) for item in items]
+            index = {f: k for k, f in enumerate(futures)}
+            for f in as_completed(futures):
+                f.result()  # a failed item raises now, as map would
+                on_done(index[f])
+            return [f.result() for f in futures]
     finally:
         gc.unfreeze()
         cv2.setNumThreads(cv_threads)
 
 
-def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], workers: int, fn=None) -> list:
+def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], workers: int, fn=None,
+            on_done=None) -> list:
     """``fn`` (:func:`_select_chunk`) over the chunks in ``workers`` forked processes; results in the order
-    of ``tasks``."""
+    of ``tasks`` (``on_done(k)`` as chunk ``k`` finishes)."""
     _FORKED.update(common={**common, "parts_dir": parts_dir}, jobs=[_job_args(job) for job in jobs])
     try:
-        return fork_map(_star(fn or _select_chunk), tasks, workers)
+        return fork_map(_star(fn or _select_chunk), tasks, workers, on_done)
     finally:
         _FORKED.clear()
 

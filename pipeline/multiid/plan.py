@@ -62,6 +62,11 @@ DERIVE_PARALLEL_MIN = 512
 _DERIVING: dict = {}  # the derivation's arguments, inherited by the forked workers (never pickled)
 
 
+def _n(count: int, noun: str, plural: str = "s") -> str:
+    """"1 target", "2,000 targets"."""
+    return f"{count:,} {noun}{'' if count == 1 else plural}"
+
+
 def bucket_of(group: str, n: int) -> int:
     """The bucket of a co-occurrence component (named by its smallest identity id, or ``photo:<uid>`` for
     a photo without a labelled face): a hash modulo the fixed ``reuse_buckets``."""
@@ -148,11 +153,14 @@ class _Plan:
 
     def __init__(self, images: pa.Table, faces: pa.Table, identities: pa.Table, config: MultiIDConfig, read_bytes,
                  previous: Path | None = None, out_dir: Path | None = None, keep_rows: bool = False, workers: int = 1,
-                 guard_cache: Path | None = None, engine: str | None = None, feature_store_bytes: int | None = None):
+                 guard_cache: Path | None = None, engine: str | None = None, feature_store_bytes: int | None = None,
+                 progress=None):
         from pipeline import __version__
+        from pipeline.multiid.progress import BuildProgress
         from pipeline.multiid.release import BUILDER_VERSION, FACE_COLUMNS
 
         config.validate()
+        self.progress = progress if progress is not None else BuildProgress()
         self.cfg = cfg = config.resolved()
         self.read_bytes = read_bytes
         self.by_uid = _faces_from_table(faces, identities)
@@ -234,6 +242,8 @@ class _Plan:
             "kp_strong_inliers")}, feature_store_bytes) if guard_cache is not None else None
         self.corrupt: list[str] = []
         self.eval_fallback: list[str] = []
+        self.progress(f"planned {_n(len(self.img_meta), 'photo')}, {_n(faces.num_rows, 'face')}, in {_n(len(self.buckets), 'bucket')}"
+                      + (f"; previous version {self.previous.name}" if self.previous is not None else ""))
 
     def split_of(self, identity_id: str) -> str:
         if identity_id in self.eval_fallback:
@@ -253,7 +263,7 @@ class _Plan:
 
     def _select_jobs(self, jobs: list) -> list:
         return parallel.select_jobs(jobs, self.workers, self.parts_dir, self.cfg, self.read_bytes, self.mversions,
-                                    guard=self.guard, engine=self.engine)
+                                    guard=self.guard, engine=self.engine, progress=self.progress)
 
     def _start_run(self, b: _Bucket, override: set):
         """Fill bucket ``b`` with the eval override ``override``: from the previous version when it holds
@@ -427,6 +437,8 @@ class _Plan:
         stem = f"{b.name}-derived-{self.selections}"
         args = (b, tf, ctx, counts_of, by_uid, deferred)
         n = min(self.workers, len(want) // DERIVE_PARALLEL_MIN) if self.engine == "inprocess" else 1
+        self.progress(f"bucket {b.name}: {_n(len(want), 'target')} whose candidates changed checked against their previous rows "
+                      f"(kept where the choice cannot change) in {_n(max(1, n), 'process', 'es')}")
         if n > 1 and parallel.can_fork():
             ranges = [want[k * len(want) // n:(k + 1) * len(want) // n] for k in range(n)]
             _DERIVING.update(plan=self, args=args, ranges=ranges, stem=stem)
@@ -657,11 +669,20 @@ class _Plan:
         # every bucket's selection at once (small buckets beside large ones, over the workers), then each
         # bucket's shards in bucket order
         pending = [(b, self._start_run(b, set())) for b in self.buckets.values()]
+        whole = sum(b.previous is not None for b in self.buckets.values())
+        if self.previous is not None:
+            self.progress(f"{whole} of {len(self.buckets)} buckets unchanged (their shards linked); "
+                          f"{sum(b.n_reused for b in self.buckets.values()):,} targets reused, "
+                          f"{sum(len(b.derived) for b in self.buckets.values()):,} derived from their previous rows, "
+                          f"{sum(sum(b.reasons.values()) for b in self.buckets.values()):,} to select again")
         results = iter(self._select_jobs([p[0] for _, p in pending if p is not None]))
+        written = self.progress.counter("buckets written", len(pending) - whole) if self.out_dir is not None else None
         for b, p in pending:
             if p is not None:
                 p[1](next(results))
             self._emit(b)
+            if written is not None and b.previous is None:
+                written(1)
         n = sum(len(b.summary) for b in self.buckets.values())
         if not (cfg.eval_fraction > 0 and n >= 2 and not any(b.per_split()["eval"] for b in self.buckets.values())):
             return
