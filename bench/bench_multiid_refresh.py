@@ -151,8 +151,9 @@ def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool, w
         return open_gray(data)
 
     dedup.open_gray = counted_open_gray
+    # the build's progress lines on stderr (a step's stdout is its JSON)
     res = build_multiid_dataset(images, faces, ids, out, cfg, read_bytes=read_bytes, version="bench", reuse_from=reuse,
-                                workers=workers, guard_cache=guard_cache)
+                                workers=workers, guard_cache=guard_cache, progress=lambda line: print(line, file=sys.stderr, flush=True))
     st = res.stats
     return {"cpu_s": round(_cpu_with_children() - c0, 1), "wall_s": round(time.perf_counter() - w0, 1),
             # this bench synthesising the photos it reads (this process's reads only: not its workers'); 0 with files
