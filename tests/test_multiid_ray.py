@@ -68,8 +68,12 @@ def test_ray_build_is_byte_identical(tmp_path, ray_no_driver_disk, on_ray, keypo
     world = _collection(tmp_path, _groups(3), photos_per_group=14)  # the photos: a locator every worker reads
     out = ray_no_driver_disk / f"kp{int(keypoints)}"
     one = build_multiid_dataset(*world, out / "one", cfg, version="v1", workers=1, engine="inprocess")
-    ray = build_multiid_dataset(*world, out / "ray", cfg, version="v1", engine="ray")
+    lines: list[str] = []
+    ray = build_multiid_dataset(*world, out / "ray", cfg, version="v1", engine="ray", progress=lines.append)
     assert one.stats["targets"].get("kept", 0) > 10
+    # the Ray tasks' progress: the last count of targets selected is every target, as the stats count them
+    counts = [line.split(":")[1].split("(")[0].strip() for line in lines if line.startswith("targets selected:")]
+    assert counts and counts[-1] == f"{ray.stats['targets_reselected']:,}/{ray.stats['targets_reselected']:,}", lines
     assert _files(out / "one") == _files(out / "ray")
     assert _comparable(one.stats) == _comparable(ray.stats)
     # the tasks ran (a failed one raises): the chunks of several buckets' selections at once, after the

@@ -250,15 +250,19 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
         job.prepared = selection._prepare(job.by_uid, cfg, job.override)
     order = sorted(range(len(tasks)), key=lambda k: -costs[k])
     tasks = [tasks[k] for k in order]
-    progress(f"selecting {total:,} targets in {len(tasks)} chunks over {slots} {'Ray CPUs' if on_ray else 'worker processes'}")
-    selected = progress.counter("targets selected", total)
+    selected = {}
+
+    def begin() -> None:  # after the pHash pass: the time left is estimated from the selection's own rate
+        progress(f"selecting {total:,} targets in {len(tasks)} chunks over {slots} {'Ray CPUs' if on_ray else 'worker processes'}")
+        selected["add"] = progress.counter("targets selected", total)
+
     common = {"cfg": cfg, "read_bytes": read_bytes, "mversions": mversions, "guard": guard}
     # forked workers: each face's keypoints and each photo's NCC patches computed by one worker for all
     # (face_store.py; the pHash pass publishes the patches it works out anyway)
     store = None if on_ray else parts_dir / "face-store"
     try:
         results = _passes(parts_dir, {**common, "face_store": store}, jobs, uids, tasks, workers, slots, on_ray,
-                          lambda k: selected(len(tasks[k][2])), progress)
+                          begin, lambda k: selected["add"](len(tasks[k][2])), progress)
     finally:
         if store is not None:
             shutil.rmtree(store, ignore_errors=True)
@@ -271,7 +275,7 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
 
 
 def _passes(parts_dir: Path, common: dict, jobs: list[SelectionJob], uids: list[list[str]], tasks: list[tuple], workers: int,
-            slots: int, on_ray: bool, on_done, progress) -> list:
+            slots: int, on_ray: bool, begin, on_done, progress) -> list:
     """The pHash pass (where it pays) then the selection's chunks ``tasks``; the chunks' results in their order."""
     # first every photo's pHashes, each photo decoded once by one worker: a fresh bucket's chunks otherwise
     # each decode most of its photos (the candidates of a person's targets lie in many other chunks' photos)
@@ -289,6 +293,7 @@ def _passes(parts_dir: Path, common: dict, jobs: list[SelectionJob], uids: list[
             if photos is not None:  # kept for the next build (those found in the store are kept already)
                 for uid, value in h.items():
                     photos.record_from(uid, jobs[j].by_uid, value)
+    begin()
     if on_ray:
         return _on_ray(parts_dir, common, jobs, tasks, on_done=on_done)
     return _forked(parts_dir, common, jobs, tasks, workers, on_done=on_done)
