@@ -32,7 +32,7 @@ class BuildProgress:
             spent = now - start
             # an estimate once a tenth is done (before that, the first items' rate says little)
             left = spent * (total - done[0]) / done[0] if done[0] else float("nan")
-            tail = f", about {left:.0f} s left" if total * 0.1 <= done[0] < total else ""
+            tail = f", about {left:.0f} s left" if total * 0.1 <= done[0] < total and left >= 1 else ""
             self(f"{what}: {done[0]:,}/{total:,} ({100 * done[0] / total:.0f}%){tail}")
 
         return add
