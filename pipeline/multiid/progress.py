@@ -1,4 +1,4 @@
-"""Progress of a multi-identity build, as lines for a log: a 100k-face build takes ~15 min on 2 cores, a
+"""Progress of a multi-identity build, as lines for a log: a 100k-face build takes 15-20 min on 2 cores, a
 refresh a few, and the Dagster UI should show where it is (``build_multiid_dataset(progress=...)``)."""
 
 from __future__ import annotations
