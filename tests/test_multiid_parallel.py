@@ -314,8 +314,8 @@ def test_parallel_derivation_is_byte_identical(tmp_path, small_parallel, monkeyp
     ranges = []  # per forked derivation run: the targets it decided
     real_map = mparallel.fork_map
 
-    def spy_map(fn, items, workers):
-        out = real_map(fn, items, workers)
+    def spy_map(fn, items, workers, on_done=None):
+        out = real_map(fn, items, workers, on_done)
         if fn is mplan._derive_range:
             ranges.extend(len(p["out"]) + len(p["same_examined"]) + sum(p["not_derived"].values()) for p in out)
         return out

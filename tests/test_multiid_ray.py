@@ -53,8 +53,8 @@ def on_ray(monkeypatch):
     calls = []
     real = mparallel._on_ray
 
-    def spy(parts_dir, common, jobs, tasks, kind="select"):
-        out = real(parts_dir, common, jobs, tasks, kind)
+    def spy(parts_dir, common, jobs, tasks, kind="select", on_done=None):
+        out = real(parts_dir, common, jobs, tasks, kind, on_done=on_done)
         calls.append((kind, len(jobs), len(tasks)))
         return out
 
