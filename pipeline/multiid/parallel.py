@@ -217,7 +217,7 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
     :class:`pipeline.multiid.progress.BuildProgress`, told the targets selected as each chunk (or job) ends."""
     import shutil
 
-    from pipeline.multiid.progress import BuildProgress
+    from pipeline.multiid.progress import BuildProgress, counted
 
     progress = progress or BuildProgress()
     on_ray = engine == "ray"
@@ -226,7 +226,7 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
     if not total:
         return [_select_here(job, parts_dir, cfg, read_bytes, mversions, guard) for job in jobs]
     if total < PARALLEL_MIN_TARGETS or (not on_ray and (workers <= 1 or not can_fork())):
-        progress(f"selecting {total:,} target{'' if total == 1 else 's'} in this process")
+        progress(f"selecting {counted(total, 'target')} in this process")
         selected = progress.counter("targets selected", total)
         out = []
         for job, u in zip(jobs, uids):

@@ -18,6 +18,7 @@ import pyarrow as pa
 from pipeline.datasets import fingerprint_table
 from pipeline.multiid import parallel, selection
 from pipeline.multiid.config import MultiIDConfig
+from pipeline.multiid.progress import counted
 from pipeline.multiid.reuse import (
     TARGETS_FILE,
     TARGETS_SCHEMA,
@@ -60,11 +61,6 @@ IMAGE_COLUMNS = ["uid", "source", "caption", "width", "height"]  # what a sample
 # a bucket's derivation (_Plan._derive) is split over the forked workers when each gets this many targets
 DERIVE_PARALLEL_MIN = 512
 _DERIVING: dict = {}  # the derivation's arguments, inherited by the forked workers (never pickled)
-
-
-def _n(count: int, noun: str, plural: str = "s") -> str:
-    """"1 target", "2,000 targets"."""
-    return f"{count:,} {noun}{'' if count == 1 else plural}"
 
 
 def bucket_of(group: str, n: int) -> int:
@@ -242,7 +238,7 @@ class _Plan:
             "kp_strong_inliers")}, feature_store_bytes) if guard_cache is not None else None
         self.corrupt: list[str] = []
         self.eval_fallback: list[str] = []
-        self.progress(f"planned {_n(len(self.img_meta), 'photo')}, {_n(faces.num_rows, 'face')}, in {_n(len(self.buckets), 'bucket')}"
+        self.progress(f"planned {counted(len(self.img_meta), 'photo')}, {counted(faces.num_rows, 'face')}, in {counted(len(self.buckets), 'bucket')}"
                       + (f"; previous version {self.previous.name}" if self.previous is not None else ""))
 
     def split_of(self, identity_id: str) -> str:
@@ -437,8 +433,8 @@ class _Plan:
         stem = f"{b.name}-derived-{self.selections}"
         args = (b, tf, ctx, counts_of, by_uid, deferred)
         n = min(self.workers, len(want) // DERIVE_PARALLEL_MIN) if self.engine == "inprocess" else 1
-        self.progress(f"bucket {b.name}: {_n(len(want), 'target')} whose candidates changed checked against their previous rows "
-                      f"(kept where the choice cannot change) in {_n(max(1, n), 'process', 'es')}")
+        self.progress(f"bucket {b.name}: {counted(len(want), 'target')} whose candidates changed checked against their previous rows "
+                      f"(kept where the choice cannot change) in {counted(max(1, n), 'process', 'es')}")
         if n > 1 and parallel.can_fork():
             ranges = [want[k * len(want) // n:(k + 1) * len(want) // n] for k in range(n)]
             _DERIVING.update(plan=self, args=args, ranges=ranges, stem=stem)

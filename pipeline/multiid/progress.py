@@ -7,6 +7,11 @@ import time
 from collections.abc import Callable
 
 
+def counted(count: int, noun: str, plural: str = "s") -> str:
+    """"1 target", "2,000 targets"."""
+    return f"{count:,} {noun}{'' if count == 1 else plural}"
+
+
 class BuildProgress:
     """``report(line)`` with the seconds since the build began; ``None``: silent."""
 
