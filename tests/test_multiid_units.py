@@ -233,3 +233,35 @@ def test_merged_rows_write_the_same_file_whatever_their_pieces(tmp_path):
         write_parquet_stream_atomic(_merge_in_target_order([pieces(seed)], schema), schema, path)
         digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+def test_a_few_targets_rows_are_read_from_the_row_groups_that_hold_them(tmp_path):
+    """A refresh reads a bucket's few changed targets' rows from the previous version's whole table: only the
+    row groups whose target_uid range holds one of them are read, and the rows are those of filtering the whole
+    table (targets present, absent, at a group's edge, all of them, none)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline.multiid.rows import _merge_in_target_order, _part_batches, _row_groups_holding
+    from pipeline.storage import write_parquet_stream_atomic
+
+    n = 200_000
+    rng = np.random.default_rng(3)
+    schema = pa.schema([("target_uid", pa.string()), ("score", pa.float32())])
+    per = rng.integers(1, 40, size=20_000)
+    uids = np.repeat([f"t{i:06d}" for i in range(len(per))], per)[:n]
+    table = pa.table({"target_uid": uids, "score": rng.random(len(uids), dtype=np.float32)}, schema=schema)
+    path = tmp_path / "candidates.parquet"
+    write_parquet_stream_atomic(_merge_in_target_order([iter([table])], schema), schema, path, row_group=30_000)
+    f = pq.ParquetFile(path)
+    assert f.metadata.num_row_groups >= 3
+    first_of_group2 = pq.ParquetFile(path).read_row_group(2).column("target_uid")[0].as_py()
+    every = sorted(set(uids.tolist()))
+    for want in (["t000005", "t019000"], [first_of_group2], ["t000005", "absent", "t010000"], every, ["zz-absent"], []):
+        got = list(_part_batches(path, schema, pa.array(want, pa.string())))
+        rows = pa.concat_tables(got) if got else table.slice(0, 0)
+        expect = table.filter(pc.is_in(table.column("target_uid"), pa.array(want, pa.string())))
+        assert rows.equals(expect), want
+    groups = _row_groups_holding(f, ["t000005", "t019000"])
+    assert groups is not None and 1 <= len(groups) <= 2 < f.metadata.num_row_groups
+    assert _row_groups_holding(f, every) is None  # every group: no list
