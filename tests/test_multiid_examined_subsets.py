@@ -43,8 +43,9 @@ def _collection(n: int, tag: str = "") -> tuple[dict, dict]:
     return by_uid, {u: u.encode() for u in by_uid}
 
 
-def _previous_rows(tf: TargetFingerprints) -> list[dict]:
-    return [{"target_face_index": 0, "ref_uid": c.uid, "ref_face_index": c.face_index} for c in tf.examined_of("t", "p")]
+def _previous_rows(tf: TargetFingerprints) -> list[tuple[int, str, int]]:
+    """The previous candidate rows' (target face index, ref uid, ref face index)."""
+    return [(0, c.uid, c.face_index) for c in tf.examined_of("t", "p")]
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -54,7 +55,7 @@ def test_the_seeded_subset_is_the_one_every_face_hashed_gives(seed):
     before = _fingerprints(by_uid, digests)
     rows = _previous_rows(before)
     prev = _Prev(digests, before.splits)
-    members = {(r["ref_uid"], r["ref_face_index"]) for r in rows}
+    members = {(ref_uid, ref_fi) for _, ref_uid, ref_fi in rows}
     now, now_digests = {u: list(fs) for u, fs in by_uid.items()}, dict(digests)
     for k in range(rng.randint(0, 6)):  # new photos of p
         u = f"n{seed}-{k}"

@@ -140,3 +140,38 @@ def test_a_derived_samples_json_is_patched_to_the_bytes_a_fresh_encoding_gives()
     spaced = json.dumps(s, sort_keys=True).encode()  # not this builder's encoding: re-encoded whole
     got = _patched_json(spaced, {1: (1, 0)})
     assert isinstance(got, dict) and _encode("json", got) != spaced and got["faces"][0]["n_candidates"] == 6
+
+
+def test_previous_candidates_are_grouped_by_target_across_batches():
+    """The previous candidate rows reach the derivation in batches that cut targets anywhere: each target's rows
+    come back whole, in their order, with the columns the derivation reads; rows out of target order stop it."""
+    import pytest
+
+    from pipeline.multiid.reuse import previous_candidates_by_target
+    from pipeline.multiid.rows import CANDIDATE_SCHEMA
+
+    rng = np.random.default_rng(7)
+    rows = []
+    for t in range(60):
+        for k in range(int(rng.integers(1, 30))):
+            rows.append({"target_uid": f"t{t:03d}", "target_face_index": int(rng.integers(0, 3)), "identity_id": f"p{k % 4}",
+                         "ref_uid": f"r{k:03d}", "ref_face_index": k % 2, "similarity": float(rng.random()),
+                         "image_hamming": None if k % 5 == 0 else k, "face_hamming": k + 1,
+                         "score": None if k % 3 == 0 else 0.5, "status": ["selected", "redundant", None][k % 3]})
+    table = pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
+    cuts = sorted(set(rng.integers(1, len(rows), size=12).tolist()))
+    pieces = [table.slice(a, b - a) for a, b in zip([0, *cuts], [*cuts, len(rows)])]
+    got = {}
+    for u, old in previous_candidates_by_target(iter(pieces)):
+        b = old.batch
+        got[u] = [(b.face[i], b.identity[i], b.ref_uid[i], b.ref_face[i], b.status[i], b.image_hamming[i], b.face_hamming[i],
+                   b.scored[i]) for i in old.indices()]
+        assert [b.table.column("ref_uid")[i].as_py() for i in old.indices()] == [x[2] for x in got[u]]
+    want: dict[str, list] = {}
+    for r in rows:
+        want.setdefault(r["target_uid"], []).append((r["target_face_index"], r["identity_id"], r["ref_uid"], r["ref_face_index"],
+                                                     r["status"], r["image_hamming"], r["face_hamming"], r["score"] is not None))
+    assert list(got) == sorted(want) and got == want
+    shuffled = [pieces[1], pieces[0], *pieces[2:]]
+    with pytest.raises(RuntimeError, match="not in target order"):
+        list(previous_candidates_by_target(iter(shuffled)))

@@ -20,6 +20,7 @@ from pipeline.multiid import parallel, selection
 from pipeline.multiid.config import MultiIDConfig
 from pipeline.multiid.progress import counted
 from pipeline.multiid.reuse import (
+    NO_PREVIOUS_CANDIDATES,
     TARGETS_FILE,
     TARGETS_SCHEMA,
     PreviousTargets,
@@ -30,6 +31,7 @@ from pipeline.multiid.reuse import (
     patch_over_cap,
     patched_records,
     photo_digests,
+    previous_candidates_by_target,
     reselect_reason,
     reused_records,
     target_counts,
@@ -474,30 +476,29 @@ class _Plan:
         from pipeline.multiid.rows import _rows_by_target
 
         hist = {"candidates": np.zeros(len(SIM_BINS) - 1, np.int64), "pairs": np.zeros(len(SIM_BINS) - 1, np.int64)}
-        schemas = {"candidates": CANDIDATE_SCHEMA, "pairs": PAIRS_SCHEMA}
-        pending: dict[str, list[dict]] = {"candidates": [], "pairs": []}
         sink = None
 
-        def flush(name: str) -> None:
+        def write(name: str, table: pa.Table) -> None:
             nonlocal sink
-            rows = pending[name]
-            if not rows:
-                return
             if sink is None:
                 sink = _RowParts(self.parts_dir, stem)
-            hist[name] += np.histogram(np.asarray([r["similarity"] for r in rows], np.float64), bins=SIM_BINS)[0]
-            sink.write(name, pa.Table.from_pylist(rows, schema=schemas[name]))
-            rows.clear()
+            sim = np.asarray(table.column("similarity").to_numpy(zero_copy_only=False), np.float64)
+            hist[name] += np.histogram(sim, bins=SIM_BINS)[0]
+            sink.write(name, table)
 
+        pending = {"candidates": _TakenRows(CANDIDATE_SCHEMA, lambda t: write("candidates", t)),
+                   "pairs": _TakenRows(PAIRS_SCHEMA, lambda t: write("pairs", t))}
         out, known, same_examined, not_derived = {}, {}, set(), Counter()
         wanted = pa.array(want, pa.string())
-        previous = {name: _rows_by_target(_part_batches(self.previous / f"{name}.parquet", schema, wanted))
-                    for name, schema in schemas.items()}
+        old_candidates = previous_candidates_by_target(
+            _part_batches(self.previous / "candidates.parquet", CANDIDATE_SCHEMA, wanted))
+        old_pair_rows = _rows_by_target(_part_batches(self.previous / "pairs.parquet", PAIRS_SCHEMA, wanted))
         try:
-            for u, old_cands, old_pairs in _zip_by_target(want, previous["candidates"], previous["pairs"]):
+            for u, old_cands, old_pairs in _zip_by_target(want, old_candidates, old_pair_rows):
+                old_cands = old_cands or NO_PREVIOUS_CANDIDATES
                 examined = None
                 if u in deferred:
-                    tf.seed_examined(u, old_cands, self.prev_targets)
+                    tf.seed_examined(u, old_cands.refs(), self.prev_targets)
                     examined = tf.examined(u)
                     if self.prev_targets.get(u)["examined"] == examined:
                         same_examined.add(u)
@@ -506,24 +507,24 @@ class _Plan:
                 d = "previous_shard_damaged" if shard is not None and self.prev_targets.shard_problems(shard) else None
                 if d is None:
                     d = derive_added_candidates(u, old_cands, old_pairs, counts_of[u], tf, self.prev_targets, by_uid, ctx)
+                ob = old_cands.batch
                 if not isinstance(d, str):
                     # its rows in target order, each target's in its order; only what the plan needs is kept
-                    for name in ("candidates", "pairs"):
-                        pending[name] += d[name]
-                        if len(pending[name]) >= CANDIDATE_BATCH:
-                            flush(name)
+                    pending["candidates"].add(ob.table, d["candidates"])
+                    pending["pairs"].add(None, d["pairs"])
                     # a derived target's rows are its examined candidates, in examined order
                     out[u] = {"counts": d["counts"], "faces": d["faces"], "examined": examined or tf.examined_from_rows(
-                        u, [(x["identity_id"], x["ref_uid"], x["ref_face_index"]) for x in d["candidates"]])}
+                        u, [(ob.identity[x], ob.ref_uid[x], ob.ref_face[x]) if isinstance(x, int)
+                            else (x["identity_id"], x["ref_uid"], x["ref_face_index"]) for x in d["candidates"]])}
                     continue
                 if d != "previous_shard_damaged":  # its sample cannot be copied: selected again, not counted
                     not_derived[d] += 1
-                for r in old_cands:
-                    p = r["ref_uid"]
-                    if r["image_hamming"] is not None and tf.unchanged(p, self.prev_targets):
-                        known[(u, r["target_face_index"], p, r["ref_face_index"])] = (r["image_hamming"], r["face_hamming"])
-            for name in ("candidates", "pairs"):
-                flush(name)
+                for i in old_cands.indices():
+                    p = ob.ref_uid[i]
+                    if ob.image_hamming[i] is not None and tf.unchanged(p, self.prev_targets):
+                        known[(u, ob.face[i], p, ob.ref_face[i])] = (ob.image_hamming[i], ob.face_hamming[i])
+            for rows in pending.values():
+                rows.flush()
         finally:
             if sink is not None:
                 sink.close()
@@ -791,6 +792,51 @@ class _Plan:
             stats["eval_fallback"] = self.eval_fallback
         return stats
 
+
+
+class _TakenRows:
+    """A table's rows in order, each either a previous row (its index in the batch table it came from) or a new
+    one (a dict), written ``CANDIDATE_BATCH`` rows at a time: the previous rows are taken from their batch's
+    table, not rebuilt from dicts."""
+
+    def __init__(self, schema: pa.Schema, write):
+        self.schema, self.write = schema, write
+        self.table: pa.Table | None = None  # the batch the indices point into
+        self.idx: list[int] = []  # a row of the table, or -1 - its place in ``new``
+        self.new: list[dict] = []
+        self.pieces: list[pa.Table] = []
+        self.n = 0
+
+    def add(self, table: pa.Table | None, rows: list) -> None:
+        if table is not self.table and any(isinstance(r, int) for r in rows):
+            self._close_batch()
+            self.table = table
+        for r in rows:
+            if isinstance(r, int):
+                self.idx.append(r)
+            else:
+                self.idx.append(-1 - len(self.new))
+                self.new.append(r)
+        if self.n + len(self.idx) >= CANDIDATE_BATCH:
+            self.flush()
+
+    def _close_batch(self) -> None:
+        if not self.idx:
+            return
+        idx = np.asarray(self.idx, np.int64)
+        base = self.table if self.table is not None else self.schema.empty_table()
+        if self.new:
+            idx = np.where(idx < 0, base.num_rows - 1 - idx, idx)
+            base = pa.concat_tables([base, pa.Table.from_pylist(self.new, schema=self.schema)])
+        self.pieces.append(base.take(pa.array(idx)))
+        self.n += len(idx)
+        self.idx, self.new = [], []
+
+    def flush(self) -> None:
+        self._close_batch()
+        if self.pieces:
+            self.write(pa.concat_tables(self.pieces).combine_chunks())
+            self.pieces, self.n = [], 0
 
 
 def _derive_range(k: int) -> dict:

@@ -160,9 +160,9 @@ class TargetFingerprints:
         """Whether one of ``u``'s people has more candidates than the cap (choosing its subset hashes them all)."""
         return any(self.n_everyone(u, iid) > self.cap for iid in self.people(u))
 
-    def seed_examined(self, u: str, old_rows: list[dict], prev: PreviousTargets) -> int:
-        """Choose target ``u``'s examined subsets of its people over the cap from its previous candidate rows (the
-        subsets of the previous version, one row per examined candidate): the new subset is the ``cap`` lowest
+    def seed_examined(self, u: str, old_refs: Iterable[tuple[int, str, int]], prev: PreviousTargets) -> int:
+        """Choose target ``u``'s examined subsets of its people over the cap from its previous candidate rows
+        (target face index, ref uid, ref face index), one per examined candidate: the new subset is the ``cap`` lowest
         hashes among the previous subset's faces still there and the faces of the photos new or changed since,
         so only those are hashed, not every face of the person (a person with thousands of faces has as many
         targets, each hashing them all: 24M hashes in a 1% refresh at 100k faces). A face outside the previous
@@ -172,8 +172,8 @@ class TargetFingerprints:
         from pipeline.multiid.rules import examined_candidates
 
         refs_of: dict[int, list[tuple[str, int]]] = defaultdict(list)
-        for r in old_rows:
-            refs_of[r["target_face_index"]].append((r["ref_uid"], r["ref_face_index"]))
+        for fi, ref_uid, ref_fi in old_refs:
+            refs_of[fi].append((ref_uid, ref_fi))
         seeded = 0
         for f in self.by_uid.get(u, []):
             iid = f.identity_id
@@ -453,7 +453,74 @@ def reused_records(path: Path, keys: set[str]):
 WALKED = ("selected", "redundant", "near_duplicate_face_ncc", "near_duplicate_keypoints")
 
 
-def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict], counts: str, tf: TargetFingerprints,
+class _CandidateBatch:
+    """A batch of the previous version's candidate rows (a table in target order) with the columns the
+    derivation reads as Python lists, converted once per batch: a dict per row of every column was most of a
+    refresh's derivation (~3.5M previous rows read for 24k targets at 100k faces)."""
+
+    __slots__ = ("face", "face_hamming", "identity", "image_hamming", "ref_face", "ref_uid", "scored", "status", "table")
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+        self.face, self.identity, self.ref_uid, self.ref_face, self.status, self.image_hamming, self.face_hamming = (
+            table.column(c).to_pylist() for c in ("target_face_index", "identity_id", "ref_uid", "ref_face_index", "status",
+                                                   "image_hamming", "face_hamming"))
+        self.scored = table.column("score").is_valid().to_pylist()
+
+
+class PreviousCandidates:
+    """One target's previous candidate rows: rows ``start``..``stop`` of ``batch`` (in their order). A derived
+    target's rows that stay are taken from the batch's table by index (:func:`derive_added_candidates`)."""
+
+    __slots__ = ("batch", "start", "stop")
+
+    def __init__(self, batch: _CandidateBatch | None, start: int, stop: int):
+        self.batch, self.start, self.stop = batch, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def indices(self) -> range:
+        return range(self.start, self.stop)
+
+    def refs(self):
+        """(target face index, ref uid, ref face index) of each row."""
+        b = self.batch
+        return ((b.face[i], b.ref_uid[i], b.ref_face[i]) for i in self.indices())
+
+
+NO_PREVIOUS_CANDIDATES = PreviousCandidates(None, 0, 0)
+
+
+def previous_candidates_by_target(tables: Iterable[pa.Table]):
+    """(target uid, :class:`PreviousCandidates`) from tables of candidate rows in target order (a target's rows
+    contiguous, targets ascending; a target's rows may run on into the next table)."""
+    def in_order(u: str, last: str | None) -> str:
+        if last is not None and u <= last:
+            raise RuntimeError(f"rows of target {u!r} after those of {last!r}: not in target order")
+        return u
+
+    carry, last = None, None
+    for t in tables:
+        if carry is not None:
+            t = pa.concat_tables([carry, t])
+        if not t.num_rows:
+            continue
+        uids = t.column("target_uid").to_pylist()
+        batch = _CandidateBatch(t)
+        start = 0
+        for i in range(1, len(uids)):
+            if uids[i] != uids[start]:
+                last = in_order(uids[start], last)
+                yield last, PreviousCandidates(batch, start, i)
+                start = i
+        carry = t.slice(start)  # the last target's rows may go on in the next table
+    if carry is not None and carry.num_rows:
+        last = in_order(carry.column("target_uid")[0].as_py(), last)
+        yield last, PreviousCandidates(_CandidateBatch(carry), 0, carry.num_rows)
+
+
+def derive_added_candidates(u: str, old_cands: PreviousCandidates, old_pairs: list[dict], counts: str, tf: TargetFingerprints,
                             prev: PreviousTargets, by_uid: dict, ctx: dict) -> dict | str:
     """Target ``u``'s rows in this version from its previous rows, when its people only gained candidates that
     the selection never examines: each new one stops at a filter before the walk (ref_quality, pHash, the
@@ -466,7 +533,8 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
     (selection._new_fingerprints), ``img_meta``, ``split_of``, ``cfg``.
 
     Returns {"candidates": rows, "pairs": rows, "counts": the target's counts, "faces": {face index: (new
-    candidates, new survivors)}}: what selecting it again would give (byte-identical versions: tests)."""
+    candidates, new survivors)}}: what selecting it again would give (byte-identical versions: tests). A candidate
+    row is either a previous one, as its index in ``old_cands.batch.table``, or a new one (a dict)."""
     from pipeline.multiid import selection as sel
 
     cfg, fps, prep = ctx["cfg"], ctx["fingerprints"], ctx["prepared"]
@@ -475,13 +543,15 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
     fs = by_uid.get(u, [])
     usable = [f for f in fs if sel.unusable_reason(f, cfg.min_face_px, cfg.det_score_min, cfg.blur_min) is None]
     splits = {ctx["split_of"](f.identity_id) for f in fs if f.identity_id is not None}
-    by_face: dict[int, list[dict]] = defaultdict(list)
-    for r in old_cands:
-        by_face[r["target_face_index"]].append(r)
+    b = old_cands.batch
+    status, scored, ref_uid, ref_face = b.status, b.scored, b.ref_uid, b.ref_face
+    by_face: dict[int, list[int]] = defaultdict(list)
+    for i in old_cands.indices():
+        by_face[b.face[i]].append(i)
     if len(splits) != 1 or set(by_face) - {f.face_index for f in usable}:
         return "own_faces_changed"
     (split,) = splits
-    rows: list[dict] = []
+    rows: list[int | dict] = []
     added_by: dict[int, tuple[int, int]] = {}
     removed: Counter = Counter()
     target_fp = None
@@ -490,26 +560,26 @@ def derive_added_candidates(u: str, old_cands: list[dict], old_pairs: list[dict]
         over_cap += max(0, tf.n_everyone(u, f.identity_id) - cfg.max_candidates_per_person)
         # over the cap a new face may enter the examined subset and push another out of it
         cands = tf.examined_of(u, f.identity_id)
-        old = {(r["ref_uid"], r["ref_face_index"]): r for r in by_face.get(f.face_index, [])}
+        old = {(ref_uid[i], ref_face[i]): i for i in by_face.get(f.face_index, [])}
         now = {c.ref for c in cands}
         gone = [ref for ref in old if ref not in now]
         if len(old) != len(by_face.get(f.face_index, [])) or [c.ref for c in cands if c.ref in old] != [r for r in old if r in now]:
             return "candidates_out_of_order"
         n_gone = n_survivors = 0
         for ref in gone:  # a candidate gone (deleted, or pushed over the cap) that the walk never reached
-            r = old.pop(ref)
-            if r["status"] in WALKED or r["status"] == "unreadable_reference":  # (its error is in the counts)
+            i = old.pop(ref)
+            if status[i] in WALKED or status[i] == "unreadable_reference":  # (its error is in the counts)
                 return "walked_candidate_gone"
-            removed[r["status"]] -= 1
+            removed[status[i]] -= 1
             n_gone += 1
-            n_survivors -= r["score"] is not None  # not examined, counted as a survivor
+            n_survivors -= scored[i]  # not examined, counted as a survivor
         # its old candidates' photos as they were (those left are this person's faces now: a photo of theirs that
         # changed is among the person's changed faces, listed once per person)
         changed = tf.changed_photos(f.identity_id, prev)
         if changed and not changed.isdisjoint(ref[0] for ref in old):
             return "candidate_photo_changed"
         face_of = tf.face_by_ref(f.identity_id)  # the old refs left are this person's faces (a gone one returned above)
-        chosen = [face_of[ref] for ref, r in old.items() if r["status"] == "selected"]
+        chosen = [face_of[ref] for ref, i in old.items() if status[i] == "selected"]
         last = max((sel.rank_key(sel.candidate_score(cfg, min(1.0, float(f.emb @ c.emb)), sel.pose_diff(f, c)[0],
                                                      prep["quality"][c.ref]), c) for c in chosen), default=None)
         n_new = 0
