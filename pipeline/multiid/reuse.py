@@ -144,12 +144,13 @@ class TargetFingerprints:
         build over the cap (the examined fingerprint and the derivation of a target both need them)."""
         from pipeline.multiid.rules import examined_candidates
 
+        got = self._subsets.get((u, iid))  # (only a person over the cap has one: looked up before listing them all)
+        if got is not None:
+            return got
         everyone = [c for c in self.faces_of[iid] if c.uid != u]
         if len(everyone) <= self.cap:
             return everyone
-        got = self._subsets.get((u, iid))
-        if got is None:
-            got = self._subsets[(u, iid)] = examined_candidates(u, everyone, self.cap)
+        got = self._subsets[(u, iid)] = examined_candidates(u, everyone, self.cap)
         return got
 
     def n_everyone(self, u: str, iid: str) -> int:
