@@ -141,7 +141,7 @@ def _row_groups_holding(f, uids: list[str]) -> list[int] | None:
     """The row groups of Parquet file ``f`` whose target_uid range (from the footer's statistics) holds one of
     ``uids`` (sorted); a group without statistics is kept. None when every group is kept. A refresh derives a
     bucket's few changed targets from the previous version's tables, whose targets are spread over all of them:
-    each bucket read and decompressed the whole table (~14M candidate rows at 100k faces) for a handful of rows."""
+    each bucket read and decompressed the whole table (5.1M candidate rows at 100k faces) for a handful of rows."""
     md = f.metadata
     leaves = [i for i in range(md.num_columns) if md.schema.column(i).path == "target_uid"]
     if not leaves:
