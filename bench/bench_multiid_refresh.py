@@ -167,6 +167,7 @@ def step(data: Path, out: Path, reuse: Path | None, cap: int, keypoints: bool, w
             **{k: st[k] for k in ("buckets_reused", "buckets_rebuilt", "selections_run", "targets_reused", "targets_reselected",
                                   "reselect_reasons", "bytes_copied", "bytes_written", "bytes_reused")},
             **{k: st.get(k) for k in ("guard_decisions_reused", "guard_decisions_computed", "targets_derived", "not_derived_because",
+                                  "candidates_screened_from_previous", "candidate_rows_changed_by_walk",
                                   "photo_hashes_reused", "photo_hashes_computed",
                                   "face_features_reused", "face_features_computed", "face_features_entries",
                                   "face_features_bytes")}}

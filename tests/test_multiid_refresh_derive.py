@@ -86,6 +86,8 @@ def test_a_new_face_ranked_first_selects_the_targets_again(tmp_path, monkeypatch
     assert examined  # the new face is walked (selected, or judged a duplicate) in some targets
     assert examined <= set().union(*calls)
     assert st["reselect_reasons"].get("candidates_changed", 0) >= len(examined)
+    # those targets' other candidates were screened from their previous rows, not again
+    assert st["candidates_screened_from_previous"] > 0
     assert _compare(b.folder, fresh.folder) == []
 
 
@@ -175,3 +177,43 @@ def test_previous_candidates_are_grouped_by_target_across_batches():
     shuffled = [pieces[1], pieces[0], *pieces[2:]]
     with pytest.raises(RuntimeError, match="not in target order"):
         list(previous_candidates_by_target(iter(shuffled)))
+
+
+def test_previous_rows_written_by_target_read_back_whole_here_and_pickled(tmp_path):
+    """reuse.PreviousRowsWriter / PreviousRows: each target's rows come back as written, in its order, from the
+    memory-mapped file and from a pickled copy (what a Ray task on another node gets); a target not written has none."""
+    import pickle
+
+    from pipeline.multiid.reuse import PreviousRows, PreviousRowsWriter, previous_candidates_by_target
+    from pipeline.multiid.rows import CANDIDATE_SCHEMA
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for t in range(40):
+        for j in range(int(rng.integers(1, 30))):
+            rows.append({"target_uid": f"t{t:03d}", "target_face_index": int(j % 2), "identity_id": f"p{t % 5}",
+                         "ref_uid": f"r{j:03d}", "ref_face_index": 0, "similarity": float(rng.random()),
+                         "image_hamming": int(j), "face_hamming": None, "face_ncc": None, "kp_inliers": None, "kp_ratio": None,
+                         "ref_quality": 0.5, "pose_diff": 1.0, "score": None if j % 3 else 0.25, "status": f"s{j % 4}"})
+    table = pa.Table.from_pylist(rows, schema=CANDIDATE_SCHEMA)
+    w = PreviousRowsWriter(tmp_path / "prev.arrow", CANDIDATE_SCHEMA)
+    w.BATCH = 50  # several record batches
+    kept = set()
+    for u, got in previous_candidates_by_target([table.slice(0, 170), table.slice(170)]):
+        if int(u[1:]) % 3:
+            w.add(u, got)
+            kept.add(u)
+    path, index = w.close()
+    prev = PreviousRows([path], {u: (0, *at) for u, at in index.items()}, frozenset())
+    for reader in (prev, pickle.loads(pickle.dumps(prev))):
+        for t in range(40):
+            u = f"t{t:03d}"
+            got = reader.of(u)
+            if u not in kept:
+                assert got is None
+                continue
+            want = [r for r in rows if r["target_uid"] == u]
+            assert got.batch.table.slice(got.start, len(got)).to_pylist() == pa.Table.from_pylist(want, schema=CANDIDATE_SCHEMA).to_pylist()
+            assert [got.batch.status[i] for i in got.indices()] == [r["status"] for r in want]
+            assert [got.batch.scored[i] for i in got.indices()] == [r["score"] is not None for r in want]
+    assert PreviousRowsWriter(tmp_path / "none.arrow", CANDIDATE_SCHEMA).close() is None

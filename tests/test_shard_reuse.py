@@ -160,7 +160,8 @@ def test_a_new_photo_rebuilds_only_its_bucket(two_versions):
 # how a build went (reuse, caches): the only stats in which a refresh differs from a fresh build
 RUN_KEYS = ("buckets_reused", "buckets_rebuilt", "bytes_reused", "selections_run", "targets_reused", "targets_reselected",
             "targets_reused_over_cap_updated", "targets_derived", "not_derived_because",
-            "reselect_reasons", "bytes_copied", "bytes_written", "cache_evictions")
+            "reselect_reasons", "bytes_copied", "bytes_written", "cache_evictions", "candidates_screened_from_previous",
+            "candidate_rows_changed_by_walk")
 
 
 def _compare(folder_a: Path, folder_b: Path) -> list[str]:

@@ -261,6 +261,10 @@ def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -
     stats["targets_derived"] = sum(len(b.derived) for b in buckets)
     stats["not_derived_because"] = dict(sorted(sum((b.not_derived for b in buckets), Counter()).items()))
     stats["reselect_reasons"] = dict(sorted(sum((b.reasons for b in buckets), Counter()).items()))
+    # of the candidates of targets selected again, those screened from their previous rows (photos unchanged),
+    # and of those the rows the walk changed (the others taken from the previous table as they were)
+    stats["candidates_screened_from_previous"] = sum(b.previous_rows.get("screened", 0) for b in buckets)
+    stats["candidate_rows_changed_by_walk"] = sum(b.previous_rows.get("rows_changed", 0) for b in buckets)
     stats["bytes_copied"] = sum(b.bytes_copied for b in buckets)
     stats["bytes_written"] = sum(b.bytes_written for b in buckets)
     if plan.guard is not None:

@@ -37,8 +37,8 @@ class SelectionJob:
     records: bool = False
     prepared: dict | None = field(default=None, repr=False)
     hashes: dict | None = field(default=None, repr=False)  # photo_hashes of its photos, when worked out beforehand
-    # (target, target face, candidate, candidate face) -> its two pHash distances, known from the previous version
-    known_hamming: dict | None = field(default=None, repr=False)
+    # the previous candidate rows of targets selected again (reuse.PreviousRows; read by each worker, sent to Ray tasks)
+    previous: object | None = field(default=None, repr=False)
     # (target, person) -> the refs of the candidates it examines, chosen already (reuse.TargetFingerprints.subsets_of)
     known_subsets: dict | None = field(default=None, repr=False)
 
@@ -49,7 +49,7 @@ class SelectionJob:
 def _job_args(job: SelectionJob) -> dict:
     return {"stem": job.stem, "img_meta": job.img_meta, "by_uid": job.by_uid, "override": job.override,
             "tally": job.tally, "records": job.records, "prepared": job.prepared, "hashes": job.hashes,
-            "known_hamming": job.known_hamming, "known_subsets": job.known_subsets}
+            "previous": job.previous, "known_subsets": job.known_subsets}
 
 
 def _select_chunk(j: int, i: int, chunk: list[str]):
@@ -108,7 +108,7 @@ def _run_chunk(common: dict, a: dict, j: int, i: int, chunk: list[str]):
         samples, _, _, counts = selection._select(
             a["img_meta"], a["by_uid"], cfg, common["read_bytes"], a["override"], common["mversions"], sink=sink,
             targets=set(chunk), tally=tally, decisions=guard, records=records, prepared=a["prepared"],
-            fingerprints=_WORKER["fingerprints"], known_hamming=a.get("known_hamming"), known_subsets=a.get("known_subsets"))
+            fingerprints=_WORKER["fingerprints"], previous=a.get("previous"), known_subsets=a.get("known_subsets"))
     finally:
         sink.close()
         if records is not None:
@@ -371,7 +371,7 @@ def _select_here(job: SelectionJob, parts_dir: Path, cfg: MultiIDConfig, read_by
     try:
         samples, _, _, counts = selection._select(job.img_meta, job.by_uid, cfg, read_bytes, job.override, mversions, sink=sink,
                                                   targets=None if job.targets is None else set(job.targets), tally=job.tally,
-                                                  decisions=guard, records=spill, known_hamming=job.known_hamming,
+                                                  decisions=guard, records=spill, previous=job.previous,
                                                   known_subsets=job.known_subsets)
     finally:
         sink.close()

@@ -23,6 +23,8 @@ from pipeline.multiid.reuse import (
     NO_PREVIOUS_CANDIDATES,
     TARGETS_FILE,
     TARGETS_SCHEMA,
+    PreviousRows,
+    PreviousRowsWriter,
     PreviousTargets,
     TargetFingerprints,
     TargetTally,
@@ -37,7 +39,6 @@ from pipeline.multiid.reuse import (
     target_counts,
 )
 from pipeline.multiid.rows import (
-    CANDIDATE_BATCH,
     CANDIDATE_SCHEMA,
     PAIRS_SCHEMA,
     SIM_BINS,
@@ -47,6 +48,7 @@ from pipeline.multiid.rows import (
     _RowParts,
     _shard_samples,
     _spilled_records,
+    _TakenRows,
 )
 from pipeline.multiid.selection import FaceRec, _faces_from_table, unusable_reason
 from pipeline.multiid.splits import identity_split
@@ -104,6 +106,8 @@ class _Bucket:
     derived_faces: dict = field(default_factory=dict)
     not_derived: Counter = field(default_factory=Counter)  # why targets whose candidates changed were not derived
     evictions: dict = field(default_factory=dict)  # the cache evictions of this run's selection (not recorded)
+    # of its targets selected again, the candidates screened from their previous rows, and the rows the walk changed
+    previous_rows: dict = field(default_factory=dict)
     records: dict | None = None  # key -> the place of its shard record in a spill file (made by the selecting process)
     bytes_copied: int = 0
     bytes_written: int = 0
@@ -122,12 +126,12 @@ class _Bucket:
     def state(self) -> tuple:
         return (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
                 self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions,
-                self.records, self.derived, self.derived_parts, self.derived_faces, self.not_derived)
+                self.records, self.derived, self.derived_parts, self.derived_faces, self.not_derived, self.previous_rows)
 
     def restore(self, state: tuple) -> None:
         (self.override, self.samples, self.pair_rows, self.cand_rows, self.pairs, self.cands, self.summary, self.counts,
          self.previous, self.targets, self.copied, self.reasons, self.n_reused, self.reused, self.n_over_cap, self.evictions,
-         self.records, self.derived, self.derived_parts, self.derived_faces, self.not_derived) = state
+         self.records, self.derived, self.derived_parts, self.derived_faces, self.not_derived, self.previous_rows) = state
 
 
 def _summary(samples: list[dict]) -> list[tuple]:
@@ -356,7 +360,7 @@ class _Plan:
                 reuse.append(u)
             else:
                 why[u] = reason
-        derived, known, derived_hist, same_examined = self._derive(
+        derived, written, derived_hist, same_examined = self._derive(
             b, tf, [u for u, r in why.items() if r == "candidates_changed"], img_meta, by_uid, split_of, deferred)
         for u in sorted(same_examined):  # a deferred target whose examined candidates are the previous ones
             if self._previous_shard_damaged(b, u):
@@ -378,13 +382,13 @@ class _Plan:
             # the selected targets' rows are streamed to part files like a whole bucket's (:meth:`_run`); what
             # targets.parquet needs of them (the examined fingerprint, the unreadable references) is taken
             # as each target's candidate rows are final, not read back
-            def on_candidates(u: str, rows: list[dict]) -> tuple[bytes, list[str]]:
-                return (tf.examined_from_rows(u, [(r["identity_id"], r["ref_uid"], r["ref_face_index"]) for r in rows]),
-                        [r["ref_uid"] for r in rows if r["status"] == "unreadable_reference"])
+            def on_candidates(u: str, rows: list[tuple]) -> tuple[bytes, list[str]]:
+                return (tf.examined_from_rows(u, [r[:3] for r in rows]), [r[1] for r in rows if r[3] == "unreadable_reference"])
 
             tally = TargetTally(on_candidates)
             job = parallel.SelectionJob(f"{b.name}-{self.selections}", img_meta, by_uid, override, targets=run, tally=tally,
-                                        records=self.out_dir is not None, known_hamming=known or None,
+                                        records=self.out_dir is not None,
+                                        previous=self._previous_rows(written, tf, by_uid, run),
                                         known_subsets=tf.subsets_of(run) or None)
             self.selections += 1
         if job is None:
@@ -394,9 +398,19 @@ class _Plan:
         def finish(result) -> None:
             samples, counts, b.pairs, b.cands, b.records = result
             b.evictions = counts["cache_evictions"]
+            b.previous_rows = counts.pop("previous_rows", {})
             self._finish_per_target(b, tf, fps, run, reuse, over_cap, tally, samples, counts, derived, derived_hist)
 
         return job, finish
+
+    def _previous_rows(self, written: list, tf, by_uid: dict, run: list[str]):
+        """The previous candidate rows the derivation wrote for targets it could not keep (``written``: (path,
+        target -> rows) per file) as a reuse.PreviousRows for the selection of ``run``; None without any."""
+        index = {u: (k, *at) for k, (_, of) in enumerate(written) for u, at in of.items()}
+        if not index.keys() & set(run):
+            return None
+        prev = self.prev_targets
+        return PreviousRows([p for p, _ in written], index, frozenset(p for p in by_uid if not tf.unchanged(p, prev)))
 
     def _previous_shard_damaged(self, b: _Bucket, u: str) -> bool:
         """Whether the previous shard holding target ``u``'s sample fails its check (its problems recorded once)."""
@@ -412,8 +426,9 @@ class _Plan:
         faces' new counts, its examined fingerprint). Their rows go to part files, written a batch at a time as
         the previous rows stream past (one target's previous rows in memory at a time, not those of every
         changed target); their samples are copied from the previous tars, the JSON's counts raised.
-        And for the others, selected again, the pHash distances of their pairs whose photos did not change
-        (``known_hamming`` of selection.screen_candidate): their candidates' photos are not decoded for them.
+        And for the others, selected again, their previous candidate rows, written to Arrow files in the parts
+        folder ((path, target -> (first row, end row)) per file; reuse.PreviousRows): their candidates whose photos
+        did not change are not screened again.
         Third: the similarity histograms of the derived rows, by table. Fourth: the targets of ``deferred`` (people
         over the cap, their examined fingerprint not compared yet) whose examined candidates are the previous
         version's: the caller reuses them (their subsets are chosen here from their previous rows,
@@ -426,7 +441,7 @@ class _Plan:
         cfg = self.cfg
         hist = {"candidates": np.zeros(len(SIM_BINS) - 1, np.int64), "pairs": np.zeros(len(SIM_BINS) - 1, np.int64)}
         if not uids or cfg.examine_all_candidates or self.parts_dir is None:
-            return {}, {}, hist, set()
+            return {}, [], hist, set()
         want = sorted(uids)
         ctx = {"cfg": cfg, "prepared": selection._prepare(by_uid, cfg, set(b.override)), "img_meta": img_meta, "split_of": split_of,
                "fingerprints": selection._new_fingerprints(self.read_bytes, by_uid, cfg,
@@ -452,10 +467,11 @@ class _Plan:
                     self.guard.photos.hits += part["photos"][1]
         else:
             parts = [self._derive_targets(*args, want, stem)]
-        out, known, same_examined, paths = {}, {}, set(), {"candidates": [], "pairs": []}
+        out, written, same_examined, paths = {}, [], set(), {"candidates": [], "pairs": []}
         for part in parts:
             out.update(part["out"])
-            known.update(part["known"])
+            if part["previous"] is not None:
+                written.append(part["previous"])
             same_examined |= part["same_examined"]
             b.not_derived.update(part["not_derived"])
             for name in hist:
@@ -467,12 +483,13 @@ class _Plan:
         if out:
             b.derived = sorted(out)
             b.derived_parts = paths
-        return out, known, hist, same_examined
+        return out, written, hist, same_examined
 
     def _derive_targets(self, b: _Bucket, tf, ctx: dict, counts_of: dict, by_uid: dict, deferred: set[str], want: list[str],
                         stem: str) -> dict:
-        """:meth:`_derive` over the targets ``want`` (sorted): {"out", "known", "hist", "same_examined",
-        "not_derived", "paths"} (the part file of each table, None when no row was written)."""
+        """:meth:`_derive` over the targets ``want`` (sorted): {"out", "previous", "hist", "same_examined",
+        "not_derived", "paths"} (the part file of each table, None when no row was written; "previous": the
+        previous rows of the targets to select again, :class:`reuse.PreviousRowsWriter`'s, or None)."""
         from pipeline.multiid.rows import _rows_by_target
 
         hist = {"candidates": np.zeros(len(SIM_BINS) - 1, np.int64), "pairs": np.zeros(len(SIM_BINS) - 1, np.int64)}
@@ -488,7 +505,8 @@ class _Plan:
 
         pending = {"candidates": _TakenRows(CANDIDATE_SCHEMA, lambda t: write("candidates", t)),
                    "pairs": _TakenRows(PAIRS_SCHEMA, lambda t: write("pairs", t))}
-        out, known, same_examined, not_derived = {}, {}, set(), Counter()
+        out, same_examined, not_derived = {}, set(), Counter()
+        previous = PreviousRowsWriter(self.parts_dir / f"{stem}-previous.arrow", CANDIDATE_SCHEMA)
         wanted = pa.array(want, pa.string())
         old_candidates = previous_candidates_by_target(
             _part_batches(self.previous / "candidates.parquet", CANDIDATE_SCHEMA, wanted))
@@ -519,17 +537,15 @@ class _Plan:
                     continue
                 if d != "previous_shard_damaged":  # its sample cannot be copied: selected again, not counted
                     not_derived[d] += 1
-                for i in old_cands.indices():
-                    p = ob.ref_uid[i]
-                    if ob.image_hamming[i] is not None and tf.unchanged(p, self.prev_targets):
-                        known[(u, ob.face[i], p, ob.ref_face[i])] = (ob.image_hamming[i], ob.face_hamming[i])
+                previous.add(u, old_cands)
             for rows in pending.values():
                 rows.flush()
         finally:
             if sink is not None:
                 sink.close()
+            written = previous.close()
         paths = dict(sink.paths) if sink is not None else {}
-        return {"out": out, "known": known, "hist": hist, "same_examined": same_examined, "not_derived": not_derived,
+        return {"out": out, "previous": written, "hist": hist, "same_examined": same_examined, "not_derived": not_derived,
                 "paths": paths}
 
     def _finish_per_target(self, b: _Bucket, tf, fps: dict, run: list[str], reuse: list[str], over_cap: dict, tally,
@@ -793,50 +809,6 @@ class _Plan:
         return stats
 
 
-
-class _TakenRows:
-    """A table's rows in order, each either a previous row (its index in the batch table it came from) or a new
-    one (a dict), written ``CANDIDATE_BATCH`` rows at a time: the previous rows are taken from their batch's
-    table, not rebuilt from dicts."""
-
-    def __init__(self, schema: pa.Schema, write):
-        self.schema, self.write = schema, write
-        self.table: pa.Table | None = None  # the batch the indices point into
-        self.idx: list[int] = []  # a row of the table, or -1 - its place in ``new``
-        self.new: list[dict] = []
-        self.pieces: list[pa.Table] = []
-        self.n = 0
-
-    def add(self, table: pa.Table | None, rows: list) -> None:
-        if table is not self.table and any(isinstance(r, int) for r in rows):
-            self._close_batch()
-            self.table = table
-        for r in rows:
-            if isinstance(r, int):
-                self.idx.append(r)
-            else:
-                self.idx.append(-1 - len(self.new))
-                self.new.append(r)
-        if self.n + len(self.idx) >= CANDIDATE_BATCH:
-            self.flush()
-
-    def _close_batch(self) -> None:
-        if not self.idx:
-            return
-        idx = np.asarray(self.idx, np.int64)
-        base = self.table if self.table is not None else self.schema.empty_table()
-        if self.new:
-            idx = np.where(idx < 0, base.num_rows - 1 - idx, idx)
-            base = pa.concat_tables([base, pa.Table.from_pylist(self.new, schema=self.schema)])
-        self.pieces.append(base.take(pa.array(idx)))
-        self.n += len(idx)
-        self.idx, self.new = [], []
-
-    def flush(self) -> None:
-        self._close_batch()
-        if self.pieces:
-            self.write(pa.concat_tables(self.pieces).combine_chunks())
-            self.pieces, self.n = [], 0
 
 
 def _derive_range(k: int) -> dict:

@@ -51,6 +51,7 @@ from pipeline.multiid.rows import (
     _r,
     _RecordSpill,
     _RowParts,
+    _TakenRows,
 )
 from pipeline.multiid.rules import boxes_overlap, crop_box, examined_candidates
 from pipeline.multiid.splits import identity_split
@@ -416,13 +417,11 @@ def rank_key(score: float, c: FaceRec) -> tuple:
 
 
 def screen_candidate(uid: str, f: FaceRec, c: FaceRec, split: str, t_phash, t_fps, fps: _Fingerprints, prep: dict, img_meta: dict,
-                     by_uid: dict, cfg: MultiIDConfig, split_of, guard=None, known_hamming: dict | None = None) -> tuple[dict, object]:
+                     by_uid: dict, cfg: MultiIDConfig, split_of, guard=None) -> tuple[dict, object]:
     """Candidate ``c`` of target ``uid``'s person ``f``: its candidate row through the filters of step 3 (the status
     of the first that fires; ``score`` set, status None, when it survives them) and the guard's check when
     ``guard`` (the whole guard, ``examine_all_candidates``) ran on it, else None. Without ``guard`` only the two
-    pHashes of the copy-paste guard run here; NCC and keypoints wait for the walk. ``known_hamming``: the two
-    pHash distances of pairs whose photos are unchanged since the previous version (which read them): the
-    candidate's photo is then not decoded."""
+    pHashes of the copy-paste guard run here; NCC and keypoints wait for the walk."""
     qual, photo_split = prep["quality"], prep["photo_split"]
     # unit vectors: a float32 dot product of two equal embeddings can read 1.0000001, over any sim_high
     row = {"target_uid": uid, "target_face_index": f.face_index, "identity_id": f.identity_id, "ref_uid": c.uid,
@@ -443,18 +442,12 @@ def screen_candidate(uid: str, f: FaceRec, c: FaceRec, split: str, t_phash, t_fp
                for o in by_uid[c.uid]):
             row["status"] = "crop_shows_other_split"
             return row, None
-    known = known_hamming.get((uid, f.face_index, c.uid, c.face_index)) if known_hamming and guard is None else None
-    got = fps.get(c.uid) if known is None else None
-    if got is None and known is None:
+    got = fps.get(c.uid)
+    if got is None:
         row["status"] = "unreadable_reference"
         return row, None
     chk = None
-    if known is not None:
-        ih, fh = known
-        row.update(image_hamming=ih, face_hamming=fh)
-        dup = ih <= cfg.image_hamming_max or fh <= cfg.face_hamming_max
-        reason = "image_phash" if ih <= cfg.image_hamming_max else "face_phash"
-    elif guard is not None:
+    if guard is not None:
         chk = guard(uid, f, c, row, t_phash, t_fps, got)
         dup = chk.is_duplicate
         reason = chk.reason
@@ -479,7 +472,7 @@ def screen_candidate(uid: str, f: FaceRec, c: FaceRec, split: str, t_phash, t_fp
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
             mversions: list[str], sink: _RowParts | None = None, targets: set[str] | None = None, tally=None, decisions=None,
             records: _RecordSpill | None = None, prepared: dict | None = None, fingerprints: _Fingerprints | None = None,
-            known_hamming: dict | None = None, known_subsets: dict | None = None):
+            previous=None, known_subsets: dict | None = None):
     """Reference selection over the photos of ``img_meta`` / ``by_uid`` (the whole collection, or one
     bucket's co-occurrence components: a target's candidates are faces of its people, so they lie in its
     component). Returns (samples, pair rows, candidate rows, counts), ``counts`` being the additive part
@@ -492,8 +485,9 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     ``records`` (rows._RecordSpill): each sample's shard record is made as soon as it is selected (its
     photos' bytes still in the cache). ``prepared`` (:func:`_prepare` of the same photos and override) and
     ``fingerprints`` (:func:`_new_fingerprints`): made once and shared by the runs of one process over
-    chunks of the same photos' targets (a fresh cache by default). ``known_hamming``: :func:`screen_candidate`.
-    ``known_subsets``: (target, person) -> the refs of the candidates examined over the cap, chosen beforehand
+    chunks of the same photos' targets (a fresh cache by default). ``previous`` (reuse.PreviousRows, with
+    ``sink``): targets' previous candidate rows; a candidate whose photo is unchanged is not screened again,
+    and its row is taken from there when the walk leaves it as it was. ``known_subsets``: (target, person) -> the refs of the candidates examined over the cap, chosen beforehand
     (reuse.TargetFingerprints.seed_examined: the same as rules.examined_candidates, without hashing them all)."""
     def split_of(identity_id: str) -> str:
         return "eval" if identity_id in eval_override else identity_split(identity_id, cfg.eval_fraction, cfg.split_salt)
@@ -506,6 +500,8 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
     evicted_before = (fps.cache.evictions, fps.kps.evictions)
     kp_args = {"kp_min_inliers": cfg.kp_min_inliers, "kp_min_ratio": cfg.kp_min_ratio, "kp_strong_inliers": cfg.kp_strong_inliers}
     flags: Counter = Counter()
+    if previous is not None and (sink is None or cfg.examine_all_candidates):
+        raise ValueError("previous candidate rows serve a selection that streams its rows and walks the ranking")
 
     def guard(uid: str, f: FaceRec, c: FaceRec, row: dict, t_phash, t_fps, got) -> dedup.DupCheck:
         """The whole copy-paste guard, target face ``f`` against candidate ``c``: recorded in ``row`` and
@@ -542,7 +538,16 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
             sim_counts[name] += np.histogram(np.asarray([r["similarity"] for r in rows], dtype=np.float64), bins=SIM_BINS)[0]
             sink.write(name, pa.Table.from_pylist(rows, schema=schema))
             rows.clear()
+
+    def write_candidates(table: pa.Table) -> None:
+        sim_counts["candidates"] += np.histogram(table.column("similarity").to_numpy().astype(np.float64), bins=SIM_BINS)[0]
+        sink.write("candidates", table)
+
+    # a target's candidate rows: dicts, or (with ``previous``) ints, rows of its previous table kept as they were
+    taken = _TakenRows(CANDIDATE_SCHEMA, write_candidates) if sink is not None else None
+    as_before = Counter()  # candidates screened from their previous rows; of those, rows the walk changed
     n_persons = 0
+    faces_by_ref: dict[str, dict] = {}  # identity -> (uid, face index) -> face (persons with a subset chosen beforehand)
     target_uids = sorted(img_meta) if targets is None else sorted(set(img_meta) & set(targets))
     for uid in (target_uids if tally is None else tally.each(target_uids, target_reasons, removed, flags)):
         fs = by_uid.get(uid, [])
@@ -577,33 +582,66 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         persons = []
         t_cands = []
         ok = True
+        was = previous.of(uid) if previous is not None else None
+        was_of = defaultdict(dict)  # target face -> (candidate ref -> its previous row)
+        if was is not None:
+            wb = was.batch
+            for i in was.indices():
+                if wb.status[i] != "unreadable_reference" and wb.ref_uid[i] not in previous.changed:  # (read again)
+                    was_of[wb.face[i]][(wb.ref_uid[i], wb.ref_face[i])] = i
         for f in usable:
-            cands = [c for c in by_identity[f.identity_id] if c.uid != uid]
-            if len(cands) > cfg.max_candidates_per_person:
-                removed["not_examined_over_cap"] += len(cands) - cfg.max_candidates_per_person
-                known = known_subsets.get((uid, f.identity_id)) if known_subsets else None
+            known = known_subsets.get((uid, f.identity_id)) if known_subsets else None
+            if known is not None:  # chosen beforehand: its faces looked up, not the person's thousands listed
+                n_all = len(by_identity[f.identity_id]) - sum(o.identity_id == f.identity_id for o in fs)
+                face_of = faces_by_ref.get(f.identity_id)
+                if face_of is None:
+                    face_of = faces_by_ref[f.identity_id] = {c.ref: c for c in by_identity[f.identity_id]}
+                cands = [face_of[r] for r in sorted(known)]  # refs sort as (uid, face index)
+            else:
+                cands = [c for c in by_identity[f.identity_id] if c.uid != uid]
+                n_all = len(cands)
+            if n_all > cfg.max_candidates_per_person:
+                removed["not_examined_over_cap"] += n_all - cfg.max_candidates_per_person
                 if known is None:
                     cands = examined_candidates(uid, cands, cfg.max_candidates_per_person)
-                else:
-                    cands = sorted((c for c in cands if c.ref in known), key=lambda c: (c.uid, c.face_index))
             removed["candidates_total"] += len(cands)
-            survivors = []
+            survivors = []  # (score, candidate, its row: a dict or its previous row's index, check, place in t_cands)
+            old = was_of.get(f.face_index)
             for c in cands:
+                i = old.get(c.ref) if old else None
+                if i is not None:  # screened as last time: its filters, pHashes and score
+                    as_before["screened"] += 1
+                    t_cands.append(i)
+                    if wb.scored[i]:  # the score exactly as screening works it out (the row holds it in float32)
+                        survivors.append((candidate_score(cfg, min(1.0, float(f.emb @ c.emb)), pose_diff(f, c)[0], qual[c.ref]),
+                                          c, i, None, len(t_cands) - 1))
+                    continue
                 row, chk = screen_candidate(uid, f, c, split, t_phash, t_fps, fps, prep, img_meta, by_uid, cfg, split_of,
-                                            guard if cfg.examine_all_candidates else None, known_hamming)
+                                            guard if cfg.examine_all_candidates else None)
                 t_cands.append(row)
                 if row["score"] is not None:
-                    survivors.append((row, c, chk))
-            survivors.sort(key=lambda t: rank_key(t[0]["score"], t[1]))
+                    survivors.append((row["score"], c, row, chk, len(t_cands) - 1))
+            survivors.sort(key=lambda t: rank_key(t[0], t[1]))
             chosen = []
             n_guarded_out = 0  # ranked candidates the rest of the guard (NCC, keypoints) removed on the walk
-            for i, (row, c, chk) in enumerate(survivors):
+            for k, (score, c, row, chk, at) in enumerate(survivors):
                 if len(chosen) >= cfg.refs_per_person:
-                    row["status"] = "ranked_out" if chk is not None else "not_examined_enough_chosen"
+                    status = "ranked_out" if chk is not None else "not_examined_enough_chosen"
+                    if not isinstance(row, int):
+                        row["status"] = status
+                    elif wb.status[row] != status:  # walked last time: its row without the guard's figures
+                        as_before["rows_changed"] += 1
+                        t_cands[at] = {**wb.table.slice(row, 1).to_pylist()[0], "status": status, "face_ncc": None,
+                                       "kp_inliers": None, "kp_ratio": None}
                     continue
+                if isinstance(row, int):  # reached by the walk: its row as screening gives it
+                    as_before["rows_changed"] += 1
+                    row = t_cands[at] = {**wb.table.slice(row, 1).to_pylist()[0], "similarity": min(1.0, float(f.emb @ c.emb)),
+                                         "ref_quality": qual[c.ref], "pose_diff": pose_diff(f, c)[0], "score": score,
+                                         "status": None, "face_ncc": None, "kp_inliers": None, "kp_ratio": None}
                 if chk is None:
                     chk = guard(uid, f, c, row, t_phash, t_fps, fps.get(c.uid))
-                    survivors[i] = (row, c, chk)
+                    survivors[k] = (score, c, row, chk, at)
                     if chk.is_duplicate:
                         row["status"] = "near_duplicate_" + chk.reason
                         n_guarded_out += 1
@@ -630,13 +668,14 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
             # survivors: the candidates that passed every filter run on them (without examine_all_candidates,
             # those ranked below the last reference chosen did not go through NCC and keypoints)
             persons.append((f, cands, len(survivors) - n_guarded_out, chosen))
-        for row in t_cands:
-            removed[row["status"]] += 1
-        if tally is not None:
-            tally.candidates(uid, t_cands)
-        cand_rows += t_cands
-        if sink is not None and len(cand_rows) >= CANDIDATE_BATCH:
-            flush("candidates", cand_rows, CANDIDATE_SCHEMA)
+        removed.update(r["status"] if not isinstance(r, int) else wb.status[r] for r in t_cands)
+        if tally is not None:  # (identity, ref uid, ref face index, status) of each row
+            tally.candidates(uid, [(r["identity_id"], r["ref_uid"], r["ref_face_index"], r["status"]) if not isinstance(r, int)
+                                   else (wb.identity[r], wb.ref_uid[r], wb.ref_face[r], wb.status[r]) for r in t_cands])
+        if taken is not None:
+            taken.add(wb.table if was is not None else None, t_cands)
+        else:
+            cand_rows += t_cands
         if sink is not None and len(pair_rows) >= CANDIDATE_BATCH:
             flush("pairs", pair_rows, PAIRS_SCHEMA)
         if not ok and cfg.require_all_refs:
@@ -724,8 +763,10 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         "similarity_all_candidates": _hist_counts([r["similarity"] for r in cand_rows]),
         "similarity_selected": _hist_counts([r["similarity"] for r in pair_rows]),
     }
+    if previous is not None:  # how the build went, not recorded in the version
+        counts["previous_rows"] = {"screened": as_before["screened"], "rows_changed": as_before["rows_changed"]}
     if sink is not None:
-        flush("candidates", cand_rows, CANDIDATE_SCHEMA)
+        taken.flush()
         flush("pairs", pair_rows, PAIRS_SCHEMA)
         counts["similarity_all_candidates"] = {str(int(i)): int(sim_counts["candidates"][i]) for i in np.nonzero(sim_counts["candidates"])[0]}
         counts["similarity_selected"] = {str(int(i)): int(sim_counts["pairs"][i]) for i in np.nonzero(sim_counts["pairs"])[0]}
