@@ -44,6 +44,10 @@ class BytesLRU:
         self.loads = 0
         self.evictions = 0
 
+    def peek(self, key) -> bytes | None:
+        """The bytes of ``key`` when held (not loaded, not made recent)."""
+        return self._held.get(key)
+
     def get(self, key) -> bytes:
         b = self._held.get(key)
         if b is not None:

@@ -265,3 +265,29 @@ def test_a_few_targets_rows_are_read_from_the_row_groups_that_hold_them(tmp_path
     groups = _row_groups_holding(f, ["t000005", "t019000"])
     assert groups is not None and 1 <= len(groups) <= 2 < f.metadata.num_row_groups
     assert _row_groups_holding(f, every) is None  # every group: no list
+
+
+def test_a_photos_member_extension_is_the_format_pillow_reads():
+    """rows._image_ext tells JPEG and PNG by their signatures and leaves the rest to Pillow: the extension
+    must be Pillow's for every format, a multi-frame MPO (a JPEG that Pillow reads as MPO) included."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.multiid.rows import PIL_EXT, _image_ext
+
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray((rng.random((40, 50, 3)) * 255).astype(np.uint8)) for _ in range(2)]
+    cases = []
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"):
+        b = io.BytesIO()
+        frames[0].save(b, format=fmt)
+        cases.append(b.getvalue())
+    b = io.BytesIO()
+    frames[0].save(b, format="MPO", save_all=True, append_images=frames[1:])
+    cases.append(b.getvalue())
+    for data in cases:
+        with Image.open(io.BytesIO(data)) as im:
+            assert _image_ext(data) == PIL_EXT.get(im.format or "", "img")
+    with Image.open(io.BytesIO(cases[-1])) as im:
+        assert im.format == "MPO"  # the case the signature alone would get wrong

@@ -129,14 +129,16 @@ class SharedFaceStore:
         self.written += len(data)
         return True
 
-    def reader(self, read_bytes):
-        """``read_bytes`` that takes a photo's published bytes when there are, and publishes those it reads."""
+    def reader(self, read_bytes, publish: bool = True):
+        """``read_bytes`` that takes a photo's published bytes when there are, and publishes those it reads
+        (unless ``publish`` is False: a read no other worker will repeat)."""
         def read(uid: str) -> bytes:
             try:
                 data = self._path("raw", uid, None, ".done").read_bytes()
             except FileNotFoundError:
                 data = read_bytes(uid)
-                self.put_bytes(uid, data)
+                if publish:
+                    self.put_bytes(uid, data)
                 return data
             self.loaded += 1
             return data

@@ -453,6 +453,7 @@ class _Plan:
         self.progress(f"bucket {b.name}: {counted(len(want), 'target')} whose candidates changed checked against their previous rows "
                       f"(kept where the choice cannot change) in {counted(max(1, n), 'process', 'es')}")
         if n > 1 and parallel.can_fork():
+            self._hash_changed_photos(tf, by_uid, n)
             ranges = [want[k * len(want) // n:(k + 1) * len(want) // n] for k in range(n)]
             _DERIVING.update(plan=self, args=args, ranges=ranges, stem=stem)
             try:
@@ -484,6 +485,26 @@ class _Plan:
             b.derived = sorted(out)
             b.derived_parts = paths
         return out, written, hist, same_examined
+
+    def _hash_changed_photos(self, tf, by_uid: dict, n: int) -> None:
+        """The pHashes of the bucket's photos new or changed since the previous version (not in the pHash store),
+        worked out in ``n`` forked processes and kept in the store before the derivation forks: its processes
+        screen those photos' faces as new candidates, each decoding those its targets meet (most of them, in
+        every process)."""
+        photos = self.guard.photos if self.guard is not None else None
+        if photos is None:
+            return
+        fresh = [p for p in sorted(by_uid) if by_uid[p] and p not in photos.entries and not tf.unchanged(p, self.prev_targets)]
+        if len(fresh) < 2 * n:
+            return
+        _DERIVING.update(hash_args=(by_uid, self.cfg, self.read_bytes, photos), ranges=[fresh[k::n] for k in range(n)])
+        try:
+            parts = parallel.fork_map(_hash_range, list(range(n)), n)
+        finally:
+            _DERIVING.clear()
+        for part in parts:
+            for uid, value in part.items():
+                photos.record_from(uid, by_uid, value)
 
     def _derive_targets(self, b: _Bucket, tf, ctx: dict, counts_of: dict, by_uid: dict, deferred: set[str], want: list[str],
                         stem: str) -> dict:
@@ -809,6 +830,12 @@ class _Plan:
         return stats
 
 
+
+
+def _hash_range(k: int) -> dict:
+    """In a forked worker: selection.photo_hashes of the ``k``-th share of the photos (:meth:`_Plan._hash_changed_photos`)."""
+    by_uid, cfg, read_bytes, photos = _DERIVING["hash_args"]
+    return selection.photo_hashes(_DERIVING["ranges"][k], by_uid, cfg, read_bytes, stored=photos)
 
 
 def _derive_range(k: int) -> dict:

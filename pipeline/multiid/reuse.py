@@ -124,6 +124,7 @@ class TargetFingerprints:
                     self.faces_of[f.identity_id].append(f)
         self._ident: dict[str, bytes] = {}
         self._photos: dict[str, bytes] = {}
+        self._face_parts: dict[tuple[str, int], bytes] = {}
         self._unchanged: dict[str, bool] = {}
         self._by_ref: dict[str, dict] = {}  # photo -> what the fingerprints take of it (met once per candidate)
         self._subsets: dict[tuple[str, str], list] = {}  # (target, identity) -> its examined faces, over the cap
@@ -184,14 +185,14 @@ class TargetFingerprints:
             if not was:
                 continue
             by_ref = self.face_by_ref(iid)
-            pool = {r: by_ref[r] for r in was if r in by_ref}
+            pool = {r: c for r in was if (c := by_ref.get(r)) is not None}
             if len(pool) < len(was) and len(was) >= self.cap:
                 continue
             for c in self._changed_faces(iid, prev):
                 if c.uid != u:
                     pool.setdefault(c.ref, c)
-            self._subsets[(u, iid)] = examined_candidates(u, sorted(pool.values(), key=lambda c: (c.uid, c.face_index)),
-                                                          self.cap)
+            # in (uid, face index) order, as the selection lists them (refs sort so)
+            self._subsets[(u, iid)] = examined_candidates(u, [pool[r] for r in sorted(pool)], self.cap)
             seeded += 1
         return seeded
 
@@ -269,10 +270,16 @@ class TargetFingerprints:
     def _examined(self, u: str, per_person: dict[str, list[tuple[str, int]]]) -> bytes:
         h = hashlib.sha256(json.dumps(sorted(per_person)).encode())
         for iid in sorted(per_person):
-            for r, fi in per_person[iid]:
-                h.update(f"{fi}\x1f".encode() + self._photo(r))
+            h.update(b"".join([self._face_part(r, fi) for r, fi in per_person[iid]]))
         own = self.digests.get(u, b"-")
         return hashlib.sha256(self.common + b"examined" + own + self.splits[u].encode() + b"\x1f" + h.digest()).digest()[:16]
+
+    def _face_part(self, p: str, fi: int) -> bytes:
+        """What the examined fingerprint takes of a candidate face (once per face: met by each of its targets)."""
+        got = self._face_parts.get((p, fi))
+        if got is None:
+            got = self._face_parts[(p, fi)] = f"{fi}\x1f".encode() + self._photo(p)
+        return got
 
     def face_by_ref(self, iid: str) -> dict:
         """(uid, face index) -> face, of person ``iid`` (once per person: each derived target of theirs needs it)."""
@@ -461,13 +468,14 @@ class _CandidateBatch:
     rebuilt from those dicts, were two fifths of a 1% refresh's derivation at 100k faces (~3.5M previous rows read
     for 24k targets)."""
 
-    __slots__ = ("face", "face_hamming", "identity", "image_hamming", "ref_face", "ref_uid", "scored", "status", "table")
+    __slots__ = ("face", "face_hamming", "identity", "image_hamming", "ref_face", "ref_uid", "scored", "similarity", "status",
+                 "table")
 
     def __init__(self, table: pa.Table):
         self.table = table
-        self.face, self.identity, self.ref_uid, self.ref_face, self.status, self.image_hamming, self.face_hamming = (
+        self.face, self.identity, self.ref_uid, self.ref_face, self.status, self.image_hamming, self.face_hamming, self.similarity = (
             table.column(c).to_pylist() for c in ("target_face_index", "identity_id", "ref_uid", "ref_face_index", "status",
-                                                   "image_hamming", "face_hamming"))
+                                                   "image_hamming", "face_hamming", "similarity"))
         self.scored = table.column("score").is_valid().to_pylist()
 
 
@@ -505,8 +513,8 @@ class PreviousRows:
     Screening a candidate (selection.screen_candidate: its filters, pHashes, similarity and score) depends
     only on the two photos' rows, bytes and faces' splits and on the settings, which a target selected for
     this reason keeps: so a candidate whose photo is unchanged gets its previous row's screening, and the
-    row itself when the walk leaves it as it was. A 1% refresh at 100k faces screened ~4M such candidates
-    again, a dict each, and rebuilt the rows from those dicts (a fifth of its CPU)."""
+    row itself when the walk leaves it as it was (before, a 1% refresh at 100k faces screened every candidate
+    of those targets again, a dict each, and rebuilt their rows from the dicts)."""
 
     def __init__(self, paths: list[Path], index: dict[str, tuple[int, int, int]], changed: frozenset[str]):
         self.paths, self.index, self.changed = [Path(p) for p in paths], index, changed

@@ -24,8 +24,15 @@ def _r(x: float, n: int = 6) -> float:
 
 
 def _image_ext(data: bytes) -> str:
+    """The member extension of a photo's bytes: the format Pillow reads in them. JPEG and PNG are told by the
+    signatures Pillow checks (opening each target photo was 1.5 of a refresh's CPU-s at 100k faces); a JPEG
+    holding an MPF segment, which Pillow reads as MPO, is left to Pillow."""
     from PIL import Image
 
+    if data[:3] == b"\xff\xd8\xff" and b"MPF\x00" not in data:
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
     with Image.open(io.BytesIO(data)) as im:
         return PIL_EXT.get(im.format or "", "img")
 

@@ -33,10 +33,10 @@ def examined_candidates(uid: str, cands: list, cap: int) -> list:
     # per candidate (a refresh sorts every changed target's people: ~20 us a key that way, ~1 us this way)
     head = hashlib.sha256(f"multiid-cand\x1f{uid}\x1f".encode())
 
-    def key(c) -> str:
+    def key(c) -> bytes:  # the digest's first bytes order as its hex prefix does (stable_key's)
         h = head.copy()
         h.update(f"{c.uid}\x1f{c.face_index}".encode())
-        return h.hexdigest()[:UID_HEX_CHARS]
+        return h.digest()[:UID_HEX_CHARS // 2]
 
     cands = sorted(cands, key=key)
     return sorted(cands[:cap], key=lambda c: (c.uid, c.face_index))

@@ -213,12 +213,21 @@ class _Fingerprints:
         self.decoded: LRU = LRU(8)  # the last photos decoded, for their faces' keypoints (not counted in the stats)
         # the last photos' bytes (not counted in the stats); with a store, each photo read once by the workers together
         self.raw = BytesLRU(read_bytes if shared is None else shared.reader(read_bytes), max_bytes)
+        self._read_unpublished = read_bytes if shared is None else shared.reader(read_bytes, publish=False)
         self.errors: dict[str, str] = {}
 
     def read(self, uid: str) -> bytes:
         """The photo's bytes, from the recent ones when there (a read can be a download or, in the
         benchmark, a synthesis)."""
         return self.raw.get(uid)
+
+    def read_for_record(self, uid: str) -> bytes:
+        """The photo's bytes for a sample's record: the recent ones, or those another worker published, else
+        read without publishing them (a record is made once; a refresh's re-selected targets take their
+        pHashes from the store, so their photos were first read here, and publishing wrote each a second time:
+        5 of a 1% refresh's CPU-s at 100k faces)."""
+        held = self.raw.peek(uid)
+        return held if held is not None else self._read_unpublished(uid)
 
     def get(self, uid: str):
         """(image pHash, {face index: its fingerprint}) of the photo's comparable faces; without their NCC
@@ -612,8 +621,9 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                 if i is not None:  # screened as last time: its filters, pHashes and score
                     as_before["screened"] += 1
                     t_cands.append(i)
-                    if wb.scored[i]:  # the score exactly as screening works it out (the row holds it in float32)
-                        survivors.append((candidate_score(cfg, min(1.0, float(f.emb @ c.emb)), pose_diff(f, c)[0], qual[c.ref]),
+                    if wb.scored[i]:  # the score exactly as screening works it out (the row holds it in float32; the
+                        # similarity, a float32 dot product, exactly)
+                        survivors.append((candidate_score(cfg, wb.similarity[i], pose_diff(f, c)[0], qual[c.ref]),
                                           c, i, None, len(t_cands) - 1))
                     continue
                 row, chk = screen_candidate(uid, f, c, split, t_phash, t_fps, fps, prep, img_meta, by_uid, cfg, split_of,
@@ -636,7 +646,7 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
                     continue
                 if isinstance(row, int):  # reached by the walk: its row as screening gives it
                     as_before["rows_changed"] += 1
-                    row = t_cands[at] = {**wb.table.slice(row, 1).to_pylist()[0], "similarity": min(1.0, float(f.emb @ c.emb)),
+                    row = t_cands[at] = {**wb.table.slice(row, 1).to_pylist()[0], "similarity": wb.similarity[row],
                                          "ref_quality": qual[c.ref], "pose_diff": pose_diff(f, c)[0], "score": score,
                                          "status": None, "face_ncc": None, "kp_inliers": None, "kp_ratio": None}
                 if chk is None:
@@ -750,7 +760,7 @@ def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig
         }
         samples.append(sample)
         if records is not None:
-            records.add(sample, fps.read)
+            records.add(sample, fps.read_for_record)
         target_reasons["kept"] += 1
     samples.sort(key=lambda s: s["key"])
     counts = {
