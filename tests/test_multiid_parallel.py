@@ -312,12 +312,15 @@ def test_parallel_derivation_is_byte_identical(tmp_path, small_parallel, monkeyp
 
     monkeypatch.setattr(mplan, "DERIVE_PARALLEL_MIN", 1)
     ranges = []  # per forked derivation run: the targets it decided
+    hashed = []  # the photos hashed before the derivation forked
     real_map = mparallel.fork_map
 
     def spy_map(fn, items, workers, on_done=None):
         out = real_map(fn, items, workers, on_done)
         if fn is mplan._derive_range:
             ranges.extend(len(p["out"]) + len(p["same_examined"]) + sum(p["not_derived"].values()) for p in out)
+        if fn is mplan._hash_range:
+            hashed.extend(u for p in out for u in p)
         return out
 
     monkeypatch.setattr(mparallel, "fork_map", spy_map)
@@ -347,6 +350,8 @@ def test_parallel_derivation_is_byte_identical(tmp_path, small_parallel, monkeyp
     build_multiid_dataset(*grown, tmp_path / "f", cfg, version="v2", workers=2)
     # the forked derivation ran, with targets in more than one worker's run
     assert len([n for n in ranges if n]) >= 2, ranges
+    # the new photos were hashed once each, in the workers, before it forked
+    assert sorted(hashed) == ["zz-new1", "zz-new2", "zz-new3"]
     assert one.stats["targets_derived"] > 0 and one.stats["targets_reselected"] > 0
     # (not photo_hashes_reused: the store's lookups, which two workers that need one photo both make)
     keys = ("targets_derived", "not_derived_because", "reselect_reasons", "targets_reused", "targets_reselected",

@@ -495,7 +495,7 @@ class _Plan:
         if photos is None:
             return
         fresh = [p for p in sorted(by_uid) if by_uid[p] and p not in photos.entries and not tf.unchanged(p, self.prev_targets)]
-        if len(fresh) < 2 * n:
+        if len(fresh) < n:
             return
         _DERIVING.update(hash_args=(by_uid, self.cfg, self.read_bytes, photos), ranges=[fresh[k::n] for k in range(n)])
         try:
