@@ -291,3 +291,34 @@ def test_a_photos_member_extension_is_the_format_pillow_reads():
             assert _image_ext(data) == PIL_EXT.get(im.format or "", "img")
     with Image.open(io.BytesIO(cases[-1])) as im:
         assert im.format == "MPO"  # the case the signature alone would get wrong
+
+
+def test_taken_rows_write_previous_and_new_rows_in_their_order(monkeypatch):
+    """rows._TakenRows: rows given as indices into two previous tables (runs of consecutive rows and single
+    ones, the tables alternating) and as new dicts come out in the order given, whatever the batch size."""
+    import pyarrow as pa
+
+    from pipeline.multiid import rows as mrows
+
+    schema = pa.schema([("k", pa.string()), ("v", pa.int32())])
+    tables = [pa.Table.from_pylist([{"k": f"{t}{i}", "v": i} for i in range(50)], schema=schema) for t in "ab"]
+    rng = np.random.default_rng(5)
+    for batch in (7, 1_000):
+        monkeypatch.setattr(mrows, "CANDIDATE_BATCH", batch)
+        out: list[pa.Table] = []
+        taken = mrows._TakenRows(schema, out.append)
+        want = []
+        for _ in range(40):
+            t = int(rng.integers(2))
+            start = int(rng.integers(45))
+            rows = []
+            for j in range(int(rng.integers(1, 6))):
+                if rng.random() < 0.3:
+                    rows.append({"k": f"new{len(want)}", "v": -1})
+                else:
+                    rows.append(start + j if rng.random() < 0.8 else int(rng.integers(50)))
+            taken.add(tables[t], rows)
+            want += [r if isinstance(r, dict) else tables[t].slice(r, 1).to_pylist()[0] for r in rows]
+        taken.flush()
+        assert pa.concat_tables(out).to_pylist() == want
+        assert all(o.num_rows >= batch for o in out[:-1])

@@ -126,54 +126,45 @@ class _RowParts:
 
 class _TakenRows:
     """A table's rows in order, each either a previous row (its index in the table it came from) or a new one
-    (a dict), written ``CANDIDATE_BATCH`` rows at a time: the previous rows are taken from their table, not
-    rebuilt from dicts (a refresh keeps most of the rows of the targets it derives or selects again)."""
+    (a dict), written ``CANDIDATE_BATCH`` rows at a time: the previous rows are sliced from their table, in
+    runs of consecutive rows, not rebuilt from dicts (a refresh keeps most of the rows of the targets it
+    derives or selects again), and the new ones made into one table a batch at a time (taking each target's
+    rows apart, with a table of its new rows each, cost 8 CPU-s of a 1% refresh at 100k faces)."""
 
     def __init__(self, schema: pa.Schema, write):
         self.schema, self.write = schema, write
-        self.table: pa.Table | None = None  # the table the indices point into (its schema ``schema``)
-        self.idx: list[int] = []  # a row of the table, or -1 - its place in ``new``
+        self.runs: list[list] = []  # [a previous table (in ``schema``), or None for ``new``; first row; rows]
         self.new: list[dict] = []
-        self.taken = False  # whether ``idx`` holds a row of ``table``
-        self.pieces: list[pa.Table] = []
         self.n = 0
 
     def add(self, table: pa.Table | None, rows: list) -> None:
         """Rows in order: an int is row ``table[i]``, a dict a new row."""
+        runs, new = self.runs, self.new
+        last = runs[-1] if runs else None
         for r in rows:
             if isinstance(r, int):
-                if table is not self.table:
-                    self._close_batch()
-                    self.table = table
-                self.idx.append(r)
-                self.taken = True
+                if last is not None and last[0] is table and last[1] + last[2] == r:
+                    last[2] += 1
+                else:
+                    last = [table, r, 1]
+                    runs.append(last)
             else:
-                self.idx.append(-1 - len(self.new))
-                self.new.append(r)
-        if self.n + len(self.idx) >= CANDIDATE_BATCH:
+                if last is not None and last[0] is None:
+                    last[2] += 1
+                else:
+                    last = [None, len(new), 1]
+                    runs.append(last)
+                new.append(r)
+        self.n += len(rows)
+        if self.n >= CANDIDATE_BATCH:
             self.flush()
 
-    def _close_batch(self) -> None:
-        if not self.idx:
-            return
-        new = pa.Table.from_pylist(self.new, schema=self.schema) if self.new else None
-        if not self.taken:  # only new rows, in order (a fresh build's)
-            self.pieces.append(new)
-        else:
-            idx = np.asarray(self.idx, np.int64)
-            base = self.table  # (in ``schema``)
-            if new is not None:
-                idx = np.where(idx < 0, base.num_rows - 1 - idx, idx)
-                base = pa.concat_tables([base, new])
-            self.pieces.append(base.take(pa.array(idx)))
-        self.n += len(self.idx)
-        self.idx, self.new, self.taken = [], [], False
-
     def flush(self) -> None:
-        self._close_batch()
-        if self.pieces:
-            self.write(pa.concat_tables(self.pieces).combine_chunks())
-            self.pieces, self.n = [], 0
+        if not self.runs:
+            return
+        made = pa.Table.from_pylist(self.new, schema=self.schema) if self.new else None
+        self.write(pa.concat_tables([(made if t is None else t).slice(first, n) for t, first, n in self.runs]).combine_chunks())
+        self.runs, self.new, self.n = [], [], 0
 
 
 def _part_batches(path: Path | None, schema: pa.Schema, uids: pa.Array | None = None):
