@@ -128,8 +128,8 @@ class _TakenRows:
     """A table's rows in order, each either a previous row (its index in the table it came from) or a new one
     (a dict), written ``CANDIDATE_BATCH`` rows at a time: the previous rows are sliced from their table, in
     runs of consecutive rows, not rebuilt from dicts (a refresh keeps most of the rows of the targets it
-    derives or selects again), and the new ones made into one table a batch at a time (taking each target's
-    rows apart, with a table of its new rows each, cost 8 CPU-s of a 1% refresh at 100k faces)."""
+    derives or selects again), and the new ones made into one table a batch at a time (taking each re-selected
+    target's rows apart, with a table of its own new rows each, was 5 sampled CPU-s of a 1% refresh at 100k)."""
 
     def __init__(self, schema: pa.Schema, write):
         self.schema, self.write = schema, write
