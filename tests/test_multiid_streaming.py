@@ -18,7 +18,8 @@ def test_rows_streamed_in_small_batches_equal_the_in_memory_selection(tmp_path, 
     _, pair_rows, cand_rows, stats = select_references(images, faces, ids, CFG)
     # the build, with tiny batches: rows must leave for the part files a few at a time, and the merge read
     # them back a few at a time
-    monkeypatch.setattr(S, "CANDIDATE_BATCH", 7)
+    monkeypatch.setattr(S, "CANDIDATE_BATCH", 7)  # the pairs' batches (selection) and the candidates' (rows._TakenRows)
+    monkeypatch.setattr(R, "CANDIDATE_BATCH", 7)
     monkeypatch.setattr(R, "MERGE_BATCH", 5)
     written = []
     real_write = R._RowParts.write
