@@ -385,7 +385,7 @@ def test_progress_lines_follow_the_build(tmp_path, small_parallel):
     assert selected and selected == sorted(selected)
     assert selected[-1] == (first.stats["targets_reselected"],) * 2 and selected[-1][0] > 0
     order = [next(k for k, line in enumerate(lines) if line.startswith(p))
-             for p in ("planned", "selecting", "targets selected", "buckets written", "writing pairs", "built")]
+             for p in ("planned", "selecting", "targets selected", "writing the shards", "buckets written", "built")]
     assert order == sorted(order), lines
     assert all(re.search(r"\[\d+ s\]$", line) for line in lines)
     # a refresh says what it takes from the previous version, as its stats count it
@@ -398,3 +398,34 @@ def test_progress_lines_follow_the_build(tmp_path, small_parallel):
     assert (f"{st['buckets_reused']} of {st['buckets_reused'] + st['buckets_rebuilt']} buckets unchanged" in plan_line
             and f"{st['targets_reused']:,} targets reused" in plan_line
             and f"{st['targets_derived']:,} derived" in plan_line and f"{st['targets_reselected']:,} to select again" in plan_line)
+
+
+def test_work_alongside_runs_in_another_process_and_is_waited_for(tmp_path):
+    """parallel.alongside: the function runs in a forked process while the block runs here; its error is
+    raised once the block is done, the block's own error first; the process is waited for either way."""
+    import os
+    import time
+
+    from pipeline.multiid.parallel import alongside
+
+    def note(name, fail=False, wait=0.0):
+        def fn():
+            time.sleep(wait)
+            (tmp_path / name).write_text(str(os.getpid()))
+            if fail:
+                raise ValueError(f"{name} failed")
+        return fn
+
+    with alongside(note("a", wait=0.3)):
+        here = os.getpid()
+        assert not (tmp_path / "a").exists()  # not run before the block
+    assert int((tmp_path / "a").read_text()) != here
+    with pytest.raises(ValueError, match="b failed"), alongside(note("b", fail=True)):
+        pass
+    with pytest.raises(KeyError), alongside(note("c", fail=True, wait=0.3)):  # the block's error, not fn's
+        raise KeyError("block")
+    assert (tmp_path / "c").exists()  # waited for, though the block failed at once
+    order = []
+    with alongside(lambda: order.append("fn"), fork=False):
+        order.append("block")
+    assert order == ["block", "fn"]  # no fork: here, after the block

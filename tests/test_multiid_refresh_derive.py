@@ -125,12 +125,12 @@ def test_a_derived_samples_json_is_patched_to_the_bytes_a_fresh_encoding_gives()
     import json
 
     from pipeline.multiid.reuse import _patched_json
-    from pipeline.shards import _encode
+    from pipeline.shards import encode_member
 
     s = {"caption": 'he said "n_candidates":3, "n_survivors":1', "other_faces": [{"face_index": 2, "reason": "small"}],
          "faces": [{"face_index": 1, "n_candidates": 5, "n_survivors": 2, "refs": [{"face_index": 0, "score": 0.5}]},
                    {"face_index": 0, "n_candidates": 7, "n_survivors": 0, "refs": []}]}
-    data = _encode("json", s)
+    data = encode_member("json", s)
     for added in ({0: (2, 1)}, {1: (1, 0), 0: (3, 3)}, {5: (1, 1)}):
         want = json.loads(data)
         for fj in want["faces"]:
@@ -138,10 +138,10 @@ def test_a_derived_samples_json_is_patched_to_the_bytes_a_fresh_encoding_gives()
             fj["n_candidates"] += n
             fj["n_survivors"] += sv
         got = _patched_json(data, added)
-        assert isinstance(got, bytes) and got == _encode("json", want)
+        assert isinstance(got, bytes) and got == encode_member("json", want)
     spaced = json.dumps(s, sort_keys=True).encode()  # not this builder's encoding: re-encoded whole
     got = _patched_json(spaced, {1: (1, 0)})
-    assert isinstance(got, dict) and _encode("json", got) != spaced and got["faces"][0]["n_candidates"] == 6
+    assert isinstance(got, dict) and encode_member("json", got) != spaced and got["faces"][0]["n_candidates"] == 6
 
 
 def test_previous_candidates_are_grouped_by_target_across_batches():

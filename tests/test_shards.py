@@ -135,11 +135,11 @@ def test_sharded_samples_are_webdatasets_bytes(tmp_path):
         for i in range(40)
     ]
     shards = write_shards(samples, tmp_path, "ds", max_count=15)
-    from pipeline.shards import _encode
+    from pipeline.shards import encode_member
 
     for n, sh in enumerate(shards):
         part = samples[15 * n : 15 * (n + 1)]
-        members = [(f"{s['__key__']}.{e}", _encode(e, s[e])) for s in part for e in sorted(k for k in s if k != "__key__")]
+        members = [(f"{s['__key__']}.{e}", encode_member(e, s[e])) for s in part for e in sorted(k for k in s if k != "__key__")]
         assert (tmp_path / sh.name).read_bytes() == _via_webdataset(members)
     got = list(wds.WebDataset([str(tmp_path / s.name) for s in shards], shardshuffle=False))
     assert [g["__key__"] for g in got] == [s["__key__"] for s in samples]

@@ -3,6 +3,7 @@ nothing partial behind. The tests run as root, where permissions do not stop wri
 are injected where the operating system would raise them."""
 
 import errno
+import itertools
 import os
 
 import pyarrow as pa
@@ -133,7 +134,8 @@ def _disk_full_after(monkeypatch, target, attr, n_ok: int):
     monkeypatch.setattr(target, attr, write)
 
 
-def test_full_disk_in_the_multi_identity_shard_writer_names_the_shard(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["write", "_write_through"])  # as a piece is queued / in the writer's thread
+def test_full_disk_in_the_multi_identity_shard_writer_names_the_shard(tmp_path, monkeypatch, where):
     from test_multiid_units import _synthetic_tables
 
     from pipeline import shards
@@ -141,13 +143,46 @@ def test_full_disk_in_the_multi_identity_shard_writer_names_the_shard(tmp_path, 
 
     images, faces, ids = _synthetic_tables(tmp_path, n_ids=8, n_images=20)
     out = tmp_path / "version"
-    _disk_full_after(monkeypatch, shards._HashingFile, "write", 3)
+    _disk_full_after(monkeypatch, shards._HashingFile, where, 3)
     with pytest.raises(WriteFailed) as e:
         build_multiid_dataset(images, faces, ids, out, MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False))
     assert e.value.errno == errno.ENOSPC
     named = str(e.value).split("cannot write ", 1)[1].split(":", 1)[0]
     assert named.startswith(str(out)) and named.endswith(".tar"), str(e.value)
     assert not [p for p in out.rglob("*") if p.name.endswith(".partial")]  # no half shard left
+
+
+def test_full_disk_while_the_tables_are_written_beside_the_shards_names_the_table(tmp_path, monkeypatch):
+    """With worker processes the two tables are written by a forked process while this one writes the shards:
+    a full disk there fails the build here, naming the table, with no temporary file left."""
+    from test_multiid_units import _synthetic_tables
+
+    from pipeline.multiid import MultiIDConfig, build, build_multiid_dataset
+
+    images, faces, ids = _synthetic_tables(tmp_path, n_ids=8, n_images=20)
+    out, pids = tmp_path / "version", tmp_path / "pids"
+    real = build.write_parquet_stream_atomic
+
+    def full_midway(tables, schema, path, *a, **kw):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if path.name != "candidates.parquet":
+            return real(tables, schema, path, *a, **kw)
+
+        def then_full():
+            yield from itertools.islice(tables, 1)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return real(then_full(), schema, path, *a, **kw)
+
+    monkeypatch.setattr(build, "write_parquet_stream_atomic", full_midway)
+    with pytest.raises(WriteFailed) as e:
+        build_multiid_dataset(images, faces, ids, out, MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False),
+                              workers=2)
+    assert e.value.errno == errno.ENOSPC and str(out / "candidates.parquet") in str(e.value)
+    assert {int(p) for p in pids.read_text().split()} - {os.getpid()}, "the tables were not written by another process"
+    assert (out / "pairs.parquet").exists() and not (out / "candidates.parquet").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))]
 
 
 def test_full_disk_in_the_multi_identity_part_files_names_the_file(tmp_path, monkeypatch):

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from pipeline.multiid import parallel
 from pipeline.multiid.config import MultiIDConfig
 from pipeline.multiid.plan import _Plan
 from pipeline.multiid.reuse import TARGETS_FILE, TARGETS_SCHEMA
 from pipeline.multiid.rows import CANDIDATE_SCHEMA, PAIRS_SCHEMA, QUALITY_COLUMNS, _merge_in_target_order
 from pipeline.shards import BUCKETS_FILE, ShardInfo, config_fingerprint, shard_record, write_manifest
-from pipeline.storage import read_parquet, write_parquet_stream_atomic
+from pipeline.storage import is_remote, read_parquet, write_parquet_stream_atomic
 
 
 def reader_from_images(images: pa.Table) -> Callable[[str], bytes]:
@@ -208,10 +209,19 @@ def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -
     shards: dict[str, list[ShardInfo]] = {"train": [], "eval": []}
     # the two tables, streamed in target order (to out_dir, else to the temporary folder and read back)
     dest = out_dir if out_dir is not None else plan.parts_dir
-    plan.progress("writing pairs.parquet and candidates.parquet")
-    write_parquet_stream_atomic(plan.rows_in_target_order("pairs", PAIRS_SCHEMA), PAIRS_SCHEMA, dest / "pairs.parquet")
-    write_parquet_stream_atomic(plan.rows_in_target_order("candidates", CANDIDATE_SCHEMA), CANDIDATE_SCHEMA,
-                                dest / "candidates.parquet")
+
+    def write_tables() -> None:
+        write_parquet_stream_atomic(plan.rows_in_target_order("pairs", PAIRS_SCHEMA), PAIRS_SCHEMA, dest / "pairs.parquet")
+        write_parquet_stream_atomic(plan.rows_in_target_order("candidates", CANDIDATE_SCHEMA), CANDIDATE_SCHEMA,
+                                    dest / "candidates.parquet")
+
+    # the tables need no shard and the shards no table: with worker processes, the tables are written by a
+    # forked process while this one writes the shards (one after the other, they were a fifth of a 1% refresh's
+    # wall time at 100k faces, one core idle)
+    beside = out_dir is not None and plan.workers > 1 and plan.engine == "inprocess" and not is_remote(dest)
+    plan.progress("writing the shards, and pairs.parquet and candidates.parquet " + ("beside them" if beside else "after them"))
+    with parallel.alongside(write_tables, fork=beside):
+        plan.emit()
     for b in buckets:
         b.pairs = b.cands = None
     stats["data_quality"] = dataset_quality_stats(read_parquet(dest / "pairs.parquet", columns=QUALITY_COLUMNS))

@@ -7,6 +7,7 @@ each face's keypoints, each photo's fingerprints and bytes are worked out by one
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,13 +312,12 @@ def can_fork() -> bool:
     return "fork" in mp.get_all_start_methods()
 
 
-def fork_map(fn, items: list, workers: int, on_done=None) -> list:
-    """``fn`` over ``items`` in ``workers`` forked processes (what they need inherited from module globals set
-    by the caller, never pickled); results in the order of ``items``. ``on_done(k)`` is called here as each
-    item ``k`` finishes (progress)."""
+@contextlib.contextmanager
+def _fork_pool(workers: int):
+    """A pool of ``workers`` forked processes, set up for what they inherit."""
     import gc
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import ProcessPoolExecutor
 
     import cv2
 
@@ -330,17 +330,55 @@ def fork_map(fn, items: list, workers: int, on_done=None) -> list:
     gc.freeze()
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
-            if on_done is None:
-                return list(pool.map(fn, items))
-            futures = [pool.submit(fn, item) for item in items]
-            index = {f: k for k, f in enumerate(futures)}
-            for f in as_completed(futures):
-                f.result()  # a failed item raises now, as map would
-                on_done(index[f])
-            return [f.result() for f in futures]
+            yield pool
     finally:
         gc.unfreeze()
         cv2.setNumThreads(cv_threads)
+
+
+def fork_map(fn, items: list, workers: int, on_done=None) -> list:
+    """``fn`` over ``items`` in ``workers`` forked processes (what they need inherited from module globals set
+    by the caller, never pickled); results in the order of ``items``. ``on_done(k)`` is called here as each
+    item ``k`` finishes (progress)."""
+    from concurrent.futures import as_completed
+
+    with _fork_pool(workers) as pool:
+        if on_done is None:
+            return list(pool.map(fn, items))
+        futures = [pool.submit(fn, item) for item in items]
+        index = {f: k for k, f in enumerate(futures)}
+        for f in as_completed(futures):
+            f.result()  # a failed item raises now, as map would
+            on_done(index[f])
+        return [f.result() for f in futures]
+
+
+_ALONGSIDE: dict = {}  # the function run beside the caller (alongside), inherited by the forked process
+
+
+def _call_alongside():
+    return _ALONGSIDE["fn"]()
+
+
+@contextlib.contextmanager
+def alongside(fn, fork: bool = True):
+    """The with-block runs here while ``fn()`` runs in a forked process (what it needs inherited, never
+    pickled): two independent pieces of work on two cores. The process is waited for when the block ends,
+    whether or not it raised; ``fn``'s error is then raised (the block's own comes first). ``fn`` must not
+    log through handlers the parent owns (a Dagster context). ``fork`` False, or no fork on this platform:
+    ``fn()`` runs here, after the block."""
+    if not (fork and can_fork()):
+        yield
+        fn()
+        return
+    _ALONGSIDE["fn"] = fn
+    try:
+        with _fork_pool(1) as pool:
+            done = pool.submit(_call_alongside)
+            yield
+            done.result()
+    finally:
+        _ALONGSIDE.clear()
 
 
 def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], workers: int, fn=None,

@@ -694,14 +694,24 @@ class _Plan:
             yield r
 
     def select(self) -> None:
+        """Every bucket's selection (the eval fallback's included); their shards are written by :meth:`emit`."""
         self._select_buckets()
         if self.previous is not None:
             self._count_reused_rows()
 
+    def emit(self) -> None:
+        """Write every bucket's shards, in bucket order (nothing without ``out_dir``)."""
+        if self.out_dir is None:
+            return
+        written = self.progress.counter("buckets written", sum(b.previous is None for b in self.buckets.values()))
+        for b in self.buckets.values():
+            self._emit(b)
+            if b.previous is None:
+                written(1)
+
     def _select_buckets(self) -> None:
         cfg = self.cfg
-        # every bucket's selection at once (small buckets beside large ones, over the workers), then each
-        # bucket's shards in bucket order
+        # every bucket's selection at once (small buckets beside large ones, over the workers)
         pending = [(b, self._start_run(b, set())) for b in self.buckets.values()]
         whole = sum(b.previous is not None for b in self.buckets.values())
         if self.previous is not None:
@@ -710,13 +720,9 @@ class _Plan:
                           f"{sum(len(b.derived) for b in self.buckets.values()):,} derived from their previous rows, "
                           f"{sum(sum(b.reasons.values()) for b in self.buckets.values()):,} to select again")
         results = iter(self._select_jobs([p[0] for _, p in pending if p is not None]))
-        written = self.progress.counter("buckets written", len(pending) - whole) if self.out_dir is not None else None
         for b, p in pending:
             if p is not None:
                 p[1](next(results))
-            self._emit(b)
-            if written is not None and b.previous is None:
-                written(1)
         n = sum(len(b.summary) for b in self.buckets.values())
         if not (cfg.eval_fraction > 0 and n >= 2 and not any(b.per_split()["eval"] for b in self.buckets.values())):
             return
@@ -743,7 +749,6 @@ class _Plan:
                 per_split.update(x.per_split())
             if per_split["eval"] and per_split["train"]:
                 self.eval_fallback = sorted(override)
-                self._emit(b)
                 return
             b.restore(kept)
 

@@ -727,7 +727,7 @@ _COUNT_FIELDS = re.compile(rb'"(n_candidates|n_survivors)":(-?[0-9]+)')
 
 def _patched_json(data: bytes, added: dict[int, tuple[int, int]]):
     """A previous sample's JSON with its faces' counts raised: the digits rewritten in place. The previous
-    tar passed its sha256, so its JSON is this builder's (compact, sorted keys: pipeline.shards._encode), where
+    tar passed its sha256, so its JSON is this builder's (compact, sorted keys: pipeline.shards.encode_member), where
     these two fields belong to the faces alone, in their order: re-encoding the whole sample gave the same
     bytes at four times the cost (5 of a 1% refresh's CPU-s at 100k faces). When the fields found are not
     exactly the faces' (another writer), the sample is re-encoded."""
@@ -743,4 +743,4 @@ def _patched_json(data: bytes, added: dict[int, tuple[int, int]]):
         return _COUNT_FIELDS.sub(lambda m: b'"%s":%d' % (m.group(1), next(it)), data)
     for fj, c, sv in zip(faces, now[0::2], now[1::2]):
         fj["n_candidates"], fj["n_survivors"] = c, sv
-    return s  # written as a fresh build writes it (pipeline.shards._encode)
+    return s  # written as a fresh build writes it (pipeline.shards.encode_member)

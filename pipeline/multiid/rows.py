@@ -372,9 +372,11 @@ class _RecordSpill:
     def add(self, sample: dict, read_bytes) -> None:
         import pickle
 
+        from pipeline.shards import encode_member
         from pipeline.storage import named_write_error
 
         (rec,) = _shard_samples([sample], self.cfg, read_bytes, self.kept)
+        rec["json"] = encode_member("json", rec["json"])  # here, in parallel, not in the process writing the tars
         data = pickle.dumps(rec, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             if self._f is None:
