@@ -208,6 +208,36 @@ def test_balanced_chunks_keep_people_together_and_balance_cost():
     assert max(sum(cost[u] for u in c) for c in equal) > 1.5 * max(totals)
 
 
+def test_guided_chunks_shrink_toward_the_end_and_keep_people_together():
+    """The chunks a large job is cut into: shares of its estimated cost that shrink (each 1/(2 x slots) of
+    what is left), so the workers end close together; at least slots x 4 of them; every target once, people
+    below the largest share never split, dearest first, and the cheapest chunks a small part of the whole."""
+    from types import SimpleNamespace
+
+    for slots in (1, 2, 3, 8, 64):
+        shares = mparallel.guided_shares(slots)
+        assert abs(sum(shares) - 1) < 1e-9 and shares == sorted(shares, reverse=True)
+        assert len(shares) >= 4 * slots and shares[0] == 1 / (2 * slots)
+        assert shares[-1] <= 1 / (4 * slots * 4) * 1.5
+    by_uid = {}
+    for p in range(300):  # 300 people of 1-6 two-face photos: a few candidates each
+        for k in range(1 + p % 6):
+            by_uid[f"p{p:03d}-{k}"] = [SimpleNamespace(identity_id=f"p{p:03d}"), SimpleNamespace(identity_id=f"q{p % 7}")]
+    uids = sorted(by_uid)
+    cost = mparallel.target_costs(uids, by_uid, cap=200)
+    shares = mparallel.guided_shares(2)
+    chunks = mparallel.chunks_by_shares(uids, by_uid, 200, shares)
+    assert sorted(u for c in chunks for u in c) == uids
+    totals = [sum(cost[u] for u in c) for c in chunks]
+    whole = sum(totals)
+    assert totals == sorted(totals, reverse=True) and len(chunks) == len(shares)
+    for got, want in zip(totals, shares):  # each chunk near its share (within one person's targets)
+        assert abs(got - want * whole) <= 6 * max(cost.values())
+    assert totals[-1] < 0.05 * whole < 0.2 * whole < totals[0]
+    for p in range(300):
+        assert sum(any(u.startswith(f"p{p:03d}-") for u in c) for c in chunks) == 1
+
+
 # ------------------------------------------------------------------------- work shared by the workers
 
 

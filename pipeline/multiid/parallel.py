@@ -19,7 +19,8 @@ from pipeline.multiid.reuse import TargetTally
 from pipeline.multiid.rows import _RecordSpill, _RowParts, _slim_sample
 
 PARALLEL_MIN_TARGETS = 64  # selections over fewer targets in all run in the calling process (a fork costs more)
-CHUNKS_PER_WORKER = 4  # chunks of a large bucket per worker, dearest first: a worker that finishes early takes the next
+CHUNKS_PER_WORKER = 4  # at least this many chunks of a large bucket per worker (guided_shares), dearest first: a worker that
+# finishes early takes the next
 _FORKED: dict = {}  # the selections' arguments, inherited by the forked workers (never pickled)
 _WORKER: dict = {}  # a worker's own bookkeeping (empty in the parent, so empty in every fresh fork)
 
@@ -241,8 +242,8 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
         if not u:  # nothing to select: its (empty) result here
             here[j] = _select_here(job, parts_dir, cfg, read_bytes, mversions, guard)
             continue
-        chunks = [u] if len(u) < PARALLEL_MIN_TARGETS else balanced_chunks(u, job.by_uid, cfg.max_candidates_per_person,
-                                                                             min(len(u), slots * CHUNKS_PER_WORKER))
+        chunks = [u] if len(u) < PARALLEL_MIN_TARGETS else chunks_by_shares(u, job.by_uid, cfg.max_candidates_per_person,
+                                                                              guided_shares(slots, CHUNKS_PER_WORKER))
         cost = target_costs(u, job.by_uid, cfg.max_candidates_per_person)
         for i, chunk in enumerate(chunks):
             tasks.append((j, i, chunk))
@@ -434,10 +435,32 @@ def target_costs(uids: list[str], by_uid: dict, cap: int) -> dict[str, int]:
 
 def balanced_chunks(uids: list[str], by_uid: dict, cap: int, n: int) -> list[list[str]]:
     """``uids`` in at most ``n`` chunks of about equal estimated cost (:func:`target_costs`), dearest chunk
-    first. Targets are grouped by person (their smallest identity id): a person's targets share their
-    candidates, so a worker's caches serve its chunk as they serve one run (chunks of consecutive uids,
-    which are random, made every worker decode most photos: twice the CPU of one run, measured). Groups go
-    dearest first to the cheapest chunk so far; a group dearer than a chunk's share is cut into pieces."""
+    first (:func:`chunks_by_shares` with ``n`` equal shares)."""
+    return chunks_by_shares(uids, by_uid, cap, [1.0 / n] * n)
+
+
+def guided_shares(slots: int, per_slot: int = 4) -> list[float]:
+    """The shares of a job's estimated cost its chunks get, largest first (guided self-scheduling): each chunk
+    1/(2 x ``slots``) of what is left, down to a smallest share, the rest in chunks of that size; at least
+    ``slots`` x ``per_slot`` chunks. Equal chunks left one worker alone with the last of them for a tenth of
+    a 1% refresh's selection at 100k faces (a chunk's cost is an estimate: one took 35 s, its peers 18-27);
+    the last chunks here are small, so the workers end close together."""
+    smallest = 1.0 / (4 * slots * per_slot)
+    shares, left = [], 1.0
+    while left / (2 * slots) >= smallest:
+        shares.append(left / (2 * slots))
+        left -= shares[-1]
+    n = max(1, round(left / smallest))
+    return shares + [left / n] * n
+
+
+def chunks_by_shares(uids: list[str], by_uid: dict, cap: int, shares: list[float]) -> list[list[str]]:
+    """``uids`` in chunks whose estimated costs (:func:`target_costs`) follow ``shares`` (fractions of the
+    whole), dearest chunk first; a chunk left empty is dropped. Targets are grouped by person (their smallest
+    identity id): a person's targets share their candidates, so a worker's caches serve its chunk as they
+    serve one run (chunks of consecutive uids, which are random, made every worker decode most photos: twice
+    the CPU of one run, measured). Groups go dearest first to the chunk with the most room left; a group
+    dearer than the largest share is cut into pieces."""
     cost = target_costs(uids, by_uid, cap)
 
     def person(u: str) -> str:
@@ -447,7 +470,8 @@ def balanced_chunks(uids: list[str], by_uid: dict, cap: int, n: int) -> list[lis
     groups: dict[str, list[str]] = {}
     for u in sorted(uids, key=lambda u: (person(u), u)):
         groups.setdefault(person(u), []).append(u)
-    share = sum(cost.values()) / n
+    whole = sum(cost.values())
+    share = max(shares) * whole
     pieces = []
     for g in groups.values():
         piece, c = [], 0
@@ -459,12 +483,13 @@ def balanced_chunks(uids: list[str], by_uid: dict, cap: int, n: int) -> list[lis
             c += cost[u]
         pieces.append((c, piece))
     pieces.sort(key=lambda t: (-t[0], t[1][0]))
-    loads = [(0, i) for i in range(n)]  # a heap of (cost so far, chunk)
-    chunks: list[list[str]] = [[] for _ in range(n)]
+    room = [(-f * whole, i) for i, f in enumerate(shares)]  # a heap: the chunk with the most room left first
+    heapq.heapify(room)
+    chunks: list[list[str]] = [[] for _ in shares]
     for c, piece in pieces:
-        load, i = heapq.heappop(loads)
+        left, i = heapq.heappop(room)
         chunks[i] += piece
-        heapq.heappush(loads, (load + c, i))
+        heapq.heappush(room, (left + c, i))
     totals = [sum(cost[u] for u in ch) for ch in chunks]
     return [ch for _, ch in sorted(zip(totals, chunks), key=lambda t: -t[0]) if ch]
 
