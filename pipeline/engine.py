@@ -58,10 +58,29 @@ _WORKER_MODEL = None
 _POOLS: dict[tuple, ProcessPoolExecutor] = {}
 
 
-def _init_worker(factory: Callable, args: tuple, kwargs: dict) -> None:
+def exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """In a worker process: end it once ``parent`` (its parent's pid) is gone. A pool's idle workers wait on
+    their task queue, whose writing end they hold too, so a parent killed outright (kill -9, out of memory)
+    left them waiting forever, each holding its share of the parent's memory (seen with forked and spawned
+    pools alike). A daemon thread looks every ``every_s``; a pid reused since cannot fool it, since the
+    process would have been given another parent."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker(factory: Callable, args: tuple, kwargs: dict, parent: int | None = None) -> None:
     """Build the stage's model once per worker. One intra-op thread each: the workers are the parallelism
     (two torch threads per process on two cores were slower than one, see README)."""
     global _WORKER_MODEL
+    if parent is not None:
+        exit_with_parent(parent)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER_MODEL = factory(*args, **kwargs)
     # only a model that brought torch in gets its threads set: importing torch for a stage that never uses
@@ -80,7 +99,7 @@ def _pool(factory: Callable, args: tuple, kwargs: dict, workers: int) -> Process
     if pool is None:
         # spawn, not fork: the parent may hold torch/OpenMP threads and open DuckDB handles
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                   initargs=(factory, args, kwargs))
+                                   initargs=(factory, args, kwargs, os.getpid()))
         _POOLS[key] = pool
     return pool
 

@@ -121,3 +121,60 @@ def test_prefetched_prepares_one_item_ahead_of_the_one_in_use():
     with pytest.raises(ValueError, match="bad item 3"):
         next(items).result()
     assert next(items).result() == 40 and started == [0, 1, 2, 3, 4]
+
+
+
+def _workers_then_killed(kind: str, tmp_path: Path) -> list[int]:
+    """A process that starts a pool of two workers (``kind``: the builder's forked pool or the engine's spawned
+    one), has them run a task, prints their pids and kills itself with SIGKILL; the workers' pids."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from pipeline import engine
+from pipeline.multiid import parallel
+
+def pid(_model, _chunk=None):
+    import time
+    time.sleep(0.3)  # both workers get a task
+    return os.getpid()
+
+if __name__ == "__main__" and sys.argv[1] == "fork":
+    with parallel._fork_pool(2) as pool:
+        pids = set(pool.map(pid, range(4)))
+        print(*sorted(pids), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+elif __name__ == "__main__":
+    pool = engine._pool(dict, (), {{}}, 2)
+    pids = set(pool.map(engine._run_chunk, [pid] * 4, range(4)))
+    print(*sorted(pids), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+    done = subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == -9, done.stderr
+    return [int(p) for p in done.stdout.split()]
+
+
+@pytest.mark.parametrize("kind", ["fork", "spawn"])
+def test_workers_end_when_their_parent_is_killed(kind, tmp_path):
+    """kill -9 of a process with a worker pool: its workers, idle on their task queue (whose writing end they
+    hold too), used to wait there forever; now each ends within seconds of its parent (engine.exit_with_parent)."""
+    import time
+
+    pids = _workers_then_killed(kind, tmp_path)
+    assert len(pids) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended (reaped by init later)
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 15
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(alive, pids)), f"workers {pids} outlived their killed parent"

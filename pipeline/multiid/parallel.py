@@ -318,9 +318,12 @@ def _fork_pool(workers: int):
     """A pool of ``workers`` forked processes, set up for what they inherit."""
     import gc
     import multiprocessing as mp
+    import os
     from concurrent.futures import ProcessPoolExecutor
 
     import cv2
+
+    from pipeline.engine import exit_with_parent
 
     # OpenCV's thread pool is stopped before the fork and restored after: a child that inherits a pool whose
     # threads did not survive the fork hangs as soon as it touches it (seen: setNumThreads in the child)
@@ -330,7 +333,8 @@ def _fork_pool(workers: int):
     # full passes in a child walk every one of them, writing their pages (copied, CPU in every worker)
     gc.freeze()
     try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             yield pool
     finally:
         gc.unfreeze()
