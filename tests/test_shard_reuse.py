@@ -372,7 +372,8 @@ def test_expression_changed_bucket_copies_the_crops_of_its_unchanged_pairs(tmp_p
     assert _compare(c2.folder, c.folder) == []
 
 
-def test_eval_fallback_with_reuse_matches_a_fresh_build(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])  # 2: records made by the workers, the tables written beside the tars
+def test_eval_fallback_with_reuse_matches_a_fresh_build(tmp_path, workers):
     """When the hash leaves eval empty, one component moves to eval (global decision): with reuse the
     version is still byte-identical to a fresh build, and the moved component's bucket is re-selected."""
     from dataclasses import replace
@@ -383,12 +384,12 @@ def test_eval_fallback_with_reuse_matches_a_fresh_build(tmp_path):
     groups = _groups(4)
     assert all(identity_split(f"{g}-{c}", 0.02, cfg.split_salt) == "train" for g in groups for c in "abc")
     layout = Layout(tmp_path / "home")
-    a = _release_multiid(layout, *_collection(tmp_path, groups), cfg=cfg)
+    a = _release_multiid(layout, *_collection(tmp_path, groups), cfg=cfg, workers=workers)
     moved = a.result.stats["eval_fallback"]
     assert moved and a.result.stats["per_split"].get("eval")
     untouched = next(g for g in groups if f"{g}-a" not in moved)
     b_tables = _collection(tmp_path, groups, extra=[("zz-new", [f"{untouched}-b"])])
-    b = _release_multiid(layout, *b_tables, cfg=cfg)
+    b = _release_multiid(layout, *b_tables, cfg=cfg, workers=workers)
     assert b.result.stats["eval_fallback"] == moved
     # the touched bucket, the moved bucket without its override (to decide that the fallback applies)
     # and with it (taken from version A: same fingerprint, override included)
