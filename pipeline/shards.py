@@ -161,18 +161,19 @@ class _HashingFile:
         self._f = open(path, "wb")  # noqa: SIM115 - closed by close()
         self.sha256 = hashlib.sha256()
         self.size = 0
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # raised once, by the next write() or close()
+        self._failed = False  # and nothing written after it: the caller discards the file
         self._queue: queue.Queue = queue.Queue(maxsize=self.WRITE_AHEAD)
         self._thread = threading.Thread(target=self._drain, name=f"shard-writer {Path(path).name}", daemon=True)
         self._thread.start()
 
     def _drain(self) -> None:
         while (data := self._queue.get()) is not None:
-            if self._error is None:  # after an error the rest is dropped, never blocking the writer
+            if not self._failed:  # after an error the rest is dropped, never blocking the writer
                 try:
                     self._write_through(data)
                 except BaseException as e:  # noqa: BLE001 - raised in the writer's thread by write() or close()
-                    self._error = e
+                    self._error, self._failed = e, True
 
     def _write_through(self, data) -> None:
         self.sha256.update(data)

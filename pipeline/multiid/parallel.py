@@ -19,8 +19,8 @@ from pipeline.multiid.reuse import TargetTally
 from pipeline.multiid.rows import _RecordSpill, _RowParts, _slim_sample
 
 PARALLEL_MIN_TARGETS = 64  # selections over fewer targets in all run in the calling process (a fork costs more)
-CHUNKS_PER_WORKER = 4  # at least this many chunks of a large bucket per worker (guided_shares), dearest first: a worker that
-# finishes early takes the next
+# at least this many chunks of a large bucket per worker (guided_shares), dearest first: a worker that finishes early takes the next
+CHUNKS_PER_WORKER = 4
 _FORKED: dict = {}  # the selections' arguments, inherited by the forked workers (never pickled)
 _WORKER: dict = {}  # a worker's own bookkeeping (empty in the parent, so empty in every fresh fork)
 
