@@ -179,7 +179,7 @@ def test_guard_decisions_in_parallel_and_purged(tmp_path, small_parallel):
 # ------------------------------------------------------------------------- chunks of equal cost
 
 
-def test_balanced_chunks_keep_people_together_and_balance_cost():
+def test_equal_shares_keep_people_together_and_balance_cost():
     """A person's targets stay in one chunk unless that person alone is dearer than a chunk's share; the
     chunks' estimated costs are close (equal numbers of targets were not: one person's many photos each
     examine many candidates), and the dearest chunk comes first."""
@@ -194,7 +194,7 @@ def test_balanced_chunks_keep_people_together_and_balance_cost():
     uids = sorted(by_uid)
     cost = mparallel.target_costs(uids, by_uid, cap=200)
     assert cost["big-00"] == 40 and cost["p00-0"] == 2
-    chunks = mparallel.balanced_chunks(uids, by_uid, cap=200, n=4)
+    chunks = mparallel.chunks_by_shares(uids, by_uid, 200, [1 / 4] * 4)  # four equal shares
     assert sorted(u for c in chunks for u in c) == uids  # every target once
     totals = [sum(cost[u] for u in c) for c in chunks]
     assert totals == sorted(totals, reverse=True)

@@ -211,7 +211,7 @@ def select_jobs(jobs: list[SelectionJob], workers: int, parts_dir: Path, cfg: Mu
 
     With ``workers`` > 1 (forked processes) or ``engine="ray"`` (Ray tasks, on a cluster whatever ``workers``
     says) and at least PARALLEL_MIN_TARGETS targets in all, the jobs are cut into chunks: a bucket with
-    fewer targets is one chunk, a larger one :func:`balanced_chunks`; all chunks of all jobs run dearest first
+    fewer targets is one chunk, a larger one :func:`chunks_by_shares` over :func:`guided_shares`; all chunks of all jobs run dearest first
     (:func:`target_costs`), so small buckets run beside a large one instead of one after the other in this
     process. A target's selection depends only on the collection, not on the other targets (each worker
     has its own decoding cache; its eviction counts, which no version records, are the only figures that
@@ -435,12 +435,6 @@ def target_costs(uids: list[str], by_uid: dict, cap: int) -> dict[str, int]:
                 n_faces[f.identity_id] = n_faces.get(f.identity_id, 0) + 1
     return {u: 1 + sum(min(cap, n_faces[f.identity_id] - 1) for f in by_uid.get(u, []) if f.identity_id is not None)
             for u in uids}
-
-
-def balanced_chunks(uids: list[str], by_uid: dict, cap: int, n: int) -> list[list[str]]:
-    """``uids`` in at most ``n`` chunks of about equal estimated cost (:func:`target_costs`), dearest chunk
-    first (:func:`chunks_by_shares` with ``n`` equal shares)."""
-    return chunks_by_shares(uids, by_uid, cap, [1.0 / n] * n)
 
 
 def guided_shares(slots: int, per_slot: int = 4) -> list[float]:
