@@ -309,6 +309,15 @@ def lease_expired(lease: dict, now: float | None = None) -> bool:
 _LIVE_TOKENS: set[str] = set()  # leases this process is renewing
 
 
+def owner_gone(lease: dict | None) -> bool:
+    """The process that wrote ``lease`` ran on this host and has ended (no heartbeat needed: for folders a
+    process writes once, a pid that is gone is proof; another host's, or a live pid, is never taken for dead)."""
+    if not lease or lease.get("host") != socket.gethostname():
+        return False
+    pid = int(lease.get("pid", -1))
+    return pid > 0 and pid != os.getpid() and not _alive(pid)
+
+
 def staging_root(layout: Layout, name: str) -> Path:
     """Where versions of ``name`` are staged: beside the published ones, or locally for an object store."""
     return (layout.staging if layout.remote else layout.datasets) / name

@@ -140,3 +140,45 @@ def test_fingerprint_in_blocks_and_of_rows_equal_the_whole(tmp_path, monkeypatch
         assert datasets.fingerprint_table(t, FACE_COLUMNS, ["uid", "face_index"], rows=rows) == whole
         assert datasets.fingerprint_table(t, FACE_COLUMNS, ["uid", "face_index"]) != whole
         monkeypatch.undo()
+
+
+def test_part_files_of_a_killed_build_are_removed_by_the_next(tmp_path):
+    """A build killed with SIGKILL cannot remove its part folder (rows and sample records, up to the size of
+    its shards) from out_dir: the next build into that folder does, and only folders whose owner is gone."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.multiid import plan as P
+
+    images, faces, ids = _synthetic_tables(tmp_path)
+    out = tmp_path / "out"
+    pid = os.fork()
+    if pid == 0:  # the build, killed once its rows are written and before its shards are
+        try:
+            P._Plan.emit = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+            build_multiid_dataset(images, faces, ids, out, CFG)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    left = [p for p in out.iterdir() if p.name.startswith(P.PARTS_PREFIX)]
+    assert len(left) == 1 and any(left[0].rglob("*.parquet")), "the killed build left no part files to clean"
+    # two part folders that must be kept: a live process's on this host, and one from another host
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name, lease in ((".rows-live", {"host": socket.gethostname(), "pid": sleeper.pid}),
+                            (".rows-elsewhere", {"host": "another-host", "pid": pid})):
+            (out / name).mkdir()
+            (out / name / P.PARTS_OWNER).write_text(json.dumps(lease))
+        res = build_multiid_dataset(images, faces, ids, out, CFG)
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(P.PARTS_PREFIX)) == [".rows-elsewhere", ".rows-live"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    fresh = build_multiid_dataset(images, faces, ids, tmp_path / "fresh", CFG)
+    assert res.stats["per_split"] == fresh.stats["per_split"]
+    assert pq.read_table(out / "pairs.parquet").equals(pq.read_table(tmp_path / "fresh" / "pairs.parquet"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.datasets import fingerprint_table
+from pipeline.datasets import fingerprint_table, new_lease, owner_gone, read_lease
 from pipeline.multiid import parallel, selection
 from pipeline.multiid.config import MultiIDConfig
 from pipeline.multiid.progress import counted
@@ -60,11 +60,29 @@ from pipeline.shards import (
     write_shards,
 )
 from pipeline.splits import hash_fraction
+from pipeline.storage import write_bytes_atomic
 
 IMAGE_COLUMNS = ["uid", "source", "caption", "width", "height"]  # what a sample takes from the images table
 # a bucket's derivation (_Plan._derive) is split over the forked workers when each gets this many targets
 DERIVE_PARALLEL_MIN = 512
 _DERIVING: dict = {}  # the derivation's arguments, inherited by the forked workers (never pickled)
+
+
+# the builder's part files (rows and sample records, up to the size of the shards) go to a folder in out_dir
+# named so, with its owner's lease in it: a build killed with -9 cannot remove it, the next build does
+PARTS_PREFIX, PARTS_OWNER = ".rows-", "owner.json"
+
+
+def remove_dead_parts(out_dir: Path) -> list[str]:
+    """Remove the part folders in ``out_dir`` left by builds that were killed (their owner gone, on this host)."""
+    import shutil
+
+    removed = []
+    for p in Path(out_dir).glob(PARTS_PREFIX + "*"):
+        if p.is_dir() and owner_gone(read_lease(p / PARTS_OWNER)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
 
 
 def bucket_of(group: str, n: int) -> int:
@@ -225,7 +243,9 @@ class _Plan:
 
             if self.out_dir is not None:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.parts_dir = Path(tempfile.mkdtemp(prefix=".rows-", dir=self.out_dir))
+                remove_dead_parts(self.out_dir)
+            self.parts_dir = Path(tempfile.mkdtemp(prefix=PARTS_PREFIX, dir=self.out_dir))
+            write_bytes_atomic(json.dumps(new_lease()).encode(), self.parts_dir / PARTS_OWNER)
         self.previous_records = previous_buckets(self.previous, ("pairs.parquet", "candidates.parquet", TARGETS_FILE))
         # per-target reuse when writing: each photo's digest, and the previous version's targets
         self.per_target = self.out_dir is not None
