@@ -294,17 +294,25 @@ class ShardSink:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.close()
-        else:  # leave no readable half-shard behind
-            if self._tar is not None:
-                try:
-                    self._tar.close()
-                    self._file.close()
-                except OSError:  # the same full disk again: the first error is the one to report
-                    self._file.abort()
-                self._tar = self._file = None
-            if self._tmp is not None:
-                Path(self._tmp).unlink(missing_ok=True)
+            try:
+                self.close()
+            except BaseException:  # the writer thread's error shows only now, at the last shard's close
+                self._discard()
+                raise
+        else:
+            self._discard()
+
+    def _discard(self) -> None:
+        """Leave no readable half-shard behind."""
+        if self._tar is not None:
+            try:
+                self._tar.close()
+                self._file.close()
+            except (OSError, ValueError):  # the same full disk again, or closed already: the first error is reported
+                self._file.abort()
+            self._tar = self._file = None
+        if self._tmp is not None:
+            Path(self._tmp).unlink(missing_ok=True)
 
 
 def write_shards(

@@ -152,6 +152,30 @@ def test_full_disk_in_the_multi_identity_shard_writer_names_the_shard(tmp_path, 
     assert not [p for p in out.rglob("*") if p.name.endswith(".partial")]  # no half shard left
 
 
+def test_full_disk_seen_only_when_the_last_shard_closes_leaves_no_half_shard(tmp_path, monkeypatch):
+    """The writer thread fails on the archive's last piece (its end blocks), after the last write() returned: the
+    error shows only at close(), with no exception in flight, and the half shard must still be removed."""
+    import threading
+
+    from pipeline import shards
+
+    real = shards._HashingFile._write_through
+    failed = threading.Event()
+
+    def end_blocks_fail(self, data):
+        if len(data) >= 1024 and not any(data):  # two zero blocks and the record's padding
+            failed.set()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(shards._HashingFile, "_write_through", end_blocks_fail)
+    out = tmp_path / "shards"
+    with pytest.raises(WriteFailed) as e:
+        shards.write_shards([{"__key__": f"k{i}", "txt": f"sample {i}"} for i in range(3)], out, "x")
+    assert failed.is_set() and e.value.errno == errno.ENOSPC and "x-000000.tar" in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == []  # neither the shard nor its .partial
+
+
 def test_full_disk_while_the_tables_are_written_beside_the_shards_names_the_table(tmp_path, monkeypatch):
     """With worker processes the two tables are written by a forked process while this one writes the shards:
     a full disk there fails the build here, naming the table, with no temporary file left."""
