@@ -476,11 +476,35 @@ def test_a_scattered_refresh_selects_only_the_targets_whose_people_changed(tmp_p
     assert [d for d in _compare(b.folder, tmp_path / "again") if not d.startswith("viewer.html:")] == []
 
 
+@pytest.mark.parametrize("verdict", ["before_use", "after_use"])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_damaged_previous_tar_member_rebuilds_its_targets(tmp_path, monkeypatch, workers):
-    """With 2 workers the previous shards are checked on threads (PreviousTargets.check_shards), and the
-    selection runs in forked workers, where the spy cannot count: the reasons and the bytes must agree."""
+def test_a_damaged_previous_tar_member_rebuilds_its_targets(tmp_path, monkeypatch, workers, verdict):
+    """The previous shards are checked on a thread beside the selection (PreviousTargets.check_beside), taken
+    for intact until their check is done. ``before_use``: the check ends before any target asks; ``after_use``:
+    it ends only when the selection is over, so the selection took the damaged shard for intact and must be
+    made again (stats["selections_voided_by_damaged_shards"]). With 2 workers the derivation and the selection run
+    in forked workers, where the spy cannot count: the reasons and the bytes must agree either way."""
+    import threading
     from dataclasses import replace
+
+    from pipeline.multiid.reuse import PreviousTargets
+
+    real_check_beside, real_problems, real_settle = PreviousTargets.check_beside, PreviousTargets._problems, PreviousTargets.settle
+    gate = threading.Event()
+
+    def check_beside(self, shards):
+        real_check_beside(self, shards)
+        if verdict == "before_use" and self._checker is not None:
+            self._checker.join()
+
+    def problems(self, shard):
+        if threading.current_thread().name == "previous-shard-check" and verdict == "after_use":
+            assert gate.wait(60)
+        return real_problems(self, shard)
+
+    def settle(self, *a, **k):
+        gate.set()
+        return real_settle(self, *a, **k)
 
     cfg = replace(CFG, shard_max_count=4)  # several shards per split: damage hits some targets, not all
     groups = _groups(3)
@@ -498,15 +522,20 @@ def test_a_damaged_previous_tar_member_rebuilds_its_targets(tmp_path, monkeypatc
     victim.write_bytes(bytes(data))
     b_tables = _joined(tmp_path, groups, extra=[("zz-n1", [f"{groups[2]}-c"])], cfg=cfg)
     calls = _spy_select(monkeypatch)
+    monkeypatch.setattr(PreviousTargets, "check_beside", check_beside)
+    monkeypatch.setattr(PreviousTargets, "_problems", problems)
+    monkeypatch.setattr(PreviousTargets, "settle", settle)
     b = _release_multiid(layout, *b_tables, cfg=cfg, workers=workers)
     from pipeline.ids import stable_key
 
     damaged = {u for u in b_tables[0].column("uid").to_pylist() if stable_key("multiid", u) in with_keys}
     changed = (_photos_of(b_tables, {f"{groups[2]}-c"}) & _reached(a)) | {"zz-n1"}
     assert damaged
-    if workers == 1:
-        assert len(calls) == 1 and calls[0] == damaged | changed
     st = b.result.stats
+    assert st["selections_voided_by_damaged_shards"] == (verdict == "after_use")
+    if workers == 1:
+        # voided: the first selection took the damaged shard's targets for intact (only the changed ones ran)
+        assert calls == [changed] * (verdict == "after_use") + [damaged | changed]
     assert st["targets_reselected"] == len(damaged | changed)
     assert st["reselect_reasons"]["previous_shard_damaged"] == len(damaged - changed)
     assert any(files[1] in x for x in st["buckets_not_reused_corrupt"])

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from pipeline.multiid import parallel
 from pipeline.multiid.config import MultiIDConfig
-from pipeline.multiid.plan import _Plan
+from pipeline.multiid.plan import PreviousShardsDamaged, _Plan
 from pipeline.multiid.reuse import TARGETS_FILE, TARGETS_SCHEMA
 from pipeline.multiid.rows import CANDIDATE_SCHEMA, PAIRS_SCHEMA, QUALITY_COLUMNS, _merge_in_target_order
 from pipeline.shards import BUCKETS_FILE, ShardInfo, config_fingerprint, shard_record, write_manifest
@@ -189,11 +189,26 @@ def build_multiid_dataset(images: pa.Table, faces: pa.Table, identities: pa.Tabl
     # with out_dir, each bucket is written as soon as it is selected (its samples then dropped); its rows are
     # streamed to part files as they are produced, merged into pairs.parquet / candidates.parquet at the end:
     # what stays in memory per target is a summary tuple, not its rows nor its sample dicts
-    plan = _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir,
-                 workers=workers, guard_cache=guard_cache, engine=engine, feature_store_bytes=feature_store_bytes,
-                 progress=BuildProgress(progress))
+    def new_plan() -> _Plan:
+        return _Plan(images, faces, identities, config, read_bytes, reuse_from if out_dir is not None else None, out_dir=out_dir,
+                     workers=workers, guard_cache=guard_cache, engine=engine, feature_store_bytes=feature_store_bytes,
+                     progress=BuildProgress(progress))
+
+    plan = new_plan()
     try:
-        return _build(plan, out_dir, version, read_bytes)
+        try:
+            return _build(plan, out_dir, version, read_bytes)
+        except PreviousShardsDamaged as e:
+            # rare (a previous tar changed on disk): selected again, the damaged shards known from the start; the
+            # guard's decisions made so far are kept (they depend on the faces, not on the shards)
+            plan.progress(f"{e}: selecting again without them")
+            shutil.rmtree(plan.parts_dir, ignore_errors=True)
+            guard, plan = plan.guard, new_plan()
+            plan.guard = guard
+            plan.prev_targets.adopt_shard_checks(e.checks)
+            result = _build(plan, out_dir, version, read_bytes)
+            result.stats["selections_voided_by_damaged_shards"] = 1
+            return result
     finally:
         shutil.rmtree(plan.parts_dir, ignore_errors=True)
 
@@ -205,6 +220,7 @@ def _build(plan: _Plan, out_dir: Path | None, version: str | None, read_bytes) -
     cfg = plan.cfg
     plan.select()
     stats = plan.stats()
+    stats["selections_voided_by_damaged_shards"] = 0  # see build_multiid_dataset
     buckets = plan.active()
     shards: dict[str, list[ShardInfo]] = {"train": [], "eval": []}
     # the two tables, streamed in target order (to out_dir, else to the temporary folder and read back)

@@ -68,6 +68,15 @@ DERIVE_PARALLEL_MIN = 512
 _DERIVING: dict = {}  # the derivation's arguments, inherited by the forked workers (never pickled)
 
 
+class PreviousShardsDamaged(Exception):
+    """Previous shards checked beside a selection (reuse.PreviousTargets.check_beside) failed their check after the
+    selection took them for intact: it is made again, knowing ``checks`` (shard -> problems)."""
+
+    def __init__(self, damaged: list[str], checks: dict[str, list[str]]):
+        super().__init__(f"previous shards damaged: {', '.join(damaged)}")
+        self.damaged, self.checks = damaged, checks
+
+
 # the builder's part files (rows and sample records, up to the size of the shards) go to a folder in out_dir
 # named so, with its owner's lease in it: a build killed with -9 cannot remove it, the next build does
 PARTS_PREFIX, PARTS_OWNER = ".rows-", "owner.json"
@@ -482,7 +491,7 @@ class _Plan:
                 _DERIVING.clear()
             for part in parts:  # what the worker worked out that this process keeps
                 tf.adopt_subsets(part["subsets"])
-                self.prev_targets.adopt_shard_checks(part["intact"])
+                self.prev_targets.adopt_shard_checks(part["intact"], part["assumed"])
                 if self.guard is not None and self.guard.photos is not None:
                     self.guard.photos.add(part["photos"][0])
                     self.guard.photos.hits += part["photos"][1]
@@ -714,8 +723,21 @@ class _Plan:
             yield r
 
     def select(self) -> None:
-        """Every bucket's selection (the eval fallback's included); their shards are written by :meth:`emit`."""
-        self._select_buckets()
+        """Every bucket's selection (the eval fallback's included); their shards are written by :meth:`emit`.
+        The previous shards that targets may be copied from are checked meanwhile, on a thread (taken for
+        intact until then): PreviousShardsDamaged when one is not, and this selection is void."""
+        if self.per_target and self.prev_targets:
+            self.prev_targets.check_beside(sh for b in self.buckets.values()
+                                           if (rec := self.previous_records.get(b.name)) is not None and rec.get("fingerprint") != b.fingerprint
+                                           for split, shards in sorted(rec.get("shards", {}).items()) for sh in (f"{split}/{x['name']}" for x in shards))
+        try:
+            self._select_buckets()
+        except BaseException:
+            self.prev_targets.settle(raise_error=False)
+            raise
+        damaged = self.prev_targets.settle()
+        if damaged:
+            raise PreviousShardsDamaged(damaged, self.prev_targets.shard_checks())
         if self.previous is not None:
             self._count_reused_rows()
 
@@ -876,6 +898,7 @@ def _derive_range(k: int) -> dict:
     # the subsets of the targets to select (the derived and the reused need none)
     part["subsets"] = tf.chosen_subsets(set(want) - part["out"].keys() - part["same_examined"])
     part["intact"] = plan.prev_targets.shard_checks()
+    part["assumed"] = plan.prev_targets.assumed
     part["photos"] = (photos.new[photos_at:], photos.hits - hits_at) if photos is not None else ([], 0)
     return part
 

@@ -25,8 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -383,6 +385,13 @@ class PreviousTargets:
         self.row: dict[str, int] = {}
         self.shard_records: dict[str, dict] = {}
         self._intact: dict[str, list[str]] = {}
+        # shards checked on a thread of this process (check_beside), taken for intact until settled: plain
+        # dicts under the GIL, no lock (a process forked meanwhile reads its copy, and never waits for the thread)
+        self._beside: dict[str, None] = {}  # (ordered, for membership)
+        self._beside_done: dict[str, list[str]] = {}
+        self._checker: threading.Thread | None = None
+        self._checker_error: BaseException | None = None
+        self.assumed: set[str] = set()  # shards taken for intact while their check was not done
         if self.folder is None or not bucket_records or not (self.folder / TARGETS_FILE).is_file():
             return
         try:
@@ -399,6 +408,10 @@ class PreviousTargets:
             for split, shards in rec.get("shards", {}).items():
                 for sh in shards:
                     self.shard_records[f"{split}/{sh['name']}"] = sh
+
+    def __getstate__(self):
+        # a copy elsewhere checks for itself what is not checked yet
+        return {**self.__dict__, "_beside": {}, "_beside_done": dict(self._beside_done), "_checker": None, "_checker_error": None}
 
     def __bool__(self) -> bool:
         return self.table is not None
@@ -417,22 +430,70 @@ class PreviousTargets:
         """The previous shards checked so far and their problems (what another process sends back)."""
         return dict(self._intact)
 
-    def adopt_shard_checks(self, checks: dict[str, list[str]]) -> None:
+    def adopt_shard_checks(self, checks: dict[str, list[str]], assumed: Iterable[str] = ()) -> None:
+        """What another process checked (and took for intact, :meth:`shard_problems`) here too."""
         self._intact.update(checks)
+        self.assumed.update(assumed)
 
     def shard_problems(self, shard: str) -> list[str]:
-        """Problems of one previous shard ("<split>/<tar>"): missing from the records, or not matching them."""
+        """Problems of one previous shard ("<split>/<tar>"): missing from the records, or not matching them.
+        A shard still being checked beside (:meth:`check_beside`) is taken for intact: :meth:`settle` says
+        afterwards whether that held."""
         if shard not in self._intact:
-            self._intact[shard] = self._problems(shard)
+            if shard in self._beside_done:
+                self._intact[shard] = self._beside_done[shard]
+            elif shard in self._beside:
+                self.assumed.add(shard)
+                return []
+            else:
+                self._intact[shard] = self._problems(shard)
         return self._intact[shard]
+
+    def check_beside(self, shards: Iterable[str | None]) -> None:
+        """Start checking these previous shards on a thread of this process, while the build goes on (the
+        sha256 of ~7 GB at 100k faces, on the critical path before the selection when checked first). Until
+        :meth:`settle`, a shard not checked yet is taken for intact, in this process and in the processes it
+        forks (they never wait for this thread, which they do not have)."""
+        if self._checker is not None:
+            raise RuntimeError("previous shards are being checked already: settle() first")
+        todo = [sh for sh in dict.fromkeys(shards) if sh is not None and sh not in self._intact]
+        if not todo:
+            return
+        self._beside, self._beside_done, self._checker_error = dict.fromkeys(todo), {}, None
+
+        def check() -> None:
+            try:
+                for sh in todo:
+                    self._beside_done[sh] = self._problems(sh)
+            except Exception as e:  # noqa: BLE001 (raised again by settle(), in the builder's thread)
+                self._checker_error = e
+
+        self._checker = threading.Thread(target=check, name="previous-shard-check", daemon=True)
+        self._checker.start()
+
+    def settle(self, raise_error: bool = True) -> list[str]:
+        """Wait for the check started by :meth:`check_beside`; the shards it found damaged that were taken for
+        intact meanwhile (a build that did so is wrong: it is made again, knowing them; one that asked after
+        the verdict saw it). The check's own error (a disk that cannot be read) is raised here, unless
+        ``raise_error`` is false (the build failed already)."""
+        if self._checker is None:
+            return []
+        self._checker.join()
+        self._checker = None
+        beside, self._beside = self._beside, {}
+        if self._checker_error is not None:
+            if raise_error:
+                raise self._checker_error
+            return []
+        self._intact.update(self._beside_done)
+        return sorted(sh for sh in beside if self._intact[sh] and sh in self.assumed)
 
     def check_shards(self, shards: Iterable[str | None], threads: int) -> None:
         """Check these previous shards now, ``threads`` at a time: reading a file and hashing it release the
         GIL, so the builder's sha256 pass (~5 GB at 100k faces) takes the cores the workers are not using yet.
-        The threads are gone when this returns (the builder forks its workers later)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        todo = [sh for sh in dict.fromkeys(shards) if sh is not None and sh not in self._intact]
+        The threads are gone when this returns (the builder forks its workers later). Shards being checked
+        beside are left to that check."""
+        todo = [sh for sh in dict.fromkeys(shards) if sh is not None and sh not in self._intact and sh not in self._beside]
         if threads < 2 or len(todo) < 2:
             return
         with ThreadPoolExecutor(min(threads, len(todo))) as ex:
