@@ -97,6 +97,9 @@ def multiid_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
             "targets_reselected": stats.get("targets_reselected", 0),
             "reselect_reasons": dg.MetadataValue.json(stats.get("reselect_reasons", {})),
             "bytes_copied": stats.get("bytes_copied", 0),
+            # previous tars that failed their sha256 (their targets selected again), and selections made twice for it
+            "previous_shards_damaged": dg.MetadataValue.json(stats.get("buckets_not_reused_corrupt", [])),
+            "selections_voided_by_damaged_shards": stats.get("selections_voided_by_damaged_shards", 0),
             # what the copy-paste guard took from the stores kept across builds, and what it added to them
             "guard_stores": dg.MetadataValue.json({k: stats[k] for k in (
                 "guard_decisions_reused", "guard_decisions_computed", "photo_hashes_reused", "photo_hashes_computed",

@@ -63,7 +63,10 @@ def test_identities_are_stable_when_a_partition_arrives(env, mode):
     # the guard's stores: what the metadata says is kept is what the cache folder holds
     from pipeline.multiid.guard_cache import face_features_dir
 
-    stores = next(iter(r.asset_materializations_for_node("multiid_dataset"))).metadata["guard_stores"].data
+    md = next(iter(r.asset_materializations_for_node("multiid_dataset"))).metadata
+    stores = md["guard_stores"].data
+    # a first version has no previous shards to find damaged
+    assert md["previous_shards_damaged"].data == [] and md["selections_voided_by_damaged_shards"].value == 0
     kept = list(face_features_dir(layout.multiid_guard_cache).glob("*.feat"))
     assert kept and stores["face_features_entries"] == len(kept) and stores["face_features_bytes"] == sum(p.stat().st_size for p in kept)
 
