@@ -727,9 +727,7 @@ class _Plan:
         The previous shards that targets may be copied from are checked meanwhile, on a thread (taken for
         intact until then): PreviousShardsDamaged when one is not, and this selection is void."""
         if self.per_target and self.prev_targets:
-            self.prev_targets.check_beside(sh for b in self.buckets.values()
-                                           if (rec := self.previous_records.get(b.name)) is not None and rec.get("fingerprint") != b.fingerprint
-                                           for split, shards in sorted(rec.get("shards", {}).items()) for sh in (f"{split}/{x['name']}" for x in shards))
+            self.prev_targets.check_beside(self._previous_shards_of_changed_buckets())
         try:
             self._select_buckets()
         except BaseException:
@@ -740,6 +738,16 @@ class _Plan:
             raise PreviousShardsDamaged(damaged, self.prev_targets.shard_checks())
         if self.previous is not None:
             self._count_reused_rows()
+
+    def _previous_shards_of_changed_buckets(self) -> list[str]:
+        """The previous version's shards ("<split>/<tar>") of the buckets whose fingerprint changed: those their
+        reused and derived targets' samples are copied from (an unchanged bucket's are checked as it is linked)."""
+        out = []
+        for b in self.buckets.values():
+            rec = self.previous_records.get(b.name)
+            if rec is not None and rec.get("fingerprint") != b.fingerprint:
+                out += [f"{split}/{sh['name']}" for split, shards in sorted(rec.get("shards", {}).items()) for sh in shards]
+        return out
 
     def emit(self) -> None:
         """Write every bucket's shards, in bucket order (nothing without ``out_dir``)."""
