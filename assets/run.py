@@ -58,7 +58,11 @@ class Outcome:
             mat = ev.event_specific_data.materialization
             key = mat.asset_key.to_user_string()
             part = f"[{mat.partition}]" if mat.partition else ""
-            self.built[key + part] = str(mat.metadata.get("version").value) if "version" in mat.metadata else ""
+            note = str(mat.metadata.get("version").value) if "version" in mat.metadata else ""
+            empty = mat.metadata.get("empty_because")
+            if empty is not None and empty.value:  # built, but holds nothing: say why
+                note = f"{note}  (empty: {empty.value})".strip()
+            self.built[key + part] = note
         for ev in result.get_asset_observation_events():
             obs = ev.event_specific_data.asset_observation
             if SKIP_KEY in obs.metadata:

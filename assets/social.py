@@ -87,6 +87,7 @@ def social_dataset(context: dg.AssetExecutionContext, lineup: LineupSettings):
         asset_key="social_dataset",
         metadata={
             **release_metadata(rel),
+            "empty_because": st.get("empty_because", ""),
             **{k: st[k] for k in keys if st.get(k) is not None},
             "bots_by_rule": dg.MetadataValue.json(st.get("bots_by_rule", {})),
             "pairs_dropped": dg.MetadataValue.json({k: v for k, v in st.items() if k.startswith("pairs_dropped")}),

@@ -90,3 +90,26 @@ def test_timestamps_with_offsets_are_read_as_utc(tmp_path):
     ]
     r = build_social_pairs(write_social_input(tmp_path, images, events, fmt="csv"), None, CFG)
     assert r.stats["rejects_by_reason"] == {"event before image created": 1}
+
+
+def test_a_build_without_pairs_says_why(tmp_path, bad):
+    """A log that gives no pair says why (stats["empty_because"], shown by `make run`'s summary); one with pairs
+    says nothing."""
+    def reason(name, images, events):
+        return build_social_pairs(write_social_input(tmp_path / name, images, events, fmt="csv"), None, CFG).stats["empty_because"]
+
+    def seen(image_id, n, liked):  # n impressions by distinct users, the first `liked` of them liking it
+        return ([{"ts": f"2026-11-03T10:{k % 60:02d}:00Z", "user_id": f"u{k}", "image_id": image_id, "event": "impression"}
+                 for k in range(n)]
+                + [{"ts": f"2026-11-03T11:{k % 60:02d}:00Z", "user_id": f"u{k}", "image_id": image_id, "event": "like"}
+                   for k in range(liked)])
+
+    day = "2026-11-01T00:00:00Z"
+    assert "1 image(s) accepted" in reason("one", [{"image_id": "A", "prompt": "p", "created_at": day}], seen("A", 30, 5))
+    assert "no prompt group holds two images" in reason(
+        "apart", [{"image_id": "A", "prompt": "a cat", "created_at": day}, {"image_id": "B", "prompt": "a dog", "created_at": day}],
+        seen("A", 30, 5) + seen("B", 30, 5))
+    same = reason("same", [{"image_id": "A", "prompt": "p", "created_at": day}, {"image_id": "B", "prompt": "p", "created_at": day}],
+                  seen("A", 30, 5) + seen("B", 30, 5))
+    assert same.startswith("no reliable winner among 1 image pairs tested")
+    assert bad[1].stats["population_pairs"] > 0 and bad[1].stats["empty_because"] == ""

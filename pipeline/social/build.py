@@ -101,6 +101,20 @@ def fdr_select(groups: np.ndarray, error_prob: np.ndarray, level: float) -> np.n
     return keep
 
 
+def empty_reason(stats: dict, cfg: SocialConfig) -> str:
+    """Why a build gave no pair at all (population or per user), in words for a run's summary; "" when it gave some."""
+    if stats["population_pairs"] or stats["user_pairs"]:
+        return ""
+    if stats["images_accepted"] < 2:
+        return f"{stats['images_accepted']} image(s) accepted: a pair needs two in one prompt group"
+    if not stats["image_pairs_total"]:
+        return f"no prompt group holds two images ({stats['prompt_groups']} groups of one)"
+    low = stats["pairs_dropped_low_exposure"]
+    return (f"no reliable winner among {stats['pairs_tested']} image pairs tested ({stats['pairs_dropped_weak']} not reliable at "
+            f"FDR {stats['fdr_level']}, {stats['pairs_dropped_tie']} ties)"
+            + (f"; {low} pairs untested, a side under {cfg.min_exposure} exposures" if low else ""))
+
+
 def build_social_pairs(
     social_dir: Path,
     out_dir: Path | None = None,
@@ -612,6 +626,7 @@ def build_social_pairs(
         "users_with_pairs": users.num_rows,
         "baseline_pairs": base_table.num_rows,
     }
+    stats["empty_because"] = empty_reason(stats, cfg)
     if stats["events_in"] != n_read + n_file_rejects:
         raise RuntimeError(
             f"events lost inside the builder: {n_read} rows read, {n_accepted} accepted + "
