@@ -380,8 +380,6 @@ class _Plan:
                 elif was["examined"] == tf.examined(u):
                     reason, over_cap[u] = None, tf.over_cap(u)
             reasons[u] = reason
-        if prev:  # the shards the reused targets' samples come from, checked side by side
-            prev.check_shards((prev.shard[u] for u, r in reasons.items() if r is None), self.workers)
         for u, reason in reasons.items():
             if reason is None and self._previous_shard_damaged(b, u):
                 reason = "previous_shard_damaged"

@@ -28,7 +28,6 @@ import re
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -487,17 +486,6 @@ class PreviousTargets:
             return []
         self._intact.update(self._beside_done)
         return sorted(sh for sh in beside if self._intact[sh] and sh in self.assumed)
-
-    def check_shards(self, shards: Iterable[str | None], threads: int) -> None:
-        """Check these previous shards now, ``threads`` at a time: reading a file and hashing it release the
-        GIL, so the builder's sha256 pass (~5 GB at 100k faces) takes the cores the workers are not using yet.
-        The threads are gone when this returns (the builder forks its workers later). Shards being checked
-        beside are left to that check."""
-        todo = [sh for sh in dict.fromkeys(shards) if sh is not None and sh not in self._intact and sh not in self._beside]
-        if threads < 2 or len(todo) < 2:
-            return
-        with ThreadPoolExecutor(min(threads, len(todo))) as ex:
-            self._intact.update(zip(todo, ex.map(self._problems, todo)))
 
     def _problems(self, shard: str) -> list[str]:
         from pipeline.shards import shards_intact
