@@ -1,14 +1,16 @@
 """Build the multi-identity dataset on ../shared/data/faces and print counts and distributions.
 
     .venv/bin/python bench/bench_multiid.py [--min-face-px 60] [--eval-fraction 0.2] [--out /tmp/multiid] [--calibrate]
-        [--keypoints [--extra-photos DIR]]
+        [--keypoints [--extra-photos DIR]] [--matcher [--repeats 3]]
 
 --calibrate: similarity band (calibration.calibrate_on_folder). --keypoints: inlier-count / inlier-ratio
 distributions of the keypoint same-shot check, genuine same-person pairs vs synthetic copies, the
 operating point of the configured thresholds, and bbt_* crops vs the groups/face-api.js__bbt* stills
 (calibration.keypoint_distributions). --extra-photos: a folder of obama*.jpg / biden.jpg (face_recognition
 1.3.0 tests/test_images) added as identities "obama" / "biden"; their three obama crops are a known
-same-shot set.
+same-shot set. --matcher: only the keypoint matcher's CPU time (dedup.keypoint_match, one core, one BLAS
+thread) over ordered pairs of the photos' faces, with opencv's batchDistance and with the exact matrix
+product, side by side, each repeated; the two must agree on every pair.
 
 Faces: ``pipeline.faces.get_backend("dlib")``.
 Identities: folder names for identities/*; group-photo faces get the nearest labelled identity when
@@ -43,8 +45,13 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true")
     ap.add_argument("--keypoints", action="store_true")
     ap.add_argument("--extra-photos", default=None)
+    ap.add_argument("--matcher", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     be = get_backend("dlib")
+    if a.matcher:
+        matcher_report(be, a.repeats)
+        return
     if a.calibrate:
         print(json.dumps(calibrate_on_folder(ROOT, be).to_dict(), indent=1))
     if a.keypoints:
@@ -113,6 +120,47 @@ def keypoint_report(be, extra_dir) -> None:
     out["bbt_crops_vs_stills"] = bbt
     out["timing_s"] = round(time.time() - t, 1)
     print(json.dumps(out, indent=1, default=str))
+
+
+def matcher_report(be, repeats: int, max_faces: int = 120) -> None:
+    import statistics
+
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.faces.folders import load_rgb_bytes
+    from pipeline.multiid import dedup
+
+    kps = []
+    for p in sorted(ROOT.glob("*/*/*.jpg")) + sorted(ROOT.glob("groups/*.jpg")):
+        if len(kps) >= max_faces:
+            break
+        rgb = load_rgb_bytes(p.read_bytes())
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        kps += [dedup.face_keypoints(gray, f.bbox) for f in be.analyze([rgb])[0]]
+    kps = kps[:max_faces]
+    plain = []  # the same keypoints without squared norms: opencv's batchDistance path
+    for k in kps:
+        c = dedup.KeypointSet(k.pts, k.desc, k.pts_m, k.desc_m, k.size)
+        c.sq = c.sq_m = None
+        plain.append(c)
+    pairs = [(i, j) for i in range(len(kps)) for j in range(len(kps)) if i != j]
+    times = {"batchDistance": [], "product": []}
+    with threadpool_limits(1, user_api="blas"):
+        for _ in range(repeats):
+            for name, sets in (("batchDistance", plain), ("product", kps)):
+                t = time.process_time()
+                got = [dedup.keypoint_match(sets[i], sets[j]) for i, j in pairs]
+                times[name].append(time.process_time() - t)
+                if name == "batchDistance":
+                    want = got
+                elif got != want:
+                    raise SystemExit("the two matchers disagree")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"faces": len(kps), "ordered_pairs": len(pairs), "keypoints_median": statistics.median(len(k.pts) for k in kps),
+           "repeats": repeats, "cpu_s": times, "ms_per_pair_median": {k: round(1000 * v / len(pairs), 3) for k, v in med.items()},
+           "speedup": round(med["batchDistance"] / med["product"], 2), "identical": True}
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

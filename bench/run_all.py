@@ -18,6 +18,7 @@ RUNS = {
     "decode_once": ["bench_decode_once.py", "--copies", "4"],
     "identity": ["bench_identity.py", "--sizes", "10000,100000"],
     "multiid": ["bench_multiid.py"],
+    "keypoint_matcher": ["bench_multiid.py", "--matcher", "--repeats", "3"],
     "social": ["bench_social.py", "--events", "10000000", "--repeats", "3", "--exports"],
     "scoring": ["bench_scoring.py"],
     "training": ["bench_training.py", "--tiny"],

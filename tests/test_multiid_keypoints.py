@@ -98,13 +98,39 @@ def test_mutual_ratio_matches_are_bfmatchers(shot, shared_faces):
         k.append(dedup.face_keypoints(g, (0.3 * W, 0.25 * H, 0.7 * W, 0.7 * H)))
     counts = []
     for a in k:
+        assert a.sq is not None and a.sq_m is not None  # SIFT's descriptors are byte-valued: the exact product path
         for b in k:
-            for db in (b.desc, b.desc_m):
-                q, t = dedup._mutual_ratio_matches(a.desc, db, dedup.KP_RATIO)
+            for db, sq_b in ((b.desc, b.sq), (b.desc_m, b.sq_m)):
                 want = _bfmatcher_matches(a.desc, db)
-                assert list(zip(q.tolist(), t.tolist())) == want
+                for sqs in ((None, None), (a.sq, sq_b)):  # cv2.batchDistance, and the matrix product
+                    q, t = dedup._mutual_ratio_matches(a.desc, db, dedup.KP_RATIO, *sqs)
+                    assert list(zip(q.tolist(), t.tolist())) == want
                 counts.append(len(want))
     assert max(counts) > 100 and min(counts) < 20  # copies and strangers were both among the pairs
+
+
+def test_exact_matches_break_ties_as_bfmatcher_and_other_descriptors_take_its_kernel():
+    """Equal distances (repeated descriptors, on both sides) go to the lowest index on the product path as in
+    BFMatcher; descriptors that are not byte-valued get no squared norms and take cv2.batchDistance."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (40, 128)).astype(np.float32)
+    da = np.concatenate([base[:20], base[:5], rng.integers(0, 256, (10, 128)).astype(np.float32)])
+    db = np.concatenate([base[5:25], base[:10], base[:3]])  # every a in base[:10] has two equal nearest b
+    db[-1, 0] = min(255.0, db[-1, 0] + 1)  # and one near-tie
+    a, b = (dedup.KeypointSet(np.zeros((len(d), 2), np.float32), d, np.zeros((len(d), 2), np.float32), d, (8, 8))
+            for d in (da, db))
+    assert a.sq is not None and b.sq is not None
+    for x, y in ((a, b), (b, a)):
+        q, t = dedup._mutual_ratio_matches(x.desc, y.desc, 1.0, x.sq, y.sq)  # ratio 1: only exact ties fail it
+        assert list(zip(q.tolist(), t.tolist())) == _bfmatcher_matches(x.desc, y.desc, 1.0)
+        q, t = dedup._mutual_ratio_matches(x.desc, y.desc, dedup.KP_RATIO, x.sq, y.sq)
+        assert list(zip(q.tolist(), t.tolist())) == _bfmatcher_matches(x.desc, y.desc)
+    scaled = dedup.KeypointSet(a.pts, da / 512, a.pts_m, da / 512, (8, 8))  # e.g. a normalised descriptor
+    assert scaled.sq is None and dedup.KeypointSet(a.pts, -da, a.pts_m, None, (8, 8)).sq is None
+    wide = np.zeros((3, 129), np.float32)
+    assert dedup.KeypointSet(a.pts[:3], wide, a.pts_m[:3], wide, (8, 8)).sq is None  # sums could pass 2**24
+    m = dedup.keypoint_match(scaled, dedup.KeypointSet(b.pts, db / 512, b.pts_m, db / 512, (8, 8)))
+    assert m.good == len(_bfmatcher_matches(da / 512, db / 512))
 
 
 def _tables(shot, names):

@@ -54,9 +54,11 @@ best match of each of the 40 crops against any of the 21 still faces has at most
 the thresholds (sheldon3 vs the region around Bernadette's face in bbt4: 11 inliers, ratio 0.85), a
 different person, which the builder never compares.
 
-Cost: ~50 ms per face for keypoints (region + mirror); ~1 ms per compared pair (the distances of each
-orientation computed once, the backward neighbours only for the matches that pass the ratio test: 2.0 ms
-with BFMatcher's knnMatch + match, on ~150-keypoint regions of the shared photos).
+Cost: ~50 ms per face for keypoints (region + mirror); ~0.5 ms per compared pair, both orientations and
+the RANSAC fits (1.6 ms with opencv's batchDistance, 2.0 ms with BFMatcher's knnMatch + match, on the
+~140-keypoint regions of the shared photos: ``bench/bench_multiid.py --matcher``). SIFT's descriptors are
+bytes stored as float32, so every squared distance is an exact integer in float32 and one matrix product
+gives the very distances batchDistance gives, for both directions of the mutual test.
 """
 
 from __future__ import annotations
@@ -255,6 +257,21 @@ class KeypointSet:
     desc_m: np.ndarray | None
     size: tuple[int, int]  # region (w, h) after resizing
 
+    def __post_init__(self):
+        # squared norms of byte-valued descriptors (SIFT's are), for the exact matrix-product distances
+        self.sq, self.sq_m = _byte_valued_sq(self.desc), _byte_valued_sq(self.desc_m)
+
+
+def _byte_valued_sq(desc: np.ndarray | None) -> np.ndarray | None:
+    """Squared norms of ``desc`` if every value is an integer in [0, 255] and there are at most 128 per row
+    (opencv's SIFT saturates its descriptors to bytes, stored as float32): then every squared distance is
+    an integer below 2**24, which float32 holds exactly however a BLAS orders its sums. None otherwise."""
+    if desc is None or desc.dtype != np.float32 or desc.ndim != 2 or desc.shape[1] > 128 or not desc.size:
+        return None
+    if desc.min() < 0 or desc.max() > 255 or not np.array_equal(desc, np.round(desc)):
+        return None
+    return np.einsum("ij,ij->i", desc, desc)
+
 
 def _cv2():
     import cv2
@@ -307,12 +324,17 @@ def face_keypoints(gray: np.ndarray, bbox) -> KeypointSet:
     return KeypointSet(pts, desc, pts_m, desc_m, (reg.shape[1], reg.shape[0]))
 
 
-def _mutual_ratio_matches(da: np.ndarray, db: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+def _mutual_ratio_matches(da: np.ndarray, db: np.ndarray, ratio: float, sq_a: np.ndarray | None = None,
+                          sq_b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(query, train) indices of the matches from ``da`` to ``db`` that pass Lowe's ratio test and are mutual
     nearest neighbours, in query order: what ``BFMatcher(NORM_L2)``'s ``knnMatch(da, db, 2)`` filtered by
-    ``match(db, da)`` gives. ``cv2.batchDistance`` is the kernel BFMatcher calls, so the distances are the
-    same floats; but the backward nearest neighbours are found only for the train descriptors that some
-    ratio-passing match points to, instead of for all of ``db`` (half the cost of a pair)."""
+    ``match(db, da)`` gives. With both descriptors' squared norms (:func:`_byte_valued_sq`), the squared
+    distances come from one matrix product, exact integers, so the distances are the very floats
+    ``cv2.batchDistance`` gives and ties go to the lowest index as there (3.4x less CPU:
+    ``bench/bench_multiid.py --matcher``); the backward neighbours are read from the same matrix. Otherwise ``cv2.batchDistance`` (BFMatcher's kernel), the backward neighbours found only for the
+    train descriptors that some ratio-passing match points to."""
+    if sq_a is not None and sq_b is not None:
+        return _exact_ratio_matches(da, db, ratio, sq_a, sq_b)
     cv2 = _cv2()
     dist, nidx = cv2.batchDistance(da, db, cv2.CV_32F, normType=cv2.NORM_L2, K=2)
     dist = dist.astype(np.float64)  # the test in float64, as Python floats compared it
@@ -326,8 +348,31 @@ def _mutual_ratio_matches(da: np.ndarray, db: np.ndarray, ratio: float) -> tuple
     return query[mutual], train[mutual]
 
 
+def _exact_ratio_matches(da, db, ratio, sq_a, sq_b):
+    # d2 - |a|^2 per row: |b|^2 - 2 a.b (exact integers); the row's constant changes no row's order
+    part = da @ db.T
+    part *= -2
+    part += sq_b
+    rows = np.arange(len(da))
+    best = part.argmin(axis=1)  # the first of equals, as batchDistance keeps it
+    d0 = part[rows, best]
+    part[rows, best] = np.inf
+    d1 = part.min(axis=1)
+    part[rows, best] = d0
+    dist0 = np.sqrt(d0 + sq_a).astype(np.float64)  # float32 sqrt, as batchDistance; compared in float64
+    dist1 = np.sqrt(d1 + sq_a).astype(np.float64)
+    query = np.flatnonzero(dist0 < ratio * dist1)
+    if not len(query):
+        return query, query
+    train = best[query]
+    heads = np.unique(train)
+    back = (part[:, heads] + sq_a[:, None]).argmin(axis=0)
+    mutual = back[np.searchsorted(heads, train)] == query
+    return query[mutual], train[mutual]
+
+
 def _match_one(pa_: np.ndarray, da, pb: np.ndarray, db, ratio: float = KP_RATIO, ransac_px: float = KP_RANSAC_PX,
-               tight_px: float = KP_TIGHT_PX) -> tuple[int, int]:
+               tight_px: float = KP_TIGHT_PX, sq_a: np.ndarray | None = None, sq_b: np.ndarray | None = None) -> tuple[int, int]:
     """(tight inliers, good matches) of a RANSAC similarity fit from a's keypoints to b's.
 
     good = mutual nearest neighbours passing Lowe's ratio test; the fit is RANSAC with ``ransac_px``;
@@ -337,7 +382,7 @@ def _match_one(pa_: np.ndarray, da, pb: np.ndarray, db, ratio: float = KP_RATIO,
     if da is None or db is None or len(da) < 2 or len(db) < 2:
         return 0, 0
     cv2 = _cv2()
-    query, train = _mutual_ratio_matches(da, db, ratio)
+    query, train = _mutual_ratio_matches(da, db, ratio, sq_a, sq_b)
     good = query
     if len(good) < 3:
         return 0, len(good)
@@ -366,7 +411,7 @@ def keypoint_match(a: KeypointSet, b: KeypointSet, **params) -> KeypointMatch:
     """Best geometric agreement between two face regions, trying b as is and mirrored."""
     best = None
     for mirrored, (pb, db) in ((False, (b.pts, b.desc)), (True, (b.pts_m, b.desc_m))):
-        inl, good = _match_one(a.pts, a.desc, pb, db, **params)
+        inl, good = _match_one(a.pts, a.desc, pb, db, sq_a=a.sq, sq_b=b.sq_m if mirrored else b.sq, **params)
         if best is None or inl > best[0]:
             best = (inl, good, mirrored)
     inl, good, mirrored = best

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from threadpoolctl import threadpool_limits
 
 from pipeline.cache import LRU, BytesLRU
 from pipeline.ids import stable_key
@@ -478,6 +479,9 @@ def screen_candidate(uid: str, f: FaceRec, c: FaceRec, split: str, t_phash, t_fp
     return row, chk
 
 
+# one BLAS thread: the keypoint matcher's products are small (~200 x 200 x 128), and the builder's
+# parallelism is its worker processes (two threads each cost ~1.6x the CPU for the same products)
+@threadpool_limits.wrap(limits=1, user_api="blas")
 def _select(img_meta: dict, by_uid: dict[str, list[FaceRec]], cfg: MultiIDConfig, read_bytes, eval_override: set,
             mversions: list[str], sink: _RowParts | None = None, targets: set[str] | None = None, tally=None, decisions=None,
             records: _RecordSpill | None = None, prepared: dict | None = None, fingerprints: _Fingerprints | None = None,
