@@ -331,7 +331,7 @@ def test_face_store_gives_back_what_was_computed_and_survives_a_failed_write(tmp
 
 
 def test_parallel_derivation_is_byte_identical(tmp_path, small_parallel, monkeypatch):
-    """A refresh's derivation split over forked workers (plan._derive_range) gives what one process gives: the
+    """A refresh's derivation split over forked workers (plan._Plan._derive_range) gives what one process gives: the
     same files, the same statistics, the same pHash store, and the examined subsets over the cap the workers
     chose reach the selection jobs."""
     import shutil
@@ -347,9 +347,10 @@ def test_parallel_derivation_is_byte_identical(tmp_path, small_parallel, monkeyp
 
     def spy_map(fn, items, workers, on_done=None):
         out = real_map(fn, items, workers, on_done)
-        if fn is mplan._derive_range:
+        where = fn.__qualname__  # closures of the plan's methods (fork_map's function is inherited, not pickled)
+        if where.startswith("_Plan._derive.<locals>"):
             ranges.extend(len(p["out"]) + len(p["same_examined"]) + sum(p["not_derived"].values()) for p in out)
-        if fn is mplan._hash_range:
+        if where.startswith("_Plan._hash_changed_photos.<locals>"):
             hashed.extend(u for p in out for u in p)
         return out
 
@@ -459,3 +460,29 @@ def test_work_alongside_runs_in_another_process_and_is_waited_for(tmp_path):
     with alongside(lambda: order.append("fn"), fork=False):
         order.append("block")
     assert order == ["block", "fn"]  # no fork: here, after the block
+
+
+def test_fork_map_runs_closures_it_never_pickles():
+    """parallel.fork_map maps any callable: a closure over an object that cannot be pickled (a lock) runs in
+    the forked workers, which inherit it; a fork_map inside an alongside block runs its own function, and
+    the alongside's still runs its own."""
+    import os
+    import threading
+
+    from pipeline.multiid.parallel import alongside, fork_map
+
+    lock = threading.Lock()  # not picklable: only inheriting it works
+    here = os.getpid()
+
+    def square(x):
+        with lock:
+            return x * x, os.getpid()
+
+    got = fork_map(square, [1, 2, 3, 4], 2)
+    assert [v for v, _ in got] == [1, 4, 9, 16] and here not in {pid for _, pid in got}
+    seen = []
+    with alongside(lambda: seen.append(lock.locked())):  # appends in the child: nothing comes back here
+        inner = fork_map(lambda x: (x + 1, os.getpid()), [10, 20], 2)
+    assert [v for v, _ in inner] == [11, 21] and not seen
+    with pytest.raises(ZeroDivisionError):
+        fork_map(lambda x: 1 / x, [1, 0], 2)

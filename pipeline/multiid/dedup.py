@@ -258,8 +258,23 @@ class KeypointSet:
     size: tuple[int, int]  # region (w, h) after resizing
 
     def __post_init__(self):
-        # squared norms of byte-valued descriptors (SIFT's are), for the exact matrix-product distances
-        self.sq, self.sq_m = _byte_valued_sq(self.desc), _byte_valued_sq(self.desc_m)
+        # byte-valued descriptors (SIFT's) come as float32 or as the stores' uint8, and are held as float32
+        # with their squared norms, for the exact matrix-product distances
+        self.desc, self.sq = _held_desc(self.desc)
+        self.desc_m, self.sq_m = _held_desc(self.desc_m)
+
+    def stored_desc(self, mirrored: bool = False) -> np.ndarray | None:
+        """The descriptors as the stores keep them: bytes when byte-valued (a quarter of the size)."""
+        d, sq = (self.desc_m, self.sq_m) if mirrored else (self.desc, self.sq)
+        return d.astype(np.uint8) if sq is not None else d
+
+
+def _held_desc(desc: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(float32 descriptors, their squared norms when byte-valued, else None)."""
+    if desc is not None and desc.dtype == np.uint8:  # bytes by type: no need to look
+        desc = desc.astype(np.float32)
+        return desc, (np.einsum("ij,ij->i", desc, desc) if desc.ndim == 2 and desc.shape[1] <= 128 and desc.size else None)
+    return desc, _byte_valued_sq(desc)
 
 
 def _byte_valued_sq(desc: np.ndarray | None) -> np.ndarray | None:

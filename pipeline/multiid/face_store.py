@@ -23,8 +23,6 @@ import pickle
 import time
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.multiid import dedup
 
 STORE_BYTES_PER_WORKER = 2 << 30  # what one worker may publish (a face's keypoints ~165 KB, a photo's fingerprints ~25 KB a face)
@@ -38,26 +36,16 @@ def _touch(path: Path) -> None:
         pass  # the waiters compute it themselves after WAIT_S
 
 
-def _pack_desc(d):
-    if d is not None and d.dtype == np.float32 and d.size and d.min() >= 0 and d.max() <= 255 and np.array_equal(d, np.round(d)):
-        return d.astype(np.uint8)
-    return d
-
-
-def _unpack_desc(d):
-    return d.astype(np.float32) if d is not None and d.dtype == np.uint8 else d
-
-
 def _pack(kind: str, value):
     if kind == "kp" and value is not None:
-        return (value.pts, _pack_desc(value.desc), value.pts_m, _pack_desc(value.desc_m), value.size)
+        return (value.pts, value.stored_desc(), value.pts_m, value.stored_desc(mirrored=True), value.size)
     return value
 
 
 def _unpack(kind: str, value):
     if kind == "kp" and value is not None:
         pts, desc, pts_m, desc_m, size = value
-        return dedup.KeypointSet(pts, _unpack_desc(desc), pts_m, _unpack_desc(desc_m), tuple(size))
+        return dedup.KeypointSet(pts, desc, pts_m, desc_m, tuple(size))
     return value
 
 

@@ -398,15 +398,13 @@ def _unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
 
 def _save_features(kind: str, value) -> bytes:
     """``value`` as plain arrays (:func:`_pack_arrays`)."""
-    from pipeline.multiid.face_store import _pack_desc
-
     arrays: dict[str, np.ndarray] = {}
     if kind == "kp":
         arrays["size"] = np.asarray(value.size, np.int64)
-        for name in ("pts", "desc", "pts_m", "desc_m"):
-            a = getattr(value, name)
+        for name, a in (("pts", value.pts), ("desc", value.stored_desc()), ("pts_m", value.pts_m),
+                        ("desc_m", value.stored_desc(mirrored=True))):
             if a is not None:
-                arrays[name] = _pack_desc(a) if name.startswith("desc") else a
+                arrays[name] = a
     elif kind == "crop":  # (JPEG bytes, crop box, face box in the crop)
         data, box, in_crop = value
         arrays.update(jpeg=np.frombuffer(data, np.uint8), box=np.asarray(box, np.float64), in_crop=np.asarray(in_crop, np.float64))
@@ -422,13 +420,11 @@ def _save_features(kind: str, value) -> bytes:
 
 def _load_features(kind: str, path: Path):
     from pipeline.multiid import dedup
-    from pipeline.multiid.face_store import _unpack_desc
-
     a = _unpack_arrays(path.read_bytes())
     if kind == "crop":
         return a["jpeg"].tobytes(), [float(v) for v in a["box"]], [float(v) for v in a["in_crop"]]
     if kind == "kp":
-        return dedup.KeypointSet(a.get("pts"), _unpack_desc(a.get("desc")), a.get("pts_m"), _unpack_desc(a.get("desc_m")),
+        return dedup.KeypointSet(a.get("pts"), a.get("desc"), a.get("pts_m"), a.get("desc_m"),
                                  tuple(int(v) for v in a["size"]))
     fps: dict[int, dict] = {}
     for k, v in a.items():

@@ -341,28 +341,39 @@ def _fork_pool(workers: int):
         cv2.setNumThreads(cv_threads)
 
 
+_INHERITED_CALLS: list = []  # the functions fork_map and alongside run, inherited by their forked processes
+
+
+def _call_inherited(item):
+    """In a forked process: the function of the innermost fork_map / alongside, which it inherited (a closure
+    or a bound method with all it holds is never pickled; only ``item`` and the result are)."""
+    return _INHERITED_CALLS[-1](item)
+
+
+@contextlib.contextmanager
+def _inherited(fn):
+    _INHERITED_CALLS.append(fn)
+    try:
+        yield
+    finally:
+        _INHERITED_CALLS.pop()
+
+
 def fork_map(fn, items: list, workers: int, on_done=None) -> list:
-    """``fn`` over ``items`` in ``workers`` forked processes (what they need inherited from module globals set
-    by the caller, never pickled); results in the order of ``items``. ``on_done(k)`` is called here as each
-    item ``k`` finishes (progress)."""
+    """``fn`` over ``items`` in ``workers`` forked processes; ``fn`` (any callable, a closure too) and what it
+    refers to are inherited, never pickled; results in the order of ``items``. ``on_done(k)`` is called here
+    as each item ``k`` finishes (progress)."""
     from concurrent.futures import as_completed
 
-    with _fork_pool(workers) as pool:
+    with _inherited(fn), _fork_pool(workers) as pool:
         if on_done is None:
-            return list(pool.map(fn, items))
-        futures = [pool.submit(fn, item) for item in items]
+            return list(pool.map(_call_inherited, items))
+        futures = [pool.submit(_call_inherited, item) for item in items]
         index = {f: k for k, f in enumerate(futures)}
         for f in as_completed(futures):
             f.result()  # a failed item raises now, as map would
             on_done(index[f])
         return [f.result() for f in futures]
-
-
-_ALONGSIDE: dict = {}  # the function run beside the caller (alongside), inherited by the forked process
-
-
-def _call_alongside():
-    return _ALONGSIDE["fn"]()
 
 
 @contextlib.contextmanager
@@ -376,14 +387,10 @@ def alongside(fn, fork: bool = True):
         yield
         fn()
         return
-    _ALONGSIDE["fn"] = fn
-    try:
-        with _fork_pool(1) as pool:
-            done = pool.submit(_call_alongside)
-            yield
-            done.result()
-    finally:
-        _ALONGSIDE.clear()
+    with _inherited(lambda _: fn()), _fork_pool(1) as pool:
+        done = pool.submit(_call_inherited, None)
+        yield
+        done.result()
 
 
 def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list[tuple], workers: int, fn=None,
@@ -391,20 +398,11 @@ def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list
     """``fn`` (:func:`_select_chunk`) over the chunks in ``workers`` forked processes; results in the order
     of ``tasks`` (``on_done(k)`` as chunk ``k`` finishes)."""
     _FORKED.update(common={**common, "parts_dir": parts_dir}, jobs=[_job_args(job) for job in jobs])
+    fn = fn or _select_chunk
     try:
-        return fork_map(_star(fn or _select_chunk), tasks, workers, on_done)
+        return fork_map(lambda item: fn(*item), tasks, workers, on_done)
     finally:
         _FORKED.clear()
-
-
-class _star:
-    """``fn(*item)``, picklable by reference (a forked pool pickles the function it maps)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, item):
-        return self.fn(*item)
 
 
 def _select_here(job: SelectionJob, parts_dir: Path, cfg: MultiIDConfig, read_bytes, mversions: list[str], guard) -> tuple:

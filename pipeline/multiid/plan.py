@@ -65,7 +65,6 @@ from pipeline.storage import write_bytes_atomic
 IMAGE_COLUMNS = ["uid", "source", "caption", "width", "height"]  # what a sample takes from the images table
 # a bucket's derivation (_Plan._derive) is split over the forked workers when each gets this many targets
 DERIVE_PARALLEL_MIN = 512
-_DERIVING: dict = {}  # the derivation's arguments, inherited by the forked workers (never pickled)
 
 
 class PreviousShardsDamaged(Exception):
@@ -482,11 +481,7 @@ class _Plan:
         if n > 1 and parallel.can_fork():
             self._hash_changed_photos(tf, by_uid, n)
             ranges = [want[k * len(want) // n:(k + 1) * len(want) // n] for k in range(n)]
-            _DERIVING.update(plan=self, args=args, ranges=ranges, stem=stem)
-            try:
-                parts = parallel.fork_map(_derive_range, list(range(n)), n)
-            finally:
-                _DERIVING.clear()
+            parts = parallel.fork_map(lambda k: self._derive_range(args, ranges[k], f"{stem}-p{k}"), list(range(n)), n)
             for part in parts:  # what the worker worked out that this process keeps
                 tf.adopt_subsets(part["subsets"])
                 self.prev_targets.adopt_shard_checks(part["intact"], part["assumed"])
@@ -524,14 +519,26 @@ class _Plan:
         fresh = [p for p in sorted(by_uid) if by_uid[p] and p not in photos.entries and not tf.unchanged(p, self.prev_targets)]
         if len(fresh) < n:
             return
-        _DERIVING.update(hash_args=(by_uid, self.cfg, self.read_bytes, photos), ranges=[fresh[k::n] for k in range(n)])
-        try:
-            parts = parallel.fork_map(_hash_range, list(range(n)), n)
-        finally:
-            _DERIVING.clear()
+        parts = parallel.fork_map(lambda k: selection.photo_hashes(fresh[k::n], by_uid, self.cfg, self.read_bytes, stored=photos),
+                                  list(range(n)), n)
         for part in parts:
             for uid, value in part.items():
                 photos.record_from(uid, by_uid, value)
+
+    def _derive_range(self, args: tuple, want: list[str], stem: str) -> dict:
+        """In a forked worker: :meth:`_derive_targets` over the run of targets ``want``, and what the plan keeps
+        of the worker's work: the examined subsets chosen for the targets to select ((target, person) ->
+        refs), the previous shards checked, the pHashes worked out (and the lookups served from the store)."""
+        tf = args[1]
+        photos = self.guard.photos if self.guard is not None else None
+        photos_at, hits_at = (len(photos.new), photos.hits) if photos is not None else (0, 0)
+        part = self._derive_targets(*args, want, stem)
+        # the subsets of the targets to select (the derived and the reused need none)
+        part["subsets"] = tf.chosen_subsets(set(want) - part["out"].keys() - part["same_examined"])
+        part["intact"] = self.prev_targets.shard_checks()
+        part["assumed"] = self.prev_targets.assumed
+        part["photos"] = (photos.new[photos_at:], photos.hits - hits_at) if photos is not None else ([], 0)
+        return part
 
     def _derive_targets(self, b: _Bucket, tf, ctx: dict, counts_of: dict, by_uid: dict, deferred: set[str], want: list[str],
                         stem: str) -> dict:
@@ -881,32 +888,6 @@ class _Plan:
         if self.eval_fallback:
             stats["eval_fallback"] = self.eval_fallback
         return stats
-
-
-
-
-def _hash_range(k: int) -> dict:
-    """In a forked worker: selection.photo_hashes of the ``k``-th share of the photos (:meth:`_Plan._hash_changed_photos`)."""
-    by_uid, cfg, read_bytes, photos = _DERIVING["hash_args"]
-    return selection.photo_hashes(_DERIVING["ranges"][k], by_uid, cfg, read_bytes, stored=photos)
-
-
-def _derive_range(k: int) -> dict:
-    """In a forked worker: :meth:`_Plan._derive_targets` over the ``k``-th run of targets, and what the plan
-    keeps of the worker's work: the examined subsets chosen for the targets to select ((target, person) ->
-    refs), the previous shards checked, the pHashes worked out (and the lookups served from the store)."""
-    plan, args = _DERIVING["plan"], _DERIVING["args"]
-    tf = args[1]
-    photos = plan.guard.photos if plan.guard is not None else None
-    photos_at, hits_at = (len(photos.new), photos.hits) if photos is not None else (0, 0)
-    want = _DERIVING["ranges"][k]
-    part = plan._derive_targets(*args, want, f"{_DERIVING['stem']}-p{k}")
-    # the subsets of the targets to select (the derived and the reused need none)
-    part["subsets"] = tf.chosen_subsets(set(want) - part["out"].keys() - part["same_examined"])
-    part["intact"] = plan.prev_targets.shard_checks()
-    part["assumed"] = plan.prev_targets.assumed
-    part["photos"] = (photos.new[photos_at:], photos.hits - hits_at) if photos is not None else ([], 0)
-    return part
 
 def _merge_counts(parts: list[dict]) -> dict:
     """Sum the additive statistics of several buckets (a key met in any bucket is kept, even at 0)."""
