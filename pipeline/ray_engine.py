@@ -147,6 +147,7 @@ def shutdown() -> None:
 
     release_pools()
     _SHIPPED.clear()
+    _READABLE.clear()
     _JOINED.clear()
     _JOINED_ENV.clear()
     if ray.is_initialized():
@@ -302,6 +303,87 @@ def _guard_reads() -> None:
 
     sys.addaudithook(hook)
     _GUARDED = True
+
+
+class WorkersCannotRead(RuntimeError):
+    """A worker node of the joined cluster cannot open the local paths a job's rows point at."""
+
+
+_READABLE: set = set()  # (cluster address, node ids, folder) already probed from every node
+
+
+def locator_paths(chunks: list) -> list[str]:
+    """The paths of the rows a per-image stage's chunks hand the workers: every chunk is ``(rows, ...)``,
+    a row an input record (``.path``) or an image row (``["path"]``)."""
+    out = []
+    for chunk in chunks:
+        for row in chunk[0] if chunk else ():
+            path = row.get("path") if isinstance(row, dict) else getattr(row, "path", None)
+            if path:
+                out.append(str(path))
+    return out
+
+
+def require_readable(paths, what: str = "the photos", per_call: int = 3) -> None:
+    """Fail now, naming the node, the path and the fix, when a node of a joined cluster cannot read the
+    local (non-URL) paths a job is about to hand its workers. Without this, on a cluster whose nodes do not
+    share this machine's disk, every photo became an "unreadable file" reject (or an unreadable target) and
+    the run published empty datasets with exit status 0. A private local cluster shares this disk and is not
+    probed; a path is probed by opening it on every node that can run work (one zero-CPU task per node),
+    at most ``per_call`` folders a call, each folder once per cluster and set of nodes. Nodes that join
+    later are not probed."""
+    local = [p for p in dict.fromkeys(paths) if p and "://" not in p]
+    if not local or _JOINED.get("local", True):
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted((n for n in ray.nodes() if n.get("Alive") and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)),
+                   key=lambda n: n["NodeID"])
+    cluster = (_JOINED.get("address"), tuple(n["NodeID"] for n in nodes))
+    sample: dict[str, str] = {}
+    for p in local:
+        folder = os.path.dirname(os.path.abspath(p))
+        if (*cluster, folder) not in _READABLE and folder not in sample:
+            sample[folder] = p
+            if len(sample) >= per_call:
+                break
+    if not sample or not nodes:
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_reads)
+    refs = [(n, probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(list(sample.values())))
+            for n in nodes]
+    timeout = _timeout(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)
+    failed = []
+    for node, ref in refs:
+        try:
+            errors = ray.get(ref, timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - a node that cannot even run the probe is named with its error
+            errors = [("(the probe itself)", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")]
+        failed += [f"node {node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]}): {path}: {err}" for path, err in errors]
+    if failed:
+        raise WorkersCannotRead(
+            f"the Ray workers cannot read {what}, which are on this machine's disk ({len(failed)} failed "
+            f"{'read' if len(failed) == 1 else 'reads'} of {len(sample)} sampled path(s) on {len(nodes)} node(s)): "
+            + "; ".join(failed[:6])
+            + ". Each Ray worker reads the photos itself, and the nodes of the cluster at "
+            f"{_JOINED.get('address')} do not share this disk. Put the input in the object store "
+            "(LINEUP_INPUT=s3://bucket/prefix; the driver's AWS_* variables reach the workers), mount it at the "
+            "same path on every node, or run without RAY_ADDRESS (a private cluster on this machine).")
+    _READABLE.update((*cluster, folder) for folder in sample)
+
+
+def _probe_reads(paths: list[str]) -> list[tuple[str, str]]:
+    """On one node: (path, error) for each path it cannot open and read a byte of."""
+    _guard_reads()
+    errors = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            errors.append((path, f"{type(e).__name__}: {e}"))
+    return errors
 
 
 def _run_task(fn: Callable, chunk):
@@ -519,6 +601,8 @@ def chunk_runner(stage: str, decode: Callable | None, analyze: Callable, factory
     ``analyze(model, chunks)`` all the chunks of a call (the stage overlaps their decoding itself)."""
 
     def runner(chunks):
+        ensure_ray()
+        require_readable(locator_paths(chunks))
         results, runner.stats = run_chunks(stage, chunks, decode=decode, analyze=analyze, factory=factory,
                                            factory_args=factory_args, factory_kwargs=factory_kwargs, actors=actors,
                                            gpus_per_actor=gpus_per_actor, items_of=lambda c: len(c[0]))

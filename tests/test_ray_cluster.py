@@ -77,13 +77,36 @@ def _stages(spec, clip_cfg, ray_engine: bool):
     return tables, {k: r.stats for k, r in runners.items()}
 
 
-@pytest.mark.timeout(600)
-def test_multinode_cluster_reads_only_the_store(s3, shared_faces, tmp_path, monkeypatch):
-    """Two worker nodes (1 CPU each) and a head with no CPU, so every chunk runs on a worker node. The input
-    is in S3, the CLIP weights only on the driver's disk; the workers refuse to open anything under the
-    driver's home, the photos' folder or the weights' folder, and still produce the in-process tables."""
+@pytest.fixture(scope="module")
+def multinode(s3):
+    """A head with no CPU and two 1-CPU worker nodes (`ray.cluster_utils.Cluster`), so every task and actor
+    runs on a worker node; its address. The cluster lives in a private temp folder: its session file must
+    not lead other Ray drivers on this machine to it."""
     from ray.cluster_utils import Cluster
 
+    from pipeline import ray_engine
+
+    ray_tmp = tempfile.mkdtemp(prefix="lr", dir="/tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", ray_tmp)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        try:
+            for _ in range(2):
+                cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            yield cluster.address
+        finally:
+            ray_engine.shutdown()
+            cluster.shutdown()
+            for pid in _ray_processes(ray_tmp):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(600)
+def test_multinode_cluster_reads_only_the_store(s3, multinode, shared_faces, tmp_path, monkeypatch):
+    """Every chunk runs on a worker node. The input is in S3, the CLIP weights only on the driver's disk;
+    the workers refuse to open anything under the driver's home, the photos' folder or the weights' folder,
+    and still produce the in-process tables."""
     from pipeline import ray_engine
 
     names = []
@@ -99,27 +122,23 @@ def test_multinode_cluster_reads_only_the_store(s3, shared_faces, tmp_path, monk
 
     monkeypatch.setenv(ray_engine.FORBID_READS_ENV, os.pathsep.join([str(tmp_path), str(shared_faces)]))
     monkeypatch.setenv("LINEUP_HOME", str(home))
-    # a private temp folder: the cluster's session file must not lead other Ray drivers on this machine to it
-    ray_tmp = tempfile.mkdtemp(prefix="lr", dir="/tmp")
-    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    monkeypatch.setenv("RAY_ADDRESS", multinode)
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
         on_ray, stats = _stages(spec, clip_cfg, ray_engine=True)
 
         # the negative control: a worker asked to read the driver's disk is refused (so the guard is live)
         with pytest.raises(ray_engine.RayStageError, match="PermissionError"):
             ray_engine.run_chunks("probe", [str(home / "clip.pt")], decode=None,
                                   analyze=lambda _m, path: Path(path).read_bytes()[:1], factory=None)
+        # the same photos from the driver's folder: every worker node would fail to read them, so the stage
+        # fails at once naming a node and a path (it used to end as 142 "unreadable file" rejects, rc 0)
+        on_disk = PartitionSpec(key="p0", kind="files", root=str(shared_faces),
+                                members=tuple(str(p.relative_to(shared_faces)) for p in _photos(shared_faces)))
+        with pytest.raises(ray_engine.WorkersCannotRead, match=f"node .*{shared_faces}.*PermissionError.*LINEUP_INPUT=s3://"):
+            ingest_partition(on_disk, chunk_runner=ray_ingest_runner(0))
         joined = ray_engine.joined_cluster()
     finally:
         ray_engine.shutdown()
-        cluster.shutdown()
-        for pid in _ray_processes(ray_tmp):
-            os.kill(pid, signal.SIGKILL)
 
     assert all(p.startswith(f"s3://{BUCKET}/") for p in on_ray["images"].column("path").to_pylist())
     assert local["images"].num_rows == len(names) and local["faces"].num_rows >= len(names)
@@ -129,6 +148,69 @@ def test_multinode_cluster_reads_only_the_store(s3, shared_faces, tmp_path, monk
     assert joined["local"] is False and joined["nodes"] == 3
     assert stats["faces"].actors == 2 and stats["scores"].actors == 2  # one per worker node, 1 CPU each
     assert stats["faces"].failures == [] and stats["ingest"].tasks == 1
+
+
+@pytest.mark.timeout(600)
+def test_multi_identity_selection_on_the_worker_nodes(s3, multinode, tmp_path, monkeypatch):
+    """The multi-identity builder's selection and pHash tasks on the worker nodes of a joined cluster (the
+    code shipped as `py_modules`), the photos only in S3 and the driver's folder refused to the workers: a
+    fresh build and a refresh with the guard's decisions write the in-process builds' bytes."""
+    from test_multiid_parallel import _files
+    from test_shard_reuse import _collection, _groups
+
+    from pipeline import ray_engine
+    from pipeline.multiid import MultiIDConfig, build_multiid_dataset
+    from pipeline.multiid import parallel as mparallel
+
+    monkeypatch.setattr(mparallel, "PARALLEL_MIN_TARGETS", 4)
+    tasks = []
+    real = mparallel._on_ray
+
+    def spy(parts_dir, common, jobs, n_tasks, kind="select", on_done=None):
+        tasks.append((kind, len(n_tasks)))
+        return real(parts_dir, common, jobs, n_tasks, kind, on_done=on_done)
+
+    monkeypatch.setattr(mparallel, "_on_ray", spy)
+    cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=True, reuse_buckets=4)
+    groups = _groups(2)
+
+    def in_store(world):
+        images, faces, ids = world
+        rows = images.to_pylist()
+        for r in rows:
+            key = f"{BUCKET}/mid/{Path(r['path']).name}"
+            if not s3.exists(key):
+                s3.put(r["path"], key)
+            r["path"] = f"s3://{key}"
+        return pa.Table.from_pylist(rows, schema=images.schema), faces, ids
+
+    base = in_store(_collection(tmp_path, groups, photos_per_group=14))
+    grown = in_store(_collection(tmp_path, groups, photos_per_group=14, extra=[("zz-new", [f"{groups[0]}-a", f"{groups[1]}-b"])]))
+    one = build_multiid_dataset(*base, tmp_path / "one", cfg, version="v1", workers=1, engine="inprocess")
+    fresh2 = build_multiid_dataset(*grown, tmp_path / "fresh2", cfg, version="v2", workers=1, engine="inprocess")
+
+    monkeypatch.setenv(ray_engine.FORBID_READS_ENV, str(tmp_path))
+    monkeypatch.setenv("RAY_ADDRESS", multinode)
+    try:
+        first = build_multiid_dataset(*base, tmp_path / "ray1", cfg, version="v1", engine="ray",
+                                      guard_cache=tmp_path / "guard.parquet")
+        refresh = build_multiid_dataset(*grown, tmp_path / "ray2", cfg, version="v2", engine="ray",
+                                        reuse_from=first.out_dir, guard_cache=tmp_path / "guard.parquet")
+        joined = ray_engine.joined_cluster()
+        # the photos left on the driver's disk: the build fails before its first task, naming the photo,
+        # instead of counting every target unreadable and writing a dataset without them
+        with pytest.raises(ray_engine.WorkersCannotRead, match=f"node .*{tmp_path}.*PermissionError"):
+            build_multiid_dataset(*_collection(tmp_path, groups, photos_per_group=14), tmp_path / "local", cfg,
+                                  version="v1", engine="ray")
+    finally:
+        ray_engine.shutdown()
+
+    assert joined["local"] is False and joined["nodes"] == 3
+    assert one.stats["targets"].get("kept", 0) > 5 and fresh2.stats["targets"].get("kept", 0) > 5
+    assert _files(tmp_path / "ray1") == _files(tmp_path / "one")
+    assert _files(tmp_path / "ray2") == _files(tmp_path / "fresh2")
+    assert first.stats["guard_decisions_computed"] > 0 and refresh.stats["targets_reused"] > 0
+    assert any(kind == "select" and n > 1 for kind, n in tasks) and any(kind == "hash" for kind, _ in tasks), tasks
 
 
 def _ray_processes(marker: str) -> list[int]:

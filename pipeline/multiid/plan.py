@@ -265,6 +265,8 @@ class _Plan:
         from pipeline.engine import engine_name
 
         self.engine = engine_name(engine) if not keep_rows else "inprocess"
+        # Ray tasks read the photos themselves: their locators are checked once, before the first selection
+        self.photos_for_workers = images.column("path").to_pylist() if self.engine == "ray" and "path" in images.column_names else None
         from pipeline.multiid.guard_cache import GuardDecisions
 
         self.guard = GuardDecisions(guard_cache, {k: getattr(cfg, k) for k in (
@@ -292,6 +294,12 @@ class _Plan:
             finish(result)
 
     def _select_jobs(self, jobs: list) -> list:
+        if self.photos_for_workers is not None:
+            from pipeline import ray_engine
+
+            ray_engine.ensure_ray()
+            ray_engine.require_readable(self.photos_for_workers)
+            self.photos_for_workers = None
         return parallel.select_jobs(jobs, self.workers, self.parts_dir, self.cfg, self.read_bytes, self.mversions,
                                     guard=self.guard, engine=self.engine, progress=self.progress)
 
