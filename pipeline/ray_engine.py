@@ -112,7 +112,12 @@ def ensure_ray(num_cpus: int | None = None) -> dict:
             kwargs.update(address="local", include_dashboard=False, num_cpus=num_cpus or available_cores())
         else:
             kwargs["address"] = address  # its resources are the cluster's: num_cpus may not be given
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, TimeoutError) as e:
+            if address is None:
+                raise
+            raise RayJoinError(address, e) from e
         _JOINED.clear()
         _JOINED_ENV.clear()
         _JOINED_ENV.update(store_env)  # kept apart from _JOINED: it holds the store's keys, never shown
@@ -767,6 +772,23 @@ class RayStageError(RuntimeError):
         self.stats = stats
         super().__init__(f"ray {stats.stage}: {len(stats.failures)} of {stats.chunks} chunks failed: "
                          + "; ".join(stats.failures[:5]))
+
+
+class RayJoinError(ConnectionError):
+    """``RAY_ADDRESS`` names a cluster this process could not join: the address, and the token."""
+
+    def __init__(self, address: str, error: BaseException):
+        mode = os.environ.get("RAY_AUTH_MODE", "").strip() or "unset"
+        token = ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else
+                 "RAY_AUTH_TOKEN_PATH" if os.environ.get("RAY_AUTH_TOKEN_PATH") else "none")
+        super().__init__(
+            f"could not join the Ray cluster at RAY_ADDRESS={address} ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}). Check that it names the head's GCS "
+            "port (host:6379) or its client port (ray://host:10001) and that this machine reaches it. A cluster "
+            "with token authentication (its nodes run with RAY_AUTH_MODE=token; Ray 2.59+ `ray start --head` "
+            "turns it on by itself where ~/.ray/auth_token exists) refuses a driver without its token: set "
+            f"RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) here too (here: RAY_AUTH_MODE {mode}, "
+            f"token from {token}).")
 
 
 class RayStartTimeout(RuntimeError):

@@ -3,6 +3,7 @@ server (moto), and an existing cluster started with `ray start` and reached thro
 what a leftover `ray_current_cluster` file does to a run without RAY_ADDRESS. Each stage's tables must equal
 the in-process engine's. Skipped without ray, moto or s3fs."""
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import moto_s3, write_tiny_clip
 
@@ -284,3 +286,64 @@ def test_existing_cluster_then_its_leftover_session(shared_faces, tmp_path, monk
             os.kill(pid, signal.SIGKILL)
     assert res.images.equals(images)
     assert joined["local"] is True and not joined["address"].endswith(f":{port}")
+
+
+@pytest.mark.timeout(300)
+def test_cluster_with_token_authentication(shared_faces, tmp_path, monkeypatch):
+    """A `ray start --head` cluster with token authentication (RAY_AUTH_MODE=token, as Ray 2.59+ turns on by
+    itself where ~/.ray/auth_token exists): a driver without the token fails with what to set, naming the
+    address; with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN it joins and ingests as in-process."""
+    import secrets
+
+    from pipeline import ray_engine
+
+    photos = _photos(shared_faces)[:2]
+    spec = PartitionSpec(key="p2", kind="files", root=str(shared_faces),
+                         members=tuple(str(p.relative_to(shared_faces)) for p in photos))
+    local = ingest_partition(spec).images
+    token = secrets.token_hex(32)
+    ray_tmp = tempfile.mkdtemp(prefix="lr", dir="/tmp")
+    port = _free_port()
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", "1",
+                             "--port", str(port), "--include-dashboard", "false", "--disable-usage-stats", "--block"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
+    try:
+        for _ in range(600):
+            if address_file.exists():
+                break
+            time.sleep(0.2)
+        assert address_file.exists(), "ray start did not come up"
+        monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token of this machine's to fall back on
+        for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            monkeypatch.delenv(var, raising=False)
+        with pytest.raises(ray_engine.RayJoinError, match=f"RAY_ADDRESS=127.0.0.1:{port}.*RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"):
+            ingest_partition(spec, chunk_runner=ray_ingest_runner(0))
+        ray_engine.shutdown()
+        # Ray reads its authentication mode once per process: the driver with the token is a new one
+        out = tmp_path / "images.parquet"
+        code = ("import json, sys, pyarrow.parquet as pq\n"
+                "from pipeline import ray_engine\n"
+                "from pipeline.ingest import ingest_partition, ray_ingest_runner\n"
+                "from pipeline.sources import PartitionSpec\n"
+                f"spec = PartitionSpec(key='p2', kind='files', root={str(shared_faces)!r}, members={spec.members!r})\n"
+                "pq.write_table(ingest_partition(spec, chunk_runner=ray_ingest_runner(0)).images, sys.argv[1])\n"
+                "print(json.dumps(ray_engine.joined_cluster()))\n")
+        driver = subprocess.run([sys.executable, "-c", code, str(out)], check=False, capture_output=True, text=True, timeout=180,
+                                env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}, cwd=Path(__file__).parents[1])
+        assert driver.returncode == 0, driver.stderr[-2000:]
+        joined = json.loads(driver.stdout.strip().splitlines()[-1])
+        on_ray = pq.read_table(out)
+    finally:
+        ray_engine.shutdown()
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(30)
+        time.sleep(1)
+        for pid in _ray_processes(ray_tmp):
+            os.kill(pid, signal.SIGKILL)
+    assert joined["local"] is False and joined["address"].endswith(f":{port}")
+    assert on_ray.equals(local) and local.num_rows == 2
