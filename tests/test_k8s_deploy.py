@@ -277,7 +277,22 @@ def test_ray_pods_get_the_environment_and_no_shared_volume():
             refs = c["envFrom"]
             assert {"configMapRef": {"name": "lineup-env"}} in refs
             assert any(r.get("secretRef", {}).get("name") == "lineup-aws" for r in refs)
+            # the cluster's token, required (a pod without it could not join its own cluster)
+            assert {"secretRef": {"name": "lineup-ray-auth"}} in refs
             assert not any(m["mountPath"] == env["LINEUP_HOME"] for m in c.get("volumeMounts", []))
+
+
+def test_ray_drivers_hold_the_clusters_token():
+    """Token authentication on the Ray cluster: RAY_AUTH_MODE=token for every pod that reads lineup-env, and
+    the token's secret on the run pods (each run is a Ray driver) through both the chart's values and the
+    instance the run launcher reads; the code server, which never joins the cluster, does not get it."""
+    assert _env()["RAY_AUTH_MODE"] == "token"
+    instance = yaml.safe_load((K8S / "dagster.yaml").read_text())
+    assert "lineup-ray-auth" in instance["run_launcher"]["config"]["env_secrets"]
+    values = _values()
+    assert {"name": "lineup-ray-auth"} in values["runLauncher"]["config"]["k8sRunLauncher"]["envSecrets"]
+    code = values["dagster-user-deployments"]["deployments"][0]
+    assert {"name": "lineup-ray-auth"} not in code.get("envSecrets", [])
 
 
 def test_image_is_pinned_non_root_and_without_test_servers():
