@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -228,6 +229,34 @@ def _ray_processes(marker: str) -> list[int]:
     return pids
 
 
+@contextmanager
+def _ray_start_head(num_cpus: int, **env_vars):
+    """`ray start --head --block` in a private temp folder (``env_vars`` added to its environment); yields
+    (temp folder, GCS port) once its session file is written; afterwards killed by a signal, as a crash
+    would (no clean-up of the session file), with every process of its folder."""
+    ray_tmp = tempfile.mkdtemp(prefix="lr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = _free_port()
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, **env_vars}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", str(num_cpus),
+                             "--port", str(port), "--include-dashboard", "false", "--disable-usage-stats", "--block"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
+    try:
+        for _ in range(600):
+            if address_file.exists():
+                break
+            time.sleep(0.2)
+        assert address_file.exists(), "ray start did not come up"
+        yield ray_tmp, port
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(30)
+        time.sleep(1)
+        for pid in _ray_processes(ray_tmp):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.timeout(600)
 def test_existing_cluster_then_its_leftover_session(shared_faces, tmp_path, monkeypatch):
     """`ray start --head --num-cpus 2`, joined through RAY_ADDRESS=auto with 32 actors asked for: the face
@@ -244,32 +273,14 @@ def test_existing_cluster_then_its_leftover_session(shared_faces, tmp_path, monk
     backend = get_backend("dlib", device="cpu")
     local = run_face_partition(images, backend, "p1", batch_size=2)
 
-    ray_tmp = tempfile.mkdtemp(prefix="lr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port = _free_port()
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", "2",
-                             "--port", str(port), "--include-dashboard", "false", "--disable-usage-stats", "--block"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
-    try:
-        for _ in range(600):
-            if address_file.exists():
-                break
-            time.sleep(0.2)
-        assert address_file.exists(), "ray start did not come up"
+    with _ray_start_head(2) as (ray_tmp, port):
         monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
         monkeypatch.setenv("RAY_ADDRESS", "auto")
         runner = ray_chunk_runner(backend, actors=32)
         on_ray = run_face_partition(images, backend, "p1", batch_size=2, chunk_runner=runner)
         joined = ray_engine.joined_cluster()
         ray_engine.shutdown()
-    finally:
-        os.killpg(head.pid, signal.SIGKILL)  # "stopped by a signal": no clean-up of the session file
-        head.wait(30)
-        time.sleep(1)
-        for pid in _ray_processes(ray_tmp):
-            os.kill(pid, signal.SIGKILL)
+    address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
     assert on_ray.faces.equals(local.faces) and on_ray.scan.equals(local.scan)
     assert joined["local"] is False and joined["address"].endswith(f":{port}")
     assert runner.stats.actors == 2 and runner.stats.cpus_per_actor == 1.0
@@ -302,28 +313,17 @@ def test_cluster_with_token_authentication(shared_faces, tmp_path, monkeypatch):
                          members=tuple(str(p.relative_to(shared_faces)) for p in photos))
     local = ingest_partition(spec).images
     token = secrets.token_hex(32)
-    ray_tmp = tempfile.mkdtemp(prefix="lr", dir="/tmp")
-    port = _free_port()
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", "1",
-                             "--port", str(port), "--include-dashboard", "false", "--disable-usage-stats", "--block"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
-    try:
-        for _ in range(600):
-            if address_file.exists():
-                break
-            time.sleep(0.2)
-        assert address_file.exists(), "ray start did not come up"
+    with _ray_start_head(1, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token) as (ray_tmp, port):
         monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
         monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
         monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token of this machine's to fall back on
         for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
             monkeypatch.delenv(var, raising=False)
-        with pytest.raises(ray_engine.RayJoinError, match=f"RAY_ADDRESS=127.0.0.1:{port}.*RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"):
-            ingest_partition(spec, chunk_runner=ray_ingest_runner(0))
-        ray_engine.shutdown()
+        try:
+            with pytest.raises(ray_engine.RayJoinError, match=f"RAY_ADDRESS=127.0.0.1:{port}.*RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"):
+                ingest_partition(spec, chunk_runner=ray_ingest_runner(0))
+        finally:
+            ray_engine.shutdown()
         # Ray reads its authentication mode once per process: the driver with the token is a new one
         out = tmp_path / "images.parquet"
         code = ("import json, sys, pyarrow.parquet as pq\n"
@@ -338,12 +338,5 @@ def test_cluster_with_token_authentication(shared_faces, tmp_path, monkeypatch):
         assert driver.returncode == 0, driver.stderr[-2000:]
         joined = json.loads(driver.stdout.strip().splitlines()[-1])
         on_ray = pq.read_table(out)
-    finally:
-        ray_engine.shutdown()
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(30)
-        time.sleep(1)
-        for pid in _ray_processes(ray_tmp):
-            os.kill(pid, signal.SIGKILL)
     assert joined["local"] is False and joined["address"].endswith(f":{port}")
     assert on_ray.equals(local) and local.num_rows == 2
