@@ -478,6 +478,21 @@ class _Pool:
     ready: list = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
     jobs: int = 0
+    spawn: Callable | None = None  # starts one more actor of this pool (a replacement)
+    lost: int = 0  # actors lost to a dead node, a kill or the OOM killer, not to their model's error
+
+    def replace_lost(self, error: BaseException) -> None:
+        """An actor of the pool is gone: start another in its place (at most the pool's size over its life,
+        so actors that keep dying do not respawn forever); on a cluster that lost a node, the replacement
+        waits for room, or for the autoscaler's next node."""
+        self.lost += 1
+        again = self.lost <= self.plan.actors and self.spawn is not None
+        log.warning("ray: an actor of the %s pool was lost (%s)%s", self.key[1],
+                    str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
+                    "; starting another in its place" if again else "; not replaced (the pool lost as many as it has)")
+        if again:
+            actor = self.spawn()
+            self.pending[actor.ready.remote()] = actor
 
 
 _POOLS: dict[tuple, _Pool] = {}
@@ -506,26 +521,38 @@ def _get_pool(factory: Callable, args: tuple, kwargs: dict, plan: PoolPlan) -> t
     actor_cls = ray.remote(_ModelActor)
     shipped_args, shipped_kwargs = ship_local_paths(tuple(args)), ship_local_paths(dict(kwargs))
     threads = max(1, int(plan.cpus_per_actor))
+
+    def spawn():
+        return actor_cls.options(num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
+                                 max_restarts=0).remote(factory, shipped_args, shipped_kwargs, threads)
+
     pending = {}
     for _ in range(plan.actors):
-        actor = actor_cls.options(num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
-                                  max_restarts=0).remote(factory, shipped_args, shipped_kwargs, threads)
+        actor = spawn()
         pending[actor.ready.remote()] = actor
-    pool = _Pool(key, plan, pending)
+    pool = _Pool(key, plan, pending, spawn=spawn)
     _POOLS[key] = pool
     return pool, False
 
 
 def _promote_ready(pool: _Pool, timeout: float) -> None:
-    """Move actors that came up to ``pool.ready``; an actor whose model failed to build fails the stage."""
+    """Move actors that came up to ``pool.ready``; an actor whose model failed to build fails the stage, one
+    lost before it came up (its node died, it was killed) is replaced."""
     import ray
+    from ray.exceptions import RayActorError
 
     if not pool.pending:
         return
     done, _ = ray.wait(list(pool.pending), num_returns=len(pool.pending), timeout=timeout)
     for ref in done:
         actor = pool.pending.pop(ref)
-        ray.get(ref)  # raises the constructor's error (e.g. missing weights), naming it
+        try:
+            ray.get(ref)  # raises the constructor's error (e.g. missing weights), naming it
+        except RayActorError as e:
+            if e.actor_init_failed:
+                raise
+            pool.replace_lost(e)
+            continue
         pool.ready.append(actor)
 
 
@@ -546,6 +573,9 @@ def _wait_first_actor(pool: _Pool, stage: str, start_timeout: float) -> float:
                 f"{dict(ray.available_resources())}: other jobs hold it, or no node fits one actor")
         try:
             _promote_ready(pool, min(left, 1.0))
+            if not pool.ready and not pool.pending:
+                raise RuntimeError(f"ray {stage}: all {pool.lost} actor(s) of the pool were lost before one came up "
+                                   "(their nodes died or they were killed), replacements included")
         except Exception:
             _POOLS.pop(pool.key, None)
             release_pools()
@@ -571,6 +601,7 @@ class RayJobStats:
     pool_reused: bool = False
     start_seconds: float = 0.0  # waiting for the first actor (0 when the pool was there)
     failures: list[str] = field(default_factory=list)  # chunks whose work raised, with the error
+    actors_lost: int = 0  # actors of the pool lost during this job (replaced while the pool's budget lasts)
     seconds: float = 0.0
     cluster: dict = field(default_factory=dict)
     joined: dict = field(default_factory=dict)
@@ -590,6 +621,7 @@ class RayJobStats:
             "ray_pool_reused": self.pool_reused,
             "ray_start_seconds": round(self.start_seconds, 3),
             "ray_failures": len(self.failures),
+            "ray_actors_lost": self.actors_lost,
             "ray_seconds": round(self.seconds, 3),
             "ray_items_per_s": round(self.items / self.seconds, 2) if self.seconds else 0.0,
             "ray_cluster_cpus": float(self.cluster.get("CPU", 0)),
@@ -693,8 +725,12 @@ def run_chunks(
         plan = plan_pool(cluster, actors, gpus_per_actor)
         pool, stats.pool_reused = _get_pool(factory, tuple(factory_args), dict(factory_kwargs or {}), plan)
         stats.cpus_per_actor, stats.gpus_per_actor = plan.cpus_per_actor, plan.gpus_per_actor
-        stats.start_seconds = _wait_first_actor(pool, stage, _timeout(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
-        outcomes, stats.actors_used = _run_on_pool(pool, stage, chunks, decode, analyze, stall)
+        lost_before = pool.lost
+        try:
+            stats.start_seconds = _wait_first_actor(pool, stage, _timeout(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
+            outcomes, stats.actors_used = _run_on_pool(pool, stage, chunks, decode, analyze, stall)
+        finally:
+            stats.actors_lost = pool.lost - lost_before
         stats.actors = plan.actors
         pool.jobs += 1
     stats.seconds = time.perf_counter() - t0
@@ -758,6 +794,7 @@ def _run_on_pool(pool: _Pool, stage: str, chunks: list, decode, analyze, stall: 
             except RayActorError as e:
                 if actor in pool.ready:
                     pool.ready.remove(actor)
+                    pool.replace_lost(e)
                 attempts[idx[0]] = attempts.get(idx[0], 0) + 1
                 if attempts[idx[0]] > 1:
                     raise RuntimeError(f"ray {stage}: chunks {idx} lost their actor twice: {e}") from e

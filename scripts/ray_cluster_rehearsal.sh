@@ -4,6 +4,8 @@
 #   - a head with no CPU (so every task and actor runs on a worker node) and two worker nodes (2 CPUs and
 #     1 CPU), each started in its own mount namespace with empty tmpfs over the driver's homes, the photos'
 #     folder and the checkout's data/ folder: the workers can only read what is in the store;
+#   - token authentication on (RAY_AUTH_MODE=token, a private token), and the runs joining through Ray's
+#     client (RAY_ADDRESS=ray://...), as the Kubernetes deployment does (deploy/k8s);
 #   - `make run` with LINEUP_ENGINE=ray, RAY_ADDRESS, LINEUP_INPUT=s3://... and LINEUP_STORE=s3://..., and
 #     the second worker node killed with -9 (every process of its namespace) KILL_AFTER seconds in;
 #   - the same input in-process into another store prefix, and every stored file compared by sha256
@@ -29,6 +31,7 @@ mkdir -p "$W/homes" "$W/ray" "$REPO/data"
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 S3_PORT=$(free_port)
 GCS_PORT=$(free_port)
+CLIENT_PORT=$(free_port)
 export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_DEFAULT_REGION=us-east-1
 unset RAY_ADDRESS LINEUP_STORE LINEUP_HOME LINEUP_INPUT LINEUP_ENGINE
 # Ray 2.5x+ `ray start --head` turns token authentication on: every node and every driver needs the token
@@ -90,8 +93,8 @@ fs.pipe_file("lineup/in/broken/truncated.jpg", b"\xff\xd8\xff\xe0 truncated")
 print(f"== {n} files uploaded to s3://lineup/in, and one truncated JPEG")
 EOF
 
-RAY_TMPDIR=$W/ray "$RAY" start --head --num-cpus 0 --port "$GCS_PORT" --temp-dir "$W/ray" --include-dashboard false \
-  --disable-usage-stats > "$W/head.log" 2>&1
+RAY_TMPDIR=$W/ray "$RAY" start --head --num-cpus 0 --port "$GCS_PORT" --ray-client-server-port "$CLIENT_PORT" \
+  --temp-dir "$W/ray" --include-dashboard false --disable-usage-stats > "$W/head.log" 2>&1
 worker_node() {  # $1 CPUs; its own mount namespace, the driver's folders hidden; records its namespace
   unshare -m --propagation private bash -c "
     for d in '$W/homes' '$PHOTOS' '$REPO/data'; do mount -t tmpfs none \"\$d\"; done
@@ -108,6 +111,8 @@ for _ in $(seq 60); do
   sleep 1
 done
 echo "== cluster at 127.0.0.1:$GCS_PORT: $nodes nodes (a head with no CPU, worker nodes of 2 and 1 CPUs that cannot see $PHOTOS)"
+# the runs join as the Kubernetes deployment does, through Ray's client (deploy/k8s/lineup.env), with the token
+ADDRESS=ray://127.0.0.1:$CLIENT_PORT
 
 cd "$REPO"
 t0=$(date +%s)
@@ -118,7 +123,7 @@ t0=$(date +%s)
   echo "== killed the 1-CPU worker node ($n processes) ${KILL_AFTER} s into the Ray run" ) &
 killer=$!
 set +e
-LINEUP_ENGINE=ray RAY_ADDRESS=127.0.0.1:$GCS_PORT LINEUP_HOME=$W/homes/ray LINEUP_INPUT=s3://lineup/in \
+LINEUP_ENGINE=ray RAY_ADDRESS=$ADDRESS LINEUP_HOME=$W/homes/ray LINEUP_INPUT=s3://lineup/in \
   LINEUP_STORE=s3://lineup/store-ray make --no-print-directory run > "$W/run-ray.log" 2>&1
 ray_rc=$?
 echo "== Ray run: rc $ray_rc, $(( $(date +%s) - t0 )) s (log $W/run-ray.log)"
@@ -128,7 +133,7 @@ LINEUP_HOME=$W/homes/local LINEUP_INPUT=s3://lineup/in LINEUP_STORE=s3://lineup/
   make --no-print-directory run > "$W/run-local.log" 2>&1
 local_rc=$?
 echo "== in-process run: rc $local_rc, $(( $(date +%s) - t0 )) s (log $W/run-local.log)"
-LINEUP_ENGINE=ray RAY_ADDRESS=127.0.0.1:$GCS_PORT LINEUP_HOME=$W/homes/disk LINEUP_INPUT=$PHOTOS \
+LINEUP_ENGINE=ray RAY_ADDRESS=$ADDRESS LINEUP_HOME=$W/homes/disk LINEUP_INPUT=$PHOTOS \
   make --no-print-directory run > "$W/run-disk.log" 2>&1
 disk_rc=$?
 set -e

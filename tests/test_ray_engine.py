@@ -221,6 +221,66 @@ def test_full_cluster_fails_with_a_clear_message(ray_local, monkeypatch):
     assert results == [10, 20] and stats.actors >= 1
 
 
+def _dies_once(marker: str):
+    """analyze(model, chunk): the first call anywhere kills its actor's process (as a node lost mid-call
+    would); every other call returns chunk x 10. (Built here, so Ray pickles it by value.)"""
+
+    def analyze(model, chunk):
+        import os
+
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return chunk * 10
+        os.close(fd)
+        os._exit(1)
+
+    return analyze
+
+
+def test_actors_lost_before_they_are_up_or_mid_call_are_replaced(ray_local, tmp_path):
+    """An actor killed while its model builds (its node died before it came up) is replaced, not taken for
+    a model that failed to build; an actor that dies with a call in flight loses the call to another actor.
+    Both jobs give every chunk's result, and the stats count the actors lost."""
+    import ray
+
+    from pipeline.ray_engine import _get_pool, ensure_ray, plan_pool, release_pools
+
+    def slow_model(seconds):  # a model that takes a while to build, so its actor can be lost before it is up
+        import time
+
+        time.sleep(seconds)
+        return "model"
+
+    release_pools()
+    plan = plan_pool(ensure_ray(), 2, None)
+    pool, _ = _get_pool(slow_model, (2.0,), {}, plan)
+    ray.kill(next(iter(pool.pending.values())))  # lost while its model builds
+    results, stats = run_chunks("slow", list(range(6)), decode=None, analyze=lambda model, c: c * 10,
+                                factory=slow_model, factory_args=(2.0,), actors=2, items_of=lambda c: 1)
+    assert results == [c * 10 for c in range(6)]
+    assert stats.pool_reused and stats.actors_lost == 1 and stats.failures == []
+
+    marker = str(tmp_path / "died")
+    results, stats = run_chunks("slow", list(range(6)), decode=None, analyze=_dies_once(marker),
+                                factory=slow_model, factory_args=(2.0,), actors=2, items_of=lambda c: 1)
+    assert Path(marker).exists()  # an actor did die mid-call
+    assert results == [c * 10 for c in range(6)]
+    assert stats.actors_lost == 1 and stats.metadata()["ray_actors_lost"] == 1
+
+
+def test_a_model_that_fails_to_build_still_fails_the_stage(ray_local):
+    """Not a lost actor: the constructor's own error fails the stage, naming it (no replacement loop)."""
+    from pipeline.ray_engine import release_pools
+
+    def no_weights():
+        raise FileNotFoundError("no weights here")
+
+    release_pools()
+    with pytest.raises(Exception, match="no weights here"):
+        run_chunks("broken", [1, 2], decode=None, analyze=lambda model, c: c, factory=no_weights, items_of=lambda c: 1)
+
+
 def test_weights_shipped_through_the_object_store(ray_local, tmp_path):
     """A model folder and a file named by local paths in a configuration reach a worker as copies of
     their bytes under the worker's temp folder, names kept; URLs and relative strings are left alone."""
