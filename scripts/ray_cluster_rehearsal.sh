@@ -95,12 +95,15 @@ EOF
 
 RAY_TMPDIR=$W/ray "$RAY" start --head --num-cpus 0 --port "$GCS_PORT" --ray-client-server-port "$CLIENT_PORT" \
   --temp-dir "$W/ray" --include-dashboard false --disable-usage-stats > "$W/head.log" 2>&1
-worker_node() {  # $1 CPUs; its own mount namespace, the driver's folders hidden; records its namespace
+# $1 CPUs; its own mount namespace, the driver's folders hidden, no store credentials of its own (the
+# driver's reach its workers through the job's runtime_env); records its namespace
+worker_node() {
   unshare -m --propagation private bash -c "
     for d in '$W/homes' '$PHOTOS' '$REPO/data'; do mount -t tmpfs none \"\$d\"; done
     test -z \"\$(ls -A '$PHOTOS')\" || exit 3
     readlink /proc/self/ns/mnt >> '$W/namespaces'
-    RAY_TMPDIR='$W/ray' '$RAY' start --address 127.0.0.1:$GCS_PORT --num-cpus $1 --disable-usage-stats" >> "$W/workers.log" 2>&1
+    env -u AWS_ENDPOINT_URL -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_DEFAULT_REGION RAY_TMPDIR='$W/ray' \
+      '$RAY' start --address 127.0.0.1:$GCS_PORT --num-cpus $1 --disable-usage-stats" >> "$W/workers.log" 2>&1
 }
 worker_node 2
 worker_node 1
