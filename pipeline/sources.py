@@ -9,7 +9,9 @@ bytes directly, also from inside a tar, without unpacking it.
 Reading never trusts the input: sizes are checked from stat / the tar header before a byte is read,
 only regular files are opened (never a FIFO or a device), manifest rows must resolve (symlinks
 included) inside the manifest's folder, the input root or LINEUP_MANIFEST_ROOTS, and every input
-unit that cannot be read ends as one reject Record with a reason, never as an exception.
+unit that cannot be read ends as one reject Record with a reason, never as an exception. The one
+exception is an object store that does not serve a read at all (:class:`StoreUnreachable`): that is
+the environment's fault, not the photo's, and it fails the step instead of rejecting photos.
 """
 
 from __future__ import annotations
@@ -143,11 +145,9 @@ def _url_size(url: str, max_bytes: int) -> tuple[int, str, str]:
     """_readable_size for an object: one HEAD request."""
     fs, key = _fs(url)
     try:
-        info = fs.info(key)
+        info = from_store(url, lambda: fs.info(key))
     except FileNotFoundError:
         return 0, "file not found", f"{url} does not exist (any more)"
-    except OSError as e:
-        return 0, "unreadable file", f"{url}: {e}"
     if info.get("type") != "file":
         return 0, "not a regular file", f"{url} is a prefix, not an object; not opened"
     size = int(info.get("size") or 0)
@@ -156,10 +156,31 @@ def _url_size(url: str, max_bytes: int) -> tuple[int, str, str]:
     return size, "", ""
 
 
+class StoreUnreachable(RuntimeError):
+    """An object store did not serve a read: no connection, a timeout, throttling past the client's
+    retries, refused credentials. Not an OSError, so no reader takes it for the photo's fault (a reject, an
+    unreadable target): the step fails and can be run again, and the datasets do not change with an
+    outage."""
+
+
+def from_store(url: str, call):
+    """``call()``, a request about the object at ``url``: an object that is not there raises
+    FileNotFoundError as before (the photo's own fault), any other failure :class:`StoreUnreachable`."""
+    try:
+        return call()
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as e:  # every other failure is the store's (s3fs, botocore, aiohttp)
+        raise StoreUnreachable(
+            f"{url}: the object store did not serve it ({type(e).__name__}: {str(e).strip()[:300]}); nothing was "
+            "rejected for it. Run again once the store answers; check AWS_ENDPOINT_URL and the credentials (on Ray, "
+            "the driver's AWS_* variables are what the workers get)") from e
+
+
 def read_bytes(path: str, offset: int, length: int) -> bytes:
     if is_url(path):  # one ranged GET
         fs, key = _fs(path)
-        data = fs.cat_file(key, start=offset, end=offset + length) if length else b""
+        data = from_store(path, lambda: fs.cat_file(key, start=offset, end=offset + length)) if length else b""
         if len(data) != length:
             raise OSError(f"{path}: expected {length} bytes at offset {offset}, read {len(data)}")
         return data

@@ -170,3 +170,53 @@ def test_publish_without_rename(s3, tmp_path):
     fs.rm_file(f"{BUCKET}/publish/datasets/demo/v-1/a.tar")
     damaged = release(layout, "demo", "v-1", build, checks)
     assert damaged.problems[PUBLISHED_CHECK] == ["a.tar: missing or resized"]
+
+
+@pytest.mark.timeout(300)
+def test_an_unreachable_store_fails_the_step_instead_of_rejecting_photos(s3, shared_faces, tmp_path, monkeypatch):
+    """The store stops answering after the photos were ingested: ingesting them again and the multi-identity
+    selection fail with StoreUnreachable, naming a photo, instead of ending as "unreadable" rejects and
+    targets (which published emptier datasets, exit status 0). A photo that is not in the store is still
+    the photo's fault: FileNotFoundError, a reject."""
+    import socket
+
+    import s3fs
+
+    from pipeline.ingest import ingest_partition
+    from pipeline.multiid import MultiIDConfig, build_multiid_dataset
+    from pipeline.sources import PartitionSpec, StoreUnreachable, read_bytes
+    from test_shard_reuse import _collection, _groups
+
+    fs = s3[0]
+    photos = sorted((shared_faces / "identities").rglob("*.jpg"))[:3]
+    names = [f"{p.parent.name}_{p.name}" for p in photos]
+    for p, name in zip(photos, names):
+        fs.pipe_file(f"{BUCKET}/gone/{name}", p.read_bytes())
+    spec = PartitionSpec(key="g0", kind="files", root=f"s3://{BUCKET}/gone", members=tuple(names))
+    assert ingest_partition(spec).accepted == 3
+    with pytest.raises(FileNotFoundError):
+        read_bytes(f"s3://{BUCKET}/gone/not-there.jpg", 0, 10)
+    images, faces, ids = _collection(tmp_path, _groups(1), photos_per_group=8)
+    rows = images.to_pylist()
+    for r in rows:
+        fs.put(r["path"], f"{BUCKET}/mid/{r['uid']}.png")
+        r["path"] = f"s3://{BUCKET}/mid/{r['uid']}.png"
+    images = pa.Table.from_pylist(rows, schema=images.schema)
+    cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False)
+    assert build_multiid_dataset(images, faces, ids, tmp_path / "up", cfg, version="v1", workers=1).stats["targets"].get("kept", 0) > 0
+
+    sock = socket.socket()  # a port nobody listens on: the store is down
+    sock.bind(("127.0.0.1", 0))
+    dead = sock.getsockname()[1]
+    sock.close()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{dead}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(StoreUnreachable, match=f"s3://{BUCKET}/gone/.*did not serve it"):
+            ingest_partition(spec)
+        with pytest.raises(StoreUnreachable, match=f"s3://{BUCKET}/mid/"):
+            build_multiid_dataset(images, faces, ids, tmp_path / "down", cfg, version="v1", workers=1)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert not (tmp_path / "down" / "pairs.parquet").exists()

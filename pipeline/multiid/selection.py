@@ -56,6 +56,7 @@ from pipeline.multiid.rows import (
 )
 from pipeline.multiid.rules import boxes_overlap, crop_box, examined_candidates
 from pipeline.multiid.splits import identity_split
+from pipeline.sources import StoreUnreachable
 
 
 @dataclass(slots=True)
@@ -254,6 +255,8 @@ class _Fingerprints:
                 else:  # a photo met by several workers (a refresh has no pHash pass) decoded by one
                     self.cache[uid] = self.shared.get("fp", uid, None, lambda: self._decode_fingerprints(uid))
                 self._placeholders(uid)
+            except StoreUnreachable:  # the store's fault, not the photo's: the build fails, to be run again
+                raise
             except Exception as e:  # noqa: BLE001 - unreadable image becomes a counted reason, not a crash
                 self.errors[uid] = f"{type(e).__name__}: {e}"
                 return None
