@@ -59,6 +59,21 @@ def write_tiny_clip(config_file: Path, weights_file: Path) -> str:
     return config_file.stem
 
 
+def photos_into_store(fs, images, prefix: str):
+    """``images`` (a table of path locators) with each photo uploaded to ``prefix`` ("bucket/folder") of the
+    store ``fs`` under its file name, and its path that object's s3:// URL (a name already there is not sent
+    again)."""
+    import pyarrow as pa
+
+    rows = images.to_pylist()
+    for r in rows:
+        key = f"{prefix}/{Path(r['path']).name}"
+        if not fs.exists(key):
+            fs.put(r["path"], key)
+        r["path"] = f"s3://{key}"
+    return pa.Table.from_pylist(rows, schema=images.schema)
+
+
 @contextlib.contextmanager
 def moto_s3(log_dir: Path, bucket: str):
     """A moto S3 server on a free 127.0.0.1 port with ``bucket`` made, the standard AWS variables pointing at

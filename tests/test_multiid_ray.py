@@ -109,8 +109,7 @@ def test_ray_workers_read_the_photos_from_the_store_only(tmp_path_factory, ray_n
     driver's folder (its copies of the photos, the builds); the build is still the in-process one."""
     from pathlib import Path
 
-    import pyarrow as pa
-    from conftest import moto_s3
+    from conftest import moto_s3, photos_into_store
 
     from pipeline.ray_engine import RayStageError, run_chunks
 
@@ -118,11 +117,7 @@ def test_ray_workers_read_the_photos_from_the_store_only(tmp_path_factory, ray_n
     cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=True, reuse_buckets=4)
     with moto_s3(driver, "photos") as (fs, _):
         images, faces, ids = _collection(driver, _groups(2), photos_per_group=14)
-        rows = images.to_pylist()
-        for r in rows:
-            fs.put(r["path"], f"photos/{r['uid']}.png")
-            r["path"] = f"s3://photos/{r['uid']}.png"
-        images = pa.Table.from_pylist(rows, schema=images.schema)
+        images = photos_into_store(fs, images, "photos")
         with ray_refusing_reads_under(driver):  # started inside the store's variables, which workers need too
             one = build_multiid_dataset(images, faces, ids, driver / "one", cfg, version="v1", workers=1, engine="inprocess")
             build_multiid_dataset(images, faces, ids, driver / "ray", cfg, version="v1", engine="ray")

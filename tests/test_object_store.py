@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import moto_s3
+from conftest import moto_s3, photos_into_store
 
 pytest.importorskip("moto")
 pytest.importorskip("s3fs")
@@ -181,11 +181,11 @@ def test_an_unreachable_store_fails_the_step_instead_of_rejecting_photos(s3, sha
     import socket
 
     import s3fs
+    from test_shard_reuse import _collection, _groups
 
     from pipeline.ingest import ingest_partition
     from pipeline.multiid import MultiIDConfig, build_multiid_dataset
     from pipeline.sources import PartitionSpec, StoreUnreachable, read_bytes
-    from test_shard_reuse import _collection, _groups
 
     fs = s3[0]
     photos = sorted((shared_faces / "identities").rglob("*.jpg"))[:3]
@@ -197,11 +197,7 @@ def test_an_unreachable_store_fails_the_step_instead_of_rejecting_photos(s3, sha
     with pytest.raises(FileNotFoundError):
         read_bytes(f"s3://{BUCKET}/gone/not-there.jpg", 0, 10)
     images, faces, ids = _collection(tmp_path, _groups(1), photos_per_group=8)
-    rows = images.to_pylist()
-    for r in rows:
-        fs.put(r["path"], f"{BUCKET}/mid/{r['uid']}.png")
-        r["path"] = f"s3://{BUCKET}/mid/{r['uid']}.png"
-    images = pa.Table.from_pylist(rows, schema=images.schema)
+    images = photos_into_store(fs, images, f"{BUCKET}/mid")
     cfg = MultiIDConfig(eval_fraction=0.3, refs_per_person=2, keypoints=False)
     assert build_multiid_dataset(images, faces, ids, tmp_path / "up", cfg, version="v1", workers=1).stats["targets"].get("kept", 0) > 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import moto_s3, write_tiny_clip
+from conftest import moto_s3, photos_into_store, write_tiny_clip
 
 pytest.importorskip("ray")
 pytest.importorskip("moto")
@@ -179,13 +179,7 @@ def test_multi_identity_selection_on_the_worker_nodes(s3, multinode, tmp_path, m
 
     def in_store(world):
         images, faces, ids = world
-        rows = images.to_pylist()
-        for r in rows:
-            key = f"{BUCKET}/mid/{Path(r['path']).name}"
-            if not s3.exists(key):
-                s3.put(r["path"], key)
-            r["path"] = f"s3://{key}"
-        return pa.Table.from_pylist(rows, schema=images.schema), faces, ids
+        return photos_into_store(s3, images, f"{BUCKET}/mid"), faces, ids
 
     base = in_store(_collection(tmp_path, groups, photos_per_group=14))
     grown = in_store(_collection(tmp_path, groups, photos_per_group=14, extra=[("zz-new", [f"{groups[0]}-a", f"{groups[1]}-b"])]))
