@@ -313,6 +313,10 @@ def test_cluster_with_token_authentication(shared_faces, tmp_path, monkeypatch):
         monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token of this machine's to fall back on
         for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
             monkeypatch.delenv(var, raising=False)
+        # the refused driver asks the GCS once a second, 20 times by default: 3 are enough to see it refused
+        from ray._private import ray_constants
+
+        monkeypatch.setattr(ray_constants, "NUM_REDIS_GET_RETRIES", 3, raising=False)
         try:
             with pytest.raises(ray_engine.RayJoinError, match=f"RAY_ADDRESS=127.0.0.1:{port}.*RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"):
                 ingest_partition(spec, chunk_runner=ray_ingest_runner(0))
