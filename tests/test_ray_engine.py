@@ -269,6 +269,16 @@ def test_actors_lost_before_they_are_up_or_mid_call_are_replaced(ray_local, tmp_
     assert stats.actors_lost == 1 and stats.metadata()["ray_actors_lost"] == 1
 
 
+def test_a_task_whose_worker_dies_is_run_again(ray_local, tmp_path):
+    """Model-free stages (ingestion, the multi-identity selection) run one Ray task per chunk: a task whose
+    worker process dies (its node lost) is run again by Ray, once, and the job gives every chunk's result."""
+    marker = str(tmp_path / "died")
+    results, stats = run_chunks("tasks", list(range(4)), decode=None, analyze=_dies_once(marker), factory=None,
+                                items_of=lambda c: 1)
+    assert Path(marker).exists()  # a worker did die mid-task
+    assert results == [c * 10 for c in range(4)] and stats.tasks == 4 and stats.failures == []
+
+
 def test_a_model_that_fails_to_build_still_fails_the_stage(ray_local):
     """Not a lost actor: the constructor's own error fails the stage, naming it (no replacement loop)."""
     from pipeline.ray_engine import release_pools
