@@ -21,7 +21,6 @@ from pipeline.multiid.rows import _RecordSpill, _RowParts, _slim_sample
 PARALLEL_MIN_TARGETS = 64  # selections over fewer targets in all run in the calling process (a fork costs more)
 # at least this many chunks of a large bucket per worker (guided_shares), dearest first: a worker that finishes early takes the next
 CHUNKS_PER_WORKER = 4
-_FORKED: dict = {}  # the selections' arguments, inherited by the forked workers (never pickled)
 _WORKER: dict = {}  # a worker's own bookkeeping (empty in the parent, so empty in every fresh fork)
 
 
@@ -54,17 +53,16 @@ def _job_args(job: SelectionJob) -> dict:
             "previous": job.previous, "known_subsets": job.known_subsets}
 
 
-def _select_chunk(j: int, i: int, chunk: list[str]):
+def _select_chunk(common: dict, jobs: list[dict], j: int, i: int, chunk: list[str]):
     """In a forked worker: :func:`_run_chunk` with the arguments it inherited."""
-    return _run_chunk(_FORKED["common"], _FORKED["jobs"][j], j, i, chunk)
+    return _run_chunk(common, jobs[j], j, i, chunk)
 
 
-def _hash_chunk(j: int, i: int, chunk: list[str]):
+def _hash_chunk(common: dict, jobs: list[dict], j: int, i: int, chunk: list[str]):
     """In a forked worker: :func:`pipeline.multiid.selection.photo_hashes` of the photos ``chunk`` of job ``j``."""
-    common = _FORKED["common"]
     if common.get("face_store") is not None and "store" not in _WORKER:
         _WORKER["store"] = SharedFaceStore(common["face_store"])
-    return selection.photo_hashes(chunk, _FORKED["jobs"][j]["by_uid"], common["cfg"], common["read_bytes"], _WORKER.get("store"),
+    return selection.photo_hashes(chunk, jobs[j]["by_uid"], common["cfg"], common["read_bytes"], _WORKER.get("store"),
                                   stored=_stored(common["guard"]))
 
 
@@ -397,12 +395,11 @@ def _forked(parts_dir: Path, common: dict, jobs: list[SelectionJob], tasks: list
             on_done=None) -> list:
     """``fn`` (:func:`_select_chunk`) over the chunks in ``workers`` forked processes; results in the order
     of ``tasks`` (``on_done(k)`` as chunk ``k`` finishes)."""
-    _FORKED.update(common={**common, "parts_dir": parts_dir}, jobs=[_job_args(job) for job in jobs])
+    common = {**common, "parts_dir": parts_dir}
+    args = [_job_args(job) for job in jobs]
     fn = fn or _select_chunk
-    try:
-        return fork_map(lambda item: fn(*item), tasks, workers, on_done)
-    finally:
-        _FORKED.clear()
+    # the arguments reach the forked workers inherited with this closure, never pickled
+    return fork_map(lambda item: fn(common, args, *item), tasks, workers, on_done)
 
 
 def _select_here(job: SelectionJob, parts_dir: Path, cfg: MultiIDConfig, read_bytes, mversions: list[str], guard) -> tuple:
