@@ -346,8 +346,9 @@ def _mutual_ratio_matches(da: np.ndarray, db: np.ndarray, ratio: float, sq_a: np
     ``match(db, da)`` gives. With both descriptors' squared norms (:func:`_byte_valued_sq`), the squared
     distances come from one matrix product, exact integers, so the distances are the very floats
     ``cv2.batchDistance`` gives and ties go to the lowest index as there (3.4x less CPU:
-    ``bench/bench_multiid.py --matcher``); the backward neighbours are read from the same matrix. Otherwise ``cv2.batchDistance`` (BFMatcher's kernel), the backward neighbours found only for the
-    train descriptors that some ratio-passing match points to."""
+    ``bench/bench_multiid.py --matcher``); the backward neighbours are read from the same matrix.
+    Otherwise ``cv2.batchDistance`` (BFMatcher's kernel), the backward neighbours found only for the train
+    descriptors that some ratio-passing match points to."""
     if sq_a is not None and sq_b is not None:
         return _exact_ratio_matches(da, db, ratio, sq_a, sq_b)
     cv2 = _cv2()
