@@ -61,7 +61,8 @@ class LineupSettings(dg.ConfigurableResource):
     identity_local_recluster_max_faces: int = 0
     knn_backend: str = "auto"  # auto | faiss-flat | ivf-blas | faiss-ivf | faiss-hnsw | faiss-gpu | torch
     # ivf-blas: further probes only for the faces the last probe step improved (10M faces: 19.5 min instead
-    # of 48, sampled recall 0.92 instead of 0.95; README "10M faces in 20 minutes"); False: every face
+    # of 48, sampled recall 0.92 instead of 0.95; docs/benchmarks.md "10M faces in 20 minutes"); False:
+    # every face
     knn_adaptive_probing: bool = True
     # adaptive probing: a face stops after this many probe steps that did not improve it (0: the default, 1;
     # 10M faces with 2: 23.7 min instead of 19.5, sampled recall 0.93 instead of 0.92, BCubed F 0.975)

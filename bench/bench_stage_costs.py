@@ -1,5 +1,5 @@
 """Per-image CPU cost of each per-image stage, one process, one thread: the measured inputs of the cost
-model in the README ("Cost model for 100M photos").
+model in docs/benchmarks.md ("Cost model for 100M photos").
 
 Usage: .venv/bin/python bench/bench_stage_costs.py [--repeats 3]
 Two sets from ../shared/data/faces: every photo (mostly small: median 0.02 MP, mean 0.75 MP), and the

@@ -1,4 +1,4 @@
-"""Run every benchmark with the settings whose numbers the README reports (CPU; about 30 minutes
+"""Run every benchmark with the settings whose numbers docs/benchmarks.md reports (CPU; about 30 minutes
 on a 2-core machine). Each script prints a markdown table and writes JSON to bench/results/.
 Pass names to run a subset: `python bench/run_all.py faces social`.
 """

@@ -77,7 +77,7 @@ def exit_with_parent(parent: int, every_s: float = 1.0) -> None:
 
 def _init_worker(factory: Callable, args: tuple, kwargs: dict, parent: int | None = None) -> None:
     """Build the stage's model once per worker. One intra-op thread each: the workers are the parallelism
-    (two torch threads per process on two cores were slower than one, see README)."""
+    (two torch threads per process on two cores were slower than one, see docs/benchmarks.md)."""
     global _WORKER_MODEL
     if parent is not None:
         exit_with_parent(parent)

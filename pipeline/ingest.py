@@ -74,7 +74,8 @@ class IngestResult:
 INGEST_CHUNK = 32  # records per unit of work handed to a worker process or a Ray task
 # Bytes to read per extra worker process before one is started: a worker costs about 0.4 CPU-s to start
 # (interpreter, numpy, Pillow, pyarrow) and hashing + decode-checking takes 0.01-0.04 CPU-s per MB
-# (README, "Ingestion workers"), so 32 MB (about 1 CPU-s of work) pays for its start a few times over.
+# (docs/scaling-out.md, "The in-process engine's workers"), so 32 MB (about 1 CPU-s of work) pays for its
+# start a few times over.
 INGEST_BYTES_PER_WORKER = 32_000_000
 
 

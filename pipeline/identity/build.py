@@ -143,7 +143,7 @@ def build_identities(
     refresh above ``exact_max`` faces searches its new faces through them (and trains them first
     when there are none, or when the collection has outgrown them: :meth:`IvfIndex.stale_for`).
     ``knn_adaptive``: ivf-blas's adaptive probing (None: its module default; an int n >= 1: on, with a
-    patience of n steps; README "10M faces in 20 minutes": less CPU for a lower recall at 10M).
+    patience of n steps; docs/benchmarks.md "10M faces in 20 minutes": less CPU for a lower recall at 10M).
     """
     t_all = time.perf_counter()
     timings: dict[str, float] = {}

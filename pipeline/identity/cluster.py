@@ -40,10 +40,10 @@ from pipeline.faces.calibration import BACKEND_THRESHOLDS
 DEFAULT_THRESHOLDS = {name: t.cluster_link for name, t in BACKEND_THRESHOLDS.items()}
 METHODS = ("chinese_whispers", "leiden", "infomap", "connected_components")
 DEFAULT_METHOD = "chinese_whispers"
-# split_incoherent defaults, measured on the dlib-like synthetic mixture at 1M and 2M faces (README,
-# "Identity quality"): a cluster of 3+ faces whose mean pairwise similarity is more than
-# SPLIT_COHESION_MARGIN below the link threshold is clustered again at threshold + SPLIT_STEP, and so
-# on for up to SPLIT_MAX_ROUNDS rounds
+# split_incoherent defaults, measured on the dlib-like synthetic mixture at 1M and 2M faces
+# (docs/benchmarks.md, "Giant merged identities at 2M"): a cluster of 3+ faces whose mean pairwise similarity
+# is more than SPLIT_COHESION_MARGIN below the link threshold is clustered again at threshold + SPLIT_STEP,
+# and so on for up to SPLIT_MAX_ROUNDS rounds
 SPLIT_COHESION_MARGIN = 0.01
 SPLIT_MIN_SIZE = 3
 SPLIT_STEP = 0.01

@@ -20,9 +20,9 @@ Backends (``backend=``):
   (2, 4, ... up to 24 cells) until the recall of the exact
   neighbours above ``recall_min_similarity`` on 1,000 sampled faces reaches ``target_recall``
   (0.95). Similarities are exact float32 inner products. Deterministic for a seed, whatever the
-  thread count. Figures: README, "Identity clustering at scale". Options (module defaults
+  thread count. Figures: docs/benchmarks.md, "Identity clustering at scale". Options (module defaults
   IVF_BLAS_SPILL, IVF_BLAS_REVERSE, IVF_BLAS_COARSE_PROBES, IVF_BLAS_CELLS_PER_SQRT_N; measured
-  side by side in the README, "ivf-blas variants"): ``spill`` lists the faces nearest a cell
+  side by side in docs/benchmarks.md, "ivf-blas variants"): ``spill`` lists the faces nearest a cell
   border also in their second-best cell, ``reverse`` offers each found pair to both ends.
 - ``"faiss-ivf"``: ``faiss.IndexIVFScalarQuantizer`` (8-bit) + exact re-rank (the default
   before ivf-blas; kept for comparison): ``nlist = round(4 * sqrt(N))``, ``nprobe`` doubled from
@@ -461,7 +461,7 @@ def _torch_cuda() -> bool:
 IVF_BLAS_CELLS_PER_SQRT_N = 4.0  # nlist = 4 sqrt(N): 1M faces -> 4,000 cells of ~250
 # cells scanned per face before the first recall check; with the spilled listing 2 (then +2 at a
 # time): at 1M and 2M faces that reached the recall target with 8 and 12 cells where listing each
-# face once needed 12 and 20 from 6 (README "ivf-blas variants")
+# face once needed 12 and 20 from 6 (docs/benchmarks.md, "ivf-blas variants")
 IVF_BLAS_NPROBE = 2
 IVF_BLAS_MAX_PROBES = 24  # cap of the probe growth (4 x nprobe when that is more)
 IVF_BLAS_PROBE_STEP = 2  # probes added per face when the sampled recall is short of the target
@@ -469,14 +469,14 @@ IVF_BLAS_MAX_ROUNDS = 8
 IVF_BLAS_TRAIN_PER_CELL = 32
 IVF_BLAS_SPILL = 0.2  # fraction of faces also listed in their second-best cell (knn_ivf_blas)
 IVF_BLAS_REVERSE = False  # offer each found pair to both ends (knn_ivf_blas)
-IVF_BLAS_ADAPTIVE = True  # further probes only for the faces the last probe step improved (knn_ivf_blas; README "adaptive probing")
+IVF_BLAS_ADAPTIVE = True  # further probes only for the faces the last probe step improved (knn_ivf_blas; docs/benchmarks.md "10M faces")
 # adaptive probing: a face stops probing after this many steps in a row that did not improve it (1: the first)
 IVF_BLAS_PATIENCE = 1
 # coarse cells searched for a face's best cells; None: by the number of cells (ivf_blas_coarse_probes)
 IVF_BLAS_COARSE_PROBES: int | None = None
-# Up to this many cells 8 coarse probes, above it 16. Measured (README "ivf-blas variants"): 8 found the
-# true best cell for 93.7% of faces at 1M (4,004 cells) and 16 cost 6% more there; at 2M (5,668 cells)
-# 16 found it for 99.0% against 94.7% and cut the kNN's CPU-s by 16%; at 10M (12,660 cells) 8 left the
+# Up to this many cells 8 coarse probes, above it 16. Measured (docs/benchmarks.md "ivf-blas variants"): 8
+# found the true best cell for 93.7% of faces at 1M (4,004 cells) and 16 cost 6% more there; at 2M (5,668
+# cells) 16 found it for 99.0% against 94.7% and cut the kNN's CPU-s by 16%; at 10M (12,660 cells) 8 left the
 # sampled recall at 0.912 after 24 probes. 4 probes lost ~1% recall at 1M.
 IVF_BLAS_COARSE_WIDE_ABOVE = 5_000
 _SCAN_CHUNK = 1 << 22  # similarities per matrix product and thread (16 MiB of float32)
@@ -971,8 +971,8 @@ def _ivf_blas_run(
 @dataclass
 class IvfIndex:
     """The cells of an ivf-blas build, kept next to the identities table so that a refresh searches
-    only the cells its new faces probe instead of the whole collection (README "Incremental
-    refresh"). Each face's cell is stored in the identities table (column ``ivf_cell``)."""
+    only the cells its new faces probe instead of the whole collection (docs/benchmarks.md
+    "Incremental refresh"). Each face's cell is stored in the identities table (column ``ivf_cell``)."""
 
     cells: np.ndarray  # nlist x D float32 cell centroids
     coarse: np.ndarray  # ~sqrt(nlist) x D float32: the index over the cells

@@ -51,7 +51,7 @@ from .stable_ids import _ID_RE, format_id, map_to_previous
 
 # Faces one refresh reclusters at most. Old faces are searched within their own identity (cost: the
 # sum of the squared identity sizes), so 100k faces take ~1.6 s; at 1M + 1% new faces every bridging
-# component fits (bench/bench_incremental.py; README, "Incremental refresh").
+# component fits (bench/bench_incremental.py; docs/benchmarks.md, "Incremental refresh").
 LOCAL_RECLUSTER_MAX_FACES = 100_000
 
 

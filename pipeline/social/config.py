@@ -44,12 +44,13 @@ class SocialConfig:
     # Real exposures (distinct counted users shown the image) each side of a pair needs. Only a
     # guard against images nobody really saw: the posterior already widens with little exposure,
     # and a higher floor dropped pairs the FDR rule would keep at the same measured precision (20
-    # -> 5: yield 0.39 -> 0.42 on the popularity-skew log, 0.35 -> 0.40 at 30k; README, social sweep).
+    # -> 5: yield 0.39 -> 0.42 on the popularity-skew log, 0.35 -> 0.40 at 30k; docs/benchmarks.md, social
+    # sweep).
     min_exposure: int = 5
     # A pair is a discovery when the winner engages at least min_ratio times as much as the loser
     # (relative to their audiences): P(theta_w > min_ratio * theta_l). With the taste-balanced test
     # (taste_axes > 0) the default 1.0 asks only for the right order: the margin of 1.2 the pooled
-    # test needed against polarising images is no longer needed (README, social sweep).
+    # test needed against polarising images is no longer needed (docs/benchmarks.md, social sweep).
     min_ratio: float = 1.0
     # Posterior expected false discovery rate allowed among the pairs kept in each prompt group: the
     # group's candidate pairs are ranked by their posterior probability of not being a discovery,
@@ -61,7 +62,7 @@ class SocialConfig:
     # cut only drops pairs (0.5, i.e. off: +0.4-0.9% yield at 300k events). It stays at 0.75 as a
     # guard against what the posterior cannot see: at 10 M events the ~930 pairs between 0.5 and
     # 0.75 it would add are right only ~65% of the time, and they took the measured precision from
-    # 0.957 to 0.950 (README, social sweep).
+    # 0.957 to 0.950 (docs/benchmarks.md, social sweep).
     min_prob: float = 0.75
     # Split-half calibration (pipeline/social/calibrate.py): fit the log's dispersion from two
     # disjoint halves of every image's audience and widen the posterior by it. False: the Poisson

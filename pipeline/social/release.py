@@ -108,7 +108,7 @@ def social_card(version: str, folder: Path, stats: dict, config: SocialConfig, p
         f"{est('user_')}; yield {'-' if y is None else f'{y:.2f}'}x the naive rule's pairs "
         f"({stats.get('naive_pairs', '-')} naive pairs: more raw remixes, then likes, wins). Test: "
         f"{stats.get('test', '')}; split-half dispersion {cal.get('phi', '-')} (1 = Poisson; the posterior is "
-        f"never narrower than Poisson). How well such estimates track the truth on simulated logs: README, social sweep."
+        f"never narrower than Poisson). How well such estimates track the truth on simulated logs: docs/benchmarks.md, social sweep."
     )
     return DatasetCard(
         name="social",
@@ -133,7 +133,7 @@ def social_card(version: str, folder: Path, stats: dict, config: SocialConfig, p
         limitations=[
             (
                 "Engagement is a proxy for preference. Images that polarise their audience are compared within groups "
-                "of users of one taste, which removes most of their advantage on the simulator (README, social sweep)."
+                "of users of one taste, which removes most of their advantage on the simulator (docs/benchmarks.md, social sweep)."
             ),
             "The engagement weights are tuned on the simulator: re-tune them on your platform's logs.",
             (

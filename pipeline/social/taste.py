@@ -21,7 +21,7 @@ What this module does, from the log alone:
    On the log scale a cell that loves an image and one that ignores it cancel, where the pooled
    rate lets the love win.
 
-Measured on simulated logs (bench/bench_social.py --sweep, README): the estimated precision (the
+Measured on simulated logs (bench/bench_social.py --sweep, docs/benchmarks.md): the estimated precision (the
 mean posterior probability of the right order over the kept pairs) tracks the precision against
 the simulator's truth within about a point, where the pooled posterior overstated it by 2 to 5.
 """
