@@ -145,7 +145,7 @@ def _url_size(url: str, max_bytes: int) -> tuple[int, str, str]:
     """_readable_size for an object: one HEAD request."""
     fs, key = _fs(url)
     try:
-        info = from_store(url, lambda: fs.info(key))
+        info = from_store(url, lambda timeout: fs.info(key, **_deadline(fs, timeout)))
     except FileNotFoundError:
         return 0, "file not found", f"{url} does not exist (any more)"
     if info.get("type") != "file":
@@ -163,24 +163,58 @@ class StoreUnreachable(RuntimeError):
     outage."""
 
 
-def from_store(url: str, call):
-    """``call()``, a request about the object at ``url``: an object that is not there raises
-    FileNotFoundError as before (the photo's own fault), any other failure :class:`StoreUnreachable`."""
+STORE_TIMEOUT_S = 120.0  # LINEUP_STORE_TIMEOUT_S: the most one request about a photo may take, retries included
+
+
+def store_timeout_s() -> float:
+    """The deadline of one request to the object store (``LINEUP_STORE_TIMEOUT_S``, seconds). s3fs retries a
+    request 5 times around botocore's own retries, each attempt waiting up to its read timeout: against a store
+    that accepts connections and never answers, one ranged GET with the defaults went on for over 15 minutes
+    (measured: killed at 15 min), and every worker with it."""
+    raw = os.environ.get("LINEUP_STORE_TIMEOUT_S", "")
     try:
-        return call()
+        value = float(raw) if raw.strip() else STORE_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"LINEUP_STORE_TIMEOUT_S={raw!r}: give a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"LINEUP_STORE_TIMEOUT_S={raw!r}: give a number of seconds above 0")
+    return value
+
+
+def from_store(url: str, call):
+    """``call(timeout)``, a request about the object at ``url`` that must finish within ``timeout`` seconds
+    (:func:`store_timeout_s`; fsspec cancels it then): an object that is not there raises FileNotFoundError as
+    before (the photo's own fault), any other failure, the deadline included, :class:`StoreUnreachable`."""
+    timeout = store_timeout_s()
+    try:
+        return call(timeout)
     except (FileNotFoundError, IsADirectoryError):
         raise
-    except Exception as e:  # every other failure is the store's (s3fs, botocore, aiohttp)
+    except Exception as e:  # every other failure is the store's (s3fs, botocore, aiohttp, fsspec's deadline)
+        why = (f"no answer within {timeout:g} s (LINEUP_STORE_TIMEOUT_S)" if _is_timeout(e)
+               else f"{type(e).__name__}: {str(e).strip()[:300]}")
         raise StoreUnreachable(
-            f"{url}: the object store did not serve it ({type(e).__name__}: {str(e).strip()[:300]}); nothing was "
+            f"{url}: the object store did not serve it ({why}); nothing was "
             "rejected for it. Run again once the store answers; check AWS_ENDPOINT_URL and the credentials (on Ray, "
             "the driver's AWS_* variables are what the workers get)") from e
+
+
+def _deadline(fs, timeout: float) -> dict:
+    """The keyword that gives a request of ``fs`` its deadline: fsspec's for an asynchronous filesystem (s3fs,
+    gcsfs), which cancels the request when it passes; none for a synchronous one, which has no such knob."""
+    return {"timeout": timeout} if getattr(fs, "async_impl", False) else {}
+
+
+def _is_timeout(e: BaseException) -> bool:
+    from fsspec.exceptions import FSTimeoutError
+
+    return isinstance(e, (FSTimeoutError, TimeoutError))
 
 
 def read_bytes(path: str, offset: int, length: int) -> bytes:
     if is_url(path):  # one ranged GET
         fs, key = _fs(path)
-        data = from_store(path, lambda: fs.cat_file(key, start=offset, end=offset + length)) if length else b""
+        data = from_store(path, lambda timeout: fs.cat_file(key, start=offset, end=offset + length, **_deadline(fs, timeout))) if length else b""
         if len(data) != length:
             raise OSError(f"{path}: expected {length} bytes at offset {offset}, read {len(data)}")
         return data

@@ -216,3 +216,51 @@ def test_an_unreachable_store_fails_the_step_instead_of_rejecting_photos(s3, sha
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
     assert not (tmp_path / "down" / "pairs.parquet").exists()
+
+
+@pytest.mark.timeout(90)
+def test_a_store_that_never_answers_fails_the_read_at_its_deadline(monkeypatch):
+    """A store that accepts connections and never answers (a hung proxy, a stalled server): s3fs's retries
+    around botocore's kept one ranged GET waiting for over 15 minutes. With LINEUP_STORE_TIMEOUT_S the read,
+    and the HEAD ingestion makes first, end with StoreUnreachable that says so, at the deadline."""
+    import socket
+    import threading
+    import time
+
+    import s3fs
+
+    from pipeline.sources import StoreUnreachable, _url_size, read_bytes
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    held = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{srv.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("LINEUP_STORE_TIMEOUT_S", "3")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        for call in (lambda: read_bytes(f"s3://{BUCKET}/stalled/a.jpg", 0, 100), lambda: _url_size(f"s3://{BUCKET}/stalled/a.jpg", 10**6)):
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnreachable, match=r"stalled/a\.jpg.*no answer within 3 s \(LINEUP_STORE_TIMEOUT_S\)"):
+                call()
+            assert time.monotonic() - t0 < 10
+        assert held  # the requests reached the store: they were cut off waiting for its answer
+        monkeypatch.setenv("LINEUP_STORE_TIMEOUT_S", "soon")
+        with pytest.raises(ValueError, match="LINEUP_STORE_TIMEOUT_S='soon'"):
+            read_bytes(f"s3://{BUCKET}/stalled/a.jpg", 0, 100)
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
+        s3fs.S3FileSystem.clear_instance_cache()
