@@ -51,7 +51,7 @@ GPU_ACTOR_CPUS = 2.0  # CPUs each GPU actor asks for: decoding threads beside th
 GPU_CHUNKS_PER_CALL = 4  # chunks per call to a GPU actor, decoded on threads while the model runs
 INFLIGHT_PER_ACTOR = 2  # calls queued per actor, so the next chunk is there when one finishes
 # the driver's variables that reach the workers: credentials/endpoint for the store, the stages' settings
-WORKER_ENV_PREFIXES = ("AWS_", "LINEUP_")
+WORKER_ENV_PREFIXES = ("AWS_", "LINEUP_", "FSSPEC_")  # the store's endpoint, keys, client settings
 DRIVER_ONLY_ENV = ("LINEUP_HOME",)  # a driver-local folder: workers must never see or use it
 # Test hook: colon-separated path prefixes the workers refuse to open (an audit hook), proving they read
 # only the store and what the job ships them.
