@@ -175,9 +175,9 @@ def store_timeout_s() -> float:
     try:
         value = float(raw) if raw.strip() else STORE_TIMEOUT_S
     except ValueError:
-        raise ValueError(f"LINEUP_STORE_TIMEOUT_S={raw!r}: give a number of seconds") from None
-    if not value > 0:
-        raise ValueError(f"LINEUP_STORE_TIMEOUT_S={raw!r}: give a number of seconds above 0")
+        value = float("nan")
+    if not value > 0:  # the setting's fault, not any photo's: StoreUnreachable fails the step, no reader rejects for it
+        raise StoreUnreachable(f"LINEUP_STORE_TIMEOUT_S={raw!r}: give a number of seconds above 0")
     return value
 
 
