@@ -196,7 +196,7 @@ def from_store(url: str, call):
         raise StoreUnreachable(
             f"{url}: the object store did not serve it ({why}); nothing was "
             "rejected for it. Run again once the store answers; check AWS_ENDPOINT_URL and the credentials (on Ray, "
-            "the driver's AWS_* variables are what the workers get)") from e
+            "the driver's AWS_* and FSSPEC_* variables are what the workers get)") from e
 
 
 def _deadline(fs, timeout: float) -> dict:
